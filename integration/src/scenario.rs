@@ -1,0 +1,495 @@
+//! The scenarios the tests and the demo run on the stock pair, each returning a report.
+//!
+//! - [`soak`]: COLO under memory load for N checkpoints while a client keeps asking;
+//! - [`failover`]: one VM is SIGKILLed during a throttled 1 MiB download; the other takes
+//!   over; the download must complete intact, new requests must succeed and the survivor's
+//!   disk must hold every record its heartbeat promises.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::client::{Fetch, HttpClient, md5_hex};
+use crate::guest::DiskCheck;
+use crate::stats::{median, quantile};
+use crate::stock::{PairConfig, Role, Step, StockPair};
+
+/// The page the guest serves at `/`.
+pub const INDEX_BODY: &[u8] = b"colo guest ok\n";
+/// Size of the guest's `/blob`.
+pub const BLOB_BYTES: usize = 1 << 20;
+
+/// What a scenario measured. Times in ms.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Where sockets, logs, events and images of the run are.
+    pub run_dir: PathBuf,
+    /// Pair settings.
+    pub config: PairConfig,
+    /// Completed checkpoints on the primary since COLO began.
+    pub checkpoints_primary: usize,
+    /// Completed checkpoints on the secondary since COLO began.
+    pub checkpoints_secondary: usize,
+    /// Primary pause (STOP→RESUME) median.
+    pub pause_median_ms: Option<f64>,
+    /// Primary pause p90.
+    pub pause_p90_ms: Option<f64>,
+    /// Primary pause maximum.
+    pub pause_max_ms: Option<f64>,
+    /// HTTP requests made (small page).
+    pub http_requests: usize,
+    /// HTTP requests that failed or returned the wrong body.
+    pub http_failures: Vec<String>,
+    /// HTTP latency median.
+    pub http_median_ms: Option<f64>,
+    /// HTTP latency p90.
+    pub http_p90_ms: Option<f64>,
+    /// Heartbeats (first, last) seen on each guest's console during the run.
+    pub heartbeats: Vec<(String, Option<u64>, Option<u64>)>,
+    /// Lines the guests flagged as errors.
+    pub guest_errors: Vec<String>,
+    /// The VM that was killed, for failover runs.
+    pub killed: Option<Role>,
+    /// Failover steps on the survivor.
+    pub failover_steps: Vec<Step>,
+    /// From the SIGKILL to the first successful new request.
+    pub kill_to_first_success_ms: Option<f64>,
+    /// The in-flight download across the failover.
+    pub download: Option<DownloadReport>,
+    /// Requests after the failover.
+    pub after_failover_ok: usize,
+    /// The survivor's disk against its heartbeats.
+    pub disk: Option<DiskCheck>,
+}
+
+/// The 1 MiB download that was in flight when a VM died.
+#[derive(Debug, Clone, Serialize)]
+pub struct DownloadReport {
+    /// Bytes received.
+    pub bytes: usize,
+    /// MD5 the guest published before the failure.
+    pub expected_md5: String,
+    /// MD5 of what arrived.
+    pub md5: String,
+    /// Duration in ms.
+    pub ms: f64,
+    /// The error, when the download broke.
+    pub error: Option<String>,
+}
+
+impl DownloadReport {
+    /// Complete and intact.
+    pub fn ok(&self) -> bool {
+        self.error.is_none() && self.bytes == BLOB_BYTES && self.md5 == self.expected_md5
+    }
+}
+
+fn to_ms(d: Option<Duration>) -> Option<f64> {
+    d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3)
+}
+
+fn guest_server() -> SocketAddr {
+    SocketAddr::from(([10, 0, 2, 15], 80))
+}
+
+impl Report {
+    fn new(scenario: &str, pair: &StockPair) -> Self {
+        Report {
+            scenario: scenario.into(),
+            run_dir: pair.dir.clone(),
+            config: pair.config.clone(),
+            checkpoints_primary: 0,
+            checkpoints_secondary: 0,
+            pause_median_ms: None,
+            pause_p90_ms: None,
+            pause_max_ms: None,
+            http_requests: 0,
+            http_failures: Vec::new(),
+            http_median_ms: None,
+            http_p90_ms: None,
+            heartbeats: Vec::new(),
+            guest_errors: Vec::new(),
+            killed: None,
+            failover_steps: Vec::new(),
+            kill_to_first_success_ms: None,
+            download: None,
+            after_failover_ok: 0,
+            disk: None,
+        }
+    }
+
+    fn record_checkpoints(&mut self, pair: &StockPair) {
+        let pauses = pair.checkpoint_pauses(Role::Primary);
+        self.checkpoints_primary = pauses.len();
+        self.pause_median_ms = to_ms(median(&pauses));
+        self.pause_p90_ms = to_ms(quantile(&pauses, 0.9));
+        self.pause_max_ms = to_ms(quantile(&pauses, 1.0));
+        self.checkpoints_secondary = pair.checkpoint_pauses(Role::Secondary).len();
+    }
+
+    fn record_http(&mut self, latencies: &[Duration]) {
+        self.http_median_ms = to_ms(median(latencies));
+        self.http_p90_ms = to_ms(quantile(latencies, 0.9));
+    }
+
+    /// A short human-readable summary.
+    pub fn render(&self) -> String {
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        let mut out = format!(
+            "scenario {}\n  run dir            {}\n  checkpoints        {} primary / {} secondary \
+             (x-checkpoint-delay {} ms, guest dirtying {} MiB/s)\n  pause (primary)    \
+             median {} ms, p90 {} ms, max {} ms\n  HTTP               {} requests, {} failed, \
+             median {} ms, p90 {} ms\n",
+            self.scenario,
+            self.run_dir.display(),
+            self.checkpoints_primary,
+            self.checkpoints_secondary,
+            self.config.checkpoint_delay_ms,
+            self.config.guest_load_mib_s,
+            opt(self.pause_median_ms),
+            opt(self.pause_p90_ms),
+            opt(self.pause_max_ms),
+            self.http_requests,
+            self.http_failures.len(),
+            opt(self.http_median_ms),
+            opt(self.http_p90_ms),
+        );
+        for (vm, first, last) in &self.heartbeats {
+            out += &format!("  heartbeat {vm:<10}{first:?} -> {last:?}\n");
+        }
+        if let Some(killed) = self.killed {
+            out += &format!(
+                "  killed             {} (SIGKILL)\n  first new request  {} ms after the kill\n",
+                killed.name(),
+                opt(self.kill_to_first_success_ms)
+            );
+            for step in &self.failover_steps {
+                let err = step
+                    .error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
+                out += &format!("    {:<40} {:.1} ms{err}\n", step.what, step.ms);
+            }
+            if let Some(d) = &self.download {
+                out += &format!(
+                    "  in-flight download {} bytes in {:.0} ms, md5 {} ({}){}\n",
+                    d.bytes,
+                    d.ms,
+                    d.md5,
+                    if d.ok() { "matches" } else { "WRONG" },
+                    d.error
+                        .as_deref()
+                        .map(|e| format!(", error: {e}"))
+                        .unwrap_or_default()
+                );
+            }
+            out += &format!(
+                "  after failover     {} requests OK\n",
+                self.after_failover_ok
+            );
+        }
+        if let Some(disk) = &self.disk {
+            out += &format!(
+                "  survivor disk      records 1..{} for heartbeat {}, {} missing, {} torn: {}\n",
+                disk.highest_record,
+                disk.last_heartbeat,
+                disk.missing.len(),
+                disk.torn.len(),
+                if disk.is_consistent() {
+                    "consistent"
+                } else {
+                    "INCONSISTENT"
+                }
+            );
+        }
+        for e in &self.guest_errors {
+            out += &format!("  guest error        {e}\n");
+        }
+        out
+    }
+
+    /// Writes the report as JSON into the run directory.
+    pub fn save(&self) -> Result<PathBuf> {
+        let path = self.run_dir.join("report.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?)?;
+        Ok(path)
+    }
+}
+
+/// GET `/` once; `Ok(latency)` only for the right page.
+async fn probe(client: &HttpClient, read_timeout: Duration) -> Result<Duration> {
+    let fetch = Fetch {
+        rate: None,
+        read_timeout,
+    };
+    let response = client.get("/", fetch).await?;
+    if response.status != 200 || response.body != INDEX_BODY {
+        bail!(
+            "GET / answered {} with {:?}",
+            response.status,
+            String::from_utf8_lossy(&response.body)
+        );
+    }
+    Ok(response.elapsed)
+}
+
+fn heartbeat_range(
+    pair: &StockPair,
+    before: &[(Role, Option<u64>)],
+) -> Vec<(String, Option<u64>, Option<u64>)> {
+    before
+        .iter()
+        .map(|(role, first)| {
+            let last = pair
+                .vm(*role)
+                .ok()
+                .and_then(|vm| vm.serial_summary().last_heartbeat);
+            (role.name().to_string(), *first, last)
+        })
+        .collect()
+}
+
+fn heartbeats_now(pair: &StockPair, roles: &[Role]) -> Vec<(Role, Option<u64>)> {
+    roles
+        .iter()
+        .map(|&r| {
+            (
+                r,
+                pair.vm(r)
+                    .ok()
+                    .and_then(|vm| vm.serial_summary().last_heartbeat),
+            )
+        })
+        .collect()
+}
+
+fn guest_errors(pair: &StockPair) -> Vec<String> {
+    [Role::Primary, Role::Secondary]
+        .iter()
+        .filter_map(|&r| pair.vm(r).ok().map(|vm| (r, vm.serial_summary().errors)))
+        .flat_map(|(r, errs)| errs.into_iter().map(move |e| format!("{}: {e}", r.name())))
+        .collect()
+}
+
+/// COLO for at least `checkpoints` checkpoints while the guest dirties memory and a client
+/// requests the page every `probe_every`; the 1 MiB blob is fetched once and verified.
+pub async fn soak(
+    tag: &str,
+    cfg: PairConfig,
+    checkpoints: usize,
+    probe_every: Duration,
+) -> Result<Report> {
+    let dir = crate::artifacts::run_dir("soak")?;
+    let pair = StockPair::start(tag, dir, cfg).await?;
+    let mut report = Report::new("soak", &pair);
+    let client = HttpClient::new(&pair.topology.client, guest_server());
+    let before = heartbeats_now(&pair, &[Role::Primary, Role::Secondary]);
+
+    let blob_md5 = fetch_text(&client, "/blob.md5").await?;
+    let blob = client.get("/blob", Fetch::default()).await?;
+    if md5_hex(&blob.body) != blob_md5 || blob.body.len() != BLOB_BYTES {
+        report.http_failures.push(format!(
+            "/blob: {} bytes, md5 {} expected {blob_md5}",
+            blob.body.len(),
+            md5_hex(&blob.body)
+        ));
+    }
+
+    let period = Duration::from_millis(u64::from(pair.config.checkpoint_delay_ms));
+    let deadline = Instant::now() + period * (checkpoints as u32) * 3 + Duration::from_secs(60);
+    let mut latencies = Vec::new();
+    loop {
+        let checkpoints_now = pair
+            .checkpoint_pauses(Role::Primary)
+            .len()
+            .min(pair.checkpoint_pauses(Role::Secondary).len());
+        if checkpoints_now >= checkpoints {
+            break;
+        }
+        if Instant::now() > deadline {
+            report.record_checkpoints(&pair);
+            bail!(
+                "only {checkpoints_now} checkpoints before the deadline: {}",
+                report.render()
+            );
+        }
+        let next = Instant::now() + probe_every;
+        report.http_requests += 1;
+        match probe(&client, Duration::from_secs(10)).await {
+            Ok(latency) => latencies.push(latency),
+            Err(e) => report.http_failures.push(format!("{e:#}")),
+        }
+        tokio::time::sleep_until(next.into()).await;
+    }
+    report.record_checkpoints(&pair);
+    report.record_http(&latencies);
+    report.heartbeats = heartbeat_range(&pair, &before);
+    report.guest_errors = guest_errors(&pair);
+    if !report.http_failures.is_empty() {
+        pair.write_diagnostics().await;
+    }
+    report.save()?;
+    Ok(report)
+}
+
+async fn fetch_text(client: &HttpClient, path: &str) -> Result<String> {
+    let response = client.get(path, Fetch::default()).await?;
+    if response.status != 200 {
+        bail!("GET {path} answered {}", response.status);
+    }
+    Ok(String::from_utf8_lossy(&response.body).trim().to_string())
+}
+
+/// Options of a failover run.
+#[derive(Debug, Clone)]
+pub struct FailoverPlan {
+    /// Which VM dies.
+    pub kill: Role,
+    /// Checkpoints to complete before the failure.
+    pub checkpoints_before: usize,
+    /// Read rate of the in-flight download (bytes/s); 1 MiB at 128 KiB/s takes 8 s.
+    pub download_rate: u64,
+    /// How long the download runs before the kill.
+    pub kill_after: Duration,
+    /// New requests that must succeed after the failover.
+    pub requests_after: usize,
+}
+
+impl Default for FailoverPlan {
+    fn default() -> Self {
+        FailoverPlan {
+            kill: Role::Primary,
+            checkpoints_before: 3,
+            download_rate: 128 * 1024,
+            kill_after: Duration::from_millis(2500),
+            requests_after: 10,
+        }
+    }
+}
+
+/// One VM is SIGKILLed during a throttled download; the other takes over.
+pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<Report> {
+    let name = format!("failover-kill-{}", plan.kill.name());
+    let dir = crate::artifacts::run_dir(&name)?;
+    let mut pair = StockPair::start(tag, dir, cfg).await?;
+    let mut report = Report::new(&name, &pair);
+    let survivor = plan.kill.other();
+    let client = HttpClient::new(&pair.topology.client, guest_server());
+    let period = Duration::from_millis(u64::from(pair.config.checkpoint_delay_ms));
+    pair.wait_checkpoints(
+        plan.checkpoints_before,
+        period * 10 + Duration::from_secs(30),
+    )
+    .await?;
+    let before = heartbeats_now(&pair, &[survivor]);
+
+    let mut latencies = Vec::new();
+    for _ in 0..3 {
+        report.http_requests += 1;
+        match probe(&client, Duration::from_secs(10)).await {
+            Ok(l) => latencies.push(l),
+            Err(e) => report
+                .http_failures
+                .push(format!("before the failure: {e:#}")),
+        }
+    }
+    let expected_md5 = fetch_text(&client, "/blob.md5").await?;
+
+    let download = {
+        let client = client.clone();
+        let fetch = Fetch {
+            rate: Some(plan.download_rate),
+            read_timeout: Duration::from_secs(20),
+        };
+        tokio::spawn(async move { client.get("/blob", fetch).await })
+    };
+    tokio::time::sleep(plan.kill_after).await;
+
+    let killed_at = Instant::now();
+    pair.kill(plan.kill)?;
+    report.killed = Some(plan.kill);
+    report.failover_steps = match survivor {
+        Role::Secondary => pair.failover_to_secondary().await?,
+        Role::Primary => pair.failover_to_primary().await?,
+    };
+
+    // The first new request that succeeds after the kill.
+    let first_deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        report.http_requests += 1;
+        match probe(&client, Duration::from_secs(2)).await {
+            Ok(latency) => {
+                latencies.push(latency);
+                report.kill_to_first_success_ms = to_ms(Some(killed_at.elapsed()));
+                break;
+            }
+            Err(e) if Instant::now() > first_deadline => {
+                report
+                    .http_failures
+                    .push(format!("after the failover: {e:#}"));
+                break;
+            }
+            // Requests during the takeover are expected to fail; they are not counted.
+            Err(_) => report.http_requests -= 1,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let started = Instant::now();
+    let result = download.await.context("download task")?;
+    report.download = Some(match result {
+        Ok(response) => DownloadReport {
+            bytes: response.body.len(),
+            md5: md5_hex(&response.body),
+            expected_md5: expected_md5.clone(),
+            ms: response.elapsed.as_secs_f64() * 1000.0,
+            error: (response.status != 200).then(|| format!("status {}", response.status)),
+        },
+        Err(e) => DownloadReport {
+            bytes: 0,
+            md5: String::new(),
+            expected_md5: expected_md5.clone(),
+            ms: started.elapsed().as_secs_f64() * 1000.0,
+            error: Some(format!("{e:#}")),
+        },
+    });
+
+    for _ in 0..plan.requests_after {
+        report.http_requests += 1;
+        match probe(&client, Duration::from_secs(5)).await {
+            Ok(l) => {
+                latencies.push(l);
+                report.after_failover_ok += 1;
+            }
+            Err(e) => report
+                .http_failures
+                .push(format!("after the failover: {e:#}")),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !report.http_failures.is_empty() || !report.download.as_ref().is_some_and(DownloadReport::ok)
+    {
+        pair.write_diagnostics().await;
+    }
+    // The survivor keeps its heartbeat going on its own.
+    let last_before = before.first().and_then(|(_, hb)| *hb).unwrap_or(0);
+    pair.wait_serial(survivor, Duration::from_secs(10), |s| {
+        s.last_heartbeat.unwrap_or(0) >= last_before + 2
+    })
+    .await
+    .context("the survivor's heartbeat stopped")?;
+
+    report.record_checkpoints(&pair);
+    report.record_http(&latencies);
+    report.heartbeats = heartbeat_range(&pair, &before);
+    report.guest_errors = guest_errors(&pair);
+    report.disk = Some(pair.stop_and_check_disk(survivor).await?);
+    report.save()?;
+    Ok(report)
+}

@@ -1,0 +1,422 @@
+//! The stock QEMU COLO pair, wired as QEMU's COLO documentation describes, on the test bed.
+//!
+//! Primary (host A): `filter-mirror` copies client→guest packets to the secondary, two
+//! `filter-redirector`s route the PVM's output through `colo-compare`, which releases it only
+//! when the SVM produced the same; the disk is a `quorum` over the local image plus an NBD
+//! child (through the `replication` filter) to the secondary. Secondary (host B): redirectors
+//! feed it the mirrored packets and return its output to the primary's `colo-compare`,
+//! `filter-rewriter` maps its TCP sequence numbers, and `replication,mode=secondary` keeps its
+//! writes in an active/hidden overlay pair above the NBD-exported image.
+//!
+//! Deviations from the documentation, each for a measured reason (see
+//! `../shared/research/stock-colo.md`): migration over a Unix socket (TCP loopback costs ~40 ms
+//! per checkpoint through Nagle and delayed ACK), `nodelay=on` on every chardev socket,
+//! `vnet_hdr=off` taps so no filter needs `vnet_hdr_support`, `-incoming defer`, and the
+//! secondary's tap off the bridge until failover.
+
+mod cmdline;
+mod diagnostics;
+mod events;
+mod failover;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use qmp_driver::qmp::QmpClient;
+use serde::Serialize;
+use serde_json::json;
+
+pub use cmdline::{MACHINE, port, primary_args, secondary_args};
+pub use events::{EventLog, pauses};
+pub use failover::Step;
+
+use crate::artifacts::Artifacts;
+use crate::guest;
+use crate::process::QemuProcess;
+use crate::topology::{Topology, addr};
+use cmdline::qmp_path;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PairConfig {
+    /// `x-checkpoint-delay`: the periodic checkpoint interval, in ms.
+    pub checkpoint_delay_ms: u32,
+    /// Memory the guest dirties per second (MiB/s).
+    pub guest_load_mib_s: u32,
+    /// Guest RAM (MiB). The secondary needs twice this (RAM plus the COLO cache).
+    pub memory_mib: u32,
+    /// Size of the replicated disk (MiB).
+    pub disk_mib: u32,
+}
+
+impl Default for PairConfig {
+    fn default() -> Self {
+        PairConfig {
+            checkpoint_delay_ms: 1000,
+            guest_load_mib_s: 4,
+            memory_mib: 128,
+            disk_mib: 16,
+        }
+    }
+}
+
+/// Which VM a step concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The primary VM on host A.
+    Primary,
+    /// The secondary VM on host B.
+    Secondary,
+}
+
+impl Role {
+    /// Lower-case name used in file names and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+        }
+    }
+
+    /// The other VM.
+    pub fn other(self) -> Role {
+        match self {
+            Role::Primary => Role::Secondary,
+            Role::Secondary => Role::Primary,
+        }
+    }
+}
+
+/// One VM of the pair.
+#[derive(Debug)]
+pub struct Vm {
+    /// Its role.
+    pub role: Role,
+    /// The QEMU process.
+    pub process: QemuProcess,
+    /// QMP connection.
+    pub qmp: QmpClient,
+    /// Every QMP event it sent.
+    pub events: EventLog,
+    /// Serial console log (heartbeats).
+    pub serial: PathBuf,
+    /// Its raw disk image (the base image under the replication overlays on the secondary).
+    pub image: PathBuf,
+    /// Index into `events` where the guest had booted in COLO; checkpoints are counted from there.
+    pub colo_mark: usize,
+}
+
+impl Vm {
+    /// Checkpoint pauses since COLO was entered.
+    pub fn checkpoint_pauses(&self) -> Vec<Duration> {
+        pauses(&self.events.since(self.colo_mark))
+    }
+
+    /// What its serial console says.
+    pub fn serial_summary(&self) -> guest::SerialSummary {
+        guest::read_serial(&self.serial)
+    }
+}
+
+/// The running stock pair. Dropping it kills both QEMUs and deletes the namespaces.
+#[derive(Debug)]
+pub struct StockPair {
+    /// This run's directory (sockets, images, logs, command lines, events).
+    pub dir: PathBuf,
+    /// Settings.
+    pub config: PairConfig,
+    /// The primary VM (`None` once it is gone).
+    pub primary: Option<Vm>,
+    /// The secondary VM (`None` once it is gone).
+    pub secondary: Option<Vm>,
+    /// VMs that were killed, kept for their events and logs.
+    pub dead: Vec<Vm>,
+    // Declared last so that it drops after the VMs: QEMU must exit before its tap disappears.
+    /// The namespaces.
+    pub topology: Topology,
+}
+
+fn create_images(dir: &Path, cfg: &PairConfig) -> Result<()> {
+    let bytes = u64::from(cfg.disk_mib) * 1024 * 1024;
+    for name in ["primary.raw", "secondary.raw"] {
+        let file = std::fs::File::create(dir.join(name))?;
+        file.set_len(bytes)?;
+    }
+    for name in ["secondary-active.qcow2", "secondary-hidden.qcow2"] {
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(dir.join(name))
+            .arg(bytes.to_string())
+            .output()
+            .context("running qemu-img (package qemu-utils)")?;
+        if !out.status.success() {
+            bail!(
+                "qemu-img create {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
+impl StockPair {
+    /// Brings up the namespaces and both QEMUs, boots the guest on the primary, and migrates
+    /// it into COLO. Returns once both sides run in COLO mode.
+    pub async fn start(tag: &str, dir: PathBuf, cfg: PairConfig) -> Result<Self> {
+        let artifacts = Artifacts::locate()?;
+        let topology = Topology::create(tag)?;
+        create_images(&dir, &cfg)?;
+
+        let mut pri_proc = QemuProcess::spawn(
+            &artifacts.qemu,
+            &topology.primary,
+            "primary",
+            &dir,
+            qmp_path(&dir, Role::Primary),
+            &primary_args(&artifacts, &dir, &cfg),
+        )?;
+        let pri_qmp = pri_proc.connect_qmp(Duration::from_secs(20)).await?;
+        let pri_events = EventLog::record_from(&pri_qmp, dir.join("primary-events.jsonl"));
+
+        let mut sec_proc = QemuProcess::spawn(
+            &artifacts.qemu,
+            &topology.secondary,
+            "secondary",
+            &dir,
+            qmp_path(&dir, Role::Secondary),
+            &secondary_args(&artifacts, &dir, &cfg),
+        )?;
+        let sec_qmp = sec_proc.connect_qmp(Duration::from_secs(20)).await?;
+        let sec_events = EventLog::record_from(&sec_qmp, dir.join("secondary-events.jsonl"));
+
+        let mut pair = StockPair {
+            primary: Some(Vm {
+                role: Role::Primary,
+                process: pri_proc,
+                qmp: pri_qmp,
+                events: pri_events,
+                serial: dir.join("primary-serial.log"),
+                image: dir.join("primary.raw"),
+                colo_mark: 0,
+            }),
+            secondary: Some(Vm {
+                role: Role::Secondary,
+                process: sec_proc,
+                qmp: sec_qmp,
+                events: sec_events,
+                serial: dir.join("secondary-serial.log"),
+                image: dir.join("secondary.raw"),
+                colo_mark: 0,
+            }),
+            dead: Vec::new(),
+            topology,
+            dir,
+            config: cfg,
+        };
+        pair.enter_colo().await?;
+        Ok(pair)
+    }
+
+    /// The VM in `role`; an error if it is gone.
+    pub fn vm(&self, role: Role) -> Result<&Vm> {
+        match role {
+            Role::Primary => self.primary.as_ref(),
+            Role::Secondary => self.secondary.as_ref(),
+        }
+        .with_context(|| format!("the {} VM is gone", role.name()))
+    }
+
+    fn vm_mut(&mut self, role: Role) -> Result<&mut Vm> {
+        match role {
+            Role::Primary => self.primary.as_mut(),
+            Role::Secondary => self.secondary.as_mut(),
+        }
+        .with_context(|| format!("the {} VM is gone", role.name()))
+    }
+
+    async fn enter_colo(&mut self) -> Result<()> {
+        let mig = format!("unix:{}", self.dir.join("migration.sock").display());
+        let delay = self.config.checkpoint_delay_ms;
+        let sec = self.vm(Role::Secondary)?.qmp.clone();
+        let pri = self.vm(Role::Primary)?.qmp.clone();
+
+        sec.migrate_set_capabilities(&[("x-colo", true)]).await?;
+        sec.nbd_server_start_inet(addr::SECONDARY_HOST, port::NBD)
+            .await?;
+        sec.nbd_server_add("parent0", true).await?;
+        sec.migrate_incoming(&mig).await?;
+
+        // The secondary's redirectors must be connected before the PVM's first packet, or the
+        // primary's mirror drops it and the SVM never sees it.
+        wait_chardevs_connected(&pri, &["mirror0", "compare1"], Duration::from_secs(15)).await?;
+
+        // Replication must be in place before the guest's first disk write, and the primary's
+        // `replication` filter fails every write until COLO starts it. So, as QEMU's COLO
+        // documentation does, the primary migrates while still paused (`-S`): the guest boots
+        // in COLO, and both disks see every write from the first one.
+        pri.human_monitor_command(&format!(
+            "drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,\
+             file.host={},file.port={},file.export=parent0,node-name=replication0",
+            addr::SECONDARY_HOST,
+            port::NBD
+        ))
+        .await?;
+        pri.x_blockdev_change_add("colo-disk0", "replication0")
+            .await?;
+
+        pri.migrate_set_capabilities(&[("x-colo", true)]).await?;
+        pri.migrate_set_parameters(json!({ "x-checkpoint-delay": delay }))
+            .await?;
+        pri.migrate(&mig).await?;
+
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let info = pri.query_migrate().await?;
+            let status = info.status.clone().unwrap_or_default();
+            let running = pri.query_status().await?.running;
+            let sec_running = sec.query_status().await?.running;
+            if status == "colo" && running && sec_running {
+                break;
+            }
+            if status == "failed" || Instant::now() > deadline {
+                bail!(
+                    "the pair did not enter COLO (migration status {status:?}); primary: {}; \
+                     secondary: {}",
+                    self.vm(Role::Primary)?.process.stderr_tail(),
+                    self.vm(Role::Secondary)?.process.stderr_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for role in [Role::Primary, Role::Secondary] {
+            let mode = self.vm(role)?.qmp.query_colo_status().await?.mode;
+            if mode != role.name() {
+                bail!("{} reports COLO mode {mode:?}", role.name());
+            }
+        }
+        self.wait_serial(Role::Primary, Duration::from_secs(90), |s| s.ready)
+            .await
+            .context("the guest did not boot in COLO")?;
+        // Checkpoints are counted from here: the guest is up and serving.
+        for role in [Role::Primary, Role::Secondary] {
+            let vm = self.vm_mut(role)?;
+            vm.colo_mark = vm.events.len();
+        }
+        Ok(())
+    }
+
+    /// Waits until the serial log of `role` satisfies `done`.
+    pub async fn wait_serial(
+        &self,
+        role: Role,
+        within: Duration,
+        done: impl Fn(&guest::SerialSummary) -> bool,
+    ) -> Result<guest::SerialSummary> {
+        let deadline = Instant::now() + within;
+        let vm = self.vm(role)?;
+        loop {
+            let summary = vm.serial_summary();
+            if done(&summary) {
+                return Ok(summary);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} serial log {} did not reach the expected state within {within:?} \
+                     (last: {summary:?})",
+                    role.name(),
+                    vm.serial.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Forces a checkpoint now by re-setting the same `x-checkpoint-delay` on the primary.
+    pub async fn request_checkpoint(&self) -> Result<()> {
+        let delay = self.config.checkpoint_delay_ms;
+        self.vm(Role::Primary)?
+            .qmp
+            .migrate_set_parameters(json!({ "x-checkpoint-delay": delay }))
+            .await?;
+        Ok(())
+    }
+
+    /// Waits until both sides have completed at least `count` checkpoints since COLO began.
+    pub async fn wait_checkpoints(&self, count: usize, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let p = self.vm(Role::Primary)?.checkpoint_pauses().len();
+            let s = self.vm(Role::Secondary)?.checkpoint_pauses().len();
+            if p >= count && s >= count {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("only {p} (primary) / {s} (secondary) of {count} checkpoints in {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILLs the QEMU of `role`: a fail-stop failure of that host's VM.
+    pub fn kill(&mut self, role: Role) -> Result<()> {
+        let mut vm = match role {
+            Role::Primary => self.primary.take(),
+            Role::Secondary => self.secondary.take(),
+        }
+        .with_context(|| format!("the {} VM is already gone", role.name()))?;
+        vm.process.kill()?;
+        self.dead.push(vm);
+        Ok(())
+    }
+
+    /// Checkpoint pauses of `role` since the guest booted, whether it is alive or was killed.
+    pub fn checkpoint_pauses(&self, role: Role) -> Vec<Duration> {
+        let alive = match role {
+            Role::Primary => self.primary.as_ref(),
+            Role::Secondary => self.secondary.as_ref(),
+        };
+        alive
+            .or_else(|| self.dead.iter().find(|vm| vm.role == role))
+            .map(Vm::checkpoint_pauses)
+            .unwrap_or_default()
+    }
+
+    /// Stops the survivor's guest, waits for its disk to settle, quits QEMU and checks its
+    /// image against the heartbeats it printed.
+    pub async fn stop_and_check_disk(&mut self, role: Role) -> Result<guest::DiskCheck> {
+        let vm = self.vm(role)?;
+        vm.qmp.stop().await?;
+        // The serial file is written by QEMU synchronously; a short pause lets the last line
+        // that was in flight when the vCPU stopped land.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let last = vm.serial_summary().last_heartbeat.unwrap_or(0);
+        let _ = vm.qmp.quit().await;
+        let image = vm.image.clone();
+        let vm = self.vm_mut(role)?;
+        vm.process.wait_exit(Duration::from_secs(20))?;
+        guest::check_disk(&image, last)
+    }
+}
+
+async fn wait_chardevs_connected(qmp: &QmpClient, ids: &[&str], within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let list = qmp.execute_raw("query-chardev", None).await?;
+        let connected = |id: &str| {
+            list.as_array().into_iter().flatten().any(|c| {
+                c["label"] == id
+                    && c["filename"]
+                        .as_str()
+                        .is_some_and(|f| !f.starts_with("disconnected"))
+            })
+        };
+        if ids.iter().all(|id| connected(id)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("chardevs {ids:?} not connected within {within:?}: {list}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

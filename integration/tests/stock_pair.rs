@@ -1,0 +1,124 @@
+//! The stock QEMU COLO pair on the test bed (issue 2, tests 4b–4d).
+//!
+//! These run real QEMU (TCG) in network namespaces and need root and the artifacts of
+//! `integration/setup.sh`. Without them they fail with the command to run; they never skip.
+//! nextest runs them one at a time (`.config/nextest.toml`, group `qemu`): two COLO pairs at
+//! once would not fit on two cores.
+
+use std::time::Duration;
+
+use colo_testbed::scenario::{self, FailoverPlan, Report};
+use colo_testbed::stock::{PairConfig, Role};
+
+fn soak_config() -> PairConfig {
+    PairConfig {
+        checkpoint_delay_ms: 1000,
+        guest_load_mib_s: 4,
+        ..PairConfig::default()
+    }
+}
+
+fn assert_failover(report: &Report) {
+    println!("{}", report.render());
+    assert!(
+        report.http_failures.is_empty(),
+        "failed requests: {:?}",
+        report.http_failures
+    );
+    assert!(
+        report.guest_errors.is_empty(),
+        "guest errors: {:?}",
+        report.guest_errors
+    );
+    let download = report.download.as_ref().expect("a download was in flight");
+    assert!(download.ok(), "in-flight download broken: {download:?}");
+    assert!(
+        report.kill_to_first_success_ms.is_some(),
+        "no request succeeded after the kill"
+    );
+    assert!(
+        report.after_failover_ok >= 10,
+        "only {} requests after failover",
+        report.after_failover_ok
+    );
+    assert!(report.checkpoints_primary >= 3 || report.killed == Some(Role::Primary));
+    let disk = report
+        .disk
+        .as_ref()
+        .expect("the survivor's disk was checked");
+    assert!(disk.last_heartbeat > 0, "the survivor printed no heartbeat");
+    assert!(disk.is_consistent(), "survivor disk inconsistent: {disk:?}");
+    let (_, first, last) = &report.heartbeats[0];
+    assert!(
+        last > first,
+        "survivor heartbeat did not advance: {first:?} -> {last:?}"
+    );
+}
+
+/// 4b: COLO survives at least 30 checkpoints under memory load; both guests' heartbeats
+/// count; every request is answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn stock_pair_survives_30_checkpoints_under_load() {
+    let report = scenario::soak("t-soak", soak_config(), 30, Duration::from_millis(300))
+        .await
+        .expect("soak scenario ran");
+    println!("{}", report.render());
+    assert!(
+        report.checkpoints_primary >= 30,
+        "{} checkpoints",
+        report.checkpoints_primary
+    );
+    assert!(
+        report.checkpoints_secondary >= 30,
+        "{} checkpoints",
+        report.checkpoints_secondary
+    );
+    assert!(
+        report.http_requests >= 30,
+        "only {} requests made",
+        report.http_requests
+    );
+    assert!(
+        report.http_failures.is_empty(),
+        "failed requests: {:?}",
+        report.http_failures
+    );
+    assert!(
+        report.guest_errors.is_empty(),
+        "guest errors: {:?}",
+        report.guest_errors
+    );
+    for (vm, first, last) in &report.heartbeats {
+        let (first, last) = (first.unwrap_or(0), last.expect("heartbeat printed"));
+        assert!(
+            last >= first + 20,
+            "{vm} heartbeat went {first} -> {last} in 30+ s"
+        );
+    }
+}
+
+/// 4c: the primary is SIGKILLed mid-download; the secondary takes over.
+#[tokio::test(flavor = "multi_thread")]
+async fn primary_killed_secondary_takes_over() {
+    let plan = FailoverPlan {
+        kill: Role::Primary,
+        ..FailoverPlan::default()
+    };
+    let report = scenario::failover("t-fop", soak_config(), plan)
+        .await
+        .expect("failover scenario ran");
+    assert_failover(&report);
+}
+
+/// 4d: the secondary is SIGKILLed mid-download; the primary carries on alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn secondary_killed_primary_carries_on() {
+    let plan = FailoverPlan {
+        kill: Role::Secondary,
+        ..FailoverPlan::default()
+    };
+    let report = scenario::failover("t-fos", soak_config(), plan)
+        .await
+        .expect("failover scenario ran");
+    assert_failover(&report);
+}
