@@ -5,7 +5,7 @@
 #   2. install the packages the tests and the QEMU build need (QEMU 10.0.2
 #      from bookworm-backports, the rest from bookworm),
 #   3. build the patched QEMU (integration/build-qemu.sh) and the test guest
-#      (integration/make-guest.sh, when present).
+#      (integration/make-guest.sh).
 # Everything built goes to $COLO_CACHE (default /var/cache/colo), outside the
 # clone. Idempotent: a second run touches neither apt nor the build.
 set -euo pipefail
@@ -159,14 +159,10 @@ t=$(now)
 "$script_dir/build-qemu.sh"
 summary+=("QEMU build: $(elapsed "$t")")
 
-guest_state='integration/make-guest.sh not present, skipped'
-if [[ -x $script_dir/make-guest.sh ]]; then
-    t=$(now)
-    "$script_dir/make-guest.sh"
-    guest_state="make-guest.sh: $(elapsed "$t")"
-elif [[ -e $script_dir/make-guest.sh ]]; then
-    guest_state='integration/make-guest.sh is not executable, skipped'
-fi
+[[ -x $script_dir/make-guest.sh ]] || die "$script_dir/make-guest.sh is missing or not executable"
+t=$(now)
+"$script_dir/make-guest.sh"
+guest_state="make-guest.sh: $(elapsed "$t")"
 summary+=("$guest_state")
 
 # ---------------------------------------------------------------- summary
