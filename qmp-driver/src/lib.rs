@@ -7,6 +7,21 @@
 //! ([`qmp::Event`] carries the name and raw JSON data) and nothing the peer
 //! sends, short of an oversized line, ends the connection.
 //!
-//! Start with [`qmp::QmpClient`].
+//! Start with [`qmp::QmpClient`]:
+//!
+//! ```no_run
+//! use qmp_driver::qmp::{ConnectOptions, QmpClient};
+//! use std::time::Duration;
+//!
+//! # async fn demo() -> qmp_driver::qmp::Result<()> {
+//! let qmp = QmpClient::connect_unix("/run/colo/primary.qmp", ConnectOptions::default()).await?;
+//! // Subscribe before acting, so the event cannot slip past.
+//! let mut events = qmp.subscribe();
+//! qmp.cont().await?;
+//! let resume = events.wait_for("RESUME", Duration::from_secs(5)).await?;
+//! println!("resumed at {} us", resume.timestamp.as_micros());
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod qmp;

@@ -112,14 +112,17 @@ async fn main() -> ExitCode {
             }
         }
         Cmd::Events { socket } => {
-            let client = match QmpClient::connect_unix(&socket, ConnectOptions::default()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("qmp-driver: {e}");
-                    return exit_code(&e);
-                }
-            };
-            let mut events = client.subscribe();
+            // Subscribed during the handshake so nothing QEMU sends right
+            // after it is missed; `_client` keeps the connection open.
+            let (_client, mut events) =
+                match QmpClient::connect_unix_with_events(&socket, ConnectOptions::default()).await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("qmp-driver: {e}");
+                        return exit_code(&e);
+                    }
+                };
             let mut stdout = std::io::stdout().lock();
             while let Some(event) = events.recv().await {
                 let line = match serde_json::to_string(&event) {

@@ -12,6 +12,21 @@ use tokio::time::timeout;
 /// the command timeout so a hang is caught.
 const PROMPT: Duration = Duration::from_secs(2);
 
+#[test]
+fn public_types_are_thread_safe() {
+    fn assert_send_sync<T: Send + Sync + Clone + std::fmt::Debug>() {}
+    fn assert_send<T: Send + std::fmt::Debug>() {}
+    assert_send_sync::<QmpClient>();
+    assert_send_sync::<qmp_driver::qmp::Event>();
+    assert_send::<qmp_driver::qmp::EventStream>();
+    assert_send::<QmpError>();
+    let opts = ConnectOptions::default();
+    assert_eq!(opts.command_timeout, Duration::from_secs(10));
+    assert_eq!(opts.connect_timeout, Duration::from_secs(5));
+    assert!(opts.enable_oob);
+    assert_eq!(opts.max_line_bytes, 16 * 1024 * 1024);
+}
+
 #[tokio::test]
 async fn negotiates_oob_when_offered() {
     let (client, _fake, caps) = connect(&["oob"], quick_opts()).await;
@@ -125,6 +140,32 @@ async fn events_between_command_and_reply_arrive_in_order() {
         assert!(stop.timestamp < resume.timestamp);
         assert!(stream.try_recv().is_none());
     }
+}
+
+#[tokio::test]
+async fn with_events_constructor_sees_events_sent_right_after_handshake() {
+    let (client_side, server_side) = tokio::io::duplex(4096);
+    let mut fake = Fake::new(server_side);
+    fake.send(&greeting(&["oob"])).await;
+    // Queue the capabilities reply and an event back to back in one write,
+    // before the client has even sent qmp_capabilities: by the time the
+    // caller runs again, the reader has dispatched both.
+    let connect = tokio::spawn(QmpClient::connect_stream_with_events(
+        client_side,
+        "early".into(),
+        quick_opts(),
+    ));
+    let caps = fake.expect("qmp_capabilities").await;
+    let id = &caps["id"];
+    let burst = format!(
+        "{{\"return\": {{}}, \"id\": {id}}}\r\n{{\"event\": \"EARLY\", \"timestamp\": {{\"seconds\": 1, \"microseconds\": 2}}}}\r\n"
+    );
+    fake.send_raw(burst.as_bytes()).await;
+    let (client, mut events) = connect.await.unwrap().unwrap();
+    let ev = timeout(PROMPT, events.recv()).await.unwrap().unwrap();
+    assert_eq!(ev.name, "EARLY");
+    assert_eq!(ev.timestamp.microseconds, 2);
+    assert!(client.oob_enabled());
 }
 
 #[tokio::test]
@@ -346,8 +387,13 @@ async fn silent_server_gives_timeout_and_late_reply_is_dropped() {
             .await
     });
     fake.expect("query-name").await;
-    assert!(matches!(call.await.unwrap(), Err(QmpError::Timeout { .. })));
-    assert!(started.elapsed() < Duration::from_millis(290));
+    match call.await.unwrap() {
+        Err(QmpError::Timeout { after, .. }) => assert_eq!(after, Duration::from_millis(100)),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(95), "{elapsed:?}");
+    assert!(elapsed < Duration::from_millis(1500), "{elapsed:?}");
 }
 
 #[tokio::test]

@@ -75,6 +75,17 @@ impl QmpClient {
     /// Connects to a QMP Unix socket, reads the greeting and negotiates
     /// capabilities, all within [`ConnectOptions::connect_timeout`].
     pub async fn connect_unix(path: impl AsRef<Path>, opts: ConnectOptions) -> Result<QmpClient> {
+        Ok(Self::connect_unix_with_events(path, opts).await?.0)
+    }
+
+    /// Like [`QmpClient::connect_unix`], plus an [`EventStream`] that was
+    /// subscribed before capabilities negotiation finished, so it also has
+    /// events QEMU sends right after the handshake — which a `subscribe()`
+    /// after `connect_unix` returns can miss.
+    pub async fn connect_unix_with_events(
+        path: impl AsRef<Path>,
+        opts: ConnectOptions,
+    ) -> Result<(QmpClient, EventStream)> {
         let path = path.as_ref();
         let peer = path.display().to_string();
         let deadline = Instant::now() + opts.connect_timeout;
@@ -90,6 +101,15 @@ impl QmpClient {
     /// because QMP is small request/response lines where Nagle only adds
     /// latency.
     pub async fn connect_tcp(addr: &str, opts: ConnectOptions) -> Result<QmpClient> {
+        Ok(Self::connect_tcp_with_events(addr, opts).await?.0)
+    }
+
+    /// Like [`QmpClient::connect_tcp`], plus an early-subscribed
+    /// [`EventStream`] (see [`QmpClient::connect_unix_with_events`]).
+    pub async fn connect_tcp_with_events(
+        addr: &str,
+        opts: ConnectOptions,
+    ) -> Result<(QmpClient, EventStream)> {
         let peer = addr.to_owned();
         let deadline = Instant::now() + opts.connect_timeout;
         let stream = match timeout_at(deadline, tokio::net::TcpStream::connect(addr)).await {
@@ -114,6 +134,21 @@ impl QmpClient {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        Ok(Self::connect_stream_with_events(stream, peer, opts)
+            .await?
+            .0)
+    }
+
+    /// Like [`QmpClient::connect_stream`], plus an early-subscribed
+    /// [`EventStream`] (see [`QmpClient::connect_unix_with_events`]).
+    pub async fn connect_stream_with_events<S>(
+        stream: S,
+        peer: String,
+        opts: ConnectOptions,
+    ) -> Result<(QmpClient, EventStream)>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let deadline = Instant::now() + opts.connect_timeout;
         Self::handshake(stream, peer, opts, deadline).await
     }
@@ -123,7 +158,7 @@ impl QmpClient {
         peer: String,
         opts: ConnectOptions,
         deadline: Instant,
-    ) -> Result<QmpClient>
+    ) -> Result<(QmpClient, EventStream)>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -157,6 +192,10 @@ impl QmpClient {
                 command_timeout: opts.command_timeout,
             }),
         };
+        // Subscribed before negotiation completes: QEMU may send events as
+        // soon as it has answered qmp_capabilities, and the reader task can
+        // dispatch them before our caller gets to run again.
+        let early_events = client.subscribe();
         let remaining = deadline.saturating_duration_since(Instant::now());
         client
             .call(CallSpec {
@@ -177,7 +216,7 @@ impl QmpClient {
                 other => other,
             })?;
         client.inner.oob.store(want_oob, Ordering::Release);
-        Ok(client)
+        Ok((client, early_events))
     }
 
     /// The greeting QEMU sent on connect.
@@ -197,7 +236,9 @@ impl QmpClient {
 
     /// Subscribes to events. The stream receives every event that arrives
     /// after this call, in order, without loss (the buffer is unbounded, so a
-    /// subscriber that never reads grows memory — drop it when done).
+    /// subscriber that never reads grows memory — drop it when done). To
+    /// also catch events sent right after the handshake, use one of the
+    /// `connect_*_with_events` constructors.
     pub fn subscribe(&self) -> EventStream {
         EventStream::new(
             self.inner.shared.subscribe(),

@@ -50,7 +50,7 @@ impl Decoder for LineCodec {
         match buf[start..].iter().position(|&b| b == b'\n') {
             Some(offset) => {
                 let newline = start + offset;
-                // mutated
+                self.scanned = 0;
                 let mut line = buf.split_to(newline + 1);
                 line.truncate(newline);
                 if line.last() == Some(&b'\r') {
@@ -122,10 +122,15 @@ mod tests {
         let mut c = LineCodec::new(100);
         let mut buf = BytesMut::from(&b"0123456789abcdef"[..]);
         assert!(c.decode(&mut buf).unwrap().is_none());
-        buf.extend_from_slice(b"gh
+        buf.extend_from_slice(
+            b"gh
 xy
-z");
-        assert_eq!(&c.decode(&mut buf).unwrap().unwrap()[..], b"0123456789abcdefgh");
+z",
+        );
+        assert_eq!(
+            &c.decode(&mut buf).unwrap().unwrap()[..],
+            b"0123456789abcdefgh"
+        );
         assert_eq!(&c.decode(&mut buf).unwrap().unwrap()[..], b"xy");
         assert!(c.decode(&mut buf).unwrap().is_none());
     }

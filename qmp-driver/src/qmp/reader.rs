@@ -37,6 +37,10 @@ pub(crate) async fn run<R: AsyncRead + Unpin>(
 }
 
 fn dispatch(shared: &Shared, line: &[u8]) {
+    // Blank lines carry nothing and are not worth a warning.
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return;
+    }
     match classify(line) {
         Incoming::Reply { id, outcome } => {
             let ok = outcome.is_ok();

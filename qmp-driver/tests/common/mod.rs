@@ -1,7 +1,7 @@
 //! Locating and launching the QEMU used by tests/real_qemu.rs. Kept out of
 //! the library so it does not become public API.
 
-use qmp_driver::qmp::{ConnectOptions, QmpClient};
+use qmp_driver::qmp::{ConnectOptions, QmpClient, QmpError};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -77,10 +77,23 @@ impl Qemu {
         Self::start(&["-machine", "none"]).await
     }
 
+    /// Connects, retrying "connection refused": QEMU creates the socket
+    /// file at bind() and listens a moment later, so the file existing does
+    /// not yet mean connect() succeeds.
     pub async fn connect(&self) -> QmpClient {
-        QmpClient::connect_unix(&self.socket, ConnectOptions::default())
-            .await
-            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.socket.display()))
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match QmpClient::connect_unix(&self.socket, ConnectOptions::default()).await {
+                Ok(client) => return client,
+                Err(QmpError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("connect to {}: {e}", self.socket.display()),
+            }
+        }
     }
 
     /// Waits for QEMU to exit by itself, returning whether it did in time.
