@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use qmp_driver::qmp::{ConnectOptions, QmpClient};
+use qmp_driver::qmp::{ConnectOptions, EventStream, QmpClient};
 
 /// A running QEMU and the files it was started with.
 #[derive(Debug)]
@@ -64,8 +64,9 @@ impl QemuProcess {
     }
 
     /// Connects to QMP, waiting for QEMU to create its socket; a QEMU that exits first is an
-    /// error quoting its stderr.
-    pub async fn connect_qmp(&mut self, within: Duration) -> Result<QmpClient> {
+    /// error quoting its stderr. The event stream is subscribed before the handshake ends, so
+    /// no event can slip past.
+    pub async fn connect_qmp(&mut self, within: Duration) -> Result<(QmpClient, EventStream)> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self
@@ -80,8 +81,13 @@ impl QemuProcess {
                 );
             }
             if self.qmp_socket.exists() {
-                match QmpClient::connect_unix(&self.qmp_socket, ConnectOptions::default()).await {
-                    Ok(client) => return Ok(client),
+                match QmpClient::connect_unix_with_events(
+                    &self.qmp_socket,
+                    ConnectOptions::default(),
+                )
+                .await
+                {
+                    Ok(connected) => return Ok(connected),
                     Err(e) if Instant::now() > deadline => {
                         bail!("{} QMP at {}: {e}", self.role, self.qmp_socket.display())
                     }

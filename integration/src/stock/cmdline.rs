@@ -55,12 +55,24 @@ fn common_args(a: &Artifacts, role: Role, dir: &Path, cfg: &PairConfig, tap: &st
         format!("file:{}", dir.join(format!("{r}-serial.log")).display()),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", qmp_path(dir, role).display()),
+        // A second monitor for the operator's tools: a QMP socket serves one client at a
+        // time, and the bed's own connection stays open for the events.
+        "-qmp".into(),
+        format!(
+            "unix:{},server=on,wait=off",
+            operator_qmp_path(dir, role).display()
+        ),
         "-netdev".into(),
         format!("tap,id=hn0,ifname={tap},script=no,downscript=no,vhost=off,vnet_hdr=off"),
         "-device".into(),
         format!("virtio-net-pci,netdev=hn0,mac={},romfile=", addr::GUEST_MAC),
     ]);
     args
+}
+
+/// The operator's QMP socket of `role` (for `qmp-driver` commands run beside the bed).
+pub fn operator_qmp_path(dir: &Path, role: Role) -> PathBuf {
+    dir.join(format!("{}-qmp-operator.sock", role.name()))
 }
 
 pub(super) fn qmp_path(dir: &Path, role: Role) -> PathBuf {

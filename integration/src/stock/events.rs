@@ -4,17 +4,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use qmp_driver::qmp::{Event, QmpClient};
+use qmp_driver::qmp::{Event, EventStream};
 
 /// Events of one VM, recorded as they arrive (also appended to `<role>-events.jsonl`).
 #[derive(Debug, Clone, Default)]
 pub struct EventLog(Arc<Mutex<Vec<Event>>>);
 
 impl EventLog {
-    pub(super) fn record_from(client: &QmpClient, file: PathBuf) -> Self {
+    pub(super) fn record_from(mut stream: EventStream, file: PathBuf) -> Self {
         let log = EventLog::default();
         let sink = log.clone();
-        let mut stream = client.subscribe();
         tokio::spawn(async move {
             let mut out = std::fs::File::create(&file).ok();
             while let Some(event) = stream.recv().await {

@@ -27,7 +27,7 @@ use qmp_driver::qmp::QmpClient;
 use serde::Serialize;
 use serde_json::json;
 
-pub use cmdline::{MACHINE, port, primary_args, secondary_args};
+pub use cmdline::{MACHINE, operator_qmp_path, port, primary_args, secondary_args};
 pub use events::{EventLog, pauses};
 pub use failover::Step;
 
@@ -176,8 +176,8 @@ impl StockPair {
             qmp_path(&dir, Role::Primary),
             &primary_args(&artifacts, &dir, &cfg),
         )?;
-        let pri_qmp = pri_proc.connect_qmp(Duration::from_secs(20)).await?;
-        let pri_events = EventLog::record_from(&pri_qmp, dir.join("primary-events.jsonl"));
+        let (pri_qmp, pri_stream) = pri_proc.connect_qmp(Duration::from_secs(20)).await?;
+        let pri_events = EventLog::record_from(pri_stream, dir.join("primary-events.jsonl"));
 
         let mut sec_proc = QemuProcess::spawn(
             &artifacts.qemu,
@@ -187,8 +187,8 @@ impl StockPair {
             qmp_path(&dir, Role::Secondary),
             &secondary_args(&artifacts, &dir, &cfg),
         )?;
-        let sec_qmp = sec_proc.connect_qmp(Duration::from_secs(20)).await?;
-        let sec_events = EventLog::record_from(&sec_qmp, dir.join("secondary-events.jsonl"));
+        let (sec_qmp, sec_stream) = sec_proc.connect_qmp(Duration::from_secs(20)).await?;
+        let sec_events = EventLog::record_from(sec_stream, dir.join("secondary-events.jsonl"));
 
         let mut pair = StockPair {
             primary: Some(Vm {
