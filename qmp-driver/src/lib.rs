@@ -24,4 +24,8 @@
 //! # }
 //! ```
 
+pub mod config;
+pub mod pair;
+pub mod qemu_args;
 pub mod qmp;
+pub mod relay;

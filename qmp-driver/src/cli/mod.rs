@@ -1,0 +1,383 @@
+//! The `qmp-driver` command line: clap definitions, logging, and dispatch.
+
+mod exit;
+mod lowlevel;
+mod pair_cmds;
+mod relay;
+mod render;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use qmp_driver::config::{CONFIG_ENV, ConfigError, PairConfig, Side};
+use qmp_driver::qmp::ConnectOptions;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub use exit::{EXIT_CODES_HELP, Exit};
+
+const ABOUT: &str = "Drive a QEMU COLO pair (primary VM + hot-standby secondary VM) over QMP";
+
+const LONG_ABOUT: &str = "\
+Drive a QEMU COLO pair over QMP: a primary VM and a secondary VM run in lock-step on two \
+hosts; QEMU's x-colo migration copies the primary's state to the secondary at every \
+checkpoint, and when a host fails the other VM carries on.
+
+The pair commands read the pair's config file (--config or $COLO_CONFIG; example: \
+qemu-configs/pair.example.toml) and talk to the QEMUs' QMP sockets named there. Typical \
+life cycle: `qemu-args` (command lines) -> start both QEMUs -> `start` -> `status`, \
+`checkpoint` -> `failover` when a host dies, or `stop` to end protection. \
+docs/operations.md is the operator guide.
+
+Progress goes to stderr, results to stdout (`--json` where offered). Logs: RUST_LOG \
+(e.g. RUST_LOG=qmp_driver=debug) and --log-format.";
+
+/// The command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "qmp-driver",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = EXIT_CODES_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub globals: Globals,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command accepts.
+#[derive(Args, Debug, Clone)]
+pub struct Globals {
+    /// The pair's config file (TOML). Needed by every pair command and by
+    /// `qemu-args`; `relay` reads its [relay] section from it.
+    #[arg(long, global = true, env = CONFIG_ENV, value_name = "PATH", help_heading = "Global options")]
+    pub config: Option<PathBuf>,
+
+    /// Log format on stderr. Filter with RUST_LOG (default: warn; info for
+    /// `relay`).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "COLO_LOG_FORMAT",
+        help_heading = "Global options"
+    )]
+    pub log_format: LogFormat,
+
+    /// Bound on connecting to a QMP socket and its handshake, in seconds.
+    #[arg(
+        long,
+        global = true,
+        default_value = "5",
+        value_name = "SECS",
+        value_parser = parse_secs,
+        help_heading = "Global options"
+    )]
+    pub connect_timeout: Duration,
+
+    /// Bound on each QMP command, in seconds.
+    #[arg(
+        long,
+        global = true,
+        default_value = "10",
+        value_name = "SECS",
+        value_parser = parse_secs,
+        help_heading = "Global options"
+    )]
+    pub command_timeout: Duration,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if secs <= 0.0 {
+        return Err("must be more than 0".into());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+/// `--json` for commands that print a report.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct Output {
+    /// Print the result as one JSON object on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Prepare the SECONDARY QEMU to receive COLO: x-colo on, NBD server and disk export, listen
+    /// for the migration.
+    #[command(
+        long_about = "Prepare the SECONDARY QEMU (started with `-incoming defer`) to receive COLO, \
+        on the secondary's QMP socket: turn the x-colo capability on (and return-path off), \
+        start the NBD server on secondary.host:disk.nbd_port, export disk.export writable, \
+        and listen on migration.secondary_incoming (migrate-incoming).\n\n\
+        Use it when the secondary should be made ready before the primary is: `start` runs \
+        these same steps itself. Every step is skipped when already done; a secondary already \
+        in COLO is left alone. Refuses (exit 3) a secondary that is not waiting for an \
+        incoming migration.",
+        after_help = EXIT_CODES_HELP
+    )]
+    PrepareSecondary(Output),
+
+    /// Start COLO: prepare the secondary, add the replication child on the primary, migrate the
+    /// paused primary into COLO and wait until both run.
+    #[command(
+        long_about = "Start COLO on both QEMUs. Checks that the primary is still paused (`-S`, \
+        run state prelaunch) and the secondary waits for a migration, waits for the \
+        secondary's redirectors to connect to the primary's filter sockets, prepares the \
+        secondary (as `prepare-secondary`), then on the primary: adds the replication child \
+        to the disk's quorum (`drive_add -n buddy driver=replication,...` + \
+        x-blockdev-change), turns x-colo on, sets x-checkpoint-delay, migrates to \
+        migration.primary_target, and waits until the migration status is `colo` and both \
+        VMs run. The guest boots inside COLO.\n\n\
+        Use it once both QEMUs run with the arguments of `qemu-args`. A pair already in \
+        COLO is reported as such (exit 0); a migration already under way is waited for. \
+        Progress (\"migrating… 37%\", \"entered COLO in 0.7 s\") goes to stderr.",
+        after_help = EXIT_CODES_HELP
+    )]
+    Start {
+        #[command(flatten)]
+        output: Output,
+        /// How long the first migration may take until both VMs run in COLO, in seconds.
+        #[arg(long, default_value = "120", value_name = "SECS", value_parser = parse_secs)]
+        timeout: Duration,
+        /// How long to wait for the secondary's redirectors to connect to the primary, in
+        /// seconds.
+        #[arg(long, default_value = "15", value_name = "SECS", value_parser = parse_secs)]
+        chardev_timeout: Duration,
+    },
+
+    /// Show both QEMUs (COLO mode, run state, migration status) and the relay.
+    #[command(
+        long_about = "Query both QEMUs and, when configured, the relay, and print what each \
+        says: per side the QMP address, QEMU version, run state, COLO mode / last mode / exit \
+        reason and migration status (plus the primary's x-checkpoint-delay); for the relay \
+        its state, epoch, checkpoints, checkpoint rate, last pause, last checkpoint-request \
+        reason and the health of every subscriber. Read-only; safe at any time. \
+        docs/operations.md explains every field.\n\n\
+        A side that cannot be reached is reported as such; the exit code is then 4 (0 when \
+        everything configured answered).",
+        after_help = EXIT_CODES_HELP
+    )]
+    Status(Output),
+
+    /// Force one checkpoint now on the PRIMARY and print how long it paused.
+    #[command(
+        long_about = "Force one checkpoint now: on the primary's QMP socket, re-set its current \
+        x-checkpoint-delay (QEMU then checkpoints at once, and the period does not change), \
+        after noting the reason to the relay when one is configured. Then wait for the next \
+        STOP/RESUME pair on the primary and print the pause (QEMU's own timestamps) and the \
+        relay's new epoch.\n\n\
+        Use it to test the pair, or to make the secondary current before maintenance. \
+        Refuses (exit 3) unless COLO runs.",
+        after_help = EXIT_CODES_HELP
+    )]
+    Checkpoint {
+        #[command(flatten)]
+        output: Output,
+        /// Reason noted to the relay (counted in its status).
+        #[arg(long, default_value = "operator")]
+        reason: String,
+        /// How long to wait for the checkpoint, in seconds (default: the checkpoint period plus
+        /// 10 s).
+        #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+        timeout: Option<Duration>,
+        /// Do not talk to the relay.
+        #[arg(long)]
+        no_relay: bool,
+    },
+
+    /// Fail over: the SURVIVOR's QEMU leaves COLO and runs on alone. Run it on the survivor's host.
+    #[command(
+        long_about = "Fail over to the SURVIVOR, on the survivor's QMP socket only (the other side \
+        is presumed dead). Run it on the survivor's host: the hook runs locally.\n\n\
+        --survivor secondary (the primary's host died): out-of-band yank of the migration \
+        stream, nbd-server-stop, x-colo-lost-heartbeat, object-del f2 f1, chardev-remove red1 \
+        red0, failover.secondary_takeover_hook (e.g. put the tap on the bridge), \
+        announce-self.\n\
+        --survivor primary (the secondary's host died): out-of-band yank, x-blockdev-change \
+        (remove the replication child), drive_del, object-del comp0 iothread1 m0 redire0 \
+        redire1, x-colo-lost-heartbeat, failover.primary_continue_hook.\n\n\
+        Then it waits until the VM runs and tells the relay (best effort). Every step is \
+        timed and printed. Refuses (exit 3) a survivor that is not in COLO; a failover \
+        already done succeeds again (exit 0). QEMU never fails over by itself: after a \
+        COLO_EXIT with reason error it waits for exactly this.",
+        after_help = EXIT_CODES_HELP
+    )]
+    Failover {
+        #[command(flatten)]
+        output: Output,
+        /// The side that carries on.
+        #[arg(long, value_enum)]
+        survivor: Side,
+        /// Do not run the config's failover hook.
+        #[arg(long)]
+        no_hook: bool,
+        /// Do not notify the relay.
+        #[arg(long)]
+        no_relay: bool,
+    },
+
+    /// Planned end of COLO keeping the PRIMARY; quit the secondary QEMU.
+    #[command(
+        long_about = "End protection on purpose, keeping the primary: on the primary, remove the \
+        replication child, the colo-compare and the filters and leave COLO (the primary's \
+        failover sequence, without the yank: the secondary is alive), run \
+        failover.primary_continue_hook, then `quit` the secondary QEMU if it is reachable \
+        and still a COLO secondary.\n\n\
+        Use it before maintenance of the secondary's host, or to stop protecting a VM. \
+        Refuses (exit 3) when the secondary has taken over (both VMs would run). Stopping \
+        again is a no-op (exit 0).",
+        after_help = EXIT_CODES_HELP
+    )]
+    Stop {
+        #[command(flatten)]
+        output: Output,
+        /// Do not run failover.primary_continue_hook.
+        #[arg(long)]
+        no_hook: bool,
+        /// Do not notify the relay.
+        #[arg(long)]
+        no_relay: bool,
+    },
+
+    /// Print the COLO-specific QEMU arguments of one role (stock colo-compare/replication setup).
+    #[command(
+        long_about = "Print the COLO-specific QEMU arguments of one role, generated from the \
+        config: QMP socket, the tap netdev (vhost=off, vnet_hdr=off) and virtio-net NIC, every \
+        chardev (nodelay=on), filter-mirror/filter-redirector/colo-compare (primary) or \
+        filter-redirector/filter-rewriter (secondary), the quorum disk (primary) or the \
+        replication overlays over the exported image (secondary), `-S` (primary) or \
+        `-incoming defer` (secondary). Talks to no QEMU.\n\n\
+        Not included, add them yourself identically on both sides: -machine, -accel/-cpu, -m \
+        (the secondary needs about twice the guest RAM free), -smp, firmware and boot \
+        options. This is the stock setup; the colo-daemons setup (colo-proxyd, colo-blockd) \
+        comes with issues 4 and 5.",
+        after_help = EXIT_CODES_HELP
+    )]
+    QemuArgs {
+        /// Which VM's arguments.
+        #[arg(long, value_enum)]
+        role: Side,
+        /// Print one shell-quoted line instead of one argument per line.
+        #[arg(long)]
+        shell: bool,
+    },
+
+    /// Low level: run one QMP command on a socket and print its "return" value as JSON.
+    #[command(after_help = lowlevel::LOWLEVEL_EXIT_CODES)]
+    Raw(lowlevel::RawArgs),
+
+    /// Low level: print every QMP event of a socket as one JSON line until QEMU closes it.
+    #[command(after_help = lowlevel::LOWLEVEL_EXIT_CODES)]
+    Events(lowlevel::EventsArgs),
+
+    /// Run the checkpoint-barrier relay between the primary's migration stream and the secondary
+    /// QEMU (on the secondary's host).
+    #[command(
+        long_about = "Run the checkpoint-barrier relay (a daemon, on the secondary's host): the \
+        primary migrates to --listen, the relay forwards to the secondary QEMU's --target and \
+        turns the secondary's COLO messages into events on the --control socket for \
+        colo-blockd/colo-proxyd, and answers `status`, `checkpoint` and `failover`.\n\n\
+        Options not given on the command line (or in their COLO_RELAY_* variables) come from \
+        the [relay] section of --config. Runs until SIGINT or SIGTERM.",
+        after_help = "Exit codes: 0 stopped by a signal, 1 the relay failed, 2 usage or config error."
+    )]
+    Relay(qmp_driver::relay::RelayArgs),
+}
+
+/// Parses the command line, exiting with 2 on bad usage. `relay` may take
+/// its settings from the config file, so its address arguments are
+/// optional here and completed from `[relay]`.
+pub fn parse() -> Cli {
+    let mut cmd = Cli::command().mut_subcommand("relay", |s| {
+        s.mut_arg("listen", |a| a.required(false))
+            .mut_arg("target", |a| a.required(false))
+            .mut_arg("control", |a| a.required(false))
+    });
+    let mut matches = cmd.get_matches_mut();
+    let parsed = match matches.subcommand() {
+        Some(("relay", sub)) => relay::parse(&matches, sub).map_err(|e| e.format(&mut cmd)),
+        _ => Cli::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut cmd)),
+    };
+    parsed.unwrap_or_else(|e| e.exit())
+}
+
+/// Sets up logging on stderr.
+pub fn init_logging(cli: &Cli) {
+    let default = match cli.command {
+        Command::Relay(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match cli.globals.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+impl Globals {
+    /// Loads the config named by `--config` / `$COLO_CONFIG`.
+    pub fn load_config(&self) -> Result<PairConfig, ConfigError> {
+        let path = self.config.as_ref().ok_or(ConfigError::Missing)?;
+        PairConfig::load(path)
+    }
+
+    /// QMP connection options from the timeouts.
+    pub fn connect_options(&self) -> ConnectOptions {
+        ConnectOptions {
+            connect_timeout: self.connect_timeout,
+            command_timeout: self.command_timeout,
+            ..ConnectOptions::default()
+        }
+    }
+}
+
+/// Prints an error on stderr and returns its exit code.
+pub(crate) fn fail(e: &dyn std::fmt::Display, code: Exit) -> ExitCode {
+    eprintln!("qmp-driver: {e}");
+    code.into()
+}
+
+/// Runs the command.
+pub async fn run(cli: Cli) -> ExitCode {
+    let g = cli.globals;
+    match cli.command {
+        Command::Raw(args) => lowlevel::raw(args).await,
+        Command::Events(args) => lowlevel::events(args).await,
+        Command::Relay(args) => relay::run(args).await,
+        Command::QemuArgs { role, shell } => match g.load_config() {
+            Ok(cfg) => pair_cmds::qemu_args(&cfg, role, shell),
+            Err(e) => fail(&e, (&e).into()),
+        },
+        command => {
+            let cfg = match g.load_config() {
+                Ok(cfg) => cfg,
+                Err(e) => return fail(&e, (&e).into()),
+            };
+            pair_cmds::run(command, &cfg, &g).await
+        }
+    }
+}

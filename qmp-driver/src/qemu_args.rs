@@ -1,0 +1,565 @@
+//! The COLO-specific QEMU arguments of both roles of the **stock** setup
+//! (QEMU's own colo-compare, filter-mirror, filter-redirector,
+//! filter-rewriter, quorum and replication), generated from a
+//! [`PairConfig`].
+//!
+//! The wiring is the one QEMU's COLO documentation gives, with the changes
+//! measured on the test bed (`docs/qemu-versions.md`): `nodelay=on` on every
+//! chardev socket, taps with `vhost=off,vnet_hdr=off` (so no filter needs
+//! `vnet_hdr_support`), `-incoming defer` on the secondary (x-colo must be
+//! set before `migrate-incoming`), and `-S` on the primary (it migrates while
+//! still paused, so the guest boots inside COLO and both disks see every
+//! write).
+//!
+//! Left to the caller: `-machine`, `-accel`, `-cpu`, `-m` (the secondary
+//! needs about twice the guest RAM free: RAM plus the COLO cache), `-smp`,
+//! firmware, kernel or boot disk options, `-name`, serial and display. Both
+//! VMs must get the same machine type and device layout.
+//!
+//! The object and chardev ids are fixed ([`ids`]): the failover sequences in
+//! [`crate::pair`] delete exactly these.
+//!
+//! The colo-daemons setup (colo-proxyd instead of colo-compare, colo-blockd
+//! instead of replication) is not implemented yet (issues 4 and 5).
+
+use crate::config::{Endpoint, PairConfig, Side, VmConfig};
+use std::path::Path;
+
+/// Ids of the objects and chardevs the stock wiring creates. The drive and
+/// netdev ids come from the config (`disk.*`, `network.netdev`).
+pub mod ids {
+    /// Primary: filter-mirror copying client→guest packets to the secondary.
+    pub const MIRROR_FILTER: &str = "m0";
+    /// Primary: redirector from colo-compare's output to the guest NIC.
+    pub const COMPARE_OUT_REDIRECTOR: &str = "redire0";
+    /// Primary: redirector of the PVM's output into colo-compare.
+    pub const COMPARE_IN_REDIRECTOR: &str = "redire1";
+    /// Primary: the iothread colo-compare runs in.
+    pub const COMPARE_IOTHREAD: &str = "iothread1";
+    /// Primary: colo-compare.
+    pub const COMPARE: &str = "comp0";
+    /// Primary: chardev server the secondary's [`SECONDARY_MIRROR_IN`] connects to.
+    pub const MIRROR_CHARDEV: &str = "mirror0";
+    /// Primary: chardev server the secondary's [`SECONDARY_OUT`] connects to.
+    pub const COMPARE_SECONDARY_IN: &str = "compare1";
+    /// Primary: loopback server end of redirector → colo-compare.
+    pub const COMPARE_PRIMARY_IN_SERVER: &str = "compare0";
+    /// Primary: loopback client end of redirector → colo-compare.
+    pub const COMPARE_PRIMARY_IN_CLIENT: &str = "compare0-0";
+    /// Primary: loopback server end of colo-compare → redirector.
+    pub const COMPARE_OUT_SERVER: &str = "compare_out";
+    /// Primary: loopback client end of colo-compare → redirector.
+    pub const COMPARE_OUT_CLIENT: &str = "compare_out0";
+    /// Secondary: chardev receiving the mirrored packets.
+    pub const SECONDARY_MIRROR_IN: &str = "red0";
+    /// Secondary: chardev carrying the SVM's output to colo-compare.
+    pub const SECONDARY_OUT: &str = "red1";
+    /// Secondary: redirector feeding mirrored packets to the SVM.
+    pub const SECONDARY_IN_REDIRECTOR: &str = "f1";
+    /// Secondary: redirector carrying the SVM's output to the primary.
+    pub const SECONDARY_OUT_REDIRECTOR: &str = "f2";
+    /// Secondary: filter-rewriter (TCP sequence numbers).
+    pub const REWRITER: &str = "rew0";
+    /// Secondary: the `replication,mode=secondary` drive.
+    pub const SECONDARY_REPLICATION_DRIVE: &str = "childs0";
+}
+
+/// Reconnect period of the secondary's chardev clients (`reconnect-ms`,
+/// QEMU ≥ 9.2).
+pub const RECONNECT_MS: u32 = 1000;
+
+/// Why no arguments could be generated.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuArgsError {
+    /// The config has no `[vm]` section (tap, MAC, image paths).
+    #[error(
+        "the config has no [vm] section: the command line needs vm.tap, vm.mac and the image \
+         paths (see qemu-configs/pair.example.toml)"
+    )]
+    MissingVm,
+}
+
+/// The arguments for `role`.
+pub fn colo_args(cfg: &PairConfig, role: Side) -> Result<Vec<String>, QemuArgsError> {
+    match role {
+        Side::Primary => primary_args(cfg),
+        Side::Secondary => secondary_args(cfg),
+    }
+}
+
+/// Escapes a value for QEMU's option syntax (a `,` is written `,,`).
+pub fn escape_value(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn path_value(p: &Path) -> String {
+    escape_value(&p.display().to_string())
+}
+
+/// `-qmp` argument value for a QMP endpoint: QEMU listens there.
+fn qmp_value(ep: &Endpoint) -> String {
+    match ep {
+        Endpoint::Unix(p) => format!("unix:{},server=on,wait=off", path_value(p)),
+        Endpoint::Tcp(addr) => format!("tcp:{addr},server=on,wait=off"),
+    }
+}
+
+/// Builds an argument list pair by pair.
+struct Args(Vec<String>);
+
+impl Args {
+    fn opt(&mut self, flag: &str, value: impl Into<String>) -> &mut Self {
+        self.0.push(flag.to_string());
+        self.0.push(value.into());
+        self
+    }
+
+    fn chardev_server(&mut self, id: &str, host: &str, port: u16) -> &mut Self {
+        self.opt(
+            "-chardev",
+            format!("socket,id={id},host={host},port={port},server=on,wait=off,nodelay=on"),
+        )
+    }
+
+    fn chardev_client(&mut self, id: &str, host: &str, port: u16, reconnect: bool) -> &mut Self {
+        let reconnect = if reconnect {
+            format!(",reconnect-ms={RECONNECT_MS}")
+        } else {
+            String::new()
+        };
+        self.opt(
+            "-chardev",
+            format!("socket,id={id},host={host},port={port}{reconnect},nodelay=on"),
+        )
+    }
+
+    /// QMP, the tap netdev and the NIC: identical on both sides but for the
+    /// tap and the socket.
+    fn common(&mut self, cfg: &PairConfig, vm: &VmConfig, role: Side) -> &mut Self {
+        let netdev = &cfg.network.netdev;
+        self.opt("-qmp", qmp_value(&cfg.host(role).qmp))
+            .opt(
+                "-netdev",
+                format!(
+                    "tap,id={netdev},ifname={},script=no,downscript=no,vhost=off,vnet_hdr=off",
+                    vm.tap_for(role)
+                ),
+            )
+            .opt(
+                "-device",
+                format!("virtio-net-pci,netdev={netdev},mac={},romfile=", vm.mac),
+            )
+    }
+}
+
+/// The primary: mirror, redirectors, colo-compare, the quorum disk; starts
+/// paused (`-S`) and migrates into COLO before the guest runs.
+pub fn primary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
+    use ids::*;
+    let vm = cfg.vm.as_ref().ok_or(QemuArgsError::MissingVm)?;
+    let net = &cfg.network;
+    let netdev = &net.netdev;
+    let host = &cfg.primary.host;
+    let lo = "127.0.0.1";
+    let mut a = Args(Vec::new());
+    a.common(cfg, vm, Side::Primary)
+        .chardev_server(MIRROR_CHARDEV, host, net.mirror_port)
+        .chardev_server(COMPARE_SECONDARY_IN, host, net.compare_port)
+        .chardev_server(COMPARE_PRIMARY_IN_SERVER, lo, net.compare_primary_in_port)
+        .chardev_client(
+            COMPARE_PRIMARY_IN_CLIENT,
+            lo,
+            net.compare_primary_in_port,
+            false,
+        )
+        .chardev_server(COMPARE_OUT_SERVER, lo, net.compare_out_port)
+        .chardev_client(COMPARE_OUT_CLIENT, lo, net.compare_out_port, false)
+        .opt(
+            "-object",
+            format!(
+                "filter-mirror,id={MIRROR_FILTER},netdev={netdev},queue=tx,outdev={MIRROR_CHARDEV}"
+            ),
+        )
+        .opt(
+            "-object",
+            format!(
+                "filter-redirector,id={COMPARE_OUT_REDIRECTOR},netdev={netdev},queue=rx,\
+                 indev={COMPARE_OUT_SERVER}"
+            ),
+        )
+        .opt(
+            "-object",
+            format!(
+                "filter-redirector,id={COMPARE_IN_REDIRECTOR},netdev={netdev},queue=rx,\
+                 outdev={COMPARE_PRIMARY_IN_SERVER}"
+            ),
+        )
+        .opt("-object", format!("iothread,id={COMPARE_IOTHREAD}"))
+        .opt(
+            "-object",
+            format!(
+                "colo-compare,id={COMPARE},primary_in={COMPARE_PRIMARY_IN_CLIENT},\
+                 secondary_in={COMPARE_SECONDARY_IN},outdev={COMPARE_OUT_CLIENT},\
+                 iothread={COMPARE_IOTHREAD}"
+            ),
+        )
+        .opt(
+            "-drive",
+            format!(
+                "if=none,id={},driver=quorum,read-pattern=fifo,vote-threshold=1,\
+                 children.0.file.filename={},children.0.driver={}",
+                cfg.disk.device,
+                path_value(&vm.primary_image),
+                vm.image_format.driver()
+            ),
+        )
+        .opt(
+            "-device",
+            format!("virtio-blk-pci,drive={}", cfg.disk.device),
+        );
+    a.0.push("-S".to_string());
+    Ok(a.0)
+}
+
+/// The secondary: redirectors, rewriter, the replication overlays above the
+/// exported image; waits for `migrate-incoming` (`-incoming defer`).
+pub fn secondary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
+    use ids::*;
+    let vm = cfg.vm.as_ref().ok_or(QemuArgsError::MissingVm)?;
+    let net = &cfg.network;
+    let netdev = &net.netdev;
+    let primary = &cfg.primary.host;
+    let disk = &cfg.disk;
+    let mut a = Args(Vec::new());
+    a.common(cfg, vm, Side::Secondary)
+        .chardev_client(SECONDARY_MIRROR_IN, primary, net.mirror_port, true)
+        .chardev_client(SECONDARY_OUT, primary, net.compare_port, true)
+        .opt(
+            "-object",
+            format!(
+                "filter-redirector,id={SECONDARY_IN_REDIRECTOR},netdev={netdev},queue=tx,\
+                 indev={SECONDARY_MIRROR_IN}"
+            ),
+        )
+        .opt(
+            "-object",
+            format!(
+                "filter-redirector,id={SECONDARY_OUT_REDIRECTOR},netdev={netdev},queue=rx,\
+                 outdev={SECONDARY_OUT}"
+            ),
+        )
+        .opt(
+            "-object",
+            format!("filter-rewriter,id={REWRITER},netdev={netdev},queue=all"),
+        )
+        .opt(
+            "-drive",
+            format!(
+                "if=none,id={},driver={},file.filename={}",
+                disk.export,
+                vm.image_format.driver(),
+                path_value(&vm.secondary_image)
+            ),
+        )
+        .opt(
+            "-drive",
+            format!(
+                "if=none,id={SECONDARY_REPLICATION_DRIVE},driver=replication,mode=secondary,\
+                 file.driver=qcow2,top-id={},file.file.filename={},file.backing.driver=qcow2,\
+                 file.backing.file.filename={},file.backing.backing={}",
+                disk.device,
+                path_value(&vm.secondary_active),
+                path_value(&vm.secondary_hidden),
+                disk.export
+            ),
+        )
+        .opt(
+            "-drive",
+            format!(
+                "if=none,id={},driver=quorum,read-pattern=fifo,vote-threshold=1,\
+                 children.0={SECONDARY_REPLICATION_DRIVE}",
+                disk.device
+            ),
+        )
+        .opt("-device", format!("virtio-blk-pci,drive={}", disk.device))
+        .opt("-incoming", "defer");
+    Ok(a.0)
+}
+
+/// Quotes one argument for a POSIX shell (only when needed).
+pub fn shell_quote(arg: &str) -> String {
+    let safe = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c));
+    if safe {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+/// The arguments as one shell line, each quoted when needed.
+pub fn shell_line(args: &[String]) -> String {
+    args.iter()
+        .map(|a| shell_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> PairConfig {
+        let text = format!(
+            r#"
+            name = "vm1"
+            [primary]
+            qmp = "unix:/run/colo/vm1/primary.qmp"
+            host = "192.168.77.1"
+            [secondary]
+            qmp = "tcp:192.168.77.2:4444"
+            host = "192.168.77.2"
+            [migration]
+            secondary_incoming = "tcp:192.168.77.2:9998"
+            [vm]
+            tap = "tap-p"
+            secondary_tap = "tap-s"
+            mac = "52:54:00:12:34:56"
+            memory_mib = 128
+            primary_image = "/img/primary.raw"
+            secondary_image = "/img/secondary.raw"
+            secondary_active = "/img/active.qcow2"
+            secondary_hidden = "/img/hidden,weird.qcow2"
+            {extra}
+            "#
+        );
+        PairConfig::from_toml(&text, "test").unwrap()
+    }
+
+    /// `(flag, value)` pairs; lone flags get an empty value.
+    fn pairs(args: &[String]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut it = args.iter().peekable();
+        while let Some(flag) = it.next() {
+            assert!(flag.starts_with('-'), "value without flag: {flag}");
+            let value = match it.peek() {
+                Some(v) if !v.starts_with('-') => it.next().cloned().unwrap_or_default(),
+                _ => String::new(),
+            };
+            out.push((flag.clone(), value));
+        }
+        out
+    }
+
+    fn values<'a>(pairs: &'a [(String, String)], flag: &str) -> Vec<&'a str> {
+        pairs
+            .iter()
+            .filter(|(f, _)| f == flag)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    fn id_of(spec: &str) -> &str {
+        spec.split(',')
+            .find_map(|kv| kv.strip_prefix("id="))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn every_chardev_socket_has_nodelay() {
+        let cfg = config("");
+        for role in [Side::Primary, Side::Secondary] {
+            let p = pairs(&colo_args(&cfg, role).unwrap());
+            let chardevs = values(&p, "-chardev");
+            assert!(!chardevs.is_empty());
+            for spec in chardevs {
+                assert!(spec.starts_with("socket,"), "{spec}");
+                assert!(
+                    spec.split(',').any(|kv| kv == "nodelay=on"),
+                    "{role}: {spec}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ids_match_what_the_failover_sequences_delete() {
+        let cfg = config("");
+        let p = pairs(&primary_args(&cfg).unwrap());
+        let objects: Vec<&str> = values(&p, "-object").into_iter().map(id_of).collect();
+        for id in ["comp0", "iothread1", "m0", "redire0", "redire1"] {
+            assert!(
+                objects.contains(&id),
+                "primary lacks object {id}: {objects:?}"
+            );
+        }
+        let chardevs: Vec<&str> = values(&p, "-chardev").into_iter().map(id_of).collect();
+        assert_eq!(
+            chardevs,
+            [
+                "mirror0",
+                "compare1",
+                "compare0",
+                "compare0-0",
+                "compare_out",
+                "compare_out0"
+            ]
+        );
+        let drives = values(&p, "-drive");
+        assert_eq!(drives.len(), 1);
+        assert_eq!(id_of(drives[0]), cfg.disk.device);
+
+        let s = pairs(&secondary_args(&cfg).unwrap());
+        let objects: Vec<&str> = values(&s, "-object").into_iter().map(id_of).collect();
+        assert_eq!(objects, ["f1", "f2", "rew0"]);
+        let chardevs: Vec<&str> = values(&s, "-chardev").into_iter().map(id_of).collect();
+        assert_eq!(chardevs, ["red0", "red1"]);
+        let drives: Vec<&str> = values(&s, "-drive").into_iter().map(id_of).collect();
+        assert_eq!(drives, ["parent0", "childs0", "colo-disk0"]);
+    }
+
+    #[test]
+    fn the_documented_topology_is_kept() {
+        let cfg = config("");
+        let p = primary_args(&cfg).unwrap().join(" ");
+        let s = secondary_args(&cfg).unwrap().join(" ");
+        assert!(p.contains(
+            "colo-compare,id=comp0,primary_in=compare0-0,secondary_in=compare1,\
+             outdev=compare_out0,iothread=iothread1"
+        ));
+        assert!(p.contains("filter-mirror,id=m0,netdev=hn0,queue=tx,outdev=mirror0"));
+        assert!(p.contains("filter-redirector,id=redire0,netdev=hn0,queue=rx,indev=compare_out"));
+        assert!(p.contains("filter-redirector,id=redire1,netdev=hn0,queue=rx,outdev=compare0"));
+        assert!(p.contains(
+            "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,\
+             children.0.file.filename=/img/primary.raw,children.0.driver=raw"
+        ));
+        assert!(s.contains("filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0"));
+        assert!(s.contains("filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1"));
+        assert!(s.contains("filter-rewriter,id=rew0,netdev=hn0,queue=all"));
+        assert!(s.contains("top-id=colo-disk0"));
+        assert!(s.contains("file.backing.backing=parent0"));
+        // A comma in a path is doubled, as QEMU's option parser wants.
+        assert!(s.contains("file.backing.file.filename=/img/hidden,,weird.qcow2"));
+        for args in [&p, &s] {
+            assert!(args.contains("vhost=off,vnet_hdr=off"));
+            assert!(args.contains("virtio-net-pci,netdev=hn0,mac=52:54:00:12:34:56,romfile="));
+            assert!(args.contains("-device virtio-blk-pci,drive=colo-disk0"));
+        }
+        assert!(p.contains("ifname=tap-p,") && s.contains("ifname=tap-s,"));
+        // The caller adds machine, memory and guest.
+        for flag in ["-machine", "-m", "-kernel", "-smp", "-name"] {
+            assert!(!primary_args(&cfg).unwrap().iter().any(|a| a == flag));
+            assert!(!secondary_args(&cfg).unwrap().iter().any(|a| a == flag));
+        }
+    }
+
+    #[test]
+    fn start_modes_and_qmp() {
+        let cfg = config("");
+        let p = primary_args(&cfg).unwrap();
+        let s = secondary_args(&cfg).unwrap();
+        assert_eq!(p.last().map(String::as_str), Some("-S"));
+        assert!(!p.iter().any(|a| a == "-incoming"));
+        assert!(s.ends_with(&["-incoming".to_string(), "defer".to_string()]));
+        assert!(!s.iter().any(|a| a == "-S"));
+        assert_eq!(
+            values(&pairs(&p), "-qmp"),
+            ["unix:/run/colo/vm1/primary.qmp,server=on,wait=off"]
+        );
+        assert_eq!(
+            values(&pairs(&s), "-qmp"),
+            ["tcp:192.168.77.2:4444,server=on,wait=off"]
+        );
+    }
+
+    #[test]
+    fn ports_and_ids_come_from_the_config() {
+        let cfg = config(
+            r#"
+            [disk]
+            device = "d0"
+            export = "base0"
+            [network]
+            netdev = "net7"
+            mirror_port = 7003
+            compare_port = 7004
+            compare_primary_in_port = 7001
+            compare_out_port = 7005
+            "#,
+        );
+        let p = primary_args(&cfg).unwrap().join(" ");
+        let s = secondary_args(&cfg).unwrap().join(" ");
+        assert!(p.contains(
+            "socket,id=mirror0,host=192.168.77.1,port=7003,server=on,wait=off,nodelay=on"
+        ));
+        assert!(p.contains(
+            "socket,id=compare1,host=192.168.77.1,port=7004,server=on,wait=off,nodelay=on"
+        ));
+        assert!(
+            p.contains("socket,id=compare0,host=127.0.0.1,port=7001,server=on,wait=off,nodelay=on")
+        );
+        assert!(p.contains("socket,id=compare0-0,host=127.0.0.1,port=7001,nodelay=on"));
+        assert!(p.contains(
+            "socket,id=compare_out,host=127.0.0.1,port=7005,server=on,wait=off,nodelay=on"
+        ));
+        assert!(p.contains("socket,id=compare_out0,host=127.0.0.1,port=7005,nodelay=on"));
+        assert!(
+            s.contains("socket,id=red0,host=192.168.77.1,port=7003,reconnect-ms=1000,nodelay=on")
+        );
+        assert!(
+            s.contains("socket,id=red1,host=192.168.77.1,port=7004,reconnect-ms=1000,nodelay=on")
+        );
+        assert!(p.contains("netdev=net7") && s.contains("tap,id=net7,"));
+        assert!(p.contains("id=d0,driver=quorum") && s.contains("id=d0,driver=quorum"));
+        assert!(s.contains("id=base0,driver=raw") && s.contains("top-id=d0"));
+        assert!(s.contains("file.backing.backing=base0"));
+    }
+
+    #[test]
+    fn qcow2_images_use_the_qcow2_driver() {
+        let cfg = config("").clone();
+        let mut cfg = cfg;
+        if let Some(vm) = cfg.vm.as_mut() {
+            vm.image_format = crate::config::ImageFormat::Qcow2;
+        }
+        assert!(
+            primary_args(&cfg)
+                .unwrap()
+                .join(" ")
+                .contains("children.0.driver=qcow2")
+        );
+        assert!(
+            secondary_args(&cfg)
+                .unwrap()
+                .join(" ")
+                .contains("id=parent0,driver=qcow2,")
+        );
+    }
+
+    #[test]
+    fn without_a_vm_section_there_is_a_clear_error() {
+        let mut cfg = config("");
+        cfg.vm = None;
+        let err = colo_args(&cfg, Side::Primary).unwrap_err();
+        assert!(err.to_string().contains("[vm]"));
+    }
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("-S"), "-S");
+        assert_eq!(
+            shell_quote("virtio-net-pci,netdev=hn0,romfile="),
+            "virtio-net-pci,netdev=hn0,romfile="
+        );
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(
+            shell_line(&["-incoming".into(), "defer".into()]),
+            "-incoming defer"
+        );
+    }
+}

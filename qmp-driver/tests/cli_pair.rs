@@ -1,0 +1,814 @@
+//! The pair commands of the `qmp-driver` binary against fake QEMUs: a small
+//! Unix-socket QMP server per side that answers from a scripted state
+//! machine and logs every command, so the tests pin the exact QMP sequence
+//! the CLI sends (and that nothing is sent when a precondition fails).
+
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::process::Command;
+
+/// What a fake answers to one command.
+enum Answer {
+    Return(Value),
+    Error(String),
+    /// Return, then send these events `(name, seconds, microseconds)`.
+    ReturnThenEvents(Value, Vec<(&'static str, i64, i64)>),
+}
+
+type Script = Box<dyn FnMut(&str, &Value) -> Answer + Send>;
+
+/// `(side, command, arguments)`; out-of-band commands are `exec-oob:NAME`.
+type Log = Arc<Mutex<Vec<(String, String, Value)>>>;
+
+/// Serves QMP on `path` (any number of connections, one at a time) from
+/// `script`, logging every command with `side`.
+fn fake_qemu(path: &Path, side: &'static str, log: Log, mut script: Script) {
+    let listener = UnixListener::bind(path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (rd, mut wr) = stream.into_split();
+            let mut lines = BufReader::new(rd).lines();
+            let greeting = json!({"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": ["oob"]}});
+            if wr
+                .write_all(format!("{greeting}\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            while let Ok(Some(line)) = lines.next_line().await {
+                let cmd: Value = serde_json::from_str(&line).unwrap();
+                let (name, oob) = match (cmd["execute"].as_str(), cmd["exec-oob"].as_str()) {
+                    (Some(n), _) => (n.to_string(), false),
+                    (None, Some(n)) => (n.to_string(), true),
+                    _ => panic!("not a command: {line}"),
+                };
+                let args = cmd.get("arguments").cloned().unwrap_or(Value::Null);
+                let answer = if name == "qmp_capabilities" {
+                    Answer::Return(json!({}))
+                } else {
+                    let logged = if oob {
+                        format!("exec-oob:{name}")
+                    } else {
+                        name.clone()
+                    };
+                    log.lock()
+                        .unwrap()
+                        .push((side.to_string(), logged, args.clone()));
+                    script(&name, &args)
+                };
+                let id = cmd["id"].clone();
+                let (reply, events) = match answer {
+                    Answer::Return(v) => (json!({"return": v, "id": id}), vec![]),
+                    Answer::Error(desc) => (
+                        json!({"error": {"class": "GenericError", "desc": desc}, "id": id}),
+                        vec![],
+                    ),
+                    Answer::ReturnThenEvents(v, ev) => (json!({"return": v, "id": id}), ev),
+                };
+                let mut out = format!("{reply}\r\n");
+                for (ev, s, us) in events {
+                    let e = json!({"event": ev, "timestamp": {"seconds": s, "microseconds": us}});
+                    out.push_str(&format!("{e}\r\n"));
+                }
+                if wr.write_all(out.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+}
+
+struct Bed {
+    dir: tempfile::TempDir,
+    log: Log,
+}
+
+impl Bed {
+    fn new() -> Bed {
+        Bed {
+            dir: tempfile::tempdir().unwrap(),
+            log: Arc::default(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes the pair config; `extra` is appended.
+    fn config(&self, extra: &str) -> PathBuf {
+        let d = self.dir.path().display();
+        let text = format!(
+            r#"
+            name = "t1"
+            [primary]
+            qmp = "unix:{d}/p.qmp"
+            host = "127.0.0.1"
+            [secondary]
+            qmp = "unix:{d}/s.qmp"
+            host = "127.0.0.1"
+            [migration]
+            secondary_incoming = "unix:{d}/incoming.sock"
+            {extra}
+            "#
+        );
+        let path = self.path("pair.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn primary(&self, script: Script) {
+        fake_qemu(&self.path("p.qmp"), "primary", self.log.clone(), script);
+    }
+
+    fn secondary(&self, script: Script) {
+        fake_qemu(&self.path("s.qmp"), "secondary", self.log.clone(), script);
+    }
+
+    fn sent(&self) -> Vec<(String, String, Value)> {
+        self.log.lock().unwrap().clone()
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        let out = Command::new(env!("CARGO_BIN_EXE_qmp-driver"))
+            .arg("--config")
+            .arg(self.path("pair.toml"))
+            .args(args)
+            .env_remove("COLO_CONFIG")
+            .kill_on_drop(true)
+            .output();
+        tokio::time::timeout(Duration::from_secs(30), out)
+            .await
+            .expect("qmp-driver hung")
+            .expect("run qmp-driver")
+    }
+}
+
+fn expect(side: &str, cmd: &str, args: Value) -> (String, String, Value) {
+    (side.to_string(), cmd.to_string(), args)
+}
+
+fn stdout_json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {out:?}"))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn colo_status(mode: &str, last: &str, reason: &str) -> Answer {
+    Answer::Return(json!({"mode": mode, "last-mode": last, "reason": reason}))
+}
+
+fn running() -> Answer {
+    Answer::Return(json!({"running": true, "status": "running"}))
+}
+
+/// A secondary whose primary died: in COLO until x-colo-lost-heartbeat.
+fn secondary_in_colo() -> Script {
+    let mut failed_over = false;
+    Box::new(move |cmd, _| match cmd {
+        "query-colo-status" if failed_over => colo_status("none", "secondary", "request"),
+        "query-colo-status" => colo_status("secondary", "none", "none"),
+        "x-colo-lost-heartbeat" => {
+            failed_over = true;
+            Answer::Return(json!({}))
+        }
+        "query-status" => running(),
+        _ => Answer::Return(json!({})),
+    })
+}
+
+#[tokio::test]
+async fn failover_to_secondary_sends_the_documented_sequence_and_runs_the_hook() {
+    let bed = Bed::new();
+    let hook_out = bed.path("hook.out");
+    bed.config(&format!(
+        "[relay]\nlisten = \"tcp:127.0.0.1:1\"\ncontrol = \"{}\"\n\
+         [failover]\nsecondary_takeover_hook = \"echo $COLO_PAIR $COLO_SURVIVOR > {}\"",
+        bed.path("no-relay.sock").display(),
+        hook_out.display()
+    ));
+    // The relay line makes primary_target required; give it.
+    let cfg = std::fs::read_to_string(bed.path("pair.toml"))
+        .unwrap()
+        .replace("[relay]", "primary_target = \"tcp:127.0.0.1:1\"\n[relay]");
+    std::fs::write(bed.path("pair.toml"), cfg).unwrap();
+    bed.secondary(secondary_in_colo());
+
+    let out = bed
+        .run(&["failover", "--survivor", "secondary", "--json"])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        bed.sent(),
+        vec![
+            expect("secondary", "query-colo-status", Value::Null),
+            expect(
+                "secondary",
+                "exec-oob:yank",
+                json!({"instances": [{"type": "migration"}]})
+            ),
+            expect("secondary", "nbd-server-stop", Value::Null),
+            expect("secondary", "x-colo-lost-heartbeat", Value::Null),
+            expect("secondary", "object-del", json!({"id": "f2"})),
+            expect("secondary", "object-del", json!({"id": "f1"})),
+            expect("secondary", "chardev-remove", json!({"id": "red1"})),
+            expect("secondary", "chardev-remove", json!({"id": "red0"})),
+            expect(
+                "secondary",
+                "announce-self",
+                json!({"initial": 50, "max": 550, "rounds": 5, "step": 100})
+            ),
+            expect("secondary", "query-status", Value::Null),
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(&hook_out).unwrap(),
+        "t1 secondary\n"
+    );
+    let report = stdout_json(&out);
+    assert_eq!(report["survivor"], "secondary");
+    assert_eq!(report["already_done"], false);
+    assert_eq!(report["runstate"], "running");
+    let steps = report["steps"].as_array().unwrap();
+    let what: Vec<&str> = steps.iter().map(|s| s["what"].as_str().unwrap()).collect();
+    let hook = what.iter().position(|w| w.starts_with("hook")).unwrap();
+    let announce = what.iter().position(|w| *w == "announce-self").unwrap();
+    assert!(
+        hook < announce,
+        "the tap must be bridged before announcing: {what:?}"
+    );
+    // The relay is configured but not running: best effort, noted, not fatal.
+    let relay = steps.last().unwrap();
+    assert!(
+        relay["what"].as_str().unwrap().starts_with("notify relay"),
+        "{relay}"
+    );
+    assert_eq!(relay["outcome"], "failed");
+    assert!(steps.iter().all(|s| s["ms"].as_f64().is_some()));
+}
+
+#[tokio::test]
+async fn failover_to_primary_sends_the_documented_sequence_and_notifies_the_relay() {
+    let bed = Bed::new();
+    let control = bed.path("relay.sock");
+    bed.config(&format!(
+        "primary_target = \"tcp:127.0.0.1:1\"\n[relay]\nlisten = \"tcp:127.0.0.1:1\"\ncontrol = \"{}\"",
+        control.display()
+    ));
+    let hub = colo_control::hub::ControlHub::new(UnixListener::bind(&control).unwrap());
+    let mut subscriber = colo_control::client::Subscriber::connect(&control, "test", false)
+        .await
+        .unwrap();
+    let mut failed_over = false;
+    bed.primary(Box::new(move |cmd, _| match cmd {
+        "query-colo-status" if failed_over => colo_status("none", "primary", "request"),
+        "query-colo-status" => colo_status("primary", "none", "none"),
+        "x-colo-lost-heartbeat" => {
+            failed_over = true;
+            Answer::Return(json!({}))
+        }
+        "human-monitor-command" => Answer::Return(json!("")),
+        "query-status" => running(),
+        _ => Answer::Return(json!({})),
+    }));
+
+    let out = bed.run(&["failover", "--survivor", "primary"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let mut want = vec![
+        expect("primary", "query-colo-status", Value::Null),
+        expect(
+            "primary",
+            "exec-oob:yank",
+            json!({"instances": [{"type": "migration"}]}),
+        ),
+        expect(
+            "primary",
+            "x-blockdev-change",
+            json!({"parent": "colo-disk0", "child": "children.1"}),
+        ),
+        expect(
+            "primary",
+            "human-monitor-command",
+            json!({"command-line": "drive_del replication0"}),
+        ),
+    ];
+    for id in ["comp0", "iothread1", "m0", "redire0", "redire1"] {
+        want.push(expect("primary", "object-del", json!({"id": id})));
+    }
+    want.push(expect("primary", "x-colo-lost-heartbeat", Value::Null));
+    want.push(expect("primary", "query-status", Value::Null));
+    assert_eq!(bed.sent(), want);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("failover to the primary done"), "{text}");
+    // Progress (each step) went to stderr.
+    assert!(
+        stderr(&out).contains("primary: object-del comp0"),
+        "{}",
+        stderr(&out)
+    );
+    let ev = subscriber
+        .next_event_timeout(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.event, colo_control::EventKind::Failover);
+    assert_eq!(ev.survivor, Some(colo_control::protocol::Survivor::Primary));
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn failover_already_done_succeeds_and_only_tidies_up() {
+    let bed = Bed::new();
+    bed.config("");
+    bed.secondary(Box::new(|cmd, args| match cmd {
+        "query-colo-status" => colo_status("none", "secondary", "request"),
+        "nbd-server-stop" => Answer::Error("NBD server not running".into()),
+        "object-del" => Answer::Error(format!(
+            "object '{}' not found",
+            args["id"].as_str().unwrap()
+        )),
+        "chardev-remove" => Answer::Error(format!(
+            "Chardev '{}' not found",
+            args["id"].as_str().unwrap()
+        )),
+        "query-status" => running(),
+        other => panic!("unexpected {other} on an already failed-over secondary"),
+    }));
+    let out = bed
+        .run(&["failover", "--survivor", "secondary", "--json"])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report = stdout_json(&out);
+    assert_eq!(report["already_done"], true);
+    let cmds: Vec<String> = bed.sent().into_iter().map(|(_, c, _)| c).collect();
+    assert!(
+        !cmds
+            .iter()
+            .any(|c| c.contains("yank") || c == "x-colo-lost-heartbeat" || c == "announce-self"),
+        "{cmds:?}"
+    );
+}
+
+#[tokio::test]
+async fn failover_refuses_a_side_that_is_not_in_colo_and_changes_nothing() {
+    let bed = Bed::new();
+    bed.config("");
+    bed.secondary(Box::new(|cmd, _| match cmd {
+        "query-colo-status" => colo_status("none", "none", "none"),
+        other => panic!("sent {other} although the precondition failed"),
+    }));
+    let out = bed
+        .run(&["failover", "--survivor", "secondary", "--json"])
+        .await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not in COLO"), "{}", stderr(&out));
+    assert_eq!(stdout_json(&out)["exit_code"], 3);
+    assert_eq!(
+        bed.sent(),
+        vec![expect("secondary", "query-colo-status", Value::Null)]
+    );
+}
+
+#[tokio::test]
+async fn failover_with_qemu_refusing_a_step_exits_one() {
+    let bed = Bed::new();
+    bed.config("");
+    bed.secondary(Box::new(|cmd, _| match cmd {
+        "query-colo-status" => colo_status("secondary", "none", "none"),
+        "x-colo-lost-heartbeat" => Answer::Error("something unexpected".into()),
+        _ => Answer::Return(json!({})),
+    }));
+    let out = bed.run(&["failover", "--survivor", "secondary"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("x-colo-lost-heartbeat"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn start_prepares_both_sides_in_order_and_waits_for_colo() {
+    let bed = Bed::new();
+    bed.config("checkpoint_delay_ms = 1500");
+    let migrated = Arc::new(AtomicBool::new(false));
+    let listening = Arc::new(AtomicBool::new(false));
+
+    let m = migrated.clone();
+    let mut polls = 0;
+    bed.primary(Box::new(move |cmd, _| {
+        let in_colo = m.load(Ordering::SeqCst);
+        match cmd {
+            "query-colo-status" if in_colo => colo_status("primary", "none", "none"),
+            "query-colo-status" => colo_status("none", "none", "none"),
+            "query-migrate" if !in_colo => Answer::Return(json!({})),
+            "query-migrate" => {
+                polls += 1;
+                if polls == 1 {
+                    Answer::Return(json!({"status": "active", "ram": {"total": 200, "remaining": 126}}))
+                } else {
+                    Answer::Return(json!({"status": "colo"}))
+                }
+            }
+            "query-status" if in_colo => running(),
+            "query-status" => Answer::Return(json!({"running": false, "status": "prelaunch"})),
+            "query-chardev" => Answer::Return(json!([
+                {"label": "mirror0", "filename": "tcp:127.0.0.1:9003,server=on<->127.0.0.1:40000", "frontend-open": true},
+                {"label": "compare1", "filename": "tcp:127.0.0.1:9004,server=on<->127.0.0.1:40001", "frontend-open": true},
+                {"label": "compare0", "filename": "tcp:127.0.0.1:9001,server=on<->127.0.0.1:40002", "frontend-open": true}
+            ])),
+            "query-named-block-nodes" => Answer::Return(json!([{"node-name": "#block123"}])),
+            "human-monitor-command" => Answer::Return(json!("")),
+            "query-migrate-capabilities" => Answer::Return(json!([
+                {"capability": "x-colo", "state": false},
+                {"capability": "return-path", "state": false}
+            ])),
+            "migrate" => {
+                m.store(true, Ordering::SeqCst);
+                Answer::Return(json!({}))
+            }
+            _ => Answer::Return(json!({})),
+        }
+    }));
+    let (m, l) = (migrated.clone(), listening.clone());
+    bed.secondary(Box::new(move |cmd, _| {
+        let in_colo = m.load(Ordering::SeqCst);
+        match cmd {
+            "query-colo-status" if in_colo => colo_status("secondary", "none", "none"),
+            "query-colo-status" => colo_status("none", "none", "none"),
+            "query-status" if in_colo => running(),
+            "query-status" => Answer::Return(json!({"running": false, "status": "inmigrate"})),
+            "query-migrate" if l.load(Ordering::SeqCst) => {
+                Answer::Return(json!({"status": "setup"}))
+            }
+            "query-migrate" => Answer::Return(json!({})),
+            "query-migrate-capabilities" => {
+                Answer::Return(json!([{"capability": "x-colo", "state": false}]))
+            }
+            "migrate-incoming" => {
+                l.store(true, Ordering::SeqCst);
+                Answer::Return(json!({}))
+            }
+            _ => Answer::Return(json!({})),
+        }
+    }));
+
+    let started = Instant::now();
+    let out = bed.run(&["start", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let incoming = format!("unix:{}", bed.path("incoming.sock").display());
+    assert_eq!(
+        bed.sent(),
+        vec![
+            // Preconditions, read-only.
+            expect("primary", "query-colo-status", Value::Null),
+            expect("primary", "query-migrate", Value::Null),
+            expect("primary", "query-status", Value::Null),
+            expect("secondary", "query-colo-status", Value::Null),
+            expect("secondary", "query-status", Value::Null),
+            expect("secondary", "query-migrate", Value::Null),
+            expect("secondary", "query-migrate-capabilities", Value::Null),
+            expect("primary", "query-chardev", Value::Null),
+            // The secondary.
+            expect(
+                "secondary",
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "x-colo", "state": true}]})
+            ),
+            expect(
+                "secondary",
+                "nbd-server-start",
+                json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "9999"}}})
+            ),
+            expect(
+                "secondary",
+                "nbd-server-add",
+                json!({"device": "parent0", "writable": true})
+            ),
+            expect("secondary", "migrate-incoming", json!({"uri": incoming})),
+            // The primary.
+            expect("primary", "query-named-block-nodes", json!({"flat": true})),
+            expect(
+                "primary",
+                "human-monitor-command",
+                json!({"command-line": "drive_add -n buddy driver=replication,mode=primary,\
+                    file.driver=nbd,file.host=127.0.0.1,file.port=9999,file.export=parent0,\
+                    node-name=replication0"})
+            ),
+            expect(
+                "primary",
+                "x-blockdev-change",
+                json!({"parent": "colo-disk0", "node": "replication0"})
+            ),
+            expect("primary", "query-migrate-capabilities", Value::Null),
+            expect(
+                "primary",
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "x-colo", "state": true}]})
+            ),
+            expect(
+                "primary",
+                "migrate-set-parameters",
+                json!({"x-checkpoint-delay": 1500})
+            ),
+            expect("primary", "migrate", json!({"uri": incoming})),
+            // Waiting for COLO.
+            expect("primary", "query-migrate", Value::Null),
+            expect("primary", "query-migrate", Value::Null),
+            expect("primary", "query-status", Value::Null),
+            expect("secondary", "query-status", Value::Null),
+            expect("primary", "query-colo-status", Value::Null),
+            expect("secondary", "query-colo-status", Value::Null),
+        ]
+    );
+    let err = stderr(&out);
+    for line in [
+        "secondary prepared",
+        "replication child added",
+        "migrating… 37%",
+        "entered COLO in",
+    ] {
+        assert!(err.contains(line), "progress lacks {line:?}: {err}");
+    }
+    let report = stdout_json(&out);
+    assert_eq!(report["already_in_colo"], false);
+    assert_eq!(report["checkpoint_delay_ms"], 1500);
+    assert!(report["entered_colo_ms"].as_f64().is_some());
+}
+
+#[tokio::test]
+async fn start_refuses_a_secondary_that_is_not_waiting_for_a_migration() {
+    let bed = Bed::new();
+    bed.config("");
+    bed.primary(Box::new(|cmd, _| match cmd {
+        "query-colo-status" => colo_status("none", "none", "none"),
+        "query-migrate" => Answer::Return(json!({})),
+        "query-status" => Answer::Return(json!({"running": false, "status": "prelaunch"})),
+        other => panic!("sent {other} to the primary although the secondary is wrong"),
+    }));
+    bed.secondary(Box::new(|cmd, _| match cmd {
+        "query-colo-status" => colo_status("none", "none", "none"),
+        "query-status" => running(),
+        other => panic!("sent {other} to the secondary although it is wrong"),
+    }));
+    let out = bed.run(&["start"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("inmigrate"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn checkpoint_resets_the_current_delay_notes_the_reason_and_reports_the_pause() {
+    let bed = Bed::new();
+    let control = bed.path("relay.sock");
+    bed.config(&format!(
+        "primary_target = \"tcp:127.0.0.1:1\"\n[relay]\nlisten = \"tcp:127.0.0.1:1\"\ncontrol = \"{}\"",
+        control.display()
+    ));
+    let hub = colo_control::hub::ControlHub::new(UnixListener::bind(&control).unwrap());
+    bed.primary(Box::new(|cmd, _| match cmd {
+        "query-migrate" => Answer::Return(json!({"status": "colo"})),
+        // The delay the operator set by hand, not the config's default 2000.
+        "query-migrate-parameters" => {
+            Answer::Return(json!({"x-checkpoint-delay": 1500, "max-bandwidth": 1}))
+        }
+        // A RESUME of an earlier checkpoint first: it must be skipped.
+        "migrate-set-parameters" => Answer::ReturnThenEvents(
+            json!({}),
+            vec![
+                ("RESUME", 99, 0),
+                ("STOP", 100, 100),
+                ("RESUME", 100, 12_600),
+            ],
+        ),
+        other => panic!("unexpected {other}"),
+    }));
+    let out = bed.run(&["checkpoint", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        bed.sent(),
+        vec![
+            expect("primary", "query-migrate", Value::Null),
+            expect("primary", "query-migrate-parameters", Value::Null),
+            expect(
+                "primary",
+                "migrate-set-parameters",
+                json!({"x-checkpoint-delay": 1500})
+            ),
+        ]
+    );
+    let report = stdout_json(&out);
+    assert_eq!(report["pause_ms"], 12.5);
+    assert_eq!(report["checkpoint_delay_ms"], 1500);
+    assert_eq!(report["relay"]["epoch"], 0);
+    let status = hub.status();
+    assert_eq!(status.last_request_reason.as_deref(), Some("operator"));
+    assert_eq!(status.requests_by_reason.get("operator"), Some(&1));
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn checkpoint_outside_colo_is_refused() {
+    let bed = Bed::new();
+    bed.config("");
+    bed.primary(Box::new(|cmd, _| match cmd {
+        "query-migrate" => Answer::Return(json!({"status": "completed"})),
+        other => panic!("unexpected {other}"),
+    }));
+    let out = bed.run(&["checkpoint"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn status_json_reports_both_sides_and_an_unreachable_relay() {
+    let bed = Bed::new();
+    bed.config(&format!(
+        "primary_target = \"tcp:127.0.0.1:1\"\n[relay]\nlisten = \"tcp:127.0.0.1:1\"\ncontrol = \"{}\"",
+        bed.path("gone.sock").display()
+    ));
+    bed.primary(Box::new(|cmd, _| match cmd {
+        "query-status" => running(),
+        "query-colo-status" => colo_status("primary", "none", "none"),
+        "query-migrate" => Answer::Return(json!({"status": "colo"})),
+        "query-migrate-parameters" => Answer::Return(json!({"x-checkpoint-delay": 2000})),
+        other => panic!("unexpected {other}"),
+    }));
+    bed.secondary(Box::new(|cmd, _| match cmd {
+        "query-status" => Answer::Return(json!({"running": false, "status": "colo"})),
+        "query-colo-status" => colo_status("secondary", "none", "none"),
+        "query-migrate" => Answer::Return(json!({"status": "colo"})),
+        other => panic!("unexpected {other}"),
+    }));
+    let out = bed.run(&["status", "--json"]).await;
+    // Everything but the relay answered: exit 4, full report anyway.
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let st = stdout_json(&out);
+    assert_eq!(st["name"], "t1");
+    assert_eq!(st["primary"]["colo_mode"], "primary");
+    assert_eq!(st["primary"]["runstate"], "running");
+    assert_eq!(st["primary"]["migration_status"], "colo");
+    assert_eq!(st["primary"]["checkpoint_delay_ms"], 2000);
+    assert_eq!(st["primary"]["qemu_version"], "10.0.2");
+    assert_eq!(st["secondary"]["colo_mode"], "secondary");
+    assert_eq!(st["secondary"]["runstate"], "colo");
+    assert_eq!(st["secondary"]["reachable"], true);
+    assert_eq!(st["relay"]["reachable"], false);
+    assert!(st["relay"]["error"].as_str().unwrap().contains("gone.sock"));
+    // Human form: a table with both sides.
+    let out = bed.run(&["status"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("colo mode") && text.contains("secondary") && text.contains("UNREACHABLE"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn stop_runs_the_primary_sequence_without_yank_then_quits_the_secondary() {
+    let bed = Bed::new();
+    bed.config("");
+    let mut done = false;
+    bed.primary(Box::new(move |cmd, _| match cmd {
+        "query-colo-status" if done => colo_status("none", "primary", "request"),
+        "query-colo-status" => colo_status("primary", "none", "none"),
+        "x-colo-lost-heartbeat" => {
+            done = true;
+            Answer::Return(json!({}))
+        }
+        "human-monitor-command" => Answer::Return(json!("")),
+        "query-status" => running(),
+        _ => Answer::Return(json!({})),
+    }));
+    bed.secondary(Box::new(|cmd, _| match cmd {
+        "query-colo-status" => colo_status("secondary", "none", "none"),
+        "query-status" => running(),
+        "quit" => Answer::Return(json!({})),
+        other => panic!("unexpected {other}"),
+    }));
+    let out = bed.run(&["stop", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let sent = bed.sent();
+    assert!(!sent.iter().any(|(_, c, _)| c.contains("yank")), "{sent:?}");
+    let last = sent.last().unwrap();
+    assert_eq!((last.0.as_str(), last.1.as_str()), ("secondary", "quit"));
+    let lost = sent
+        .iter()
+        .position(|(s, c, _)| s == "primary" && c == "x-colo-lost-heartbeat")
+        .unwrap();
+    let comp = sent
+        .iter()
+        .position(|(_, _, a)| a["id"] == "comp0")
+        .unwrap();
+    assert!(comp < lost);
+    assert_eq!(stdout_json(&out)["secondary"], "quit");
+}
+
+#[tokio::test]
+async fn start_waits_for_a_migration_already_under_way_without_touching_anything() {
+    let bed = Bed::new();
+    bed.config("");
+    let mut polls = 0;
+    bed.primary(Box::new(move |cmd, _| match cmd {
+        "query-colo-status" if polls >= 2 => colo_status("primary", "none", "none"),
+        "query-colo-status" => colo_status("none", "none", "none"),
+        "query-migrate" => {
+            polls += 1;
+            if polls <= 2 {
+                Answer::Return(json!({"status": "active"}))
+            } else {
+                Answer::Return(json!({"status": "colo"}))
+            }
+        }
+        "query-status" => running(),
+        other => panic!("unexpected {other} while a migration is under way"),
+    }));
+    bed.secondary(Box::new(|cmd, _| match cmd {
+        "query-status" => running(),
+        "query-colo-status" => colo_status("secondary", "none", "none"),
+        other => panic!("unexpected {other} while a migration is under way"),
+    }));
+    let out = bed.run(&["start", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report = stdout_json(&out);
+    assert_eq!(report["entered_colo_ms"], Value::Null);
+    let cmds: Vec<String> = bed
+        .sent()
+        .into_iter()
+        .map(|(s, c, _)| format!("{s} {c}"))
+        .collect();
+    assert_eq!(
+        cmds,
+        [
+            "primary query-colo-status",
+            "primary query-migrate",
+            "primary query-migrate",
+            "primary query-migrate",
+            "primary query-status",
+            "secondary query-status",
+            "primary query-colo-status",
+            "secondary query-colo-status",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn relay_takes_its_settings_from_the_config_and_stops_on_sigterm() {
+    let bed = Bed::new();
+    let control = bed.path("relay.sock");
+    bed.config(&format!(
+        "primary_target = \"unix:{}\"\n[relay]\nlisten = \"unix:{}\"\ncontrol = \"{}\"\nack_timeout_ms = 750",
+        bed.path("relay-in.sock").display(),
+        bed.path("relay-in.sock").display(),
+        control.display()
+    ));
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_qmp-driver"))
+        .arg("--config")
+        .arg(bed.path("pair.toml"))
+        .arg("relay")
+        .env_remove("COLO_CONFIG")
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Ok(s) = colo_control::client::query_status(&control).await {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the relay did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.state, colo_control::RelayState::Waiting);
+    assert!(bed.path("relay-in.sock").exists());
+    let pid = relay.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let exit = tokio::time::timeout(Duration::from_secs(10), relay.wait())
+        .await
+        .expect("the relay did not stop on SIGTERM")
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    assert!(
+        !control.exists(),
+        "the relay left its control socket behind"
+    );
+
+    // Without a [relay] section and without options: a usage error naming it.
+    bed.config("");
+    let out = bed.run(&["relay"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("[relay]"), "{}", stderr(&out));
+}
