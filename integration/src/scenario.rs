@@ -65,6 +65,11 @@ pub struct Report {
     pub after_failover_ok: usize,
     /// The survivor's disk against its heartbeats.
     pub disk: Option<DiskCheck>,
+    /// SVM output delivered to the primary's comparison (bytes), sampled before any kill:
+    /// the proof that the secondary really ran in lock-step and was compared.
+    pub svm_output_bytes: Option<u64>,
+    /// With `qmp-driver` on the command line: what its `--json` commands printed.
+    pub cli: Vec<(String, serde_json::Value)>,
 }
 
 /// The 1 MiB download that was in flight when a VM died.
@@ -93,7 +98,7 @@ fn to_ms(d: Option<Duration>) -> Option<f64> {
     d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3)
 }
 
-fn guest_server() -> SocketAddr {
+pub fn guest_server() -> SocketAddr {
     SocketAddr::from(([10, 0, 2, 15], 80))
 }
 
@@ -116,6 +121,8 @@ impl Report {
             guest_errors: Vec::new(),
             killed: None,
             failover_steps: Vec::new(),
+            cli: Vec::new(),
+            svm_output_bytes: None,
             kill_to_first_success_ms: None,
             download: None,
             after_failover_ok: 0,
@@ -159,6 +166,9 @@ impl Report {
             opt(self.http_median_ms),
             opt(self.http_p90_ms),
         );
+        if let Some(bytes) = self.svm_output_bytes {
+            out += &format!("  SVM output         {bytes} bytes compared (before any kill)\n");
+        }
         for (vm, first, last) in &self.heartbeats {
             out += &format!("  heartbeat {vm:<10}{first:?} -> {last:?}\n");
         }
@@ -169,12 +179,12 @@ impl Report {
                 opt(self.kill_to_first_success_ms)
             );
             for step in &self.failover_steps {
-                let err = step
-                    .error
+                let detail = step
+                    .detail
                     .as_deref()
-                    .map(|e| format!(" ({e})"))
+                    .map(|e| format!(" ({:?}: {e})", step.outcome))
                     .unwrap_or_default();
-                out += &format!("    {:<40} {:.1} ms{err}\n", step.what, step.ms);
+                out += &format!("    {:<40} {:.1} ms{detail}\n", step.what, step.ms);
             }
             if let Some(d) = &self.download {
                 out += &format!(
@@ -223,7 +233,7 @@ impl Report {
 }
 
 /// GET `/` once; `Ok(latency)` only for the right page.
-async fn probe(client: &HttpClient, read_timeout: Duration) -> Result<Duration> {
+pub async fn probe(client: &HttpClient, read_timeout: Duration) -> Result<Duration> {
     let fetch = Fetch {
         rate: None,
         read_timeout,
@@ -331,11 +341,32 @@ pub async fn soak(
     report.record_http(&latencies);
     report.heartbeats = heartbeat_range(&pair, &before);
     report.guest_errors = guest_errors(&pair);
+    report.svm_output_bytes = Some(pair.secondary_output_bytes()?);
     if !report.http_failures.is_empty() {
         pair.write_diagnostics().await;
     }
     report.save()?;
     Ok(report)
+}
+
+/// Runs `qmp-driver --config <run dir>/pair.toml ARGS` (off the async threads: it blocks)
+/// and returns the JSON it printed; a failing command is an error with its stderr.
+async fn cli_json(pair: &StockPair, args: &[&str]) -> Result<serde_json::Value> {
+    let dir = pair.dir.clone();
+    let owned: Vec<String> = args.iter().map(ToString::to_string).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = owned.iter().map(String::as_str).collect();
+        crate::stock::driver::run_cli_ok(&dir, &args)
+    })
+    .await
+    .context("qmp-driver task")??;
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "qmp-driver {} printed no JSON: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 async fn fetch_text(client: &HttpClient, path: &str) -> Result<String> {
@@ -359,6 +390,10 @@ pub struct FailoverPlan {
     pub kill_after: Duration,
     /// New requests that must succeed after the failover.
     pub requests_after: usize,
+    /// Drive the pair as an operator does: the relay, then `qmp-driver start`, `status`,
+    /// `checkpoint` and `failover` run as commands against the run's `pair.toml`, instead of
+    /// the same sequences called as a library.
+    pub via_cli: bool,
 }
 
 impl Default for FailoverPlan {
@@ -369,16 +404,33 @@ impl Default for FailoverPlan {
             download_rate: 128 * 1024,
             kill_after: Duration::from_millis(2500),
             requests_after: 10,
+            via_cli: false,
         }
     }
 }
 
 /// One VM is SIGKILLed during a throttled download; the other takes over.
 pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<Report> {
-    let name = format!("failover-kill-{}", plan.kill.name());
+    let name = format!(
+        "failover-kill-{}{}",
+        plan.kill.name(),
+        if plan.via_cli { "-cli" } else { "" }
+    );
     let dir = crate::artifacts::run_dir(&name)?;
-    let mut pair = StockPair::start(tag, dir, cfg).await?;
+    let mut cli = Vec::new();
+    let mut pair = if plan.via_cli {
+        let mut pair = StockPair::launch(tag, dir, PairConfig { relay: true, ..cfg }).await?;
+        cli.push((
+            "start".to_string(),
+            cli_json(&pair, &["start", "--json"]).await?,
+        ));
+        pair.wait_guest_in_colo().await?;
+        pair
+    } else {
+        StockPair::start(tag, dir, cfg).await?
+    };
     let mut report = Report::new(&name, &pair);
+    report.cli = cli;
     let survivor = plan.kill.other();
     let client = HttpClient::new(&pair.topology.client, guest_server());
     let period = Duration::from_millis(u64::from(pair.config.checkpoint_delay_ms));
@@ -388,6 +440,16 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
     )
     .await?;
     let before = heartbeats_now(&pair, &[survivor]);
+    if plan.via_cli {
+        for args in [
+            &["status", "--json"][..],
+            &["checkpoint", "--json"],
+            &["status", "--json"],
+        ] {
+            let out = cli_json(&pair, args).await?;
+            report.cli.push((args[0].to_string(), out));
+        }
+    }
 
     let mut latencies = Vec::new();
     for _ in 0..3 {
@@ -411,13 +473,25 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
     };
     tokio::time::sleep(plan.kill_after).await;
 
+    report.svm_output_bytes = Some(pair.secondary_output_bytes()?);
     let killed_at = Instant::now();
     pair.kill(plan.kill)?;
     report.killed = Some(plan.kill);
-    report.failover_steps = match survivor {
-        Role::Secondary => pair.failover_to_secondary().await?,
-        Role::Primary => pair.failover_to_primary().await?,
-    };
+    if plan.via_cli {
+        let out = cli_json(
+            &pair,
+            &["failover", "--survivor", survivor.name(), "--json"],
+        )
+        .await?;
+        report.failover_steps = serde_json::from_value(out["steps"].clone())
+            .context("reading the steps of `qmp-driver failover --json`")?;
+        report.cli.push(("failover".to_string(), out));
+    } else {
+        report.failover_steps = match survivor {
+            Role::Secondary => pair.failover_to_secondary().await?,
+            Role::Primary => pair.failover_to_primary().await?,
+        };
+    }
 
     // The first new request that succeeds after the kill.
     let first_deadline = Instant::now() + Duration::from_secs(30);

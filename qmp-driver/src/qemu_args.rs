@@ -137,7 +137,15 @@ impl Args {
     /// tap and the socket.
     fn common(&mut self, cfg: &PairConfig, vm: &VmConfig, role: Side) -> &mut Self {
         let netdev = &cfg.network.netdev;
-        self.opt("-qmp", qmp_value(&cfg.host(role).qmp))
+        // A virtio device whose guest clears PCI bus mastering is "disabled"; QEMU migrates
+        // that flag only while it is set (subsection `virtio/disabled`). A COLO secondary
+        // loads every checkpoint into a live device, so once a checkpoint carried
+        // `disabled=true` (the firmware clears bus mastering while it enumerates) a later one
+        // without the subsection leaves it set: the SVM's NIC then never sends or receives,
+        // and the pair silently degrades to releasing every packet at the periodic checkpoint.
+        // Machine types before 4.2 run without the flag; so do both COLO VMs.
+        self.opt("-global", "virtio-device.use-disabled-flag=false")
+            .opt("-qmp", qmp_value(&cfg.host(role).qmp))
             .opt(
                 "-netdev",
                 format!(
@@ -381,6 +389,19 @@ mod tests {
                     "{role}: {spec}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn both_roles_run_virtio_without_the_stale_disabled_flag() {
+        let cfg = config("");
+        for role in [Side::Primary, Side::Secondary] {
+            let p = pairs(&colo_args(&cfg, role).unwrap());
+            assert_eq!(
+                values(&p, "-global"),
+                ["virtio-device.use-disabled-flag=false"],
+                "{role}"
+            );
         }
     }
 

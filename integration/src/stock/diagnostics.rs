@@ -71,6 +71,28 @@ impl StockPair {
     }
 }
 
+impl StockPair {
+    /// Bytes of SVM output the secondary's redirector has delivered to the primary's
+    /// colo-compare (TCP `bytes_acked` of that connection, from `ss` in the secondary's
+    /// namespace). Zero while the SVM's NIC is dead, whatever the clients see: the primary then
+    /// releases every packet at the periodic checkpoint instead of on a match.
+    pub fn secondary_output_bytes(&self) -> anyhow::Result<u64> {
+        let filter = format!("( dport = :{} )", self.driver.network.compare_port);
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.topology.secondary, "ss", "-tinH"])
+            .args(["state", "established", &filter])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let acked = text
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("bytes_acked:"))
+            .map(str::parse::<u64>)
+            .transpose()?;
+        // `ss` leaves the field out while nothing was acknowledged.
+        Ok(acked.map_or(0, |n| n.saturating_sub(1)))
+    }
+}
+
 fn command_output(program: &str, args: &[&str]) -> String {
     match std::process::Command::new(program).args(args).output() {
         Ok(out) => format!(

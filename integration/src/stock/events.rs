@@ -51,6 +51,14 @@ impl EventLog {
 
 /// Pauses (STOP→RESUME, QEMU's own timestamps) in an event sequence.
 pub fn pauses(events: &[Event]) -> Vec<Duration> {
+    pause_windows(events)
+        .into_iter()
+        .map(|(stop, resume)| Duration::from_micros((resume - stop).max(0) as u64))
+        .collect()
+}
+
+/// The (STOP, RESUME) timestamps of every pause, in µs since the Unix epoch (QEMU's clock).
+pub fn pause_windows(events: &[Event]) -> Vec<(i64, i64)> {
     let mut stopped_at = None;
     let mut out = Vec::new();
     for event in events {
@@ -58,8 +66,7 @@ pub fn pauses(events: &[Event]) -> Vec<Duration> {
             "STOP" => stopped_at = Some(event.timestamp.as_micros()),
             "RESUME" => {
                 if let Some(start) = stopped_at.take() {
-                    let micros = (event.timestamp.as_micros() - start).max(0);
-                    out.push(Duration::from_micros(micros as u64));
+                    out.push((start, event.timestamp.as_micros()));
                 }
             }
             _ => {}

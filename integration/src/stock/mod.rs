@@ -16,25 +16,28 @@
 
 mod cmdline;
 mod diagnostics;
+pub mod driver;
 mod events;
-mod failover;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use qmp_driver::config::PairConfig as DriverConfig;
+use qmp_driver::pair::{self, FailoverOptions, StartOptions};
 use qmp_driver::qmp::QmpClient;
 use serde::Serialize;
 use serde_json::json;
 
-pub use cmdline::{MACHINE, operator_qmp_path, port, primary_args, secondary_args};
-pub use events::{EventLog, pauses};
-pub use failover::Step;
+pub use cmdline::{MACHINE, qemu_args};
+pub use driver::{RelayProcess, operator_qmp_path};
+pub use events::{EventLog, pause_windows, pauses};
+pub use qmp_driver::pair::Step;
 
 use crate::artifacts::Artifacts;
 use crate::guest;
 use crate::process::QemuProcess;
-use crate::topology::{Topology, addr};
+use crate::topology::Topology;
 use cmdline::qmp_path;
 
 #[derive(Debug, Clone, Serialize)]
@@ -47,6 +50,11 @@ pub struct PairConfig {
     pub memory_mib: u32,
     /// Size of the replicated disk (MiB).
     pub disk_mib: u32,
+    /// Migrate through the checkpoint-barrier relay (`qmp-driver relay`) instead of straight
+    /// to the secondary.
+    pub relay: bool,
+    /// The relay's bound on a subscriber's acknowledgement (ms).
+    pub relay_ack_timeout_ms: u64,
 }
 
 impl Default for PairConfig {
@@ -56,6 +64,8 @@ impl Default for PairConfig {
             guest_load_mib_s: 4,
             memory_mib: 128,
             disk_mib: 16,
+            relay: false,
+            relay_ack_timeout_ms: 2000,
         }
     }
 }
@@ -132,6 +142,10 @@ pub struct StockPair {
     pub secondary: Option<Vm>,
     /// VMs that were killed, kept for their events and logs.
     pub dead: Vec<Vm>,
+    /// The pair as `qmp-driver` sees it (`pair.toml` in `dir`).
+    pub driver: DriverConfig,
+    /// The checkpoint-barrier relay, when the pair migrates through one.
+    pub relay: Option<RelayProcess>,
     // Declared last so that it drops after the VMs: QEMU must exit before its tap disappears.
     /// The namespaces.
     pub topology: Topology,
@@ -162,11 +176,22 @@ fn create_images(dir: &Path, cfg: &PairConfig) -> Result<()> {
 
 impl StockPair {
     /// Brings up the namespaces and both QEMUs, boots the guest on the primary, and migrates
-    /// it into COLO. Returns once both sides run in COLO mode.
+    /// it into COLO with [`qmp_driver::pair::start`]. Returns once both sides run in COLO mode
+    /// and the guest serves.
     pub async fn start(tag: &str, dir: PathBuf, cfg: PairConfig) -> Result<Self> {
+        let mut pair = StockPair::launch(tag, dir, cfg).await?;
+        pair.enter_colo().await?;
+        Ok(pair)
+    }
+
+    /// Brings up the namespaces, writes `pair.toml`, and starts both QEMUs (the primary
+    /// paused, the secondary waiting for `migrate-incoming`) and the relay if configured. COLO
+    /// is not started: [`StockPair::enter_colo`] does that, or `qmp-driver start`.
+    pub async fn launch(tag: &str, dir: PathBuf, cfg: PairConfig) -> Result<Self> {
         let artifacts = Artifacts::locate()?;
         let topology = Topology::create(tag)?;
         create_images(&dir, &cfg)?;
+        let driver = driver::write_config(&dir, &topology, &cfg)?;
 
         let mut pri_proc = QemuProcess::spawn(
             &artifacts.qemu,
@@ -174,7 +199,7 @@ impl StockPair {
             "primary",
             &dir,
             qmp_path(&dir, Role::Primary),
-            &primary_args(&artifacts, &dir, &cfg),
+            &qemu_args(&artifacts, Role::Primary, &dir, &cfg, &driver)?,
         )?;
         let (pri_qmp, pri_stream) = pri_proc.connect_qmp(Duration::from_secs(20)).await?;
         let pri_events = EventLog::record_from(pri_stream, dir.join("primary-events.jsonl"));
@@ -185,12 +210,17 @@ impl StockPair {
             "secondary",
             &dir,
             qmp_path(&dir, Role::Secondary),
-            &secondary_args(&artifacts, &dir, &cfg),
+            &qemu_args(&artifacts, Role::Secondary, &dir, &cfg, &driver)?,
         )?;
         let (sec_qmp, sec_stream) = sec_proc.connect_qmp(Duration::from_secs(20)).await?;
         let sec_events = EventLog::record_from(sec_stream, dir.join("secondary-events.jsonl"));
+        let relay = if cfg.relay {
+            Some(RelayProcess::spawn(&dir)?)
+        } else {
+            None
+        };
 
-        let mut pair = StockPair {
+        Ok(StockPair {
             primary: Some(Vm {
                 role: Role::Primary,
                 process: pri_proc,
@@ -210,12 +240,12 @@ impl StockPair {
                 colo_mark: 0,
             }),
             dead: Vec::new(),
+            driver,
+            relay,
             topology,
             dir,
             config: cfg,
-        };
-        pair.enter_colo().await?;
-        Ok(pair)
+        })
     }
 
     /// The VM in `role`; an error if it is gone.
@@ -235,60 +265,36 @@ impl StockPair {
         .with_context(|| format!("the {} VM is gone", role.name()))
     }
 
-    async fn enter_colo(&mut self) -> Result<()> {
-        let mig = format!("unix:{}", self.dir.join("migration.sock").display());
-        let delay = self.config.checkpoint_delay_ms;
-        let sec = self.vm(Role::Secondary)?.qmp.clone();
+    /// Starts COLO the way `qmp-driver start` does ([`qmp_driver::pair::start`]: the
+    /// secondary prepared, the replication child added, the paused primary migrated, so the
+    /// guest boots inside COLO and both disks see every write), then waits for the guest.
+    pub async fn enter_colo(&mut self) -> Result<()> {
         let pri = self.vm(Role::Primary)?.qmp.clone();
-
-        sec.migrate_set_capabilities(&[("x-colo", true)]).await?;
-        sec.nbd_server_start_inet(addr::SECONDARY_HOST, port::NBD)
-            .await?;
-        sec.nbd_server_add("parent0", true).await?;
-        sec.migrate_incoming(&mig).await?;
-
-        // The secondary's redirectors must be connected before the PVM's first packet, or the
-        // primary's mirror drops it and the SVM never sees it.
-        wait_chardevs_connected(&pri, &["mirror0", "compare1"], Duration::from_secs(15)).await?;
-
-        // Replication must be in place before the guest's first disk write, and the primary's
-        // `replication` filter fails every write until COLO starts it. So, as QEMU's COLO
-        // documentation does, the primary migrates while still paused (`-S`): the guest boots
-        // in COLO, and both disks see every write from the first one.
-        pri.human_monitor_command(&format!(
-            "drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,\
-             file.host={},file.port={},file.export=parent0,node-name=replication0",
-            addr::SECONDARY_HOST,
-            port::NBD
-        ))
-        .await?;
-        pri.x_blockdev_change_add("colo-disk0", "replication0")
-            .await?;
-
-        pri.migrate_set_capabilities(&[("x-colo", true)]).await?;
-        pri.migrate_set_parameters(json!({ "x-checkpoint-delay": delay }))
-            .await?;
-        pri.migrate(&mig).await?;
-
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let info = pri.query_migrate().await?;
-            let status = info.status.clone().unwrap_or_default();
-            let running = pri.query_status().await?.running;
-            let sec_running = sec.query_status().await?.running;
-            if status == "colo" && running && sec_running {
-                break;
-            }
-            if status == "failed" || Instant::now() > deadline {
-                bail!(
-                    "the pair did not enter COLO (migration status {status:?}); primary: {}; \
-                     secondary: {}",
-                    self.vm(Role::Primary)?.process.stderr_tail(),
-                    self.vm(Role::Secondary)?.process.stderr_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let sec = self.vm(Role::Secondary)?.qmp.clone();
+        let started = pair::start(
+            &pri,
+            &sec,
+            &self.driver,
+            &StartOptions {
+                colo_timeout: Duration::from_secs(60),
+                ..StartOptions::default()
+            },
+            &mut |_| {},
+        )
+        .await;
+        if let Err(e) = started {
+            bail!(
+                "the pair did not enter COLO: {e}; primary: {}; secondary: {}",
+                self.vm(Role::Primary)?.process.stderr_tail(),
+                self.vm(Role::Secondary)?.process.stderr_tail()
+            );
         }
+        self.wait_guest_in_colo().await
+    }
+
+    /// After COLO was entered (by [`StockPair::enter_colo`] or `qmp-driver start`): checks
+    /// both COLO modes, waits until the guest serves, and starts counting checkpoints there.
+    pub async fn wait_guest_in_colo(&mut self) -> Result<()> {
         for role in [Role::Primary, Role::Secondary] {
             let mode = self.vm(role)?.qmp.query_colo_status().await?.mode;
             if mode != role.name() {
@@ -298,12 +304,36 @@ impl StockPair {
         self.wait_serial(Role::Primary, Duration::from_secs(90), |s| s.ready)
             .await
             .context("the guest did not boot in COLO")?;
-        // Checkpoints are counted from here: the guest is up and serving.
         for role in [Role::Primary, Role::Secondary] {
             let vm = self.vm_mut(role)?;
             vm.colo_mark = vm.events.len();
         }
         Ok(())
+    }
+
+    /// The secondary takes over after the primary died, with [`qmp_driver::pair`]'s sequence
+    /// (the takeover hook of `pair.toml` puts its tap on the host bridge).
+    pub async fn failover_to_secondary(&mut self) -> Result<Vec<Step>> {
+        let qmp = self.vm(Role::Secondary)?.qmp.clone();
+        let report = pair::failover_to_secondary(
+            &qmp,
+            &self.driver,
+            FailoverOptions::default(),
+            &mut |_| {},
+        )
+        .await
+        .context("failover to the secondary")?;
+        Ok(report.steps)
+    }
+
+    /// The primary carries on alone after the secondary died ([`qmp_driver::pair`]).
+    pub async fn failover_to_primary(&mut self) -> Result<Vec<Step>> {
+        let qmp = self.vm(Role::Primary)?.qmp.clone();
+        let report =
+            pair::failover_to_primary(&qmp, &self.driver, FailoverOptions::default(), &mut |_| {})
+                .await
+                .context("failover to the primary")?;
+        Ok(report.steps)
     }
 
     /// Waits until the serial log of `role` satisfies `done`.
@@ -396,27 +426,5 @@ impl StockPair {
         let vm = self.vm_mut(role)?;
         vm.process.wait_exit(Duration::from_secs(20))?;
         guest::check_disk(&image, last)
-    }
-}
-
-async fn wait_chardevs_connected(qmp: &QmpClient, ids: &[&str], within: Duration) -> Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        let list = qmp.execute_raw("query-chardev", None).await?;
-        let connected = |id: &str| {
-            list.as_array().into_iter().flatten().any(|c| {
-                c["label"] == id
-                    && c["filename"]
-                        .as_str()
-                        .is_some_and(|f| !f.starts_with("disconnected"))
-            })
-        };
-        if ids.iter().all(|id| connected(id)) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("chardevs {ids:?} not connected within {within:?}: {list}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -38,7 +38,7 @@ mod steps;
 
 use crate::config::{Endpoint, PairConfig, Side};
 use crate::qmp::{ConnectOptions, QmpClient, QmpError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -152,7 +152,7 @@ impl PairError {
 }
 
 /// How a step ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     /// Done now.
@@ -165,8 +165,9 @@ pub enum Outcome {
     Failed,
 }
 
-/// One step of an operation and how long it took.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One step of an operation and how long it took (also read back from the `--json`
+/// output of the CLI).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Step {
     /// Which VM (or host) the step acted on.
     pub side: Side,

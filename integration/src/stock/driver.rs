@@ -1,0 +1,243 @@
+//! The pair as an operator's `qmp-driver` sees it.
+//!
+//! The bed describes each run's pair in a `qmp-driver` config file (`pair.toml` in the run
+//! directory) and then drives it with the same code an operator runs: the QEMU command lines
+//! come from [`qmp_driver::qemu_args`], COLO is entered and failed over with
+//! [`qmp_driver::pair`], the checkpoint-barrier relay is the `qmp-driver relay` binary, and the
+//! CLI tests run `qmp-driver --config pair.toml ...` against the file as written. The bed adds
+//! only what a real host would have around QEMU: the guest kernel, serial logs, its own QMP
+//! monitor for the event log, and the namespaces.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use qmp_driver::config::PairConfig as DriverConfig;
+
+use super::{PairConfig, Role};
+use crate::topology::{self, Topology, addr};
+
+/// The operator's QMP socket of `role`: the one `pair.toml` names. The bed's own connection (for
+/// the event log) uses a second monitor, because a QMP socket serves one client at a time.
+pub fn operator_qmp_path(dir: &Path, role: Role) -> PathBuf {
+    dir.join(format!("{}-qmp-operator.sock", role.name()))
+}
+
+/// Where the secondary QEMU listens for the migration.
+fn incoming_path(dir: &Path) -> PathBuf {
+    dir.join("incoming.sock")
+}
+
+/// Where the relay listens for the primary's migration (with a relay).
+fn relay_listen_path(dir: &Path) -> PathBuf {
+    dir.join("migration.sock")
+}
+
+/// The relay's control socket (with a relay).
+pub fn relay_control_path(dir: &Path) -> PathBuf {
+    dir.join("relay.sock")
+}
+
+/// The config file of this run's pair.
+pub fn config_path(dir: &Path) -> PathBuf {
+    dir.join("pair.toml")
+}
+
+/// The `qmp-driver` config of the bed's pair: Unix sockets in the run directory for QMP and
+/// migration, the hosts' bridge addresses for the filter and NBD sockets, and a takeover hook
+/// that puts the secondary's tap on its host bridge.
+pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String {
+    let unix = |p: PathBuf| format!("unix:{}", p.display());
+    let incoming = unix(incoming_path(dir));
+    let target = if cfg.relay {
+        unix(relay_listen_path(dir))
+    } else {
+        incoming.clone()
+    };
+    let relay = if cfg.relay {
+        format!(
+            "[relay]\nlisten = {listen:?}\ntarget = {incoming:?}\ncontrol = {control:?}\n\
+             ack_timeout_ms = {ack}\n\n",
+            listen = unix(relay_listen_path(dir)),
+            control = relay_control_path(dir).display().to_string(),
+            ack = cfg.relay_ack_timeout_ms,
+        )
+    } else {
+        String::new()
+    };
+    let hook = format!(
+        "ip -n {} link set {} master {}",
+        topology.secondary,
+        topology::SECONDARY_TAP,
+        topology::HOST_BRIDGE
+    );
+    let file = |name: &str| dir.join(name).display().to_string();
+    format!(
+        "# Written by the colo test bed for one run.\n\
+         name = \"testbed\"\n\n\
+         [primary]\nqmp = {pqmp:?}\nhost = {phost:?}\n\n\
+         [secondary]\nqmp = {sqmp:?}\nhost = {shost:?}\n\n\
+         [migration]\nsecondary_incoming = {incoming:?}\nprimary_target = {target:?}\n\
+         checkpoint_delay_ms = {delay}\n\n\
+         {relay}\
+         [failover]\nsecondary_takeover_hook = {hook:?}\n\n\
+         [vm]\ntap = {ptap:?}\nsecondary_tap = {stap:?}\nmac = {mac:?}\nmemory_mib = {mem}\n\
+         primary_image = {pimg:?}\nsecondary_image = {simg:?}\n\
+         secondary_active = {active:?}\nsecondary_hidden = {hidden:?}\n",
+        pqmp = unix(operator_qmp_path(dir, Role::Primary)),
+        phost = addr::PRIMARY_HOST,
+        sqmp = unix(operator_qmp_path(dir, Role::Secondary)),
+        shost = addr::SECONDARY_HOST,
+        delay = cfg.checkpoint_delay_ms,
+        ptap = topology::PRIMARY_TAP,
+        stap = topology::SECONDARY_TAP,
+        mac = addr::GUEST_MAC,
+        mem = cfg.memory_mib,
+        pimg = file("primary.raw"),
+        simg = file("secondary.raw"),
+        active = file("secondary-active.qcow2"),
+        hidden = file("secondary-hidden.qcow2"),
+    )
+}
+
+/// Writes `pair.toml` and loads it back the way `qmp-driver --config` does.
+pub fn write_config(dir: &Path, topology: &Topology, cfg: &PairConfig) -> Result<DriverConfig> {
+    let path = config_path(dir);
+    std::fs::write(&path, config_toml(dir, topology, cfg))
+        .with_context(|| format!("writing {}", path.display()))?;
+    DriverConfig::load(&path).with_context(|| format!("loading {}", path.display()))
+}
+
+/// The `qmp-driver` binary of this build: `$COLO_QMP_DRIVER`, or `qmp-driver` in the Cargo
+/// target directory the running test was built into. Missing, it is an error that says how to
+/// build it; the bed never falls back to another copy.
+pub fn qmp_driver_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("COLO_QMP_DRIVER") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let candidates = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("qmp-driver"))
+        .collect::<Vec<_>>();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "the qmp-driver binary is not built (looked at {candidates:?}); run \
+                 `cargo build -p qmp-driver` or the whole workspace's tests \
+                 (`cargo nextest run --workspace`), or set COLO_QMP_DRIVER"
+            )
+        })
+}
+
+/// Runs `qmp-driver --config pair.toml ARGS...` and returns its output (any exit status).
+pub fn run_cli(dir: &Path, args: &[&str]) -> Result<Output> {
+    let bin = qmp_driver_binary()?;
+    let out = Command::new(&bin)
+        .arg("--config")
+        .arg(config_path(dir))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} {args:?}", bin.display()))?;
+    let log = dir.join("qmp-driver-cli.log");
+    let mut text = std::fs::read_to_string(&log).unwrap_or_default();
+    text.push_str(&format!(
+        "$ qmp-driver {}\n[exit {:?}]\n--- stdout\n{}--- stderr\n{}\n",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ));
+    std::fs::write(&log, text)?;
+    Ok(out)
+}
+
+/// Like [`run_cli`], but a non-zero exit is an error carrying its stderr.
+pub fn run_cli_ok(dir: &Path, args: &[&str]) -> Result<Output> {
+    let out = run_cli(dir, args)?;
+    if !out.status.success() {
+        bail!(
+            "qmp-driver {} exited {:?}: {}",
+            args.join(" "),
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// The `qmp-driver relay` daemon of the pair, owned by PID. It runs in the root namespace:
+/// every socket it touches is a Unix socket in the run directory.
+#[derive(Debug)]
+pub struct RelayProcess {
+    child: Option<Child>,
+    /// Its log (stderr).
+    pub log: PathBuf,
+}
+
+impl RelayProcess {
+    /// Starts `qmp-driver relay --config pair.toml` and waits for its control socket.
+    pub fn spawn(dir: &Path) -> Result<RelayProcess> {
+        let bin = qmp_driver_binary()?;
+        let log = dir.join("relay.log");
+        let control = relay_control_path(dir);
+        let child = Command::new(&bin)
+            .arg("--config")
+            .arg(config_path(dir))
+            .arg("relay")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(File::create(dir.join("relay.stdout"))?)
+            .stderr(File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {} relay", bin.display()))?;
+        let mut relay = RelayProcess {
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !control.exists() {
+            if let Some(status) = relay
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("the relay exited ({status}): {}", relay.log_tail());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the relay's control socket did not appear: {}",
+                    relay.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(relay)
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
