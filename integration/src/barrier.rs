@@ -493,7 +493,9 @@ mod tests {
 
     /// Checkpoint `i` (from 1): secondary stops at i*1000, closed at +10, primary stops at
     /// +20, adopted at +30, primary resumes at +50, complete at +60.
-    fn good(n: u64) -> (Vec<Event>, Vec<(i64, i64)>, Vec<(i64, i64)>) {
+    type Windows = Vec<(i64, i64)>;
+
+    fn good(n: u64) -> (Vec<Event>, Windows, Windows) {
         let mut events = vec![event(EventKind::ColoStarted, 1, 0)];
         let (mut p, mut s) = (Vec::new(), Vec::new());
         for i in 1..=n {
