@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job on built-in defaults: set up this machine (idempotent), bring up the stock QEMU
-# COLO pair on the namespace test bed, serve a client, SIGKILL the primary during a 1 MiB
-# download, fail over to the secondary, and report what happened. Arguments go to
-# `colo-testbed` (try `--help`, `soak`, `failover --kill secondary`).
+# The main job on built-in defaults: set up this machine (idempotent), start the stock QEMU COLO
+# pair on the namespace test bed the way an operator does (the checkpoint-barrier relay, then
+# `qmp-driver start`, `status`, `checkpoint`), serve a client, SIGKILL the primary during a
+# 1 MiB download, `qmp-driver failover --survivor secondary`, and report what happened.
+# Arguments go to `colo-testbed` (try `--help`, `soak`, `failover --kill secondary`,
+# `relay-epochs`, `relay-barrier`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,5 +14,6 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 integration/setup.sh >&2
-cargo build --locked --release -p colo-testbed >&2
+# colo-testbed runs the qmp-driver binary built next to it.
+cargo build --locked --release -p colo-testbed -p qmp-driver >&2
 exec target/release/colo-testbed "$@"

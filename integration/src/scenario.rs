@@ -166,6 +166,12 @@ impl Report {
             opt(self.http_median_ms),
             opt(self.http_p90_ms),
         );
+        for (command, json) in &self.cli {
+            out += &format!(
+                "  qmp-driver {command:<11} {}\n",
+                cli_summary(command, json)
+            );
+        }
         if let Some(bytes) = self.svm_output_bytes {
             out += &format!("  SVM output         {bytes} bytes compared (before any kill)\n");
         }
@@ -347,6 +353,31 @@ pub async fn soak(
     }
     report.save()?;
     Ok(report)
+}
+
+/// One line about what a `qmp-driver --json` command printed.
+fn cli_summary(command: &str, json: &serde_json::Value) -> String {
+    let num = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |v| format!("{v:.1}"));
+    match command {
+        "start" => format!(
+            "entered COLO {} ms after migrate",
+            num(&json["entered_colo_ms"])
+        ),
+        "status" => format!(
+            "primary {} / secondary {}, relay epoch {}, {} checkpoints",
+            json["primary"]["colo_mode"].as_str().unwrap_or("?"),
+            json["secondary"]["colo_mode"].as_str().unwrap_or("?"),
+            json["relay"]["status"]["epoch"],
+            json["relay"]["status"]["checkpoints"]
+        ),
+        "checkpoint" => format!(
+            "forced: pause {} ms, relay epoch now {}",
+            num(&json["pause_ms"]),
+            json["relay"]["epoch"]
+        ),
+        "failover" => format!("{} ms in all (steps below)", num(&json["total_ms"])),
+        _ => json.to_string(),
+    }
 }
 
 /// Runs `qmp-driver --config <run dir>/pair.toml ARGS` (off the async threads: it blocks)

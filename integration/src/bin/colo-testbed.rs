@@ -1,13 +1,16 @@
 //! `colo-testbed`: runs the stock QEMU COLO pair on this machine and reports what happened.
 //!
-//! With no arguments it runs the demo: bring up the pair, serve a client, kill the primary
-//! during a download, let the secondary take over, and report. Needs root (namespaces, taps)
+//! With no arguments it runs the demo as an operator would: the checkpoint-barrier relay and
+//! `qmp-driver start` bring the pair into COLO, `qmp-driver status` and `checkpoint` show it,
+//! a client downloads, the primary is killed, `qmp-driver failover` lets the secondary take
+//! over, and the report says what happened. Needs root (namespaces, taps)
 //! and the artifacts `integration/setup.sh` builds.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use colo_testbed::barrier;
 use colo_testbed::scenario::{self, FailoverPlan, Report};
 use colo_testbed::stock::{PairConfig, Role};
 
@@ -42,7 +45,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Bring up the pair, serve a client, kill the primary mid-download, report (default).
+    /// The operator's view (default): start the pair with `qmp-driver start` through the
+    /// checkpoint-barrier relay, `status`, `checkpoint`, serve a client, kill the primary
+    /// mid-download, `qmp-driver failover --survivor secondary`, report.
     Demo,
     /// Run COLO for a number of checkpoints under memory load while a client keeps asking.
     Soak {
@@ -55,6 +60,29 @@ enum Command {
         /// Which VM to kill.
         #[arg(long, value_enum, default_value_t = Victim::Primary)]
         kill: Victim,
+        /// Drive the pair with the `qmp-driver` commands and the relay (as the demo does)
+        /// instead of calling the same sequences as a library.
+        #[arg(long)]
+        cli: bool,
+    },
+    /// The relay's epoch events against both QEMUs' checkpoints, and the pause it adds
+    /// (a pair without relay, then one with it).
+    RelayEpochs {
+        /// Checkpoints per pair.
+        #[arg(long, default_value_t = 50)]
+        checkpoints: usize,
+    },
+    /// A subscriber that acknowledges late, then one that never does.
+    RelayBarrier {
+        /// Checkpoints per phase.
+        #[arg(long, default_value_t = 8)]
+        checkpoints: usize,
+        /// The late subscriber's delay, ms.
+        #[arg(long, default_value_t = 50)]
+        ack_delay_ms: u64,
+        /// The relay's bound on an acknowledgement, ms.
+        #[arg(long, default_value_t = 1000)]
+        ack_timeout_ms: u64,
     },
 }
 
@@ -84,45 +112,87 @@ async fn main() -> ExitCode {
         guest_load_mib_s: cli.guest_load,
         ..PairConfig::default()
     };
-    let result = match cli.command.unwrap_or(Command::Demo) {
+    let outcome = match cli.command.unwrap_or(Command::Demo) {
         Command::Demo => {
             eprintln!(
-                "demo: primary and secondary VMs in COLO; the primary is killed mid-download"
+                "demo: `qmp-driver start` brings the pair into COLO through the relay; the \
+                 primary is killed mid-download and `qmp-driver failover` hands over"
             );
-            scenario::failover(&cli.tag, cfg, FailoverPlan::default()).await
+            let plan = FailoverPlan {
+                via_cli: true,
+                ..FailoverPlan::default()
+            };
+            failover_outcome(scenario::failover(&cli.tag, cfg, plan).await)
         }
-        Command::Soak { checkpoints } => {
-            scenario::soak(&cli.tag, cfg, checkpoints, Duration::from_millis(300)).await
-        }
-        Command::Failover { kill } => {
+        Command::Soak { checkpoints } => failover_outcome(
+            scenario::soak(&cli.tag, cfg, checkpoints, Duration::from_millis(300)).await,
+        ),
+        Command::Failover { kill, cli: via_cli } => {
             let kill = match kill {
                 Victim::Primary => Role::Primary,
                 Victim::Secondary => Role::Secondary,
             };
             let plan = FailoverPlan {
                 kill,
+                via_cli,
                 ..FailoverPlan::default()
             };
-            scenario::failover(&cli.tag, cfg, plan).await
+            failover_outcome(scenario::failover(&cli.tag, cfg, plan).await)
+        }
+        Command::RelayEpochs { checkpoints } => barrier::epochs(&cli.tag, cfg, checkpoints)
+            .await
+            .map(|r| Outcome {
+                text: r.render(),
+                json: serde_json::to_value(&r).unwrap_or_default(),
+                passed: r.violations.is_empty() && r.closed >= checkpoints,
+                run_dir: None,
+            }),
+        Command::RelayBarrier {
+            checkpoints,
+            ack_delay_ms,
+            ack_timeout_ms,
+        } => {
+            let cfg = PairConfig {
+                relay_ack_timeout_ms: ack_timeout_ms,
+                ..cfg
+            };
+            let delay = Duration::from_millis(ack_delay_ms);
+            barrier::barrier(&cli.tag, cfg, checkpoints, delay)
+                .await
+                .map(|r| {
+                    let held = |v: &[f64]| v.iter().all(|ms| *ms >= ack_delay_ms as f64);
+                    Outcome {
+                        passed: held(&r.slow_primary_ms)
+                            && held(&r.slow_secondary_ms)
+                            && r.colo_exit_reason.as_deref() == Some("barrier-timeout")
+                            && r.served_after > 0,
+                        text: r.render(),
+                        json: serde_json::to_value(&r).unwrap_or_default(),
+                        run_dir: None,
+                    }
+                })
         }
     };
-    match result {
-        Ok(report) => {
+    match outcome {
+        Ok(outcome) => {
             if cli.json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                    serde_json::to_string_pretty(&outcome.json).unwrap_or_default()
                 );
             } else {
-                print!("{}", report.render());
+                print!("{}", outcome.text);
             }
-            if passed(&report) {
+            if outcome.passed {
                 ExitCode::SUCCESS
             } else {
-                eprintln!(
-                    "FAILED: see the report above and the logs in {}",
-                    report.run_dir.display()
-                );
+                match outcome.run_dir {
+                    Some(dir) => eprintln!(
+                        "FAILED: see the report above and the logs in {}",
+                        dir.display()
+                    ),
+                    None => eprintln!("FAILED: see the report above"),
+                }
                 ExitCode::from(1)
             }
         }
@@ -131,4 +201,21 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// A finished scenario, whichever it was.
+struct Outcome {
+    text: String,
+    json: serde_json::Value,
+    passed: bool,
+    run_dir: Option<std::path::PathBuf>,
+}
+
+fn failover_outcome(result: anyhow::Result<Report>) -> anyhow::Result<Outcome> {
+    result.map(|report| Outcome {
+        text: report.render(),
+        json: serde_json::to_value(&report).unwrap_or_default(),
+        passed: passed(&report),
+        run_dir: Some(report.run_dir.clone()),
+    })
 }
