@@ -165,6 +165,19 @@ t=$(now)
 guest_state="make-guest.sh: $(elapsed "$t")"
 summary+=("$guest_state")
 
+# ------------------------------------------------------------ 4. cargo-fuzz
+# The fuzz targets (fuzz/, docs/fuzzing.md) run briefly in the test command. cargo-fuzz comes
+# from crates.io, pinned by its own lock file (--locked); a few minutes the first time.
+t=$(now)
+if cargo fuzz --version >/dev/null 2>&1; then
+    fuzz_state=present
+else
+    log_msg "installing cargo-fuzz (cargo install --locked)"
+    cargo install --locked --quiet cargo-fuzz || die "cargo install cargo-fuzz failed"
+    fuzz_state=installed
+fi
+summary+=("cargo-fuzz ($fuzz_state): $(elapsed "$t")")
+
 # ---------------------------------------------------------------- summary
 echo
 echo "== colo integration setup done in $(elapsed "$t_all") =="

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project on this machine: formatting, lints, docs, unit and property
-# tests, the QMP client against a fake server and against real QEMU, and the stock COLO pair
-# on the namespace test bed (enter COLO, 30+ checkpoints, failover both ways).
+# tests, the QMP client against a fake server and against real QEMU, a short fuzz run, and on the
+# namespace test bed the stock COLO pair (30+ checkpoints, failover both ways) and the
+# checkpoint-barrier relay and qmp-driver CLI (epoch order, slow and stuck subscribers,
+# start/status/checkpoint/failover).
 #
 # Needs root (network namespaces, taps). Installs and builds what it needs first through
 # integration/setup.sh (idempotent; QEMU and the guest are cached in $COLO_CACHE, default
@@ -37,3 +39,6 @@ else
   cargo test --locked --workspace --no-fail-fast "$@" -- --test-threads=1
 fi
 cargo test --locked --workspace --doc
+
+step "fuzz the parsers briefly (fuzz/run-briefly.sh)"
+fuzz/run-briefly.sh "${FUZZ_SECONDS:-15}"
