@@ -135,6 +135,29 @@ fn usage_errors_exit_two() {
     let out = run(&["status"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("COLO_CONFIG"), "{}", text(&out));
+    let out = run(&["raw", "--socket", "tcp:127.0.0.1:1", "query-status"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("only Unix sockets"), "{}", text(&out));
+}
+
+#[test]
+fn raw_takes_the_config_files_unix_prefix() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("nobody.sock");
+    for socket in [
+        missing.display().to_string(),
+        format!("unix:{}", missing.display()),
+    ] {
+        let out = run(&["raw", "--socket", &socket, "query-status"], &[]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        // The error names the path itself: the prefix was taken off, not kept as part of a
+        // relative file name.
+        assert!(
+            text(&out).contains(&format!("on {}:", missing.display())),
+            "{}",
+            text(&out)
+        );
+    }
 }
 
 #[test]

@@ -92,6 +92,7 @@ mod tests {
         };
         let driver = DriverConfig::from_toml(
             r#"
+            name = "t"
             [primary]
             qmp = "unix:/run/p-op.sock"
             host = "192.168.77.1"

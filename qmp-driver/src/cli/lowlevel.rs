@@ -19,8 +19,8 @@ Exit codes (kept from the first qmp-driver for scripts):
 /// `raw`.
 #[derive(Args, Debug)]
 pub struct RawArgs {
-    /// QMP Unix socket.
-    #[arg(long)]
+    /// QMP Unix socket: PATH, or unix:PATH as the config file writes it.
+    #[arg(long, value_parser = unix_socket_path)]
     socket: PathBuf,
     /// Send with exec-oob instead of execute.
     #[arg(long)]
@@ -37,9 +37,21 @@ pub struct RawArgs {
 /// `events`.
 #[derive(Args, Debug)]
 pub struct EventsArgs {
-    /// QMP Unix socket.
-    #[arg(long)]
+    /// QMP Unix socket: PATH, or unix:PATH as the config file writes it.
+    #[arg(long, value_parser = unix_socket_path)]
     socket: PathBuf,
+}
+
+/// `--socket`: a path, with or without the `unix:` prefix of the config file's addresses.
+fn unix_socket_path(value: &str) -> Result<PathBuf, String> {
+    if value.starts_with("tcp:") {
+        return Err("only Unix sockets here (PATH or unix:PATH)".into());
+    }
+    let path = value.strip_prefix("unix:").unwrap_or(value);
+    if path.is_empty() {
+        return Err("empty socket path".into());
+    }
+    Ok(PathBuf::from(path))
 }
 
 fn exit_code(e: &QmpError) -> ExitCode {
