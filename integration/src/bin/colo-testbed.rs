@@ -106,13 +106,42 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     let cfg = PairConfig {
         checkpoint_delay_ms: cli.checkpoint_delay_ms,
         guest_load_mib_s: cli.guest_load,
         ..PairConfig::default()
     };
-    let outcome = match cli.command.unwrap_or(Command::Demo) {
+    let command = cli.command.take().unwrap_or(Command::Demo);
+    // Ctrl-C or SIGTERM drops the scenario, and with it the pair: QEMUs killed by PID, relay
+    // stopped, namespaces deleted. Without this an interrupted run leaves them behind.
+    let outcome = tokio::select! {
+        outcome = run(command, &cli, cfg) => outcome,
+        signal = interrupted() => {
+            eprintln!("interrupted ({signal}): the pair was torn down");
+            return ExitCode::from(130);
+        }
+    };
+    report(outcome, cli.json)
+}
+
+/// Waits for SIGINT or SIGTERM and names it.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
+    }
+}
+
+async fn run(command: Command, cli: &Cli, cfg: PairConfig) -> anyhow::Result<Outcome> {
+    match command {
         Command::Demo => {
             eprintln!(
                 "demo: `qmp-driver start` brings the pair into COLO through the relay; the \
@@ -172,10 +201,14 @@ async fn main() -> ExitCode {
                     }
                 })
         }
-    };
+    }
+}
+
+/// Prints the outcome and maps it to the exit code.
+fn report(outcome: anyhow::Result<Outcome>, json: bool) -> ExitCode {
     match outcome {
         Ok(outcome) => {
-            if cli.json {
+            if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&outcome.json).unwrap_or_default()
