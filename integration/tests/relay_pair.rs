@@ -86,6 +86,19 @@ async fn barrier_holds_checkpoints_and_a_stuck_subscriber_ends_colo() {
         Some("barrier-timeout"),
         "{report:?}"
     );
+    let detail = report.colo_exit_detail.as_deref().unwrap_or_default();
+    assert!(
+        detail.contains("stuck") && !detail.contains("disconnected"),
+        "COLO must end because `stuck` never answered: {detail}"
+    );
+    // The relay waits its whole bound before it gives up (a lower bound, not a timing
+    // threshold: it cannot end sooner unless something else failed the barrier).
+    let after = report.exit_after_ms.expect("measured");
+    assert!(
+        after >= report.ack_timeout_ms as f64,
+        "COLO ended {after} ms after the stuck subscriber joined, before the {} ms bound",
+        report.ack_timeout_ms
+    );
     assert_eq!(report.qemu_exit_reasons, ["error", "error"]);
     assert!(report.relay_barrier_timeouts >= 1);
     assert_eq!(report.served_after, 5, "the primary did not serve alone");
