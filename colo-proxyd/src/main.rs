@@ -1,8 +1,9 @@
 //! colo-proxyd: compares the primary's and the secondary's network output on the reassembled
 //! TCP stream and releases only what both produced.
 //!
-//! This crate is a placeholder until the comparison engine lands (issue 4): it exists so the
-//! workspace has the layout of the design card, and it says so when run instead of pretending.
+//! The pure comparison core (frame codec, packet parsing, stream comparator) is the library
+//! of this crate; the daemon around it (sockets, epochs, QMP) is not written yet (issue 4),
+//! and the binary says so when run instead of pretending.
 
 use clap::Parser;
 

@@ -1,0 +1,224 @@
+//! The NBD server: accepts clients on Unix or TCP sockets and serves each in
+//! its own task, first the handshake (`negotiate.rs`), then the transmission
+//! phase (`transmission.rs`). A client's error ends that client's connection
+//! only.
+
+mod negotiate;
+mod transmission;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backend::BlockBackend;
+use crate::export::ExportSet;
+use crate::proto::ProtoError;
+use negotiate::{Handshake, negotiate};
+
+/// Requests in flight per connection. QEMU's NBD client keeps up to 16;
+/// more lets `qemu-img bench -d 32` and libnbd clients pipeline further.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 32;
+
+/// Bytes of read data and write payloads in flight per connection: two
+/// requests of the maximum block size (32 MiB), or hundreds of ordinary ones.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
+
+/// Time from connecting to choosing an export. QEMU and libnbd need
+/// milliseconds; the margin is for loaded hosts.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why one client's connection ended badly. Logged, never fatal to the
+/// server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The socket failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The client sent bytes that are not NBD.
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtoError),
+    /// `NBD_OPT_EXPORT_NAME` named no export (this option has no error
+    /// reply; the specification says to close).
+    #[error("client asked for unknown export {0:?}")]
+    UnknownExport(String),
+    /// The client kept haggling without choosing an export.
+    #[error("too many options without choosing an export")]
+    TooManyOptions,
+    /// `NBD_OPT_EXPORT_NAME` carried a malformed name (again no error
+    /// reply exists, so the server closes).
+    #[error("malformed NBD_OPT_EXPORT_NAME: {0}")]
+    BadExportName(String),
+    /// At shutdown, the client did not take its last replies in time.
+    #[error("client did not take its last replies within {0:?} of shutdown")]
+    ShutdownGraceExpired(Duration),
+    /// The client did not finish the handshake in time.
+    #[error("handshake not finished within {0:?}")]
+    HandshakeTimeout(Duration),
+}
+
+/// Tunables of a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Requests in flight per connection.
+    pub max_in_flight: usize,
+    /// Bytes of read data and write payloads in flight per connection
+    /// (a single larger request still runs, alone).
+    pub max_in_flight_bytes: usize,
+    /// Time a client has from connecting to choosing an export, so
+    /// connections that never speak do not pile up.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// An NBD server for a set of exports. Cheap to clone; clones share the
+/// exports.
+#[derive(Debug)]
+pub struct NbdServer<B> {
+    exports: Arc<ExportSet<B>>,
+    config: ServerConfig,
+}
+
+impl<B> Clone for NbdServer<B> {
+    fn clone(&self) -> NbdServer<B> {
+        NbdServer {
+            exports: Arc::clone(&self.exports),
+            config: self.config,
+        }
+    }
+}
+
+impl<B: BlockBackend> NbdServer<B> {
+    /// A server for `exports` with `config`.
+    pub fn new(exports: ExportSet<B>, config: ServerConfig) -> NbdServer<B> {
+        NbdServer {
+            exports: Arc::new(exports),
+            config,
+        }
+    }
+
+    /// The exports served.
+    pub fn exports(&self) -> &ExportSet<B> {
+        &self.exports
+    }
+
+    /// Serves clients of an already-bound Unix socket until `shutdown`.
+    pub async fn serve_unix(&self, listener: UnixListener, shutdown: CancellationToken) {
+        let connections = TaskTracker::new();
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    self.spawn_connection(&connections, stream, "unix".into(), &shutdown);
+                }
+                Err(e) => accept_failed(&e).await,
+            }
+        }
+        connections.close();
+        connections.wait().await;
+    }
+
+    /// Serves clients of an already-bound TCP socket until `shutdown`.
+    /// Every connection gets `TCP_NODELAY`: a reply header held back by
+    /// Nagle's algorithm waits for the client's delayed ACK (~40 ms).
+    pub async fn serve_tcp(&self, listener: TcpListener, shutdown: CancellationToken) {
+        let connections = TaskTracker::new();
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::warn!(%peer, error = %e, "cannot set TCP_NODELAY");
+                    }
+                    self.spawn_connection(&connections, stream, peer.to_string(), &shutdown);
+                }
+                Err(e) => accept_failed(&e).await,
+            }
+        }
+        connections.close();
+        connections.wait().await;
+    }
+
+    fn spawn_connection<S>(
+        &self,
+        connections: &TaskTracker,
+        stream: S,
+        peer: String,
+        shutdown: &CancellationToken,
+    ) where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let server = self.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            match server.serve_stream_until(stream, &shutdown).await {
+                Ok(()) => tracing::debug!(%peer, "client left"),
+                Err(e) => tracing::info!(%peer, error = %e, "client connection ended"),
+            }
+        });
+    }
+
+    /// Serves one client on `stream`, handshake then transmission, until it
+    /// disconnects. Public so tests and other transports can drive it.
+    pub async fn serve_stream<S>(&self, stream: S) -> Result<(), ServeError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        self.serve_stream_until(stream, &CancellationToken::new())
+            .await
+    }
+
+    /// Like [`NbdServer::serve_stream`], but stops at `shutdown`: a client
+    /// still in the handshake is dropped; in transmission no new request is
+    /// read, and the requests already accepted complete and are answered
+    /// before the connection closes.
+    pub async fn serve_stream_until<S>(
+        &self,
+        mut stream: S,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ServeError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let limit = self.config.handshake_timeout;
+        let handshake = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            handshake = tokio::time::timeout(limit, negotiate(&mut stream, &self.exports)) => {
+                handshake.map_err(|_| ServeError::HandshakeTimeout(limit))??
+            }
+        };
+        match handshake {
+            Handshake::Aborted => Ok(()),
+            Handshake::Transmit { export, style } => {
+                tracing::debug!(export = export.name(), ?style, "transmission");
+                transmission::transmit(stream, export, style, self.config, shutdown).await
+            }
+        }
+    }
+}
+
+/// Accept fails for lack of file descriptors or memory, which passes; the
+/// pause keeps the loop from spinning while it lasts.
+async fn accept_failed(error: &io::Error) {
+    tracing::warn!(%error, "accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}

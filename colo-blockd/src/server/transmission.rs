@@ -1,0 +1,255 @@
+//! The transmission phase of one connection: a reader that decodes and
+//! checks requests, one task per request (at most `max_in_flight` at once),
+//! and one writer that sends replies in completion order. Replies may
+//! overtake each other; the client matches them by handle.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+use super::{ServeError, ServerConfig};
+use crate::backend::BlockBackend;
+use crate::export::Export;
+use crate::proto::request::validate;
+use crate::proto::{Command, NbdErrno, ProtoError, RawRequest, Reply, ReplyStyle, RequestDecoder};
+
+/// How long a shutting-down connection may take to deliver the replies of
+/// the requests it had accepted.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Bytes the writer gathers before it flushes on its own; smaller batches
+/// are flushed as soon as no further reply is ready.
+const WRITE_BUFFER: usize = 256 * 1024;
+
+/// A reply on its way to the socket, with the request's share of the
+/// connection's limits: they are given back only once the reply is written,
+/// so replies waiting for a slow client count against the limits too.
+#[derive(Debug)]
+struct Queued {
+    reply: Reply,
+    _slot: Option<OwnedSemaphorePermit>,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+impl Queued {
+    fn bare(reply: Reply) -> Queued {
+        Queued {
+            reply,
+            _slot: None,
+            _bytes: None,
+        }
+    }
+}
+
+pub(crate) async fn transmit<S, B>(
+    stream: S,
+    export: Arc<Export<B>>,
+    style: ReplyStyle,
+    config: ServerConfig,
+    shutdown: &CancellationToken,
+) -> Result<(), ServeError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+    B: BlockBackend,
+{
+    let max_in_flight = config.max_in_flight.max(1);
+    // A request moving more bytes than the whole budget takes all of it.
+    let byte_budget = u32::try_from(config.max_in_flight_bytes.max(1)).unwrap_or(u32::MAX);
+    let (rd, wr) = tokio::io::split(stream);
+    let (replies, queue) = mpsc::channel::<Queued>(max_in_flight);
+    let writer = tokio::spawn(write_replies(wr, queue));
+    let mut requests = FramedRead::new(rd, RequestDecoder::new(export.block_sizes().maximum));
+    let slots = Arc::new(Semaphore::new(max_in_flight));
+    let bytes = Arc::new(Semaphore::new(byte_budget as usize));
+    let limits = export.limits();
+    let mut running = JoinSet::new();
+
+    let outcome: Result<(), ServeError> = loop {
+        // A slot before reading: a client cannot make the server buffer
+        // more than `max_in_flight` requests.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            break Ok(());
+        };
+        while running.try_join_next().is_some() {}
+        let next = tokio::select! {
+            // Shutdown first: a client that keeps sending must not keep a
+            // stopping server reading.
+            biased;
+            () = shutdown.cancelled() => break Ok(()),
+            // The writer ended (the client stopped reading or vanished).
+            () = replies.closed() => break Ok(()),
+            next = requests.next() => next,
+        };
+        let raw = match next {
+            None => break Ok(()),
+            Some(Ok(raw)) => raw,
+            Some(Err(ProtoError::PayloadTooLarge { handle, length })) => {
+                // Answer, then close: the payload cannot be skipped unread.
+                let msg = format!("write of {length} bytes exceeds the maximum block size");
+                let reply = Reply::error(style, handle, NbdErrno::Inval, &msg);
+                let _ = replies.send(Queued::bare(reply)).await;
+                break Err(ProtoError::PayloadTooLarge { handle, length }.into());
+            }
+            Some(Err(e)) => break Err(e.into()),
+        };
+        match validate(&raw.header, &limits) {
+            Ok(Command::Disconnect) => break Ok(()),
+            Ok(command) => {
+                // Read data and write payloads are bounded by bytes too:
+                // 32 slots of 32 MiB each would be a gigabyte per client.
+                let moved = match command {
+                    Command::Read { length, .. } => length,
+                    Command::Write { .. } => raw.payload.len() as u32,
+                    _ => 0,
+                };
+                let bytes = if moved == 0 {
+                    None
+                } else {
+                    let Ok(permit) = Arc::clone(&bytes)
+                        .acquire_many_owned(moved.min(byte_budget))
+                        .await
+                    else {
+                        break Ok(());
+                    };
+                    Some(permit)
+                };
+                let export = Arc::clone(&export);
+                let replies = replies.clone();
+                running.spawn(async move {
+                    let handle = raw.header.handle;
+                    // A panicking backend must not leave the client waiting
+                    // for a reply forever: it gets EIO like any failure.
+                    let reply = AssertUnwindSafe(execute(&export, command, raw, style))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| {
+                            tracing::error!(export = export.name(), handle, "backend panicked");
+                            Reply::error(style, handle, NbdErrno::Io, "internal error")
+                        });
+                    // A closed channel means the client is gone; nobody
+                    // is left to tell.
+                    let _ = replies
+                        .send(Queued {
+                            reply,
+                            _slot: Some(slot),
+                            _bytes: bytes,
+                        })
+                        .await;
+                });
+            }
+            Err(errno) => {
+                tracing::debug!(handle = raw.header.handle, command = raw.header.command, %errno, "request refused");
+                let msg = refusal_message(errno);
+                let reply = Reply::error(style, raw.header.handle, errno, msg);
+                let _ = replies.send(Queued::bare(reply)).await;
+            }
+        }
+    };
+    // Requests already accepted finish (their writes land and their replies
+    // go out) before the connection closes.
+    let mut writer = writer;
+    let drain = async {
+        while running.join_next().await.is_some() {}
+        drop(replies);
+        (&mut writer).await
+    };
+    let written = if shutdown.is_cancelled() {
+        // At shutdown a client that stopped reading must not hold the
+        // server: past the grace period its replies are dropped (the
+        // backend operations themselves have finished or run to their end
+        // on the blocking pool).
+        match tokio::time::timeout(SHUTDOWN_GRACE, drain).await {
+            Ok(written) => written,
+            Err(_) => {
+                writer.abort();
+                return Err(ServeError::ShutdownGraceExpired(SHUTDOWN_GRACE));
+            }
+        }
+    } else {
+        drain.await
+    };
+    let written = written.map_err(std::io::Error::other)?;
+    outcome?;
+    written.map_err(ServeError::from)
+}
+
+async fn execute<B: BlockBackend>(
+    export: &Export<B>,
+    command: Command,
+    raw: RawRequest,
+    style: ReplyStyle,
+) -> Reply {
+    let backend = export.backend();
+    let handle = raw.header.handle;
+    let result = match command {
+        Command::Read { offset, length } => match backend.read_at(offset, length).await {
+            Ok(data) => return Reply::read(style, handle, offset, data),
+            Err(e) => Err(e),
+        },
+        Command::Write { offset, fua } => backend.write_at(offset, raw.payload, fua).await,
+        Command::Flush => backend.flush().await,
+        Command::Trim {
+            offset,
+            length,
+            fua,
+        } => backend.trim(offset, length, fua).await,
+        Command::WriteZeroes {
+            offset,
+            length,
+            fua,
+            mode,
+        } => backend.write_zeroes(offset, length, fua, mode).await,
+        // Handled by the reader; never spawned.
+        Command::Disconnect => Ok(()),
+    };
+    match result {
+        Ok(()) => Reply::done(style, handle),
+        Err(e) => {
+            let errno = NbdErrno::from_io(&e);
+            // ENOTSUP for FAST_ZERO is an answer, not a fault.
+            if errno != NbdErrno::NotSup {
+                tracing::warn!(export = export.name(), handle, error = %e, "backend failed");
+            }
+            Reply::error(style, handle, errno, &e.to_string())
+        }
+    }
+}
+
+fn refusal_message(errno: NbdErrno) -> &'static str {
+    match errno {
+        NbdErrno::Perm => "export is read-only",
+        NbdErrno::NoSpc => "write beyond the end of the export",
+        _ => "invalid request (command, flags, range or length)",
+    }
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut queue: mpsc::Receiver<Queued>,
+) -> std::io::Result<()> {
+    let mut out = BufWriter::with_capacity(WRITE_BUFFER, wr);
+    while let Some(queued) = queue.recv().await {
+        write_reply(&mut out, &queued.reply).await?;
+        // Batch replies that are already waiting into one flush.
+        while let Ok(queued) = queue.try_recv() {
+            write_reply(&mut out, &queued.reply).await?;
+        }
+        out.flush().await?;
+    }
+    out.shutdown().await
+}
+
+async fn write_reply<W: AsyncWrite + Unpin>(
+    out: &mut BufWriter<W>,
+    reply: &Reply,
+) -> std::io::Result<()> {
+    out.write_all(&reply.head).await?;
+    out.write_all(&reply.data).await
+}

@@ -1,0 +1,561 @@
+//! Comparison of one TCP connection's output from the PVM and the SVM on the reassembled byte
+//! stream.
+//!
+//! Both VMs send the "same" connection to the client, each with its own initial sequence
+//! number (until the secondary's rewriting or a checkpoint makes them equal), its own
+//! segmentation, options, window and timing. [`StreamComparator`] places each side's segments
+//! at their offsets in the connection's sequence space and releases a PVM segment only when
+//! the SVM produced the same thing there: the same bytes, a SYN where the PVM has its SYN, a FIN
+//! at the same offset, an RST. A PVM segment's acknowledgement is released only once the SVM
+//! has acknowledged at least as far, so the client never sees a byte acknowledged that the SVM
+//! might not have when it takes over.
+//!
+//! The comparator is fed [`Segment`]s and answers with [`Action`]s; it knows nothing of
+//! sockets, rings or clocks, so either attachment (net-filter sockets or vhost-user) and the
+//! epoch logic drive it the same way. It never drops a PVM packet: every packet it is given is
+//! either released through an action or handed back by [`StreamComparator::reset`] at the
+//! next checkpoint.
+
+mod datagram;
+mod released;
+mod sequence;
+mod svm_stream;
+
+use std::collections::VecDeque;
+
+use crate::packet::TcpSegment;
+pub use datagram::{DEFAULT_REORDER_WINDOW, DatagramComparator};
+use released::ReleasedRanges;
+use sequence::{SequenceMap, seq_at_or_after};
+use svm_stream::{Coverage, SvmStream};
+
+/// The caller's handle for a PVM packet the comparator holds; it is never interpreted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PacketId(pub u64);
+
+/// The parts of a TCP segment the comparison looks at; everything else (options, window, IP
+/// ID, checksums) is deliberately not compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment<'a> {
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgement number, if the ACK flag is set.
+    pub ack: Option<u32>,
+    /// SYN flag.
+    pub syn: bool,
+    /// FIN flag.
+    pub fin: bool,
+    /// RST flag.
+    pub rst: bool,
+    /// The segment's data.
+    pub payload: &'a [u8],
+}
+
+impl<'a> From<&TcpSegment<'a>> for Segment<'a> {
+    fn from(tcp: &TcpSegment<'a>) -> Self {
+        Segment {
+            seq: tcp.seq,
+            ack: tcp.flags.ack.then_some(tcp.ack),
+            syn: tcp.flags.syn,
+            fin: tcp.flags.fin,
+            rst: tcp.flags.rst,
+            payload: tcp.payload,
+        }
+    }
+}
+
+/// What the caller must do after feeding a segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send this held PVM packet to the client.
+    Release(PacketId),
+    /// The outputs diverged or a bound was reached: ask for a checkpoint. Emitted once per
+    /// connection and epoch; until [`StreamComparator::reset`] every PVM packet is held.
+    CheckpointNeeded(CheckpointReason),
+}
+
+/// Why a connection needs a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointReason {
+    /// The two VMs sent different bytes at this stream offset.
+    PayloadDiffers {
+        /// The first differing offset found.
+        offset: i64,
+    },
+    /// A SYN appeared on one side at a sequence number the other side does not match.
+    SynDiffers,
+    /// The FINs are at different stream offsets, or one side sent data beyond the other's FIN.
+    FinDiffers,
+    /// A segment arrived on a side whose SYN was not seen, although the connection started
+    /// with a handshake: it cannot be placed in the stream.
+    SegmentBeforeSyn,
+    /// The bytes held for comparison reached the per-connection bound.
+    MemoryBound {
+        /// Bytes held when the bound was crossed.
+        bytes: usize,
+    },
+    /// A datagram flow's outputs no longer match within its reorder window.
+    DatagramsDiffer,
+    /// A PVM packet waited for its match longer than the configured bound.
+    HoldTimeout,
+    /// The comparison buffers of all flows together reached their bound.
+    TotalMemoryBound {
+        /// Bytes held when the bound was crossed.
+        bytes: usize,
+    },
+}
+
+/// Bounds of one connection's comparison state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComparatorLimits {
+    /// Most payload bytes (PVM held plus SVM ahead) kept for comparison; beyond it the
+    /// connection asks for a checkpoint.
+    pub max_buffered_bytes: usize,
+}
+
+impl Default for ComparatorLimits {
+    fn default() -> Self {
+        // Four maximal TCP windows without scaling: generous for an epoch of one connection,
+        // small enough that thousands of connections fit in memory.
+        ComparatorLimits {
+            max_buffered_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// How the two sides' sequence numbers map to shared stream offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Nothing seen yet.
+    Unknown,
+    /// The connection began with a handshake: each side's offsets count from its own SYN.
+    Handshake,
+    /// The connection was already running (first seen mid-stream, or after a checkpoint made
+    /// both VMs identical): both sides use the PVM's sequence numbers. Offsets below 0 are
+    /// bytes from before, released already.
+    Shared,
+}
+
+/// A PVM segment waiting for the SVM.
+#[derive(Debug)]
+struct HeldSegment {
+    id: PacketId,
+    /// Sequence-space offset of the segment's first element (its SYN, if any).
+    start: i64,
+    payload: Vec<u8>,
+    syn: bool,
+    fin: bool,
+    rst: bool,
+    ack: Option<u32>,
+}
+
+impl HeldSegment {
+    fn data_start(&self) -> i64 {
+        self.start + i64::from(self.syn)
+    }
+
+    fn data_end(&self) -> i64 {
+        self.data_start() + self.payload.len() as i64
+    }
+
+    /// End of the segment in sequence space (a FIN occupies one number).
+    fn end(&self) -> i64 {
+        self.data_end() + i64::from(self.fin)
+    }
+}
+
+/// What the last input changed, so that only the held segments it can affect are compared
+/// again: a divergence needs both sides' bytes (or flags), and the later of the two to arrive
+/// is the change that finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// A PVM segment was appended to the held queue.
+    NewestPvmSegment,
+    /// The SVM produced bytes at these stream offsets (possibly none).
+    SvmBytes { start: i64, end: i64 },
+    /// The SVM's FIN became known: every held segment may now be beyond it.
+    SvmFin,
+}
+
+/// Whether a held segment may go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    Ready,
+    Wait,
+    Diverged(CheckpointReason),
+}
+
+/// What the SVM has shown so far of the connection's control flow.
+#[derive(Debug, Default)]
+struct SvmControl {
+    syn: bool,
+    fin: Option<i64>,
+    rst: bool,
+    /// The furthest acknowledgement the SVM sent.
+    ack: Option<u32>,
+}
+
+/// The comparator of one TCP connection's VM-to-client direction.
+#[derive(Debug)]
+pub struct StreamComparator {
+    limits: ComparatorLimits,
+    origin: Origin,
+    pvm_map: Option<SequenceMap>,
+    svm_map: Option<SequenceMap>,
+    held: VecDeque<HeldSegment>,
+    held_bytes: usize,
+    svm_bytes: SvmStream,
+    svm: SvmControl,
+    released: ReleasedRanges,
+    /// The PVM's furthest sequence-space end and acknowledgement, for the state after a
+    /// checkpoint.
+    pvm_end: Option<i64>,
+    pvm_ack: Option<u32>,
+    /// Set once a checkpoint was requested; the connection then only holds.
+    stalled: bool,
+    /// A PVM FIN or RST was released: the VM closed its side of the connection.
+    closed: bool,
+}
+
+impl StreamComparator {
+    /// A comparator for a connection not seen before.
+    pub fn new(limits: ComparatorLimits) -> Self {
+        StreamComparator {
+            limits,
+            origin: Origin::Unknown,
+            pvm_map: None,
+            svm_map: None,
+            held: VecDeque::new(),
+            held_bytes: 0,
+            svm_bytes: SvmStream::default(),
+            svm: SvmControl::default(),
+            released: ReleasedRanges::new(-1),
+            pvm_end: None,
+            pvm_ack: None,
+            stalled: false,
+            closed: false,
+        }
+    }
+
+    /// PVM packets held right now.
+    pub fn held_packets(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Payload bytes kept for comparison right now (PVM held plus SVM ahead).
+    pub fn buffered_bytes(&self) -> usize {
+        self.held_bytes + self.svm_bytes.bytes()
+    }
+
+    /// Whether a checkpoint was requested and the connection waits for [`Self::reset`].
+    pub fn needs_checkpoint(&self) -> bool {
+        self.stalled
+    }
+
+    /// Whether the VM's side of the connection is finished (its FIN or RST was released) and
+    /// nothing is held: the comparator can be dropped, and a new SYN on the same addresses
+    /// starts a new connection rather than a divergence.
+    pub fn is_finished(&self) -> bool {
+        self.closed && self.held.is_empty()
+    }
+
+    /// The oldest PVM packet still held; the caller knows when it arrived and asks for a
+    /// checkpoint when it waited too long.
+    pub fn oldest_held(&self) -> Option<PacketId> {
+        self.held.front().map(|segment| segment.id)
+    }
+
+    /// The PVM sent `segment` (packet `id`); the comparator now holds it until it appears in
+    /// an [`Action::Release`] or is returned by [`Self::reset`].
+    pub fn push_pvm(&mut self, id: PacketId, segment: &Segment<'_>, actions: &mut Vec<Action>) {
+        self.decide_origin(segment);
+        let map = match self.pvm_map {
+            Some(map) => map,
+            None if segment.syn => *self.pvm_map.insert(SequenceMap::new(segment.seq, -1)),
+            None => {
+                // Cannot be placed; hold it whole until the checkpoint.
+                self.held.push_back(HeldSegment {
+                    id,
+                    start: 0,
+                    payload: Vec::new(),
+                    syn: false,
+                    fin: false,
+                    rst: segment.rst,
+                    ack: segment.ack,
+                });
+                self.stall(CheckpointReason::SegmentBeforeSyn, actions);
+                return;
+            }
+        };
+        let held = HeldSegment {
+            id,
+            start: map.offset(segment.seq),
+            // A stalled connection keeps only the id: its packets wait for the checkpoint.
+            payload: if self.stalled {
+                Vec::new()
+            } else {
+                segment.payload.to_vec()
+            },
+            syn: segment.syn,
+            fin: segment.fin,
+            rst: segment.rst,
+            ack: segment.ack,
+        };
+        // From the segment, not `held`: a stalled connection's copy has no payload.
+        let end = held.data_start() + segment.payload.len() as i64 + i64::from(held.fin);
+        if let Some(map) = &mut self.pvm_map {
+            map.advance_to(end);
+        }
+        self.pvm_end = Some(self.pvm_end.map_or(end, |e| e.max(end)));
+        if let Some(ack) = segment.ack {
+            self.pvm_ack = Some(match self.pvm_ack {
+                Some(known) if seq_at_or_after(known, ack) => known,
+                _ => ack,
+            });
+        }
+        let syn_consistent = !segment.syn || self.syn_is_consistent(held.start);
+        self.held_bytes += held.payload.len();
+        self.held.push_back(held);
+        if syn_consistent {
+            self.settle(Change::NewestPvmSegment, actions);
+        } else {
+            self.stall(CheckpointReason::SynDiffers, actions);
+        }
+    }
+
+    /// The SVM sent `segment`. SVM packets are never forwarded; they only let PVM packets go.
+    pub fn push_svm(&mut self, segment: &Segment<'_>, actions: &mut Vec<Action>) {
+        if self.stalled {
+            return;
+        }
+        self.decide_origin(segment);
+        let map = match self.svm_map {
+            Some(map) => map,
+            None if segment.syn => *self.svm_map.insert(SequenceMap::new(segment.seq, -1)),
+            None => {
+                self.stall(CheckpointReason::SegmentBeforeSyn, actions);
+                return;
+            }
+        };
+        let start = map.offset(segment.seq);
+        if segment.syn {
+            if !self.syn_is_consistent(start) {
+                self.stall(CheckpointReason::SynDiffers, actions);
+                return;
+            }
+            self.svm.syn = true;
+        }
+        let data_start = start + i64::from(segment.syn);
+        let data_end = data_start + segment.payload.len() as i64;
+        if let Some(map) = &mut self.svm_map {
+            map.advance_to(data_end + i64::from(segment.fin));
+        }
+        // Bytes below the floor were released already; the SVM is only retransmitting them.
+        let floor = self.released.floor();
+        if data_end > floor {
+            let skip = (floor - data_start).max(0);
+            self.svm_bytes
+                .insert(data_start + skip, &segment.payload[skip as usize..]);
+        }
+        let mut change = Change::SvmBytes {
+            start: data_start,
+            end: data_end,
+        };
+        if segment.fin {
+            match self.svm.fin {
+                None => {
+                    self.svm.fin = Some(data_end);
+                    change = Change::SvmFin;
+                }
+                Some(known) if known == data_end => {}
+                Some(_) => {
+                    self.stall(CheckpointReason::FinDiffers, actions);
+                    return;
+                }
+            }
+        }
+        self.svm.rst |= segment.rst;
+        if let Some(ack) = segment.ack {
+            self.svm.ack = Some(match self.svm.ack {
+                Some(known) if seq_at_or_after(known, ack) => known,
+                _ => ack,
+            });
+        }
+        self.settle(change, actions);
+    }
+
+    /// The epoch logic adopted a checkpoint: both VMs are now the PVM's state. Returns every
+    /// held PVM packet, oldest first, for the caller to release, and restarts the comparison
+    /// from the PVM's current position with both sides sharing its sequence numbers.
+    pub fn reset(&mut self) -> Vec<PacketId> {
+        let held: Vec<PacketId> = self.held.drain(..).map(|segment| segment.id).collect();
+        let anchor = match (self.pvm_map, self.pvm_end) {
+            (Some(map), Some(end)) => Some(map.seq(end)),
+            _ => None,
+        };
+        let pvm_ack = self.pvm_ack;
+        *self = StreamComparator::new(self.limits);
+        if let Some(anchor) = anchor {
+            self.start_shared(anchor);
+            // The SVM is a copy of the PVM now, so it holds every byte the PVM acknowledged.
+            self.svm.ack = pvm_ack;
+            self.pvm_ack = pvm_ack;
+        }
+        held
+    }
+
+    fn decide_origin(&mut self, segment: &Segment<'_>) {
+        if self.origin == Origin::Unknown {
+            if segment.syn {
+                self.origin = Origin::Handshake;
+            } else {
+                // First seen mid-stream: assume both sides are at the same sequence numbers,
+                // as they are after a checkpoint. Bytes a reordered earlier segment carries
+                // (negative offsets) then pass as already released; the daemon starts every
+                // protection period with a checkpoint, so this only covers that first moment.
+                self.start_shared(segment.seq);
+            }
+        }
+    }
+
+    /// A SYN belongs at offset -1 of a connection that began with a handshake; in a shared
+    /// (already running) connection only a retransmitted old SYN, below offset 0, is normal.
+    /// Anything else is a new connection on the same addresses in one VM only.
+    fn syn_is_consistent(&self, start: i64) -> bool {
+        match self.origin {
+            Origin::Handshake => start == -1,
+            Origin::Shared => start < 0,
+            Origin::Unknown => false,
+        }
+    }
+
+    fn start_shared(&mut self, anchor: u32) {
+        self.origin = Origin::Shared;
+        self.pvm_map = Some(SequenceMap::new(anchor, 0));
+        self.svm_map = Some(SequenceMap::new(anchor, 0));
+        self.released = ReleasedRanges::new(0);
+        self.pvm_end = Some(0);
+    }
+
+    fn stall(&mut self, reason: CheckpointReason, actions: &mut Vec<Action>) {
+        if self.stalled {
+            return;
+        }
+        self.stalled = true;
+        // Nothing is compared any more: keep only the ids, so memory stays bounded.
+        for segment in &mut self.held {
+            segment.payload = Vec::new();
+        }
+        self.held_bytes = 0;
+        self.svm_bytes.clear();
+        actions.push(Action::CheckpointNeeded(reason));
+    }
+
+    /// Looks for divergence where `change` could have caused one (a difference behind a
+    /// waiting segment must not wait for it), then releases what can go, in the PVM's order.
+    fn settle(&mut self, change: Change, actions: &mut Vec<Action>) {
+        if self.stalled {
+            return;
+        }
+        let diverged = |segment: &HeldSegment| match self.verdict(segment) {
+            Verdict::Diverged(reason) => Some(reason),
+            _ => None,
+        };
+        let divergence = match change {
+            Change::NewestPvmSegment => self.held.back().and_then(diverged),
+            Change::SvmBytes { start, end } => self
+                .held
+                .iter()
+                .find_map(|segment| self.bytes_diverge(segment, start, end)),
+            Change::SvmFin => self.held.iter().find_map(diverged),
+        };
+        if let Some(reason) = divergence {
+            self.stall(reason, actions);
+            return;
+        }
+        while let Some(front) = self.held.front() {
+            if self.verdict(front) != Verdict::Ready {
+                break;
+            }
+            let Some(segment) = self.held.pop_front() else {
+                break;
+            };
+            self.held_bytes -= segment.payload.len();
+            self.released.insert(segment.start, segment.end());
+            self.closed |= segment.fin || segment.rst;
+            actions.push(Action::Release(segment.id));
+        }
+        self.svm_bytes.forget_below(self.released.floor());
+        let buffered = self.buffered_bytes();
+        if buffered > self.limits.max_buffered_bytes {
+            self.stall(CheckpointReason::MemoryBound { bytes: buffered }, actions);
+        }
+    }
+
+    /// Whether the SVM's new bytes at `[start, end)` differ from `segment`'s there; only
+    /// that overlap is compared, the rest was compared when it arrived.
+    fn bytes_diverge(
+        &self,
+        segment: &HeldSegment,
+        start: i64,
+        end: i64,
+    ) -> Option<CheckpointReason> {
+        let from = start.max(segment.data_start()).max(self.released.floor());
+        let to = end.min(segment.data_end());
+        if from >= to {
+            return None;
+        }
+        let bytes = &segment.payload
+            [(from - segment.data_start()) as usize..(to - segment.data_start()) as usize];
+        match self.svm_bytes.compare(from, bytes) {
+            Coverage::Differs(offset) => Some(CheckpointReason::PayloadDiffers { offset }),
+            Coverage::Equal | Coverage::Incomplete => None,
+        }
+    }
+
+    fn verdict(&self, segment: &HeldSegment) -> Verdict {
+        let floor = self.released.floor();
+        let mut waiting = false;
+        if segment.syn && segment.start >= floor && !self.svm.syn {
+            waiting = true;
+        }
+        let data_start = segment.data_start().max(floor);
+        let data_end = segment.data_end();
+        if data_end > data_start {
+            if self.svm.fin.is_some_and(|fin| data_end > fin) {
+                return Verdict::Diverged(CheckpointReason::FinDiffers);
+            }
+            let skip = (data_start - segment.data_start()) as usize;
+            match self.svm_bytes.compare(data_start, &segment.payload[skip..]) {
+                Coverage::Equal => {}
+                Coverage::Incomplete => waiting = true,
+                Coverage::Differs(offset) => {
+                    return Verdict::Diverged(CheckpointReason::PayloadDiffers { offset });
+                }
+            }
+        }
+        if segment.fin && data_end >= floor {
+            match self.svm.fin {
+                None => waiting = true,
+                Some(fin) if fin == data_end => {}
+                Some(_) => return Verdict::Diverged(CheckpointReason::FinDiffers),
+            }
+        }
+        if segment.rst && !self.svm.rst {
+            waiting = true;
+        }
+        if let Some(ack) = segment.ack
+            && !self.svm.ack.is_some_and(|svm| seq_at_or_after(svm, ack))
+        {
+            waiting = true;
+        }
+        if waiting {
+            Verdict::Wait
+        } else {
+            Verdict::Ready
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,508 @@
+use proptest::prelude::*;
+
+use super::*;
+
+const CLIENT: u32 = 5000;
+
+/// An owned segment, so scenarios can be built, shuffled and replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Owned {
+    seq: u32,
+    ack: Option<u32>,
+    syn: bool,
+    fin: bool,
+    rst: bool,
+    payload: Vec<u8>,
+}
+
+impl Owned {
+    fn data(seq: u32, ack: u32, payload: &[u8]) -> Self {
+        Owned {
+            seq,
+            ack: Some(ack),
+            syn: false,
+            fin: false,
+            rst: false,
+            payload: payload.to_vec(),
+        }
+    }
+
+    fn syn(isn: u32) -> Self {
+        Owned {
+            syn: true,
+            ..Owned::data(isn, CLIENT, b"")
+        }
+    }
+
+    fn view(&self) -> Segment<'_> {
+        Segment {
+            seq: self.seq,
+            ack: self.ack,
+            syn: self.syn,
+            fin: self.fin,
+            rst: self.rst,
+            payload: &self.payload,
+        }
+    }
+}
+
+/// Drives one comparator and records what it said.
+struct Harness {
+    comparator: StreamComparator,
+    next_id: u64,
+    pvm_sent: Vec<Owned>,
+    released: Vec<PacketId>,
+    checkpoints: Vec<CheckpointReason>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with_limits(ComparatorLimits::default())
+    }
+
+    fn with_limits(limits: ComparatorLimits) -> Self {
+        Harness {
+            comparator: StreamComparator::new(limits),
+            next_id: 0,
+            pvm_sent: Vec::new(),
+            released: Vec::new(),
+            checkpoints: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, actions: Vec<Action>) -> Vec<PacketId> {
+        let mut released_now = Vec::new();
+        for action in actions {
+            match action {
+                Action::Release(id) => {
+                    assert!(!self.released.contains(&id), "{id:?} released twice");
+                    released_now.push(id);
+                    self.released.push(id);
+                }
+                Action::CheckpointNeeded(reason) => self.checkpoints.push(reason),
+            }
+        }
+        released_now
+    }
+
+    fn pvm(&mut self, segment: &Owned) -> Vec<PacketId> {
+        let id = PacketId(self.next_id);
+        self.next_id += 1;
+        self.pvm_sent.push(segment.clone());
+        let mut actions = Vec::new();
+        self.comparator.push_pvm(id, &segment.view(), &mut actions);
+        self.record(actions)
+    }
+
+    fn svm(&mut self, segment: &Owned) -> Vec<PacketId> {
+        let mut actions = Vec::new();
+        self.comparator.push_svm(&segment.view(), &mut actions);
+        self.record(actions)
+    }
+}
+
+#[test]
+fn pvm_bytes_wait_for_the_same_bytes_from_the_svm_whatever_the_segmentation() {
+    let mut h = Harness::new();
+    // Different ISNs on the two sides: offsets count from each side's own SYN.
+    assert!(h.pvm(&Owned::syn(100)).is_empty());
+    assert_eq!(h.svm(&Owned::syn(9000)), vec![PacketId(0)]);
+    assert!(h.pvm(&Owned::data(101, CLIENT, b"hello world")).is_empty());
+    assert!(h.svm(&Owned::data(9001, CLIENT, b"hello")).is_empty());
+    assert_eq!(
+        h.svm(&Owned::data(9006, CLIENT, b" world")),
+        vec![PacketId(1)]
+    );
+    // The SVM ahead: the PVM's segment goes at once.
+    assert!(h.svm(&Owned::data(9012, CLIENT, b"!!")).is_empty());
+    assert_eq!(h.pvm(&Owned::data(112, CLIENT, b"!!")), vec![PacketId(2)]);
+    assert!(h.checkpoints.is_empty());
+    assert_eq!(h.comparator.buffered_bytes(), 0);
+}
+
+#[test]
+fn a_pvm_ack_waits_for_the_svm_to_acknowledge_as_far() {
+    let mut h = Harness::new();
+    h.svm(&Owned::syn(1));
+    h.pvm(&Owned::syn(1));
+    assert!(h.pvm(&Owned::data(2, CLIENT + 100, b"")).is_empty());
+    assert!(h.svm(&Owned::data(2, CLIENT + 99, b"")).is_empty());
+    assert_eq!(h.svm(&Owned::data(2, CLIENT + 100, b"")), vec![PacketId(1)]);
+}
+
+#[test]
+fn fin_must_match_in_offset() {
+    let mut h = Harness::new();
+    h.svm(&Owned::syn(1));
+    h.pvm(&Owned::syn(1));
+    let fin = |seq| Owned {
+        fin: true,
+        ..Owned::data(seq, CLIENT, b"")
+    };
+    h.pvm(&fin(2));
+    h.svm(&Owned::data(2, CLIENT, b"x"));
+    h.svm(&fin(3));
+    assert_eq!(h.checkpoints, vec![CheckpointReason::FinDiffers]);
+    assert_eq!(h.released, vec![PacketId(0)]);
+}
+
+#[test]
+fn rst_waits_for_the_svm_rst() {
+    let mut h = Harness::new();
+    h.svm(&Owned::syn(1));
+    h.pvm(&Owned::syn(1));
+    let rst = Owned {
+        rst: true,
+        ..Owned::data(2, CLIENT, b"")
+    };
+    assert!(h.pvm(&rst).is_empty());
+    assert!(h.svm(&Owned::data(2, CLIENT, b"")).is_empty());
+    assert_eq!(h.svm(&rst), vec![PacketId(1)]);
+}
+
+#[test]
+fn retransmission_of_released_bytes_passes_after_the_svm_bytes_are_forgotten() {
+    let mut h = Harness::new();
+    h.svm(&Owned::syn(1));
+    h.pvm(&Owned::syn(1));
+    h.svm(&Owned::data(2, CLIENT, b"abcdef"));
+    assert_eq!(h.pvm(&Owned::data(2, CLIENT, b"abcdef")), vec![PacketId(1)]);
+    assert_eq!(h.comparator.buffered_bytes(), 0);
+    // Partly old, partly new: the new part still needs the SVM.
+    assert!(h.pvm(&Owned::data(5, CLIENT, b"defgh")).is_empty());
+    assert_eq!(h.svm(&Owned::data(8, CLIENT, b"gh")), vec![PacketId(2)]);
+    assert_eq!(h.pvm(&Owned::data(2, CLIENT, b"abc")), vec![PacketId(3)]);
+    assert!(h.checkpoints.is_empty());
+}
+
+#[test]
+fn a_syn_at_another_sequence_number_is_a_divergence() {
+    let mut h = Harness::new();
+    h.pvm(&Owned::syn(1));
+    h.svm(&Owned::syn(1));
+    h.svm(&Owned::syn(77)); // a new connection on the same addresses, in the SVM only
+    assert_eq!(h.checkpoints, vec![CheckpointReason::SynDiffers]);
+}
+
+#[test]
+fn data_before_the_svm_syn_cannot_be_placed() {
+    let mut h = Harness::new();
+    h.pvm(&Owned::syn(1));
+    h.svm(&Owned::data(2, CLIENT, b"x"));
+    assert_eq!(h.checkpoints, vec![CheckpointReason::SegmentBeforeSyn]);
+    assert_eq!(h.comparator.reset(), vec![PacketId(0)]);
+}
+
+#[test]
+fn the_memory_bound_requests_a_checkpoint_and_reset_hands_back_every_held_packet() {
+    let mut h = Harness::with_limits(ComparatorLimits {
+        max_buffered_bytes: 10,
+    });
+    h.svm(&Owned::syn(1));
+    h.pvm(&Owned::syn(1));
+    h.pvm(&Owned::data(2, CLIENT, b"0123456"));
+    assert!(h.checkpoints.is_empty());
+    h.pvm(&Owned::data(9, CLIENT, b"789ab"));
+    assert_eq!(
+        h.checkpoints,
+        vec![CheckpointReason::MemoryBound { bytes: 12 }]
+    );
+    assert!(h.comparator.needs_checkpoint());
+    assert_eq!(h.comparator.buffered_bytes(), 0);
+    // Still held, never dropped, and only one request.
+    h.pvm(&Owned::data(14, CLIENT, b"cd"));
+    h.svm(&Owned::data(2, CLIENT, b"0123456789abcd"));
+    assert_eq!(h.checkpoints.len(), 1);
+    assert_eq!(h.released, vec![PacketId(0)]);
+    assert_eq!(
+        h.comparator.reset(),
+        vec![PacketId(1), PacketId(2), PacketId(3)]
+    );
+    assert_eq!(h.comparator.held_packets(), 0);
+    assert!(!h.comparator.needs_checkpoint());
+}
+
+#[test]
+fn after_a_checkpoint_both_sides_share_the_pvm_sequence_numbers() {
+    let mut h = Harness::new();
+    h.pvm(&Owned::syn(1));
+    h.svm(&Owned::syn(700)); // the SVM had another ISN before the checkpoint
+    h.pvm(&Owned::data(2, CLIENT + 3, b"abc"));
+    assert_eq!(h.comparator.reset(), vec![PacketId(1)]);
+    // The SVM now continues from the PVM's numbers; it acknowledges what the PVM did.
+    assert_eq!(
+        h.pvm(&Owned::data(5, CLIENT + 3, b"de")),
+        Vec::<PacketId>::new()
+    );
+    assert_eq!(h.svm(&Owned::data(5, CLIENT + 3, b"de")), vec![PacketId(2)]);
+    // Retransmitted bytes from before the checkpoint, and the old SYN, pass.
+    assert_eq!(
+        h.pvm(&Owned::data(2, CLIENT + 3, b"abc")),
+        vec![PacketId(3)]
+    );
+    assert_eq!(h.pvm(&Owned::syn(1)), vec![PacketId(4)]);
+    // A difference after the checkpoint is still found; offsets now count from the
+    // checkpoint (sequence number 5).
+    h.pvm(&Owned::data(7, CLIENT + 3, b"f"));
+    h.svm(&Owned::data(7, CLIENT + 3, b"g"));
+    assert_eq!(
+        h.checkpoints,
+        vec![CheckpointReason::PayloadDiffers { offset: 2 }]
+    );
+}
+
+#[test]
+fn a_connection_first_seen_mid_stream_compares_from_there() {
+    let mut h = Harness::new();
+    h.pvm(&Owned::data(u32::MAX - 1, CLIENT, b"wrap"));
+    assert_eq!(
+        h.svm(&Owned::data(u32::MAX - 1, CLIENT, b"wrap")),
+        vec![PacketId(0)]
+    );
+    h.svm(&Owned::data(2, CLIENT, b"ok"));
+    assert_eq!(h.pvm(&Owned::data(2, CLIENT, b"ok")), vec![PacketId(1)]);
+}
+
+// ---- property tests -------------------------------------------------------------------
+
+/// One side's output of a connection carrying `data`: SYN(-ACK), the data cut at `cuts`,
+/// optionally a FIN; acknowledgements grow to `client_bytes` with the data.
+fn side_output(isn: u32, data: &[u8], cuts: &[usize], fin: bool, client_bytes: u32) -> Vec<Owned> {
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+    points.extend([0, data.len()]);
+    points.sort_unstable();
+    points.dedup();
+    let pieces: Vec<(usize, usize)> = points.windows(2).map(|w| (w[0], w[1])).collect();
+    let mut segments = vec![Owned::syn(isn)];
+    for (i, (from, to)) in pieces.iter().enumerate() {
+        let ack = CLIENT + client_bytes * (i as u32 + 1) / pieces.len() as u32;
+        segments.push(Owned::data(
+            isn.wrapping_add(1 + *from as u32),
+            ack,
+            &data[*from..*to],
+        ));
+    }
+    if fin {
+        segments.push(Owned {
+            fin: true,
+            ..Owned::data(
+                isn.wrapping_add(1 + data.len() as u32),
+                CLIENT + client_bytes,
+                b"",
+            )
+        });
+    }
+    segments
+}
+
+/// Reorders (never before the SYN) and retransmits some segments.
+fn disturb(
+    mut segments: Vec<Owned>,
+    swaps: &[(usize, usize)],
+    repeats: &[(usize, usize)],
+) -> Vec<Owned> {
+    let n = segments.len();
+    if n > 2 {
+        for (a, b) in swaps {
+            segments.swap(1 + a % (n - 1), 1 + b % (n - 1));
+        }
+    }
+    for (which, at) in repeats {
+        let copy = segments[which % n].clone();
+        let at = 1 + at % segments.len();
+        segments.insert(at, copy);
+    }
+    segments
+}
+
+#[derive(Debug, Clone)]
+struct Scenario {
+    data: Vec<u8>,
+    pvm_isn: u32,
+    svm_isn: u32,
+    fin: bool,
+    client_bytes: u32,
+    pvm_cuts: Vec<usize>,
+    svm_cuts: Vec<usize>,
+    pvm_swaps: Vec<(usize, usize)>,
+    svm_swaps: Vec<(usize, usize)>,
+    pvm_repeats: Vec<(usize, usize)>,
+    svm_repeats: Vec<(usize, usize)>,
+    interleave: Vec<bool>,
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    let cuts = || proptest::collection::vec(any::<usize>(), 0..12);
+    let swaps = || proptest::collection::vec((any::<usize>(), any::<usize>()), 0..6);
+    let repeats = || proptest::collection::vec((any::<usize>(), any::<usize>()), 0..3);
+    (
+        (
+            proptest::collection::vec(any::<u8>(), 0..1500),
+            any::<u32>(),
+            any::<u32>(),
+            any::<bool>(),
+            0u32..5000,
+        ),
+        (cuts(), cuts(), swaps(), swaps(), repeats(), repeats()),
+        proptest::collection::vec(any::<bool>(), 0..64),
+    )
+        .prop_map(
+            |(
+                (data, pvm_isn, svm_isn, fin, client_bytes),
+                (pc, sc, ps, ss, pr, sr),
+                interleave,
+            )| {
+                Scenario {
+                    data,
+                    pvm_isn,
+                    svm_isn,
+                    fin,
+                    client_bytes,
+                    pvm_cuts: pc,
+                    svm_cuts: sc,
+                    pvm_swaps: ps,
+                    svm_swaps: ss,
+                    pvm_repeats: pr,
+                    svm_repeats: sr,
+                    interleave,
+                }
+            },
+        )
+}
+
+/// Feeds both sides, interleaved as the scenario says; the SVM's data may differ.
+fn run(s: &Scenario, svm_data: &[u8]) -> Harness {
+    let pvm = disturb(
+        side_output(s.pvm_isn, &s.data, &s.pvm_cuts, s.fin, s.client_bytes),
+        &s.pvm_swaps,
+        &s.pvm_repeats,
+    );
+    let svm = disturb(
+        side_output(s.svm_isn, svm_data, &s.svm_cuts, s.fin, s.client_bytes),
+        &s.svm_swaps,
+        &s.svm_repeats,
+    );
+    let mut h = Harness::new();
+    let (mut p, mut q) = (pvm.iter(), svm.iter());
+    let mut turns = s.interleave.iter().copied().cycle();
+    loop {
+        let pvm_turn = turns.next().unwrap_or(true);
+        match (pvm_turn, p.len(), q.len()) {
+            (_, 0, 0) => break,
+            (true, 1.., _) | (false, 1.., 0) => {
+                let segment = p.next().unwrap();
+                h.pvm(segment);
+            }
+            _ => {
+                let segment = q.next().unwrap();
+                h.svm(segment);
+            }
+        }
+    }
+    h
+}
+
+/// Stream offsets of a PVM segment's data, relative to the PVM's ISN.
+fn data_range(segment: &Owned, isn: u32) -> std::ops::Range<i64> {
+    let start = i64::from(segment.seq.wrapping_sub(isn.wrapping_add(1))) + i64::from(segment.syn);
+    start..start + segment.payload.len() as i64
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Identical output, segmented, reordered and retransmitted differently on each side:
+    /// no checkpoint, every PVM packet released exactly once and in the PVM's order.
+    #[test]
+    fn identical_streams_release_everything_once_in_order(s in scenario()) {
+        let h = run(&s, &s.data);
+        prop_assert_eq!(&h.checkpoints, &Vec::new());
+        let all: Vec<PacketId> = (0..h.pvm_sent.len() as u64).map(PacketId).collect();
+        prop_assert_eq!(&h.released, &all);
+        prop_assert_eq!(h.comparator.buffered_bytes(), 0);
+        // Every byte of the stream went out in some released packet.
+        let mut covered = vec![false; s.data.len()];
+        for segment in &h.pvm_sent {
+            for offset in data_range(segment, s.pvm_isn) {
+                covered[offset as usize] = true;
+            }
+        }
+        prop_assert!(covered.iter().all(|c| *c));
+    }
+
+    /// One byte differs: a checkpoint is requested for that offset and no PVM packet carrying
+    /// it is ever released.
+    #[test]
+    fn one_differing_byte_requests_a_checkpoint_and_is_never_released(
+        s in scenario().prop_filter("needs data", |s| !s.data.is_empty()),
+        at in any::<usize>(),
+        flip in 1u8..,
+    ) {
+        let at = at % s.data.len();
+        let mut svm_data = s.data.clone();
+        svm_data[at] ^= flip;
+        let h = run(&s, &svm_data);
+        prop_assert_eq!(
+            &h.checkpoints,
+            &vec![CheckpointReason::PayloadDiffers { offset: at as i64 }]
+        );
+        for id in &h.released {
+            let segment = &h.pvm_sent[id.0 as usize];
+            prop_assert!(!data_range(segment, s.pvm_isn).contains(&(at as i64)));
+        }
+    }
+
+    /// With acknowledgements unrelated between the sides, no PVM packet is released before
+    /// the SVM acknowledged at least as far.
+    #[test]
+    fn a_pvm_ack_is_never_released_beyond_the_svm_ack(
+        data in proptest::collection::vec(any::<u8>(), 0..200),
+        pvm_acks in proptest::collection::vec(0u32..100, 1..12),
+        svm_acks in proptest::collection::vec(0u32..100, 1..12),
+        interleave in proptest::collection::vec(any::<bool>(), 1..24),
+    ) {
+        let with_acks = |acks: &[u32]| -> Vec<Owned> {
+            let mut segments = side_output(40, &data, &[], false, 0);
+            for (i, ack) in acks.iter().enumerate() {
+                let mut segment = segments[1.min(segments.len() - 1)].clone();
+                segment.ack = Some(CLIENT.wrapping_add(*ack));
+                segment.syn = false;
+                segment.seq = 41;
+                if i > 0 {
+                    segment.payload.clear();
+                    segment.seq = 41 + data.len() as u32;
+                }
+                segments.push(segment);
+            }
+            segments
+        };
+        let pvm = with_acks(&pvm_acks);
+        let svm = with_acks(&svm_acks);
+        let mut h = Harness::new();
+        let mut svm_max: Option<u32> = None;
+        let (mut p, mut q) = (pvm.iter(), svm.iter());
+        for pvm_turn in interleave.iter().cycle().take(pvm.len() + svm.len()) {
+            let released = if *pvm_turn || q.len() == 0 {
+                match p.next() {
+                    Some(segment) => h.pvm(segment),
+                    None => continue,
+                }
+            } else {
+                let segment = q.next().unwrap();
+                if let Some(ack) = segment.ack {
+                    svm_max = Some(match svm_max {
+                        Some(m) if seq_at_or_after(m, ack) => m,
+                        _ => ack,
+                    });
+                }
+                h.svm(segment)
+            };
+            for id in released {
+                if let Some(ack) = h.pvm_sent[id.0 as usize].ack {
+                    prop_assert!(svm_max.is_some_and(|m| seq_at_or_after(m, ack)));
+                }
+            }
+        }
+        prop_assert!(h.checkpoints.is_empty());
+    }
+}

@@ -1,0 +1,340 @@
+//! The comparison engine of one VM pair: routes every frame of the PVM's and the SVM's output
+//! to the comparator of its flow, applies the bypass rules and the policy for uncompared
+//! traffic, and watches the bounds that span flows (total memory, hold time).
+//!
+//! Time is passed in by the caller (a monotonic clock reading as a [`Duration`]), so the engine
+//! stays pure and its tests need no clock.
+
+mod classify;
+mod policy;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::compare::{
+    Action, CheckpointReason, ComparatorLimits, DEFAULT_REORDER_WINDOW, DatagramComparator,
+    PacketId, StreamComparator,
+};
+use crate::packet::FlowKey;
+use classify::{Class, classify};
+pub use policy::{BypassRule, UncomparedPolicy};
+
+/// The engine's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Bounds of each TCP connection's comparison.
+    pub per_connection: ComparatorLimits,
+    /// Bound of all flows' comparison buffers together.
+    pub max_total_buffered_bytes: usize,
+    /// The longest a PVM packet may wait for its match before a checkpoint is requested.
+    pub max_hold: Duration,
+    /// How far either side of a datagram flow may run ahead.
+    pub reorder_window: usize,
+    /// What happens to PVM frames that are not compared.
+    pub uncompared: UncomparedPolicy,
+    /// Flows released without comparison.
+    pub bypass: Vec<BypassRule>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            per_connection: ComparatorLimits::default(),
+            max_total_buffered_bytes: 64 * 1024 * 1024,
+            // The COLO paper's bound on unmatched output.
+            max_hold: Duration::from_millis(200),
+            reorder_window: DEFAULT_REORDER_WINDOW,
+            uncompared: UncomparedPolicy::default(),
+            bypass: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum FlowComparator {
+    Stream(StreamComparator),
+    Datagram(DatagramComparator),
+}
+
+impl FlowComparator {
+    fn buffered_bytes(&self) -> usize {
+        match self {
+            FlowComparator::Stream(c) => c.buffered_bytes(),
+            FlowComparator::Datagram(c) => c.buffered_bytes(),
+        }
+    }
+
+    fn oldest_held(&self) -> Option<PacketId> {
+        match self {
+            FlowComparator::Stream(c) => c.oldest_held(),
+            FlowComparator::Datagram(c) => c.oldest_held(),
+        }
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineCounters {
+    /// PVM payload bytes released uncompared because of a bypass rule.
+    pub bypassed_bytes: u64,
+    /// PVM frames that no comparator reads (handled by [`UncomparedPolicy`]).
+    pub uncompared_frames: u64,
+}
+
+/// Compares a VM pair's output flow by flow.
+#[derive(Debug)]
+pub struct ComparisonEngine {
+    config: EngineConfig,
+    flows: HashMap<FlowKey, FlowComparator>,
+    /// When each held PVM packet arrived.
+    arrivals: HashMap<PacketId, Duration>,
+    /// PVM packets held outside any comparator (policy or engine-wide bound).
+    held_uncompared: Vec<PacketId>,
+    total_buffered: usize,
+    /// Set when the engine-wide memory bound was reached: nothing is compared until reset.
+    stalled: bool,
+    timeout_requested: bool,
+    counters: EngineCounters,
+}
+
+impl ComparisonEngine {
+    /// An engine with no flows.
+    pub fn new(config: EngineConfig) -> Self {
+        ComparisonEngine {
+            config,
+            flows: HashMap::new(),
+            arrivals: HashMap::new(),
+            held_uncompared: Vec::new(),
+            total_buffered: 0,
+            stalled: false,
+            timeout_requested: false,
+            counters: EngineCounters::default(),
+        }
+    }
+
+    /// PVM packets held right now.
+    pub fn held_packets(&self) -> usize {
+        self.arrivals.len()
+    }
+
+    /// Bytes all comparators keep right now.
+    pub fn buffered_bytes(&self) -> usize {
+        self.total_buffered
+    }
+
+    /// Flows known right now.
+    pub fn flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// The counters since the engine was created.
+    pub fn counters(&self) -> EngineCounters {
+        self.counters
+    }
+
+    /// The PVM sent this Ethernet frame (packet `id`, arrived at `now`). Every packet ends in
+    /// an [`Action::Release`] or in the list [`Self::reset`] returns, exactly once.
+    pub fn push_pvm(
+        &mut self,
+        id: PacketId,
+        ethernet: &[u8],
+        now: Duration,
+        actions: &mut Vec<Action>,
+    ) {
+        let class = classify(ethernet);
+        let key = match &class {
+            Class::Stream(key, _) | Class::Datagram(key, _) => Some(*key),
+            Class::Uncompared => None,
+        };
+        if let Some(key) = key
+            && self.config.bypass.iter().any(|rule| rule.matches(&key))
+        {
+            self.counters.bypassed_bytes += ethernet.len() as u64;
+            actions.push(Action::Release(id));
+            return;
+        }
+        self.arrivals.insert(id, now);
+        if self.stalled {
+            self.held_uncompared.push(id);
+            return;
+        }
+        let mut produced = Vec::new();
+        match class {
+            Class::Uncompared => {
+                self.counters.uncompared_frames += 1;
+                match self.config.uncompared {
+                    UncomparedPolicy::ReleasePrimary => produced.push(Action::Release(id)),
+                    UncomparedPolicy::HoldUntilCheckpoint => self.held_uncompared.push(id),
+                }
+            }
+            Class::Stream(key, segment) => {
+                let limits = self.config.per_connection;
+                let mut misrouted = false;
+                self.with_flow(key, |flow| match stream_flow(flow, limits, segment.syn) {
+                    Some(comparator) => comparator.push_pvm(id, &segment, &mut produced),
+                    None => misrouted = true,
+                });
+                if misrouted {
+                    self.held_uncompared.push(id);
+                }
+            }
+            Class::Datagram(key, bytes) => {
+                let window = self.config.reorder_window;
+                let mut misrouted = false;
+                self.with_flow(key, |flow| match datagram_flow(flow, window) {
+                    Some(comparator) => comparator.push_pvm(id, &bytes, &mut produced),
+                    None => misrouted = true,
+                });
+                if misrouted {
+                    self.held_uncompared.push(id);
+                }
+            }
+        }
+        self.emit(produced, actions);
+    }
+
+    /// The SVM sent this Ethernet frame. SVM frames are never forwarded.
+    pub fn push_svm(&mut self, ethernet: &[u8], actions: &mut Vec<Action>) {
+        if self.stalled {
+            return;
+        }
+        let mut produced = Vec::new();
+        match classify(ethernet) {
+            Class::Uncompared => return,
+            Class::Stream(key, segment) => {
+                if self.is_bypassed(&key) {
+                    return;
+                }
+                let limits = self.config.per_connection;
+                self.with_flow(key, |flow| {
+                    if let Some(comparator) = stream_flow(flow, limits, segment.syn) {
+                        comparator.push_svm(&segment, &mut produced);
+                    }
+                });
+            }
+            Class::Datagram(key, bytes) => {
+                if self.is_bypassed(&key) {
+                    return;
+                }
+                let window = self.config.reorder_window;
+                self.with_flow(key, |flow| {
+                    if let Some(comparator) = datagram_flow(flow, window) {
+                        comparator.push_svm(&bytes, &mut produced);
+                    }
+                });
+            }
+        }
+        self.emit(produced, actions);
+    }
+
+    /// Asks for a checkpoint (once per epoch) if a PVM packet has waited longer than
+    /// `max_hold` at `now`. Call it from the daemon's timer.
+    pub fn check_hold_time(&mut self, now: Duration, actions: &mut Vec<Action>) {
+        if self.timeout_requested {
+            return;
+        }
+        let oldest = self
+            .flows
+            .values()
+            .filter_map(FlowComparator::oldest_held)
+            .chain(self.held_uncompared.first().copied())
+            .filter_map(|id| self.arrivals.get(&id))
+            .min();
+        if let Some(arrived) = oldest
+            && now.saturating_sub(*arrived) > self.config.max_hold
+        {
+            self.timeout_requested = true;
+            actions.push(Action::CheckpointNeeded(CheckpointReason::HoldTimeout));
+        }
+    }
+
+    /// A checkpoint was adopted: returns every held PVM packet (in ascending id order) for
+    /// the caller to release and restarts the comparison of every flow.
+    pub fn reset(&mut self) -> Vec<PacketId> {
+        let mut held: Vec<PacketId> = std::mem::take(&mut self.held_uncompared);
+        // Datagram flows keep no state worth keeping across a checkpoint, nor do finished
+        // connections.
+        self.flows.retain(|_, flow| match flow {
+            FlowComparator::Stream(c) => {
+                let finished = c.is_finished();
+                held.extend(c.reset());
+                !finished
+            }
+            FlowComparator::Datagram(c) => {
+                held.extend(c.reset());
+                false
+            }
+        });
+        held.sort_unstable();
+        self.arrivals.clear();
+        self.total_buffered = 0;
+        self.stalled = false;
+        self.timeout_requested = false;
+        held
+    }
+
+    fn is_bypassed(&self, key: &FlowKey) -> bool {
+        self.config.bypass.iter().any(|rule| rule.matches(key))
+    }
+
+    /// Runs `f` on the flow's comparator slot and keeps the total of buffered bytes.
+    fn with_flow(&mut self, key: FlowKey, f: impl FnOnce(&mut Option<FlowComparator>)) {
+        let mut slot = self.flows.remove(&key);
+        let before = slot.as_ref().map_or(0, FlowComparator::buffered_bytes);
+        f(&mut slot);
+        let after = slot.as_ref().map_or(0, FlowComparator::buffered_bytes);
+        self.total_buffered = self.total_buffered.saturating_sub(before) + after;
+        if let Some(flow) = slot {
+            self.flows.insert(key, flow);
+        }
+    }
+
+    fn emit(&mut self, produced: Vec<Action>, actions: &mut Vec<Action>) {
+        for action in &produced {
+            if let Action::Release(id) = action {
+                self.arrivals.remove(id);
+            }
+        }
+        actions.extend(produced);
+        if !self.stalled && self.total_buffered > self.config.max_total_buffered_bytes {
+            self.stalled = true;
+            actions.push(Action::CheckpointNeeded(
+                CheckpointReason::TotalMemoryBound {
+                    bytes: self.total_buffered,
+                },
+            ));
+        }
+    }
+}
+
+// The flow key contains the IP protocol, so a TCP key never names a datagram flow or the
+// reverse; the `None` arms exist so that even a broken invariant holds a packet instead of
+// losing it or panicking.
+
+fn stream_flow(
+    flow: &mut Option<FlowComparator>,
+    limits: ComparatorLimits,
+    syn: bool,
+) -> Option<&mut StreamComparator> {
+    // A SYN on a finished connection's addresses opens a new connection (port reuse).
+    if syn && matches!(flow, Some(FlowComparator::Stream(c)) if c.is_finished()) {
+        *flow = None;
+    }
+    match flow.get_or_insert_with(|| FlowComparator::Stream(StreamComparator::new(limits))) {
+        FlowComparator::Stream(c) => Some(c),
+        FlowComparator::Datagram(_) => None,
+    }
+}
+
+fn datagram_flow(
+    flow: &mut Option<FlowComparator>,
+    window: usize,
+) -> Option<&mut DatagramComparator> {
+    match flow.get_or_insert_with(|| FlowComparator::Datagram(DatagramComparator::new(window))) {
+        FlowComparator::Datagram(c) => Some(c),
+        FlowComparator::Stream(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

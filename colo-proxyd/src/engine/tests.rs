@@ -1,0 +1,214 @@
+use std::time::Duration;
+
+use super::*;
+use crate::packet::tests::{ethernet, ipv4, tcp, udp, valid_frames};
+use crate::packet::{ETHERTYPE_IPV4, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+
+const SYN_ACK: u8 = 0x12;
+const PSH_ACK: u8 = 0x18;
+
+fn tcp_frame(seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+    ethernet(
+        ETHERTYPE_IPV4,
+        None,
+        &ipv4(PROTO_TCP, 0, &tcp(seq, 77, flags, &[], payload)),
+    )
+}
+
+fn udp_frame(payload: &[u8]) -> Vec<u8> {
+    ethernet(ETHERTYPE_IPV4, None, &ipv4(PROTO_UDP, 0, &udp(payload)))
+}
+
+fn arp_frame() -> Vec<u8> {
+    valid_frames().swap_remove(5)
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+struct Run {
+    engine: ComparisonEngine,
+    actions: Vec<Action>,
+    next_id: u64,
+}
+
+impl Run {
+    fn new(config: EngineConfig) -> Self {
+        Run {
+            engine: ComparisonEngine::new(config),
+            actions: Vec::new(),
+            next_id: 0,
+        }
+    }
+
+    fn pvm_at(&mut self, frame: &[u8], now: Duration) -> PacketId {
+        let id = PacketId(self.next_id);
+        self.next_id += 1;
+        self.engine.push_pvm(id, frame, now, &mut self.actions);
+        id
+    }
+
+    fn pvm(&mut self, frame: &[u8]) -> PacketId {
+        self.pvm_at(frame, Duration::ZERO)
+    }
+
+    fn svm(&mut self, frame: &[u8]) {
+        self.engine.push_svm(frame, &mut self.actions);
+    }
+
+    fn take(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+}
+
+fn released(ids: &[u64]) -> Vec<Action> {
+    ids.iter().map(|i| Action::Release(PacketId(*i))).collect()
+}
+
+#[test]
+fn tcp_flows_are_compared_on_the_stream() {
+    let mut run = Run::new(EngineConfig::default());
+    run.pvm(&tcp_frame(100, SYN_ACK, b""));
+    run.pvm(&tcp_frame(101, PSH_ACK, b"hello"));
+    run.svm(&tcp_frame(9000, SYN_ACK, b""));
+    run.svm(&tcp_frame(9001, PSH_ACK, b"hel"));
+    assert_eq!(run.take(), released(&[0]));
+    assert_eq!(run.engine.buffered_bytes(), 5 + 3);
+    run.svm(&tcp_frame(9004, PSH_ACK, b"lo"));
+    assert_eq!(run.take(), released(&[1]));
+    assert_eq!(run.engine.held_packets(), 0);
+    assert_eq!(run.engine.buffered_bytes(), 0);
+    assert_eq!(run.engine.flows(), 1);
+}
+
+#[test]
+fn udp_and_icmp_are_compared_per_datagram() {
+    let mut run = Run::new(EngineConfig {
+        reorder_window: 1,
+        ..EngineConfig::default()
+    });
+    let echo = |body: &[u8]| {
+        let mut icmp = vec![0, 0, 0, 0];
+        icmp.extend_from_slice(body);
+        ethernet(ETHERTYPE_IPV4, None, &ipv4(PROTO_ICMP, 0, &icmp))
+    };
+    run.pvm(&udp_frame(b"one"));
+    run.pvm(&echo(b"ping"));
+    run.svm(&echo(b"ping"));
+    run.svm(&udp_frame(b"one"));
+    assert_eq!(run.take(), released(&[1, 0]));
+    run.pvm(&udp_frame(b"two"));
+    run.pvm(&udp_frame(b"three"));
+    run.svm(&udp_frame(b"2"));
+    assert_eq!(
+        run.take(),
+        vec![Action::CheckpointNeeded(CheckpointReason::DatagramsDiffer)]
+    );
+    assert_eq!(run.engine.reset(), vec![PacketId(2), PacketId(3)]);
+    assert_eq!(run.engine.flows(), 0, "datagram flows end at a checkpoint");
+}
+
+#[test]
+fn uncompared_traffic_follows_the_policy() {
+    let mut run = Run::new(EngineConfig::default());
+    run.pvm(&arp_frame());
+    run.pvm(&[0xFF; 9]); // not even an Ethernet header
+    assert_eq!(run.take(), released(&[0, 1]));
+    assert_eq!(run.engine.counters().uncompared_frames, 2);
+
+    let mut run = Run::new(EngineConfig {
+        uncompared: UncomparedPolicy::HoldUntilCheckpoint,
+        ..EngineConfig::default()
+    });
+    run.pvm(&arp_frame());
+    run.svm(&arp_frame()); // SVM frames never release anything uncompared
+    assert!(run.take().is_empty());
+    assert_eq!(run.engine.reset(), vec![PacketId(0)]);
+}
+
+#[test]
+fn bypassed_flows_are_released_uncompared() {
+    let mut run = Run::new(EngineConfig {
+        bypass: vec![BypassRule {
+            protocol: Some(PROTO_UDP),
+            port: Some(53),
+            ..BypassRule::default()
+        }],
+        ..EngineConfig::default()
+    });
+    let frame = udp_frame(b"nondeterministic");
+    run.pvm(&frame);
+    run.svm(&udp_frame(b"something else"));
+    assert_eq!(run.take(), released(&[0]));
+    assert_eq!(run.engine.counters().bypassed_bytes, frame.len() as u64);
+    assert_eq!(run.engine.flows(), 0);
+}
+
+#[test]
+fn a_packet_held_too_long_requests_one_checkpoint() {
+    let mut run = Run::new(EngineConfig::default());
+    run.pvm_at(&udp_frame(b"late"), ms(1000));
+    run.pvm_at(&udp_frame(b"later"), ms(1150));
+    run.engine.check_hold_time(ms(1200), &mut run.actions);
+    assert!(run.take().is_empty());
+    run.engine.check_hold_time(ms(1201), &mut run.actions);
+    assert_eq!(
+        run.take(),
+        vec![Action::CheckpointNeeded(CheckpointReason::HoldTimeout)]
+    );
+    run.engine.check_hold_time(ms(5000), &mut run.actions);
+    assert!(run.take().is_empty(), "once per epoch");
+    assert_eq!(run.engine.reset(), vec![PacketId(0), PacketId(1)]);
+    run.engine.check_hold_time(ms(9000), &mut run.actions);
+    assert!(run.take().is_empty(), "nothing held after the checkpoint");
+}
+
+#[test]
+fn the_total_memory_bound_holds_everything_until_the_checkpoint() {
+    let mut run = Run::new(EngineConfig {
+        max_total_buffered_bytes: 8,
+        ..EngineConfig::default()
+    });
+    run.pvm(&udp_frame(b"12345"));
+    assert!(run.take().is_empty());
+    run.pvm(&udp_frame(b"6789"));
+    assert_eq!(
+        run.take(),
+        vec![Action::CheckpointNeeded(
+            CheckpointReason::TotalMemoryBound { bytes: 9 }
+        )]
+    );
+    // Everything now waits, compared or not, and nothing is lost.
+    run.pvm(&arp_frame());
+    run.svm(&udp_frame(b"12345"));
+    assert!(run.take().is_empty());
+    assert_eq!(
+        run.engine.reset(),
+        vec![PacketId(0), PacketId(1), PacketId(2)]
+    );
+    assert_eq!(run.engine.buffered_bytes(), 0);
+    run.pvm(&arp_frame());
+    assert_eq!(run.take(), released(&[3]));
+}
+
+#[test]
+fn finished_connections_give_way_to_a_new_one_and_end_at_a_checkpoint() {
+    const FIN_ACK: u8 = 0x11;
+    let mut run = Run::new(EngineConfig::default());
+    run.pvm(&tcp_frame(100, SYN_ACK, b""));
+    run.svm(&tcp_frame(900, SYN_ACK, b""));
+    run.pvm(&tcp_frame(101, FIN_ACK, b""));
+    run.svm(&tcp_frame(901, FIN_ACK, b""));
+    assert_eq!(run.take(), released(&[0, 1]));
+    // The same addresses again, with new ISNs: a new connection, not a divergence.
+    run.pvm(&tcp_frame(5000, SYN_ACK, b""));
+    run.svm(&tcp_frame(7000, SYN_ACK, b""));
+    assert_eq!(run.take(), released(&[2]));
+    assert_eq!(run.engine.flows(), 1);
+    run.pvm(&tcp_frame(5001, FIN_ACK, b""));
+    run.svm(&tcp_frame(7001, FIN_ACK, b""));
+    assert_eq!(run.take(), released(&[3]));
+    assert!(run.engine.reset().is_empty());
+    assert_eq!(run.engine.flows(), 0);
+}
