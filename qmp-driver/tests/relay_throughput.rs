@@ -1,9 +1,8 @@
 //! Does the relay slow migration down? Streams the same amount of data
 //! primary-to-secondary directly and through the relay (Unix sockets, as the
-//! test bed migrates; and TCP loopback) and prints both rates. The assertion
-//! is a loose floor, far below what a COLO checkpoint needs, so the test only
-//! fails on a real regression (an accidental small buffer, a per-read delay);
-//! the printed numbers are the measurement.
+//! test bed migrates; and TCP loopback) and prints both rates. The tests
+//! assert that every byte arrives in order; the printed numbers are the
+//! measurement (no timing thresholds in tests).
 //!
 //! `cargo test --release -p qmp-driver --test relay_throughput -- --nocapture`
 //! gives the meaningful figures.
@@ -125,11 +124,9 @@ async fn relay_keeps_up_with_a_direct_connection() {
         mb_s(relayed_tcp),
         100.0 * direct_tcp.as_secs_f64() / relayed_tcp.as_secs_f64(),
     );
-    // A COLO checkpoint of a 1 GiB guest moves tens of MiB; QEMU itself
-    // migrates at a few hundred MB/s under TCG here. 200 MB/s through the
-    // relay, even unoptimised, leaves a wide margin.
-    assert!(mb_s(relayed_unix) > 200.0, "relay too slow over unix");
-    assert!(mb_s(relayed_tcp) > 200.0, "relay too slow over tcp");
+    // The printed rates are the measurement; timing thresholds never go in
+    // tests (a loaded CI machine would fail them for nothing). What the test
+    // asserts is that every byte arrived, in order (`stream`).
 
     shutdown.cancel();
     relay.await.unwrap();
@@ -153,10 +150,12 @@ async fn relay_adds_little_latency_to_colo_messages() {
         ColoMessage::CheckpointRequest.encode(&mut req);
         let mut rep = Vec::new();
         ColoMessage::CheckpointReply.encode(&mut rep);
+        let (expect_req, expect_rep) = (req.clone(), rep.clone());
         let echo = tokio::spawn(async move {
             let mut b = [0; 4];
             for _ in 0..ROUNDS {
                 s.read_exact(&mut b).await.unwrap();
+                assert_eq!(&b[..], &expect_req[..], "the request arrived intact");
                 s.write_all(&rep).await.unwrap();
             }
             s
@@ -166,6 +165,7 @@ async fn relay_adds_little_latency_to_colo_messages() {
         for _ in 0..ROUNDS {
             p.write_all(&req).await.unwrap();
             p.read_exact(&mut b).await.unwrap();
+            assert_eq!(&b[..], &expect_rep[..], "the reply came back intact");
         }
         let d = t0.elapsed() / ROUNDS;
         drop(echo.await.unwrap());
@@ -201,12 +201,10 @@ async fn relay_adds_little_latency_to_colo_messages() {
         direct.as_micros(),
         relayed.as_micros()
     );
-    // A checkpoint has four such exchanges; even the debug build must stay
-    // far below the ~40 ms Nagle/delayed-ACK stall the relay exists to avoid.
-    assert!(
-        relayed < Duration::from_millis(5),
-        "{relayed:?} per round trip"
-    );
+    // Measurement only (printed above): a checkpoint has four such
+    // exchanges, and the relay exists to avoid the ~40 ms Nagle/delayed-ACK
+    // stall, but a timing threshold would make the test fail on a busy
+    // machine. `ping_pong` asserts every message came back intact.
     shutdown.cancel();
     relay.await.unwrap();
     hub.shutdown().await;
