@@ -7,6 +7,8 @@
 //!   with a raw-file implementation.
 //! * [`export`]: named exports and what clients see of them.
 //! * [`server`]: the async server on Unix and TCP sockets.
+//! * [`replica`]: the secondary's disk replica (base image, PVM log, SVM
+//!   overlay, journaled commit per checkpoint) and its two views.
 //!
 //! What the server speaks (fixed-newstyle NBD):
 //!
@@ -42,4 +44,5 @@
 pub mod backend;
 pub mod export;
 pub mod proto;
+pub mod replica;
 pub mod server;

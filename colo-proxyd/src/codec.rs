@@ -82,6 +82,32 @@ impl Frame {
     }
 }
 
+/// A frame borrowed from a [`FrameDecoder`]'s buffer, valid until the decoder is used again:
+/// what a daemon that compares a frame and forwards it at once needs, without the copy and
+/// allocation of an owned [`Frame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef<'a> {
+    /// How many leading bytes of `data` are the virtio-net header.
+    pub vnet_hdr_len: u32,
+    /// The vnet header and the Ethernet frame, as on the wire.
+    pub data: &'a [u8],
+}
+
+impl FrameRef<'_> {
+    /// The Ethernet frame (everything after the vnet header).
+    pub fn ethernet_bytes(&self) -> &[u8] {
+        self.data.get(self.vnet_hdr_len as usize..).unwrap_or(&[])
+    }
+
+    /// An owned copy, to keep beyond the decoder's next use.
+    pub fn to_frame(&self) -> Frame {
+        Frame {
+            vnet_hdr_len: self.vnet_hdr_len,
+            data: self.data.to_vec(),
+        }
+    }
+}
+
 /// Streaming decoder for one net-filter socket: feed it whatever the socket returned, in chunks
 /// split anywhere, and take frames out as they complete.
 #[derive(Debug)]
@@ -120,11 +146,20 @@ impl FrameDecoder {
     /// The next complete frame, `Ok(None)` when more bytes are needed. After an error every
     /// later call returns the same error: the stream cannot be resynchronised.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, CodecError> {
+        Ok(self.next_frame_ref()?.map(|frame| frame.to_frame()))
+    }
+
+    /// [`Self::next_frame`], borrowed from the decoder's buffer instead of copied out.
+    pub fn next_frame_ref(&mut self) -> Result<Option<FrameRef<'_>>, CodecError> {
         if let Some(error) = &self.failed {
             return Err(error.clone());
         }
         match self.parse_next() {
-            Ok(frame) => Ok(frame),
+            Ok(Some((vnet_hdr_len, range))) => Ok(Some(FrameRef {
+                vnet_hdr_len,
+                data: &self.buffer[range],
+            })),
+            Ok(None) => Ok(None),
             Err(error) => {
                 self.failed = Some(error.clone());
                 self.buffer = Vec::new();
@@ -145,7 +180,8 @@ impl FrameDecoder {
         }
     }
 
-    fn parse_next(&mut self) -> Result<Option<Frame>, CodecError> {
+    /// The next frame's vnet-header length and its place in `buffer`.
+    fn parse_next(&mut self) -> Result<Option<(u32, std::ops::Range<usize>)>, CodecError> {
         let pending = &self.buffer[self.consumed..];
         let Some(frame_len) = read_be32(pending, 0) else {
             return Ok(None);
@@ -172,9 +208,9 @@ impl FrameDecoder {
         if pending.len() < total {
             return Ok(None);
         }
-        let data = pending[header_len..total].to_vec();
+        let data = self.consumed + header_len..self.consumed + total;
         self.consumed += total;
-        Ok(Some(Frame { vnet_hdr_len, data }))
+        Ok(Some((vnet_hdr_len, data)))
     }
 }
 
@@ -223,6 +259,32 @@ mod tests {
             frames.push(frame);
         }
         Ok(frames)
+    }
+
+    #[test]
+    fn borrowed_frames_are_the_owned_ones() {
+        let mut wire = Vec::new();
+        for (i, len) in [0usize, 1, 60, 1514].into_iter().enumerate() {
+            let frame = Frame {
+                vnet_hdr_len: (i % 2) as u32,
+                data: vec![i as u8; len.max(1)],
+            };
+            encode(&frame, true, &mut wire).unwrap();
+        }
+        let mut owned = FrameDecoder::new(true);
+        owned.feed(&wire);
+        let expected = decode_all(&mut owned).unwrap();
+        let mut borrowed = FrameDecoder::new(true);
+        let mut frames = Vec::new();
+        for piece in wire.chunks(7) {
+            borrowed.feed(piece);
+            while let Some(frame) = borrowed.next_frame_ref().unwrap() {
+                assert_eq!(frame.ethernet_bytes(), frame.to_frame().ethernet_bytes());
+                frames.push(frame.to_frame());
+            }
+        }
+        assert_eq!(frames, expected);
+        assert_eq!(frames.len(), 4);
     }
 
     #[test]

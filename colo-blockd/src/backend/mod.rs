@@ -2,8 +2,9 @@
 //! export's size and flags before it reaches a backend, so a backend sees
 //! only in-range, well-formed operations.
 //!
-//! [`FileBackend`] serves a raw image file. The secondary replica (PVM log,
-//! SVM overlay over the base image) is the next implementation.
+//! [`FileBackend`] serves a raw image file. The secondary replica's two views
+//! (PVM log and SVM overlay over the base image) are the other implementation,
+//! in [`crate::replica`].
 
 mod file;
 

@@ -19,7 +19,7 @@
 mod datagram;
 mod released;
 mod sequence;
-mod svm_stream;
+mod stream_bytes;
 
 use std::collections::VecDeque;
 
@@ -27,7 +27,7 @@ use crate::packet::TcpSegment;
 pub use datagram::{DEFAULT_REORDER_WINDOW, DatagramComparator};
 use released::ReleasedRanges;
 use sequence::{SequenceMap, seq_at_or_after};
-use svm_stream::{Coverage, SvmStream};
+use stream_bytes::{Side, StreamBytes};
 
 /// The caller's handle for a PVM packet the comparator holds; it is never interpreted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -136,13 +136,14 @@ enum Origin {
     Shared,
 }
 
-/// A PVM segment waiting for the SVM.
+/// A PVM segment waiting for the SVM. Its bytes are in the connection's [`StreamBytes`]
+/// (once per offset, however often the PVM sent them), not in the segment.
 #[derive(Debug)]
 struct HeldSegment {
     id: PacketId,
     /// Sequence-space offset of the segment's first element (its SYN, if any).
     start: i64,
-    payload: Vec<u8>,
+    len: usize,
     syn: bool,
     fin: bool,
     rst: bool,
@@ -155,7 +156,7 @@ impl HeldSegment {
     }
 
     fn data_end(&self) -> i64 {
-        self.data_start() + self.payload.len() as i64
+        self.data_start() + self.len as i64
     }
 
     /// End of the segment in sequence space (a FIN occupies one number).
@@ -164,15 +165,16 @@ impl HeldSegment {
     }
 }
 
-/// What the last input changed, so that only the held segments it can affect are compared
+/// What the last input changed, so that only the held segments it can affect are looked at
 /// again: a divergence needs both sides' bytes (or flags), and the later of the two to arrive
-/// is the change that finds it.
+/// is the change that finds it. Bytes are compared when they are stored (see
+/// [`StreamBytes::insert`]), so only the flags are left to look at here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Change {
     /// A PVM segment was appended to the held queue.
     NewestPvmSegment,
-    /// The SVM produced bytes at these stream offsets (possibly none).
-    SvmBytes { start: i64, end: i64 },
+    /// The SVM produced bytes (possibly none) or flags other than a new FIN.
+    SvmSegment,
     /// The SVM's FIN became known: every held segment may now be beyond it.
     SvmFin,
 }
@@ -203,8 +205,12 @@ pub struct StreamComparator {
     pvm_map: Option<SequenceMap>,
     svm_map: Option<SequenceMap>,
     held: VecDeque<HeldSegment>,
+    /// Both sides' bytes from the release floor up, each stored once.
+    bytes: StreamBytes,
+    /// Payload bytes of the held PVM segments, counted per segment as if each kept its own
+    /// copy: the memory bound keeps the meaning it had when they did, and so never counts
+    /// fewer bytes than the buffer really holds (gaps aside, which [`Self::store`] bounds).
     held_bytes: usize,
-    svm_bytes: SvmStream,
     svm: SvmControl,
     released: ReleasedRanges,
     /// The PVM's furthest sequence-space end and acknowledgement, for the state after a
@@ -226,8 +232,8 @@ impl StreamComparator {
             pvm_map: None,
             svm_map: None,
             held: VecDeque::new(),
+            bytes: StreamBytes::new(-1),
             held_bytes: 0,
-            svm_bytes: SvmStream::default(),
             svm: SvmControl::default(),
             released: ReleasedRanges::new(-1),
             pvm_end: None,
@@ -244,7 +250,7 @@ impl StreamComparator {
 
     /// Payload bytes kept for comparison right now (PVM held plus SVM ahead).
     pub fn buffered_bytes(&self) -> usize {
-        self.held_bytes + self.svm_bytes.bytes()
+        self.held_bytes + self.bytes.svm_bytes()
     }
 
     /// Whether a checkpoint was requested and the connection waits for [`Self::reset`].
@@ -277,7 +283,7 @@ impl StreamComparator {
                 self.held.push_back(HeldSegment {
                     id,
                     start: 0,
-                    payload: Vec::new(),
+                    len: 0,
                     syn: false,
                     fin: false,
                     rst: segment.rst,
@@ -290,19 +296,13 @@ impl StreamComparator {
         let held = HeldSegment {
             id,
             start: map.offset(segment.seq),
-            // A stalled connection keeps only the id: its packets wait for the checkpoint.
-            payload: if self.stalled {
-                Vec::new()
-            } else {
-                segment.payload.to_vec()
-            },
+            len: segment.payload.len(),
             syn: segment.syn,
             fin: segment.fin,
             rst: segment.rst,
             ack: segment.ack,
         };
-        // From the segment, not `held`: a stalled connection's copy has no payload.
-        let end = held.data_start() + segment.payload.len() as i64 + i64::from(held.fin);
+        let end = held.end();
         if let Some(map) = &mut self.pvm_map {
             map.advance_to(end);
         }
@@ -314,13 +314,52 @@ impl StreamComparator {
             });
         }
         let syn_consistent = !segment.syn || self.syn_is_consistent(held.start);
-        self.held_bytes += held.payload.len();
+        let (data_start, data_end) = (held.data_start(), held.data_end());
         self.held.push_back(held);
-        if syn_consistent {
-            self.settle(Change::NewestPvmSegment, actions);
-        } else {
-            self.stall(CheckpointReason::SynDiffers, actions);
+        if self.stalled {
+            // A stalled connection keeps only the id: its packets wait for the checkpoint.
+            return;
         }
+        self.held_bytes += segment.payload.len();
+        if !syn_consistent {
+            self.stall(CheckpointReason::SynDiffers, actions);
+            return;
+        }
+        if let Err(reason) = self.store(Side::Pvm, data_start, data_end, segment.payload) {
+            self.stall(reason, actions);
+            return;
+        }
+        self.settle(Change::NewestPvmSegment, actions);
+    }
+
+    /// Stores (and compares) the bytes of `payload`, which sits at `[data_start, data_end)`,
+    /// from the release floor up: the bytes below were released already, the peer only
+    /// retransmits them.
+    fn store(
+        &mut self,
+        side: Side,
+        data_start: i64,
+        data_end: i64,
+        payload: &[u8],
+    ) -> Result<(), CheckpointReason> {
+        let floor = self.released.floor();
+        if data_end <= floor {
+            return Ok(());
+        }
+        // The buffer spans from its base to the furthest byte; a segment far ahead (a hole
+        // larger than any window) must not make it allocate that span. Below this bound the
+        // span is checked after the releases the segment allows, as every other input is.
+        let span = data_end - self.bytes.base();
+        let hard_bound = 2 * self.limits.max_buffered_bytes as i64 + (128 << 10);
+        if span > hard_bound {
+            return Err(CheckpointReason::MemoryBound {
+                bytes: span as usize,
+            });
+        }
+        let skip = (floor - data_start).max(0);
+        self.bytes
+            .insert(side, data_start + skip, &payload[skip as usize..])
+            .map_err(|offset| CheckpointReason::PayloadDiffers { offset })
     }
 
     /// The SVM sent `segment`. SVM packets are never forwarded; they only let PVM packets go.
@@ -350,17 +389,8 @@ impl StreamComparator {
         if let Some(map) = &mut self.svm_map {
             map.advance_to(data_end + i64::from(segment.fin));
         }
-        // Bytes below the floor were released already; the SVM is only retransmitting them.
-        let floor = self.released.floor();
-        if data_end > floor {
-            let skip = (floor - data_start).max(0);
-            self.svm_bytes
-                .insert(data_start + skip, &segment.payload[skip as usize..]);
-        }
-        let mut change = Change::SvmBytes {
-            start: data_start,
-            end: data_end,
-        };
+        let stored = self.store(Side::Svm, data_start, data_end, segment.payload);
+        let mut change = Change::SvmSegment;
         if segment.fin {
             match self.svm.fin {
                 None => {
@@ -373,6 +403,10 @@ impl StreamComparator {
                     return;
                 }
             }
+        }
+        if let Err(reason) = stored {
+            self.stall(reason, actions);
+            return;
         }
         self.svm.rst |= segment.rst;
         if let Some(ack) = segment.ack {
@@ -434,6 +468,7 @@ impl StreamComparator {
         self.pvm_map = Some(SequenceMap::new(anchor, 0));
         self.svm_map = Some(SequenceMap::new(anchor, 0));
         self.released = ReleasedRanges::new(0);
+        self.bytes.clear(0);
         self.pvm_end = Some(0);
     }
 
@@ -443,11 +478,8 @@ impl StreamComparator {
         }
         self.stalled = true;
         // Nothing is compared any more: keep only the ids, so memory stays bounded.
-        for segment in &mut self.held {
-            segment.payload = Vec::new();
-        }
+        self.bytes.clear(self.released.floor());
         self.held_bytes = 0;
-        self.svm_bytes.clear();
         actions.push(Action::CheckpointNeeded(reason));
     }
 
@@ -463,10 +495,7 @@ impl StreamComparator {
         };
         let divergence = match change {
             Change::NewestPvmSegment => self.held.back().and_then(diverged),
-            Change::SvmBytes { start, end } => self
-                .held
-                .iter()
-                .find_map(|segment| self.bytes_diverge(segment, start, end)),
+            Change::SvmSegment => None,
             Change::SvmFin => self.held.iter().find_map(diverged),
         };
         if let Some(reason) = divergence {
@@ -480,36 +509,15 @@ impl StreamComparator {
             let Some(segment) = self.held.pop_front() else {
                 break;
             };
-            self.held_bytes -= segment.payload.len();
+            self.held_bytes -= segment.len;
             self.released.insert(segment.start, segment.end());
             self.closed |= segment.fin || segment.rst;
             actions.push(Action::Release(segment.id));
         }
-        self.svm_bytes.forget_below(self.released.floor());
+        self.bytes.forget_below(self.released.floor());
         let buffered = self.buffered_bytes();
         if buffered > self.limits.max_buffered_bytes {
             self.stall(CheckpointReason::MemoryBound { bytes: buffered }, actions);
-        }
-    }
-
-    /// Whether the SVM's new bytes at `[start, end)` differ from `segment`'s there; only
-    /// that overlap is compared, the rest was compared when it arrived.
-    fn bytes_diverge(
-        &self,
-        segment: &HeldSegment,
-        start: i64,
-        end: i64,
-    ) -> Option<CheckpointReason> {
-        let from = start.max(segment.data_start()).max(self.released.floor());
-        let to = end.min(segment.data_end());
-        if from >= to {
-            return None;
-        }
-        let bytes = &segment.payload
-            [(from - segment.data_start()) as usize..(to - segment.data_start()) as usize];
-        match self.svm_bytes.compare(from, bytes) {
-            Coverage::Differs(offset) => Some(CheckpointReason::PayloadDiffers { offset }),
-            Coverage::Equal | Coverage::Incomplete => None,
         }
     }
 
@@ -525,13 +533,9 @@ impl StreamComparator {
             if self.svm.fin.is_some_and(|fin| data_end > fin) {
                 return Verdict::Diverged(CheckpointReason::FinDiffers);
             }
-            let skip = (data_start - segment.data_start()) as usize;
-            match self.svm_bytes.compare(data_start, &segment.payload[skip..]) {
-                Coverage::Equal => {}
-                Coverage::Incomplete => waiting = true,
-                Coverage::Differs(offset) => {
-                    return Verdict::Diverged(CheckpointReason::PayloadDiffers { offset });
-                }
+            // The bytes were compared as they arrived; a difference stalled the connection.
+            if !self.bytes.verified(data_start, data_end) {
+                waiting = true;
             }
         }
         if segment.fin && data_end >= floor {

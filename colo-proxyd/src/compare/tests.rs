@@ -223,6 +223,42 @@ fn the_memory_bound_requests_a_checkpoint_and_reset_hands_back_every_held_packet
 }
 
 #[test]
+fn a_segment_far_beyond_the_buffered_span_is_a_memory_bound_not_an_allocation() {
+    let mut h = Harness::new();
+    h.svm(&Owned::syn(1));
+    h.pvm(&Owned::syn(1));
+    // 1 GiB ahead: storing it would mean a buffer spanning the gap.
+    h.svm(&Owned::data(2 + (1 << 30), CLIENT, b"far"));
+    assert!(matches!(
+        h.checkpoints.as_slice(),
+        [CheckpointReason::MemoryBound { .. }]
+    ));
+    assert_eq!(h.comparator.buffered_bytes(), 0);
+    h.pvm(&Owned::data(2, CLIENT, b"x"));
+    assert_eq!(h.comparator.reset(), vec![PacketId(1)]);
+}
+
+#[test]
+fn verified_bytes_are_not_kept_twice_and_a_pvm_that_contradicts_itself_diverges() {
+    let mut h = Harness::new();
+    h.svm(&Owned::syn(1));
+    h.pvm(&Owned::syn(1));
+    // The ACK holds the PVM's segment after its bytes matched: counted as before (its bytes
+    // plus the SVM's), although stored once.
+    h.pvm(&Owned::data(2, CLIENT + 1, b"abcd"));
+    h.svm(&Owned::data(2, CLIENT, b"abcd"));
+    assert_eq!(h.comparator.held_packets(), 1);
+    assert_eq!(h.comparator.buffered_bytes(), 8);
+    // A retransmission with other bytes at verified offsets.
+    h.pvm(&Owned::data(3, CLIENT, b"bXd"));
+    assert_eq!(
+        h.checkpoints,
+        vec![CheckpointReason::PayloadDiffers { offset: 2 }]
+    );
+    assert_eq!(h.released, vec![PacketId(0)]);
+}
+
+#[test]
 fn after_a_checkpoint_both_sides_share_the_pvm_sequence_numbers() {
     let mut h = Harness::new();
     h.pvm(&Owned::syn(1));

@@ -9,6 +9,7 @@ mod classify;
 mod policy;
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
 use crate::compare::{
@@ -50,6 +51,13 @@ impl Default for EngineConfig {
     }
 }
 
+// The flow table stores comparators in place: nearly every flow of a VM's output is TCP, so
+// boxing the large variant would cost an allocation per connection and a pointer chase per
+// packet to save memory on the few datagram flows.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "stream comparators dominate the flow table; see above"
+)]
 #[derive(Debug)]
 enum FlowComparator {
     Stream(StreamComparator),
@@ -72,6 +80,40 @@ impl FlowComparator {
     }
 }
 
+/// Hashes packet ids for the table of arrival times. The ids are chosen by the daemon, not by
+/// the network, so a keyed (flooding-resistant) hash buys nothing there, and this table is
+/// touched twice for every PVM packet; a folded multiply spreads sequential ids well.
+#[derive(Debug, Default, Clone, Copy)]
+struct PacketIdHasher(u64);
+
+impl PacketIdHasher {
+    const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+
+    fn mix(&mut self, word: u64) {
+        let product = u128::from(self.0 ^ word) * u128::from(Self::MULTIPLIER);
+        // Truncation is the point: the folded halves of the product.
+        self.0 = (product as u64) ^ ((product >> 64) as u64);
+    }
+}
+
+impl Hasher for PacketIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.mix(n);
+    }
+}
+
 /// Counters for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EngineCounters {
@@ -87,7 +129,7 @@ pub struct ComparisonEngine {
     config: EngineConfig,
     flows: HashMap<FlowKey, FlowComparator>,
     /// When each held PVM packet arrived.
-    arrivals: HashMap<PacketId, Duration>,
+    arrivals: HashMap<PacketId, Duration, BuildHasherDefault<PacketIdHasher>>,
     /// PVM packets held outside any comparator (policy or engine-wide bound).
     held_uncompared: Vec<PacketId>,
     total_buffered: usize,
@@ -95,6 +137,8 @@ pub struct ComparisonEngine {
     stalled: bool,
     timeout_requested: bool,
     counters: EngineCounters,
+    /// The actions of the packet being handled, reused so a packet costs no allocation.
+    produced: Vec<Action>,
 }
 
 impl ComparisonEngine {
@@ -103,12 +147,13 @@ impl ComparisonEngine {
         ComparisonEngine {
             config,
             flows: HashMap::new(),
-            arrivals: HashMap::new(),
+            arrivals: HashMap::default(),
             held_uncompared: Vec::new(),
             total_buffered: 0,
             stalled: false,
             timeout_requested: false,
             counters: EngineCounters::default(),
+            produced: Vec::new(),
         }
     }
 
@@ -158,7 +203,7 @@ impl ComparisonEngine {
             self.held_uncompared.push(id);
             return;
         }
-        let mut produced = Vec::new();
+        let mut produced = std::mem::take(&mut self.produced);
         match class {
             Class::Uncompared => {
                 self.counters.uncompared_frames += 1;
@@ -170,9 +215,12 @@ impl ComparisonEngine {
             Class::Stream(key, segment) => {
                 let limits = self.config.per_connection;
                 let mut misrouted = false;
-                self.with_flow(key, |flow| match stream_flow(flow, limits, segment.syn) {
-                    Some(comparator) => comparator.push_pvm(id, &segment, &mut produced),
-                    None => misrouted = true,
+                let create = || FlowComparator::Stream(StreamComparator::new(limits));
+                self.with_flow(key, create, |flow| {
+                    match stream_flow(flow, limits, segment.syn) {
+                        Some(comparator) => comparator.push_pvm(id, &segment, &mut produced),
+                        None => misrouted = true,
+                    }
                 });
                 if misrouted {
                     self.held_uncompared.push(id);
@@ -181,7 +229,8 @@ impl ComparisonEngine {
             Class::Datagram(key, bytes) => {
                 let window = self.config.reorder_window;
                 let mut misrouted = false;
-                self.with_flow(key, |flow| match datagram_flow(flow, window) {
+                let create = || FlowComparator::Datagram(DatagramComparator::new(window));
+                self.with_flow(key, create, |flow| match datagram_flow(flow) {
                     Some(comparator) => comparator.push_pvm(id, &bytes, &mut produced),
                     None => misrouted = true,
                 });
@@ -198,7 +247,7 @@ impl ComparisonEngine {
         if self.stalled {
             return;
         }
-        let mut produced = Vec::new();
+        let mut produced = std::mem::take(&mut self.produced);
         match classify(ethernet) {
             Class::Uncompared => return,
             Class::Stream(key, segment) => {
@@ -206,7 +255,8 @@ impl ComparisonEngine {
                     return;
                 }
                 let limits = self.config.per_connection;
-                self.with_flow(key, |flow| {
+                let create = || FlowComparator::Stream(StreamComparator::new(limits));
+                self.with_flow(key, create, |flow| {
                     if let Some(comparator) = stream_flow(flow, limits, segment.syn) {
                         comparator.push_svm(&segment, &mut produced);
                     }
@@ -217,8 +267,9 @@ impl ComparisonEngine {
                     return;
                 }
                 let window = self.config.reorder_window;
-                self.with_flow(key, |flow| {
-                    if let Some(comparator) = datagram_flow(flow, window) {
+                let create = || FlowComparator::Datagram(DatagramComparator::new(window));
+                self.with_flow(key, create, |flow| {
+                    if let Some(comparator) = datagram_flow(flow) {
                         comparator.push_svm(&bytes, &mut produced);
                     }
                 });
@@ -277,25 +328,29 @@ impl ComparisonEngine {
         self.config.bypass.iter().any(|rule| rule.matches(key))
     }
 
-    /// Runs `f` on the flow's comparator slot and keeps the total of buffered bytes.
-    fn with_flow(&mut self, key: FlowKey, f: impl FnOnce(&mut Option<FlowComparator>)) {
-        let mut slot = self.flows.remove(&key);
-        let before = slot.as_ref().map_or(0, FlowComparator::buffered_bytes);
-        f(&mut slot);
-        let after = slot.as_ref().map_or(0, FlowComparator::buffered_bytes);
+    /// Runs `f` on the flow's comparator, created by `create` for a new flow, and keeps the
+    /// total of buffered bytes. The comparator is used in place: one hash, no move.
+    fn with_flow(
+        &mut self,
+        key: FlowKey,
+        create: impl FnOnce() -> FlowComparator,
+        f: impl FnOnce(&mut FlowComparator),
+    ) {
+        let flow = self.flows.entry(key).or_insert_with(create);
+        let before = flow.buffered_bytes();
+        f(flow);
+        let after = flow.buffered_bytes();
         self.total_buffered = self.total_buffered.saturating_sub(before) + after;
-        if let Some(flow) = slot {
-            self.flows.insert(key, flow);
-        }
     }
 
-    fn emit(&mut self, produced: Vec<Action>, actions: &mut Vec<Action>) {
+    fn emit(&mut self, mut produced: Vec<Action>, actions: &mut Vec<Action>) {
         for action in &produced {
             if let Action::Release(id) = action {
                 self.arrivals.remove(id);
             }
         }
-        actions.extend(produced);
+        actions.append(&mut produced);
+        self.produced = produced;
         if !self.stalled && self.total_buffered > self.config.max_total_buffered_bytes {
             self.stalled = true;
             actions.push(Action::CheckpointNeeded(
@@ -312,25 +367,22 @@ impl ComparisonEngine {
 // losing it or panicking.
 
 fn stream_flow(
-    flow: &mut Option<FlowComparator>,
+    flow: &mut FlowComparator,
     limits: ComparatorLimits,
     syn: bool,
 ) -> Option<&mut StreamComparator> {
     // A SYN on a finished connection's addresses opens a new connection (port reuse).
-    if syn && matches!(flow, Some(FlowComparator::Stream(c)) if c.is_finished()) {
-        *flow = None;
+    if syn && matches!(flow, FlowComparator::Stream(c) if c.is_finished()) {
+        *flow = FlowComparator::Stream(StreamComparator::new(limits));
     }
-    match flow.get_or_insert_with(|| FlowComparator::Stream(StreamComparator::new(limits))) {
+    match flow {
         FlowComparator::Stream(c) => Some(c),
         FlowComparator::Datagram(_) => None,
     }
 }
 
-fn datagram_flow(
-    flow: &mut Option<FlowComparator>,
-    window: usize,
-) -> Option<&mut DatagramComparator> {
-    match flow.get_or_insert_with(|| FlowComparator::Datagram(DatagramComparator::new(window))) {
+fn datagram_flow(flow: &mut FlowComparator) -> Option<&mut DatagramComparator> {
+    match flow {
         FlowComparator::Datagram(c) => Some(c),
         FlowComparator::Stream(_) => None,
     }

@@ -164,7 +164,7 @@ impl IpPacket<'_> {
 }
 
 /// A connection key (5-tuple) in one direction, for both IP versions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowKey {
     /// IP protocol number.
     pub protocol: u8,
@@ -176,6 +176,33 @@ pub struct FlowKey {
     pub dst: IpAddr,
     /// Destination port (0 for ICMP).
     pub dst_port: u16,
+}
+
+impl std::hash::Hash for FlowKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // The flow table hashes every frame's key with a keyed hash (the key comes from the
+        // network): one write of the whole key costs about half as much as one per field.
+        // Equal keys give equal bytes, which is all `Hash` must guarantee.
+        fn put(out: &mut [u8], address: IpAddr) {
+            match address {
+                IpAddr::V4(v4) => {
+                    out[0] = 4;
+                    out[1..5].copy_from_slice(&v4.octets());
+                }
+                IpAddr::V6(v6) => {
+                    out[0] = 6;
+                    out[1..17].copy_from_slice(&v6.octets());
+                }
+            }
+        }
+        let mut bytes = [0u8; 39];
+        bytes[0] = self.protocol;
+        put(&mut bytes[1..18], self.src);
+        bytes[18..20].copy_from_slice(&self.src_port.to_be_bytes());
+        put(&mut bytes[20..37], self.dst);
+        bytes[37..39].copy_from_slice(&self.dst_port.to_be_bytes());
+        state.write(&bytes);
+    }
 }
 
 impl FlowKey {

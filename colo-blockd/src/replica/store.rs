@@ -1,0 +1,348 @@
+//! The replica's state and its synchronous operations: the base image S,
+//! the two epoch layers, the committed PVM log still being written into S,
+//! and what each view and each epoch step does to them. [`super::Replica`]
+//! runs these on tokio's blocking pool under one lock; the lock is never
+//! held across an `await`.
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use super::disk::{CrashHook, Disk};
+use super::journal::{self, CommitTiming, Recovery};
+use super::layer::Layer;
+use super::pending::{BackgroundApply, Files, Pending, lock};
+use super::{LayerStats, ReplicaConfig, ReplicaStats, ViewKind};
+
+/// Where the replica stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Buffering both VMs' epochs over S.
+    Replicating,
+    /// The SVM took over: S is its disk, written through; the primary is
+    /// gone and may not write any more.
+    FailedOver,
+}
+
+#[derive(Debug)]
+pub(crate) struct Store {
+    files: Arc<Files>,
+    pvm: Layer,
+    /// The PVM log alternates between two spill files: the committed one
+    /// may still be read while the next epoch's log fills the other.
+    pvm_spill_paths: [PathBuf; 2],
+    pvm_spill_index: usize,
+    pvm_memory_budget: u64,
+    /// The last committed PVM log, until it is in S.
+    pending: Option<Arc<Pending>>,
+    svm: Layer,
+    mode: Mode,
+    crash: Arc<Mutex<CrashHook>>,
+    last_commit: Option<CommitTiming>,
+    /// Set when a commit failed half-way: S is then only known to be
+    /// consistent after the recovery that `Replica::open` runs, so every
+    /// request is refused until a restart.
+    broken: bool,
+}
+
+/// `<image><suffix>`, next to the image.
+pub(crate) fn sibling(image: &Path, suffix: &str) -> PathBuf {
+    let mut name = OsString::from(image.as_os_str());
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+impl Store {
+    pub(crate) fn open(image: &Path, config: &ReplicaConfig) -> io::Result<(Store, Recovery)> {
+        let base = OpenOptions::new().read(true).write(true).open(image)?;
+        let size = base.metadata()?.len();
+        let journal_path = sibling(image, ".colo-journal");
+        let journal_is_new = !journal_path.exists();
+        let journal = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&journal_path)?;
+        if journal_is_new {
+            // The journal's directory entry must be durable before the
+            // first commit relies on finding it after a power cut.
+            sync_parent_dir(&journal_path)?;
+        }
+        let mut crash = CrashHook::default();
+        let recovery = journal::recover(&mut Disk::new(&mut crash), &journal, &base, size)?;
+        let pvm_spill_paths = [
+            sibling(image, ".pvm-spill-0"),
+            sibling(image, ".pvm-spill-1"),
+        ];
+        let store = Store {
+            pvm: Layer::create(&pvm_spill_paths[0], config.pvm_memory_budget)?,
+            pvm_spill_paths,
+            pvm_spill_index: 0,
+            pvm_memory_budget: config.pvm_memory_budget,
+            pending: None,
+            svm: Layer::create(&sibling(image, ".svm-spill"), config.svm_memory_budget)?,
+            files: Arc::new(Files {
+                base,
+                journal,
+                size,
+            }),
+            mode: Mode::Replicating,
+            crash: Arc::new(Mutex::new(crash)),
+            last_commit: None,
+            broken: false,
+        };
+        Ok((store, recovery))
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        self.files.size
+    }
+
+    pub(crate) fn read(&self, view: ViewKind, offset: u64, length: u32) -> io::Result<Bytes> {
+        self.check(offset, u64::from(length))?;
+        let mut buf = BytesMut::zeroed(length as usize);
+        let checkpoint = |at: u64, out: &mut [u8]| self.read_checkpoint(at, out);
+        match (self.mode, view) {
+            (Mode::Replicating, ViewKind::Replica) => {
+                self.pvm.read_over(&checkpoint, offset, &mut buf)?
+            }
+            (Mode::Replicating, ViewKind::Svm) => {
+                self.svm.read_over(&checkpoint, offset, &mut buf)?
+            }
+            (Mode::FailedOver, _) => checkpoint(offset, &mut buf)?,
+        }
+        Ok(buf.freeze())
+    }
+
+    /// The last adopted checkpoint: the committed PVM log over S while it
+    /// is still being written into S, else S.
+    fn read_checkpoint(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let base = |at: u64, out: &mut [u8]| self.files.base.read_exact_at(out, at);
+        match &self.pending {
+            Some(pending) => pending.layer().read_over(&base, offset, buf),
+            None => base(offset, buf),
+        }
+    }
+
+    pub(crate) fn write(
+        &mut self,
+        view: ViewKind,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> io::Result<()> {
+        self.check(offset, data.len() as u64)?;
+        match (self.mode, view) {
+            // The epoch layers are volatile by design, so FUA has nothing
+            // to make durable: the primary's own disk holds its writes
+            // until the commit, and the SVM's overlay dies with its epoch.
+            (Mode::Replicating, ViewKind::Replica) => self.pvm.write(offset, data),
+            (Mode::Replicating, ViewKind::Svm) => self.svm.write(offset, data),
+            (Mode::FailedOver, ViewKind::Svm) => {
+                self.files.base.write_all_at(&data, offset)?;
+                if fua {
+                    self.files.base.sync_data()
+                } else {
+                    Ok(())
+                }
+            }
+            (Mode::FailedOver, ViewKind::Replica) => Err(primary_is_gone()),
+        }
+    }
+
+    pub(crate) fn write_zeroes(
+        &mut self,
+        view: ViewKind,
+        offset: u64,
+        length: u32,
+        fua: bool,
+        fast_only: bool,
+    ) -> io::Result<()> {
+        let length = u64::from(length);
+        self.check(offset, length)?;
+        match (self.mode, view) {
+            (Mode::Replicating, ViewKind::Replica) => self.pvm.write_zeroes(offset, length),
+            (Mode::Replicating, ViewKind::Svm) => self.svm.write_zeroes(offset, length),
+            (Mode::FailedOver, ViewKind::Svm) => {
+                if fast_only {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "zeroing the image writes every byte",
+                    ));
+                }
+                // Not a commit: the crash hook does not apply.
+                let mut no_crash = CrashHook::default();
+                let mut disk = Disk::new(&mut no_crash);
+                disk.write_zeroes_at(&self.files.base, offset, length)?;
+                if fua {
+                    disk.sync(&self.files.base)?;
+                }
+            }
+            (Mode::FailedOver, ViewKind::Replica) => return Err(primary_is_gone()),
+        }
+        Ok(())
+    }
+
+    pub(crate) fn flush(&self, view: ViewKind) -> io::Result<()> {
+        self.alive()?;
+        match (self.mode, view) {
+            (Mode::FailedOver, ViewKind::Svm) => self.files.base.sync_data(),
+            // See `write`: nothing in a layer is meant to be durable.
+            _ => Ok(()),
+        }
+    }
+
+    /// `checkpoint-adopted`: the SVM overlay is dropped and the PVM log is
+    /// committed: journaled durably, so the checkpoint is decided, and
+    /// handed back to be written into S in the background (`None` when the
+    /// log was empty).
+    pub(crate) fn checkpoint(&mut self) -> io::Result<Option<BackgroundApply>> {
+        self.alive()?;
+        if self.mode == Mode::FailedOver {
+            return Err(primary_is_gone());
+        }
+        // The journal holds one commit at a time.
+        self.settle()?;
+        self.svm.reset()?;
+        if self.pvm.is_empty() {
+            lock(&self.crash).disarm();
+            return Ok(None);
+        }
+        let next_index = 1 - self.pvm_spill_index;
+        let next = Layer::create(&self.pvm_spill_paths[next_index], self.pvm_memory_budget)?;
+        let start = Instant::now();
+        let journaled = {
+            let mut hook = lock(&self.crash);
+            let result = journal::write_journal(
+                &mut Disk::new(&mut hook),
+                &self.files.journal,
+                self.files.size,
+                &self.pvm,
+            );
+            if result.is_err() {
+                hook.disarm();
+            }
+            result
+        };
+        let journal_bytes = journaled.inspect_err(|_| self.broken = true)?;
+        let committed = std::mem::replace(&mut self.pvm, next);
+        self.pvm_spill_index = next_index;
+        let pending = Arc::new(Pending::new(committed, start.elapsed(), journal_bytes));
+        self.pending = Some(Arc::clone(&pending));
+        Ok(Some(BackgroundApply {
+            pending,
+            files: Arc::clone(&self.files),
+            crash: Arc::clone(&self.crash),
+        }))
+    }
+
+    /// Waits until the last committed PVM log is in S, writing it here if
+    /// the background task has not begun.
+    pub(crate) fn settle(&mut self) -> io::Result<()> {
+        if let Some(pending) = &self.pending {
+            let timing = pending
+                .finish(&self.files, &self.crash)
+                .inspect_err(|_| self.broken = true)?;
+            self.last_commit = Some(timing);
+            self.pending = None;
+        }
+        Ok(())
+    }
+
+    /// Failover: the PVM's unadopted epoch is dropped and the SVM's own
+    /// writes are merged into S, which becomes the SVM's disk.
+    pub(crate) fn failover(&mut self) -> io::Result<()> {
+        self.alive()?;
+        if self.mode == Mode::FailedOver {
+            return Ok(());
+        }
+        self.settle()?;
+        self.pvm.reset()?;
+        let result = {
+            let mut hook = lock(&self.crash);
+            let result = journal::commit(
+                &mut Disk::new(&mut hook),
+                &self.files.journal,
+                &self.files.base,
+                self.files.size,
+                &self.svm,
+            );
+            // An injected crash is for one commit only.
+            hook.disarm();
+            result
+        };
+        let timing = result.inspect_err(|_| self.broken = true)?;
+        self.last_commit = timing.or(self.last_commit);
+        self.svm.reset()?;
+        self.mode = Mode::FailedOver;
+        Ok(())
+    }
+
+    pub(crate) fn pvm_over_budget(&self) -> bool {
+        self.pvm.over_budget()
+    }
+
+    pub(crate) fn arm_crash(&mut self, operations: u64) {
+        lock(&self.crash).arm(operations);
+    }
+
+    pub(crate) fn stats(&self) -> ReplicaStats {
+        let of = |l: &Layer| LayerStats {
+            memory_bytes: l.memory_bytes(),
+            spilled_bytes: l.spilled_bytes(),
+        };
+        ReplicaStats {
+            pvm_log: of(&self.pvm),
+            svm_overlay: of(&self.svm),
+            failed_over: self.mode == Mode::FailedOver,
+            last_commit: self.last_commit,
+        }
+    }
+
+    fn alive(&self) -> io::Result<()> {
+        if self.broken || self.pending.as_ref().is_some_and(|p| p.failed()) {
+            return Err(io::Error::other(
+                "a commit failed half-way; restart to recover the image from its journal",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The server validates ranges already; this keeps a direct caller of
+    /// the library from writing past the image.
+    fn check(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.alive()?;
+        if offset
+            .checked_add(length)
+            .is_none_or(|end| end > self.files.size)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range beyond the end of the image",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn primary_is_gone() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "the replica failed over: the primary's writes are no longer accepted",
+    )
+}
+
+fn sync_parent_dir(path: &Path) -> io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
+}
