@@ -9,6 +9,8 @@
 //! * [`server`]: the async server on Unix and TCP sockets.
 //! * [`replica`]: the secondary's disk replica (base image, PVM log, SVM
 //!   overlay, journaled commit per checkpoint) and its two views.
+//! * [`daemon`]: the secondary daemon's wiring to the relay's epoch events
+//!   and the primary's QMP (checkpoint requests).
 //!
 //! What the server speaks (fixed-newstyle NBD):
 //!
@@ -42,6 +44,7 @@
 //! ```
 
 pub mod backend;
+pub mod daemon;
 pub mod export;
 pub mod proto;
 pub mod replica;

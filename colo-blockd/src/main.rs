@@ -1,8 +1,8 @@
 //! colo-blockd: NBD server for colo's secondary disk replica.
 //!
-//! Today it serves raw image files (`colo-blockd serve`); the buffered
-//! secondary replica of issue 5 (PVM log, SVM overlay) plugs in as another
-//! backend.
+//! `colo-blockd serve` exports raw image files; `colo-blockd secondary` runs
+//! the secondary's buffered replica (PVM log, SVM overlay) driven by the
+//! checkpoint-barrier relay's epoch events.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -10,12 +10,21 @@ use std::str::FromStr;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use colo_blockd::backend::FileBackend;
+use colo_blockd::daemon::checkpoint::{QmpAddress, RequestOptions, request_checkpoints};
+use colo_blockd::daemon::epochs::{DEFAULT_NAME, EpochOptions, follow_epochs};
 use colo_blockd::export::{Export, ExportSet};
+use colo_blockd::replica::{DEFAULT_MEMORY_BUDGET, Replica, ReplicaConfig};
 use colo_blockd::server::{DEFAULT_MAX_IN_FLIGHT, NbdServer, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit codes: 0 stopped by SIGINT/SIGTERM, 1 could not start (image, socket), \
+                  2 bad command line."
+)]
 struct Args {
     #[command(subcommand)]
     command: Cmd,
@@ -25,6 +34,65 @@ struct Args {
 enum Cmd {
     /// Export raw image files over NBD until SIGINT/SIGTERM.
     Serve(ServeArgs),
+    /// Run the secondary's disk replica: exports `replica` and `svm`, driven by the relay.
+    #[command(long_about = SECONDARY_ABOUT, after_help = SECONDARY_EXIT_CODES)]
+    Secondary(SecondaryArgs),
+}
+
+const SECONDARY_ABOUT: &str = "\
+Run the secondary's disk replica over the raw image S (the last adopted checkpoint) and serve
+two NBD exports from it until SIGINT/SIGTERM:
+
+  replica  written by the primary QEMU's quorum NBD child; its writes of the running epoch
+           are kept in the PVM log and reach S only when the secondary adopts the checkpoint
+  svm      the secondary VM's disk: its own writes (the SVM overlay) over S; it never sees
+           the PVM log
+
+colo-blockd subscribes to the checkpoint-barrier relay's control socket as a synchronous
+subscriber and acknowledges each barrier event only after doing its step: svm-epoch-closed
+holds new SVM requests, checkpoint-adopted commits the PVM log into S (journaled) and drops
+the SVM overlay, failover with survivor secondary merges the SVM overlay into S. colo-exit is
+logged and both exports keep serving: the operator decides. If the relay is unreachable,
+colo-blockd keeps retrying; until it is back, COLO cannot checkpoint (the relay fails the
+barrier). When the PVM log passes --log-budget and --primary-qmp is given, colo-blockd asks
+the primary for a checkpoint (re-sets its x-checkpoint-delay), at most once per second.
+
+Log level: RUST_LOG (default info).";
+
+const SECONDARY_EXIT_CODES: &str = "Exit codes: 0 stopped by SIGINT/SIGTERM, 1 could not start \
+(the image cannot be opened or recovered, the socket cannot be bound), 2 bad command line.";
+
+#[derive(Debug, clap::Args)]
+struct SecondaryArgs {
+    /// The base image S, a raw file (the journal and spill files go next to it).
+    #[arg(long, value_name = "S.raw")]
+    image: PathBuf,
+    /// Listen on this Unix socket path (removed first if it exists).
+    #[arg(long, conflicts_with = "tcp", required_unless_present = "tcp")]
+    unix: Option<PathBuf>,
+    /// Listen on this TCP address, e.g. 0.0.0.0:10809 (the primary's quorum child connects here).
+    #[arg(long)]
+    tcp: Option<std::net::SocketAddr>,
+    /// The relay's control socket (`qmp-driver relay --control PATH`).
+    #[arg(long, value_name = "RELAY.sock", env = "COLO_RELAY_CONTROL")]
+    control: PathBuf,
+    /// The primary QEMU's QMP monitor, as unix:PATH or tcp:HOST:PORT. Without it a full PVM log
+    /// only spills to its file and waits for the next periodic checkpoint.
+    #[arg(long, value_name = "ADDR")]
+    primary_qmp: Option<QmpAddress>,
+    /// Bytes of PVM log kept in memory; past them writes spill to a file and a checkpoint is
+    /// requested.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MEMORY_BUDGET)]
+    log_budget: u64,
+    /// Bytes of SVM overlay kept in memory; past them writes spill to a file.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MEMORY_BUDGET)]
+    overlay_budget: u64,
+    /// Our name on the control socket (the relay's status and barrier errors show it).
+    #[arg(long, default_value = DEFAULT_NAME)]
+    name: String,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = DEFAULT_MAX_IN_FLIGHT as u16, value_parser = clap::value_parser!(u16).range(1..))]
+    max_in_flight: u16,
 }
 
 #[derive(Debug, clap::Args)]
@@ -79,8 +147,11 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let Cmd::Serve(args) = Args::parse().command;
-    tokio::runtime::Runtime::new()?.block_on(serve(args))
+    let runtime = tokio::runtime::Runtime::new()?;
+    match Args::parse().command {
+        Cmd::Serve(args) => runtime.block_on(serve(args)),
+        Cmd::Secondary(args) => runtime.block_on(secondary(args)),
+    }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -95,20 +166,97 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..ServerConfig::default()
     };
     let server = NbdServer::new(ExportSet::new(exports)?, config);
+    let shutdown = signal_token();
+    listen(server, args.unix.as_deref(), args.tcp, shutdown).await
+}
+
+async fn secondary(args: SecondaryArgs) -> anyhow::Result<()> {
+    let config = ReplicaConfig {
+        pvm_memory_budget: args.log_budget,
+        svm_memory_budget: args.overlay_budget,
+    };
+    let replica = Replica::open(&args.image, config)
+        .with_context(|| format!("cannot open the replica over {}", args.image.display()))?;
+    tracing::info!(
+        image = %args.image.display(),
+        size = replica.size(),
+        recovery = ?replica.recovery(),
+        "replica opened"
+    );
+    let exports = vec![
+        Export::new("replica", replica.replica_view())
+            .with_description("the primary's writes (PVM log, committed per checkpoint)"),
+        Export::new("svm", replica.svm_view())
+            .with_description("the secondary VM's disk (SVM overlay over the checkpoint)"),
+    ];
+    let config = ServerConfig {
+        max_in_flight: usize::from(args.max_in_flight),
+        ..ServerConfig::default()
+    };
+    let server = NbdServer::new(ExportSet::new(exports)?, config);
+    let shutdown = signal_token();
+    let mut epochs = EpochOptions::new(&args.control);
+    epochs.name = args.name;
+    let mut tasks = vec![tokio::spawn(follow_epochs(
+        replica.clone(),
+        epochs,
+        shutdown.clone(),
+    ))];
+    if let Some(primary) = args.primary_qmp {
+        let opts = RequestOptions::new(primary, Some(args.control.clone()));
+        tasks.push(tokio::spawn(request_checkpoints(
+            replica.clone(),
+            opts,
+            shutdown.clone(),
+        )));
+    } else {
+        tracing::info!("no --primary-qmp: a full PVM log waits for the next periodic checkpoint");
+    }
+    let served = listen(server, args.unix.as_deref(), args.tcp, shutdown.clone()).await;
+    // A bind error returns before any signal: stop the other tasks too.
+    shutdown.cancel();
+    for task in tasks {
+        let _ = task.await;
+    }
+    served?;
+    // Leave S holding the last adopted checkpoint itself, so the next start
+    // has nothing to replay from the journal.
+    if let Err(err) = replica.settle().await {
+        tracing::error!(
+            %err,
+            "could not finish writing the last checkpoint into the image; the next start \
+             replays it from the journal"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM.
+fn signal_token() -> CancellationToken {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         stop.cancel();
     });
-    if let Some(path) = &args.unix {
+    shutdown
+}
+
+async fn listen<B: colo_blockd::backend::BlockBackend + std::fmt::Debug>(
+    server: NbdServer<B>,
+    unix: Option<&std::path::Path>,
+    tcp: Option<std::net::SocketAddr>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if let Some(path) = unix {
         // A stale socket from a previous run would make bind fail.
         let _ = std::fs::remove_file(path);
         let listener = tokio::net::UnixListener::bind(path)
             .with_context(|| format!("cannot listen on {}", path.display()))?;
         tracing::info!(socket = %path.display(), "serving NBD");
         server.serve_unix(listener, shutdown).await;
-    } else if let Some(addr) = args.tcp {
+    } else if let Some(addr) = tcp {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;

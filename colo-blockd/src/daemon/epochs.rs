@@ -1,0 +1,210 @@
+//! Follows the relay's epoch events as a synchronous subscriber of its
+//! control socket (`docs/control-protocol.md`) and drives the [`Replica`]:
+//!
+//! | event | step | ack |
+//! |---|---|---|
+//! | `svm-epoch-closed` | [`Replica::svm_epoch_closed`] | after the step |
+//! | `checkpoint-adopted` | [`Replica::checkpoint_adopted`] | after the step returned `Ok` |
+//! | `failover` (survivor `secondary`) | [`Replica::failover`] | not a sync event |
+//! | `colo-exit` | logged; the exports keep serving (the operator decides) | — |
+//! | anything else | logged | when sync (the protocol requires it) |
+//!
+//! The ack is the relay's only evidence that the epoch boundary was honoured,
+//! so a step that fails is **not** acked: the barrier then fails and the
+//! relay ends COLO instead of letting the SVM adopt a state its disk lacks.
+//!
+//! When the connection drops, the follower reconnects with a bounded
+//! exponential backoff. Meanwhile COLO cannot checkpoint: the relay fails
+//! every barrier that a sync subscriber left during the session.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use colo_control::client::{ControlError, Subscriber};
+use colo_control::protocol::{Event, EventKind, Survivor};
+use tokio_util::sync::CancellationToken;
+
+use crate::replica::Replica;
+
+/// Default `hello` name on the control socket.
+pub const DEFAULT_NAME: &str = "colo-blockd";
+
+/// How to reach the relay.
+#[derive(Debug, Clone)]
+pub struct EpochOptions {
+    /// The relay's control socket (`qmp-driver relay --control PATH`).
+    pub control: PathBuf,
+    /// Our `hello` name (shown in the relay's status and barrier errors).
+    pub name: String,
+    /// First wait before reconnecting; doubled after each failed attempt.
+    pub retry_min: Duration,
+    /// Longest wait between reconnection attempts.
+    pub retry_max: Duration,
+}
+
+impl EpochOptions {
+    /// Options for `control` with the default name and backoff (100 ms up
+    /// to 5 s: short enough to be back before the next checkpoint period,
+    /// long enough not to spin on a relay that is down).
+    pub fn new(control: impl Into<PathBuf>) -> EpochOptions {
+        EpochOptions {
+            control: control.into(),
+            name: DEFAULT_NAME.to_owned(),
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why one connection's event loop ended.
+enum Ended {
+    Shutdown,
+    RelayClosed,
+    Failed(ControlError),
+}
+
+/// Follows the relay's events until `shutdown` is cancelled, reconnecting
+/// whenever the connection is lost.
+pub async fn follow_epochs(replica: Replica, opts: EpochOptions, shutdown: CancellationToken) {
+    let mut backoff = opts.retry_min;
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = Subscriber::connect(&opts.control, &opts.name, true) => r,
+        };
+        match attempt {
+            Ok(mut sub) => {
+                backoff = opts.retry_min;
+                let w = sub.welcome();
+                tracing::info!(
+                    control = %opts.control.display(),
+                    name = %opts.name,
+                    epoch = w.epoch,
+                    state = ?w.state,
+                    "subscribed to the relay (sync): checkpoints wait for our acks"
+                );
+                match follow_connection(&replica, &mut sub, &shutdown).await {
+                    Ended::Shutdown => return,
+                    Ended::RelayClosed => tracing::error!(
+                        control = %opts.control.display(),
+                        "the relay closed the control connection; COLO cannot checkpoint while \
+                         we are disconnected (the relay fails the barrier); reconnecting"
+                    ),
+                    Ended::Failed(err) => tracing::error!(
+                        %err,
+                        "lost the relay's control connection; COLO cannot checkpoint while we \
+                         are disconnected (the relay fails the barrier); reconnecting"
+                    ),
+                }
+            }
+            Err(err) => tracing::error!(
+                %err,
+                retry_in = ?backoff,
+                "cannot subscribe to the relay; COLO cannot checkpoint until we are connected \
+                 (the relay fails the barrier)"
+            ),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(opts.retry_max);
+    }
+}
+
+async fn follow_connection(
+    replica: &Replica,
+    sub: &mut Subscriber,
+    shutdown: &CancellationToken,
+) -> Ended {
+    loop {
+        // Shutdown only interrupts the wait for an event, never a step:
+        // a half-done commit is left to the journal only after a crash.
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return Ended::Shutdown,
+            n = sub.next_event() => n,
+        };
+        let ev = match next {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return Ended::RelayClosed,
+            Err(err) => return Ended::Failed(err),
+        };
+        match apply(replica, &ev).await {
+            Ok(()) => {
+                if ev.sync
+                    && let Err(err) = sub.ack(ev.seq).await
+                {
+                    return Ended::Failed(err);
+                }
+            }
+            Err(err) => tracing::error!(
+                %err,
+                event = %ev.event,
+                epoch = ev.epoch,
+                "epoch step failed; not acknowledging it, so the relay fails the barrier and \
+                 ends COLO rather than let the secondary adopt a state its disk lacks"
+            ),
+        }
+    }
+}
+
+/// Does what `ev` requires of the replica (see the module documentation).
+async fn apply(replica: &Replica, ev: &Event) -> io::Result<()> {
+    match ev.event {
+        EventKind::SvmEpochClosed => {
+            replica.svm_epoch_closed().await;
+            tracing::debug!(
+                epoch = ev.epoch,
+                "svm-epoch-closed: holding new SVM requests"
+            );
+        }
+        EventKind::CheckpointAdopted => {
+            replica.checkpoint_adopted().await?;
+            tracing::info!(
+                epoch = ev.epoch,
+                "checkpoint-adopted: PVM log committed, SVM overlay dropped"
+            );
+        }
+        EventKind::Failover => match ev.survivor {
+            Some(Survivor::Secondary) => {
+                replica.failover().await?;
+                tracing::warn!(
+                    epoch = ev.epoch,
+                    detail = ev.detail.as_deref().unwrap_or(""),
+                    "failover to the secondary: PVM log dropped, SVM overlay merged into the \
+                     image; the svm export now writes the image directly"
+                );
+            }
+            Some(Survivor::Primary) => tracing::warn!(
+                epoch = ev.epoch,
+                "failover to the primary: this replica is no longer protected; keep serving \
+                 until the operator re-protects or stops it"
+            ),
+            None => tracing::warn!(
+                epoch = ev.epoch,
+                "failover event without a survivor; ignored"
+            ),
+        },
+        EventKind::ColoExit => tracing::warn!(
+            epoch = ev.epoch,
+            reason = ev.reason.as_deref().unwrap_or(""),
+            detail = ev.detail.as_deref().unwrap_or(""),
+            "COLO ended; still serving both exports: the operator decides between failover \
+             and re-protect"
+        ),
+        EventKind::ColoStarted => tracing::info!(epoch = ev.epoch, "COLO started"),
+        EventKind::CheckpointComplete => {
+            tracing::debug!(epoch = ev.epoch, "checkpoint complete")
+        }
+        EventKind::RelayError => tracing::error!(
+            epoch = ev.epoch,
+            detail = ev.detail.as_deref().unwrap_or(""),
+            "the relay reports a problem; checkpoints may no longer be barriered"
+        ),
+        EventKind::Unknown => {
+            tracing::debug!(seq = ev.seq, "ignoring an event this version does not know")
+        }
+    }
+    Ok(())
+}

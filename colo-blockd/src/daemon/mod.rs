@@ -1,0 +1,7 @@
+//! The secondary's daemon wiring (issue 5): following the relay's epoch
+//! events ([`epochs`]) and asking the primary for a checkpoint when the PVM
+//! log fills ([`checkpoint`]). `colo-blockd secondary` runs both next to the
+//! NBD server that serves the replica's two views.
+
+pub mod checkpoint;
+pub mod epochs;

@@ -1,0 +1,260 @@
+//! The secondary daemon's checkpoint requests: when the PVM log passes its
+//! budget, the primary (a fake QMP server here) gets its own
+//! `x-checkpoint-delay` re-set, coalesced, and the relay (an in-process hub)
+//! is told why.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use colo_blockd::backend::BlockBackend;
+use colo_blockd::daemon::checkpoint::{
+    BLOCK_LOG_FULL, QmpAddress, RequestOptions, request_checkpoints,
+};
+use colo_blockd::replica::{Replica, ReplicaConfig};
+use colo_control::hub::ControlHub;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const BUDGET: u64 = 4096;
+const DELAY_MS: u64 = 2000;
+const PATIENCE: Duration = Duration::from_secs(20);
+/// How long "nothing more arrives" is watched. A wrong extra request would
+/// come within milliseconds; a longer quiet time only slows the test.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// A QMP server that answers `query-migrate-parameters` with
+/// `x-checkpoint-delay` = [`DELAY_MS`] and reports the arguments of every
+/// `migrate-set-parameters`.
+fn fake_primary(path: &Path) -> mpsc::UnboundedReceiver<Value> {
+    let listener = UnixListener::bind(path).unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (rd, mut wr) = stream.into_split();
+                let greeting = json!({"QMP": {"version": {"qemu": {"micro": 2, "minor": 0,
+                    "major": 10}, "package": "fake"}, "capabilities": []}});
+                wr.write_all(format!("{greeting}\r\n").as_bytes())
+                    .await
+                    .unwrap();
+                let mut lines = BufReader::new(rd).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let cmd: Value = serde_json::from_str(&line).unwrap();
+                    let ret = match cmd["execute"].as_str() {
+                        Some("query-migrate-parameters") => {
+                            json!({"x-checkpoint-delay": DELAY_MS, "max-bandwidth": 1})
+                        }
+                        Some("migrate-set-parameters") => {
+                            let _ = tx.send(cmd["arguments"].clone());
+                            json!({})
+                        }
+                        _ => json!({}),
+                    };
+                    let mut reply = json!({"return": ret});
+                    if let Some(id) = cmd.get("id") {
+                        reply["id"] = id.clone();
+                    }
+                    if wr
+                        .write_all(format!("{reply}\r\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    rx
+}
+
+struct Bed {
+    _dir: tempfile::TempDir,
+    replica: Replica,
+    hub: ControlHub,
+    requests: mpsc::UnboundedReceiver<Value>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Bed {
+    fn start(min_interval: Duration) -> Bed {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("s.raw");
+        std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+        let replica = Replica::open(
+            &image,
+            ReplicaConfig {
+                pvm_memory_budget: BUDGET,
+                ..ReplicaConfig::default()
+            },
+        )
+        .unwrap();
+        let qmp: PathBuf = dir.path().join("qmp.sock");
+        let requests = fake_primary(&qmp);
+        let control = dir.path().join("control.sock");
+        let hub = ControlHub::new(UnixListener::bind(&control).unwrap());
+        let mut opts = RequestOptions::new(QmpAddress::Unix(qmp), Some(control));
+        opts.min_interval = min_interval;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(request_checkpoints(replica.clone(), opts, shutdown.clone()));
+        Bed {
+            _dir: dir,
+            replica,
+            hub,
+            requests,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Writes past the PVM log's budget.
+    async fn fill_log(&self) {
+        let data = Bytes::from(vec![0xaa; 2 * BUDGET as usize]);
+        self.replica
+            .replica_view()
+            .write_at(0, data, false)
+            .await
+            .unwrap();
+        assert!(*self.replica.checkpoint_wanted().borrow());
+    }
+
+    /// Empties the log, as the relay's `checkpoint-adopted` does.
+    async fn checkpoint(&self) {
+        self.replica.checkpoint_adopted().await.unwrap();
+        assert!(!*self.replica.checkpoint_wanted().borrow());
+    }
+
+    async fn next_request(&mut self) -> Value {
+        tokio::time::timeout(PATIENCE, self.requests.recv())
+            .await
+            .expect("no checkpoint request in time")
+            .unwrap()
+    }
+
+    async fn no_more_requests(&mut self) {
+        if let Ok(extra) = tokio::time::timeout(QUIET, self.requests.recv()).await {
+            panic!("unexpected extra request {extra:?}");
+        }
+    }
+
+    async fn noted_reasons(&self, n: u64) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let noted = self
+                .hub
+                .status()
+                .requests_by_reason
+                .get(BLOCK_LOG_FULL)
+                .copied()
+                .unwrap_or(0);
+            if noted == n {
+                return;
+            }
+            assert!(
+                noted < n && Instant::now() < deadline,
+                "relay noted {noted}, want {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("the requester stops on shutdown")
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_re_sets_the_primary_checkpoint_delay_and_tells_the_relay() {
+    let mut bed = Bed::start(Duration::from_secs(1));
+    bed.fill_log().await;
+    assert_eq!(
+        bed.next_request().await,
+        json!({"x-checkpoint-delay": DELAY_MS})
+    );
+    bed.noted_reasons(1).await;
+    // The log stays full until a checkpoint: one request is enough.
+    bed.fill_log().await;
+    bed.no_more_requests().await;
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_coalesced_however_often_the_budget_trips() {
+    // An interval no test run reaches: every trip after the first falls
+    // into it.
+    let mut bed = Bed::start(Duration::from_secs(3600));
+    bed.fill_log().await;
+    assert_eq!(
+        bed.next_request().await,
+        json!({"x-checkpoint-delay": DELAY_MS})
+    );
+    for _ in 0..20 {
+        bed.checkpoint().await;
+        bed.fill_log().await;
+    }
+    bed.no_more_requests().await;
+    bed.noted_reasons(1).await;
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trip_during_the_interval_is_requested_after_it() {
+    let mut bed = Bed::start(Duration::from_millis(200));
+    bed.fill_log().await;
+    bed.next_request().await;
+    bed.checkpoint().await;
+    bed.fill_log().await;
+    // Not lost: asked for once the interval has passed.
+    assert_eq!(
+        bed.next_request().await,
+        json!({"x-checkpoint-delay": DELAY_MS})
+    );
+    bed.noted_reasons(2).await;
+    // A log emptied by a checkpoint needs no further request.
+    bed.checkpoint().await;
+    bed.no_more_requests().await;
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_primary_is_asked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("s.raw");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let config = ReplicaConfig {
+        pvm_memory_budget: BUDGET,
+        ..ReplicaConfig::default()
+    };
+    let replica = Replica::open(&image, config).unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let mut opts = RequestOptions::new(QmpAddress::Unix(qmp.clone()), None);
+    opts.min_interval = Duration::from_millis(50);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(request_checkpoints(replica.clone(), opts, shutdown.clone()));
+    let data = Bytes::from(vec![0xaa; 2 * BUDGET as usize]);
+    replica
+        .replica_view()
+        .write_at(0, data, false)
+        .await
+        .unwrap();
+    // Nobody listens yet: the first attempts fail. Once the primary's
+    // monitor is up, the still-full log gets its request.
+    let mut requests = fake_primary(&qmp);
+    let got = tokio::time::timeout(PATIENCE, requests.recv())
+        .await
+        .expect("no checkpoint request after the primary came up")
+        .unwrap();
+    assert_eq!(got, json!({"x-checkpoint-delay": DELAY_MS}));
+    shutdown.cancel();
+    tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
+}
