@@ -31,6 +31,19 @@ fn print_ok<T: Serialize>(json: bool, report: &T, text: impl FnOnce(&T) -> Strin
     Exit::Success.into()
 }
 
+/// The failover options `failover` and `stop` take from `--no-hook` and `--no-relay`.
+fn failover_options(no_hook: bool, no_relay: bool) -> FailoverOptions<'static> {
+    FailoverOptions {
+        hook: if no_hook {
+            Hook::Skip
+        } else {
+            Hook::FromConfig
+        },
+        notify_relay: !no_relay,
+        ..FailoverOptions::default()
+    }
+}
+
 /// Prints the error on stderr (and as JSON on stdout with `--json`).
 fn print_err(json: bool, e: &PairError) -> ExitCode {
     let code = Exit::from(e);
@@ -122,15 +135,7 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
             no_hook,
             no_relay,
         } => {
-            let opts = FailoverOptions {
-                hook: if no_hook {
-                    Hook::Skip
-                } else {
-                    Hook::FromConfig
-                },
-                notify_relay: !no_relay,
-                ..FailoverOptions::default()
-            };
+            let opts = failover_options(no_hook, no_relay);
             let result = async {
                 let qmp = connect(cfg, g, survivor).await?;
                 match survivor {
@@ -153,15 +158,7 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
             no_hook,
             no_relay,
         } => {
-            let opts = FailoverOptions {
-                hook: if no_hook {
-                    Hook::Skip
-                } else {
-                    Hook::FromConfig
-                },
-                notify_relay: !no_relay,
-                ..FailoverOptions::default()
-            };
+            let opts = failover_options(no_hook, no_relay);
             let result = async {
                 let (pri, sec) = tokio::join!(
                     connect(cfg, g, Side::Primary),
