@@ -14,8 +14,11 @@ use serde::Serialize;
 
 use crate::client::{Fetch, HttpClient, md5_hex};
 use crate::guest::DiskCheck;
+use crate::relay_watch::{AckPolicy, EventRecorder};
 use crate::stats::{median, quantile};
+use crate::stock::driver::relay_control_path;
 use crate::stock::{PairConfig, Role, Step, StockPair};
+use colo_control::protocol::EventKind;
 
 /// The page the guest serves at `/`.
 pub const INDEX_BODY: &[u8] = b"colo guest ok\n";
@@ -55,6 +58,8 @@ pub struct Report {
     pub guest_errors: Vec<String>,
     /// The VM that was killed, for failover runs.
     pub killed: Option<Role>,
+    /// The barrier event the checkpoint was held at when the VM was killed, if any.
+    pub killed_at_event: Option<String>,
     /// Failover steps on the survivor.
     pub failover_steps: Vec<Step>,
     /// From the SIGKILL to the first successful new request.
@@ -120,6 +125,7 @@ impl Report {
             heartbeats: Vec::new(),
             guest_errors: Vec::new(),
             killed: None,
+            killed_at_event: None,
             failover_steps: Vec::new(),
             cli: Vec::new(),
             svm_output_bytes: None,
@@ -180,8 +186,12 @@ impl Report {
         }
         if let Some(killed) = self.killed {
             out += &format!(
-                "  killed             {} (SIGKILL)\n  first new request  {} ms after the kill\n",
+                "  killed             {} (SIGKILL){}\n  first new request  {} ms after the kill\n",
                 killed.name(),
+                self.killed_at_event
+                    .as_deref()
+                    .map(|e| format!(" while the relay held the checkpoint at {e}"))
+                    .unwrap_or_default(),
                 opt(self.kill_to_first_success_ms)
             );
             for step in &self.failover_steps {
@@ -408,6 +418,30 @@ async fn fetch_text(client: &HttpClient, path: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&response.body).trim().to_string())
 }
 
+/// How long [`wait_for_barrier`]'s subscriber holds each barrier: long enough to kill a VM
+/// inside it, shorter than the bed relay's ack bound (a barrier timeout would end COLO first).
+const BARRIER_HOLD: Duration = Duration::from_millis(800);
+
+/// Joins the relay as a slow synchronous subscriber and returns as soon as it received a
+/// barrier event of `kind`: the checkpoint is then held at that point for [`BARRIER_HOLD`].
+async fn wait_for_barrier(pair: &StockPair, kind: EventKind) -> Result<EventRecorder> {
+    if pair.relay.is_none() {
+        bail!("killing at a barrier event needs the relay");
+    }
+    let control = relay_control_path(&pair.dir);
+    let holder =
+        EventRecorder::connect(&control, "mid-checkpoint", AckPolicy::After(BARRIER_HOLD)).await?;
+    let period = Duration::from_millis(u64::from(pair.config.checkpoint_delay_ms));
+    let deadline = Instant::now() + period * 3 + Duration::from_secs(10);
+    while holder.of_kind(kind).is_empty() {
+        if Instant::now() > deadline {
+            bail!("no {kind} event within {:?}", period * 3);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(holder)
+}
+
 /// Options of a failover run.
 #[derive(Debug, Clone)]
 pub struct FailoverPlan {
@@ -425,6 +459,10 @@ pub struct FailoverPlan {
     /// `checkpoint` and `failover` run as commands against the run's `pair.toml`, instead of
     /// the same sequences called as a library.
     pub via_cli: bool,
+    /// Kill in the middle of a checkpoint: after `kill_after`, a test subscriber joins the
+    /// relay and holds the next barrier event of this kind for a while; the VM dies while
+    /// the barrier holds the checkpoint there. Needs the relay.
+    pub kill_at_event: Option<EventKind>,
 }
 
 impl Default for FailoverPlan {
@@ -436,6 +474,7 @@ impl Default for FailoverPlan {
             kill_after: Duration::from_millis(2500),
             requests_after: 10,
             via_cli: false,
+            kill_at_event: None,
         }
     }
 }
@@ -505,9 +544,15 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
     tokio::time::sleep(plan.kill_after).await;
 
     report.svm_output_bytes = Some(pair.secondary_output_bytes()?);
+    // Held so that its barrier is still open when the VM dies.
+    let _holder = match plan.kill_at_event {
+        Some(kind) => Some(wait_for_barrier(&pair, kind).await?),
+        None => None,
+    };
     let killed_at = Instant::now();
     pair.kill(plan.kill)?;
     report.killed = Some(plan.kill);
+    report.killed_at_event = plan.kill_at_event.map(|k| k.to_string());
     if plan.via_cli {
         let out = cli_json(
             &pair,

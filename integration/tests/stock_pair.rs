@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use colo_testbed::scenario::{self, FailoverPlan, Report};
+mod common;
+
+use colo_testbed::scenario::{self, FailoverPlan};
 use colo_testbed::stock::{PairConfig, Role};
 
 fn soak_config() -> PairConfig {
@@ -16,47 +18,6 @@ fn soak_config() -> PairConfig {
         guest_load_mib_s: 4,
         ..PairConfig::default()
     }
-}
-
-fn assert_failover(report: &Report) {
-    println!("{}", report.render());
-    assert!(
-        report.http_failures.is_empty(),
-        "failed requests: {:?}",
-        report.http_failures
-    );
-    assert!(
-        report.guest_errors.is_empty(),
-        "guest errors: {:?}",
-        report.guest_errors
-    );
-    let download = report.download.as_ref().expect("a download was in flight");
-    assert!(download.ok(), "in-flight download broken: {download:?}");
-    assert!(
-        report.kill_to_first_success_ms.is_some(),
-        "no request succeeded after the kill"
-    );
-    assert!(
-        report.after_failover_ok >= 10,
-        "only {} requests after failover",
-        report.after_failover_ok
-    );
-    assert!(report.checkpoints_primary >= 3 || report.killed == Some(Role::Primary));
-    assert!(
-        report.svm_output_bytes.is_some_and(|b| b > 0),
-        "no SVM output reached colo-compare before the kill"
-    );
-    let disk = report
-        .disk
-        .as_ref()
-        .expect("the survivor's disk was checked");
-    assert!(disk.last_heartbeat > 0, "the survivor printed no heartbeat");
-    assert!(disk.is_consistent(), "survivor disk inconsistent: {disk:?}");
-    let (_, first, last) = &report.heartbeats[0];
-    assert!(
-        last > first,
-        "survivor heartbeat did not advance: {first:?} -> {last:?}"
-    );
 }
 
 /// 4b: COLO survives at least 30 checkpoints under memory load; both guests' heartbeats
@@ -114,7 +75,7 @@ async fn primary_killed_secondary_takes_over() {
     let report = scenario::failover("t-fop", soak_config(), plan)
         .await
         .expect("failover scenario ran");
-    assert_failover(&report);
+    common::assert_failover(&report);
 }
 
 /// 4d: the secondary is SIGKILLed mid-download; the primary carries on alone.
@@ -127,5 +88,5 @@ async fn secondary_killed_primary_carries_on() {
     let report = scenario::failover("t-fos", soak_config(), plan)
         .await
         .expect("failover scenario ran");
-    assert_failover(&report);
+    common::assert_failover(&report);
 }

@@ -182,17 +182,67 @@ pub struct RelaySettings {
     pub ack_timeout_ms: u64,
 }
 
-/// Disk replication ids and port (the stock `quorum` + `replication` wiring).
+/// Who keeps the secondary's copy of the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskBackend {
+    /// QEMU's own block replication: the secondary QEMU runs the
+    /// `replication` driver over its image and exports it with its NBD
+    /// server; the primary's quorum child is `replication,mode=primary`.
+    #[default]
+    Replication,
+    /// colo-blockd (`colo-blockd secondary`) keeps the replica: the
+    /// primary's quorum child is a plain NBD client of its `replica`
+    /// export, the secondary VM's disk is its `svm` export.
+    ColoBlockd,
+}
+
+impl DiskBackend {
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskBackend::Replication => "replication",
+            DiskBackend::ColoBlockd => "colo-blockd",
+        }
+    }
+}
+
+/// colo-blockd's export the primary's quorum child writes.
+pub const BLOCKD_REPLICA_EXPORT: &str = "replica";
+/// colo-blockd's export the secondary VM's disk reads and writes.
+pub const BLOCKD_SVM_EXPORT: &str = "svm";
+
+/// Disk replication ids and port (the stock `quorum` + `replication` wiring,
+/// or colo-blockd).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
-    /// The quorum drive the guest's disk sits on (both sides).
+    /// Who keeps the secondary's copy.
+    pub backend: DiskBackend,
+    /// The quorum drive the guest's disk sits on (both sides; with
+    /// colo-blockd the secondary's disk is the NBD node of this name).
     pub device: String,
-    /// The secondary's base drive, exported over NBD under the same name.
+    /// The secondary's base drive, exported over NBD under the same name
+    /// (replication backend only).
     pub export: String,
-    /// TCP port of the secondary's NBD server (on `secondary.host`).
+    /// TCP port of the secondary's NBD server (on `secondary.host`): QEMU's
+    /// with the replication backend, colo-blockd's with the other.
     pub nbd_port: u16,
-    /// Node name of the primary's `replication` child (NBD client).
+    /// Node name of the primary's NBD child of the quorum.
     pub replication_node: String,
+    /// colo-blockd backend: the Unix socket the secondary VM's disk
+    /// connects to (`colo-blockd secondary --unix`); without it the VM
+    /// connects over TCP to `secondary.host:nbd_port`.
+    pub blockd_socket: Option<PathBuf>,
+}
+
+impl DiskConfig {
+    /// The export the primary's quorum child writes to.
+    pub fn primary_child_export(&self) -> &str {
+        match self.backend {
+            DiskBackend::Replication => &self.export,
+            DiskBackend::ColoBlockd => BLOCKD_REPLICA_EXPORT,
+        }
+    }
 }
 
 /// Network filter ids and ports (the stock colo-compare wiring).
@@ -269,10 +319,12 @@ pub struct VmConfig {
     pub primary_image: PathBuf,
     /// The secondary's copy of the disk (exported over NBD).
     pub secondary_image: PathBuf,
-    /// The secondary's active overlay (qcow2, same virtual size).
-    pub secondary_active: PathBuf,
-    /// The secondary's hidden overlay (qcow2, same virtual size).
-    pub secondary_hidden: PathBuf,
+    /// The secondary's active overlay (qcow2, same virtual size); required
+    /// with the replication backend, absent with colo-blockd.
+    pub secondary_active: Option<PathBuf>,
+    /// The secondary's hidden overlay (qcow2, same virtual size); required
+    /// with the replication backend, absent with colo-blockd.
+    pub secondary_hidden: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -332,6 +384,8 @@ struct RawRelay {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDisk {
+    backend: Option<DiskBackend>,
+    blockd_socket: Option<PathBuf>,
     device: Option<String>,
     export: Option<String>,
     nbd_port: Option<u16>,
@@ -654,7 +708,22 @@ impl PairConfig {
         };
 
         let d = raw.disk;
+        let backend = d.backend.unwrap_or_default();
+        let blockd_socket = match (backend, d.blockd_socket) {
+            (_, None) => None,
+            (DiskBackend::ColoBlockd, Some(p)) => {
+                Some(c.abs_path("disk.blockd_socket", Some(p), "colo-blockd's Unix socket")?)
+            }
+            (DiskBackend::Replication, Some(_)) => {
+                return Err(c.err(
+                    "disk.blockd_socket",
+                    "is only used with backend = \"colo-blockd\"",
+                ));
+            }
+        };
         let disk = DiskConfig {
+            backend,
+            blockd_socket,
             device: c.qemu_id("disk.device", d.device, "colo-disk0")?,
             export: c.qemu_id("disk.export", d.export, "parent0")?,
             nbd_port: c.port("disk.nbd_port", d.nbd_port, 9999)?,
@@ -740,6 +809,17 @@ impl PairConfig {
                         0 => return Err(c.err("vm.memory_mib", "is 0: give the guest RAM in MiB")),
                         m => m,
                     };
+                // The replication driver's two overlays; colo-blockd keeps its
+                // overlay itself.
+                let overlay = |key: &str, value: Option<PathBuf>, what: &str| match disk.backend {
+                    DiskBackend::Replication => c.abs_path(key, value, what).map(Some),
+                    DiskBackend::ColoBlockd if value.is_some() => Err(c.err(
+                        key,
+                        "is only used with disk.backend = \"replication\" (colo-blockd keeps \
+                         the secondary's overlay itself)",
+                    )),
+                    DiskBackend::ColoBlockd => Ok(None),
+                };
                 Some(VmConfig {
                     tap,
                     secondary_tap,
@@ -756,12 +836,12 @@ impl PairConfig {
                         v.secondary_image,
                         "the secondary's copy of the disk image",
                     )?,
-                    secondary_active: c.abs_path(
+                    secondary_active: overlay(
                         "vm.secondary_active",
                         v.secondary_active,
                         "the secondary's active qcow2 overlay",
                     )?,
-                    secondary_hidden: c.abs_path(
+                    secondary_hidden: overlay(
                         "vm.secondary_hidden",
                         v.secondary_hidden,
                         "the secondary's hidden qcow2 overlay",
@@ -770,12 +850,20 @@ impl PairConfig {
             }
         };
         if let Some(vm) = &vm {
-            let images = [
+            let mut images = vec![
                 ("vm.primary_image", &vm.primary_image),
                 ("vm.secondary_image", &vm.secondary_image),
-                ("vm.secondary_active", &vm.secondary_active),
-                ("vm.secondary_hidden", &vm.secondary_hidden),
             ];
+            images.extend(
+                vm.secondary_active
+                    .as_ref()
+                    .map(|p| ("vm.secondary_active", p)),
+            );
+            images.extend(
+                vm.secondary_hidden
+                    .as_ref()
+                    .map(|p| ("vm.secondary_hidden", p)),
+            );
             // The primary's image lives on another host, so only the three
             // secondary files must differ from each other.
             for (i, (key, path)) in images.iter().enumerate().skip(1) {
@@ -865,6 +953,8 @@ mod tests {
         assert_eq!(
             cfg.disk,
             DiskConfig {
+                backend: DiskBackend::Replication,
+                blockd_socket: None,
                 device: "colo-disk0".into(),
                 export: "parent0".into(),
                 nbd_port: 9999,
@@ -1106,6 +1196,70 @@ mod tests {
         assert!(err.to_string().contains("colo"), "{err}");
         let err = parse("name = ").unwrap_err();
         assert!(err.to_string().starts_with("test.toml: "), "{err}");
+    }
+
+    #[test]
+    fn disk_backend_and_its_keys() {
+        let base = r#"
+            name = "t"
+            [primary]
+            qmp = "unix:/run/p.qmp"
+            host = "10.0.0.1"
+            [secondary]
+            qmp = "unix:/run/s.qmp"
+            host = "10.0.0.2"
+            [migration]
+            secondary_incoming = "tcp:10.0.0.2:9998"
+        "#;
+        let vm = |overlays: &str| {
+            format!(
+                "[vm]\ntap = \"tap0\"\nmac = \"52:54:00:12:34:56\"\nmemory_mib = 64\n\
+                 primary_image = \"/i/p.raw\"\nsecondary_image = \"/i/s.raw\"\n{overlays}"
+            )
+        };
+        let overlays = "secondary_active = \"/i/a.qcow2\"\nsecondary_hidden = \"/i/h.qcow2\"\n";
+
+        let stock = parse(&format!("{base}\n{}", vm(overlays))).unwrap();
+        assert_eq!(stock.disk.backend, DiskBackend::Replication);
+        assert_eq!(stock.disk.primary_child_export(), "parent0");
+
+        let text = format!(
+            "{base}\n[disk]\nbackend = \"colo-blockd\"\nblockd_socket = \"/run/b.sock\"\n{}",
+            vm("")
+        );
+        let blockd = parse(&text).unwrap();
+        assert_eq!(blockd.disk.backend, DiskBackend::ColoBlockd);
+        assert_eq!(blockd.disk.primary_child_export(), "replica");
+        assert_eq!(
+            blockd.disk.blockd_socket,
+            Some(PathBuf::from("/run/b.sock"))
+        );
+        let vm_cfg = blockd.vm.unwrap();
+        assert_eq!(
+            (vm_cfg.secondary_active, vm_cfg.secondary_hidden),
+            (None, None)
+        );
+
+        // Each backend refuses the other's keys, and names them.
+        let wrong = format!(
+            "{base}\n[disk]\nblockd_socket = \"/run/b.sock\"\n{}",
+            vm(overlays)
+        );
+        assert_eq!(error_key(&wrong), "disk.blockd_socket");
+        let wrong = format!(
+            "{base}\n[disk]\nbackend = \"colo-blockd\"\n{}",
+            vm(overlays)
+        );
+        assert_eq!(error_key(&wrong), "vm.secondary_active");
+        let missing = format!("{base}\n{}", vm(""));
+        assert_eq!(error_key(&missing), "vm.secondary_active");
+        let relative = format!(
+            "{base}\n[disk]\nbackend = \"colo-blockd\"\nblockd_socket = \"b.sock\"\n{}",
+            vm("")
+        );
+        assert_eq!(error_key(&relative), "disk.blockd_socket");
+        let unknown = format!("{base}\n[disk]\nbackend = \"drbd\"\n");
+        assert!(parse(&unknown).is_err());
     }
 
     #[test]

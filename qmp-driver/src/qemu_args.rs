@@ -19,10 +19,12 @@
 //! The object and chardev ids are fixed ([`ids`]): the failover sequences in
 //! [`crate::pair`] delete exactly these.
 //!
-//! The colo-daemons setup (colo-proxyd instead of colo-compare, colo-blockd
-//! instead of replication) is not implemented yet (issues 4 and 5).
+//! With `disk.backend = "colo-blockd"` the secondary's disk is an NBD client
+//! of colo-blockd's `svm` export instead of the replication overlays, and the
+//! primary's quorum child (added at `start`) writes to its `replica` export.
+//! colo-proxyd in place of colo-compare is not generated yet (issue 4).
 
-use crate::config::{Endpoint, PairConfig, Side, VmConfig};
+use crate::config::{BLOCKD_SVM_EXPORT, DiskBackend, Endpoint, PairConfig, Side, VmConfig};
 use std::path::Path;
 
 /// Ids of the objects and chardevs the stock wiring creates. The drive and
@@ -77,6 +79,9 @@ pub enum QemuArgsError {
          paths (see qemu-configs/pair.example.toml)"
     )]
     MissingVm,
+    /// The replication backend needs both overlay paths.
+    #[error("{0} is required with disk.backend = \"replication\"")]
+    MissingOverlay(&'static str),
 }
 
 /// The arguments for `role`.
@@ -259,39 +264,77 @@ pub fn secondary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
         .opt(
             "-object",
             format!("filter-rewriter,id={REWRITER},netdev={netdev},queue=all"),
-        )
-        .opt(
-            "-drive",
-            format!(
-                "if=none,id={},driver={},file.filename={}",
-                disk.export,
-                vm.image_format.driver(),
-                path_value(&vm.secondary_image)
-            ),
-        )
-        .opt(
-            "-drive",
-            format!(
-                "if=none,id={SECONDARY_REPLICATION_DRIVE},driver=replication,mode=secondary,\
-                 file.driver=qcow2,top-id={},file.file.filename={},file.backing.driver=qcow2,\
-                 file.backing.file.filename={},file.backing.backing={}",
-                disk.device,
-                path_value(&vm.secondary_active),
-                path_value(&vm.secondary_hidden),
-                disk.export
-            ),
-        )
-        .opt(
-            "-drive",
-            format!(
-                "if=none,id={},driver=quorum,read-pattern=fifo,vote-threshold=1,\
-                 children.0={SECONDARY_REPLICATION_DRIVE}",
-                disk.device
-            ),
-        )
-        .opt("-device", format!("virtio-blk-pci,drive={}", disk.device))
+        );
+    match disk.backend {
+        DiskBackend::Replication => replication_disk(&mut a, cfg, vm)?,
+        DiskBackend::ColoBlockd => blockd_disk(&mut a, cfg),
+    }
+    a.opt("-device", format!("virtio-blk-pci,drive={}", disk.device))
         .opt("-incoming", "defer");
     Ok(a.0)
+}
+
+/// The stock secondary disk: the exported base image, the replication
+/// driver's overlays above it, and a quorum on top (the failover sequence
+/// works on the quorum of both sides alike).
+fn replication_disk(a: &mut Args, cfg: &PairConfig, vm: &VmConfig) -> Result<(), QemuArgsError> {
+    use ids::*;
+    let disk = &cfg.disk;
+    let overlay = |p: &Option<std::path::PathBuf>, key: &'static str| {
+        p.as_deref()
+            .map(path_value)
+            .ok_or(QemuArgsError::MissingOverlay(key))
+    };
+    let active = overlay(&vm.secondary_active, "vm.secondary_active")?;
+    let hidden = overlay(&vm.secondary_hidden, "vm.secondary_hidden")?;
+    a.opt(
+        "-drive",
+        format!(
+            "if=none,id={},driver={},file.filename={}",
+            disk.export,
+            vm.image_format.driver(),
+            path_value(&vm.secondary_image)
+        ),
+    )
+    .opt(
+        "-drive",
+        format!(
+            "if=none,id={SECONDARY_REPLICATION_DRIVE},driver=replication,mode=secondary,\
+             file.driver=qcow2,top-id={},file.file.filename={active},file.backing.driver=qcow2,\
+             file.backing.file.filename={hidden},file.backing.backing={}",
+            disk.device, disk.export
+        ),
+    )
+    .opt(
+        "-drive",
+        format!(
+            "if=none,id={},driver=quorum,read-pattern=fifo,vote-threshold=1,\
+             children.0={SECONDARY_REPLICATION_DRIVE}",
+            disk.device
+        ),
+    );
+    Ok(())
+}
+
+/// The colo-blockd secondary disk: an NBD client of colo-blockd's `svm`
+/// export, over its Unix socket when one is configured. The image itself
+/// belongs to colo-blockd (`vm.secondary_image` is its `--image`).
+fn blockd_disk(a: &mut Args, cfg: &PairConfig) {
+    let disk = &cfg.disk;
+    let server = match &disk.blockd_socket {
+        Some(path) => format!("server.type=unix,server.path={}", path_value(path)),
+        None => format!(
+            "server.type=inet,server.host={},server.port={}",
+            cfg.secondary.host, disk.nbd_port
+        ),
+    };
+    a.opt(
+        "-drive",
+        format!(
+            "if=none,id={},driver=nbd,{server},export={BLOCKD_SVM_EXPORT}",
+            disk.device
+        ),
+    );
 }
 
 /// Quotes one argument for a POSIX shell (only when needed).
@@ -558,6 +601,64 @@ mod tests {
                 .join(" ")
                 .contains("id=parent0,driver=qcow2,")
         );
+    }
+
+    /// The `[vm]` block of [`config`] without the replication overlays.
+    fn blockd_config(disk: &str) -> PairConfig {
+        let text = format!(
+            r#"
+            name = "vm1"
+            [primary]
+            qmp = "unix:/run/p.qmp"
+            host = "192.168.77.1"
+            [secondary]
+            qmp = "unix:/run/s.qmp"
+            host = "192.168.77.2"
+            [migration]
+            secondary_incoming = "tcp:192.168.77.2:9998"
+            [disk]
+            backend = "colo-blockd"
+            nbd_port = 10809
+            {disk}
+            [vm]
+            tap = "tap-p"
+            mac = "52:54:00:12:34:56"
+            memory_mib = 128
+            primary_image = "/img/primary.raw"
+            secondary_image = "/img/secondary.raw"
+            "#
+        );
+        PairConfig::from_toml(&text, "test").unwrap()
+    }
+
+    #[test]
+    fn with_colo_blockd_the_svm_disk_is_its_nbd_export() {
+        let cfg = blockd_config("");
+        let s = pairs(&secondary_args(&cfg).unwrap());
+        assert_eq!(
+            values(&s, "-drive"),
+            [
+                "if=none,id=colo-disk0,driver=nbd,server.type=inet,server.host=192.168.77.2,\
+                 server.port=10809,export=svm"
+            ]
+        );
+        assert_eq!(
+            values(&s, "-device").last().copied(),
+            Some("virtio-blk-pci,drive=colo-disk0")
+        );
+        // The network side is unchanged.
+        let objects: Vec<&str> = values(&s, "-object").into_iter().map(id_of).collect();
+        assert_eq!(objects, ["f1", "f2", "rew0"]);
+        // The primary's disk is the same quorum; its NBD child is added at start.
+        let p = pairs(&primary_args(&cfg).unwrap());
+        let stock = pairs(&primary_args(&config("")).unwrap());
+        assert_eq!(values(&p, "-drive"), values(&stock, "-drive"));
+
+        let cfg = blockd_config(r#"blockd_socket = "/run/colo/vm1/blockd,1.sock""#);
+        let s = secondary_args(&cfg).unwrap().join(" ");
+        assert!(s.contains(
+            "driver=nbd,server.type=unix,server.path=/run/colo/vm1/blockd,,1.sock,export=svm"
+        ));
     }
 
     #[test]

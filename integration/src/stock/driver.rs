@@ -14,7 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use qmp_driver::config::PairConfig as DriverConfig;
+use qmp_driver::config::{DiskBackend, PairConfig as DriverConfig};
 
 use super::{PairConfig, Role};
 use crate::topology::{self, Topology, addr};
@@ -74,6 +74,22 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
         topology::HOST_BRIDGE
     );
     let file = |name: &str| dir.join(name).display().to_string();
+    let (disk, overlays) = match cfg.disk {
+        DiskBackend::Replication => (
+            String::new(),
+            format!(
+                "secondary_active = {:?}\nsecondary_hidden = {:?}\n",
+                file("secondary-active.qcow2"),
+                file("secondary-hidden.qcow2")
+            ),
+        ),
+        // The SVM's disk connects over TCP to secondary.host:nbd_port, like the primary's
+        // quorum child.
+        DiskBackend::ColoBlockd => (
+            "[disk]\nbackend = \"colo-blockd\"\n\n".to_string(),
+            String::new(),
+        ),
+    };
     format!(
         "# Written by the colo test bed for one run.\n\
          name = \"testbed\"\n\n\
@@ -82,10 +98,10 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
          [migration]\nsecondary_incoming = {incoming:?}\nprimary_target = {target:?}\n\
          checkpoint_delay_ms = {delay}\n\n\
          {relay}\
+         {disk}\
          [failover]\nsecondary_takeover_hook = {hook:?}\n\n\
          [vm]\ntap = {ptap:?}\nsecondary_tap = {stap:?}\nmac = {mac:?}\nmemory_mib = {mem}\n\
-         primary_image = {pimg:?}\nsecondary_image = {simg:?}\n\
-         secondary_active = {active:?}\nsecondary_hidden = {hidden:?}\n",
+         primary_image = {pimg:?}\nsecondary_image = {simg:?}\n{overlays}",
         pqmp = unix(operator_qmp_path(dir, Role::Primary)),
         phost = addr::PRIMARY_HOST,
         sqmp = unix(operator_qmp_path(dir, Role::Secondary)),
@@ -97,8 +113,6 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
         mem = cfg.memory_mib,
         pimg = file("primary.raw"),
         simg = file("secondary.raw"),
-        active = file("secondary-active.qcow2"),
-        hidden = file("secondary-hidden.qcow2"),
     )
 }
 
@@ -111,10 +125,16 @@ pub fn write_config(dir: &Path, topology: &Topology, cfg: &PairConfig) -> Result
 }
 
 /// The `qmp-driver` binary of this build: `$COLO_QMP_DRIVER`, or `qmp-driver` in the Cargo
-/// target directory the running test was built into. Missing, it is an error that says how to
-/// build it; the bed never falls back to another copy.
+/// target directory the running test was built into.
 pub fn qmp_driver_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("COLO_QMP_DRIVER") {
+    workspace_binary("qmp-driver", "COLO_QMP_DRIVER")
+}
+
+/// The binary `name` of this workspace's build: `$env_var`, or `name` in the Cargo target
+/// directory the running test was built into. Missing, it is an error that says how to build
+/// it; the bed never falls back to another copy.
+pub fn workspace_binary(name: &str, env_var: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env_var) {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe().context("locating the running executable")?;
@@ -123,7 +143,7 @@ pub fn qmp_driver_binary() -> Result<PathBuf> {
         .ancestors()
         .skip(1)
         .take(2)
-        .map(|d| d.join("qmp-driver"))
+        .map(|d| d.join(name))
         .collect::<Vec<_>>();
     candidates
         .iter()
@@ -131,9 +151,9 @@ pub fn qmp_driver_binary() -> Result<PathBuf> {
         .cloned()
         .with_context(|| {
             format!(
-                "the qmp-driver binary is not built (looked at {candidates:?}); run \
-                 `cargo build -p qmp-driver` or the whole workspace's tests \
-                 (`cargo nextest run --workspace`), or set COLO_QMP_DRIVER"
+                "the {name} binary is not built (looked at {candidates:?}); run \
+                 `cargo build -p {name}` or the whole workspace's tests \
+                 (`cargo nextest run --workspace`), or set {env_var}"
             )
         })
 }

@@ -14,6 +14,7 @@
 //! `vnet_hdr=off` taps so no filter needs `vnet_hdr_support`, `-incoming defer`, and the
 //! secondary's tap off the bridge until failover.
 
+mod blockd;
 mod cmdline;
 mod diagnostics;
 pub mod driver;
@@ -23,12 +24,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+pub use qmp_driver::config::DiskBackend;
 use qmp_driver::config::PairConfig as DriverConfig;
 use qmp_driver::pair::{self, FailoverOptions, StartOptions};
 use qmp_driver::qmp::QmpClient;
 use serde::Serialize;
 use serde_json::json;
 
+pub use blockd::BlockdProcess;
 pub use cmdline::{MACHINE, qemu_args};
 pub use driver::{RelayProcess, operator_qmp_path};
 pub use events::{EventLog, pause_windows, pauses};
@@ -55,6 +58,9 @@ pub struct PairConfig {
     pub relay: bool,
     /// The relay's bound on a subscriber's acknowledgement (ms).
     pub relay_ack_timeout_ms: u64,
+    /// Who keeps the secondary's disk: QEMU's block replication, or colo-blockd (which needs
+    /// the relay: `launch` turns it on).
+    pub disk: DiskBackend,
 }
 
 impl Default for PairConfig {
@@ -66,6 +72,7 @@ impl Default for PairConfig {
             disk_mib: 16,
             relay: false,
             relay_ack_timeout_ms: 2000,
+            disk: DiskBackend::Replication,
         }
     }
 }
@@ -146,6 +153,8 @@ pub struct StockPair {
     pub driver: DriverConfig,
     /// The checkpoint-barrier relay, when the pair migrates through one.
     pub relay: Option<RelayProcess>,
+    /// colo-blockd on the secondary host, when it keeps the secondary's disk.
+    pub blockd: Option<BlockdProcess>,
     // Declared last so that it drops after the VMs: QEMU must exit before its tap disappears.
     /// The namespaces.
     pub topology: Topology,
@@ -156,6 +165,10 @@ fn create_images(dir: &Path, cfg: &PairConfig) -> Result<()> {
     for name in ["primary.raw", "secondary.raw"] {
         let file = std::fs::File::create(dir.join(name))?;
         file.set_len(bytes)?;
+    }
+    if cfg.disk == DiskBackend::ColoBlockd {
+        // colo-blockd keeps the secondary's overlay itself.
+        return Ok(());
     }
     for name in ["secondary-active.qcow2", "secondary-hidden.qcow2"] {
         let out = std::process::Command::new("qemu-img")
@@ -187,11 +200,18 @@ impl StockPair {
     /// Brings up the namespaces, writes `pair.toml`, and starts both QEMUs (the primary
     /// paused, the secondary waiting for `migrate-incoming`) and the relay if configured. COLO
     /// is not started: [`StockPair::enter_colo`] does that, or `qmp-driver start`.
-    pub async fn launch(tag: &str, dir: PathBuf, cfg: PairConfig) -> Result<Self> {
+    pub async fn launch(tag: &str, dir: PathBuf, mut cfg: PairConfig) -> Result<Self> {
+        // colo-blockd learns the epochs from the relay only.
+        cfg.relay |= cfg.disk == DiskBackend::ColoBlockd;
         let artifacts = Artifacts::locate()?;
         let topology = Topology::create(tag)?;
         create_images(&dir, &cfg)?;
         let driver = driver::write_config(&dir, &topology, &cfg)?;
+        // The secondary's disk must be served before the secondary QEMU opens it.
+        let blockd = match cfg.disk {
+            DiskBackend::ColoBlockd => Some(BlockdProcess::spawn(&dir, &topology, &driver)?),
+            DiskBackend::Replication => None,
+        };
 
         let mut pri_proc = QemuProcess::spawn(
             &artifacts.qemu,
@@ -219,6 +239,11 @@ impl StockPair {
         } else {
             None
         };
+        if let Some(blockd) = &blockd {
+            // Its first barrier must already wait for it, or the first epoch's disk writes
+            // would be adopted without it.
+            blockd.wait_subscribed(Duration::from_secs(20)).await?;
+        }
 
         Ok(StockPair {
             primary: Some(Vm {
@@ -242,6 +267,7 @@ impl StockPair {
             dead: Vec::new(),
             driver,
             relay,
+            blockd,
             topology,
             dir,
             config: cfg,
@@ -388,8 +414,14 @@ impl StockPair {
         }
     }
 
-    /// SIGKILLs the QEMU of `role`: a fail-stop failure of that host's VM.
+    /// SIGKILLs the QEMU of `role`: a fail-stop failure of that host's VM. On the secondary
+    /// host colo-blockd dies with it, as it would with the host.
     pub fn kill(&mut self, role: Role) -> Result<()> {
+        if role == Role::Secondary
+            && let Some(mut blockd) = self.blockd.take()
+        {
+            blockd.kill();
+        }
         let mut vm = match role {
             Role::Primary => self.primary.take(),
             Role::Secondary => self.secondary.take(),
@@ -425,6 +457,12 @@ impl StockPair {
         let image = vm.image.clone();
         let vm = self.vm_mut(role)?;
         vm.process.wait_exit(Duration::from_secs(20))?;
+        if role == Role::Secondary
+            && let Some(blockd) = self.blockd.as_mut()
+        {
+            // The secondary's image is colo-blockd's: it must finish writing it first.
+            blockd.stop(Duration::from_secs(20))?;
+        }
         guest::check_disk(&image, last)
     }
 }

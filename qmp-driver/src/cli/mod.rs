@@ -126,8 +126,9 @@ pub enum Command {
     #[command(
         long_about = "Prepare the SECONDARY QEMU (started with `-incoming defer`) to receive COLO, \
         on the secondary's QMP socket: turn the x-colo capability on (and return-path off), \
-        start the NBD server on secondary.host:disk.nbd_port, export disk.export writable, \
-        and listen on migration.secondary_incoming (migrate-incoming).\n\n\
+        start the NBD server on secondary.host:disk.nbd_port, export disk.export writable \
+        (with disk.backend = \"colo-blockd\" these two are skipped: colo-blockd serves the \
+        disk), and listen on migration.secondary_incoming (migrate-incoming).\n\n\
         Use it when the secondary should be made ready before the primary is: `start` runs \
         these same steps itself. Every step is skipped when already done; a secondary already \
         in COLO is left alone. Refuses (exit 3) a secondary that is not waiting for an \
@@ -143,8 +144,9 @@ pub enum Command {
         run state prelaunch) and the secondary waits for a migration, waits for the \
         secondary's redirectors to connect to the primary's filter sockets, prepares the \
         secondary (as `prepare-secondary`), then on the primary: adds the replication child \
-        to the disk's quorum (`drive_add -n buddy driver=replication,...` + \
-        x-blockdev-change), turns x-colo on, sets x-checkpoint-delay, migrates to \
+        to the disk's quorum (`drive_add -n buddy driver=replication,...`, or with \
+        disk.backend = \"colo-blockd\" `blockdev-add` of an NBD client of its `replica` \
+        export, then x-blockdev-change), turns x-colo on, sets x-checkpoint-delay, migrates to \
         migration.primary_target, and waits until the migration status is `colo` and both \
         VMs run. The guest boots inside COLO.\n\n\
         Use it once both QEMUs run with the arguments of `qemu-args`. A pair already in \

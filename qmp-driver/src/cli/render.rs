@@ -1,7 +1,7 @@
 //! Text output of the pair commands (stdout). `--json` prints the reports
 //! themselves instead.
 
-use qmp_driver::config::PairConfig;
+use qmp_driver::config::{DiskBackend, PairConfig};
 use qmp_driver::pair::{
     CheckpointReport, FailoverReport, Outcome, PairStatus, PrepareReport, SideStatus, StartReport,
     Step, StopReport,
@@ -64,11 +64,18 @@ pub fn prepare(cfg: &PairConfig, r: &PrepareReport) -> String {
     if r.already_in_colo {
         return "the secondary already runs in COLO: nothing to prepare\n".to_string();
     }
+    let disk = match cfg.disk.backend {
+        DiskBackend::Replication => format!(
+            "disk {} exported on {}:{}",
+            cfg.disk.export, cfg.secondary.host, cfg.disk.nbd_port
+        ),
+        DiskBackend::ColoBlockd => format!(
+            "disk served by colo-blockd on {}:{}",
+            cfg.secondary.host, cfg.disk.nbd_port
+        ),
+    };
     format!(
-        "secondary prepared: x-colo on, disk {} exported on {}:{}, listening on {}\n{}",
-        cfg.disk.export,
-        cfg.secondary.host,
-        cfg.disk.nbd_port,
+        "secondary prepared: x-colo on, {disk}, listening on {}\n{}",
         cfg.migration.secondary_incoming,
         steps_table(&r.steps)
     )

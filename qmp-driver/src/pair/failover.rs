@@ -8,7 +8,7 @@
 
 use super::steps::{self, Journal, hmp};
 use super::{Hook, Outcome, PairError, ProgressFn, Step, relay_link};
-use crate::config::{PairConfig, Side};
+use crate::config::{DiskBackend, PairConfig, Side};
 use crate::qemu_args::ids;
 use crate::qmp::QmpClient;
 use serde::Serialize;
@@ -133,14 +133,25 @@ pub async fn failover_to_secondary(
         steps::yank_migration(secondary, side, &mut journal).await;
     }
     let mut changed = !already;
-    changed |= journal
-        .idempotent(
+    match cfg.disk.backend {
+        DiskBackend::Replication => {
+            changed |= journal
+                .idempotent(
+                    side,
+                    "nbd-server-stop",
+                    &["not running"],
+                    secondary.nbd_server_stop(),
+                )
+                .await?;
+        }
+        // The relay's failover event (sent in `finish`) tells colo-blockd to
+        // keep the SVM's side.
+        DiskBackend::ColoBlockd => journal.skipped(
             side,
             "nbd-server-stop",
-            &["not running"],
-            secondary.nbd_server_stop(),
-        )
-        .await?;
+            "disk.backend is colo-blockd: the relay's failover event switches it",
+        ),
+    }
     lost_heartbeat(secondary, side, already, &mut journal).await?;
     for id in [ids::SECONDARY_OUT_REDIRECTOR, ids::SECONDARY_IN_REDIRECTOR] {
         changed |= journal
@@ -251,10 +262,24 @@ async fn primary_sequence(
         )
         .await?;
     let node = &cfg.disk.replication_node;
-    let drive_del = format!("drive_del {node}");
-    changed |= journal
-        .idempotent(side, &drive_del, &["not found"], hmp(primary, &drive_del))
-        .await?;
+    changed |= match cfg.disk.backend {
+        DiskBackend::Replication => {
+            let drive_del = format!("drive_del {node}");
+            journal
+                .idempotent(side, &drive_del, &["not found"], hmp(primary, &drive_del))
+                .await?
+        }
+        DiskBackend::ColoBlockd => {
+            journal
+                .idempotent(
+                    side,
+                    &format!("blockdev-del {node}"),
+                    &["Failed to find node"],
+                    primary.blockdev_del(node),
+                )
+                .await?
+        }
+    };
     for id in [
         ids::COMPARE,
         ids::COMPARE_IOTHREAD,

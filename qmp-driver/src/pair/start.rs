@@ -2,7 +2,7 @@
 
 use super::steps::{self, Journal, hmp};
 use super::{PairError, Progress, ProgressFn, Step};
-use crate::config::{PairConfig, Side};
+use crate::config::{DiskBackend, PairConfig, Side};
 use crate::qemu_args::ids;
 use crate::qmp::QmpClient;
 use serde::Serialize;
@@ -141,24 +141,33 @@ async fn apply_prepare(
     } else {
         steps::enable_colo_capabilities(qmp, side, caps, journal).await?;
     }
-    let host = &cfg.secondary.host;
-    let port = cfg.disk.nbd_port;
-    journal
-        .idempotent(
+    match cfg.disk.backend {
+        DiskBackend::Replication => {
+            let host = &cfg.secondary.host;
+            let port = cfg.disk.nbd_port;
+            journal
+                .idempotent(
+                    side,
+                    &format!("nbd-server-start {host}:{port}"),
+                    &["already running"],
+                    qmp.nbd_server_start_inet(host, port),
+                )
+                .await?;
+            journal
+                .idempotent(
+                    side,
+                    &format!("nbd-server-add {} (writable)", cfg.disk.export),
+                    &["already in use", "already has export"],
+                    qmp.nbd_server_add(&cfg.disk.export, true),
+                )
+                .await?;
+        }
+        DiskBackend::ColoBlockd => journal.skipped(
             side,
-            &format!("nbd-server-start {host}:{port}"),
-            &["already running"],
-            qmp.nbd_server_start_inet(host, port),
-        )
-        .await?;
-    journal
-        .idempotent(
-            side,
-            &format!("nbd-server-add {} (writable)", cfg.disk.export),
-            &["already in use", "already has export"],
-            qmp.nbd_server_add(&cfg.disk.export, true),
-        )
-        .await?;
+            "nbd-server-start",
+            "disk.backend is colo-blockd: it serves the replica, not QEMU",
+        ),
+    }
     let incoming = cfg.migration.secondary_incoming.to_string();
     let what = format!("migrate-incoming {incoming}");
     if listening {
@@ -408,19 +417,37 @@ async fn add_replication_child(
         .into_iter()
         .flatten()
         .any(|n| n["node-name"] == node.as_str());
-    let drive_add = format!(
-        "drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,file.host={},\
-         file.port={},file.export={},node-name={node}",
-        cfg.secondary.host, cfg.disk.nbd_port, cfg.disk.export
-    );
-    let what = format!(
-        "drive_add {node} (replication → nbd {}:{} {})",
-        cfg.secondary.host, cfg.disk.nbd_port, cfg.disk.export
-    );
+    let (host, port) = (&cfg.secondary.host, cfg.disk.nbd_port);
+    let export = cfg.disk.primary_child_export();
+    let what = match cfg.disk.backend {
+        DiskBackend::Replication => {
+            format!("drive_add {node} (replication → nbd {host}:{port} {export})")
+        }
+        DiskBackend::ColoBlockd => format!("blockdev-add {node} (nbd {host}:{port} {export})"),
+    };
     if exists {
         journal.skipped(p, &what, format!("node {node} already exists"));
     } else {
-        journal.run(p, &what, hmp(primary, &drive_add)).await?;
+        match cfg.disk.backend {
+            DiskBackend::Replication => {
+                let drive_add = format!(
+                    "drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,\
+                     file.host={host},file.port={port},file.export={export},node-name={node}"
+                );
+                journal.run(p, &what, hmp(primary, &drive_add)).await?;
+            }
+            // colo-blockd needs no replication driver: it learns the epochs
+            // from the relay, so the child is a plain NBD client.
+            DiskBackend::ColoBlockd => {
+                let options = json!({
+                    "driver": "nbd",
+                    "node-name": node,
+                    "server": { "type": "inet", "host": host, "port": port.to_string() },
+                    "export": export,
+                });
+                journal.run(p, &what, primary.blockdev_add(options)).await?;
+            }
+        }
     }
     journal
         .idempotent(
