@@ -166,6 +166,33 @@ pub enum Command {
         chardev_timeout: Duration,
     },
 
+    /// Copy the PRIMARY's disk to a new secondary's NBD export (drive-mirror), before `start`.
+    #[command(
+        long_about = "The initial full copy of the disk to a new secondary, on the primary's \
+        QMP socket: drive-mirror (sync=full, mode=existing, format=raw) of disk.device into \
+        the NBD export --target, progress on stderr until the job is ready (source and target \
+        identical), then block-job-cancel, which leaves the target as the copy and the \
+        primary on its own disk.\n\n\
+        With colo-blockd, serve the secondary's image first with `colo-blockd serve --export \
+        base=S.raw --tcp SECONDARY:PORT` (the default target is \
+        nbd://secondary.host:disk.nbd_port/base), stop it after the copy, then start \
+        `colo-blockd secondary --image S.raw` and the secondary QEMU. The image must be at \
+        least as large as the disk. Refuses (exit 3) a primary whose guest runs: the copy \
+        would not be exact; start the primary with -S and copy before `start`.",
+        after_help = EXIT_CODES_HELP
+    )]
+    CopyDisk {
+        #[command(flatten)]
+        output: Output,
+        /// The NBD export to copy to: nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH
+        /// (default: nbd://secondary.host:disk.nbd_port/base).
+        #[arg(long, value_name = "URI")]
+        target: Option<String>,
+        /// How long the copy may take, in seconds.
+        #[arg(long, default_value = "3600", value_name = "SECS", value_parser = parse_secs)]
+        timeout: Duration,
+    },
+
     /// Show both QEMUs (COLO mode, run state, migration status) and the relay.
     #[command(
         long_about = "Query both QEMUs and, when configured, the relay, and print what each \

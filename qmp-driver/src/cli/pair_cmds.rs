@@ -5,7 +5,7 @@ use super::render;
 use super::{Command, Exit, Globals, fail};
 use qmp_driver::config::{PairConfig, Side};
 use qmp_driver::pair::{
-    self, CheckpointOptions, FailoverOptions, Hook, PairError, Progress, StartOptions,
+    self, CheckpointOptions, CopyOptions, FailoverOptions, Hook, PairError, Progress, StartOptions,
 };
 use qmp_driver::qemu_args;
 use qmp_driver::qmp::QmpClient;
@@ -95,6 +95,25 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
             .await;
             match result {
                 Ok(r) => print_ok(output.json, &r, |r| render::start(cfg, r)),
+                Err(e) => print_err(output.json, &e),
+            }
+        }
+        Command::CopyDisk {
+            output,
+            target,
+            timeout,
+        } => {
+            let opts = CopyOptions {
+                target: target.unwrap_or_else(|| pair::default_target(cfg)),
+                timeout,
+            };
+            let result = async {
+                let pri = connect(cfg, g, Side::Primary).await?;
+                pair::copy_disk(&pri, cfg, &opts, &mut progress).await
+            }
+            .await;
+            match result {
+                Ok(r) => print_ok(output.json, &r, render::copy),
                 Err(e) => print_err(output.json, &e),
             }
         }

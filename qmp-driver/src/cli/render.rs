@@ -3,8 +3,8 @@
 
 use qmp_driver::config::{DiskBackend, PairConfig};
 use qmp_driver::pair::{
-    CheckpointReport, FailoverReport, Outcome, PairStatus, PrepareReport, SideStatus, StartReport,
-    Step, StopReport,
+    CheckpointReport, CopyReport, FailoverReport, Outcome, PairStatus, PrepareReport, SideStatus,
+    StartReport, Step, StopReport,
 };
 use std::fmt::Write;
 
@@ -77,6 +77,17 @@ pub fn prepare(cfg: &PairConfig, r: &PrepareReport) -> String {
     format!(
         "secondary prepared: x-colo on, {disk}, listening on {}\n{}",
         cfg.migration.secondary_incoming,
+        steps_table(&r.steps)
+    )
+}
+
+/// `copy-disk`.
+pub fn copy(r: &CopyReport) -> String {
+    format!(
+        "disk copied to {}: {} bytes in {:.1} s\n{}",
+        r.target,
+        r.bytes,
+        r.total_ms / 1000.0,
         steps_table(&r.steps)
     )
 }

@@ -30,6 +30,7 @@
 //! ```
 
 mod checkpoint;
+mod copy;
 mod failover;
 mod relay_link;
 mod start;
@@ -47,6 +48,7 @@ use std::time::Duration;
 pub use checkpoint::{
     CheckpointOptions, CheckpointReport, RelayEpoch, checkpoint, request_checkpoint,
 };
+pub use copy::{COPY_JOB, CopyOptions, CopyReport, DEFAULT_COPY_EXPORT, copy_disk, default_target};
 pub use failover::{
     FailoverOptions, FailoverReport, StopOptions, StopReport, failover_to_primary,
     failover_to_secondary, stop_protection,

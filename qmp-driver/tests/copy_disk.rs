@@ -1,0 +1,185 @@
+//! `qmp-driver copy-disk` against a real QEMU and colo-blockd: the initial full copy of the
+//! primary's disk into a new secondary's image, through QEMU's drive-mirror into
+//! `colo-blockd serve`'s NBD export. Needs the QEMU of `integration/setup.sh` (see
+//! `common::qemu_binary`) and this build's colo-blockd binary (the workspace's test run builds
+//! it; `COLO_BLOCKD` overrides); fails, never skips, without them.
+
+// Shared with real_qemu.rs, which uses all of it.
+#[allow(dead_code)]
+mod common;
+
+use common::Qemu;
+use serde_json::Value;
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const DISK_BYTES: usize = 8 << 20;
+
+/// colo-blockd of this build, next to this test's `deps` directory.
+fn blockd_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("COLO_BLOCKD") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable");
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("colo-blockd"))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "colo-blockd is not built (looked at {candidates:?}): run `cargo build -p \
+                 colo-blockd` or the workspace's tests, or set COLO_BLOCKD"
+            )
+        })
+}
+
+/// A disk worth copying: a different byte pattern in every MiB, a hole, and data at the end.
+fn source_image() -> Vec<u8> {
+    let mut data = vec![0u8; DISK_BYTES];
+    for (mib, chunk) in data.chunks_mut(1 << 20).enumerate() {
+        if mib == 3 {
+            continue; // stays a hole
+        }
+        for (i, b) in chunk.iter_mut().enumerate() {
+            *b = (i.wrapping_mul(31) ^ mib.wrapping_mul(7) ^ (i >> 9)) as u8;
+        }
+    }
+    let tail = DISK_BYTES - 512;
+    data[tail..].copy_from_slice(&[0xa5; 512]);
+    data
+}
+
+struct Blockd(Child);
+
+impl Drop for Blockd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `colo-blockd serve --export base=IMAGE --tcp 127.0.0.1:PORT`, once it accepts connections.
+fn serve(image: &Path, log: &Path) -> (Blockd, u16) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let out = File::create(log).expect("log file");
+    let child = Command::new(blockd_binary())
+        .args(["serve", "--export"])
+        .arg(format!("base={}", image.display()))
+        .args(["--tcp", &format!("127.0.0.1:{port}")])
+        .stdout(out.try_clone().expect("log"))
+        .stderr(out)
+        .spawn()
+        .expect("start colo-blockd serve");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "colo-blockd did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Blockd(child), port)
+}
+
+fn write_config(dir: &Path, qmp: &Path, port: u16) -> PathBuf {
+    let path = dir.join("pair.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"copy\"\n\
+             [primary]\nqmp = \"unix:{}\"\nhost = \"127.0.0.1\"\n\
+             [secondary]\nqmp = \"unix:{}\"\nhost = \"127.0.0.1\"\n\
+             [migration]\nsecondary_incoming = \"tcp:127.0.0.1:9998\"\n\
+             [disk]\nbackend = \"colo-blockd\"\nnbd_port = {port}\n",
+            qmp.display(),
+            dir.join("absent.qmp").display()
+        ),
+    )
+    .expect("write pair.toml");
+    path
+}
+
+fn copy_disk(config: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qmp-driver"))
+        .arg("--config")
+        .arg(config)
+        .args(["copy-disk", "--json", "--timeout", "60"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run qmp-driver copy-disk")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn copy_disk_mirrors_the_paused_primary_into_a_blockd_export_and_refuses_a_running_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("primary.raw");
+    let target = dir.path().join("secondary.raw");
+    let data = source_image();
+    std::fs::write(&source, &data).expect("write the primary's image");
+    File::create(&target)
+        .and_then(|f| f.set_len(DISK_BYTES as u64))
+        .expect("create the secondary's image");
+
+    let drive = format!(
+        "if=none,id=colo-disk0,driver=raw,file.filename={}",
+        source.display()
+    );
+    let qemu = Qemu::start(&["-machine", "none", "-drive", &drive]).await;
+    let (blockd, port) = serve(&target, &dir.path().join("blockd.log"));
+    let config = write_config(dir.path(), &qemu.socket, port);
+
+    let out = copy_disk(&config);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "copy-disk failed ({:?}): {stdout} {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).expect("--json prints the report");
+    assert_eq!(report["bytes"], DISK_BYTES as u64, "{report}");
+    assert_eq!(
+        report["target"],
+        format!("nbd://127.0.0.1:{port}/base"),
+        "{report}"
+    );
+    let steps: Vec<&str> = report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter_map(|s| s["what"].as_str())
+        .collect();
+    assert!(steps[0].starts_with("drive-mirror colo-disk0"), "{steps:?}");
+    assert_eq!(steps.last(), Some(&"block-job-cancel colo-copy"));
+    drop(blockd);
+    let copied = std::fs::read(&target).expect("read the copy");
+    assert!(copied == data, "the copy differs from the primary's disk");
+
+    // A running guest would keep writing: the copy is refused and nothing is started.
+    {
+        let client = qemu.connect().await;
+        client.cont().await.expect("cont");
+    }
+    let out = copy_disk(&config);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err: Value = serde_json::from_slice(&out.stdout).expect("--json prints the error");
+    assert!(
+        err.to_string().contains("the VM runs"),
+        "unexpected error: {err}"
+    );
+    let client = qemu.connect().await;
+    let jobs = client
+        .execute_raw("query-block-jobs", None)
+        .await
+        .expect("query-block-jobs");
+    assert_eq!(jobs, serde_json::json!([]), "a job was started anyway");
+}
