@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use colo_testbed::barrier;
 use colo_testbed::scenario::{self, FailoverPlan, Report};
-use colo_testbed::stock::{PairConfig, Role};
+use colo_testbed::stock::{DiskBackend, PairConfig, Role};
 
 /// Runs the stock QEMU COLO pair in network namespaces and reports checkpoints, pauses, HTTP
 /// latency and failover times.
@@ -35,6 +35,10 @@ struct Cli {
     /// Memory the guest dirties per second, MiB.
     #[arg(long, global = true, default_value_t = 4)]
     guest_load: u32,
+    /// Who keeps the secondary's disk: QEMU's block replication, or colo-blockd (the
+    /// checkpoint-barrier relay is then always on).
+    #[arg(long, global = true, value_enum, default_value_t = Disk::Replication)]
+    disk: Disk,
     /// Namespace tag, to run several beds side by side.
     #[arg(long, global = true, default_value = "demo")]
     tag: String,
@@ -87,6 +91,12 @@ enum Command {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+enum Disk {
+    Replication,
+    ColoBlockd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 enum Victim {
     Primary,
     Secondary,
@@ -110,6 +120,10 @@ async fn main() -> ExitCode {
     let cfg = PairConfig {
         checkpoint_delay_ms: cli.checkpoint_delay_ms,
         guest_load_mib_s: cli.guest_load,
+        disk: match cli.disk {
+            Disk::Replication => DiskBackend::Replication,
+            Disk::ColoBlockd => DiskBackend::ColoBlockd,
+        },
         ..PairConfig::default()
     };
     let command = cli.command.take().unwrap_or(Command::Demo);
