@@ -245,9 +245,44 @@ impl DiskConfig {
     }
 }
 
-/// Network filter ids and ports (the stock colo-compare wiring).
+/// Who compares the two VMs' network output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkBackend {
+    /// QEMU's colo-compare object on the primary, filter-rewriter on the
+    /// secondary.
+    #[default]
+    ColoCompare,
+    /// colo-proxyd on both hosts: the primary QEMU's filter sockets are
+    /// served on its loopback for `colo-proxyd primary`; the secondary QEMU's
+    /// redirectors connect to `colo-proxyd secondary` on its own loopback;
+    /// the two daemons talk over `primary.host:network.link_port`.
+    ColoProxyd,
+}
+
+impl NetworkBackend {
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            NetworkBackend::ColoCompare => "colo-compare",
+            NetworkBackend::ColoProxyd => "colo-proxyd",
+        }
+    }
+}
+
+/// Network filter ids and ports (the stock colo-compare wiring, or
+/// colo-proxyd's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkConfig {
+    /// Who compares.
+    pub backend: NetworkBackend,
+    /// colo-proxyd: the port of the link between the two daemons, on
+    /// `primary.host`.
+    pub link_port: u16,
+    /// colo-proxyd: a QMP monitor of the primary QEMU for `colo-proxyd
+    /// primary` alone (checkpoint requests, the fail-open check); the
+    /// generated primary command line opens it.
+    pub proxyd_qmp: Option<Endpoint>,
     /// The guest NIC's netdev id (both sides).
     pub netdev: String,
     /// filter-mirror's output on the primary (the secondary's `red0` connects).
@@ -395,6 +430,9 @@ struct RawDisk {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNetwork {
+    backend: Option<NetworkBackend>,
+    link_port: Option<u16>,
+    proxyd_qmp: Option<String>,
     netdev: Option<String>,
     mirror_port: Option<u16>,
     compare_port: Option<u16>,
@@ -743,7 +781,23 @@ impl PairConfig {
         }
 
         let n = raw.network;
+        let net_backend = n.backend.unwrap_or_default();
+        let proxyd_qmp = match (net_backend, n.proxyd_qmp) {
+            (_, None) => None,
+            (NetworkBackend::ColoProxyd, Some(q)) => {
+                Some(c.endpoint("network.proxyd_qmp", Some(q), "colo-proxyd's QMP monitor")?)
+            }
+            (NetworkBackend::ColoCompare, Some(_)) => {
+                return Err(c.err(
+                    "network.proxyd_qmp",
+                    "is only used with network.backend = \"colo-proxyd\"",
+                ));
+            }
+        };
         let network = NetworkConfig {
+            backend: net_backend,
+            link_port: c.port("network.link_port", n.link_port, 9006)?,
+            proxyd_qmp,
             netdev: c.qemu_id("network.netdev", n.netdev, "hn0")?,
             mirror_port: c.port("network.mirror_port", n.mirror_port, 9003)?,
             compare_port: c.port("network.compare_port", n.compare_port, 9004)?,
@@ -754,7 +808,8 @@ impl PairConfig {
             )?,
             compare_out_port: c.port("network.compare_out_port", n.compare_out_port, 9005)?,
         };
-        // All four listen on the primary host (two on its loopback).
+        // All listen on the primary host (two on its loopback); colo-proxyd's secondary
+        // listens on the mirror and compare ports of the secondary's loopback.
         let ports = [
             ("network.mirror_port", network.mirror_port),
             ("network.compare_port", network.compare_port),
@@ -763,6 +818,7 @@ impl PairConfig {
                 network.compare_primary_in_port,
             ),
             ("network.compare_out_port", network.compare_out_port),
+            ("network.link_port", network.link_port),
         ];
         for (i, (key, port)) in ports.iter().enumerate() {
             if let Some((other, _)) = ports[..i].iter().find(|(_, p)| p == port) {
@@ -964,6 +1020,9 @@ mod tests {
         assert_eq!(
             cfg.network,
             NetworkConfig {
+                backend: NetworkBackend::ColoCompare,
+                link_port: 9006,
+                proxyd_qmp: None,
                 netdev: "hn0".into(),
                 mirror_port: 9003,
                 compare_port: 9004,

@@ -22,9 +22,14 @@
 //! With `disk.backend = "colo-blockd"` the secondary's disk is an NBD client
 //! of colo-blockd's `svm` export instead of the replication overlays, and the
 //! primary's quorum child (added at `start`) writes to its `replica` export.
-//! colo-proxyd in place of colo-compare is not generated yet (issue 4).
+//! With `network.backend = "colo-proxyd"` there is no colo-compare and no
+//! filter-rewriter: the primary serves its filter sockets on its loopback for
+//! `colo-proxyd primary`, and the secondary's redirectors connect to
+//! `colo-proxyd secondary` on the secondary's loopback (same port numbers).
 
-use crate::config::{BLOCKD_SVM_EXPORT, DiskBackend, Endpoint, PairConfig, Side, VmConfig};
+use crate::config::{
+    BLOCKD_SVM_EXPORT, DiskBackend, Endpoint, NetworkBackend, PairConfig, Side, VmConfig,
+};
 use std::path::Path;
 
 /// Ids of the objects and chardevs the stock wiring creates. The drive and
@@ -165,8 +170,9 @@ impl Args {
     }
 }
 
-/// The primary: mirror, redirectors, colo-compare, the quorum disk; starts
-/// paused (`-S`) and migrates into COLO before the guest runs.
+/// The primary: mirror, redirectors, colo-compare (or the sockets colo-proxyd
+/// connects to), the quorum disk; starts paused (`-S`) and migrates into
+/// COLO before the guest runs.
 pub fn primary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
     use ids::*;
     let vm = cfg.vm.as_ref().ok_or(QemuArgsError::MissingVm)?;
@@ -175,78 +181,101 @@ pub fn primary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
     let host = &cfg.primary.host;
     let lo = "127.0.0.1";
     let mut a = Args(Vec::new());
-    a.common(cfg, vm, Side::Primary)
-        .chardev_server(MIRROR_CHARDEV, host, net.mirror_port)
-        .chardev_server(COMPARE_SECONDARY_IN, host, net.compare_port)
-        .chardev_server(COMPARE_PRIMARY_IN_SERVER, lo, net.compare_primary_in_port)
-        .chardev_client(
-            COMPARE_PRIMARY_IN_CLIENT,
-            lo,
-            net.compare_primary_in_port,
-            false,
-        )
-        .chardev_server(COMPARE_OUT_SERVER, lo, net.compare_out_port)
-        .chardev_client(COMPARE_OUT_CLIENT, lo, net.compare_out_port, false)
-        .opt(
-            "-object",
-            format!(
-                "filter-mirror,id={MIRROR_FILTER},netdev={netdev},queue=tx,outdev={MIRROR_CHARDEV}"
-            ),
-        )
-        .opt(
-            "-object",
-            format!(
-                "filter-redirector,id={COMPARE_OUT_REDIRECTOR},netdev={netdev},queue=rx,\
-                 indev={COMPARE_OUT_SERVER}"
-            ),
-        )
-        .opt(
-            "-object",
-            format!(
-                "filter-redirector,id={COMPARE_IN_REDIRECTOR},netdev={netdev},queue=rx,\
-                 outdev={COMPARE_PRIMARY_IN_SERVER}"
-            ),
-        )
-        .opt("-object", format!("iothread,id={COMPARE_IOTHREAD}"))
-        .opt(
-            "-object",
-            format!(
-                "colo-compare,id={COMPARE},primary_in={COMPARE_PRIMARY_IN_CLIENT},\
-                 secondary_in={COMPARE_SECONDARY_IN},outdev={COMPARE_OUT_CLIENT},\
-                 iothread={COMPARE_IOTHREAD}"
-            ),
-        )
-        .opt(
-            "-drive",
-            format!(
-                "if=none,id={},driver=quorum,read-pattern=fifo,vote-threshold=1,\
-                 children.0.file.filename={},children.0.driver={}",
-                cfg.disk.device,
-                path_value(&vm.primary_image),
-                vm.image_format.driver()
-            ),
-        )
-        .opt(
-            "-device",
-            format!("virtio-blk-pci,drive={}", cfg.disk.device),
-        );
+    a.common(cfg, vm, Side::Primary);
+    match net.backend {
+        NetworkBackend::ColoCompare => {
+            a.chardev_server(MIRROR_CHARDEV, host, net.mirror_port)
+                .chardev_server(COMPARE_SECONDARY_IN, host, net.compare_port)
+                .chardev_server(COMPARE_PRIMARY_IN_SERVER, lo, net.compare_primary_in_port)
+                .chardev_client(
+                    COMPARE_PRIMARY_IN_CLIENT,
+                    lo,
+                    net.compare_primary_in_port,
+                    false,
+                )
+                .chardev_server(COMPARE_OUT_SERVER, lo, net.compare_out_port)
+                .chardev_client(COMPARE_OUT_CLIENT, lo, net.compare_out_port, false);
+        }
+        // colo-proxyd primary connects to all three on the primary's loopback; the SVM's
+        // output reaches it over the daemons' link, not through QEMU.
+        NetworkBackend::ColoProxyd => {
+            if let Some(qmp) = &net.proxyd_qmp {
+                a.opt("-qmp", qmp_value(qmp));
+            }
+            a.chardev_server(MIRROR_CHARDEV, lo, net.mirror_port)
+                .chardev_server(COMPARE_PRIMARY_IN_SERVER, lo, net.compare_primary_in_port)
+                .chardev_server(COMPARE_OUT_SERVER, lo, net.compare_out_port);
+        }
+    }
+    a.opt(
+        "-object",
+        format!(
+            "filter-mirror,id={MIRROR_FILTER},netdev={netdev},queue=tx,outdev={MIRROR_CHARDEV}"
+        ),
+    )
+    .opt(
+        "-object",
+        format!(
+            "filter-redirector,id={COMPARE_OUT_REDIRECTOR},netdev={netdev},queue=rx,\
+             indev={COMPARE_OUT_SERVER}"
+        ),
+    )
+    .opt(
+        "-object",
+        format!(
+            "filter-redirector,id={COMPARE_IN_REDIRECTOR},netdev={netdev},queue=rx,\
+             outdev={COMPARE_PRIMARY_IN_SERVER}"
+        ),
+    );
+    if net.backend == NetworkBackend::ColoCompare {
+        a.opt("-object", format!("iothread,id={COMPARE_IOTHREAD}"))
+            .opt(
+                "-object",
+                format!(
+                    "colo-compare,id={COMPARE},primary_in={COMPARE_PRIMARY_IN_CLIENT},\
+                     secondary_in={COMPARE_SECONDARY_IN},outdev={COMPARE_OUT_CLIENT},\
+                     iothread={COMPARE_IOTHREAD}"
+                ),
+            );
+    }
+    a.opt(
+        "-drive",
+        format!(
+            "if=none,id={},driver=quorum,read-pattern=fifo,vote-threshold=1,\
+             children.0.file.filename={},children.0.driver={}",
+            cfg.disk.device,
+            path_value(&vm.primary_image),
+            vm.image_format.driver()
+        ),
+    )
+    .opt(
+        "-device",
+        format!("virtio-blk-pci,drive={}", cfg.disk.device),
+    );
     a.0.push("-S".to_string());
     Ok(a.0)
 }
 
-/// The secondary: redirectors, rewriter, the replication overlays above the
-/// exported image; waits for `migrate-incoming` (`-incoming defer`).
+/// The secondary: redirectors (to the primary's colo-compare, or to the local
+/// colo-proxyd), the rewriter (colo-compare only: colo-proxyd rewrites
+/// itself), the disk (replication overlays, or colo-blockd's export); waits
+/// for `migrate-incoming` (`-incoming defer`).
 pub fn secondary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
     use ids::*;
     let vm = cfg.vm.as_ref().ok_or(QemuArgsError::MissingVm)?;
     let net = &cfg.network;
     let netdev = &net.netdev;
-    let primary = &cfg.primary.host;
     let disk = &cfg.disk;
+    // Where the redirectors' sockets are served: the primary's colo-compare, or
+    // colo-proxyd secondary on this host's loopback.
+    let peer = match net.backend {
+        NetworkBackend::ColoCompare => cfg.primary.host.as_str(),
+        NetworkBackend::ColoProxyd => "127.0.0.1",
+    };
     let mut a = Args(Vec::new());
     a.common(cfg, vm, Side::Secondary)
-        .chardev_client(SECONDARY_MIRROR_IN, primary, net.mirror_port, true)
-        .chardev_client(SECONDARY_OUT, primary, net.compare_port, true)
+        .chardev_client(SECONDARY_MIRROR_IN, peer, net.mirror_port, true)
+        .chardev_client(SECONDARY_OUT, peer, net.compare_port, true)
         .opt(
             "-object",
             format!(
@@ -260,11 +289,13 @@ pub fn secondary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
                 "filter-redirector,id={SECONDARY_OUT_REDIRECTOR},netdev={netdev},queue=rx,\
                  outdev={SECONDARY_OUT}"
             ),
-        )
-        .opt(
+        );
+    if net.backend == NetworkBackend::ColoCompare {
+        a.opt(
             "-object",
             format!("filter-rewriter,id={REWRITER},netdev={netdev},queue=all"),
         );
+    }
     match disk.backend {
         DiskBackend::Replication => replication_disk(&mut a, cfg, vm)?,
         DiskBackend::ColoBlockd => blockd_disk(&mut a, cfg),
@@ -659,6 +690,51 @@ mod tests {
         assert!(s.contains(
             "driver=nbd,server.type=unix,server.path=/run/colo/vm1/blockd,,1.sock,export=svm"
         ));
+    }
+
+    #[test]
+    fn with_colo_proxyd_there_is_no_colo_compare_and_no_rewriter() {
+        let cfg = config(
+            r#"
+            [network]
+            backend = "colo-proxyd"
+            proxyd_qmp = "unix:/run/colo/vm1/proxyd.qmp"
+            "#,
+        );
+        let p = pairs(&primary_args(&cfg).unwrap());
+        let objects: Vec<&str> = values(&p, "-object").into_iter().map(id_of).collect();
+        assert_eq!(objects, ["m0", "redire0", "redire1"]);
+        // Every filter socket is served on the loopback, for the local daemon only.
+        assert_eq!(
+            values(&p, "-chardev"),
+            [
+                "socket,id=mirror0,host=127.0.0.1,port=9003,server=on,wait=off,nodelay=on",
+                "socket,id=compare0,host=127.0.0.1,port=9001,server=on,wait=off,nodelay=on",
+                "socket,id=compare_out,host=127.0.0.1,port=9005,server=on,wait=off,nodelay=on",
+            ]
+        );
+        assert_eq!(
+            values(&p, "-qmp"),
+            [
+                "unix:/run/colo/vm1/primary.qmp,server=on,wait=off",
+                "unix:/run/colo/vm1/proxyd.qmp,server=on,wait=off"
+            ]
+        );
+        let s = pairs(&secondary_args(&cfg).unwrap());
+        let objects: Vec<&str> = values(&s, "-object").into_iter().map(id_of).collect();
+        assert_eq!(objects, ["f1", "f2"]);
+        assert_eq!(
+            values(&s, "-chardev"),
+            [
+                "socket,id=red0,host=127.0.0.1,port=9003,reconnect-ms=1000,nodelay=on",
+                "socket,id=red1,host=127.0.0.1,port=9004,reconnect-ms=1000,nodelay=on",
+            ]
+        );
+        // The disk side does not change.
+        assert_eq!(
+            values(&s, "-drive"),
+            values(&pairs(&secondary_args(&config("")).unwrap()), "-drive")
+        );
     }
 
     #[test]

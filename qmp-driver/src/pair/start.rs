@@ -2,7 +2,7 @@
 
 use super::steps::{self, Journal, hmp};
 use super::{PairError, Progress, ProgressFn, Step};
-use crate::config::{DiskBackend, PairConfig, Side};
+use crate::config::{DiskBackend, NetworkBackend, PairConfig, Side};
 use crate::qemu_args::ids;
 use crate::qmp::QmpClient;
 use serde::Serialize;
@@ -280,8 +280,9 @@ pub async fn start(
                     p_status.status, p_colo.mode
                 ),
                 "Start the primary QEMU paused with the arguments of `qmp-driver qemu-args \
-                 --role primary` (they include -S). Protecting a VM that already runs needs a \
-                 full disk copy first (drive-mirror), which colo does not do yet (issue 5)",
+                 --role primary` (they include -S), and give the secondary an identical disk \
+                 (`qmp-driver copy-disk` while it is paused). A VM that has already run can \
+                 only be protected after a restart (docs/operations.md, Re-protect)",
             ));
         }
     }
@@ -303,7 +304,7 @@ pub async fn start(
             }
             SecondaryState::Waiting { listening, caps } => (listening, caps),
         };
-        wait_redirectors(primary, cfg, opts, &mut journal).await?;
+        wait_redirectors(primary, secondary, cfg, opts, &mut journal).await?;
         apply_prepare(secondary, cfg, listening, &caps, &mut journal).await?;
         add_replication_child(primary, cfg, &mut journal).await?;
         let p_caps = steps::capabilities(primary, p).await?;
@@ -332,33 +333,97 @@ pub async fn start(
     })
 }
 
-/// The secondary's redirectors must be connected before the PVM's first
-/// packet, or the primary's filter-mirror drops it and the SVM never sees
-/// it.
+/// The sockets that must be connected before the PVM's first packet, or
+/// the primary's filter-mirror drops it and the SVM never sees it (or, with
+/// colo-proxyd, the primary's redirector passes the PVM's output uncompared):
+/// per side, the chardev ids and what to check when they stay unconnected.
+fn filter_sockets(cfg: &PairConfig) -> Vec<(Side, Vec<&'static str>, String)> {
+    let net = &cfg.network;
+    match net.backend {
+        NetworkBackend::ColoCompare => vec![(
+            Side::Primary,
+            vec![ids::MIRROR_CHARDEV, ids::COMPARE_SECONDARY_IN],
+            format!(
+                "Check that the secondary QEMU runs and can reach {host}:{} and {host}:{} \
+                 (primary.host, network.mirror_port, network.compare_port)",
+                net.mirror_port,
+                net.compare_port,
+                host = cfg.primary.host,
+            ),
+        )],
+        NetworkBackend::ColoProxyd => vec![
+            (
+                Side::Primary,
+                vec![
+                    ids::MIRROR_CHARDEV,
+                    ids::COMPARE_PRIMARY_IN_SERVER,
+                    ids::COMPARE_OUT_SERVER,
+                ],
+                format!(
+                    "Check that `colo-proxyd primary` runs on the primary host and connects to \
+                     127.0.0.1 ports {}, {} and {} (network.mirror_port, \
+                     compare_primary_in_port, compare_out_port)",
+                    net.mirror_port, net.compare_primary_in_port, net.compare_out_port
+                ),
+            ),
+            (
+                Side::Secondary,
+                vec![ids::SECONDARY_MIRROR_IN, ids::SECONDARY_OUT],
+                format!(
+                    "Check that `colo-proxyd secondary` runs on the secondary host and listens \
+                     on 127.0.0.1 ports {} and {} (network.mirror_port, compare_port)",
+                    net.mirror_port, net.compare_port
+                ),
+            ),
+        ],
+    }
+}
+
+/// Waits until every socket of [`filter_sockets`] is connected.
 async fn wait_redirectors(
     primary: &QmpClient,
+    secondary: &QmpClient,
     cfg: &PairConfig,
     opts: &StartOptions,
     journal: &mut Journal<'_, '_>,
 ) -> Result<(), PairError> {
-    let p = Side::Primary;
-    let wanted = [ids::MIRROR_CHARDEV, ids::COMPARE_SECONDARY_IN];
+    for (side, wanted, hint) in filter_sockets(cfg) {
+        let qmp = match side {
+            Side::Primary => primary,
+            Side::Secondary => secondary,
+        };
+        wait_connected(qmp, side, &wanted, &hint, opts, journal).await?;
+    }
+    Ok(())
+}
+
+async fn wait_connected(
+    qmp: &QmpClient,
+    side: Side,
+    wanted: &[&str],
+    hint: &str,
+    opts: &StartOptions,
+    journal: &mut Journal<'_, '_>,
+) -> Result<(), PairError> {
     let start = Instant::now();
     let deadline = start + opts.chardev_timeout;
     let mut announced = false;
     loop {
-        let missing = steps::unconnected_chardevs(primary, p, &wanted).await?;
+        let missing = steps::unconnected_chardevs(qmp, side, wanted).await?;
         if let Some((id, _)) = missing.iter().find(|(_, exists)| !exists) {
             return Err(PairError::precondition(
-                p,
-                format!("the primary QEMU has no chardev `{id}`"),
-                "Start it with the arguments of `qmp-driver qemu-args --role primary`",
+                side,
+                format!("the {side} QEMU has no chardev `{id}`"),
+                format!(
+                    "Start it with the arguments of `qmp-driver qemu-args --role {side}` (and \
+                     the same network.backend)"
+                ),
             ));
         }
         if missing.is_empty() {
             journal.record(super::Step {
-                side: p,
-                what: format!("secondary's redirectors connected to {}", wanted.join(", ")),
+                side,
+                what: format!("filter sockets connected: {}", wanted.join(", ")),
                 outcome: super::Outcome::Done,
                 ms: start.elapsed().as_secs_f64() * 1000.0,
                 detail: None,
@@ -368,26 +433,20 @@ async fn wait_redirectors(
         if Instant::now() > deadline {
             let ids: Vec<&str> = missing.iter().map(|(id, _)| *id).collect();
             return Err(PairError::precondition(
-                p,
+                side,
                 format!(
-                    "the secondary's redirectors did not connect to the primary's {} within {:?}",
+                    "the {side} QEMU's filter sockets {} did not connect within {:?}",
                     ids.join(", "),
                     opts.chardev_timeout
                 ),
-                format!(
-                    "Check that the secondary QEMU runs and can reach {}:{} and {}:{} \
-                     (primary.host, network.mirror_port, network.compare_port)",
-                    cfg.primary.host,
-                    cfg.network.mirror_port,
-                    cfg.primary.host,
-                    cfg.network.compare_port
-                ),
+                hint,
             ));
         }
         if !announced {
-            journal.note(Progress::Waiting(
-                "the secondary's redirectors to connect".to_string(),
-            ));
+            journal.note(Progress::Waiting(format!(
+                "the {side}'s filter sockets {} to connect",
+                wanted.join(", ")
+            )));
             announced = true;
         }
         tokio::time::sleep(opts.poll).await;
