@@ -10,7 +10,10 @@
 //! * [`replica`]: the secondary's disk replica (base image, PVM log, SVM
 //!   overlay, journaled commit per checkpoint) and its two views.
 //! * [`daemon`]: the secondary daemon's wiring to the relay's epoch events
-//!   and the primary's QMP (checkpoint requests).
+//!   and the primary's QMP (checkpoint requests), and its `/metrics`
+//!   endpoint.
+//! * [`metrics`]: counters, gauges and the commit-time histogram, rendered
+//!   in the Prometheus text format.
 //!
 //! What the server speaks (fixed-newstyle NBD):
 //!
@@ -46,6 +49,7 @@
 pub mod backend;
 pub mod daemon;
 pub mod export;
+pub mod metrics;
 pub mod proto;
 pub mod replica;
 pub mod server;

@@ -12,9 +12,12 @@ use clap::{Parser, Subcommand};
 use colo_blockd::backend::FileBackend;
 use colo_blockd::daemon::checkpoint::{QmpAddress, RequestOptions, request_checkpoints};
 use colo_blockd::daemon::epochs::{DEFAULT_NAME, EpochOptions, follow_epochs};
+use colo_blockd::daemon::metrics_endpoint::serve_metrics;
 use colo_blockd::export::{Export, ExportSet};
+use colo_blockd::metrics::Metrics;
 use colo_blockd::replica::{DEFAULT_MEMORY_BUDGET, Replica, ReplicaConfig};
 use colo_blockd::server::{DEFAULT_MAX_IN_FLIGHT, NbdServer, ServerConfig};
+use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -57,7 +60,12 @@ colo-blockd keeps retrying; until it is back, COLO cannot checkpoint (the relay 
 barrier). When the PVM log passes --log-budget and --primary-qmp is given, colo-blockd asks
 the primary for a checkpoint (re-sets its x-checkpoint-delay), at most once per second.
 
-Log level: RUST_LOG (default info).";
+Sockets: --unix and --tcp may be given together and then serve the same exports: the SVM's
+QEMU connects over the Unix socket on this host, the primary's quorum child over TCP.
+--metrics serves Prometheus metrics (log and overlay fill, commit times, checkpoints,
+epoch, NBD connections and requests, failovers) on GET /metrics.
+
+Logs go to stderr; level: RUST_LOG (default info).";
 
 const SECONDARY_EXIT_CODES: &str = "Exit codes: 0 stopped by SIGINT/SIGTERM, 1 could not start \
 (the image cannot be opened or recovered, the socket cannot be bound), 2 bad command line.";
@@ -67,12 +75,17 @@ struct SecondaryArgs {
     /// The base image S, a raw file (the journal and spill files go next to it).
     #[arg(long, value_name = "S.raw")]
     image: PathBuf,
-    /// Listen on this Unix socket path (removed first if it exists).
-    #[arg(long, conflicts_with = "tcp", required_unless_present = "tcp")]
+    /// Listen on this Unix socket path (removed first if it exists), e.g. for the SVM's QEMU.
+    /// May be given with --tcp: both serve the same exports.
+    #[arg(long, value_name = "PATH", required_unless_present = "tcp")]
     unix: Option<PathBuf>,
-    /// Listen on this TCP address, e.g. 0.0.0.0:10809 (the primary's quorum child connects here).
-    #[arg(long)]
+    /// Listen on this TCP address, e.g. 0.0.0.0:10809 (the primary's quorum child connects
+    /// here). May be given with --unix: both serve the same exports.
+    #[arg(long, value_name = "ADDR")]
     tcp: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics on this TCP address (GET /metrics), e.g. 127.0.0.1:9109.
+    #[arg(long, value_name = "ADDR", env = "COLO_BLOCKD_METRICS")]
+    metrics: Option<std::net::SocketAddr>,
     /// The relay's control socket (`qmp-driver relay --control PATH`).
     #[arg(long, value_name = "RELAY.sock", env = "COLO_RELAY_CONTROL")]
     control: PathBuf,
@@ -109,11 +122,13 @@ struct ServeArgs {
     /// Serve every export read-only.
     #[arg(long)]
     read_only: bool,
-    /// Listen on this Unix socket path (removed first if it exists).
-    #[arg(long, conflicts_with = "tcp", required_unless_present = "tcp")]
+    /// Listen on this Unix socket path (removed first if it exists). May be given with --tcp:
+    /// both serve the same exports.
+    #[arg(long, value_name = "PATH", required_unless_present = "tcp")]
     unix: Option<PathBuf>,
-    /// Listen on this TCP address, e.g. 0.0.0.0:10809.
-    #[arg(long)]
+    /// Listen on this TCP address, e.g. 0.0.0.0:10809. May be given with --unix: both serve
+    /// the same exports.
+    #[arg(long, value_name = "ADDR")]
     tcp: Option<std::net::SocketAddr>,
     /// Requests in flight per connection.
     #[arg(long, default_value_t = DEFAULT_MAX_IN_FLIGHT as u16, value_parser = clap::value_parser!(u16).range(1..))]
@@ -146,6 +161,10 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // stdout stays free for output; logs go where daemons' logs go,
+        // coloured only for a person at a terminal (not in a log file).
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Runtime::new()?;
     match Args::parse().command {
@@ -166,8 +185,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..ServerConfig::default()
     };
     let server = NbdServer::new(ExportSet::new(exports)?, config);
-    let shutdown = signal_token();
-    listen(server, args.unix.as_deref(), args.tcp, shutdown).await
+    let listeners = NbdListeners::bind(args.unix.as_deref(), args.tcp).await?;
+    listeners.serve(server, signal_token()).await;
+    Ok(())
 }
 
 async fn secondary(args: SecondaryArgs) -> anyhow::Result<()> {
@@ -175,7 +195,8 @@ async fn secondary(args: SecondaryArgs) -> anyhow::Result<()> {
         pvm_memory_budget: args.log_budget,
         svm_memory_budget: args.overlay_budget,
     };
-    let replica = Replica::open(&args.image, config)
+    let metrics = Metrics::new();
+    let replica = Replica::open_with_metrics(&args.image, config, metrics.clone())
         .with_context(|| format!("cannot open the replica over {}", args.image.display()))?;
     tracing::info!(
         image = %args.image.display(),
@@ -193,7 +214,20 @@ async fn secondary(args: SecondaryArgs) -> anyhow::Result<()> {
         max_in_flight: usize::from(args.max_in_flight),
         ..ServerConfig::default()
     };
-    let server = NbdServer::new(ExportSet::new(exports)?, config);
+    let server = NbdServer::new(ExportSet::new(exports)?, config).with_metrics(metrics.clone());
+    // Every socket is bound before anything runs: a bad address fails the
+    // start (exit code 1) instead of leaving half a daemon.
+    let listeners = NbdListeners::bind(args.unix.as_deref(), args.tcp).await?;
+    let metrics_listener = match args.metrics {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            tracing::info!(address = %listener.local_addr()?, "serving metrics on /metrics");
+            Some(listener)
+        }
+        None => None,
+    };
     let shutdown = signal_token();
     let mut epochs = EpochOptions::new(&args.control);
     epochs.name = args.name;
@@ -212,13 +246,17 @@ async fn secondary(args: SecondaryArgs) -> anyhow::Result<()> {
     } else {
         tracing::info!("no --primary-qmp: a full PVM log waits for the next periodic checkpoint");
     }
-    let served = listen(server, args.unix.as_deref(), args.tcp, shutdown.clone()).await;
-    // A bind error returns before any signal: stop the other tasks too.
-    shutdown.cancel();
+    if let Some(listener) = metrics_listener {
+        tasks.push(tokio::spawn(serve_metrics(
+            listener,
+            metrics,
+            shutdown.clone(),
+        )));
+    }
+    listeners.serve(server, shutdown.clone()).await;
     for task in tasks {
         let _ = task.await;
     }
-    served?;
     // Leave S holding the last adopted checkpoint itself, so the next start
     // has nothing to replay from the journal.
     if let Err(err) = replica.settle().await {
@@ -243,27 +281,59 @@ fn signal_token() -> CancellationToken {
     shutdown
 }
 
-async fn listen<B: colo_blockd::backend::BlockBackend + std::fmt::Debug>(
-    server: NbdServer<B>,
-    unix: Option<&std::path::Path>,
-    tcp: Option<std::net::SocketAddr>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    if let Some(path) = unix {
-        // A stale socket from a previous run would make bind fail.
-        let _ = std::fs::remove_file(path);
-        let listener = tokio::net::UnixListener::bind(path)
-            .with_context(|| format!("cannot listen on {}", path.display()))?;
-        tracing::info!(socket = %path.display(), "serving NBD");
-        server.serve_unix(listener, shutdown).await;
-    } else if let Some(addr) = tcp {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        tracing::info!(address = %listener.local_addr()?, "serving NBD");
-        server.serve_tcp(listener, shutdown).await;
+/// The NBD sockets of one daemon: a Unix socket, a TCP socket or both,
+/// serving the same exports.
+struct NbdListeners {
+    unix: Option<UnixListener>,
+    tcp: Option<TcpListener>,
+}
+
+impl NbdListeners {
+    async fn bind(
+        unix: Option<&std::path::Path>,
+        tcp: Option<std::net::SocketAddr>,
+    ) -> anyhow::Result<NbdListeners> {
+        let unix = match unix {
+            Some(path) => {
+                // A stale socket from a previous run would make bind fail.
+                let _ = std::fs::remove_file(path);
+                let listener = UnixListener::bind(path)
+                    .with_context(|| format!("cannot listen on {}", path.display()))?;
+                tracing::info!(socket = %path.display(), "serving NBD");
+                Some(listener)
+            }
+            None => None,
+        };
+        let tcp = match tcp {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?;
+                tracing::info!(address = %listener.local_addr()?, "serving NBD");
+                Some(listener)
+            }
+            None => None,
+        };
+        Ok(NbdListeners { unix, tcp })
     }
-    Ok(())
+
+    /// Serves every socket until `shutdown`, then waits for their clients.
+    async fn serve<B>(self, server: NbdServer<B>, shutdown: CancellationToken)
+    where
+        B: colo_blockd::backend::BlockBackend,
+    {
+        let unix = async {
+            if let Some(listener) = self.unix {
+                server.serve_unix(listener, shutdown.clone()).await;
+            }
+        };
+        let tcp = async {
+            if let Some(listener) = self.tcp {
+                server.serve_tcp(listener, shutdown.clone()).await;
+            }
+        };
+        tokio::join!(unix, tcp);
+    }
 }
 
 async fn wait_for_signal() {
@@ -298,24 +368,56 @@ mod tests {
     }
 
     #[test]
-    fn serve_requires_exactly_one_socket() {
-        assert!(Args::try_parse_from(["colo-blockd", "serve", "--export", "a=/x"]).is_err());
-        assert!(
-            Args::try_parse_from([
-                "colo-blockd",
-                "serve",
-                "--export",
-                "a=/x",
-                "--unix",
-                "/s",
-                "--tcp",
-                "127.0.0.1:1"
-            ])
-            .is_err()
-        );
-        assert!(
-            Args::try_parse_from(["colo-blockd", "serve", "--export", "a=/x", "--unix", "/s"])
-                .is_ok()
-        );
+    fn serve_needs_a_socket_and_takes_both() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["colo-blockd", "serve", "--export", "a=/x"];
+            argv.extend(extra);
+            Args::try_parse_from(argv)
+        };
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--unix", "/s"]).is_ok());
+        assert!(parse(&["--tcp", "127.0.0.1:1"]).is_ok());
+        let Cmd::Serve(both) = parse(&["--unix", "/s", "--tcp", "127.0.0.1:1"])
+            .unwrap()
+            .command
+        else {
+            panic!("not serve");
+        };
+        assert_eq!(both.unix, Some(PathBuf::from("/s")));
+        assert_eq!(both.tcp, Some("127.0.0.1:1".parse().unwrap()));
+    }
+
+    #[test]
+    fn secondary_takes_both_sockets_and_a_metrics_address() {
+        let base = [
+            "colo-blockd",
+            "secondary",
+            "--image",
+            "s.raw",
+            "--control",
+            "relay.sock",
+        ];
+        let parse = |extra: &[&str]| {
+            let mut argv = base.to_vec();
+            argv.extend(extra);
+            Args::try_parse_from(argv)
+        };
+        assert!(parse(&[]).is_err());
+        let Cmd::Secondary(args) = parse(&[
+            "--unix",
+            "/run/svm.sock",
+            "--tcp",
+            "0.0.0.0:10809",
+            "--metrics",
+            "127.0.0.1:9109",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not secondary");
+        };
+        assert!(args.unix.is_some() && args.tcp.is_some());
+        assert_eq!(args.metrics, Some("127.0.0.1:9109".parse().unwrap()));
+        assert!(parse(&["--unix", "/s", "--metrics", "nonsense"]).is_err());
     }
 }

@@ -1,12 +1,13 @@
 //! The `colo-blockd serve` binary end to end: it exports a raw file on a
-//! Unix socket to qemu-io and nbdinfo and stops cleanly on SIGTERM.
+//! Unix socket, TCP or both to qemu-io and nbdinfo and stops cleanly on
+//! SIGTERM.
 
 mod common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{file_bytes, patterned_image, require_tool, run_ok};
+use common::{file_bytes, free_tcp_addr, patterned_image, require_tool, run_ok};
 
 const SIZE: usize = 1 << 20;
 
@@ -76,4 +77,75 @@ fn serve_fails_clearly_on_a_missing_image() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot open /nonexistent/disk.raw"), "{err}");
+}
+
+/// `--unix` and `--tcp` together: one process, one export, reached by both;
+/// what a client writes on one socket the other reads.
+#[test]
+fn serve_answers_on_unix_and_tcp_at_once() {
+    require_tool("qemu-io", "qemu-utils");
+    require_tool("nbdinfo", "libnbd-bin");
+    let dir = tempfile::tempdir().unwrap();
+    let img = patterned_image(dir.path(), "disk.raw", SIZE);
+    let sock = dir.path().join("blockd.sock");
+    let tcp = free_tcp_addr();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_colo-blockd"))
+        .args(["serve", "--export"])
+        .arg(format!("disk={}", img.display()))
+        .arg("--unix")
+        .arg(&sock)
+        .args(["--tcp", &tcp.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Both sockets are bound before either serves; connecting to the TCP
+    // one proves both are there.
+    let started = Instant::now();
+    while !(sock.exists() && std::net::TcpStream::connect(tcp).is_ok()) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "colo-blockd exited early"
+        );
+        assert!(started.elapsed() < Duration::from_secs(60), "no sockets");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let unix_uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let tcp_uri = format!("nbd://{tcp}/disk");
+    let out = run_ok(
+        "qemu-io",
+        &["-f", "raw", &tcp_uri, "-c", "write -P 0x5a 0 64k"],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &unix_uri,
+            "-c",
+            "read -P 0x5a 0 64k",
+            "-c",
+            "write -P 0xa5 64k 4k",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    let out = run_ok(
+        "qemu-io",
+        &["-f", "raw", &tcp_uri, "-c", "read -P 0xa5 64k 4k"],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    for uri in [
+        format!("nbd+unix:///?socket={}", sock.display()),
+        format!("nbd://{tcp}/"),
+    ] {
+        let list = run_ok("nbdinfo", &["--list", &uri]);
+        assert!(list.contains("export=\"disk\""), "{uri}: {list}");
+    }
+
+    run_ok("kill", &["-TERM", &child.id().to_string()]);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "colo-blockd exited with {status}");
+    assert!(file_bytes(&img, 0, 65536).iter().all(|&b| b == 0x5a));
+    assert!(file_bytes(&img, 65536, 4096).iter().all(|&b| b == 0xa5));
 }

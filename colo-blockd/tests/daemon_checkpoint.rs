@@ -3,7 +3,9 @@
 //! `x-checkpoint-delay` re-set, coalesced, and the relay (an in-process hub)
 //! is told why.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,65 +15,17 @@ use colo_blockd::daemon::checkpoint::{
 };
 use colo_blockd::replica::{Replica, ReplicaConfig};
 use colo_control::hub::ControlHub;
+use common::fake_qmp::{DELAY_MS, fake_primary};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const BUDGET: u64 = 4096;
-const DELAY_MS: u64 = 2000;
 const PATIENCE: Duration = Duration::from_secs(20);
 /// How long "nothing more arrives" is watched. A wrong extra request would
 /// come within milliseconds; a longer quiet time only slows the test.
 const QUIET: Duration = Duration::from_millis(500);
-
-/// A QMP server that answers `query-migrate-parameters` with
-/// `x-checkpoint-delay` = [`DELAY_MS`] and reports the arguments of every
-/// `migrate-set-parameters`.
-fn fake_primary(path: &Path) -> mpsc::UnboundedReceiver<Value> {
-    let listener = UnixListener::bind(path).unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let (rd, mut wr) = stream.into_split();
-                let greeting = json!({"QMP": {"version": {"qemu": {"micro": 2, "minor": 0,
-                    "major": 10}, "package": "fake"}, "capabilities": []}});
-                wr.write_all(format!("{greeting}\r\n").as_bytes())
-                    .await
-                    .unwrap();
-                let mut lines = BufReader::new(rd).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let cmd: Value = serde_json::from_str(&line).unwrap();
-                    let ret = match cmd["execute"].as_str() {
-                        Some("query-migrate-parameters") => {
-                            json!({"x-checkpoint-delay": DELAY_MS, "max-bandwidth": 1})
-                        }
-                        Some("migrate-set-parameters") => {
-                            let _ = tx.send(cmd["arguments"].clone());
-                            json!({})
-                        }
-                        _ => json!({}),
-                    };
-                    let mut reply = json!({"return": ret});
-                    if let Some(id) = cmd.get("id") {
-                        reply["id"] = id.clone();
-                    }
-                    if wr
-                        .write_all(format!("{reply}\r\n").as_bytes())
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    rx
-}
 
 struct Bed {
     _dir: tempfile::TempDir,
@@ -204,6 +158,14 @@ async fn requests_are_coalesced_however_often_the_budget_trips() {
     }
     bed.no_more_requests().await;
     bed.noted_reasons(1).await;
+    let metrics = bed.replica.metrics();
+    assert_eq!(metrics.checkpoints_requested_log_full.get(), 1);
+    assert_eq!(metrics.checkpoints_committed.get(), 20);
+    assert_eq!(metrics.commit_duration.count(), 20);
+    assert_eq!(metrics.committed_bytes.get(), 20 * 2 * BUDGET);
+    // The log ends full again, all of it spilled past the 4 KiB budget.
+    assert_eq!(metrics.pvm_log_spilled_bytes.get(), 2 * BUDGET);
+    assert_eq!(metrics.pvm_log_memory_bytes.get(), 0);
     bed.stop().await;
 }
 
@@ -220,6 +182,10 @@ async fn a_trip_during_the_interval_is_requested_after_it() {
         json!({"x-checkpoint-delay": DELAY_MS})
     );
     bed.noted_reasons(2).await;
+    assert_eq!(
+        bed.replica.metrics().checkpoints_requested_log_full.get(),
+        2
+    );
     // A log emptied by a checkpoint needs no further request.
     bed.checkpoint().await;
     bed.no_more_requests().await;
@@ -247,14 +213,26 @@ async fn an_unreachable_primary_is_asked_again() {
         .write_at(0, data, false)
         .await
         .unwrap();
-    // Nobody listens yet: the first attempts fail. Once the primary's
-    // monitor is up, the still-full log gets its request.
+    // Nobody listens yet: the first attempts fail (and are counted). Once
+    // the primary's monitor is up, the still-full log gets its request.
+    let metrics = replica.metrics();
+    let deadline = Instant::now() + PATIENCE;
+    while metrics.checkpoint_request_failures.get() == 0 {
+        assert!(Instant::now() < deadline, "no failed request counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut requests = fake_primary(&qmp);
     let got = tokio::time::timeout(PATIENCE, requests.recv())
         .await
         .expect("no checkpoint request after the primary came up")
         .unwrap();
     assert_eq!(got, json!({"x-checkpoint-delay": DELAY_MS}));
+    let deadline = Instant::now() + PATIENCE;
+    while metrics.checkpoints_requested_log_full.get() == 0 {
+        assert!(Instant::now() < deadline, "the request was not counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metrics.checkpoints_requested_log_full.get(), 1);
     shutdown.cancel();
     tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use colo_blockd::backend::BlockBackend;
 use colo_blockd::daemon::epochs::{DEFAULT_NAME, EpochOptions, follow_epochs};
 use colo_blockd::export::{Export, ExportSet};
+use colo_blockd::metrics::NbdCommand;
 use colo_blockd::replica::{Replica, ReplicaConfig};
 use colo_blockd::server::{NbdServer, ServerConfig};
 use colo_control::hub::{BarrierError, BarrierReport, ControlHub};
@@ -51,7 +52,8 @@ impl Bed {
         let nbd = dir.path().join("nbd.sock");
         let listener = UnixListener::bind(&nbd).unwrap();
         let shutdown = CancellationToken::new();
-        let server = NbdServer::new(exports, ServerConfig::default());
+        let server = NbdServer::new(exports, ServerConfig::default())
+            .with_metrics(replica.metrics().clone());
         tokio::spawn({
             let stop = shutdown.clone();
             async move { server.serve_unix(listener, stop).await }
@@ -94,6 +96,27 @@ impl Bed {
             !out.contains("failed"),
             "qemu-io {export} {commands:?}: {out}"
         );
+    }
+
+    /// Runs qemu-io on `export` with `commands`; returns its output
+    /// whatever happened.
+    async fn qemu_io_output(&self, export: &str, commands: &[&str]) -> String {
+        let uri = format!("nbd+unix:///{export}?socket={}", self.nbd.display());
+        let mut args = vec!["-f".to_owned(), "raw".to_owned(), uri];
+        for c in commands {
+            args.extend(["-c".to_owned(), (*c).to_owned()]);
+        }
+        let out = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            common::run("qemu-io", &refs)
+        })
+        .await
+        .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     }
 
     async fn barrier(&self, event: EventKind, epoch: u64) -> BarrierReport {
@@ -229,6 +252,25 @@ async fn failover_to_the_secondary_merges_the_svm_writes() {
     bed.qemu_io("svm", &["write -P 0xdd 0 4k", "read -P 0xdd 0 4k"])
         .await;
     assert!(all(&file_bytes(&bed.image, 0, 4096), 0xdd));
+    // The primary is gone: its writes are refused, and counted as errors.
+    let refused = bed.qemu_io_output("replica", &["write -P 0xee 0 4k"]).await;
+    assert!(refused.contains("failed"), "{refused}");
+    let metrics = bed.replica.metrics();
+    assert_eq!(metrics.failovers.get(), 1);
+    let replica = metrics.export("replica");
+    assert_eq!(replica.requests(NbdCommand::Write), 2);
+    assert_eq!(replica.errors(NbdCommand::Write), 1);
+    let svm = metrics.export("svm");
+    assert_eq!(
+        (
+            svm.requests(NbdCommand::Write),
+            svm.errors(NbdCommand::Write)
+        ),
+        (2, 0)
+    );
+    // A second failover event changes nothing and is not counted.
+    bed.replica.failover().await.unwrap();
+    assert_eq!(metrics.failovers.get(), 1);
     bed.stop().await;
 }
 

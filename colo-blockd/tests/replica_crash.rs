@@ -65,8 +65,8 @@ async fn crash_every_operation(failover: bool) -> Seen {
             r.svm_epoch_closed().await;
             match r.checkpoint_adopted().await {
                 // The crash may come while S is written in the background.
-                Ok(()) => r.settle().await,
-                err => err,
+                Ok(_) => r.settle().await,
+                Err(err) => Err(err),
             }
         };
         if result.is_ok() {

@@ -222,7 +222,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
                 // Without a crash, S is left being written in the
                 // background, and the next ops read through that.
-                let mut result = r.checkpoint_adopted().await;
+                let mut result = r.checkpoint_adopted().await.map(drop);
                 if result.is_ok() && crash_after.is_some() {
                     result = r.settle().await;
                 }

@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::replica::Replica;
 
-/// The reason noted to the relay.
-pub const BLOCK_LOG_FULL: &str = "block-log-full";
+/// The reason noted to the relay (and the metrics' `reason` label).
+pub const BLOCK_LOG_FULL: &str = crate::metrics::REASON_LOG_FULL;
 
 /// Where the primary's QMP monitor listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +108,7 @@ pub async fn request_checkpoints(
         last = Some(Instant::now());
         match ask_primary(&opts.primary).await {
             Ok(delay) => {
+                replica.metrics().checkpoints_requested_log_full.inc();
                 tracing::info!(
                     reason = BLOCK_LOG_FULL,
                     primary = %opts.primary,
@@ -128,13 +129,16 @@ pub async fn request_checkpoints(
                     r = wanted.changed() => if r.is_err() { return },
                 }
             }
-            Err(err) => tracing::warn!(
-                reason = BLOCK_LOG_FULL,
-                primary = %opts.primary,
-                %err,
-                retry_in = ?opts.min_interval,
-                "cannot ask the primary for a checkpoint; the PVM log keeps spilling to its file"
-            ),
+            Err(err) => {
+                replica.metrics().checkpoint_request_failures.inc();
+                tracing::warn!(
+                    reason = BLOCK_LOG_FULL,
+                    primary = %opts.primary,
+                    %err,
+                    retry_in = ?opts.min_interval,
+                    "cannot ask the primary for a checkpoint; the PVM log keeps spilling to its file"
+                )
+            }
         }
     }
 }

@@ -77,6 +77,9 @@ pub async fn follow_epochs(replica: Replica, opts: EpochOptions, shutdown: Cance
             Ok(mut sub) => {
                 backoff = opts.retry_min;
                 let w = sub.welcome();
+                let metrics = replica.metrics();
+                metrics.relay_connected.set(1);
+                metrics.epoch.set(w.epoch);
                 tracing::info!(
                     control = %opts.control.display(),
                     name = %opts.name,
@@ -84,7 +87,9 @@ pub async fn follow_epochs(replica: Replica, opts: EpochOptions, shutdown: Cance
                     state = ?w.state,
                     "subscribed to the relay (sync): checkpoints wait for our acks"
                 );
-                match follow_connection(&replica, &mut sub, &shutdown).await {
+                let ended = follow_connection(&replica, &mut sub, &shutdown).await;
+                replica.metrics().relay_connected.set(0);
+                match ended {
                     Ended::Shutdown => return,
                     Ended::RelayClosed => tracing::error!(
                         control = %opts.control.display(),
@@ -130,6 +135,7 @@ async fn follow_connection(
             Ok(None) => return Ended::RelayClosed,
             Err(err) => return Ended::Failed(err),
         };
+        replica.metrics().epoch.set(ev.epoch);
         match apply(replica, &ev).await {
             Ok(()) => {
                 if ev.sync
@@ -160,9 +166,14 @@ async fn apply(replica: &Replica, ev: &Event) -> io::Result<()> {
             );
         }
         EventKind::CheckpointAdopted => {
-            replica.checkpoint_adopted().await?;
+            let commit = replica.checkpoint_adopted().await?;
+            // One line per checkpoint: the operator's record of what each
+            // epoch cost (the metrics have the distribution).
             tracing::info!(
                 epoch = ev.epoch,
+                bytes = commit.data_bytes,
+                journal_bytes = commit.journal_bytes,
+                duration_ms = commit.duration.as_secs_f64() * 1e3,
                 "checkpoint-adopted: PVM log committed, SVM overlay dropped"
             );
         }

@@ -52,9 +52,11 @@ pub use view::{ReplicaView, ViewKind};
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock, watch};
 
+use crate::metrics::Metrics;
 use store::Store;
 
 /// Default memory budget of each layer: the paper's 10 MB log buffer.
@@ -102,6 +104,18 @@ pub struct ReplicaStats {
     pub last_commit: Option<CommitTiming>,
 }
 
+/// What one [`Replica::checkpoint_adopted`] committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointCommit {
+    /// Data bytes of the PVM log committed (zeroed ranges not counted);
+    /// 0 when the primary wrote nothing this epoch.
+    pub data_bytes: u64,
+    /// Bytes written to the journal (0 for an empty log).
+    pub journal_bytes: u64,
+    /// The whole step, up to the commit point: what the ack waits for.
+    pub duration: Duration,
+}
+
 /// The replica; cheap to clone (all clones share one state).
 #[derive(Debug, Clone)]
 pub struct Replica {
@@ -120,6 +134,7 @@ struct Inner {
     svm_gate: Arc<RwLock<()>>,
     held: Mutex<Option<OwnedRwLockWriteGuard<()>>>,
     checkpoint_wanted: watch::Sender<bool>,
+    metrics: Metrics,
 }
 
 impl Replica {
@@ -127,7 +142,18 @@ impl Replica {
     /// checkpoint if a commit was interrupted (see [`Replica::recovery`]).
     /// The layers start empty.
     pub fn open(image: &Path, config: ReplicaConfig) -> io::Result<Replica> {
-        let (store, recovery) = Store::open(image, &config)?;
+        Replica::open_with_metrics(image, config, Metrics::new())
+    }
+
+    /// Like [`Replica::open`], publishing the layers' fill, commits and
+    /// failovers in `metrics` ([`Replica::metrics`] hands it on to the
+    /// daemon's other parts).
+    pub fn open_with_metrics(
+        image: &Path,
+        config: ReplicaConfig,
+        metrics: Metrics,
+    ) -> io::Result<Replica> {
+        let (store, recovery) = Store::open(image, &config, metrics.clone())?;
         Ok(Replica {
             inner: Arc::new(Inner {
                 size: store.size(),
@@ -136,6 +162,7 @@ impl Replica {
                 svm_gate: Arc::new(RwLock::new(())),
                 held: Mutex::new(None),
                 checkpoint_wanted: watch::Sender::new(false),
+                metrics,
             }),
         })
     }
@@ -143,6 +170,11 @@ impl Replica {
     /// What [`Replica::open`] found in the journal.
     pub fn recovery(&self) -> Recovery {
         self.inner.recovery
+    }
+
+    /// The metrics this replica updates.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The image size in bytes.
@@ -185,18 +217,28 @@ impl Replica {
     /// ([`Replica::settle`] waits for it at once). After an error, here or
     /// in the background, the replica refuses every request; reopening it
     /// brings S to a checkpoint.
-    pub async fn checkpoint_adopted(&self) -> io::Result<()> {
+    pub async fn checkpoint_adopted(&self) -> io::Result<CheckpointCommit> {
+        let start = Instant::now();
         let result = self.on_store(Store::checkpoint).await;
         self.finish_epoch_step(result.is_ok());
-        let apply = result?;
-        if let Some(apply) = apply {
+        let done = result?;
+        let commit = CheckpointCommit {
+            data_bytes: done.data_bytes,
+            journal_bytes: done.journal_bytes,
+            duration: start.elapsed(),
+        };
+        let m = self.metrics();
+        m.commit_duration.observe(commit.duration);
+        m.checkpoints_committed.inc();
+        m.committed_bytes.add(commit.data_bytes);
+        if let Some(apply) = done.apply {
             tokio::task::spawn_blocking(move || {
                 if let Err(err) = apply.run() {
                     tracing::error!(%err, "writing the committed PVM log into the image failed");
                 }
             });
         }
-        Ok(())
+        Ok(commit)
     }
 
     /// Waits until the last adopted checkpoint is in S itself, not only in
@@ -210,7 +252,10 @@ impl Replica {
     pub async fn failover(&self) -> io::Result<()> {
         let result = self.on_store(Store::failover).await;
         self.finish_epoch_step(result.is_ok());
-        result
+        if result? {
+            self.metrics().failovers.inc();
+        }
+        Ok(())
     }
 
     /// How much each layer holds now.

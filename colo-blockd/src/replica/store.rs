@@ -19,6 +19,7 @@ use super::journal::{self, CommitTiming, Recovery};
 use super::layer::Layer;
 use super::pending::{BackgroundApply, Files, Pending, lock};
 use super::{LayerStats, ReplicaConfig, ReplicaStats, ViewKind};
+use crate::metrics::Metrics;
 
 /// Where the replica stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +50,20 @@ pub(crate) struct Store {
     /// consistent after the recovery that `Replica::open` runs, so every
     /// request is refused until a restart.
     broken: bool,
+    /// Where the layers' fill is published after every change.
+    metrics: Metrics,
+}
+
+/// What [`Store::checkpoint`] did.
+#[derive(Debug)]
+pub(crate) struct Checkpointed {
+    /// Writing the committed log into S, for the background (`None` when
+    /// the log was empty).
+    pub(crate) apply: Option<BackgroundApply>,
+    /// Data bytes of the committed log (zeroed ranges not counted).
+    pub(crate) data_bytes: u64,
+    /// Bytes written to the journal.
+    pub(crate) journal_bytes: u64,
 }
 
 /// `<image><suffix>`, next to the image.
@@ -59,7 +74,11 @@ pub(crate) fn sibling(image: &Path, suffix: &str) -> PathBuf {
 }
 
 impl Store {
-    pub(crate) fn open(image: &Path, config: &ReplicaConfig) -> io::Result<(Store, Recovery)> {
+    pub(crate) fn open(
+        image: &Path,
+        config: &ReplicaConfig,
+        metrics: Metrics,
+    ) -> io::Result<(Store, Recovery)> {
         let base = OpenOptions::new().read(true).write(true).open(image)?;
         let size = base.metadata()?.len();
         let journal_path = sibling(image, ".colo-journal");
@@ -97,7 +116,9 @@ impl Store {
             crash: Arc::new(Mutex::new(crash)),
             last_commit: None,
             broken: false,
+            metrics,
         };
+        store.publish_fill();
         Ok((store, recovery))
     }
 
@@ -143,8 +164,16 @@ impl Store {
             // The epoch layers are volatile by design, so FUA has nothing
             // to make durable: the primary's own disk holds its writes
             // until the commit, and the SVM's overlay dies with its epoch.
-            (Mode::Replicating, ViewKind::Replica) => self.pvm.write(offset, data),
-            (Mode::Replicating, ViewKind::Svm) => self.svm.write(offset, data),
+            (Mode::Replicating, ViewKind::Replica) => {
+                let written = self.pvm.write(offset, data);
+                self.publish_fill();
+                written
+            }
+            (Mode::Replicating, ViewKind::Svm) => {
+                let written = self.svm.write(offset, data);
+                self.publish_fill();
+                written
+            }
             (Mode::FailedOver, ViewKind::Svm) => {
                 self.files.base.write_all_at(&data, offset)?;
                 if fua {
@@ -168,8 +197,14 @@ impl Store {
         let length = u64::from(length);
         self.check(offset, length)?;
         match (self.mode, view) {
-            (Mode::Replicating, ViewKind::Replica) => self.pvm.write_zeroes(offset, length),
-            (Mode::Replicating, ViewKind::Svm) => self.svm.write_zeroes(offset, length),
+            (Mode::Replicating, ViewKind::Replica) => {
+                self.pvm.write_zeroes(offset, length);
+                self.publish_fill();
+            }
+            (Mode::Replicating, ViewKind::Svm) => {
+                self.svm.write_zeroes(offset, length);
+                self.publish_fill();
+            }
             (Mode::FailedOver, ViewKind::Svm) => {
                 if fast_only {
                     return Err(io::Error::new(
@@ -201,20 +236,26 @@ impl Store {
 
     /// `checkpoint-adopted`: the SVM overlay is dropped and the PVM log is
     /// committed: journaled durably, so the checkpoint is decided, and
-    /// handed back to be written into S in the background (`None` when the
-    /// log was empty).
-    pub(crate) fn checkpoint(&mut self) -> io::Result<Option<BackgroundApply>> {
+    /// handed back to be written into S in the background.
+    pub(crate) fn checkpoint(&mut self) -> io::Result<Checkpointed> {
         self.alive()?;
         if self.mode == Mode::FailedOver {
             return Err(primary_is_gone());
         }
         // The journal holds one commit at a time.
         self.settle()?;
-        self.svm.reset()?;
+        let dropped = self.svm.reset();
+        self.publish_fill();
+        dropped?;
         if self.pvm.is_empty() {
             lock(&self.crash).disarm();
-            return Ok(None);
+            return Ok(Checkpointed {
+                apply: None,
+                data_bytes: 0,
+                journal_bytes: 0,
+            });
         }
+        let (_, data_bytes) = self.pvm.extents_and_data_bytes();
         let next_index = 1 - self.pvm_spill_index;
         let next = Layer::create(&self.pvm_spill_paths[next_index], self.pvm_memory_budget)?;
         let start = Instant::now();
@@ -234,13 +275,18 @@ impl Store {
         let journal_bytes = journaled.inspect_err(|_| self.broken = true)?;
         let committed = std::mem::replace(&mut self.pvm, next);
         self.pvm_spill_index = next_index;
+        self.publish_fill();
         let pending = Arc::new(Pending::new(committed, start.elapsed(), journal_bytes));
         self.pending = Some(Arc::clone(&pending));
-        Ok(Some(BackgroundApply {
-            pending,
-            files: Arc::clone(&self.files),
-            crash: Arc::clone(&self.crash),
-        }))
+        Ok(Checkpointed {
+            apply: Some(BackgroundApply {
+                pending,
+                files: Arc::clone(&self.files),
+                crash: Arc::clone(&self.crash),
+            }),
+            data_bytes,
+            journal_bytes,
+        })
     }
 
     /// Waits until the last committed PVM log is in S, writing it here if
@@ -257,14 +303,17 @@ impl Store {
     }
 
     /// Failover: the PVM's unadopted epoch is dropped and the SVM's own
-    /// writes are merged into S, which becomes the SVM's disk.
-    pub(crate) fn failover(&mut self) -> io::Result<()> {
+    /// writes are merged into S, which becomes the SVM's disk. Returns
+    /// false when it had failed over already.
+    pub(crate) fn failover(&mut self) -> io::Result<bool> {
         self.alive()?;
         if self.mode == Mode::FailedOver {
-            return Ok(());
+            return Ok(false);
         }
         self.settle()?;
-        self.pvm.reset()?;
+        let dropped = self.pvm.reset();
+        self.publish_fill();
+        dropped?;
         let result = {
             let mut hook = lock(&self.crash);
             let result = journal::commit(
@@ -280,9 +329,11 @@ impl Store {
         };
         let timing = result.inspect_err(|_| self.broken = true)?;
         self.last_commit = timing.or(self.last_commit);
-        self.svm.reset()?;
+        let merged = self.svm.reset();
+        self.publish_fill();
+        merged?;
         self.mode = Mode::FailedOver;
-        Ok(())
+        Ok(true)
     }
 
     pub(crate) fn pvm_over_budget(&self) -> bool {
@@ -304,6 +355,16 @@ impl Store {
             failed_over: self.mode == Mode::FailedOver,
             last_commit: self.last_commit,
         }
+    }
+
+    /// Sets the fill gauges: four relaxed stores, cheap enough for every
+    /// write.
+    fn publish_fill(&self) {
+        let m = &self.metrics;
+        m.pvm_log_memory_bytes.set(self.pvm.memory_bytes());
+        m.pvm_log_spilled_bytes.set(self.pvm.spilled_bytes());
+        m.svm_overlay_memory_bytes.set(self.svm.memory_bytes());
+        m.svm_overlay_spilled_bytes.set(self.svm.spilled_bytes());
     }
 
     fn alive(&self) -> io::Result<()> {

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::BlockBackend;
 use crate::export::ExportSet;
+use crate::metrics::{Metrics, Transport};
 use crate::proto::ProtoError;
 use negotiate::{Handshake, negotiate};
 
@@ -90,6 +91,7 @@ impl Default for ServerConfig {
 pub struct NbdServer<B> {
     exports: Arc<ExportSet<B>>,
     config: ServerConfig,
+    metrics: Metrics,
 }
 
 impl<B> Clone for NbdServer<B> {
@@ -97,6 +99,7 @@ impl<B> Clone for NbdServer<B> {
         NbdServer {
             exports: Arc::clone(&self.exports),
             config: self.config,
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -107,7 +110,19 @@ impl<B: BlockBackend> NbdServer<B> {
         NbdServer {
             exports: Arc::new(exports),
             config,
+            metrics: Metrics::new(),
         }
+    }
+
+    /// Counts connections and requests in `metrics` (by default in a
+    /// registry of the server's own, which nobody reads). Every export's
+    /// series exist from the start, at zero.
+    pub fn with_metrics(mut self, metrics: Metrics) -> NbdServer<B> {
+        for export in self.exports.iter() {
+            metrics.export(export.name());
+        }
+        self.metrics = metrics;
+        self
     }
 
     /// The exports served.
@@ -125,7 +140,8 @@ impl<B: BlockBackend> NbdServer<B> {
             };
             match accepted {
                 Ok((stream, _)) => {
-                    self.spawn_connection(&connections, stream, "unix".into(), &shutdown);
+                    let peer = Peer::new(Transport::Unix, "unix".into());
+                    self.spawn_connection(&connections, stream, peer, &shutdown);
                 }
                 Err(e) => accept_failed(&e).await,
             }
@@ -149,7 +165,8 @@ impl<B: BlockBackend> NbdServer<B> {
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::warn!(%peer, error = %e, "cannot set TCP_NODELAY");
                     }
-                    self.spawn_connection(&connections, stream, peer.to_string(), &shutdown);
+                    let peer = Peer::new(Transport::Tcp, peer.to_string());
+                    self.spawn_connection(&connections, stream, peer, &shutdown);
                 }
                 Err(e) => accept_failed(&e).await,
             }
@@ -162,14 +179,17 @@ impl<B: BlockBackend> NbdServer<B> {
         &self,
         connections: &TaskTracker,
         stream: S,
-        peer: String,
+        peer: Peer,
         shutdown: &CancellationToken,
     ) where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let server = self.clone();
         let shutdown = shutdown.clone();
+        let open = self.metrics.connection_opened(peer.transport);
         connections.spawn(async move {
+            let _open = open;
+            let peer = peer.name;
             match server.serve_stream_until(stream, &shutdown).await {
                 Ok(()) => tracing::debug!(%peer, "client left"),
                 Err(e) => tracing::info!(%peer, error = %e, "client connection ended"),
@@ -210,9 +230,22 @@ impl<B: BlockBackend> NbdServer<B> {
             Handshake::Aborted => Ok(()),
             Handshake::Transmit { export, style } => {
                 tracing::debug!(export = export.name(), ?style, "transmission");
-                transmission::transmit(stream, export, style, self.config, shutdown).await
+                let counters = self.metrics.export(export.name());
+                transmission::transmit(stream, export, counters, style, self.config, shutdown).await
             }
         }
+    }
+}
+
+/// Who is connected, for logs and metrics.
+struct Peer {
+    transport: Transport,
+    name: String,
+}
+
+impl Peer {
+    fn new(transport: Transport, name: String) -> Peer {
+        Peer { transport, name }
     }
 }
 

@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use super::{ServeError, ServerConfig};
 use crate::backend::BlockBackend;
 use crate::export::Export;
+use crate::metrics::{ExportMetrics, NbdCommand};
+use crate::proto::consts::cmd;
 use crate::proto::request::validate;
 use crate::proto::{Command, NbdErrno, ProtoError, RawRequest, Reply, ReplyStyle, RequestDecoder};
 
@@ -51,6 +53,7 @@ impl Queued {
 pub(crate) async fn transmit<S, B>(
     stream: S,
     export: Arc<Export<B>>,
+    counters: Arc<ExportMetrics>,
     style: ReplyStyle,
     config: ServerConfig,
     shutdown: &CancellationToken,
@@ -94,6 +97,7 @@ where
                 // Answer, then close: the payload cannot be skipped unread.
                 let msg = format!("write of {length} bytes exceeds the maximum block size");
                 let reply = Reply::error(style, handle, NbdErrno::Inval, &msg);
+                counters.request(NbdCommand::Write, false, 0);
                 let _ = replies.send(Queued::bare(reply)).await;
                 break Err(ProtoError::PayloadTooLarge { handle, length }.into());
             }
@@ -121,16 +125,19 @@ where
                     Some(permit)
                 };
                 let export = Arc::clone(&export);
+                let counters = Arc::clone(&counters);
                 let replies = replies.clone();
                 running.spawn(async move {
                     let handle = raw.header.handle;
+                    let counted = counted_as(&command);
                     // A panicking backend must not leave the client waiting
                     // for a reply forever: it gets EIO like any failure.
-                    let reply = AssertUnwindSafe(execute(&export, command, raw, style))
+                    let reply = AssertUnwindSafe(execute(&export, &counters, command, raw, style))
                         .catch_unwind()
                         .await
                         .unwrap_or_else(|_| {
                             tracing::error!(export = export.name(), handle, "backend panicked");
+                            counters.request(counted, false, 0);
                             Reply::error(style, handle, NbdErrno::Io, "internal error")
                         });
                     // A closed channel means the client is gone; nobody
@@ -147,6 +154,7 @@ where
             Err(errno) => {
                 tracing::debug!(handle = raw.header.handle, command = raw.header.command, %errno, "request refused");
                 let msg = refusal_message(errno);
+                counters.request(counted_as_raw(raw.header.command), false, 0);
                 let reply = Reply::error(style, raw.header.handle, errno, msg);
                 let _ = replies.send(Queued::bare(reply)).await;
             }
@@ -182,18 +190,27 @@ where
 
 async fn execute<B: BlockBackend>(
     export: &Export<B>,
+    counters: &ExportMetrics,
     command: Command,
     raw: RawRequest,
     style: ReplyStyle,
 ) -> Reply {
     let backend = export.backend();
     let handle = raw.header.handle;
+    let counted = counted_as(&command);
+    let mut moved = 0;
     let result = match command {
         Command::Read { offset, length } => match backend.read_at(offset, length).await {
-            Ok(data) => return Reply::read(style, handle, offset, data),
+            Ok(data) => {
+                counters.request(counted, true, data.len() as u64);
+                return Reply::read(style, handle, offset, data);
+            }
             Err(e) => Err(e),
         },
-        Command::Write { offset, fua } => backend.write_at(offset, raw.payload, fua).await,
+        Command::Write { offset, fua } => {
+            moved = raw.payload.len() as u64;
+            backend.write_at(offset, raw.payload, fua).await
+        }
         Command::Flush => backend.flush().await,
         Command::Trim {
             offset,
@@ -209,6 +226,7 @@ async fn execute<B: BlockBackend>(
         // Handled by the reader; never spawned.
         Command::Disconnect => Ok(()),
     };
+    counters.request(counted, result.is_ok(), moved);
     match result {
         Ok(()) => Reply::done(style, handle),
         Err(e) => {
@@ -219,6 +237,30 @@ async fn execute<B: BlockBackend>(
             }
             Reply::error(style, handle, errno, &e.to_string())
         }
+    }
+}
+
+/// The metrics' name of a command.
+fn counted_as(command: &Command) -> NbdCommand {
+    match command {
+        Command::Read { .. } => NbdCommand::Read,
+        Command::Write { .. } => NbdCommand::Write,
+        Command::Flush => NbdCommand::Flush,
+        Command::Trim { .. } => NbdCommand::Trim,
+        Command::WriteZeroes { .. } => NbdCommand::WriteZeroes,
+        Command::Disconnect => NbdCommand::Other,
+    }
+}
+
+/// The metrics' name of a command type that was refused.
+fn counted_as_raw(command: u16) -> NbdCommand {
+    match command {
+        cmd::READ => NbdCommand::Read,
+        cmd::WRITE => NbdCommand::Write,
+        cmd::FLUSH => NbdCommand::Flush,
+        cmd::TRIM => NbdCommand::Trim,
+        cmd::WRITE_ZEROES => NbdCommand::WriteZeroes,
+        _ => NbdCommand::Other,
     }
 }
 

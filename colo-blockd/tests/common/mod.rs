@@ -13,6 +13,8 @@ use colo_blockd::export::{Export, ExportSet};
 use colo_blockd::server::{NbdServer, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
+pub mod exposition;
+pub mod fake_qmp;
 pub mod raw;
 pub mod recording;
 pub mod scripted;
@@ -52,6 +54,15 @@ pub fn run_ok(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A TCP address on the loopback that was free a moment ago, for a child
+/// process to bind (it cannot report a port 0 choice back).
+pub fn free_tcp_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// An image file filled with a recognisable pattern (byte `i % 251`), so

@@ -1,0 +1,689 @@
+//! colo-blockd's metrics: counters, gauges and one histogram kept in
+//! atomics, and their rendering in the Prometheus text exposition format
+//! (version 0.0.4). No I/O: `daemon::metrics_endpoint` serves the text.
+//!
+//! [`Metrics`] is a cheap handle (an `Arc`): the replica, the epoch
+//! follower, the checkpoint requester and the NBD server each hold a clone
+//! and update it with relaxed atomic operations, never a lock on the
+//! request path. Scraping reads the atomics one by one, so a sample may mix
+//! values from just before and just after a concurrent update; each value
+//! is itself exact.
+//!
+//! | metric | type | what |
+//! |---|---|---|
+//! | `colo_blockd_pvm_log_memory_bytes` | gauge | PVM log data held in memory |
+//! | `colo_blockd_pvm_log_spilled_bytes` | gauge | PVM log bytes written to its spill file this epoch |
+//! | `colo_blockd_svm_overlay_memory_bytes` | gauge | SVM overlay data held in memory |
+//! | `colo_blockd_svm_overlay_spilled_bytes` | gauge | SVM overlay bytes written to its spill file this epoch |
+//! | `colo_blockd_commit_duration_seconds` | histogram | `checkpoint-adopted` step, from the event to the ack |
+//! | `colo_blockd_checkpoints_committed_total` | counter | checkpoints adopted (empty PVM logs too) |
+//! | `colo_blockd_committed_bytes_total` | counter | PVM log data bytes committed |
+//! | `colo_blockd_checkpoints_requested_total{reason}` | counter | checkpoints asked of the primary |
+//! | `colo_blockd_checkpoint_request_failures_total` | counter | requests the primary's QMP did not take |
+//! | `colo_blockd_epoch` | gauge | epoch of the relay's last event |
+//! | `colo_blockd_relay_connected` | gauge | 1 while subscribed to the relay |
+//! | `colo_blockd_failovers_total` | counter | failovers to this secondary done |
+//! | `colo_blockd_nbd_connections{transport}` | gauge | NBD connections open |
+//! | `colo_blockd_nbd_connections_total{transport}` | counter | NBD connections accepted |
+//! | `colo_blockd_nbd_requests_total{export,command}` | counter | NBD requests answered |
+//! | `colo_blockd_nbd_request_errors_total{export,command}` | counter | of those, answered with an error |
+//! | `colo_blockd_nbd_bytes_total{export,direction}` | counter | data bytes read and written |
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The reason label of checkpoint requests made because the PVM log
+/// passed its memory budget (the same word the relay's status shows).
+pub const REASON_LOG_FULL: &str = "block-log-full";
+
+/// Upper bounds (seconds) of the commit-time histogram's buckets: 1 ms to
+/// 10 s in 1-2.5-5 steps. A commit of an empty log takes microseconds, a
+/// 10 MB log about one fsync (milliseconds on SSDs, tens on disks); seconds
+/// mean a saturated or failing device.
+pub const COMMIT_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The count now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    /// Sets the value.
+    pub fn set(&self, value: u64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Subtracts one (never below zero).
+    pub fn dec(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+    }
+
+    /// The value now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A histogram of durations over [`COMMIT_BUCKETS`].
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket, not cumulative; the last one is `+Inf`.
+    buckets: [AtomicU64; COMMIT_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = COMMIT_BUCKETS
+            .iter()
+            .position(|&le| secs <= le)
+            .unwrap_or(COMMIT_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The sum of the observations.
+    pub fn sum(&self) -> Duration {
+        Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed))
+    }
+}
+
+/// How an NBD client reached the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A Unix socket (the SVM's QEMU, on the same host).
+    Unix,
+    /// TCP (the primary's quorum child).
+    Tcp,
+}
+
+impl Transport {
+    const ALL: [Transport; 2] = [Transport::Unix, Transport::Tcp];
+
+    fn label(self) -> &'static str {
+        match self {
+            Transport::Unix => "unix",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// NBD commands as counted; every command the server does not implement
+/// is `Other`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdCommand {
+    /// `NBD_CMD_READ`
+    Read,
+    /// `NBD_CMD_WRITE`
+    Write,
+    /// `NBD_CMD_FLUSH`
+    Flush,
+    /// `NBD_CMD_TRIM`
+    Trim,
+    /// `NBD_CMD_WRITE_ZEROES`
+    WriteZeroes,
+    /// Anything else (refused).
+    Other,
+}
+
+impl NbdCommand {
+    const ALL: [NbdCommand; 6] = [
+        NbdCommand::Read,
+        NbdCommand::Write,
+        NbdCommand::Flush,
+        NbdCommand::Trim,
+        NbdCommand::WriteZeroes,
+        NbdCommand::Other,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            NbdCommand::Read => "read",
+            NbdCommand::Write => "write",
+            NbdCommand::Flush => "flush",
+            NbdCommand::Trim => "trim",
+            NbdCommand::WriteZeroes => "write_zeroes",
+            NbdCommand::Other => "other",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The NBD counters of one export.
+#[derive(Debug)]
+pub struct ExportMetrics {
+    name: String,
+    requests: [Counter; NbdCommand::ALL.len()],
+    errors: [Counter; NbdCommand::ALL.len()],
+    read_bytes: Counter,
+    written_bytes: Counter,
+}
+
+impl ExportMetrics {
+    /// Counts one answered request; `moved` is the data it read or wrote
+    /// (counted only when it succeeded).
+    pub fn request(&self, command: NbdCommand, ok: bool, moved: u64) {
+        self.requests[command.index()].inc();
+        if !ok {
+            self.errors[command.index()].inc();
+        } else if command == NbdCommand::Read {
+            self.read_bytes.add(moved);
+        } else if command == NbdCommand::Write {
+            self.written_bytes.add(moved);
+        }
+    }
+
+    /// Requests of `command` answered so far.
+    pub fn requests(&self, command: NbdCommand) -> u64 {
+        self.requests[command.index()].get()
+    }
+
+    /// Of those, answered with an error.
+    pub fn errors(&self, command: NbdCommand) -> u64 {
+        self.errors[command.index()].get()
+    }
+}
+
+/// Every metric of one colo-blockd process; reach it through [`Metrics`].
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// PVM log data held in memory.
+    pub pvm_log_memory_bytes: Gauge,
+    /// PVM log bytes written to its spill file this epoch.
+    pub pvm_log_spilled_bytes: Gauge,
+    /// SVM overlay data held in memory.
+    pub svm_overlay_memory_bytes: Gauge,
+    /// SVM overlay bytes written to its spill file this epoch.
+    pub svm_overlay_spilled_bytes: Gauge,
+    /// Duration of each `checkpoint-adopted` step (what the primary's
+    /// pause waits for).
+    pub commit_duration: Histogram,
+    /// Checkpoints adopted.
+    pub checkpoints_committed: Counter,
+    /// PVM log data bytes committed.
+    pub committed_bytes: Counter,
+    /// Checkpoints asked of the primary because the PVM log was full.
+    pub checkpoints_requested_log_full: Counter,
+    /// Checkpoint requests that failed (QMP unreachable or refusing).
+    pub checkpoint_request_failures: Counter,
+    /// Epoch of the relay's last event (or welcome).
+    pub epoch: Gauge,
+    /// 1 while subscribed to the relay, else 0.
+    pub relay_connected: Gauge,
+    /// Failovers to this secondary.
+    pub failovers: Counter,
+    connections: [Gauge; Transport::ALL.len()],
+    connections_total: [Counter; Transport::ALL.len()],
+    exports: Mutex<Vec<Arc<ExportMetrics>>>,
+}
+
+impl Registry {
+    /// Connections open on `transport`.
+    pub fn connections(&self, transport: Transport) -> u64 {
+        self.connections[transport as usize].get()
+    }
+
+    /// Connections accepted on `transport` so far.
+    pub fn connections_total(&self, transport: Transport) -> u64 {
+        self.connections_total[transport as usize].get()
+    }
+
+    /// The counters of export `name`, created on first use (once per
+    /// connection, not per request).
+    pub fn export(&self, name: &str) -> Arc<ExportMetrics> {
+        let mut exports = self
+            .exports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(e) = exports.iter().find(|e| e.name == name) {
+            return Arc::clone(e);
+        }
+        let e = Arc::new(ExportMetrics {
+            name: name.to_owned(),
+            requests: Default::default(),
+            errors: Default::default(),
+            read_bytes: Counter::default(),
+            written_bytes: Counter::default(),
+        });
+        exports.push(Arc::clone(&e));
+        e
+    }
+
+    /// The registry in the text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Text(String::with_capacity(4096));
+        let gauges = [
+            (
+                "colo_blockd_pvm_log_memory_bytes",
+                "PVM log (this epoch's primary writes) data held in memory.",
+                &self.pvm_log_memory_bytes,
+            ),
+            (
+                "colo_blockd_pvm_log_spilled_bytes",
+                "PVM log bytes written to its spill file this epoch (overwritten ones too).",
+                &self.pvm_log_spilled_bytes,
+            ),
+            (
+                "colo_blockd_svm_overlay_memory_bytes",
+                "SVM overlay (this epoch's secondary writes) data held in memory.",
+                &self.svm_overlay_memory_bytes,
+            ),
+            (
+                "colo_blockd_svm_overlay_spilled_bytes",
+                "SVM overlay bytes written to its spill file this epoch (overwritten ones too).",
+                &self.svm_overlay_spilled_bytes,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            out.header(name, help, "gauge");
+            out.sample(name, &[], gauge.get());
+        }
+
+        let name = "colo_blockd_commit_duration_seconds";
+        out.header(
+            name,
+            "Duration of the checkpoint-adopted step (commit of the PVM log up to the ack).",
+            "histogram",
+        );
+        let h = &self.commit_duration;
+        let mut cumulative = 0;
+        for (i, le) in COMMIT_BUCKETS.iter().enumerate() {
+            cumulative += h.buckets[i].load(Ordering::Relaxed);
+            let le = format_float(*le);
+            out.sample(&format!("{name}_bucket"), &[("le", &le)], cumulative);
+        }
+        cumulative += h.buckets[COMMIT_BUCKETS.len()].load(Ordering::Relaxed);
+        out.sample(&format!("{name}_bucket"), &[("le", "+Inf")], cumulative);
+        out.line(
+            &format!("{name}_sum"),
+            &[],
+            &format_float(h.sum().as_secs_f64()),
+        );
+        // The count is the +Inf bucket, so the two always agree.
+        out.sample(&format!("{name}_count"), &[], cumulative);
+
+        let counters = [
+            (
+                "colo_blockd_checkpoints_committed_total",
+                "Checkpoints adopted (PVM log committed, SVM overlay dropped).",
+                &self.checkpoints_committed,
+            ),
+            (
+                "colo_blockd_committed_bytes_total",
+                "PVM log data bytes committed into the image.",
+                &self.committed_bytes,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            out.header(name, help, "counter");
+            out.sample(name, &[], counter.get());
+        }
+        let name = "colo_blockd_checkpoints_requested_total";
+        out.header(
+            name,
+            "Checkpoints asked of the primary, by reason.",
+            "counter",
+        );
+        out.sample(
+            name,
+            &[("reason", REASON_LOG_FULL)],
+            self.checkpoints_requested_log_full.get(),
+        );
+        let name = "colo_blockd_checkpoint_request_failures_total";
+        out.header(
+            name,
+            "Checkpoint requests the primary's QMP monitor did not take.",
+            "counter",
+        );
+        out.sample(name, &[], self.checkpoint_request_failures.get());
+
+        let name = "colo_blockd_epoch";
+        out.header(name, "Epoch of the relay's last event.", "gauge");
+        out.sample(name, &[], self.epoch.get());
+        let name = "colo_blockd_relay_connected";
+        out.header(
+            name,
+            "1 while subscribed to the relay's control socket; COLO cannot checkpoint at 0.",
+            "gauge",
+        );
+        out.sample(name, &[], self.relay_connected.get());
+        let name = "colo_blockd_failovers_total";
+        out.header(name, "Failovers to this secondary.", "counter");
+        out.sample(name, &[], self.failovers.get());
+
+        let name = "colo_blockd_nbd_connections";
+        out.header(name, "NBD connections open.", "gauge");
+        for t in Transport::ALL {
+            out.sample(name, &[("transport", t.label())], self.connections(t));
+        }
+        let name = "colo_blockd_nbd_connections_total";
+        out.header(name, "NBD connections accepted.", "counter");
+        for t in Transport::ALL {
+            out.sample(name, &[("transport", t.label())], self.connections_total(t));
+        }
+
+        let exports = self
+            .exports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let name = "colo_blockd_nbd_requests_total";
+        out.header(
+            name,
+            "NBD requests answered, by export and command.",
+            "counter",
+        );
+        for e in &exports {
+            for c in NbdCommand::ALL {
+                let labels = [("export", e.name.as_str()), ("command", c.label())];
+                out.sample(name, &labels, e.requests(c));
+            }
+        }
+        let name = "colo_blockd_nbd_request_errors_total";
+        out.header(
+            name,
+            "NBD requests answered with an error, by export and command.",
+            "counter",
+        );
+        for e in &exports {
+            for c in NbdCommand::ALL {
+                let labels = [("export", e.name.as_str()), ("command", c.label())];
+                out.sample(name, &labels, e.errors(c));
+            }
+        }
+        let name = "colo_blockd_nbd_bytes_total";
+        out.header(
+            name,
+            "Data bytes of successful NBD reads and writes, by export.",
+            "counter",
+        );
+        for e in &exports {
+            let read = [("export", e.name.as_str()), ("direction", "read")];
+            out.sample(name, &read, e.read_bytes.get());
+            let write = [("export", e.name.as_str()), ("direction", "write")];
+            out.sample(name, &write, e.written_bytes.get());
+        }
+        out.0
+    }
+}
+
+/// Counts its connection as closed when dropped.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    registry: Arc<Registry>,
+    transport: Transport,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.registry.connections[self.transport as usize].dec();
+    }
+}
+
+/// The handle every part of colo-blockd updates; clones share one
+/// [`Registry`].
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+}
+
+impl Metrics {
+    /// A fresh registry, every value zero.
+    pub fn new() -> Metrics {
+        Metrics::default()
+    }
+
+    /// Counts a new NBD connection on `transport`; the returned guard
+    /// counts it as closed when dropped.
+    pub fn connection_opened(&self, transport: Transport) -> ConnectionGuard {
+        let i = transport as usize;
+        self.registry.connections[i].inc();
+        self.registry.connections_total[i].inc();
+        ConnectionGuard {
+            registry: Arc::clone(&self.registry),
+            transport,
+        }
+    }
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Registry;
+
+    fn deref(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+/// Builds exposition text.
+struct Text(String);
+
+impl Text {
+    fn header(&mut self, name: &str, help: &str, kind: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {}", escape_help(help));
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.line(name, labels, &value.to_string());
+    }
+
+    fn line(&mut self, name: &str, labels: &[(&str, &str)], value: &str) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{}\"", escape_label(v));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+}
+
+/// Floats as Prometheus writes them: shortest round-trip form, with `.0`
+/// kept off integers ("1", "0.005").
+fn format_float(v: f64) -> String {
+    format!("{v}")
+}
+
+/// Label values escape backslash, double quote and newline.
+fn escape_label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// HELP text escapes backslash and newline.
+fn escape_help(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the sample line `series` (name with labels, exactly as
+    /// rendered).
+    fn value(text: &str, series: &str) -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ').map(str::to_owned))
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_end_in_the_count() {
+        let m = Metrics::new();
+        for ms in [0, 1, 3, 30, 20_000] {
+            m.commit_duration.observe(Duration::from_millis(ms));
+        }
+        let text = m.render();
+        let bucket = |le: &str| {
+            value(
+                &text,
+                &format!("colo_blockd_commit_duration_seconds_bucket{{le=\"{le}\"}}"),
+            )
+        };
+        assert_eq!(bucket("0.001").as_deref(), Some("2"), "{text}");
+        assert_eq!(bucket("0.005").as_deref(), Some("3"));
+        assert_eq!(bucket("0.05").as_deref(), Some("4"));
+        assert_eq!(bucket("10").as_deref(), Some("4"));
+        assert_eq!(bucket("+Inf").as_deref(), Some("5"));
+        assert_eq!(
+            value(&text, "colo_blockd_commit_duration_seconds_count").as_deref(),
+            Some("5")
+        );
+        assert_eq!(
+            value(&text, "colo_blockd_commit_duration_seconds_sum").as_deref(),
+            Some("20.034")
+        );
+    }
+
+    #[test]
+    fn exports_and_transports_are_labelled() {
+        let m = Metrics::new();
+        let svm = m.export("svm");
+        svm.request(NbdCommand::Write, true, 4096);
+        svm.request(NbdCommand::Write, false, 4096);
+        svm.request(NbdCommand::Read, true, 512);
+        assert!(Arc::ptr_eq(&svm, &m.export("svm")));
+        let guard = m.connection_opened(Transport::Tcp);
+        let text = m.render();
+        for (series, expected) in [
+            (
+                "colo_blockd_nbd_requests_total{export=\"svm\",command=\"write\"}",
+                "2",
+            ),
+            (
+                "colo_blockd_nbd_request_errors_total{export=\"svm\",command=\"write\"}",
+                "1",
+            ),
+            (
+                "colo_blockd_nbd_bytes_total{export=\"svm\",direction=\"write\"}",
+                "4096",
+            ),
+            (
+                "colo_blockd_nbd_bytes_total{export=\"svm\",direction=\"read\"}",
+                "512",
+            ),
+            ("colo_blockd_nbd_connections{transport=\"tcp\"}", "1"),
+            ("colo_blockd_nbd_connections{transport=\"unix\"}", "0"),
+        ] {
+            assert_eq!(value(&text, series).as_deref(), Some(expected), "{series}");
+        }
+        drop(guard);
+        let text = m.render();
+        assert_eq!(
+            value(&text, "colo_blockd_nbd_connections{transport=\"tcp\"}").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            value(
+                &text,
+                "colo_blockd_nbd_connections_total{transport=\"tcp\"}"
+            )
+            .as_deref(),
+            Some("1")
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::new();
+        m.export("a\"b\\c\nd").request(NbdCommand::Flush, true, 0);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "colo_blockd_nbd_requests_total{export=\"a\\\"b\\\\c\\nd\",command=\"flush\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_before_its_samples() {
+        let text = Metrics::new().render();
+        let mut typed = std::collections::HashMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(
+                    text.contains(&format!("# HELP {name} ")),
+                    "{name} has no HELP"
+                );
+                typed.insert(name.to_owned(), kind.to_owned());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains_key(*f)))
+                    .unwrap_or(name);
+                assert!(typed.contains_key(family), "{name} sampled before its TYPE");
+            }
+        }
+        assert_eq!(typed["colo_blockd_commit_duration_seconds"], "histogram");
+        assert_eq!(typed["colo_blockd_checkpoints_committed_total"], "counter");
+    }
+
+    #[test]
+    fn gauges_do_not_go_below_zero() {
+        let g = Gauge::default();
+        g.dec();
+        assert_eq!(g.get(), 0);
+        g.inc();
+        g.dec();
+        assert_eq!(g.get(), 0);
+    }
+}
