@@ -2,7 +2,7 @@
 //! replication.
 //!
 //! It runs in the secondary's namespace (the primary's quorum child reaches it over the bridge
-//! at `secondary.host:disk.nbd_port`, the SVM's disk connects to the same address), follows the
+//! at `secondary.host:disk.nbd_port`, the SVM's disk over its Unix socket), follows the
 //! relay's epochs as a synchronous subscriber, and asks the primary for a checkpoint over the
 //! primary's operator QMP socket when its PVM log fills. `ip netns exec` execs it, so the PID
 //! held here is colo-blockd's own.
@@ -51,6 +51,14 @@ impl BlockdProcess {
             .arg("--image")
             .arg(&vm.secondary_image)
             .args(["--tcp", &listen])
+            .arg("--unix")
+            .arg(
+                driver
+                    .disk
+                    .blockd_socket
+                    .as_ref()
+                    .context("pair.toml has no disk.blockd_socket")?,
+            )
             .arg("--control")
             .arg(&control)
             .args(["--primary-qmp", &primary_qmp])

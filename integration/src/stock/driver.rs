@@ -40,6 +40,11 @@ pub fn relay_control_path(dir: &Path) -> PathBuf {
     dir.join("relay.sock")
 }
 
+/// colo-blockd's Unix socket, where the secondary QEMU's disk connects (with colo-blockd).
+pub fn blockd_socket_path(dir: &Path) -> PathBuf {
+    dir.join("blockd.sock")
+}
+
 /// The config file of this run's pair.
 pub fn config_path(dir: &Path) -> PathBuf {
     dir.join("pair.toml")
@@ -83,10 +88,13 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
                 file("secondary-hidden.qcow2")
             ),
         ),
-        // The SVM's disk connects over TCP to secondary.host:nbd_port, like the primary's
-        // quorum child.
+        // The SVM's disk connects over colo-blockd's Unix socket, the primary's quorum child
+        // over TCP to secondary.host:nbd_port.
         DiskBackend::ColoBlockd => (
-            "[disk]\nbackend = \"colo-blockd\"\n\n".to_string(),
+            format!(
+                "[disk]\nbackend = \"colo-blockd\"\nblockd_socket = {:?}\n\n",
+                blockd_socket_path(dir).display().to_string()
+            ),
             String::new(),
         ),
     };
