@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// Times each pass is run; the fastest round counts.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
+    /// Packets per case of the loopback latency measurement (the primary daemon in process,
+    /// fake QEMU chardevs and a fake secondary over loopback sockets); 0 skips it.
+    #[arg(long, default_value_t = 2000)]
+    loopback_packets: usize,
 }
 
 fn parse_size(text: &str) -> Result<usize, String> {
@@ -560,8 +564,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     line("pure path (codec, parse, engine)", pure);
     println!(
         "added processing time per frame, pure path (codec, parse, engine) in process: not \
-         through loopback sockets (the daemon does not exist yet), not counting the time a \
-         PVM packet waits for the SVM's output, nor the socket reads:"
+         through loopback sockets (see below), not counting the time a PVM packet waits for \
+         the SVM's output, nor the socket reads:"
     );
     let summary = |times: &[Duration]| {
         if times.is_empty() {
@@ -583,6 +587,23 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         READ_CHUNK / 1024
     );
     println!("  {}", summary(&latencies.reads));
+    if args.loopback_packets > 0 {
+        let loopback = crate::bench_loopback::run(args.loopback_packets)?;
+        println!(
+            "latency added by the primary daemon over loopback sockets (one {}-packet run per \
+             case, one packet in flight; from the write of the later of the two copies to \
+             QEMU's socket until the release is read from compare_out):",
+            args.loopback_packets
+        );
+        println!(
+            "  SVM ahead (PVM frame in → out):  {}",
+            summary(&loopback.svm_ahead)
+        );
+        println!(
+            "  SVM behind (SVM frame in → out): {}",
+            summary(&loopback.svm_behind)
+        );
+    }
     Ok(())
 }
 
@@ -614,6 +635,8 @@ mod tests {
                 svm_lag,
                 vnet_hdr: svm_lag == 0,
                 rounds: 1,
+                // The loopback measurement once, briefly: it starts a daemon.
+                loopback_packets: if svm_lag == 0 { 20 } else { 0 },
             };
             run(&args).unwrap();
         }

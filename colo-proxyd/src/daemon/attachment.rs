@@ -1,0 +1,373 @@
+//! The filter-mode attachment: QEMU's `filter-mirror` / `filter-redirector` chardev sockets
+//! (be32 length + Ethernet frame; `vnet_hdr_support` off) turned into channels of frames.
+//!
+//! The role loops see only a [`FrameSource`] (frames a VM sent or that go into it, plus the
+//! [`Inbound::Drained`] marker of a drain) and a [`FrameSink`]; they never touch a socket, so a
+//! vhost-user attachment can feed the same loops later.
+//!
+//! Each port runs in its own task and survives its peer: on the primary, QEMU is the chardev
+//! *server* and the port reconnects with a backoff ([`PortEndpoint::Connect`]); on the
+//! secondary, QEMU's chardevs are clients with `reconnect-ms`, and the port accepts, a new
+//! connection replacing the old one ([`PortEndpoint::Listen`]).
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{Frame, FrameDecoder, encode};
+use crate::daemon::metrics::Metrics;
+
+/// Frames queued between a port and its role loop; a full queue back-pressures the socket.
+const QUEUE: usize = 1024;
+
+/// Reconnection backoff towards a QEMU chardev server.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// What an input port delivers.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// An Ethernet frame.
+    Frame(Vec<u8>),
+    /// Every frame the peer had sent when [`FrameSource::request_drain`] was called has been
+    /// delivered before this marker.
+    Drained,
+}
+
+/// The receiving end of an input port.
+#[derive(Debug)]
+pub struct FrameSource {
+    name: String,
+    frames: mpsc::Receiver<Inbound>,
+    drain: mpsc::Sender<()>,
+}
+
+impl FrameSource {
+    /// A source fed by hand (tests, or another attachment): returns the source, the sender of
+    /// its frames and the receiver of its drain requests (answer each with
+    /// [`Inbound::Drained`] after the frames already sent).
+    pub fn channel(name: &str) -> (FrameSource, mpsc::Sender<Inbound>, mpsc::Receiver<()>) {
+        let (tx, frames) = mpsc::channel(QUEUE);
+        let (drain, drain_rx) = mpsc::channel(4);
+        (
+            FrameSource {
+                name: name.to_owned(),
+                frames,
+                drain,
+            },
+            tx,
+            drain_rx,
+        )
+    }
+
+    /// The port's name (QEMU's chardev id), for logs.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The next frame or marker; `None` when the port's task ended (shutdown).
+    pub async fn recv(&mut self) -> Option<Inbound> {
+        self.frames.recv().await
+    }
+
+    /// Asks the port to deliver, at once, everything its peer has already sent, followed by
+    /// [`Inbound::Drained`]. Returns false when the port is gone. Ask again only after the
+    /// marker of the previous request arrived.
+    pub fn request_drain(&self) -> bool {
+        self.drain.try_send(()).is_ok()
+    }
+}
+
+/// The sending end of an output port.
+#[derive(Debug, Clone)]
+pub struct FrameSink {
+    name: String,
+    frames: mpsc::Sender<Vec<u8>>,
+    metrics: Metrics,
+}
+
+impl FrameSink {
+    /// A sink drained by hand (tests, or another attachment).
+    pub fn channel(name: &str, metrics: Metrics) -> (FrameSink, mpsc::Receiver<Vec<u8>>) {
+        let (frames, rx) = mpsc::channel(QUEUE);
+        (
+            FrameSink {
+                name: name.to_owned(),
+                frames,
+                metrics,
+            },
+            rx,
+        )
+    }
+
+    /// The port's name, for logs.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Queues an Ethernet frame, waiting while the queue is full.
+    pub async fn send(&self, frame: Vec<u8>) {
+        if self.frames.send(frame).await.is_err() {
+            self.metrics.dropped_frame();
+        }
+    }
+}
+
+/// How a port finds its peer.
+#[derive(Debug)]
+pub enum PortEndpoint {
+    /// Connect to a QEMU chardev server (`server=on`) at this address, and again after every
+    /// disconnection.
+    Connect(String),
+    /// Accept QEMU chardev clients (`reconnect-ms`) on this listener; a new client replaces
+    /// the current one.
+    Listen(TcpListener),
+}
+
+impl PortEndpoint {
+    fn describe(&self) -> String {
+        match self {
+            PortEndpoint::Connect(addr) => format!("connect to {addr}"),
+            PortEndpoint::Listen(l) => match l.local_addr() {
+                Ok(a) => format!("listen on {a}"),
+                Err(_) => "listen".to_owned(),
+            },
+        }
+    }
+
+    /// The first connection, or the next after one ended.
+    async fn next(&mut self, name: &str, retry: &mut Duration) -> io::Result<TcpStream> {
+        match self {
+            PortEndpoint::Connect(addr) => loop {
+                match TcpStream::connect(addr.as_str()).await {
+                    Ok(stream) => {
+                        *retry = RETRY_MIN;
+                        return Ok(stream);
+                    }
+                    Err(err) => {
+                        tracing::debug!(port = name, %addr, %err, retry_in = ?*retry, "cannot connect to QEMU's chardev");
+                        tokio::time::sleep(*retry).await;
+                        *retry = (*retry * 2).min(RETRY_MAX);
+                    }
+                }
+            },
+            PortEndpoint::Listen(listener) => listener.accept().await.map(|(s, _)| s),
+        }
+    }
+
+    /// A new connection that replaces the current one (listening ports only).
+    async fn replacement(&mut self) -> io::Result<TcpStream> {
+        match self {
+            PortEndpoint::Connect(_) => std::future::pending().await,
+            PortEndpoint::Listen(listener) => listener.accept().await.map(|(s, _)| s),
+        }
+    }
+}
+
+fn connected(name: &str, endpoint: &PortEndpoint, stream: &TcpStream, metrics: &Metrics) {
+    let _ = stream.set_nodelay(true);
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(port = name, %peer, endpoint = %endpoint.describe(), "QEMU chardev connected");
+    metrics.set_connected(name, true);
+}
+
+/// Starts an input port: frames QEMU writes to the chardev `name` come out of the returned
+/// source.
+pub fn spawn_source(
+    name: &str,
+    endpoint: PortEndpoint,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> FrameSource {
+    let (source, tx, drain_rx) = FrameSource::channel(name);
+    let name = name.to_owned();
+    metrics.set_connected(&name, false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = run_source(&name, endpoint, &metrics, tx, drain_rx) => {}
+        }
+    });
+    source
+}
+
+async fn run_source(
+    name: &str,
+    mut endpoint: PortEndpoint,
+    metrics: &Metrics,
+    tx: mpsc::Sender<Inbound>,
+    mut drain_rx: mpsc::Receiver<()>,
+) {
+    let mut retry = RETRY_MIN;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // Without a peer there is nothing to drain: answer drains at once.
+        let mut stream = loop {
+            tokio::select! {
+                s = endpoint.next(name, &mut retry) => match s {
+                    Ok(s) => break s,
+                    Err(err) => {
+                        tracing::warn!(port = name, %err, "accept failed");
+                        tokio::time::sleep(RETRY_MIN).await;
+                    }
+                },
+                Some(()) = drain_rx.recv() => {
+                    if tx.send(Inbound::Drained).await.is_err() { return; }
+                }
+            }
+        };
+        connected(name, &endpoint, &stream, metrics);
+        let mut decoder = FrameDecoder::new(false);
+        let why = loop {
+            tokio::select! {
+                r = stream.read(&mut buf) => match r {
+                    Ok(0) => break decoder.finish().err().map_or_else(|| "closed by QEMU".to_owned(), |e| e.to_string()),
+                    Ok(n) => {
+                        decoder.feed(&buf[..n]);
+                        if let Err(err) = deliver(&mut decoder, &tx).await {
+                            break err;
+                        }
+                    }
+                    Err(err) => break err.to_string(),
+                },
+                Some(()) = drain_rx.recv() => {
+                    // Take what the kernel already has, without waiting for more.
+                    let mut why = None;
+                    loop {
+                        match stream.try_read(&mut buf) {
+                            Ok(0) => { why = Some("closed by QEMU".to_owned()); break; }
+                            Ok(n) => decoder.feed(&buf[..n]),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => { why = Some(e.to_string()); break; }
+                        }
+                    }
+                    let delivered = deliver(&mut decoder, &tx).await;
+                    if tx.send(Inbound::Drained).await.is_err() { return; }
+                    if let Err(err) = delivered { break err; }
+                    if let Some(why) = why { break why; }
+                }
+                s = endpoint.replacement() => match s {
+                    Ok(s) => {
+                        tracing::warn!(port = name, "QEMU reconnected; the old connection is dropped");
+                        stream = s;
+                        decoder = FrameDecoder::new(false);
+                        connected(name, &endpoint, &stream, metrics);
+                    }
+                    Err(err) => tracing::warn!(port = name, %err, "accept failed"),
+                },
+            }
+            if tx.is_closed() {
+                return;
+            }
+        };
+        metrics.set_connected(name, false);
+        tracing::warn!(port = name, reason = %why, "QEMU chardev disconnected; waiting for it again");
+    }
+}
+
+/// Sends every complete frame to the role loop. An error names a codec failure.
+async fn deliver(decoder: &mut FrameDecoder, tx: &mpsc::Sender<Inbound>) -> Result<(), String> {
+    loop {
+        let frame = match decoder.next_frame_ref() {
+            Ok(Some(f)) => f.ethernet_bytes().to_vec(),
+            Ok(None) => return Ok(()),
+            Err(err) => return Err(format!("bad net-filter framing: {err}")),
+        };
+        if tx.send(Inbound::Frame(frame)).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Starts an output port: frames sent to the returned sink are written to QEMU's chardev
+/// `name`. While it has no peer, frames are dropped and counted (a released packet is then
+/// lost like on a broken wire; TCP retransmits it).
+pub fn spawn_sink(
+    name: &str,
+    endpoint: PortEndpoint,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> FrameSink {
+    let (sink, rx) = FrameSink::channel(name, metrics.clone());
+    let name = name.to_owned();
+    metrics.set_connected(&name, false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = run_sink(&name, endpoint, &metrics, rx) => {}
+        }
+    });
+    sink
+}
+
+async fn run_sink(
+    name: &str,
+    mut endpoint: PortEndpoint,
+    metrics: &Metrics,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) {
+    let mut retry = RETRY_MIN;
+    let mut wire = Vec::new();
+    let mut probe = [0u8; 256];
+    loop {
+        let mut stream = loop {
+            tokio::select! {
+                s = endpoint.next(name, &mut retry) => match s {
+                    Ok(s) => break s,
+                    Err(err) => {
+                        tracing::warn!(port = name, %err, "accept failed");
+                        tokio::time::sleep(RETRY_MIN).await;
+                    }
+                },
+                frame = rx.recv() => match frame {
+                    Some(_) => {
+                        metrics.dropped_frame();
+                        tracing::debug!(port = name, "frame dropped: QEMU's chardev is not connected");
+                    }
+                    None => return,
+                },
+            }
+        };
+        connected(name, &endpoint, &stream, metrics);
+        let why = loop {
+            tokio::select! {
+                frame = rx.recv() => {
+                    let Some(frame) = frame else { return };
+                    wire.clear();
+                    if let Err(err) = encode(&Frame::ethernet(frame), false, &mut wire) {
+                        tracing::warn!(port = name, %err, "frame not sent");
+                        metrics.dropped_frame();
+                        continue;
+                    }
+                    if let Err(err) = stream.write_all(&wire).await {
+                        metrics.dropped_frame();
+                        break err.to_string();
+                    }
+                }
+                // QEMU never writes to an output chardev; a read returns only at its close.
+                r = stream.read(&mut probe) => match r {
+                    Ok(0) => break "closed by QEMU".to_owned(),
+                    Ok(_) => {}
+                    Err(err) => break err.to_string(),
+                },
+                s = endpoint.replacement() => match s {
+                    Ok(s) => {
+                        tracing::warn!(port = name, "QEMU reconnected; the old connection is dropped");
+                        stream = s;
+                        connected(name, &endpoint, &stream, metrics);
+                    }
+                    Err(err) => tracing::warn!(port = name, %err, "accept failed"),
+                },
+            }
+        };
+        metrics.set_connected(name, false);
+        tracing::warn!(port = name, reason = %why, "QEMU chardev disconnected; waiting for it again");
+    }
+}

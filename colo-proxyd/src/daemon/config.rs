@@ -1,0 +1,523 @@
+//! The daemons' settings: command-line options (each with an environment variable), an
+//! optional TOML file with the same keys, and their validation into [`PrimaryConfig`] and
+//! [`SecondaryConfig`]. A command-line option wins over the file.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::engine::{BypassRule, EngineConfig, UncomparedPolicy};
+
+/// Where the primary's QMP monitor listens.
+///
+/// The same type exists in colo-blockd (`colo_blockd::daemon::checkpoint::QmpAddress`); it
+/// belongs in qmp-driver, next to `QmpClient::connect_unix`/`connect_tcp`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QmpAddress {
+    /// `unix:PATH`
+    Unix(PathBuf),
+    /// `tcp:HOST:PORT`
+    Tcp(String),
+}
+
+impl FromStr for QmpAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<QmpAddress, String> {
+        match s.split_once(':') {
+            Some(("unix", path)) if !path.is_empty() => Ok(QmpAddress::Unix(path.into())),
+            Some(("tcp", addr))
+                if addr
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) =>
+            {
+                Ok(QmpAddress::Tcp(addr.to_owned()))
+            }
+            _ => Err(format!("expected unix:PATH or tcp:HOST:PORT, got {s:?}")),
+        }
+    }
+}
+
+impl fmt::Display for QmpAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QmpAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+            QmpAddress::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A bad setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A required setting is missing from both the command line and the file.
+    #[error("missing --{0} (or `{0}` in the config file)")]
+    Missing(&'static str),
+    /// A setting does not parse.
+    #[error("--{option}: {reason}")]
+    Invalid {
+        /// The option.
+        option: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The config file cannot be read or parsed.
+    #[error("config file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Parses a bypass rule: comma-separated `proto=tcp|udp|icmp|N`, `addr=IP`, `port=N`, e.g.
+/// `proto=udp,port=123` (NTP) or `addr=10.0.0.53`.
+pub fn parse_bypass(rule: &str) -> Result<BypassRule, String> {
+    let mut out = BypassRule::default();
+    for part in rule.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not key=value"))?;
+        match key {
+            "proto" | "protocol" => {
+                out.protocol = Some(match value {
+                    "tcp" => 6,
+                    "udp" => 17,
+                    "icmp" => 1,
+                    "icmpv6" => 58,
+                    n => n.parse().map_err(|_| format!("unknown protocol {n:?}"))?,
+                })
+            }
+            "addr" | "address" => {
+                out.address = Some(
+                    value
+                        .parse::<IpAddr>()
+                        .map_err(|e| format!("address {value:?}: {e}"))?,
+                )
+            }
+            "port" => out.port = Some(value.parse().map_err(|e| format!("port {value:?}: {e}"))?),
+            other => return Err(format!("unknown key {other:?} (proto, addr, port)")),
+        }
+    }
+    if out == BypassRule::default() {
+        return Err(format!(
+            "{rule:?} matches every flow; refusing to bypass everything"
+        ));
+    }
+    Ok(out)
+}
+
+fn read_file<T: for<'de> Deserialize<'de> + Default>(
+    path: Option<&PathBuf>,
+) -> Result<T, ConfigError> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.clone(),
+        reason: e.to_string(),
+    })
+}
+
+fn required<T>(value: Option<T>, name: &'static str) -> Result<T, ConfigError> {
+    value.ok_or(ConfigError::Missing(name))
+}
+
+fn parsed<T: FromStr<Err = String>>(
+    value: Option<String>,
+    name: &'static str,
+) -> Result<Option<T>, ConfigError> {
+    value
+        .map(|v| {
+            v.parse().map_err(|reason| ConfigError::Invalid {
+                option: name,
+                reason,
+            })
+        })
+        .transpose()
+}
+
+fn millis(value: Option<u64>, default: u64, name: &'static str) -> Result<Duration, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(ConfigError::Invalid {
+            option: name,
+            reason: "must be at least 1 ms".into(),
+        }),
+        ms => Ok(Duration::from_millis(ms)),
+    }
+}
+
+/// `colo-proxyd primary` options. Every one can also be set in the `--config` file, under
+/// the same name.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PrimaryArgs {
+    /// TOML file with any of these options (same names); the command line wins.
+    #[arg(long, env = "COLO_PROXYD_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// QEMU's chardev with the PVM's output (filter-redirector `redire1`, queue=rx, outdev
+    /// `compare0`; a TCP server): HOST:PORT to connect to.
+    #[arg(long, env = "COLO_PROXYD_PVM_OUTPUT", value_name = "HOST:PORT")]
+    pub pvm_output: Option<String>,
+    /// QEMU's chardev with the packets going into the PVM (filter-mirror `m0`, queue=tx,
+    /// outdev `mirror0`; a TCP server): HOST:PORT to connect to. They are forwarded to the
+    /// secondary's daemon.
+    #[arg(long, env = "COLO_PROXYD_MIRROR", value_name = "HOST:PORT")]
+    pub mirror: Option<String>,
+    /// QEMU's chardev where released packets go to the network (filter-redirector `redire0`,
+    /// queue=rx, indev `compare_out`; a TCP server): HOST:PORT to connect to.
+    #[arg(long, env = "COLO_PROXYD_RELEASE", value_name = "HOST:PORT")]
+    pub release: Option<String>,
+    /// Where to listen for the secondary's colo-proxyd (the inter-host link).
+    #[arg(long, env = "COLO_PROXYD_LINK_LISTEN", value_name = "HOST:PORT")]
+    pub link_listen: Option<String>,
+    /// The checkpoint-barrier relay's control socket (`qmp-driver relay --control`).
+    #[arg(long, env = "COLO_PROXYD_CONTROL", value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// The primary QEMU's QMP monitor, for checkpoint requests and the fail-open check:
+    /// unix:PATH or tcp:HOST:PORT. Give colo-proxyd a monitor of its own (QEMU serves one
+    /// client per QMP socket).
+    #[arg(long, env = "COLO_PROXYD_QMP", value_name = "ADDRESS")]
+    pub qmp: Option<String>,
+    /// Serve Prometheus metrics over HTTP on this address.
+    #[arg(long, env = "COLO_PROXYD_METRICS", value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
+    /// Longest a PVM packet may wait for the SVM's match before a checkpoint is requested
+    /// [default: 200].
+    #[arg(long, env = "COLO_PROXYD_MAX_HOLD_MS", value_name = "MS")]
+    pub max_hold_ms: Option<u64>,
+    /// At most one checkpoint request per this interval [default: 1000].
+    #[arg(long, env = "COLO_PROXYD_CHECKPOINT_INTERVAL_MS", value_name = "MS")]
+    pub checkpoint_interval_ms: Option<u64>,
+    /// Ask again when no checkpoint followed a request within this time [default: 5000].
+    #[arg(long, env = "COLO_PROXYD_CHECKPOINT_RETRY_MS", value_name = "MS")]
+    pub checkpoint_retry_ms: Option<u64>,
+    /// Release a flow's PVM output uncompared (known non-deterministic traffic). Repeatable;
+    /// comma-separated proto=tcp|udp|icmp|N, addr=IP, port=N, e.g. `proto=udp,port=123`.
+    #[arg(
+        long = "bypass",
+        env = "COLO_PROXYD_BYPASS",
+        value_name = "RULE",
+        value_delimiter = ';'
+    )]
+    pub bypass: Vec<String>,
+    /// What to do with PVM frames that are not compared (ARP, neighbour discovery,
+    /// fragments, unknown protocols): `release` at once (default) or `hold` until the next
+    /// checkpoint.
+    #[arg(long, env = "COLO_PROXYD_UNCOMPARED", value_name = "POLICY")]
+    pub uncompared: Option<String>,
+    /// QEMU chardev ids checked over QMP for a connected peer (fail-open check),
+    /// comma-separated [default: compare0,compare_out,mirror0].
+    #[arg(
+        long,
+        env = "COLO_PROXYD_CHARDEVS",
+        value_name = "IDS",
+        value_delimiter = ','
+    )]
+    pub chardevs: Vec<String>,
+    /// Interval of the fail-open check [default: 5000].
+    #[arg(long, env = "COLO_PROXYD_CHARDEV_CHECK_MS", value_name = "MS")]
+    pub chardev_check_ms: Option<u64>,
+    /// Our name on the relay's control socket [default: colo-proxyd-primary].
+    #[arg(long, env = "COLO_PROXYD_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+/// The primary daemon's validated settings.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    /// `compare0`: the PVM's output.
+    pub pvm_output: String,
+    /// `mirror0`: packets into the PVM.
+    pub mirror: String,
+    /// `compare_out`: released packets to the network.
+    pub release: String,
+    /// The link's listen address.
+    pub link_listen: String,
+    /// The relay's control socket.
+    pub control: PathBuf,
+    /// The primary QEMU's QMP monitor.
+    pub qmp: QmpAddress,
+    /// The metrics endpoint.
+    pub metrics: Option<String>,
+    /// Comparison settings.
+    pub engine: EngineConfig,
+    /// At most one checkpoint request per this interval.
+    pub checkpoint_interval: Duration,
+    /// An unanswered request is repeated after this time.
+    pub checkpoint_retry: Duration,
+    /// Chardev ids of the fail-open check (empty: no check, for in-process benchmarks; the
+    /// command line always gives some).
+    pub chardevs: Vec<String>,
+    /// Interval of the fail-open check.
+    pub chardev_check: Duration,
+    /// Our name on the control socket.
+    pub name: String,
+}
+
+impl PrimaryArgs {
+    /// Fills what the command line left out from `file`.
+    fn merge(self, file: PrimaryArgs) -> PrimaryArgs {
+        PrimaryArgs {
+            config: self.config,
+            pvm_output: self.pvm_output.or(file.pvm_output),
+            mirror: self.mirror.or(file.mirror),
+            release: self.release.or(file.release),
+            link_listen: self.link_listen.or(file.link_listen),
+            control: self.control.or(file.control),
+            qmp: self.qmp.or(file.qmp),
+            metrics: self.metrics.or(file.metrics),
+            max_hold_ms: self.max_hold_ms.or(file.max_hold_ms),
+            checkpoint_interval_ms: self.checkpoint_interval_ms.or(file.checkpoint_interval_ms),
+            checkpoint_retry_ms: self.checkpoint_retry_ms.or(file.checkpoint_retry_ms),
+            bypass: if self.bypass.is_empty() {
+                file.bypass
+            } else {
+                self.bypass
+            },
+            uncompared: self.uncompared.or(file.uncompared),
+            chardevs: if self.chardevs.is_empty() {
+                file.chardevs
+            } else {
+                self.chardevs
+            },
+            chardev_check_ms: self.chardev_check_ms.or(file.chardev_check_ms),
+            name: self.name.or(file.name),
+        }
+    }
+}
+
+impl TryFrom<PrimaryArgs> for PrimaryConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: PrimaryArgs) -> Result<Self, ConfigError> {
+        let file = read_file(args.config.as_ref())?;
+        let a = args.merge(file);
+        let bypass = a
+            .bypass
+            .iter()
+            .map(|r| parse_bypass(r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|reason| ConfigError::Invalid {
+                option: "bypass",
+                reason,
+            })?;
+        let uncompared = match a.uncompared.as_deref() {
+            None | Some("release") => UncomparedPolicy::ReleasePrimary,
+            Some("hold") => UncomparedPolicy::HoldUntilCheckpoint,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    option: "uncompared",
+                    reason: format!("{other:?} is neither `release` nor `hold`"),
+                });
+            }
+        };
+        let engine = EngineConfig {
+            max_hold: millis(a.max_hold_ms, 200, "max-hold-ms")?,
+            bypass,
+            uncompared,
+            ..EngineConfig::default()
+        };
+        let chardevs = if a.chardevs.is_empty() {
+            ["compare0", "compare_out", "mirror0"]
+                .map(String::from)
+                .to_vec()
+        } else {
+            a.chardevs
+        };
+        Ok(PrimaryConfig {
+            pvm_output: required(a.pvm_output, "pvm-output")?,
+            mirror: required(a.mirror, "mirror")?,
+            release: required(a.release, "release")?,
+            link_listen: required(a.link_listen, "link-listen")?,
+            control: required(a.control, "control")?,
+            qmp: required(parsed(a.qmp, "qmp")?, "qmp")?,
+            metrics: a.metrics,
+            engine,
+            checkpoint_interval: millis(a.checkpoint_interval_ms, 1000, "checkpoint-interval-ms")?,
+            checkpoint_retry: millis(a.checkpoint_retry_ms, 5000, "checkpoint-retry-ms")?,
+            chardevs,
+            chardev_check: millis(a.chardev_check_ms, 5000, "chardev-check-ms")?,
+            name: a.name.unwrap_or_else(|| "colo-proxyd-primary".into()),
+        })
+    }
+}
+
+/// `colo-proxyd secondary` options. Every one can also be set in the `--config` file, under
+/// the same name.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SecondaryArgs {
+    /// TOML file with any of these options (same names); the command line wins.
+    #[arg(long, env = "COLO_PROXYD_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Listen here for QEMU's chardev `red0` (filter-redirector `f1`, queue=tx, indev; a TCP
+    /// client with reconnect-ms): packets written to it go into the SVM.
+    #[arg(long, env = "COLO_PROXYD_SVM_INPUT_LISTEN", value_name = "HOST:PORT")]
+    pub svm_input_listen: Option<String>,
+    /// Listen here for QEMU's chardev `red1` (filter-redirector `f2`, queue=rx, outdev; a TCP
+    /// client with reconnect-ms): the SVM's output.
+    #[arg(long, env = "COLO_PROXYD_SVM_OUTPUT_LISTEN", value_name = "HOST:PORT")]
+    pub svm_output_listen: Option<String>,
+    /// The primary's colo-proxyd link address (its --link-listen).
+    #[arg(long, env = "COLO_PROXYD_PRIMARY_LINK", value_name = "HOST:PORT")]
+    pub primary_link: Option<String>,
+    /// The checkpoint-barrier relay's control socket (`qmp-driver relay --control`).
+    #[arg(long, env = "COLO_PROXYD_CONTROL", value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this address.
+    #[arg(long, env = "COLO_PROXYD_METRICS", value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
+    /// Our name on the relay's control socket [default: colo-proxyd-secondary].
+    #[arg(long, env = "COLO_PROXYD_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+/// The secondary daemon's validated settings.
+#[derive(Debug, Clone)]
+pub struct SecondaryConfig {
+    /// `red0`'s listen address (into the SVM).
+    pub svm_input_listen: String,
+    /// `red1`'s listen address (the SVM's output).
+    pub svm_output_listen: String,
+    /// The primary daemon's link address.
+    pub primary_link: String,
+    /// The relay's control socket.
+    pub control: PathBuf,
+    /// The metrics endpoint.
+    pub metrics: Option<String>,
+    /// Our name on the control socket.
+    pub name: String,
+    /// First wait before reconnecting the link; doubled up to `link_retry_max`.
+    pub link_retry_min: Duration,
+    /// Longest wait between link reconnection attempts.
+    pub link_retry_max: Duration,
+}
+
+impl TryFrom<SecondaryArgs> for SecondaryConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: SecondaryArgs) -> Result<Self, ConfigError> {
+        let file: SecondaryArgs = read_file(args.config.as_ref())?;
+        Ok(SecondaryConfig {
+            svm_input_listen: required(
+                args.svm_input_listen.or(file.svm_input_listen),
+                "svm-input-listen",
+            )?,
+            svm_output_listen: required(
+                args.svm_output_listen.or(file.svm_output_listen),
+                "svm-output-listen",
+            )?,
+            primary_link: required(args.primary_link.or(file.primary_link), "primary-link")?,
+            control: required(args.control.or(file.control), "control")?,
+            metrics: args.metrics.or(file.metrics),
+            name: args
+                .name
+                .or(file.name)
+                .unwrap_or_else(|| "colo-proxyd-secondary".into()),
+            link_retry_min: Duration::from_millis(100),
+            link_retry_max: Duration::from_secs(2),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn primary_args() -> PrimaryArgs {
+        PrimaryArgs {
+            pvm_output: Some("127.0.0.1:9004".into()),
+            mirror: Some("127.0.0.1:9003".into()),
+            release: Some("127.0.0.1:9005".into()),
+            link_listen: Some("0.0.0.0:9100".into()),
+            control: Some("/run/colo/relay.sock".into()),
+            qmp: Some("unix:/run/colo/proxyd.qmp".into()),
+            ..PrimaryArgs::default()
+        }
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_primary() {
+        let c = PrimaryConfig::try_from(primary_args()).unwrap();
+        assert_eq!(c.engine.max_hold, Duration::from_millis(200));
+        assert_eq!(c.chardevs, ["compare0", "compare_out", "mirror0"]);
+        assert_eq!(c.checkpoint_interval, Duration::from_secs(1));
+        assert_eq!(c.qmp, QmpAddress::Unix("/run/colo/proxyd.qmp".into()));
+    }
+
+    #[test]
+    fn missing_and_invalid_settings_name_the_option() {
+        let mut a = primary_args();
+        a.release = None;
+        assert_eq!(
+            PrimaryConfig::try_from(a).unwrap_err(),
+            ConfigError::Missing("release")
+        );
+        let mut a = primary_args();
+        a.qmp = Some("/run/qmp".into());
+        assert!(matches!(
+            PrimaryConfig::try_from(a),
+            Err(ConfigError::Invalid { option: "qmp", .. })
+        ));
+        let mut a = primary_args();
+        a.max_hold_ms = Some(0);
+        assert!(PrimaryConfig::try_from(a).is_err());
+        let mut a = primary_args();
+        a.uncompared = Some("drop".into());
+        assert!(PrimaryConfig::try_from(a).is_err());
+    }
+
+    #[test]
+    fn bypass_rules_parse_and_an_empty_rule_is_refused() {
+        assert_eq!(
+            parse_bypass("proto=udp,port=123").unwrap(),
+            BypassRule {
+                protocol: Some(17),
+                port: Some(123),
+                address: None
+            }
+        );
+        assert!(parse_bypass("addr=10.0.0.53").unwrap().address.is_some());
+        assert!(parse_bypass("").is_err());
+        assert!(parse_bypass("colour=blue").is_err());
+        assert!(parse_bypass("port=http").is_err());
+    }
+
+    #[test]
+    fn the_file_fills_what_the_command_line_leaves_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "release = \"10.0.0.1:1\"\nmax-hold-ms = 50\nbypass = [\"proto=udp,port=123\"]\n",
+        )
+        .unwrap();
+        let mut a = primary_args();
+        a.release = None;
+        a.config = Some(path.clone());
+        let c = PrimaryConfig::try_from(a).unwrap();
+        assert_eq!(c.release, "10.0.0.1:1");
+        assert_eq!(c.engine.max_hold, Duration::from_millis(50));
+        assert_eq!(c.engine.bypass.len(), 1);
+        std::fs::write(&path, "relase = \"x\"\n").unwrap();
+        let mut a = primary_args();
+        a.config = Some(path);
+        assert!(matches!(
+            PrimaryConfig::try_from(a),
+            Err(ConfigError::File { .. })
+        ));
+    }
+}

@@ -1,0 +1,417 @@
+//! The primary's release gate: what happens to each PVM packet, SVM packet and epoch event.
+//! Pure (time is passed in, no I/O), so the primary's role loop is only wiring.
+//!
+//! | state | PVM output | SVM output |
+//! |---|---|---|
+//! | [`Protection::Unprotected`] (before COLO, after a failover to the primary) | released at once, uncompared | dropped (a later epoch's kept) |
+//! | [`Protection::Protected`] | compared; released when matched, else held until `checkpoint-adopted` | of the compared epoch: compared; older: dropped as stale; newer: kept for its epoch |
+//! | [`Protection::Exited`] (COLO ended, no failover decided yet) | held | compared |
+//! | [`Protection::Fenced`] (after a failover to the secondary) | dropped: the SVM is the VM now | dropped |
+//!
+//! SVM output carries the SVM epoch the secondary's daemon tagged it with. The epoch compared
+//! is the one the relay's last `colo-started` or `checkpoint-adopted` opened: at
+//! `checkpoint-adopted{E}` every held PVM packet is released (the SVM has the PVM's state, so
+//! it *will* produce that output), SVM output of epoch E or older is dropped, comparison
+//! restarts, and SVM output the secondary already tagged E+1 (the SVM resumes before the
+//! primary hears of the adoption) is compared at once.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use crate::compare::{Action, CheckpointReason, PacketId};
+use crate::engine::{ComparisonEngine, EngineConfig, EngineCounters};
+
+/// SVM frames of later epochs kept at most; beyond, the oldest are dropped.
+const MAX_FUTURE_FRAMES: usize = 8192;
+
+/// Whether the PVM's output is compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    /// No SVM to compare with: COLO has not started, or a failover to the primary ended it.
+    Unprotected,
+    /// COLO runs: output is released only when the SVM matched it.
+    Protected,
+    /// COLO ended without a failover decision: output is held (not requesting checkpoints)
+    /// until the operator decides.
+    Exited,
+    /// The secondary took over: whatever this PVM still sends must not reach the network
+    /// (it would be a second copy of the VM), until COLO starts again.
+    Fenced,
+}
+
+/// What the role loop must do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GateOutput {
+    /// Send this Ethernet frame to the network.
+    Release {
+        /// The frame.
+        frame: Vec<u8>,
+        /// Time from its arrival to its release; `None` when it passed uncompared because
+        /// COLO does not run.
+        held: Option<Duration>,
+    },
+    /// Ask for a checkpoint.
+    Checkpoint(CheckpointReason),
+}
+
+#[derive(Debug)]
+struct Held {
+    frame: Vec<u8>,
+    arrived: Duration,
+}
+
+/// What an SVM frame's epoch tag meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SvmFrameFate {
+    /// Compared.
+    Compared,
+    /// Of an adopted epoch: dropped.
+    Stale,
+    /// Of a later epoch: kept until that epoch is compared.
+    Early,
+    /// Not compared: COLO does not run.
+    Ignored,
+}
+
+/// The primary's comparison and epoch state.
+#[derive(Debug)]
+pub struct ReleaseGate {
+    engine: ComparisonEngine,
+    protection: Protection,
+    /// The SVM epoch compared now.
+    epoch: u64,
+    held: HashMap<PacketId, Held>,
+    held_bytes: usize,
+    next_id: u64,
+    early: VecDeque<(u64, Vec<u8>)>,
+    actions: Vec<Action>,
+    fenced_drops: u64,
+}
+
+impl ReleaseGate {
+    /// A gate in the given protection state, comparing SVM epoch `epoch`.
+    pub fn new(config: EngineConfig, protection: Protection, epoch: u64) -> Self {
+        ReleaseGate {
+            engine: ComparisonEngine::new(config),
+            protection,
+            epoch,
+            held: HashMap::new(),
+            held_bytes: 0,
+            next_id: 0,
+            early: VecDeque::new(),
+            actions: Vec::new(),
+            fenced_drops: 0,
+        }
+    }
+
+    /// The protection state.
+    pub fn protection(&self) -> Protection {
+        self.protection
+    }
+
+    /// The SVM epoch compared now.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// PVM packets held.
+    pub fn held_packets(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Bytes of the PVM packets held.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
+    /// Flows with comparison state.
+    pub fn flows(&self) -> usize {
+        self.engine.flows()
+    }
+
+    /// PVM packets dropped because this host is fenced.
+    pub fn fenced_drops(&self) -> u64 {
+        self.fenced_drops
+    }
+
+    /// The engine's counters.
+    pub fn counters(&self) -> EngineCounters {
+        self.engine.counters()
+    }
+
+    /// A frame of PVM output arrived at `now`.
+    pub fn pvm_frame(&mut self, frame: Vec<u8>, now: Duration, out: &mut Vec<GateOutput>) {
+        match self.protection {
+            Protection::Unprotected => {
+                out.push(GateOutput::Release { frame, held: None });
+                return;
+            }
+            Protection::Fenced => {
+                self.fenced_drops += 1;
+                return;
+            }
+            Protection::Protected | Protection::Exited => {}
+        }
+        let id = PacketId(self.next_id);
+        self.next_id += 1;
+        let mut actions = std::mem::take(&mut self.actions);
+        self.engine.push_pvm(id, &frame, now, &mut actions);
+        self.held_bytes += frame.len();
+        self.held.insert(
+            id,
+            Held {
+                frame,
+                arrived: now,
+            },
+        );
+        self.apply(&mut actions, now, out);
+        self.actions = actions;
+    }
+
+    /// A frame of SVM output, tagged with SVM epoch `epoch`, arrived at `now`.
+    pub fn svm_frame(
+        &mut self,
+        epoch: u64,
+        frame: Vec<u8>,
+        now: Duration,
+        out: &mut Vec<GateOutput>,
+    ) -> SvmFrameFate {
+        if epoch > self.epoch {
+            if self.early.len() == MAX_FUTURE_FRAMES {
+                self.early.pop_front();
+            }
+            self.early.push_back((epoch, frame));
+            return SvmFrameFate::Early;
+        }
+        if epoch < self.epoch {
+            return SvmFrameFate::Stale;
+        }
+        if matches!(
+            self.protection,
+            Protection::Unprotected | Protection::Fenced
+        ) {
+            return SvmFrameFate::Ignored;
+        }
+        self.compare_svm(&frame, now, out);
+        SvmFrameFate::Compared
+    }
+
+    fn compare_svm(&mut self, frame: &[u8], now: Duration, out: &mut Vec<GateOutput>) {
+        let mut actions = std::mem::take(&mut self.actions);
+        self.engine.push_svm(frame, &mut actions);
+        self.apply(&mut actions, now, out);
+        self.actions = actions;
+    }
+
+    /// The hold-time timer fired at `now`.
+    pub fn tick(&mut self, now: Duration, out: &mut Vec<GateOutput>) {
+        if self.protection != Protection::Protected {
+            return;
+        }
+        let mut actions = std::mem::take(&mut self.actions);
+        self.engine.check_hold_time(now, &mut actions);
+        self.apply(&mut actions, now, out);
+        self.actions = actions;
+    }
+
+    /// The relay's `colo-started{epoch}`: the SVM is a fresh copy of the PVM.
+    pub fn colo_started(&mut self, epoch: u64, now: Duration, out: &mut Vec<GateOutput>) {
+        self.release_all(now, out);
+        self.protection = Protection::Protected;
+        self.open_epoch(epoch, now, out);
+    }
+
+    /// The relay's `checkpoint-adopted{epoch}`: release everything held, drop stale SVM
+    /// output, compare epoch+1. The caller has drained the PVM's socket first.
+    pub fn checkpoint_adopted(&mut self, epoch: u64, now: Duration, out: &mut Vec<GateOutput>) {
+        self.release_all(now, out);
+        if self.protection == Protection::Exited {
+            // A barrier completed after all: COLO goes on.
+            self.protection = Protection::Protected;
+        }
+        self.open_epoch(epoch + 1, now, out);
+    }
+
+    /// The relay's `colo-exit`: hold output until a failover decision.
+    pub fn colo_exit(&mut self) {
+        if self.protection == Protection::Protected {
+            self.protection = Protection::Exited;
+        }
+    }
+
+    /// The relay's `failover`. With the primary surviving, everything held is released and
+    /// output flows uncompared from now on; with the secondary surviving this host is being
+    /// fenced, so held output is dropped (the SVM will produce it) and so is any later
+    /// output. Returns the packets dropped.
+    pub fn failover(
+        &mut self,
+        primary_survives: bool,
+        now: Duration,
+        out: &mut Vec<GateOutput>,
+    ) -> usize {
+        let dropped = if primary_survives {
+            self.release_all(now, out);
+            0
+        } else {
+            let mut ignored = Vec::new();
+            self.release_all(now, &mut ignored);
+            ignored.len()
+        };
+        self.protection = if primary_survives {
+            Protection::Unprotected
+        } else {
+            Protection::Fenced
+        };
+        self.early.clear();
+        dropped
+    }
+
+    fn open_epoch(&mut self, epoch: u64, now: Duration, out: &mut Vec<GateOutput>) {
+        self.epoch = epoch;
+        let early = std::mem::take(&mut self.early);
+        for (tag, frame) in early {
+            if tag == epoch {
+                self.compare_svm(&frame, now, out);
+            } else if tag > epoch {
+                self.early.push_back((tag, frame));
+            }
+        }
+    }
+
+    /// Releases every held packet in arrival order and restarts comparison.
+    fn release_all(&mut self, now: Duration, out: &mut Vec<GateOutput>) {
+        for id in self.engine.reset() {
+            self.release(id, now, out);
+        }
+        // Packets the engine no longer tracks cannot exist (it hands every one back), but a
+        // leftover must not be lost: release it too, in arrival order.
+        if !self.held.is_empty() {
+            let mut rest: Vec<PacketId> = self.held.keys().copied().collect();
+            rest.sort_unstable();
+            for id in rest {
+                self.release(id, now, out);
+            }
+        }
+    }
+
+    fn release(&mut self, id: PacketId, now: Duration, out: &mut Vec<GateOutput>) {
+        if let Some(held) = self.held.remove(&id) {
+            self.held_bytes -= held.frame.len();
+            out.push(GateOutput::Release {
+                held: Some(now.saturating_sub(held.arrived)),
+                frame: held.frame,
+            });
+        }
+    }
+
+    fn apply(&mut self, actions: &mut Vec<Action>, now: Duration, out: &mut Vec<GateOutput>) {
+        for action in actions.drain(..) {
+            match action {
+                Action::Release(id) => self.release(id, now, out),
+                Action::CheckpointNeeded(reason) => {
+                    if self.protection == Protection::Protected {
+                        out.push(GateOutput::Checkpoint(reason));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TCP/IPv4 frame from the VM (10.0.0.2:80) to a client (10.0.0.9:40000).
+    fn tcp(seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x52, 0x54, 0, 0, 0, 9, 0x52, 0x54, 0, 0, 0, 1, 0x08, 0x00];
+        let total = 20 + 20 + payload.len();
+        f.extend_from_slice(&[0x45, 0]);
+        f.extend_from_slice(&(total as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 2, 10, 0, 0, 9]);
+        f.extend_from_slice(&80u16.to_be_bytes());
+        f.extend_from_slice(&40000u16.to_be_bytes());
+        f.extend_from_slice(&seq.to_be_bytes());
+        f.extend_from_slice(&1u32.to_be_bytes());
+        f.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn released(out: &[GateOutput]) -> Vec<Vec<u8>> {
+        out.iter()
+            .filter_map(|o| match o {
+                GateOutput::Release { frame, .. } => Some(frame.clone()),
+                GateOutput::Checkpoint(_) => None,
+            })
+            .collect()
+    }
+
+    const T: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn matched_output_is_released_and_unmatched_waits_for_adoption() {
+        let mut gate = ReleaseGate::new(EngineConfig::default(), Protection::Protected, 3);
+        let mut out = Vec::new();
+        let a = tcp(1000, 0x18, b"hello");
+        gate.pvm_frame(a.clone(), T, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(gate.held_packets(), 1);
+        gate.svm_frame(3, a.clone(), T, &mut out);
+        assert_eq!(released(&out), vec![a]);
+        out.clear();
+
+        let b = tcp(1005, 0x18, b"world");
+        gate.pvm_frame(b.clone(), T, &mut out);
+        gate.svm_frame(3, tcp(1005, 0x18, b"WORLD"), T, &mut out);
+        assert!(matches!(out.as_slice(), [GateOutput::Checkpoint(_)]));
+        out.clear();
+        // Output of the next epoch arrives before the adoption: kept, not compared yet.
+        assert_eq!(
+            gate.svm_frame(4, tcp(1010, 0x18, b"!"), T, &mut out),
+            SvmFrameFate::Early
+        );
+        gate.checkpoint_adopted(3, T, &mut out);
+        assert_eq!(released(&out), vec![b]);
+        assert_eq!(gate.epoch(), 4);
+        assert_eq!(gate.held_packets(), 0);
+        assert_eq!(
+            gate.svm_frame(3, tcp(1, 0x10, b""), T, &mut out),
+            SvmFrameFate::Stale
+        );
+    }
+
+    #[test]
+    fn unprotected_output_passes_and_failover_to_the_primary_releases_what_was_held() {
+        let mut gate = ReleaseGate::new(EngineConfig::default(), Protection::Unprotected, 0);
+        let mut out = Vec::new();
+        let a = tcp(1, 0x18, b"x");
+        gate.pvm_frame(a.clone(), T, &mut out);
+        assert_eq!(released(&out), vec![a.clone()]);
+        out.clear();
+        gate.colo_started(1, T, &mut out);
+        gate.pvm_frame(a.clone(), T, &mut out);
+        gate.colo_exit();
+        let mut ticked = Vec::new();
+        gate.tick(Duration::from_secs(10), &mut ticked);
+        assert!(ticked.is_empty(), "no checkpoint requests after colo-exit");
+        assert!(out.is_empty());
+        assert_eq!(gate.failover(true, T, &mut out), 0);
+        assert_eq!(released(&out), vec![a]);
+        assert_eq!(gate.protection(), Protection::Unprotected);
+    }
+
+    #[test]
+    fn after_a_failover_to_the_secondary_the_pvm_is_fenced() {
+        let mut gate = ReleaseGate::new(EngineConfig::default(), Protection::Protected, 1);
+        let mut out = Vec::new();
+        gate.pvm_frame(tcp(1, 0x18, b"held"), T, &mut out);
+        assert_eq!(gate.failover(false, T, &mut out), 1);
+        gate.pvm_frame(tcp(5, 0x18, b"late"), T, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(gate.fenced_drops(), 1);
+        assert_eq!(gate.protection(), Protection::Fenced);
+        gate.colo_started(2, T, &mut out);
+        assert_eq!(gate.protection(), Protection::Protected);
+    }
+}

@@ -1,0 +1,533 @@
+//! Wire format of the link between the primary's and the secondary's colo-proxyd
+//! (`docs/proxyd-link.md`). Pure: bytes in, messages out, no sockets.
+//!
+//! Every message is a type byte, a big-endian u32 payload length, then the payload. The first
+//! message each way is a [`LinkMessage::Hello`]; after it the primary sends
+//! [`LinkMessage::Inbound`] (a mirrored frame for the SVM) and the secondary sends
+//! [`LinkMessage::SvmOutput`] (a frame the SVM sent, tagged with the SVM epoch it belongs to).
+//! Anything else — an unknown type, an over-long or short payload, a second hello, a hello
+//! of another version — is a [`LinkError`] that ends the connection: like QEMU's net-filter
+//! framing, this stream has no resynchronisation point.
+
+use thiserror::Error;
+
+use crate::codec::MAX_FRAME_LEN;
+
+/// The link protocol version this build speaks.
+pub const LINK_VERSION: u16 = 1;
+
+/// The first four payload bytes of every hello.
+pub const LINK_MAGIC: [u8; 4] = *b"CPXL";
+
+const TYPE_HELLO: u8 = 0;
+const TYPE_INBOUND: u8 = 1;
+const TYPE_SVM_OUTPUT: u8 = 2;
+
+const HEADER_LEN: usize = 5;
+const HELLO_LEN: usize = 7;
+const EPOCH_LEN: usize = 8;
+
+/// The longest payload any message may carry: a maximal frame plus its epoch tag.
+pub const MAX_PAYLOAD_LEN: usize = MAX_FRAME_LEN + EPOCH_LEN;
+
+/// Which end of the link a hello comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkRole {
+    /// The primary's daemon (it listens).
+    Primary,
+    /// The secondary's daemon (it connects).
+    Secondary,
+}
+
+impl LinkRole {
+    fn code(self) -> u8 {
+        match self {
+            LinkRole::Primary => 1,
+            LinkRole::Secondary => 2,
+        }
+    }
+
+    /// The role the other end must have.
+    pub fn peer(self) -> LinkRole {
+        match self {
+            LinkRole::Primary => LinkRole::Secondary,
+            LinkRole::Secondary => LinkRole::Primary,
+        }
+    }
+}
+
+impl std::fmt::Display for LinkRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LinkRole::Primary => "primary",
+            LinkRole::Secondary => "secondary",
+        })
+    }
+}
+
+/// One message on the link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkMessage {
+    /// First message each way.
+    Hello {
+        /// The sender's protocol version.
+        version: u16,
+        /// The sender's role.
+        role: LinkRole,
+    },
+    /// Primary → secondary: an Ethernet frame on its way into the PVM, to inject into the SVM.
+    Inbound(Vec<u8>),
+    /// Secondary → primary: an Ethernet frame the SVM sent during SVM epoch `epoch`.
+    SvmOutput {
+        /// The relay's epoch number the SVM was running when it sent the frame.
+        epoch: u64,
+        /// The Ethernet frame (sequence numbers already rewritten to the PVM's).
+        frame: Vec<u8>,
+    },
+}
+
+/// Why the link's byte stream cannot be read on. Each ends the connection.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum LinkError {
+    /// A type byte this version does not know.
+    #[error("unknown link message type {0}")]
+    UnknownType(u8),
+    /// A payload longer than any valid message.
+    #[error("link message of {len} bytes exceeds the limit of {MAX_PAYLOAD_LEN} bytes")]
+    Oversized {
+        /// The announced payload length.
+        len: u32,
+    },
+    /// A payload too short for its type.
+    #[error("link message of type {kind} has a {len}-byte payload, too short")]
+    TooShort {
+        /// The message type.
+        kind: u8,
+        /// The payload length.
+        len: usize,
+    },
+    /// The hello's magic bytes are wrong: the peer is not colo-proxyd.
+    #[error("the peer is not a colo-proxyd link (bad magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    /// The hello's role byte is not 1 or 2.
+    #[error("the peer's hello has an unknown role {0}")]
+    BadRole(u8),
+    /// The peer speaks another version.
+    #[error("the peer speaks link version {theirs}, this build speaks {LINK_VERSION}")]
+    Version {
+        /// The peer's version.
+        theirs: u16,
+    },
+    /// The peer has the same role as we have (two primaries or two secondaries).
+    #[error("the peer says it is the {theirs}, but so are we")]
+    SameRole {
+        /// The peer's role.
+        theirs: LinkRole,
+    },
+    /// The first message was not a hello, or a hello came twice.
+    #[error("expected {expected}, got a {got} message")]
+    OutOfOrder {
+        /// What was expected.
+        expected: &'static str,
+        /// What came.
+        got: &'static str,
+    },
+    /// The peer sent a message only the other direction carries.
+    #[error("a {got} message cannot come from the {from}")]
+    WrongDirection {
+        /// The message kind.
+        got: &'static str,
+        /// The peer's role.
+        from: LinkRole,
+    },
+    /// The stream ended inside a message.
+    #[error("the link ended inside a message ({buffered} bytes of it were received)")]
+    Truncated {
+        /// Bytes of the unfinished message.
+        buffered: usize,
+    },
+}
+
+impl LinkMessage {
+    fn kind(&self) -> &'static str {
+        match self {
+            LinkMessage::Hello { .. } => "hello",
+            LinkMessage::Inbound(_) => "inbound",
+            LinkMessage::SvmOutput { .. } => "svm-output",
+        }
+    }
+}
+
+/// Appends `message` to `out`. Frames longer than [`MAX_FRAME_LEN`] cannot be encoded: the
+/// codec never produces them, and the caller drops them.
+pub fn encode(message: &LinkMessage, out: &mut Vec<u8>) -> Result<(), LinkError> {
+    match message {
+        LinkMessage::Hello { version, role } => {
+            out.push(TYPE_HELLO);
+            out.extend_from_slice(&(HELLO_LEN as u32).to_be_bytes());
+            out.extend_from_slice(&LINK_MAGIC);
+            out.extend_from_slice(&version.to_be_bytes());
+            out.push(role.code());
+        }
+        LinkMessage::Inbound(frame) => {
+            let len = frame_len(frame.len(), 0)?;
+            out.push(TYPE_INBOUND);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(frame);
+        }
+        LinkMessage::SvmOutput { epoch, frame } => {
+            let len = frame_len(frame.len(), EPOCH_LEN)?;
+            out.push(TYPE_SVM_OUTPUT);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&epoch.to_be_bytes());
+            out.extend_from_slice(frame);
+        }
+    }
+    Ok(())
+}
+
+fn frame_len(frame: usize, extra: usize) -> Result<u32, LinkError> {
+    if frame > MAX_FRAME_LEN {
+        return Err(LinkError::Oversized {
+            len: u32::try_from(frame + extra).unwrap_or(u32::MAX),
+        });
+    }
+    // Bounded by MAX_PAYLOAD_LEN, which fits a u32.
+    Ok((frame + extra) as u32)
+}
+
+/// Streaming decoder of what one end receives: checks the hello, then the direction of every
+/// message.
+#[derive(Debug)]
+pub struct LinkDecoder {
+    /// Our role; the peer must have the other one.
+    local: LinkRole,
+    buffer: Vec<u8>,
+    consumed: usize,
+    greeted: bool,
+    failed: Option<LinkError>,
+}
+
+impl LinkDecoder {
+    /// A decoder for the end whose role is `local`.
+    pub fn new(local: LinkRole) -> Self {
+        LinkDecoder {
+            local,
+            buffer: Vec::new(),
+            consumed: 0,
+            greeted: false,
+            failed: None,
+        }
+    }
+
+    /// Whether the peer's hello has been accepted.
+    pub fn greeted(&self) -> bool {
+        self.greeted
+    }
+
+    /// Appends bytes read from the socket.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
+        if self.consumed > 0 && self.consumed * 2 >= self.buffer.len() {
+            self.buffer.drain(..self.consumed);
+            self.consumed = 0;
+        }
+        self.buffer.extend_from_slice(chunk);
+    }
+
+    /// The next complete message (`Ok(None)`: more bytes needed). After an error, every later
+    /// call returns it again.
+    pub fn next_message(&mut self) -> Result<Option<LinkMessage>, LinkError> {
+        if let Some(error) = &self.failed {
+            return Err(error.clone());
+        }
+        match self.parse_next() {
+            Ok(message) => Ok(message),
+            Err(error) => {
+                self.failed = Some(error.clone());
+                self.buffer = Vec::new();
+                self.consumed = 0;
+                Err(error)
+            }
+        }
+    }
+
+    /// Call at the end of the stream: an error when it ended inside a message.
+    pub fn finish(&self) -> Result<(), LinkError> {
+        if let Some(error) = &self.failed {
+            return Err(error.clone());
+        }
+        match self.buffer.len() - self.consumed {
+            0 => Ok(()),
+            buffered => Err(LinkError::Truncated { buffered }),
+        }
+    }
+
+    fn parse_next(&mut self) -> Result<Option<LinkMessage>, LinkError> {
+        let pending = &self.buffer[self.consumed..];
+        if pending.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let kind = pending[0];
+        let len = u32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
+        if !matches!(kind, TYPE_HELLO | TYPE_INBOUND | TYPE_SVM_OUTPUT) {
+            return Err(LinkError::UnknownType(kind));
+        }
+        if len as usize > MAX_PAYLOAD_LEN {
+            return Err(LinkError::Oversized { len });
+        }
+        let total = HEADER_LEN + len as usize;
+        if pending.len() < total {
+            return Ok(None);
+        }
+        let payload = &pending[HEADER_LEN..total];
+        let message = decode_payload(kind, payload)?;
+        self.consumed += total;
+        self.check_order(&message)?;
+        Ok(Some(message))
+    }
+
+    fn check_order(&mut self, message: &LinkMessage) -> Result<(), LinkError> {
+        let peer = self.local.peer();
+        match (self.greeted, message) {
+            (false, LinkMessage::Hello { version, role }) => {
+                if *version != LINK_VERSION {
+                    return Err(LinkError::Version { theirs: *version });
+                }
+                if *role != peer {
+                    return Err(LinkError::SameRole { theirs: *role });
+                }
+                self.greeted = true;
+                Ok(())
+            }
+            (false, other) => Err(LinkError::OutOfOrder {
+                expected: "hello",
+                got: other.kind(),
+            }),
+            (true, LinkMessage::Hello { .. }) => Err(LinkError::OutOfOrder {
+                expected: "a frame",
+                got: "hello",
+            }),
+            (true, LinkMessage::Inbound(_)) if peer != LinkRole::Primary => {
+                Err(LinkError::WrongDirection {
+                    got: "inbound",
+                    from: peer,
+                })
+            }
+            (true, LinkMessage::SvmOutput { .. }) if peer != LinkRole::Secondary => {
+                Err(LinkError::WrongDirection {
+                    got: "svm-output",
+                    from: peer,
+                })
+            }
+            (true, _) => Ok(()),
+        }
+    }
+}
+
+fn decode_payload(kind: u8, payload: &[u8]) -> Result<LinkMessage, LinkError> {
+    let short = || LinkError::TooShort {
+        kind,
+        len: payload.len(),
+    };
+    match kind {
+        TYPE_HELLO => {
+            if payload.len() < HELLO_LEN {
+                return Err(short());
+            }
+            let magic = [payload[0], payload[1], payload[2], payload[3]];
+            if magic != LINK_MAGIC {
+                return Err(LinkError::BadMagic(magic));
+            }
+            let version = u16::from_be_bytes([payload[4], payload[5]]);
+            // The version is checked before the role, so a later version that changes the
+            // hello's tail still gets a clear "version" error.
+            if version != LINK_VERSION {
+                return Err(LinkError::Version { theirs: version });
+            }
+            let role = match payload[6] {
+                1 => LinkRole::Primary,
+                2 => LinkRole::Secondary,
+                other => return Err(LinkError::BadRole(other)),
+            };
+            Ok(LinkMessage::Hello { version, role })
+        }
+        TYPE_INBOUND => Ok(LinkMessage::Inbound(payload.to_vec())),
+        TYPE_SVM_OUTPUT => {
+            let Some((epoch, frame)) = payload.split_first_chunk::<EPOCH_LEN>() else {
+                return Err(short());
+            };
+            Ok(LinkMessage::SvmOutput {
+                epoch: u64::from_be_bytes(*epoch),
+                frame: frame.to_vec(),
+            })
+        }
+        other => Err(LinkError::UnknownType(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hello(role: LinkRole) -> LinkMessage {
+        LinkMessage::Hello {
+            version: LINK_VERSION,
+            role,
+        }
+    }
+
+    fn wire(messages: &[LinkMessage]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in messages {
+            encode(m, &mut out).unwrap();
+        }
+        out
+    }
+
+    fn decode_all(decoder: &mut LinkDecoder) -> Result<Vec<LinkMessage>, LinkError> {
+        let mut out = Vec::new();
+        while let Some(m) = decoder.next_message()? {
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn the_secondary_reads_the_primarys_hello_and_frames() {
+        let messages = vec![
+            hello(LinkRole::Primary),
+            LinkMessage::Inbound(vec![1, 2, 3]),
+            LinkMessage::Inbound(vec![]),
+        ];
+        let mut decoder = LinkDecoder::new(LinkRole::Secondary);
+        decoder.feed(&wire(&messages));
+        assert_eq!(decode_all(&mut decoder).unwrap(), messages);
+        assert!(decoder.greeted());
+        assert_eq!(decoder.finish(), Ok(()));
+    }
+
+    #[test]
+    fn frames_before_the_hello_or_in_the_wrong_direction_are_errors() {
+        let mut decoder = LinkDecoder::new(LinkRole::Primary);
+        decoder.feed(&wire(&[LinkMessage::Inbound(vec![1])]));
+        assert!(matches!(
+            decoder.next_message(),
+            Err(LinkError::OutOfOrder { .. })
+        ));
+        let mut decoder = LinkDecoder::new(LinkRole::Primary);
+        decoder.feed(&wire(&[
+            hello(LinkRole::Secondary),
+            LinkMessage::Inbound(vec![1]),
+        ]));
+        assert!(matches!(
+            decoder.next_message(),
+            Ok(Some(LinkMessage::Hello { .. }))
+        ));
+        assert!(matches!(
+            decoder.next_message(),
+            Err(LinkError::WrongDirection { .. })
+        ));
+        let mut decoder = LinkDecoder::new(LinkRole::Primary);
+        decoder.feed(&wire(&[hello(LinkRole::Primary)]));
+        assert_eq!(
+            decoder.next_message(),
+            Err(LinkError::SameRole {
+                theirs: LinkRole::Primary
+            })
+        );
+    }
+
+    #[test]
+    fn bad_hellos_say_what_is_wrong() {
+        let mut bytes = wire(&[hello(LinkRole::Primary)]);
+        bytes[5] = b'X';
+        let mut decoder = LinkDecoder::new(LinkRole::Secondary);
+        decoder.feed(&bytes);
+        assert!(matches!(
+            decoder.next_message(),
+            Err(LinkError::BadMagic(_))
+        ));
+
+        let mut decoder = LinkDecoder::new(LinkRole::Secondary);
+        decoder.feed(&wire(&[LinkMessage::Hello {
+            version: 9,
+            role: LinkRole::Primary,
+        }]));
+        assert_eq!(
+            decoder.next_message(),
+            Err(LinkError::Version { theirs: 9 })
+        );
+    }
+
+    #[test]
+    fn unknown_types_oversized_and_short_payloads_fail_and_stay_failed() {
+        let mut decoder = LinkDecoder::new(LinkRole::Primary);
+        decoder.feed(&[7, 0, 0, 0, 0]);
+        assert_eq!(decoder.next_message(), Err(LinkError::UnknownType(7)));
+        decoder.feed(&wire(&[hello(LinkRole::Secondary)]));
+        assert_eq!(decoder.next_message(), Err(LinkError::UnknownType(7)));
+
+        let mut decoder = LinkDecoder::new(LinkRole::Primary);
+        decoder.feed(&[1, 0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(
+            decoder.next_message(),
+            Err(LinkError::Oversized { .. })
+        ));
+
+        let mut decoder = LinkDecoder::new(LinkRole::Primary);
+        let mut bytes = wire(&[hello(LinkRole::Secondary)]);
+        bytes.extend_from_slice(&[TYPE_SVM_OUTPUT, 0, 0, 0, 3, 1, 2, 3]);
+        decoder.feed(&bytes);
+        decoder.next_message().unwrap();
+        assert!(matches!(
+            decoder.next_message(),
+            Err(LinkError::TooShort { .. })
+        ));
+    }
+
+    #[test]
+    fn a_stream_ending_inside_a_message_is_truncated() {
+        let mut decoder = LinkDecoder::new(LinkRole::Secondary);
+        let bytes = wire(&[hello(LinkRole::Primary), LinkMessage::Inbound(vec![1; 10])]);
+        decoder.feed(&bytes[..bytes.len() - 1]);
+        decode_all(&mut decoder).unwrap();
+        assert!(matches!(decoder.finish(), Err(LinkError::Truncated { .. })));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn roundtrip_under_any_chunking(
+            frames in proptest::collection::vec(
+                (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..200)), 0..8),
+            chunk in 1usize..50,
+        ) {
+            let mut messages = vec![hello(LinkRole::Secondary)];
+            messages.extend(frames.into_iter().map(|(epoch, frame)| LinkMessage::SvmOutput { epoch, frame }));
+            let bytes = wire(&messages);
+            let mut decoder = LinkDecoder::new(LinkRole::Primary);
+            let mut got = Vec::new();
+            for piece in bytes.chunks(chunk) {
+                decoder.feed(piece);
+                got.extend(decode_all(&mut decoder).unwrap());
+            }
+            prop_assert_eq!(got, messages);
+            prop_assert_eq!(decoder.finish(), Ok(()));
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            for local in [LinkRole::Primary, LinkRole::Secondary] {
+                let mut decoder = LinkDecoder::new(local);
+                decoder.feed(&bytes);
+                let _ = decode_all(&mut decoder);
+                let _ = decoder.finish();
+            }
+        }
+    }
+}

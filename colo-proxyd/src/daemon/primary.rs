@@ -1,0 +1,348 @@
+//! `colo-proxyd primary`: the role loop on the primary host.
+//!
+//! ```text
+//!  QEMU compare0 (PVM output) ──► ReleaseGate ──► QEMU compare_out (to the network)
+//!  link (SVM output, by epoch) ──►     │
+//!  relay events ─────────────────►     └──► checkpoint requests (QMP)
+//!  QEMU mirror0 (into the PVM) ──► link (to the secondary's daemon)
+//! ```
+//!
+//! | relay event | done here before the ack |
+//! |---|---|
+//! | `svm-epoch-closed` | nothing (the SVM side is the secondary's) |
+//! | `checkpoint-adopted{E}` | drain the PVM's socket, release every held packet, drop SVM output of epoch ≤ E, restart comparison with epoch E+1 |
+//! | `colo-started{E}` (async) | compare from epoch E on |
+//! | `colo-exit` (async) | hold output, no more checkpoint requests |
+//! | `failover` (async) | survivor primary: release what is held, pass output uncompared; survivor secondary: drop what is held and everything the PVM still sends (fenced) |
+
+use std::time::Duration;
+
+use colo_control::protocol::{EventKind, RelayState, Survivor};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::attachment::{FrameSink, FrameSource, Inbound, PortEndpoint, spawn_sink, spawn_source};
+use super::checkpoint::{CheckpointRequester, QmpSession, RequestOptions, reason_label};
+use super::config::PrimaryConfig;
+use super::epochs::{self, EpochNotice, RelayOptions};
+use super::gate::{GateOutput, Protection, ReleaseGate, SvmFrameFate};
+use super::link::LinkMessage;
+use super::metrics::{self, Metrics};
+use super::peer::{self, LinkSender};
+use super::{DaemonError, bind, failopen};
+
+/// The primary's listening sockets, bound before [`run`] so that a test (or a supervisor)
+/// knows the addresses and a busy port fails at start.
+#[derive(Debug)]
+pub struct PrimaryListeners {
+    /// The inter-host link.
+    pub link: TcpListener,
+    /// The metrics endpoint.
+    pub metrics: Option<TcpListener>,
+}
+
+impl PrimaryListeners {
+    /// Binds the addresses of `config`.
+    pub async fn bind(config: &PrimaryConfig) -> Result<Self, DaemonError> {
+        Ok(PrimaryListeners {
+            link: bind("the secondary's colo-proxyd", &config.link_listen).await?,
+            metrics: match &config.metrics {
+                Some(address) => Some(bind("metrics", address).await?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// Runs the primary daemon until `shutdown` is cancelled.
+pub async fn run(
+    config: PrimaryConfig,
+    listeners: PrimaryListeners,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let metrics = Metrics::new("primary");
+    // Tasks stop with the role loop, also when it ends for another reason than shutdown.
+    let tasks = shutdown.child_token();
+    let _stop_tasks = tasks.clone().drop_guard();
+    if let Some(listener) = listeners.metrics {
+        tokio::spawn(metrics::serve(listener, metrics.clone(), tasks.clone()));
+    }
+    let pvm = spawn_source(
+        "compare0",
+        PortEndpoint::Connect(config.pvm_output.clone()),
+        metrics.clone(),
+        tasks.clone(),
+    );
+    let mirror = spawn_source(
+        "mirror0",
+        PortEndpoint::Connect(config.mirror.clone()),
+        metrics.clone(),
+        tasks.clone(),
+    );
+    let release = spawn_sink(
+        "compare_out",
+        PortEndpoint::Connect(config.release.clone()),
+        metrics.clone(),
+        tasks.clone(),
+    );
+    let link = peer::spawn_primary(listeners.link, metrics.clone(), tasks.clone());
+    let qmp = QmpSession::new(config.qmp.clone());
+    let requester = CheckpointRequester::spawn(
+        qmp.clone(),
+        RequestOptions {
+            min_interval: config.checkpoint_interval,
+            retry_after: config.checkpoint_retry,
+            control: Some(config.control.clone()),
+        },
+        metrics.clone(),
+        tasks.clone(),
+    );
+    if !config.chardevs.is_empty() {
+        tokio::spawn(failopen::watch(
+            qmp,
+            config.chardevs.clone(),
+            config.chardev_check,
+            metrics.clone(),
+            tasks.clone(),
+        ));
+    }
+    let relay = epochs::spawn(
+        RelayOptions::new(config.control.clone(), &config.name),
+        tasks.clone(),
+    );
+    tracing::info!(
+        pvm_output = %config.pvm_output,
+        mirror = %config.mirror,
+        release = %config.release,
+        link = %config.link_listen,
+        control = %config.control.display(),
+        qmp = %config.qmp,
+        max_hold = ?config.engine.max_hold,
+        "colo-proxyd primary started"
+    );
+    let tick = (config.engine.max_hold / 4).max(Duration::from_millis(5));
+    let mut role = PrimaryRole {
+        gate: ReleaseGate::new(config.engine, Protection::Unprotected, 0),
+        release,
+        link: link.outgoing,
+        requester,
+        metrics,
+        out: Vec::new(),
+        clock: Instant::now(),
+    };
+    role.run(pvm, mirror, link.incoming, relay, tick, &shutdown)
+        .await;
+    tracing::info!("colo-proxyd primary stopped");
+    Ok(())
+}
+
+struct PrimaryRole {
+    gate: ReleaseGate,
+    release: FrameSink,
+    link: LinkSender,
+    requester: CheckpointRequester,
+    metrics: Metrics,
+    out: Vec<GateOutput>,
+    clock: Instant,
+}
+
+impl PrimaryRole {
+    fn now(&self) -> Duration {
+        self.clock.elapsed()
+    }
+
+    async fn run(
+        &mut self,
+        mut pvm: FrameSource,
+        mut mirror: FrameSource,
+        mut from_link: tokio::sync::mpsc::Receiver<LinkMessage>,
+        mut relay: tokio::sync::mpsc::Receiver<EpochNotice>,
+        tick: Duration,
+        shutdown: &CancellationToken,
+    ) {
+        let mut timer = tokio::time::interval(tick);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                m = pvm.recv() => match m {
+                    Some(Inbound::Frame(frame)) => self.pvm_frame(frame),
+                    // A drain's marker outside a barrier: nothing waits for it.
+                    Some(Inbound::Drained) => {}
+                    None => return,
+                },
+                m = mirror.recv() => match m {
+                    Some(Inbound::Frame(frame)) => self.link.send(LinkMessage::Inbound(frame)),
+                    Some(Inbound::Drained) => {}
+                    None => return,
+                },
+                m = from_link.recv() => match m {
+                    Some(LinkMessage::SvmOutput { epoch, frame }) => self.svm_frame(epoch, frame),
+                    Some(_) => {}
+                    None => return,
+                },
+                n = relay.recv() => match n {
+                    Some(notice) => self.notice(notice, &mut pvm).await,
+                    None => return,
+                },
+                _ = timer.tick() => {
+                    let now = self.now();
+                    self.gate.tick(now, &mut self.out);
+                }
+            }
+            self.flush().await;
+        }
+    }
+
+    fn pvm_frame(&mut self, frame: Vec<u8>) {
+        match self.gate.protection() {
+            Protection::Protected | Protection::Exited => self.metrics.add_compared(frame.len()),
+            Protection::Fenced => self.metrics.dropped_frame(),
+            Protection::Unprotected => {}
+        }
+        let now = self.now();
+        self.gate.pvm_frame(frame, now, &mut self.out);
+    }
+
+    fn svm_frame(&mut self, epoch: u64, frame: Vec<u8>) {
+        self.metrics.svm_frame();
+        let now = self.now();
+        if self.gate.svm_frame(epoch, frame, now, &mut self.out) == SvmFrameFate::Stale {
+            self.metrics.stale_svm_frame();
+        }
+    }
+
+    async fn notice(&mut self, notice: EpochNotice, pvm: &mut FrameSource) {
+        let now = self.now();
+        let (event, completion) = match notice {
+            EpochNotice::Subscribed(welcome) => {
+                if welcome.state == RelayState::Colo && self.gate.epoch() != welcome.epoch {
+                    tracing::info!(
+                        epoch = welcome.epoch,
+                        "COLO runs: comparing the PVM's output from this epoch on"
+                    );
+                    self.gate.colo_started(welcome.epoch, now, &mut self.out);
+                }
+                return;
+            }
+            EpochNotice::Event(event, completion) => (event, completion),
+        };
+        match event.event {
+            EventKind::CheckpointAdopted => {
+                // Everything the PVM sent before it stopped belongs to the adopted epoch.
+                self.drain(pvm).await;
+                let held = self.gate.held_packets();
+                let now = self.now();
+                self.gate
+                    .checkpoint_adopted(event.epoch, now, &mut self.out);
+                self.requester.adopted();
+                self.flush().await;
+                self.metrics.barrier_done();
+                tracing::info!(
+                    epoch = event.epoch,
+                    released = held,
+                    "checkpoint-adopted: held output released, comparing epoch {}",
+                    event.epoch + 1
+                );
+            }
+            EventKind::SvmEpochClosed => {
+                self.metrics.barrier_done();
+                tracing::debug!(epoch = event.epoch, "svm-epoch-closed");
+            }
+            EventKind::ColoStarted => {
+                self.gate.colo_started(event.epoch, now, &mut self.out);
+                tracing::info!(
+                    epoch = event.epoch,
+                    "COLO started: comparing the PVM's output"
+                );
+            }
+            EventKind::ColoExit => {
+                self.gate.colo_exit();
+                tracing::warn!(
+                    epoch = event.epoch,
+                    reason = event.reason.as_deref().unwrap_or(""),
+                    held = self.gate.held_packets(),
+                    "COLO ended: holding the PVM's output until a failover decision"
+                );
+            }
+            EventKind::Failover => match event.survivor {
+                Some(survivor) => {
+                    let primary = survivor == Survivor::Primary;
+                    let held = self.gate.held_packets();
+                    let dropped = self.gate.failover(primary, now, &mut self.out);
+                    tracing::warn!(
+                        %survivor,
+                        released = held - dropped,
+                        dropped,
+                        "failover: {}",
+                        if primary {
+                            "the PVM's output now passes uncompared"
+                        } else {
+                            "the SVM took over; the PVM's output is dropped from now on"
+                        }
+                    );
+                }
+                None => tracing::warn!("failover event without a survivor; ignored"),
+            },
+            EventKind::CheckpointComplete => {
+                tracing::debug!(epoch = event.epoch, "checkpoint complete")
+            }
+            EventKind::RelayError => tracing::error!(
+                detail = event.detail.as_deref().unwrap_or(""),
+                "the relay reports a problem; checkpoints may no longer be barriered"
+            ),
+            EventKind::Unknown => tracing::debug!(seq = event.seq, "ignoring an unknown event"),
+        }
+        self.flush().await;
+        completion.done();
+    }
+
+    /// Takes every frame the PVM already sent through the gate.
+    async fn drain(&mut self, pvm: &mut FrameSource) {
+        if !pvm.request_drain() {
+            return;
+        }
+        loop {
+            match pvm.recv().await {
+                Some(Inbound::Frame(frame)) => {
+                    self.pvm_frame(frame);
+                    self.flush().await;
+                }
+                Some(Inbound::Drained) | None => return,
+            }
+        }
+    }
+
+    async fn flush(&mut self) {
+        for output in std::mem::take(&mut self.out) {
+            match output {
+                GateOutput::Release { frame, held } => {
+                    match held {
+                        Some(held) => self.metrics.released(frame.len(), held),
+                        None => self.metrics.add_uncompared(frame.len()),
+                    }
+                    self.release.send(frame).await;
+                }
+                GateOutput::Checkpoint(reason) => {
+                    let label = reason_label(&reason);
+                    self.metrics.checkpoint_needed(label);
+                    tracing::info!(reason = label, detail = ?reason, epoch = self.gate.epoch(), "the comparison needs a checkpoint");
+                    self.requester.request(&reason);
+                }
+            }
+        }
+        self.metrics
+            .set_held(self.gate.held_packets(), self.gate.held_bytes());
+        self.metrics
+            .set_bypassed(self.gate.counters().bypassed_bytes);
+        self.metrics.set_flows(self.gate.flows());
+        self.metrics.set_epoch(
+            self.gate.epoch(),
+            matches!(
+                self.gate.protection(),
+                Protection::Protected | Protection::Exited
+            ),
+        );
+    }
+}

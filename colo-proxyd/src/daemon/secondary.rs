@@ -1,0 +1,270 @@
+//! `colo-proxyd secondary`: the role loop on the secondary host.
+//!
+//! ```text
+//!  link (mirrored, from the primary) ──► SvmPath (into_svm) ──► QEMU red0 (into the SVM)
+//!  QEMU red1 (the SVM's output) ──► SvmPath (out_of_svm, epoch tag) ──► link (to the primary)
+//! ```
+//!
+//! | relay event | done here before the ack |
+//! |---|---|
+//! | `svm-epoch-closed{E}` | drain the SVM's socket (that output is epoch E's), then tag output E+1 and hold it |
+//! | `checkpoint-adopted{E}` | reset every rewriting offset; held packets go on |
+//! | `colo-started{E}` (async) | offsets reset, output tagged E |
+//! | `colo-exit` (async) | held packets go on with the old offsets |
+//! | `failover` to the secondary (async) | the SVM's output is meant for the network: **not carried yet** (see `docs/proxyd-link.md`) |
+//!
+//! QEMU's chardevs `red0` and `red1` are clients (`reconnect-ms`), so this daemon listens for
+//! them; it connects to the primary's daemon.
+
+use colo_control::protocol::{EventKind, RelayState, Survivor};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::attachment::{FrameSink, FrameSource, Inbound, PortEndpoint, spawn_sink, spawn_source};
+use super::config::SecondaryConfig;
+use super::epochs::{self, EpochNotice, RelayOptions};
+use super::link::LinkMessage;
+use super::metrics::{self, Metrics};
+use super::peer::{self, LinkSender};
+use super::svm_path::{SvmOutput, SvmPath};
+use super::{DaemonError, bind};
+
+/// The secondary's listening sockets, bound before [`run`].
+#[derive(Debug)]
+pub struct SecondaryListeners {
+    /// For QEMU's `red0` (into the SVM).
+    pub svm_input: TcpListener,
+    /// For QEMU's `red1` (the SVM's output).
+    pub svm_output: TcpListener,
+    /// The metrics endpoint.
+    pub metrics: Option<TcpListener>,
+}
+
+impl SecondaryListeners {
+    /// Binds the addresses of `config`.
+    pub async fn bind(config: &SecondaryConfig) -> Result<Self, DaemonError> {
+        Ok(SecondaryListeners {
+            svm_input: bind("QEMU's red0 chardev", &config.svm_input_listen).await?,
+            svm_output: bind("QEMU's red1 chardev", &config.svm_output_listen).await?,
+            metrics: match &config.metrics {
+                Some(address) => Some(bind("metrics", address).await?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// Runs the secondary daemon until `shutdown` is cancelled.
+pub async fn run(
+    config: SecondaryConfig,
+    listeners: SecondaryListeners,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let metrics = Metrics::new("secondary");
+    let tasks = shutdown.child_token();
+    let _stop_tasks = tasks.clone().drop_guard();
+    if let Some(listener) = listeners.metrics {
+        tokio::spawn(metrics::serve(listener, metrics.clone(), tasks.clone()));
+    }
+    let to_svm = spawn_sink(
+        "red0",
+        PortEndpoint::Listen(listeners.svm_input),
+        metrics.clone(),
+        tasks.clone(),
+    );
+    let from_svm = spawn_source(
+        "red1",
+        PortEndpoint::Listen(listeners.svm_output),
+        metrics.clone(),
+        tasks.clone(),
+    );
+    let link = peer::spawn_secondary(
+        config.primary_link.clone(),
+        config.link_retry_min,
+        config.link_retry_max,
+        metrics.clone(),
+        tasks.clone(),
+    );
+    let relay = epochs::spawn(
+        RelayOptions::new(config.control.clone(), &config.name),
+        tasks.clone(),
+    );
+    tracing::info!(
+        svm_input = %config.svm_input_listen,
+        svm_output = %config.svm_output_listen,
+        primary = %config.primary_link,
+        control = %config.control.display(),
+        "colo-proxyd secondary started"
+    );
+    let mut role = SecondaryRole {
+        path: SvmPath::new(0),
+        to_svm,
+        link: link.outgoing,
+        metrics,
+        out: Vec::new(),
+        warned_network: false,
+    };
+    role.run(from_svm, link.incoming, relay, &shutdown).await;
+    tracing::info!("colo-proxyd secondary stopped");
+    Ok(())
+}
+
+struct SecondaryRole {
+    path: SvmPath,
+    to_svm: FrameSink,
+    link: LinkSender,
+    metrics: Metrics,
+    out: Vec<SvmOutput>,
+    warned_network: bool,
+}
+
+impl SecondaryRole {
+    async fn run(
+        &mut self,
+        mut from_svm: FrameSource,
+        mut from_link: tokio::sync::mpsc::Receiver<LinkMessage>,
+        mut relay: tokio::sync::mpsc::Receiver<EpochNotice>,
+        shutdown: &CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                m = from_svm.recv() => match m {
+                    Some(Inbound::Frame(frame)) => {
+                        self.metrics.svm_frame();
+                        self.path.svm_output(frame, &mut self.out);
+                    }
+                    Some(Inbound::Drained) => {}
+                    None => return,
+                },
+                m = from_link.recv() => match m {
+                    Some(LinkMessage::Inbound(frame)) => self.path.inbound(frame, &mut self.out),
+                    Some(_) => {}
+                    None => return,
+                },
+                n = relay.recv() => match n {
+                    Some(notice) => self.notice(notice, &mut from_svm).await,
+                    None => return,
+                },
+            }
+            self.flush().await;
+        }
+    }
+
+    async fn notice(&mut self, notice: EpochNotice, from_svm: &mut FrameSource) {
+        let (event, completion) = match notice {
+            EpochNotice::Subscribed(welcome) => {
+                if welcome.state == RelayState::Colo
+                    && !self.path.is_closed()
+                    && self.path.epoch() != welcome.epoch
+                {
+                    self.path.colo_started(welcome.epoch, &mut self.out);
+                    tracing::info!(
+                        epoch = welcome.epoch,
+                        "COLO runs: tagging the SVM's output with this epoch"
+                    );
+                }
+                return;
+            }
+            EpochNotice::Event(event, completion) => (event, completion),
+        };
+        match event.event {
+            EventKind::SvmEpochClosed => {
+                // The SVM is stopped: what its socket holds is the closing epoch's output.
+                self.drain(from_svm).await;
+                self.path.epoch_closed(event.epoch);
+                self.flush().await;
+                self.metrics.barrier_done();
+                tracing::info!(
+                    epoch = event.epoch,
+                    "svm-epoch-closed: SVM output drained; holding the SVM's packets until the adoption"
+                );
+            }
+            EventKind::CheckpointAdopted => {
+                self.path.checkpoint_adopted(&mut self.out);
+                self.flush().await;
+                self.metrics.barrier_done();
+                tracing::info!(
+                    epoch = event.epoch,
+                    "checkpoint-adopted: rewriting offsets reset"
+                );
+            }
+            EventKind::ColoStarted => {
+                self.path.colo_started(event.epoch, &mut self.out);
+                tracing::info!(epoch = event.epoch, "COLO started");
+            }
+            EventKind::ColoExit => {
+                self.path.colo_exit(&mut self.out);
+                tracing::warn!(
+                    epoch = event.epoch,
+                    reason = event.reason.as_deref().unwrap_or(""),
+                    "COLO ended; waiting for a failover decision"
+                );
+            }
+            EventKind::Failover => match event.survivor {
+                Some(Survivor::Secondary) => {
+                    self.path.failover(&mut self.out);
+                    tracing::warn!(
+                        connections = self.path.connections(),
+                        "failover to the secondary: the SVM's traffic is no longer sent to the \
+                         primary; carrying it to the network with rewriting is not implemented \
+                         in filter mode yet (remove f1/f2 so the SVM uses its tap directly)"
+                    );
+                }
+                Some(Survivor::Primary) => {
+                    tracing::warn!("failover to the primary: the SVM is no longer protected")
+                }
+                None => tracing::warn!("failover event without a survivor; ignored"),
+            },
+            EventKind::CheckpointComplete => {
+                tracing::debug!(epoch = event.epoch, "checkpoint complete")
+            }
+            EventKind::RelayError => tracing::error!(
+                detail = event.detail.as_deref().unwrap_or(""),
+                "the relay reports a problem; checkpoints may no longer be barriered"
+            ),
+            EventKind::Unknown => tracing::debug!(seq = event.seq, "ignoring an unknown event"),
+        }
+        self.flush().await;
+        completion.done();
+    }
+
+    async fn drain(&mut self, from_svm: &mut FrameSource) {
+        if !from_svm.request_drain() {
+            return;
+        }
+        loop {
+            match from_svm.recv().await {
+                Some(Inbound::Frame(frame)) => {
+                    self.metrics.svm_frame();
+                    self.path.svm_output(frame, &mut self.out);
+                    self.flush().await;
+                }
+                Some(Inbound::Drained) | None => return,
+            }
+        }
+    }
+
+    async fn flush(&mut self) {
+        self.metrics
+            .set_epoch(self.path.epoch(), !self.path.failed_over());
+        self.metrics.set_flows(self.path.connections());
+        for output in std::mem::take(&mut self.out) {
+            match output {
+                SvmOutput::ToSvm(frame) => self.to_svm.send(frame).await,
+                SvmOutput::ToPrimary { epoch, frame } => {
+                    self.link.send(LinkMessage::SvmOutput { epoch, frame })
+                }
+                SvmOutput::ToNetwork(_) => {
+                    self.metrics.dropped_frame();
+                    if !self.warned_network {
+                        self.warned_network = true;
+                        tracing::error!(
+                            "the SVM's output after a failover cannot be carried in filter mode (not implemented); dropped"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
