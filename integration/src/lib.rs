@@ -7,18 +7,21 @@
 //! - [`artifacts`]: where the patched QEMU and the guest live (built by `integration/setup.sh`);
 //! - [`topology`]: namespaces, bridge, veths and taps;
 //! - [`process`]: a QEMU started inside a namespace, owned and killed by PID;
-//! - [`stock`]: the stock COLO pair, described in a `qmp-driver` config file and driven with
-//!   `qmp_driver`'s command-line generator and pair sequences (optionally through the relay);
+//! - [`stock`]: the COLO pair, described in a `qmp-driver` config file and driven with
+//!   `qmp_driver`'s command-line generator and pair sequences (optionally through the relay),
+//!   with QEMU's own comparison and replication or colo-proxyd and colo-blockd;
 //! - [`relay_watch`]: test subscribers on the relay's control socket;
 //! - [`client`]: an HTTP client that runs inside the client namespace;
 //! - [`guest`]: the guest's contracts (serial heartbeats, disk records);
 //! - [`stats`]: medians and percentiles;
 //! - [`scenario`]: the scenarios the tests and the demo run, with their reports;
-//! - [`barrier`]: the checkpoint-barrier relay's scenarios (epoch order, slow and stuck subscribers).
+//! - [`barrier`]: the checkpoint-barrier relay's scenarios (epoch order, slow and stuck subscribers);
+//! - [`compare_ab`]: QEMU's colo-compare against colo-proxyd on the identical pair.
 
 pub mod artifacts;
 pub mod barrier;
 pub mod client;
+pub mod compare_ab;
 pub mod guest;
 pub mod process;
 pub mod relay_watch;

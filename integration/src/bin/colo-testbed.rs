@@ -10,9 +10,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use colo_testbed::barrier;
 use colo_testbed::scenario::{self, FailoverPlan, Report};
-use colo_testbed::stock::{DiskBackend, PairConfig, Role};
+use colo_testbed::stock::{DiskBackend, NetworkBackend, PairConfig, Role};
+use colo_testbed::{barrier, compare_ab};
 
 /// Runs the stock QEMU COLO pair in network namespaces and reports checkpoints, pauses, HTTP
 /// latency and failover times.
@@ -39,6 +39,10 @@ struct Cli {
     /// checkpoint-barrier relay is then always on).
     #[arg(long, global = true, value_enum, default_value_t = Disk::Replication)]
     disk: Disk,
+    /// Who compares the VMs' network output: QEMU's colo-compare, or colo-proxyd on both hosts
+    /// (the relay is then always on).
+    #[arg(long, global = true, value_enum, default_value_t = Network::ColoCompare)]
+    network: Network,
     /// Namespace tag, to run several beds side by side.
     #[arg(long, global = true, default_value = "demo")]
     tag: String,
@@ -76,6 +80,20 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         checkpoints: usize,
     },
+    /// QEMU's colo-compare, then colo-proxyd, on the identical pair under the same client
+    /// workload: HTTP latency, failures, checkpoints per 1000 requests (the periodic
+    /// checkpoint is pushed out of the way, so these are the ones the comparison asked for).
+    CompareAb {
+        /// Small-page requests per pair.
+        #[arg(long, default_value_t = 300)]
+        requests: usize,
+        /// Pause between requests, ms.
+        #[arg(long, default_value_t = 30)]
+        spacing_ms: u64,
+        /// 1 MiB blob downloads per pair, spread over the requests.
+        #[arg(long, default_value_t = 3)]
+        blobs: usize,
+    },
     /// A subscriber that acknowledges late, then one that never does.
     RelayBarrier {
         /// Checkpoints per phase.
@@ -94,6 +112,12 @@ enum Command {
 enum Disk {
     Replication,
     ColoBlockd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Network {
+    ColoCompare,
+    ColoProxyd,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -123,6 +147,10 @@ async fn main() -> ExitCode {
         disk: match cli.disk {
             Disk::Replication => DiskBackend::Replication,
             Disk::ColoBlockd => DiskBackend::ColoBlockd,
+        },
+        network: match cli.network {
+            Network::ColoCompare => NetworkBackend::ColoCompare,
+            Network::ColoProxyd => NetworkBackend::ColoProxyd,
         },
         ..PairConfig::default()
     };
@@ -190,6 +218,25 @@ async fn run(command: Command, cli: &Cli, cfg: PairConfig) -> anyhow::Result<Out
                 passed: r.violations.is_empty() && r.closed >= checkpoints,
                 run_dir: None,
             }),
+        Command::CompareAb {
+            requests,
+            spacing_ms,
+            blobs,
+        } => {
+            let workload = compare_ab::Workload {
+                requests,
+                spacing: Duration::from_millis(spacing_ms),
+                blobs,
+            };
+            compare_ab::run(&cli.tag, cfg, workload)
+                .await
+                .map(|r| Outcome {
+                    passed: r.colo_compare.failures.is_empty() && r.colo_proxyd.failures.is_empty(),
+                    text: r.render(),
+                    json: serde_json::to_value(&r).unwrap_or_default(),
+                    run_dir: None,
+                })
+        }
         Command::RelayBarrier {
             checkpoints,
             ack_delay_ms,

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use qmp_driver::config::{DiskBackend, PairConfig as DriverConfig};
+use qmp_driver::config::{DiskBackend, NetworkBackend, PairConfig as DriverConfig};
 
 use super::{PairConfig, Role};
 use crate::topology::{self, Topology, addr};
@@ -98,6 +98,13 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
             String::new(),
         ),
     };
+    let network = match cfg.network {
+        NetworkBackend::ColoCompare => String::new(),
+        NetworkBackend::ColoProxyd => format!(
+            "[network]\nbackend = \"colo-proxyd\"\nproxyd_qmp = {:?}\n\n",
+            unix(super::proxyd::qmp_path(dir))
+        ),
+    };
     format!(
         "# Written by the colo test bed for one run.\n\
          name = \"testbed\"\n\n\
@@ -107,6 +114,7 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
          checkpoint_delay_ms = {delay}\n\n\
          {relay}\
          {disk}\
+         {network}\
          [failover]\nsecondary_takeover_hook = {hook:?}\n\n\
          [vm]\ntap = {ptap:?}\nsecondary_tap = {stap:?}\nmac = {mac:?}\nmemory_mib = {mem}\n\
          primary_image = {pimg:?}\nsecondary_image = {simg:?}\n{overlays}",

@@ -16,23 +16,25 @@
 
 mod blockd;
 mod cmdline;
+mod daemon;
 mod diagnostics;
 pub mod driver;
 mod events;
+pub mod proxyd;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-pub use qmp_driver::config::DiskBackend;
 use qmp_driver::config::PairConfig as DriverConfig;
+pub use qmp_driver::config::{DiskBackend, NetworkBackend};
 use qmp_driver::pair::{self, FailoverOptions, StartOptions};
 use qmp_driver::qmp::QmpClient;
 use serde::Serialize;
 use serde_json::json;
 
-pub use blockd::BlockdProcess;
 pub use cmdline::{MACHINE, qemu_args};
+pub use daemon::DaemonProcess;
 pub use driver::{RelayProcess, operator_qmp_path};
 pub use events::{EventLog, pause_windows, pauses};
 pub use qmp_driver::pair::Step;
@@ -61,6 +63,9 @@ pub struct PairConfig {
     /// Who keeps the secondary's disk: QEMU's block replication, or colo-blockd (which needs
     /// the relay: `launch` turns it on).
     pub disk: DiskBackend,
+    /// Who compares the VMs' output: QEMU's colo-compare, or colo-proxyd on both hosts (which
+    /// needs the relay: `launch` turns it on).
+    pub network: NetworkBackend,
 }
 
 impl Default for PairConfig {
@@ -73,6 +78,7 @@ impl Default for PairConfig {
             relay: false,
             relay_ack_timeout_ms: 2000,
             disk: DiskBackend::Replication,
+            network: NetworkBackend::ColoCompare,
         }
     }
 }
@@ -154,7 +160,9 @@ pub struct StockPair {
     /// The checkpoint-barrier relay, when the pair migrates through one.
     pub relay: Option<RelayProcess>,
     /// colo-blockd on the secondary host, when it keeps the secondary's disk.
-    pub blockd: Option<BlockdProcess>,
+    pub blockd: Option<DaemonProcess>,
+    /// colo-proxyd on each host, when they compare the output.
+    pub proxyd: Vec<(Role, DaemonProcess)>,
     // Declared last so that it drops after the VMs: QEMU must exit before its tap disappears.
     /// The namespaces.
     pub topology: Topology,
@@ -201,15 +209,16 @@ impl StockPair {
     /// paused, the secondary waiting for `migrate-incoming`) and the relay if configured. COLO
     /// is not started: [`StockPair::enter_colo`] does that, or `qmp-driver start`.
     pub async fn launch(tag: &str, dir: PathBuf, mut cfg: PairConfig) -> Result<Self> {
-        // colo-blockd learns the epochs from the relay only.
-        cfg.relay |= cfg.disk == DiskBackend::ColoBlockd;
+        // colo's daemons learn the epochs from the relay only.
+        cfg.relay |=
+            cfg.disk == DiskBackend::ColoBlockd || cfg.network == NetworkBackend::ColoProxyd;
         let artifacts = Artifacts::locate()?;
         let topology = Topology::create(tag)?;
         create_images(&dir, &cfg)?;
         let driver = driver::write_config(&dir, &topology, &cfg)?;
         // The secondary's disk must be served before the secondary QEMU opens it.
         let blockd = match cfg.disk {
-            DiskBackend::ColoBlockd => Some(BlockdProcess::spawn(&dir, &topology, &driver)?),
+            DiskBackend::ColoBlockd => Some(blockd::spawn(&dir, &topology, &driver)?),
             DiskBackend::Replication => None,
         };
 
@@ -239,10 +248,40 @@ impl StockPair {
         } else {
             None
         };
+        let mut proxyd = Vec::new();
+        if cfg.network == NetworkBackend::ColoProxyd {
+            proxyd.push((
+                Role::Secondary,
+                proxyd::spawn_secondary(&dir, &topology, &driver)?,
+            ));
+            proxyd.push((
+                Role::Primary,
+                proxyd::spawn_primary(&dir, &topology, &driver)?,
+            ));
+        }
+        for (role, daemon) in &proxyd {
+            let name = match role {
+                Role::Primary => proxyd::PRIMARY_SUBSCRIBER,
+                Role::Secondary => proxyd::SECONDARY_SUBSCRIBER,
+            };
+            daemon
+                .wait_subscribed(
+                    &driver::relay_control_path(&dir),
+                    name,
+                    Duration::from_secs(20),
+                )
+                .await?;
+        }
         if let Some(blockd) = &blockd {
             // Its first barrier must already wait for it, or the first epoch's disk writes
             // would be adopted without it.
-            blockd.wait_subscribed(Duration::from_secs(20)).await?;
+            blockd
+                .wait_subscribed(
+                    &driver::relay_control_path(&dir),
+                    blockd::SUBSCRIBER_NAME,
+                    Duration::from_secs(20),
+                )
+                .await?;
         }
 
         Ok(StockPair {
@@ -268,6 +307,7 @@ impl StockPair {
             driver,
             relay,
             blockd,
+            proxyd,
             topology,
             dir,
             config: cfg,
@@ -414,13 +454,18 @@ impl StockPair {
         }
     }
 
-    /// SIGKILLs the QEMU of `role`: a fail-stop failure of that host's VM. On the secondary
-    /// host colo-blockd dies with it, as it would with the host.
+    /// SIGKILLs the QEMU of `role`: a fail-stop failure of that host's VM. colo's daemons on
+    /// that host die with it, as they would with the host.
     pub fn kill(&mut self, role: Role) -> Result<()> {
         if role == Role::Secondary
             && let Some(mut blockd) = self.blockd.take()
         {
             blockd.kill();
+        }
+        for (host, daemon) in &mut self.proxyd {
+            if *host == role {
+                daemon.kill();
+            }
         }
         let mut vm = match role {
             Role::Primary => self.primary.take(),
