@@ -233,6 +233,11 @@ pub struct DiskConfig {
     /// connects to (`colo-blockd secondary --unix`); without it the VM
     /// connects over TCP to `secondary.host:nbd_port`.
     pub blockd_socket: Option<PathBuf>,
+    /// colo-blockd backend: the primary QEMU's QMP monitor as colo-blockd on
+    /// the secondary host reaches it (`--primary-qmp`), to ask for a
+    /// checkpoint when its PVM log is full; without it a full log only
+    /// spills to its file until the next periodic checkpoint.
+    pub blockd_primary_qmp: Option<Endpoint>,
 }
 
 impl DiskConfig {
@@ -421,6 +426,7 @@ struct RawRelay {
 struct RawDisk {
     backend: Option<DiskBackend>,
     blockd_socket: Option<PathBuf>,
+    blockd_primary_qmp: Option<String>,
     device: Option<String>,
     export: Option<String>,
     nbd_port: Option<u16>,
@@ -759,9 +765,24 @@ impl PairConfig {
                 ));
             }
         };
+        let blockd_primary_qmp = match (backend, d.blockd_primary_qmp) {
+            (_, None) => None,
+            (DiskBackend::ColoBlockd, Some(q)) => Some(c.endpoint(
+                "disk.blockd_primary_qmp",
+                Some(q),
+                "the primary's QMP monitor for colo-blockd",
+            )?),
+            (DiskBackend::Replication, Some(_)) => {
+                return Err(c.err(
+                    "disk.blockd_primary_qmp",
+                    "is only used with backend = \"colo-blockd\"",
+                ));
+            }
+        };
         let disk = DiskConfig {
             backend,
             blockd_socket,
+            blockd_primary_qmp,
             device: c.qemu_id("disk.device", d.device, "colo-disk0")?,
             export: c.qemu_id("disk.export", d.export, "parent0")?,
             nbd_port: c.port("disk.nbd_port", d.nbd_port, 9999)?,
@@ -1011,6 +1032,7 @@ mod tests {
             DiskConfig {
                 backend: DiskBackend::Replication,
                 blockd_socket: None,
+                blockd_primary_qmp: None,
                 device: "colo-disk0".into(),
                 export: "parent0".into(),
                 nbd_port: 9999,

@@ -25,6 +25,7 @@
 //! ```
 
 pub mod config;
+pub mod daemon_args;
 pub mod pair;
 pub mod qemu_args;
 pub mod qmp;

@@ -92,8 +92,10 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
         // over TCP to secondary.host:nbd_port.
         DiskBackend::ColoBlockd => (
             format!(
-                "[disk]\nbackend = \"colo-blockd\"\nblockd_socket = {:?}\n\n",
-                blockd_socket_path(dir).display().to_string()
+                "[disk]\nbackend = \"colo-blockd\"\nblockd_socket = {:?}\n\
+                 blockd_primary_qmp = {:?}\n\n",
+                blockd_socket_path(dir).display().to_string(),
+                unix(operator_qmp_path(dir, Role::Primary))
             ),
             String::new(),
         ),

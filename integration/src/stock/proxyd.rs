@@ -9,11 +9,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use qmp_driver::config::{Endpoint, PairConfig as DriverConfig};
+use anyhow::Result;
+use qmp_driver::config::{PairConfig as DriverConfig, Side};
+use qmp_driver::daemon_args::{Daemon, daemon_args};
 
 use super::daemon::DaemonProcess;
-use super::driver::{relay_control_path, workspace_binary};
+use super::driver::workspace_binary;
 use crate::topology::Topology;
 
 /// The primary daemon's name on the relay's control socket (its default).
@@ -30,12 +31,25 @@ fn binary() -> Result<PathBuf> {
     workspace_binary("colo-proxyd", "COLO_PROXYD")
 }
 
-fn link(driver: &DriverConfig) -> String {
-    format!("{}:{}", driver.primary.host, driver.network.link_port)
-}
-
-fn loopback(port: u16) -> String {
-    format!("127.0.0.1:{port}")
+/// Starts `daemon` (a colo-proxyd role) with the command line `qmp-driver daemon-args` gives
+/// for the run's `pair.toml`, in its host's namespace.
+fn spawn(
+    dir: &Path,
+    topology: &Topology,
+    driver: &DriverConfig,
+    daemon: Daemon,
+) -> Result<DaemonProcess> {
+    let (netns, log) = match daemon.host() {
+        Side::Primary => (&topology.primary, "proxyd-primary.log"),
+        Side::Secondary => (&topology.secondary, "proxyd-secondary.log"),
+    };
+    DaemonProcess::spawn(
+        &format!("colo-proxyd ({})", daemon.host()),
+        netns,
+        &binary()?,
+        &daemon_args(driver, daemon)?,
+        dir.join(log),
+    )
 }
 
 /// Starts `colo-proxyd primary` in the primary's namespace.
@@ -44,34 +58,7 @@ pub fn spawn_primary(
     topology: &Topology,
     driver: &DriverConfig,
 ) -> Result<DaemonProcess> {
-    let net = &driver.network;
-    let qmp = match &net.proxyd_qmp {
-        Some(Endpoint::Unix(p)) => format!("unix:{}", p.display()),
-        Some(Endpoint::Tcp(a)) => format!("tcp:{a}"),
-        None => None.context("pair.toml has no network.proxyd_qmp")?,
-    };
-    let args = vec![
-        "primary".to_string(),
-        "--pvm-output".into(),
-        loopback(net.compare_primary_in_port),
-        "--mirror".into(),
-        loopback(net.mirror_port),
-        "--release".into(),
-        loopback(net.compare_out_port),
-        "--link-listen".into(),
-        link(driver),
-        "--control".into(),
-        relay_control_path(dir).display().to_string(),
-        "--qmp".into(),
-        qmp,
-    ];
-    DaemonProcess::spawn(
-        "colo-proxyd primary",
-        &topology.primary,
-        &binary()?,
-        &args,
-        dir.join("proxyd-primary.log"),
-    )
+    spawn(dir, topology, driver, Daemon::ProxydPrimary)
 }
 
 /// Starts `colo-proxyd secondary` in the secondary's namespace.
@@ -80,23 +67,5 @@ pub fn spawn_secondary(
     topology: &Topology,
     driver: &DriverConfig,
 ) -> Result<DaemonProcess> {
-    let net = &driver.network;
-    let args = vec![
-        "secondary".to_string(),
-        "--svm-input-listen".into(),
-        loopback(net.mirror_port),
-        "--svm-output-listen".into(),
-        loopback(net.compare_port),
-        "--primary-link".into(),
-        link(driver),
-        "--control".into(),
-        relay_control_path(dir).display().to_string(),
-    ];
-    DaemonProcess::spawn(
-        "colo-proxyd secondary",
-        &topology.secondary,
-        &binary()?,
-        &args,
-        dir.join("proxyd-secondary.log"),
-    )
+    spawn(dir, topology, driver, Daemon::ProxydSecondary)
 }

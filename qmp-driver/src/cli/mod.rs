@@ -118,6 +118,50 @@ pub struct Output {
     pub json: bool,
 }
 
+/// The daemons `daemon-args` knows, as spelled on its command line.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonName {
+    /// `colo-blockd secondary`.
+    ColoBlockd,
+    /// `colo-proxyd primary`.
+    ColoProxydPrimary,
+    /// `colo-proxyd secondary`.
+    ColoProxydSecondary,
+}
+
+impl DaemonName {
+    /// The spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            DaemonName::ColoBlockd => "colo-blockd",
+            DaemonName::ColoProxydPrimary => "colo-proxyd-primary",
+            DaemonName::ColoProxydSecondary => "colo-proxyd-secondary",
+        }
+    }
+}
+
+impl From<DaemonName> for qmp_driver::daemon_args::Daemon {
+    fn from(d: DaemonName) -> Self {
+        use qmp_driver::daemon_args::Daemon;
+        match d {
+            DaemonName::ColoBlockd => Daemon::Blockd,
+            DaemonName::ColoProxydPrimary => Daemon::ProxydPrimary,
+            DaemonName::ColoProxydSecondary => Daemon::ProxydSecondary,
+        }
+    }
+}
+
+impl From<qmp_driver::daemon_args::Daemon> for DaemonName {
+    fn from(d: qmp_driver::daemon_args::Daemon) -> Self {
+        use qmp_driver::daemon_args::Daemon;
+        match d {
+            Daemon::Blockd => DaemonName::ColoBlockd,
+            Daemon::ProxydPrimary => DaemonName::ColoProxydPrimary,
+            Daemon::ProxydSecondary => DaemonName::ColoProxydSecondary,
+        }
+    }
+}
+
 /// The commands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -287,18 +331,45 @@ pub enum Command {
         no_relay: bool,
     },
 
-    /// Print the COLO-specific QEMU arguments of one role (stock colo-compare/replication setup).
+    /// Print the command line of one of colo's daemons (colo-blockd, colo-proxyd) for this pair.
+    #[command(
+        long_about = "Print the command line of one of colo's daemons, generated from the \
+        same config as `qemu-args`, so the daemon and QEMU agree on every port and socket: \
+        colo-blockd (secondary host; disk.backend = \"colo-blockd\"), colo-proxyd-primary \
+        (primary host) and colo-proxyd-secondary (secondary host; network.backend = \
+        \"colo-proxyd\"). Talks to nothing.\n\n\
+        Start the secondary host's daemons before its QEMU (its disk and its redirectors \
+        connect to them), the relay before `start`, and check with `status` that every \
+        daemon is subscribed before `start`. --list prints the daemons the config needs, one \
+        per line, in that order.",
+        after_help = EXIT_CODES_HELP
+    )]
+    DaemonArgs {
+        /// Which daemon.
+        #[arg(long, value_enum, required_unless_present = "list")]
+        daemon: Option<DaemonName>,
+        /// Print the daemons this config needs instead, one per line.
+        #[arg(long, conflicts_with = "daemon")]
+        list: bool,
+        /// Print one shell-quoted line (binary included) instead of one argument per line.
+        #[arg(long)]
+        shell: bool,
+    },
+
+    /// Print the COLO-specific QEMU arguments of one role.
     #[command(
         long_about = "Print the COLO-specific QEMU arguments of one role, generated from the \
         config: QMP socket, the tap netdev (vhost=off, vnet_hdr=off) and virtio-net NIC, every \
         chardev (nodelay=on), filter-mirror/filter-redirector/colo-compare (primary) or \
         filter-redirector/filter-rewriter (secondary), the quorum disk (primary) or the \
         replication overlays over the exported image (secondary), `-S` (primary) or \
-        `-incoming defer` (secondary). Talks to no QEMU.\n\n\
+        `-incoming defer` (secondary). With network.backend = \"colo-proxyd\" the filter \
+        sockets are served on each host's loopback for colo-proxyd (no colo-compare, no \
+        filter-rewriter); with disk.backend = \"colo-blockd\" the secondary's disk is \
+        colo-blockd's `svm` export. Talks to no QEMU.\n\n\
         Not included, add them yourself identically on both sides: -machine, -accel/-cpu, -m \
         (the secondary needs about twice the guest RAM free), -smp, firmware and boot \
-        options. This is the stock setup; the colo-daemons setup (colo-proxyd, colo-blockd) \
-        comes with issues 4 and 5.",
+        options. `daemon-args` prints the daemons' command lines.",
         after_help = EXIT_CODES_HELP
     )]
     QemuArgs {
@@ -397,6 +468,14 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Raw(args) => lowlevel::raw(args).await,
         Command::Events(args) => lowlevel::events(args).await,
         Command::Relay(args) => relay::run(args).await,
+        Command::DaemonArgs {
+            daemon,
+            list,
+            shell,
+        } => match g.load_config() {
+            Ok(cfg) => pair_cmds::daemon_args(&cfg, daemon, list, shell),
+            Err(e) => fail(&e, (&e).into()),
+        },
         Command::QemuArgs { role, shell } => match g.load_config() {
             Ok(cfg) => pair_cmds::qemu_args(&cfg, role, shell),
             Err(e) => fail(&e, (&e).into()),

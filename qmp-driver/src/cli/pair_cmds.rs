@@ -2,8 +2,9 @@
 //! [`qmp_driver::pair`], print the result, map errors to exit codes.
 
 use super::render;
-use super::{Command, Exit, Globals, fail};
+use super::{Command, DaemonName, Exit, Globals, fail};
 use qmp_driver::config::{PairConfig, Side};
+use qmp_driver::daemon_args::{self, Daemon};
 use qmp_driver::pair::{
     self, CheckpointOptions, CopyOptions, FailoverOptions, Hook, PairError, Progress, StartOptions,
 };
@@ -200,10 +201,49 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
             }
         }
         Command::QemuArgs { role, shell } => qemu_args(cfg, role, shell),
+        Command::DaemonArgs {
+            daemon,
+            list,
+            shell,
+        } => daemon_args(cfg, daemon, list, shell),
         Command::Raw(_) | Command::Events(_) | Command::Relay(_) => {
             fail(&"internal error: not a pair command", Exit::Usage)
         }
     }
+}
+
+/// `daemon-args`.
+pub fn daemon_args(
+    cfg: &PairConfig,
+    daemon: Option<DaemonName>,
+    list: bool,
+    shell: bool,
+) -> ExitCode {
+    if list {
+        for d in Daemon::needed(cfg) {
+            println!("{}", DaemonName::from(d).name());
+        }
+        return ExitCode::SUCCESS;
+    }
+    let Some(daemon) = daemon else {
+        return fail(&"give --daemon or --list", Exit::Usage);
+    };
+    let daemon = Daemon::from(daemon);
+    let args = match daemon_args::daemon_args(cfg, daemon) {
+        Ok(a) => a,
+        Err(e) => return fail(&e, Exit::Usage),
+    };
+    if shell {
+        let line: Vec<String> = std::iter::once(daemon.binary().to_string())
+            .chain(args)
+            .collect();
+        println!("{}", qemu_args::shell_line(&line));
+    } else {
+        for a in &args {
+            println!("{a}");
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// `qemu-args`.

@@ -1,0 +1,301 @@
+//! The command lines of colo's daemons for a pair, generated from its
+//! [`PairConfig`] the way [`crate::qemu_args`] generates QEMU's: the ports,
+//! sockets and addresses come from the same config, so the daemons and the
+//! QEMUs always agree.
+//!
+//! * `colo-blockd secondary` (host B, with `disk.backend = "colo-blockd"`);
+//! * `colo-proxyd primary` (host A) and `colo-proxyd secondary` (host B), with
+//!   `network.backend = "colo-proxyd"`.
+//!
+//! The relay (`qmp-driver --config FILE relay`) runs on host B, so the daemons
+//! there reach its control socket by its path; `colo-proxyd primary` reaches
+//! it over `relay.control_tcp` when set (else by the path, which works only
+//! when host A shares it, as on the test bed).
+
+use crate::config::{DiskBackend, Endpoint, NetworkBackend, PairConfig, RelaySettings, Side};
+
+/// One of colo's daemons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Daemon {
+    /// `colo-blockd secondary`, on the secondary host.
+    Blockd,
+    /// `colo-proxyd primary`, on the primary host.
+    ProxydPrimary,
+    /// `colo-proxyd secondary`, on the secondary host.
+    ProxydSecondary,
+}
+
+impl Daemon {
+    /// Its binary.
+    pub fn binary(self) -> &'static str {
+        match self {
+            Daemon::Blockd => "colo-blockd",
+            Daemon::ProxydPrimary | Daemon::ProxydSecondary => "colo-proxyd",
+        }
+    }
+
+    /// The host it runs on.
+    pub fn host(self) -> Side {
+        match self {
+            Daemon::ProxydPrimary => Side::Primary,
+            Daemon::Blockd | Daemon::ProxydSecondary => Side::Secondary,
+        }
+    }
+
+    /// The daemons a config calls for, in the order to start them (each host's
+    /// before its QEMU; the relay must be up for them to subscribe).
+    pub fn needed(cfg: &PairConfig) -> Vec<Daemon> {
+        let mut out = Vec::new();
+        if cfg.disk.backend == DiskBackend::ColoBlockd {
+            out.push(Daemon::Blockd);
+        }
+        if cfg.network.backend == NetworkBackend::ColoProxyd {
+            out.extend([Daemon::ProxydSecondary, Daemon::ProxydPrimary]);
+        }
+        out
+    }
+}
+
+/// Why no command line could be generated.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonArgsError {
+    /// The config does not use that daemon.
+    #[error("the config does not use {0}: set {1}")]
+    NotConfigured(&'static str, &'static str),
+    /// colo's daemons follow the relay's epochs: there must be one.
+    #[error("colo's daemons need the checkpoint-barrier relay: add a [relay] section")]
+    NoRelay,
+    /// A setting the daemon needs is missing.
+    #[error("{0} is required for {1}")]
+    Missing(&'static str, &'static str),
+}
+
+fn loopback(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+fn qmp_address(ep: &Endpoint) -> String {
+    match ep {
+        Endpoint::Unix(p) => format!("unix:{}", p.display()),
+        Endpoint::Tcp(a) => format!("tcp:{a}"),
+    }
+}
+
+fn relay(cfg: &PairConfig) -> Result<&RelaySettings, DaemonArgsError> {
+    cfg.relay.as_ref().ok_or(DaemonArgsError::NoRelay)
+}
+
+/// The arguments of `daemon` (after its binary name).
+pub fn daemon_args(cfg: &PairConfig, daemon: Daemon) -> Result<Vec<String>, DaemonArgsError> {
+    match daemon {
+        Daemon::Blockd => blockd_args(cfg),
+        Daemon::ProxydPrimary => proxyd_primary_args(cfg),
+        Daemon::ProxydSecondary => proxyd_secondary_args(cfg),
+    }
+}
+
+fn blockd_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsError> {
+    if cfg.disk.backend != DiskBackend::ColoBlockd {
+        return Err(DaemonArgsError::NotConfigured(
+            "colo-blockd",
+            "disk.backend = \"colo-blockd\"",
+        ));
+    }
+    let vm = cfg.vm.as_ref().ok_or(DaemonArgsError::Missing(
+        "[vm] secondary_image",
+        "colo-blockd",
+    ))?;
+    let mut args = vec![
+        "secondary".to_string(),
+        "--image".into(),
+        vm.secondary_image.display().to_string(),
+        "--tcp".into(),
+        format!("{}:{}", cfg.secondary.host, cfg.disk.nbd_port),
+    ];
+    if let Some(socket) = &cfg.disk.blockd_socket {
+        args.extend(["--unix".into(), socket.display().to_string()]);
+    }
+    args.extend([
+        "--control".into(),
+        relay(cfg)?.control.display().to_string(),
+    ]);
+    if let Some(qmp) = &cfg.disk.blockd_primary_qmp {
+        args.extend(["--primary-qmp".into(), qmp_address(qmp)]);
+    }
+    Ok(args)
+}
+
+fn proxyd_primary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsError> {
+    let net = &cfg.network;
+    if net.backend != NetworkBackend::ColoProxyd {
+        return Err(DaemonArgsError::NotConfigured(
+            "colo-proxyd",
+            "network.backend = \"colo-proxyd\"",
+        ));
+    }
+    let qmp = net.proxyd_qmp.as_ref().ok_or(DaemonArgsError::Missing(
+        "network.proxyd_qmp",
+        "colo-proxyd primary",
+    ))?;
+    Ok(vec![
+        "primary".to_string(),
+        "--pvm-output".into(),
+        loopback(net.compare_primary_in_port),
+        "--mirror".into(),
+        loopback(net.mirror_port),
+        "--release".into(),
+        loopback(net.compare_out_port),
+        "--link-listen".into(),
+        format!("{}:{}", cfg.primary.host, net.link_port),
+        "--control".into(),
+        relay(cfg)?.control.display().to_string(),
+        "--qmp".into(),
+        qmp_address(qmp),
+    ])
+}
+
+fn proxyd_secondary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsError> {
+    let net = &cfg.network;
+    if net.backend != NetworkBackend::ColoProxyd {
+        return Err(DaemonArgsError::NotConfigured(
+            "colo-proxyd",
+            "network.backend = \"colo-proxyd\"",
+        ));
+    }
+    Ok(vec![
+        "secondary".to_string(),
+        "--svm-input-listen".into(),
+        loopback(net.mirror_port),
+        "--svm-output-listen".into(),
+        loopback(net.compare_port),
+        "--primary-link".into(),
+        format!("{}:{}", cfg.primary.host, net.link_port),
+        "--control".into(),
+        relay(cfg)?.control.display().to_string(),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> PairConfig {
+        PairConfig::from_toml(
+            &format!(
+                r#"
+                name = "vm1"
+                [primary]
+                qmp = "tcp:192.168.77.1:4444"
+                host = "192.168.77.1"
+                [secondary]
+                qmp = "unix:/run/colo/vm1/secondary.qmp"
+                host = "192.168.77.2"
+                [migration]
+                secondary_incoming = "unix:/run/colo/vm1/incoming.sock"
+                [vm]
+                tap = "tap-vm1"
+                mac = "52:54:00:12:34:56"
+                memory_mib = 512
+                primary_image = "/var/lib/colo/vm1/disk.raw"
+                secondary_image = "/var/lib/colo/vm1/disk.raw"
+                {extra}
+                "#
+            ),
+            "test",
+        )
+        .unwrap()
+    }
+
+    const DAEMONS: &str = r#"
+        [relay]
+        listen = "tcp:192.168.77.2:9998"
+        target = "unix:/run/colo/vm1/incoming.sock"
+        control = "/run/colo/vm1/relay.sock"
+        [disk]
+        backend = "colo-blockd"
+        blockd_socket = "/run/colo/vm1/blockd.sock"
+        blockd_primary_qmp = "tcp:192.168.77.1:4445"
+        [network]
+        backend = "colo-proxyd"
+        proxyd_qmp = "unix:/run/colo/vm1/proxyd.qmp"
+    "#;
+
+    #[test]
+    fn every_daemon_gets_the_ports_and_sockets_qemu_gets() {
+        let cfg = config_with(DAEMONS);
+        assert_eq!(
+            Daemon::needed(&cfg),
+            [
+                Daemon::Blockd,
+                Daemon::ProxydSecondary,
+                Daemon::ProxydPrimary
+            ]
+        );
+        assert_eq!(
+            daemon_args(&cfg, Daemon::Blockd).unwrap().join(" "),
+            "secondary --image /var/lib/colo/vm1/disk.raw --tcp 192.168.77.2:9999 \
+             --unix /run/colo/vm1/blockd.sock --control /run/colo/vm1/relay.sock \
+             --primary-qmp tcp:192.168.77.1:4445"
+        );
+        assert_eq!(
+            daemon_args(&cfg, Daemon::ProxydPrimary).unwrap().join(" "),
+            "primary --pvm-output 127.0.0.1:9001 --mirror 127.0.0.1:9003 --release \
+             127.0.0.1:9005 --link-listen 192.168.77.1:9006 --control \
+             /run/colo/vm1/relay.sock --qmp unix:/run/colo/vm1/proxyd.qmp"
+        );
+        assert_eq!(
+            daemon_args(&cfg, Daemon::ProxydSecondary)
+                .unwrap()
+                .join(" "),
+            "secondary --svm-input-listen 127.0.0.1:9003 --svm-output-listen 127.0.0.1:9004 \
+             --primary-link 192.168.77.1:9006 --control /run/colo/vm1/relay.sock"
+        );
+        assert_eq!(Daemon::ProxydPrimary.host(), Side::Primary);
+        assert_eq!(Daemon::Blockd.binary(), "colo-blockd");
+    }
+
+    /// A config with `sections` (before `[vm]`, which must stay last).
+    fn config_with(sections: &str) -> PairConfig {
+        let text = format!(
+            r#"
+            name = "vm1"
+            [primary]
+            qmp = "tcp:192.168.77.1:4444"
+            host = "192.168.77.1"
+            [secondary]
+            qmp = "unix:/run/colo/vm1/secondary.qmp"
+            host = "192.168.77.2"
+            [migration]
+            secondary_incoming = "unix:/run/colo/vm1/incoming.sock"
+            primary_target = "tcp:192.168.77.2:9998"
+            {sections}
+            [vm]
+            tap = "tap-vm1"
+            mac = "52:54:00:12:34:56"
+            memory_mib = 512
+            primary_image = "/var/lib/colo/vm1/disk.raw"
+            secondary_image = "/var/lib/colo/vm1/disk.raw"
+            "#
+        );
+        PairConfig::from_toml(&text, "test").unwrap()
+    }
+
+    #[test]
+    fn a_stock_config_needs_no_daemon_and_says_which_setting_is_missing() {
+        let cfg = config(
+            r#"
+            secondary_active = "/var/lib/colo/vm1/a.qcow2"
+            secondary_hidden = "/var/lib/colo/vm1/h.qcow2"
+            "#,
+        );
+        assert!(Daemon::needed(&cfg).is_empty());
+        let err = daemon_args(&cfg, Daemon::Blockd).unwrap_err();
+        assert!(err.to_string().contains("disk.backend"), "{err}");
+        let err = daemon_args(&cfg, Daemon::ProxydPrimary).unwrap_err();
+        assert!(err.to_string().contains("network.backend"), "{err}");
+
+        let no_relay = config_with("[disk]\nbackend = \"colo-blockd\"\n");
+        let err = daemon_args(&no_relay, Daemon::Blockd).unwrap_err();
+        assert!(err.to_string().contains("[relay]"), "{err}");
+    }
+}
