@@ -3,7 +3,8 @@
 # tests, the QMP client against a fake server and against real QEMU, a short fuzz run, and on the
 # namespace test bed the stock COLO pair (30+ checkpoints, failover both ways) and the
 # checkpoint-barrier relay and qmp-driver CLI (epoch order, slow and stuck subscribers,
-# start/status/checkpoint/failover).
+# start/status/checkpoint/failover), and the pair on colo-blockd and on colo-proxyd (failover
+# in the middle of a checkpoint, A/B against colo-compare).
 #
 # Needs root (network namespaces, taps). Installs and builds what it needs first through
 # integration/setup.sh (idempotent; QEMU and the guest are cached in $COLO_CACHE, default
@@ -30,7 +31,7 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 step "cargo doc -D warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps
 
-step "tests (unit, property, fake QMP server, real QEMU, stock COLO pair)"
+step "tests (unit, property, fake QMP server, real QEMU, COLO pairs on the test bed)"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast "$@"
 else
