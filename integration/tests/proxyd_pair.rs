@@ -49,9 +49,13 @@ async fn proxyd_pair_survives_30_checkpoints_under_load() {
         "guest errors: {:?}",
         report.guest_errors
     );
+    // The SVM produced most of the blob itself: a dead SVM NIC would leave this near zero
+    // (every request then answered through periodic checkpoints). Not all of it: a checkpoint
+    // in the middle of the download hands the SVM the PVM's TCP state, and the SVM never
+    // sends what the PVM had already sent.
     let svm = report.svm_output_bytes.expect("SVM output measured");
     assert!(
-        svm >= scenario::BLOB_BYTES as u64,
+        svm >= scenario::BLOB_BYTES as u64 / 2,
         "only {svm} bytes of SVM output reached colo-proxyd"
     );
 }
