@@ -122,20 +122,23 @@ pub struct Output {
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DaemonName {
     /// `colo-blockd secondary`.
-    ColoBlockd,
+    #[value(name = "colo-blockd")]
+    Blockd,
     /// `colo-proxyd primary`.
-    ColoProxydPrimary,
+    #[value(name = "colo-proxyd-primary")]
+    ProxydPrimary,
     /// `colo-proxyd secondary`.
-    ColoProxydSecondary,
+    #[value(name = "colo-proxyd-secondary")]
+    ProxydSecondary,
 }
 
 impl DaemonName {
     /// The spelling.
     pub fn name(self) -> &'static str {
         match self {
-            DaemonName::ColoBlockd => "colo-blockd",
-            DaemonName::ColoProxydPrimary => "colo-proxyd-primary",
-            DaemonName::ColoProxydSecondary => "colo-proxyd-secondary",
+            DaemonName::Blockd => "colo-blockd",
+            DaemonName::ProxydPrimary => "colo-proxyd-primary",
+            DaemonName::ProxydSecondary => "colo-proxyd-secondary",
         }
     }
 }
@@ -144,9 +147,9 @@ impl From<DaemonName> for qmp_driver::daemon_args::Daemon {
     fn from(d: DaemonName) -> Self {
         use qmp_driver::daemon_args::Daemon;
         match d {
-            DaemonName::ColoBlockd => Daemon::Blockd,
-            DaemonName::ColoProxydPrimary => Daemon::ProxydPrimary,
-            DaemonName::ColoProxydSecondary => Daemon::ProxydSecondary,
+            DaemonName::Blockd => Daemon::Blockd,
+            DaemonName::ProxydPrimary => Daemon::ProxydPrimary,
+            DaemonName::ProxydSecondary => Daemon::ProxydSecondary,
         }
     }
 }
@@ -155,9 +158,9 @@ impl From<qmp_driver::daemon_args::Daemon> for DaemonName {
     fn from(d: qmp_driver::daemon_args::Daemon) -> Self {
         use qmp_driver::daemon_args::Daemon;
         match d {
-            Daemon::Blockd => DaemonName::ColoBlockd,
-            Daemon::ProxydPrimary => DaemonName::ColoProxydPrimary,
-            Daemon::ProxydSecondary => DaemonName::ColoProxydSecondary,
+            Daemon::Blockd => DaemonName::Blockd,
+            Daemon::ProxydPrimary => DaemonName::ProxydPrimary,
+            Daemon::ProxydSecondary => DaemonName::ProxydSecondary,
         }
     }
 }
