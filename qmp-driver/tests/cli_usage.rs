@@ -94,8 +94,25 @@ fn every_command_has_help_that_says_what_it_does() {
                 "nodelay=on",
                 "-incoming defer",
                 "-machine",
-                "issues 4 and 5",
+                "colo-proxyd",
+                "colo-blockd",
+                "daemon-args",
             ],
+        ),
+        (
+            &["daemon-args", "--help"],
+            &[
+                "colo-blockd",
+                "colo-proxyd-primary",
+                "colo-proxyd-secondary",
+                "--list",
+                "--shell",
+                "before its QEMU",
+            ],
+        ),
+        (
+            &["copy-disk", "--help"],
+            &["drive-mirror", "block-job-cancel", "--target", "-S"],
         ),
     ];
     for (args, words) in cases {
