@@ -17,6 +17,7 @@ use colo_blockd::export::{Export, ExportSet};
 use colo_blockd::metrics::Metrics;
 use colo_blockd::replica::{DEFAULT_MEMORY_BUDGET, Replica, ReplicaConfig};
 use colo_blockd::server::{DEFAULT_MAX_IN_FLIGHT, NbdServer, ServerConfig};
+use colo_control::ControlAddress;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +61,9 @@ colo-blockd keeps retrying; until it is back, COLO cannot checkpoint (the relay 
 barrier). When the PVM log passes --log-budget and --primary-qmp is given, colo-blockd asks
 the primary for a checkpoint (re-sets its x-checkpoint-delay), at most once per second.
 
+--control is the relay's Unix socket (unix:PATH, or the bare absolute path) when the relay
+runs on this host, else tcp:HOST:PORT: the relay's --control-tcp, on the replication link.
+
 Sockets: --unix and --tcp may be given together and then serve the same exports: the SVM's
 QEMU connects over the Unix socket on this host, the primary's quorum child over TCP.
 --metrics serves Prometheus metrics (log and overlay fill, commit times, checkpoints,
@@ -86,9 +90,11 @@ struct SecondaryArgs {
     /// Serve Prometheus metrics on this TCP address (GET /metrics), e.g. 127.0.0.1:9109.
     #[arg(long, value_name = "ADDR", env = "COLO_BLOCKD_METRICS")]
     metrics: Option<std::net::SocketAddr>,
-    /// The relay's control socket (`qmp-driver relay --control PATH`).
-    #[arg(long, value_name = "RELAY.sock", env = "COLO_RELAY_CONTROL")]
-    control: PathBuf,
+    /// The relay's control socket: unix:PATH or an absolute path on the relay's host
+    /// (`qmp-driver relay --control PATH`), or tcp:HOST:PORT from the other host (the relay's
+    /// --control-tcp, on the replication link).
+    #[arg(long, value_name = "ADDRESS", env = "COLO_RELAY_CONTROL")]
+    control: ControlAddress,
     /// The primary QEMU's QMP monitor, as unix:PATH or tcp:HOST:PORT. Without it a full PVM log
     /// only spills to its file and waits for the next periodic checkpoint.
     #[arg(long, value_name = "ADDR")]
@@ -395,7 +401,7 @@ mod tests {
             "--image",
             "s.raw",
             "--control",
-            "relay.sock",
+            "unix:relay.sock",
         ];
         let parse = |extra: &[&str]| {
             let mut argv = base.to_vec();
@@ -419,5 +425,43 @@ mod tests {
         assert!(args.unix.is_some() && args.tcp.is_some());
         assert_eq!(args.metrics, Some("127.0.0.1:9109".parse().unwrap()));
         assert!(parse(&["--unix", "/s", "--metrics", "nonsense"]).is_err());
+    }
+
+    #[test]
+    fn secondary_control_is_unix_tcp_or_a_path() {
+        let parse = |control: &str| {
+            Args::try_parse_from([
+                "colo-blockd",
+                "secondary",
+                "--image",
+                "s.raw",
+                "--unix",
+                "/s",
+                "--control",
+                control,
+            ])
+            .map(|a| match a.command {
+                Cmd::Secondary(s) => s.control,
+                Cmd::Serve(_) => panic!("not secondary"),
+            })
+        };
+        for (given, want) in [
+            (
+                "/run/colo/relay.sock",
+                ControlAddress::unix("/run/colo/relay.sock"),
+            ),
+            (
+                "unix:/run/colo/relay.sock",
+                ControlAddress::unix("/run/colo/relay.sock"),
+            ),
+            (
+                "tcp:192.168.77.2:9990",
+                ControlAddress::tcp("192.168.77.2", 9990),
+            ),
+        ] {
+            assert_eq!(parse(given).unwrap(), want, "{given}");
+        }
+        let e = parse("192.168.77.2:9990").unwrap_err().to_string();
+        assert!(e.contains("tcp:192.168.77.2:9990"), "{e}");
     }
 }

@@ -53,7 +53,7 @@ impl Bed {
         let requests = fake_primary(&qmp);
         let control = dir.path().join("control.sock");
         let hub = ControlHub::new(UnixListener::bind(&control).unwrap());
-        let mut opts = RequestOptions::new(QmpAddress::Unix(qmp), Some(control));
+        let mut opts = RequestOptions::new(QmpAddress::Unix(qmp), Some(control.into()));
         opts.min_interval = min_interval;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(request_checkpoints(replica.clone(), opts, shutdown.clone()));

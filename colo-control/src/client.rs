@@ -1,5 +1,9 @@
 //! Daemon and operator side of the control protocol.
 //!
+//! Every entry point takes a [`ControlAddress`] (anything that converts into
+//! one: a `&Path` or `PathBuf` is a Unix socket, as before TCP existed;
+//! `"tcp:HOST:PORT".parse()` reaches a relay on the other host).
+//!
 //! Every call is bounded by [`ClientOptions::timeout`] (connect, handshake,
 //! writes, request/answer), except [`Subscriber::next_event`], which waits
 //! for the next event however long that takes (events are normally seconds
@@ -7,17 +11,16 @@
 //! as the relay closes the connection or its process dies. Use
 //! [`Subscriber::next_event_timeout`] for a bounded wait.
 
+use crate::address::ControlAddress;
 use crate::protocol::{
     ClientMessage, Event, Hello, MAX_LINE, PROTOCOL_VERSION, RelayMessage, RelayState, RelayStatus,
     Role, Survivor, decode_relay_line, encode_line,
 };
+use crate::transport::{self, StreamReader, StreamWriter};
 use futures_util::StreamExt;
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 /// Default bound of every client call.
@@ -29,43 +32,44 @@ pub const OPERATOR_NAME: &str = "colo-operator";
 /// Everything that can go wrong on the client side.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    /// Connecting to the relay's socket failed (no relay, wrong path...).
-    #[error("cannot connect to the relay's control socket {path}: {source}")]
+    /// Connecting to the relay's socket failed (no relay, wrong path or
+    /// port, host unreachable...).
+    #[error("cannot connect to the relay's control socket {address}: {source}")]
     Connect {
-        /// Control socket path.
-        path: PathBuf,
+        /// Control socket address.
+        address: ControlAddress,
         /// The underlying error.
         source: std::io::Error,
     },
     /// Reading or writing the socket failed.
-    #[error("control socket {path}: I/O error: {source}")]
+    #[error("control socket {address}: I/O error: {source}")]
     Io {
-        /// Control socket path.
-        path: PathBuf,
+        /// Control socket address.
+        address: ControlAddress,
         /// The underlying error.
         source: std::io::Error,
     },
     /// No answer (or the write did not complete) in time.
-    #[error("control socket {path}: {what} timed out after {after:?}")]
+    #[error("control socket {address}: {what} timed out after {after:?}")]
     Timeout {
-        /// Control socket path.
-        path: PathBuf,
+        /// Control socket address.
+        address: ControlAddress,
         /// What was being waited for.
         what: &'static str,
         /// The bound that expired.
         after: Duration,
     },
     /// The relay closed the connection while an answer was expected.
-    #[error("control socket {path}: the relay closed the connection")]
+    #[error("control socket {address}: the relay closed the connection")]
     Closed {
-        /// Control socket path.
-        path: PathBuf,
+        /// Control socket address.
+        address: ControlAddress,
     },
     /// The relay answered with an `error` line.
-    #[error("control socket {path}: the relay refused: {message}")]
+    #[error("control socket {address}: the relay refused: {message}")]
     Rejected {
-        /// Control socket path.
-        path: PathBuf,
+        /// Control socket address.
+        address: ControlAddress,
         /// The relay's message.
         message: String,
         /// Versions the relay supports, when it refused our `hello`.
@@ -73,10 +77,10 @@ pub enum ControlError {
     },
     /// The relay sent something this version cannot understand where an
     /// answer was expected, or an over-long line.
-    #[error("control socket {path}: protocol error: {detail}")]
+    #[error("control socket {address}: protocol error: {detail}")]
     Protocol {
-        /// Control socket path.
-        path: PathBuf,
+        /// Control socket address.
+        address: ControlAddress,
         /// What was wrong.
         detail: String,
     },
@@ -112,29 +116,37 @@ pub struct Welcome {
 }
 
 /// One connection to the relay, after a successful handshake.
-#[derive(Debug)]
 struct Conn {
-    path: PathBuf,
-    lines: FramedRead<OwnedReadHalf, LinesCodec>,
-    wr: OwnedWriteHalf,
+    address: ControlAddress,
+    lines: FramedRead<StreamReader, LinesCodec>,
+    wr: StreamWriter,
     timeout: Duration,
     welcome: Welcome,
 }
 
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The socket halves are boxed trait objects without Debug.
+        f.debug_struct("Conn")
+            .field("address", &self.address)
+            .field("timeout", &self.timeout)
+            .field("welcome", &self.welcome)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Conn {
-    async fn open(path: &Path, hello: Hello, opts: &ClientOptions) -> Result<Conn> {
-        let path = path.to_path_buf();
+    async fn open(address: ControlAddress, hello: Hello, opts: &ClientOptions) -> Result<Conn> {
         let t = opts.timeout;
-        let stream = bounded(&path, "connect", t, async {
-            UnixStream::connect(&path)
+        let (rd, wr) = bounded(&address, "connect", t, async {
+            transport::connect(&address)
                 .await
                 .map_err(|source| ControlError::Connect {
-                    path: path.clone(),
+                    address: address.clone(),
                     source,
                 })
         })
         .await?;
-        let (rd, wr) = stream.into_split();
         let mut conn = Conn {
             lines: FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE)),
             wr,
@@ -144,11 +156,11 @@ impl Conn {
                 epoch: 0,
                 state: RelayState::Waiting,
             },
-            path,
+            address,
         };
         conn.send(&ClientMessage::Hello(hello)).await?;
-        let path = conn.path.clone();
-        match bounded(&path, "welcome", t, conn.read_message()).await? {
+        let address = conn.address.clone();
+        match bounded(&address, "welcome", t, conn.read_message()).await? {
             Some(RelayMessage::Welcome {
                 version,
                 epoch,
@@ -162,27 +174,27 @@ impl Conn {
                 Ok(conn)
             }
             Some(RelayMessage::Error { message, supported }) => Err(ControlError::Rejected {
-                path,
+                address,
                 message,
                 supported,
             }),
             Some(other) => Err(ControlError::Protocol {
-                path,
+                address,
                 detail: format!("expected welcome, got {other:?}"),
             }),
-            None => Err(ControlError::Closed { path }),
+            None => Err(ControlError::Closed { address }),
         }
     }
 
     async fn send(&mut self, msg: &ClientMessage) -> Result<()> {
         let line = encode_line(msg);
-        let path = self.path.clone();
+        let address = &self.address;
         let wr = &mut self.wr;
-        bounded(&path, "write", self.timeout, async {
+        bounded(address, "write", self.timeout, async {
             wr.write_all(line.as_bytes())
                 .await
                 .map_err(|source| ControlError::Io {
-                    path: path.clone(),
+                    address: address.clone(),
                     source,
                 })
         })
@@ -201,7 +213,7 @@ impl Conn {
                 },
                 Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
                     return Err(ControlError::Protocol {
-                        path: self.path.clone(),
+                        address: self.address.clone(),
                         detail: format!("line longer than {MAX_LINE} bytes"),
                     });
                 }
@@ -210,7 +222,7 @@ impl Conn {
                         Ok(None)
                     } else {
                         Err(ControlError::Io {
-                            path: self.path.clone(),
+                            address: self.address.clone(),
                             source: e,
                         })
                     };
@@ -221,17 +233,21 @@ impl Conn {
 
     /// Sends a request and returns the first non-event answer.
     async fn request(&mut self, msg: ClientMessage) -> Result<RelayMessage> {
-        let path = self.path.clone();
+        let address = self.address.clone();
         let t = self.timeout;
-        bounded(&path, "request", t, async {
+        bounded(&address, "request", t, async {
             self.send(&msg).await?;
             loop {
                 match self.read_message().await? {
-                    None => return Err(ControlError::Closed { path: path.clone() }),
+                    None => {
+                        return Err(ControlError::Closed {
+                            address: address.clone(),
+                        });
+                    }
                     Some(RelayMessage::Event(_)) => continue,
                     Some(RelayMessage::Error { message, supported }) => {
                         return Err(ControlError::Rejected {
-                            path: path.clone(),
+                            address: address.clone(),
                             message,
                             supported,
                         });
@@ -253,7 +269,7 @@ fn is_disconnect(e: &std::io::Error) -> bool {
 }
 
 async fn bounded<T>(
-    path: &Path,
+    address: &ControlAddress,
     what: &'static str,
     after: Duration,
     fut: impl Future<Output = Result<T>>,
@@ -261,7 +277,7 @@ async fn bounded<T>(
     match tokio::time::timeout(after, fut).await {
         Ok(r) => r,
         Err(_) => Err(ControlError::Timeout {
-            path: path.to_path_buf(),
+            address: address.clone(),
             what,
             after,
         }),
@@ -275,16 +291,21 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    /// Connects to the relay's control socket as subscriber `name`. With
-    /// `sync`, every checkpoint barrier waits for this subscriber's
-    /// [`Subscriber::ack`] of the synchronous events.
-    pub async fn connect(path: impl AsRef<Path>, name: &str, sync: bool) -> Result<Subscriber> {
-        Self::connect_with(path, name, sync, &ClientOptions::default()).await
+    /// Connects to the relay's control socket at `address` (Unix or TCP;
+    /// a path is a Unix socket) as subscriber `name`. With `sync`, every
+    /// checkpoint barrier waits for this subscriber's [`Subscriber::ack`] of
+    /// the synchronous events.
+    pub async fn connect(
+        address: impl Into<ControlAddress>,
+        name: &str,
+        sync: bool,
+    ) -> Result<Subscriber> {
+        Self::connect_with(address, name, sync, &ClientOptions::default()).await
     }
 
     /// Like [`Subscriber::connect`] with explicit options.
     pub async fn connect_with(
-        path: impl AsRef<Path>,
+        address: impl Into<ControlAddress>,
         name: &str,
         sync: bool,
         opts: &ClientOptions,
@@ -295,8 +316,8 @@ impl Subscriber {
             role: Role::Subscriber,
             sync,
         };
-        let conn = Conn::open(path.as_ref(), hello, opts).await?;
-        tracing::debug!(path = %conn.path.display(), name, sync, "subscribed to the relay");
+        let conn = Conn::open(address.into(), hello, opts).await?;
+        tracing::debug!(address = %conn.address, name, sync, "subscribed to the relay");
         Ok(Subscriber { conn })
     }
 
@@ -324,8 +345,8 @@ impl Subscriber {
     /// [`Subscriber::next_event`] bounded by `timeout`
     /// ([`ControlError::Timeout`] when no event arrived in time).
     pub async fn next_event_timeout(&mut self, timeout: Duration) -> Result<Option<Event>> {
-        let path = self.conn.path.clone();
-        bounded(&path, "next event", timeout, self.next_event()).await
+        let address = self.conn.address.clone();
+        bounded(&address, "next event", timeout, self.next_event()).await
     }
 
     /// Acknowledges the event `seq` (and, cumulatively, every earlier one).
@@ -341,14 +362,15 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// Connects as operator `name`.
-    pub async fn connect(path: impl AsRef<Path>, name: &str) -> Result<Operator> {
-        Self::connect_with(path, name, &ClientOptions::default()).await
+    /// Connects to the relay at `address` (Unix or TCP; a path is a Unix
+    /// socket) as operator `name`.
+    pub async fn connect(address: impl Into<ControlAddress>, name: &str) -> Result<Operator> {
+        Self::connect_with(address, name, &ClientOptions::default()).await
     }
 
     /// Like [`Operator::connect`] with explicit options.
     pub async fn connect_with(
-        path: impl AsRef<Path>,
+        address: impl Into<ControlAddress>,
         name: &str,
         opts: &ClientOptions,
     ) -> Result<Operator> {
@@ -359,7 +381,7 @@ impl Operator {
             sync: false,
         };
         Ok(Operator {
-            conn: Conn::open(path.as_ref(), hello, opts).await?,
+            conn: Conn::open(address.into(), hello, opts).await?,
         })
     }
 
@@ -399,29 +421,35 @@ impl Operator {
 
     fn unexpected(&self, wanted: &str, got: RelayMessage) -> ControlError {
         ControlError::Protocol {
-            path: self.conn.path.clone(),
+            address: self.conn.address.clone(),
             detail: format!("expected {wanted}, got {got:?}"),
         }
     }
 }
 
 /// One-shot: connects as an operator, asks for the status, disconnects.
-pub async fn query_status(path: impl AsRef<Path>) -> Result<RelayStatus> {
-    Operator::connect(path, OPERATOR_NAME).await?.status().await
+pub async fn query_status(address: impl Into<ControlAddress>) -> Result<RelayStatus> {
+    Operator::connect(address, OPERATOR_NAME)
+        .await?
+        .status()
+        .await
 }
 
 /// One-shot: announces a failover decision (the relay broadcasts a
 /// `failover` event to every subscriber).
-pub async fn notify_failover(path: impl AsRef<Path>, survivor: Survivor) -> Result<()> {
-    Operator::connect(path, OPERATOR_NAME)
+pub async fn notify_failover(address: impl Into<ControlAddress>, survivor: Survivor) -> Result<()> {
+    Operator::connect(address, OPERATOR_NAME)
         .await?
         .failover(survivor)
         .await
 }
 
 /// One-shot: notes why a checkpoint was requested.
-pub async fn note_checkpoint_request(path: impl AsRef<Path>, reason: &str) -> Result<()> {
-    Operator::connect(path, OPERATOR_NAME)
+pub async fn note_checkpoint_request(
+    address: impl Into<ControlAddress>,
+    reason: &str,
+) -> Result<()> {
+    Operator::connect(address, OPERATOR_NAME)
         .await?
         .checkpoint_requested(reason)
         .await

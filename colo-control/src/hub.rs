@@ -1,6 +1,8 @@
 //! Relay side of the control protocol: accepts daemons and operator tools on
-//! a Unix socket, fans events out, runs checkpoint barriers and keeps the
-//! relay's [`RelayStatus`].
+//! one or more [`ControlListener`]s (the relay's Unix socket, plus TCP for
+//! the daemons on the other host), fans events out, runs checkpoint barriers
+//! and keeps the relay's [`RelayStatus`]. A client's transport makes no
+//! difference to anything the hub does.
 //!
 //! Every connection has a reader task and a writer task fed by a bounded
 //! queue, so publishing never waits on a slow client: a client whose queue
@@ -14,20 +16,20 @@ use crate::protocol::{
     RelayMessage, RelayState, RelayStatus, Role, SUPPORTED_VERSIONS, SubscriberStatus,
     decode_client_line, encode_line, now_micros,
 };
+use crate::transport::{StreamReader, StreamWriter};
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::UnixListener;
-use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+pub use crate::transport::ControlListener;
 
 /// Distinct `checkpoint-requested` reasons kept in status; further new
 /// reasons are counted under [`OTHER_REASONS`] so a misbehaving client cannot
@@ -317,14 +319,16 @@ impl Drop for BarrierGuard<'_> {
 }
 
 impl ControlHub {
-    /// Serves the control protocol on `listener` (already bound) with
-    /// default options. Must be called inside a Tokio runtime.
-    pub fn new(listener: UnixListener) -> ControlHub {
+    /// Serves the control protocol on `listener` (already bound: a
+    /// `UnixListener`, a `TcpListener` or a [`ControlListener`]) with default
+    /// options. Must be called inside a Tokio runtime. More listeners can be
+    /// added with [`ControlHub::listen`].
+    pub fn new(listener: impl Into<ControlListener>) -> ControlHub {
         Self::with_options(listener, HubOptions::default())
     }
 
     /// Like [`ControlHub::new`] with explicit options.
-    pub fn with_options(listener: UnixListener, opts: HubOptions) -> ControlHub {
+    pub fn with_options(listener: impl Into<ControlListener>, opts: HubOptions) -> ControlHub {
         let inner = Arc::new(Inner {
             state: Mutex::new(HubState {
                 status: RelayStatus {
@@ -339,29 +343,45 @@ impl ControlHub {
             next_id: AtomicU64::new(1),
         });
         let hub = ControlHub { inner };
-        let accept = hub.clone();
-        hub.inner
-            .tasks
-            .spawn(async move { accept.accept_loop(listener).await });
+        hub.listen(listener);
         hub
     }
 
-    async fn accept_loop(self, listener: UnixListener) {
+    /// Also accepts clients on `listener` (e.g. a TCP listener next to the
+    /// Unix socket), until the hub closes. Every listener serves the same
+    /// hub: a TCP subscriber takes part in barriers exactly like a Unix one.
+    /// On a closed hub the listener is dropped at once.
+    pub fn listen(&self, listener: impl Into<ControlListener>) {
+        let listener = listener.into();
+        let accept = self.clone();
+        self.inner
+            .tasks
+            .spawn(async move { accept.accept_loop(listener).await });
+    }
+
+    async fn accept_loop(self, listener: ControlListener) {
+        let local = listener
+            .local_address()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
         loop {
             let accepted = tokio::select! {
                 _ = self.inner.cancel.cancelled() => break,
                 r = listener.accept() => r,
             };
             match accepted {
-                Ok((stream, _)) => {
+                Ok((rd, wr, peer)) => {
+                    if let Some(peer) = &peer {
+                        tracing::debug!(%peer, listener = %local, "control connection over TCP");
+                    }
                     let hub = self.clone();
                     self.inner
                         .tasks
-                        .spawn(async move { hub.serve_conn(stream).await });
+                        .spawn(async move { hub.serve_conn(rd, wr, peer).await });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "control socket accept failed");
+                    tracing::warn!(error = %e, listener = %local, "control socket accept failed");
                     tokio::select! {
                         _ = self.inner.cancel.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -369,7 +389,7 @@ impl ControlHub {
                 }
             }
         }
-        tracing::debug!("control socket closed");
+        tracing::debug!(listener = %local, "control socket closed");
     }
 
     /// Stops accepting and disconnects every client. Barriers in progress
@@ -515,9 +535,8 @@ impl ControlHub {
         }
     }
 
-    async fn serve_conn(self, stream: UnixStream) {
+    async fn serve_conn(self, rd: StreamReader, wr: StreamWriter, peer: Option<String>) {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (rd, wr) = stream.into_split();
         let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE));
         let (tx, rx) = mpsc::channel::<String>(self.inner.opts.queue_depth.max(1));
         // `kill` drops this client at once (stuck or gone); the hub closing
@@ -562,7 +581,7 @@ impl ControlHub {
         };
 
         if let Some(hello) = hello {
-            self.register(id, &hello, tx, kill.clone());
+            self.register(id, &hello, peer.as_deref(), tx, kill.clone());
             self.read_loop(id, &hello, &mut lines, &kill).await;
             self.unregister(id);
         } else {
@@ -595,7 +614,14 @@ impl ControlHub {
         Some(hello)
     }
 
-    fn register(&self, id: u64, hello: &Hello, tx: mpsc::Sender<String>, kill: CancellationToken) {
+    fn register(
+        &self,
+        id: u64,
+        hello: &Hello,
+        peer: Option<&str>,
+        tx: mpsc::Sender<String>,
+        kill: CancellationToken,
+    ) {
         let mut st = lock(&self.inner.state);
         let sync = hello.role == Role::Subscriber && hello.sync;
         let conn = Conn {
@@ -621,11 +647,13 @@ impl ControlHub {
                 state: st.status.state,
             }),
         );
+        // The peer of a TCP client is logged: nothing authenticates it.
+        let peer = peer.unwrap_or("unix");
         let level_info = hello.role == Role::Subscriber;
         if level_info {
-            tracing::info!(conn = id, name = %hello.name, sync, "control subscriber connected");
+            tracing::info!(conn = id, name = %hello.name, sync, %peer, "control subscriber connected");
         } else {
-            tracing::debug!(conn = id, name = %hello.name, "control operator connected");
+            tracing::debug!(conn = id, name = %hello.name, %peer, "control operator connected");
         }
         st.conns.insert(id, conn);
     }
@@ -659,7 +687,7 @@ impl ControlHub {
         &self,
         id: u64,
         hello: &Hello,
-        lines: &mut FramedRead<tokio::net::unix::OwnedReadHalf, LinesCodec>,
+        lines: &mut FramedRead<StreamReader, LinesCodec>,
         kill: &CancellationToken,
     ) {
         loop {
@@ -804,7 +832,7 @@ fn error_line(message: &str, supported: Option<Vec<u32>>) -> String {
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 async fn write_loop(
-    mut wr: OwnedWriteHalf,
+    mut wr: StreamWriter,
     mut rx: mpsc::Receiver<String>,
     kill: CancellationToken,
     closing: CancellationToken,

@@ -3,23 +3,29 @@
 //! colo-blockd and colo-proxyd subscribe to events, operator tools ask for
 //! status and announce decisions.
 //!
-//! Newline-delimited JSON over a Unix stream socket; the full description is
+//! Newline-delimited JSON over a Unix stream socket on the relay's host, or
+//! over TCP from the other host of the pair; the full description is
 //! `docs/control-protocol.md`.
 //!
+//! * [`address`]: where the relay listens, [`ControlAddress`]: `unix:PATH`,
+//!   `tcp:HOST:PORT` or a bare absolute path (pure, no I/O).
 //! * [`protocol`]: the messages (pure, no I/O).
 //! * [`hub`]: the relay side, [`hub::ControlHub`]: fan-out of events and the
-//!   synchronous checkpoint barrier.
+//!   synchronous checkpoint barrier, on any number of [`ControlListener`]s.
 //! * [`client`]: the daemon side ([`client::Subscriber`]) and operator side
 //!   ([`client::Operator`], [`client::query_status`], ...).
 //!
 //! A daemon taking part in barriers:
 //!
 //! ```no_run
+//! use colo_control::ControlAddress;
 //! use colo_control::client::Subscriber;
 //! use colo_control::protocol::EventKind;
 //!
-//! # async fn demo() -> colo_control::client::Result<()> {
-//! let mut sub = Subscriber::connect("/run/colo/relay.sock", "colo-blockd", true).await?;
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! // `unix:/run/colo/relay.sock` (or that path) on the relay's host.
+//! let relay: ControlAddress = "tcp:192.168.77.2:9990".parse()?;
+//! let mut sub = Subscriber::connect(relay, "colo-blockd", true).await?;
 //! while let Some(ev) = sub.next_event().await? {
 //!     match ev.event {
 //!         EventKind::SvmEpochClosed => { /* hold new SVM writes */ }
@@ -35,10 +41,13 @@
 //! # }
 //! ```
 
+pub mod address;
 pub mod client;
 pub mod hub;
 pub mod protocol;
+mod transport;
 
+pub use address::{AddressError, ControlAddress};
 pub use client::{ControlError, Operator, Subscriber};
-pub use hub::{BarrierError, BarrierReport, ControlHub};
+pub use hub::{BarrierError, BarrierReport, ControlHub, ControlListener};
 pub use protocol::{Event, EventBody, EventKind, PROTOCOL_VERSION, RelayState, RelayStatus};

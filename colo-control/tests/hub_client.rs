@@ -1,10 +1,11 @@
 //! ControlHub against the real client and against raw sockets.
 
+use colo_control::ControlAddress;
 use colo_control::client::{
     ClientOptions, ControlError, Operator, Subscriber, note_checkpoint_request, notify_failover,
     query_status,
 };
-use colo_control::hub::{BarrierError, ControlHub, HubOptions};
+use colo_control::hub::{BarrierError, ControlHub, ControlListener, HubOptions};
 use colo_control::protocol::{
     EventBody, EventKind, MAX_LINE, RelayMessage, RelayState, Survivor, decode_relay_line,
 };
@@ -566,5 +567,225 @@ async fn shutdown_flushes_the_last_events_before_closing() {
             .barrier(EventBody::new(EventKind::SvmEpochClosed, 1), T)
             .await,
         Err(BarrierError::Closed)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// TCP: the daemon on the other host of the pair connects over TCP; to the hub
+// it is a subscriber like any other.
+
+/// A hub serving its Unix socket and a TCP listener on loopback.
+struct TcpBed {
+    bed: Bed,
+    tcp: ControlAddress,
+}
+
+async fn tcp_bed() -> TcpBed {
+    let bed = bed();
+    let listener = ControlListener::bind(&"tcp:127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let tcp = listener.local_address().unwrap();
+    assert!(tcp.is_tcp() && !tcp.to_string().ends_with(":0"), "{tcp}");
+    bed.hub.listen(listener);
+    TcpBed { bed, tcp }
+}
+
+#[tokio::test]
+async fn tcp_subscriber_takes_part_in_barriers_like_a_unix_one() {
+    let TcpBed { bed: b, tcp } = tcp_bed().await;
+    b.hub.update_status(|s| {
+        s.state = RelayState::Colo;
+        s.epoch = 7;
+    });
+    let mut local = Subscriber::connect(&b.path, "colo-blockd", true)
+        .await
+        .unwrap();
+    let mut remote = Subscriber::connect(&tcp, "colo-proxyd-primary", true)
+        .await
+        .unwrap();
+    assert_eq!(remote.welcome().epoch, 7);
+    assert_eq!(remote.welcome().state, RelayState::Colo);
+
+    // Both must ack; the TCP one acks 80 ms late and the barrier waits.
+    let hub = b.hub.clone();
+    let t0 = Instant::now();
+    let barrier = tokio::spawn(async move {
+        hub.barrier(EventBody::new(EventKind::SvmEpochClosed, 7), T)
+            .await
+    });
+    let e = local.next_event_timeout(T).await.unwrap().unwrap();
+    local.ack(e.seq).await.unwrap();
+    let e = remote.next_event_timeout(T).await.unwrap().unwrap();
+    assert_eq!(
+        (e.seq, e.event, e.epoch, e.sync),
+        (1, EventKind::SvmEpochClosed, 7, true)
+    );
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(!barrier.is_finished(), "barrier passed before the TCP ack");
+    remote.ack(e.seq).await.unwrap();
+    let report = barrier.await.unwrap().unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(80));
+    let names: Vec<_> = report.acks.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["colo-blockd", "colo-proxyd-primary"]);
+
+    // Asynchronous events reach it too, numbered per connection.
+    b.hub
+        .publish(EventBody::new(EventKind::CheckpointComplete, 7))
+        .await;
+    let e = remote.next_event_timeout(T).await.unwrap().unwrap();
+    assert_eq!(
+        (e.seq, e.event, e.sync),
+        (2, EventKind::CheckpointComplete, false)
+    );
+
+    // Status, asked over TCP, lists both as healthy sync subscribers.
+    let st = query_status(&tcp).await.unwrap();
+    assert_eq!(st.epoch, 7);
+    for name in ["colo-blockd", "colo-proxyd-primary"] {
+        let s = st.subscribers.iter().find(|s| s.name == name).unwrap();
+        assert!(s.sync && s.healthy && s.connected, "{s:?}");
+        assert!(s.last_ack_us.is_some() && s.last_ack_latency_us.is_some());
+    }
+    let remote_latency = st
+        .subscribers
+        .iter()
+        .find(|s| s.name == "colo-proxyd-primary")
+        .unwrap()
+        .last_ack_latency_us
+        .unwrap();
+    assert!(remote_latency >= 80_000, "{remote_latency}");
+}
+
+#[tokio::test]
+async fn silent_or_departing_tcp_subscriber_fails_the_barrier() {
+    let TcpBed { bed: b, tcp } = tcp_bed().await;
+    b.hub.update_status(|s| s.state = RelayState::Colo);
+    let mut local = Subscriber::connect(&b.path, "colo-blockd", true)
+        .await
+        .unwrap();
+    let mut silent = Subscriber::connect(&tcp, "colo-proxyd-primary", true)
+        .await
+        .unwrap();
+    let acker = tokio::spawn(async move {
+        let e = local.next_event().await.unwrap().unwrap();
+        local.ack(e.seq).await.unwrap();
+        local
+    });
+    let t0 = Instant::now();
+    let err = b
+        .hub
+        .barrier(
+            EventBody::new(EventKind::CheckpointAdopted, 1),
+            Duration::from_millis(150),
+        )
+        .await
+        .unwrap_err();
+    assert!(t0.elapsed() >= Duration::from_millis(150));
+    assert_eq!(
+        err,
+        BarrierError::Timeout {
+            missing: vec!["colo-proxyd-primary".into()],
+            after: Duration::from_millis(150)
+        }
+    );
+    let _local = acker.await.unwrap();
+    let st = b.hub.status();
+    let s = st
+        .subscribers
+        .iter()
+        .find(|s| s.name == "colo-proxyd-primary")
+        .unwrap();
+    assert!(!s.healthy && s.connected);
+
+    // It reads the event it missed; then its TCP connection drops during
+    // the next barrier, which fails at once, long before its timeout.
+    let missed = silent.next_event_timeout(T).await.unwrap().unwrap();
+    assert_eq!(missed.event, EventKind::CheckpointAdopted);
+    let hub = b.hub.clone();
+    let barrier = tokio::spawn(async move {
+        hub.barrier(EventBody::new(EventKind::SvmEpochClosed, 2), T)
+            .await
+    });
+    let e = silent.next_event_timeout(T).await.unwrap().unwrap();
+    assert_eq!(e.event, EventKind::SvmEpochClosed);
+    let t0 = Instant::now();
+    drop(silent);
+    let err = barrier.await.unwrap().unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert!(
+        matches!(&err, BarrierError::Disconnected { disconnected, .. }
+            if disconnected == &["colo-proxyd-primary"]),
+        "{err}"
+    );
+    // It stays listed as departed, like a Unix subscriber would.
+    let st = b.hub.status();
+    let s = st
+        .subscribers
+        .iter()
+        .find(|s| s.name == "colo-proxyd-primary")
+        .unwrap();
+    assert!(!s.connected && !s.healthy);
+}
+
+#[tokio::test]
+async fn operator_helpers_work_over_tcp() {
+    let TcpBed { bed: b, tcp } = tcp_bed().await;
+    let mut sub = Subscriber::connect(&b.path, "colo-blockd", false)
+        .await
+        .unwrap();
+    note_checkpoint_request(&tcp, "proxy-mismatch")
+        .await
+        .unwrap();
+    notify_failover(tcp.clone(), Survivor::Primary)
+        .await
+        .unwrap();
+    let ev = sub.next_event_timeout(T).await.unwrap().unwrap();
+    assert_eq!(ev.event, EventKind::Failover);
+    assert_eq!(ev.survivor, Some(Survivor::Primary));
+    let mut op = Operator::connect(tcp, "qmp-driver").await.unwrap();
+    let st = op.status().await.unwrap();
+    assert_eq!(st.requests_by_reason["proxy-mismatch"], 1);
+    // The same relay answers on its Unix socket, given as an address too.
+    let unix: ControlAddress = format!("unix:{}", b.path.display()).parse().unwrap();
+    assert_eq!(
+        query_status(unix)
+            .await
+            .unwrap()
+            .last_request_reason
+            .as_deref(),
+        Some("proxy-mismatch")
+    );
+}
+
+#[tokio::test]
+async fn bad_or_unreachable_tcp_addresses_give_clear_errors() {
+    for (input, needle) in [
+        ("192.168.77.2:9990", "write tcp:192.168.77.2:9990"),
+        ("tcp:192.168.77.2", "expected HOST:PORT"),
+        ("tcp:relay:http", "is not a number"),
+        ("relay.sock", "relative path needs the unix: prefix"),
+        (
+            "http://relay:9990",
+            "unix:PATH, tcp:HOST:PORT or an absolute path",
+        ),
+    ] {
+        let err = input.parse::<ControlAddress>().unwrap_err().to_string();
+        assert!(err.starts_with("invalid control address"), "{err}");
+        assert!(err.contains(needle), "{input}: {err}");
+    }
+
+    // Nobody listening on that port: a connect error naming the address.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let address = ControlAddress::tcp("127.0.0.1", port);
+    let err = query_status(&address).await.unwrap_err();
+    assert!(matches!(err, ControlError::Connect { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("control socket tcp:127.0.0.1:{port}")),
+        "{err}"
     );
 }

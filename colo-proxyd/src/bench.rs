@@ -603,6 +603,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "  SVM behind (SVM frame in → out): {}",
             summary(&loopback.svm_behind)
         );
+        println!(
+            "  floor (the same sockets and runtimes, a task that only copies the bytes across):"
+        );
+        println!("                                   {}", summary(&loopback.floor));
     }
     Ok(())
 }

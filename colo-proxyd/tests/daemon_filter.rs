@@ -51,7 +51,7 @@ async fn start_primary(
         mirror: Some(mirror0.local_addr().unwrap().to_string()),
         release: Some(compare_out.local_addr().unwrap().to_string()),
         link_listen: Some("127.0.0.1:0".into()),
-        control: Some(control.to_path_buf()),
+        control: Some(control.into()),
         qmp: Some(format!("unix:{}", qmp.display())),
         metrics: Some("127.0.0.1:0".into()),
         max_hold_ms: Some(max_hold_ms),
@@ -99,7 +99,7 @@ async fn start_secondary(
         svm_input_listen: Some("127.0.0.1:0".into()),
         svm_output_listen: Some("127.0.0.1:0".into()),
         primary_link: Some(primary_link.to_owned()),
-        control: Some(control.to_path_buf()),
+        control: Some(control.into()),
         metrics: Some("127.0.0.1:0".into()),
         ..SecondaryArgs::default()
     })

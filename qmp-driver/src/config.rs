@@ -178,6 +178,9 @@ pub struct RelaySettings {
     pub target: Endpoint,
     /// The relay's control socket (status, failover notes, subscribers).
     pub control: PathBuf,
+    /// `control_tcp`: where the relay also serves the control protocol over
+    /// TCP, for the daemons on the other host (always a TCP address).
+    pub control_tcp: Option<colo_control::ControlAddress>,
     /// How long a checkpoint barrier waits for a subscriber's ack, in ms.
     pub ack_timeout_ms: u64,
 }
@@ -418,6 +421,7 @@ struct RawRelay {
     listen: Option<String>,
     target: Option<String>,
     control: Option<PathBuf>,
+    control_tcp: Option<String>,
     ack_timeout_ms: Option<u64>,
 }
 
@@ -721,6 +725,24 @@ impl PairConfig {
                     r.control,
                     "the relay's control socket path, e.g. \"/run/colo/vm1/relay.sock\"",
                 )?;
+                let control_tcp = match r.control_tcp {
+                    None => None,
+                    Some(s) => {
+                        let key = "relay.control_tcp";
+                        let a = colo_control::ControlAddress::parse_host_port(&s)
+                            .map_err(|e| c.err(key, format!("is invalid: {e}")))?;
+                        if matches!(a, colo_control::ControlAddress::Tcp { port: 0, .. }) {
+                            return Err(c.err(
+                                key,
+                                format!("is {s:?}: give a fixed port, the daemons connect to it"),
+                            ));
+                        }
+                        if listen.to_string() == a.to_string() {
+                            return Err(c.err(key, format!("is {a}, the relay's listen address")));
+                        }
+                        Some(a)
+                    }
+                };
                 let ack_timeout_ms = match r.ack_timeout_ms.unwrap_or(DEFAULT_ACK_TIMEOUT_MS) {
                     0 => return Err(c.err("relay.ack_timeout_ms", "is 0: give at least 1 ms")),
                     t => t,
@@ -746,6 +768,7 @@ impl PairConfig {
                     listen,
                     target,
                     control,
+                    control_tcp,
                     ack_timeout_ms,
                 })
             }
@@ -1181,7 +1204,32 @@ mod tests {
         let relay = cfg.relay.unwrap();
         assert_eq!(relay.target, cfg.migration.secondary_incoming);
         assert_eq!(relay.ack_timeout_ms, DEFAULT_ACK_TIMEOUT_MS);
+        assert_eq!(relay.control_tcp, None);
+        let cfg = parse(&relay_config(
+            "[relay]\nlisten = \"tcp:0.0.0.0:9997\"\ncontrol = \"/r\"\ncontrol_tcp = \"192.168.77.2:9990\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.relay.unwrap().control_tcp.unwrap().to_string(),
+            "tcp:192.168.77.2:9990"
+        );
         let cases: &[(&str, &str)] = &[
+            (
+                "[relay]\nlisten = \"tcp:0.0.0.0:9997\"\ncontrol = \"/r\"\ncontrol_tcp = \"9990\"",
+                "relay.control_tcp",
+            ),
+            (
+                "[relay]\nlisten = \"tcp:0.0.0.0:9997\"\ncontrol = \"/r\"\ncontrol_tcp = \"unix:/r2\"",
+                "relay.control_tcp",
+            ),
+            (
+                "[relay]\nlisten = \"tcp:0.0.0.0:9997\"\ncontrol = \"/r\"\ncontrol_tcp = \"192.168.77.2:0\"",
+                "relay.control_tcp",
+            ),
+            (
+                "[relay]\nlisten = \"tcp:0.0.0.0:9997\"\ncontrol = \"/r\"\ncontrol_tcp = \"0.0.0.0:9997\"",
+                "relay.control_tcp",
+            ),
             ("[relay]\ncontrol = \"/r.sock\"", "relay.listen"),
             ("[relay]\nlisten = \"tcp:0.0.0.0:9997\"", "relay.control"),
             (

@@ -9,8 +9,8 @@
 //!
 //! The relay (`qmp-driver --config FILE relay`) runs on host B, so the daemons
 //! there reach its control socket by its path; `colo-proxyd primary` reaches
-//! it over `relay.control_tcp` when set (else by the path, which works only
-//! when host A shares it, as on the test bed).
+//! it over `relay.control_tcp` (`tcp:HOST:PORT`) when set, else by the path,
+//! which works only when host A shares it, as on the test bed.
 
 use crate::config::{DiskBackend, Endpoint, NetworkBackend, PairConfig, RelaySettings, Side};
 
@@ -85,6 +85,16 @@ fn relay(cfg: &PairConfig) -> Result<&RelaySettings, DaemonArgsError> {
     cfg.relay.as_ref().ok_or(DaemonArgsError::NoRelay)
 }
 
+/// The relay's control socket as a daemon on the other host than the relay
+/// reaches it: `relay.control_tcp` when set, else the Unix path (which works
+/// only when the hosts share it, as on the test bed).
+fn remote_control(relay: &RelaySettings) -> String {
+    match &relay.control_tcp {
+        Some(tcp) => tcp.to_string(),
+        None => relay.control.display().to_string(),
+    }
+}
+
 /// The arguments of `daemon` (after its binary name).
 pub fn daemon_args(cfg: &PairConfig, daemon: Daemon) -> Result<Vec<String>, DaemonArgsError> {
     match daemon {
@@ -148,7 +158,7 @@ fn proxyd_primary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsError>
         "--link-listen".into(),
         format!("{}:{}", cfg.primary.host, net.link_port),
         "--control".into(),
-        relay(cfg)?.control.display().to_string(),
+        remote_control(relay(cfg)?),
         "--qmp".into(),
         qmp_address(qmp),
     ])
@@ -251,6 +261,18 @@ mod tests {
              --primary-link 192.168.77.1:9006 --control /run/colo/vm1/relay.sock"
         );
         assert_eq!(Daemon::ProxydPrimary.host(), Side::Primary);
+
+        // With a TCP control address the primary's daemon (the other host) uses it.
+        let tcp = config_with(&DAEMONS.replace(
+            "control = \"/run/colo/vm1/relay.sock\"",
+            "control = \"/run/colo/vm1/relay.sock\"\ncontrol_tcp = \"192.168.77.2:9990\"",
+        ));
+        let args = daemon_args(&tcp, Daemon::ProxydPrimary).unwrap();
+        let at = args.iter().position(|a| a == "--control").unwrap();
+        assert_eq!(args[at + 1], "tcp:192.168.77.2:9990");
+        let args = daemon_args(&tcp, Daemon::Blockd).unwrap();
+        let at = args.iter().position(|a| a == "--control").unwrap();
+        assert_eq!(args[at + 1], "/run/colo/vm1/relay.sock");
         assert_eq!(Daemon::Blockd.binary(), "colo-blockd");
     }
 

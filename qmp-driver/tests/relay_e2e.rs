@@ -877,3 +877,94 @@ async fn shutdown_during_a_barrier_is_prompt() {
     assert!(p.recv_to_end().await.is_empty(), "held reply must not leak");
     assert!(s.recv_to_end().await.is_empty());
 }
+
+/// `run` with `--control-tcp` also serves the control protocol on TCP: a
+/// sync subscriber there (the daemon on the other host) holds the barrier
+/// until it acks, exactly like one on the Unix socket, and the port is
+/// closed with the relay.
+#[tokio::test]
+async fn run_serves_the_control_protocol_on_tcp_too() {
+    use clap::Parser;
+    use colo_control::ControlAddress;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        relay: RelayArgs,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let listen = dir.path().join("in.sock");
+    let sec = dir.path().join("sec.sock");
+    let sec_listener = UnixListener::bind(&sec).unwrap();
+    // A free port (released at once; nothing else in this test binds one).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cli = Cli::try_parse_from([
+        "relay".to_string(),
+        format!("--listen=unix:{}", listen.display()),
+        format!("--target=unix:{}", sec.display()),
+        format!("--control={}", control.display()),
+        format!("--control-tcp=127.0.0.1:{port}"),
+        "--ack-timeout-ms=5000".to_string(),
+    ])
+    .unwrap();
+    let cfg = RelayConfig::try_from(cli.relay).unwrap();
+    let tcp = ControlAddress::tcp("127.0.0.1", port);
+    assert_eq!(cfg.control_tcp.as_ref(), Some(&tcp));
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(qmp_driver::relay::run(cfg, shutdown.clone()));
+
+    let deadline = Instant::now() + T;
+    loop {
+        match query_status(&tcp).await {
+            Ok(st) => break assert_eq!(st.state, RelayState::Waiting),
+            Err(e) => assert!(Instant::now() < deadline, "relay never came up: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut remote = Subscriber::connect(&tcp, "colo-proxyd-primary", true)
+        .await
+        .unwrap();
+
+    let mut p = End::new({
+        let (rd, wr) = UnixStream::connect(&listen).await.unwrap().into_split();
+        (Box::new(rd) as Rd, Box::new(wr) as Wr)
+    });
+    p.send(&QEVM_MAGIC.to_be_bytes()).await;
+    let mut s = End::new({
+        let (st, _) = within(sec_listener.accept()).await.unwrap();
+        let (rd, wr) = st.into_split();
+        (Box::new(rd) as Rd, Box::new(wr) as Wr)
+    });
+    s.recv_exact(4).await;
+    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    let ready = encode(&[ColoMessage::CheckpointReady]);
+    assert_eq!(p.recv_exact(ready.len()).await, ready);
+    assert_eq!(next(&mut remote).await.event, EventKind::ColoStarted);
+
+    // The barrier holds checkpoint-reply until the TCP subscriber acks.
+    s.send_msgs(&[ColoMessage::CheckpointReply]).await;
+    let ev = next(&mut remote).await;
+    assert_eq!((ev.event, ev.sync), (EventKind::SvmEpochClosed, true));
+    let mut held = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(100), p.rd.read(&mut held)).await;
+    assert!(early.is_err(), "checkpoint-reply forwarded before the ack");
+    remote.ack(ev.seq).await.unwrap();
+    let reply = encode(&[ColoMessage::CheckpointReply]);
+    assert_eq!(p.recv_exact(reply.len()).await, reply);
+    // Both transports show the same relay, and it lists the TCP subscriber.
+    let st = query_status(&control).await.unwrap();
+    let sub = st
+        .subscribers
+        .iter()
+        .find(|s| s.name == "colo-proxyd-primary")
+        .unwrap();
+    assert!(sub.sync && sub.healthy && sub.last_ack_latency_us.is_some());
+
+    shutdown.cancel();
+    within(relay).await.unwrap().unwrap();
+    assert!(query_status(&tcp).await.is_err(), "TCP port still served");
+}

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use colo_control::ControlAddress;
 use qmp_driver::qmp::{ConnectOptions, QmpClient};
 use serde_json::json;
 use tokio::time::Instant;
@@ -65,15 +66,16 @@ impl fmt::Display for QmpAddress {
 pub struct RequestOptions {
     /// The primary's QMP monitor.
     pub primary: QmpAddress,
-    /// The relay's control socket, to note the reason (optional).
-    pub control: Option<PathBuf>,
+    /// The relay's control socket (Unix or TCP), to note the reason
+    /// (optional).
+    pub control: Option<ControlAddress>,
     /// At most one request per this interval.
     pub min_interval: Duration,
 }
 
 impl RequestOptions {
     /// One request per second at most.
-    pub fn new(primary: QmpAddress, control: Option<PathBuf>) -> RequestOptions {
+    pub fn new(primary: QmpAddress, control: Option<ControlAddress>) -> RequestOptions {
         RequestOptions {
             primary,
             control,

@@ -18,9 +18,9 @@
 //! every barrier that a sync subscriber left during the session.
 
 use std::io;
-use std::path::PathBuf;
 use std::time::Duration;
 
+use colo_control::ControlAddress;
 use colo_control::client::{ControlError, Subscriber};
 use colo_control::protocol::{Event, EventKind, Survivor};
 use tokio_util::sync::CancellationToken;
@@ -33,8 +33,10 @@ pub const DEFAULT_NAME: &str = "colo-blockd";
 /// How to reach the relay.
 #[derive(Debug, Clone)]
 pub struct EpochOptions {
-    /// The relay's control socket (`qmp-driver relay --control PATH`).
-    pub control: PathBuf,
+    /// The relay's control socket: its Unix socket (`qmp-driver relay
+    /// --control PATH`) or, from the other host, its TCP address
+    /// (`--control-tcp`).
+    pub control: ControlAddress,
     /// Our `hello` name (shown in the relay's status and barrier errors).
     pub name: String,
     /// First wait before reconnecting; doubled after each failed attempt.
@@ -47,7 +49,7 @@ impl EpochOptions {
     /// Options for `control` with the default name and backoff (100 ms up
     /// to 5 s: short enough to be back before the next checkpoint period,
     /// long enough not to spin on a relay that is down).
-    pub fn new(control: impl Into<PathBuf>) -> EpochOptions {
+    pub fn new(control: impl Into<ControlAddress>) -> EpochOptions {
         EpochOptions {
             control: control.into(),
             name: DEFAULT_NAME.to_owned(),
@@ -81,7 +83,7 @@ pub async fn follow_epochs(replica: Replica, opts: EpochOptions, shutdown: Cance
                 metrics.relay_connected.set(1);
                 metrics.epoch.set(w.epoch);
                 tracing::info!(
-                    control = %opts.control.display(),
+                    control = %opts.control,
                     name = %opts.name,
                     epoch = w.epoch,
                     state = ?w.state,
@@ -92,7 +94,7 @@ pub async fn follow_epochs(replica: Replica, opts: EpochOptions, shutdown: Cance
                 match ended {
                     Ended::Shutdown => return,
                     Ended::RelayClosed => tracing::error!(
-                        control = %opts.control.display(),
+                        control = %opts.control,
                         "the relay closed the control connection; COLO cannot checkpoint while \
                          we are disconnected (the relay fails the barrier); reconnecting"
                     ),

@@ -12,10 +12,10 @@
 //! reason, counted in `checkpoint_requests_total{reason}` and noted to the relay (best
 //! effort: it only feeds the relay's status).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use colo_control::ControlAddress;
 use qmp_driver::pair::request_checkpoint;
 use qmp_driver::qmp::{ConnectOptions, QmpClient};
 use tokio::sync::{Mutex, mpsc};
@@ -102,8 +102,8 @@ pub struct RequestOptions {
     pub min_interval: Duration,
     /// A request not followed by `checkpoint-adopted` within this time is sent again.
     pub retry_after: Duration,
-    /// The relay's control socket, to note the reason (optional).
-    pub control: Option<PathBuf>,
+    /// The relay's control socket (Unix or TCP), to note the reason (optional).
+    pub control: Option<ControlAddress>,
 }
 
 impl Default for RequestOptions {

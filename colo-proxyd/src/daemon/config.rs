@@ -9,6 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Args;
+use colo_control::ControlAddress;
 use serde::Deserialize;
 
 use crate::engine::{BypassRule, EngineConfig, UncomparedPolicy};
@@ -182,9 +183,11 @@ pub struct PrimaryArgs {
     /// Where to listen for the secondary's colo-proxyd (the inter-host link).
     #[arg(long, env = "COLO_PROXYD_LINK_LISTEN", value_name = "HOST:PORT")]
     pub link_listen: Option<String>,
-    /// The checkpoint-barrier relay's control socket (`qmp-driver relay --control`).
-    #[arg(long, env = "COLO_PROXYD_CONTROL", value_name = "PATH")]
-    pub control: Option<PathBuf>,
+    /// The checkpoint-barrier relay's control socket: unix:PATH or an absolute path when the
+    /// relay runs on this host (`qmp-driver relay --control`), else tcp:HOST:PORT (the relay's
+    /// `--control-tcp`, on the replication link).
+    #[arg(long, env = "COLO_PROXYD_CONTROL", value_name = "ADDRESS")]
+    pub control: Option<ControlAddress>,
     /// The primary QEMU's QMP monitor, for checkpoint requests and the fail-open check:
     /// unix:PATH or tcp:HOST:PORT. Give colo-proxyd a monitor of its own (QEMU serves one
     /// client per QMP socket).
@@ -245,8 +248,8 @@ pub struct PrimaryConfig {
     pub release: String,
     /// The link's listen address.
     pub link_listen: String,
-    /// The relay's control socket.
-    pub control: PathBuf,
+    /// The relay's control socket (Unix or TCP).
+    pub control: ControlAddress,
     /// The primary QEMU's QMP monitor.
     pub qmp: QmpAddress,
     /// The metrics endpoint.
@@ -374,9 +377,11 @@ pub struct SecondaryArgs {
     /// The primary's colo-proxyd link address (its --link-listen).
     #[arg(long, env = "COLO_PROXYD_PRIMARY_LINK", value_name = "HOST:PORT")]
     pub primary_link: Option<String>,
-    /// The checkpoint-barrier relay's control socket (`qmp-driver relay --control`).
-    #[arg(long, env = "COLO_PROXYD_CONTROL", value_name = "PATH")]
-    pub control: Option<PathBuf>,
+    /// The checkpoint-barrier relay's control socket: unix:PATH or an absolute path when the
+    /// relay runs on this host (`qmp-driver relay --control`), else tcp:HOST:PORT (the relay's
+    /// `--control-tcp`, on the replication link).
+    #[arg(long, env = "COLO_PROXYD_CONTROL", value_name = "ADDRESS")]
+    pub control: Option<ControlAddress>,
     /// Serve Prometheus metrics over HTTP on this address.
     #[arg(long, env = "COLO_PROXYD_METRICS", value_name = "HOST:PORT")]
     pub metrics: Option<String>,
@@ -394,8 +399,8 @@ pub struct SecondaryConfig {
     pub svm_output_listen: String,
     /// The primary daemon's link address.
     pub primary_link: String,
-    /// The relay's control socket.
-    pub control: PathBuf,
+    /// The relay's control socket (Unix or TCP).
+    pub control: ControlAddress,
     /// The metrics endpoint.
     pub metrics: Option<String>,
     /// Our name on the control socket.
@@ -443,7 +448,7 @@ mod tests {
             mirror: Some("127.0.0.1:9003".into()),
             release: Some("127.0.0.1:9005".into()),
             link_listen: Some("0.0.0.0:9100".into()),
-            control: Some("/run/colo/relay.sock".into()),
+            control: Some("/run/colo/relay.sock".parse().unwrap()),
             qmp: Some("unix:/run/colo/proxyd.qmp".into()),
             ..PrimaryArgs::default()
         }
@@ -519,5 +524,50 @@ mod tests {
             PrimaryConfig::try_from(a),
             Err(ConfigError::File { .. })
         ));
+    }
+    #[test]
+    fn control_is_unix_tcp_or_a_path_on_the_command_line_and_in_the_file() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            secondary: SecondaryArgs,
+        }
+        use clap::Parser;
+        let parse = |control: &str| {
+            Cli::try_parse_from(["secondary", "--control", control]).map(|c| c.secondary.control)
+        };
+        for (given, want) in [
+            (
+                "/run/colo/relay.sock",
+                ControlAddress::unix("/run/colo/relay.sock"),
+            ),
+            (
+                "unix:/run/colo/relay.sock",
+                ControlAddress::unix("/run/colo/relay.sock"),
+            ),
+            (
+                "tcp:192.168.77.2:9990",
+                ControlAddress::tcp("192.168.77.2", 9990),
+            ),
+        ] {
+            assert_eq!(parse(given).unwrap(), Some(want), "{given}");
+        }
+        let e = parse("192.168.77.2:9990").unwrap_err().to_string();
+        assert!(e.contains("write tcp:192.168.77.2:9990"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "control = \"tcp:192.168.77.2:9990\"\n").unwrap();
+        let mut a = primary_args();
+        a.control = None;
+        a.config = Some(path.clone());
+        let c = PrimaryConfig::try_from(a).unwrap();
+        assert_eq!(c.control, ControlAddress::tcp("192.168.77.2", 9990));
+        std::fs::write(&path, "control = \"relay.sock\"\n").unwrap();
+        let mut a = primary_args();
+        a.control = None;
+        a.config = Some(path);
+        let e = PrimaryConfig::try_from(a).unwrap_err().to_string();
+        assert!(e.contains("relative path needs the unix: prefix"), "{e}");
     }
 }

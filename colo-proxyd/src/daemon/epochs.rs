@@ -11,9 +11,9 @@
 //! The reconnect loop is the same as colo-blockd's (`colo_blockd::daemon::epochs`); both could
 //! move into colo-control as a generic follower.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
+use colo_control::ControlAddress;
 use colo_control::client::{ControlError, Subscriber, Welcome};
 use colo_control::protocol::Event;
 use tokio::sync::{mpsc, oneshot};
@@ -22,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 /// How to reach the relay.
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
-    /// The relay's control socket (`qmp-driver relay --control PATH`).
-    pub control: PathBuf,
+    /// The relay's control socket: its Unix socket (`qmp-driver relay --control PATH`) or,
+    /// from the other host, its TCP address (`--control-tcp`).
+    pub control: ControlAddress,
     /// Our `hello` name (shown in the relay's status and barrier errors).
     pub name: String,
     /// First wait before reconnecting; doubled after each failed attempt.
@@ -34,7 +35,7 @@ pub struct RelayOptions {
 
 impl RelayOptions {
     /// Options for `control` with the backoff colo-blockd uses (100 ms up to 5 s).
-    pub fn new(control: impl Into<PathBuf>, name: &str) -> RelayOptions {
+    pub fn new(control: impl Into<ControlAddress>, name: &str) -> RelayOptions {
         RelayOptions {
             control: control.into(),
             name: name.to_owned(),
@@ -92,7 +93,7 @@ async fn follow(opts: RelayOptions, tx: mpsc::Sender<EpochNotice>, shutdown: Can
                 backoff = opts.retry_min;
                 let w = sub.welcome();
                 tracing::info!(
-                    control = %opts.control.display(),
+                    control = %opts.control,
                     name = %opts.name,
                     epoch = w.epoch,
                     state = %w.state,
@@ -104,7 +105,7 @@ async fn follow(opts: RelayOptions, tx: mpsc::Sender<EpochNotice>, shutdown: Can
                 match follow_connection(&mut sub, &tx, &shutdown).await {
                     Ended::Shutdown => return,
                     Ended::RelayClosed => tracing::error!(
-                        control = %opts.control.display(),
+                        control = %opts.control,
                         "the relay closed the control connection; COLO cannot checkpoint while \
                          we are disconnected (the relay fails the barrier); reconnecting"
                     ),

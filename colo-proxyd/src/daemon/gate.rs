@@ -16,10 +16,11 @@
 //! primary hears of the adoption) is compared at once.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::time::Duration;
 
 use crate::compare::{Action, CheckpointReason, PacketId};
-use crate::engine::{ComparisonEngine, EngineConfig, EngineCounters};
+use crate::engine::{ComparisonEngine, EngineConfig, EngineCounters, PacketIdHasher};
 
 /// SVM frames of later epochs kept at most; beyond, the oldest are dropped.
 const MAX_FUTURE_FRAMES: usize = 8192;
@@ -80,7 +81,8 @@ pub struct ReleaseGate {
     protection: Protection,
     /// The SVM epoch compared now.
     epoch: u64,
-    held: HashMap<PacketId, Held>,
+    /// Ids are the gate's own counter, not the network's: no keyed hash needed.
+    held: HashMap<PacketId, Held, BuildHasherDefault<PacketIdHasher>>,
     held_bytes: usize,
     next_id: u64,
     early: VecDeque<(u64, Vec<u8>)>,
@@ -95,7 +97,7 @@ impl ReleaseGate {
             engine: ComparisonEngine::new(config),
             protection,
             epoch,
-            held: HashMap::new(),
+            held: HashMap::default(),
             held_bytes: 0,
             next_id: 0,
             early: VecDeque::new(),

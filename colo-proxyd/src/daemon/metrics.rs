@@ -163,6 +163,13 @@ impl Metrics {
         self.inner.dropped_frames.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// `frames` frames could not be delivered (a failed write of a batch).
+    pub fn add_dropped(&self, frames: u64) {
+        self.inner
+            .dropped_frames
+            .fetch_add(frames, Ordering::Relaxed);
+    }
+
     /// Frames dropped so far.
     pub fn dropped_frames(&self) -> u64 {
         self.inner.dropped_frames.load(Ordering::Relaxed)

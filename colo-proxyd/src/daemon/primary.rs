@@ -116,7 +116,7 @@ pub async fn run(
         mirror = %config.mirror,
         release = %config.release,
         link = %config.link_listen,
-        control = %config.control.display(),
+        control = %config.control,
         qmp = %config.qmp,
         max_hold = ?config.engine.max_hold,
         "colo-proxyd primary started"
@@ -163,9 +163,13 @@ impl PrimaryRole {
     ) {
         let mut timer = tokio::time::interval(tick);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Registered once: a fresh `cancelled()` per packet costs a lock to register and one
+        // to deregister.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = &mut cancelled => return,
                 m = pvm.recv() => match m {
                     Some(Inbound::Frame(frame)) => self.pvm_frame(frame),
                     // A drain's marker outside a barrier: nothing waits for it.

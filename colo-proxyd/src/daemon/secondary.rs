@@ -93,7 +93,7 @@ pub async fn run(
         svm_input = %config.svm_input_listen,
         svm_output = %config.svm_output_listen,
         primary = %config.primary_link,
-        control = %config.control.display(),
+        control = %config.control,
         "colo-proxyd secondary started"
     );
     let mut role = SecondaryRole {

@@ -80,11 +80,12 @@ impl FlowComparator {
     }
 }
 
-/// Hashes packet ids for the table of arrival times. The ids are chosen by the daemon, not by
-/// the network, so a keyed (flooding-resistant) hash buys nothing there, and this table is
-/// touched twice for every PVM packet; a folded multiply spreads sequential ids well.
+/// Hashes packet ids for the tables of held packets (arrival times here, frames in the
+/// primary's gate). The ids are chosen by the daemon, not by the network, so a keyed
+/// (flooding-resistant) hash buys nothing there, and these tables are touched twice for every
+/// PVM packet; a folded multiply spreads sequential ids well.
 #[derive(Debug, Default, Clone, Copy)]
-struct PacketIdHasher(u64);
+pub(crate) struct PacketIdHasher(u64);
 
 impl PacketIdHasher {
     const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;

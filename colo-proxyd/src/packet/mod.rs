@@ -181,8 +181,19 @@ pub struct FlowKey {
 impl std::hash::Hash for FlowKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         // The flow table hashes every frame's key with a keyed hash (the key comes from the
-        // network): one write of the whole key costs about half as much as one per field.
-        // Equal keys give equal bytes, which is all `Hash` must guarantee.
+        // network), whose cost grows with the bytes written: an IPv4 key goes in as one
+        // 13-byte write, any other as one 39-byte write (one write per field would cost about
+        // twice as much). Equal keys give equal bytes, which is all `Hash` must guarantee.
+        if let (IpAddr::V4(src), IpAddr::V4(dst)) = (self.src, self.dst) {
+            let mut bytes = [0u8; 13];
+            bytes[0] = self.protocol;
+            bytes[1..5].copy_from_slice(&src.octets());
+            bytes[5..7].copy_from_slice(&self.src_port.to_be_bytes());
+            bytes[7..11].copy_from_slice(&dst.octets());
+            bytes[11..13].copy_from_slice(&self.dst_port.to_be_bytes());
+            state.write(&bytes);
+            return;
+        }
         fn put(out: &mut [u8], address: IpAddr) {
             match address {
                 IpAddr::V4(v4) => {

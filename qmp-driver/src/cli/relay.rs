@@ -6,6 +6,7 @@
 use super::{Cli, Command, Globals};
 use clap::FromArgMatches;
 use clap::parser::ValueSource;
+use colo_control::ControlAddress;
 use qmp_driver::config::ConfigError;
 use qmp_driver::relay::{Endpoint, RelayArgs, RelayConfig};
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ pub fn parse(top: &clap::ArgMatches, sub: &clap::ArgMatches) -> Result<Cli, clap
     let listen = sub.get_one::<Endpoint>("listen").cloned();
     let target = sub.get_one::<Endpoint>("target").cloned();
     let control = sub.get_one::<PathBuf>("control").cloned();
+    let control_tcp = sub.get_one::<ControlAddress>("control_tcp").cloned();
     let ack_explicit = sub.value_source("ack_timeout_ms") != Some(ValueSource::DefaultValue);
     let ack = sub.get_one::<u64>("ack_timeout_ms").copied();
 
@@ -64,6 +66,8 @@ pub fn parse(top: &clap::ArgMatches, sub: &clap::ArgMatches) -> Result<Cli, clap
         control: control
             .or_else(|| from_config.as_ref().map(|r| r.control.clone()))
             .ok_or_else(|| usage("relay: --control is missing"))?,
+        control_tcp: control_tcp
+            .or_else(|| from_config.as_ref().and_then(|r| r.control_tcp.clone())),
         ack_timeout_ms: match (&from_config, ack_explicit) {
             (Some(r), false) => r.ack_timeout_ms,
             _ => ack.unwrap_or(qmp_driver::config::DEFAULT_ACK_TIMEOUT_MS),

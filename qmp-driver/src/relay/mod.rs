@@ -22,6 +22,12 @@
 //! reason=error` instead of waiting forever. The relay keeps running.
 //! `docs/control-protocol.md` has the whole story.
 //!
+//! The control protocol is served on a Unix socket (`control`: daemons and
+//! tools on the relay's host) and, with `control_tcp`, also on TCP for the
+//! daemons on the other host (colo-proxyd primary when the relay runs on the
+//! secondary host). TCP has no authentication: bind it to the replication
+//! link only.
+//!
 //! ```no_run
 //! use qmp_driver::relay::{RelayConfig, run};
 //! use std::time::Duration;
@@ -32,6 +38,7 @@
 //!     listen: "unix:/run/colo/relay-in.sock".parse()?,
 //!     target: "unix:/run/colo/secondary-incoming.sock".parse()?,
 //!     control: "/run/colo/relay.sock".into(),
+//!     control_tcp: Some("tcp:192.168.77.2:9990".parse().unwrap()),
 //!     ack_timeout: Duration::from_millis(2000),
 //! };
 //! run(config, CancellationToken::new()).await
@@ -45,7 +52,8 @@ mod endpoint;
 pub use colo_message::{ColoMessage, ColoParser, MULTIFD_MAGIC, ParseError, QEVM_MAGIC};
 pub use endpoint::{Endpoint, EndpointParseError, RelayListener, remove_stale_socket};
 
-use colo_control::hub::ControlHub;
+use colo_control::ControlAddress;
+use colo_control::hub::{ControlHub, ControlListener};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +72,9 @@ pub struct RelayConfig {
     pub target: Endpoint,
     /// The control socket (Unix) daemons and operators connect to.
     pub control: PathBuf,
+    /// Also serve the control protocol on this TCP address, for the daemons
+    /// on the other host (a [`ControlAddress::Tcp`]; port 0 picks one).
+    pub control_tcp: Option<ControlAddress>,
     /// How long a barrier waits for every sync subscriber's ack.
     pub ack_timeout: Duration,
 }
@@ -90,6 +101,19 @@ pub struct RelayArgs {
     /// socket file is replaced; a live one is an error.
     #[arg(long, env = "COLO_RELAY_CONTROL", value_name = "PATH")]
     pub control: PathBuf,
+
+    /// Also serve the control protocol on TCP at HOST:PORT, for the daemons
+    /// on the other host (colo-proxyd primary when the relay runs on the
+    /// secondary host): they connect with `--control tcp:HOST:PORT`. No
+    /// authentication: give the relay host's replication-link address, never
+    /// a public interface or 0.0.0.0 on a host with one.
+    #[arg(
+        long,
+        env = "COLO_RELAY_CONTROL_TCP",
+        value_name = "HOST:PORT",
+        value_parser = ControlAddress::parse_host_port
+    )]
+    pub control_tcp: Option<ControlAddress>,
 
     /// How long each checkpoint barrier waits for the ack of every sync
     /// subscriber, in milliseconds. When it expires (or a sync subscriber
@@ -131,10 +155,23 @@ impl TryFrom<RelayArgs> for RelayConfig {
                 )));
             }
         }
+        if let Some(tcp) = &a.control_tcp {
+            if !tcp.is_tcp() {
+                return Err(RelayError::Config(format!(
+                    "--control-tcp must be a TCP address (HOST:PORT), got {tcp}"
+                )));
+            }
+            if a.listen.to_string() == tcp.to_string() {
+                return Err(RelayError::Config(format!(
+                    "--control-tcp {tcp} is also the migration --listen address"
+                )));
+            }
+        }
         Ok(RelayConfig {
             listen: a.listen,
             target: a.target,
             control: a.control,
+            control_tcp: a.control_tcp,
             ack_timeout: Duration::from_millis(a.ack_timeout_ms),
         })
     }
@@ -165,11 +202,19 @@ pub enum RelayError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The control protocol's TCP listener could not be bound.
+    #[error("cannot listen for control connections on {address}: {source}")]
+    ControlTcp {
+        /// The `--control-tcp` address.
+        address: ControlAddress,
+        /// The underlying error.
+        source: std::io::Error,
+    },
 }
 
-/// Binds the control socket and the migration listener, then serves until
-/// `shutdown` is cancelled. Removes the socket files it created on the way
-/// out.
+/// Binds the control socket (and its TCP listener, if any) and the migration
+/// listener, then serves until `shutdown` is cancelled. Removes the socket
+/// files it created on the way out.
 pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(), RelayError> {
     let control_err = |source| RelayError::Control {
         path: config.control.clone(),
@@ -180,6 +225,21 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
         .map_err(control_err)?;
     let control = tokio::net::UnixListener::bind(&config.control).map_err(control_err)?;
     let hub = ControlHub::new(control);
+    let control_tcp = match &config.control_tcp {
+        None => None,
+        Some(address) => match bind_control_tcp(address).await {
+            Ok(listener) => {
+                let bound = listener.local_address().ok();
+                hub.listen(listener);
+                bound
+            }
+            Err(e) => {
+                hub.shutdown().await;
+                let _ = std::fs::remove_file(&config.control);
+                return Err(e);
+            }
+        },
+    };
     let listener = match RelayListener::bind(&config.listen).await {
         Ok(l) => l,
         Err(source) => {
@@ -195,6 +255,7 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
         listen = %config.listen,
         target = %config.target,
         control = %config.control.display(),
+        control_tcp = %control_tcp.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
         ack_timeout_ms = config.ack_timeout.as_millis() as u64,
         "relay started"
     );
@@ -212,6 +273,29 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// Binds the control protocol's TCP listener. A wildcard address is allowed
+/// (a host may have only the replication link) but warned about: nothing
+/// authenticates a control client.
+async fn bind_control_tcp(address: &ControlAddress) -> Result<ControlListener, RelayError> {
+    if let ControlAddress::Tcp { host, .. } = address
+        && host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified())
+    {
+        tracing::warn!(
+            %address,
+            "the control protocol listens on every interface; it has no authentication: \
+             bind it to the replication link's address instead"
+        );
+    }
+    ControlListener::bind(address)
+        .await
+        .map_err(|source| RelayError::ControlTcp {
+            address: address.clone(),
+            source,
+        })
 }
 
 /// Serves migration channels accepted on `listener`, forwarding each to
@@ -277,6 +361,7 @@ mod tests {
             listen: listen.parse().unwrap(),
             target: target.parse().unwrap(),
             control: control.into(),
+            control_tcp: None,
             ack_timeout_ms: ms,
         };
         let e = RelayConfig::try_from(args("unix:/a", "unix:/b", "/c", 0)).unwrap_err();
@@ -285,5 +370,47 @@ mod tests {
         assert!(e.to_string().contains("connect to itself"), "{e}");
         let e = RelayConfig::try_from(args("unix:/a", "unix:/b", "/a", 5)).unwrap_err();
         assert!(e.to_string().contains("also a migration endpoint"), "{e}");
+    }
+
+    #[test]
+    fn control_tcp_is_optional_and_checked() {
+        let base = [
+            "relay",
+            "--listen",
+            "tcp:192.168.77.2:9998",
+            "--target",
+            "unix:/run/sec.sock",
+            "--control",
+            "/run/relay.sock",
+        ];
+        let parse = |extra: &[&str]| {
+            let mut argv = base.to_vec();
+            argv.extend(extra);
+            Cli::try_parse_from(argv)
+        };
+        let cfg = RelayConfig::try_from(parse(&[]).unwrap().relay).unwrap();
+        assert_eq!(cfg.control_tcp, None);
+        for given in ["192.168.77.2:9990", "tcp:192.168.77.2:9990"] {
+            let cfg =
+                RelayConfig::try_from(parse(&["--control-tcp", given]).unwrap().relay).unwrap();
+            assert_eq!(
+                cfg.control_tcp,
+                Some(ControlAddress::tcp("192.168.77.2", 9990)),
+                "{given}"
+            );
+        }
+        let e = parse(&["--control-tcp", "9990"]).unwrap_err().to_string();
+        assert!(e.contains("expected HOST:PORT"), "{e}");
+        let e = parse(&["--control-tcp", "/run/relay.sock"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid control address"), "{e}");
+        let same = parse(&["--control-tcp", "192.168.77.2:9998"]).unwrap();
+        let e = RelayConfig::try_from(same.relay).unwrap_err().to_string();
+        assert!(e.contains("also the migration --listen address"), "{e}");
+        let mut unix = parse(&[]).unwrap().relay;
+        unix.control_tcp = Some(ControlAddress::unix("/run/other.sock"));
+        let e = RelayConfig::try_from(unix).unwrap_err().to_string();
+        assert!(e.contains("must be a TCP address"), "{e}");
     }
 }
