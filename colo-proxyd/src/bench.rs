@@ -606,7 +606,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         println!(
             "  floor (the same sockets and runtimes, a task that only copies the bytes across):"
         );
-        println!("                                   {}", summary(&loopback.floor));
+        println!(
+            "                                   {}",
+            summary(&loopback.floor)
+        );
     }
     Ok(())
 }

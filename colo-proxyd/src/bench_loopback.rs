@@ -20,6 +20,7 @@ use colo_control::protocol::RelayState;
 use colo_proxyd::codec::{Frame, FrameDecoder, encode};
 use colo_proxyd::daemon::config::{PrimaryArgs, PrimaryConfig};
 use colo_proxyd::daemon::link::{self, LINK_VERSION, LinkMessage, LinkRole};
+use colo_proxyd::daemon::metrics::{Metrics, serve as serve_metrics};
 use colo_proxyd::daemon::primary;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
@@ -79,16 +80,27 @@ async fn measure_floor(daemon: &Handle, packets: usize) -> anyhow::Result<Vec<Du
             to.write_all(&buf[..n]).await?;
         }
     });
+    // Before each timed packet the daemon's cases scrape its metrics, which its workers
+    // serve; the same metrics server scraped the same way leaves the workers in the same state.
+    let stop = CancellationToken::new();
+    let metrics = {
+        let stop = stop.clone();
+        daemon
+            .spawn(async move {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                let address = listener.local_addr()?.to_string();
+                tokio::spawn(serve_metrics(listener, Metrics::new("primary"), stop));
+                anyhow::Ok(address)
+            })
+            .await??
+    };
     let mut into = Chardev::accept(&input).await?;
     let mut out = Chardev::accept(&output).await?;
     let mut deadline = run_deadline(packets);
     let mut times = Vec::with_capacity(packets);
     for round in 0..packets {
         let frame = tcp(round as u32);
-        // The daemon's cases wait for a metrics scrape between packets; a pause of the same
-        // order lets the workers go idle in the same way. (Tokio's timers count milliseconds;
-        // blocking this thread holds up nothing but the fakes, which wait anyway.)
-        std::thread::sleep(Duration::from_micros(100));
+        scrape(&metrics).await?;
         let start = Instant::now();
         into.send(&frame).await?;
         let copied = out.recv(&mut deadline).await?;
@@ -99,6 +111,7 @@ async fn measure_floor(daemon: &Handle, packets: usize) -> anyhow::Result<Vec<Du
     }
     drop(into);
     copier.await??;
+    stop.cancel();
     times.sort_unstable();
     Ok(times)
 }

@@ -54,7 +54,8 @@ enum Command {
     /// ratio to a raw memcmp of the same payload bytes measured in the same run, and the
     /// per-frame processing time (p50, p99) of that in-process path; then the latency the
     /// primary daemon adds over loopback sockets (in process, against fake QEMU chardevs and a
-    /// fake secondary). Every pass must release every PVM packet with no checkpoint, or the
+    /// fake secondary), next to the floor of the same sockets through a task that only copies
+    /// the bytes. Every pass must release every PVM packet with no checkpoint, or the
     /// command fails. Timings vary with the machine and its load;
     /// use a release build.
     Bench(bench::BenchArgs),
@@ -67,6 +68,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: logs in files and journals stay greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Bench(args) => match bench::run(&args) {

@@ -74,6 +74,45 @@ async fn proxyd_pair_primary_killed_secondary_takes_over() {
     common::assert_failover(&report);
 }
 
+/// The primary dies one second into a download, with no checkpoint since the connection
+/// opened (the periodic one is 20 s away): the SVM opened it with its own initial sequence
+/// number, which the client never saw. After the failover colo-proxyd secondary carries the
+/// SVM's traffic and shifts that connection's numbers to the PVM's, so the download completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn proxyd_failover_keeps_a_connection_opened_in_the_last_epoch() {
+    let cfg = PairConfig {
+        checkpoint_delay_ms: 20_000,
+        guest_load_mib_s: 1,
+        ..proxyd_pair()
+    };
+    let plan = FailoverPlan {
+        kill: Role::Primary,
+        checkpoints_before: 0,
+        kill_after: Duration::from_millis(1000),
+        ..FailoverPlan::default()
+    };
+    let report = scenario::failover("t-pxe", cfg, plan)
+        .await
+        .expect("failover scenario ran");
+    common::assert_failover(&report);
+    let log = std::fs::read_to_string(report.run_dir.join("proxyd-secondary.log"))
+        .expect("colo-proxyd secondary's log");
+    let bridged = log
+        .lines()
+        .find(|l| l.contains("failover: bridging SVM traffic"))
+        .expect("colo-proxyd secondary bridged the SVM's traffic");
+    println!("{bridged}");
+    let shifted: u64 = bridged
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("connections_with_offset="))
+        .and_then(|n| n.parse().ok())
+        .expect("the bridging line names connections_with_offset");
+    assert!(
+        shifted > 0,
+        "no connection needed its numbers shifted: the test did not exercise the rewriting"
+    );
+}
+
 /// The secondary host dies (QEMU and its colo-proxyd); the primary carries on alone.
 #[tokio::test(flavor = "multi_thread")]
 async fn proxyd_pair_secondary_killed_primary_carries_on() {

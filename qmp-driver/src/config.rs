@@ -287,6 +287,14 @@ pub struct NetworkConfig {
     /// colo-proxyd: the port of the link between the two daemons, on
     /// `primary.host`.
     pub link_port: u16,
+    /// colo-proxyd, after a failover to the secondary: the port on the
+    /// secondary's loopback where `colo-proxyd secondary` hands the SVM's
+    /// rewritten output back to QEMU for the network (chardev `red2`).
+    pub net_output_port: u16,
+    /// colo-proxyd, after a failover to the secondary: the port on the
+    /// secondary's loopback where QEMU hands the network's packets to
+    /// `colo-proxyd secondary` to rewrite for the SVM (chardev `red3`).
+    pub net_input_port: u16,
     /// colo-proxyd: a QMP monitor of the primary QEMU for `colo-proxyd
     /// primary` alone (checkpoint requests, the fail-open check); the
     /// generated primary command line opens it.
@@ -442,6 +450,8 @@ struct RawDisk {
 struct RawNetwork {
     backend: Option<NetworkBackend>,
     link_port: Option<u16>,
+    net_output_port: Option<u16>,
+    net_input_port: Option<u16>,
     proxyd_qmp: Option<String>,
     netdev: Option<String>,
     mirror_port: Option<u16>,
@@ -841,6 +851,8 @@ impl PairConfig {
         let network = NetworkConfig {
             backend: net_backend,
             link_port: c.port("network.link_port", n.link_port, 9006)?,
+            net_output_port: c.port("network.net_output_port", n.net_output_port, 9007)?,
+            net_input_port: c.port("network.net_input_port", n.net_input_port, 9008)?,
             proxyd_qmp,
             netdev: c.qemu_id("network.netdev", n.netdev, "hn0")?,
             mirror_port: c.port("network.mirror_port", n.mirror_port, 9003)?,
@@ -863,6 +875,8 @@ impl PairConfig {
             ),
             ("network.compare_out_port", network.compare_out_port),
             ("network.link_port", network.link_port),
+            ("network.net_output_port", network.net_output_port),
+            ("network.net_input_port", network.net_input_port),
         ];
         for (i, (key, port)) in ports.iter().enumerate() {
             if let Some((other, _)) = ports[..i].iter().find(|(_, p)| p == port) {
@@ -1067,6 +1081,8 @@ mod tests {
             NetworkConfig {
                 backend: NetworkBackend::ColoCompare,
                 link_port: 9006,
+                net_output_port: 9007,
+                net_input_port: 9008,
                 proxyd_qmp: None,
                 netdev: "hn0".into(),
                 mirror_port: 9003,

@@ -182,6 +182,12 @@ fn proxyd_secondary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsErro
         format!("{}:{}", cfg.primary.host, net.link_port),
         "--control".into(),
         relay(cfg)?.control.display().to_string(),
+        // After a failover to the secondary, QEMU's red2/red3 connect here
+        // (`pair::failover_to_secondary`).
+        "--net-output-listen".into(),
+        loopback(net.net_output_port),
+        "--net-input-listen".into(),
+        loopback(net.net_input_port),
     ])
 }
 
@@ -258,7 +264,8 @@ mod tests {
                 .unwrap()
                 .join(" "),
             "secondary --svm-input-listen 127.0.0.1:9003 --svm-output-listen 127.0.0.1:9004 \
-             --primary-link 192.168.77.1:9006 --control /run/colo/vm1/relay.sock"
+             --primary-link 192.168.77.1:9006 --control /run/colo/vm1/relay.sock \
+             --net-output-listen 127.0.0.1:9007 --net-input-listen 127.0.0.1:9008"
         );
         assert_eq!(Daemon::ProxydPrimary.host(), Side::Primary);
 

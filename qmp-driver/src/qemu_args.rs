@@ -65,6 +65,18 @@ pub mod ids {
     pub const SECONDARY_IN_REDIRECTOR: &str = "f1";
     /// Secondary: redirector carrying the SVM's output to the primary.
     pub const SECONDARY_OUT_REDIRECTOR: &str = "f2";
+    /// Secondary, colo-proxyd, added at failover: chardev from colo-proxyd
+    /// secondary (the SVM's rewritten output, for the network).
+    pub const SECONDARY_NET_OUT: &str = "red2";
+    /// Secondary, colo-proxyd, added at failover: chardev to colo-proxyd
+    /// secondary (the network's packets, to rewrite for the SVM).
+    pub const SECONDARY_NET_IN: &str = "red3";
+    /// Secondary, colo-proxyd, added at failover: redirector injecting
+    /// [`SECONDARY_NET_OUT`] towards the tap (queue=rx, before `f2`).
+    pub const SECONDARY_NET_OUT_REDIRECTOR: &str = "f3";
+    /// Secondary, colo-proxyd, added at failover: redirector diverting the
+    /// tap's packets to [`SECONDARY_NET_IN`] (queue=tx, before `f1`).
+    pub const SECONDARY_NET_IN_REDIRECTOR: &str = "f4";
     /// Secondary: filter-rewriter (TCP sequence numbers).
     pub const REWRITER: &str = "rew0";
     /// Secondary: the `replication,mode=secondary` drive.

@@ -1,16 +1,12 @@
 //! The bytes of one connection's stream from the release floor up, stored once, whichever VM
-//! produced them first, in one ring buffer indexed by stream offset.
+//! produced them first, in one contiguous buffer indexed by stream offset.
 //!
 //! The comparison needs, for every offset not yet released, the bytes one side produced until
 //! the other side's bytes for the same offset arrive; then the two are compared once, with one
 //! slice comparison (a memcmp), and from then on the offset is known to be equal on both sides.
 //! Keeping one copy in one buffer (rather than a copy per packet per side) means a byte is
 //! copied once and compared once, and no packet costs an allocation once the buffer has grown
-//! to the connection's working size. The buffer is a ring: forgetting released bytes moves its
-//! start, so the bytes still kept are never moved to the front (with a bulk connection's lead
-//! of one side kept, such compaction copied about every byte a second time).
-
-use std::collections::VecDeque;
+//! to the connection's working size.
 
 /// Who has produced a region's bytes so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,10 +66,12 @@ const KEEP_CAPACITY: usize = 16 * 1024;
 /// sides; every byte outside those regions was produced by both, identically.
 #[derive(Debug)]
 pub(super) struct StreamBytes {
-    /// Stream offset of `buf[0]`.
+    /// Stream offset of `buf[head]`.
     base: i64,
-    /// A ring: forgetting a prefix is O(1) and moves no byte.
-    buf: VecDeque<u8>,
+    buf: Vec<u8>,
+    /// Bytes before `head` are below `base`, forgotten; they are reclaimed lazily (when the
+    /// buffer would otherwise grow), so forgetting is O(1) per release.
+    head: usize,
     /// Sorted, disjoint; usually empty or one region.
     regions: Vec<Region>,
     /// Reused when `regions` is rebuilt, to avoid an allocation per segment.
@@ -87,7 +85,8 @@ impl StreamBytes {
     pub(super) fn new(base: i64) -> Self {
         StreamBytes {
             base,
-            buf: VecDeque::new(),
+            buf: Vec::new(),
+            head: 0,
             regions: Vec::new(),
             scratch: Vec::new(),
             peak: 0,
@@ -101,7 +100,7 @@ impl StreamBytes {
 
     /// Bytes kept, gaps included: what the buffer really occupies.
     pub(super) fn len(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.head
     }
 
     /// Bytes kept that the SVM produced (alone or verified against the PVM's).
@@ -120,12 +119,13 @@ impl StreamBytes {
     }
 
     fn index(&self, offset: i64) -> usize {
-        (offset - self.base) as usize
+        self.head + (offset - self.base) as usize
     }
 
     /// Forgets everything, keeping nothing below `base` from now on.
     pub(super) fn clear(&mut self, base: i64) {
-        self.buf = VecDeque::new();
+        self.buf = Vec::new();
+        self.head = 0;
         self.regions.clear();
         self.peak = 0;
         self.base = base;
@@ -138,14 +138,14 @@ impl StreamBytes {
         }
         if floor >= self.end() {
             self.buf.clear();
+            self.head = 0;
             if self.buf.capacity() > KEEP_CAPACITY && self.peak * 4 < self.buf.capacity() {
-                self.buf = VecDeque::new();
+                self.buf = Vec::new();
             }
             self.peak = 0;
             self.regions.clear();
         } else {
-            // A prefix of a ring: only its start moves.
-            self.buf.drain(..self.index(floor));
+            self.head = self.index(floor);
             let gone = self.regions.partition_point(|r| r.end <= floor);
             self.regions.drain(..gone);
             if let Some(first) = self.regions.first_mut() {
@@ -192,6 +192,7 @@ impl StreamBytes {
         }
         if end > old_end {
             let from = start.max(old_end);
+            self.make_room((end - old_end) as usize);
             if from > old_end {
                 self.buf
                     .resize(self.buf.len() + (from - old_end) as usize, 0);
@@ -204,8 +205,7 @@ impl StreamBytes {
                     },
                 );
             }
-            // Copies the slice (in at most two pieces), not byte by byte.
-            self.buf.extend(&data[(from - start) as usize..]);
+            self.buf.extend_from_slice(&data[(from - start) as usize..]);
             push_region(
                 &mut self.regions,
                 Region {
@@ -219,30 +219,11 @@ impl StreamBytes {
         Ok(())
     }
 
-    /// The stored bytes `[at, at + len)` (buffer indices) as the ring holds them: one slice,
-    /// or two when they wrap around its end.
-    fn stored(&self, at: usize, len: usize) -> (&[u8], &[u8]) {
-        let (front, back) = self.buf.as_slices();
-        if at >= front.len() {
-            let at = at - front.len();
-            (&back[at..at + len], &[])
-        } else if at + len <= front.len() {
-            (&front[at..at + len], &[])
-        } else {
-            (&front[at..], &back[..at + len - front.len()])
-        }
-    }
-
-    /// Overwrites the stored bytes from buffer index `at` with `data`.
-    fn write_at(&mut self, at: usize, data: &[u8]) {
-        let (front, back) = self.buf.as_mut_slices();
-        if at >= front.len() {
-            let at = at - front.len();
-            back[at..at + data.len()].copy_from_slice(data);
-        } else {
-            let first = data.len().min(front.len() - at);
-            front[at..at + first].copy_from_slice(&data[..first]);
-            back[..data.len() - first].copy_from_slice(&data[first..]);
+    /// Reclaims the forgotten prefix if the buffer would otherwise have to grow by `extra`.
+    fn make_room(&mut self, extra: usize) {
+        if self.head > 0 && self.buf.len() + extra > self.buf.capacity() {
+            self.buf.drain(..self.head);
+            self.head = 0;
         }
     }
 
@@ -280,7 +261,8 @@ impl StreamBytes {
             );
             let tag = match (region.tag, side) {
                 (Tag::Hole, _) => {
-                    self.write_at(self.index(from), piece);
+                    let at = self.index(from);
+                    self.buf[at..at + piece.len()].copy_from_slice(piece);
                     side.tag()
                 }
                 (Tag::Svm, Side::Svm) => Tag::Svm,
@@ -350,18 +332,13 @@ impl StreamBytes {
 
     /// Compares `data` with the stored bytes at `at`.
     fn compare(&self, at: i64, data: &[u8]) -> Result<(), i64> {
-        let (first, second) = self.stored(self.index(at), data.len());
-        let (data_first, data_second) = data.split_at(first.len());
-        // Slice equality is a memcmp (one per piece of the ring); only a difference pays for
-        // the byte-wise search.
-        if first == data_first && second == data_second {
+        let index = self.index(at);
+        let stored = &self.buf[index..index + data.len()];
+        // Slice equality is a memcmp; only a difference pays for the byte-wise search.
+        if stored == data {
             Ok(())
         } else {
-            let position = first
-                .iter()
-                .chain(second)
-                .zip(data)
-                .position(|(a, b)| a != b);
+            let position = stored.iter().zip(data).position(|(a, b)| a != b);
             Err(at + position.unwrap_or(0) as i64)
         }
     }

@@ -374,6 +374,20 @@ pub struct SecondaryArgs {
     /// client with reconnect-ms): the SVM's output.
     #[arg(long, env = "COLO_PROXYD_SVM_OUTPUT_LISTEN", value_name = "HOST:PORT")]
     pub svm_output_listen: Option<String>,
+    /// After a failover to the secondary: listen here for QEMU's chardev `red2`
+    /// (filter-redirector `f3`, queue=rx, indev; a TCP client with reconnect-ms that
+    /// qmp-driver adds at the failover): frames written to it go to the network. With
+    /// --net-input-listen, the daemon carries the SVM's traffic after a failover, rewriting
+    /// the sequence numbers of the connections opened in the last epoch; without both, those
+    /// connections break at a failover.
+    #[arg(long, env = "COLO_PROXYD_NET_OUTPUT_LISTEN", value_name = "HOST:PORT")]
+    pub net_output_listen: Option<String>,
+    /// After a failover to the secondary: listen here for QEMU's chardev `red3`
+    /// (filter-redirector `f4`, queue=tx, outdev; a TCP client with reconnect-ms that
+    /// qmp-driver adds at the failover): the network's frames for the SVM, which the daemon
+    /// rewrites and writes to `red0`. Goes with --net-output-listen.
+    #[arg(long, env = "COLO_PROXYD_NET_INPUT_LISTEN", value_name = "HOST:PORT")]
+    pub net_input_listen: Option<String>,
     /// The primary's colo-proxyd link address (its --link-listen).
     #[arg(long, env = "COLO_PROXYD_PRIMARY_LINK", value_name = "HOST:PORT")]
     pub primary_link: Option<String>,
@@ -397,6 +411,8 @@ pub struct SecondaryConfig {
     pub svm_input_listen: String,
     /// `red1`'s listen address (the SVM's output).
     pub svm_output_listen: String,
+    /// The network bridge after a failover (`red2`, `red3`), when configured.
+    pub bridge: Option<BridgeAddresses>,
     /// The primary daemon's link address.
     pub primary_link: String,
     /// The relay's control socket (Unix or TCP).
@@ -411,12 +427,35 @@ pub struct SecondaryConfig {
     pub link_retry_max: Duration,
 }
 
+/// Where the secondary's network bridge listens (both or neither are given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeAddresses {
+    /// `red2`: frames to the network.
+    pub net_output_listen: String,
+    /// `red3`: frames from the network.
+    pub net_input_listen: String,
+}
+
 impl TryFrom<SecondaryArgs> for SecondaryConfig {
     type Error = ConfigError;
 
     fn try_from(args: SecondaryArgs) -> Result<Self, ConfigError> {
         let file: SecondaryArgs = read_file(args.config.as_ref())?;
+        // One port without the other would carry one direction only: refused.
+        let bridge = match (
+            args.net_output_listen.or(file.net_output_listen),
+            args.net_input_listen.or(file.net_input_listen),
+        ) {
+            (None, None) => None,
+            (Some(net_output_listen), Some(net_input_listen)) => Some(BridgeAddresses {
+                net_output_listen,
+                net_input_listen,
+            }),
+            (Some(_), None) => return Err(ConfigError::Missing("net-input-listen")),
+            (None, Some(_)) => return Err(ConfigError::Missing("net-output-listen")),
+        };
         Ok(SecondaryConfig {
+            bridge,
             svm_input_listen: required(
                 args.svm_input_listen.or(file.svm_input_listen),
                 "svm-input-listen",
@@ -525,6 +564,53 @@ mod tests {
             Err(ConfigError::File { .. })
         ));
     }
+    fn secondary_args() -> SecondaryArgs {
+        SecondaryArgs {
+            svm_input_listen: Some("127.0.0.1:9003".into()),
+            svm_output_listen: Some("127.0.0.1:9004".into()),
+            primary_link: Some("192.168.77.1:9100".into()),
+            control: Some("/run/colo/relay.sock".parse().unwrap()),
+            ..SecondaryArgs::default()
+        }
+    }
+
+    #[test]
+    fn the_network_bridge_takes_both_listen_addresses_or_neither() {
+        assert_eq!(
+            SecondaryConfig::try_from(secondary_args()).unwrap().bridge,
+            None
+        );
+        let mut a = secondary_args();
+        a.net_output_listen = Some("127.0.0.1:9006".into());
+        assert_eq!(
+            SecondaryConfig::try_from(a.clone()).unwrap_err(),
+            ConfigError::Missing("net-input-listen")
+        );
+        a.net_input_listen = Some("127.0.0.1:9007".into());
+        let want = Some(BridgeAddresses {
+            net_output_listen: "127.0.0.1:9006".into(),
+            net_input_listen: "127.0.0.1:9007".into(),
+        });
+        assert_eq!(SecondaryConfig::try_from(a).unwrap().bridge, want);
+        // The same from the file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "net-output-listen = \"127.0.0.1:9006\"\nnet-input-listen = \"127.0.0.1:9007\"\n",
+        )
+        .unwrap();
+        let mut a = secondary_args();
+        a.config = Some(path);
+        assert_eq!(SecondaryConfig::try_from(a).unwrap().bridge, want);
+        let mut a = secondary_args();
+        a.net_input_listen = Some("127.0.0.1:9007".into());
+        assert_eq!(
+            SecondaryConfig::try_from(a).unwrap_err(),
+            ConfigError::Missing("net-output-listen")
+        );
+    }
+
     #[test]
     fn control_is_unix_tcp_or_a_path_on_the_command_line_and_in_the_file() {
         #[derive(clap::Parser)]

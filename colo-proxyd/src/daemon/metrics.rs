@@ -12,6 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::daemon::svm_path::BridgeCounts;
+
 /// Upper bounds of the hold-time histogram's buckets, in seconds.
 const HOLD_BUCKETS: [f64; 12] = [
     0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
@@ -52,6 +54,9 @@ struct Inner {
     hold_count: AtomicU64,
     hold_sum_ns: AtomicU64,
     hold_buckets: [AtomicU64; HOLD_BUCKETS.len()],
+    /// The secondary's network bridge after a failover (running totals from the role logic).
+    bridged: Mutex<BridgeCounts>,
+    offset_connections: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -205,6 +210,19 @@ impl Metrics {
         self.inner.flows.store(flows as u64, Ordering::Relaxed);
     }
 
+    /// What the secondary's network bridge carried since the failover (running totals).
+    pub fn set_bridged(&self, counts: BridgeCounts) {
+        *lock(&self.inner.bridged) = counts;
+    }
+
+    /// Connections whose sequence numbers the secondary shifts after its failover (those
+    /// the SVM opened in the last epoch).
+    pub fn set_offset_connections(&self, connections: usize) {
+        self.inner
+            .offset_connections
+            .store(connections as u64, Ordering::Relaxed);
+    }
+
     /// The exposition text.
     pub fn render(&self) -> String {
         let i = &self.inner;
@@ -300,6 +318,42 @@ impl Metrics {
             out,
             "colo_proxyd_barriers_total {}",
             i.barriers.load(Ordering::Relaxed)
+        );
+        let bridged = *lock(&i.bridged);
+        for (name, help, out_of_svm, into_svm) in [
+            (
+                "failover_bridged_frames_total",
+                "Frames the secondary carried between the SVM and the network after its failover.",
+                bridged.out_of_svm,
+                bridged.into_svm,
+            ),
+            (
+                "failover_rewritten_frames_total",
+                "Of those, frames whose sequence (out of the SVM) or acknowledgement (into it) number was shifted.",
+                bridged.out_of_svm_rewritten,
+                bridged.into_svm_rewritten,
+            ),
+        ] {
+            header(&mut out, name, "counter", help);
+            let _ = writeln!(
+                out,
+                "colo_proxyd_{name}{{direction=\"out_of_svm\"}} {out_of_svm}"
+            );
+            let _ = writeln!(
+                out,
+                "colo_proxyd_{name}{{direction=\"into_svm\"}} {into_svm}"
+            );
+        }
+        header(
+            &mut out,
+            "failover_offset_connections",
+            "gauge",
+            "Connections whose sequence numbers the secondary shifts after its failover (opened by the SVM in the last epoch).",
+        );
+        let _ = writeln!(
+            out,
+            "colo_proxyd_failover_offset_connections {}",
+            i.offset_connections.load(Ordering::Relaxed)
         );
         header(
             &mut out,

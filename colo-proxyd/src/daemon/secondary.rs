@@ -3,6 +3,11 @@
 //! ```text
 //!  link (mirrored, from the primary) ──► SvmPath (into_svm) ──► QEMU red0 (into the SVM)
 //!  QEMU red1 (the SVM's output) ──► SvmPath (out_of_svm, epoch tag) ──► link (to the primary)
+//!
+//!  after a failover to the secondary, with the network bridge (--net-output-listen,
+//!  --net-input-listen):
+//!  QEMU red1 (the SVM's output) ──► SvmPath (out_of_svm) ──► QEMU red2 (to the network)
+//!  QEMU red3 (from the network) ──► SvmPath (into_svm) ──► QEMU red0 (into the SVM)
 //! ```
 //!
 //! | relay event | done here before the ack |
@@ -11,14 +16,20 @@
 //! | `checkpoint-adopted{E}` | reset every rewriting offset; held packets go on |
 //! | `colo-started{E}` (async) | offsets reset, output tagged E |
 //! | `colo-exit` (async) | held packets go on with the old offsets |
-//! | `failover` to the secondary (async) | the SVM's output is meant for the network: **not carried yet** (see `docs/proxyd-link.md`) |
+//! | `failover` to the secondary (async) | with the bridge: "failover: bridging SVM traffic", the SVM's traffic goes through `red2`/`red3` with the offsets in force; without: a warning that the connections opened in the last epoch break |
 //!
-//! QEMU's chardevs `red0` and `red1` are clients (`reconnect-ms`), so this daemon listens for
+//! QEMU's chardevs `red0` to `red3` are clients (`reconnect-ms`), so this daemon listens for
 //! them; it connects to the primary's daemon.
+
+pub mod network_bridge;
+
+use std::time::Duration;
 
 use colo_control::protocol::{EventKind, RelayState, Survivor};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use self::network_bridge::{BridgeListeners, NET_INPUT_PORT, NET_OUTPUT_PORT, NetworkBridge};
 
 use super::attachment::{FrameSink, FrameSource, Inbound, PortEndpoint, spawn_sink, spawn_source};
 use super::config::SecondaryConfig;
@@ -26,7 +37,7 @@ use super::epochs::{self, EpochNotice, RelayOptions};
 use super::link::LinkMessage;
 use super::metrics::{self, Metrics};
 use super::peer::{self, LinkSender};
-use super::svm_path::{SvmOutput, SvmPath};
+use super::svm_path::{Failover, SvmOutput, SvmPath};
 use super::{DaemonError, bind};
 
 /// The secondary's listening sockets, bound before [`run`].
@@ -36,6 +47,8 @@ pub struct SecondaryListeners {
     pub svm_input: TcpListener,
     /// For QEMU's `red1` (the SVM's output).
     pub svm_output: TcpListener,
+    /// For QEMU's `red2` and `red3` (the network, after a failover), when configured.
+    pub bridge: Option<BridgeListeners>,
     /// The metrics endpoint.
     pub metrics: Option<TcpListener>,
 }
@@ -46,6 +59,13 @@ impl SecondaryListeners {
         Ok(SecondaryListeners {
             svm_input: bind("QEMU's red0 chardev", &config.svm_input_listen).await?,
             svm_output: bind("QEMU's red1 chardev", &config.svm_output_listen).await?,
+            bridge: match &config.bridge {
+                Some(addresses) => Some(BridgeListeners {
+                    net_output: bind("QEMU's red2 chardev", &addresses.net_output_listen).await?,
+                    net_input: bind("QEMU's red3 chardev", &addresses.net_input_listen).await?,
+                }),
+                None => None,
+            },
             metrics: match &config.metrics {
                 Some(address) => Some(bind("metrics", address).await?),
                 None => None,
@@ -89,9 +109,20 @@ pub async fn run(
         RelayOptions::new(config.control.clone(), &config.name),
         tasks.clone(),
     );
+    let (bridge, from_network) = match listeners.bridge {
+        Some(listeners) => {
+            let (bridge, from_network) =
+                NetworkBridge::spawn(listeners, metrics.clone(), tasks.clone());
+            (Some(bridge), Some(from_network))
+        }
+        None => (None, None),
+    };
+    let net = config.bridge.as_ref();
     tracing::info!(
         svm_input = %config.svm_input_listen,
         svm_output = %config.svm_output_listen,
+        net_output = net.map_or("-", |b| b.net_output_listen.as_str()),
+        net_input = net.map_or("-", |b| b.net_input_listen.as_str()),
         primary = %config.primary_link,
         control = %config.control,
         "colo-proxyd secondary started"
@@ -99,19 +130,27 @@ pub async fn run(
     let mut role = SecondaryRole {
         path: SvmPath::new(0),
         to_svm,
+        bridge,
         link: link.outgoing,
         metrics,
         out: Vec::new(),
         warned_network: false,
     };
-    role.run(from_svm, link.incoming, relay, &shutdown).await;
+    role.run(from_svm, from_network, link.incoming, relay, &shutdown)
+        .await;
     tracing::info!("colo-proxyd secondary stopped");
     Ok(())
 }
 
+/// How often the role loop looks whether `red2` connected while frames wait for it (QEMU
+/// connects within its reconnect-ms of 1 s).
+const BACKLOG_POLL: Duration = Duration::from_millis(20);
+
 struct SecondaryRole {
     path: SvmPath,
     to_svm: FrameSink,
+    /// `red2` after a failover, when configured.
+    bridge: Option<NetworkBridge>,
     link: LinkSender,
     metrics: Metrics,
     out: Vec<SvmOutput>,
@@ -122,6 +161,7 @@ impl SecondaryRole {
     async fn run(
         &mut self,
         mut from_svm: FrameSource,
+        mut from_network: Option<FrameSource>,
         mut from_link: tokio::sync::mpsc::Receiver<LinkMessage>,
         mut relay: tokio::sync::mpsc::Receiver<EpochNotice>,
         shutdown: &CancellationToken,
@@ -137,6 +177,12 @@ impl SecondaryRole {
                     Some(Inbound::Drained) => {}
                     None => return,
                 },
+                m = recv_optional(&mut from_network) => match m {
+                    Some(Inbound::Frame(frame)) => self.path.network_input(frame, &mut self.out),
+                    Some(Inbound::Drained) => {}
+                    None => return,
+                },
+                _ = tokio::time::sleep(BACKLOG_POLL), if self.backlog_waiting() => {}
                 m = from_link.recv() => match m {
                     Some(LinkMessage::Inbound(frame)) => self.path.inbound(frame, &mut self.out),
                     Some(_) => {}
@@ -202,15 +248,7 @@ impl SecondaryRole {
                 );
             }
             EventKind::Failover => match event.survivor {
-                Some(Survivor::Secondary) => {
-                    self.path.failover(&mut self.out);
-                    tracing::warn!(
-                        connections = self.path.connections(),
-                        "failover to the secondary: the SVM's traffic is no longer sent to the \
-                         primary; carrying it to the network with rewriting is not implemented \
-                         in filter mode yet (remove f1/f2 so the SVM uses its tap directly)"
-                    );
-                }
+                Some(Survivor::Secondary) => self.failover(),
                 Some(Survivor::Primary) => {
                     tracing::warn!("failover to the primary: the SVM is no longer protected")
                 }
@@ -227,6 +265,43 @@ impl SecondaryRole {
         }
         self.flush().await;
         completion.done();
+    }
+
+    /// The failover to the secondary: the offsets in force stay for as long as the
+    /// connections live.
+    fn failover(&mut self) {
+        if self.path.failed_over() {
+            tracing::debug!("failover to the secondary again; nothing changes");
+            return;
+        }
+        let how = if self.bridge.is_some() {
+            Failover::Bridge
+        } else {
+            Failover::NoBridge
+        };
+        self.path.failover(how, &mut self.out);
+        let offsets = self.path.connections_with_offset();
+        self.metrics.set_offset_connections(offsets);
+        match how {
+            Failover::Bridge => tracing::info!(
+                connections_with_offset = offsets,
+                net_output = NET_OUTPUT_PORT,
+                net_input = NET_INPUT_PORT,
+                "failover: bridging SVM traffic between the SVM and the network, shifting the \
+                 sequence numbers of the connections the SVM opened in the last epoch"
+            ),
+            Failover::NoBridge => tracing::warn!(
+                connections_with_offset = offsets,
+                "failover to the secondary without --net-output-listen/--net-input-listen: \
+                 the SVM's traffic is no longer sent to the primary and not carried by this \
+                 daemon; connections opened in the last epoch will break (their SVM sequence \
+                 numbers differ from the client's)"
+            ),
+        }
+    }
+
+    fn backlog_waiting(&self) -> bool {
+        self.bridge.as_ref().is_some_and(NetworkBridge::waiting)
     }
 
     async fn drain(&mut self, from_svm: &mut FrameSource) {
@@ -249,22 +324,43 @@ impl SecondaryRole {
         self.metrics
             .set_epoch(self.path.epoch(), !self.path.failed_over());
         self.metrics.set_flows(self.path.connections());
+        if let Some(bridge) = &mut self.bridge
+            && self.path.failed_over()
+        {
+            self.metrics.set_bridged(self.path.bridged());
+            if bridge.waiting() {
+                // Also when nothing new goes out: `red2` may have connected meanwhile.
+                bridge.flush().await;
+            }
+        }
         for output in std::mem::take(&mut self.out) {
             match output {
                 SvmOutput::ToSvm(frame) => self.to_svm.send(frame).await,
                 SvmOutput::ToPrimary { epoch, frame } => {
                     self.link.send(LinkMessage::SvmOutput { epoch, frame })
                 }
-                SvmOutput::ToNetwork(_) => {
-                    self.metrics.dropped_frame();
-                    if !self.warned_network {
-                        self.warned_network = true;
-                        tracing::error!(
-                            "the SVM's output after a failover cannot be carried in filter mode (not implemented); dropped"
-                        );
+                SvmOutput::ToNetwork(frame) => match &mut self.bridge {
+                    Some(bridge) => bridge.send(frame).await,
+                    None => {
+                        self.metrics.dropped_frame();
+                        if !self.warned_network {
+                            self.warned_network = true;
+                            tracing::error!(
+                                "the SVM's output after a failover has no way to the network \
+                                 without --net-output-listen/--net-input-listen; dropped"
+                            );
+                        }
                     }
-                }
+                },
             }
         }
+    }
+}
+
+/// The next frame of an optional port; never, without the port.
+async fn recv_optional(source: &mut Option<FrameSource>) -> Option<Inbound> {
+    match source {
+        Some(source) => source.recv().await,
+        None => std::future::pending().await,
     }
 }

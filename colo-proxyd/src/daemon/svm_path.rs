@@ -18,17 +18,48 @@
 //! * `colo-exit` while held: no adoption is coming (the barrier failed); the held packets go on
 //!   with the old offsets.
 //! * `failover` with the secondary surviving: from then on the SVM's output goes to the network
-//!   (still rewritten, for the connections opened in the last epoch) instead of to the primary.
-//!   Carrying it needs a network port the filter-mode topology does not have yet (see
-//!   `docs/proxyd-link.md`, "After a failover").
+//!   instead of to the primary, its sequence numbers shifted back to the PVM's for the
+//!   connections the SVM opened in the last epoch (the client knows the PVM's numbers); with
+//!   the network bridge ([`Failover::Bridge`]) the packets from the network come in through
+//!   [`SvmPath::network_input`], their acknowledgements shifted the other way, and the
+//!   primary's mirror is ignored. The offsets stay those in force at the failover: no
+//!   checkpoint resets them any more, and a connection opened afterwards learns offset 0.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
+use crate::packet::{FlowKey, Network, Transport, parse_ethernet};
 use crate::rewrite::{ChecksumState, Rewrite, RewriteTable};
 
 /// Packets kept at most while held or waiting for an SVM SYN; beyond, the oldest are dropped
 /// (TCP retransmits them).
 const MAX_HELD: usize = 8192;
+
+/// Packets from the network kept at most while the failover event has not arrived yet.
+const MAX_NETWORK_HELD: usize = 1024;
+
+/// What a failover to the secondary makes of the SVM's traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failover {
+    /// The daemon carries it: QEMU's redirectors hand the SVM's output to it and take its
+    /// packets to the network (`red2`), and hand it the network's packets (`red3`).
+    Bridge,
+    /// No network ports: the SVM's output has nowhere to go (QEMU's filters are removed and
+    /// the SVM uses its tap directly); the mirror from the primary is still injected.
+    NoBridge,
+}
+
+/// Frames the network bridge carried since the failover, per direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BridgeCounts {
+    /// SVM output sent towards the network.
+    pub out_of_svm: u64,
+    /// Of those, with the sequence number shifted.
+    pub out_of_svm_rewritten: u64,
+    /// Network packets sent into the SVM.
+    pub into_svm: u64,
+    /// Of those, with the acknowledgement number shifted.
+    pub into_svm_rewritten: u64,
+}
 
 /// What the role loop must do.
 #[derive(Debug, PartialEq, Eq)]
@@ -58,7 +89,14 @@ pub struct SvmPath {
     held_output: VecDeque<Vec<u8>>,
     /// Client ACKs waiting for their connection's SVM SYN.
     waiting_syn: VecDeque<Vec<u8>>,
-    failed_over: bool,
+    /// Connections (VM-to-client key) whose SVM numbers differ from the PVM's: a frame of
+    /// theirs was rewritten since the last reset. A known non-zero offset is always learnt
+    /// while rewriting a frame, so this is exactly the set with a known non-zero offset.
+    shifted: HashSet<FlowKey>,
+    /// Packets from the network that arrived before the failover event.
+    held_network: VecDeque<Vec<u8>>,
+    failed_over: Option<Failover>,
+    bridged: BridgeCounts,
     dropped: u64,
 }
 
@@ -72,7 +110,10 @@ impl SvmPath {
             held_inbound: VecDeque::new(),
             held_output: VecDeque::new(),
             waiting_syn: VecDeque::new(),
-            failed_over: false,
+            shifted: HashSet::new(),
+            held_network: VecDeque::new(),
+            failed_over: None,
+            bridged: BridgeCounts::default(),
             dropped: 0,
         }
     }
@@ -97,10 +138,40 @@ impl SvmPath {
         self.table.connections()
     }
 
+    /// Connections whose SVM sequence numbers differ from the PVM's (offset known and not 0).
+    pub fn connections_with_offset(&self) -> usize {
+        self.shifted.len()
+    }
+
+    /// What the network bridge carried since the failover.
+    pub fn bridged(&self) -> BridgeCounts {
+        self.bridged
+    }
+
     /// A mirrored packet from the primary.
     pub fn inbound(&mut self, frame: Vec<u8>, out: &mut Vec<SvmOutput>) {
+        if self.failed_over == Some(Failover::Bridge) {
+            // The client's packets reach the SVM through the bridge now; whatever the old
+            // primary still mirrors would only duplicate them.
+            return;
+        }
         if self.closed {
             push_bounded(&mut self.held_inbound, frame, &mut self.dropped);
+            return;
+        }
+        self.inject(frame, out);
+    }
+
+    /// A packet from the network (QEMU's `red3`), after a failover with the bridge. One that
+    /// arrives before the failover event is held for it.
+    pub fn network_input(&mut self, frame: Vec<u8>, out: &mut Vec<SvmOutput>) {
+        if self.failed_over.is_none() {
+            push_bounded_to(
+                &mut self.held_network,
+                MAX_NETWORK_HELD,
+                frame,
+                &mut self.dropped,
+            );
             return;
         }
         self.inject(frame, out);
@@ -111,8 +182,22 @@ impl SvmPath {
             Ok(Rewrite::WaitForSvmSyn) => {
                 push_bounded(&mut self.waiting_syn, frame, &mut self.dropped)
             }
+            Ok(rewrite @ (Rewrite::Unchanged | Rewrite::Rewritten)) => {
+                let rewritten = rewrite == Rewrite::Rewritten;
+                if rewritten && let Some(key) = tcp_key(&frame) {
+                    self.shifted.insert(key.reversed());
+                }
+                if self.failed_over == Some(Failover::Bridge) {
+                    self.bridged.into_svm += 1;
+                    self.bridged.into_svm_rewritten += u64::from(rewritten);
+                }
+                out.push(SvmOutput::ToSvm(frame))
+            }
             // Not TCP, or not parseable: the SVM gets it as the PVM did.
-            Ok(Rewrite::Unchanged | Rewrite::Rewritten) | Err(_) => {
+            Err(_) => {
+                if self.failed_over == Some(Failover::Bridge) {
+                    self.bridged.into_svm += 1;
+                }
                 out.push(SvmOutput::ToSvm(frame))
             }
         }
@@ -129,9 +214,17 @@ impl SvmPath {
 
     fn forward(&mut self, mut frame: Vec<u8>, out: &mut Vec<SvmOutput>) {
         let syn = is_syn(&frame);
-        if self.failed_over {
+        if let Some(failover) = self.failed_over {
             // The client talks to the SVM now: it must see the PVM's numbers.
-            let _ = self.table.out_of_svm(&mut frame, ChecksumState::Complete);
+            let rewritten = self.table.out_of_svm(&mut frame, ChecksumState::Complete)
+                == Ok(Rewrite::Rewritten);
+            if rewritten && let Some(key) = tcp_key(&frame) {
+                self.shifted.insert(key);
+            }
+            if failover == Failover::Bridge {
+                self.bridged.out_of_svm += 1;
+                self.bridged.out_of_svm_rewritten += u64::from(rewritten);
+            }
             out.push(SvmOutput::ToNetwork(frame));
         } else {
             // The primary's comparator places each side's segments relative to that side's
@@ -141,7 +234,12 @@ impl SvmPath {
             // something (the SVM's ISN, for the ACKs going into the SVM).
             if syn {
                 let mut scratch = frame.clone();
-                let _ = self.table.out_of_svm(&mut scratch, ChecksumState::Complete);
+                if self.table.out_of_svm(&mut scratch, ChecksumState::Complete)
+                    == Ok(Rewrite::Rewritten)
+                    && let Some(key) = tcp_key(&frame)
+                {
+                    self.shifted.insert(key);
+                }
             }
             out.push(SvmOutput::ToPrimary {
                 epoch: self.epoch,
@@ -166,12 +264,14 @@ impl SvmPath {
     /// The relay's `checkpoint-adopted`: offsets reset, held packets go on.
     pub fn checkpoint_adopted(&mut self, out: &mut Vec<SvmOutput>) {
         self.table.reset();
+        self.shifted.clear();
         self.reopen(out);
     }
 
     /// The relay's `colo-started{epoch}`: the SVM is a fresh copy of the PVM.
     pub fn colo_started(&mut self, epoch: u64, out: &mut Vec<SvmOutput>) {
         self.table.reset();
+        self.shifted.clear();
         self.epoch = epoch;
         self.reopen(out);
     }
@@ -183,15 +283,23 @@ impl SvmPath {
         }
     }
 
-    /// The relay's `failover` with the secondary surviving.
-    pub fn failover(&mut self, out: &mut Vec<SvmOutput>) {
-        self.failed_over = true;
+    /// The relay's `failover` with the secondary surviving. The offsets in force stay; what
+    /// was held goes on (its output to the network), then the packets from the network that
+    /// came before this event.
+    pub fn failover(&mut self, how: Failover, out: &mut Vec<SvmOutput>) {
+        if self.failed_over.is_some() {
+            return;
+        }
+        self.failed_over = Some(how);
         self.reopen(out);
+        for frame in std::mem::take(&mut self.held_network) {
+            self.inject(frame, out);
+        }
     }
 
     /// Whether the SVM carries the traffic (after a failover to the secondary).
     pub fn failed_over(&self) -> bool {
-        self.failed_over
+        self.failed_over.is_some()
     }
 
     fn reopen(&mut self, out: &mut Vec<SvmOutput>) {
@@ -211,15 +319,32 @@ impl SvmPath {
 }
 
 fn push_bounded(queue: &mut VecDeque<Vec<u8>>, frame: Vec<u8>, dropped: &mut u64) {
-    if queue.len() == MAX_HELD {
+    push_bounded_to(queue, MAX_HELD, frame, dropped)
+}
+
+/// Appends `frame`, dropping the oldest (counted) when `queue` holds `limit` frames.
+pub(crate) fn push_bounded_to(
+    queue: &mut VecDeque<Vec<u8>>,
+    limit: usize,
+    frame: Vec<u8>,
+    dropped: &mut u64,
+) {
+    if queue.len() >= limit {
         queue.pop_front();
         *dropped += 1;
     }
     queue.push_back(frame);
 }
 
+/// The connection of a TCP frame, in its direction of travel.
+fn tcp_key(frame: &[u8]) -> Option<FlowKey> {
+    match parse_ethernet(frame).ok()?.network {
+        Network::Ip(ip) if matches!(ip.transport, Transport::Tcp(_)) => ip.flow_key(),
+        _ => None,
+    }
+}
+
 fn is_syn(frame: &[u8]) -> bool {
-    use crate::packet::{Network, Transport, parse_ethernet};
     matches!(
         parse_ethernet(frame).map(|p| p.network),
         Ok(Network::Ip(ip)) if matches!(&ip.transport, Transport::Tcp(t) if t.flags.syn)
@@ -311,7 +436,7 @@ mod tests {
         path.svm_output(tcp(true, 5000, 101, 0x12), &mut out);
         path.inbound(tcp(false, 101, 1001, 0x10), &mut out);
         out.clear();
-        path.failover(&mut out);
+        path.failover(Failover::Bridge, &mut out);
         path.svm_output(tcp(true, 5001, 101, 0x18), &mut out);
         let [SvmOutput::ToNetwork(frame)] = out.as_slice() else {
             panic!("{out:?}")
@@ -332,5 +457,123 @@ mod tests {
             panic!("{out:?}")
         };
         assert_eq!(ack_of(ack), 5001);
+    }
+
+    /// A connection the SVM accepted in this epoch with ISN 5000 (the PVM chose 1000).
+    fn shifted_connection(path: &mut SvmPath, out: &mut Vec<SvmOutput>) {
+        path.inbound(tcp(false, 100, 0, 0x02), out);
+        path.svm_output(tcp(true, 5000, 101, 0x12), out);
+        path.inbound(tcp(false, 101, 1001, 0x10), out);
+        out.clear();
+    }
+
+    #[test]
+    fn the_bridge_shifts_both_ways_and_ignores_the_old_primarys_mirror() {
+        let mut path = SvmPath::new(1);
+        let mut out = Vec::new();
+        shifted_connection(&mut path, &mut out);
+        assert_eq!(path.connections_with_offset(), 1);
+        path.failover(Failover::Bridge, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        path.svm_output(tcp(true, 5001, 101, 0x18), &mut out);
+        path.network_input(tcp(false, 101, 1002, 0x10), &mut out);
+        path.inbound(tcp(false, 101, 1002, 0x10), &mut out);
+        let [SvmOutput::ToNetwork(to_client), SvmOutput::ToSvm(to_svm)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(seq_of(to_client), 1001);
+        assert_eq!(ack_of(to_svm), 5002);
+        assert_eq!(
+            path.bridged(),
+            BridgeCounts {
+                out_of_svm: 1,
+                out_of_svm_rewritten: 1,
+                into_svm: 1,
+                into_svm_rewritten: 1,
+            }
+        );
+        // A second failover event changes nothing.
+        out.clear();
+        path.failover(Failover::NoBridge, &mut out);
+        path.inbound(tcp(false, 101, 1002, 0x10), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn after_the_failover_old_and_new_connections_without_offset_pass_unchanged() {
+        let mut path = SvmPath::new(1);
+        let mut out = Vec::new();
+        // Adopted: the connection is the PVM's now, in the same numbers.
+        shifted_connection(&mut path, &mut out);
+        path.epoch_closed(1);
+        path.checkpoint_adopted(&mut out);
+        assert_eq!(path.connections_with_offset(), 0);
+        path.failover(Failover::Bridge, &mut out);
+        let old_out = tcp(true, 1001, 101, 0x18);
+        let old_in = tcp(false, 101, 1002, 0x10);
+        path.svm_output(old_out.clone(), &mut out);
+        path.network_input(old_in.clone(), &mut out);
+        // A connection opened after the failover: the client sees the SVM's own ISN.
+        let syn = on_port(tcp(false, 7, 0, 0x02), 40001);
+        let syn_ack = on_port(tcp(true, 9000, 8, 0x12), 40001);
+        let ack = on_port(tcp(false, 8, 9001, 0x10), 40001);
+        let data = on_port(tcp(true, 9001, 8, 0x18), 40001);
+        path.network_input(syn.clone(), &mut out);
+        path.svm_output(syn_ack.clone(), &mut out);
+        path.network_input(ack.clone(), &mut out);
+        path.svm_output(data.clone(), &mut out);
+        assert_eq!(
+            out,
+            vec![
+                SvmOutput::ToNetwork(old_out),
+                SvmOutput::ToSvm(old_in),
+                SvmOutput::ToSvm(syn),
+                SvmOutput::ToNetwork(syn_ack),
+                SvmOutput::ToSvm(ack),
+                SvmOutput::ToNetwork(data),
+            ]
+        );
+        assert_eq!(path.bridged().out_of_svm_rewritten, 0);
+        assert_eq!(path.bridged().into_svm_rewritten, 0);
+    }
+
+    #[test]
+    fn network_packets_before_the_failover_event_wait_for_it() {
+        let mut path = SvmPath::new(1);
+        let mut out = Vec::new();
+        shifted_connection(&mut path, &mut out);
+        path.network_input(tcp(false, 101, 1002, 0x10), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        path.failover(Failover::Bridge, &mut out);
+        let [SvmOutput::ToSvm(ack)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(ack_of(ack), 5002);
+    }
+
+    #[test]
+    fn without_the_bridge_the_mirror_still_goes_in_and_nothing_is_counted() {
+        let mut path = SvmPath::new(1);
+        let mut out = Vec::new();
+        shifted_connection(&mut path, &mut out);
+        path.failover(Failover::NoBridge, &mut out);
+        path.inbound(tcp(false, 101, 1002, 0x10), &mut out);
+        path.svm_output(tcp(true, 5001, 101, 0x18), &mut out);
+        let [SvmOutput::ToSvm(ack), SvmOutput::ToNetwork(_)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(ack_of(ack), 5002);
+        assert_eq!(path.bridged(), BridgeCounts::default());
+    }
+
+    fn on_port(mut frame: Vec<u8>, client_port: u16) -> Vec<u8> {
+        // Source port of a client frame, destination port of a VM frame.
+        let at = if u16::from_be_bytes([frame[34], frame[35]]) == 80 {
+            36
+        } else {
+            34
+        };
+        frame[at..at + 2].copy_from_slice(&client_port.to_be_bytes());
+        frame
     }
 }

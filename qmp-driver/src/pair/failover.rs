@@ -8,10 +8,11 @@
 
 use super::steps::{self, Journal, hmp};
 use super::{Hook, Outcome, PairError, ProgressFn, Step, relay_link};
-use crate::config::{DiskBackend, PairConfig, Side};
+use crate::config::{DiskBackend, NetworkBackend, PairConfig, Side};
 use crate::qemu_args::ids;
 use crate::qmp::QmpClient;
 use serde::Serialize;
+use serde_json::json;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -128,7 +129,7 @@ pub async fn failover_to_secondary(
     let mut journal = Journal::new(&mut progress);
     let mut yanked = false;
     let already = check_in_colo(secondary, side, &mut journal, &mut yanked).await?;
-    let end = Ending::new(&opts, already, started);
+    let mut end = Ending::new(&opts, already, started);
     if !already && !yanked {
         steps::yank_migration(secondary, side, &mut journal).await;
     }
@@ -153,26 +154,14 @@ pub async fn failover_to_secondary(
         ),
     }
     lost_heartbeat(secondary, side, already, &mut journal).await?;
-    for id in [ids::SECONDARY_OUT_REDIRECTOR, ids::SECONDARY_IN_REDIRECTOR] {
-        changed |= journal
-            .idempotent(
-                side,
-                &format!("object-del {id}"),
-                &["not found"],
-                secondary.object_del(id),
-            )
-            .await?;
-    }
-    for id in [ids::SECONDARY_OUT, ids::SECONDARY_MIRROR_IN] {
-        changed |= journal
-            .idempotent(
-                side,
-                &format!("chardev-remove {id}"),
-                &["not found"],
-                secondary.chardev_remove(id),
-            )
-            .await?;
-    }
+    changed |= match cfg.network.backend {
+        NetworkBackend::ColoCompare => {
+            remove_secondary_filters(secondary, false, &mut journal).await?
+        }
+        NetworkBackend::ColoProxyd => {
+            bridge_through_proxyd(secondary, cfg, already, &mut end, &mut journal).await?
+        }
+    };
     let mut hook_error = None;
     if changed {
         hook_error = run_hook(cfg, side, opts.hook, opts.hook_timeout, &mut journal).await;
@@ -187,6 +176,187 @@ pub async fn failover_to_secondary(
         );
     }
     finish(secondary, cfg, side, end, hook_error, journal).await
+}
+
+/// The secondary's redirectors and their chardevs go: the SVM talks to its
+/// tap directly. Returns whether anything was removed.
+async fn remove_secondary_filters(
+    secondary: &QmpClient,
+    with_bridge: bool,
+    journal: &mut Journal<'_, '_>,
+) -> Result<bool, PairError> {
+    let side = Side::Secondary;
+    let mut changed = false;
+    let bridge_filters = [
+        ids::SECONDARY_NET_IN_REDIRECTOR,
+        ids::SECONDARY_NET_OUT_REDIRECTOR,
+    ];
+    let bridge_chardevs = [ids::SECONDARY_NET_IN, ids::SECONDARY_NET_OUT];
+    let bridge = |ids: [&'static str; 2]| {
+        if with_bridge {
+            ids.to_vec()
+        } else {
+            Vec::new()
+        }
+    };
+    for id in bridge(bridge_filters)
+        .into_iter()
+        .chain([ids::SECONDARY_OUT_REDIRECTOR, ids::SECONDARY_IN_REDIRECTOR])
+    {
+        changed |= journal
+            .idempotent(
+                side,
+                &format!("object-del {id}"),
+                &["not found"],
+                secondary.object_del(id),
+            )
+            .await?;
+    }
+    for id in bridge(bridge_chardevs)
+        .into_iter()
+        .chain([ids::SECONDARY_OUT, ids::SECONDARY_MIRROR_IN])
+    {
+        changed |= journal
+            .idempotent(
+                side,
+                &format!("chardev-remove {id}"),
+                &["not found"],
+                secondary.chardev_remove(id),
+            )
+            .await?;
+    }
+    Ok(changed)
+}
+
+/// How long the bridge's chardevs may take to connect to colo-proxyd
+/// secondary before the failover falls back to the direct path.
+const BRIDGE_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// colo-proxyd: the SVM keeps its redirectors and gets two more, so that its
+/// traffic goes on through colo-proxyd secondary, which rewrites the
+/// sequence numbers of connections the SVM opened with another ISN than the
+/// PVM (the clients know the PVM's). `red2`/`f3` carry its rewritten output
+/// to the tap (queue=rx, before `f2`), `red3`/`f4` divert the tap's packets
+/// to it (queue=tx, before `f1`), and `f1`/`f2`, which QEMU switched off at
+/// its failover, are switched on again. The relay is told before the hook bridges
+/// the tap, so the daemon bridges before the first packet from the network.
+/// If the chardevs do not connect in time (no daemon, or one without the
+/// bridge ports) the SVM is put on the direct path instead, and the steps
+/// say that connections opened in the last epoch may break.
+async fn bridge_through_proxyd(
+    secondary: &QmpClient,
+    cfg: &PairConfig,
+    already: bool,
+    end: &mut Ending,
+    journal: &mut Journal<'_, '_>,
+) -> Result<bool, PairError> {
+    let side = Side::Secondary;
+    let net = &cfg.network;
+    let mut changed = false;
+    for (id, port) in [
+        (ids::SECONDARY_NET_OUT, net.net_output_port),
+        (ids::SECONDARY_NET_IN, net.net_input_port),
+    ] {
+        let backend = json!({
+            "type": "socket",
+            "data": {
+                "addr": { "type": "inet", "data": { "host": "127.0.0.1", "port": port.to_string() } },
+                "server": false,
+                "reconnect-ms": crate::qemu_args::RECONNECT_MS,
+                "nodelay": true,
+            }
+        });
+        changed |= journal
+            .idempotent(
+                side,
+                &format!("chardev-add {id} (colo-proxyd 127.0.0.1:{port})"),
+                &["already exists"],
+                secondary.chardev_add(id, backend),
+            )
+            .await?;
+    }
+    let filters = [
+        (
+            ids::SECONDARY_NET_OUT_REDIRECTOR,
+            json!({
+                "qom-type": "filter-redirector", "id": ids::SECONDARY_NET_OUT_REDIRECTOR,
+                "netdev": net.netdev, "queue": "rx", "indev": ids::SECONDARY_NET_OUT,
+                "position": format!("id={}", ids::SECONDARY_OUT_REDIRECTOR), "insert": "before",
+            }),
+        ),
+        (
+            ids::SECONDARY_NET_IN_REDIRECTOR,
+            json!({
+                "qom-type": "filter-redirector", "id": ids::SECONDARY_NET_IN_REDIRECTOR,
+                "netdev": net.netdev, "queue": "tx", "outdev": ids::SECONDARY_NET_IN,
+                "position": format!("id={}", ids::SECONDARY_IN_REDIRECTOR), "insert": "before",
+            }),
+        ),
+    ];
+    for (id, props) in filters {
+        changed |= journal
+            .idempotent(
+                side,
+                &format!("object-add {id}"),
+                &["duplicate"],
+                secondary.object_add(props),
+            )
+            .await?;
+    }
+    // QEMU turns every net filter off at failover (COLO_EVENT_FAILOVER): the bridge needs
+    // f1 and f2 again.
+    for id in [ids::SECONDARY_IN_REDIRECTOR, ids::SECONDARY_OUT_REDIRECTOR] {
+        let args = json!({ "path": format!("/objects/{id}"), "property": "status", "value": "on" });
+        journal
+            .run(
+                side,
+                &format!("qom-set {id} status=on"),
+                secondary.execute_raw("qom-set", Some(args)),
+            )
+            .await?;
+    }
+    let wanted = [ids::SECONDARY_NET_OUT, ids::SECONDARY_NET_IN];
+    let start = Instant::now();
+    loop {
+        let missing = steps::unconnected_chardevs(secondary, side, &wanted).await?;
+        if missing.is_empty() {
+            journal.record(Step {
+                side,
+                what: format!(
+                    "colo-proxyd bridges the SVM ({} connected)",
+                    wanted.join(", ")
+                ),
+                outcome: Outcome::Done,
+                ms: start.elapsed().as_secs_f64() * 1000.0,
+                detail: None,
+            });
+            break;
+        }
+        if start.elapsed() > BRIDGE_CONNECT_TIMEOUT {
+            journal.record(Step {
+                side,
+                what: "colo-proxyd bridges the SVM".into(),
+                outcome: Outcome::Failed,
+                ms: start.elapsed().as_secs_f64() * 1000.0,
+                detail: Some(format!(
+                    "{} did not connect to colo-proxyd secondary on 127.0.0.1:{}/{} within \
+                     {BRIDGE_CONNECT_TIMEOUT:?}: the SVM goes on the direct path, and \
+                     connections it opened in the last epoch may break",
+                    wanted.join(", "),
+                    net.net_output_port,
+                    net.net_input_port
+                )),
+            });
+            return Ok(remove_secondary_filters(secondary, true, journal).await? || changed);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if end.notify_relay && !already {
+        notify_relay(cfg, side, journal).await;
+    }
+    // Told already: `finish` must not announce it a second time.
+    end.notify_relay = false;
+    Ok(changed)
 }
 
 /// The primary carries on alone after the secondary died: yank the
