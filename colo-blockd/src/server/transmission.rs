@@ -30,6 +30,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// are flushed as soon as no further reply is ready.
 const WRITE_BUFFER: usize = 256 * 1024;
 
+/// Initial capacity of a connection's request buffer. Write payloads are
+/// split off it without copying; a buffer several requests large lets one
+/// read take in several of them and keeps the allocation for the next ones
+/// (the default 8 KiB meant a fresh allocation, and more reads, per 64 KiB
+/// write).
+const READ_BUFFER: usize = 1024 * 1024;
+
 /// A reply on its way to the socket, with the request's share of the
 /// connection's limits: they are given back only once the reply is written,
 /// so replies waiting for a slow client count against the limits too.
@@ -68,7 +75,11 @@ where
     let (rd, wr) = tokio::io::split(stream);
     let (replies, queue) = mpsc::channel::<Queued>(max_in_flight);
     let writer = tokio::spawn(write_replies(wr, queue));
-    let mut requests = FramedRead::new(rd, RequestDecoder::new(export.block_sizes().maximum));
+    let mut requests = FramedRead::with_capacity(
+        rd,
+        RequestDecoder::new(export.block_sizes().maximum),
+        READ_BUFFER,
+    );
     let slots = Arc::new(Semaphore::new(max_in_flight));
     let bytes = Arc::new(Semaphore::new(byte_budget as usize));
     let limits = export.limits();
