@@ -38,13 +38,17 @@ enum Command {
     ///
     /// Connects to the primary QEMU's chardev servers compare0 (PVM output), mirror0 (packets
     /// into the PVM) and compare_out (to the network), listens for the secondary's
-    /// colo-proxyd, subscribes to the relay and uses its own QMP monitor of the primary QEMU.
+    /// colo-proxyd, subscribes to the relay and uses its own QMP monitor of the primary QEMU:
+    /// checkpoint requests, the chardev check, re-creating the redirector that reads
+    /// compare_out at each connection (QEMU never reads an indev again after it closed), and
+    /// setting the netdev's link down while compare0 has no connection during COLO.
     Primary(PrimaryArgs),
     /// Run on the secondary host: inject the mirrored packets into the SVM and send the SVM's
     /// output to the primary's colo-proxyd, rewriting TCP sequence numbers.
     ///
     /// Listens for the secondary QEMU's chardev clients red0 (into the SVM) and red1 (the
-    /// SVM's output), connects to the primary's colo-proxyd and subscribes to the relay.
+    /// SVM's output), connects to the primary's colo-proxyd and subscribes to the relay. With
+    /// --qmp it re-creates the redirector that reads red0 at each connection of red0.
     Secondary(SecondaryArgs),
     /// Measure the comparison path on generated traffic (issue 4's benchmark).
     ///

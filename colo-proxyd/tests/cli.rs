@@ -42,6 +42,9 @@ fn help_explains_both_daemons_and_their_options() {
         "--max-hold-ms",
         "--bypass",
         "--config",
+        "--release-redirector",
+        "--netdev",
+        "--link-down-without-pvm-output",
     ] {
         assert!(text.contains(needle), "{needle} missing from\n{text}");
     }
@@ -51,6 +54,9 @@ fn help_explains_both_daemons_and_their_options() {
         text.contains("red0") && text.contains("--primary-link"),
         "{text}"
     );
+    for needle in ["--qmp", "--svm-input-redirector", "re-creates"] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
 }
 
 #[test]

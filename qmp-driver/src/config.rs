@@ -299,6 +299,10 @@ pub struct NetworkConfig {
     /// primary` alone (checkpoint requests, the fail-open check); the
     /// generated primary command line opens it.
     pub proxyd_qmp: Option<Endpoint>,
+    /// colo-proxyd: a QMP monitor of the secondary QEMU for `colo-proxyd
+    /// secondary` alone (it re-creates `f1` after `red0` reconnects); the
+    /// generated secondary command line opens it.
+    pub proxyd_secondary_qmp: Option<Endpoint>,
     /// The guest NIC's netdev id (both sides).
     pub netdev: String,
     /// filter-mirror's output on the primary (the secondary's `red0` connects).
@@ -450,6 +454,7 @@ struct RawDisk {
 struct RawNetwork {
     backend: Option<NetworkBackend>,
     link_port: Option<u16>,
+    proxyd_secondary_qmp: Option<String>,
     net_output_port: Option<u16>,
     net_input_port: Option<u16>,
     proxyd_qmp: Option<String>,
@@ -848,8 +853,23 @@ impl PairConfig {
                 ));
             }
         };
+        let proxyd_secondary_qmp = match (net_backend, n.proxyd_secondary_qmp) {
+            (_, None) => None,
+            (NetworkBackend::ColoProxyd, Some(q)) => Some(c.endpoint(
+                "network.proxyd_secondary_qmp",
+                Some(q),
+                "colo-proxyd secondary's QMP monitor",
+            )?),
+            (NetworkBackend::ColoCompare, Some(_)) => {
+                return Err(c.err(
+                    "network.proxyd_secondary_qmp",
+                    "is only used with network.backend = \"colo-proxyd\"",
+                ));
+            }
+        };
         let network = NetworkConfig {
             backend: net_backend,
+            proxyd_secondary_qmp,
             link_port: c.port("network.link_port", n.link_port, 9006)?,
             net_output_port: c.port("network.net_output_port", n.net_output_port, 9007)?,
             net_input_port: c.port("network.net_input_port", n.net_input_port, 9008)?,
@@ -1084,6 +1104,7 @@ mod tests {
                 net_output_port: 9007,
                 net_input_port: 9008,
                 proxyd_qmp: None,
+                proxyd_secondary_qmp: None,
                 netdev: "hn0".into(),
                 mirror_port: 9003,
                 compare_port: 9004,

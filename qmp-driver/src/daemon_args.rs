@@ -161,6 +161,8 @@ fn proxyd_primary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsError>
         remote_control(relay(cfg)?),
         "--qmp".into(),
         qmp_address(qmp),
+        "--netdev".into(),
+        net.netdev.clone(),
     ])
 }
 
@@ -172,7 +174,7 @@ fn proxyd_secondary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsErro
             "network.backend = \"colo-proxyd\"",
         ));
     }
-    Ok(vec![
+    let mut args = vec![
         "secondary".to_string(),
         "--svm-input-listen".into(),
         loopback(net.mirror_port),
@@ -188,7 +190,14 @@ fn proxyd_secondary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsErro
         loopback(net.net_output_port),
         "--net-input-listen".into(),
         loopback(net.net_input_port),
-    ])
+        "--netdev".into(),
+        net.netdev.clone(),
+    ];
+    // With its own monitor of the secondary QEMU it re-creates f1 after red0 reconnects.
+    if let Some(qmp) = &net.proxyd_secondary_qmp {
+        args.extend(["--qmp".into(), qmp_address(qmp)]);
+    }
+    Ok(args)
 }
 
 #[cfg(test)]
@@ -234,6 +243,7 @@ mod tests {
         [network]
         backend = "colo-proxyd"
         proxyd_qmp = "unix:/run/colo/vm1/proxyd.qmp"
+        proxyd_secondary_qmp = "unix:/run/colo/vm1/secondary-proxyd.qmp"
     "#;
 
     #[test]
@@ -257,7 +267,7 @@ mod tests {
             daemon_args(&cfg, Daemon::ProxydPrimary).unwrap().join(" "),
             "primary --pvm-output 127.0.0.1:9001 --mirror 127.0.0.1:9003 --release \
              127.0.0.1:9005 --link-listen 192.168.77.1:9006 --control \
-             /run/colo/vm1/relay.sock --qmp unix:/run/colo/vm1/proxyd.qmp"
+             /run/colo/vm1/relay.sock --qmp unix:/run/colo/vm1/proxyd.qmp --netdev hn0"
         );
         assert_eq!(
             daemon_args(&cfg, Daemon::ProxydSecondary)
@@ -265,7 +275,8 @@ mod tests {
                 .join(" "),
             "secondary --svm-input-listen 127.0.0.1:9003 --svm-output-listen 127.0.0.1:9004 \
              --primary-link 192.168.77.1:9006 --control /run/colo/vm1/relay.sock \
-             --net-output-listen 127.0.0.1:9007 --net-input-listen 127.0.0.1:9008"
+             --net-output-listen 127.0.0.1:9007 --net-input-listen 127.0.0.1:9008 \
+             --netdev hn0 --qmp unix:/run/colo/vm1/secondary-proxyd.qmp"
         );
         assert_eq!(Daemon::ProxydPrimary.host(), Side::Primary);
 

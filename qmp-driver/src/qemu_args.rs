@@ -285,8 +285,13 @@ pub fn secondary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
         NetworkBackend::ColoProxyd => "127.0.0.1",
     };
     let mut a = Args(Vec::new());
-    a.common(cfg, vm, Side::Secondary)
-        .chardev_client(SECONDARY_MIRROR_IN, peer, net.mirror_port, true)
+    a.common(cfg, vm, Side::Secondary);
+    if net.backend == NetworkBackend::ColoProxyd
+        && let Some(qmp) = &net.proxyd_secondary_qmp
+    {
+        a.opt("-qmp", qmp_value(qmp));
+    }
+    a.chardev_client(SECONDARY_MIRROR_IN, peer, net.mirror_port, true)
         .chardev_client(SECONDARY_OUT, peer, net.compare_port, true)
         .opt(
             "-object",

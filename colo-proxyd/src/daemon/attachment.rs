@@ -10,12 +10,16 @@
 //! secondary, QEMU's chardevs are clients with `reconnect-ms`, and the port accepts, a new
 //! connection replacing the old one ([`PortEndpoint::Listen`]).
 
+use std::fmt;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Frame, FrameDecoder, encode};
@@ -27,6 +31,10 @@ const QUEUE: usize = 1024;
 /// An output port writes the frames already queued together, in one system call, up to about
 /// this many bytes.
 const WRITE_BATCH: usize = 256 * 1024;
+
+/// How long an output port keeps frames queued while its [`OnConnect`] hook runs (a QMP
+/// round trip or two) before it drops them.
+pub const HOLD_WHILE_PREPARING: Duration = Duration::from_secs(1);
 
 /// Reconnection backoff towards a QEMU chardev server.
 const RETRY_MIN: Duration = Duration::from_millis(50);
@@ -172,6 +180,72 @@ impl PortEndpoint {
     }
 }
 
+/// What an output port awaits at each new connection before it writes to it: the future of
+/// `hook(n)`, `n` counting the port's connections from 0 (the first this daemon made or
+/// accepted). Frames given to the port meanwhile wait in its queue for up to
+/// [`HOLD_WHILE_PREPARING`], then are dropped and counted until the hook is done, as while the
+/// port has no peer. Used to re-create the QEMU filter that reads the chardev
+/// ([`qemu_filters`](super::qemu_filters)).
+#[derive(Clone)]
+pub struct OnConnect(Arc<dyn Fn(u64) -> PortFuture + Send + Sync>);
+
+/// The future an [`OnConnect`] hook returns.
+pub type PortFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl OnConnect {
+    /// Wraps `hook`.
+    pub fn new(hook: impl Fn(u64) -> PortFuture + Send + Sync + 'static) -> Self {
+        OnConnect(Arc::new(hook))
+    }
+
+    /// The future to await before writing to the port's connection number `connection`.
+    pub fn run(&self, connection: u64) -> PortFuture {
+        (self.0)(connection)
+    }
+}
+
+impl fmt::Debug for OnConnect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OnConnect(..)")
+    }
+}
+
+/// Waits for `hook(connection)`, the frames given to the port queued meanwhile, after
+/// [`HOLD_WHILE_PREPARING`] dropped; false when the port's sink is gone.
+async fn prepare(
+    name: &str,
+    hook: Option<&OnConnect>,
+    connection: u64,
+    rx: &mut mpsc::Receiver<Vec<u8>>,
+    metrics: &Metrics,
+) -> bool {
+    let Some(hook) = hook else { return true };
+    let ready = hook.run(connection);
+    tokio::pin!(ready);
+    if tokio::time::timeout(HOLD_WHILE_PREPARING, &mut ready)
+        .await
+        .is_ok()
+    {
+        return true;
+    }
+    tracing::warn!(
+        port = name,
+        "QEMU's filter for this connection is not ready yet: dropping frames until it is"
+    );
+    loop {
+        tokio::select! {
+            _ = &mut ready => return true,
+            frame = rx.recv() => match frame {
+                Some(_) => {
+                    metrics.dropped_frame();
+                    tracing::debug!(port = name, "frame dropped: QEMU's filter is not ready for this connection");
+                }
+                None => return false,
+            },
+        }
+    }
+}
+
 fn connected(name: &str, endpoint: &PortEndpoint, stream: &TcpStream, metrics: &Metrics) {
     let _ = stream.set_nodelay(true);
     let peer = stream
@@ -190,13 +264,24 @@ pub fn spawn_source(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> FrameSource {
+    spawn_source_watched(name, endpoint, metrics, shutdown, None)
+}
+
+/// [`spawn_source`], also telling `state` whether the port has a peer.
+pub fn spawn_source_watched(
+    name: &str,
+    endpoint: PortEndpoint,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    state: Option<watch::Sender<bool>>,
+) -> FrameSource {
     let (source, tx, drain_rx) = FrameSource::channel(name);
     let name = name.to_owned();
     metrics.set_connected(&name, false);
     tokio::spawn(async move {
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = run_source(&name, endpoint, &metrics, tx, drain_rx) => {}
+            _ = run_source(&name, endpoint, &metrics, tx, drain_rx, state.as_ref()) => {}
         }
     });
     source
@@ -208,7 +293,13 @@ async fn run_source(
     metrics: &Metrics,
     tx: mpsc::Sender<Inbound>,
     mut drain_rx: mpsc::Receiver<()>,
+    state: Option<&watch::Sender<bool>>,
 ) {
+    let set_state = |up: bool| {
+        if let Some(state) = state {
+            state.send_replace(up);
+        }
+    };
     let mut retry = RETRY_MIN;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -228,6 +319,7 @@ async fn run_source(
             }
         };
         connected(name, &endpoint, &stream, metrics);
+        set_state(true);
         let mut decoder = FrameDecoder::new(false);
         let why = loop {
             tokio::select! {
@@ -272,6 +364,7 @@ async fn run_source(
             }
         };
         metrics.set_connected(name, false);
+        set_state(false);
         tracing::warn!(port = name, reason = %why, "QEMU chardev disconnected; waiting for it again");
     }
 }
@@ -312,13 +405,24 @@ pub fn spawn_sink(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> FrameSink {
+    spawn_sink_prepared(name, endpoint, metrics, shutdown, None)
+}
+
+/// [`spawn_sink`], awaiting `on_connect` at each new connection before writing to it.
+pub fn spawn_sink_prepared(
+    name: &str,
+    endpoint: PortEndpoint,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    on_connect: Option<OnConnect>,
+) -> FrameSink {
     let (sink, rx) = FrameSink::channel(name, metrics.clone());
     let name = name.to_owned();
     metrics.set_connected(&name, false);
     tokio::spawn(async move {
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = run_sink(&name, endpoint, &metrics, rx) => {}
+            _ = run_sink(&name, endpoint, &metrics, rx, on_connect.as_ref()) => {}
         }
     });
     sink
@@ -329,7 +433,9 @@ async fn run_sink(
     mut endpoint: PortEndpoint,
     metrics: &Metrics,
     mut rx: mpsc::Receiver<Vec<u8>>,
+    on_connect: Option<&OnConnect>,
 ) {
+    let mut connections = 0u64;
     let mut retry = RETRY_MIN;
     let mut wire = Vec::new();
     let mut probe = [0u8; 256];
@@ -353,6 +459,10 @@ async fn run_sink(
             }
         };
         connected(name, &endpoint, &stream, metrics);
+        if !prepare(name, on_connect, connections, &mut rx, metrics).await {
+            return;
+        }
+        connections += 1;
         let why = loop {
             tokio::select! {
                 frame = rx.recv() => {
@@ -380,6 +490,10 @@ async fn run_sink(
                         tracing::warn!(port = name, "QEMU reconnected; the old connection is dropped");
                         stream = s;
                         connected(name, &endpoint, &stream, metrics);
+                        if !prepare(name, on_connect, connections, &mut rx, metrics).await {
+                            return;
+                        }
+                        connections += 1;
                     }
                     Err(err) => tracing::warn!(port = name, %err, "accept failed"),
                 },

@@ -235,6 +235,32 @@ pub struct PrimaryArgs {
     /// Our name on the relay's control socket [default: colo-proxyd-primary].
     #[arg(long, env = "COLO_PROXYD_NAME", value_name = "NAME")]
     pub name: Option<String>,
+    /// The primary QEMU's netdev of the guest NIC, whose filters colo-proxyd serves: the
+    /// netdev of re-created filters and the name given to `set_link` [default: hn0].
+    #[arg(long, env = "COLO_PROXYD_NETDEV", value_name = "ID")]
+    pub netdev: Option<String>,
+    /// The filter-redirector that reads the release chardev (QEMU never reads an indev again
+    /// after it closed, so colo-proxyd re-creates this filter over QMP at each of its
+    /// connections to --release, before writing to it) [default: redire0].
+    #[arg(long, env = "COLO_PROXYD_RELEASE_REDIRECTOR", value_name = "ID")]
+    pub release_redirector: Option<String>,
+    /// The release redirector's chardev (its indev) [default: compare_out].
+    #[arg(long, env = "COLO_PROXYD_RELEASE_CHARDEV", value_name = "ID")]
+    pub release_chardev: Option<String>,
+    /// The filter-redirector that writes the PVM's output to --pvm-output; the release
+    /// redirector is re-created just before it, its place on the command line
+    /// [default: redire1].
+    #[arg(long, env = "COLO_PROXYD_PVM_OUTPUT_REDIRECTOR", value_name = "ID")]
+    pub pvm_output_redirector: Option<String>,
+    /// While COLO runs (or held, or fenced) and --pvm-output has no connection, set the
+    /// netdev's link down over QMP (`set_link`), up again when it is back, so the PVM's output
+    /// cannot reach the network uncompared. `false` leaves the link alone [default: true].
+    #[arg(
+        long,
+        env = "COLO_PROXYD_LINK_DOWN_WITHOUT_PVM_OUTPUT",
+        value_name = "BOOL"
+    )]
+    pub link_down_without_pvm_output: Option<bool>,
 }
 
 /// The primary daemon's validated settings.
@@ -267,6 +293,16 @@ pub struct PrimaryConfig {
     pub chardev_check: Duration,
     /// Our name on the control socket.
     pub name: String,
+    /// The guest NIC's netdev.
+    pub netdev: String,
+    /// `redire0`: reads `compare_out`.
+    pub release_redirector: String,
+    /// `compare_out`: the release redirector's indev.
+    pub release_chardev: String,
+    /// `redire1`: writes `compare0`; `redire0` comes just before it.
+    pub pvm_output_redirector: String,
+    /// Set the link down while `compare0` is down and COLO runs.
+    pub link_down_without_pvm_output: bool,
 }
 
 impl PrimaryArgs {
@@ -297,6 +333,13 @@ impl PrimaryArgs {
             },
             chardev_check_ms: self.chardev_check_ms.or(file.chardev_check_ms),
             name: self.name.or(file.name),
+            netdev: self.netdev.or(file.netdev),
+            release_redirector: self.release_redirector.or(file.release_redirector),
+            release_chardev: self.release_chardev.or(file.release_chardev),
+            pvm_output_redirector: self.pvm_output_redirector.or(file.pvm_output_redirector),
+            link_down_without_pvm_output: self
+                .link_down_without_pvm_output
+                .or(file.link_down_without_pvm_output),
         }
     }
 }
@@ -353,6 +396,11 @@ impl TryFrom<PrimaryArgs> for PrimaryConfig {
             chardevs,
             chardev_check: millis(a.chardev_check_ms, 5000, "chardev-check-ms")?,
             name: a.name.unwrap_or_else(|| "colo-proxyd-primary".into()),
+            netdev: a.netdev.unwrap_or_else(|| "hn0".into()),
+            release_redirector: a.release_redirector.unwrap_or_else(|| "redire0".into()),
+            release_chardev: a.release_chardev.unwrap_or_else(|| "compare_out".into()),
+            pvm_output_redirector: a.pvm_output_redirector.unwrap_or_else(|| "redire1".into()),
+            link_down_without_pvm_output: a.link_down_without_pvm_output.unwrap_or(true),
         })
     }
 }
@@ -402,6 +450,27 @@ pub struct SecondaryArgs {
     /// Our name on the relay's control socket [default: colo-proxyd-secondary].
     #[arg(long, env = "COLO_PROXYD_NAME", value_name = "NAME")]
     pub name: Option<String>,
+    /// The secondary QEMU's QMP monitor (a monitor of colo-proxyd's own): unix:PATH or
+    /// tcp:HOST:PORT. With it, colo-proxyd re-creates the filter that reads red0 at each
+    /// connection of red0 (QEMU never reads an indev again after it closed). Without it, a
+    /// reconnection of red0 leaves the SVM without its input until the filter is re-created
+    /// by hand (logged).
+    #[arg(long, env = "COLO_PROXYD_QMP", value_name = "ADDRESS")]
+    pub qmp: Option<String>,
+    /// The secondary QEMU's netdev of the guest NIC [default: hn0].
+    #[arg(long, env = "COLO_PROXYD_NETDEV", value_name = "ID")]
+    pub netdev: Option<String>,
+    /// The filter-redirector that reads red0 (queue=tx), re-created with --qmp
+    /// [default: f1].
+    #[arg(long, env = "COLO_PROXYD_SVM_INPUT_REDIRECTOR", value_name = "ID")]
+    pub svm_input_redirector: Option<String>,
+    /// Its chardev (indev) [default: red0].
+    #[arg(long, env = "COLO_PROXYD_SVM_INPUT_CHARDEV", value_name = "ID")]
+    pub svm_input_chardev: Option<String>,
+    /// The filter-redirector that writes red1 (queue=rx); the input redirector is re-created
+    /// just before it, its place on the command line [default: f2].
+    #[arg(long, env = "COLO_PROXYD_SVM_OUTPUT_REDIRECTOR", value_name = "ID")]
+    pub svm_output_redirector: Option<String>,
 }
 
 /// The secondary daemon's validated settings.
@@ -425,6 +494,16 @@ pub struct SecondaryConfig {
     pub link_retry_min: Duration,
     /// Longest wait between link reconnection attempts.
     pub link_retry_max: Duration,
+    /// The secondary QEMU's QMP monitor, to re-create `f1`.
+    pub qmp: Option<QmpAddress>,
+    /// The guest NIC's netdev.
+    pub netdev: String,
+    /// `f1`: reads `red0`.
+    pub svm_input_redirector: String,
+    /// `red0`: its indev.
+    pub svm_input_chardev: String,
+    /// `f2`: `f1` comes just before it.
+    pub svm_output_redirector: String,
 }
 
 /// Where the secondary's network bridge listens (both or neither are given).
@@ -473,6 +552,20 @@ impl TryFrom<SecondaryArgs> for SecondaryConfig {
                 .unwrap_or_else(|| "colo-proxyd-secondary".into()),
             link_retry_min: Duration::from_millis(100),
             link_retry_max: Duration::from_secs(2),
+            qmp: parsed(args.qmp.or(file.qmp), "qmp")?,
+            netdev: args.netdev.or(file.netdev).unwrap_or_else(|| "hn0".into()),
+            svm_input_redirector: args
+                .svm_input_redirector
+                .or(file.svm_input_redirector)
+                .unwrap_or_else(|| "f1".into()),
+            svm_input_chardev: args
+                .svm_input_chardev
+                .or(file.svm_input_chardev)
+                .unwrap_or_else(|| "red0".into()),
+            svm_output_redirector: args
+                .svm_output_redirector
+                .or(file.svm_output_redirector)
+                .unwrap_or_else(|| "f2".into()),
         })
     }
 }
@@ -500,6 +593,43 @@ mod tests {
         assert_eq!(c.chardevs, ["compare0", "compare_out", "mirror0"]);
         assert_eq!(c.checkpoint_interval, Duration::from_secs(1));
         assert_eq!(c.qmp, QmpAddress::Unix("/run/colo/proxyd.qmp".into()));
+        assert_eq!(
+            (
+                c.netdev.as_str(),
+                c.release_redirector.as_str(),
+                c.release_chardev.as_str(),
+                c.pvm_output_redirector.as_str()
+            ),
+            ("hn0", "redire0", "compare_out", "redire1")
+        );
+        assert!(c.link_down_without_pvm_output);
+    }
+
+    #[test]
+    fn the_secondary_takes_an_optional_qmp_and_filter_ids() {
+        let c = SecondaryConfig::try_from(secondary_args()).unwrap();
+        assert_eq!(c.qmp, None);
+        assert_eq!(
+            (
+                c.netdev.as_str(),
+                c.svm_input_redirector.as_str(),
+                c.svm_input_chardev.as_str(),
+                c.svm_output_redirector.as_str()
+            ),
+            ("hn0", "f1", "red0", "f2")
+        );
+        let mut a = secondary_args();
+        a.qmp = Some("tcp:127.0.0.1:4445".into());
+        a.svm_input_redirector = Some("in0".into());
+        let c = SecondaryConfig::try_from(a).unwrap();
+        assert_eq!(c.qmp, Some(QmpAddress::Tcp("127.0.0.1:4445".into())));
+        assert_eq!(c.svm_input_redirector, "in0");
+        let mut a = secondary_args();
+        a.qmp = Some("/run/qmp".into());
+        assert!(matches!(
+            SecondaryConfig::try_from(a),
+            Err(ConfigError::Invalid { option: "qmp", .. })
+        ));
     }
 
     #[test]

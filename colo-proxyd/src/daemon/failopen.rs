@@ -1,13 +1,15 @@
-//! The fail-open check. A QEMU `filter-redirector` whose output chardev has no client passes
-//! the PVM's packets to the network **uncompared**, and a `filter-mirror` without one drops
-//! the copies the SVM needs. So the primary daemon asks QEMU (`query-chardev`) whether each of
+//! The fail-open check. A QEMU `filter-redirector` whose output chardev has no client must
+//! not pass the PVM's packets to the network uncompared (QEMU 10.0.2 drops them: the write
+//! fails with EIO), one whose input chardev closed never reads it again, and a
+//! `filter-mirror` without a client drops the copies the SVM needs. So the primary daemon asks QEMU (`query-chardev`) whether each of
 //! its chardevs has a peer — QEMU shows `" <-> "` in a connected socket chardev's `filename`
 //! — logs an error for each that has none, and checks again every `interval` until they all do
 //! (then it keeps checking, less loudly). The state is also the metric
 //! `qemu_chardev_connected{chardev}`.
 //!
-//! Not done here: re-creating a filter over QMP after its input chardev closed (QEMU never
-//! reads a closed indev again); see the crate's report.
+//! What is done about it lives in [`qemu_filters`](super::qemu_filters): the release
+//! redirector is re-created after its chardev reconnects, and the guest's link is down while
+//! `compare0` has no connection during COLO. This check only reports QEMU's view.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -67,8 +69,8 @@ pub async fn watch(
                             tracing::error!(
                                 chardev = %id,
                                 retry_in = ?interval,
-                                "QEMU's chardev has no peer: its filter passes packets \
-                                 uncompared (redirector) or drops the SVM's copy (mirror)"
+                                "QEMU's chardev has no peer: its redirector's packets do not \
+                                 reach colo-proxyd, or its mirror drops the SVM's copy"
                             );
                         }
                         None => {

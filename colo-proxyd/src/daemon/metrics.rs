@@ -36,6 +36,11 @@ struct Inner {
     checkpoints_requested: Mutex<BTreeMap<String, u64>>,
     /// QEMU chardev id → it has a peer (the fail-open check).
     chardevs: Mutex<BTreeMap<String, bool>>,
+    /// QEMU filter id → times re-created over QMP.
+    filters_recreated: Mutex<BTreeMap<String, u64>>,
+    /// The guest link as colo-proxyd last set it over QMP (`None`: not yet).
+    guest_link_up: Mutex<Option<bool>>,
+    guest_link_downs: AtomicU64,
     compared_bytes: AtomicU64,
     released_packets: AtomicU64,
     released_bytes: AtomicU64,
@@ -88,6 +93,29 @@ impl Metrics {
     /// The fail-open check saw QEMU's chardev `id` with (or without) a peer.
     pub fn set_chardev_connected(&self, id: &str, connected: bool) {
         lock(&self.inner.chardevs).insert(id.to_owned(), connected);
+    }
+
+    /// QEMU's filter `id` was re-created over QMP.
+    pub fn filter_recreated(&self, id: &str) {
+        *lock(&self.inner.filters_recreated)
+            .entry(id.to_owned())
+            .or_default() += 1;
+    }
+
+    /// Times QEMU's filter `id` was re-created.
+    pub fn filters_recreated(&self, id: &str) -> u64 {
+        lock(&self.inner.filters_recreated)
+            .get(id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// colo-proxyd set the guest's link up or down over QMP (`set_link`).
+    pub fn set_guest_link(&self, up: bool) {
+        *lock(&self.inner.guest_link_up) = Some(up);
+        if !up {
+            self.inner.guest_link_downs.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The comparison asked for a checkpoint.
@@ -257,7 +285,33 @@ impl Metrics {
                 u8::from(*up)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 9] = [
+        header(
+            &mut out,
+            "qemu_filters_recreated_total",
+            "counter",
+            "QEMU filters re-created over QMP because their input chardev reconnected.",
+        );
+        for (id, n) in lock(&i.filters_recreated).iter() {
+            let _ = writeln!(
+                out,
+                "colo_proxyd_qemu_filters_recreated_total{{filter=\"{id}\"}} {n}"
+            );
+        }
+        if let Some(up) = *lock(&i.guest_link_up) {
+            header(
+                &mut out,
+                "guest_link_up",
+                "gauge",
+                "The guest's link as colo-proxyd last set it (0: cut off while compare0 is down).",
+            );
+            let _ = writeln!(out, "colo_proxyd_guest_link_up {}", u8::from(up));
+        }
+        let counters: [(&str, &str, &AtomicU64); 10] = [
+            (
+                "guest_link_downs_total",
+                "Times colo-proxyd set the guest's link down because compare0 had no connection while COLO ran.",
+                &i.guest_link_downs,
+            ),
             (
                 "compared_bytes_total",
                 "PVM bytes given to the comparison.",

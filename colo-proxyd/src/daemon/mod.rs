@@ -12,6 +12,8 @@
 //! * [`primary`] and [`secondary`]: the role loops that wire the above together;
 //! * [`checkpoint`] and [`failopen`]: the primary's QMP side (checkpoint requests, the
 //!   chardev check);
+//! * [`qemu_filters`]: QEMU's filters kept working over QMP (a redirector re-created when its
+//!   input chardev reconnects; the guest's link down while the PVM's output has no socket);
 //! * [`metrics`] and [`config`].
 //!
 //! Shutdown: every task stops when the [`CancellationToken`](tokio_util::sync::CancellationToken)
@@ -27,6 +29,7 @@ pub mod link;
 pub mod metrics;
 pub mod peer;
 pub mod primary;
+pub mod qemu_filters;
 pub mod secondary;
 pub mod svm_path;
 

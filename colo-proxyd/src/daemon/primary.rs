@@ -19,10 +19,14 @@ use std::time::Duration;
 
 use colo_control::protocol::{EventKind, RelayState, Survivor};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::attachment::{FrameSink, FrameSource, Inbound, PortEndpoint, spawn_sink, spawn_source};
+use super::attachment::{
+    FrameSink, FrameSource, Inbound, PortEndpoint, spawn_sink_prepared, spawn_source,
+    spawn_source_watched,
+};
 use super::checkpoint::{CheckpointRequester, QmpSession, RequestOptions, reason_label};
 use super::config::PrimaryConfig;
 use super::epochs::{self, EpochNotice, RelayOptions};
@@ -30,6 +34,7 @@ use super::gate::{GateOutput, Protection, ReleaseGate, SvmFrameFate};
 use super::link::LinkMessage;
 use super::metrics::{self, Metrics};
 use super::peer::{self, LinkSender};
+use super::qemu_filters::{self, IndevRedirector};
 use super::{DaemonError, bind, failopen};
 
 /// The primary's listening sockets, bound before [`run`] so that a test (or a supervisor)
@@ -68,11 +73,14 @@ pub async fn run(
     if let Some(listener) = listeners.metrics {
         tokio::spawn(metrics::serve(listener, metrics.clone(), tasks.clone()));
     }
-    let pvm = spawn_source(
+    let qmp = QmpSession::new(config.qmp.clone());
+    let (pvm_connected_tx, pvm_connected) = watch::channel(false);
+    let pvm = spawn_source_watched(
         "compare0",
         PortEndpoint::Connect(config.pvm_output.clone()),
         metrics.clone(),
         tasks.clone(),
+        Some(pvm_connected_tx),
     );
     let mirror = spawn_source(
         "mirror0",
@@ -80,14 +88,39 @@ pub async fn run(
         metrics.clone(),
         tasks.clone(),
     );
-    let release = spawn_sink(
+    // QEMU reads no reconnected indev: the redirector is re-created before each connection
+    // is written to.
+    let release_filter = IndevRedirector::release(
+        &config.netdev,
+        &config.release_redirector,
+        &config.release_chardev,
+        &config.pvm_output_redirector,
+    );
+    let release = spawn_sink_prepared(
         "compare_out",
         PortEndpoint::Connect(config.release.clone()),
         metrics.clone(),
         tasks.clone(),
+        Some(qemu_filters::recreate_on_connect(
+            Some(qmp.clone()),
+            release_filter,
+            metrics.clone(),
+            tasks.clone(),
+        )),
     );
+    let (protection_tx, protection) = watch::channel(Protection::Unprotected);
+    if config.link_down_without_pvm_output {
+        tokio::spawn(qemu_filters::guard_guest_link(
+            qmp.clone(),
+            config.netdev.clone(),
+            "compare0".to_owned(),
+            pvm_connected,
+            protection,
+            metrics.clone(),
+            tasks.clone(),
+        ));
+    }
     let link = peer::spawn_primary(listeners.link, metrics.clone(), tasks.clone());
-    let qmp = QmpSession::new(config.qmp.clone());
     let requester = CheckpointRequester::spawn(
         qmp.clone(),
         RequestOptions {
@@ -118,6 +151,9 @@ pub async fn run(
         link = %config.link_listen,
         control = %config.control,
         qmp = %config.qmp,
+        netdev = %config.netdev,
+        release_redirector = %config.release_redirector,
+        link_down_without_pvm_output = config.link_down_without_pvm_output,
         max_hold = ?config.engine.max_hold,
         "colo-proxyd primary started"
     );
@@ -130,6 +166,8 @@ pub async fn run(
         metrics,
         out: Vec::new(),
         clock: Instant::now(),
+        protection: protection_tx,
+        published: Protection::Unprotected,
     };
     role.run(pvm, mirror, link.incoming, relay, tick, &shutdown)
         .await;
@@ -145,6 +183,9 @@ struct PrimaryRole {
     metrics: Metrics,
     out: Vec<GateOutput>,
     clock: Instant,
+    /// The gate's protection, for the guest-link guard (sent when it changes).
+    protection: watch::Sender<Protection>,
+    published: Protection,
 }
 
 impl PrimaryRole {
@@ -341,12 +382,15 @@ impl PrimaryRole {
         self.metrics
             .set_bypassed(self.gate.counters().bypassed_bytes);
         self.metrics.set_flows(self.gate.flows());
+        let protection = self.gate.protection();
         self.metrics.set_epoch(
             self.gate.epoch(),
-            matches!(
-                self.gate.protection(),
-                Protection::Protected | Protection::Exited
-            ),
+            matches!(protection, Protection::Protected | Protection::Exited),
         );
+        // Compared with a copy: no lock per packet.
+        if self.published != protection {
+            self.published = protection;
+            self.protection.send_replace(protection);
+        }
     }
 }

@@ -31,12 +31,16 @@ use tokio_util::sync::CancellationToken;
 
 use self::network_bridge::{BridgeListeners, NET_INPUT_PORT, NET_OUTPUT_PORT, NetworkBridge};
 
-use super::attachment::{FrameSink, FrameSource, Inbound, PortEndpoint, spawn_sink, spawn_source};
+use super::attachment::{
+    FrameSink, FrameSource, Inbound, PortEndpoint, spawn_sink_prepared, spawn_source,
+};
+use super::checkpoint::QmpSession;
 use super::config::SecondaryConfig;
 use super::epochs::{self, EpochNotice, RelayOptions};
 use super::link::LinkMessage;
 use super::metrics::{self, Metrics};
 use super::peer::{self, LinkSender};
+use super::qemu_filters::{self, IndevRedirector};
 use super::svm_path::{Failover, SvmOutput, SvmPath};
 use super::{DaemonError, bind};
 
@@ -86,11 +90,36 @@ pub async fn run(
     if let Some(listener) = listeners.metrics {
         tokio::spawn(metrics::serve(listener, metrics.clone(), tasks.clone()));
     }
-    let to_svm = spawn_sink(
+    // QEMU reads no reconnected indev: with --qmp the redirector is re-created before each
+    // connection of red0 is written to.
+    let svm_input_filter = IndevRedirector::svm_input(
+        &config.netdev,
+        &config.svm_input_redirector,
+        &config.svm_input_chardev,
+        &config.svm_output_redirector,
+    );
+    if config.qmp.is_none() {
+        tracing::warn!(
+            filter = %svm_input_filter.id,
+            chardev = %svm_input_filter.indev,
+            by_hand = %svm_input_filter.by_hand(),
+            "no --qmp: if QEMU's {} reconnects (also after a restart of colo-proxyd), its filter \
+             {} must be re-created by hand on the secondary's monitor, or the SVM gets no input",
+            svm_input_filter.indev,
+            svm_input_filter.id,
+        );
+    }
+    let to_svm = spawn_sink_prepared(
         "red0",
         PortEndpoint::Listen(listeners.svm_input),
         metrics.clone(),
         tasks.clone(),
+        Some(qemu_filters::recreate_on_connect(
+            config.qmp.clone().map(QmpSession::new),
+            svm_input_filter,
+            metrics.clone(),
+            tasks.clone(),
+        )),
     );
     let from_svm = spawn_source(
         "red1",
@@ -125,6 +154,7 @@ pub async fn run(
         net_input = net.map_or("-", |b| b.net_input_listen.as_str()),
         primary = %config.primary_link,
         control = %config.control,
+        qmp = config.qmp.as_ref().map_or("-".to_owned(), ToString::to_string),
         "colo-proxyd secondary started"
     );
     let mut role = SecondaryRole {

@@ -138,6 +138,9 @@ pub enum QmpSeen {
     SetParameters(Value),
     /// `query-chardev`.
     QueryChardev,
+    /// Any other command (`object-del`, `object-add`, `set_link`, ...) with its arguments
+    /// (`null` without).
+    Command(String, Value),
 }
 
 /// The checkpoint period the fake primary reports.
@@ -186,7 +189,14 @@ pub fn fake_qmp(path: &Path, chardevs: &[&str]) -> mpsc::UnboundedReceiver<QmpSe
                             let _ = tx.send(QmpSeen::QueryChardev);
                             Value::Array(chardevs.clone())
                         }
-                        _ => json!({}),
+                        Some(other) => {
+                            if other != "qmp_capabilities" {
+                                let args = cmd.get("arguments").cloned().unwrap_or(Value::Null);
+                                let _ = tx.send(QmpSeen::Command(other.to_owned(), args));
+                            }
+                            json!({})
+                        }
+                        None => json!({}),
                     };
                     let mut reply = json!({"return": ret});
                     if let Some(id) = cmd.get("id") {
@@ -215,7 +225,23 @@ pub async fn next_checkpoint_request(
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(QmpSeen::SetParameters(v))) => return Some(v),
-            Ok(Some(QmpSeen::QueryChardev)) => continue,
+            Ok(Some(QmpSeen::QueryChardev | QmpSeen::Command(..))) => continue,
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
+/// The next command other than checkpoint requests and `query-chardev` that the fake QMP
+/// monitor saw, or `None` within `within`.
+pub async fn next_qmp_command(
+    rx: &mut mpsc::UnboundedReceiver<QmpSeen>,
+    within: Duration,
+) -> Option<(String, Value)> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(QmpSeen::Command(name, args))) => return Some((name, args)),
+            Ok(Some(_)) => continue,
             Ok(None) | Err(_) => return None,
         }
     }

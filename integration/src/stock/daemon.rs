@@ -17,6 +17,9 @@ pub struct DaemonProcess {
     child: Option<Child>,
     /// Its log (stdout and stderr).
     pub log: PathBuf,
+    netns: String,
+    binary: PathBuf,
+    args: Vec<String>,
 }
 
 impl DaemonProcess {
@@ -28,26 +31,49 @@ impl DaemonProcess {
         args: &[String],
         log: PathBuf,
     ) -> Result<DaemonProcess> {
-        let out = File::create(&log)?;
+        std::fs::write(
+            log.with_extension("cmdline"),
+            format!("{} {}\n", binary.display(), args.join(" ")),
+        )?;
+        let mut daemon = DaemonProcess {
+            name: name.to_string(),
+            child: None,
+            log,
+            netns: netns.to_string(),
+            binary: binary.to_path_buf(),
+            args: args.to_vec(),
+        };
+        daemon.start(File::create(&daemon.log)?)?;
+        Ok(daemon)
+    }
+
+    fn start(&mut self, out: File) -> Result<()> {
         let child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(binary)
-            .args(args)
+            .args(["netns", "exec", &self.netns])
+            .arg(&self.binary)
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
-            .with_context(|| format!("starting {} in namespace {netns}", binary.display()))?;
-        std::fs::write(
-            log.with_extension("cmdline"),
-            format!("{} {}\n", binary.display(), args.join(" ")),
-        )?;
-        Ok(DaemonProcess {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-        })
+            .with_context(|| {
+                format!(
+                    "starting {} in namespace {}",
+                    self.binary.display(),
+                    self.netns
+                )
+            })?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL and start again with the same command line, the log continued: a crashed
+    /// daemon that its supervisor restarts.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let out = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+        self.start(out)
     }
 
     /// Waits until its log contains `line`; an exit first is an error quoting the log.

@@ -103,8 +103,10 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
     let network = match cfg.network {
         NetworkBackend::ColoCompare => String::new(),
         NetworkBackend::ColoProxyd => format!(
-            "[network]\nbackend = \"colo-proxyd\"\nproxyd_qmp = {:?}\n\n",
-            unix(super::proxyd::qmp_path(dir))
+            "[network]\nbackend = \"colo-proxyd\"\nproxyd_qmp = {:?}\n\
+             proxyd_secondary_qmp = {:?}\n\n",
+            unix(super::proxyd::qmp_path(dir)),
+            unix(super::proxyd::secondary_qmp_path(dir))
         ),
     };
     format!(

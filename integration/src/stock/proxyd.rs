@@ -27,6 +27,11 @@ pub fn qmp_path(dir: &Path) -> PathBuf {
     dir.join("primary-qmp-proxyd.sock")
 }
 
+/// The QMP monitor the generated secondary command line opens for colo-proxyd.
+pub fn secondary_qmp_path(dir: &Path) -> PathBuf {
+    dir.join("secondary-qmp-proxyd.sock")
+}
+
 fn binary() -> Result<PathBuf> {
     workspace_binary("colo-proxyd", "COLO_PROXYD")
 }
