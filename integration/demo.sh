@@ -14,6 +14,6 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 integration/setup.sh >&2
-# colo-testbed runs the qmp-driver binary built next to it.
-cargo build --locked --release -p colo-testbed -p qmp-driver >&2
+# colo-testbed runs the qmp-driver, colo-blockd and colo-proxyd binaries built next to it.
+cargo build --locked --release -p colo-testbed -p qmp-driver -p colo-blockd -p colo-proxyd >&2
 exec target/release/colo-testbed "$@"

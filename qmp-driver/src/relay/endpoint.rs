@@ -96,7 +96,7 @@ impl Stream {
         }
     }
 
-    /// Connects with TCP_NODELAY (every forwarded read must leave at once:
+    /// Connects with TCP_NODELAY and a wide send buffer (every forwarded read must leave at once:
     /// COLO's 4-byte messages would otherwise wait for Nagle).
     pub(crate) async fn connect(ep: &Endpoint, timeout: Duration) -> std::io::Result<Stream> {
         let fut = async {
@@ -104,9 +104,14 @@ impl Stream {
                 Endpoint::Tcp(addr) => {
                     let s = TcpStream::connect(addr.as_str()).await?;
                     s.set_nodelay(true)?;
+                    widen_send_buffer(socket2::SockRef::from(&s));
                     Ok(Stream::Tcp(s))
                 }
-                Endpoint::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
+                Endpoint::Unix(path) => {
+                    let s = UnixStream::connect(path).await?;
+                    widen_send_buffer(socket2::SockRef::from(&s));
+                    Ok(Stream::Unix(s))
+                }
             }
         };
         tokio::time::timeout(timeout, fut)
@@ -193,6 +198,19 @@ pub async fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
             format!("{} is in use by another process", path.display()),
         )),
         Err(_) => std::fs::remove_file(path),
+    }
+}
+
+/// Send buffer the relay asks for towards the secondary: a checkpoint's RAM
+/// (megabytes) then fits in the socket, so the relay never blocks in a write
+/// while the primary waits for it to read; each hand-off costs a wake-up on
+/// hosts whose cores the two QEMUs keep busy. The kernel caps it at
+/// `net.core.wmem_max`.
+const SEND_BUFFER: usize = 4 << 20;
+
+fn widen_send_buffer(sock: socket2::SockRef<'_>) {
+    if let Err(e) = sock.set_send_buffer_size(SEND_BUFFER) {
+        tracing::debug!(error = %e, "cannot widen the relay's send buffer; keeping the default");
     }
 }
 
