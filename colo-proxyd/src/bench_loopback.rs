@@ -226,6 +226,8 @@ async fn measure(daemon: &Handle, packets: usize) -> anyhow::Result<Loopback> {
         qmp: Some(format!("unix:{}", dir.join("no-qmp.sock").display())),
         metrics: Some("127.0.0.1:0".into()),
         max_hold_ms: Some(60_000),
+        // No QEMU behind the fake sockets: nothing to set a link on.
+        link_down_without_pvm_output: Some(false),
         ..PrimaryArgs::default()
     })?;
     config.chardevs.clear();

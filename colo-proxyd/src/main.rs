@@ -67,9 +67,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The bench runs a daemon in process against fakes (no QEMU, no QMP monitor): its
+    // info-level life story would bury the numbers, so only errors show unless RUST_LOG says.
+    let default_level = match cli.command {
+        Command::Bench(_) => "error",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         // Colour only on a terminal: logs in files and journals stay greppable.
