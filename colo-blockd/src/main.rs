@@ -10,7 +10,9 @@ use std::str::FromStr;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use colo_blockd::backend::FileBackend;
-use colo_blockd::daemon::checkpoint::{QmpAddress, RequestOptions, request_checkpoints};
+use colo_blockd::daemon::checkpoint::{
+    QmpAddress, RequestOptions, parse_qmp_address, request_checkpoints,
+};
 use colo_blockd::daemon::epochs::{DEFAULT_NAME, EpochOptions, follow_epochs};
 use colo_blockd::daemon::metrics_endpoint::serve_metrics;
 use colo_blockd::export::{Export, ExportSet};
@@ -97,7 +99,7 @@ struct SecondaryArgs {
     control: ControlAddress,
     /// The primary QEMU's QMP monitor, as unix:PATH or tcp:HOST:PORT. Without it a full PVM log
     /// only spills to its file and waits for the next periodic checkpoint.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_qmp_address)]
     primary_qmp: Option<QmpAddress>,
     /// Bytes of PVM log kept in memory; past them writes spill to a file and a checkpoint is
     /// requested.

@@ -8,6 +8,8 @@
 //! needs root, `integration/setup.sh`'s artifacts and this build's `qmp-driver` and
 //! `colo-blockd` binaries. Without them the tests fail and say what is missing.
 
+// Shared with the other bed test files; this one has no soak.
+#[allow(dead_code)]
 mod common;
 
 use std::path::Path;

@@ -75,7 +75,7 @@ impl fmt::Display for Side {
 
 /// A socket address in QEMU's URI syntax, `unix:PATH` or `tcp:HOST:PORT`
 /// (the relay's type: the same strings configure both).
-pub use crate::relay::Endpoint;
+pub use crate::relay::{Endpoint, EndpointParseError};
 
 /// Why a config could not be loaded. Every variant names the file (or the
 /// origin given to [`PairConfig::from_toml`]); [`ConfigError::Invalid`] also

@@ -9,14 +9,11 @@
 //! per write. The reason, [`BLOCK_LOG_FULL`], is also noted to the relay
 //! (best effort: it only feeds the relay's status).
 
-use std::fmt;
-use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use colo_control::ControlAddress;
+use qmp_driver::pair::reset_checkpoint_delay;
 use qmp_driver::qmp::{ConnectOptions, QmpClient};
-use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -25,40 +22,19 @@ use crate::replica::Replica;
 /// The reason noted to the relay (and the metrics' `reason` label).
 pub const BLOCK_LOG_FULL: &str = crate::metrics::REASON_LOG_FULL;
 
-/// Where the primary's QMP monitor listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QmpAddress {
-    /// `unix:PATH`
-    Unix(PathBuf),
-    /// `tcp:HOST:PORT`
-    Tcp(String),
-}
+/// Where the primary's QMP monitor listens (`unix:PATH` or `tcp:HOST:PORT`):
+/// qmp-driver's address type.
+pub use qmp_driver::config::Endpoint as QmpAddress;
 
-impl FromStr for QmpAddress {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<QmpAddress, String> {
-        match s.split_once(':') {
-            Some(("unix", path)) if !path.is_empty() => Ok(QmpAddress::Unix(path.into())),
-            Some(("tcp", addr))
-                if addr
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) =>
-            {
-                Ok(QmpAddress::Tcp(addr.to_owned()))
-            }
-            _ => Err(format!("expected unix:PATH or tcp:HOST:PORT, got {s:?}")),
-        }
-    }
-}
-
-impl fmt::Display for QmpAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            QmpAddress::Unix(p) => write!(f, "unix:{}", p.display()),
-            QmpAddress::Tcp(a) => write!(f, "tcp:{a}"),
-        }
-    }
+/// Parses `--primary-qmp`, with an error that says what is expected.
+pub fn parse_qmp_address(s: &str) -> Result<QmpAddress, String> {
+    s.parse()
+        .map_err(|e: qmp_driver::config::EndpointParseError| {
+            format!(
+                "expected unix:PATH or tcp:HOST:PORT, got {s:?} ({})",
+                e.reason
+            )
+        })
 }
 
 /// How checkpoints are requested.
@@ -153,24 +129,13 @@ async fn ask_primary(primary: &QmpAddress) -> Result<u64, String> {
     };
     // A fresh connection per request (at most one a second): nothing to
     // keep alive across a primary restart.
-    let client = match primary {
-        QmpAddress::Unix(path) => QmpClient::connect_unix(path, opts).await,
-        QmpAddress::Tcp(addr) => QmpClient::connect_tcp(addr, opts).await,
-    }
-    .map_err(|e| e.to_string())?;
-    let params = client
-        .execute_raw("query-migrate-parameters", None)
+    let client = QmpClient::connect_to(primary, opts)
         .await
         .map_err(|e| e.to_string())?;
-    let delay = params
-        .get("x-checkpoint-delay")
-        .and_then(serde_json::Value::as_u64)
-        .ok_or_else(|| format!("query-migrate-parameters has no x-checkpoint-delay: {params}"))?;
-    client
-        .migrate_set_parameters(json!({ "x-checkpoint-delay": delay }))
+    reset_checkpoint_delay(&client)
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(delay)
+        .map(u64::from)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -64,11 +64,9 @@ impl QmpSession {
                     command_timeout: Duration::from_secs(5),
                     ..ConnectOptions::default()
                 };
-                let c = match &self.address {
-                    QmpAddress::Unix(path) => QmpClient::connect_unix(path, opts).await,
-                    QmpAddress::Tcp(addr) => QmpClient::connect_tcp(addr, opts).await,
-                }
-                .map_err(|e| format!("cannot connect to QMP at {}: {e}", self.address))?;
+                let c = QmpClient::connect_to(&self.address, opts)
+                    .await
+                    .map_err(|e| format!("cannot connect to QMP at {}: {e}", self.address))?;
                 *guard = Some(c.clone());
                 c
             }

@@ -14,44 +14,9 @@ use serde::Deserialize;
 
 use crate::engine::{BypassRule, EngineConfig, UncomparedPolicy};
 
-/// Where the primary's QMP monitor listens.
-///
-/// The same type exists in colo-blockd (`colo_blockd::daemon::checkpoint::QmpAddress`); it
-/// belongs in qmp-driver, next to `QmpClient::connect_unix`/`connect_tcp`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QmpAddress {
-    /// `unix:PATH`
-    Unix(PathBuf),
-    /// `tcp:HOST:PORT`
-    Tcp(String),
-}
-
-impl FromStr for QmpAddress {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<QmpAddress, String> {
-        match s.split_once(':') {
-            Some(("unix", path)) if !path.is_empty() => Ok(QmpAddress::Unix(path.into())),
-            Some(("tcp", addr))
-                if addr
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) =>
-            {
-                Ok(QmpAddress::Tcp(addr.to_owned()))
-            }
-            _ => Err(format!("expected unix:PATH or tcp:HOST:PORT, got {s:?}")),
-        }
-    }
-}
-
-impl fmt::Display for QmpAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            QmpAddress::Unix(p) => write!(f, "unix:{}", p.display()),
-            QmpAddress::Tcp(a) => write!(f, "tcp:{a}"),
-        }
-    }
-}
+/// Where a QEMU QMP monitor listens (`unix:PATH` or `tcp:HOST:PORT`): qmp-driver's address
+/// type.
+pub use qmp_driver::config::Endpoint as QmpAddress;
 
 /// A bad setting.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -134,15 +99,15 @@ fn required<T>(value: Option<T>, name: &'static str) -> Result<T, ConfigError> {
     value.ok_or(ConfigError::Missing(name))
 }
 
-fn parsed<T: FromStr<Err = String>>(
+fn parsed<T: FromStr<Err: fmt::Display>>(
     value: Option<String>,
     name: &'static str,
 ) -> Result<Option<T>, ConfigError> {
     value
         .map(|v| {
-            v.parse().map_err(|reason| ConfigError::Invalid {
+            v.parse().map_err(|e: T::Err| ConfigError::Invalid {
                 option: name,
-                reason,
+                reason: e.to_string(),
             })
         })
         .transpose()

@@ -46,3 +46,33 @@ pub fn assert_failover(report: &Report) {
         "survivor heartbeat did not advance: {first:?} -> {last:?}"
     );
 }
+
+/// A soak run kept every promise: at least `checkpoints` on both sides, requests made and all
+/// answered, no guest error, and at least `min_svm_bytes` of the SVM's own output compared
+/// (a dead SVM NIC would leave that near zero while periodic checkpoints still answer every
+/// request).
+pub fn assert_soak(report: &Report, checkpoints: usize, min_svm_bytes: u64) {
+    println!("{}", report.render());
+    assert!(
+        report.checkpoints_primary >= checkpoints && report.checkpoints_secondary >= checkpoints,
+        "{} / {} checkpoints",
+        report.checkpoints_primary,
+        report.checkpoints_secondary
+    );
+    assert!(report.http_requests > 0, "no requests made");
+    assert!(
+        report.http_failures.is_empty(),
+        "failed requests: {:?}",
+        report.http_failures
+    );
+    assert!(
+        report.guest_errors.is_empty(),
+        "guest errors: {:?}",
+        report.guest_errors
+    );
+    let svm = report.svm_output_bytes.expect("SVM output measured");
+    assert!(
+        svm >= min_svm_bytes,
+        "only {svm} bytes of SVM output reached the comparison"
+    );
+}

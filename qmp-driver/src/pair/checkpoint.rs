@@ -85,7 +85,10 @@ async fn ensure_colo(primary: &QmpClient) -> Result<(), PairError> {
     }
 }
 
-async fn reset_delay(primary: &QmpClient) -> Result<u32, PairError> {
+/// Re-sets the primary's current `x-checkpoint-delay`, which makes QEMU
+/// checkpoint at once without changing the period; returns the delay. Unlike
+/// [`request_checkpoint`] it does not check that COLO runs first.
+pub async fn reset_checkpoint_delay(primary: &QmpClient) -> Result<u32, PairError> {
     let delay = steps::checkpoint_delay(primary, Side::Primary).await?;
     primary
         .migrate_set_parameters(json!({ "x-checkpoint-delay": delay }))
@@ -103,7 +106,7 @@ async fn reset_delay(primary: &QmpClient) -> Result<u32, PairError> {
 /// checkpoint runs. Refuses unless the primary's migration is `colo`.
 pub async fn request_checkpoint(primary: &QmpClient) -> Result<u32, PairError> {
     ensure_colo(primary).await?;
-    reset_delay(primary).await
+    reset_checkpoint_delay(primary).await
 }
 
 /// Forces a checkpoint and waits for it: notes the reason to the relay (when
@@ -140,7 +143,7 @@ pub async fn checkpoint(
     // for a STOP first.
     let mut events = primary.subscribe();
     let requested = Instant::now();
-    let delay = reset_delay(primary).await?;
+    let delay = reset_checkpoint_delay(primary).await?;
     let timeout = opts
         .timeout
         .unwrap_or(Duration::from_millis(u64::from(delay)) + Duration::from_secs(10));

@@ -37,7 +37,7 @@ mod start;
 mod status;
 mod steps;
 
-use crate::config::{Endpoint, PairConfig, Side};
+use crate::config::{PairConfig, Side};
 use crate::qmp::{ConnectOptions, QmpClient, QmpError};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -47,6 +47,7 @@ use std::time::Duration;
 
 pub use checkpoint::{
     CheckpointOptions, CheckpointReport, RelayEpoch, checkpoint, request_checkpoint,
+    reset_checkpoint_delay,
 };
 pub use copy::{COPY_JOB, CopyOptions, CopyReport, DEFAULT_COPY_EXPORT, copy_disk, default_target};
 pub use failover::{
@@ -276,13 +277,11 @@ pub async fn connect(
     opts: ConnectOptions,
 ) -> Result<QmpClient, PairError> {
     let ep = &cfg.host(side).qmp;
-    let result = match ep {
-        Endpoint::Unix(path) => QmpClient::connect_unix(path, opts).await,
-        Endpoint::Tcp(addr) => QmpClient::connect_tcp(addr, opts).await,
-    };
-    result.map_err(|source| PairError::Unreachable {
-        side,
-        address: ep.to_string(),
-        source,
-    })
+    QmpClient::connect_to(ep, opts)
+        .await
+        .map_err(|source| PairError::Unreachable {
+            side,
+            address: ep.to_string(),
+            source,
+        })
 }

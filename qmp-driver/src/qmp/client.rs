@@ -72,6 +72,18 @@ struct CallSpec<'a> {
 }
 
 impl QmpClient {
+    /// Connects to the monitor at `endpoint` (`unix:PATH` or `tcp:HOST:PORT`)
+    /// the way [`QmpClient::connect_unix`] or [`QmpClient::connect_tcp`] does.
+    pub async fn connect_to(
+        endpoint: &crate::config::Endpoint,
+        opts: ConnectOptions,
+    ) -> Result<QmpClient> {
+        match endpoint {
+            crate::config::Endpoint::Unix(path) => Self::connect_unix(path, opts).await,
+            crate::config::Endpoint::Tcp(addr) => Self::connect_tcp(addr, opts).await,
+        }
+    }
+
     /// Connects to a QMP Unix socket, reads the greeting and negotiates
     /// capabilities, all within [`ConnectOptions::connect_timeout`].
     pub async fn connect_unix(path: impl AsRef<Path>, opts: ConnectOptions) -> Result<QmpClient> {
