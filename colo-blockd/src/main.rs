@@ -237,7 +237,7 @@ async fn secondary(args: SecondaryArgs) -> anyhow::Result<()> {
         None => None,
     };
     let shutdown = signal_token();
-    let mut epochs = EpochOptions::new(&args.control);
+    let mut epochs = EpochOptions::new(args.control.clone(), DEFAULT_NAME);
     epochs.name = args.name;
     let mut tasks = vec![tokio::spawn(follow_epochs(
         replica.clone(),

@@ -136,7 +136,7 @@ impl Bed {
 }
 
 fn quick_options(control: &Path) -> EpochOptions {
-    let mut opts = EpochOptions::new(control);
+    let mut opts = EpochOptions::new(control, DEFAULT_NAME);
     opts.retry_min = Duration::from_millis(20);
     opts.retry_max = Duration::from_millis(200);
     opts

@@ -43,6 +43,7 @@
 
 pub mod address;
 pub mod client;
+pub mod follow;
 pub mod hub;
 pub mod protocol;
 mod transport;

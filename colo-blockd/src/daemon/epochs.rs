@@ -18,10 +18,9 @@
 //! every barrier that a sync subscriber left during the session.
 
 use std::io;
-use std::time::Duration;
 
-use colo_control::ControlAddress;
-use colo_control::client::{ControlError, Subscriber};
+use colo_control::client::Subscriber;
+use colo_control::follow::{SessionEnd, follow_relay};
 use colo_control::protocol::{Event, EventKind, Survivor};
 use tokio_util::sync::CancellationToken;
 
@@ -30,112 +29,44 @@ use crate::replica::Replica;
 /// Default `hello` name on the control socket.
 pub const DEFAULT_NAME: &str = "colo-blockd";
 
-/// How to reach the relay.
-#[derive(Debug, Clone)]
-pub struct EpochOptions {
-    /// The relay's control socket: its Unix socket (`qmp-driver relay
-    /// --control PATH`) or, from the other host, its TCP address
-    /// (`--control-tcp`).
-    pub control: ControlAddress,
-    /// Our `hello` name (shown in the relay's status and barrier errors).
-    pub name: String,
-    /// First wait before reconnecting; doubled after each failed attempt.
-    pub retry_min: Duration,
-    /// Longest wait between reconnection attempts.
-    pub retry_max: Duration,
-}
-
-impl EpochOptions {
-    /// Options for `control` with the default name and backoff (100 ms up
-    /// to 5 s: short enough to be back before the next checkpoint period,
-    /// long enough not to spin on a relay that is down).
-    pub fn new(control: impl Into<ControlAddress>) -> EpochOptions {
-        EpochOptions {
-            control: control.into(),
-            name: DEFAULT_NAME.to_owned(),
-            retry_min: Duration::from_millis(100),
-            retry_max: Duration::from_secs(5),
-        }
-    }
-}
-
-/// Why one connection's event loop ended.
-enum Ended {
-    Shutdown,
-    RelayClosed,
-    Failed(ControlError),
-}
+/// How to reach the relay (colo-control's follower options; use
+/// [`DEFAULT_NAME`] as the name unless told otherwise).
+pub use colo_control::follow::FollowOptions as EpochOptions;
 
 /// Follows the relay's events until `shutdown` is cancelled, reconnecting
 /// whenever the connection is lost.
 pub async fn follow_epochs(replica: Replica, opts: EpochOptions, shutdown: CancellationToken) {
-    let mut backoff = opts.retry_min;
-    loop {
-        let attempt = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = Subscriber::connect(&opts.control, &opts.name, true) => r,
-        };
-        match attempt {
-            Ok(mut sub) => {
-                backoff = opts.retry_min;
-                let w = sub.welcome();
-                let metrics = replica.metrics();
-                metrics.relay_connected.set(1);
-                metrics.epoch.set(w.epoch);
-                tracing::info!(
-                    control = %opts.control,
-                    name = %opts.name,
-                    epoch = w.epoch,
-                    state = ?w.state,
-                    "subscribed to the relay (sync): checkpoints wait for our acks"
-                );
-                let ended = follow_connection(&replica, &mut sub, &shutdown).await;
-                replica.metrics().relay_connected.set(0);
-                match ended {
-                    Ended::Shutdown => return,
-                    Ended::RelayClosed => tracing::error!(
-                        control = %opts.control,
-                        "the relay closed the control connection; COLO cannot checkpoint while \
-                         we are disconnected (the relay fails the barrier); reconnecting"
-                    ),
-                    Ended::Failed(err) => tracing::error!(
-                        %err,
-                        "lost the relay's control connection; COLO cannot checkpoint while we \
-                         are disconnected (the relay fails the barrier); reconnecting"
-                    ),
-                }
-            }
-            Err(err) => tracing::error!(
-                %err,
-                retry_in = ?backoff,
-                "cannot subscribe to the relay; COLO cannot checkpoint until we are connected \
-                 (the relay fails the barrier)"
-            ),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(opts.retry_max);
-    }
+    let stop = shutdown.clone();
+    follow_relay(&opts, &shutdown, move |sub| {
+        let (replica, stop) = (replica.clone(), stop.clone());
+        Box::pin(async move {
+            let metrics = replica.metrics();
+            metrics.relay_connected.set(1);
+            metrics.epoch.set(sub.welcome().epoch);
+            let ended = follow_connection(&replica, sub, &stop).await;
+            replica.metrics().relay_connected.set(0);
+            ended
+        })
+    })
+    .await;
 }
 
 async fn follow_connection(
     replica: &Replica,
     sub: &mut Subscriber,
     shutdown: &CancellationToken,
-) -> Ended {
+) -> SessionEnd {
     loop {
         // Shutdown only interrupts the wait for an event, never a step:
         // a half-done commit is left to the journal only after a crash.
         let next = tokio::select! {
-            _ = shutdown.cancelled() => return Ended::Shutdown,
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
             n = sub.next_event() => n,
         };
         let ev = match next {
             Ok(Some(ev)) => ev,
-            Ok(None) => return Ended::RelayClosed,
-            Err(err) => return Ended::Failed(err),
+            Ok(None) => return SessionEnd::RelayClosed,
+            Err(err) => return SessionEnd::Failed(err),
         };
         replica.metrics().epoch.set(ev.epoch);
         match apply(replica, &ev).await {
@@ -143,7 +74,7 @@ async fn follow_connection(
                 if ev.sync
                     && let Err(err) = sub.ack(ev.seq).await
                 {
-                    return Ended::Failed(err);
+                    return SessionEnd::Failed(err);
                 }
             }
             Err(err) => tracing::error!(

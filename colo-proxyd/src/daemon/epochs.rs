@@ -8,42 +8,17 @@
 //!
 //! The connection is re-established with a bounded exponential backoff. Meanwhile COLO cannot
 //! checkpoint: the relay fails every barrier that a sync subscriber left during the session.
-//! The reconnect loop is the same as colo-blockd's (`colo_blockd::daemon::epochs`); both could
-//! move into colo-control as a generic follower.
+//! The reconnect loop is colo-control's follower ([`colo_control::follow`]), shared with
+//! colo-blockd.
 
-use std::time::Duration;
-
-use colo_control::ControlAddress;
-use colo_control::client::{ControlError, Subscriber, Welcome};
+use colo_control::client::{Subscriber, Welcome};
+use colo_control::follow::{SessionEnd, follow_relay};
 use colo_control::protocol::Event;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-/// How to reach the relay.
-#[derive(Debug, Clone)]
-pub struct RelayOptions {
-    /// The relay's control socket: its Unix socket (`qmp-driver relay --control PATH`) or,
-    /// from the other host, its TCP address (`--control-tcp`).
-    pub control: ControlAddress,
-    /// Our `hello` name (shown in the relay's status and barrier errors).
-    pub name: String,
-    /// First wait before reconnecting; doubled after each failed attempt.
-    pub retry_min: Duration,
-    /// Longest wait between reconnection attempts.
-    pub retry_max: Duration,
-}
-
-impl RelayOptions {
-    /// Options for `control` with the backoff colo-blockd uses (100 ms up to 5 s).
-    pub fn new(control: impl Into<ControlAddress>, name: &str) -> RelayOptions {
-        RelayOptions {
-            control: control.into(),
-            name: name.to_owned(),
-            retry_min: Duration::from_millis(100),
-            retry_max: Duration::from_secs(5),
-        }
-    }
-}
+/// How to reach the relay: colo-control's follower options.
+pub use colo_control::follow::FollowOptions as RelayOptions;
 
 /// What the role loop hears from the relay.
 #[derive(Debug)]
@@ -75,76 +50,38 @@ pub fn spawn(opts: RelayOptions, shutdown: CancellationToken) -> mpsc::Receiver<
     rx
 }
 
-enum Ended {
-    Shutdown,
-    RelayClosed,
-    Failed(ControlError),
-}
-
 async fn follow(opts: RelayOptions, tx: mpsc::Sender<EpochNotice>, shutdown: CancellationToken) {
-    let mut backoff = opts.retry_min;
-    loop {
-        let attempt = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = Subscriber::connect(&opts.control, &opts.name, true) => r,
-        };
-        match attempt {
-            Ok(mut sub) => {
-                backoff = opts.retry_min;
-                let w = sub.welcome();
-                tracing::info!(
-                    control = %opts.control,
-                    name = %opts.name,
-                    epoch = w.epoch,
-                    state = %w.state,
-                    "subscribed to the relay (sync): checkpoints wait for our acks"
-                );
-                if tx.send(EpochNotice::Subscribed(w)).await.is_err() {
-                    return;
-                }
-                match follow_connection(&mut sub, &tx, &shutdown).await {
-                    Ended::Shutdown => return,
-                    Ended::RelayClosed => tracing::error!(
-                        control = %opts.control,
-                        "the relay closed the control connection; COLO cannot checkpoint while \
-                         we are disconnected (the relay fails the barrier); reconnecting"
-                    ),
-                    Ended::Failed(err) => tracing::error!(
-                        %err,
-                        "lost the relay's control connection; COLO cannot checkpoint while we \
-                         are disconnected (the relay fails the barrier); reconnecting"
-                    ),
-                }
+    let stop = shutdown.clone();
+    follow_relay(&opts, &shutdown, move |sub| {
+        let (tx, stop) = (tx.clone(), stop.clone());
+        Box::pin(async move {
+            if tx
+                .send(EpochNotice::Subscribed(sub.welcome()))
+                .await
+                .is_err()
+            {
+                return SessionEnd::Shutdown;
             }
-            Err(err) => tracing::error!(
-                %err,
-                retry_in = ?backoff,
-                "cannot subscribe to the relay; COLO cannot checkpoint until we are connected \
-                 (the relay fails the barrier)"
-            ),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(opts.retry_max);
-    }
+            follow_connection(sub, &tx, &stop).await
+        })
+    })
+    .await;
 }
 
 async fn follow_connection(
     sub: &mut Subscriber,
     tx: &mpsc::Sender<EpochNotice>,
     shutdown: &CancellationToken,
-) -> Ended {
+) -> SessionEnd {
     loop {
         let next = tokio::select! {
-            _ = shutdown.cancelled() => return Ended::Shutdown,
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
             n = sub.next_event() => n,
         };
         let ev = match next {
             Ok(Some(ev)) => ev,
-            Ok(None) => return Ended::RelayClosed,
-            Err(err) => return Ended::Failed(err),
+            Ok(None) => return SessionEnd::RelayClosed,
+            Err(err) => return SessionEnd::Failed(err),
         };
         let (seq, sync, kind, epoch) = (ev.seq, ev.sync, ev.event, ev.epoch);
         let (done_tx, done_rx) = oneshot::channel();
@@ -153,7 +90,7 @@ async fn follow_connection(
             .await
             .is_err()
         {
-            return Ended::Shutdown;
+            return SessionEnd::Shutdown;
         }
         if !sync {
             continue;
@@ -162,11 +99,11 @@ async fn follow_connection(
         match done_rx.await {
             Ok(()) => {
                 if let Err(err) = sub.ack(seq).await {
-                    return Ended::Failed(err);
+                    return SessionEnd::Failed(err);
                 }
                 tracing::debug!(event = %kind, epoch, seq, "acknowledged");
             }
-            Err(_) if shutdown.is_cancelled() => return Ended::Shutdown,
+            Err(_) if shutdown.is_cancelled() => return SessionEnd::Shutdown,
             Err(_) => tracing::error!(
                 event = %kind,
                 epoch,

@@ -1,0 +1,114 @@
+//! A daemon's side of the relay over time: subscribe as a synchronous
+//! subscriber, run a session until the connection ends, and reconnect with a
+//! bounded exponential backoff, until shutdown. colo-blockd and colo-proxyd
+//! both follow the relay this way; only what they do with each session's
+//! events differs.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::address::ControlAddress;
+use crate::client::{ControlError, Subscriber};
+
+/// How to reach the relay and how fast to retry.
+#[derive(Debug, Clone)]
+pub struct FollowOptions {
+    /// The relay's control socket: its Unix socket (`qmp-driver relay
+    /// --control PATH`) or, from the other host, its TCP address
+    /// (`--control-tcp`).
+    pub control: ControlAddress,
+    /// Our `hello` name (shown in the relay's status and barrier errors).
+    pub name: String,
+    /// First wait before reconnecting; doubled after each failed attempt.
+    pub retry_min: Duration,
+    /// Longest wait between reconnection attempts.
+    pub retry_max: Duration,
+}
+
+impl FollowOptions {
+    /// Options for `control` under `name`, with a backoff of 100 ms up to
+    /// 5 s: short enough to be back before the next checkpoint period, long
+    /// enough not to spin on a relay that is down.
+    pub fn new(control: impl Into<ControlAddress>, name: &str) -> FollowOptions {
+        FollowOptions {
+            control: control.into(),
+            name: name.to_owned(),
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why one subscribed session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// Shutdown was asked for (or the daemon is going away): stop following.
+    Shutdown,
+    /// The relay closed the connection.
+    RelayClosed,
+    /// The connection failed.
+    Failed(ControlError),
+}
+
+/// One session's work on a connected subscriber: owns what it needs and
+/// borrows only the subscriber, so the follower can run on any runtime thread.
+pub type SessionFuture<'s> = Pin<Box<dyn Future<Output = SessionEnd> + Send + 's>>;
+
+/// Subscribes to the relay (synchronously) and runs `session` on each
+/// connection until shutdown, reconnecting whenever a session ends other
+/// than by [`SessionEnd::Shutdown`]. While disconnected, COLO cannot
+/// checkpoint (the relay fails every barrier a sync subscriber left), which
+/// is logged each time.
+pub async fn follow_relay(
+    opts: &FollowOptions,
+    shutdown: &CancellationToken,
+    mut session: impl for<'s> FnMut(&'s mut Subscriber) -> SessionFuture<'s>,
+) {
+    let mut backoff = opts.retry_min;
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = Subscriber::connect(&opts.control, &opts.name, true) => r,
+        };
+        match attempt {
+            Ok(mut sub) => {
+                backoff = opts.retry_min;
+                let w = sub.welcome();
+                tracing::info!(
+                    control = %opts.control,
+                    name = %opts.name,
+                    epoch = w.epoch,
+                    state = %w.state,
+                    "subscribed to the relay (sync): checkpoints wait for our acks"
+                );
+                match session(&mut sub).await {
+                    SessionEnd::Shutdown => return,
+                    SessionEnd::RelayClosed => tracing::error!(
+                        control = %opts.control,
+                        "the relay closed the control connection; COLO cannot checkpoint while \
+                         we are disconnected (the relay fails the barrier); reconnecting"
+                    ),
+                    SessionEnd::Failed(err) => tracing::error!(
+                        %err,
+                        "lost the relay's control connection; COLO cannot checkpoint while we \
+                         are disconnected (the relay fails the barrier); reconnecting"
+                    ),
+                }
+            }
+            Err(err) => tracing::error!(
+                %err,
+                retry_in = ?backoff,
+                "cannot subscribe to the relay; COLO cannot checkpoint until we are connected \
+                 (the relay fails the barrier)"
+            ),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(opts.retry_max);
+    }
+}
