@@ -12,11 +12,14 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use bytes::Bytes;
 use clap::Args;
 use colo_proxyd::codec::{Frame, FrameDecoder, MAX_FRAME_LEN, encode};
 use colo_proxyd::compare::{Action, ComparatorLimits, PacketId, Segment, StreamComparator};
 use colo_proxyd::engine::{ComparisonEngine, EngineConfig};
 use colo_proxyd::packet::{Network, Transport, parse_ethernet};
+
+use crate::bench_loopback::LoopbackCpus;
 
 /// Largest TCP payload in an IPv4 packet (total length 65,535 minus two 20-byte headers).
 const MAX_SEGMENT: usize = 65_535 - 40;
@@ -57,6 +60,14 @@ pub struct BenchArgs {
     /// fake QEMU chardevs and a fake secondary over loopback sockets); 0 skips it.
     #[arg(long, default_value_t = 2000)]
     loopback_packets: usize,
+    /// Where the loopback measurement's threads run. `same` (the default) pins all of them
+    /// (the daemon's two workers, the fakes, the wake-up threads) to one CPU, the first the
+    /// bench may run on, so the numbers show the daemon's work rather than the machine's
+    /// cross-CPU wake-ups (on a VM an inter-processor interrupt through the hypervisor, often
+    /// tens of µs at p50 and over 100 µs at p99, several per packet); `spread` lets the
+    /// scheduler place them, as in production, wake-ups included.
+    #[arg(long, value_enum, default_value_t = LoopbackCpus::Same)]
+    loopback_cpus: LoopbackCpus,
 }
 
 fn parse_size(text: &str) -> Result<usize, String> {
@@ -234,12 +245,13 @@ fn generate(args: &BenchArgs) -> anyhow::Result<Traffic> {
     Ok(traffic)
 }
 
-fn decode_all(wire: &[u8], vnet_hdr: bool) -> anyhow::Result<Vec<Frame>> {
+/// The Ethernet frames on `wire`, each in a buffer of its own as the daemon holds a packet.
+fn decode_all(wire: &[u8], vnet_hdr: bool) -> anyhow::Result<Vec<Bytes>> {
     let mut decoder = FrameDecoder::new(vnet_hdr);
     decoder.feed(wire);
     let mut frames = Vec::new();
-    while let Some(frame) = decoder.next_frame()? {
-        frames.push(frame);
+    while let Some(frame) = decoder.next_frame_ref()? {
+        frames.push(Bytes::copy_from_slice(frame.ethernet_bytes()));
     }
     decoder.finish()?;
     Ok(frames)
@@ -247,8 +259,8 @@ fn decode_all(wire: &[u8], vnet_hdr: bool) -> anyhow::Result<Vec<Frame>> {
 
 /// The TCP segment of a generated frame, and its connection (from the client's address and
 /// port), without the engine.
-fn segment_of(frame: &Frame) -> anyhow::Result<(u32, Segment<'_>)> {
-    let parsed = parse_ethernet(frame.ethernet_bytes())?;
+fn segment_of(ethernet: &[u8]) -> anyhow::Result<(u32, Segment<'_>)> {
+    let parsed = parse_ethernet(ethernet)?;
     let Network::Ip(ip) = parsed.network else {
         bail!("generated frame is not IP");
     };
@@ -327,10 +339,11 @@ fn memcmp_pass(pvm: &[Vec<&[u8]>], svm: &[Vec<&[u8]>]) -> anyhow::Result<Duratio
     Ok(elapsed)
 }
 
-/// One [`StreamComparator`] per connection, fed the already parsed segments.
+/// One [`StreamComparator`] per connection, fed the already parsed segments (and the PVM's
+/// packets they lie in, which the comparator references instead of copying).
 fn comparator_pass(
     connections: u32,
-    segments: &[(Vm, u32, Segment<'_>)],
+    segments: &[(Vm, u32, Segment<'_>, &Bytes)],
     traffic: &Traffic,
 ) -> anyhow::Result<Duration> {
     let mut comparators: Vec<StreamComparator> = (0..connections)
@@ -340,11 +353,11 @@ fn comparator_pass(
     let mut outcome = Outcome::default();
     let mut next_id = 0;
     let start = Instant::now();
-    for (vm, conn, segment) in segments {
+    for (vm, conn, segment, frame) in segments {
         let comparator = &mut comparators[*conn as usize];
         match vm {
             Vm::Pvm => {
-                comparator.push_pvm(PacketId(next_id), segment, &mut actions);
+                comparator.push_pvm(PacketId(next_id), segment, frame, &mut actions);
                 next_id += 1;
             }
             Vm::Svm => comparator.push_svm(segment, &mut actions),
@@ -357,7 +370,7 @@ fn comparator_pass(
 }
 
 /// The engine fed the decoded frames: parsing, flow lookup, comparison.
-fn engine_pass(pvm: &[Frame], svm: &[Frame], traffic: &Traffic) -> anyhow::Result<Duration> {
+fn engine_pass(pvm: &[Bytes], svm: &[Bytes], traffic: &Traffic) -> anyhow::Result<Duration> {
     let mut engine = ComparisonEngine::new(EngineConfig::default());
     let mut actions = Vec::new();
     let mut outcome = Outcome::default();
@@ -370,11 +383,11 @@ fn engine_pass(pvm: &[Frame], svm: &[Frame], traffic: &Traffic) -> anyhow::Resul
                 let frame = pvm.next().context("schedule longer than PVM frames")?;
                 let id = PacketId(next_id);
                 next_id += 1;
-                engine.push_pvm(id, frame.ethernet_bytes(), Duration::ZERO, &mut actions);
+                engine.push_pvm(id, frame, Duration::ZERO, &mut actions);
             }
             Vm::Svm => {
                 let frame = svm.next().context("schedule longer than SVM frames")?;
-                engine.push_svm(frame.ethernet_bytes(), &mut actions);
+                engine.push_svm(frame, &mut actions);
             }
         }
         outcome.take(&mut actions);
@@ -445,7 +458,10 @@ fn pure_path_pass(
                 let id = PacketId(next_id);
                 next_id += 1;
                 pvm.next_frame(|ethernet| {
-                    engine.push_pvm(id, ethernet, Duration::ZERO, &mut actions);
+                    // The daemon keeps each PVM packet in a buffer of its own until its
+                    // release; that copy out of the socket's bytes is part of the path.
+                    let frame = Bytes::copy_from_slice(ethernet);
+                    engine.push_pvm(id, &frame, Duration::ZERO, &mut actions);
                 })?
             }
             Vm::Svm => svm.next_frame(|ethernet| engine.push_svm(ethernet, &mut actions))?,
@@ -463,18 +479,6 @@ fn pure_path_pass(
     let elapsed = start.elapsed();
     outcome.check("pure path", traffic)?;
     Ok(elapsed)
-}
-
-/// The fastest of `rounds` runs of `pass`.
-fn best(
-    rounds: u32,
-    mut pass: impl FnMut() -> anyhow::Result<Duration>,
-) -> anyhow::Result<Duration> {
-    let mut fastest = Duration::MAX;
-    for _ in 0..rounds {
-        fastest = fastest.min(pass()?);
-    }
-    Ok(fastest)
 }
 
 fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
@@ -503,11 +507,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             Vm::Pvm => (pvm_iter.next(), &mut pvm_payloads),
             Vm::Svm => (svm_iter.next(), &mut svm_payloads),
         };
-        let (conn, segment) = segment_of(frame.context("fewer frames than scheduled")?)?;
+        let frame = frame.context("fewer frames than scheduled")?;
+        let (conn, segment) = segment_of(frame)?;
         if !segment.payload.is_empty() {
             payloads[conn as usize].push(segment.payload);
         }
-        segments.push((*vm, conn, segment));
+        segments.push((*vm, conn, segment, frame));
     }
 
     println!(
@@ -529,13 +534,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         traffic.pvm_frames, traffic.svm_frames, traffic.payload_bytes, args.rounds
     );
 
-    let rounds = args.rounds;
-    let memcmp = best(rounds, || memcmp_pass(&pvm_payloads, &svm_payloads))?;
-    let comparator = best(rounds, || {
-        comparator_pass(args.connections, &segments, &traffic)
-    })?;
-    let engine = best(rounds, || engine_pass(&pvm_frames, &svm_frames, &traffic))?;
-    let pure = best(rounds, || pure_path_pass(&traffic, args.vnet_hdr, None))?;
+    // The passes take turns, round after round, so that a change in the machine's load
+    // (this is often a shared VM) falls on all of them alike rather than on one.
+    let (mut memcmp, mut comparator, mut engine, mut pure) =
+        (Duration::MAX, Duration::MAX, Duration::MAX, Duration::MAX);
+    for _ in 0..args.rounds {
+        memcmp = memcmp.min(memcmp_pass(&pvm_payloads, &svm_payloads)?);
+        comparator = comparator.min(comparator_pass(args.connections, &segments, &traffic)?);
+        engine = engine.min(engine_pass(&pvm_frames, &svm_frames, &traffic)?);
+        pure = pure.min(pure_path_pass(&traffic, args.vnet_hdr, None)?);
+    }
     let mut latencies = Latencies {
         frames: Vec::with_capacity(traffic.schedule.len()),
         reads: Vec::new(),
@@ -588,30 +596,82 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     );
     println!("  {}", summary(&latencies.reads));
     if args.loopback_packets > 0 {
-        let loopback = crate::bench_loopback::run(args.loopback_packets)?;
-        println!(
-            "latency added by the primary daemon over loopback sockets (one {}-packet run per \
-             case, one packet in flight; from the write of the later of the two copies to \
-             QEMU's socket until the release is read from compare_out):",
-            args.loopback_packets
-        );
-        println!(
-            "  SVM ahead (PVM frame in → out):  {}",
-            summary(&loopback.svm_ahead)
-        );
-        println!(
-            "  SVM behind (SVM frame in → out): {}",
-            summary(&loopback.svm_behind)
-        );
-        println!(
-            "  floor (the same sockets and runtimes, a task that only copies the bytes across):"
-        );
-        println!(
-            "                                   {}",
-            summary(&loopback.floor)
-        );
+        print_loopback(args, &summary)?;
     }
     Ok(())
+}
+
+/// The loopback latency section of the report: the primary daemon in process, its floor and
+/// the machine's raw thread wake-up, measured in the same run.
+fn print_loopback(args: &BenchArgs, summary: &dyn Fn(&[Duration]) -> String) -> anyhow::Result<()> {
+    let loopback = crate::bench_loopback::run(args.loopback_packets, args.loopback_cpus)?;
+    let placement = match loopback.cpu {
+        Some(cpu) => format!(
+            "every thread on CPU {cpu} (--loopback-cpus same: without the machine's cross-CPU \
+             wake-ups)"
+        ),
+        None => "threads on any CPU (--loopback-cpus spread: the machine's cross-CPU wake-ups \
+                 included)"
+            .to_string(),
+    };
+    println!(
+        "latency through the primary daemon over loopback sockets ({} packets per case, one \
+         packet in flight, the cases interleaved packet by packet; from the write of the later \
+         of the two copies to QEMU's socket until the release is read from compare_out; \
+         {placement}):",
+        args.loopback_packets
+    );
+    println!(
+        "  machine: one thread waking another over a Unix socketpair (round trip / 2, no \
+         daemon):"
+    );
+    println!(
+        "                                   {}",
+        summary(&loopback.wake_up)
+    );
+    println!("  floor (the same sockets and runtimes, a task that only copies the bytes across):");
+    println!(
+        "                                   {}",
+        summary(&loopback.floor)
+    );
+    println!(
+        "  SVM ahead (PVM frame in → out):  {}",
+        summary(&loopback.svm_ahead)
+    );
+    println!(
+        "    added over the floor:          {}",
+        added_over(&loopback.svm_ahead, &loopback.floor)
+    );
+    println!(
+        "  SVM behind (SVM frame in → out): {}",
+        summary(&loopback.svm_behind)
+    );
+    println!(
+        "    added over the floor:          {}",
+        added_over(&loopback.svm_behind, &loopback.floor)
+    );
+    println!(
+        "  added: the case's percentile minus the floor's same percentile, i.e. what the \
+         daemon's own work (decoding, comparing, its tasks and channels) adds to moving the \
+         bytes through the same sockets and runtime; a difference of two percentiles, not a \
+         percentile of per-packet differences, so a negative value is the run's noise (a tail \
+         percentile rests on a few samples)"
+    );
+    Ok(())
+}
+
+/// Each percentile of `case` minus the same percentile of `floor`, signed.
+fn added_over(case: &[Duration], floor: &[Duration]) -> String {
+    if case.is_empty() || floor.is_empty() {
+        return "none".to_string();
+    }
+    let at = |fraction| micros(percentile(case, fraction)) - micros(percentile(floor, fraction));
+    format!(
+        "p50 {:+.2} µs   p99 {:+.2} µs   p99.9 {:+.2} µs",
+        at(0.50),
+        at(0.99),
+        at(0.999)
+    )
 }
 
 #[cfg(test)]
@@ -644,6 +704,7 @@ mod tests {
                 rounds: 1,
                 // The loopback measurement once, briefly: it starts a daemon.
                 loopback_packets: if svm_lag == 0 { 20 } else { 0 },
+                loopback_cpus: LoopbackCpus::Same,
             };
             run(&args).unwrap();
         }

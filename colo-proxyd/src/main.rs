@@ -56,12 +56,16 @@ enum Command {
     /// (other ISNs, other segmentation, the SVM behind or ahead), runs them through the frame
     /// codec, the packet parser and the comparison engine, and prints the throughput as a
     /// ratio to a raw memcmp of the same payload bytes measured in the same run, and the
-    /// per-frame processing time (p50, p99) of that in-process path; then the latency the
-    /// primary daemon adds over loopback sockets (in process, against fake QEMU chardevs and a
-    /// fake secondary), next to the floor of the same sockets through a task that only copies
-    /// the bytes. Every pass must release every PVM packet with no checkpoint, or the
-    /// command fails. Timings vary with the machine and its load;
-    /// use a release build.
+    /// per-frame processing time (p50, p99) of that in-process path; then the latency through
+    /// the primary daemon over loopback sockets (in process, on its own two-worker runtime,
+    /// against fake QEMU chardevs and a fake secondary), interleaved packet by packet with the
+    /// floor of the same sockets through a task that only copies the bytes, and what the
+    /// daemon adds over that floor (per percentile), with the machine's raw one-way thread
+    /// wake-up as context. By default every thread of that measurement is pinned to one CPU
+    /// (--loopback-cpus same): on a VM a wake-up across vCPUs costs tens of µs at p50 and over
+    /// 100 µs at p99 and would swamp the daemon's own cost; --loopback-cpus spread measures
+    /// with the wake-ups. Every pass must release every PVM packet with no checkpoint, or the
+    /// command fails. Timings vary with the machine and its load; use a release build.
     Bench(bench::BenchArgs),
 }
 

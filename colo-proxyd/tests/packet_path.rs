@@ -5,6 +5,7 @@
 
 use std::net::Ipv6Addr;
 
+use bytes::Bytes;
 use colo_proxyd::codec::{Frame, FrameDecoder, encode};
 use colo_proxyd::compare::{
     Action, CheckpointReason, ComparatorLimits, PacketId, Segment, StreamComparator,
@@ -133,8 +134,9 @@ fn compare(pvm: &Style, svm: &Style, pvm_data: &[u8], svm_data: &[u8]) -> (usize
         with_segment(ethernet, |s| comparator.push_svm(s, &mut actions));
     }
     for (i, (_, ethernet)) in pvm_packets.iter().enumerate() {
-        with_segment(ethernet, |s| {
-            comparator.push_pvm(PacketId(i as u64), s, &mut actions)
+        let packet = Bytes::copy_from_slice(ethernet);
+        with_segment(&packet, |s| {
+            comparator.push_pvm(PacketId(i as u64), s, &packet, &mut actions)
         });
     }
     for (_, ethernet) in &svm_packets[half..] {

@@ -11,6 +11,7 @@
 //!   secondary's sequence rewriting: a rewritten frame still parses, any other is untouched.
 #![no_main]
 
+use bytes::Bytes;
 use colo_proxyd::codec::{CodecError, Frame, FrameDecoder, MAX_FRAME_LEN, encode};
 use colo_proxyd::compare::{Action, ComparatorLimits, PacketId};
 use colo_proxyd::engine::{ComparisonEngine, EngineConfig};
@@ -89,7 +90,8 @@ fuzz_target!(|input: &[u8]| {
         if index % 2 == 0 {
             let id = PacketId(index as u64);
             pushed.push(id);
-            engine.push_pvm(id, frame.ethernet_bytes(), now, &mut actions);
+            let packet = Bytes::copy_from_slice(frame.ethernet_bytes());
+            engine.push_pvm(id, &packet, now, &mut actions);
         } else {
             engine.push_svm(frame.ethernet_bytes(), &mut actions);
         }

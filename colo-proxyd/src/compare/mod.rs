@@ -17,17 +17,39 @@
 //! next checkpoint.
 
 mod datagram;
+mod prefetch;
 mod released;
 mod sequence;
 mod stream_bytes;
 
 use std::collections::VecDeque;
 
+use bytes::Bytes;
+
 use crate::packet::TcpSegment;
 pub use datagram::{DEFAULT_REORDER_WINDOW, DatagramComparator};
 use released::ReleasedRanges;
 use sequence::{SequenceMap, seq_at_or_after};
-use stream_bytes::{Side, StreamBytes};
+use stream_bytes::StreamBytes;
+
+/// A segment's payload as [`StreamComparator::store`] takes it.
+#[derive(Clone, Copy)]
+enum Produced<'a> {
+    /// The PVM's, shared with the packet that carries it.
+    Pvm(&'a Bytes),
+    /// The SVM's, borrowed: its packets are not kept, so what must be kept is copied.
+    Svm(&'a [u8]),
+}
+
+/// `part` of `frame` as a reference into it, or a copy when `part` does not lie in `frame`.
+fn share(frame: &Bytes, part: &[u8]) -> Bytes {
+    let (whole, piece) = (frame.as_ptr_range(), part.as_ptr_range());
+    if !part.is_empty() && whole.start <= piece.start && piece.end <= whole.end {
+        frame.slice_ref(part)
+    } else {
+        Bytes::copy_from_slice(part)
+    }
+}
 
 /// The caller's handle for a PVM packet the comparator holds; it is never interpreted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -271,9 +293,17 @@ impl StreamComparator {
         self.held.front().map(|segment| segment.id)
     }
 
-    /// The PVM sent `segment` (packet `id`); the comparator now holds it until it appears in
-    /// an [`Action::Release`] or is returned by [`Self::reset`].
-    pub fn push_pvm(&mut self, id: PacketId, segment: &Segment<'_>, actions: &mut Vec<Action>) {
+    /// The PVM sent `segment` (packet `id`), parsed from `frame`; the comparator now holds it
+    /// until it appears in an [`Action::Release`] or is returned by [`Self::reset`]. Its
+    /// payload is kept as a reference into `frame` (which the caller holds anyway until the
+    /// release), never copied; a payload that does not lie in `frame` is copied.
+    pub fn push_pvm(
+        &mut self,
+        id: PacketId,
+        segment: &Segment<'_>,
+        frame: &Bytes,
+        actions: &mut Vec<Action>,
+    ) {
         self.decide_origin(segment);
         let map = match self.pvm_map {
             Some(map) => map,
@@ -325,7 +355,8 @@ impl StreamComparator {
             self.stall(CheckpointReason::SynDiffers, actions);
             return;
         }
-        if let Err(reason) = self.store(Side::Pvm, data_start, data_end, segment.payload) {
+        let payload = share(frame, segment.payload);
+        if let Err(reason) = self.store(data_start, data_end, Produced::Pvm(&payload)) {
             self.stall(reason, actions);
             return;
         }
@@ -337,18 +368,18 @@ impl StreamComparator {
     /// retransmits them.
     fn store(
         &mut self,
-        side: Side,
         data_start: i64,
         data_end: i64,
-        payload: &[u8],
+        payload: Produced<'_>,
     ) -> Result<(), CheckpointReason> {
         let floor = self.released.floor();
         if data_end <= floor {
             return Ok(());
         }
-        // The buffer spans from its base to the furthest byte; a segment far ahead (a hole
-        // larger than any window) must not make it allocate that span. Below this bound the
-        // span is checked after the releases the segment allows, as every other input is.
+        // The bytes span from the base to the furthest byte; a segment far ahead (a hole
+        // larger than any window) must not make the comparator keep that span. Below this
+        // bound the span is checked after the releases the segment allows, as every other
+        // input is.
         let span = data_end - self.bytes.base();
         let hard_bound = 2 * self.limits.max_buffered_bytes as i64 + (128 << 10);
         if span > hard_bound {
@@ -357,15 +388,26 @@ impl StreamComparator {
             });
         }
         let skip = (floor - data_start).max(0);
-        self.bytes
-            .insert(side, data_start + skip, &payload[skip as usize..])
-            .map_err(|offset| CheckpointReason::PayloadDiffers { offset })
+        let start = data_start + skip;
+        let stored = match payload {
+            Produced::Pvm(bytes) if skip == 0 => self.bytes.insert_pvm(start, bytes),
+            Produced::Pvm(bytes) => self.bytes.insert_pvm(start, &bytes.slice(skip as usize..)),
+            Produced::Svm(data) => self.bytes.insert_svm(start, &data[skip as usize..]),
+        };
+        stored.map_err(|offset| CheckpointReason::PayloadDiffers { offset })
     }
 
     /// The SVM sent `segment`. SVM packets are never forwarded; they only let PVM packets go.
     pub fn push_svm(&mut self, segment: &Segment<'_>, actions: &mut Vec<Action>) {
         if self.stalled {
             return;
+        }
+        if let Some(map) = self.svm_map {
+            // Where the bytes will most likely be compared; the loads run while the checks
+            // below do.
+            let at = map.offset(segment.seq) + i64::from(segment.syn);
+            prefetch::prefetch(segment.payload);
+            self.bytes.prefetch(at, at + segment.payload.len() as i64);
         }
         self.decide_origin(segment);
         let map = match self.svm_map {
@@ -389,7 +431,7 @@ impl StreamComparator {
         if let Some(map) = &mut self.svm_map {
             map.advance_to(data_end + i64::from(segment.fin));
         }
-        let stored = self.store(Side::Svm, data_start, data_end, segment.payload);
+        let stored = self.store(data_start, data_end, Produced::Svm(segment.payload));
         let mut change = Change::SvmSegment;
         if segment.fin {
             match self.svm.fin {
@@ -494,6 +536,9 @@ impl StreamComparator {
             _ => None,
         };
         let divergence = match change {
+            // Only the SVM's FIN can make a PVM segment diverge here (its bytes were
+            // compared as they were stored); without it, a verdict would only say "wait".
+            Change::NewestPvmSegment if self.svm.fin.is_none() => None,
             Change::NewestPvmSegment => self.held.back().and_then(diverged),
             Change::SvmSegment => None,
             Change::SvmFin => self.held.iter().find_map(diverged),

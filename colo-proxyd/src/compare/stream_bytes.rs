@@ -1,12 +1,21 @@
-//! The bytes of one connection's stream from the release floor up, stored once, whichever VM
-//! produced them first, in one contiguous buffer indexed by stream offset.
+//! The bytes of one connection's stream from the release floor up, kept once, whichever VM
+//! produced them first, with the regions not yet produced by both sides.
 //!
 //! The comparison needs, for every offset not yet released, the bytes one side produced until
 //! the other side's bytes for the same offset arrive; then the two are compared once, with one
 //! slice comparison (a memcmp), and from then on the offset is known to be equal on both sides.
-//! Keeping one copy in one buffer (rather than a copy per packet per side) means a byte is
-//! copied once and compared once, and no packet costs an allocation once the buffer has grown
-//! to the connection's working size.
+//!
+//! The first-comer's bytes are kept as [`Bytes`] pieces, one per segment. The PVM's are never
+//! copied: a PVM piece is a reference into the packet the caller holds anyway until it is
+//! released, so the PVM leading (the usual case: the SVM sees its input later) costs no copy
+//! at all, and the SVM's later bytes are compared where the PVM's lie. Only the SVM's bytes
+//! that arrive first are copied, once, because the SVM's packets are not kept.
+
+use std::collections::VecDeque;
+
+use bytes::{Buf, Bytes};
+
+use super::prefetch::prefetch;
 
 /// Who has produced a region's bytes so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,30 +63,43 @@ fn push_region(regions: &mut Vec<Region>, region: Region) {
     }
 }
 
-/// A buffer that runs empty is always kept up to this capacity: enough for a bulk
-/// connection's usual lead of one side, small enough that thousands of idle connections cost
-/// little. A larger one is kept only while the connection still uses a quarter of it (freeing
-/// and reallocating tens of KiB per packet would cost page faults on every GSO frame); an
-/// unused one goes when the connection's traffic shrinks or at the next checkpoint, which
-/// rebuilds the comparator.
-const KEEP_CAPACITY: usize = 16 * 1024;
+/// What is kept of `data`: a slice of `shared` (which holds it) when there is one, else a
+/// copy.
+fn keep(data: &[u8], shared: Option<&Bytes>) -> Bytes {
+    match shared {
+        Some(shared) => shared.slice_ref(data),
+        None => Bytes::copy_from_slice(data),
+    }
+}
+
+/// One side's bytes at `[start, start + bytes.len())`: the first to arrive for those offsets.
+#[derive(Debug, Clone)]
+struct Piece {
+    start: i64,
+    bytes: Bytes,
+}
+
+impl Piece {
+    fn end(&self) -> i64 {
+        self.start + self.bytes.len() as i64
+    }
+}
 
 /// The stream's bytes at offsets `[base, end)`, with the regions not yet produced by both
 /// sides; every byte outside those regions was produced by both, identically.
 #[derive(Debug)]
 pub(super) struct StreamBytes {
-    /// Stream offset of `buf[head]`.
+    /// The first offset kept.
     base: i64,
-    buf: Vec<u8>,
-    /// Bytes before `head` are below `base`, forgotten; they are reclaimed lazily (when the
-    /// buffer would otherwise grow), so forgetting is O(1) per release.
-    head: usize,
+    /// One past the furthest byte either side produced (at least `base`).
+    end: i64,
+    /// The first-comer's bytes, sorted and disjoint, covering `[base, end)` except the
+    /// [`Tag::Hole`] regions; usually one piece per PVM segment not yet released.
+    pieces: VecDeque<Piece>,
     /// Sorted, disjoint; usually empty or one region.
     regions: Vec<Region>,
     /// Reused when `regions` is rebuilt, to avoid an allocation per segment.
     scratch: Vec<Region>,
-    /// The most bytes kept since the buffer last ran empty.
-    peak: usize,
 }
 
 impl StreamBytes {
@@ -85,11 +107,25 @@ impl StreamBytes {
     pub(super) fn new(base: i64) -> Self {
         StreamBytes {
             base,
-            buf: Vec::new(),
-            head: 0,
+            end: base,
+            pieces: VecDeque::new(),
             regions: Vec::new(),
             scratch: Vec::new(),
-            peak: 0,
+        }
+    }
+
+    /// Starts loading the kept bytes at `[start, end)` into the CPU's caches, so that the
+    /// comparison of a segment about to be stored overlaps their cache misses with its
+    /// bookkeeping rather than waiting for them in the memcmp.
+    pub(super) fn prefetch(&self, start: i64, end: i64) {
+        let first = self.pieces.partition_point(|p| p.end() <= start);
+        for piece in self.pieces.range(first..) {
+            if piece.start >= end {
+                break;
+            }
+            let from = (start.max(piece.start) - piece.start) as usize;
+            let to = (end.min(piece.end()) - piece.start) as usize;
+            prefetch(&piece.bytes[from..to]);
         }
     }
 
@@ -98,9 +134,9 @@ impl StreamBytes {
         self.base
     }
 
-    /// Bytes kept, gaps included: what the buffer really occupies.
+    /// The span kept, gaps included.
     pub(super) fn len(&self) -> usize {
-        self.buf.len() - self.head
+        (self.end - self.base) as usize
     }
 
     /// Bytes kept that the SVM produced (alone or verified against the PVM's).
@@ -114,21 +150,12 @@ impl StreamBytes {
         self.len() - elsewhere as usize
     }
 
-    fn end(&self) -> i64 {
-        self.base + self.len() as i64
-    }
-
-    fn index(&self, offset: i64) -> usize {
-        self.head + (offset - self.base) as usize
-    }
-
     /// Forgets everything, keeping nothing below `base` from now on.
     pub(super) fn clear(&mut self, base: i64) {
-        self.buf = Vec::new();
-        self.head = 0;
+        self.pieces = VecDeque::new();
         self.regions.clear();
-        self.peak = 0;
         self.base = base;
+        self.end = base;
     }
 
     /// Forgets every byte below `floor` (the PVM's bytes there were all released).
@@ -136,16 +163,21 @@ impl StreamBytes {
         if floor <= self.base {
             return;
         }
-        if floor >= self.end() {
-            self.buf.clear();
-            self.head = 0;
-            if self.buf.capacity() > KEEP_CAPACITY && self.peak * 4 < self.buf.capacity() {
-                self.buf = Vec::new();
-            }
-            self.peak = 0;
+        if floor >= self.end {
+            self.pieces.clear();
             self.regions.clear();
+            self.end = floor;
         } else {
-            self.head = self.index(floor);
+            while self.pieces.front().is_some_and(|p| p.end() <= floor) {
+                self.pieces.pop_front();
+            }
+            if let Some(first) = self.pieces.front_mut()
+                && first.start < floor
+            {
+                // Dropping the released head of a piece only moves a pointer.
+                first.bytes.advance((floor - first.start) as usize);
+                first.start = floor;
+            }
             let gone = self.regions.partition_point(|r| r.end <= floor);
             self.regions.drain(..gone);
             if let Some(first) = self.regions.first_mut() {
@@ -161,21 +193,39 @@ impl StreamBytes {
         if start >= end {
             return true;
         }
-        if start < self.base || end > self.end() {
+        if start < self.base || end > self.end {
             return false;
         }
         let i = self.regions.partition_point(|r| r.end <= start);
         self.regions.get(i).is_none_or(|r| r.start >= end)
     }
 
-    /// `side` produced `data` at offset `start` (bytes below the base are ignored). Bytes nobody produced
-    /// yet are stored; bytes the other side produced are compared with them and become
-    /// verified; the PVM's bytes are also compared with its own earlier copy (a VM that sends
-    /// different bytes at one offset is not deterministic either). The SVM's repeated bytes
-    /// are not compared: its first copy is the one that counts. Returns the first differing
-    /// offset; after a difference the contents are unspecified and the caller must
-    /// [`Self::clear`].
-    pub(super) fn insert(&mut self, side: Side, start: i64, data: &[u8]) -> Result<(), i64> {
+    /// The PVM produced `data` at offset `start`: see [`Self::insert`]. What is kept of it is
+    /// a reference into `data`, never a copy.
+    pub(super) fn insert_pvm(&mut self, start: i64, data: &Bytes) -> Result<(), i64> {
+        self.insert(Side::Pvm, start, data, Some(data))
+    }
+
+    /// The SVM produced `data` at offset `start`: see [`Self::insert`]. Only bytes the PVM has
+    /// not produced yet are copied.
+    pub(super) fn insert_svm(&mut self, start: i64, data: &[u8]) -> Result<(), i64> {
+        self.insert(Side::Svm, start, data, None)
+    }
+
+    /// `side` produced `data` at offset `start` (bytes below the base are ignored). Bytes
+    /// nobody produced yet are kept (as slices of `shared`, which holds `data`, or else as a
+    /// copy); bytes the other side produced are compared with them and become verified; the
+    /// PVM's bytes are also compared with its own earlier copy (a VM that sends different
+    /// bytes at one offset is not deterministic either). The SVM's repeated bytes are not
+    /// compared: its first copy is the one that counts. Returns the first differing offset;
+    /// after a difference the contents are unspecified and the caller must [`Self::clear`].
+    fn insert(
+        &mut self,
+        side: Side,
+        start: i64,
+        data: &[u8],
+        shared: Option<&Bytes>,
+    ) -> Result<(), i64> {
         // The caller clips at the release floor, which is the base; clipping again keeps a
         // broken invariant from indexing below the buffer.
         debug_assert!(start >= self.base);
@@ -185,17 +235,14 @@ impl StreamBytes {
             return Ok(());
         }
         let end = start + data.len() as i64;
-        let old_end = self.end();
+        let old_end = self.end;
         if start < old_end {
             let within = end.min(old_end);
-            self.merge_within(side, start, &data[..(within - start) as usize])?;
+            self.merge_within(side, start, &data[..(within - start) as usize], shared)?;
         }
         if end > old_end {
             let from = start.max(old_end);
-            self.make_room((end - old_end) as usize);
             if from > old_end {
-                self.buf
-                    .resize(self.buf.len() + (from - old_end) as usize, 0);
                 push_region(
                     &mut self.regions,
                     Region {
@@ -205,7 +252,11 @@ impl StreamBytes {
                     },
                 );
             }
-            self.buf.extend_from_slice(&data[(from - start) as usize..]);
+            self.pieces.push_back(Piece {
+                start: from,
+                bytes: keep(&data[(from - start) as usize..], shared),
+            });
+            self.end = end;
             push_region(
                 &mut self.regions,
                 Region {
@@ -214,21 +265,18 @@ impl StreamBytes {
                     tag: side.tag(),
                 },
             );
-            self.peak = self.peak.max(self.len());
         }
         Ok(())
     }
 
-    /// Reclaims the forgotten prefix if the buffer would otherwise have to grow by `extra`.
-    fn make_room(&mut self, extra: usize) {
-        if self.head > 0 && self.buf.len() + extra > self.buf.capacity() {
-            self.buf.drain(..self.head);
-            self.head = 0;
-        }
-    }
-
     /// [`Self::insert`] for `data` lying wholly inside `[base, end)`.
-    fn merge_within(&mut self, side: Side, start: i64, data: &[u8]) -> Result<(), i64> {
+    fn merge_within(
+        &mut self,
+        side: Side,
+        start: i64,
+        data: &[u8],
+        shared: Option<&Bytes>,
+    ) -> Result<(), i64> {
         let end = start + data.len() as i64;
         let mut rebuilt = std::mem::take(&mut self.scratch);
         rebuilt.clear();
@@ -261,8 +309,9 @@ impl StreamBytes {
             );
             let tag = match (region.tag, side) {
                 (Tag::Hole, _) => {
-                    let at = self.index(from);
-                    self.buf[at..at + piece.len()].copy_from_slice(piece);
+                    let at = self.pieces.partition_point(|p| p.start < from);
+                    let bytes = keep(piece, shared);
+                    self.pieces.insert(at, Piece { start: from, bytes });
                     side.tag()
                 }
                 (Tag::Svm, Side::Svm) => Tag::Svm,
@@ -330,17 +379,30 @@ impl StreamBytes {
         }
     }
 
-    /// Compares `data` with the stored bytes at `at`.
+    /// Compares `data` with the kept bytes at `at`, piece by piece.
     fn compare(&self, at: i64, data: &[u8]) -> Result<(), i64> {
-        let index = self.index(at);
-        let stored = &self.buf[index..index + data.len()];
-        // Slice equality is a memcmp; only a difference pays for the byte-wise search.
-        if stored == data {
-            Ok(())
-        } else {
-            let position = stored.iter().zip(data).position(|(a, b)| a != b);
-            Err(at + position.unwrap_or(0) as i64)
+        let end = at + data.len() as i64;
+        let mut i = self.pieces.partition_point(|p| p.end() <= at);
+        let mut cursor = at;
+        while cursor < end {
+            // The caller compares only offsets some side produced: they are in a piece.
+            let Some(piece) = self.pieces.get(i) else {
+                debug_assert!(false, "no piece holds offset {cursor}");
+                return Err(cursor);
+            };
+            debug_assert!(piece.start <= cursor);
+            let to = end.min(piece.end());
+            let stored = &piece.bytes[(cursor - piece.start) as usize..(to - piece.start) as usize];
+            let given = &data[(cursor - at) as usize..(to - at) as usize];
+            // Slice equality is a memcmp; only a difference pays for the byte-wise search.
+            if stored != given {
+                let position = stored.iter().zip(given).position(|(a, b)| a != b);
+                return Err(cursor + position.unwrap_or(0) as i64);
+            }
+            cursor = to;
+            i += 1;
         }
+        Ok(())
     }
 
     #[cfg(test)]
@@ -354,6 +416,14 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// `side`'s bytes, the PVM's passed as the daemon passes them (shared, never copied).
+    fn put(stream: &mut StreamBytes, side: Side, start: i64, data: &[u8]) -> Result<(), i64> {
+        match side {
+            Side::Pvm => stream.insert_pvm(start, &Bytes::copy_from_slice(data)),
+            Side::Svm => stream.insert_svm(start, data),
+        }
+    }
 
     /// One step of the model test: a side's bytes at an offset, or forgetting below a floor.
     #[derive(Debug, Clone)]
@@ -404,7 +474,7 @@ mod tests {
                             (Side::Svm, &svm_data, &mut svm_seen)
                         };
                         seen[from..end].iter_mut().for_each(|s| *s = true);
-                        let result = stream.insert(side, from as i64, &data[from..end]);
+                        let result = put(&mut stream, side, from as i64, &data[from..end]);
                         let expected = match differ_at {
                             Some(at) if at >= floor && pvm_seen[at] && svm_seen[at] => {
                                 Err(at as i64)
@@ -434,59 +504,80 @@ mod tests {
     #[test]
     fn first_svm_copy_wins_and_gaps_are_filled() {
         let mut stream = StreamBytes::new(0);
-        stream.insert(Side::Svm, 10, b"cd").unwrap();
+        put(&mut stream, Side::Svm, 10, b"cd").unwrap();
         // Overlaps on both sides; "CD" must not overwrite "cd".
-        stream.insert(Side::Svm, 8, b"ABCDEF").unwrap();
+        put(&mut stream, Side::Svm, 8, b"ABCDEF").unwrap();
         assert_eq!(stream.len(), 14); // offsets 0..8 are a gap, still kept
         assert_eq!(stream.svm_bytes(), 6);
         assert!(!stream.verified(8, 14));
-        assert_eq!(stream.insert(Side::Pvm, 8, b"ABcdEF"), Ok(()));
+        assert_eq!(put(&mut stream, Side::Pvm, 8, b"ABcdEF"), Ok(()));
         assert!(stream.verified(8, 14));
         assert!(!stream.verified(7, 14));
         assert_eq!(stream.region_count(), 1); // the gap
         let mut other = StreamBytes::new(0);
-        other.insert(Side::Svm, 10, b"cd").unwrap();
-        other.insert(Side::Svm, 8, b"ABCDEF").unwrap();
-        assert_eq!(other.insert(Side::Pvm, 8, b"ABCDEF"), Err(10));
+        put(&mut other, Side::Svm, 10, b"cd").unwrap();
+        put(&mut other, Side::Svm, 8, b"ABCDEF").unwrap();
+        assert_eq!(put(&mut other, Side::Pvm, 8, b"ABCDEF"), Err(10));
     }
 
     #[test]
     fn pvm_bytes_wait_for_the_svm_and_are_compared_once_they_come() {
         let mut stream = StreamBytes::new(0);
-        stream.insert(Side::Pvm, 0, b"hello world").unwrap();
+        put(&mut stream, Side::Pvm, 0, b"hello world").unwrap();
         assert!(!stream.verified(0, 5));
         assert_eq!(stream.svm_bytes(), 0);
-        stream.insert(Side::Svm, 6, b"world").unwrap();
+        put(&mut stream, Side::Svm, 6, b"world").unwrap();
         assert_eq!(stream.svm_bytes(), 5);
         assert!(stream.verified(6, 11));
         assert!(!stream.verified(0, 11));
         assert_eq!(stream.region_count(), 1);
-        stream.insert(Side::Svm, 0, b"hello ").unwrap();
+        put(&mut stream, Side::Svm, 0, b"hello ").unwrap();
         assert!(stream.verified(0, 11));
         assert_eq!(stream.region_count(), 0);
         // The PVM repeating itself is checked against the verified bytes.
-        assert_eq!(stream.insert(Side::Pvm, 4, b"o w"), Ok(()));
-        assert_eq!(stream.insert(Side::Pvm, 4, b"o_w"), Err(5));
+        assert_eq!(put(&mut stream, Side::Pvm, 4, b"o w"), Ok(()));
+        assert_eq!(put(&mut stream, Side::Pvm, 4, b"o_w"), Err(5));
         let mut other = StreamBytes::new(0);
-        other.insert(Side::Pvm, 0, b"hello").unwrap();
-        assert_eq!(other.insert(Side::Svm, 0, b"help!"), Err(3));
+        put(&mut other, Side::Pvm, 0, b"hello").unwrap();
+        assert_eq!(put(&mut other, Side::Svm, 0, b"help!"), Err(3));
+    }
+
+    #[test]
+    fn the_pvm_bytes_are_referenced_and_only_the_leading_svm_bytes_copied() {
+        let packet = Bytes::from_static(b"headerPAYLOAD");
+        let payload = packet.slice(6..);
+        let mut stream = StreamBytes::new(0);
+        stream.insert_pvm(0, &payload).unwrap();
+        assert_eq!(stream.pieces[0].bytes.as_ptr(), payload.as_ptr());
+        // The SVM's own bytes beyond the PVM's are kept as a copy: its packets are not kept.
+        let svm = b"PAYLOADmore".to_vec();
+        stream.insert_svm(0, &svm).unwrap();
+        assert!(stream.verified(0, 7));
+        assert_eq!(stream.pieces.len(), 2);
+        assert_eq!(&stream.pieces[1].bytes[..], b"more");
+        assert_ne!(stream.pieces[1].bytes.as_ptr(), svm[7..].as_ptr());
+        // Forgetting part of a piece keeps pointing into the same packet.
+        stream.forget_below(3);
+        assert_eq!(stream.pieces[0].bytes.as_ptr(), payload[3..].as_ptr());
+        assert_eq!(put(&mut stream, Side::Pvm, 3, b"LOADmo"), Ok(()));
+        assert_eq!(put(&mut stream, Side::Pvm, 3, b"LOADmx"), Err(8));
     }
 
     #[test]
     fn forgetting_keeps_what_is_above_the_floor() {
         let mut stream = StreamBytes::new(0);
-        stream.insert(Side::Svm, 0, b"0123456789").unwrap();
+        put(&mut stream, Side::Svm, 0, b"0123456789").unwrap();
         stream.forget_below(4);
         assert_eq!(stream.len(), 6);
         assert_eq!(stream.base(), 4);
-        assert_eq!(stream.insert(Side::Pvm, 4, b"456789"), Ok(()));
+        assert_eq!(put(&mut stream, Side::Pvm, 4, b"456789"), Ok(()));
         assert!(stream.verified(4, 10));
         stream.forget_below(100);
         assert_eq!(stream.len(), 0);
         assert_eq!(stream.base(), 100);
-        // Appending after a forgotten prefix reuses the buffer.
-        stream.insert(Side::Pvm, 100, b"ab").unwrap();
-        stream.insert(Side::Svm, 100, b"ab").unwrap();
+        // Appending after a forgotten prefix.
+        put(&mut stream, Side::Pvm, 100, b"ab").unwrap();
+        put(&mut stream, Side::Svm, 100, b"ab").unwrap();
         assert!(stream.verified(100, 102));
     }
 }

@@ -90,7 +90,13 @@ impl Harness {
         self.next_id += 1;
         self.pvm_sent.push(segment.clone());
         let mut actions = Vec::new();
-        self.comparator.push_pvm(id, &segment.view(), &mut actions);
+        // The payload lies in the packet, as in the daemon, so it is shared, not copied.
+        let packet = Bytes::copy_from_slice(&segment.payload);
+        let view = Segment {
+            payload: &packet,
+            ..segment.view()
+        };
+        self.comparator.push_pvm(id, &view, &packet, &mut actions);
         self.record(actions)
     }
 

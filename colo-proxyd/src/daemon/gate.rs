@@ -19,6 +19,8 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use crate::compare::{Action, CheckpointReason, PacketId};
 use crate::engine::{ComparisonEngine, EngineConfig, EngineCounters, PacketIdHasher};
 
@@ -57,7 +59,8 @@ pub enum GateOutput {
 
 #[derive(Debug)]
 struct Held {
-    frame: Vec<u8>,
+    /// Shared with the comparison, which compares the SVM's bytes where they lie in it.
+    frame: Bytes,
     arrived: Duration,
 }
 
@@ -156,6 +159,7 @@ impl ReleaseGate {
         }
         let id = PacketId(self.next_id);
         self.next_id += 1;
+        let frame = Bytes::from(frame);
         let mut actions = std::mem::take(&mut self.actions);
         self.engine.push_pvm(id, &frame, now, &mut actions);
         self.held_bytes += frame.len();
@@ -301,7 +305,10 @@ impl ReleaseGate {
             self.held_bytes -= held.frame.len();
             out.push(GateOutput::Release {
                 held: Some(now.saturating_sub(held.arrived)),
-                frame: held.frame,
+                // The comparison forgot its references below the release floor before it
+                // released the packet, so this takes the buffer back without a copy (it
+                // copies only a packet whose bytes a reordered stream still needs).
+                frame: Vec::from(held.frame),
             });
         }
     }

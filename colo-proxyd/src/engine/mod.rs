@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use crate::compare::{
     Action, CheckpointReason, ComparatorLimits, DEFAULT_REORDER_WINDOW, DatagramComparator,
     PacketId, StreamComparator,
@@ -179,11 +181,13 @@ impl ComparisonEngine {
     }
 
     /// The PVM sent this Ethernet frame (packet `id`, arrived at `now`). Every packet ends in
-    /// an [`Action::Release`] or in the list [`Self::reset`] returns, exactly once.
+    /// an [`Action::Release`] or in the list [`Self::reset`] returns, exactly once. The
+    /// comparison keeps references into `ethernet` (the caller holds the packet until then
+    /// anyway) rather than copies of its payload.
     pub fn push_pvm(
         &mut self,
         id: PacketId,
-        ethernet: &[u8],
+        ethernet: &Bytes,
         now: Duration,
         actions: &mut Vec<Action>,
     ) {
@@ -219,7 +223,9 @@ impl ComparisonEngine {
                 let create = || FlowComparator::Stream(StreamComparator::new(limits));
                 self.with_flow(key, create, |flow| {
                     match stream_flow(flow, limits, segment.syn) {
-                        Some(comparator) => comparator.push_pvm(id, &segment, &mut produced),
+                        Some(comparator) => {
+                            comparator.push_pvm(id, &segment, ethernet, &mut produced)
+                        }
                         None => misrouted = true,
                     }
                 });

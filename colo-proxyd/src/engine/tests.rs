@@ -45,7 +45,8 @@ impl Run {
     fn pvm_at(&mut self, frame: &[u8], now: Duration) -> PacketId {
         let id = PacketId(self.next_id);
         self.next_id += 1;
-        self.engine.push_pvm(id, frame, now, &mut self.actions);
+        self.engine
+            .push_pvm(id, &Bytes::copy_from_slice(frame), now, &mut self.actions);
         id
     }
 
