@@ -4,7 +4,8 @@
 # namespace test bed the stock COLO pair (30+ checkpoints, failover both ways) and the
 # checkpoint-barrier relay and qmp-driver CLI (epoch order, slow and stuck subscribers,
 # start/status/checkpoint/failover), and the pair on colo-blockd and on colo-proxyd (failover
-# in the middle of a checkpoint, A/B against colo-compare).
+# in the middle of a checkpoint, A/B against colo-compare); then the relay's added pause
+# against fake QEMUs.
 #
 # Needs root (network namespaces, taps). Installs and builds what it needs first through
 # integration/setup.sh (idempotent; QEMU and the guest are cached in $COLO_CACHE, default
@@ -35,19 +36,37 @@ step "release builds of the daemons the test bed runs (qmp-driver relay, colo-bl
 # The bed runs the daemons as they ship (release builds), so the figures it prints (the relay's
 # added pause per checkpoint, HTTP latency through colo-proxyd) are the ones an operator gets.
 cargo build --locked --release -p qmp-driver -p colo-blockd -p colo-proxyd
+cargo build --locked --release -p qmp-driver --example relay_pause
 export COLO_QMP_DRIVER="$PWD/target/release/qmp-driver"
 export COLO_BLOCKD="$PWD/target/release/colo-blockd"
 export COLO_PROXYD="$PWD/target/release/colo-proxyd"
 
-step "tests (unit, property, fake QMP server, real QEMU, COLO pairs on the test bed)"
+# The COLO pairs on the test bed (the colo-testbed package's tests) run last and alone: they
+# print pauses, latencies and the relay's added pause per checkpoint, and on two cores any test
+# running beside them (proptests, real-QEMU QMP tests) would be in those figures.
+BED='package(colo-testbed) & kind(test)'
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --locked --workspace --no-fail-fast "$@"
+  step "tests (unit, property, fake QMP server, real QEMU)"
+  status=0
+  cargo nextest run --locked --workspace --no-fail-fast --no-tests=pass -E "not ($BED)" "$@" || status=$?
+  step "tests: COLO pairs on the test bed, one at a time, nothing beside them"
+  cargo nextest run --locked --workspace --no-fail-fast --no-tests=pass -E "$BED" -j 1 "$@" || status=$?
+  if [ "$status" != 0 ]; then
+    echo "integration/test.sh: tests failed (see above)" >&2
+    exit "$status"
+  fi
 else
+  step "tests (unit, property, fake QMP server, real QEMU, COLO pairs on the test bed)"
   # Without nextest, one test at a time: QEMU tests must not run side by side on two cores.
   echo "cargo-nextest not found; falling back to cargo test with one thread" >&2
   cargo test --locked --workspace --no-fail-fast "$@" -- --test-threads=1
 fi
 cargo test --locked --workspace --doc
+
+step "the relay's added pause per checkpoint against fake QEMUs (a benchmark; it fails only if the relay misbehaves)"
+# The bed's pairs measure it too (relay-epochs), but their pauses vary by tens of milliseconds
+# from one checkpoint to the next; this times the relay alone, checkpoint by checkpoint.
+target/release/examples/relay_pause --rounds 300
 
 step "fuzz the parsers briefly (fuzz/run-briefly.sh)"
 fuzz/run-briefly.sh "${FUZZ_SECONDS:-15}"

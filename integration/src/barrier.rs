@@ -3,7 +3,7 @@
 //!
 //! - [`epochs`]: every checkpoint gives exactly one `svm-epoch-closed`, `checkpoint-adopted`
 //!   and `checkpoint-complete`, in order and in step with both QEMUs' STOP/RESUME events; and
-//!   the pause the relay adds, against a pair without relay in the same run.
+//!   the pause the relay adds, against pairs without relay in the same run.
 //! - [`barrier`]: a subscriber that acknowledges late lengthens every checkpoint by its delay
 //!   (the barrier holds the checkpoint); one that never acknowledges ends COLO on both sides
 //!   (`colo-exit`, reason `barrier-timeout`), and the primary then carries on alone.
@@ -28,14 +28,27 @@ fn median_ms(pauses: &[Duration]) -> Option<f64> {
     median(pauses).map(ms)
 }
 
+/// One pair's checkpoints in [`epochs`].
+#[derive(Debug, Clone, Serialize)]
+pub struct PairPauses {
+    /// Whether the pair migrated through the relay.
+    pub relay: bool,
+    /// The primary's checkpoints (STOP/RESUME pairs) counted.
+    pub checkpoints: usize,
+    /// Their median primary pause (ms).
+    pub median_ms: Option<f64>,
+}
+
 /// What [`epochs`] saw.
 #[derive(Debug, Clone, Serialize)]
 pub struct EpochReport {
-    /// Checkpoints of the pair without relay (primary's STOP/RESUME pairs).
+    /// Every pair in the order it ran: without relay, with, with, without.
+    pub pairs: Vec<PairPauses>,
+    /// Checkpoints of the pairs without relay (primary's STOP/RESUME pairs), together.
     pub direct_checkpoints: usize,
-    /// Their median primary pause (ms).
+    /// Median primary pause over all of them (ms).
     pub direct_pause_median_ms: Option<f64>,
-    /// Checkpoints of the relayed pair, by the primary's STOP/RESUME pairs.
+    /// Checkpoints of the relayed pairs, by the primary's STOP/RESUME pairs, together.
     pub primary_checkpoints: usize,
     /// The same by the secondary's.
     pub secondary_checkpoints: usize,
@@ -47,11 +60,11 @@ pub struct EpochReport {
     pub complete: usize,
     /// Every way the events broke the expected order; empty when all is well.
     pub violations: Vec<String>,
-    /// Median primary pause with the relay (ms).
+    /// Median primary pause over all the relayed pairs' checkpoints (ms).
     pub relay_pause_median_ms: Option<f64>,
     /// 90th percentile of the same (ms).
     pub relay_pause_p90_ms: Option<f64>,
-    /// Median with relay minus median without, both measured here (ms).
+    /// Median with relay minus median without, both over all of their pairs (ms).
     pub added_pause_ms: Option<f64>,
 }
 
@@ -59,15 +72,30 @@ impl EpochReport {
     /// A human summary.
     pub fn render(&self) -> String {
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let pairs: Vec<String> = self
+            .pairs
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {} ({})",
+                    if p.relay { "with" } else { "without" },
+                    opt(p.median_ms),
+                    p.checkpoints
+                )
+            })
+            .collect();
         format!(
             "scenario relay-epochs\n  \
+             pairs in order     {} (median pause in ms, checkpoints)\n  \
              without relay      {} checkpoints, primary pause median {} ms\n  \
              with relay         {} primary / {} secondary checkpoints, pause median {} ms, \
              p90 {} ms\n  \
              epoch events       {} svm-epoch-closed, {} checkpoint-adopted, {} \
              checkpoint-complete\n  \
-             relay added pause  {} ms per checkpoint (median with - median without)\n  \
+             relay added pause  {} ms per checkpoint (median with - median without, over all \
+             the pairs of each kind)\n  \
              order violations   {}\n",
+            pairs.join(", "),
             self.direct_checkpoints,
             opt(self.direct_pause_median_ms),
             self.primary_checkpoints,
@@ -212,34 +240,102 @@ pub fn check_epoch_order(
     violations
 }
 
-/// A pair without relay and then one with it, `checkpoints` checkpoints each at
-/// `cfg.checkpoint_delay_ms`; see the module doc.
+/// Pairs without and with relay, in the order without, with, with, without, `checkpoints`
+/// checkpoints each at `cfg.checkpoint_delay_ms`; see the module doc.
+///
+/// Pairs booted one after the other differ by about as much as the relay adds (where QEMU's
+/// threads land on two busy cores, what the guest did first); two pairs of each kind, in an
+/// order that cancels a steady drift of the machine, make the difference of the pooled
+/// medians an estimate one pair of each could not give.
 pub async fn epochs(tag: &str, cfg: PairConfig, checkpoints: usize) -> Result<EpochReport> {
-    let period = Duration::from_millis(u64::from(cfg.checkpoint_delay_ms));
-    let within = period * (checkpoints as u32) * 4 + Duration::from_secs(60);
-
-    let direct_pauses = {
-        let dir = crate::artifacts::run_dir("relay-epochs-direct")?;
-        let pair = StockPair::start(
-            &format!("{tag}d"),
-            dir,
-            PairConfig {
-                relay: false,
-                ..cfg.clone()
-            },
-        )
-        .await?;
-        pair.wait_checkpoints(checkpoints, within).await?;
-        pair.checkpoint_pauses(Role::Primary)
+    let mut direct_pauses = Vec::new();
+    let mut relay_pauses = Vec::new();
+    let mut pairs = Vec::new();
+    let mut relayed = Vec::new();
+    for (index, relay) in [false, true, true, false].into_iter().enumerate() {
+        let pauses = if relay {
+            let run = relayed_pair(&format!("{tag}r{index}"), cfg.clone(), checkpoints).await?;
+            let pauses = run.pauses.clone();
+            relayed.push(run);
+            pauses
+        } else {
+            direct_pair(&format!("{tag}d{index}"), cfg.clone(), checkpoints).await?
+        };
+        pairs.push(PairPauses {
+            relay,
+            checkpoints: pauses.len(),
+            median_ms: median_ms(&pauses),
+        });
+        if relay {
+            relay_pauses.extend(pauses);
+        } else {
+            direct_pauses.extend(pauses);
+        }
+    }
+    let sum = |f: fn(&RelayedRun) -> usize| relayed.iter().map(f).sum::<usize>();
+    let report = EpochReport {
+        pairs,
+        direct_checkpoints: direct_pauses.len(),
+        direct_pause_median_ms: median_ms(&direct_pauses),
+        primary_checkpoints: sum(|r| r.primary_checkpoints),
+        secondary_checkpoints: sum(|r| r.secondary_checkpoints),
+        closed: sum(|r| r.closed),
+        adopted: sum(|r| r.adopted),
+        complete: sum(|r| r.complete),
+        violations: relayed.iter().flat_map(|r| r.violations.clone()).collect(),
+        relay_pause_median_ms: median_ms(&relay_pauses),
+        relay_pause_p90_ms: quantile(&relay_pauses, 0.9).map(ms),
+        added_pause_ms: median_ms(&relay_pauses)
+            .zip(median_ms(&direct_pauses))
+            .map(|(with, without)| with - without),
     };
-
     let dir = crate::artifacts::run_dir("relay-epochs")?;
-    let mut pair = StockPair::launch(
-        &format!("{tag}r"),
-        dir.clone(),
-        PairConfig { relay: true, ..cfg },
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    Ok(report)
+}
+
+fn within(cfg: &PairConfig, checkpoints: usize) -> Duration {
+    let period = Duration::from_millis(u64::from(cfg.checkpoint_delay_ms));
+    period * (checkpoints as u32) * 4 + Duration::from_secs(60)
+}
+
+/// A pair without relay: its primary's pauses over `checkpoints` checkpoints.
+async fn direct_pair(tag: &str, cfg: PairConfig, checkpoints: usize) -> Result<Vec<Duration>> {
+    let dir = crate::artifacts::run_dir("relay-epochs-direct")?;
+    let within = within(&cfg, checkpoints);
+    let pair = StockPair::start(
+        tag,
+        dir,
+        PairConfig {
+            relay: false,
+            ..cfg
+        },
     )
     .await?;
+    pair.wait_checkpoints(checkpoints, within).await?;
+    Ok(pair.checkpoint_pauses(Role::Primary))
+}
+
+/// What one relayed pair of [`epochs`] showed.
+struct RelayedRun {
+    pauses: Vec<Duration>,
+    primary_checkpoints: usize,
+    secondary_checkpoints: usize,
+    closed: usize,
+    adopted: usize,
+    complete: usize,
+    violations: Vec<String>,
+}
+
+/// A pair through the relay, with a subscriber that acknowledges at once: its primary's
+/// pauses over `checkpoints` checkpoints, and its epoch events checked against both QEMUs'.
+async fn relayed_pair(tag: &str, cfg: PairConfig, checkpoints: usize) -> Result<RelayedRun> {
+    let dir = crate::artifacts::run_dir("relay-epochs-relayed")?;
+    let within = within(&cfg, checkpoints);
+    let mut pair = StockPair::launch(tag, dir.clone(), PairConfig { relay: true, ..cfg }).await?;
     let recorder = EventRecorder::connect(
         &relay_control_path(&dir),
         "epoch-test",
@@ -248,32 +344,25 @@ pub async fn epochs(tag: &str, cfg: PairConfig, checkpoints: usize) -> Result<Ep
     .await?;
     pair.enter_colo().await?;
     pair.wait_checkpoints(checkpoints, within).await?;
-    let relay_pauses = pair.checkpoint_pauses(Role::Primary);
+    let pauses = pair.checkpoint_pauses(Role::Primary);
     quiesce(&pair, &recorder).await?;
 
     let primary = all_windows(&pair, Role::Primary)?;
     let secondary = all_windows(&pair, Role::Secondary)?;
     let events = recorder.events();
-    let report = EpochReport {
-        direct_checkpoints: direct_pauses.len(),
-        direct_pause_median_ms: median_ms(&direct_pauses),
+    let violations = check_epoch_order(&events, &primary, &secondary)
+        .into_iter()
+        .map(|v| format!("{tag}: {v}"))
+        .collect();
+    Ok(RelayedRun {
+        pauses,
         primary_checkpoints: primary.len(),
         secondary_checkpoints: secondary.len(),
         closed: recorder.of_kind(EventKind::SvmEpochClosed).len(),
         adopted: recorder.of_kind(EventKind::CheckpointAdopted).len(),
         complete: recorder.of_kind(EventKind::CheckpointComplete).len(),
-        violations: check_epoch_order(&events, &primary, &secondary),
-        relay_pause_median_ms: median_ms(&relay_pauses),
-        relay_pause_p90_ms: quantile(&relay_pauses, 0.9).map(ms),
-        added_pause_ms: median_ms(&relay_pauses)
-            .zip(median_ms(&direct_pauses))
-            .map(|(with, without)| with - without),
-    };
-    std::fs::write(
-        dir.join("report.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    Ok(report)
+        violations,
+    })
 }
 
 /// What [`barrier`] saw.

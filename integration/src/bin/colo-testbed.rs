@@ -74,7 +74,7 @@ enum Command {
         cli: bool,
     },
     /// The relay's epoch events against both QEMUs' checkpoints, and the pause it adds
-    /// (a pair without relay, then one with it).
+    /// (pairs without relay, with, with, without; the medians of each kind compared).
     RelayEpochs {
         /// Checkpoints per pair.
         #[arg(long, default_value_t = 50)]
