@@ -24,7 +24,7 @@ mod stream_bytes;
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 
 use crate::packet::TcpSegment;
 pub use datagram::{DEFAULT_REORDER_WINDOW, DatagramComparator};
@@ -33,10 +33,9 @@ use sequence::{SequenceMap, seq_at_or_after};
 use stream_bytes::StreamBytes;
 
 /// A segment's payload as [`StreamComparator::store`] takes it.
-#[derive(Clone, Copy)]
 enum Produced<'a> {
     /// The PVM's, shared with the packet that carries it.
-    Pvm(&'a Bytes),
+    Pvm(Bytes),
     /// The SVM's, borrowed: its packets are not kept, so what must be kept is copied.
     Svm(&'a [u8]),
 }
@@ -356,7 +355,7 @@ impl StreamComparator {
             return;
         }
         let payload = share(frame, segment.payload);
-        if let Err(reason) = self.store(data_start, data_end, Produced::Pvm(&payload)) {
+        if let Err(reason) = self.store(data_start, data_end, Produced::Pvm(payload)) {
             self.stall(reason, actions);
             return;
         }
@@ -390,8 +389,10 @@ impl StreamComparator {
         let skip = (floor - data_start).max(0);
         let start = data_start + skip;
         let stored = match payload {
-            Produced::Pvm(bytes) if skip == 0 => self.bytes.insert_pvm(start, bytes),
-            Produced::Pvm(bytes) => self.bytes.insert_pvm(start, &bytes.slice(skip as usize..)),
+            Produced::Pvm(mut bytes) => {
+                bytes.advance(skip as usize);
+                self.bytes.insert_pvm(start, bytes)
+            }
             Produced::Svm(data) => self.bytes.insert_svm(start, &data[skip as usize..]),
         };
         stored.map_err(|offset| CheckpointReason::PayloadDiffers { offset })
@@ -403,11 +404,13 @@ impl StreamComparator {
             return;
         }
         if let Some(map) = self.svm_map {
-            // Where the bytes will most likely be compared; the loads run while the checks
-            // below do.
+            // Where the bytes will most likely be compared, and where the SVM's next segment
+            // will be (a lagging SVM goes on in order): the loads run while the checks below,
+            // and the next segment's, do.
             let at = map.offset(segment.seq) + i64::from(segment.syn);
             prefetch::prefetch(segment.payload);
-            self.bytes.prefetch(at, at + segment.payload.len() as i64);
+            self.bytes
+                .prefetch(at, at + 2 * segment.payload.len() as i64);
         }
         self.decide_origin(segment);
         let map = match self.svm_map {

@@ -36,6 +36,13 @@ pub(super) enum Side {
 }
 
 impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::Pvm => Side::Svm,
+            Side::Svm => Side::Pvm,
+        }
+    }
+
     fn tag(self) -> Tag {
         match self {
             Side::Pvm => Tag::Pvm,
@@ -61,6 +68,14 @@ fn push_region(regions: &mut Vec<Region>, region: Region) {
         Some(last) if last.end == region.start && last.tag == region.tag => last.end = region.end,
         _ => regions.push(region),
     }
+}
+
+/// A side's bytes as [`StreamBytes::insert`] takes them.
+enum Data<'a> {
+    /// The PVM's, in the packet that carries them.
+    Shared(Bytes),
+    /// The SVM's: its packets are not kept, so what must be kept is copied.
+    Borrowed(&'a [u8]),
 }
 
 /// What is kept of `data`: a slice of `shared` (which holds it) when there is one, else a
@@ -201,15 +216,15 @@ impl StreamBytes {
     }
 
     /// The PVM produced `data` at offset `start`: see [`Self::insert`]. What is kept of it is
-    /// a reference into `data`, never a copy.
-    pub(super) fn insert_pvm(&mut self, start: i64, data: &Bytes) -> Result<(), i64> {
-        self.insert(Side::Pvm, start, data, Some(data))
+    /// `data` itself or a slice of it, never a copy.
+    pub(super) fn insert_pvm(&mut self, start: i64, data: Bytes) -> Result<(), i64> {
+        self.insert(Side::Pvm, start, Data::Shared(data))
     }
 
     /// The SVM produced `data` at offset `start`: see [`Self::insert`]. Only bytes the PVM has
     /// not produced yet are copied.
     pub(super) fn insert_svm(&mut self, start: i64, data: &[u8]) -> Result<(), i64> {
-        self.insert(Side::Svm, start, data, None)
+        self.insert(Side::Svm, start, Data::Borrowed(data))
     }
 
     /// `side` produced `data` at offset `start` (bytes below the base are ignored). Bytes
@@ -219,26 +234,28 @@ impl StreamBytes {
     /// bytes at one offset is not deterministic either). The SVM's repeated bytes are not
     /// compared: its first copy is the one that counts. Returns the first differing offset;
     /// after a difference the contents are unspecified and the caller must [`Self::clear`].
-    fn insert(
-        &mut self,
-        side: Side,
-        start: i64,
-        data: &[u8],
-        shared: Option<&Bytes>,
-    ) -> Result<(), i64> {
+    fn insert(&mut self, side: Side, start: i64, data: Data<'_>) -> Result<(), i64> {
+        let shared = match &data {
+            Data::Shared(bytes) => Some(bytes),
+            Data::Borrowed(_) => None,
+        };
+        let whole: &[u8] = match &data {
+            Data::Shared(bytes) => bytes,
+            Data::Borrowed(slice) => slice,
+        };
         // The caller clips at the release floor, which is the base; clipping again keeps a
         // broken invariant from indexing below the buffer.
         debug_assert!(start >= self.base);
-        let skip = (self.base - start).clamp(0, data.len() as i64);
-        let (start, data) = (start + skip, &data[skip as usize..]);
-        if data.is_empty() {
+        let skip = (self.base - start).clamp(0, whole.len() as i64) as usize;
+        let (start, view) = (start + skip as i64, &whole[skip..]);
+        if view.is_empty() {
             return Ok(());
         }
-        let end = start + data.len() as i64;
+        let end = start + view.len() as i64;
         let old_end = self.end;
         if start < old_end {
             let within = end.min(old_end);
-            self.merge_within(side, start, &data[..(within - start) as usize], shared)?;
+            self.merge_within(side, start, &view[..(within - start) as usize], shared)?;
         }
         if end > old_end {
             let from = start.max(old_end);
@@ -252,10 +269,15 @@ impl StreamBytes {
                     },
                 );
             }
-            self.pieces.push_back(Piece {
-                start: from,
-                bytes: keep(&data[(from - start) as usize..], shared),
-            });
+            // Kept from here on in `data`; a PVM segment appended whole is moved in, which
+            // spares its reference count two atomic updates.
+            let kept_from = skip + (from - start) as usize;
+            let bytes = match data {
+                Data::Shared(bytes) if kept_from == 0 => bytes,
+                Data::Shared(bytes) => bytes.slice(kept_from..),
+                Data::Borrowed(slice) => Bytes::copy_from_slice(&slice[kept_from..]),
+            };
+            self.pieces.push_back(Piece { start: from, bytes });
             self.end = end;
             push_region(
                 &mut self.regions,
@@ -278,6 +300,22 @@ impl StreamBytes {
         shared: Option<&Bytes>,
     ) -> Result<(), i64> {
         let end = start + data.len() as i64;
+        // In-order traffic: one side leads, and the other's bytes land at the start of the
+        // oldest region only the leader produced. They verify its head: compare and shrink it,
+        // without rebuilding the regions.
+        if let Some(&first) = self.regions.first()
+            && first.start == start
+            && end <= first.end
+            && first.tag == side.other().tag()
+        {
+            self.compare(start, data)?;
+            if end == first.end {
+                self.regions.remove(0);
+            } else {
+                self.regions[0].start = end;
+            }
+            return Ok(());
+        }
         let mut rebuilt = std::mem::take(&mut self.scratch);
         rebuilt.clear();
         let first = self.regions.partition_point(|r| r.end <= start);
@@ -420,7 +458,7 @@ mod tests {
     /// `side`'s bytes, the PVM's passed as the daemon passes them (shared, never copied).
     fn put(stream: &mut StreamBytes, side: Side, start: i64, data: &[u8]) -> Result<(), i64> {
         match side {
-            Side::Pvm => stream.insert_pvm(start, &Bytes::copy_from_slice(data)),
+            Side::Pvm => stream.insert_pvm(start, Bytes::copy_from_slice(data)),
             Side::Svm => stream.insert_svm(start, data),
         }
     }
@@ -547,7 +585,7 @@ mod tests {
         let packet = Bytes::from_static(b"headerPAYLOAD");
         let payload = packet.slice(6..);
         let mut stream = StreamBytes::new(0);
-        stream.insert_pvm(0, &payload).unwrap();
+        stream.insert_pvm(0, payload.clone()).unwrap();
         assert_eq!(stream.pieces[0].bytes.as_ptr(), payload.as_ptr());
         // The SVM's own bytes beyond the PVM's are kept as a copy: its packets are not kept.
         let svm = b"PAYLOADmore".to_vec();
