@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use clap::Args;
 use colo_proxyd::codec::{Frame, FrameDecoder, MAX_FRAME_LEN, encode};
 use colo_proxyd::compare::{Action, ComparatorLimits, PacketId, Segment, StreamComparator};
@@ -397,15 +397,30 @@ fn engine_pass(pvm: &[Bytes], svm: &[Bytes], traffic: &Traffic) -> anyhow::Resul
     Ok(elapsed)
 }
 
-/// One net-filter socket as the daemon reads it: up to [`READ_CHUNK`] bytes at a time.
+/// One net-filter socket as the daemon reads it: straight into the decoder's buffer, up to
+/// [`READ_CHUNK`] bytes at a time (`FrameDecoder::read_with`, as the daemon's
+/// `FrameDecoder::read_from` does).
 struct Socket<'a> {
     wire: &'a [u8],
     decoder: FrameDecoder,
 }
 
 impl Socket<'_> {
-    /// Hands the next frame's Ethernet bytes to `handle`, reading from the socket first when
-    /// no whole frame is buffered; returns how long reading took (zero without a read).
+    /// The next PVM frame as the daemon's primary takes it: split off the decoder's buffer
+    /// (no copy), to be shared by the comparison and the release. Also returns how long
+    /// reading took (zero without a read).
+    fn next_shared_frame(&mut self) -> anyhow::Result<(Bytes, Duration)> {
+        let mut read_time = Duration::ZERO;
+        loop {
+            if let Some(frame) = self.decoder.next_frame_bytes()? {
+                return Ok((frame, read_time));
+            }
+            read_time += self.read()?;
+        }
+    }
+
+    /// Hands the next frame's Ethernet bytes to `handle`, borrowed from the decoder's
+    /// buffer; returns how long reading took.
     fn next_frame(&mut self, handle: impl FnOnce(&[u8])) -> anyhow::Result<Duration> {
         let mut read_time = Duration::ZERO;
         loop {
@@ -413,13 +428,21 @@ impl Socket<'_> {
                 handle(frame.ethernet_bytes());
                 return Ok(read_time);
             }
-            ensure!(!self.wire.is_empty(), "socket ended before the schedule");
-            let start = Instant::now();
-            let n = self.wire.len().min(READ_CHUNK);
-            self.decoder.feed(&self.wire[..n]);
-            self.wire = &self.wire[n..];
-            read_time += start.elapsed();
+            read_time += self.read()?;
         }
+    }
+
+    /// One socket read: as many bytes as the decoder has room for, at most [`READ_CHUNK`].
+    fn read(&mut self) -> anyhow::Result<Duration> {
+        ensure!(!self.wire.is_empty(), "socket ended before the schedule");
+        let start = Instant::now();
+        let wire = &mut self.wire;
+        self.decoder.read_with(|space| {
+            let n = wire.len().min(space.remaining_mut()).min(READ_CHUNK);
+            space.put_slice(&wire[..n]);
+            *wire = &wire[n..];
+        });
+        Ok(start.elapsed())
     }
 }
 
@@ -457,12 +480,11 @@ fn pure_path_pass(
             Vm::Pvm => {
                 let id = PacketId(next_id);
                 next_id += 1;
-                pvm.next_frame(|ethernet| {
-                    // The daemon keeps each PVM packet in a buffer of its own until its
-                    // release; that copy out of the socket's bytes is part of the path.
-                    let frame = Bytes::copy_from_slice(ethernet);
-                    engine.push_pvm(id, &frame, Duration::ZERO, &mut actions);
-                })?
+                // The daemon holds each PVM packet, until its release, in the read buffer
+                // it was split off: no copy.
+                let (frame, read_time) = pvm.next_shared_frame()?;
+                engine.push_pvm(id, &frame, Duration::ZERO, &mut actions);
+                read_time
             }
             Vm::Svm => svm.next_frame(|ethernet| engine.push_svm(ethernet, &mut actions))?,
         };

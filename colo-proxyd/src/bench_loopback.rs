@@ -390,7 +390,7 @@ impl Peers {
         link::encode(
             &LinkMessage::SvmOutput {
                 epoch: EPOCH,
-                frame: frame.clone(),
+                frame: frame.clone().into(),
             },
             &mut self.wire,
         )?;

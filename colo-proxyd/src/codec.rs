@@ -10,7 +10,13 @@
 //! drops the whole connection on a longer one; a zero-length frame is legal on its side, so it
 //! is here too.
 
+pub mod read_buffer;
+
+use bytes::buf::Limit;
+use bytes::{Bytes, BytesMut};
 use thiserror::Error;
+
+use self::read_buffer::ReadBuffer;
 
 /// The largest frame QEMU reads or writes on a net-filter socket (`NET_BUFSIZE`).
 pub const MAX_FRAME_LEN: usize = 4096 + 65536;
@@ -110,14 +116,29 @@ impl FrameRef<'_> {
 
 /// Streaming decoder for one net-filter socket: feed it whatever the socket returned, in chunks
 /// split anywhere, and take frames out as they complete.
+///
+/// Two ways in: [`Self::feed`] copies bytes read elsewhere; [`Self::read_from`] (and
+/// [`Self::read_with`]) read straight into the decoder's buffer. Three ways out:
+/// [`Self::next_frame`] (an owned copy), [`Self::next_frame_ref`] (borrowed until the next
+/// call) and [`Self::next_frame_bytes`] (shared with the buffer, no copy; see
+/// [`read_buffer`] for the memory that keeps alive).
 #[derive(Debug)]
 pub struct FrameDecoder {
     vnet_hdr_support: bool,
-    buffer: Vec<u8>,
-    /// Bytes of `buffer` already handed out as frames; compacted lazily so that many small
-    /// frames in one chunk do not cost a memmove each.
-    consumed: usize,
+    buffer: ReadBuffer,
+    /// Bytes at the start of `buffer` of the frame last lent by [`Self::next_frame_ref`],
+    /// consumed at the decoder's next use.
+    lent: usize,
     failed: Option<CodecError>,
+}
+
+/// Where the next frame lies in the pending bytes.
+struct FrameLayout {
+    vnet_hdr_len: u32,
+    /// Length prefixes.
+    header_len: usize,
+    /// Prefixes and frame.
+    total: usize,
 }
 
 impl FrameDecoder {
@@ -125,8 +146,8 @@ impl FrameDecoder {
     pub fn new(vnet_hdr_support: bool) -> Self {
         FrameDecoder {
             vnet_hdr_support,
-            buffer: Vec::new(),
-            consumed: 0,
+            buffer: ReadBuffer::default(),
+            lent: 0,
             failed: None,
         }
     }
@@ -136,11 +157,42 @@ impl FrameDecoder {
         if self.failed.is_some() {
             return;
         }
-        if self.consumed > 0 && self.consumed * 2 >= self.buffer.len() {
-            self.buffer.drain(..self.consumed);
-            self.consumed = 0;
+        self.return_lent();
+        self.buffer.append(chunk);
+    }
+
+    /// Reads once from `reader` straight into the decoder's buffer (at most one chunk, see
+    /// [`read_buffer`]); `Ok(0)` is the end of the stream. Cancel-safe: dropped before it
+    /// completes, it has read nothing.
+    pub async fn read_from<R>(&mut self, reader: &mut R) -> std::io::Result<usize>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+    {
+        use tokio::io::AsyncReadExt;
+        let mut space = self.read_space();
+        reader.read_buf(&mut space).await
+    }
+
+    /// Lets `read` append to the decoder's buffer, as [`Self::read_from`] does, for a
+    /// non-blocking read (`TcpStream::try_read_buf`) or bytes from elsewhere. The space
+    /// given is never empty, so a read of 0 bytes still means the end of the stream.
+    pub fn read_with<T>(&mut self, read: impl FnOnce(&mut Limit<&mut BytesMut>) -> T) -> T {
+        read(&mut self.read_space())
+    }
+
+    fn read_space(&mut self) -> Limit<&mut BytesMut> {
+        self.return_lent();
+        if self.failed.is_some() {
+            // Whatever is read now is discarded: the stream has failed.
+            self.buffer.clear();
         }
-        self.buffer.extend_from_slice(chunk);
+        // Room for the whole unfinished frame when its length is known, so that it ends up
+        // contiguous without being copied again.
+        let frame_total = match self.layout() {
+            Ok(Some(layout)) => layout.total,
+            Ok(None) | Err(_) => 0,
+        };
+        self.buffer.read_space(frame_total)
     }
 
     /// The next complete frame, `Ok(None)` when more bytes are needed. After an error every
@@ -151,22 +203,28 @@ impl FrameDecoder {
 
     /// [`Self::next_frame`], borrowed from the decoder's buffer instead of copied out.
     pub fn next_frame_ref(&mut self) -> Result<Option<FrameRef<'_>>, CodecError> {
-        if let Some(error) = &self.failed {
-            return Err(error.clone());
-        }
-        match self.parse_next() {
-            Ok(Some((vnet_hdr_len, range))) => Ok(Some(FrameRef {
-                vnet_hdr_len,
-                data: &self.buffer[range],
-            })),
-            Ok(None) => Ok(None),
-            Err(error) => {
-                self.failed = Some(error.clone());
-                self.buffer = Vec::new();
-                self.consumed = 0;
-                Err(error)
-            }
-        }
+        let Some(layout) = self.next_layout()? else {
+            return Ok(None);
+        };
+        self.lent = layout.total;
+        Ok(Some(FrameRef {
+            vnet_hdr_len: layout.vnet_hdr_len,
+            data: &self.buffer.pending()[layout.header_len..layout.total],
+        }))
+    }
+
+    /// The next complete frame's Ethernet bytes (its vnet header, if any, is skipped), split
+    /// off the decoder's buffer without a copy (frames under
+    /// [`COPY_BELOW`](read_buffer::COPY_BELOW) bytes are copied: see [`read_buffer`]).
+    /// `Ok(None)` and errors as for [`Self::next_frame`].
+    pub fn next_frame_bytes(&mut self) -> Result<Option<Bytes>, CodecError> {
+        let Some(layout) = self.next_layout()? else {
+            return Ok(None);
+        };
+        self.buffer
+            .consume(layout.header_len + layout.vnet_hdr_len as usize);
+        let ethernet = layout.total - layout.header_len - layout.vnet_hdr_len as usize;
+        Ok(Some(self.buffer.take(ethernet)))
     }
 
     /// Call when the stream reached its end: an error if it ended inside a frame.
@@ -174,15 +232,37 @@ impl FrameDecoder {
         if let Some(error) = &self.failed {
             return Err(error.clone());
         }
-        match self.buffer.len() - self.consumed {
+        match self.buffer.pending().len() - self.lent {
             0 => Ok(()),
             buffered => Err(CodecError::Truncated { buffered }),
         }
     }
 
-    /// The next frame's vnet-header length and its place in `buffer`.
-    fn parse_next(&mut self) -> Result<Option<(u32, std::ops::Range<usize>)>, CodecError> {
-        let pending = &self.buffer[self.consumed..];
+    fn return_lent(&mut self) {
+        self.buffer.consume(std::mem::take(&mut self.lent));
+    }
+
+    /// The next complete frame's layout; an error fails the stream for good.
+    fn next_layout(&mut self) -> Result<Option<FrameLayout>, CodecError> {
+        if let Some(error) = &self.failed {
+            return Err(error.clone());
+        }
+        self.return_lent();
+        match self.layout() {
+            Ok(Some(layout)) if layout.total <= self.buffer.pending().len() => Ok(Some(layout)),
+            Ok(_) => Ok(None),
+            Err(error) => {
+                self.failed = Some(error.clone());
+                self.buffer.clear();
+                Err(error)
+            }
+        }
+    }
+
+    /// The layout of the frame at the start of the pending bytes, as far as its prefixes
+    /// have arrived (`Ok(None)`: not yet); its body may still be missing.
+    fn layout(&self) -> Result<Option<FrameLayout>, CodecError> {
+        let pending = &self.buffer.pending()[self.lent..];
         let Some(frame_len) = read_be32(pending, 0) else {
             return Ok(None);
         };
@@ -204,13 +284,11 @@ impl FrameDecoder {
         } else {
             (0, PREFIX_LEN)
         };
-        let total = header_len + frame_len as usize;
-        if pending.len() < total {
-            return Ok(None);
-        }
-        let data = self.consumed + header_len..self.consumed + total;
-        self.consumed += total;
-        Ok(Some((vnet_hdr_len, data)))
+        Ok(Some(FrameLayout {
+            vnet_hdr_len,
+            header_len,
+            total: header_len + frame_len as usize,
+        }))
     }
 }
 
@@ -221,7 +299,26 @@ fn read_be32(bytes: &[u8], at: usize) -> Option<u32> {
 
 /// Appends `frame` to `out` as QEMU expects it on a stream with `vnet_hdr_support` as given.
 pub fn encode(frame: &Frame, vnet_hdr_support: bool, out: &mut Vec<u8>) -> Result<(), CodecError> {
-    let frame_len = frame.data.len();
+    encode_parts(frame.vnet_hdr_len, &frame.data, vnet_hdr_support, out)
+}
+
+/// [`encode`] for an Ethernet frame without a vnet header, wherever its bytes lie (a shared
+/// [`Bytes`] needs no [`Frame`] of its own).
+pub fn encode_ethernet(
+    ethernet: &[u8],
+    vnet_hdr_support: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    encode_parts(0, ethernet, vnet_hdr_support, out)
+}
+
+fn encode_parts(
+    vnet_hdr_len: u32,
+    data: &[u8],
+    vnet_hdr_support: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    let frame_len = data.len();
     if frame_len > MAX_FRAME_LEN {
         return Err(CodecError::Oversized {
             len: u32::try_from(frame_len).unwrap_or(u32::MAX),
@@ -229,28 +326,27 @@ pub fn encode(frame: &Frame, vnet_hdr_support: bool, out: &mut Vec<u8>) -> Resul
     }
     // MAX_FRAME_LEN fits in a u32, so this cannot truncate.
     let frame_len = frame_len as u32;
-    if frame.vnet_hdr_len > frame_len {
+    if vnet_hdr_len > frame_len {
         return Err(CodecError::VnetHeaderTooLong {
-            vnet_hdr_len: frame.vnet_hdr_len,
+            vnet_hdr_len,
             frame_len,
         });
     }
-    if !vnet_hdr_support && frame.vnet_hdr_len != 0 {
-        return Err(CodecError::VnetHeaderNotNegotiated {
-            vnet_hdr_len: frame.vnet_hdr_len,
-        });
+    if !vnet_hdr_support && vnet_hdr_len != 0 {
+        return Err(CodecError::VnetHeaderNotNegotiated { vnet_hdr_len });
     }
     out.extend_from_slice(&frame_len.to_be_bytes());
     if vnet_hdr_support {
-        out.extend_from_slice(&frame.vnet_hdr_len.to_be_bytes());
+        out.extend_from_slice(&vnet_hdr_len.to_be_bytes());
     }
-    out.extend_from_slice(&frame.data);
+    out.extend_from_slice(data);
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BufMut;
     use proptest::prelude::*;
 
     fn decode_all(decoder: &mut FrameDecoder) -> Result<Vec<Frame>, CodecError> {
@@ -368,6 +464,55 @@ mod tests {
         );
     }
 
+    /// Decodes `pieces` with `next` after each; `read_into`: the pieces are read into the
+    /// decoder's buffer (in reads as large as it offers) instead of fed. Returns the frames
+    /// and the first error or the end's verdict.
+    fn decode_pieces(
+        vnet: bool,
+        pieces: &[&[u8]],
+        mut next: impl FnMut(&mut FrameDecoder) -> Result<Option<Vec<u8>>, CodecError>,
+        read_into: bool,
+    ) -> (Vec<Vec<u8>>, Result<(), CodecError>) {
+        let mut decoder = FrameDecoder::new(vnet);
+        let mut frames = Vec::new();
+        for piece in pieces {
+            let mut rest = *piece;
+            while !rest.is_empty() {
+                if read_into {
+                    let n = decoder.read_with(|space| {
+                        let n = rest.len().min(space.remaining_mut());
+                        space.put_slice(&rest[..n]);
+                        n
+                    });
+                    rest = &rest[n..];
+                } else {
+                    decoder.feed(rest);
+                    rest = &[];
+                }
+                loop {
+                    match next(&mut decoder) {
+                        Ok(Some(frame)) => frames.push(frame),
+                        Ok(None) => break,
+                        Err(error) => return (frames, Err(error)),
+                    }
+                }
+            }
+        }
+        let end = decoder.finish();
+        (frames, end)
+    }
+
+    /// Frames copied out and split off (see [`read_buffer::COPY_BELOW`]), enough of them to
+    /// cross chunks.
+    fn frames_of_any_size() -> impl Strategy<Value = Vec<Frame>> {
+        let len = prop_oneof![0usize..600, 600usize..20_000];
+        let frame = (len, any::<u8>(), any::<u32>()).prop_map(|(len, byte, hdr)| Frame {
+            vnet_hdr_len: hdr % (len as u32 + 1),
+            data: (0..len).map(|i| byte.wrapping_add(i as u8)).collect(),
+        });
+        proptest::collection::vec(frame, 0..16)
+    }
+
     fn frames() -> impl Strategy<Value = Vec<Frame>> {
         let frame = (proptest::collection::vec(any::<u8>(), 0..300), any::<u32>()).prop_map(
             |(data, hdr)| Frame {
@@ -420,6 +565,39 @@ mod tests {
                 got.extend(decode_all(&mut decoder).unwrap());
             }
             prop_assert_eq!(got, frames);
+        }
+
+        /// Frames split off the buffer (fed, or read into it in arbitrary pieces) are the
+        /// Ethernet bytes of the copied-out frames, and errors are the same, at the same
+        /// frame.
+        #[test]
+        fn shared_frames_are_the_copied_ones(
+            vnet in any::<bool>(),
+            frames in frames_of_any_size(),
+            tail in proptest::collection::vec(any::<u8>(), 0..16),
+            cuts in proptest::collection::vec(any::<usize>(), 0..20),
+            read_into in any::<bool>(),
+        ) {
+            let mut wire = Vec::new();
+            for frame in &frames {
+                let frame = if vnet { frame.clone() } else { Frame::ethernet(frame.data.clone()) };
+                encode(&frame, vnet, &mut wire).unwrap();
+            }
+            // Garbage after the frames: a truncated frame or a framing error.
+            wire.extend_from_slice(&tail);
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+            points.push(0);
+            points.push(wire.len());
+            points.sort_unstable();
+            let pieces: Vec<&[u8]> = points.windows(2).map(|p| &wire[p[0]..p[1]]).collect();
+            let (expected, expected_error) = decode_pieces(vnet, &pieces, |d| {
+                d.next_frame().map(|f| f.map(|f| f.ethernet_bytes().to_vec()))
+            }, false);
+            let (got, error) = decode_pieces(vnet, &pieces, |d| {
+                d.next_frame_bytes().map(|f| f.map(|f| f.to_vec()))
+            }, read_into);
+            prop_assert_eq!(got, expected);
+            prop_assert_eq!(error, expected_error);
         }
 
         /// Garbage never panics, every frame respects the limits, and a failed stream stays

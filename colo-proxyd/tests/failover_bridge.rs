@@ -123,7 +123,7 @@ impl FakePrimary {
             tokio::spawn(async move {
                 while let Some(frame) = outgoing.recv().await {
                     let mut wire = Vec::new();
-                    link::encode(&LinkMessage::Inbound(frame), &mut wire).unwrap();
+                    link::encode(&LinkMessage::Inbound(frame.into()), &mut wire).unwrap();
                     if wr.write_all(&wire).await.is_err() {
                         return;
                     }
@@ -160,7 +160,7 @@ impl FakePrimary {
     /// The next SVM frame the secondary sent, or `None` within `within`.
     async fn svm_output(&mut self, within: Duration) -> Option<(u64, Vec<u8>)> {
         match tokio::time::timeout(within, self.from_secondary.recv()).await {
-            Ok(Some(LinkMessage::SvmOutput { epoch, frame })) => Some((epoch, frame)),
+            Ok(Some(LinkMessage::SvmOutput { epoch, frame })) => Some((epoch, frame.to_vec())),
             Ok(other) => panic!("unexpected {other:?}"),
             Err(_) => None,
         }

@@ -17,12 +17,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{Frame, FrameDecoder, encode};
+use crate::codec::{FrameDecoder, encode_ethernet};
 use crate::daemon::metrics::Metrics;
 
 /// Frames queued between a port and its role loop; a full queue back-pressures the socket.
@@ -43,8 +44,9 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// What an input port delivers.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Inbound {
-    /// An Ethernet frame.
-    Frame(Vec<u8>),
+    /// An Ethernet frame, shared with the port's read buffer (no copy was made: see
+    /// [`crate::codec::read_buffer`] for what it keeps alive).
+    Frame(Bytes),
     /// Every frame the peer had sent when [`FrameSource::request_drain`] was called has been
     /// delivered before this marker.
     Drained,
@@ -98,13 +100,13 @@ impl FrameSource {
 #[derive(Debug, Clone)]
 pub struct FrameSink {
     name: String,
-    frames: mpsc::Sender<Vec<u8>>,
+    frames: mpsc::Sender<Bytes>,
     metrics: Metrics,
 }
 
 impl FrameSink {
     /// A sink drained by hand (tests, or another attachment).
-    pub fn channel(name: &str, metrics: Metrics) -> (FrameSink, mpsc::Receiver<Vec<u8>>) {
+    pub fn channel(name: &str, metrics: Metrics) -> (FrameSink, mpsc::Receiver<Bytes>) {
         let (frames, rx) = mpsc::channel(QUEUE);
         (
             FrameSink {
@@ -122,7 +124,7 @@ impl FrameSink {
     }
 
     /// Queues an Ethernet frame, waiting while the queue is full.
-    pub async fn send(&self, frame: Vec<u8>) {
+    pub async fn send(&self, frame: Bytes) {
         if self.frames.send(frame).await.is_err() {
             self.metrics.dropped_frame();
         }
@@ -216,7 +218,7 @@ async fn prepare(
     name: &str,
     hook: Option<&OnConnect>,
     connection: u64,
-    rx: &mut mpsc::Receiver<Vec<u8>>,
+    rx: &mut mpsc::Receiver<Bytes>,
     metrics: &Metrics,
 ) -> bool {
     let Some(hook) = hook else { return true };
@@ -301,7 +303,6 @@ async fn run_source(
         }
     };
     let mut retry = RETRY_MIN;
-    let mut buf = vec![0u8; 64 * 1024];
     loop {
         // Without a peer there is nothing to drain: answer drains at once.
         let mut stream = loop {
@@ -323,10 +324,10 @@ async fn run_source(
         let mut decoder = FrameDecoder::new(false);
         let why = loop {
             tokio::select! {
-                r = stream.read(&mut buf) => match r {
+                // Straight into the decoder's buffer, which frames are split off.
+                r = decoder.read_from(&mut stream) => match r {
                     Ok(0) => break decoder.finish().err().map_or_else(|| "closed by QEMU".to_owned(), |e| e.to_string()),
-                    Ok(n) => {
-                        decoder.feed(&buf[..n]);
+                    Ok(_) => {
                         if let Err(err) = deliver(&mut decoder, &tx).await {
                             break err;
                         }
@@ -337,9 +338,12 @@ async fn run_source(
                     // Take what the kernel already has, without waiting for more.
                     let mut why = None;
                     loop {
-                        match stream.try_read(&mut buf) {
+                        // A full buffer is delivered before the next read, so that it does
+                        // not grow.
+                        if let Err(err) = deliver(&mut decoder, &tx).await { why = Some(err); break; }
+                        match decoder.read_with(|space| stream.try_read_buf(space)) {
                             Ok(0) => { why = Some("closed by QEMU".to_owned()); break; }
-                            Ok(n) => decoder.feed(&buf[..n]),
+                            Ok(_) => {}
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                             Err(e) => { why = Some(e.to_string()); break; }
                         }
@@ -372,8 +376,8 @@ async fn run_source(
 /// Sends every complete frame to the role loop. An error names a codec failure.
 async fn deliver(decoder: &mut FrameDecoder, tx: &mpsc::Sender<Inbound>) -> Result<(), String> {
     loop {
-        let frame = match decoder.next_frame_ref() {
-            Ok(Some(f)) => f.ethernet_bytes().to_vec(),
+        let frame = match decoder.next_frame_bytes() {
+            Ok(Some(frame)) => frame,
             Ok(None) => return Ok(()),
             Err(err) => return Err(format!("bad net-filter framing: {err}")),
         };
@@ -385,8 +389,8 @@ async fn deliver(decoder: &mut FrameDecoder, tx: &mpsc::Sender<Inbound>) -> Resu
 
 /// Appends `frame` to `wire` in QEMU's framing; returns 1 when it was, 0 when it was dropped
 /// (counted).
-fn encode_for_qemu(name: &str, frame: Vec<u8>, wire: &mut Vec<u8>, metrics: &Metrics) -> u64 {
-    match encode(&Frame::ethernet(frame), false, wire) {
+fn encode_for_qemu(name: &str, frame: &[u8], wire: &mut Vec<u8>, metrics: &Metrics) -> u64 {
+    match encode_ethernet(frame, false, wire) {
         Ok(()) => 1,
         Err(err) => {
             tracing::warn!(port = name, %err, "frame not sent");
@@ -432,7 +436,7 @@ async fn run_sink(
     name: &str,
     mut endpoint: PortEndpoint,
     metrics: &Metrics,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<Bytes>,
     on_connect: Option<&OnConnect>,
 ) {
     let mut connections = 0u64;
@@ -469,10 +473,10 @@ async fn run_sink(
                     let Some(frame) = frame else { return };
                     // Every frame already queued goes out with this one, in one write.
                     wire.clear();
-                    let mut batch = encode_for_qemu(name, frame, &mut wire, metrics);
+                    let mut batch = encode_for_qemu(name, &frame, &mut wire, metrics);
                     while wire.len() < WRITE_BATCH {
                         let Ok(frame) = rx.try_recv() else { break };
-                        batch += encode_for_qemu(name, frame, &mut wire, metrics);
+                        batch += encode_for_qemu(name, &frame, &mut wire, metrics);
                     }
                     if let Err(err) = stream.write_all(&wire).await {
                         metrics.add_dropped(batch);

@@ -47,8 +47,8 @@ pub enum Protection {
 pub enum GateOutput {
     /// Send this Ethernet frame to the network.
     Release {
-        /// The frame.
-        frame: Vec<u8>,
+        /// The frame, as it was read (shared, not copied).
+        frame: Bytes,
         /// Time from its arrival to its release; `None` when it passed uncompared because
         /// COLO does not run.
         held: Option<Duration>,
@@ -86,9 +86,12 @@ pub struct ReleaseGate {
     epoch: u64,
     /// Ids are the gate's own counter, not the network's: no keyed hash needed.
     held: HashMap<PacketId, Held, BuildHasherDefault<PacketIdHasher>>,
+    /// The held frames' own bytes. A frame shares the read buffer's chunk it was split off,
+    /// so the memory held can be larger, by a bounded factor: see
+    /// [`crate::codec::read_buffer`].
     held_bytes: usize,
     next_id: u64,
-    early: VecDeque<(u64, Vec<u8>)>,
+    early: VecDeque<(u64, Bytes)>,
     actions: Vec<Action>,
     fenced_drops: u64,
 }
@@ -124,7 +127,8 @@ impl ReleaseGate {
         self.held.len()
     }
 
-    /// Bytes of the PVM packets held.
+    /// Bytes of the PVM packets held (the frames' own, not the read-buffer chunks they keep
+    /// alive: see [`crate::codec::read_buffer`] for that bound).
     pub fn held_bytes(&self) -> usize {
         self.held_bytes
     }
@@ -145,7 +149,7 @@ impl ReleaseGate {
     }
 
     /// A frame of PVM output arrived at `now`.
-    pub fn pvm_frame(&mut self, frame: Vec<u8>, now: Duration, out: &mut Vec<GateOutput>) {
+    pub fn pvm_frame(&mut self, frame: Bytes, now: Duration, out: &mut Vec<GateOutput>) {
         match self.protection {
             Protection::Unprotected => {
                 out.push(GateOutput::Release { frame, held: None });
@@ -159,7 +163,6 @@ impl ReleaseGate {
         }
         let id = PacketId(self.next_id);
         self.next_id += 1;
-        let frame = Bytes::from(frame);
         let mut actions = std::mem::take(&mut self.actions);
         self.engine.push_pvm(id, &frame, now, &mut actions);
         self.held_bytes += frame.len();
@@ -178,7 +181,7 @@ impl ReleaseGate {
     pub fn svm_frame(
         &mut self,
         epoch: u64,
-        frame: Vec<u8>,
+        frame: Bytes,
         now: Duration,
         out: &mut Vec<GateOutput>,
     ) -> SvmFrameFate {
@@ -305,10 +308,9 @@ impl ReleaseGate {
             self.held_bytes -= held.frame.len();
             out.push(GateOutput::Release {
                 held: Some(now.saturating_sub(held.arrived)),
-                // The comparison forgot its references below the release floor before it
-                // released the packet, so this takes the buffer back without a copy (it
-                // copies only a packet whose bytes a reordered stream still needs).
-                frame: Vec::from(held.frame),
+                // Shared with what the comparison still keeps of it (bytes a reordered
+                // stream needs): nothing is copied.
+                frame: held.frame,
             });
         }
     }
@@ -332,7 +334,7 @@ mod tests {
     use super::*;
 
     /// A TCP/IPv4 frame from the VM (10.0.0.2:80) to a client (10.0.0.9:40000).
-    fn tcp(seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+    fn tcp(seq: u32, flags: u8, payload: &[u8]) -> Bytes {
         let mut f = vec![0x52, 0x54, 0, 0, 0, 9, 0x52, 0x54, 0, 0, 0, 1, 0x08, 0x00];
         let total = 20 + 20 + payload.len();
         f.extend_from_slice(&[0x45, 0]);
@@ -344,10 +346,10 @@ mod tests {
         f.extend_from_slice(&1u32.to_be_bytes());
         f.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
         f.extend_from_slice(payload);
-        f
+        f.into()
     }
 
-    fn released(out: &[GateOutput]) -> Vec<Vec<u8>> {
+    fn released(out: &[GateOutput]) -> Vec<Bytes> {
         out.iter()
             .filter_map(|o| match o {
                 GateOutput::Release { frame, .. } => Some(frame.clone()),

@@ -9,6 +9,7 @@
 //! of another version — is a [`LinkError`] that ends the connection: like QEMU's net-filter
 //! framing, this stream has no resynchronisation point.
 
+use bytes::Bytes;
 use thiserror::Error;
 
 use crate::codec::MAX_FRAME_LEN;
@@ -76,13 +77,13 @@ pub enum LinkMessage {
         role: LinkRole,
     },
     /// Primary → secondary: an Ethernet frame on its way into the PVM, to inject into the SVM.
-    Inbound(Vec<u8>),
+    Inbound(Bytes),
     /// Secondary → primary: an Ethernet frame the SVM sent during SVM epoch `epoch`.
     SvmOutput {
         /// The relay's epoch number the SVM was running when it sent the frame.
         epoch: u64,
         /// The Ethernet frame (sequence numbers already rewritten to the PVM's).
-        frame: Vec<u8>,
+        frame: Bytes,
     },
 }
 
@@ -354,14 +355,14 @@ fn decode_payload(kind: u8, payload: &[u8]) -> Result<LinkMessage, LinkError> {
             };
             Ok(LinkMessage::Hello { version, role })
         }
-        TYPE_INBOUND => Ok(LinkMessage::Inbound(payload.to_vec())),
+        TYPE_INBOUND => Ok(LinkMessage::Inbound(Bytes::copy_from_slice(payload))),
         TYPE_SVM_OUTPUT => {
             let Some((epoch, frame)) = payload.split_first_chunk::<EPOCH_LEN>() else {
                 return Err(short());
             };
             Ok(LinkMessage::SvmOutput {
                 epoch: u64::from_be_bytes(*epoch),
-                frame: frame.to_vec(),
+                frame: Bytes::copy_from_slice(frame),
             })
         }
         other => Err(LinkError::UnknownType(other)),
@@ -400,8 +401,8 @@ mod tests {
     fn the_secondary_reads_the_primarys_hello_and_frames() {
         let messages = vec![
             hello(LinkRole::Primary),
-            LinkMessage::Inbound(vec![1, 2, 3]),
-            LinkMessage::Inbound(vec![]),
+            LinkMessage::Inbound(Bytes::from(vec![1, 2, 3])),
+            LinkMessage::Inbound(Bytes::from(vec![])),
         ];
         let mut decoder = LinkDecoder::new(LinkRole::Secondary);
         decoder.feed(&wire(&messages));
@@ -413,7 +414,7 @@ mod tests {
     #[test]
     fn frames_before_the_hello_or_in_the_wrong_direction_are_errors() {
         let mut decoder = LinkDecoder::new(LinkRole::Primary);
-        decoder.feed(&wire(&[LinkMessage::Inbound(vec![1])]));
+        decoder.feed(&wire(&[LinkMessage::Inbound(Bytes::from(vec![1]))]));
         assert!(matches!(
             decoder.next_message(),
             Err(LinkError::OutOfOrder { .. })
@@ -421,7 +422,7 @@ mod tests {
         let mut decoder = LinkDecoder::new(LinkRole::Primary);
         decoder.feed(&wire(&[
             hello(LinkRole::Secondary),
-            LinkMessage::Inbound(vec![1]),
+            LinkMessage::Inbound(Bytes::from(vec![1])),
         ]));
         assert!(matches!(
             decoder.next_message(),
@@ -492,7 +493,10 @@ mod tests {
     #[test]
     fn a_stream_ending_inside_a_message_is_truncated() {
         let mut decoder = LinkDecoder::new(LinkRole::Secondary);
-        let bytes = wire(&[hello(LinkRole::Primary), LinkMessage::Inbound(vec![1; 10])]);
+        let bytes = wire(&[
+            hello(LinkRole::Primary),
+            LinkMessage::Inbound(Bytes::from(vec![1; 10])),
+        ]);
         decoder.feed(&bytes[..bytes.len() - 1]);
         decode_all(&mut decoder).unwrap();
         assert!(matches!(decoder.finish(), Err(LinkError::Truncated { .. })));
@@ -508,7 +512,7 @@ mod tests {
             chunk in 1usize..50,
         ) {
             let mut messages = vec![hello(LinkRole::Secondary)];
-            messages.extend(frames.into_iter().map(|(epoch, frame)| LinkMessage::SvmOutput { epoch, frame }));
+            messages.extend(frames.into_iter().map(|(epoch, frame)| LinkMessage::SvmOutput { epoch, frame: frame.into() }));
             let bytes = wire(&messages);
             let mut decoder = LinkDecoder::new(LinkRole::Primary);
             let mut got = Vec::new();

@@ -17,6 +17,8 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use colo_control::protocol::{EventKind, RelayState, Survivor};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -240,7 +242,7 @@ impl PrimaryRole {
         }
     }
 
-    fn pvm_frame(&mut self, frame: Vec<u8>) {
+    fn pvm_frame(&mut self, frame: Bytes) {
         match self.gate.protection() {
             Protection::Protected | Protection::Exited => self.metrics.add_compared(frame.len()),
             Protection::Fenced => self.metrics.dropped_frame(),
@@ -250,7 +252,7 @@ impl PrimaryRole {
         self.gate.pvm_frame(frame, now, &mut self.out);
     }
 
-    fn svm_frame(&mut self, epoch: u64, frame: Vec<u8>) {
+    fn svm_frame(&mut self, epoch: u64, frame: Bytes) {
         self.metrics.svm_frame();
         let now = self.now();
         if self.gate.svm_frame(epoch, frame, now, &mut self.out) == SvmFrameFate::Stale {

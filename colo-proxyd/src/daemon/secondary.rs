@@ -202,19 +202,20 @@ impl SecondaryRole {
                 m = from_svm.recv() => match m {
                     Some(Inbound::Frame(frame)) => {
                         self.metrics.svm_frame();
-                        self.path.svm_output(frame, &mut self.out);
+                        // The SVM path rewrites frames in place: its own copy.
+                        self.path.svm_output(Vec::from(frame), &mut self.out);
                     }
                     Some(Inbound::Drained) => {}
                     None => return,
                 },
                 m = recv_optional(&mut from_network) => match m {
-                    Some(Inbound::Frame(frame)) => self.path.network_input(frame, &mut self.out),
+                    Some(Inbound::Frame(frame)) => self.path.network_input(Vec::from(frame), &mut self.out),
                     Some(Inbound::Drained) => {}
                     None => return,
                 },
                 _ = tokio::time::sleep(BACKLOG_POLL), if self.backlog_waiting() => {}
                 m = from_link.recv() => match m {
-                    Some(LinkMessage::Inbound(frame)) => self.path.inbound(frame, &mut self.out),
+                    Some(LinkMessage::Inbound(frame)) => self.path.inbound(Vec::from(frame), &mut self.out),
                     Some(_) => {}
                     None => return,
                 },
@@ -342,7 +343,7 @@ impl SecondaryRole {
             match from_svm.recv().await {
                 Some(Inbound::Frame(frame)) => {
                     self.metrics.svm_frame();
-                    self.path.svm_output(frame, &mut self.out);
+                    self.path.svm_output(Vec::from(frame), &mut self.out);
                     self.flush().await;
                 }
                 Some(Inbound::Drained) | None => return,
@@ -365,10 +366,11 @@ impl SecondaryRole {
         }
         for output in std::mem::take(&mut self.out) {
             match output {
-                SvmOutput::ToSvm(frame) => self.to_svm.send(frame).await,
-                SvmOutput::ToPrimary { epoch, frame } => {
-                    self.link.send(LinkMessage::SvmOutput { epoch, frame })
-                }
+                SvmOutput::ToSvm(frame) => self.to_svm.send(frame.into()).await,
+                SvmOutput::ToPrimary { epoch, frame } => self.link.send(LinkMessage::SvmOutput {
+                    epoch,
+                    frame: frame.into(),
+                }),
                 SvmOutput::ToNetwork(frame) => match &mut self.bridge {
                     Some(bridge) => bridge.send(frame).await,
                     None => {

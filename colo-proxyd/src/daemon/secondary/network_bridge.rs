@@ -126,7 +126,8 @@ impl NetworkBridge {
     /// connected.
     pub async fn send(&mut self, frame: Vec<u8>) {
         if self.flush().await {
-            self.to_network.send(frame).await;
+            // A Vec becomes Bytes without a copy.
+            self.to_network.send(frame.into()).await;
         } else {
             let before = self.backlog.dropped();
             if self.backlog.hold(frame) > before {
@@ -164,7 +165,7 @@ impl NetworkBridge {
                 "QEMU's chardev to the network connected: sending the frames that waited"
             );
             for frame in frames {
-                self.to_network.send(frame).await;
+                self.to_network.send(frame.into()).await;
             }
         }
         true
