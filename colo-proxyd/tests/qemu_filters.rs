@@ -280,17 +280,32 @@ async fn a_primary_started_during_colo_without_compare0_cuts_the_link() {
         .unwrap();
 }
 
-/// The secondary daemon; returns its `red0` address and task.
+/// The secondary daemon; returns its `red0` address, its metrics address and task.
 async fn start_secondary(
     dir: &Path,
     qmp: Option<String>,
     shutdown: &CancellationToken,
 ) -> (String, String, JoinHandle<()>) {
+    let (red0, _, metrics, task) = start_secondary_with(dir, qmp, false, shutdown).await;
+    (red0, metrics, task)
+}
+
+/// The secondary daemon, with the network bridge of a failover when `bridge`; returns its
+/// `red0` and `red2` (with the bridge) addresses, its metrics address and task.
+async fn start_secondary_with(
+    dir: &Path,
+    qmp: Option<String>,
+    bridge: bool,
+    shutdown: &CancellationToken,
+) -> (String, Option<String>, String, JoinHandle<()>) {
     let control = dir.join("control.sock");
     let _hub = ControlHub::new(UnixListener::bind(&control).unwrap());
+    let bridge_port = bridge.then(|| "127.0.0.1:0".to_string());
     let config = SecondaryConfig::try_from(SecondaryArgs {
         svm_input_listen: Some("127.0.0.1:0".into()),
         svm_output_listen: Some("127.0.0.1:0".into()),
+        net_output_listen: bridge_port.clone(),
+        net_input_listen: bridge_port,
         // Nobody listens there: the link stays down, which does not matter here.
         primary_link: Some("127.0.0.1:9".into()),
         control: Some(control.into()),
@@ -301,6 +316,10 @@ async fn start_secondary(
     .unwrap();
     let listeners = secondary::SecondaryListeners::bind(&config).await.unwrap();
     let red0 = listeners.svm_input.local_addr().unwrap().to_string();
+    let red2 = listeners
+        .bridge
+        .as_ref()
+        .map(|b| b.net_output.local_addr().unwrap().to_string());
     let metrics = listeners
         .metrics
         .as_ref()
@@ -312,7 +331,41 @@ async fn start_secondary(
         let shutdown = shutdown.clone();
         async move { secondary::run(config, listeners, shutdown).await.unwrap() }
     });
-    (red0, metrics, task)
+    (red0, red2, metrics, task)
+}
+
+/// QEMU's `chardev` (a client with reconnect-ms) connects to `port`, closes and connects
+/// again: before each connection is written to, the daemon re-creates the filter that reads
+/// it, `filter` (object-add arguments), over `qmp`, and counts it.
+async fn recreated_at_each_connection(
+    qmp: &mut UnboundedReceiver<QmpSeen>,
+    port: &str,
+    metrics: &str,
+    chardev: &str,
+    filter: Value,
+) {
+    let id = filter["id"].as_str().unwrap().to_owned();
+    let recreated =
+        |n: u32| format!("colo_proxyd_qemu_filters_recreated_total{{filter=\"{id}\"}} {n}");
+    let first = Chardev::connect(port).await;
+    expect(qmp, "object-del", json!({ "id": id })).await;
+    expect(qmp, "object-add", filter.clone()).await;
+    wait_metric(metrics, &recreated(1)).await;
+    drop(first);
+    wait_metric(
+        metrics,
+        &format!("colo_proxyd_connection_up{{port=\"{chardev}\"}} 0"),
+    )
+    .await;
+    let _again = Chardev::connect(port).await;
+    expect(qmp, "object-del", json!({ "id": id })).await;
+    expect(qmp, "object-add", filter).await;
+    wait_log(&[
+        "WARN",
+        &format!("re-created QEMU filter {id} after {chardev} reconnected"),
+    ])
+    .await;
+    wait_metric(metrics, &recreated(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,26 +383,32 @@ async fn the_secondary_recreates_f1_when_red0_reconnects() {
     .await;
     let f1 = json!({"qom-type": "filter-redirector", "id": "f1", "netdev": "hn0", "queue": "tx",
                     "indev": "red0", "position": "id=f2", "insert": "before"});
-    let first = Chardev::connect(&red0).await;
-    expect(&mut qmp, "object-del", json!({"id": "f1"})).await;
-    expect(&mut qmp, "object-add", f1.clone()).await;
-    wait_metric(
-        &metrics,
-        "colo_proxyd_qemu_filters_recreated_total{filter=\"f1\"} 1",
+    recreated_at_each_connection(&mut qmp, &red0, &metrics, "red0", f1).await;
+    shutdown.cancel();
+    tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
+}
+
+/// After a failover the secondary bridges the SVM's traffic through QEMU's `red2`, whose
+/// filter `f3` (added by qmp-driver) stops reading when a connection closes, like `f1`: a
+/// colo-proxyd restarted after the failover, or a dropped connection, must re-create it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_secondary_recreates_f3_when_red2_reconnects_after_a_failover() {
+    logs();
+    let dir = tempfile::tempdir().unwrap();
+    let qmp_path = dir.path().join("secondary-qmp.sock");
+    let mut qmp = fake_qmp(&qmp_path, &[]);
+    let shutdown = CancellationToken::new();
+    let (_red0, red2, metrics, task) = start_secondary_with(
+        dir.path(),
+        Some(format!("unix:{}", qmp_path.display())),
+        true,
+        &shutdown,
     )
     .await;
-    // QEMU's red0 (a client with reconnect-ms) closes and connects again.
-    drop(first);
-    wait_metric(&metrics, "colo_proxyd_connection_up{port=\"red0\"} 0").await;
-    let _again = Chardev::connect(&red0).await;
-    expect(&mut qmp, "object-del", json!({"id": "f1"})).await;
-    expect(&mut qmp, "object-add", f1).await;
-    wait_log(&["WARN", "re-created QEMU filter f1 after red0 reconnected"]).await;
-    wait_metric(
-        &metrics,
-        "colo_proxyd_qemu_filters_recreated_total{filter=\"f1\"} 2",
-    )
-    .await;
+    let red2 = red2.expect("the bridge listens for red2");
+    let f3 = json!({"qom-type": "filter-redirector", "id": "f3", "netdev": "hn0", "queue": "rx",
+                    "indev": "red2", "position": "id=f2", "insert": "before"});
+    recreated_at_each_connection(&mut qmp, &red2, &metrics, "red2", f3).await;
     shutdown.cancel();
     tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
 }

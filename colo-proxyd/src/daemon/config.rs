@@ -436,6 +436,11 @@ pub struct SecondaryArgs {
     /// just before it, its place on the command line [default: f2].
     #[arg(long, env = "COLO_PROXYD_SVM_OUTPUT_REDIRECTOR", value_name = "ID")]
     pub svm_output_redirector: Option<String>,
+    /// After a failover, the filter-redirector that reads red2 (queue=rx, the SVM's output to
+    /// the network), which qmp-driver adds just before the output redirector; re-created
+    /// with --qmp at each connection of red2, as the input redirector is [default: f3].
+    #[arg(long, env = "COLO_PROXYD_NET_OUTPUT_REDIRECTOR", value_name = "ID")]
+    pub net_output_redirector: Option<String>,
 }
 
 /// The secondary daemon's validated settings.
@@ -469,6 +474,8 @@ pub struct SecondaryConfig {
     pub svm_input_chardev: String,
     /// `f2`: `f1` comes just before it.
     pub svm_output_redirector: String,
+    /// `f3`: reads `red2` after a failover, just before `f2`.
+    pub net_output_redirector: String,
 }
 
 /// Where the secondary's network bridge listens (both or neither are given).
@@ -531,6 +538,10 @@ impl TryFrom<SecondaryArgs> for SecondaryConfig {
                 .svm_output_redirector
                 .or(file.svm_output_redirector)
                 .unwrap_or_else(|| "f2".into()),
+            net_output_redirector: args
+                .net_output_redirector
+                .or(file.net_output_redirector)
+                .unwrap_or_else(|| "f3".into()),
         })
     }
 }
@@ -579,9 +590,10 @@ mod tests {
                 c.netdev.as_str(),
                 c.svm_input_redirector.as_str(),
                 c.svm_input_chardev.as_str(),
-                c.svm_output_redirector.as_str()
+                c.svm_output_redirector.as_str(),
+                c.net_output_redirector.as_str()
             ),
-            ("hn0", "f1", "red0", "f2")
+            ("hn0", "f1", "red0", "f2", "f3")
         );
         let mut a = secondary_args();
         a.qmp = Some("tcp:127.0.0.1:4445".into());

@@ -46,17 +46,18 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// A `filter-redirector` that reads a chardev (`indev`) and hands its frames to a netdev.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndevRedirector {
-    /// The filter's id (`redire0` on the primary, `f1` on the secondary).
+    /// The filter's id (`redire0` on the primary, `f1` and after a failover `f3` on the
+    /// secondary).
     pub id: String,
     /// The netdev it is attached to (`hn0`).
     pub netdev: String,
-    /// `rx` (the primary's released packets, to the network) or `tx` (the secondary's, into
-    /// the SVM).
+    /// `rx` (the primary's released packets, or the SVM's after a failover, to the network)
+    /// or `tx` (the secondary's, into the SVM).
     pub queue: String,
-    /// The chardev it reads (`compare_out`, `red0`).
+    /// The chardev it reads (`compare_out`, `red0`, `red2`).
     pub indev: String,
     /// The filter it is inserted before (`redire1`, `f2`): its place in the generated
-    /// command line.
+    /// command line (for `f3`, where qmp-driver adds it at the failover).
     pub before: String,
 }
 
@@ -69,6 +70,12 @@ impl IndevRedirector {
     /// The secondary's `f1`: packets from `red0` into the SVM.
     pub fn svm_input(netdev: &str, id: &str, indev: &str, before: &str) -> Self {
         Self::new(id, netdev, "tx", indev, before)
+    }
+
+    /// The secondary's `f3` after a failover: the SVM's rewritten output from `red2` to the
+    /// network.
+    pub fn network_output(netdev: &str, id: &str, indev: &str, before: &str) -> Self {
+        Self::new(id, netdev, "rx", indev, before)
     }
 
     fn new(id: &str, netdev: &str, queue: &str, indev: &str, before: &str) -> Self {
@@ -108,22 +115,33 @@ impl IndevRedirector {
     }
 }
 
+/// What [`recreate`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recreated {
+    /// The filter was there: deleted and added again.
+    Replaced,
+    /// QEMU had no such filter: only added.
+    Added,
+}
+
 /// Replaces `filter` by a new one with the same properties: `object-del`, then `object-add`.
 /// A filter that is already gone is only added.
-pub async fn recreate(qmp: &QmpSession, filter: &IndevRedirector) -> Result<(), String> {
+pub async fn recreate(qmp: &QmpSession, filter: &IndevRedirector) -> Result<Recreated, String> {
     let id = filter.id.clone();
     let props = filter.object_add_arguments();
     qmp.with_client(|c| async move {
-        match c.object_del(&id).await {
-            Ok(()) => {}
-            Err(err) if err.to_string().contains("not found") => {
-                tracing::warn!(filter = %id, %err, "QEMU has no such filter; adding it");
-            }
+        let found = match c.object_del(&id).await {
+            Ok(()) => Recreated::Replaced,
+            Err(err) if err.to_string().contains("not found") => Recreated::Added,
             Err(err) => return Err(format!("object-del {id}: {err}")),
+        };
+        match c.object_add(props).await {
+            Ok(()) => Ok(found),
+            // Added by someone else since the object-del: qmp-driver adds f3 at a failover
+            // while red2 connects, with the same properties. A fresh filter is there either way.
+            Err(err) if err.to_string().contains("duplicate") => Ok(found),
+            Err(err) => Err(format!("object-add {id}: {err}")),
         }
-        c.object_add(props)
-            .await
-            .map_err(|err| format!("object-add {id}: {err}"))
     })
     .await
 }
@@ -166,9 +184,31 @@ pub fn recreate_on_connect(
             let mut retry = RETRY_MIN;
             loop {
                 match recreate(&qmp, &filter).await {
-                    Ok(()) => {
+                    // At a failover qmp-driver adds f3 while red2 connects: whoever comes
+                    // first adds it, the other finds it there.
+                    Ok(Recreated::Added) if connection == 0 => {
                         metrics.filter_recreated(&filter.id);
-                        if connection == 0 {
+                        tracing::info!(
+                            filter = %filter.id,
+                            chardev = %filter.indev,
+                            "added QEMU filter {} for colo-proxyd's first connection to {} \
+                             (QEMU had none yet)",
+                            filter.id,
+                            filter.indev,
+                        );
+                        return;
+                    }
+                    Ok(found) => {
+                        metrics.filter_recreated(&filter.id);
+                        if found == Recreated::Added {
+                            tracing::warn!(
+                                filter = %filter.id,
+                                chardev = %filter.indev,
+                                "QEMU had no filter {} reading {}; added it",
+                                filter.id,
+                                filter.indev,
+                            );
+                        } else if connection == 0 {
                             tracing::info!(
                                 filter = %filter.id,
                                 chardev = %filter.indev,
@@ -412,7 +452,7 @@ mod tests {
             (name == "object-del" && args["id"] == "gone").then_some("object 'gone' not found")
         });
         let qmp = QmpSession::new(QmpAddress::Unix(path));
-        recreate(&qmp, &redire0()).await.unwrap();
+        assert_eq!(recreate(&qmp, &redire0()).await, Ok(Recreated::Replaced));
         assert_eq!(
             seen.recv().await.unwrap(),
             ("object-del".into(), json!({"id": "redire0"}))
@@ -422,9 +462,29 @@ mod tests {
             ("object-add".into(), redire0().object_add_arguments())
         );
         let gone = IndevRedirector::release("hn0", "gone", "compare_out", "redire1");
-        recreate(&qmp, &gone).await.unwrap();
+        assert_eq!(recreate(&qmp, &gone).await, Ok(Recreated::Added));
         assert_eq!(seen.recv().await.unwrap().0, "object-del");
         assert_eq!(seen.recv().await.unwrap().0, "object-add");
+    }
+
+    /// At a failover qmp-driver adds f3 between colo-proxyd's object-del and object-add.
+    #[tokio::test]
+    async fn a_filter_added_meanwhile_by_someone_else_is_there_all_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let mut seen = fake_qmp(&path, |name, _| match name {
+            "object-del" => Some("object 'f3' not found"),
+            "object-add" => Some("attempt to add duplicate property 'f3' to object"),
+            _ => None,
+        });
+        let qmp = QmpSession::new(QmpAddress::Unix(path));
+        let f3 = IndevRedirector::network_output("hn0", "f3", "red2", "f2");
+        assert_eq!(recreate(&qmp, &f3).await, Ok(Recreated::Added));
+        assert_eq!(seen.recv().await.unwrap().0, "object-del");
+        assert_eq!(
+            seen.recv().await.unwrap(),
+            ("object-add".into(), f3.object_add_arguments())
+        );
     }
 
     #[tokio::test]

@@ -109,13 +109,16 @@ pub async fn run(
             svm_input_filter.id,
         );
     }
+    // One session for every filter: QEMU's monitor serves one client at a time, so a second
+    // connection would wait for the first to close.
+    let qmp = config.qmp.clone().map(QmpSession::new);
     let to_svm = spawn_sink_prepared(
         "red0",
         PortEndpoint::Listen(listeners.svm_input),
         metrics.clone(),
         tasks.clone(),
         Some(qemu_filters::recreate_on_connect(
-            config.qmp.clone().map(QmpSession::new),
+            qmp.clone(),
             svm_input_filter,
             metrics.clone(),
             tasks.clone(),
@@ -140,8 +143,23 @@ pub async fn run(
     );
     let (bridge, from_network) = match listeners.bridge {
         Some(listeners) => {
+            // The same holds for red2 after a failover: its filter f3 is re-created before
+            // each connection is written to (a colo-proxyd restarted after the failover is a
+            // reconnection for QEMU).
+            let net_output_filter = IndevRedirector::network_output(
+                &config.netdev,
+                &config.net_output_redirector,
+                NET_OUTPUT_PORT,
+                &config.svm_output_redirector,
+            );
+            let recreate = qemu_filters::recreate_on_connect(
+                qmp.clone(),
+                net_output_filter,
+                metrics.clone(),
+                tasks.clone(),
+            );
             let (bridge, from_network) =
-                NetworkBridge::spawn(listeners, metrics.clone(), tasks.clone());
+                NetworkBridge::spawn(listeners, metrics.clone(), tasks.clone(), Some(recreate));
             (Some(bridge), Some(from_network))
         }
         None => (None, None),

@@ -19,7 +19,9 @@ use std::collections::VecDeque;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::attachment::{FrameSink, FrameSource, PortEndpoint, spawn_sink, spawn_source};
+use crate::daemon::attachment::{
+    FrameSink, FrameSource, OnConnect, PortEndpoint, spawn_sink_prepared, spawn_source,
+};
 use crate::daemon::metrics::Metrics;
 use crate::daemon::svm_path::push_bounded_to;
 
@@ -96,17 +98,21 @@ pub struct NetworkBridge {
 }
 
 impl NetworkBridge {
-    /// Starts both ports; returns the bridge and the source of `red3`.
+    /// Starts both ports; returns the bridge and the source of `red3`. `red2` is written to
+    /// only after `on_red2_connect` ran for its connection (it re-creates `f3`, which QEMU no
+    /// longer reads once an earlier connection closed).
     pub fn spawn(
         listeners: BridgeListeners,
         metrics: Metrics,
         shutdown: CancellationToken,
+        on_red2_connect: Option<OnConnect>,
     ) -> (NetworkBridge, FrameSource) {
-        let to_network = spawn_sink(
+        let to_network = spawn_sink_prepared(
             NET_OUTPUT_PORT,
             PortEndpoint::Listen(listeners.net_output),
             metrics.clone(),
             shutdown.clone(),
+            on_red2_connect,
         );
         let from_network = spawn_source(
             NET_INPUT_PORT,
