@@ -6,7 +6,7 @@
 //! comparator's bookkeeping, and asking for the PVM's bytes the SVM's next segment will meet
 //! lets them arrive while this one is handled. `colo-proxyd bench` (MTU-sized segments, SVM
 //! behind) measured the comparator at 2.9–3.0 GB/s without hints, 3.1–3.3 GB/s with hints for
-//! the segment at hand, and 4.3–4.6 GB/s with the look-ahead as well.
+//! the segment at hand, and 4.2–4.6 GB/s with the look-ahead as well.
 
 /// Size of a cache line on the CPUs the daemon runs on.
 const CACHE_LINE: usize = 64;
