@@ -2,7 +2,8 @@
 //! net-filter frame decoder, the Ethernet/IP/TCP parser and the stream comparator. Checks,
 //! besides "never panics":
 //! * chunked decoding gives exactly the frames and the error of decoding the whole stream at
-//!   once, and every frame re-encodes to the bytes it came from;
+//!   once, through `feed` as through the daemon's zero-copy reads (`read_with`,
+//!   `next_frame_bytes`), and every frame re-encodes to the bytes it came from;
 //! * every frame respects the limits (69,632 bytes, vnet header inside the frame);
 //! * the comparison engine (even frames fed as the PVM's output, odd ones as the SVM's; TCP,
 //!   UDP, ICMP and uncompared traffic alike) never loses a PVM packet: released plus handed
@@ -11,7 +12,7 @@
 //!   secondary's sequence rewriting: a rewritten frame still parses, any other is untouched.
 #![no_main]
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use colo_proxyd::codec::{CodecError, Frame, FrameDecoder, MAX_FRAME_LEN, encode};
 use colo_proxyd::compare::{Action, ComparatorLimits, PacketId};
 use colo_proxyd::engine::{ComparisonEngine, EngineConfig};
@@ -30,6 +31,18 @@ fn decode_all(decoder: &mut FrameDecoder, frames: &mut Vec<Frame>) -> Option<Cod
     }
 }
 
+/// The sorted cut points of `raw` (little-endian u16s) in a stream of `len` bytes, ending
+/// with `len` itself.
+fn cuts_of(raw: &[u8], len: usize) -> Vec<usize> {
+    let mut cuts: Vec<usize> = raw
+        .chunks_exact(2)
+        .map(|c| usize::from(u16::from_le_bytes([c[0], c[1]])) % (len + 1))
+        .collect();
+    cuts.sort_unstable();
+    cuts.push(len);
+    cuts
+}
+
 fuzz_target!(|input: &[u8]| {
     // Layout: [flags: bit 0 = vnet_hdr_support][k][k little-endian u16 cut points][stream].
     let [flags, k, rest @ ..] = input else {
@@ -41,11 +54,7 @@ fuzz_target!(|input: &[u8]| {
         return;
     }
     let (cuts_raw, stream) = rest.split_at(2 * k);
-    let mut cuts: Vec<usize> = cuts_raw
-        .chunks_exact(2)
-        .map(|c| usize::from(u16::from_le_bytes([c[0], c[1]])) % (stream.len() + 1))
-        .collect();
-    cuts.sort_unstable();
+    let cuts = cuts_of(cuts_raw, stream.len());
 
     let mut whole = FrameDecoder::new(vnet);
     whole.feed(stream);
@@ -56,7 +65,7 @@ fuzz_target!(|input: &[u8]| {
     let mut frames = Vec::new();
     let mut error = None;
     let mut previous = 0;
-    for end in cuts.into_iter().chain(std::iter::once(stream.len())) {
+    for end in cuts.iter().copied() {
         chunked.feed(&stream[previous..end]);
         previous = end;
         error = decode_all(&mut chunked, &mut frames);
@@ -66,6 +75,42 @@ fuzz_target!(|input: &[u8]| {
     }
     assert_eq!(frames, expected);
     assert_eq!(error, expected_error);
+
+    // The daemon's path: the socket read straight into the decoder's buffer at the same cuts,
+    // frames split off it as shared Ethernet bytes. Same frames, same error.
+    let mut zero_copy = FrameDecoder::new(vnet);
+    let mut shared: Vec<Bytes> = Vec::new();
+    let mut shared_error = None;
+    let mut previous = 0;
+    'reads: for end in cuts_of(cuts_raw, stream.len()) {
+        let mut chunk = &stream[previous..end];
+        previous = end;
+        while !chunk.is_empty() {
+            let taken = zero_copy.read_with(|space| {
+                let n = chunk.len().min(space.remaining_mut());
+                space.put_slice(&chunk[..n]);
+                n
+            });
+            chunk = &chunk[taken..];
+            loop {
+                match zero_copy.next_frame_bytes() {
+                    Ok(Some(frame)) => shared.push(frame),
+                    Ok(None) => break,
+                    Err(e) => {
+                        shared_error = Some(e);
+                        break 'reads;
+                    }
+                }
+            }
+            if taken == 0 {
+                break;
+            }
+        }
+    }
+    let expected_ethernet: Vec<&[u8]> = expected.iter().map(Frame::ethernet_bytes).collect();
+    let shared_ethernet: Vec<&[u8]> = shared.iter().map(|b| &b[..]).collect();
+    assert_eq!(shared_ethernet, expected_ethernet);
+    assert_eq!(shared_error, expected_error);
 
     let mut wire = Vec::new();
     for frame in &frames {
