@@ -307,6 +307,16 @@ impl StreamComparator {
         frame: &Bytes,
         actions: &mut Vec<Action>,
     ) {
+        if let Some(map) = self.pvm_map
+            && self.bytes.ends_after(map.offset(segment.seq))
+        {
+            // The SVM ran ahead: these bytes are compared with its copy at once (the mirror
+            // image of the prefetch in `push_svm`). A PVM that leads has nothing to compare.
+            let at = map.offset(segment.seq) + i64::from(segment.syn);
+            prefetch::prefetch(segment.payload);
+            self.bytes
+                .prefetch(at, at + PREFETCH_SEGMENTS * segment.payload.len() as i64);
+        }
         self.decide_origin(segment);
         let map = match self.pvm_map {
             Some(map) => map,

@@ -129,6 +129,11 @@ impl StreamBytes {
         }
     }
 
+    /// Whether some side produced bytes beyond `offset`.
+    pub(super) fn ends_after(&self, offset: i64) -> bool {
+        self.end > offset
+    }
+
     /// Starts loading the kept bytes at `[start, end)` into the CPU's caches, so that the
     /// comparison of a segment about to be stored overlaps their cache misses with its
     /// bookkeeping rather than waiting for them in the memcmp.
