@@ -276,8 +276,8 @@ impl Relay {
         let magic = magic.map_or_else(|| "none".to_string(), |m| format!("{m:#010x}"));
         tracing::info!(chan, %peer, %magic, session = session.id, "pass-through channel connected");
         self.hub.update_status(|s| s.passthrough_channels += 1);
-        let up = pump_raw(pr, sw, &session.cancel, UP_BUF);
-        let down = pump_raw_ref(sr, pw, &session.cancel, DOWN_BUF);
+        let up = pump_raw(pr, sw, &session.cancel, UP_BUF, None);
+        let down = pump_raw_ref(sr, pw, &session.cancel, DOWN_BUF, None);
         let (up, down) = tokio::join!(up, down);
         self.hub
             .update_status(|s| s.passthrough_channels = s.passthrough_channels.saturating_sub(1));
@@ -307,8 +307,10 @@ impl Relay {
             s.parse_error = None;
         });
         let over = AtomicBool::new(false);
-        let up = pump_raw(pr, sw, &session.cancel, UP_BUF);
-        let down = self.pump_colo(sr, pw, &session, &over);
+        // Bytes forwarded to the secondary, so that each checkpoint's size can be logged.
+        let forwarded = AtomicU64::new(0);
+        let up = pump_raw(pr, sw, &session.cancel, UP_BUF, Some(&forwarded));
+        let down = self.pump_colo(sr, pw, &session, &over, &forwarded);
         tokio::pin!(up, down);
         let (first, rest) = tokio::select! {
             e = &mut up => (e.describe(Side::Primary, Side::Secondary), Rest::Down),
@@ -356,8 +358,10 @@ impl Relay {
         wr: &mut WriteHalf,
         session: &Session,
         over: &AtomicBool,
+        forwarded: &AtomicU64,
     ) -> End {
         let cancel = &session.cancel;
+        let mut forwarded_at_reply = 0;
         let mut buf = vec![0u8; DOWN_BUF];
         let mut parser = ColoParser::new();
         let mut parsing = true;
@@ -415,6 +419,7 @@ impl Relay {
                     ColoMessage::CheckpointReply | ColoMessage::VmstateReceived => {
                         let kind = if msg == ColoMessage::CheckpointReply {
                             reply_at = Some(Instant::now());
+                            forwarded_at_reply = forwarded.load(Ordering::Relaxed);
                             EventKind::SvmEpochClosed
                         } else {
                             EventKind::CheckpointAdopted
@@ -469,6 +474,10 @@ impl Relay {
                         tracing::debug!(
                             epoch,
                             pause_us = pause.map(|p| p.as_micros() as u64),
+                            // What the primary sent from checkpoint-reply to vmstate-loaded:
+                            // the checkpoint's RAM and device state.
+                            bytes_to_secondary =
+                                forwarded.load(Ordering::Relaxed) - forwarded_at_reply,
                             "checkpoint complete"
                         );
                         self.hub
@@ -552,8 +561,14 @@ async fn write_all(wr: &mut WriteHalf, data: &[u8], cancel: &CancellationToken) 
 
 /// Forwards `rd` to `wr` until EOF, an error or cancellation; on EOF
 /// half-closes `wr` so the peer sees the end too.
-async fn pump_raw(rd: ReadHalf, mut wr: WriteHalf, cancel: &CancellationToken, size: usize) -> End {
-    let end = pump_raw_ref(rd, &mut wr, cancel, size).await;
+async fn pump_raw(
+    rd: ReadHalf,
+    mut wr: WriteHalf,
+    cancel: &CancellationToken,
+    size: usize,
+    forwarded: Option<&AtomicU64>,
+) -> End {
+    let end = pump_raw_ref(rd, &mut wr, cancel, size, forwarded).await;
     if !matches!(end, End::Eof) {
         let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, wr.shutdown()).await;
     }
@@ -565,6 +580,7 @@ async fn pump_raw_ref(
     wr: &mut WriteHalf,
     cancel: &CancellationToken,
     size: usize,
+    forwarded: Option<&AtomicU64>,
 ) -> End {
     let mut buf = vec![0u8; size];
     loop {
@@ -581,6 +597,9 @@ async fn pump_raw_ref(
         };
         if let Err(end) = write_all(wr, &buf[..n], cancel).await {
             return end;
+        }
+        if let Some(forwarded) = forwarded {
+            forwarded.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 }
