@@ -30,19 +30,11 @@ use crate::packet::TcpSegment;
 pub use datagram::{DEFAULT_REORDER_WINDOW, DatagramComparator};
 use released::ReleasedRanges;
 use sequence::{SequenceMap, seq_at_or_after};
-use stream_bytes::StreamBytes;
+use stream_bytes::{Data, StreamBytes};
 
-/// How many of the SVM's segments ahead the PVM's bytes are asked into the caches (this one
-/// and the next): see [`prefetch`]. Further ahead measured no faster.
+/// How many segments' worth of the other side's kept bytes are asked into the caches (this
+/// one's and the next's): see [`prefetch`]. Further ahead measured no faster.
 const PREFETCH_SEGMENTS: i64 = 2;
-
-/// A segment's payload as [`StreamComparator::store`] takes it.
-enum Produced<'a> {
-    /// The PVM's, shared with the packet that carries it.
-    Pvm(Bytes),
-    /// The SVM's, borrowed: its packets are not kept, so what must be kept is copied.
-    Svm(&'a [u8]),
-}
 
 /// `part` of `frame` as a reference into it, or a copy when `part` does not lie in `frame`.
 fn share(frame: &Bytes, part: &[u8]) -> Bytes {
@@ -307,15 +299,13 @@ impl StreamComparator {
         frame: &Bytes,
         actions: &mut Vec<Action>,
     ) {
-        if let Some(map) = self.pvm_map
-            && self.bytes.ends_after(map.offset(segment.seq))
-        {
-            // The SVM ran ahead: these bytes are compared with its copy at once (the mirror
-            // image of the prefetch in `push_svm`). A PVM that leads has nothing to compare.
-            let at = map.offset(segment.seq) + i64::from(segment.syn);
-            prefetch::prefetch(segment.payload);
-            self.bytes
-                .prefetch(at, at + PREFETCH_SEGMENTS * segment.payload.len() as i64);
+        if let Some(map) = self.pvm_map {
+            // Only when the SVM ran ahead: its copy is compared at once. A PVM that leads
+            // has nothing to compare yet.
+            let at = map.offset(segment.seq);
+            if self.bytes.ends_after(at) {
+                self.prefetch_for(at, segment);
+            }
         }
         self.decide_origin(segment);
         let map = match self.pvm_map {
@@ -369,11 +359,24 @@ impl StreamComparator {
             return;
         }
         let payload = share(frame, segment.payload);
-        if let Err(reason) = self.store(data_start, data_end, Produced::Pvm(payload)) {
+        if let Err(reason) = self.store(data_start, data_end, Data::Shared(payload)) {
             self.stall(reason, actions);
             return;
         }
         self.settle(Change::NewestPvmSegment, actions);
+    }
+
+    /// Asks the caches for `segment` (placed at sequence-space offset `at`) and for the kept
+    /// bytes it, and the same side's next segment (the sides go on in order), will be
+    /// compared with: the loads run while the checks before the comparison, and the next
+    /// segment's, do.
+    fn prefetch_for(&self, at: i64, segment: &Segment<'_>) {
+        let data_start = at + i64::from(segment.syn);
+        prefetch::prefetch(segment.payload);
+        self.bytes.prefetch(
+            data_start,
+            data_start + PREFETCH_SEGMENTS * segment.payload.len() as i64,
+        );
     }
 
     /// Stores (and compares) the bytes of `payload`, which sits at `[data_start, data_end)`,
@@ -383,7 +386,7 @@ impl StreamComparator {
         &mut self,
         data_start: i64,
         data_end: i64,
-        payload: Produced<'_>,
+        payload: Data<'_>,
     ) -> Result<(), CheckpointReason> {
         let floor = self.released.floor();
         if data_end <= floor {
@@ -403,11 +406,11 @@ impl StreamComparator {
         let skip = (floor - data_start).max(0);
         let start = data_start + skip;
         let stored = match payload {
-            Produced::Pvm(mut bytes) => {
+            Data::Shared(mut bytes) => {
                 bytes.advance(skip as usize);
                 self.bytes.insert_pvm(start, bytes)
             }
-            Produced::Svm(data) => self.bytes.insert_svm(start, &data[skip as usize..]),
+            Data::Borrowed(data) => self.bytes.insert_svm(start, &data[skip as usize..]),
         };
         stored.map_err(|offset| CheckpointReason::PayloadDiffers { offset })
     }
@@ -418,13 +421,7 @@ impl StreamComparator {
             return;
         }
         if let Some(map) = self.svm_map {
-            // Where the bytes will most likely be compared, and where the SVM's next segment
-            // will be (a lagging SVM goes on in order): the loads run while the checks below,
-            // and the next segment's, do.
-            let at = map.offset(segment.seq) + i64::from(segment.syn);
-            prefetch::prefetch(segment.payload);
-            self.bytes
-                .prefetch(at, at + PREFETCH_SEGMENTS * segment.payload.len() as i64);
+            self.prefetch_for(map.offset(segment.seq), segment);
         }
         self.decide_origin(segment);
         let map = match self.svm_map {
@@ -448,7 +445,7 @@ impl StreamComparator {
         if let Some(map) = &mut self.svm_map {
             map.advance_to(data_end + i64::from(segment.fin));
         }
-        let stored = self.store(data_start, data_end, Produced::Svm(segment.payload));
+        let stored = self.store(data_start, data_end, Data::Borrowed(segment.payload));
         let mut change = Change::SvmSegment;
         if segment.fin {
             match self.svm.fin {

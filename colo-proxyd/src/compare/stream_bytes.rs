@@ -70,8 +70,8 @@ fn push_region(regions: &mut Vec<Region>, region: Region) {
     }
 }
 
-/// A side's bytes as [`StreamBytes::insert`] takes them.
-enum Data<'a> {
+/// A side's bytes as the comparator stores them.
+pub(super) enum Data<'a> {
     /// The PVM's, in the packet that carries them.
     Shared(Bytes),
     /// The SVM's: its packets are not kept, so what must be kept is copied.
