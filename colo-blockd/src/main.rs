@@ -5,21 +5,21 @@
 //! checkpoint-barrier relay's epoch events.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::str::FromStr;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use colo_blockd::backend::FileBackend;
-use colo_blockd::daemon::checkpoint::{
-    QmpAddress, RequestOptions, parse_qmp_address, request_checkpoints,
-};
+use colo_blockd::daemon::checkpoint::{RequestOptions, request_checkpoints};
 use colo_blockd::daemon::epochs::{DEFAULT_NAME, EpochOptions, follow_epochs};
-use colo_blockd::daemon::metrics_endpoint::serve_metrics;
 use colo_blockd::export::{Export, ExportSet};
 use colo_blockd::metrics::Metrics;
 use colo_blockd::replica::{DEFAULT_MEMORY_BUDGET, Replica, ReplicaConfig};
 use colo_blockd::server::{DEFAULT_MAX_IN_FLIGHT, NbdServer, ServerConfig};
-use colo_control::ControlAddress;
+use colo_daemon::DAEMON_EXIT_CODES;
+use colo_daemon::metrics::serve_metrics;
+use colo_types::Address;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
@@ -28,8 +28,7 @@ use tokio_util::sync::CancellationToken;
     version,
     about,
     long_about = None,
-    after_help = "Exit codes: 0 stopped by SIGINT/SIGTERM, 1 could not start (image, socket), \
-                  2 bad command line."
+    after_help = DAEMON_EXIT_CODES
 )]
 struct Args {
     #[command(subcommand)]
@@ -41,7 +40,7 @@ enum Cmd {
     /// Export raw image files over NBD until SIGINT/SIGTERM.
     Serve(ServeArgs),
     /// Run the secondary's disk replica: exports `replica` and `svm`, driven by the relay.
-    #[command(long_about = SECONDARY_ABOUT, after_help = SECONDARY_EXIT_CODES)]
+    #[command(long_about = SECONDARY_ABOUT, after_help = DAEMON_EXIT_CODES)]
     Secondary(SecondaryArgs),
 }
 
@@ -73,15 +72,12 @@ epoch, NBD connections and requests, failovers) on GET /metrics.
 
 Logs go to stderr; level: RUST_LOG (default info).";
 
-const SECONDARY_EXIT_CODES: &str = "Exit codes: 0 stopped by SIGINT/SIGTERM, 1 could not start \
-(the image cannot be opened or recovered, the socket cannot be bound), 2 bad command line.";
-
 #[derive(Debug, clap::Args)]
 struct SecondaryArgs {
     /// The base image S, a raw file (the journal and spill files go next to it).
     #[arg(long, value_name = "S.raw")]
     image: PathBuf,
-    /// Listen on this Unix socket path (removed first if it exists), e.g. for the SVM's QEMU.
+    /// Listen on this Unix socket path (a stale socket there is replaced; a live one or another file is an error), e.g. for the SVM's QEMU.
     /// May be given with --tcp: both serve the same exports.
     #[arg(long, value_name = "PATH", required_unless_present = "tcp")]
     unix: Option<PathBuf>,
@@ -96,11 +92,11 @@ struct SecondaryArgs {
     /// (`qmp-driver relay --control PATH`), or tcp:HOST:PORT from the other host (the relay's
     /// --control-tcp, on the replication link).
     #[arg(long, value_name = "ADDRESS", env = "COLO_RELAY_CONTROL")]
-    control: ControlAddress,
+    control: Address,
     /// The primary QEMU's QMP monitor, as unix:PATH or tcp:HOST:PORT. Without it a full PVM log
     /// only spills to its file and waits for the next periodic checkpoint.
-    #[arg(long, value_name = "ADDR", value_parser = parse_qmp_address)]
-    primary_qmp: Option<QmpAddress>,
+    #[arg(long, value_name = "ADDR")]
+    primary_qmp: Option<Address>,
     /// Bytes of PVM log kept in memory; past them writes spill to a file and a checkpoint is
     /// requested.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MEMORY_BUDGET)]
@@ -130,7 +126,7 @@ struct ServeArgs {
     /// Serve every export read-only.
     #[arg(long)]
     read_only: bool,
-    /// Listen on this Unix socket path (removed first if it exists). May be given with --tcp:
+    /// Listen on this Unix socket path (a stale socket there is replaced; a live one or another file is an error). May be given with --tcp:
     /// both serve the same exports.
     #[arg(long, value_name = "PATH", required_unless_present = "tcp")]
     unix: Option<PathBuf>,
@@ -164,24 +160,20 @@ impl FromStr for ExportSpec {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        // stdout stays free for output; logs go where daemons' logs go,
-        // coloured only for a person at a terminal (not in a log file).
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let runtime = tokio::runtime::Runtime::new()?;
-    match Args::parse().command {
-        Cmd::Serve(args) => runtime.block_on(serve(args)),
-        Cmd::Secondary(args) => runtime.block_on(secondary(args)),
-    }
+fn main() -> ExitCode {
+    let args = Args::parse();
+    colo_daemon::logging::init("info");
+    colo_daemon::run::until_signal("colo-blockd", async move |shutdown| {
+        // `{:#}`: the error with its causes, on one line.
+        let done = match args.command {
+            Cmd::Serve(args) => serve(args, shutdown).await,
+            Cmd::Secondary(args) => secondary(args, shutdown).await,
+        };
+        done.map_err(|e| format!("{e:#}"))
+    })
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut exports = Vec::new();
     for spec in &args.exports {
         let backend = FileBackend::open(&spec.path, args.read_only)
@@ -194,11 +186,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let server = NbdServer::new(ExportSet::new(exports)?, config);
     let listeners = NbdListeners::bind(args.unix.as_deref(), args.tcp).await?;
-    listeners.serve(server, signal_token()).await;
+    listeners.serve(server, shutdown).await;
     Ok(())
 }
 
-async fn secondary(args: SecondaryArgs) -> anyhow::Result<()> {
+async fn secondary(args: SecondaryArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = ReplicaConfig {
         pvm_memory_budget: args.log_budget,
         svm_memory_budget: args.overlay_budget,
@@ -236,7 +228,6 @@ async fn secondary(args: SecondaryArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let shutdown = signal_token();
     let mut epochs = EpochOptions::new(args.control.clone(), DEFAULT_NAME);
     epochs.name = args.name;
     let mut tasks = vec![tokio::spawn(follow_epochs(
@@ -257,7 +248,7 @@ async fn secondary(args: SecondaryArgs) -> anyhow::Result<()> {
     if let Some(listener) = metrics_listener {
         tasks.push(tokio::spawn(serve_metrics(
             listener,
-            metrics,
+            std::sync::Arc::new(metrics),
             shutdown.clone(),
         )));
     }
@@ -278,17 +269,6 @@ async fn secondary(args: SecondaryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A token cancelled by the first SIGINT or SIGTERM.
-fn signal_token() -> CancellationToken {
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        stop.cancel();
-    });
-    shutdown
-}
-
 /// The NBD sockets of one daemon: a Unix socket, a TCP socket or both,
 /// serving the same exports.
 struct NbdListeners {
@@ -303,9 +283,10 @@ impl NbdListeners {
     ) -> anyhow::Result<NbdListeners> {
         let unix = match unix {
             Some(path) => {
-                // A stale socket from a previous run would make bind fail.
-                let _ = std::fs::remove_file(path);
-                let listener = UnixListener::bind(path)
+                // A stale socket from a crashed run is replaced; a live one, or
+                // any other file, is an error (never deleted).
+                let listener = colo_daemon::socket::bind_unix(path)
+                    .await
                     .with_context(|| format!("cannot listen on {}", path.display()))?;
                 tracing::info!(socket = %path.display(), "serving NBD");
                 Some(listener)
@@ -341,19 +322,6 @@ impl NbdListeners {
             }
         };
         tokio::join!(unix, tcp);
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }
 
@@ -450,16 +418,13 @@ mod tests {
         for (given, want) in [
             (
                 "/run/colo/relay.sock",
-                ControlAddress::unix("/run/colo/relay.sock"),
+                Address::unix("/run/colo/relay.sock"),
             ),
             (
                 "unix:/run/colo/relay.sock",
-                ControlAddress::unix("/run/colo/relay.sock"),
+                Address::unix("/run/colo/relay.sock"),
             ),
-            (
-                "tcp:192.168.77.2:9990",
-                ControlAddress::tcp("192.168.77.2", 9990),
-            ),
+            ("tcp:192.168.77.2:9990", Address::tcp("192.168.77.2", 9990)),
         ] {
             assert_eq!(parse(given).unwrap(), want, "{given}");
         }

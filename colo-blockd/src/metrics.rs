@@ -1,6 +1,7 @@
 //! colo-blockd's metrics: counters, gauges and one histogram kept in
 //! atomics, and their rendering in the Prometheus text exposition format
-//! (version 0.0.4). No I/O: `daemon::metrics_endpoint` serves the text.
+//! (version 0.0.4) with colo-daemon's writer. No I/O: colo-daemon's
+//! `/metrics` responder serves the text.
 //!
 //! [`Metrics`] is a cheap handle (an `Arc`): the replica, the epoch
 //! follower, the checkpoint requester and the NBD server each hold a clone
@@ -29,10 +30,9 @@
 //! | `colo_blockd_nbd_request_errors_total{export,command}` | counter | of those, answered with an error |
 //! | `colo_blockd_nbd_bytes_total{export,direction}` | counter | data bytes read and written |
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+
+use colo_daemon::metrics::{Counter, Exposition, Gauge, Histogram, Text};
 
 /// The reason label of checkpoint requests made because the PVM log
 /// passed its memory budget (the same word the relay's status shows).
@@ -45,89 +45,6 @@ pub const REASON_LOG_FULL: &str = "block-log-full";
 pub const COMMIT_BUCKETS: [f64; 13] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
-
-/// A monotonically increasing count.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    /// Adds one.
-    pub fn inc(&self) {
-        self.add(1);
-    }
-
-    /// Adds `n`.
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// The count now.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A value that goes up and down.
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicU64);
-
-impl Gauge {
-    /// Sets the value.
-    pub fn set(&self, value: u64) {
-        self.0.store(value, Ordering::Relaxed);
-    }
-
-    /// Adds one.
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Subtracts one (never below zero).
-    pub fn dec(&self) {
-        let _ = self
-            .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
-    }
-
-    /// The value now.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A histogram of durations over [`COMMIT_BUCKETS`].
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Observations per bucket, not cumulative; the last one is `+Inf`.
-    buckets: [AtomicU64; COMMIT_BUCKETS.len() + 1],
-    sum_nanos: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one duration.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = COMMIT_BUCKETS
-            .iter()
-            .position(|&le| secs <= le)
-            .unwrap_or(COMMIT_BUCKETS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    /// The sum of the observations.
-    pub fn sum(&self) -> Duration {
-        Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed))
-    }
-}
 
 /// How an NBD client reached the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,7 +146,7 @@ impl ExportMetrics {
 }
 
 /// Every metric of one colo-blockd process; reach it through [`Metrics`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     /// PVM log data held in memory.
     pub pvm_log_memory_bytes: Gauge,
@@ -259,6 +176,28 @@ pub struct Registry {
     connections: [Gauge; Transport::ALL.len()],
     connections_total: [Counter; Transport::ALL.len()],
     exports: Mutex<Vec<Arc<ExportMetrics>>>,
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry {
+            pvm_log_memory_bytes: Gauge::default(),
+            pvm_log_spilled_bytes: Gauge::default(),
+            svm_overlay_memory_bytes: Gauge::default(),
+            svm_overlay_spilled_bytes: Gauge::default(),
+            commit_duration: Histogram::new(&COMMIT_BUCKETS),
+            checkpoints_committed: Counter::default(),
+            committed_bytes: Counter::default(),
+            checkpoints_requested_log_full: Counter::default(),
+            checkpoint_request_failures: Counter::default(),
+            epoch: Gauge::default(),
+            relay_connected: Gauge::default(),
+            failovers: Counter::default(),
+            connections: Default::default(),
+            connections_total: Default::default(),
+            exports: Mutex::default(),
+        }
+    }
 }
 
 impl Registry {
@@ -295,7 +234,7 @@ impl Registry {
 
     /// The registry in the text exposition format.
     pub fn render(&self) -> String {
-        let mut out = Text(String::with_capacity(4096));
+        let mut out = Text::default();
         let gauges = [
             (
                 "colo_blockd_pvm_log_memory_bytes",
@@ -323,28 +262,11 @@ impl Registry {
             out.sample(name, &[], gauge.get());
         }
 
-        let name = "colo_blockd_commit_duration_seconds";
-        out.header(
-            name,
+        self.commit_duration.render(
+            &mut out,
+            "colo_blockd_commit_duration_seconds",
             "Duration of the checkpoint-adopted step (commit of the PVM log up to the ack).",
-            "histogram",
         );
-        let h = &self.commit_duration;
-        let mut cumulative = 0;
-        for (i, le) in COMMIT_BUCKETS.iter().enumerate() {
-            cumulative += h.buckets[i].load(Ordering::Relaxed);
-            let le = format_float(*le);
-            out.sample(&format!("{name}_bucket"), &[("le", &le)], cumulative);
-        }
-        cumulative += h.buckets[COMMIT_BUCKETS.len()].load(Ordering::Relaxed);
-        out.sample(&format!("{name}_bucket"), &[("le", "+Inf")], cumulative);
-        out.line(
-            &format!("{name}_sum"),
-            &[],
-            &format_float(h.sum().as_secs_f64()),
-        );
-        // The count is the +Inf bucket, so the two always agree.
-        out.sample(&format!("{name}_count"), &[], cumulative);
 
         let counters = [
             (
@@ -447,7 +369,7 @@ impl Registry {
             let write = [("export", e.name.as_str()), ("direction", "write")];
             out.sample(name, &write, e.written_bytes.get());
         }
-        out.0
+        out.finish()
     }
 }
 
@@ -498,63 +420,16 @@ impl std::ops::Deref for Metrics {
     }
 }
 
-/// Builds exposition text.
-struct Text(String);
-
-impl Text {
-    fn header(&mut self, name: &str, help: &str, kind: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {}", escape_help(help));
-        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+impl Exposition for Metrics {
+    fn render(&self) -> String {
+        self.registry.render()
     }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
-        self.line(name, labels, &value.to_string());
-    }
-
-    fn line(&mut self, name: &str, labels: &[(&str, &str)], value: &str) {
-        self.0.push_str(name);
-        if !labels.is_empty() {
-            self.0.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.0.push(',');
-                }
-                let _ = write!(self.0, "{k}=\"{}\"", escape_label(v));
-            }
-            self.0.push('}');
-        }
-        let _ = writeln!(self.0, " {value}");
-    }
-}
-
-/// Floats as Prometheus writes them: shortest round-trip form, with `.0`
-/// kept off integers ("1", "0.005").
-fn format_float(v: f64) -> String {
-    format!("{v}")
-}
-
-/// Label values escape backslash, double quote and newline.
-fn escape_label(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for c in v.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// HELP text escapes backslash and newline.
-fn escape_help(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// The value of the sample line `series` (name with labels, exactly as
     /// rendered).
@@ -675,15 +550,5 @@ mod tests {
         }
         assert_eq!(typed["colo_blockd_commit_duration_seconds"], "histogram");
         assert_eq!(typed["colo_blockd_checkpoints_committed_total"], "counter");
-    }
-
-    #[test]
-    fn gauges_do_not_go_below_zero() {
-        let g = Gauge::default();
-        g.dec();
-        assert_eq!(g.get(), 0);
-        g.inc();
-        g.dec();
-        assert_eq!(g.get(), 0);
     }
 }

@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use colo_control::hub::ControlHub;
-use colo_control::protocol::{EventBody, EventKind, Survivor};
+use colo_control::protocol::{EventBody, EventKind};
+use colo_types::Role;
 use common::exposition::{parse, scrape};
 use common::{file_bytes, free_tcp_addr, require_tool, run_ok};
 use tokio::net::UnixListener;
@@ -320,7 +321,7 @@ async fn secondary_serves_unix_and_tcp_and_counts_everything_in_metrics() {
         "no commit log line with epoch, bytes and duration:\n{logged}"
     );
 
-    hub.publish(EventBody::new(EventKind::Failover, 1).with_survivor(Survivor::Secondary))
+    hub.publish(EventBody::new(EventKind::Failover, 1).with_survivor(Role::Secondary))
         .await;
     let failed_over = scrape_until(metrics, "colo_blockd_failovers_total", 1.0).await;
     assert_eq!(sample(&failed_over, "colo_blockd_epoch"), 1.0);
@@ -392,5 +393,5 @@ fn secondary_exit_codes() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(err.contains("unix:PATH or tcp:HOST:PORT"), "{err}");
+    assert!(err.contains("unix:PATH, tcp:HOST:PORT"), "{err}");
 }

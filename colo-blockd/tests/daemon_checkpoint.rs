@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use colo_blockd::backend::BlockBackend;
-use colo_blockd::daemon::checkpoint::{
-    BLOCK_LOG_FULL, QmpAddress, RequestOptions, request_checkpoints,
-};
+use colo_blockd::daemon::checkpoint::{BLOCK_LOG_FULL, RequestOptions, request_checkpoints};
 use colo_blockd::replica::{Replica, ReplicaConfig};
 use colo_control::hub::ControlHub;
+use colo_types::Address;
 use common::fake_qmp::{DELAY_MS, fake_primary};
 use serde_json::{Value, json};
 use tokio::net::UnixListener;
@@ -53,7 +52,7 @@ impl Bed {
         let requests = fake_primary(&qmp);
         let control = dir.path().join("control.sock");
         let hub = ControlHub::new(UnixListener::bind(&control).unwrap());
-        let mut opts = RequestOptions::new(QmpAddress::Unix(qmp), Some(control.into()));
+        let mut opts = RequestOptions::new(Address::Unix(qmp), Some(control.into()));
         opts.min_interval = min_interval;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(request_checkpoints(replica.clone(), opts, shutdown.clone()));
@@ -203,7 +202,7 @@ async fn an_unreachable_primary_is_asked_again() {
     };
     let replica = Replica::open(&image, config).unwrap();
     let qmp = dir.path().join("qmp.sock");
-    let mut opts = RequestOptions::new(QmpAddress::Unix(qmp.clone()), None);
+    let mut opts = RequestOptions::new(Address::Unix(qmp.clone()), None);
     opts.min_interval = Duration::from_millis(50);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(request_checkpoints(replica.clone(), opts, shutdown.clone()));

@@ -14,7 +14,8 @@ use colo_blockd::metrics::NbdCommand;
 use colo_blockd::replica::{Replica, ReplicaConfig};
 use colo_blockd::server::{NbdServer, ServerConfig};
 use colo_control::hub::{BarrierError, BarrierReport, ControlHub};
-use colo_control::protocol::{EventBody, EventKind, Survivor};
+use colo_control::protocol::{EventBody, EventKind};
+use colo_types::Role;
 use common::{file_bytes, require_tool};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
@@ -239,7 +240,7 @@ async fn failover_to_the_secondary_merges_the_svm_writes() {
     bed.qemu_io("replica", &["write -P 0xaa 0 64k"]).await;
     bed.qemu_io("svm", &["write -P 0xbb 64k 64k"]).await;
     bed.hub
-        .publish(EventBody::new(EventKind::Failover, 1).with_survivor(Survivor::Secondary))
+        .publish(EventBody::new(EventKind::Failover, 1).with_survivor(Role::Secondary))
         .await;
     let deadline = Instant::now() + PATIENCE;
     while !bed.replica.stats().unwrap().failed_over {
@@ -283,7 +284,7 @@ async fn failover_to_the_primary_and_colo_exit_change_nothing() {
         .publish(EventBody::new(EventKind::ColoExit, 1).with_reason("channel-closed"))
         .await;
     bed.hub
-        .publish(EventBody::new(EventKind::Failover, 1).with_survivor(Survivor::Primary))
+        .publish(EventBody::new(EventKind::Failover, 1).with_survivor(Role::Primary))
         .await;
     // Events are handled in order: once this barrier is acked, both were.
     let closed = bed.barrier(EventKind::SvmEpochClosed, 2).await;

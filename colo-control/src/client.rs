@@ -1,6 +1,6 @@
 //! Daemon and operator side of the control protocol.
 //!
-//! Every entry point takes a [`ControlAddress`] (anything that converts into
+//! Every entry point takes a [`Address`] (anything that converts into
 //! one: a `&Path` or `PathBuf` is a Unix socket, as before TCP existed;
 //! `"tcp:HOST:PORT".parse()` reaches a relay on the other host).
 //!
@@ -11,12 +11,13 @@
 //! as the relay closes the connection or its process dies. Use
 //! [`Subscriber::next_event_timeout`] for a bounded wait.
 
-use crate::address::ControlAddress;
 use crate::protocol::{
-    ClientMessage, Event, Hello, MAX_LINE, PROTOCOL_VERSION, RelayMessage, RelayState, RelayStatus,
-    Role, Survivor, decode_relay_line, encode_line,
+    ClientMessage, ConnectionRole, Event, Hello, MAX_LINE, PROTOCOL_VERSION, RelayMessage,
+    RelayState, RelayStatus, decode_relay_line, encode_line,
 };
 use crate::transport::{self, StreamReader, StreamWriter};
+use colo_types::Address;
+use colo_types::Role;
 use futures_util::StreamExt;
 use std::future::Future;
 use std::time::Duration;
@@ -37,7 +38,7 @@ pub enum ControlError {
     #[error("cannot connect to the relay's control socket {address}: {source}")]
     Connect {
         /// Control socket address.
-        address: ControlAddress,
+        address: Address,
         /// The underlying error.
         source: std::io::Error,
     },
@@ -45,7 +46,7 @@ pub enum ControlError {
     #[error("control socket {address}: I/O error: {source}")]
     Io {
         /// Control socket address.
-        address: ControlAddress,
+        address: Address,
         /// The underlying error.
         source: std::io::Error,
     },
@@ -53,7 +54,7 @@ pub enum ControlError {
     #[error("control socket {address}: {what} timed out after {after:?}")]
     Timeout {
         /// Control socket address.
-        address: ControlAddress,
+        address: Address,
         /// What was being waited for.
         what: &'static str,
         /// The bound that expired.
@@ -63,13 +64,13 @@ pub enum ControlError {
     #[error("control socket {address}: the relay closed the connection")]
     Closed {
         /// Control socket address.
-        address: ControlAddress,
+        address: Address,
     },
     /// The relay answered with an `error` line.
     #[error("control socket {address}: the relay refused: {message}")]
     Rejected {
         /// Control socket address.
-        address: ControlAddress,
+        address: Address,
         /// The relay's message.
         message: String,
         /// Versions the relay supports, when it refused our `hello`.
@@ -80,7 +81,7 @@ pub enum ControlError {
     #[error("control socket {address}: protocol error: {detail}")]
     Protocol {
         /// Control socket address.
-        address: ControlAddress,
+        address: Address,
         /// What was wrong.
         detail: String,
     },
@@ -117,7 +118,7 @@ pub struct Welcome {
 
 /// One connection to the relay, after a successful handshake.
 struct Conn {
-    address: ControlAddress,
+    address: Address,
     lines: FramedRead<StreamReader, LinesCodec>,
     wr: StreamWriter,
     timeout: Duration,
@@ -136,7 +137,7 @@ impl std::fmt::Debug for Conn {
 }
 
 impl Conn {
-    async fn open(address: ControlAddress, hello: Hello, opts: &ClientOptions) -> Result<Conn> {
+    async fn open(address: Address, hello: Hello, opts: &ClientOptions) -> Result<Conn> {
         let t = opts.timeout;
         let (rd, wr) = bounded(&address, "connect", t, async {
             transport::connect(&address)
@@ -269,7 +270,7 @@ fn is_disconnect(e: &std::io::Error) -> bool {
 }
 
 async fn bounded<T>(
-    address: &ControlAddress,
+    address: &Address,
     what: &'static str,
     after: Duration,
     fut: impl Future<Output = Result<T>>,
@@ -296,7 +297,7 @@ impl Subscriber {
     /// checkpoint barrier waits for this subscriber's [`Subscriber::ack`] of
     /// the synchronous events.
     pub async fn connect(
-        address: impl Into<ControlAddress>,
+        address: impl Into<Address>,
         name: &str,
         sync: bool,
     ) -> Result<Subscriber> {
@@ -305,7 +306,7 @@ impl Subscriber {
 
     /// Like [`Subscriber::connect`] with explicit options.
     pub async fn connect_with(
-        address: impl Into<ControlAddress>,
+        address: impl Into<Address>,
         name: &str,
         sync: bool,
         opts: &ClientOptions,
@@ -313,7 +314,7 @@ impl Subscriber {
         let hello = Hello {
             version: PROTOCOL_VERSION,
             name: name.to_string(),
-            role: Role::Subscriber,
+            role: ConnectionRole::Subscriber,
             sync,
         };
         let conn = Conn::open(address.into(), hello, opts).await?;
@@ -364,20 +365,20 @@ pub struct Operator {
 impl Operator {
     /// Connects to the relay at `address` (Unix or TCP; a path is a Unix
     /// socket) as operator `name`.
-    pub async fn connect(address: impl Into<ControlAddress>, name: &str) -> Result<Operator> {
+    pub async fn connect(address: impl Into<Address>, name: &str) -> Result<Operator> {
         Self::connect_with(address, name, &ClientOptions::default()).await
     }
 
     /// Like [`Operator::connect`] with explicit options.
     pub async fn connect_with(
-        address: impl Into<ControlAddress>,
+        address: impl Into<Address>,
         name: &str,
         opts: &ClientOptions,
     ) -> Result<Operator> {
         let hello = Hello {
             version: PROTOCOL_VERSION,
             name: name.to_string(),
-            role: Role::Operator,
+            role: ConnectionRole::Operator,
             sync: false,
         };
         Ok(Operator {
@@ -400,7 +401,7 @@ impl Operator {
 
     /// Announces a failover decision; the relay broadcasts a `failover`
     /// event.
-    pub async fn failover(&mut self, survivor: Survivor) -> Result<()> {
+    pub async fn failover(&mut self, survivor: Role) -> Result<()> {
         self.expect_ok(ClientMessage::Failover { survivor }).await
     }
 
@@ -428,7 +429,7 @@ impl Operator {
 }
 
 /// One-shot: connects as an operator, asks for the status, disconnects.
-pub async fn query_status(address: impl Into<ControlAddress>) -> Result<RelayStatus> {
+pub async fn query_status(address: impl Into<Address>) -> Result<RelayStatus> {
     Operator::connect(address, OPERATOR_NAME)
         .await?
         .status()
@@ -437,7 +438,7 @@ pub async fn query_status(address: impl Into<ControlAddress>) -> Result<RelaySta
 
 /// One-shot: announces a failover decision (the relay broadcasts a
 /// `failover` event to every subscriber).
-pub async fn notify_failover(address: impl Into<ControlAddress>, survivor: Survivor) -> Result<()> {
+pub async fn notify_failover(address: impl Into<Address>, survivor: Role) -> Result<()> {
     Operator::connect(address, OPERATOR_NAME)
         .await?
         .failover(survivor)
@@ -445,10 +446,7 @@ pub async fn notify_failover(address: impl Into<ControlAddress>, survivor: Survi
 }
 
 /// One-shot: notes why a checkpoint was requested.
-pub async fn note_checkpoint_request(
-    address: impl Into<ControlAddress>,
-    reason: &str,
-) -> Result<()> {
+pub async fn note_checkpoint_request(address: impl Into<Address>, reason: &str) -> Result<()> {
     Operator::connect(address, OPERATOR_NAME)
         .await?
         .checkpoint_requested(reason)

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::address::ControlAddress;
 use crate::client::{ControlError, Subscriber};
+use colo_types::Address;
 
 /// How to reach the relay and how fast to retry.
 #[derive(Debug, Clone)]
@@ -19,7 +19,7 @@ pub struct FollowOptions {
     /// The relay's control socket: its Unix socket (`qmp-driver relay
     /// --control PATH`) or, from the other host, its TCP address
     /// (`--control-tcp`).
-    pub control: ControlAddress,
+    pub control: Address,
     /// Our `hello` name (shown in the relay's status and barrier errors).
     pub name: String,
     /// First wait before reconnecting; doubled after each failed attempt.
@@ -32,7 +32,7 @@ impl FollowOptions {
     /// Options for `control` under `name`, with a backoff of 100 ms up to
     /// 5 s: short enough to be back before the next checkpoint period, long
     /// enough not to spin on a relay that is down.
-    pub fn new(control: impl Into<ControlAddress>, name: &str) -> FollowOptions {
+    pub fn new(control: impl Into<Address>, name: &str) -> FollowOptions {
         FollowOptions {
             control: control.into(),
             name: name.to_owned(),

@@ -12,8 +12,8 @@
 //! silently.
 
 use crate::protocol::{
-    ClientMessage, DecodeError, Event, EventBody, EventKind, Hello, MAX_LINE, PROTOCOL_VERSION,
-    RelayMessage, RelayState, RelayStatus, Role, SUPPORTED_VERSIONS, SubscriberStatus,
+    ClientMessage, ConnectionRole, DecodeError, Event, EventBody, EventKind, Hello, MAX_LINE,
+    PROTOCOL_VERSION, RelayMessage, RelayState, RelayStatus, SUPPORTED_VERSIONS, SubscriberStatus,
     decode_client_line, encode_line, now_micros,
 };
 use crate::transport::{StreamReader, StreamWriter};
@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 pub use crate::transport::ControlListener;
 
@@ -161,7 +162,7 @@ struct HubState {
 #[derive(Debug)]
 struct Conn {
     name: String,
-    role: Role,
+    role: ConnectionRole,
     sync: bool,
     receives_events: bool,
     tx: mpsc::Sender<String>,
@@ -375,9 +376,15 @@ impl ControlHub {
                         tracing::debug!(%peer, listener = %local, "control connection over TCP");
                     }
                     let hub = self.clone();
+                    // Every log line of this client carries where it came from.
+                    let span = tracing::info_span!(
+                        "control_connection",
+                        peer = peer.as_deref().unwrap_or("unix"),
+                        listener = %local
+                    );
                     self.inner
                         .tasks
-                        .spawn(async move { hub.serve_conn(rd, wr, peer).await });
+                        .spawn(async move { hub.serve_conn(rd, wr, peer).await }.instrument(span));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -623,12 +630,12 @@ impl ControlHub {
         kill: CancellationToken,
     ) {
         let mut st = lock(&self.inner.state);
-        let sync = hello.role == Role::Subscriber && hello.sync;
+        let sync = hello.role == ConnectionRole::Subscriber && hello.sync;
         let conn = Conn {
             name: hello.name.clone(),
             role: hello.role,
             sync,
-            receives_events: hello.role == Role::Subscriber,
+            receives_events: hello.role == ConnectionRole::Subscriber,
             tx,
             kill,
             seq: 0,
@@ -649,7 +656,7 @@ impl ControlHub {
         );
         // The peer of a TCP client is logged: nothing authenticates it.
         let peer = peer.unwrap_or("unix");
-        let level_info = hello.role == Role::Subscriber;
+        let level_info = hello.role == ConnectionRole::Subscriber;
         if level_info {
             tracing::info!(conn = id, name = %hello.name, sync, %peer, "control subscriber connected");
         } else {
@@ -668,7 +675,7 @@ impl ControlHub {
         for p in &conn.pending {
             let _ = p.signal.send(Signal::Gone { conn: id });
         }
-        if conn.role == Role::Subscriber {
+        if conn.role == ConnectionRole::Subscriber {
             tracing::info!(conn = id, name = %conn.name, sync = conn.sync, "control subscriber disconnected");
         }
         if conn.sync && matches!(st.status.state, RelayState::Precopy | RelayState::Colo) {

@@ -7,8 +7,6 @@
 //! over TCP from the other host of the pair; the full description is
 //! `docs/control-protocol.md`.
 //!
-//! * [`address`]: where the relay listens, [`ControlAddress`]: `unix:PATH`,
-//!   `tcp:HOST:PORT` or a bare absolute path (pure, no I/O).
 //! * [`protocol`]: the messages (pure, no I/O).
 //! * [`hub`]: the relay side, [`hub::ControlHub`]: fan-out of events and the
 //!   synchronous checkpoint barrier, on any number of [`ControlListener`]s.
@@ -18,13 +16,13 @@
 //! A daemon taking part in barriers:
 //!
 //! ```no_run
-//! use colo_control::ControlAddress;
+//! use colo_types::Address;
 //! use colo_control::client::Subscriber;
 //! use colo_control::protocol::EventKind;
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! // `unix:/run/colo/relay.sock` (or that path) on the relay's host.
-//! let relay: ControlAddress = "tcp:192.168.77.2:9990".parse()?;
+//! let relay: Address = "tcp:192.168.77.2:9990".parse()?;
 //! let mut sub = Subscriber::connect(relay, "colo-blockd", true).await?;
 //! while let Some(ev) = sub.next_event().await? {
 //!     match ev.event {
@@ -41,14 +39,12 @@
 //! # }
 //! ```
 
-pub mod address;
 pub mod client;
 pub mod follow;
 pub mod hub;
 pub mod protocol;
 mod transport;
 
-pub use address::{AddressError, ControlAddress};
 pub use client::{ControlError, Operator, Subscriber};
 pub use hub::{BarrierError, BarrierReport, ControlHub, ControlListener};
 pub use protocol::{Event, EventBody, EventKind, PROTOCOL_VERSION, RelayState, RelayStatus};

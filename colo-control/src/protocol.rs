@@ -9,6 +9,7 @@
 //! Nothing here does I/O: [`decode_client_line`], [`decode_relay_line`] and
 //! [`encode_line`] are pure, so they can be fuzzed and unit-tested directly.
 
+use colo_types::Role;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -26,32 +27,13 @@ pub const MAX_LINE: usize = 64 * 1024;
 /// What a connection is for, declared in its `hello`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Role {
+pub enum ConnectionRole {
     /// A daemon (colo-blockd, colo-proxyd, a monitor) that receives every
     /// event from the `welcome` on.
     Subscriber,
     /// A tool that sends requests and reads their answers. It receives
     /// events only after a `subscribe` request.
     Operator,
-}
-
-/// Which side continues after a failover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Survivor {
-    /// The primary VM keeps running; the secondary is dropped.
-    Primary,
-    /// The secondary VM takes over.
-    Secondary,
-}
-
-impl std::fmt::Display for Survivor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Survivor::Primary => "primary",
-            Survivor::Secondary => "secondary",
-        })
-    }
 }
 
 /// Where the relay is in the life of a COLO pair.
@@ -91,7 +73,7 @@ pub struct Hello {
     /// used in logs, status and barrier errors.
     pub name: String,
     /// Subscriber or operator.
-    pub role: Role,
+    pub role: ConnectionRole,
     /// Subscribers only: the relay waits for this subscriber's `ack` of every
     /// synchronous event before it lets the checkpoint go on.
     #[serde(default)]
@@ -119,7 +101,7 @@ pub enum ClientMessage {
     /// event. The relay itself does not touch QEMU.
     Failover {
         /// The side that continues.
-        survivor: Survivor,
+        survivor: Role,
     },
     /// Someone asked QEMU for a checkpoint, and says why (counted in status).
     CheckpointRequested {
@@ -197,7 +179,7 @@ pub struct EventBody {
     /// `colo-exit`: why.
     pub reason: Option<String>,
     /// `failover`: the side that continues.
-    pub survivor: Option<Survivor>,
+    pub survivor: Option<Role>,
     /// Free text for humans and logs.
     pub detail: Option<String>,
 }
@@ -221,7 +203,7 @@ impl EventBody {
     }
 
     /// Sets `survivor`.
-    pub fn with_survivor(mut self, survivor: Survivor) -> Self {
+    pub fn with_survivor(mut self, survivor: Role) -> Self {
         self.survivor = Some(survivor);
         self
     }
@@ -253,7 +235,7 @@ pub struct Event {
     pub reason: Option<String>,
     /// `failover`: the side that continues.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub survivor: Option<Survivor>,
+    pub survivor: Option<Role>,
     /// Free text for humans and logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -443,7 +425,7 @@ mod tests {
             ClientMessage::Hello(Hello {
                 version: 1,
                 name: "colo-blockd".into(),
-                role: Role::Subscriber,
+                role: ConnectionRole::Subscriber,
                 sync: true
             })
         );
@@ -454,7 +436,7 @@ mod tests {
         assert!(matches!(
             op,
             ClientMessage::Hello(Hello {
-                role: Role::Operator,
+                role: ConnectionRole::Operator,
                 sync: false,
                 ..
             })
@@ -470,7 +452,7 @@ mod tests {
         assert_eq!(
             decode_client_line(r#"{"type":"failover","survivor":"secondary"}"#).unwrap(),
             ClientMessage::Failover {
-                survivor: Survivor::Secondary
+                survivor: Role::Secondary
             }
         );
         assert_eq!(

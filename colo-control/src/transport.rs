@@ -9,7 +9,7 @@
 //! the relay keep a dead subscriber, for the kernel's default of minutes to
 //! hours.
 
-use crate::address::ControlAddress;
+use colo_types::Address;
 use std::io;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -59,10 +59,10 @@ fn tune_tcp(s: &TcpStream) {
 }
 
 /// Connects to `address` (a Unix socket, or TCP with `TCP_NODELAY`).
-pub(crate) async fn connect(address: &ControlAddress) -> io::Result<(StreamReader, StreamWriter)> {
+pub(crate) async fn connect(address: &Address) -> io::Result<(StreamReader, StreamWriter)> {
     match address {
-        ControlAddress::Unix(path) => Ok(split_unix(UnixStream::connect(path).await?)),
-        ControlAddress::Tcp { host, port } => {
+        Address::Unix(path) => Ok(split_unix(UnixStream::connect(path).await?)),
+        Address::Tcp { host, port } => {
             Ok(split_tcp(TcpStream::connect((host.as_str(), *port)).await?))
         }
     }
@@ -92,11 +92,11 @@ impl From<TcpListener> for ControlListener {
 impl ControlListener {
     /// Binds `address`. A Unix socket file that already exists is an error
     /// here; the relay removes a stale one first
-    /// (`qmp_driver::relay::remove_stale_socket`).
-    pub async fn bind(address: &ControlAddress) -> io::Result<ControlListener> {
+    /// (`colo_relay::remove_stale_socket`).
+    pub async fn bind(address: &Address) -> io::Result<ControlListener> {
         Ok(match address {
-            ControlAddress::Unix(path) => ControlListener::Unix(UnixListener::bind(path)?),
-            ControlAddress::Tcp { host, port } => {
+            Address::Unix(path) => ControlListener::Unix(UnixListener::bind(path)?),
+            Address::Tcp { host, port } => {
                 ControlListener::Tcp(TcpListener::bind((host.as_str(), *port)).await?)
             }
         })
@@ -104,18 +104,18 @@ impl ControlListener {
 
     /// The address clients reach this listener at (for TCP, the port
     /// actually bound, so port 0 in [`ControlListener::bind`] is usable).
-    pub fn local_address(&self) -> io::Result<ControlAddress> {
+    pub fn local_address(&self) -> io::Result<Address> {
         match self {
             ControlListener::Unix(l) => {
                 let addr = l.local_addr()?;
                 let path = addr.as_pathname().ok_or_else(|| {
                     io::Error::new(io::ErrorKind::InvalidInput, "unnamed Unix socket")
                 })?;
-                Ok(ControlAddress::unix(path))
+                Ok(Address::unix(path))
             }
             ControlListener::Tcp(l) => {
                 let addr = l.local_addr()?;
-                Ok(ControlAddress::tcp(addr.ip().to_string(), addr.port()))
+                Ok(Address::tcp(addr.ip().to_string(), addr.port()))
             }
         }
     }
@@ -143,11 +143,11 @@ mod tests {
 
     #[tokio::test]
     async fn tcp_connections_are_tuned_on_both_ends() {
-        let listener = ControlListener::bind(&ControlAddress::tcp("127.0.0.1", 0))
+        let listener = ControlListener::bind(&Address::tcp("127.0.0.1", 0))
             .await
             .unwrap();
         let address = listener.local_address().unwrap();
-        let ControlAddress::Tcp { port, .. } = address else {
+        let Address::Tcp { port, .. } = address else {
             panic!("not tcp: {address}")
         };
         assert_ne!(port, 0);

@@ -1,14 +1,15 @@
 //! ControlHub against the real client and against raw sockets.
 
-use colo_control::ControlAddress;
 use colo_control::client::{
     ClientOptions, ControlError, Operator, Subscriber, note_checkpoint_request, notify_failover,
     query_status,
 };
 use colo_control::hub::{BarrierError, ControlHub, ControlListener, HubOptions};
 use colo_control::protocol::{
-    EventBody, EventKind, MAX_LINE, RelayMessage, RelayState, Survivor, decode_relay_line,
+    EventBody, EventKind, MAX_LINE, RelayMessage, RelayState, decode_relay_line,
 };
+use colo_types::Address;
+use colo_types::Role;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -413,10 +414,10 @@ async fn operator_requests() {
     assert_eq!(st.subscribers.len(), 1, "operators are not listed");
     assert_eq!(query_status(&b.path).await.unwrap().epoch, 4);
 
-    notify_failover(&b.path, Survivor::Secondary).await.unwrap();
+    notify_failover(&b.path, Role::Secondary).await.unwrap();
     let ev = sub.next_event_timeout(T).await.unwrap().unwrap();
     assert_eq!(ev.event, EventKind::Failover);
-    assert_eq!(ev.survivor, Some(Survivor::Secondary));
+    assert_eq!(ev.survivor, Some(Role::Secondary));
     assert_eq!(ev.epoch, 4);
     assert!(!ev.sync);
 }
@@ -577,7 +578,7 @@ async fn shutdown_flushes_the_last_events_before_closing() {
 /// A hub serving its Unix socket and a TCP listener on loopback.
 struct TcpBed {
     bed: Bed,
-    tcp: ControlAddress,
+    tcp: Address,
 }
 
 async fn tcp_bed() -> TcpBed {
@@ -737,17 +738,15 @@ async fn operator_helpers_work_over_tcp() {
     note_checkpoint_request(&tcp, "proxy-mismatch")
         .await
         .unwrap();
-    notify_failover(tcp.clone(), Survivor::Primary)
-        .await
-        .unwrap();
+    notify_failover(tcp.clone(), Role::Primary).await.unwrap();
     let ev = sub.next_event_timeout(T).await.unwrap().unwrap();
     assert_eq!(ev.event, EventKind::Failover);
-    assert_eq!(ev.survivor, Some(Survivor::Primary));
+    assert_eq!(ev.survivor, Some(Role::Primary));
     let mut op = Operator::connect(tcp, "qmp-driver").await.unwrap();
     let st = op.status().await.unwrap();
     assert_eq!(st.requests_by_reason["proxy-mismatch"], 1);
     // The same relay answers on its Unix socket, given as an address too.
-    let unix: ControlAddress = format!("unix:{}", b.path.display()).parse().unwrap();
+    let unix: Address = format!("unix:{}", b.path.display()).parse().unwrap();
     assert_eq!(
         query_status(unix)
             .await
@@ -770,8 +769,8 @@ async fn bad_or_unreachable_tcp_addresses_give_clear_errors() {
             "unix:PATH, tcp:HOST:PORT or an absolute path",
         ),
     ] {
-        let err = input.parse::<ControlAddress>().unwrap_err().to_string();
-        assert!(err.starts_with("invalid control address"), "{err}");
+        let err = input.parse::<Address>().unwrap_err().to_string();
+        assert!(err.starts_with("invalid address"), "{err}");
         assert!(err.contains(needle), "{input}: {err}");
     }
 
@@ -780,7 +779,7 @@ async fn bad_or_unreachable_tcp_addresses_give_clear_errors() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let address = ControlAddress::tcp("127.0.0.1", port);
+    let address = Address::tcp("127.0.0.1", port);
     let err = query_status(&address).await.unwrap_err();
     assert!(matches!(err, ControlError::Connect { .. }), "{err}");
     assert!(

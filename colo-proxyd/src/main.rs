@@ -5,9 +5,6 @@
 //! Exit codes: 0 stopped by SIGINT/SIGTERM, 1 could not start (a port is busy, ...), 2 bad
 //! command line or configuration.
 
-mod bench;
-mod bench_loopback;
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -50,50 +47,19 @@ enum Command {
     /// SVM's output), connects to the primary's colo-proxyd and subscribes to the relay. With
     /// --qmp it re-creates the redirector that reads red0 at each connection of red0.
     Secondary(SecondaryArgs),
-    /// Measure the comparison path on generated traffic (issue 4's benchmark).
-    ///
-    /// Generates TCP connections as the PVM's and the SVM's net-filter sockets carry them
-    /// (other ISNs, other segmentation, the SVM behind or ahead), runs them through the frame
-    /// codec, the packet parser and the comparison engine, and prints the throughput as a
-    /// ratio to a raw memcmp of the same payload bytes measured in the same run, and the
-    /// per-frame processing time (p50, p99) of that in-process path; then the latency through
-    /// the primary daemon over loopback sockets (in process, on its own two-worker runtime,
-    /// against fake QEMU chardevs and a fake secondary), interleaved packet by packet with the
-    /// floor of the same sockets through a task that only copies the bytes, and what the
-    /// daemon adds over that floor (per percentile), with the machine's raw one-way thread
-    /// wake-up as context. By default every thread of that measurement is pinned to one CPU
-    /// (--loopback-cpus same): on a VM a wake-up across vCPUs costs tens of µs at p50 and over
-    /// 100 µs at p99 and would swamp the daemon's own cost; --loopback-cpus spread measures
-    /// with the wake-ups. Every pass must release every PVM packet with no checkpoint, or the
-    /// command fails. Timings vary with the machine and its load; use a release build.
-    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The bench runs a daemon in process against fakes (no QEMU, no QMP monitor): its
-    // info-level life story would bury the numbers, so only errors show unless RUST_LOG says.
-    let default_level = match cli.command {
-        Command::Bench(_) => "error",
-        _ => "info",
-    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         // Colour only on a terminal: logs in files and journals stay greppable.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Bench(args) => match bench::run(&args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("colo-proxyd bench: {err:#}");
-                ExitCode::from(1)
-            }
-        },
         Command::Primary(args) => match PrimaryConfig::try_from(args) {
             Ok(config) => serve(async move |shutdown| {
                 let listeners = primary::PrimaryListeners::bind(&config).await?;

@@ -539,11 +539,8 @@ async fn output_passes_before_colo_and_a_failover_to_the_primary_releases_what_w
     hub.publish(EventBody::new(EventKind::ColoExit, 1).with_reason("channel-closed"))
         .await;
     assert_eq!(primary.compare_out.recv(QUIET).await, None);
-    hub.publish(
-        EventBody::new(EventKind::Failover, 1)
-            .with_survivor(colo_control::protocol::Survivor::Primary),
-    )
-    .await;
+    hub.publish(EventBody::new(EventKind::Failover, 1).with_survivor(colo_types::Role::Primary))
+        .await;
     assert_eq!(primary.compare_out.recv(PATIENCE).await, Some(held));
     let after = tcp(true, 1012, 1, 0x18, b"after");
     primary.compare0.send(&after).await;

@@ -18,10 +18,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use colo_control::hub::ControlHub;
-use colo_control::protocol::{EventBody, EventKind, Survivor};
+use colo_control::protocol::{EventBody, EventKind};
 use colo_proxyd::daemon::config::{SecondaryArgs, SecondaryConfig};
 use colo_proxyd::daemon::link::{self, LINK_VERSION, LinkDecoder, LinkMessage, LinkRole};
 use colo_proxyd::daemon::secondary;
+use colo_types::Role;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -275,7 +276,7 @@ impl Secondary {
 
     async fn failover_to_secondary(&self) {
         self.hub
-            .publish(EventBody::new(EventKind::Failover, EPOCH).with_survivor(Survivor::Secondary))
+            .publish(EventBody::new(EventKind::Failover, EPOCH).with_survivor(Role::Secondary))
             .await;
         wait_metric(&self.metrics, "colo_proxyd_comparing 0").await;
     }

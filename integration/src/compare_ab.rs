@@ -35,7 +35,7 @@ pub struct Workload {
 
 /// What one side of the A/B measured.
 #[derive(Debug, Clone, Serialize)]
-pub struct Side {
+pub struct Arm {
     /// `colo-compare` or `colo-proxyd`.
     pub backend: String,
     /// Where its pair's files are.
@@ -56,15 +56,15 @@ pub struct Side {
     pub pause_median_ms: Option<f64>,
 }
 
-/// Both sides.
+/// Both arms.
 #[derive(Debug, Clone, Serialize)]
 pub struct AbReport {
     /// The workload both ran.
     pub workload: Workload,
     /// QEMU's colo-compare.
-    pub colo_compare: Side,
+    pub colo_compare: Arm,
     /// colo-proxyd.
-    pub colo_proxyd: Side,
+    pub colo_proxyd: Arm,
 }
 
 impl AbReport {
@@ -121,7 +121,7 @@ async fn side(
     cfg: &PairConfig,
     network: NetworkBackend,
     workload: Workload,
-) -> Result<Side> {
+) -> Result<Arm> {
     let name = network.name();
     let dir = crate::artifacts::run_dir(&format!("ab-{name}"))?;
     let cfg = PairConfig {
@@ -172,7 +172,7 @@ async fn side(
         pair.write_diagnostics().await;
     }
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
-    Ok(Side {
+    Ok(Arm {
         backend: name.to_string(),
         run_dir: dir,
         requests,

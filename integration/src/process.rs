@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use qmp_driver::qmp::{ConnectOptions, EventStream, QmpClient};
+use colo_qmp::{ConnectOptions, EventStream, QmpClient};
 
 /// A running QEMU and the files it was started with.
 #[derive(Debug)]

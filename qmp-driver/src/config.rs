@@ -28,8 +28,8 @@
 //! assert_eq!(cfg.migration.primary_target.to_string(), "tcp:192.168.77.2:9998");
 //! ```
 
+use colo_types::{Address, Role};
 use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// Environment variable naming the config file when `--config` is not given.
@@ -38,44 +38,6 @@ pub const CONFIG_ENV: &str = "COLO_CONFIG";
 pub const DEFAULT_CHECKPOINT_DELAY_MS: u32 = 2000;
 /// Default `relay.ack_timeout_ms` (the relay's own default).
 pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 2000;
-
-/// Which VM of the pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Side {
-    /// The primary VM (PVM): its output goes to the clients.
-    Primary,
-    /// The secondary VM (SVM): the hot standby.
-    Secondary,
-}
-
-impl Side {
-    /// `primary` or `secondary`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Side::Primary => "primary",
-            Side::Secondary => "secondary",
-        }
-    }
-
-    /// The other side.
-    pub fn other(self) -> Side {
-        match self {
-            Side::Primary => Side::Secondary,
-            Side::Secondary => Side::Primary,
-        }
-    }
-}
-
-impl fmt::Display for Side {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// A socket address in QEMU's URI syntax, `unix:PATH` or `tcp:HOST:PORT`
-/// (the relay's type: the same strings configure both).
-pub use crate::relay::{Endpoint, EndpointParseError};
 
 /// Why a config could not be loaded. Every variant names the file (or the
 /// origin given to [`PairConfig::from_toml`]); [`ConfigError::Invalid`] also
@@ -151,7 +113,7 @@ pub struct PairConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostConfig {
     /// Its QEMU's QMP socket.
-    pub qmp: Endpoint,
+    pub qmp: Address,
     /// The host's address on the replication link: the primary's filter
     /// sockets listen there; the secondary's NBD server listens there.
     pub host: String,
@@ -161,10 +123,10 @@ pub struct HostConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationConfig {
     /// Where the secondary QEMU listens (`migrate-incoming`).
-    pub secondary_incoming: Endpoint,
+    pub secondary_incoming: Address,
     /// Where the primary migrates to (`migrate`): the relay's address, or
     /// `secondary_incoming` without a relay.
-    pub primary_target: Endpoint,
+    pub primary_target: Address,
     /// `x-checkpoint-delay`: the periodic checkpoint interval in ms.
     pub checkpoint_delay_ms: u32,
 }
@@ -173,14 +135,14 @@ pub struct MigrationConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelaySettings {
     /// Where the relay accepts the primary's migration connection.
-    pub listen: Endpoint,
+    pub listen: Address,
     /// Where the relay forwards it (the secondary QEMU's incoming address).
-    pub target: Endpoint,
+    pub target: Address,
     /// The relay's control socket (status, failover notes, subscribers).
     pub control: PathBuf,
     /// `control_tcp`: where the relay also serves the control protocol over
     /// TCP, for the daemons on the other host (always a TCP address).
-    pub control_tcp: Option<colo_control::ControlAddress>,
+    pub control_tcp: Option<colo_types::Address>,
     /// How long a checkpoint barrier waits for a subscriber's ack, in ms.
     pub ack_timeout_ms: u64,
 }
@@ -240,7 +202,7 @@ pub struct DiskConfig {
     /// the secondary host reaches it (`--primary-qmp`), to ask for a
     /// checkpoint when its PVM log is full; without it a full log only
     /// spills to its file until the next periodic checkpoint.
-    pub blockd_primary_qmp: Option<Endpoint>,
+    pub blockd_primary_qmp: Option<Address>,
 }
 
 impl DiskConfig {
@@ -298,11 +260,11 @@ pub struct NetworkConfig {
     /// colo-proxyd: a QMP monitor of the primary QEMU for `colo-proxyd
     /// primary` alone (checkpoint requests, the fail-open check); the
     /// generated primary command line opens it.
-    pub proxyd_qmp: Option<Endpoint>,
+    pub proxyd_qmp: Option<Address>,
     /// colo-proxyd: a QMP monitor of the secondary QEMU for `colo-proxyd
     /// secondary` alone (it re-creates `f1` after `red0` reconnects); the
     /// generated secondary command line opens it.
-    pub proxyd_secondary_qmp: Option<Endpoint>,
+    pub proxyd_secondary_qmp: Option<Address>,
     /// The guest NIC's netdev id (both sides).
     pub netdev: String,
     /// filter-mirror's output on the primary (the secondary's `red0` connects).
@@ -328,10 +290,10 @@ pub struct FailoverConfig {
 
 impl FailoverConfig {
     /// The hook for the side that survives.
-    pub fn hook_for(&self, survivor: Side) -> Option<&str> {
+    pub fn hook_for(&self, survivor: Role) -> Option<&str> {
         match survivor {
-            Side::Primary => self.primary_continue_hook.as_deref(),
-            Side::Secondary => self.secondary_takeover_hook.as_deref(),
+            Role::Primary => self.primary_continue_hook.as_deref(),
+            Role::Secondary => self.secondary_takeover_hook.as_deref(),
         }
     }
 }
@@ -384,10 +346,10 @@ pub struct VmConfig {
 
 impl VmConfig {
     /// The tap of `side`.
-    pub fn tap_for(&self, side: Side) -> &str {
+    pub fn tap_for(&self, side: Role) -> &str {
         match side {
-            Side::Primary => &self.tap,
-            Side::Secondary => &self.secondary_tap,
+            Role::Primary => &self.tap,
+            Role::Secondary => &self.secondary_tap,
         }
     }
 }
@@ -512,13 +474,13 @@ impl Check<'_> {
         key: &str,
         value: Option<String>,
         what: &str,
-    ) -> Result<Endpoint, ConfigError> {
+    ) -> Result<Address, ConfigError> {
         let s = self.required(key, value, what)?;
-        let ep: Endpoint = s
+        let ep: Address = s
             .parse()
             .map_err(|e| self.err(key, format!("is invalid: {e}")))?;
         // Port 0 only makes sense for a listener the relay binds.
-        if key != "relay.listen" && matches!(&ep, Endpoint::Tcp(a) if a.ends_with(":0")) {
+        if key != "relay.listen" && matches!(&ep, Address::Tcp { port: 0, .. }) {
             return Err(self.err(key, format!("is {s:?}: port 0 cannot be connected to")));
         }
         Ok(ep)
@@ -744,9 +706,9 @@ impl PairConfig {
                     None => None,
                     Some(s) => {
                         let key = "relay.control_tcp";
-                        let a = colo_control::ControlAddress::parse_host_port(&s)
+                        let a = colo_types::Address::parse_host_port(&s)
                             .map_err(|e| c.err(key, format!("is invalid: {e}")))?;
-                        if matches!(a, colo_control::ControlAddress::Tcp { port: 0, .. }) {
+                        if matches!(a, colo_types::Address::Tcp { port: 0, .. }) {
                             return Err(c.err(
                                 key,
                                 format!("is {s:?}: give a fixed port, the daemons connect to it"),
@@ -1021,10 +983,10 @@ impl PairConfig {
     }
 
     /// The host section of `side`.
-    pub fn host(&self, side: Side) -> &HostConfig {
+    pub fn host(&self, side: Role) -> &HostConfig {
         match side {
-            Side::Primary => &self.primary,
-            Side::Secondary => &self.secondary,
+            Role::Primary => &self.primary,
+            Role::Secondary => &self.secondary,
         }
     }
 }
@@ -1116,7 +1078,7 @@ mod tests {
         assert!(cfg.relay.is_none() && cfg.vm.is_none());
         assert_eq!(
             cfg.primary.qmp,
-            Endpoint::Unix("/run/colo/vm1/primary.qmp".into())
+            Address::Unix("/run/colo/vm1/primary.qmp".into())
         );
     }
 
@@ -1141,7 +1103,7 @@ mod tests {
             "tcp:h:70000",
             "tcp:fd00::2:1",
             "udp:h:1",
-            "/path",
+            "relative/path",
             "tcp:h:1,nodelay=on",
         ] {
             let text = MINIMAL.replace("tcp:192.168.77.2:9998", bad);

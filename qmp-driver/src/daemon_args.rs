@@ -12,7 +12,8 @@
 //! it over `relay.control_tcp` (`tcp:HOST:PORT`) when set, else by the path,
 //! which works only when host A shares it, as on the test bed.
 
-use crate::config::{DiskBackend, Endpoint, NetworkBackend, PairConfig, RelaySettings, Side};
+use crate::config::{DiskBackend, NetworkBackend, PairConfig, RelaySettings};
+use colo_types::Role;
 
 /// One of colo's daemons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,10 +36,10 @@ impl Daemon {
     }
 
     /// The host it runs on.
-    pub fn host(self) -> Side {
+    pub fn host(self) -> Role {
         match self {
-            Daemon::ProxydPrimary => Side::Primary,
-            Daemon::Blockd | Daemon::ProxydSecondary => Side::Secondary,
+            Daemon::ProxydPrimary => Role::Primary,
+            Daemon::Blockd | Daemon::ProxydSecondary => Role::Secondary,
         }
     }
 
@@ -72,13 +73,6 @@ pub enum DaemonArgsError {
 
 fn loopback(port: u16) -> String {
     format!("127.0.0.1:{port}")
-}
-
-fn qmp_address(ep: &Endpoint) -> String {
-    match ep {
-        Endpoint::Unix(p) => format!("unix:{}", p.display()),
-        Endpoint::Tcp(a) => format!("tcp:{a}"),
-    }
 }
 
 fn relay(cfg: &PairConfig) -> Result<&RelaySettings, DaemonArgsError> {
@@ -130,7 +124,7 @@ fn blockd_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsError> {
         relay(cfg)?.control.display().to_string(),
     ]);
     if let Some(qmp) = &cfg.disk.blockd_primary_qmp {
-        args.extend(["--primary-qmp".into(), qmp_address(qmp)]);
+        args.extend(["--primary-qmp".into(), qmp.to_string()]);
     }
     Ok(args)
 }
@@ -160,7 +154,7 @@ fn proxyd_primary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsError>
         "--control".into(),
         remote_control(relay(cfg)?),
         "--qmp".into(),
-        qmp_address(qmp),
+        qmp.to_string(),
         "--netdev".into(),
         net.netdev.clone(),
     ])
@@ -195,7 +189,7 @@ fn proxyd_secondary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsErro
     ];
     // With its own monitor of the secondary QEMU it re-creates f1 after red0 reconnects.
     if let Some(qmp) = &net.proxyd_secondary_qmp {
-        args.extend(["--qmp".into(), qmp_address(qmp)]);
+        args.extend(["--qmp".into(), qmp.to_string()]);
     }
     Ok(args)
 }
@@ -278,7 +272,7 @@ mod tests {
              --net-output-listen 127.0.0.1:9007 --net-input-listen 127.0.0.1:9008 \
              --netdev hn0 --qmp unix:/run/colo/vm1/secondary-proxyd.qmp"
         );
-        assert_eq!(Daemon::ProxydPrimary.host(), Side::Primary);
+        assert_eq!(Daemon::ProxydPrimary.host(), Role::Primary);
 
         // With a TCP control address the primary's daemon (the other host) uses it.
         let tcp = config_with(&DAEMONS.replace(

@@ -27,61 +27,9 @@
 //! `colo-proxyd primary`, and the secondary's redirectors connect to
 //! `colo-proxyd secondary` on the secondary's loopback (same port numbers).
 
-use crate::config::{
-    BLOCKD_SVM_EXPORT, DiskBackend, Endpoint, NetworkBackend, PairConfig, Side, VmConfig,
-};
+use crate::config::{BLOCKD_SVM_EXPORT, DiskBackend, NetworkBackend, PairConfig, VmConfig};
+use colo_types::{Address, Role};
 use std::path::Path;
-
-/// Ids of the objects and chardevs the stock wiring creates. The drive and
-/// netdev ids come from the config (`disk.*`, `network.netdev`).
-pub mod ids {
-    /// Primary: filter-mirror copying client→guest packets to the secondary.
-    pub const MIRROR_FILTER: &str = "m0";
-    /// Primary: redirector from colo-compare's output to the guest NIC.
-    pub const COMPARE_OUT_REDIRECTOR: &str = "redire0";
-    /// Primary: redirector of the PVM's output into colo-compare.
-    pub const COMPARE_IN_REDIRECTOR: &str = "redire1";
-    /// Primary: the iothread colo-compare runs in.
-    pub const COMPARE_IOTHREAD: &str = "iothread1";
-    /// Primary: colo-compare.
-    pub const COMPARE: &str = "comp0";
-    /// Primary: chardev server the secondary's [`SECONDARY_MIRROR_IN`] connects to.
-    pub const MIRROR_CHARDEV: &str = "mirror0";
-    /// Primary: chardev server the secondary's [`SECONDARY_OUT`] connects to.
-    pub const COMPARE_SECONDARY_IN: &str = "compare1";
-    /// Primary: loopback server end of redirector → colo-compare.
-    pub const COMPARE_PRIMARY_IN_SERVER: &str = "compare0";
-    /// Primary: loopback client end of redirector → colo-compare.
-    pub const COMPARE_PRIMARY_IN_CLIENT: &str = "compare0-0";
-    /// Primary: loopback server end of colo-compare → redirector.
-    pub const COMPARE_OUT_SERVER: &str = "compare_out";
-    /// Primary: loopback client end of colo-compare → redirector.
-    pub const COMPARE_OUT_CLIENT: &str = "compare_out0";
-    /// Secondary: chardev receiving the mirrored packets.
-    pub const SECONDARY_MIRROR_IN: &str = "red0";
-    /// Secondary: chardev carrying the SVM's output to colo-compare.
-    pub const SECONDARY_OUT: &str = "red1";
-    /// Secondary: redirector feeding mirrored packets to the SVM.
-    pub const SECONDARY_IN_REDIRECTOR: &str = "f1";
-    /// Secondary: redirector carrying the SVM's output to the primary.
-    pub const SECONDARY_OUT_REDIRECTOR: &str = "f2";
-    /// Secondary, colo-proxyd, added at failover: chardev from colo-proxyd
-    /// secondary (the SVM's rewritten output, for the network).
-    pub const SECONDARY_NET_OUT: &str = "red2";
-    /// Secondary, colo-proxyd, added at failover: chardev to colo-proxyd
-    /// secondary (the network's packets, to rewrite for the SVM).
-    pub const SECONDARY_NET_IN: &str = "red3";
-    /// Secondary, colo-proxyd, added at failover: redirector injecting
-    /// [`SECONDARY_NET_OUT`] towards the tap (queue=rx, before `f2`).
-    pub const SECONDARY_NET_OUT_REDIRECTOR: &str = "f3";
-    /// Secondary, colo-proxyd, added at failover: redirector diverting the
-    /// tap's packets to [`SECONDARY_NET_IN`] (queue=tx, before `f1`).
-    pub const SECONDARY_NET_IN_REDIRECTOR: &str = "f4";
-    /// Secondary: filter-rewriter (TCP sequence numbers).
-    pub const REWRITER: &str = "rew0";
-    /// Secondary: the `replication,mode=secondary` drive.
-    pub const SECONDARY_REPLICATION_DRIVE: &str = "childs0";
-}
 
 /// Reconnect period of the secondary's chardev clients (`reconnect-ms`,
 /// QEMU ≥ 9.2).
@@ -102,10 +50,10 @@ pub enum QemuArgsError {
 }
 
 /// The arguments for `role`.
-pub fn colo_args(cfg: &PairConfig, role: Side) -> Result<Vec<String>, QemuArgsError> {
+pub fn colo_args(cfg: &PairConfig, role: Role) -> Result<Vec<String>, QemuArgsError> {
     match role {
-        Side::Primary => primary_args(cfg),
-        Side::Secondary => secondary_args(cfg),
+        Role::Primary => primary_args(cfg),
+        Role::Secondary => secondary_args(cfg),
     }
 }
 
@@ -119,10 +67,10 @@ fn path_value(p: &Path) -> String {
 }
 
 /// `-qmp` argument value for a QMP endpoint: QEMU listens there.
-fn qmp_value(ep: &Endpoint) -> String {
+fn qmp_value(ep: &Address) -> String {
     match ep {
-        Endpoint::Unix(p) => format!("unix:{},server=on,wait=off", path_value(p)),
-        Endpoint::Tcp(addr) => format!("tcp:{addr},server=on,wait=off"),
+        Address::Unix(p) => format!("unix:{},server=on,wait=off", path_value(p)),
+        Address::Tcp { .. } => format!("{ep},server=on,wait=off"),
     }
 }
 
@@ -157,7 +105,7 @@ impl Args {
 
     /// QMP, the tap netdev and the NIC: identical on both sides but for the
     /// tap and the socket.
-    fn common(&mut self, cfg: &PairConfig, vm: &VmConfig, role: Side) -> &mut Self {
+    fn common(&mut self, cfg: &PairConfig, vm: &VmConfig, role: Role) -> &mut Self {
         let netdev = &cfg.network.netdev;
         // A virtio device whose guest clears PCI bus mastering is "disabled"; QEMU migrates
         // that flag only while it is set (subsection `virtio/disabled`). A COLO secondary
@@ -186,14 +134,14 @@ impl Args {
 /// connects to), the quorum disk; starts paused (`-S`) and migrates into
 /// COLO before the guest runs.
 pub fn primary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
-    use ids::*;
+    use colo_types::qemu_ids::*;
     let vm = cfg.vm.as_ref().ok_or(QemuArgsError::MissingVm)?;
     let net = &cfg.network;
     let netdev = &net.netdev;
     let host = &cfg.primary.host;
     let lo = "127.0.0.1";
     let mut a = Args(Vec::new());
-    a.common(cfg, vm, Side::Primary);
+    a.common(cfg, vm, Role::Primary);
     match net.backend {
         NetworkBackend::ColoCompare => {
             a.chardev_server(MIRROR_CHARDEV, host, net.mirror_port)
@@ -273,7 +221,7 @@ pub fn primary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
 /// itself), the disk (replication overlays, or colo-blockd's export); waits
 /// for `migrate-incoming` (`-incoming defer`).
 pub fn secondary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
-    use ids::*;
+    use colo_types::qemu_ids::*;
     let vm = cfg.vm.as_ref().ok_or(QemuArgsError::MissingVm)?;
     let net = &cfg.network;
     let netdev = &net.netdev;
@@ -285,7 +233,7 @@ pub fn secondary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
         NetworkBackend::ColoProxyd => "127.0.0.1",
     };
     let mut a = Args(Vec::new());
-    a.common(cfg, vm, Side::Secondary);
+    a.common(cfg, vm, Role::Secondary);
     if net.backend == NetworkBackend::ColoProxyd
         && let Some(qmp) = &net.proxyd_secondary_qmp
     {
@@ -326,7 +274,7 @@ pub fn secondary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
 /// driver's overlays above it, and a quorum on top (the failover sequence
 /// works on the quorum of both sides alike).
 fn replication_disk(a: &mut Args, cfg: &PairConfig, vm: &VmConfig) -> Result<(), QemuArgsError> {
-    use ids::*;
+    use colo_types::qemu_ids::*;
     let disk = &cfg.disk;
     let overlay = |p: &Option<std::path::PathBuf>, key: &'static str| {
         p.as_deref()
@@ -469,7 +417,7 @@ mod tests {
     #[test]
     fn every_chardev_socket_has_nodelay() {
         let cfg = config("");
-        for role in [Side::Primary, Side::Secondary] {
+        for role in [Role::Primary, Role::Secondary] {
             let p = pairs(&colo_args(&cfg, role).unwrap());
             let chardevs = values(&p, "-chardev");
             assert!(!chardevs.is_empty());
@@ -486,7 +434,7 @@ mod tests {
     #[test]
     fn both_roles_run_virtio_without_the_stale_disabled_flag() {
         let cfg = config("");
-        for role in [Side::Primary, Side::Secondary] {
+        for role in [Role::Primary, Role::Secondary] {
             let p = pairs(&colo_args(&cfg, role).unwrap());
             assert_eq!(
                 values(&p, "-global"),
@@ -758,7 +706,7 @@ mod tests {
     fn without_a_vm_section_there_is_a_clear_error() {
         let mut cfg = config("");
         cfg.vm = None;
-        let err = colo_args(&cfg, Side::Primary).unwrap_err();
+        let err = colo_args(&cfg, Role::Primary).unwrap_err();
         assert!(err.to_string().contains("[vm]"));
     }
 

@@ -1,8 +1,6 @@
 //! The `qmp-driver` binary's output and exit codes against a fake server.
 
-mod fake;
-
-use fake::Fake;
+use colo_testkit::fake_qmp::Fake;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::Output;

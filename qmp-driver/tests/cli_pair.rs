@@ -322,7 +322,7 @@ async fn failover_to_primary_sends_the_documented_sequence_and_notifies_the_rela
         .unwrap()
         .unwrap();
     assert_eq!(ev.event, colo_control::EventKind::Failover);
-    assert_eq!(ev.survivor, Some(colo_control::protocol::Survivor::Primary));
+    assert_eq!(ev.survivor, Some(colo_types::Role::Primary));
     hub.shutdown().await;
 }
 

@@ -1,14 +1,12 @@
 //! `qmp-driver copy-disk` against a real QEMU and colo-blockd: the initial full copy of the
 //! primary's disk into a new secondary's image, through QEMU's drive-mirror into
 //! `colo-blockd serve`'s NBD export. Needs the QEMU of `integration/setup.sh` (see
-//! `common::qemu_binary`) and this build's colo-blockd binary (the workspace's test run builds
+//! `colo_testkit::qemu::qemu_binary`) and this build's colo-blockd binary (the workspace's test run builds
 //! it; `COLO_BLOCKD` overrides); fails, never skips, without them.
 
 // Shared with real_qemu.rs, which uses all of it.
 #[allow(dead_code)]
-mod common;
-
-use common::Qemu;
+use colo_testkit::qemu::Qemu;
 use serde_json::Value;
 use std::fs::File;
 use std::net::{TcpListener, TcpStream};

@@ -18,10 +18,12 @@
 //! every barrier that a sync subscriber left during the session.
 
 use std::io;
+use tracing::Instrument;
 
 use colo_control::client::Subscriber;
 use colo_control::follow::{SessionEnd, follow_relay};
-use colo_control::protocol::{Event, EventKind, Survivor};
+use colo_control::protocol::{Event, EventKind};
+use colo_types::Role;
 use tokio_util::sync::CancellationToken;
 
 use crate::replica::Replica;
@@ -69,7 +71,9 @@ async fn follow_connection(
             Err(err) => return SessionEnd::Failed(err),
         };
         replica.metrics().epoch.set(ev.epoch);
-        match apply(replica, &ev).await {
+        // Every log line of the step carries the epoch it belongs to.
+        let span = tracing::info_span!("epoch", epoch = ev.epoch, event = %ev.event);
+        match apply(replica, &ev).instrument(span).await {
             Ok(()) => {
                 if ev.sync
                     && let Err(err) = sub.ack(ev.seq).await
@@ -111,7 +115,7 @@ async fn apply(replica: &Replica, ev: &Event) -> io::Result<()> {
             );
         }
         EventKind::Failover => match ev.survivor {
-            Some(Survivor::Secondary) => {
+            Some(Role::Secondary) => {
                 replica.failover().await?;
                 tracing::warn!(
                     epoch = ev.epoch,
@@ -120,7 +124,7 @@ async fn apply(replica: &Replica, ev: &Event) -> io::Result<()> {
                      image; the svm export now writes the image directly"
                 );
             }
-            Some(Survivor::Primary) => tracing::warn!(
+            Some(Role::Primary) => tracing::warn!(
                 epoch = ev.epoch,
                 "failover to the primary: this replica is no longer protected; keep serving \
                  until the operator re-protects or stops it"

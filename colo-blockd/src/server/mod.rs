@@ -9,6 +9,7 @@ mod transmission;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -187,14 +188,18 @@ impl<B: BlockBackend> NbdServer<B> {
         let server = self.clone();
         let shutdown = shutdown.clone();
         let open = self.metrics.connection_opened(peer.transport);
-        connections.spawn(async move {
-            let _open = open;
-            let peer = peer.name;
-            match server.serve_stream_until(stream, &shutdown).await {
-                Ok(()) => tracing::debug!(%peer, "client left"),
-                Err(e) => tracing::info!(%peer, error = %e, "client connection ended"),
+        // Every log line of this client carries its peer.
+        let span = tracing::info_span!("nbd_connection", peer = %peer.name);
+        connections.spawn(
+            async move {
+                let _open = open;
+                match server.serve_stream_until(stream, &shutdown).await {
+                    Ok(()) => tracing::debug!("client left"),
+                    Err(e) => tracing::info!(error = %e, "client connection ended"),
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 
     /// Serves one client on `stream`, handshake then transmission, until it

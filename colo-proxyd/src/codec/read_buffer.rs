@@ -18,7 +18,7 @@
 //!   frame would pin 64 KiB, a thousand times its size for an ACK. The copy is a `memcpy`
 //!   of under 1 KiB and costs nothing measurable; a copy in an allocation of its own would
 //!   cost that allocation, and a second one when the comparison first shares the frame.
-//!   Measured with `colo-proxyd bench --segment-sizes 200,40` (every PVM frame under 1 KiB),
+//!   Measured with `proxyd_bench --segment-sizes 200,40` (every PVM frame under 1 KiB),
 //!   pure path, three runs each: 276–293 MB/s with small chunks, 277–285 MB/s splitting
 //!   every frame off the read chunk, 216–257 MB/s with an allocation per small frame.
 //!

@@ -9,14 +9,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Args;
-use colo_control::ControlAddress;
+use colo_types::Address;
 use serde::Deserialize;
 
 use crate::engine::{BypassRule, EngineConfig, UncomparedPolicy};
-
-/// Where a QEMU QMP monitor listens (`unix:PATH` or `tcp:HOST:PORT`): qmp-driver's address
-/// type.
-pub use qmp_driver::config::Endpoint as QmpAddress;
 
 /// A bad setting.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -152,7 +148,7 @@ pub struct PrimaryArgs {
     /// relay runs on this host (`qmp-driver relay --control`), else tcp:HOST:PORT (the relay's
     /// `--control-tcp`, on the replication link).
     #[arg(long, env = "COLO_PROXYD_CONTROL", value_name = "ADDRESS")]
-    pub control: Option<ControlAddress>,
+    pub control: Option<Address>,
     /// The primary QEMU's QMP monitor, for checkpoint requests and the fail-open check:
     /// unix:PATH or tcp:HOST:PORT. Give colo-proxyd a monitor of its own (QEMU serves one
     /// client per QMP socket).
@@ -240,9 +236,9 @@ pub struct PrimaryConfig {
     /// The link's listen address.
     pub link_listen: String,
     /// The relay's control socket (Unix or TCP).
-    pub control: ControlAddress,
+    pub control: Address,
     /// The primary QEMU's QMP monitor.
-    pub qmp: QmpAddress,
+    pub qmp: Address,
     /// The metrics endpoint.
     pub metrics: Option<String>,
     /// Comparison settings.
@@ -408,7 +404,7 @@ pub struct SecondaryArgs {
     /// relay runs on this host (`qmp-driver relay --control`), else tcp:HOST:PORT (the relay's
     /// `--control-tcp`, on the replication link).
     #[arg(long, env = "COLO_PROXYD_CONTROL", value_name = "ADDRESS")]
-    pub control: Option<ControlAddress>,
+    pub control: Option<Address>,
     /// Serve Prometheus metrics over HTTP on this address.
     #[arg(long, env = "COLO_PROXYD_METRICS", value_name = "HOST:PORT")]
     pub metrics: Option<String>,
@@ -455,7 +451,7 @@ pub struct SecondaryConfig {
     /// The primary daemon's link address.
     pub primary_link: String,
     /// The relay's control socket (Unix or TCP).
-    pub control: ControlAddress,
+    pub control: Address,
     /// The metrics endpoint.
     pub metrics: Option<String>,
     /// Our name on the control socket.
@@ -465,7 +461,7 @@ pub struct SecondaryConfig {
     /// Longest wait between link reconnection attempts.
     pub link_retry_max: Duration,
     /// The secondary QEMU's QMP monitor, to re-create `f1`.
-    pub qmp: Option<QmpAddress>,
+    pub qmp: Option<Address>,
     /// The guest NIC's netdev.
     pub netdev: String,
     /// `f1`: reads `red0`.
@@ -568,7 +564,7 @@ mod tests {
         assert_eq!(c.engine.max_hold, Duration::from_millis(200));
         assert_eq!(c.chardevs, ["compare0", "compare_out", "mirror0"]);
         assert_eq!(c.checkpoint_interval, Duration::from_secs(1));
-        assert_eq!(c.qmp, QmpAddress::Unix("/run/colo/proxyd.qmp".into()));
+        assert_eq!(c.qmp, Address::Unix("/run/colo/proxyd.qmp".into()));
         assert_eq!(
             (
                 c.netdev.as_str(),
@@ -599,10 +595,10 @@ mod tests {
         a.qmp = Some("tcp:127.0.0.1:4445".into());
         a.svm_input_redirector = Some("in0".into());
         let c = SecondaryConfig::try_from(a).unwrap();
-        assert_eq!(c.qmp, Some(QmpAddress::Tcp("127.0.0.1:4445".into())));
+        assert_eq!(c.qmp, Some(Address::tcp("127.0.0.1", 4445)));
         assert_eq!(c.svm_input_redirector, "in0");
         let mut a = secondary_args();
-        a.qmp = Some("/run/qmp".into());
+        a.qmp = Some("run/qmp".into());
         assert!(matches!(
             SecondaryConfig::try_from(a),
             Err(ConfigError::Invalid { option: "qmp", .. })
@@ -618,7 +614,7 @@ mod tests {
             ConfigError::Missing("release")
         );
         let mut a = primary_args();
-        a.qmp = Some("/run/qmp".into());
+        a.qmp = Some("run/qmp".into());
         assert!(matches!(
             PrimaryConfig::try_from(a),
             Err(ConfigError::Invalid { option: "qmp", .. })
@@ -732,16 +728,13 @@ mod tests {
         for (given, want) in [
             (
                 "/run/colo/relay.sock",
-                ControlAddress::unix("/run/colo/relay.sock"),
+                Address::unix("/run/colo/relay.sock"),
             ),
             (
                 "unix:/run/colo/relay.sock",
-                ControlAddress::unix("/run/colo/relay.sock"),
+                Address::unix("/run/colo/relay.sock"),
             ),
-            (
-                "tcp:192.168.77.2:9990",
-                ControlAddress::tcp("192.168.77.2", 9990),
-            ),
+            ("tcp:192.168.77.2:9990", Address::tcp("192.168.77.2", 9990)),
         ] {
             assert_eq!(parse(given).unwrap(), Some(want), "{given}");
         }
@@ -755,7 +748,7 @@ mod tests {
         a.control = None;
         a.config = Some(path.clone());
         let c = PrimaryConfig::try_from(a).unwrap();
-        assert_eq!(c.control, ControlAddress::tcp("192.168.77.2", 9990));
+        assert_eq!(c.control, Address::tcp("192.168.77.2", 9990));
         std::fs::write(&path, "control = \"relay.sock\"\n").unwrap();
         let mut a = primary_args();
         a.control = None;

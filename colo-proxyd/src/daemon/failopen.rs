@@ -17,8 +17,8 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::checkpoint::QmpSession;
 use super::metrics::Metrics;
+use colo_daemon::qmp_session::QmpSession;
 
 /// Which of `ids` QEMU's `query-chardev` answer shows connected (`None`: not found).
 pub fn connected_chardevs(answer: &Value, ids: &[String]) -> BTreeMap<String, Option<bool>> {

@@ -93,8 +93,11 @@ pub enum LinkError {
     /// A type byte this version does not know.
     #[error("unknown link message type {0}")]
     UnknownType(u8),
-    /// A payload longer than any valid message.
-    #[error("link message of {len} bytes exceeds the limit of {MAX_PAYLOAD_LEN} bytes")]
+    /// A payload longer than its type allows: a frame of [`MAX_FRAME_LEN`] bytes, plus the
+    /// epoch for svm-output ([`MAX_PAYLOAD_LEN`]).
+    #[error(
+        "link message of {len} bytes exceeds the limit ({MAX_FRAME_LEN}-byte frames, plus the epoch in svm-output)"
+    )]
     Oversized {
         /// The announced payload length.
         len: u32,
@@ -276,7 +279,14 @@ impl LinkDecoder {
         if !matches!(kind, TYPE_HELLO | TYPE_INBOUND | TYPE_SVM_OUTPUT) {
             return Err(LinkError::UnknownType(kind));
         }
-        if len as usize > MAX_PAYLOAD_LEN {
+        // Only svm-output adds the epoch to its frame; an inbound frame over MAX_FRAME_LEN is
+        // one `encode` refuses and the SVM's port could not carry.
+        let limit = if kind == TYPE_INBOUND {
+            MAX_FRAME_LEN
+        } else {
+            MAX_PAYLOAD_LEN
+        };
+        if len as usize > limit {
             return Err(LinkError::Oversized { len });
         }
         let total = HEADER_LEN + len as usize;
@@ -488,6 +498,45 @@ mod tests {
             decoder.next_message(),
             Err(LinkError::TooShort { .. })
         ));
+    }
+
+    #[test]
+    fn inbound_frames_are_bounded_by_the_frame_limit_without_the_epoch() {
+        // Found by the proxyd_link fuzz target: inbound payloads were bounded by
+        // MAX_PAYLOAD_LEN, which counts svm-output's epoch, so the decoder accepted frames
+        // of up to 8 bytes more than `encode` (and the SVM's port) can carry.
+        let max = LinkMessage::Inbound(Bytes::from(vec![0; MAX_FRAME_LEN]));
+        let mut decoder = LinkDecoder::new(LinkRole::Secondary);
+        decoder.feed(&wire(&[hello(LinkRole::Primary), max.clone()]));
+        assert_eq!(
+            decode_all(&mut decoder).unwrap(),
+            vec![hello(LinkRole::Primary), max]
+        );
+
+        let over = MAX_FRAME_LEN as u32 + 1;
+        let mut bytes = wire(&[hello(LinkRole::Primary)]);
+        bytes.push(TYPE_INBOUND);
+        bytes.extend_from_slice(&over.to_be_bytes());
+        bytes.extend_from_slice(&vec![0; over as usize]);
+        let mut decoder = LinkDecoder::new(LinkRole::Secondary);
+        decoder.feed(&bytes);
+        assert!(decoder.next_message().unwrap().is_some());
+        assert_eq!(
+            decoder.next_message(),
+            Err(LinkError::Oversized { len: over })
+        );
+
+        // svm-output still carries a maximal frame plus its epoch.
+        let max = LinkMessage::SvmOutput {
+            epoch: 1,
+            frame: Bytes::from(vec![0; MAX_FRAME_LEN]),
+        };
+        let mut decoder = LinkDecoder::new(LinkRole::Primary);
+        decoder.feed(&wire(&[hello(LinkRole::Secondary), max.clone()]));
+        assert_eq!(
+            decode_all(&mut decoder).unwrap(),
+            vec![hello(LinkRole::Secondary), max]
+        );
     }
 
     #[test]

@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use colo_control::protocol::{EventKind, RelayState, Survivor};
+use colo_control::protocol::{EventKind, RelayState};
+use colo_types::Role;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -29,7 +30,7 @@ use super::attachment::{
     FrameSink, FrameSource, Inbound, PortEndpoint, spawn_sink_prepared, spawn_source,
     spawn_source_watched,
 };
-use super::checkpoint::{CheckpointRequester, QmpSession, RequestOptions, reason_label};
+use super::checkpoint::{RELAY_PREFIX, reason_label};
 use super::config::PrimaryConfig;
 use super::epochs::{self, EpochNotice, RelayOptions};
 use super::gate::{GateOutput, Protection, ReleaseGate, SvmFrameFate};
@@ -38,6 +39,8 @@ use super::metrics::{self, Metrics};
 use super::peer::{self, LinkSender};
 use super::qemu_filters::{self, IndevRedirector};
 use super::{DaemonError, bind, failopen};
+use colo_daemon::checkpoint::{CheckpointRequester, RequestOptions};
+use colo_daemon::qmp_session::QmpSession;
 
 /// The primary's listening sockets, bound before [`run`] so that a test (or a supervisor)
 /// knows the addresses and a busy port fails at start.
@@ -129,8 +132,9 @@ pub async fn run(
             min_interval: config.checkpoint_interval,
             retry_after: config.checkpoint_retry,
             control: Some(config.control.clone()),
+            relay_prefix: RELAY_PREFIX,
         },
-        metrics.clone(),
+        std::sync::Arc::new(metrics.clone()),
         tasks.clone(),
     );
     if !config.chardevs.is_empty() {
@@ -315,7 +319,7 @@ impl PrimaryRole {
             }
             EventKind::Failover => match event.survivor {
                 Some(survivor) => {
-                    let primary = survivor == Survivor::Primary;
+                    let primary = survivor == Role::Primary;
                     let held = self.gate.held_packets();
                     let dropped = self.gate.failover(primary, now, &mut self.out);
                     tracing::warn!(
@@ -375,7 +379,7 @@ impl PrimaryRole {
                     let label = reason_label(&reason);
                     self.metrics.checkpoint_needed(label);
                     tracing::info!(reason = label, detail = ?reason, epoch = self.gate.epoch(), "the comparison needs a checkpoint");
-                    self.requester.request(&reason);
+                    self.requester.request(label);
                 }
             }
         }

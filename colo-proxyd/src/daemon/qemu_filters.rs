@@ -29,9 +29,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::attachment::OnConnect;
-use super::checkpoint::QmpSession;
 use super::gate::Protection;
 use super::metrics::Metrics;
+use colo_daemon::qmp_session::QmpSession;
 
 /// At the start, how long the guest-link guard waits for colo-proxyd's first connection to
 /// `compare0` before it decides (and possibly sets the link down): a daemon starting during
@@ -358,7 +358,7 @@ pub async fn guard_guest_link(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::config::QmpAddress;
+    use colo_types::Address;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::net::UnixListener;
     use tokio::sync::mpsc;
@@ -451,7 +451,7 @@ mod tests {
         let mut seen = fake_qmp(&path, |name, args| {
             (name == "object-del" && args["id"] == "gone").then_some("object 'gone' not found")
         });
-        let qmp = QmpSession::new(QmpAddress::Unix(path));
+        let qmp = QmpSession::new(Address::Unix(path));
         assert_eq!(recreate(&qmp, &redire0()).await, Ok(Recreated::Replaced));
         assert_eq!(
             seen.recv().await.unwrap(),
@@ -477,7 +477,7 @@ mod tests {
             "object-add" => Some("attempt to add duplicate property 'f3' to object"),
             _ => None,
         });
-        let qmp = QmpSession::new(QmpAddress::Unix(path));
+        let qmp = QmpSession::new(Address::Unix(path));
         let f3 = IndevRedirector::network_output("hn0", "f3", "red2", "f2");
         assert_eq!(recreate(&qmp, &f3).await, Ok(Recreated::Added));
         assert_eq!(seen.recv().await.unwrap().0, "object-del");
@@ -494,7 +494,7 @@ mod tests {
         let mut seen = fake_qmp(&path, |name, _| {
             (name == "object-add").then_some("filter 'redire1' not found")
         });
-        let qmp = QmpSession::new(QmpAddress::Unix(path));
+        let qmp = QmpSession::new(Address::Unix(path));
         let err = recreate(&qmp, &redire0()).await.unwrap_err();
         assert!(
             err.contains("object-add redire0") && err.contains("redire1"),
@@ -520,7 +520,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qmp.sock");
         let mut seen = fake_qmp(&path, |_, _| None);
-        let qmp = QmpSession::new(QmpAddress::Unix(path));
+        let qmp = QmpSession::new(Address::Unix(path));
         let (connected, pvm_output) = watch::channel(true);
         let (protection_tx, protection) = watch::channel(Protection::Unprotected);
         let shutdown = CancellationToken::new();

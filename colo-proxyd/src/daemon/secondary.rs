@@ -25,7 +25,8 @@ pub mod network_bridge;
 
 use std::time::Duration;
 
-use colo_control::protocol::{EventKind, RelayState, Survivor};
+use colo_control::protocol::{EventKind, RelayState};
+use colo_types::Role;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +35,6 @@ use self::network_bridge::{BridgeListeners, NET_INPUT_PORT, NET_OUTPUT_PORT, Net
 use super::attachment::{
     FrameSink, FrameSource, Inbound, PortEndpoint, spawn_sink_prepared, spawn_source,
 };
-use super::checkpoint::QmpSession;
 use super::config::SecondaryConfig;
 use super::epochs::{self, EpochNotice, RelayOptions};
 use super::link::LinkMessage;
@@ -43,6 +43,7 @@ use super::peer::{self, LinkSender};
 use super::qemu_filters::{self, IndevRedirector};
 use super::svm_path::{Failover, SvmOutput, SvmPath};
 use super::{DaemonError, bind};
+use colo_daemon::qmp_session::QmpSession;
 
 /// The secondary's listening sockets, bound before [`run`].
 #[derive(Debug)]
@@ -297,8 +298,8 @@ impl SecondaryRole {
                 );
             }
             EventKind::Failover => match event.survivor {
-                Some(Survivor::Secondary) => self.failover(),
-                Some(Survivor::Primary) => {
+                Some(Role::Secondary) => self.failover(),
+                Some(Role::Primary) => {
                     tracing::warn!("failover to the primary: the SVM is no longer protected")
                 }
                 None => tracing::warn!("failover event without a survivor; ignored"),

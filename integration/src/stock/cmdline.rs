@@ -5,9 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use qmp_driver::config::{PairConfig as DriverConfig, Side};
+use colo_types::Role;
+use qmp_driver::config::PairConfig as DriverConfig;
 
-use super::{PairConfig, Role};
+use super::PairConfig;
 use crate::artifacts::{Artifacts, FIRMWARE_DIRS};
 use crate::guest;
 use crate::topology::addr;
@@ -20,10 +21,10 @@ pub(super) fn qmp_path(dir: &Path, role: Role) -> PathBuf {
     dir.join(format!("{}-qmp.sock", role.name()))
 }
 
-fn side(role: Role) -> Side {
+fn side(role: Role) -> Role {
     match role {
-        Role::Primary => Side::Primary,
-        Role::Secondary => Side::Secondary,
+        Role::Primary => Role::Primary,
+        Role::Secondary => Role::Secondary,
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use qmp_driver::qmp::{Event, EventStream};
+use colo_qmp::{Event, EventStream};
 
 /// Events of one VM, recorded as they arrive (also appended to `<role>-events.jsonl`).
 #[derive(Debug, Clone, Default)]
@@ -78,7 +78,7 @@ pub fn pause_windows(events: &[Event]) -> Vec<(i64, i64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qmp_driver::qmp::Timestamp;
+    use colo_qmp::Timestamp;
 
     fn event(name: &str, micros: i64) -> Event {
         Event {

@@ -26,10 +26,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use colo_qmp::QmpClient;
 use qmp_driver::config::PairConfig as DriverConfig;
 pub use qmp_driver::config::{DiskBackend, NetworkBackend};
 use qmp_driver::pair::{self, FailoverOptions, StartOptions};
-use qmp_driver::qmp::QmpClient;
 use serde::Serialize;
 use serde_json::json;
 
@@ -83,33 +83,7 @@ impl Default for PairConfig {
     }
 }
 
-/// Which VM a step concerns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// The primary VM on host A.
-    Primary,
-    /// The secondary VM on host B.
-    Secondary,
-}
-
-impl Role {
-    /// Lower-case name used in file names and reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Primary => "primary",
-            Role::Secondary => "secondary",
-        }
-    }
-
-    /// The other VM.
-    pub fn other(self) -> Role {
-        match self {
-            Role::Primary => Role::Secondary,
-            Role::Secondary => Role::Primary,
-        }
-    }
-}
+pub use colo_types::Role;
 
 /// One VM of the pair.
 #[derive(Debug)]

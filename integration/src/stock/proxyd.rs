@@ -10,7 +10,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use qmp_driver::config::{PairConfig as DriverConfig, Side};
+use colo_types::Role;
+use qmp_driver::config::PairConfig as DriverConfig;
 use qmp_driver::daemon_args::{Daemon, daemon_args};
 
 use super::daemon::DaemonProcess;
@@ -45,8 +46,8 @@ fn spawn(
     daemon: Daemon,
 ) -> Result<DaemonProcess> {
     let (netns, log) = match daemon.host() {
-        Side::Primary => (&topology.primary, "proxyd-primary.log"),
-        Side::Secondary => (&topology.secondary, "proxyd-secondary.log"),
+        Role::Primary => (&topology.primary, "proxyd-primary.log"),
+        Role::Secondary => (&topology.secondary, "proxyd-secondary.log"),
     };
     DaemonProcess::spawn(
         &format!("colo-proxyd ({})", daemon.host()),

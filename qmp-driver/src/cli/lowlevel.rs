@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Args;
-use qmp_driver::qmp::{ConnectOptions, QmpClient, QmpError};
+use colo_qmp::{ConnectOptions, QmpClient, QmpError};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -7,8 +7,9 @@ mod relay;
 mod render;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use qmp_driver::config::{CONFIG_ENV, ConfigError, PairConfig, Side};
-use qmp_driver::qmp::ConnectOptions;
+use colo_qmp::ConnectOptions;
+use colo_types::Role;
+use qmp_driver::config::{CONFIG_ENV, ConfigError, PairConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -302,7 +303,7 @@ pub enum Command {
         output: Output,
         /// The side that carries on.
         #[arg(long, value_enum)]
-        survivor: Side,
+        survivor: Role,
         /// Do not run the config's failover hook.
         #[arg(long)]
         no_hook: bool,
@@ -378,7 +379,7 @@ pub enum Command {
     QemuArgs {
         /// Which VM's arguments.
         #[arg(long, value_enum)]
-        role: Side,
+        role: Role,
         /// Print one shell-quoted line instead of one argument per line.
         #[arg(long)]
         shell: bool,
@@ -403,7 +404,7 @@ pub enum Command {
         the [relay] section of --config. Runs until SIGINT or SIGTERM.",
         after_help = "Exit codes: 0 stopped by a signal, 1 the relay failed, 2 usage or config error."
     )]
-    Relay(qmp_driver::relay::RelayArgs),
+    Relay(colo_relay::RelayArgs),
 }
 
 /// Parses the command line, exiting with 2 on bad usage. `relay` may take
@@ -477,16 +478,16 @@ pub async fn run(cli: Cli) -> ExitCode {
             shell,
         } => match g.load_config() {
             Ok(cfg) => pair_cmds::daemon_args(&cfg, daemon, list, shell),
-            Err(e) => fail(&e, (&e).into()),
+            Err(e) => fail(&e, Exit::Usage),
         },
         Command::QemuArgs { role, shell } => match g.load_config() {
             Ok(cfg) => pair_cmds::qemu_args(&cfg, role, shell),
-            Err(e) => fail(&e, (&e).into()),
+            Err(e) => fail(&e, Exit::Usage),
         },
         command => {
             let cfg = match g.load_config() {
                 Ok(cfg) => cfg,
-                Err(e) => return fail(&e, (&e).into()),
+                Err(e) => return fail(&e, Exit::Usage),
             };
             pair_cmds::run(command, &cfg, &g).await
         }

@@ -3,13 +3,14 @@
 
 use super::render;
 use super::{Command, DaemonName, Exit, Globals, fail};
-use qmp_driver::config::{PairConfig, Side};
+use colo_qmp::QmpClient;
+use colo_types::Role;
+use qmp_driver::config::PairConfig;
 use qmp_driver::daemon_args::{self, Daemon};
 use qmp_driver::pair::{
     self, CheckpointOptions, CopyOptions, FailoverOptions, Hook, PairError, Progress, StartOptions,
 };
 use qmp_driver::qemu_args;
-use qmp_driver::qmp::QmpClient;
 use serde::Serialize;
 use serde_json::json;
 use std::process::ExitCode;
@@ -47,7 +48,7 @@ fn failover_options(no_hook: bool, no_relay: bool) -> FailoverOptions<'static> {
 
 /// Prints the error on stderr (and as JSON on stdout with `--json`).
 fn print_err(json: bool, e: &PairError) -> ExitCode {
-    let code = Exit::from(e);
+    let code = super::exit::for_pair_error(e);
     if json {
         println!(
             "{}",
@@ -57,7 +58,7 @@ fn print_err(json: bool, e: &PairError) -> ExitCode {
     fail(e, code)
 }
 
-async fn connect(cfg: &PairConfig, g: &Globals, side: Side) -> Result<QmpClient, PairError> {
+async fn connect(cfg: &PairConfig, g: &Globals, side: Role) -> Result<QmpClient, PairError> {
     pair::connect(cfg, side, g.connect_options()).await
 }
 
@@ -66,7 +67,7 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
     match command {
         Command::PrepareSecondary(out) => {
             let result = async {
-                let sec = connect(cfg, g, Side::Secondary).await?;
+                let sec = connect(cfg, g, Role::Secondary).await?;
                 pair::prepare_secondary(&sec, cfg, &mut progress).await
             }
             .await;
@@ -87,8 +88,8 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
             };
             let result = async {
                 let (pri, sec) = tokio::join!(
-                    connect(cfg, g, Side::Primary),
-                    connect(cfg, g, Side::Secondary)
+                    connect(cfg, g, Role::Primary),
+                    connect(cfg, g, Role::Secondary)
                 );
                 let (pri, sec) = (pri?, sec?);
                 pair::start(&pri, &sec, cfg, &opts, &mut progress).await
@@ -109,7 +110,7 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
                 timeout,
             };
             let result = async {
-                let pri = connect(cfg, g, Side::Primary).await?;
+                let pri = connect(cfg, g, Role::Primary).await?;
                 pair::copy_disk(&pri, cfg, &opts, &mut progress).await
             }
             .await;
@@ -140,7 +141,7 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
                 use_relay: !no_relay,
             };
             let result = async {
-                let pri = connect(cfg, g, Side::Primary).await?;
+                let pri = connect(cfg, g, Role::Primary).await?;
                 pair::checkpoint(&pri, cfg, &opts).await
             }
             .await;
@@ -159,10 +160,10 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
             let result = async {
                 let qmp = connect(cfg, g, survivor).await?;
                 match survivor {
-                    Side::Secondary => {
+                    Role::Secondary => {
                         pair::failover_to_secondary(&qmp, cfg, opts, &mut progress).await
                     }
-                    Side::Primary => {
+                    Role::Primary => {
                         pair::failover_to_primary(&qmp, cfg, opts, &mut progress).await
                     }
                 }
@@ -181,8 +182,8 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
             let opts = failover_options(no_hook, no_relay);
             let result = async {
                 let (pri, sec) = tokio::join!(
-                    connect(cfg, g, Side::Primary),
-                    connect(cfg, g, Side::Secondary)
+                    connect(cfg, g, Role::Primary),
+                    connect(cfg, g, Role::Secondary)
                 );
                 let pri = pri?;
                 let sec = match sec {
@@ -247,10 +248,10 @@ pub fn daemon_args(
 }
 
 /// `qemu-args`.
-pub fn qemu_args(cfg: &PairConfig, role: Side, shell: bool) -> ExitCode {
+pub fn qemu_args(cfg: &PairConfig, role: Role, shell: bool) -> ExitCode {
     let args = match qemu_args::colo_args(cfg, role) {
         Ok(a) => a,
-        Err(e) => return fail(&e, (&e).into()),
+        Err(e) => return fail(&e, Exit::Usage),
     };
     if shell {
         println!("{}", qemu_args::shell_line(&args));
@@ -261,8 +262,8 @@ pub fn qemu_args(cfg: &PairConfig, role: Side, shell: bool) -> ExitCode {
     }
     if let Some(vm) = &cfg.vm {
         let memory = match role {
-            Side::Primary => format!("-m {}", vm.memory_mib),
-            Side::Secondary => format!(
+            Role::Primary => format!("-m {}", vm.memory_mib),
+            Role::Secondary => format!(
                 "-m {} (and about {} MiB free on this host: RAM plus the COLO cache)",
                 vm.memory_mib,
                 2 * u64::from(vm.memory_mib)

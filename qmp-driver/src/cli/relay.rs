@@ -6,12 +6,11 @@
 use super::{Cli, Command, Globals};
 use clap::FromArgMatches;
 use clap::parser::ValueSource;
-use colo_control::ControlAddress;
+use colo_relay::{RelayArgs, RelayConfig};
+use colo_types::Address;
 use qmp_driver::config::ConfigError;
-use qmp_driver::relay::{Endpoint, RelayArgs, RelayConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tokio_util::sync::CancellationToken;
 
 fn usage(msg: impl std::fmt::Display) -> clap::Error {
     clap::Error::raw(
@@ -24,10 +23,10 @@ fn usage(msg: impl std::fmt::Display) -> clap::Error {
 /// config file for whatever is missing.
 pub fn parse(top: &clap::ArgMatches, sub: &clap::ArgMatches) -> Result<Cli, clap::Error> {
     let globals = Globals::from_arg_matches(sub).or_else(|_| Globals::from_arg_matches(top))?;
-    let listen = sub.get_one::<Endpoint>("listen").cloned();
-    let target = sub.get_one::<Endpoint>("target").cloned();
+    let listen = sub.get_one::<Address>("listen").cloned();
+    let target = sub.get_one::<Address>("target").cloned();
     let control = sub.get_one::<PathBuf>("control").cloned();
-    let control_tcp = sub.get_one::<ControlAddress>("control_tcp").cloned();
+    let control_tcp = sub.get_one::<Address>("control_tcp").cloned();
     let ack_explicit = sub.value_source("ack_timeout_ms") != Some(ValueSource::DefaultValue);
     let ack = sub.get_one::<u64>("ack_timeout_ms").copied();
 
@@ -85,34 +84,12 @@ pub async fn run(args: RelayArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return super::fail(&e, super::Exit::Usage),
     };
-    let shutdown = CancellationToken::new();
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("signal received: stopping the relay");
-        on_signal.cancel();
-    });
-    match qmp_driver::relay::run(config, shutdown).await {
+    let shutdown = colo_daemon::run::shutdown_on_signal();
+    match colo_relay::run(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("qmp-driver: {e}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!("cannot watch SIGTERM ({e}); only SIGINT stops the relay");
-            let _ = tokio::signal::ctrl_c().await;
+            super::Exit::Failed.into()
         }
     }
 }

@@ -5,12 +5,12 @@
 //! the periodic timer). The current value is re-set, so the period does not
 //! change.
 
-use super::steps;
 use super::{PairError, relay_link};
-use crate::config::{PairConfig, Side};
-use crate::qmp::{QmpClient, QmpError};
+use crate::config::PairConfig;
+use colo_daemon::checkpoint::CheckpointError;
+use colo_qmp::{QmpClient, QmpError};
+use colo_types::Role;
 use serde::Serialize;
-use serde_json::json;
 use std::time::{Duration, Instant};
 
 /// How [`checkpoint`] runs.
@@ -69,44 +69,37 @@ pub struct CheckpointReport {
     pub relay_error: Option<String>,
 }
 
+/// Refuses unless the primary's migration is in `colo`, with the operator's hint.
 async fn ensure_colo(primary: &QmpClient) -> Result<(), PairError> {
-    let mig = steps::migration(primary, Side::Primary).await?;
-    match mig.status.as_deref() {
-        Some("colo") => Ok(()),
-        other => Err(PairError::precondition(
-            Side::Primary,
-            format!(
-                "the primary's migration status is `{}`, not `colo`: checkpoints happen only \
-                 while COLO runs",
-                other.unwrap_or("none")
+    colo_daemon::checkpoint::ensure_colo(primary)
+        .await
+        .map_err(|e| match e {
+            CheckpointError::NotInColo(_) => PairError::precondition(
+                Role::Primary,
+                e.to_string(),
+                "Start COLO first (`qmp-driver start`); `qmp-driver status` shows both sides",
             ),
-            "Start COLO first (`qmp-driver start`); `qmp-driver status` shows both sides",
-        )),
-    }
+            CheckpointError::Qmp(source) => PairError::Qmp {
+                side: Role::Primary,
+                step: "query-migrate".into(),
+                source,
+            },
+        })
 }
 
-/// Re-sets the primary's current `x-checkpoint-delay`, which makes QEMU
-/// checkpoint at once without changing the period; returns the delay. Unlike
-/// [`request_checkpoint`] it does not check that COLO runs first.
-pub async fn reset_checkpoint_delay(primary: &QmpClient) -> Result<u32, PairError> {
-    let delay = steps::checkpoint_delay(primary, Side::Primary).await?;
+/// Re-sets the primary's current `x-checkpoint-delay` (colo-qmp's
+/// [`QmpClient::reset_checkpoint_delay`]), which makes QEMU checkpoint at
+/// once without changing the period; returns the delay.
+async fn reset_checkpoint_delay(primary: &QmpClient) -> Result<u32, PairError> {
     primary
-        .migrate_set_parameters(json!({ "x-checkpoint-delay": delay }))
+        .reset_checkpoint_delay()
         .await
         .map_err(|source| PairError::Qmp {
-            side: Side::Primary,
-            step: format!("migrate-set-parameters x-checkpoint-delay={delay}"),
+            side: Role::Primary,
+            step: "re-set x-checkpoint-delay (query-migrate-parameters, migrate-set-parameters)"
+                .into(),
             source,
-        })?;
-    Ok(delay)
-}
-
-/// Asks the primary for a checkpoint now (re-sets its current
-/// `x-checkpoint-delay`) and returns that delay. Returns before the
-/// checkpoint runs. Refuses unless the primary's migration is `colo`.
-pub async fn request_checkpoint(primary: &QmpClient) -> Result<u32, PairError> {
-    ensure_colo(primary).await?;
-    reset_checkpoint_delay(primary).await
+        })
 }
 
 /// Forces a checkpoint and waits for it: notes the reason to the relay (when
@@ -150,14 +143,14 @@ pub async fn checkpoint(
     let deadline = requested + timeout;
     let wait = |e: QmpError| match e {
         QmpError::Timeout { .. } => PairError::incomplete(
-            Side::Primary,
+            Role::Primary,
             format!("no checkpoint (STOP, then RESUME) on the primary within {timeout:?}"),
             "The primary may hang in a checkpoint because the secondary is gone: check \
              `qmp-driver status`; if the secondary died, run `qmp-driver failover --survivor \
              primary`",
         ),
         source => PairError::Qmp {
-            side: Side::Primary,
+            side: Role::Primary,
             step: "wait for STOP/RESUME".into(),
             source,
         },

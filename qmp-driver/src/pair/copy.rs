@@ -9,8 +9,9 @@
 
 use super::steps::{self, Journal};
 use super::{PairError, Progress, ProgressFn, Step};
-use crate::config::{PairConfig, Side};
-use crate::qmp::QmpClient;
+use crate::config::PairConfig;
+use colo_qmp::QmpClient;
+use colo_types::Role;
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -62,7 +63,7 @@ pub async fn copy_disk(
     opts: &CopyOptions,
     mut progress: ProgressFn<'_>,
 ) -> Result<CopyReport, PairError> {
-    let side = Side::Primary;
+    let side = Role::Primary;
     let started = Instant::now();
     let mut journal = Journal::new(&mut progress);
     let state = steps::runstate(primary, side).await?;
@@ -119,7 +120,7 @@ async fn find_job(primary: &QmpClient) -> Result<Option<Value>, PairError> {
         .execute_raw("query-block-jobs", None)
         .await
         .map_err(|source| PairError::Qmp {
-            side: Side::Primary,
+            side: Role::Primary,
             step: "query-block-jobs".into(),
             source,
         })?;
@@ -137,7 +138,7 @@ async fn wait_ready(
     timeout: Duration,
     journal: &mut Journal<'_, '_>,
 ) -> Result<u64, PairError> {
-    let side = Side::Primary;
+    let side = Role::Primary;
     let start = Instant::now();
     let mut last_percent = None;
     loop {
@@ -190,7 +191,7 @@ async fn wait_gone(primary: &QmpClient, journal: &mut Journal<'_, '_>) -> Result
     while find_job(primary).await?.is_some() {
         if start.elapsed() > Duration::from_secs(30) {
             return Err(PairError::Incomplete {
-                side: Side::Primary,
+                side: Role::Primary,
                 what: format!("the copy job {COPY_JOB} did not end after block-job-cancel"),
                 hint: "check `query-block-jobs` on the primary".into(),
             });

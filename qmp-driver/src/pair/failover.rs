@@ -8,9 +8,10 @@
 
 use super::steps::{self, Journal, hmp};
 use super::{Hook, Outcome, PairError, ProgressFn, Step, relay_link};
-use crate::config::{DiskBackend, NetworkBackend, PairConfig, Side};
-use crate::qemu_args::ids;
-use crate::qmp::QmpClient;
+use crate::config::{DiskBackend, NetworkBackend, PairConfig};
+use colo_qmp::QmpClient;
+use colo_types::Role;
+use colo_types::qemu_ids as ids;
 use serde::Serialize;
 use serde_json::json;
 use std::process::Stdio;
@@ -44,7 +45,7 @@ impl Default for FailoverOptions<'_> {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FailoverReport {
     /// The side that runs on.
-    pub survivor: Side,
+    pub survivor: Role,
     /// The failover had already been done (the steps only tidied up what
     /// was left, if anything).
     pub already_done: bool,
@@ -77,7 +78,7 @@ pub struct StopReport {
 /// done (COLO mode `none`, last mode `side`).
 async fn check_in_colo(
     qmp: &QmpClient,
-    side: Side,
+    side: Role,
     journal: &mut Journal<'_, '_>,
     yanked: &mut bool,
 ) -> Result<bool, PairError> {
@@ -98,7 +99,7 @@ async fn check_in_colo(
             "It reports mode {}: are `primary.qmp` and `secondary.qmp` swapped in the config?",
             colo.mode
         )
-    } else if side == Side::Secondary {
+    } else if side == Role::Secondary {
         "It never entered COLO, so it has no complete copy of the VM: do not let it take over. \
          If the primary still runs, use `failover --survivor primary`"
             .to_string()
@@ -124,7 +125,7 @@ pub async fn failover_to_secondary(
     opts: FailoverOptions<'_>,
     mut progress: ProgressFn<'_>,
 ) -> Result<FailoverReport, PairError> {
-    let side = Side::Secondary;
+    let side = Role::Secondary;
     let started = Instant::now();
     let mut journal = Journal::new(&mut progress);
     let mut yanked = false;
@@ -185,7 +186,7 @@ async fn remove_secondary_filters(
     with_bridge: bool,
     journal: &mut Journal<'_, '_>,
 ) -> Result<bool, PairError> {
-    let side = Side::Secondary;
+    let side = Role::Secondary;
     let mut changed = false;
     let bridge_filters = [
         ids::SECONDARY_NET_IN_REDIRECTOR,
@@ -250,7 +251,7 @@ async fn bridge_through_proxyd(
     end: &mut Ending,
     journal: &mut Journal<'_, '_>,
 ) -> Result<bool, PairError> {
-    let side = Side::Secondary;
+    let side = Role::Secondary;
     let net = &cfg.network;
     let mut changed = false;
     for (id, port) in [
@@ -374,7 +375,7 @@ pub async fn failover_to_primary(
     opts: FailoverOptions<'_>,
     mut progress: ProgressFn<'_>,
 ) -> Result<FailoverReport, PairError> {
-    let side = Side::Primary;
+    let side = Role::Primary;
     let started = Instant::now();
     let mut journal = Journal::new(&mut progress);
     let mut yanked = false;
@@ -420,7 +421,7 @@ async fn primary_sequence(
     already: bool,
     journal: &mut Journal<'_, '_>,
 ) -> Result<bool, PairError> {
-    let side = Side::Primary;
+    let side = Role::Primary;
     let mut changed = !already;
     let device = &cfg.disk.device;
     changed |= journal
@@ -472,7 +473,7 @@ async fn primary_sequence(
 
 async fn lost_heartbeat(
     qmp: &QmpClient,
-    side: Side,
+    side: Role,
     already: bool,
     journal: &mut Journal<'_, '_>,
 ) -> Result<(), PairError> {
@@ -495,7 +496,7 @@ async fn lost_heartbeat(
 async fn finish(
     qmp: &QmpClient,
     cfg: &PairConfig,
-    side: Side,
+    side: Role,
     end: Ending,
     hook_error: Option<PairError>,
     mut journal: Journal<'_, '_>,
@@ -516,11 +517,11 @@ async fn finish(
     })
 }
 
-async fn notify_relay(cfg: &PairConfig, survivor: Side, journal: &mut Journal<'_, '_>) {
+async fn notify_relay(cfg: &PairConfig, survivor: Role, journal: &mut Journal<'_, '_>) {
     if let Some(relay) = &cfg.relay {
         journal
             .best_effort(
-                Side::Secondary,
+                Role::Secondary,
                 &format!(
                     "notify relay {}: failover, survivor {survivor}",
                     relay.control.display()
@@ -533,7 +534,7 @@ async fn notify_relay(cfg: &PairConfig, survivor: Side, journal: &mut Journal<'_
 
 async fn wait_running(
     qmp: &QmpClient,
-    side: Side,
+    side: Role,
     within: Duration,
     journal: &mut Journal<'_, '_>,
 ) -> Result<String, PairError> {
@@ -571,7 +572,7 @@ async fn wait_running(
 /// the hook did) before reporting it.
 async fn run_hook(
     cfg: &PairConfig,
-    side: Side,
+    side: Role,
     hook: Hook<'_>,
     timeout: Duration,
     journal: &mut Journal<'_, '_>,
@@ -625,7 +626,7 @@ async fn run_hook(
 /// logged, never mixed into ours.
 async fn shell_hook(
     cfg: &PairConfig,
-    side: Side,
+    side: Role,
     cmd: &str,
     timeout: Duration,
 ) -> Result<(), String> {
@@ -681,11 +682,11 @@ pub async fn stop_protection(
     let started = Instant::now();
     let mut journal = Journal::new(&mut progress);
     if let Some(sec) = secondary {
-        let colo = steps::colo_status(sec, Side::Secondary).await?;
-        let status = steps::runstate(sec, Side::Secondary).await?;
+        let colo = steps::colo_status(sec, Role::Secondary).await?;
+        let status = steps::runstate(sec, Role::Secondary).await?;
         if colo.mode == "none" && colo.last_mode.as_deref() == Some("secondary") && status.running {
             return Err(PairError::precondition(
-                Side::Secondary,
+                Role::Secondary,
                 "the secondary has taken over (it runs outside COLO after a failover), so both \
                  VMs run",
                 "Decide which VM is authoritative and quit the other one by hand; `stop` would \
@@ -694,12 +695,12 @@ pub async fn stop_protection(
         }
     }
     let mut yanked = false;
-    let already = check_in_colo(primary, Side::Primary, &mut journal, &mut yanked).await?;
+    let already = check_in_colo(primary, Role::Primary, &mut journal, &mut yanked).await?;
     let changed = primary_sequence(primary, cfg, already, &mut journal).await?;
     let hook_error = if changed {
         run_hook(
             cfg,
-            Side::Primary,
+            Role::Primary,
             opts.hook,
             opts.hook_timeout,
             &mut journal,
@@ -708,13 +709,13 @@ pub async fn stop_protection(
     } else {
         None
     };
-    wait_running(primary, Side::Primary, opts.running_timeout, &mut journal).await?;
+    wait_running(primary, Role::Primary, opts.running_timeout, &mut journal).await?;
     let secondary_outcome = match secondary {
         None => "unreachable: not quit (quit it by hand if it still runs)".to_string(),
         Some(sec) => quit_secondary(sec, &mut journal).await?,
     };
     if opts.notify_relay && !already {
-        notify_relay(cfg, Side::Primary, &mut journal).await;
+        notify_relay(cfg, Role::Primary, &mut journal).await;
     }
     if let Some(e) = hook_error {
         return Err(e);
@@ -732,7 +733,7 @@ async fn quit_secondary(
     sec: &QmpClient,
     journal: &mut Journal<'_, '_>,
 ) -> Result<String, PairError> {
-    let side = Side::Secondary;
+    let side = Role::Secondary;
     let colo = match sec.query_colo_status().await {
         Ok(c) => c,
         Err(e) if e.is_disconnected() => {

@@ -14,12 +14,13 @@
 //! FnMut(Progress)`); pass `&mut |_| {}` to ignore it.
 //!
 //! ```no_run
-//! use qmp_driver::config::{PairConfig, Side};
+//! use qmp_driver::config::PairConfig;
+//! use colo_types::Role;
 //! use qmp_driver::pair::{self, FailoverOptions};
-//! use qmp_driver::qmp::ConnectOptions;
+//! use colo_qmp::ConnectOptions;
 //!
 //! # async fn demo(cfg: PairConfig) -> Result<(), qmp_driver::pair::PairError> {
-//! let qmp = pair::connect(&cfg, Side::Secondary, ConnectOptions::default()).await?;
+//! let qmp = pair::connect(&cfg, Role::Secondary, ConnectOptions::default()).await?;
 //! let report = pair::failover_to_secondary(&qmp, &cfg, FailoverOptions::default(), &mut |p| {
 //!     eprintln!("{p}")
 //! })
@@ -37,18 +38,16 @@ mod start;
 mod status;
 mod steps;
 
-use crate::config::{PairConfig, Side};
-use crate::qmp::{ConnectOptions, QmpClient, QmpError};
+use crate::config::PairConfig;
+use colo_qmp::{ConnectOptions, QmpClient, QmpError};
+use colo_types::Role;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-pub use checkpoint::{
-    CheckpointOptions, CheckpointReport, RelayEpoch, checkpoint, request_checkpoint,
-    reset_checkpoint_delay,
-};
+pub use checkpoint::{CheckpointOptions, CheckpointReport, RelayEpoch, checkpoint};
 pub use copy::{COPY_JOB, CopyOptions, CopyReport, DEFAULT_COPY_EXPORT, copy_disk, default_target};
 pub use failover::{
     FailoverOptions, FailoverReport, StopOptions, StopReport, failover_to_primary,
@@ -69,7 +68,7 @@ pub enum PairError {
     )]
     Unreachable {
         /// The side.
-        side: Side,
+        side: Role,
         /// Its QMP address.
         address: String,
         /// The connection error.
@@ -80,7 +79,7 @@ pub enum PairError {
     #[error("{side} QEMU: `{step}` failed: {source}")]
     Qmp {
         /// The side.
-        side: Side,
+        side: Role,
         /// The step, e.g. `object-del comp0`.
         step: String,
         /// The error.
@@ -91,7 +90,7 @@ pub enum PairError {
     #[error("{side}: {what}. {hint}")]
     Precondition {
         /// The side whose state is wrong.
-        side: Side,
+        side: Role,
         /// What is wrong.
         what: String,
         /// What to do.
@@ -102,7 +101,7 @@ pub enum PairError {
     #[error("{side}: {what}. {hint}")]
     Incomplete {
         /// The side.
-        side: Side,
+        side: Role,
         /// What did not happen.
         what: String,
         /// What to do.
@@ -112,7 +111,7 @@ pub enum PairError {
 
 impl PairError {
     /// The side the error concerns.
-    pub fn side(&self) -> Side {
+    pub fn side(&self) -> Role {
         match self {
             PairError::Unreachable { side, .. }
             | PairError::Qmp { side, .. }
@@ -134,7 +133,7 @@ impl PairError {
     }
 
     pub(crate) fn precondition(
-        side: Side,
+        side: Role,
         what: impl Into<String>,
         hint: impl Into<String>,
     ) -> Self {
@@ -145,7 +144,7 @@ impl PairError {
         }
     }
 
-    pub(crate) fn incomplete(side: Side, what: impl Into<String>, hint: impl Into<String>) -> Self {
+    pub(crate) fn incomplete(side: Role, what: impl Into<String>, hint: impl Into<String>) -> Self {
         PairError::Incomplete {
             side,
             what: what.into(),
@@ -173,7 +172,7 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Step {
     /// Which VM (or host) the step acted on.
-    pub side: Side,
+    pub side: Role,
     /// What was done, e.g. `object-del comp0`.
     pub what: String,
     /// How it ended.
@@ -273,7 +272,7 @@ impl fmt::Debug for Hook<'_> {
 /// Connects to the QMP socket of `side` as the config gives it.
 pub async fn connect(
     cfg: &PairConfig,
-    side: Side,
+    side: Role,
     opts: ConnectOptions,
 ) -> Result<QmpClient, PairError> {
     let ep = &cfg.host(side).qmp;

@@ -2,9 +2,8 @@
 //! Every call here is best effort for the callers: COLO runs without the
 //! relay, so an unreachable relay is reported, never fatal.
 
-use crate::config::Side;
 use colo_control::client::{ClientOptions, ControlError, Operator};
-use colo_control::protocol::Survivor;
+use colo_types::Role;
 use std::path::Path;
 use std::time::Duration;
 
@@ -35,12 +34,12 @@ pub(crate) async fn query_status(
 /// subscribers).
 pub(crate) async fn notify_failover(
     path: &Path,
-    survivor: Side,
+    survivor: Role,
     timeout: Duration,
 ) -> Result<(), ControlError> {
     let survivor = match survivor {
-        Side::Primary => Survivor::Primary,
-        Side::Secondary => Survivor::Secondary,
+        Role::Primary => Role::Primary,
+        Role::Secondary => Role::Secondary,
     };
     operator(path, timeout).await?.failover(survivor).await
 }

@@ -2,9 +2,10 @@
 
 use super::steps::{self, Journal, hmp};
 use super::{PairError, Progress, ProgressFn, Step};
-use crate::config::{DiskBackend, NetworkBackend, PairConfig, Side};
-use crate::qemu_args::ids;
-use crate::qmp::QmpClient;
+use crate::config::{DiskBackend, NetworkBackend, PairConfig};
+use colo_qmp::QmpClient;
+use colo_types::Role;
+use colo_types::qemu_ids as ids;
 use serde::Serialize;
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -74,7 +75,7 @@ const SECONDARY_START_HINT: &str = "Start the secondary QEMU with the arguments 
 /// Reads the secondary's state and refuses any state prepare cannot work
 /// from. Changes nothing.
 async fn check_secondary(qmp: &QmpClient) -> Result<SecondaryState, PairError> {
-    let side = Side::Secondary;
+    let side = Role::Secondary;
     let colo = steps::colo_status(qmp, side).await?;
     if colo.mode == "secondary" {
         return Ok(SecondaryState::InColo);
@@ -131,7 +132,7 @@ async fn apply_prepare(
     caps: &[(String, bool)],
     journal: &mut Journal<'_, '_>,
 ) -> Result<(), PairError> {
-    let side = Side::Secondary;
+    let side = Role::Secondary;
     if listening {
         journal.skipped(
             side,
@@ -197,7 +198,7 @@ pub async fn prepare_secondary(
     let mut journal = Journal::new(&mut progress);
     match check_secondary(secondary).await? {
         SecondaryState::InColo => {
-            journal.skipped(Side::Secondary, "prepare", "already running in COLO");
+            journal.skipped(Role::Secondary, "prepare", "already running in COLO");
             Ok(PrepareReport {
                 already_in_colo: true,
                 steps: journal.steps,
@@ -239,17 +240,17 @@ pub async fn start(
 ) -> Result<StartReport, PairError> {
     let mut journal = Journal::new(&mut progress);
     let delay = cfg.migration.checkpoint_delay_ms;
-    let p = Side::Primary;
+    let p = Role::Primary;
 
     // Preconditions, both sides, before anything changes.
     let p_colo = steps::colo_status(primary, p).await?;
     let p_mig = steps::migration(primary, p).await?;
     let p_mig_status = p_mig.status.clone().unwrap_or_default();
     if p_colo.mode == "primary" {
-        let s_colo = steps::colo_status(secondary, Side::Secondary).await?;
+        let s_colo = steps::colo_status(secondary, Role::Secondary).await?;
         if s_colo.mode != "secondary" {
             return Err(PairError::precondition(
-                Side::Secondary,
+                Role::Secondary,
                 format!(
                     "the primary is in COLO but the secondary reports COLO mode {}",
                     s_colo.mode
@@ -296,7 +297,7 @@ pub async fn start(
         let (listening, caps) = match check_secondary(secondary).await? {
             SecondaryState::InColo => {
                 return Err(PairError::precondition(
-                    Side::Secondary,
+                    Role::Secondary,
                     "the secondary already runs in COLO, but the primary does not",
                     "The secondary belongs to another (dead) primary: fail over to it or quit \
                      it, then start a new secondary",
@@ -337,11 +338,11 @@ pub async fn start(
 /// the primary's filter-mirror drops it and the SVM never sees it (or, with
 /// colo-proxyd, the primary's redirector passes the PVM's output uncompared):
 /// per side, the chardev ids and what to check when they stay unconnected.
-fn filter_sockets(cfg: &PairConfig) -> Vec<(Side, Vec<&'static str>, String)> {
+fn filter_sockets(cfg: &PairConfig) -> Vec<(Role, Vec<&'static str>, String)> {
     let net = &cfg.network;
     match net.backend {
         NetworkBackend::ColoCompare => vec![(
-            Side::Primary,
+            Role::Primary,
             vec![ids::MIRROR_CHARDEV, ids::COMPARE_SECONDARY_IN],
             format!(
                 "Check that the secondary QEMU runs and can reach {host}:{} and {host}:{} \
@@ -353,7 +354,7 @@ fn filter_sockets(cfg: &PairConfig) -> Vec<(Side, Vec<&'static str>, String)> {
         )],
         NetworkBackend::ColoProxyd => vec![
             (
-                Side::Primary,
+                Role::Primary,
                 vec![
                     ids::MIRROR_CHARDEV,
                     ids::COMPARE_PRIMARY_IN_SERVER,
@@ -367,7 +368,7 @@ fn filter_sockets(cfg: &PairConfig) -> Vec<(Side, Vec<&'static str>, String)> {
                 ),
             ),
             (
-                Side::Secondary,
+                Role::Secondary,
                 vec![ids::SECONDARY_MIRROR_IN, ids::SECONDARY_OUT],
                 format!(
                     "Check that `colo-proxyd secondary` runs on the secondary host and listens \
@@ -389,8 +390,8 @@ async fn wait_redirectors(
 ) -> Result<(), PairError> {
     for (side, wanted, hint) in filter_sockets(cfg) {
         let qmp = match side {
-            Side::Primary => primary,
-            Side::Secondary => secondary,
+            Role::Primary => primary,
+            Role::Secondary => secondary,
         };
         wait_connected(qmp, side, &wanted, &hint, opts, journal).await?;
     }
@@ -399,7 +400,7 @@ async fn wait_redirectors(
 
 async fn wait_connected(
     qmp: &QmpClient,
-    side: Side,
+    side: Role,
     wanted: &[&str],
     hint: &str,
     opts: &StartOptions,
@@ -461,7 +462,7 @@ async fn add_replication_child(
     cfg: &PairConfig,
     journal: &mut Journal<'_, '_>,
 ) -> Result<(), PairError> {
-    let p = Side::Primary;
+    let p = Role::Primary;
     let node = &cfg.disk.replication_node;
     let nodes = primary
         .execute_raw("query-named-block-nodes", Some(json!({ "flat": true })))
@@ -527,7 +528,7 @@ async fn wait_colo(
     opts: &StartOptions,
     journal: &mut Journal<'_, '_>,
 ) -> Result<(), PairError> {
-    let p = Side::Primary;
+    let p = Role::Primary;
     let deadline = Instant::now() + opts.colo_timeout;
     let mut last_percent = None;
     loop {
@@ -537,11 +538,11 @@ async fn wait_colo(
         match status.as_str() {
             "colo" => {
                 let p_run = steps::runstate(primary, p).await?.running;
-                let s_run = steps::runstate(secondary, Side::Secondary).await?.running;
+                let s_run = steps::runstate(secondary, Role::Secondary).await?.running;
                 if p_run && s_run {
                     break;
                 }
-                not_running = Some(if p_run { Side::Secondary } else { p });
+                not_running = Some(if p_run { Role::Secondary } else { p });
             }
             "failed" | "cancelled" | "cancelling" => {
                 let desc = info.extra["error-desc"].as_str().unwrap_or("no error-desc");
@@ -591,7 +592,7 @@ async fn wait_colo(
     }
     for (qmp, side, mode) in [
         (primary, p, "primary"),
-        (secondary, Side::Secondary, "secondary"),
+        (secondary, Role::Secondary, "secondary"),
     ] {
         let colo = steps::colo_status(qmp, side).await?;
         if colo.mode != mode {

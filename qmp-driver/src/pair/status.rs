@@ -2,8 +2,9 @@
 //! that is reported, never an error.
 
 use super::{connect, relay_link, steps};
-use crate::config::{PairConfig, Side};
-use crate::qmp::{ConnectOptions, QmpClient};
+use crate::config::PairConfig;
+use colo_qmp::{ConnectOptions, QmpClient};
+use colo_types::Role;
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SideStatus {
     /// The side.
-    pub side: Side,
+    pub side: Role,
     /// Its QMP address.
     pub qmp: String,
     /// The QMP socket answered.
@@ -42,7 +43,7 @@ pub struct SideStatus {
 }
 
 impl SideStatus {
-    fn unreachable(side: Side, qmp: String, error: String) -> Self {
+    fn unreachable(side: Role, qmp: String, error: String) -> Self {
         SideStatus {
             side,
             qmp,
@@ -97,7 +98,7 @@ impl PairStatus {
 
 /// Asks one connected QEMU for its state. `address` is shown as its QMP
 /// address.
-pub async fn side_status(qmp: &QmpClient, side: Side, address: &str) -> SideStatus {
+pub async fn side_status(qmp: &QmpClient, side: Role, address: &str) -> SideStatus {
     let v = &qmp.greeting().version;
     let mut st = SideStatus {
         side,
@@ -130,7 +131,7 @@ pub async fn side_status(qmp: &QmpClient, side: Side, address: &str) -> SideStat
             st.error.get_or_insert(e.to_string());
         }
     }
-    if side == Side::Primary {
+    if side == Role::Primary {
         match steps::checkpoint_delay(qmp, side).await {
             Ok(d) => st.checkpoint_delay_ms = Some(d),
             Err(e) => {
@@ -141,7 +142,7 @@ pub async fn side_status(qmp: &QmpClient, side: Side, address: &str) -> SideStat
     st
 }
 
-async fn connect_and_query(cfg: &PairConfig, side: Side, opts: ConnectOptions) -> SideStatus {
+async fn connect_and_query(cfg: &PairConfig, side: Role, opts: ConnectOptions) -> SideStatus {
     let address = cfg.host(side).qmp.to_string();
     match connect(cfg, side, opts).await {
         Ok(qmp) => side_status(&qmp, side, &address).await,
@@ -174,8 +175,8 @@ pub async fn relay_status(cfg: &PairConfig) -> Option<RelayReport> {
 /// each says.
 pub async fn status(cfg: &PairConfig, opts: ConnectOptions) -> PairStatus {
     let (primary, secondary, relay) = tokio::join!(
-        connect_and_query(cfg, Side::Primary, opts.clone()),
-        connect_and_query(cfg, Side::Secondary, opts),
+        connect_and_query(cfg, Role::Primary, opts.clone()),
+        connect_and_query(cfg, Role::Secondary, opts),
         relay_status(cfg),
     );
     PairStatus {

@@ -2,8 +2,8 @@
 //! preconditions use.
 
 use super::{Outcome, PairError, Progress, ProgressFn, Step};
-use crate::config::Side;
-use crate::qmp::{ColoStatus, MigrationInfo, QmpClient, QmpError, StatusInfo};
+use colo_qmp::{ColoStatus, MigrationInfo, QmpClient, QmpError, StatusInfo};
+use colo_types::Role;
 use serde_json::Value;
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -39,7 +39,7 @@ impl<'a, 'p> Journal<'a, 'p> {
 
     fn push(
         &mut self,
-        side: Side,
+        side: Role,
         what: &str,
         outcome: Outcome,
         start: Instant,
@@ -57,7 +57,7 @@ impl<'a, 'p> Journal<'a, 'p> {
     /// A required step: any error fails the operation.
     pub(crate) async fn run<T>(
         &mut self,
-        side: Side,
+        side: Role,
         what: &str,
         fut: impl Future<Output = Result<T, QmpError>>,
     ) -> Result<T, PairError> {
@@ -83,7 +83,7 @@ impl<'a, 'p> Journal<'a, 'p> {
     /// recorded as skipped. Returns whether the step did something.
     pub(crate) async fn idempotent<T>(
         &mut self,
-        side: Side,
+        side: Role,
         what: &str,
         done_markers: &[&str],
         fut: impl Future<Output = Result<T, QmpError>>,
@@ -112,7 +112,7 @@ impl<'a, 'p> Journal<'a, 'p> {
     /// A best-effort step: an error is recorded and the operation goes on.
     pub(crate) async fn best_effort<T, E: std::fmt::Display>(
         &mut self,
-        side: Side,
+        side: Role,
         what: &str,
         fut: impl Future<Output = Result<T, E>>,
     ) -> Option<T> {
@@ -130,7 +130,7 @@ impl<'a, 'p> Journal<'a, 'p> {
     }
 
     /// Records a step that was not needed.
-    pub(crate) fn skipped(&mut self, side: Side, what: &str, why: impl Into<String>) {
+    pub(crate) fn skipped(&mut self, side: Role, what: &str, why: impl Into<String>) {
         self.push(
             side,
             what,
@@ -157,7 +157,7 @@ pub(crate) async fn hmp(qmp: &QmpClient, command_line: &str) -> Result<(), QmpEr
     }
 }
 
-fn query_error(side: Side, what: &str, source: QmpError) -> PairError {
+fn query_error(side: Role, what: &str, source: QmpError) -> PairError {
     PairError::Qmp {
         side,
         step: what.to_string(),
@@ -166,14 +166,14 @@ fn query_error(side: Side, what: &str, source: QmpError) -> PairError {
 }
 
 /// `query-status`.
-pub(crate) async fn runstate(qmp: &QmpClient, side: Side) -> Result<StatusInfo, PairError> {
+pub(crate) async fn runstate(qmp: &QmpClient, side: Role) -> Result<StatusInfo, PairError> {
     qmp.query_status()
         .await
         .map_err(|e| query_error(side, "query-status", e))
 }
 
 /// `query-colo-status`.
-pub(crate) async fn colo_status(qmp: &QmpClient, side: Side) -> Result<ColoStatus, PairError> {
+pub(crate) async fn colo_status(qmp: &QmpClient, side: Role) -> Result<ColoStatus, PairError> {
     qmp.query_colo_status()
         .await
         .map_err(|e| query_error(side, "query-colo-status", e))
@@ -185,7 +185,7 @@ pub(crate) async fn colo_status(qmp: &QmpClient, side: Side) -> Result<ColoStatu
 /// unsticks it, and ask again.
 pub(crate) async fn colo_status_unsticking(
     qmp: &QmpClient,
-    side: Side,
+    side: Role,
     journal: &mut Journal<'_, '_>,
     yanked: &mut bool,
 ) -> Result<ColoStatus, PairError> {
@@ -214,7 +214,7 @@ pub(crate) async fn colo_status_unsticking(
 }
 
 /// `query-migrate`.
-pub(crate) async fn migration(qmp: &QmpClient, side: Side) -> Result<MigrationInfo, PairError> {
+pub(crate) async fn migration(qmp: &QmpClient, side: Role) -> Result<MigrationInfo, PairError> {
     qmp.query_migrate()
         .await
         .map_err(|e| query_error(side, "query-migrate", e))
@@ -223,7 +223,7 @@ pub(crate) async fn migration(qmp: &QmpClient, side: Side) -> Result<MigrationIn
 /// Migration capabilities as `(name, state)` pairs.
 pub(crate) async fn capabilities(
     qmp: &QmpClient,
-    side: Side,
+    side: Role,
 ) -> Result<Vec<(String, bool)>, PairError> {
     let v = qmp
         .execute_raw("query-migrate-capabilities", None)
@@ -241,24 +241,10 @@ pub(crate) fn capability(caps: &[(String, bool)], name: &str) -> bool {
 }
 
 /// The current `x-checkpoint-delay` from `query-migrate-parameters`.
-pub(crate) async fn checkpoint_delay(qmp: &QmpClient, side: Side) -> Result<u32, PairError> {
-    let v = qmp
-        .execute_raw("query-migrate-parameters", None)
+pub(crate) async fn checkpoint_delay(qmp: &QmpClient, side: Role) -> Result<u32, PairError> {
+    qmp.checkpoint_delay()
         .await
-        .map_err(|e| query_error(side, "query-migrate-parameters", e))?;
-    v["x-checkpoint-delay"]
-        .as_u64()
-        .and_then(|d| u32::try_from(d).ok())
-        .ok_or_else(|| {
-            query_error(
-                side,
-                "query-migrate-parameters",
-                QmpError::Decode {
-                    command: "query-migrate-parameters".into(),
-                    detail: format!("no x-checkpoint-delay in {v}"),
-                },
-            )
-        })
+        .map_err(|e| query_error(side, "query-migrate-parameters", e))
 }
 
 /// Sets the capabilities COLO needs: x-colo on, return-path off (with
@@ -266,7 +252,7 @@ pub(crate) async fn checkpoint_delay(qmp: &QmpClient, side: Side) -> Result<u32,
 /// already are.
 pub(crate) async fn enable_colo_capabilities(
     qmp: &QmpClient,
-    side: Side,
+    side: Role,
     caps: &[(String, bool)],
     journal: &mut Journal<'_, '_>,
 ) -> Result<(), PairError> {
@@ -302,7 +288,7 @@ pub(crate) async fn enable_colo_capabilities(
 /// Out-of-band `yank` of the migration stream, best effort: with a dead
 /// peer it unsticks QEMU; when the stream is already gone QEMU says so,
 /// which is fine.
-pub(crate) async fn yank_migration(qmp: &QmpClient, side: Side, journal: &mut Journal<'_, '_>) {
+pub(crate) async fn yank_migration(qmp: &QmpClient, side: Role, journal: &mut Journal<'_, '_>) {
     let what = if qmp.oob_enabled() {
         "yank migration (out of band)"
     } else {
@@ -320,7 +306,7 @@ pub(crate) async fn yank_migration(qmp: &QmpClient, side: Side, journal: &mut Jo
 /// Labels of chardevs that are not connected (or do not exist).
 pub(crate) async fn unconnected_chardevs<'i>(
     qmp: &QmpClient,
-    side: Side,
+    side: Role,
     ids: &[&'i str],
 ) -> Result<Vec<(&'i str, bool)>, PairError> {
     let list = qmp

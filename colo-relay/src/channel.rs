@@ -1,0 +1,610 @@
+//! Forwarding of the migration channels, and the epoch state machine on the
+//! main channel's secondary-to-primary direction.
+//!
+//! Every accepted connection gets its own connection to the secondary and
+//! two pumps (one per direction). A pump reads into its buffer and writes
+//! what it read at once: nothing is reordered, merged or delayed, except the
+//! last bytes of a `checkpoint-reply` or `vmstate-received`, which wait for
+//! the checkpoint barrier.
+//!
+//! Connections are grouped in *sessions*: one main channel plus the
+//! pass-through channels (multifd) that arrived with it. A barrier failure
+//! cancels the session, which closes all of them at once.
+
+use super::colo_message::{ColoMessage, ColoParser, ParseError, QEVM_MAGIC};
+use super::stream::{ReadHalf, RelayListener, Stream, WriteHalf};
+use colo_control::hub::{BarrierError, ControlHub};
+use colo_control::protocol::{
+    EXIT_BARRIER_TIMEOUT, EXIT_CHANNEL_CLOSED, EXIT_RELAY_SHUTDOWN, EventBody, EventKind,
+    RelayState,
+};
+use colo_types::Address;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+/// Read buffer of the primary-to-secondary direction (bulk RAM). Each read
+/// is forwarded as soon as it returns, whatever its size.
+pub(crate) const UP_BUF: usize = 1 << 20;
+/// Read buffer of the secondary-to-primary direction.
+pub(crate) const DOWN_BUF: usize = 64 << 10;
+/// Bound of connecting to the secondary for one channel.
+pub(crate) const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound of a half-close (`shutdown(SHUT_WR)`) towards a peer.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Which QEMU a direction reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Primary,
+    Secondary,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Primary => "primary",
+            Side::Secondary => "secondary",
+        })
+    }
+}
+
+/// How a pump ended.
+#[derive(Debug)]
+enum End {
+    /// The source closed its side; the other side was half-closed too.
+    Eof,
+    /// Reading the source failed.
+    ReadError(std::io::Error),
+    /// Writing to the destination failed.
+    WriteError(std::io::Error),
+    /// The session or the relay was cancelled.
+    Cancelled,
+    /// A barrier failed; the session was cancelled.
+    BarrierFailed,
+}
+
+impl End {
+    fn describe(&self, from: Side, to: Side) -> String {
+        match self {
+            End::Eof => format!("the {from} closed the connection"),
+            End::ReadError(e) => format!("reading from the {from} failed: {e}"),
+            End::WriteError(e) => format!("writing to the {to} failed: {e}"),
+            End::Cancelled => "the relay closed the channel".to_string(),
+            End::BarrierFailed => "a checkpoint barrier failed".to_string(),
+        }
+    }
+}
+
+/// One main channel and the pass-through channels that belong with it.
+#[derive(Debug)]
+struct Session {
+    id: u64,
+    cancel: CancellationToken,
+    has_main: AtomicBool,
+    /// Set when a barrier failed: the relay ended COLO itself.
+    failed: AtomicBool,
+}
+
+/// Shared by every connection task of one [`super::serve`] call.
+#[derive(Debug)]
+pub(crate) struct Relay {
+    hub: ControlHub,
+    target: Address,
+    ack_timeout: Duration,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    current: Mutex<Arc<Session>>,
+    next_id: AtomicU64,
+}
+
+impl Relay {
+    pub(crate) fn new(
+        hub: ControlHub,
+        target: Address,
+        ack_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Arc<Relay> {
+        let first = Arc::new(Session {
+            id: 1,
+            cancel: shutdown.child_token(),
+            has_main: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+        });
+        Arc::new(Relay {
+            hub,
+            target,
+            ack_timeout,
+            shutdown,
+            tasks: TaskTracker::new(),
+            current: Mutex::new(first),
+            next_id: AtomicU64::new(2),
+        })
+    }
+
+    fn current(&self) -> Arc<Session> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn is_current(&self, s: &Session) -> bool {
+        self.current().id == s.id
+    }
+
+    fn fresh_session(&self) -> Arc<Session> {
+        Arc::new(Session {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            cancel: self.shutdown.child_token(),
+            has_main: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    /// The session a new main channel belongs to: the current one if it has
+    /// no main channel yet (it may hold multifd channels that connected
+    /// first), else a new one.
+    fn begin_main(&self) -> Arc<Session> {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if cur.has_main.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                old_session = cur.id,
+                "a new main migration channel arrived while another is open; the old one is now forwarded without parsing"
+            );
+            let s = self.fresh_session();
+            s.has_main.store(true, Ordering::SeqCst);
+            *cur = s;
+        }
+        cur.clone()
+    }
+
+    /// After a main channel ended: later channels start a new session.
+    fn end_session(&self, s: &Session) {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if cur.id == s.id {
+            *cur = self.fresh_session();
+        }
+    }
+
+    /// Accepts until `shutdown`, then closes every channel.
+    pub(crate) async fn accept_loop(self: &Arc<Self>, listener: RelayListener) {
+        let local = listener
+            .local_endpoint()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|_| "?".into());
+        tracing::info!(listen = %local, target = %self.target, "relay accepting migration channels");
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let relay = self.clone();
+                    // Every log line of this channel carries the primary's end of it.
+                    let span = tracing::info_span!("migration_channel", peer = %peer);
+                    self.tasks.spawn(
+                        async move { relay.handle_connection(stream, peer).await }.instrument(span),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a migration channel failed");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
+            }
+        }
+        drop(listener);
+        // Every session token is a child of `shutdown`: the channels close,
+        // and their tasks publish colo-exit (reason relay-shutdown).
+        self.tasks.close();
+        self.tasks.wait().await;
+        tracing::info!("relay stopped");
+    }
+
+    async fn handle_connection(self: Arc<Self>, primary: Stream, peer: String) {
+        let chan = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let secondary = match Stream::connect(&self.target, TARGET_CONNECT_TIMEOUT).await {
+            Ok(s) => s,
+            Err(e) => {
+                let detail = format!(
+                    "cannot connect to the secondary at {} for a channel from {peer}: {e}",
+                    self.target
+                );
+                tracing::error!(chan, "{detail}");
+                let epoch = self.hub.status().epoch;
+                self.hub
+                    .publish(EventBody::new(EventKind::RelayError, epoch).with_detail(detail))
+                    .await;
+                return;
+            }
+        };
+        let (mut pr, mut pw) = primary.into_split();
+        let (sr, mut sw) = secondary.into_split();
+
+        // Tell the channel kind from its first 4 bytes. QEMU's incoming side
+        // never speaks first, so nothing is held back meanwhile.
+        let mut magic = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            let r = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                r = pr.read(&mut magic[got..]) => r,
+            };
+            match r {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) => {
+                    tracing::info!(chan, %peer, error = %e, "migration channel failed before its magic");
+                    return;
+                }
+            }
+        }
+        if let Err(e) = sw.write_all(&magic[..got]).await {
+            tracing::info!(chan, %peer, error = %e, "cannot forward to the secondary");
+            return;
+        }
+        let magic = (got == 4).then(|| u32::from_be_bytes(magic));
+        if magic == Some(QEVM_MAGIC) {
+            let session = self.begin_main();
+            self.run_main(session, chan, peer, pr, &mut pw, sr, sw)
+                .await;
+        } else {
+            let session = self.current();
+            self.run_passthrough(session, chan, peer, magic, pr, &mut pw, sr, sw)
+                .await;
+        }
+        // Make sure both peers see the end even if a pump left a half open.
+        let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, pw.shutdown()).await;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_passthrough(
+        &self,
+        session: Arc<Session>,
+        chan: u64,
+        peer: String,
+        magic: Option<u32>,
+        pr: ReadHalf,
+        pw: &mut WriteHalf,
+        sr: ReadHalf,
+        sw: WriteHalf,
+    ) {
+        let magic = magic.map_or_else(|| "none".to_string(), |m| format!("{m:#010x}"));
+        tracing::info!(chan, %peer, %magic, session = session.id, "pass-through channel connected");
+        self.hub.update_status(|s| s.passthrough_channels += 1);
+        let up = pump_raw(pr, sw, &session.cancel, UP_BUF, None);
+        let down = pump_raw_ref(sr, pw, &session.cancel, DOWN_BUF, None);
+        let (up, down) = tokio::join!(up, down);
+        self.hub
+            .update_status(|s| s.passthrough_channels = s.passthrough_channels.saturating_sub(1));
+        tracing::info!(
+            chan,
+            up = %up.describe(Side::Primary, Side::Secondary),
+            down = %down.describe(Side::Secondary, Side::Primary),
+            "pass-through channel closed"
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_main(
+        &self,
+        session: Arc<Session>,
+        chan: u64,
+        peer: String,
+        pr: ReadHalf,
+        pw: &mut WriteHalf,
+        sr: ReadHalf,
+        sw: WriteHalf,
+    ) {
+        tracing::info!(chan, %peer, session = session.id, target = %self.target, "main migration channel connected");
+        self.hub.update_status(|s| {
+            s.main_channel_connected = true;
+            s.state = RelayState::Precopy;
+            s.parse_error = None;
+        });
+        let over = AtomicBool::new(false);
+        // Bytes forwarded to the secondary, so that each checkpoint's size can be logged.
+        let forwarded = AtomicU64::new(0);
+        let up = pump_raw(pr, sw, &session.cancel, UP_BUF, Some(&forwarded));
+        let down = self.pump_colo(sr, pw, &session, &over, &forwarded);
+        tokio::pin!(up, down);
+        let (first, rest) = tokio::select! {
+            e = &mut up => (e.describe(Side::Primary, Side::Secondary), Rest::Down),
+            e = &mut down => (e.describe(Side::Secondary, Side::Primary), Rest::Up),
+        };
+        over.store(true, Ordering::SeqCst);
+        let current = self.is_current(&session);
+        if !session.failed.load(Ordering::SeqCst) && current {
+            let epoch = self.hub.update_status(|s| {
+                s.main_channel_connected = false;
+                s.state = RelayState::Exited;
+                s.epoch
+            });
+            let reason = if self.shutdown.is_cancelled() {
+                EXIT_RELAY_SHUTDOWN
+            } else {
+                EXIT_CHANNEL_CLOSED
+            };
+            tracing::info!(chan, epoch, reason, detail = %first, "main migration channel closed: COLO exit");
+            self.hub
+                .publish(
+                    EventBody::new(EventKind::ColoExit, epoch)
+                        .with_reason(reason)
+                        .with_detail(first),
+                )
+                .await;
+        } else {
+            tracing::info!(chan, reason = %first, "main migration channel closed");
+        }
+        self.end_session(&session);
+        // Let the other direction drain: the peer still gets every byte the
+        // other side sent before it closed.
+        match rest {
+            Rest::Down => drop(down.await),
+            Rest::Up => drop(up.await),
+        }
+    }
+
+    /// The secondary-to-primary pump of the main channel: forwards every
+    /// byte in order, parses COLO messages, and holds `checkpoint-reply` and
+    /// `vmstate-received` until their barrier has passed.
+    async fn pump_colo(
+        &self,
+        mut rd: ReadHalf,
+        wr: &mut WriteHalf,
+        session: &Session,
+        over: &AtomicBool,
+        forwarded: &AtomicU64,
+    ) -> End {
+        let cancel = &session.cancel;
+        let mut forwarded_at_reply = 0;
+        let mut buf = vec![0u8; DOWN_BUF];
+        let mut parser = ColoParser::new();
+        let mut parsing = true;
+        let mut reply_at: Option<Instant> = None;
+        loop {
+            let n = tokio::select! {
+                _ = cancel.cancelled() => return End::Cancelled,
+                r = rd.read(&mut buf) => match r {
+                    Ok(0) => {
+                        let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, wr.shutdown()).await;
+                        return End::Eof;
+                    }
+                    Ok(n) => n,
+                    Err(e) => return End::ReadError(e),
+                },
+            };
+            let chunk = &buf[..n];
+            let mut cursor = 0;
+            if parsing && (over.load(Ordering::SeqCst) || !self.is_current(session)) {
+                parsing = false;
+                tracing::debug!(
+                    session = session.id,
+                    "main channel no longer current; forwarding without parsing"
+                );
+            }
+            let mut pos = 0;
+            while parsing && pos < n {
+                let msg = match parser.advance(&chunk[pos..]) {
+                    Ok((used, msg)) => {
+                        pos += used;
+                        match msg {
+                            Some(m) => m,
+                            None => continue,
+                        }
+                    }
+                    Err(e) => {
+                        parsing = false;
+                        self.on_parse_error(e).await;
+                        break;
+                    }
+                };
+                tracing::debug!(session = session.id, message = %msg, "secondary -> primary");
+                match msg {
+                    ColoMessage::CheckpointReady => {
+                        let epoch = self.hub.update_status(|s| {
+                            s.epoch += 1;
+                            s.state = RelayState::Colo;
+                            s.epoch
+                        });
+                        tracing::info!(epoch, "secondary is in COLO: colo-started");
+                        self.hub
+                            .publish(EventBody::new(EventKind::ColoStarted, epoch))
+                            .await;
+                    }
+                    ColoMessage::CheckpointReply | ColoMessage::VmstateReceived => {
+                        let kind = if msg == ColoMessage::CheckpointReply {
+                            reply_at = Some(Instant::now());
+                            forwarded_at_reply = forwarded.load(Ordering::Relaxed);
+                            EventKind::SvmEpochClosed
+                        } else {
+                            EventKind::CheckpointAdopted
+                        };
+                        // Everything before the message leaves now; the
+                        // message's last bytes (and what follows) wait.
+                        let start = pos.saturating_sub(msg.wire_len()).max(cursor);
+                        if let Err(end) = write_all(wr, &chunk[cursor..start], cancel).await {
+                            return end;
+                        }
+                        cursor = start;
+                        let (epoch, state) = self.hub.update_status(|s| (s.epoch, s.state));
+                        if state != RelayState::Colo {
+                            tracing::warn!(message = %msg, %state, "COLO message outside COLO; holding it for its barrier anyway");
+                        }
+                        let barrier = self
+                            .hub
+                            .barrier(EventBody::new(kind, epoch), self.ack_timeout);
+                        let outcome = tokio::select! {
+                            // Relay shutdown (or a superseding failure) does
+                            // not wait out the ack timeout.
+                            _ = cancel.cancelled() => return End::Cancelled,
+                            r = barrier => r,
+                        };
+                        match outcome {
+                            Ok(report) => {
+                                tracing::debug!(
+                                    event = %kind, epoch,
+                                    elapsed_us = report.elapsed.as_micros() as u64,
+                                    acks = ?report.acks.iter().map(|a| (a.name.as_str(), a.latency.as_micros() as u64)).collect::<Vec<_>>(),
+                                    "barrier passed"
+                                );
+                            }
+                            Err(err) => {
+                                self.fail_session(session, kind, epoch, err).await;
+                                return End::BarrierFailed;
+                            }
+                        }
+                    }
+                    ColoMessage::VmstateLoaded => {
+                        if let Err(end) = write_all(wr, &chunk[cursor..pos], cancel).await {
+                            return end;
+                        }
+                        cursor = pos;
+                        let pause = reply_at.take().map(|t| t.elapsed());
+                        self.hub.record_checkpoint(pause);
+                        let epoch = self.hub.update_status(|s| {
+                            let e = s.epoch;
+                            s.epoch += 1;
+                            e
+                        });
+                        tracing::debug!(
+                            epoch,
+                            pause_us = pause.map(|p| p.as_micros() as u64),
+                            // What the primary sent from checkpoint-reply to vmstate-loaded:
+                            // the checkpoint's RAM and device state.
+                            bytes_to_secondary =
+                                forwarded.load(Ordering::Relaxed) - forwarded_at_reply,
+                            "checkpoint complete"
+                        );
+                        self.hub
+                            .publish(EventBody::new(EventKind::CheckpointComplete, epoch))
+                            .await;
+                    }
+                    ColoMessage::CheckpointRequest
+                    | ColoMessage::VmstateSend
+                    | ColoMessage::VmstateSize(_) => {
+                        tracing::warn!(message = %msg, "primary-side COLO message seen from the secondary; forwarding it");
+                    }
+                }
+            }
+            if let Err(end) = write_all(wr, &chunk[cursor..n], cancel).await {
+                return end;
+            }
+        }
+    }
+
+    async fn on_parse_error(&self, e: ParseError) {
+        let detail = format!(
+            "{e}; the relay stops parsing this channel and forwards it untouched, so checkpoint barriers no longer run"
+        );
+        tracing::error!(offset = e.offset, code = e.code, "{detail}");
+        let epoch = self.hub.update_status(|s| {
+            s.parse_error = Some(e.to_string());
+            s.epoch
+        });
+        self.hub
+            .publish(EventBody::new(EventKind::RelayError, epoch).with_detail(detail))
+            .await;
+    }
+
+    async fn fail_session(
+        &self,
+        session: &Session,
+        kind: EventKind,
+        epoch: u64,
+        err: BarrierError,
+    ) {
+        let culprits = err.culprits();
+        let detail = format!(
+            "{kind} barrier of epoch {epoch} failed: {err}; the relay closed the migration channels, both QEMUs leave COLO (COLO_EXIT reason=error)"
+        );
+        tracing::error!(culprits = ?culprits, epoch, event = %kind, "{detail}");
+        session.failed.store(true, Ordering::SeqCst);
+        let current = self.is_current(session);
+        self.hub.update_status(|s| {
+            s.barrier_timeouts += 1;
+            if current {
+                s.state = RelayState::Exited;
+                s.main_channel_connected = false;
+            }
+        });
+        self.hub
+            .publish(
+                EventBody::new(EventKind::ColoExit, epoch)
+                    .with_reason(EXIT_BARRIER_TIMEOUT)
+                    .with_detail(detail),
+            )
+            .await;
+        self.end_session(session);
+        session.cancel.cancel();
+    }
+}
+
+enum Rest {
+    Up,
+    Down,
+}
+
+async fn write_all(wr: &mut WriteHalf, data: &[u8], cancel: &CancellationToken) -> Result<(), End> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    tokio::select! {
+        _ = cancel.cancelled() => Err(End::Cancelled),
+        r = wr.write_all(data) => r.map_err(End::WriteError),
+    }
+}
+
+/// Forwards `rd` to `wr` until EOF, an error or cancellation; on EOF
+/// half-closes `wr` so the peer sees the end too.
+async fn pump_raw(
+    rd: ReadHalf,
+    mut wr: WriteHalf,
+    cancel: &CancellationToken,
+    size: usize,
+    forwarded: Option<&AtomicU64>,
+) -> End {
+    let end = pump_raw_ref(rd, &mut wr, cancel, size, forwarded).await;
+    if !matches!(end, End::Eof) {
+        let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, wr.shutdown()).await;
+    }
+    end
+}
+
+async fn pump_raw_ref(
+    mut rd: ReadHalf,
+    wr: &mut WriteHalf,
+    cancel: &CancellationToken,
+    size: usize,
+    forwarded: Option<&AtomicU64>,
+) -> End {
+    let mut buf = vec![0u8; size];
+    loop {
+        let n = tokio::select! {
+            _ = cancel.cancelled() => return End::Cancelled,
+            r = rd.read(&mut buf) => match r {
+                Ok(0) => {
+                    let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, wr.shutdown()).await;
+                    return End::Eof;
+                }
+                Ok(n) => n,
+                Err(e) => return End::ReadError(e),
+            },
+        };
+        if let Err(end) = write_all(wr, &buf[..n], cancel).await {
+            return end;
+        }
+        if let Some(forwarded) = forwarded {
+            forwarded.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,970 @@
+//! The relay between a fake primary and a fake secondary QEMU (plain
+//! sockets in a temp dir, one test over TCP), with control-protocol
+//! subscribers watching.
+
+use colo_control::client::{Operator, Subscriber, query_status};
+use colo_control::hub::ControlHub;
+use colo_control::protocol::{Event, EventKind, RelayState, RelayStatus};
+use colo_relay::{ColoMessage, MULTIFD_MAGIC, QEVM_MAGIC, RelayArgs, RelayConfig, RelayListener};
+use colo_types::Address;
+use colo_types::Role;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Bound of every wait in these tests: a failure shows as a panic, not a hang.
+const T: Duration = Duration::from_secs(10);
+
+type Rd = Box<dyn AsyncRead + Unpin + Send>;
+type Wr = Box<dyn AsyncWrite + Unpin + Send>;
+
+enum SecListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+struct Bed {
+    hub: ControlHub,
+    control: PathBuf,
+    relay_ep: Address,
+    secondary: SecListener,
+    shutdown: CancellationToken,
+    relay: Option<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Bed {
+    async fn unix(ack_timeout: Duration) -> Bed {
+        let dir = tempfile::tempdir().unwrap();
+        let sec_path = dir.path().join("secondary-incoming.sock");
+        let secondary = SecListener::Unix(UnixListener::bind(&sec_path).unwrap());
+        let listener = RelayListener::bind(&Address::Unix(dir.path().join("relay.sock")))
+            .await
+            .unwrap();
+        Self::start(
+            dir,
+            listener,
+            secondary,
+            Address::Unix(sec_path),
+            ack_timeout,
+        )
+    }
+
+    async fn tcp(ack_timeout: Duration) -> Bed {
+        let dir = tempfile::tempdir().unwrap();
+        let sec = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = Address::from(sec.local_addr().unwrap());
+        let listener = RelayListener::bind(&"tcp:127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        Self::start(dir, listener, SecListener::Tcp(sec), target, ack_timeout)
+    }
+
+    fn start(
+        dir: tempfile::TempDir,
+        listener: RelayListener,
+        secondary: SecListener,
+        target: Address,
+        ack_timeout: Duration,
+    ) -> Bed {
+        let control = dir.path().join("control.sock");
+        let hub = ControlHub::new(UnixListener::bind(&control).unwrap());
+        let relay_ep = listener.local_endpoint().unwrap();
+        let shutdown = CancellationToken::new();
+        let relay = tokio::spawn(colo_relay::serve(
+            listener,
+            target,
+            hub.clone(),
+            ack_timeout,
+            shutdown.clone(),
+        ));
+        Bed {
+            hub,
+            control,
+            relay_ep,
+            secondary,
+            shutdown,
+            relay: Some(relay),
+            _dir: dir,
+        }
+    }
+
+    /// The fake primary opens a channel and the fake secondary accepts the
+    /// relay's matching connection. Returns (primary, secondary) ends.
+    async fn open(&self, magic: u32) -> (End, End) {
+        let primary: (Rd, Wr) = match &self.relay_ep {
+            Address::Tcp { host, port } => {
+                let s = TcpStream::connect((host.as_str(), *port)).await.unwrap();
+                s.set_nodelay(true).unwrap();
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Address::Unix(p) => {
+                let (r, w) = UnixStream::connect(p).await.unwrap().into_split();
+                (Box::new(r), Box::new(w))
+            }
+        };
+        let mut primary = End::new(primary);
+        primary.send(&magic.to_be_bytes()).await;
+        let secondary: (Rd, Wr) = match &self.secondary {
+            SecListener::Tcp(l) => {
+                let (s, _) = within(l.accept()).await.unwrap();
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            SecListener::Unix(l) => {
+                let (s, _) = within(l.accept()).await.unwrap();
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+        };
+        let mut secondary = End::new(secondary);
+        assert_eq!(
+            secondary.recv_exact(4).await,
+            magic.to_be_bytes(),
+            "magic forwarded first"
+        );
+        (primary, secondary)
+    }
+
+    async fn subscriber(&self, name: &str, sync: bool) -> Subscriber {
+        let s = Subscriber::connect(&self.control, name, sync)
+            .await
+            .unwrap();
+        // Registration is visible in status before any event can be missed.
+        self.wait(|st| st.subscribers.iter().any(|s| s.name == name && s.connected))
+            .await;
+        s
+    }
+
+    /// Polls the status until `f` holds (the relay's state changes are
+    /// asynchronous to the sockets the test sees).
+    async fn wait(&self, f: impl Fn(&RelayStatus) -> bool) -> RelayStatus {
+        let deadline = Instant::now() + T;
+        loop {
+            let st = self.hub.status();
+            if f(&st) {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "status never matched: {st:#?}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        within(self.relay.take().unwrap()).await.unwrap();
+        self.hub.shutdown().await;
+    }
+}
+
+/// One end of a fake QEMU connection.
+struct End {
+    rd: Rd,
+    wr: Wr,
+}
+
+impl End {
+    fn new((rd, wr): (Rd, Wr)) -> End {
+        End { rd, wr }
+    }
+    async fn send(&mut self, data: &[u8]) {
+        within(self.wr.write_all(data)).await.unwrap();
+    }
+    async fn send_msgs(&mut self, msgs: &[ColoMessage]) {
+        self.send(&encode(msgs)).await;
+    }
+    async fn recv_exact(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0; n];
+        within(self.rd.read_exact(&mut v)).await.unwrap();
+        v
+    }
+    /// Reads until EOF (or a reset, which also means "closed").
+    async fn recv_to_end(&mut self) -> Vec<u8> {
+        let mut v = Vec::new();
+        let _ = within(self.rd.read_to_end(&mut v)).await;
+        v
+    }
+}
+
+fn encode(msgs: &[ColoMessage]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for m in msgs {
+        m.encode(&mut v);
+    }
+    v
+}
+
+async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(T, f).await.expect("timed out")
+}
+
+async fn next(sub: &mut Subscriber) -> Event {
+    sub.next_event_timeout(T)
+        .await
+        .expect("event")
+        .expect("relay closed the control connection")
+}
+
+/// Acks every synchronous event, after `delay`, until the relay goes away.
+fn acker(mut sub: Subscriber, delay: Duration) -> JoinHandle<Vec<Event>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Ok(Some(ev)) = sub.next_event().await {
+            if ev.sync {
+                tokio::time::sleep(delay).await;
+                if sub.ack(ev.seq).await.is_err() {
+                    break;
+                }
+            }
+            seen.push(ev);
+        }
+        seen
+    })
+}
+
+fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        // xorshift64*
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        v.extend_from_slice(&seed.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+const CHECKPOINT: [ColoMessage; 3] = [
+    ColoMessage::CheckpointReply,
+    ColoMessage::VmstateReceived,
+    ColoMessage::VmstateLoaded,
+];
+
+/// (a) Bulk primary-to-secondary data arrives intact and in order.
+async fn bulk_intact(bed: &Bed) {
+    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
+    let data = pseudo_random(8 << 20, 0x9E37_79B9_7F4A_7C15);
+    let sender = {
+        let data = data.clone();
+        tokio::spawn(async move {
+            // Uneven writes, to cross every buffer boundary.
+            for chunk in data.chunks(100_003) {
+                p.send(chunk).await;
+            }
+            p
+        })
+    };
+    let got = s.recv_exact(data.len()).await;
+    assert!(got == data, "8 MiB arrived altered or reordered");
+    let mut p = sender.await.unwrap();
+    // Close: the secondary sees EOF right after the data.
+    within(p.wr.shutdown()).await.unwrap();
+    assert!(s.recv_to_end().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_bulk_primary_data_arrives_intact_over_unix() {
+    let bed = Bed::unix(Duration::from_secs(2)).await;
+    bulk_intact(&bed).await;
+    bed.stop().await;
+}
+
+#[tokio::test]
+async fn a_bulk_primary_data_arrives_intact_over_tcp() {
+    let bed = Bed::tcp(Duration::from_secs(2)).await;
+    bulk_intact(&bed).await;
+    // The COLO path over TCP too: one checkpoint with a sync subscriber.
+    let sync = acker(bed.subscriber("colo-blockd", true).await, Duration::ZERO);
+    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
+    let mut wire = encode(&[ColoMessage::CheckpointReady]);
+    wire.extend(encode(&CHECKPOINT));
+    s.send(&wire).await;
+    assert_eq!(p.recv_exact(wire.len()).await, wire);
+    let st = bed.wait(|st| st.checkpoints == 1).await;
+    assert_eq!(st.state, RelayState::Colo);
+    drop((p, s));
+    bed.stop().await;
+    let seen = within(sync).await.unwrap();
+    assert!(
+        seen.iter()
+            .any(|e| e.event == EventKind::CheckpointComplete)
+    );
+}
+
+/// (b) COLO messages reach the primary intact, and subscribers see the
+/// epochs in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_colo_messages_forwarded_and_events_in_epoch_order() {
+    let bed = Bed::unix(Duration::from_secs(2)).await;
+    let mut monitor = bed.subscriber("monitor", false).await;
+    let sync = acker(bed.subscriber("colo-blockd", true).await, Duration::ZERO);
+    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
+
+    // Precopy: primary streams, nothing comes back.
+    p.send(&pseudo_random(4096, 1)).await;
+    assert_eq!(s.recv_exact(4096).await, pseudo_random(4096, 1));
+    assert_eq!(bed.hub.status().state, RelayState::Precopy);
+    assert!(bed.hub.status().main_channel_connected);
+
+    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    assert_eq!(
+        p.recv_exact(4).await,
+        encode(&[ColoMessage::CheckpointReady])
+    );
+
+    let mut expected = Vec::new();
+    for round in 0..3 {
+        // The primary asks; the secondary answers (first two rounds one
+        // message per write, the third all at once in a single write, with a
+        // held message followed by more bytes in the same read).
+        p.send_msgs(&[ColoMessage::CheckpointRequest]).await;
+        assert_eq!(
+            s.recv_exact(4).await,
+            encode(&[ColoMessage::CheckpointRequest])
+        );
+        if round < 2 {
+            for m in CHECKPOINT {
+                s.send_msgs(&[m]).await;
+                assert_eq!(p.recv_exact(4).await, encode(&[m]));
+            }
+        } else {
+            s.send_msgs(&CHECKPOINT).await;
+            assert_eq!(p.recv_exact(12).await, encode(&CHECKPOINT));
+        }
+        let epoch = round + 1;
+        expected.extend([
+            (EventKind::SvmEpochClosed, epoch),
+            (EventKind::CheckpointAdopted, epoch),
+            (EventKind::CheckpointComplete, epoch),
+        ]);
+    }
+
+    let mut got = Vec::new();
+    let first = next(&mut monitor).await;
+    assert_eq!(
+        (first.event, first.epoch, first.seq),
+        (EventKind::ColoStarted, 1, 1)
+    );
+    let mut last_seq = first.seq;
+    for _ in 0..expected.len() {
+        let e = next(&mut monitor).await;
+        assert_eq!(e.seq, last_seq + 1, "seq grows by one");
+        assert!(!e.sync, "an async subscriber is never asked to ack");
+        last_seq = e.seq;
+        got.push((e.event, e.epoch));
+    }
+    assert_eq!(got, expected);
+
+    let st = bed.wait(|st| st.checkpoints == 3).await;
+    assert_eq!(st.epoch, 4, "epoch after three checkpoints");
+    assert_eq!(st.state, RelayState::Colo);
+    assert!(st.last_pause_us.is_some());
+    assert_eq!(st.checkpoint_rate_per_min, 3.0);
+    assert_eq!(st.barrier_timeouts, 0);
+    assert_eq!(st.parse_error, None);
+    let blockd = st
+        .subscribers
+        .iter()
+        .find(|s| s.name == "colo-blockd")
+        .unwrap();
+    assert!(blockd.sync && blockd.healthy && blockd.last_ack_latency_us.is_some());
+
+    // The secondary's QEMU goes away: colo-exit, channel-closed.
+    drop(s);
+    assert!(p.recv_to_end().await.is_empty());
+    let exit = next(&mut monitor).await;
+    assert_eq!(exit.event, EventKind::ColoExit);
+    assert_eq!(exit.reason.as_deref(), Some("channel-closed"));
+    assert!(exit.detail.unwrap().contains("secondary"));
+    let st = bed.wait(|st| st.state == RelayState::Exited).await;
+    assert!(!st.main_channel_connected);
+    bed.stop().await;
+
+    let seen = within(sync).await.unwrap();
+    let synced: Vec<_> = seen
+        .iter()
+        .filter(|e| e.sync)
+        .map(|e| (e.event, e.epoch))
+        .collect();
+    assert_eq!(synced.len(), 6, "two barriers per checkpoint: {synced:?}");
+    assert!(
+        synced
+            .iter()
+            .all(|(k, _)| matches!(k, EventKind::SvmEpochClosed | EventKind::CheckpointAdopted))
+    );
+}
+
+/// (c) The barrier holds checkpoint-reply until the sync subscriber acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_reply_reaches_the_primary_only_after_the_delayed_ack() {
+    let bed = Bed::unix(Duration::from_secs(2)).await;
+    let delay = Duration::from_millis(50);
+    let sync = acker(bed.subscriber("colo-blockd", true).await, delay);
+    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
+    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    p.recv_exact(4).await;
+    for _ in 0..3 {
+        let sent = Instant::now();
+        s.send_msgs(&[ColoMessage::CheckpointReply]).await;
+        assert_eq!(
+            p.recv_exact(4).await,
+            encode(&[ColoMessage::CheckpointReply])
+        );
+        let held = sent.elapsed();
+        assert!(
+            held >= delay,
+            "checkpoint-reply reached the primary after {held:?}, before the ack"
+        );
+
+        let sent = Instant::now();
+        s.send_msgs(&[ColoMessage::VmstateReceived, ColoMessage::VmstateLoaded])
+            .await;
+        assert_eq!(
+            p.recv_exact(8).await,
+            encode(&[ColoMessage::VmstateReceived, ColoMessage::VmstateLoaded])
+        );
+        assert!(sent.elapsed() >= delay, "vmstate-received not held");
+    }
+    let st = bed.wait(|st| st.checkpoints == 3).await;
+    assert!(st.last_pause_us.unwrap() >= 2 * delay.as_micros() as u64);
+    let blockd = &st.subscribers[0];
+    assert!(blockd.last_ack_latency_us.unwrap() >= delay.as_micros() as u64);
+    drop((p, s));
+    bed.stop().await;
+    within(sync).await.unwrap();
+}
+
+/// (d) A sync subscriber that never acks: COLO ends on both sides within
+/// the ack timeout, everyone is told, and the relay lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_missing_ack_ends_colo_on_both_sides_and_the_relay_lives_on() {
+    let ack_timeout = Duration::from_millis(300);
+    let bed = Bed::unix(ack_timeout).await;
+    let _mute = bed.subscriber("colo-blockd", true).await;
+    let mut monitor = bed.subscriber("monitor", false).await;
+    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
+    let (mut mp, mut ms) = bed.open(MULTIFD_MAGIC).await;
+    bed.wait(|st| st.passthrough_channels == 1).await;
+
+    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    p.recv_exact(4).await;
+    assert_eq!(next(&mut monitor).await.event, EventKind::ColoStarted);
+
+    let t0 = Instant::now();
+    s.send_msgs(&[ColoMessage::CheckpointReply]).await;
+    // The primary never sees the reply: its connection just closes.
+    let to_primary = p.recv_to_end().await;
+    let elapsed = t0.elapsed();
+    assert!(to_primary.is_empty(), "held reply leaked: {to_primary:?}");
+    assert!(
+        elapsed >= ack_timeout,
+        "closed before the ack timeout: {elapsed:?}"
+    );
+    assert!(
+        elapsed < ack_timeout + Duration::from_secs(3),
+        "closed too late: {elapsed:?}"
+    );
+    assert!(
+        s.recv_to_end().await.is_empty(),
+        "secondary side closed too"
+    );
+    // The session's multifd channel is cut as well, both ways.
+    assert!(mp.recv_to_end().await.is_empty());
+    assert!(ms.recv_to_end().await.is_empty());
+
+    let closed = next(&mut monitor).await;
+    assert_eq!((closed.event, closed.epoch), (EventKind::SvmEpochClosed, 1));
+    let exit = next(&mut monitor).await;
+    assert_eq!(exit.event, EventKind::ColoExit);
+    assert_eq!(exit.reason.as_deref(), Some("barrier-timeout"));
+    let detail = exit.detail.unwrap();
+    assert!(detail.contains("colo-blockd"), "{detail}");
+
+    let st = within(query_status(&bed.control)).await.unwrap();
+    assert_eq!(st.barrier_timeouts, 1);
+    assert_eq!(st.state, RelayState::Exited);
+    assert!(!st.main_channel_connected);
+    let blockd = st
+        .subscribers
+        .iter()
+        .find(|s| s.name == "colo-blockd")
+        .unwrap();
+    assert!(!blockd.healthy);
+    let st = bed.wait(|st| st.passthrough_channels == 0).await;
+    assert_eq!(st.checkpoints, 0);
+
+    // Re-protect: a new migration goes through the same relay.
+    let (mut p2, mut s2) = bed.open(QEVM_MAGIC).await;
+    bed.wait(|st| st.state == RelayState::Precopy).await;
+    p2.send(b"more ram").await;
+    assert_eq!(s2.recv_exact(8).await, b"more ram");
+    s2.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    p2.recv_exact(4).await;
+    let started = next(&mut monitor).await;
+    assert_eq!((started.event, started.epoch), (EventKind::ColoStarted, 2));
+    drop((p2, s2, mp, ms));
+    bed.stop().await;
+}
+
+/// A sync subscriber that disconnects in the middle of a barrier fails it
+/// at once, long before the ack timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_subscriber_disconnect_mid_barrier_ends_colo_at_once() {
+    let bed = Bed::unix(Duration::from_secs(30)).await;
+    let mut quitter = bed.subscriber("colo-proxyd", true).await;
+    let mut monitor = bed.subscriber("monitor", false).await;
+    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
+    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    p.recv_exact(4).await;
+    let t0 = Instant::now();
+    s.send_msgs(&[ColoMessage::CheckpointReply]).await;
+    assert_eq!(next(&mut quitter).await.event, EventKind::ColoStarted);
+    let ev = next(&mut quitter).await;
+    assert!(ev.sync && ev.event == EventKind::SvmEpochClosed);
+    drop(quitter);
+    assert!(p.recv_to_end().await.is_empty());
+    assert!(s.recv_to_end().await.is_empty());
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let mut exit = next(&mut monitor).await;
+    while exit.event != EventKind::ColoExit {
+        exit = next(&mut monitor).await;
+    }
+    assert_eq!(exit.reason.as_deref(), Some("barrier-timeout"));
+    assert!(exit.detail.unwrap().contains("colo-proxyd disconnected"));
+    assert_eq!(bed.hub.status().barrier_timeouts, 1);
+    bed.stop().await;
+}
+
+/// (e) An unknown code: the relay reports it, stops parsing, and forwards
+/// every byte untouched (no barrier holds anything any more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_garbage_is_reported_and_forwarded_untouched() {
+    let bed = Bed::unix(Duration::from_secs(30)).await;
+    // Would block any barrier for 30 s: proves no barrier runs after the error.
+    let _mute = bed.subscriber("colo-blockd", true).await;
+    let mut monitor = bed.subscriber("monitor", false).await;
+    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
+    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    p.recv_exact(4).await;
+    assert_eq!(next(&mut monitor).await.event, EventKind::ColoStarted);
+
+    // A return-path style message (be16 type 3, be16 len 4) then data that
+    // would be COLO messages, split awkwardly across writes.
+    let mut tail = vec![0, 3, 0, 4, 0xde, 0xad, 0xbe, 0xef];
+    tail.extend(encode(&CHECKPOINT));
+    tail.extend(pseudo_random(70_000, 7));
+    let t0 = Instant::now();
+    s.send(&tail[..3]).await;
+    s.send(&tail[3..10]).await;
+    s.send(&tail[10..]).await;
+    assert_eq!(
+        p.recv_exact(tail.len()).await,
+        tail,
+        "bytes altered after the parse error"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "stream stalled after the parse error"
+    );
+
+    let err = next(&mut monitor).await;
+    assert_eq!(err.event, EventKind::RelayError);
+    let detail = err.detail.unwrap();
+    assert!(
+        detail.contains("0x00030004") && detail.contains("byte 4"),
+        "{detail}"
+    );
+    let st = bed.hub.status();
+    assert!(st.parse_error.unwrap().contains("0x00030004"));
+    assert_eq!(st.checkpoints, 0);
+
+    // Primary to secondary still flows.
+    p.send(b"still here").await;
+    assert_eq!(s.recv_exact(10).await, b"still here");
+    // Nothing but the channel's end follows.
+    drop((p, s));
+    let exit = next(&mut monitor).await;
+    assert_eq!(
+        (exit.event, exit.reason.as_deref()),
+        (EventKind::ColoExit, Some("channel-closed"))
+    );
+    bed.stop().await;
+}
+
+/// (f) A multifd channel is passed through untouched both ways and
+/// produces no event, even carrying bytes that look like COLO messages.
+#[tokio::test]
+async fn f_multifd_channel_is_passed_through_untouched() {
+    let bed = Bed::unix(Duration::from_secs(30)).await;
+    let _mute = bed.subscriber("colo-blockd", true).await;
+    let mut monitor = bed.subscriber("monitor", false).await;
+    let (mut p, mut s) = bed.open(MULTIFD_MAGIC).await;
+    let st = bed.wait(|st| st.passthrough_channels == 1).await;
+    assert!(!st.main_channel_connected);
+    assert_eq!(st.state, RelayState::Waiting);
+
+    let up = pseudo_random(1 << 20, 3);
+    let mut down = encode(&[ColoMessage::CheckpointReady]);
+    down.extend(encode(&CHECKPOINT));
+    down.extend(pseudo_random(100_000, 4));
+    // Both directions at once (sequential writes could fill both socket
+    // buffers and deadlock the fake ends themselves).
+    {
+        let (End { rd: prd, wr: pwr }, End { rd: srd, wr: swr }) = (&mut p, &mut s);
+        let mut got_up = vec![0; up.len()];
+        let mut got_down = vec![0; down.len()];
+        let (a, b, c, d) = within(async {
+            tokio::join!(
+                pwr.write_all(&up),
+                swr.write_all(&down),
+                srd.read_exact(&mut got_up),
+                prd.read_exact(&mut got_down),
+            )
+        })
+        .await;
+        a.unwrap();
+        b.unwrap();
+        c.unwrap();
+        d.unwrap();
+        assert!(got_up == up, "primary->secondary altered");
+        assert!(got_down == down, "secondary->primary altered");
+    }
+
+    // Half-close is passed on too.
+    within(p.wr.shutdown()).await.unwrap();
+    assert!(s.recv_to_end().await.is_empty());
+    s.send(b"late").await;
+    assert_eq!(p.recv_exact(4).await, b"late");
+    drop(s);
+    assert!(p.recv_to_end().await.is_empty());
+    bed.wait(|st| st.passthrough_channels == 0).await;
+
+    // The first event the monitor gets is the one we cause now.
+    Operator::connect(&bed.control, "op")
+        .await
+        .unwrap()
+        .failover(Role::Primary)
+        .await
+        .unwrap();
+    let ev = next(&mut monitor).await;
+    assert_eq!(ev.event, EventKind::Failover);
+    assert_eq!(ev.seq, 1);
+    let st = bed.hub.status();
+    assert_eq!(
+        (st.epoch, st.checkpoints, st.state),
+        (0, 0, RelayState::Waiting)
+    );
+    bed.stop().await;
+}
+
+/// A channel that closes before sending 4 bytes is passed through too.
+#[tokio::test]
+async fn short_channel_is_forwarded_and_closed() {
+    let bed = Bed::unix(Duration::from_secs(2)).await;
+    let Address::Unix(path) = &bed.relay_ep else {
+        unreachable!()
+    };
+    let mut c = UnixStream::connect(path).await.unwrap();
+    c.write_all(b"QE").await.unwrap();
+    c.shutdown().await.unwrap();
+    let SecListener::Unix(l) = &bed.secondary else {
+        unreachable!()
+    };
+    let (mut s, _) = within(l.accept()).await.unwrap();
+    let mut got = Vec::new();
+    within(s.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, b"QE");
+    bed.stop().await;
+}
+
+/// (g) Operator requests through the relay's control socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_operator_requests() {
+    let bed = Bed::unix(Duration::from_secs(2)).await;
+    let mut proxyd = bed.subscriber("colo-proxyd", false).await;
+    let sync = acker(bed.subscriber("colo-blockd", true).await, Duration::ZERO);
+    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
+    let (_mp, _ms) = bed.open(MULTIFD_MAGIC).await;
+    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    p.recv_exact(4).await;
+    s.send_msgs(&CHECKPOINT).await;
+    p.recv_exact(12).await;
+    bed.wait(|st| st.checkpoints == 1 && st.passthrough_channels == 1)
+        .await;
+
+    let mut op = Operator::connect(&bed.control, "qmp-driver").await.unwrap();
+    assert_eq!(op.welcome().state, RelayState::Colo);
+    assert_eq!(op.welcome().epoch, 2);
+    op.checkpoint_requested("proxy-mismatch").await.unwrap();
+    op.checkpoint_requested("block-log-full").await.unwrap();
+    op.checkpoint_requested("proxy-mismatch").await.unwrap();
+    let st = op.status().await.unwrap();
+    assert_eq!(st.version, 1);
+    assert_eq!(st.state, RelayState::Colo);
+    assert_eq!(st.epoch, 2);
+    assert_eq!(st.checkpoints, 1);
+    assert!(st.last_pause_us.is_some());
+    assert_eq!(st.checkpoint_rate_per_min, 1.0);
+    assert_eq!(st.last_request_reason.as_deref(), Some("proxy-mismatch"));
+    assert_eq!(st.requests_by_reason.get("proxy-mismatch"), Some(&2));
+    assert_eq!(st.requests_by_reason.get("block-log-full"), Some(&1));
+    assert_eq!(st.parse_error, None);
+    assert!(st.main_channel_connected);
+    assert_eq!(st.passthrough_channels, 1);
+    assert_eq!(st.barrier_timeouts, 0);
+    let mut names: Vec<_> = st
+        .subscribers
+        .iter()
+        .map(|s| (s.name.as_str(), s.sync))
+        .collect();
+    names.sort();
+    assert_eq!(names, [("colo-blockd", true), ("colo-proxyd", false)]);
+    assert!(
+        st.subscribers
+            .iter()
+            .all(|s| s.healthy && s.connected_since_us > 0)
+    );
+
+    op.failover(Role::Secondary).await.unwrap();
+    let mut ev = next(&mut proxyd).await;
+    while ev.event != EventKind::Failover {
+        ev = next(&mut proxyd).await;
+    }
+    assert_eq!(
+        (ev.survivor, ev.epoch, ev.sync),
+        (Some(Role::Secondary), 2, false)
+    );
+    assert!(ev.detail.unwrap().contains("qmp-driver"));
+    drop((p, s));
+    bed.stop().await;
+    let seen = within(sync).await.unwrap();
+    assert!(seen.iter().any(|e| e.event == EventKind::Failover));
+}
+
+/// `run` binds from a config, replaces a stale control socket, serves, and
+/// removes its socket files on shutdown.
+#[tokio::test]
+async fn run_binds_serves_and_cleans_up() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        relay: RelayArgs,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let listen = dir.path().join("in.sock");
+    let sec = dir.path().join("sec.sock");
+    // A stale socket file from a crashed run.
+    drop(std::os::unix::net::UnixListener::bind(&control).unwrap());
+    let sec_listener = UnixListener::bind(&sec).unwrap();
+    let cli = Cli::try_parse_from([
+        "relay".to_string(),
+        format!("--listen=unix:{}", listen.display()),
+        format!("--target=unix:{}", sec.display()),
+        format!("--control={}", control.display()),
+        "--ack-timeout-ms=500".to_string(),
+    ])
+    .unwrap();
+    let cfg = RelayConfig::try_from(cli.relay).unwrap();
+    assert_eq!(cfg.ack_timeout, Duration::from_millis(500));
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(colo_relay::run(cfg.clone(), shutdown.clone()));
+
+    // Wait for the control socket, then use both sockets.
+    let deadline = Instant::now() + T;
+    let st = loop {
+        match query_status(&control).await {
+            Ok(st) => break st,
+            Err(e) => assert!(Instant::now() < deadline, "relay never came up: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(st.state, RelayState::Waiting);
+    let mut sub = Subscriber::connect(&control, "monitor", false)
+        .await
+        .unwrap();
+    let mut p = UnixStream::connect(&listen).await.unwrap();
+    p.write_all(&QEVM_MAGIC.to_be_bytes()).await.unwrap();
+    let (mut s, _) = within(sec_listener.accept()).await.unwrap();
+    let mut magic = [0; 4];
+    s.read_exact(&mut magic).await.unwrap();
+    s.write_all(&encode(&[ColoMessage::CheckpointReady]))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut sub).await.event, EventKind::ColoStarted);
+
+    // A second relay on the same control socket must refuse, not steal it.
+    let err = colo_relay::run(cfg, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("in use"), "{err}");
+
+    shutdown.cancel();
+    within(relay).await.unwrap().unwrap();
+    let exit = next(&mut sub).await;
+    assert_eq!(
+        (exit.event, exit.reason.as_deref()),
+        (EventKind::ColoExit, Some("relay-shutdown"))
+    );
+    assert_eq!(sub.next_event_timeout(T).await.unwrap(), None);
+    let mut rest = Vec::new();
+    within(p.read_to_end(&mut rest)).await.unwrap();
+    assert_eq!(rest, encode(&[ColoMessage::CheckpointReady]));
+    assert!(
+        !control.exists() && !listen.exists(),
+        "socket files removed"
+    );
+}
+
+/// The secondary's address refuses connections: the primary's channel is
+/// closed and subscribers hear a relay-error.
+#[tokio::test]
+async fn unreachable_secondary_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = RelayListener::bind(&Address::Unix(dir.path().join("in.sock")))
+        .await
+        .unwrap();
+    let relay_ep = listener.local_endpoint().unwrap();
+    let control = dir.path().join("c.sock");
+    let hub = ControlHub::new(UnixListener::bind(&control).unwrap());
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(colo_relay::serve(
+        listener,
+        Address::Unix(dir.path().join("nobody.sock")),
+        hub.clone(),
+        Duration::from_secs(1),
+        shutdown.clone(),
+    ));
+    let mut sub = Subscriber::connect(&control, "monitor", false)
+        .await
+        .unwrap();
+    let Address::Unix(path) = relay_ep else {
+        unreachable!()
+    };
+    let mut p = UnixStream::connect(&path).await.unwrap();
+    let ev = next(&mut sub).await;
+    assert_eq!(ev.event, EventKind::RelayError);
+    assert!(ev.detail.unwrap().contains("nobody.sock"));
+    let mut rest = Vec::new();
+    let _ = within(p.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty());
+    shutdown.cancel();
+    within(relay).await.unwrap();
+    hub.shutdown().await;
+}
+
+/// Shutting the relay down in the middle of a barrier does not wait out the
+/// ack timeout; the held message is not forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_barrier_is_prompt() {
+    let bed = Bed::unix(Duration::from_secs(60)).await;
+    let mut mute = bed.subscriber("colo-blockd", true).await;
+    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
+    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    p.recv_exact(4).await;
+    s.send_msgs(&[ColoMessage::CheckpointReply]).await;
+    assert_eq!(next(&mut mute).await.event, EventKind::ColoStarted);
+    assert!(next(&mut mute).await.sync, "barrier under way");
+    let t0 = Instant::now();
+    bed.stop().await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(p.recv_to_end().await.is_empty(), "held reply must not leak");
+    assert!(s.recv_to_end().await.is_empty());
+}
+
+/// `run` with `--control-tcp` also serves the control protocol on TCP: a
+/// sync subscriber there (the daemon on the other host) holds the barrier
+/// until it acks, exactly like one on the Unix socket, and the port is
+/// closed with the relay.
+#[tokio::test]
+async fn run_serves_the_control_protocol_on_tcp_too() {
+    use clap::Parser;
+    use colo_types::Address;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        relay: RelayArgs,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let listen = dir.path().join("in.sock");
+    let sec = dir.path().join("sec.sock");
+    let sec_listener = UnixListener::bind(&sec).unwrap();
+    // A free port (released at once; nothing else in this test binds one).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cli = Cli::try_parse_from([
+        "relay".to_string(),
+        format!("--listen=unix:{}", listen.display()),
+        format!("--target=unix:{}", sec.display()),
+        format!("--control={}", control.display()),
+        format!("--control-tcp=127.0.0.1:{port}"),
+        "--ack-timeout-ms=5000".to_string(),
+    ])
+    .unwrap();
+    let cfg = RelayConfig::try_from(cli.relay).unwrap();
+    let tcp = Address::tcp("127.0.0.1", port);
+    assert_eq!(cfg.control_tcp.as_ref(), Some(&tcp));
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(colo_relay::run(cfg, shutdown.clone()));
+
+    let deadline = Instant::now() + T;
+    loop {
+        match query_status(&tcp).await {
+            Ok(st) => break assert_eq!(st.state, RelayState::Waiting),
+            Err(e) => assert!(Instant::now() < deadline, "relay never came up: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut remote = Subscriber::connect(&tcp, "colo-proxyd-primary", true)
+        .await
+        .unwrap();
+
+    let mut p = End::new({
+        let (rd, wr) = UnixStream::connect(&listen).await.unwrap().into_split();
+        (Box::new(rd) as Rd, Box::new(wr) as Wr)
+    });
+    p.send(&QEVM_MAGIC.to_be_bytes()).await;
+    let mut s = End::new({
+        let (st, _) = within(sec_listener.accept()).await.unwrap();
+        let (rd, wr) = st.into_split();
+        (Box::new(rd) as Rd, Box::new(wr) as Wr)
+    });
+    s.recv_exact(4).await;
+    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    let ready = encode(&[ColoMessage::CheckpointReady]);
+    assert_eq!(p.recv_exact(ready.len()).await, ready);
+    assert_eq!(next(&mut remote).await.event, EventKind::ColoStarted);
+
+    // The barrier holds checkpoint-reply until the TCP subscriber acks.
+    s.send_msgs(&[ColoMessage::CheckpointReply]).await;
+    let ev = next(&mut remote).await;
+    assert_eq!((ev.event, ev.sync), (EventKind::SvmEpochClosed, true));
+    let mut held = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(100), p.rd.read(&mut held)).await;
+    assert!(early.is_err(), "checkpoint-reply forwarded before the ack");
+    remote.ack(ev.seq).await.unwrap();
+    let reply = encode(&[ColoMessage::CheckpointReply]);
+    assert_eq!(p.recv_exact(reply.len()).await, reply);
+    // Both transports show the same relay, and it lists the TCP subscriber.
+    let st = query_status(&control).await.unwrap();
+    let sub = st
+        .subscribers
+        .iter()
+        .find(|s| s.name == "colo-proxyd-primary")
+        .unwrap();
+    assert!(sub.sync && sub.healthy && sub.last_ack_latency_us.is_some());
+
+    shutdown.cancel();
+    within(relay).await.unwrap().unwrap();
+    assert!(query_status(&tcp).await.is_err(), "TCP port still served");
+}
