@@ -36,7 +36,7 @@ step "release builds of the daemons the test bed runs (qmp-driver relay, colo-bl
 # The bed runs the daemons as they ship (release builds), so the figures it prints (the relay's
 # added pause per checkpoint, HTTP latency through colo-proxyd) are the ones an operator gets.
 cargo build --locked --release -p qmp-driver -p colo-blockd -p colo-proxyd
-cargo build --locked --release -p qmp-driver --example relay_pause
+cargo build --locked --release -p colo-relay --example relay_pause
 export COLO_QMP_DRIVER="$PWD/target/release/qmp-driver"
 export COLO_BLOCKD="$PWD/target/release/colo-blockd"
 export COLO_PROXYD="$PWD/target/release/colo-proxyd"
@@ -44,13 +44,18 @@ export COLO_PROXYD="$PWD/target/release/colo-proxyd"
 # The COLO pairs on the test bed (the colo-testbed package's tests) run last and alone: they
 # print pauses, latencies and the relay's added pause per checkpoint, and on two cores any test
 # running beside them (proptests, real-QEMU QMP tests) would be in those figures.
+#
+# Every tier is selected: the unit, property and fake-peer tests that a plain `cargo test` runs,
+# and the tiers marked #[ignore = "tier ..."] that need this machine's setup (qemu: the patched
+# QEMU; clients: qemu-io, qemu-img, nbdinfo; bed: root, namespaces, QEMU and the guest). A
+# selected tier that cannot find what it needs fails.
 BED='package(colo-testbed) & kind(test)'
 if cargo nextest --version >/dev/null 2>&1; then
-  step "tests (unit, property, fake QMP server, real QEMU)"
+  step "tests (unit, property, fake peers; real QEMU and real NBD clients)"
   status=0
-  cargo nextest run --locked --workspace --no-fail-fast --no-tests=pass -E "not ($BED)" "$@" || status=$?
+  cargo nextest run --locked --workspace --no-fail-fast --no-tests=pass --run-ignored all -E "not ($BED)" "$@" || status=$?
   step "tests: COLO pairs on the test bed, one at a time, nothing beside them"
-  cargo nextest run --locked --workspace --no-fail-fast --no-tests=pass -E "$BED" -j 1 "$@" || status=$?
+  cargo nextest run --locked --workspace --no-fail-fast --no-tests=pass --run-ignored all -E "$BED" -j 1 "$@" || status=$?
   if [ "$status" != 0 ]; then
     echo "integration/test.sh: tests failed (see above)" >&2
     exit "$status"
@@ -59,7 +64,7 @@ else
   step "tests (unit, property, fake QMP server, real QEMU, COLO pairs on the test bed)"
   # Without nextest, one test at a time: QEMU tests must not run side by side on two cores.
   echo "cargo-nextest not found; falling back to cargo test with one thread" >&2
-  cargo test --locked --workspace --no-fail-fast "$@" -- --test-threads=1
+  cargo test --locked --workspace --no-fail-fast "$@" -- --include-ignored --test-threads=1
 fi
 cargo test --locked --workspace --doc
 

@@ -1,6 +1,7 @@
-//! colo-blockd: the NBD server of colo, which will keep the secondary's disk
-//! replica with buffered epochs (issue 5).
+//! colo-blockd: the NBD server of colo, which keeps the secondary's disk
+//! replica with buffered epochs.
 //!
+//! * [`cli`]: the daemon's command line.
 //! * [`proto`]: the NBD wire protocol, pure (parsing of untrusted bytes,
 //!   encoding of replies).
 //! * [`backend`]: the storage behind an export ([`backend::BlockBackend`]),
@@ -47,6 +48,7 @@
 //! ```
 
 pub mod backend;
+pub mod cli;
 pub mod daemon;
 pub mod export;
 pub mod metrics;

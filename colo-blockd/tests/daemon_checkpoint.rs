@@ -13,11 +13,11 @@ use colo_blockd::backend::BlockBackend;
 use colo_blockd::daemon::checkpoint::{BLOCK_LOG_FULL, RequestOptions, request_checkpoints};
 use colo_blockd::replica::{Replica, ReplicaConfig};
 use colo_control::hub::ControlHub;
+use colo_testkit::fake_qmp::FakeMonitor;
 use colo_types::Address;
-use common::fake_qmp::{DELAY_MS, fake_primary};
+use common::fake_qmp::{DELAY_MS, fake_primary, next_request};
 use serde_json::{Value, json};
 use tokio::net::UnixListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const BUDGET: u64 = 4096;
@@ -30,7 +30,7 @@ struct Bed {
     _dir: tempfile::TempDir,
     replica: Replica,
     hub: ControlHub,
-    requests: mpsc::UnboundedReceiver<Value>,
+    primary: FakeMonitor,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -49,7 +49,7 @@ impl Bed {
         )
         .unwrap();
         let qmp: PathBuf = dir.path().join("qmp.sock");
-        let requests = fake_primary(&qmp);
+        let primary = fake_primary(&qmp);
         let control = dir.path().join("control.sock");
         let hub = ControlHub::new(UnixListener::bind(&control).unwrap());
         let mut opts = RequestOptions::new(Address::Unix(qmp), Some(control.into()));
@@ -60,7 +60,7 @@ impl Bed {
             _dir: dir,
             replica,
             hub,
-            requests,
+            primary,
             shutdown,
             task,
         }
@@ -84,14 +84,13 @@ impl Bed {
     }
 
     async fn next_request(&mut self) -> Value {
-        tokio::time::timeout(PATIENCE, self.requests.recv())
+        next_request(&mut self.primary, PATIENCE)
             .await
             .expect("no checkpoint request in time")
-            .unwrap()
     }
 
     async fn no_more_requests(&mut self) {
-        if let Ok(extra) = tokio::time::timeout(QUIET, self.requests.recv()).await {
+        if let Some(extra) = next_request(&mut self.primary, QUIET).await {
             panic!("unexpected extra request {extra:?}");
         }
     }
@@ -220,11 +219,10 @@ async fn an_unreachable_primary_is_asked_again() {
         assert!(Instant::now() < deadline, "no failed request counted");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let mut requests = fake_primary(&qmp);
-    let got = tokio::time::timeout(PATIENCE, requests.recv())
+    let mut primary = fake_primary(&qmp);
+    let got = next_request(&mut primary, PATIENCE)
         .await
-        .expect("no checkpoint request after the primary came up")
-        .unwrap();
+        .expect("no checkpoint request after the primary came up");
     assert_eq!(got, json!({"x-checkpoint-delay": DELAY_MS}));
     let deadline = Instant::now() + PATIENCE;
     while metrics.checkpoints_requested_log_full.get() == 0 {

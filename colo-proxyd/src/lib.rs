@@ -9,12 +9,13 @@
 //! SVM opened with another ISN. None of them knows which attachment (net-filter sockets or
 //! vhost-user) delivered the bytes.
 //!
-//! [`daemon`] is the only module with I/O: the filter-mode daemon (`colo-proxyd primary` and
+//! [`daemon`] is the only module with I/O ([`cli`] is its command line): the filter-mode daemon (`colo-proxyd primary` and
 //! `colo-proxyd secondary`) with its sockets, the inter-host link, the relay's epoch events,
 //! QMP checkpoint requests and metrics.
 
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod codec;
 pub mod compare;
 pub mod daemon;

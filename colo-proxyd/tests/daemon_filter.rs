@@ -129,7 +129,7 @@ async fn start_secondary(
 struct Pair {
     _dir: tempfile::TempDir,
     hub: ControlHub,
-    qmp: tokio::sync::mpsc::UnboundedReceiver<QmpSeen>,
+    qmp: FakeMonitor,
     primary: Primary,
     secondary: Secondary,
     shutdown: CancellationToken,

@@ -16,7 +16,6 @@ use colo_proxyd::daemon::{primary, secondary};
 use common::*;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -70,7 +69,7 @@ async fn wait_log(needles: &[&str]) {
 }
 
 /// The next QMP command other than `set_link`, which must be `name` with `args`.
-async fn expect(qmp: &mut UnboundedReceiver<QmpSeen>, name: &str, args: Value) {
+async fn expect(qmp: &mut FakeMonitor, name: &str, args: Value) {
     loop {
         let seen = next_qmp_command(qmp, PATIENCE).await;
         if seen.as_ref().is_some_and(|(n, _)| n == "set_link") {
@@ -82,7 +81,7 @@ async fn expect(qmp: &mut UnboundedReceiver<QmpSeen>, name: &str, args: Value) {
 }
 
 /// The next `set_link` the fake QMP monitor saw (other commands skipped).
-async fn next_set_link(qmp: &mut UnboundedReceiver<QmpSeen>) -> Value {
+async fn next_set_link(qmp: &mut FakeMonitor) -> Value {
     loop {
         match next_qmp_command(qmp, PATIENCE).await {
             Some((name, args)) if name == "set_link" => return args,
@@ -338,7 +337,7 @@ async fn start_secondary_with(
 /// again: before each connection is written to, the daemon re-creates the filter that reads
 /// it, `filter` (object-add arguments), over `qmp`, and counts it.
 async fn recreated_at_each_connection(
-    qmp: &mut UnboundedReceiver<QmpSeen>,
+    qmp: &mut FakeMonitor,
     port: &str,
     metrics: &str,
     chardev: &str,

@@ -4,7 +4,7 @@
 //! intact and in order.
 
 use colo_qmp::{ConnectOptions, QmpClient};
-use colo_testkit::fake_qmp::{Fake, greeting};
+use colo_testkit::fake_qmp::{Fake, event, greeting, return_reply};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -67,20 +67,18 @@ fn payload(i: usize) -> Value {
 
 fn wire_line(item: &Item, ids: &[Value]) -> Vec<u8> {
     let v = match item {
-        Item::Reply(i) => json!({"return": payload(*i), "id": ids[*i]}),
+        Item::Reply(i) => return_reply(&ids[*i], payload(*i)),
         Item::Event {
             name,
             data,
             seconds,
             micros,
-        } => {
-            let mut ev =
-                json!({"event": name, "timestamp": {"seconds": seconds, "microseconds": micros}});
-            if !data.is_null() {
-                ev["data"] = data.clone();
-            }
-            ev
-        }
+        } => event(
+            name,
+            *seconds,
+            *micros,
+            Some(data.clone()).filter(|d| !d.is_null()),
+        ),
     };
     let mut line = v.to_string().into_bytes();
     line.extend_from_slice(b"\r\n");

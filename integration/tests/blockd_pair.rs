@@ -55,6 +55,7 @@ fn assert_blockd_failover(report: &Report, checkpoints: usize) {
 /// At least 30 checkpoints with the guest writing a record per second, then the primary dies
 /// during a download: the secondary takes over on colo-blockd's disk.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn blockd_pair_30_checkpoints_then_the_secondary_takes_over() {
     let plan = FailoverPlan {
         kill: Role::Primary,
@@ -76,6 +77,7 @@ async fn blockd_pair_30_checkpoints_then_the_secondary_takes_over() {
 /// its epoch closed, the primary's state not sent): the secondary goes on from its own state,
 /// so colo-blockd must drop the PVM log and keep the SVM's writes.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn blockd_failover_while_the_epoch_closes() {
     let plan = FailoverPlan {
         kill: Role::Primary,
@@ -94,6 +96,7 @@ async fn blockd_failover_while_the_epoch_closes() {
 /// secondary received the primary's state and loads it): the secondary goes on from the
 /// checkpoint, so colo-blockd must have committed that epoch's PVM log.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn blockd_failover_while_the_checkpoint_is_adopted() {
     let plan = FailoverPlan {
         kill: Role::Primary,
@@ -114,6 +117,7 @@ async fn blockd_failover_while_the_checkpoint_is_adopted() {
 /// The secondary host dies: the primary removes colo-blockd's child from its quorum
 /// (`x-blockdev-change`, `blockdev-del`) and carries on alone on its own disk.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn blockd_secondary_dies_and_the_primary_drops_its_child() {
     let plan = FailoverPlan {
         kill: Role::Secondary,

@@ -27,6 +27,7 @@ fn proxyd_pair() -> PairConfig {
 /// At least 30 checkpoints while the guest dirties memory: every request answered, the 1 MiB
 /// blob intact, and the SVM's output really reached the comparison.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn proxyd_pair_survives_30_checkpoints_under_load() {
     let report = scenario::soak("t-px", proxyd_pair(), 30, Duration::from_millis(300))
         .await
@@ -40,6 +41,7 @@ async fn proxyd_pair_survives_30_checkpoints_under_load() {
 /// The primary is SIGKILLed (with its colo-proxyd) mid-download; the secondary takes over and
 /// the download completes with the right checksum.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn proxyd_pair_primary_killed_secondary_takes_over() {
     let plan = FailoverPlan {
         kill: Role::Primary,
@@ -61,6 +63,7 @@ async fn proxyd_pair_primary_killed_secondary_takes_over() {
 /// run still has to keep every promise, but it did not test the shifting, so it is repeated,
 /// up to three times in all.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn proxyd_failover_keeps_a_connection_opened_in_the_last_epoch() {
     const ATTEMPTS: usize = 3;
     for attempt in 1..=ATTEMPTS {
@@ -103,6 +106,7 @@ async fn proxyd_failover_keeps_a_connection_opened_in_the_last_epoch() {
 
 /// The secondary host dies (QEMU and its colo-proxyd); the primary carries on alone.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn proxyd_pair_secondary_killed_primary_carries_on() {
     let plan = FailoverPlan {
         kill: Role::Secondary,
@@ -118,6 +122,7 @@ async fn proxyd_pair_secondary_killed_primary_carries_on() {
 /// and colo-proxyd asks for no more checkpoints than colo-compare (it compares streams, so
 /// segmentation and timing differences do not diverge).
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn proxyd_against_colo_compare_on_the_identical_pair() {
     let workload = Workload {
         requests: 300,

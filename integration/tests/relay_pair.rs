@@ -24,6 +24,7 @@ fn fast_checkpoints() -> PairConfig {
 /// STOP/RESUME (in each of two relayed pairs); prints the pause the relay adds against two
 /// pairs without it (same run).
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn relay_orders_every_checkpoint_and_reports_its_added_pause() {
     let report = barrier::epochs("t-ep", fast_checkpoints(), 50)
         .await
@@ -55,6 +56,7 @@ async fn relay_orders_every_checkpoint_and_reports_its_added_pause() {
 /// that never acknowledges ends COLO on both QEMUs within the relay's bound, and the primary
 /// then serves alone.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn barrier_holds_checkpoints_and_a_stuck_subscriber_ends_colo() {
     let delay = Duration::from_millis(50);
     let cfg = PairConfig {
@@ -151,6 +153,7 @@ fn assert_cli_failover(report: &Report) {
 /// `qmp-driver start` from the config file alone, `status`, `checkpoint`; the primary is
 /// killed mid-download and `qmp-driver failover --survivor secondary` keeps it alive.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn cli_start_status_checkpoint_and_failover_to_the_secondary() {
     let plan = FailoverPlan {
         kill: Role::Primary,
@@ -165,6 +168,7 @@ async fn cli_start_status_checkpoint_and_failover_to_the_secondary() {
 
 /// The same with the secondary killed and `qmp-driver failover --survivor primary`.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn cli_start_status_checkpoint_and_failover_to_the_primary() {
     let plan = FailoverPlan {
         kill: Role::Secondary,

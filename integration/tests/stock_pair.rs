@@ -23,6 +23,7 @@ fn soak_config() -> PairConfig {
 /// 4b: COLO survives at least 30 checkpoints under memory load; both guests' heartbeats
 /// count; every request is answered.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn stock_pair_survives_30_checkpoints_under_load() {
     let report = scenario::soak("t-soak", soak_config(), 30, Duration::from_millis(300))
         .await
@@ -41,6 +42,7 @@ async fn stock_pair_survives_30_checkpoints_under_load() {
 
 /// 4c: the primary is SIGKILLed mid-download; the secondary takes over.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn primary_killed_secondary_takes_over() {
     let plan = FailoverPlan {
         kill: Role::Primary,
@@ -54,6 +56,7 @@ async fn primary_killed_secondary_takes_over() {
 
 /// 4d: the secondary is SIGKILLed mid-download; the primary carries on alone.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn secondary_killed_primary_carries_on() {
     let plan = FailoverPlan {
         kill: Role::Secondary,

@@ -16,7 +16,7 @@
 //! firmware, kernel or boot disk options, `-name`, serial and display. Both
 //! VMs must get the same machine type and device layout.
 //!
-//! The object and chardev ids are fixed ([`ids`]): the failover sequences in
+//! The object and chardev ids are fixed ([`colo_types::qemu_ids`]): the failover sequences in
 //! [`crate::pair`] delete exactly these.
 //!
 //! With `disk.backend = "colo-blockd"` the secondary's disk is an NBD client

@@ -1,6 +1,6 @@
 //! The `qmp-driver` binary's output and exit codes against a fake server.
 
-use colo_testkit::fake_qmp::Fake;
+use colo_testkit::fake_qmp::{Answer, Fake, FakeMonitor};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::Output;
@@ -19,29 +19,18 @@ async fn run_cli(args: &[&str]) -> Output {
         .expect("run qmp-driver")
 }
 
-/// Serves one connection: handshake, then answers the single command with
-/// `reply` (a `return` value or an `error` object).
-fn serve_once(path: &Path, reply: Value) -> tokio::task::JoinHandle<Value> {
-    let listener = UnixListener::bind(path).unwrap();
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut fake = Fake::new(stream);
-        fake.handshake(&["oob"]).await;
-        let cmd = fake.recv_cmd().await;
-        let mut msg = reply;
-        msg["id"] = cmd["id"].clone();
-        fake.send(&msg).await;
-        cmd
-    })
+/// A monitor answering every command with `answer`.
+fn serve(path: &Path, answer: Answer) -> FakeMonitor {
+    FakeMonitor::serve_unix(path, &["oob"], move |_| answer.clone())
 }
 
 #[tokio::test]
 async fn raw_prints_return_value_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("q.sock");
-    let server = serve_once(
+    let mut qmp = serve(
         &sock,
-        json!({"return": {"running": false, "status": "prelaunch"}}),
+        Answer::ret(json!({"running": false, "status": "prelaunch"})),
     );
     let out = run_cli(&[
         "raw",
@@ -54,23 +43,23 @@ async fn raw_prints_return_value_and_exits_zero() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(printed, json!({"running": false, "status": "prelaunch"}));
-    let cmd = server.await.unwrap();
-    assert_eq!(cmd["execute"], "query-status");
-    assert_eq!(cmd["arguments"], json!({"x": 1}));
+    let cmd = qmp.recv().await;
+    assert_eq!(cmd.name, "query-status");
+    assert_eq!(cmd.args, json!({"x": 1}));
 }
 
 #[tokio::test]
 async fn raw_exits_one_on_qemu_error() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("q.sock");
-    let server = serve_once(
+    let mut qmp = serve(
         &sock,
-        json!({"error": {"class": "CommandNotFound", "desc": "The command nosuch has not been found"}}),
+        Answer::error("CommandNotFound", "The command nosuch has not been found"),
     );
     let out = run_cli(&["raw", "--socket", sock.to_str().unwrap(), "nosuch"]).await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("CommandNotFound"));
-    server.await.unwrap();
+    assert_eq!(qmp.recv().await.name, "nosuch");
 }
 
 #[tokio::test]

@@ -1,87 +1,36 @@
-//! The pair commands of the `qmp-driver` binary against fake QEMUs: a small
-//! Unix-socket QMP server per side that answers from a scripted state
-//! machine and logs every command, so the tests pin the exact QMP sequence
-//! the CLI sends (and that nothing is sent when a precondition fails).
+//! The pair commands of the `qmp-driver` binary against fake QEMUs: a
+//! scripted monitor per side (colo-testkit's `FakeMonitor`) that answers from
+//! a state machine and logs every command, so the tests pin the exact QMP
+//! sequence the CLI sends (and that nothing is sent when a precondition fails).
 
+use colo_testkit::fake_qmp::{Answer, FakeMonitor, event};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::process::Command;
-
-/// What a fake answers to one command.
-enum Answer {
-    Return(Value),
-    Error(String),
-    /// Return, then send these events `(name, seconds, microseconds)`.
-    ReturnThenEvents(Value, Vec<(&'static str, i64, i64)>),
-}
 
 type Script = Box<dyn FnMut(&str, &Value) -> Answer + Send>;
 
 /// `(side, command, arguments)`; out-of-band commands are `exec-oob:NAME`.
 type Log = Arc<Mutex<Vec<(String, String, Value)>>>;
 
-/// Serves QMP on `path` (any number of connections, one at a time) from
-/// `script`, logging every command with `side`.
+/// Serves QMP on `path` from `script`, logging every command with `side` in `log`, which both
+/// sides share so that it keeps the order across them.
 fn fake_qemu(path: &Path, side: &'static str, log: Log, mut script: Script) {
-    let listener = UnixListener::bind(path).unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (rd, mut wr) = stream.into_split();
-            let mut lines = BufReader::new(rd).lines();
-            let greeting = json!({"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": ["oob"]}});
-            if wr
-                .write_all(format!("{greeting}\r\n").as_bytes())
-                .await
-                .is_err()
-            {
-                continue;
-            }
-            while let Ok(Some(line)) = lines.next_line().await {
-                let cmd: Value = serde_json::from_str(&line).unwrap();
-                let (name, oob) = match (cmd["execute"].as_str(), cmd["exec-oob"].as_str()) {
-                    (Some(n), _) => (n.to_string(), false),
-                    (None, Some(n)) => (n.to_string(), true),
-                    _ => panic!("not a command: {line}"),
-                };
-                let args = cmd.get("arguments").cloned().unwrap_or(Value::Null);
-                let answer = if name == "qmp_capabilities" {
-                    Answer::Return(json!({}))
-                } else {
-                    let logged = if oob {
-                        format!("exec-oob:{name}")
-                    } else {
-                        name.clone()
-                    };
-                    log.lock()
-                        .unwrap()
-                        .push((side.to_string(), logged, args.clone()));
-                    script(&name, &args)
-                };
-                let id = cmd["id"].clone();
-                let (reply, events) = match answer {
-                    Answer::Return(v) => (json!({"return": v, "id": id}), vec![]),
-                    Answer::Error(desc) => (
-                        json!({"error": {"class": "GenericError", "desc": desc}, "id": id}),
-                        vec![],
-                    ),
-                    Answer::ReturnThenEvents(v, ev) => (json!({"return": v, "id": id}), ev),
-                };
-                let mut out = format!("{reply}\r\n");
-                for (ev, s, us) in events {
-                    let e = json!({"event": ev, "timestamp": {"seconds": s, "microseconds": us}});
-                    out.push_str(&format!("{e}\r\n"));
-                }
-                if wr.write_all(out.as_bytes()).await.is_err() {
-                    break;
-                }
-            }
-        }
+    FakeMonitor::serve_unix(path, &["oob"], move |cmd| {
+        let logged = if cmd.oob {
+            format!("exec-oob:{}", cmd.name)
+        } else {
+            cmd.name.clone()
+        };
+        log.lock()
+            .unwrap()
+            .push((side.to_string(), logged, cmd.args.clone()));
+        script(&cmd.name, &cmd.args)
     });
 }
 
@@ -165,11 +114,11 @@ fn stderr(out: &Output) -> String {
 }
 
 fn colo_status(mode: &str, last: &str, reason: &str) -> Answer {
-    Answer::Return(json!({"mode": mode, "last-mode": last, "reason": reason}))
+    Answer::ret(json!({"mode": mode, "last-mode": last, "reason": reason}))
 }
 
 fn running() -> Answer {
-    Answer::Return(json!({"running": true, "status": "running"}))
+    Answer::ret(json!({"running": true, "status": "running"}))
 }
 
 /// A secondary whose primary died: in COLO until x-colo-lost-heartbeat.
@@ -180,10 +129,10 @@ fn secondary_in_colo() -> Script {
         "query-colo-status" => colo_status("secondary", "none", "none"),
         "x-colo-lost-heartbeat" => {
             failed_over = true;
-            Answer::Return(json!({}))
+            Answer::ok()
         }
         "query-status" => running(),
-        _ => Answer::Return(json!({})),
+        _ => Answer::ok(),
     })
 }
 
@@ -275,11 +224,11 @@ async fn failover_to_primary_sends_the_documented_sequence_and_notifies_the_rela
         "query-colo-status" => colo_status("primary", "none", "none"),
         "x-colo-lost-heartbeat" => {
             failed_over = true;
-            Answer::Return(json!({}))
+            Answer::ok()
         }
-        "human-monitor-command" => Answer::Return(json!("")),
+        "human-monitor-command" => Answer::ret(json!("")),
         "query-status" => running(),
-        _ => Answer::Return(json!({})),
+        _ => Answer::ok(),
     }));
 
     let out = bed.run(&["failover", "--survivor", "primary"]).await;
@@ -332,12 +281,12 @@ async fn failover_already_done_succeeds_and_only_tidies_up() {
     bed.config("");
     bed.secondary(Box::new(|cmd, args| match cmd {
         "query-colo-status" => colo_status("none", "secondary", "request"),
-        "nbd-server-stop" => Answer::Error("NBD server not running".into()),
-        "object-del" => Answer::Error(format!(
+        "nbd-server-stop" => Answer::generic_error("NBD server not running"),
+        "object-del" => Answer::generic_error(format!(
             "object '{}' not found",
             args["id"].as_str().unwrap()
         )),
-        "chardev-remove" => Answer::Error(format!(
+        "chardev-remove" => Answer::generic_error(format!(
             "Chardev '{}' not found",
             args["id"].as_str().unwrap()
         )),
@@ -385,8 +334,8 @@ async fn failover_with_qemu_refusing_a_step_exits_one() {
     bed.config("");
     bed.secondary(Box::new(|cmd, _| match cmd {
         "query-colo-status" => colo_status("secondary", "none", "none"),
-        "x-colo-lost-heartbeat" => Answer::Error("something unexpected".into()),
-        _ => Answer::Return(json!({})),
+        "x-colo-lost-heartbeat" => Answer::generic_error("something unexpected"),
+        _ => Answer::ok(),
     }));
     let out = bed.run(&["failover", "--survivor", "secondary"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
@@ -411,33 +360,33 @@ async fn start_prepares_both_sides_in_order_and_waits_for_colo() {
         match cmd {
             "query-colo-status" if in_colo => colo_status("primary", "none", "none"),
             "query-colo-status" => colo_status("none", "none", "none"),
-            "query-migrate" if !in_colo => Answer::Return(json!({})),
+            "query-migrate" if !in_colo => Answer::ok(),
             "query-migrate" => {
                 polls += 1;
                 if polls == 1 {
-                    Answer::Return(json!({"status": "active", "ram": {"total": 200, "remaining": 126}}))
+                    Answer::ret(json!({"status": "active", "ram": {"total": 200, "remaining": 126}}))
                 } else {
-                    Answer::Return(json!({"status": "colo"}))
+                    Answer::ret(json!({"status": "colo"}))
                 }
             }
             "query-status" if in_colo => running(),
-            "query-status" => Answer::Return(json!({"running": false, "status": "prelaunch"})),
-            "query-chardev" => Answer::Return(json!([
+            "query-status" => Answer::ret(json!({"running": false, "status": "prelaunch"})),
+            "query-chardev" => Answer::ret(json!([
                 {"label": "mirror0", "filename": "tcp:127.0.0.1:9003,server=on<->127.0.0.1:40000", "frontend-open": true},
                 {"label": "compare1", "filename": "tcp:127.0.0.1:9004,server=on<->127.0.0.1:40001", "frontend-open": true},
                 {"label": "compare0", "filename": "tcp:127.0.0.1:9001,server=on<->127.0.0.1:40002", "frontend-open": true}
             ])),
-            "query-named-block-nodes" => Answer::Return(json!([{"node-name": "#block123"}])),
-            "human-monitor-command" => Answer::Return(json!("")),
-            "query-migrate-capabilities" => Answer::Return(json!([
+            "query-named-block-nodes" => Answer::ret(json!([{"node-name": "#block123"}])),
+            "human-monitor-command" => Answer::ret(json!("")),
+            "query-migrate-capabilities" => Answer::ret(json!([
                 {"capability": "x-colo", "state": false},
                 {"capability": "return-path", "state": false}
             ])),
             "migrate" => {
                 m.store(true, Ordering::SeqCst);
-                Answer::Return(json!({}))
+                Answer::ok()
             }
-            _ => Answer::Return(json!({})),
+            _ => Answer::ok(),
         }
     }));
     let (m, l) = (migrated.clone(), listening.clone());
@@ -447,19 +396,17 @@ async fn start_prepares_both_sides_in_order_and_waits_for_colo() {
             "query-colo-status" if in_colo => colo_status("secondary", "none", "none"),
             "query-colo-status" => colo_status("none", "none", "none"),
             "query-status" if in_colo => running(),
-            "query-status" => Answer::Return(json!({"running": false, "status": "inmigrate"})),
-            "query-migrate" if l.load(Ordering::SeqCst) => {
-                Answer::Return(json!({"status": "setup"}))
-            }
-            "query-migrate" => Answer::Return(json!({})),
+            "query-status" => Answer::ret(json!({"running": false, "status": "inmigrate"})),
+            "query-migrate" if l.load(Ordering::SeqCst) => Answer::ret(json!({"status": "setup"})),
+            "query-migrate" => Answer::ok(),
             "query-migrate-capabilities" => {
-                Answer::Return(json!([{"capability": "x-colo", "state": false}]))
+                Answer::ret(json!([{"capability": "x-colo", "state": false}]))
             }
             "migrate-incoming" => {
                 l.store(true, Ordering::SeqCst);
-                Answer::Return(json!({}))
+                Answer::ok()
             }
-            _ => Answer::Return(json!({})),
+            _ => Answer::ok(),
         }
     }));
 
@@ -553,8 +500,8 @@ async fn start_refuses_a_secondary_that_is_not_waiting_for_a_migration() {
     bed.config("");
     bed.primary(Box::new(|cmd, _| match cmd {
         "query-colo-status" => colo_status("none", "none", "none"),
-        "query-migrate" => Answer::Return(json!({})),
-        "query-status" => Answer::Return(json!({"running": false, "status": "prelaunch"})),
+        "query-migrate" => Answer::ok(),
+        "query-status" => Answer::ret(json!({"running": false, "status": "prelaunch"})),
         other => panic!("sent {other} to the primary although the secondary is wrong"),
     }));
     bed.secondary(Box::new(|cmd, _| match cmd {
@@ -577,20 +524,17 @@ async fn checkpoint_resets_the_current_delay_notes_the_reason_and_reports_the_pa
     ));
     let hub = colo_control::hub::ControlHub::new(UnixListener::bind(&control).unwrap());
     bed.primary(Box::new(|cmd, _| match cmd {
-        "query-migrate" => Answer::Return(json!({"status": "colo"})),
+        "query-migrate" => Answer::ret(json!({"status": "colo"})),
         // The delay the operator set by hand, not the config's default 2000.
         "query-migrate-parameters" => {
-            Answer::Return(json!({"x-checkpoint-delay": 1500, "max-bandwidth": 1}))
+            Answer::ret(json!({"x-checkpoint-delay": 1500, "max-bandwidth": 1}))
         }
         // A RESUME of an earlier checkpoint first: it must be skipped.
-        "migrate-set-parameters" => Answer::ReturnThenEvents(
-            json!({}),
-            vec![
-                ("RESUME", 99, 0),
-                ("STOP", 100, 100),
-                ("RESUME", 100, 12_600),
-            ],
-        ),
+        "migrate-set-parameters" => Answer::ok().then_events([
+            event("RESUME", 99, 0, None),
+            event("STOP", 100, 100, None),
+            event("RESUME", 100, 12_600, None),
+        ]),
         other => panic!("unexpected {other}"),
     }));
     let out = bed.run(&["checkpoint", "--json"]).await;
@@ -622,7 +566,7 @@ async fn checkpoint_outside_colo_is_refused() {
     let bed = Bed::new();
     bed.config("");
     bed.primary(Box::new(|cmd, _| match cmd {
-        "query-migrate" => Answer::Return(json!({"status": "completed"})),
+        "query-migrate" => Answer::ret(json!({"status": "completed"})),
         other => panic!("unexpected {other}"),
     }));
     let out = bed.run(&["checkpoint"]).await;
@@ -639,14 +583,14 @@ async fn status_json_reports_both_sides_and_an_unreachable_relay() {
     bed.primary(Box::new(|cmd, _| match cmd {
         "query-status" => running(),
         "query-colo-status" => colo_status("primary", "none", "none"),
-        "query-migrate" => Answer::Return(json!({"status": "colo"})),
-        "query-migrate-parameters" => Answer::Return(json!({"x-checkpoint-delay": 2000})),
+        "query-migrate" => Answer::ret(json!({"status": "colo"})),
+        "query-migrate-parameters" => Answer::ret(json!({"x-checkpoint-delay": 2000})),
         other => panic!("unexpected {other}"),
     }));
     bed.secondary(Box::new(|cmd, _| match cmd {
-        "query-status" => Answer::Return(json!({"running": false, "status": "colo"})),
+        "query-status" => Answer::ret(json!({"running": false, "status": "colo"})),
         "query-colo-status" => colo_status("secondary", "none", "none"),
-        "query-migrate" => Answer::Return(json!({"status": "colo"})),
+        "query-migrate" => Answer::ret(json!({"status": "colo"})),
         other => panic!("unexpected {other}"),
     }));
     let out = bed.run(&["status", "--json"]).await;
@@ -683,16 +627,16 @@ async fn stop_runs_the_primary_sequence_without_yank_then_quits_the_secondary() 
         "query-colo-status" => colo_status("primary", "none", "none"),
         "x-colo-lost-heartbeat" => {
             done = true;
-            Answer::Return(json!({}))
+            Answer::ok()
         }
-        "human-monitor-command" => Answer::Return(json!("")),
+        "human-monitor-command" => Answer::ret(json!("")),
         "query-status" => running(),
-        _ => Answer::Return(json!({})),
+        _ => Answer::ok(),
     }));
     bed.secondary(Box::new(|cmd, _| match cmd {
         "query-colo-status" => colo_status("secondary", "none", "none"),
         "query-status" => running(),
-        "quit" => Answer::Return(json!({})),
+        "quit" => Answer::ok(),
         other => panic!("unexpected {other}"),
     }));
     let out = bed.run(&["stop", "--json"]).await;
@@ -724,9 +668,9 @@ async fn start_waits_for_a_migration_already_under_way_without_touching_anything
         "query-migrate" => {
             polls += 1;
             if polls <= 2 {
-                Answer::Return(json!({"status": "active"}))
+                Answer::ret(json!({"status": "active"}))
             } else {
-                Answer::Return(json!({"status": "colo"}))
+                Answer::ret(json!({"status": "colo"}))
             }
         }
         "query-status" => running(),

@@ -117,6 +117,7 @@ fn copy_disk(config: &Path) -> Output {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier qemu: needs the patched QEMU of integration/setup.sh; select with --include-ignored (integration/test.sh does)"]
 async fn copy_disk_mirrors_the_paused_primary_into_a_blockd_export_and_refuses_a_running_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let source = dir.path().join("primary.raw");

@@ -1,16 +1,13 @@
 //! Prometheus metrics: a registry the role loops update, rendered in the plain-text exposition
-//! format by a minimal HTTP responder (`--metrics ADDR`, any path answers; `GET /metrics` is
-//! what Prometheus asks for). No metrics crate: a dozen counters do not justify one.
+//! format with colo-daemon's writer and served by colo-daemon's `/metrics` responder
+//! (`--metrics ADDR`).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use colo_daemon::metrics::{Exposition, Histogram, Text};
 
 use crate::daemon::svm_path::BridgeCounts;
 
@@ -56,12 +53,20 @@ struct Inner {
     epoch: AtomicU64,
     comparing: AtomicU64,
     flows: AtomicU64,
-    hold_count: AtomicU64,
-    hold_sum_ns: AtomicU64,
-    hold_buckets: [AtomicU64; HOLD_BUCKETS.len()],
+    hold: HoldHistogram,
     /// The secondary's network bridge after a failover (running totals from the role logic).
     bridged: Mutex<BridgeCounts>,
     offset_connections: AtomicU64,
+}
+
+/// The hold-time histogram over [`HOLD_BUCKETS`].
+#[derive(Debug)]
+struct HoldHistogram(Histogram);
+
+impl Default for HoldHistogram {
+    fn default() -> Self {
+        HoldHistogram(Histogram::new(&HOLD_BUCKETS))
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -149,15 +154,7 @@ impl Metrics {
         let i = &self.inner;
         i.released_packets.fetch_add(1, Ordering::Relaxed);
         i.released_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        i.hold_count.fetch_add(1, Ordering::Relaxed);
-        i.hold_sum_ns.fetch_add(
-            u64::try_from(held.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        let secs = held.as_secs_f64();
-        if let Some(b) = HOLD_BUCKETS.iter().position(|bound| secs <= *bound) {
-            i.hold_buckets[b].fetch_add(1, Ordering::Relaxed);
-        }
+        i.hold.0.observe(held);
     }
 
     /// PVM bytes released without comparison because COLO does not run (no SVM to compare
@@ -255,9 +252,9 @@ impl Metrics {
     pub fn render(&self) -> String {
         let i = &self.inner;
         let role = *lock(&i.role);
-        let mut out = String::new();
+        let mut out = Text::default();
         header(&mut out, "info", "gauge", "Always 1; the role is a label.");
-        let _ = writeln!(out, "colo_proxyd_info{{role=\"{role}\"}} 1");
+        out.sample("colo_proxyd_info", &[("role", role)], 1);
 
         header(
             &mut out,
@@ -266,10 +263,10 @@ impl Metrics {
             "1 when the port or link is connected.",
         );
         for (port, up) in lock(&i.connections).iter() {
-            let _ = writeln!(
-                out,
-                "colo_proxyd_connection_up{{port=\"{port}\"}} {}",
-                u8::from(*up)
+            out.sample(
+                "colo_proxyd_connection_up",
+                &[("port", port)],
+                u64::from(*up),
             );
         }
         header(
@@ -279,10 +276,10 @@ impl Metrics {
             "1 when QEMU's chardev has a peer (0: its redirector fails open).",
         );
         for (id, up) in lock(&i.chardevs).iter() {
-            let _ = writeln!(
-                out,
-                "colo_proxyd_qemu_chardev_connected{{chardev=\"{id}\"}} {}",
-                u8::from(*up)
+            out.sample(
+                "colo_proxyd_qemu_chardev_connected",
+                &[("chardev", id)],
+                u64::from(*up),
             );
         }
         header(
@@ -292,9 +289,10 @@ impl Metrics {
             "QEMU filters re-created over QMP because their input chardev reconnected.",
         );
         for (id, n) in lock(&i.filters_recreated).iter() {
-            let _ = writeln!(
-                out,
-                "colo_proxyd_qemu_filters_recreated_total{{filter=\"{id}\"}} {n}"
+            out.sample(
+                "colo_proxyd_qemu_filters_recreated_total",
+                &[("filter", id)],
+                *n,
             );
         }
         if let Some(up) = *lock(&i.guest_link_up) {
@@ -304,7 +302,7 @@ impl Metrics {
                 "gauge",
                 "The guest's link as colo-proxyd last set it (0: cut off while compare0 is down).",
             );
-            let _ = writeln!(out, "colo_proxyd_guest_link_up {}", u8::from(up));
+            out.sample("colo_proxyd_guest_link_up", &[], u64::from(up));
         }
         let counters: [(&str, &str, &AtomicU64); 10] = [
             (
@@ -360,7 +358,11 @@ impl Metrics {
         ];
         for (name, help, value) in counters {
             header(&mut out, name, "counter", help);
-            let _ = writeln!(out, "colo_proxyd_{name} {}", value.load(Ordering::Relaxed));
+            out.sample(
+                &format!("colo_proxyd_{name}"),
+                &[],
+                value.load(Ordering::Relaxed),
+            );
         }
         header(
             &mut out,
@@ -368,10 +370,10 @@ impl Metrics {
             "counter",
             "Synchronous relay events handled and acknowledged.",
         );
-        let _ = writeln!(
-            out,
-            "colo_proxyd_barriers_total {}",
-            i.barriers.load(Ordering::Relaxed)
+        out.sample(
+            "colo_proxyd_barriers_total",
+            &[],
+            i.barriers.load(Ordering::Relaxed),
         );
         let bridged = *lock(&i.bridged);
         for (name, help, out_of_svm, into_svm) in [
@@ -389,13 +391,15 @@ impl Metrics {
             ),
         ] {
             header(&mut out, name, "counter", help);
-            let _ = writeln!(
-                out,
-                "colo_proxyd_{name}{{direction=\"out_of_svm\"}} {out_of_svm}"
+            out.sample(
+                &format!("colo_proxyd_{name}"),
+                &[("direction", "out_of_svm")],
+                out_of_svm,
             );
-            let _ = writeln!(
-                out,
-                "colo_proxyd_{name}{{direction=\"into_svm\"}} {into_svm}"
+            out.sample(
+                &format!("colo_proxyd_{name}"),
+                &[("direction", "into_svm")],
+                into_svm,
             );
         }
         header(
@@ -404,10 +408,10 @@ impl Metrics {
             "gauge",
             "Connections whose sequence numbers the secondary shifts after its failover (opened by the SVM in the last epoch).",
         );
-        let _ = writeln!(
-            out,
-            "colo_proxyd_failover_offset_connections {}",
-            i.offset_connections.load(Ordering::Relaxed)
+        out.sample(
+            "colo_proxyd_failover_offset_connections",
+            &[],
+            i.offset_connections.load(Ordering::Relaxed),
         );
         header(
             &mut out,
@@ -415,24 +419,24 @@ impl Metrics {
             "gauge",
             "Flows with comparison state (primary) or connections with rewriting state (secondary).",
         );
-        let _ = writeln!(out, "colo_proxyd_flows {}", i.flows.load(Ordering::Relaxed));
+        out.sample("colo_proxyd_flows", &[], i.flows.load(Ordering::Relaxed));
         header(
             &mut out,
             "epoch",
             "gauge",
             "The SVM epoch compared (primary) or tagged (secondary).",
         );
-        let _ = writeln!(out, "colo_proxyd_epoch {}", i.epoch.load(Ordering::Relaxed));
+        out.sample("colo_proxyd_epoch", &[], i.epoch.load(Ordering::Relaxed));
         header(
             &mut out,
             "comparing",
             "gauge",
             "1 while COLO runs and output is compared.",
         );
-        let _ = writeln!(
-            out,
-            "colo_proxyd_comparing {}",
-            i.comparing.load(Ordering::Relaxed)
+        out.sample(
+            "colo_proxyd_comparing",
+            &[],
+            i.comparing.load(Ordering::Relaxed),
         );
         header(
             &mut out,
@@ -440,10 +444,10 @@ impl Metrics {
             "gauge",
             "PVM packets held for comparison.",
         );
-        let _ = writeln!(
-            out,
-            "colo_proxyd_held_packets {}",
-            i.held_packets.load(Ordering::Relaxed)
+        out.sample(
+            "colo_proxyd_held_packets",
+            &[],
+            i.held_packets.load(Ordering::Relaxed),
         );
         header(
             &mut out,
@@ -451,10 +455,10 @@ impl Metrics {
             "gauge",
             "Bytes of the PVM packets held for comparison.",
         );
-        let _ = writeln!(
-            out,
-            "colo_proxyd_held_bytes {}",
-            i.held_bytes.load(Ordering::Relaxed)
+        out.sample(
+            "colo_proxyd_held_bytes",
+            &[],
+            i.held_bytes.load(Ordering::Relaxed),
         );
         for (name, help, map) in [
             (
@@ -470,87 +474,27 @@ impl Metrics {
         ] {
             header(&mut out, name, "counter", help);
             for (reason, n) in lock(map).iter() {
-                let _ = writeln!(out, "colo_proxyd_{name}{{reason=\"{reason}\"}} {n}");
+                out.sample(&format!("colo_proxyd_{name}"), &[("reason", reason)], *n);
             }
         }
-        header(
+        i.hold.0.render(
             &mut out,
-            "hold_seconds",
-            "histogram",
+            "colo_proxyd_hold_seconds",
             "Time from a PVM packet's arrival to its release.",
         );
-        let mut cumulative = 0;
-        for (bound, count) in HOLD_BUCKETS.iter().zip(&i.hold_buckets) {
-            cumulative += count.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "colo_proxyd_hold_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        let total = i.hold_count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "colo_proxyd_hold_seconds_bucket{{le=\"+Inf\"}} {total}"
-        );
-        let sum = i.hold_sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "colo_proxyd_hold_seconds_sum {sum}");
-        let _ = writeln!(out, "colo_proxyd_hold_seconds_count {total}");
-        out
+        out.finish()
     }
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP colo_proxyd_{name} {help}");
-    let _ = writeln!(out, "# TYPE colo_proxyd_{name} {kind}");
+/// The `# HELP` and `# TYPE` lines of `colo_proxyd_{name}`.
+fn header(out: &mut Text, name: &str, kind: &str, help: &str) {
+    out.header(&format!("colo_proxyd_{name}"), help, kind);
 }
 
-/// Answers every HTTP request on `listener` with the metrics until `shutdown`.
-pub async fn serve(listener: TcpListener, metrics: Metrics, shutdown: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    tracing::warn!(%err, "metrics endpoint: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let answered = tokio::time::timeout(Duration::from_secs(5), answer(stream, &metrics));
-            if let Ok(Err(err)) = answered.await {
-                tracing::debug!(%err, "metrics endpoint: request failed");
-            }
-        });
+impl Exposition for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
     }
-}
-
-async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    // Read the request head (ignored beyond its first line) so the client sees a clean close.
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let (status, body) = if head.starts_with(b"GET ") || head.starts_with(b"HEAD ") {
-        ("200 OK", metrics.render())
-    } else {
-        ("405 Method Not Allowed", String::from("only GET\n"))
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use super::config::PrimaryConfig;
 use super::epochs::{self, EpochNotice, RelayOptions};
 use super::gate::{GateOutput, Protection, ReleaseGate, SvmFrameFate};
 use super::link::LinkMessage;
-use super::metrics::{self, Metrics};
+use super::metrics::Metrics;
 use super::peer::{self, LinkSender};
 use super::qemu_filters::{self, IndevRedirector};
 use super::{DaemonError, bind, failopen};
@@ -76,7 +76,11 @@ pub async fn run(
     let tasks = shutdown.child_token();
     let _stop_tasks = tasks.clone().drop_guard();
     if let Some(listener) = listeners.metrics {
-        tokio::spawn(metrics::serve(listener, metrics.clone(), tasks.clone()));
+        tokio::spawn(colo_daemon::metrics::serve_metrics(
+            listener,
+            std::sync::Arc::new(metrics.clone()),
+            tasks.clone(),
+        ));
     }
     let qmp = QmpSession::new(config.qmp.clone());
     let (pvm_connected_tx, pvm_connected) = watch::channel(false);

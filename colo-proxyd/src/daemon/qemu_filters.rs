@@ -358,57 +358,24 @@ pub async fn guard_guest_link(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use colo_testkit::fake_qmp::{Answer, FakeMonitor};
     use colo_types::Address;
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    use tokio::net::UnixListener;
-    use tokio::sync::mpsc;
 
-    /// A QMP monitor that records every command and answers `{}`, or the error `refuse` gives.
+    /// A QMP monitor that answers `{}`, or the error `refuse` gives.
     fn fake_qmp(
         path: &std::path::Path,
         refuse: fn(&str, &Value) -> Option<&'static str>,
-    ) -> mpsc::UnboundedReceiver<(String, Value)> {
-        let listener = UnixListener::bind(path).unwrap();
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let (rd, mut wr) = stream.into_split();
-                    let greeting = json!({"QMP": {"version": {"qemu": {"micro": 2, "minor": 0,
-                        "major": 10}, "package": "fake"}, "capabilities": []}});
-                    wr.write_all(format!("{greeting}\r\n").as_bytes())
-                        .await
-                        .unwrap();
-                    let mut lines = BufReader::new(rd).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        let cmd: Value = serde_json::from_str(&line).unwrap();
-                        let name = cmd["execute"].as_str().unwrap_or("").to_owned();
-                        let args = cmd.get("arguments").cloned().unwrap_or(Value::Null);
-                        let mut reply = match refuse(&name, &args) {
-                            Some(desc) => {
-                                json!({"error": {"class": "GenericError", "desc": desc}})
-                            }
-                            None => json!({"return": {}}),
-                        };
-                        if name != "qmp_capabilities" {
-                            let _ = tx.send((name, args));
-                        }
-                        if let Some(id) = cmd.get("id") {
-                            reply["id"] = id.clone();
-                        }
-                        if wr
-                            .write_all(format!("{reply}\r\n").as_bytes())
-                            .await
-                            .is_err()
-                        {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        rx
+    ) -> FakeMonitor {
+        FakeMonitor::serve_unix(path, &[], move |cmd| match refuse(&cmd.name, &cmd.args) {
+            Some(desc) => Answer::generic_error(desc),
+            None => Answer::ok(),
+        })
+    }
+
+    /// The next command the monitor got: its name and arguments.
+    async fn next(seen: &mut FakeMonitor) -> (String, Value) {
+        let cmd = seen.recv().await;
+        (cmd.name, cmd.args)
     }
 
     fn redire0() -> IndevRedirector {
@@ -454,17 +421,17 @@ mod tests {
         let qmp = QmpSession::new(Address::Unix(path));
         assert_eq!(recreate(&qmp, &redire0()).await, Ok(Recreated::Replaced));
         assert_eq!(
-            seen.recv().await.unwrap(),
+            next(&mut seen).await,
             ("object-del".into(), json!({"id": "redire0"}))
         );
         assert_eq!(
-            seen.recv().await.unwrap(),
+            next(&mut seen).await,
             ("object-add".into(), redire0().object_add_arguments())
         );
         let gone = IndevRedirector::release("hn0", "gone", "compare_out", "redire1");
         assert_eq!(recreate(&qmp, &gone).await, Ok(Recreated::Added));
-        assert_eq!(seen.recv().await.unwrap().0, "object-del");
-        assert_eq!(seen.recv().await.unwrap().0, "object-add");
+        assert_eq!(next(&mut seen).await.0, "object-del");
+        assert_eq!(next(&mut seen).await.0, "object-add");
     }
 
     /// At a failover qmp-driver adds f3 between colo-proxyd's object-del and object-add.
@@ -480,9 +447,9 @@ mod tests {
         let qmp = QmpSession::new(Address::Unix(path));
         let f3 = IndevRedirector::network_output("hn0", "f3", "red2", "f2");
         assert_eq!(recreate(&qmp, &f3).await, Ok(Recreated::Added));
-        assert_eq!(seen.recv().await.unwrap().0, "object-del");
+        assert_eq!(next(&mut seen).await.0, "object-del");
         assert_eq!(
-            seen.recv().await.unwrap(),
+            next(&mut seen).await,
             ("object-add".into(), f3.object_add_arguments())
         );
     }
@@ -500,15 +467,15 @@ mod tests {
             err.contains("object-add redire0") && err.contains("redire1"),
             "{err}"
         );
-        while seen.try_recv().is_ok() {}
+        while seen.try_recv().is_some() {}
         // The hook keeps trying; it ends with the shutdown.
         let shutdown = CancellationToken::new();
         let metrics = Metrics::new("primary");
         let hook = recreate_on_connect(Some(qmp), redire0(), metrics.clone(), shutdown.clone());
         let task = tokio::spawn(hook.run(1));
         for _ in 0..2 {
-            assert_eq!(seen.recv().await.unwrap().0, "object-del");
-            assert_eq!(seen.recv().await.unwrap().0, "object-add");
+            assert_eq!(next(&mut seen).await.0, "object-del");
+            assert_eq!(next(&mut seen).await.0, "object-add");
         }
         shutdown.cancel();
         task.await.unwrap();
@@ -536,16 +503,16 @@ mod tests {
         ));
         let link = |up: bool| ("set_link".to_owned(), json!({"name": "hn0", "up": up}));
         // The first decision is applied: whatever an earlier daemon left.
-        assert_eq!(seen.recv().await.unwrap(), link(true));
+        assert_eq!(next(&mut seen).await, link(true));
         // COLO runs and compare0 drops: down; back: up.
         connected.send_replace(false);
         protection_tx.send_replace(Protection::Protected);
-        assert_eq!(seen.recv().await.unwrap(), link(false));
+        assert_eq!(next(&mut seen).await, link(false));
         connected.send_replace(true);
-        assert_eq!(seen.recv().await.unwrap(), link(true));
+        assert_eq!(next(&mut seen).await, link(true));
         shutdown.cancel();
         task.await.unwrap();
-        assert!(seen.try_recv().is_err());
+        assert!(seen.try_recv().is_none());
         assert!(
             metrics
                 .render()

@@ -38,7 +38,7 @@ use super::attachment::{
 use super::config::SecondaryConfig;
 use super::epochs::{self, EpochNotice, RelayOptions};
 use super::link::LinkMessage;
-use super::metrics::{self, Metrics};
+use super::metrics::Metrics;
 use super::peer::{self, LinkSender};
 use super::qemu_filters::{self, IndevRedirector};
 use super::svm_path::{Failover, SvmOutput, SvmPath};
@@ -89,7 +89,11 @@ pub async fn run(
     let tasks = shutdown.child_token();
     let _stop_tasks = tasks.clone().drop_guard();
     if let Some(listener) = listeners.metrics {
-        tokio::spawn(metrics::serve(listener, metrics.clone(), tasks.clone()));
+        tokio::spawn(colo_daemon::metrics::serve_metrics(
+            listener,
+            std::sync::Arc::new(metrics.clone()),
+            tasks.clone(),
+        ));
     }
     // QEMU reads no reconnected indev: with --qmp the redirector is re-created before each
     // connection of red0 is written to.

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use colo_control::hub::ControlHub;
 use colo_control::protocol::RelayState;
 use colo_proxyd::codec::{Frame, FrameDecoder, encode};
+use colo_testkit::fake_qmp::Answer;
+pub use colo_testkit::fake_qmp::FakeMonitor;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
-use tokio::sync::mpsc;
 
 /// How long anything that should happen may take on a loaded 2-core machine.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -131,26 +132,21 @@ impl Chardev {
     }
 }
 
-/// What the fake QMP monitor saw.
-#[derive(Debug)]
-pub enum QmpSeen {
-    /// `migrate-set-parameters` with these arguments.
-    SetParameters(Value),
-    /// `query-chardev`.
-    QueryChardev,
-    /// Any other command (`object-del`, `object-add`, `set_link`, ...) with its arguments
-    /// (`null` without).
-    Command(String, Value),
-}
-
 /// The checkpoint period the fake primary reports.
 pub const DELAY_MS: u64 = 20000;
 
+/// What colo-proxyd only asks of the monitor: [`next_qmp_command`] skips them.
+const QUERIES: [&str; 4] = [
+    "query-migrate",
+    "query-migrate-parameters",
+    "migrate-set-parameters",
+    "query-chardev",
+];
+
 /// A QMP monitor of a primary in COLO: `query-migrate` says `colo`, `query-migrate-parameters`
-/// has `x-checkpoint-delay` [`DELAY_MS`], `query-chardev` shows `chardevs` connected.
-pub fn fake_qmp(path: &Path, chardevs: &[&str]) -> mpsc::UnboundedReceiver<QmpSeen> {
-    let listener = UnixListener::bind(path).unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
+/// has `x-checkpoint-delay` [`DELAY_MS`], `query-chardev` shows `chardevs` connected, every
+/// other command returns `{}`.
+pub fn fake_qmp(path: &Path, chardevs: &[&str]) -> FakeMonitor {
     let chardevs: Vec<Value> = chardevs
         .iter()
         .map(|id| {
@@ -158,93 +154,31 @@ pub fn fake_qmp(path: &Path, chardevs: &[&str]) -> mpsc::UnboundedReceiver<QmpSe
                    "frontend-open": true})
         })
         .collect();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let tx = tx.clone();
-            let chardevs = chardevs.clone();
-            tokio::spawn(async move {
-                let (rd, mut wr) = stream.into_split();
-                let greeting = json!({"QMP": {"version": {"qemu": {"micro": 2, "minor": 0,
-                    "major": 10}, "package": "fake"}, "capabilities": []}});
-                if wr
-                    .write_all(format!("{greeting}\r\n").as_bytes())
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                let mut lines = BufReader::new(rd).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let cmd: Value = serde_json::from_str(&line).unwrap();
-                    let ret = match cmd["execute"].as_str() {
-                        Some("query-migrate") => json!({"status": "colo"}),
-                        Some("query-migrate-parameters") => {
-                            json!({"x-checkpoint-delay": DELAY_MS, "max-bandwidth": 1})
-                        }
-                        Some("migrate-set-parameters") => {
-                            let _ = tx.send(QmpSeen::SetParameters(cmd["arguments"].clone()));
-                            json!({})
-                        }
-                        Some("query-chardev") => {
-                            let _ = tx.send(QmpSeen::QueryChardev);
-                            Value::Array(chardevs.clone())
-                        }
-                        Some(other) => {
-                            if other != "qmp_capabilities" {
-                                let args = cmd.get("arguments").cloned().unwrap_or(Value::Null);
-                                let _ = tx.send(QmpSeen::Command(other.to_owned(), args));
-                            }
-                            json!({})
-                        }
-                        None => json!({}),
-                    };
-                    let mut reply = json!({"return": ret});
-                    if let Some(id) = cmd.get("id") {
-                        reply["id"] = id.clone();
-                    }
-                    if wr
-                        .write_all(format!("{reply}\r\n").as_bytes())
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            });
+    FakeMonitor::serve_unix(path, &[], move |cmd| match cmd.name.as_str() {
+        "query-migrate" => Answer::ret(json!({"status": "colo"})),
+        "query-migrate-parameters" => {
+            Answer::ret(json!({"x-checkpoint-delay": DELAY_MS, "max-bandwidth": 1}))
         }
-    });
-    rx
+        "query-chardev" => Answer::ret(Value::Array(chardevs.clone())),
+        _ => Answer::ok(),
+    })
 }
 
-/// The next checkpoint request the fake QMP monitor saw, or `None` within `within`.
-pub async fn next_checkpoint_request(
-    rx: &mut mpsc::UnboundedReceiver<QmpSeen>,
-    within: Duration,
-) -> Option<Value> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(QmpSeen::SetParameters(v))) => return Some(v),
-            Ok(Some(QmpSeen::QueryChardev | QmpSeen::Command(..))) => continue,
-            Ok(None) | Err(_) => return None,
-        }
-    }
+/// The next checkpoint request (`migrate-set-parameters`'s arguments) the fake QMP monitor
+/// saw, or `None` within `within`.
+pub async fn next_checkpoint_request(qmp: &mut FakeMonitor, within: Duration) -> Option<Value> {
+    let cmd = qmp.recv_named("migrate-set-parameters", within).await?;
+    Some(cmd.args)
 }
 
-/// The next command other than checkpoint requests and `query-chardev` that the fake QMP
-/// monitor saw, or `None` within `within`.
-pub async fn next_qmp_command(
-    rx: &mut mpsc::UnboundedReceiver<QmpSeen>,
-    within: Duration,
-) -> Option<(String, Value)> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(QmpSeen::Command(name, args))) => return Some((name, args)),
-            Ok(Some(_)) => continue,
-            Ok(None) | Err(_) => return None,
-        }
-    }
+/// The next command other than checkpoint requests and queries that the fake QMP monitor saw
+/// (`object-del`, `object-add`, `set_link`, ...), with its arguments (`null` without), or
+/// `None` within `within`.
+pub async fn next_qmp_command(qmp: &mut FakeMonitor, within: Duration) -> Option<(String, Value)> {
+    let cmd = qmp
+        .recv_where(within, |c| !QUERIES.contains(&c.name.as_str()))
+        .await?;
+    Some((cmd.name, cmd.args))
 }
 
 /// An in-process relay hub on a socket in `dir`, already in COLO at `epoch`.

@@ -21,13 +21,6 @@ pub(super) fn qmp_path(dir: &Path, role: Role) -> PathBuf {
     dir.join(format!("{}-qmp.sock", role.name()))
 }
 
-fn side(role: Role) -> Role {
-    match role {
-        Role::Primary => Role::Primary,
-        Role::Secondary => Role::Secondary,
-    }
-}
-
 /// What the bed adds to the generated COLO arguments: machine, guest, serial log and its
 /// own QMP monitor.
 fn bed_args(a: &Artifacts, role: Role, dir: &Path, cfg: &PairConfig) -> Vec<String> {
@@ -76,7 +69,7 @@ pub fn qemu_args(
     driver: &DriverConfig,
 ) -> Result<Vec<String>> {
     let mut args = bed_args(a, role, dir, cfg);
-    args.extend(qmp_driver::qemu_args::colo_args(driver, side(role))?);
+    args.extend(qmp_driver::qemu_args::colo_args(driver, role)?);
     Ok(args)
 }
 

@@ -37,10 +37,6 @@ pub(crate) async fn notify_failover(
     survivor: Role,
     timeout: Duration,
 ) -> Result<(), ControlError> {
-    let survivor = match survivor {
-        Role::Primary => Role::Primary,
-        Role::Secondary => Role::Secondary,
-    };
     operator(path, timeout).await?.failover(survivor).await
 }
 

@@ -1,0 +1,46 @@
+//! colo-proxyd's command line (clap), in the library so that tools and tests parse exactly what
+//! the daemon parses (qmp-driver's `daemon-args` output is checked against it).
+
+use clap::{Parser, Subcommand};
+
+use crate::daemon::config::{PrimaryArgs, SecondaryArgs};
+
+/// Compares the PVM's and the SVM's network output per TCP connection (COLO).
+///
+/// Filter mode: QEMU's filter-mirror and filter-redirector objects hand frames to colo-proxyd
+/// over socket chardevs (be32 length + frame, vnet_hdr_support off). Run `colo-proxyd primary`
+/// on the primary host and `colo-proxyd secondary` on the secondary host; both follow the
+/// checkpoint-barrier relay's epochs (`qmp-driver relay --control`).
+///
+/// Exit codes: 0 stopped by SIGINT or SIGTERM; 1 could not start; 2 bad command line or
+/// configuration. Logs go to stderr; set RUST_LOG (e.g. `info`, `colo_proxyd=debug`) and
+/// COLO_LOG_FORMAT=json for one JSON object per line.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+pub struct Cli {
+    /// The role to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+/// The two roles of the daemon.
+pub enum Command {
+    /// Run on the primary host: compare the PVM's output with the SVM's, release what
+    /// matches, ask for checkpoints, mirror inbound packets to the secondary.
+    ///
+    /// Connects to the primary QEMU's chardev servers compare0 (PVM output), mirror0 (packets
+    /// into the PVM) and compare_out (to the network), listens for the secondary's
+    /// colo-proxyd, subscribes to the relay and uses its own QMP monitor of the primary QEMU:
+    /// checkpoint requests, the chardev check, re-creating the redirector that reads
+    /// compare_out at each connection (QEMU never reads an indev again after it closed), and
+    /// setting the netdev's link down while compare0 has no connection during COLO.
+    Primary(PrimaryArgs),
+    /// Run on the secondary host: inject the mirrored packets into the SVM and send the SVM's
+    /// output to the primary's colo-proxyd, rewriting TCP sequence numbers.
+    ///
+    /// Listens for the secondary QEMU's chardev clients red0 (into the SVM) and red1 (the
+    /// SVM's output), connects to the primary's colo-proxyd and subscribes to the relay. With
+    /// --qmp it re-creates the redirector that reads red0 at each connection of red0.
+    Secondary(SecondaryArgs),
+}
