@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{ControlError, Subscriber};
+use crate::protocol::Event;
 use colo_types::Address;
 
 /// How to reach the relay and how fast to retry.
@@ -51,6 +52,23 @@ pub enum SessionEnd {
     RelayClosed,
     /// The connection failed.
     Failed(ControlError),
+}
+
+/// The relay's next event, or why the session ends: shutdown (which only ever interrupts this
+/// wait, never a step a daemon is doing), the relay closing the connection, or a failure.
+pub async fn next_event(
+    sub: &mut Subscriber,
+    shutdown: &CancellationToken,
+) -> Result<Event, SessionEnd> {
+    let next = tokio::select! {
+        _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+        n = sub.next_event() => n,
+    };
+    match next {
+        Ok(Some(ev)) => Ok(ev),
+        Ok(None) => Err(SessionEnd::RelayClosed),
+        Err(err) => Err(SessionEnd::Failed(err)),
+    }
 }
 
 /// One session's work on a connected subscriber: owns what it needs and

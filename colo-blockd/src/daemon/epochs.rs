@@ -61,14 +61,9 @@ async fn follow_connection(
     loop {
         // Shutdown only interrupts the wait for an event, never a step:
         // a half-done commit is left to the journal only after a crash.
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-            n = sub.next_event() => n,
-        };
-        let ev = match next {
-            Ok(Some(ev)) => ev,
-            Ok(None) => return SessionEnd::RelayClosed,
-            Err(err) => return SessionEnd::Failed(err),
+        let ev = match colo_control::follow::next_event(sub, shutdown).await {
+            Ok(ev) => ev,
+            Err(end) => return end,
         };
         replica.metrics().epoch.set(ev.epoch);
         // Every log line of the step carries the epoch it belongs to.

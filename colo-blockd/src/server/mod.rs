@@ -133,42 +133,44 @@ impl<B: BlockBackend> NbdServer<B> {
 
     /// Serves clients of an already-bound Unix socket until `shutdown`.
     pub async fn serve_unix(&self, listener: UnixListener, shutdown: CancellationToken) {
-        let connections = TaskTracker::new();
-        loop {
-            let accepted = tokio::select! {
-                () = shutdown.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((stream, _)) => {
-                    let peer = Peer::new(Transport::Unix, "unix".into());
-                    self.spawn_connection(&connections, stream, peer, &shutdown);
-                }
-                Err(e) => accept_failed(&e).await,
-            }
-        }
-        connections.close();
-        connections.wait().await;
+        self.serve_accepted(&shutdown, async || {
+            let (stream, _) = listener.accept().await?;
+            Ok((stream, Peer::new(Transport::Unix, "unix".into())))
+        })
+        .await;
     }
 
     /// Serves clients of an already-bound TCP socket until `shutdown`.
     /// Every connection gets `TCP_NODELAY`: a reply header held back by
     /// Nagle's algorithm waits for the client's delayed ACK (~40 ms).
     pub async fn serve_tcp(&self, listener: TcpListener, shutdown: CancellationToken) {
+        self.serve_accepted(&shutdown, async || {
+            let (stream, peer) = listener.accept().await?;
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::warn!(%peer, error = %e, "cannot set TCP_NODELAY");
+            }
+            Ok((stream, Peer::new(Transport::Tcp, peer.to_string())))
+        })
+        .await;
+    }
+
+    /// The accept loop of either socket: every accepted client served in its own task until
+    /// `shutdown`, then waited for.
+    async fn serve_accepted<S>(
+        &self,
+        shutdown: &CancellationToken,
+        mut accept: impl AsyncFnMut() -> io::Result<(S, Peer)>,
+    ) where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let connections = TaskTracker::new();
         loop {
             let accepted = tokio::select! {
                 () = shutdown.cancelled() => break,
-                accepted = listener.accept() => accepted,
+                accepted = accept() => accepted,
             };
             match accepted {
-                Ok((stream, peer)) => {
-                    if let Err(e) = stream.set_nodelay(true) {
-                        tracing::warn!(%peer, error = %e, "cannot set TCP_NODELAY");
-                    }
-                    let peer = Peer::new(Transport::Tcp, peer.to_string());
-                    self.spawn_connection(&connections, stream, peer, &shutdown);
-                }
+                Ok((stream, peer)) => self.spawn_connection(&connections, stream, peer, shutdown),
                 Err(e) => accept_failed(&e).await,
             }
         }

@@ -74,14 +74,9 @@ async fn follow_connection(
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-            n = sub.next_event() => n,
-        };
-        let ev = match next {
-            Ok(Some(ev)) => ev,
-            Ok(None) => return SessionEnd::RelayClosed,
-            Err(err) => return SessionEnd::Failed(err),
+        let ev = match colo_control::follow::next_event(sub, shutdown).await {
+            Ok(ev) => ev,
+            Err(end) => return end,
         };
         let (seq, sync, kind, epoch) = (ev.seq, ev.sync, ev.event, ev.epoch);
         let (done_tx, done_rx) = oneshot::channel();
