@@ -1,8 +1,9 @@
 //! `qemu-img bench` against `colo-blockd serve` and against `qemu-nbd`
 //! serving the same raw image on Unix sockets, in the same run: reads and
 //! writes of 4 KiB and 64 KiB at queue depth 16. Prints ops/s per server
-//! and the ratio colo-blockd / qemu-nbd per case (issue 5's target is
-//! ≥ 1.0). Asserts nothing about timing; it fails only if a run fails.
+//! and the ratio colo-blockd / qemu-nbd per case (the goal is ≥ 1.0,
+//! docs/benchmarks.md). Asserts nothing about timing; it fails only if a
+//! run fails.
 //!
 //! ```text
 //! cargo build --release -p colo-blockd

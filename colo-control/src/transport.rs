@@ -92,7 +92,7 @@ impl From<TcpListener> for ControlListener {
 impl ControlListener {
     /// Binds `address`. A Unix socket file that already exists is an error
     /// here; the relay removes a stale one first
-    /// (`colo_relay::remove_stale_socket`).
+    /// (`colo_daemon::socket::remove_stale_socket`).
     pub async fn bind(address: &Address) -> io::Result<ControlListener> {
         Ok(match address {
             Address::Unix(path) => ControlListener::Unix(UnixListener::bind(path)?),

@@ -1,5 +1,5 @@
-//! `proxyd_bench`: issue 4's benchmark, an example of the colo-proxyd package rather than a
-//! subcommand of the shipped daemon:
+//! `proxyd_bench`: colo-proxyd's benchmark, an example of the colo-proxyd package rather than
+//! a subcommand of the shipped daemon:
 //!
 //! ```sh
 //! cargo run --release -p colo-proxyd --example proxyd_bench -- [OPTIONS]
@@ -71,7 +71,7 @@ const SYN_ACK: u8 = 0x12;
 const PSH_ACK: u8 = 0x18;
 const FIN_ACK: u8 = 0x11;
 
-/// Measure the comparison path on generated traffic (issue 4's benchmark).
+/// Measure the comparison path on generated traffic (colo-proxyd's benchmark).
 ///
 /// Generates TCP connections as the PVM's and the SVM's net-filter sockets carry them
 /// (other ISNs, other segmentation, the SVM behind or ahead), runs them through the frame
@@ -83,10 +83,11 @@ const FIN_ACK: u8 = 0x11;
 /// floor of the same sockets through a task that only copies the bytes, and what the
 /// daemon adds over that floor (per percentile), with the machine's raw one-way thread
 /// wake-up as context. By default every thread of that measurement is pinned to one CPU
-/// (--loopback-cpus same): on a VM a wake-up across vCPUs costs tens of µs at p50 and over
-/// 100 µs at p99 and would swamp the daemon's own cost; --loopback-cpus spread measures
-/// with the wake-ups. Every pass must release every PVM packet with no checkpoint, or the
-/// command fails. Timings vary with the machine and its load; use a release build.
+/// (--loopback-cpus same): on a VM a wake-up across vCPUs is an inter-processor interrupt
+/// through the hypervisor, which would swamp the daemon's own cost (docs/benchmarks.md has
+/// the numbers); --loopback-cpus spread measures with the wake-ups. Every pass must release
+/// every PVM packet with no checkpoint, or the command fails. Timings vary with the machine
+/// and its load; use a release build.
 #[derive(Debug, Parser)]
 #[command(name = "proxyd_bench")]
 struct BenchArgs {
@@ -118,9 +119,9 @@ struct BenchArgs {
     /// Where the loopback measurement's threads run. `same` (the default) pins all of them
     /// (the daemon's two workers, the fakes, the wake-up threads) to one CPU, the first the
     /// bench may run on, so the numbers show the daemon's work rather than the machine's
-    /// cross-CPU wake-ups (on a VM an inter-processor interrupt through the hypervisor, often
-    /// tens of µs at p50 and over 100 µs at p99, several per packet); `spread` lets the
-    /// scheduler place them, as in production, wake-ups included.
+    /// cross-CPU wake-ups (on a VM an inter-processor interrupt through the hypervisor, several
+    /// per packet; docs/benchmarks.md has their cost); `spread` lets the scheduler place them,
+    /// as in production, wake-ups included.
     #[arg(long, value_enum, default_value_t = LoopbackCpus::Same)]
     loopback_cpus: LoopbackCpus,
 }

@@ -20,9 +20,9 @@ use std::time::Duration;
 use colo_control::hub::ControlHub;
 use colo_control::protocol::{EventBody, EventKind};
 use colo_proxyd::daemon::config::{SecondaryArgs, SecondaryConfig};
-use colo_proxyd::daemon::link::{self, LINK_VERSION, LinkDecoder, LinkMessage, LinkRole};
-use colo_proxyd::daemon::secondary;
+use colo_proxyd::daemon::link::{self, LINK_VERSION, LinkDecoder, LinkMessage};
 use colo_types::Role;
+use colo_proxyd::daemon::secondary;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -115,7 +115,7 @@ impl FakePrimary {
             link::encode(
                 &LinkMessage::Hello {
                     version: LINK_VERSION,
-                    role: LinkRole::Primary,
+                    role: Role::Primary,
                 },
                 &mut hello,
             )
@@ -130,7 +130,7 @@ impl FakePrimary {
                     }
                 }
             });
-            let mut decoder = LinkDecoder::new(LinkRole::Primary);
+            let mut decoder = LinkDecoder::new(Role::Primary);
             let mut buf = vec![0u8; 65536];
             loop {
                 let n = match rd.read(&mut buf).await {

@@ -18,7 +18,8 @@
 //! checkpoint and one pair to the next; this isolates what the relay itself costs.
 //!
 //! ```text
-//! cargo build --release -p qmp-driver --bins --examples
+//! cargo build --release -p qmp-driver
+//! cargo build --release -p colo-relay --example relay_pause
 //! target/release/examples/relay_pause [--rounds 500] [--ram-kib 1200] [--subscribers 1]
 //! ```
 
@@ -48,7 +49,7 @@ struct Options {
 
 fn usage() -> &'static str {
     "usage: relay_pause [--rounds N] [--ram-kib N] [--subscribers N] [--relay PATH]\n\
-     (build first: cargo build --release -p qmp-driver --bins --examples)"
+     (build first: cargo build --release -p qmp-driver -p colo-relay --bins --examples)"
 }
 
 fn options() -> Result<Options> {
@@ -270,7 +271,7 @@ async fn main() -> Result<()> {
     let opts = options()?;
     ensure!(
         opts.relay_binary.exists(),
-        "no relay binary at {} (build it: cargo build --release -p qmp-driver --bins --examples, \
+        "no relay binary at {} (build it: cargo build --release -p qmp-driver -p colo-relay --bins --examples, \
          or set COLO_QMP_DRIVER)",
         opts.relay_binary.display()
     );

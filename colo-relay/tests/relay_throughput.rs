@@ -4,7 +4,7 @@
 //! assert that every byte arrives in order; the printed numbers are the
 //! measurement (no timing thresholds in tests).
 //!
-//! `cargo test --release -p qmp-driver --test relay_throughput -- --nocapture`
+//! `cargo test --release -p colo-relay --test relay_throughput -- --nocapture`
 //! gives the meaningful figures.
 
 use colo_control::hub::ControlHub;

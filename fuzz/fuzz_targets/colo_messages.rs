@@ -8,8 +8,8 @@
 //!   complete message.
 #![no_main]
 
+use colo_relay::{ColoMessage, ColoParser, ParseError};
 use libfuzzer_sys::fuzz_target;
-use qmp_driver::relay::{ColoMessage, ColoParser, ParseError};
 
 fn whole(data: &[u8]) -> (Vec<ColoMessage>, Option<ParseError>) {
     let (msgs, err) = ColoParser::new().feed(data);

@@ -1,4 +1,4 @@
-//! Scenarios for the checkpoint-barrier relay (issue 3): the stock pair migrating through
+//! Scenarios for the checkpoint-barrier relay: the stock pair migrating through
 //! `qmp-driver relay`, with test subscribers on its control socket.
 //!
 //! - [`epochs`]: every checkpoint gives exactly one `svm-epoch-closed`, `checkpoint-adopted`

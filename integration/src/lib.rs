@@ -1,5 +1,5 @@
 //! The colo test bed: a client and two VM hosts as network namespaces on one machine, a tiny
-//! guest, and the stock QEMU COLO pair driven over `qmp_driver`'s QMP client.
+//! guest, and the stock QEMU COLO pair driven over `colo_qmp`'s QMP client.
 //!
 //! Every later colo capability is accepted against this bed, and the stock pair it runs is the
 //! baseline our daemons are compared with. Layout, one concern per module:

@@ -1,4 +1,4 @@
-//! colo-blockd in place of QEMU's block replication on the test bed (issue 5).
+//! colo-blockd in place of QEMU's block replication on the test bed.
 //!
 //! The stock pair with `disk.backend = "colo-blockd"`: the primary's quorum gets an NBD child
 //! of colo-blockd's `replica` export (`blockdev-add` + `x-blockdev-change`), the secondary VM's

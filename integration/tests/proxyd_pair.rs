@@ -1,4 +1,4 @@
-//! colo-proxyd in place of QEMU's colo-compare and filter-rewriter on the test bed (issue 4).
+//! colo-proxyd in place of QEMU's colo-compare and filter-rewriter on the test bed.
 //!
 //! The pair with `network.backend = "colo-proxyd"`: no colo-compare object and no
 //! filter-rewriter; the primary QEMU's filter sockets go to `colo-proxyd primary`, the

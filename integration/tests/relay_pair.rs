@@ -1,4 +1,4 @@
-//! The checkpoint-barrier relay and the operator's CLI on the test bed (issue 3).
+//! The checkpoint-barrier relay and the operator's CLI on the test bed.
 //!
 //! Real QEMU (TCG) in network namespaces; needs root, the artifacts of `integration/setup.sh`
 //! and the `qmp-driver` binary of this build (the workspace's test run builds it). Without them

@@ -1,4 +1,4 @@
-//! The stock QEMU COLO pair on the test bed (issue 2, tests 4b–4d).
+//! The stock QEMU COLO pair on the test bed.
 //!
 //! These run real QEMU (TCG) in network namespaces and need root and the artifacts of
 //! `integration/setup.sh`. Without them they fail with the command to run; they never skip.

@@ -1,5 +1,5 @@
-//! The secondary's disk replica (issue 5): the base image S, the PVM log P
-//! and the SVM overlay A, with the epoch steps the checkpoint-barrier relay
+//! The secondary's disk replica: the base image S, the PVM log P and the
+//! SVM overlay A, with the epoch steps the checkpoint-barrier relay
 //! drives (see `docs/control-protocol.md`).
 //!
 //! * S is a raw image file: the last adopted checkpoint.
@@ -228,9 +228,9 @@ impl Replica {
             duration: start.elapsed(),
         };
         let m = self.metrics();
-        m.commit_duration.observe(commit.duration);
+        m.commit_duration.observe(commit.duration.as_secs_f64());
         m.checkpoints_committed.inc();
-        m.committed_bytes.add(commit.data_bytes);
+        m.committed_bytes.inc_by(commit.data_bytes);
         if let Some(apply) = done.apply {
             tokio::task::spawn_blocking(move || {
                 if let Err(err) = apply.run() {

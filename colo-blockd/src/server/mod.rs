@@ -133,7 +133,8 @@ impl<B: BlockBackend> NbdServer<B> {
 
     /// Serves clients of an already-bound Unix socket until `shutdown`.
     pub async fn serve_unix(&self, listener: UnixListener, shutdown: CancellationToken) {
-        self.serve_accepted(&shutdown, async || {
+        let listener = &listener;
+        self.serve_accepted(&shutdown, move || async move {
             let (stream, _) = listener.accept().await?;
             Ok((stream, Peer::new(Transport::Unix, "unix".into())))
         })
@@ -144,7 +145,8 @@ impl<B: BlockBackend> NbdServer<B> {
     /// Every connection gets `TCP_NODELAY`: a reply header held back by
     /// Nagle's algorithm waits for the client's delayed ACK (~40 ms).
     pub async fn serve_tcp(&self, listener: TcpListener, shutdown: CancellationToken) {
-        self.serve_accepted(&shutdown, async || {
+        let listener = &listener;
+        self.serve_accepted(&shutdown, move || async move {
             let (stream, peer) = listener.accept().await?;
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::warn!(%peer, error = %e, "cannot set TCP_NODELAY");
@@ -156,12 +158,13 @@ impl<B: BlockBackend> NbdServer<B> {
 
     /// The accept loop of either socket: every accepted client served in its own task until
     /// `shutdown`, then waited for.
-    async fn serve_accepted<S>(
+    async fn serve_accepted<S, Accept>(
         &self,
         shutdown: &CancellationToken,
-        mut accept: impl AsyncFnMut() -> io::Result<(S, Peer)>,
+        mut accept: impl FnMut() -> Accept,
     ) where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        Accept: Future<Output = io::Result<(S, Peer)>>,
     {
         let connections = TaskTracker::new();
         loop {

@@ -43,7 +43,8 @@ use colo_control::hub::ControlHub;
 use colo_control::protocol::RelayState;
 use colo_proxyd::codec::{Frame, FrameDecoder, encode};
 use colo_proxyd::daemon::config::{PrimaryArgs, PrimaryConfig};
-use colo_proxyd::daemon::link::{self, LINK_VERSION, LinkMessage, LinkRole};
+use colo_proxyd::daemon::link::{self, LINK_VERSION, LinkMessage};
+use colo_types::Role;
 use colo_proxyd::daemon::primary;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
@@ -491,7 +492,7 @@ async fn measure(daemon: &Handle, packets: usize) -> anyhow::Result<Loopback> {
     link::encode(
         &LinkMessage::Hello {
             version: LINK_VERSION,
-            role: LinkRole::Secondary,
+            role: Role::Secondary,
         },
         &mut wire,
     )?;

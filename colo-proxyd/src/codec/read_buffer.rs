@@ -16,11 +16,9 @@
 //!   (pure ACKs, small requests and answers) is copied into a separate buffer allocated in
 //!   chunks of [`SMALL_CHUNK`] bytes, and shared from there: split off a read chunk, such a
 //!   frame would pin 64 KiB, a thousand times its size for an ACK. The copy is a `memcpy`
-//!   of under 1 KiB and costs nothing measurable; a copy in an allocation of its own would
-//!   cost that allocation, and a second one when the comparison first shares the frame.
-//!   Measured with `proxyd_bench --segment-sizes 200,40` (every PVM frame under 1 KiB),
-//!   pure path, three runs each: 276–293 MB/s with small chunks, 277–285 MB/s splitting
-//!   every frame off the read chunk, 216–257 MB/s with an allocation per small frame.
+//!   of under 1 KiB into a chunk that is already allocated; a copy in an allocation of its
+//!   own would cost that allocation, and a second one when the comparison first shares the
+//!   frame (`docs/benchmarks.md` has the measurement behind this choice).
 //!
 //! So a held frame pins one chunk: at most [`SMALL_CHUNK`] (4 KiB) when it is shorter than
 //! [`COPY_BELOW`] (1 KiB), at most [`MAX_CHUNK`] (64 KiB; `MAX_FRAME_LEN` + 8 for the

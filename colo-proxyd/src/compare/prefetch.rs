@@ -4,9 +4,8 @@
 //! earlier and have usually left the CPU's nearest caches. Without a hint, the memcmp stalls on
 //! each cache line in turn; asking for the lines first lets those misses overlap with the
 //! comparator's bookkeeping, and asking for the PVM's bytes the SVM's next segment will meet
-//! lets them arrive while this one is handled. `proxyd_bench` (MTU-sized segments, SVM
-//! behind) measured the comparator at 2.9–3.0 GB/s without hints, 3.1–3.3 GB/s with hints for
-//! the segment at hand, and 4.2–4.6 GB/s with the look-ahead as well.
+//! lets them arrive while this one is handled. `docs/benchmarks.md` has what each of the two
+//! hints gained in `proxyd_bench`.
 
 /// Size of a cache line on the CPUs the daemon runs on.
 const CACHE_LINE: usize = 64;

@@ -10,6 +10,7 @@
 //! framing, this stream has no resynchronisation point.
 
 use bytes::Bytes;
+use colo_types::Role;
 use thiserror::Error;
 
 use crate::codec::MAX_FRAME_LEN;
@@ -31,38 +32,12 @@ const EPOCH_LEN: usize = 8;
 /// The longest payload any message may carry: a maximal frame plus its epoch tag.
 pub const MAX_PAYLOAD_LEN: usize = MAX_FRAME_LEN + EPOCH_LEN;
 
-/// Which end of the link a hello comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LinkRole {
-    /// The primary's daemon (it listens).
-    Primary,
-    /// The secondary's daemon (it connects).
-    Secondary,
-}
-
-impl LinkRole {
-    fn code(self) -> u8 {
-        match self {
-            LinkRole::Primary => 1,
-            LinkRole::Secondary => 2,
-        }
-    }
-
-    /// The role the other end must have.
-    pub fn peer(self) -> LinkRole {
-        match self {
-            LinkRole::Primary => LinkRole::Secondary,
-            LinkRole::Secondary => LinkRole::Primary,
-        }
-    }
-}
-
-impl std::fmt::Display for LinkRole {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            LinkRole::Primary => "primary",
-            LinkRole::Secondary => "secondary",
-        })
+/// The code of each end of the link in a hello: the primary's daemon listens, the secondary's
+/// connects.
+fn role_code(role: Role) -> u8 {
+    match role {
+        Role::Primary => 1,
+        Role::Secondary => 2,
     }
 }
 
@@ -74,7 +49,7 @@ pub enum LinkMessage {
         /// The sender's protocol version.
         version: u16,
         /// The sender's role.
-        role: LinkRole,
+        role: Role,
     },
     /// Primary → secondary: an Ethernet frame on its way into the PVM, to inject into the SVM.
     Inbound(Bytes),
@@ -126,7 +101,7 @@ pub enum LinkError {
     #[error("the peer says it is the {theirs}, but so are we")]
     SameRole {
         /// The peer's role.
-        theirs: LinkRole,
+        theirs: Role,
     },
     /// The first message was not a hello, or a hello came twice.
     #[error("expected {expected}, got a {got} message")]
@@ -142,7 +117,7 @@ pub enum LinkError {
         /// The message kind.
         got: &'static str,
         /// The peer's role.
-        from: LinkRole,
+        from: Role,
     },
     /// The stream ended inside a message.
     #[error("the link ended inside a message ({buffered} bytes of it were received)")]
@@ -171,7 +146,7 @@ pub fn encode(message: &LinkMessage, out: &mut Vec<u8>) -> Result<(), LinkError>
             out.extend_from_slice(&(HELLO_LEN as u32).to_be_bytes());
             out.extend_from_slice(&LINK_MAGIC);
             out.extend_from_slice(&version.to_be_bytes());
-            out.push(role.code());
+            out.push(role_code(*role));
         }
         LinkMessage::Inbound(frame) => {
             let len = frame_len(frame.len(), 0)?;
@@ -205,7 +180,7 @@ fn frame_len(frame: usize, extra: usize) -> Result<u32, LinkError> {
 #[derive(Debug)]
 pub struct LinkDecoder {
     /// Our role; the peer must have the other one.
-    local: LinkRole,
+    local: Role,
     buffer: Vec<u8>,
     consumed: usize,
     greeted: bool,
@@ -214,7 +189,7 @@ pub struct LinkDecoder {
 
 impl LinkDecoder {
     /// A decoder for the end whose role is `local`.
-    pub fn new(local: LinkRole) -> Self {
+    pub fn new(local: Role) -> Self {
         LinkDecoder {
             local,
             buffer: Vec::new(),
@@ -301,7 +276,7 @@ impl LinkDecoder {
     }
 
     fn check_order(&mut self, message: &LinkMessage) -> Result<(), LinkError> {
-        let peer = self.local.peer();
+        let peer = self.local.other();
         match (self.greeted, message) {
             (false, LinkMessage::Hello { version, role }) => {
                 if *version != LINK_VERSION {
@@ -321,13 +296,13 @@ impl LinkDecoder {
                 expected: "a frame",
                 got: "hello",
             }),
-            (true, LinkMessage::Inbound(_)) if peer != LinkRole::Primary => {
+            (true, LinkMessage::Inbound(_)) if peer != Role::Primary => {
                 Err(LinkError::WrongDirection {
                     got: "inbound",
                     from: peer,
                 })
             }
-            (true, LinkMessage::SvmOutput { .. }) if peer != LinkRole::Secondary => {
+            (true, LinkMessage::SvmOutput { .. }) if peer != Role::Secondary => {
                 Err(LinkError::WrongDirection {
                     got: "svm-output",
                     from: peer,
@@ -359,8 +334,8 @@ fn decode_payload(kind: u8, payload: &[u8]) -> Result<LinkMessage, LinkError> {
                 return Err(LinkError::Version { theirs: version });
             }
             let role = match payload[6] {
-                1 => LinkRole::Primary,
-                2 => LinkRole::Secondary,
+                1 => Role::Primary,
+                2 => Role::Secondary,
                 other => return Err(LinkError::BadRole(other)),
             };
             Ok(LinkMessage::Hello { version, role })
@@ -384,7 +359,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn hello(role: LinkRole) -> LinkMessage {
+    fn hello(role: Role) -> LinkMessage {
         LinkMessage::Hello {
             version: LINK_VERSION,
             role,
@@ -410,11 +385,11 @@ mod tests {
     #[test]
     fn the_secondary_reads_the_primarys_hello_and_frames() {
         let messages = vec![
-            hello(LinkRole::Primary),
+            hello(Role::Primary),
             LinkMessage::Inbound(Bytes::from(vec![1, 2, 3])),
             LinkMessage::Inbound(Bytes::from(vec![])),
         ];
-        let mut decoder = LinkDecoder::new(LinkRole::Secondary);
+        let mut decoder = LinkDecoder::new(Role::Secondary);
         decoder.feed(&wire(&messages));
         assert_eq!(decode_all(&mut decoder).unwrap(), messages);
         assert!(decoder.greeted());
@@ -423,15 +398,15 @@ mod tests {
 
     #[test]
     fn frames_before_the_hello_or_in_the_wrong_direction_are_errors() {
-        let mut decoder = LinkDecoder::new(LinkRole::Primary);
+        let mut decoder = LinkDecoder::new(Role::Primary);
         decoder.feed(&wire(&[LinkMessage::Inbound(Bytes::from(vec![1]))]));
         assert!(matches!(
             decoder.next_message(),
             Err(LinkError::OutOfOrder { .. })
         ));
-        let mut decoder = LinkDecoder::new(LinkRole::Primary);
+        let mut decoder = LinkDecoder::new(Role::Primary);
         decoder.feed(&wire(&[
-            hello(LinkRole::Secondary),
+            hello(Role::Secondary),
             LinkMessage::Inbound(Bytes::from(vec![1])),
         ]));
         assert!(matches!(
@@ -442,31 +417,31 @@ mod tests {
             decoder.next_message(),
             Err(LinkError::WrongDirection { .. })
         ));
-        let mut decoder = LinkDecoder::new(LinkRole::Primary);
-        decoder.feed(&wire(&[hello(LinkRole::Primary)]));
+        let mut decoder = LinkDecoder::new(Role::Primary);
+        decoder.feed(&wire(&[hello(Role::Primary)]));
         assert_eq!(
             decoder.next_message(),
             Err(LinkError::SameRole {
-                theirs: LinkRole::Primary
+                theirs: Role::Primary
             })
         );
     }
 
     #[test]
     fn bad_hellos_say_what_is_wrong() {
-        let mut bytes = wire(&[hello(LinkRole::Primary)]);
+        let mut bytes = wire(&[hello(Role::Primary)]);
         bytes[5] = b'X';
-        let mut decoder = LinkDecoder::new(LinkRole::Secondary);
+        let mut decoder = LinkDecoder::new(Role::Secondary);
         decoder.feed(&bytes);
         assert!(matches!(
             decoder.next_message(),
             Err(LinkError::BadMagic(_))
         ));
 
-        let mut decoder = LinkDecoder::new(LinkRole::Secondary);
+        let mut decoder = LinkDecoder::new(Role::Secondary);
         decoder.feed(&wire(&[LinkMessage::Hello {
             version: 9,
-            role: LinkRole::Primary,
+            role: Role::Primary,
         }]));
         assert_eq!(
             decoder.next_message(),
@@ -476,21 +451,21 @@ mod tests {
 
     #[test]
     fn unknown_types_oversized_and_short_payloads_fail_and_stay_failed() {
-        let mut decoder = LinkDecoder::new(LinkRole::Primary);
+        let mut decoder = LinkDecoder::new(Role::Primary);
         decoder.feed(&[7, 0, 0, 0, 0]);
         assert_eq!(decoder.next_message(), Err(LinkError::UnknownType(7)));
-        decoder.feed(&wire(&[hello(LinkRole::Secondary)]));
+        decoder.feed(&wire(&[hello(Role::Secondary)]));
         assert_eq!(decoder.next_message(), Err(LinkError::UnknownType(7)));
 
-        let mut decoder = LinkDecoder::new(LinkRole::Primary);
+        let mut decoder = LinkDecoder::new(Role::Primary);
         decoder.feed(&[1, 0xff, 0xff, 0xff, 0xff]);
         assert!(matches!(
             decoder.next_message(),
             Err(LinkError::Oversized { .. })
         ));
 
-        let mut decoder = LinkDecoder::new(LinkRole::Primary);
-        let mut bytes = wire(&[hello(LinkRole::Secondary)]);
+        let mut decoder = LinkDecoder::new(Role::Primary);
+        let mut bytes = wire(&[hello(Role::Secondary)]);
         bytes.extend_from_slice(&[TYPE_SVM_OUTPUT, 0, 0, 0, 3, 1, 2, 3]);
         decoder.feed(&bytes);
         decoder.next_message().unwrap();
@@ -506,19 +481,19 @@ mod tests {
         // MAX_PAYLOAD_LEN, which counts svm-output's epoch, so the decoder accepted frames
         // of up to 8 bytes more than `encode` (and the SVM's port) can carry.
         let max = LinkMessage::Inbound(Bytes::from(vec![0; MAX_FRAME_LEN]));
-        let mut decoder = LinkDecoder::new(LinkRole::Secondary);
-        decoder.feed(&wire(&[hello(LinkRole::Primary), max.clone()]));
+        let mut decoder = LinkDecoder::new(Role::Secondary);
+        decoder.feed(&wire(&[hello(Role::Primary), max.clone()]));
         assert_eq!(
             decode_all(&mut decoder).unwrap(),
-            vec![hello(LinkRole::Primary), max]
+            vec![hello(Role::Primary), max]
         );
 
         let over = MAX_FRAME_LEN as u32 + 1;
-        let mut bytes = wire(&[hello(LinkRole::Primary)]);
+        let mut bytes = wire(&[hello(Role::Primary)]);
         bytes.push(TYPE_INBOUND);
         bytes.extend_from_slice(&over.to_be_bytes());
         bytes.extend_from_slice(&vec![0; over as usize]);
-        let mut decoder = LinkDecoder::new(LinkRole::Secondary);
+        let mut decoder = LinkDecoder::new(Role::Secondary);
         decoder.feed(&bytes);
         assert!(decoder.next_message().unwrap().is_some());
         assert_eq!(
@@ -531,19 +506,19 @@ mod tests {
             epoch: 1,
             frame: Bytes::from(vec![0; MAX_FRAME_LEN]),
         };
-        let mut decoder = LinkDecoder::new(LinkRole::Primary);
-        decoder.feed(&wire(&[hello(LinkRole::Secondary), max.clone()]));
+        let mut decoder = LinkDecoder::new(Role::Primary);
+        decoder.feed(&wire(&[hello(Role::Secondary), max.clone()]));
         assert_eq!(
             decode_all(&mut decoder).unwrap(),
-            vec![hello(LinkRole::Secondary), max]
+            vec![hello(Role::Secondary), max]
         );
     }
 
     #[test]
     fn a_stream_ending_inside_a_message_is_truncated() {
-        let mut decoder = LinkDecoder::new(LinkRole::Secondary);
+        let mut decoder = LinkDecoder::new(Role::Secondary);
         let bytes = wire(&[
-            hello(LinkRole::Primary),
+            hello(Role::Primary),
             LinkMessage::Inbound(Bytes::from(vec![1; 10])),
         ]);
         decoder.feed(&bytes[..bytes.len() - 1]);
@@ -560,10 +535,10 @@ mod tests {
                 (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..200)), 0..8),
             chunk in 1usize..50,
         ) {
-            let mut messages = vec![hello(LinkRole::Secondary)];
+            let mut messages = vec![hello(Role::Secondary)];
             messages.extend(frames.into_iter().map(|(epoch, frame)| LinkMessage::SvmOutput { epoch, frame: frame.into() }));
             let bytes = wire(&messages);
-            let mut decoder = LinkDecoder::new(LinkRole::Primary);
+            let mut decoder = LinkDecoder::new(Role::Primary);
             let mut got = Vec::new();
             for piece in bytes.chunks(chunk) {
                 decoder.feed(piece);
@@ -575,7 +550,7 @@ mod tests {
 
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            for local in [LinkRole::Primary, LinkRole::Secondary] {
+            for local in [Role::Primary, Role::Secondary] {
                 let mut decoder = LinkDecoder::new(local);
                 decoder.feed(&bytes);
                 let _ = decode_all(&mut decoder);

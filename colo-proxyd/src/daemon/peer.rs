@@ -15,7 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::link::{LINK_VERSION, LinkDecoder, LinkMessage, LinkRole, encode};
+use super::link::{LINK_VERSION, LinkDecoder, LinkMessage, encode};
+use colo_types::Role;
 use super::metrics::Metrics;
 
 /// Messages queued each way.
@@ -113,7 +114,7 @@ pub fn spawn_primary(
                 .unwrap_or_default();
             let ended = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                e = serve(stream, LinkRole::Primary, &peer, &metrics, &in_tx, &mut out_rx) => e,
+                e = serve(stream, Role::Primary, &peer, &metrics, &in_tx, &mut out_rx) => e,
                 a = listener.accept() => match a {
                     Ok((s, addr)) => {
                         pending = Some(s);
@@ -153,7 +154,7 @@ pub fn spawn_secondary(
                 Ok(stream) => {
                     let ended = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        e = serve(stream, LinkRole::Secondary, &addr, &metrics, &in_tx, &mut out_rx) => e,
+                        e = serve(stream, Role::Secondary, &addr, &metrics, &in_tx, &mut out_rx) => e,
                     };
                     metrics.set_connected(LINK_PORT, false);
                     if ended.log(&addr, &metrics) {
@@ -240,7 +241,7 @@ fn encode_for_peer(message: &LinkMessage, wire: &mut Vec<u8>, metrics: &Metrics)
 
 async fn serve(
     mut stream: TcpStream,
-    local: LinkRole,
+    local: Role,
     peer: &str,
     metrics: &Metrics,
     in_tx: &mpsc::Sender<LinkMessage>,

@@ -181,9 +181,10 @@ pub struct FlowKey {
 impl std::hash::Hash for FlowKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         // The flow table hashes every frame's key with a keyed hash (the key comes from the
-        // network), whose cost grows with the bytes written: an IPv4 key goes in as one
-        // 13-byte write, any other as one 39-byte write (one write per field would cost about
-        // twice as much). Equal keys give equal bytes, which is all `Hash` must guarantee.
+        // network), whose cost grows with the bytes and the writes fed to it: an IPv4 key goes
+        // in as one 13-byte write, any other as one 39-byte write, rather than one write per
+        // field (`docs/benchmarks.md`). Equal keys give equal bytes, which is all `Hash` must
+        // guarantee.
         if let (IpAddr::V4(src), IpAddr::V4(dst)) = (self.src, self.dst) {
             let mut bytes = [0u8; 13];
             bytes[0] = self.protocol;

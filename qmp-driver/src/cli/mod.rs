@@ -6,7 +6,8 @@ mod pair_cmds;
 mod relay;
 mod render;
 
-use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use colo_daemon::logging::LogFormat;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use colo_qmp::ConnectOptions;
 use colo_types::Role;
 use qmp_driver::config::{CONFIG_ENV, ConfigError, PairConfig};
@@ -92,14 +93,6 @@ pub struct Globals {
     pub command_timeout: Duration,
 }
 
-/// `--log-format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
@@ -430,16 +423,7 @@ pub fn init_logging(cli: &Cli) {
         Command::Relay(_) => "info",
         _ => "warn",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match cli.globals.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    colo_daemon::logging::init(default, cli.globals.log_format);
 }
 
 impl Globals {

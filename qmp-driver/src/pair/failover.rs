@@ -1,7 +1,7 @@
 //! Failover in either direction, and the planned end of protection.
 //!
 //! The QMP sequences are the ones QEMU's COLO documentation gives, proven on
-//! the test bed (`integration/src/stock/failover.rs`), preceded by an
+//! the test bed (`integration/src/stock/mod.rs` runs them), preceded by an
 //! out-of-band `yank` of the migration stream: a peer that died can leave
 //! QEMU's migration thread stuck on its socket, and yank (which QEMU runs
 //! even while in-band commands hang) unsticks it.
