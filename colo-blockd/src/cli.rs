@@ -1,12 +1,27 @@
 //! colo-blockd's command line (clap), in the library so that tools and tests parse exactly what
-//! the daemon parses (qmp-driver's `daemon-args` output is checked against it).
+//! the daemon parses (qmp-driver's `daemon-args` output is checked against it), and its
+//! validation into [`Config`].
+//!
+//! Each option is taken from the first of
+//!
+//! 1. its flag (`--log-budget 1048576`),
+//! 2. its environment variable, `COLO_BLOCKD_` and the option in capitals
+//!    (`COLO_BLOCKD_LOG_BUDGET=1048576`; clap reads both, a flag over its variable),
+//! 3. the `--config` file (or `COLO_BLOCKD_CONFIG`): TOML with the options' long names as keys
+//!    (`log-budget = 1048576`), unknown keys refused,
+//! 4. its default (`[default: ...]` in `--help`),
+//!
+//! as colo-proxyd and `qmp-driver relay` do. An invalid value from the file is reported with
+//! the file's name and the key.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use clap::{Parser, Subcommand};
 use colo_daemon::DAEMON_EXIT_CODES;
 use colo_types::Address;
+use serde::Deserialize;
 
 use crate::daemon::epochs::DEFAULT_NAME;
 use crate::replica::DEFAULT_MEMORY_BUDGET;
@@ -27,6 +42,10 @@ pub struct Args {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Export raw image files over NBD until SIGINT/SIGTERM.
+    ///
+    /// Every option can also be set in its COLO_BLOCKD_* environment variable or in the
+    /// --config file (TOML, the options' long names as keys); a flag beats its variable,
+    /// which beats the file, which beats the default.
     Serve(ServeArgs),
     /// Run the secondary's disk replica: exports `replica` and `svm`, driven by the relay.
     #[command(long_about = SECONDARY_ABOUT, after_help = DAEMON_EXIT_CODES)]
@@ -59,78 +78,109 @@ QEMU connects over the Unix socket on this host, the primary's quorum child over
 --metrics serves Prometheus metrics (log and overlay fill, commit times, checkpoints,
 epoch, NBD connections and requests, failovers) on GET /metrics.
 
+Every option can also be set in its COLO_BLOCKD_* environment variable or in the --config
+file (TOML, the options' long names as keys); a flag beats its variable, which beats the file,
+which beats the default.
+
 Logs go to stderr; level: RUST_LOG (default info).";
 
-#[derive(Debug, clap::Args)]
+/// `colo-blockd secondary` options. Each is taken from its flag, else its environment
+/// variable, else the `--config` file, else its default (see the module).
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct SecondaryArgs {
+    /// TOML file with any of these options as keys (`image = "/var/lib/colo/s.raw"`); an
+    /// option given on the command line or in its COLO_BLOCKD_* variable wins over the file.
+    #[arg(long, env = CONFIG_ENV, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
     /// The base image S, a raw file (the journal and spill files go next to it).
-    #[arg(long, value_name = "S.raw")]
-    pub image: PathBuf,
+    #[arg(long, value_name = "S.raw", env = "COLO_BLOCKD_IMAGE")]
+    pub image: Option<PathBuf>,
     /// Listen on this Unix socket path, e.g. for the SVM's QEMU (a stale socket there is
-    /// replaced; a live one or another file is an error). May be given with --tcp: both serve
+    /// replaced; a live one or another file is an error). --unix, --tcp or both: both serve
     /// the same exports.
-    #[arg(long, value_name = "PATH", required_unless_present = "tcp")]
+    #[arg(long, value_name = "PATH", env = "COLO_BLOCKD_UNIX")]
     pub unix: Option<PathBuf>,
     /// Listen on this TCP address, e.g. 0.0.0.0:10809 (the primary's quorum child connects
-    /// here). May be given with --unix: both serve the same exports.
-    #[arg(long, value_name = "ADDR")]
-    pub tcp: Option<std::net::SocketAddr>,
+    /// here). --unix, --tcp or both: both serve the same exports.
+    #[arg(long, value_name = "ADDR", env = "COLO_BLOCKD_TCP")]
+    pub tcp: Option<SocketAddr>,
     /// Serve Prometheus metrics on this TCP address (GET /metrics), e.g. 127.0.0.1:9109.
     #[arg(long, value_name = "ADDR", env = "COLO_BLOCKD_METRICS")]
-    pub metrics: Option<std::net::SocketAddr>,
+    pub metrics: Option<SocketAddr>,
     /// The relay's control socket: unix:PATH or an absolute path on the relay's host
     /// (`qmp-driver relay --control PATH`), or tcp:HOST:PORT from the other host (the relay's
     /// --control-tcp, on the replication link).
-    #[arg(long, value_name = "ADDRESS", env = "COLO_RELAY_CONTROL")]
-    pub control: Address,
+    #[arg(long, value_name = "ADDRESS", env = "COLO_BLOCKD_CONTROL")]
+    pub control: Option<Address>,
     /// The primary QEMU's QMP monitor, as unix:PATH or tcp:HOST:PORT. Without it a full PVM log
     /// only spills to its file and waits for the next periodic checkpoint.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "COLO_BLOCKD_PRIMARY_QMP")]
     pub primary_qmp: Option<Address>,
     /// Bytes of PVM log kept in memory; past them writes spill to a file and a checkpoint is
-    /// requested.
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MEMORY_BUDGET)]
-    pub log_budget: u64,
-    /// Bytes of SVM overlay kept in memory; past them writes spill to a file.
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MEMORY_BUDGET)]
-    pub overlay_budget: u64,
-    /// Our name on the control socket (the relay's status and barrier errors show it).
-    #[arg(long, default_value = DEFAULT_NAME)]
-    pub name: String,
-    /// Requests in flight per connection.
-    #[arg(long, default_value_t = DEFAULT_MAX_IN_FLIGHT as u16, value_parser = clap::value_parser!(u16).range(1..))]
-    pub max_in_flight: u16,
+    /// requested [default: 10485760].
+    #[arg(long, value_name = "BYTES", env = "COLO_BLOCKD_LOG_BUDGET")]
+    pub log_budget: Option<u64>,
+    /// Bytes of SVM overlay kept in memory; past them writes spill to a file
+    /// [default: 10485760].
+    #[arg(long, value_name = "BYTES", env = "COLO_BLOCKD_OVERLAY_BUDGET")]
+    pub overlay_budget: Option<u64>,
+    /// Our name on the control socket (the relay's status and barrier errors show it)
+    /// [default: colo-blockd].
+    #[arg(long, env = "COLO_BLOCKD_NAME")]
+    pub name: Option<String>,
+    /// Requests in flight per connection [default: 32].
+    #[arg(long, env = "COLO_BLOCKD_MAX_IN_FLIGHT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_in_flight: Option<u16>,
 }
 
-#[derive(Debug, clap::Args)]
+/// `colo-blockd serve` options. Each is taken from its flag, else its environment variable,
+/// else the `--config` file, else its default (see the module).
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ServeArgs {
+    /// TOML file with any of these options as keys (`export = ["base=/var/lib/colo/s.raw"]`);
+    /// an option given on the command line or in its COLO_BLOCKD_* variable wins over the
+    /// file.
+    #[arg(long, env = CONFIG_ENV, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
     /// An export as NAME=PATH (a raw image file); repeatable or comma-separated. The first is
     /// the default export (the one a client gets for the empty name).
     #[arg(
         long = "export",
-        required = true,
-        env = "COLO_BLOCKD_EXPORTS",
+        env = "COLO_BLOCKD_EXPORT",
+        value_name = "NAME=PATH",
         value_delimiter = ','
     )]
+    #[serde(rename = "export")]
     pub exports: Vec<ExportSpec>,
-    /// Serve every export read-only.
-    #[arg(long)]
-    pub read_only: bool,
+    /// Serve every export read-only (`--read-only` alone means true) [default: false].
+    #[arg(
+        long,
+        env = "COLO_BLOCKD_READ_ONLY",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub read_only: Option<bool>,
     /// Listen on this Unix socket path (a stale socket there is replaced; a live one or another
-    /// file is an error). May be given with --tcp: both serve the same exports.
-    #[arg(long, value_name = "PATH", required_unless_present = "tcp")]
+    /// file is an error). --unix, --tcp or both: both serve the same exports.
+    #[arg(long, value_name = "PATH", env = "COLO_BLOCKD_UNIX")]
     pub unix: Option<PathBuf>,
-    /// Listen on this TCP address, e.g. 0.0.0.0:10809. May be given with --unix: both serve
-    /// the same exports.
-    #[arg(long, value_name = "ADDR")]
-    pub tcp: Option<std::net::SocketAddr>,
-    /// Requests in flight per connection.
-    #[arg(long, default_value_t = DEFAULT_MAX_IN_FLIGHT as u16, value_parser = clap::value_parser!(u16).range(1..))]
-    pub max_in_flight: u16,
+    /// Listen on this TCP address, e.g. 0.0.0.0:10809. --unix, --tcp or both: both serve the
+    /// same exports.
+    #[arg(long, value_name = "ADDR", env = "COLO_BLOCKD_TCP")]
+    pub tcp: Option<SocketAddr>,
+    /// Requests in flight per connection [default: 32].
+    #[arg(long, env = "COLO_BLOCKD_MAX_IN_FLIGHT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_in_flight: Option<u16>,
 }
 
-/// `NAME=PATH` from the command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `NAME=PATH` from the command line or the config file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
 pub struct ExportSpec {
     /// The export's name.
     pub name: String,
@@ -152,6 +202,280 @@ impl FromStr for ExportSpec {
     }
 }
 
+impl TryFrom<String> for ExportSpec {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<ExportSpec, String> {
+        s.parse()
+    }
+}
+
+/// The environment variable naming the config file.
+pub const CONFIG_ENV: &str = "COLO_BLOCKD_CONFIG";
+/// The prefix of the options' environment variables.
+pub const ENV_PREFIX: &str = "COLO_BLOCKD_";
+
+/// The environment variable of `option` (`log-budget`: `COLO_BLOCKD_LOG_BUDGET`).
+pub fn env_var(option: &str) -> String {
+    format!("{ENV_PREFIX}{}", option.to_uppercase().replace('-', "_"))
+}
+
+/// A bad setting. Each message is complete on one line and says its cause once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A required setting is missing from the command line, the environment and the file.
+    #[error("missing --{0} (or {env}, or `{0}` in the config file)", env = env_var(.0))]
+    Missing(&'static str),
+    /// Neither socket is configured.
+    #[error(
+        "no socket to serve on: give --unix, --tcp or both (or COLO_BLOCKD_UNIX, \
+         COLO_BLOCKD_TCP, or `unix`, `tcp` in the config file)"
+    )]
+    NoSocket,
+    /// A setting from the command line or the environment is not acceptable.
+    #[error("--{option} (or {env}): {reason}", env = env_var(.option))]
+    Invalid {
+        /// The option.
+        option: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A setting from the config file is not acceptable.
+    #[error("config file {path}: `{option}`: {reason}")]
+    InvalidInFile {
+        /// The file.
+        path: PathBuf,
+        /// The key (the option's long name).
+        option: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The config file cannot be read, is not TOML, has an unknown key or a value of the
+    /// wrong type (the parser's message shows the line and the key).
+    #[error("config file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The daemon's validated settings, one kind per subcommand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Config {
+    /// `colo-blockd serve`.
+    Serve(ServeConfig),
+    /// `colo-blockd secondary`.
+    Secondary(SecondaryConfig),
+}
+
+impl TryFrom<Cmd> for Config {
+    type Error = ConfigError;
+
+    fn try_from(cmd: Cmd) -> Result<Config, ConfigError> {
+        match cmd {
+            Cmd::Serve(args) => ServeConfig::try_from(args).map(Config::Serve),
+            Cmd::Secondary(args) => SecondaryConfig::try_from(args).map(Config::Secondary),
+        }
+    }
+}
+
+/// `colo-blockd serve`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// The exports, the default one first (at least one).
+    pub exports: Vec<ExportSpec>,
+    /// Serve every export read-only.
+    pub read_only: bool,
+    /// The Unix socket, if any.
+    pub unix: Option<PathBuf>,
+    /// The TCP address, if any (at least one of the two is set).
+    pub tcp: Option<SocketAddr>,
+    /// Requests in flight per connection (at least 1).
+    pub max_in_flight: u16,
+}
+
+/// `colo-blockd secondary`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecondaryConfig {
+    /// The base image S.
+    pub image: PathBuf,
+    /// The Unix socket, if any.
+    pub unix: Option<PathBuf>,
+    /// The TCP address, if any (at least one of the two is set).
+    pub tcp: Option<SocketAddr>,
+    /// Where to serve metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
+    /// The relay's control socket.
+    pub control: Address,
+    /// The primary QEMU's QMP monitor, for checkpoint requests.
+    pub primary_qmp: Option<Address>,
+    /// Bytes of PVM log kept in memory.
+    pub log_budget: u64,
+    /// Bytes of SVM overlay kept in memory.
+    pub overlay_budget: u64,
+    /// Our name on the control socket.
+    pub name: String,
+    /// Requests in flight per connection (at least 1).
+    pub max_in_flight: u16,
+}
+
+/// Reads the `--config` file (an empty set of options without one).
+fn read_file<T: for<'de> Deserialize<'de> + Default>(
+    path: Option<&PathBuf>,
+) -> Result<T, ConfigError> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let file_error = |reason: String| ConfigError::File {
+        path: path.clone(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| file_error(e.to_string().trim_end().to_string()))
+}
+
+/// Which options took their value from the `--config` file, to point an invalid one there.
+#[derive(Debug, Default)]
+struct FromFile {
+    path: Option<PathBuf>,
+    options: Vec<&'static str>,
+}
+
+impl FromFile {
+    fn new(path: Option<PathBuf>) -> FromFile {
+        FromFile {
+            path,
+            options: Vec::new(),
+        }
+    }
+
+    /// `given` (flag or environment variable) if there is one, else the file's value.
+    fn pick<T>(&mut self, option: &'static str, given: Option<T>, file: Option<T>) -> Option<T> {
+        if given.is_some() {
+            return given;
+        }
+        if file.is_some() {
+            self.options.push(option);
+        }
+        file
+    }
+
+    /// A list option: `given` unless empty, else the file's.
+    fn pick_list<T>(&mut self, option: &'static str, given: Vec<T>, file: Vec<T>) -> Vec<T> {
+        let nonempty = |v: Vec<T>| (!v.is_empty()).then_some(v);
+        self.pick(option, nonempty(given), nonempty(file))
+            .unwrap_or_default()
+    }
+
+    /// `err`, naming the file and the key when the value came from the file.
+    fn locate(&self, err: ConfigError) -> ConfigError {
+        match (err, &self.path) {
+            (ConfigError::Invalid { option, reason }, Some(path))
+                if self.options.contains(&option) =>
+            {
+                ConfigError::InvalidInFile {
+                    path: path.clone(),
+                    option,
+                    reason,
+                }
+            }
+            (err, _) => err,
+        }
+    }
+}
+
+fn required<T>(value: Option<T>, option: &'static str) -> Result<T, ConfigError> {
+    value.ok_or(ConfigError::Missing(option))
+}
+
+/// `--max-in-flight`: clap refuses 0 on the command line; the file needs the same check.
+fn max_in_flight(value: Option<u16>) -> Result<u16, ConfigError> {
+    match value.unwrap_or(DEFAULT_MAX_IN_FLIGHT as u16) {
+        0 => Err(ConfigError::Invalid {
+            option: "max-in-flight",
+            reason: "must be at least 1".into(),
+        }),
+        n => Ok(n),
+    }
+}
+
+/// At least one of `--unix` and `--tcp`.
+fn sockets(
+    unix: Option<PathBuf>,
+    tcp: Option<SocketAddr>,
+) -> Result<(Option<PathBuf>, Option<SocketAddr>), ConfigError> {
+    if unix.is_none() && tcp.is_none() {
+        return Err(ConfigError::NoSocket);
+    }
+    Ok((unix, tcp))
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: ServeArgs) -> Result<ServeConfig, ConfigError> {
+        let file: ServeArgs = read_file(args.config.as_ref())?;
+        let mut f = FromFile::new(args.config);
+        let exports = f.pick_list("export", args.exports, file.exports);
+        let read_only = f.pick("read-only", args.read_only, file.read_only);
+        let unix = f.pick("unix", args.unix, file.unix);
+        let tcp = f.pick("tcp", args.tcp, file.tcp);
+        let in_flight = f.pick("max-in-flight", args.max_in_flight, file.max_in_flight);
+        let validate = || {
+            if exports.is_empty() {
+                return Err(ConfigError::Missing("export"));
+            }
+            let (unix, tcp) = sockets(unix, tcp)?;
+            Ok(ServeConfig {
+                exports,
+                read_only: read_only.unwrap_or(false),
+                unix,
+                tcp,
+                max_in_flight: max_in_flight(in_flight)?,
+            })
+        };
+        validate().map_err(|e| f.locate(e))
+    }
+}
+
+impl TryFrom<SecondaryArgs> for SecondaryConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: SecondaryArgs) -> Result<SecondaryConfig, ConfigError> {
+        let file: SecondaryArgs = read_file(args.config.as_ref())?;
+        let mut f = FromFile::new(args.config);
+        let image = f.pick("image", args.image, file.image);
+        let unix = f.pick("unix", args.unix, file.unix);
+        let tcp = f.pick("tcp", args.tcp, file.tcp);
+        let metrics = f.pick("metrics", args.metrics, file.metrics);
+        let control = f.pick("control", args.control, file.control);
+        let primary_qmp = f.pick("primary-qmp", args.primary_qmp, file.primary_qmp);
+        let log_budget = f.pick("log-budget", args.log_budget, file.log_budget);
+        let overlay_budget = f.pick("overlay-budget", args.overlay_budget, file.overlay_budget);
+        let name = f.pick("name", args.name, file.name);
+        let in_flight = f.pick("max-in-flight", args.max_in_flight, file.max_in_flight);
+        let validate = || {
+            let image = required(image, "image")?;
+            let (unix, tcp) = sockets(unix, tcp)?;
+            Ok(SecondaryConfig {
+                image,
+                unix,
+                tcp,
+                metrics,
+                control: required(control, "control")?,
+                primary_qmp,
+                log_budget: log_budget.unwrap_or(DEFAULT_MEMORY_BUDGET),
+                overlay_budget: overlay_budget.unwrap_or(DEFAULT_MEMORY_BUDGET),
+                name: name.unwrap_or_else(|| DEFAULT_NAME.to_string()),
+                max_in_flight: max_in_flight(in_flight)?,
+            })
+        };
+        validate().map_err(|e| f.locate(e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,20 +494,24 @@ mod tests {
         assert!("x=".parse::<ExportSpec>().is_err());
     }
 
+    /// `argv` through clap and validation, as `main` does (clap reads this process's
+    /// environment).
+    fn configure(argv: &[&str]) -> Result<Config, String> {
+        let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Config::try_from(args.command).map_err(|e| e.to_string())
+    }
+
     #[test]
     fn serve_needs_a_socket_and_takes_both() {
         let parse = |extra: &[&str]| {
             let mut argv = vec!["colo-blockd", "serve", "--export", "a=/x"];
             argv.extend(extra);
-            Args::try_parse_from(argv)
+            configure(&argv)
         };
         assert!(parse(&[]).is_err());
         assert!(parse(&["--unix", "/s"]).is_ok());
         assert!(parse(&["--tcp", "127.0.0.1:1"]).is_ok());
-        let Cmd::Serve(both) = parse(&["--unix", "/s", "--tcp", "127.0.0.1:1"])
-            .unwrap()
-            .command
-        else {
+        let Config::Serve(both) = parse(&["--unix", "/s", "--tcp", "127.0.0.1:1"]).unwrap() else {
             panic!("not serve");
         };
         assert_eq!(both.unix, Some(PathBuf::from("/s")));
@@ -203,10 +531,10 @@ mod tests {
         let parse = |extra: &[&str]| {
             let mut argv = base.to_vec();
             argv.extend(extra);
-            Args::try_parse_from(argv)
+            configure(&argv)
         };
         assert!(parse(&[]).is_err());
-        let Cmd::Secondary(args) = parse(&[
+        let Config::Secondary(args) = parse(&[
             "--unix",
             "/run/svm.sock",
             "--tcp",
@@ -214,9 +542,7 @@ mod tests {
             "--metrics",
             "127.0.0.1:9109",
         ])
-        .unwrap()
-        .command
-        else {
+        .unwrap() else {
             panic!("not secondary");
         };
         assert!(args.unix.is_some() && args.tcp.is_some());
@@ -227,7 +553,7 @@ mod tests {
     #[test]
     fn secondary_control_is_unix_tcp_or_a_path() {
         let parse = |control: &str| {
-            Args::try_parse_from([
+            configure(&[
                 "colo-blockd",
                 "secondary",
                 "--image",
@@ -237,9 +563,9 @@ mod tests {
                 "--control",
                 control,
             ])
-            .map(|a| match a.command {
-                Cmd::Secondary(s) => s.control,
-                Cmd::Serve(_) => panic!("not secondary"),
+            .map(|c| match c {
+                Config::Secondary(s) => s.control,
+                Config::Serve(_) => panic!("not secondary"),
             })
         };
         for (given, want) in [
@@ -255,7 +581,276 @@ mod tests {
         ] {
             assert_eq!(parse(given).unwrap(), want, "{given}");
         }
-        let e = parse("192.168.77.2:9990").unwrap_err().to_string();
+        let e = parse("192.168.77.2:9990").unwrap_err();
         assert!(e.contains("tcp:192.168.77.2:9990"), "{e}");
+    }
+
+    #[test]
+    fn every_option_has_its_colo_blockd_env_var_and_its_default_in_the_help() {
+        use clap::CommandFactory;
+        let cli = Args::command();
+        for role in ["serve", "secondary"] {
+            let sub = cli.find_subcommand(role).unwrap();
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if long == "help" {
+                    continue;
+                }
+                let want = if long == "config" {
+                    CONFIG_ENV.to_string()
+                } else {
+                    env_var(long)
+                };
+                assert_eq!(
+                    arg.get_env().and_then(|e| e.to_str()),
+                    Some(want.as_str()),
+                    "{role} --{long}"
+                );
+            }
+        }
+        // The defaults are applied after the file, so clap does not show them: the help
+        // texts say them, and must say the ones the code applies.
+        let help = |role: &str, option: &str| {
+            let sub = cli.find_subcommand(role).unwrap();
+            let arg = sub.get_arguments().find(|a| a.get_long() == Some(option));
+            arg.unwrap().get_help().unwrap().to_string()
+        };
+        for (role, option, default) in [
+            ("secondary", "log-budget", DEFAULT_MEMORY_BUDGET.to_string()),
+            (
+                "secondary",
+                "overlay-budget",
+                DEFAULT_MEMORY_BUDGET.to_string(),
+            ),
+            ("secondary", "name", DEFAULT_NAME.to_string()),
+            (
+                "secondary",
+                "max-in-flight",
+                DEFAULT_MAX_IN_FLIGHT.to_string(),
+            ),
+            ("serve", "max-in-flight", DEFAULT_MAX_IN_FLIGHT.to_string()),
+        ] {
+            let text = help(role, option);
+            assert!(
+                text.contains(&format!("[default: {default}]")),
+                "{role} --{option}: {text}"
+            );
+        }
+        let Config::Secondary(c) = configure(&[
+            "colo-blockd",
+            "secondary",
+            "--image",
+            "/s.raw",
+            "--unix",
+            "/s",
+            "--control",
+            "/r",
+        ])
+        .unwrap() else {
+            panic!("not secondary");
+        };
+        assert_eq!(
+            (
+                c.log_budget,
+                c.overlay_budget,
+                c.name.as_str(),
+                c.max_in_flight
+            ),
+            (
+                DEFAULT_MEMORY_BUDGET,
+                DEFAULT_MEMORY_BUDGET,
+                DEFAULT_NAME,
+                DEFAULT_MAX_IN_FLIGHT as u16
+            )
+        );
+    }
+
+    /// A precedence case: the command line, the environment, the value it must give.
+    type Case<'a> = (String, &'a [(&'a str, &'a str)], &'a str);
+
+    /// Set in the child process of the precedence test: the case it checks.
+    const CASE: &str = "COLO_BLOCKD_TEST_CASE";
+
+    /// flag > env > file > default for `secondary --log-budget` (`COLO_BLOCKD_LOG_BUDGET`,
+    /// `log-budget`, 10 MiB) and `serve --max-in-flight` (`COLO_BLOCKD_MAX_IN_FLIGHT`,
+    /// `max-in-flight`, 32). The environment is process-wide and tests run beside each
+    /// other, so each case runs this test again in a child process with its own variables,
+    /// where clap reads them as it does in the daemon.
+    #[test]
+    fn a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default() {
+        if let Ok(case) = std::env::var(CASE) {
+            let (argv, want) = case.split_once(" => ").expect("a case");
+            let mut full = vec!["colo-blockd"];
+            full.extend(argv.split(' '));
+            let got = match configure(&full).unwrap_or_else(|e| panic!("{e}")) {
+                Config::Secondary(c) => c.log_budget.to_string(),
+                Config::Serve(c) => c.max_in_flight.to_string(),
+            };
+            assert_eq!(got, want, "{case}");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // One file per subcommand: each refuses the other's keys.
+        let secondary_file = dir.path().join("secondary.toml");
+        std::fs::write(&secondary_file, "log-budget = 3000\n").unwrap();
+        let serve_file = dir.path().join("serve.toml");
+        std::fs::write(&serve_file, "max-in-flight = 3\n").unwrap();
+        let (sfile, vfile) = (
+            secondary_file.to_str().unwrap(),
+            serve_file.to_str().unwrap(),
+        );
+        let secondary = "secondary --image /s.raw --unix /s.sock --control /relay.sock";
+        let serve = "serve --export a=/a.raw --unix /s.sock";
+        let env: &[(&str, &str)] = &[
+            ("COLO_BLOCKD_LOG_BUDGET", "2000"),
+            ("COLO_BLOCKD_MAX_IN_FLIGHT", "2"),
+        ];
+        let serve_config: &[(&str, &str)] = &[(CONFIG_ENV, vfile)];
+        let with_config = [env, serve_config].concat();
+        let budget = DEFAULT_MEMORY_BUDGET.to_string();
+        let in_flight = DEFAULT_MAX_IN_FLIGHT.to_string();
+        let cases: &[Case] = &[
+            // The flag wins over the variable and the file.
+            (
+                format!("{secondary} --config {sfile} --log-budget 1000"),
+                env,
+                "1000",
+            ),
+            (
+                format!("{serve} --config {vfile} --max-in-flight 1"),
+                env,
+                "1",
+            ),
+            // The variable wins over the file (named by --config or COLO_BLOCKD_CONFIG).
+            (format!("{secondary} --config {sfile}"), env, "2000"),
+            (serve.to_string(), &with_config, "2"),
+            // The file wins over the default.
+            (format!("{secondary} --config {sfile}"), &[], "3000"),
+            (serve.to_string(), serve_config, "3"),
+            // The default.
+            (secondary.to_string(), &[], &budget),
+            (serve.to_string(), &[], &in_flight),
+        ];
+        for (argv, env, want) in cases {
+            rerun_with_env(
+                "cli::tests::a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default",
+                &format!("{argv} => {want}"),
+                env,
+            );
+        }
+    }
+
+    /// Runs `test` of this test binary again in a child process, with [`CASE`] set to
+    /// `case`, `env` set and no other COLO_BLOCKD_* variable; fails unless it ran and passed.
+    fn rerun_with_env(test: &str, case: &str, env: &[(&str, &str)]) {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child.args([test, "--exact", "--nocapture"]);
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with(ENV_PREFIX) {
+                child.env_remove(var);
+            }
+        }
+        let out = child
+            .env(CASE, case)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // libtest passes when its filter matches nothing: make sure the case ran.
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{case} with {env:?}:\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn the_file_takes_the_long_options_and_names_itself_and_the_key_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blockd.toml");
+        let with_file = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            let mut argv = vec!["colo-blockd", "secondary", "--config"];
+            argv.push(path.to_str().unwrap());
+            configure(&argv)
+        };
+        let Config::Secondary(c) = with_file(
+            "image = \"/var/lib/colo/s.raw\"\nunix = \"/run/b.sock\"\ntcp = \"0.0.0.0:10809\"\n\
+             metrics = \"127.0.0.1:9109\"\ncontrol = \"tcp:192.168.77.2:9990\"\n\
+             primary-qmp = \"unix:/run/p.qmp\"\nlog-budget = 1\noverlay-budget = 2\n\
+             name = \"b\"\nmax-in-flight = 4\n",
+        )
+        .unwrap() else {
+            panic!("not secondary");
+        };
+        assert_eq!(
+            c,
+            SecondaryConfig {
+                image: "/var/lib/colo/s.raw".into(),
+                unix: Some("/run/b.sock".into()),
+                tcp: Some("0.0.0.0:10809".parse().unwrap()),
+                metrics: Some("127.0.0.1:9109".parse().unwrap()),
+                control: Address::tcp("192.168.77.2", 9990),
+                primary_qmp: Some(Address::unix("/run/p.qmp")),
+                log_budget: 1,
+                overlay_budget: 2,
+                name: "b".into(),
+                max_in_flight: 4,
+            }
+        );
+        let file = path.display().to_string();
+        // An unknown key, a wrong type, a bad address: the parser's message, with the key.
+        for (text, key) in [
+            ("imgae = \"/s.raw\"\n", "imgae"),
+            ("log-budget = \"big\"\n", "log-budget"),
+            ("control = \"relay.sock\"\n", "control"),
+        ] {
+            let e = with_file(text).unwrap_err();
+            assert!(
+                e.starts_with(&format!("config file {file}: ")) && e.contains(key),
+                "{text}: {e}"
+            );
+        }
+        // A value the parser takes but the daemon refuses.
+        let e =
+            with_file("image = \"/s.raw\"\nunix = \"/s\"\ncontrol = \"/r\"\nmax-in-flight = 0\n")
+                .unwrap_err();
+        assert_eq!(
+            e,
+            format!("config file {file}: `max-in-flight`: must be at least 1")
+        );
+        // What nothing gives, named with its flag, variable and key.
+        let e = with_file("unix = \"/s\"\ncontrol = \"/r\"\n").unwrap_err();
+        assert_eq!(
+            e,
+            "missing --image (or COLO_BLOCKD_IMAGE, or `image` in the config file)"
+        );
+        let e = with_file("image = \"/s.raw\"\ncontrol = \"/r\"\n").unwrap_err();
+        assert!(e.contains("--unix, --tcp or both"), "{e}");
+        // serve's exports, as a list under the option's name.
+        std::fs::write(
+            &path,
+            "export = [\"a=/a.raw\", \"b=/b.raw\"]\nread-only = true\ntcp = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let Config::Serve(c) =
+            configure(&["colo-blockd", "serve", "--config", path.to_str().unwrap()]).unwrap()
+        else {
+            panic!("not serve");
+        };
+        assert_eq!(c.exports.len(), 2);
+        assert!(c.read_only);
+        let Config::Serve(c) = configure(&[
+            "colo-blockd",
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+            "--read-only",
+            "false",
+        ])
+        .unwrap() else {
+            panic!("not serve");
+        };
+        assert!(!c.read_only, "the flag beats the file");
     }
 }

@@ -9,31 +9,40 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use colo_blockd::backend::FileBackend;
-use colo_blockd::cli::{Args, Cmd, SecondaryArgs, ServeArgs};
+use colo_blockd::cli::{Args, Config, SecondaryConfig, ServeConfig};
 use colo_blockd::daemon::checkpoint::{RequestOptions, request_checkpoints};
 use colo_blockd::daemon::epochs::{DEFAULT_NAME, EpochOptions, follow_epochs};
 use colo_blockd::export::{Export, ExportSet};
 use colo_blockd::metrics::Metrics;
 use colo_blockd::replica::{Replica, ReplicaConfig};
 use colo_blockd::server::{NbdServer, ServerConfig};
+use colo_daemon::Exit;
 use colo_daemon::metrics::serve_metrics;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    colo_daemon::logging::init("info");
+    colo_daemon::logging::init("info", colo_daemon::logging::LogFormat::from_env());
+    // Flags and environment variables (clap), then the --config file, then the defaults.
+    let config = match Config::try_from(args.command) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("colo-blockd: {err}");
+            return Exit::Usage.into();
+        }
+    };
     colo_daemon::run::until_signal("colo-blockd", async move |shutdown| {
         // `{:#}`: the error with its causes, on one line.
-        let done = match args.command {
-            Cmd::Serve(args) => serve(args, shutdown).await,
-            Cmd::Secondary(args) => secondary(args, shutdown).await,
+        let done = match config {
+            Config::Serve(args) => serve(args, shutdown).await,
+            Config::Secondary(args) => secondary(args, shutdown).await,
         };
         done.map_err(|e| format!("{e:#}"))
     })
 }
 
-async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn serve(args: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut exports = Vec::new();
     for spec in &args.exports {
         let backend = FileBackend::open(&spec.path, args.read_only)
@@ -50,7 +59,7 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
     Ok(())
 }
 
-async fn secondary(args: SecondaryArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn secondary(args: SecondaryConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = ReplicaConfig {
         pvm_memory_budget: args.log_budget,
         svm_memory_budget: args.overlay_budget,
@@ -108,7 +117,7 @@ async fn secondary(args: SecondaryArgs, shutdown: CancellationToken) -> anyhow::
     if let Some(listener) = metrics_listener {
         tasks.push(tokio::spawn(serve_metrics(
             listener,
-            std::sync::Arc::new(metrics),
+            metrics.metrics_registry(),
             shutdown.clone(),
         )));
     }

@@ -1,14 +1,16 @@
-//! colo-blockd's metrics: counters, gauges and one histogram kept in
-//! atomics, and their rendering in the Prometheus text exposition format
-//! (version 0.0.4) with colo-daemon's writer. No I/O: colo-daemon's
-//! `/metrics` responder serves the text.
+//! colo-blockd's metrics: prometheus-client counters, gauges and one
+//! histogram, every family registered once in the registry that
+//! colo-daemon's `/metrics` responder serves (the Prometheus text format,
+//! version 0.0.4). No I/O here.
 //!
 //! [`Metrics`] is a cheap handle (an `Arc`): the replica, the epoch
 //! follower, the checkpoint requester and the NBD server each hold a clone
 //! and update it with relaxed atomic operations, never a lock on the
-//! request path. Scraping reads the atomics one by one, so a sample may mix
-//! values from just before and just after a concurrent update; each value
-//! is itself exact.
+//! request path (an export's counters are looked up once per connection;
+//! the commit histogram takes one short lock per checkpoint). Scraping
+//! reads the values one by one, so a sample may mix values from just before
+//! and just after a concurrent update; each value is itself exact. Within a
+//! labelled family the order of the series is not fixed.
 //!
 //! | metric | type | what |
 //! |---|---|---|
@@ -32,7 +34,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use colo_daemon::metrics::{Counter, Exposition, Gauge, Histogram, Text};
+use colo_daemon::metrics::{Gauge, MetricsRegistry};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// The reason label of checkpoint requests made because the PVM log
 /// passed its memory budget (the same word the relay's status shows).
@@ -110,7 +116,30 @@ impl NbdCommand {
     }
 }
 
-/// The NBD counters of one export.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TransportLabel {
+    transport: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CommandLabels {
+    export: String,
+    command: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirectionLabels {
+    export: String,
+    direction: &'static str,
+}
+
+/// The NBD counters of one export: its series of the labelled families,
+/// looked up once.
 #[derive(Debug)]
 pub struct ExportMetrics {
     name: String,
@@ -128,9 +157,9 @@ impl ExportMetrics {
         if !ok {
             self.errors[command.index()].inc();
         } else if command == NbdCommand::Read {
-            self.read_bytes.add(moved);
+            self.read_bytes.inc_by(moved);
         } else if command == NbdCommand::Write {
-            self.written_bytes.add(moved);
+            self.written_bytes.inc_by(moved);
         }
     }
 
@@ -156,8 +185,8 @@ pub struct Registry {
     pub svm_overlay_memory_bytes: Gauge,
     /// SVM overlay bytes written to its spill file this epoch.
     pub svm_overlay_spilled_bytes: Gauge,
-    /// Duration of each `checkpoint-adopted` step (what the primary's
-    /// pause waits for).
+    /// Duration in seconds of each `checkpoint-adopted` step (what the
+    /// primary's pause waits for), over [`COMMIT_BUCKETS`].
     pub commit_duration: Histogram,
     /// Checkpoints adopted.
     pub checkpoints_committed: Counter,
@@ -175,27 +204,148 @@ pub struct Registry {
     pub failovers: Counter,
     connections: [Gauge; Transport::ALL.len()],
     connections_total: [Counter; Transport::ALL.len()],
+    requests: Family<CommandLabels, Counter>,
+    request_errors: Family<CommandLabels, Counter>,
+    bytes: Family<DirectionLabels, Counter>,
     exports: Mutex<Vec<Arc<ExportMetrics>>>,
+    /// Every family above, registered.
+    exposition: Arc<MetricsRegistry>,
 }
 
 impl Default for Registry {
     fn default() -> Registry {
+        let pvm_log_memory_bytes = Gauge::default();
+        let pvm_log_spilled_bytes = Gauge::default();
+        let svm_overlay_memory_bytes = Gauge::default();
+        let svm_overlay_spilled_bytes = Gauge::default();
+        let commit_duration = Histogram::new(COMMIT_BUCKETS);
+        let checkpoints_committed = Counter::default();
+        let committed_bytes = Counter::default();
+        let checkpoints_requested = Family::<ReasonLabel, Counter>::default();
+        let checkpoints_requested_log_full =
+            checkpoints_requested.get_or_create_owned(&ReasonLabel {
+                reason: REASON_LOG_FULL,
+            });
+        let checkpoint_request_failures = Counter::default();
+        let epoch = Gauge::default();
+        let relay_connected = Gauge::default();
+        let failovers = Counter::default();
+        let open = Family::<TransportLabel, Gauge>::default();
+        let accepted = Family::<TransportLabel, Counter>::default();
+        let transport = |t: Transport| TransportLabel {
+            transport: t.label(),
+        };
+        let connections = Transport::ALL.map(|t| open.get_or_create_owned(&transport(t)));
+        let connections_total = Transport::ALL.map(|t| accepted.get_or_create_owned(&transport(t)));
+        let requests = Family::<CommandLabels, Counter>::default();
+        let request_errors = Family::<CommandLabels, Counter>::default();
+        let bytes = Family::<DirectionLabels, Counter>::default();
+
+        // prometheus-client ends every help text with a full stop and every
+        // counter's name with `_total`.
+        let mut r = prometheus_client::registry::Registry::default();
+        r.register(
+            "colo_blockd_pvm_log_memory_bytes",
+            "PVM log (this epoch's primary writes) data held in memory",
+            pvm_log_memory_bytes.clone(),
+        );
+        r.register(
+            "colo_blockd_pvm_log_spilled_bytes",
+            "PVM log bytes written to its spill file this epoch (overwritten ones too)",
+            pvm_log_spilled_bytes.clone(),
+        );
+        r.register(
+            "colo_blockd_svm_overlay_memory_bytes",
+            "SVM overlay (this epoch's secondary writes) data held in memory",
+            svm_overlay_memory_bytes.clone(),
+        );
+        r.register(
+            "colo_blockd_svm_overlay_spilled_bytes",
+            "SVM overlay bytes written to its spill file this epoch (overwritten ones too)",
+            svm_overlay_spilled_bytes.clone(),
+        );
+        r.register(
+            "colo_blockd_commit_duration_seconds",
+            "Duration of the checkpoint-adopted step (commit of the PVM log up to the ack)",
+            commit_duration.clone(),
+        );
+        r.register(
+            "colo_blockd_checkpoints_committed",
+            "Checkpoints adopted (PVM log committed, SVM overlay dropped)",
+            checkpoints_committed.clone(),
+        );
+        r.register(
+            "colo_blockd_committed_bytes",
+            "PVM log data bytes committed into the image",
+            committed_bytes.clone(),
+        );
+        r.register(
+            "colo_blockd_checkpoints_requested",
+            "Checkpoints asked of the primary, by reason",
+            checkpoints_requested,
+        );
+        r.register(
+            "colo_blockd_checkpoint_request_failures",
+            "Checkpoint requests the primary's QMP monitor did not take",
+            checkpoint_request_failures.clone(),
+        );
+        r.register(
+            "colo_blockd_epoch",
+            "Epoch of the relay's last event",
+            epoch.clone(),
+        );
+        r.register(
+            "colo_blockd_relay_connected",
+            "1 while subscribed to the relay's control socket; COLO cannot checkpoint at 0",
+            relay_connected.clone(),
+        );
+        r.register(
+            "colo_blockd_failovers",
+            "Failovers to this secondary",
+            failovers.clone(),
+        );
+        r.register("colo_blockd_nbd_connections", "NBD connections open", open);
+        r.register(
+            "colo_blockd_nbd_connections",
+            "NBD connections accepted",
+            accepted,
+        );
+        r.register(
+            "colo_blockd_nbd_requests",
+            "NBD requests answered, by export and command",
+            requests.clone(),
+        );
+        r.register(
+            "colo_blockd_nbd_request_errors",
+            "NBD requests answered with an error, by export and command",
+            request_errors.clone(),
+        );
+        r.register(
+            "colo_blockd_nbd_bytes",
+            "Data bytes of successful NBD reads and writes, by export",
+            bytes.clone(),
+        );
+
         Registry {
-            pvm_log_memory_bytes: Gauge::default(),
-            pvm_log_spilled_bytes: Gauge::default(),
-            svm_overlay_memory_bytes: Gauge::default(),
-            svm_overlay_spilled_bytes: Gauge::default(),
-            commit_duration: Histogram::new(&COMMIT_BUCKETS),
-            checkpoints_committed: Counter::default(),
-            committed_bytes: Counter::default(),
-            checkpoints_requested_log_full: Counter::default(),
-            checkpoint_request_failures: Counter::default(),
-            epoch: Gauge::default(),
-            relay_connected: Gauge::default(),
-            failovers: Counter::default(),
-            connections: Default::default(),
-            connections_total: Default::default(),
+            pvm_log_memory_bytes,
+            pvm_log_spilled_bytes,
+            svm_overlay_memory_bytes,
+            svm_overlay_spilled_bytes,
+            commit_duration,
+            checkpoints_committed,
+            committed_bytes,
+            checkpoints_requested_log_full,
+            checkpoint_request_failures,
+            epoch,
+            relay_connected,
+            failovers,
+            connections,
+            connections_total,
+            requests,
+            request_errors,
+            bytes,
             exports: Mutex::default(),
+            exposition: Arc::new(MetricsRegistry::new(r)),
         }
     }
 }
@@ -221,12 +371,20 @@ impl Registry {
         if let Some(e) = exports.iter().find(|e| e.name == name) {
             return Arc::clone(e);
         }
+        let command = |c: NbdCommand| CommandLabels {
+            export: name.to_owned(),
+            command: c.label(),
+        };
+        let direction = |direction| DirectionLabels {
+            export: name.to_owned(),
+            direction,
+        };
         let e = Arc::new(ExportMetrics {
             name: name.to_owned(),
-            requests: Default::default(),
-            errors: Default::default(),
-            read_bytes: Counter::default(),
-            written_bytes: Counter::default(),
+            requests: NbdCommand::ALL.map(|c| self.requests.get_or_create_owned(&command(c))),
+            errors: NbdCommand::ALL.map(|c| self.request_errors.get_or_create_owned(&command(c))),
+            read_bytes: self.bytes.get_or_create_owned(&direction("read")),
+            written_bytes: self.bytes.get_or_create_owned(&direction("write")),
         });
         exports.push(Arc::clone(&e));
         e
@@ -234,155 +392,19 @@ impl Registry {
 
     /// The registry in the text exposition format.
     pub fn render(&self) -> String {
-        let mut out = Text::default();
-        let gauges = [
-            (
-                "colo_blockd_pvm_log_memory_bytes",
-                "PVM log (this epoch's primary writes) data held in memory.",
-                &self.pvm_log_memory_bytes,
-            ),
-            (
-                "colo_blockd_pvm_log_spilled_bytes",
-                "PVM log bytes written to its spill file this epoch (overwritten ones too).",
-                &self.pvm_log_spilled_bytes,
-            ),
-            (
-                "colo_blockd_svm_overlay_memory_bytes",
-                "SVM overlay (this epoch's secondary writes) data held in memory.",
-                &self.svm_overlay_memory_bytes,
-            ),
-            (
-                "colo_blockd_svm_overlay_spilled_bytes",
-                "SVM overlay bytes written to its spill file this epoch (overwritten ones too).",
-                &self.svm_overlay_spilled_bytes,
-            ),
-        ];
-        for (name, help, gauge) in gauges {
-            out.header(name, help, "gauge");
-            out.sample(name, &[], gauge.get());
-        }
-
-        self.commit_duration.render(
-            &mut out,
-            "colo_blockd_commit_duration_seconds",
-            "Duration of the checkpoint-adopted step (commit of the PVM log up to the ack).",
-        );
-
-        let counters = [
-            (
-                "colo_blockd_checkpoints_committed_total",
-                "Checkpoints adopted (PVM log committed, SVM overlay dropped).",
-                &self.checkpoints_committed,
-            ),
-            (
-                "colo_blockd_committed_bytes_total",
-                "PVM log data bytes committed into the image.",
-                &self.committed_bytes,
-            ),
-        ];
-        for (name, help, counter) in counters {
-            out.header(name, help, "counter");
-            out.sample(name, &[], counter.get());
-        }
-        let name = "colo_blockd_checkpoints_requested_total";
-        out.header(
-            name,
-            "Checkpoints asked of the primary, by reason.",
-            "counter",
-        );
-        out.sample(
-            name,
-            &[("reason", REASON_LOG_FULL)],
-            self.checkpoints_requested_log_full.get(),
-        );
-        let name = "colo_blockd_checkpoint_request_failures_total";
-        out.header(
-            name,
-            "Checkpoint requests the primary's QMP monitor did not take.",
-            "counter",
-        );
-        out.sample(name, &[], self.checkpoint_request_failures.get());
-
-        let name = "colo_blockd_epoch";
-        out.header(name, "Epoch of the relay's last event.", "gauge");
-        out.sample(name, &[], self.epoch.get());
-        let name = "colo_blockd_relay_connected";
-        out.header(
-            name,
-            "1 while subscribed to the relay's control socket; COLO cannot checkpoint at 0.",
-            "gauge",
-        );
-        out.sample(name, &[], self.relay_connected.get());
-        let name = "colo_blockd_failovers_total";
-        out.header(name, "Failovers to this secondary.", "counter");
-        out.sample(name, &[], self.failovers.get());
-
-        let name = "colo_blockd_nbd_connections";
-        out.header(name, "NBD connections open.", "gauge");
-        for t in Transport::ALL {
-            out.sample(name, &[("transport", t.label())], self.connections(t));
-        }
-        let name = "colo_blockd_nbd_connections_total";
-        out.header(name, "NBD connections accepted.", "counter");
-        for t in Transport::ALL {
-            out.sample(name, &[("transport", t.label())], self.connections_total(t));
-        }
-
-        let exports = self
-            .exports
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        let name = "colo_blockd_nbd_requests_total";
-        out.header(
-            name,
-            "NBD requests answered, by export and command.",
-            "counter",
-        );
-        for e in &exports {
-            for c in NbdCommand::ALL {
-                let labels = [("export", e.name.as_str()), ("command", c.label())];
-                out.sample(name, &labels, e.requests(c));
-            }
-        }
-        let name = "colo_blockd_nbd_request_errors_total";
-        out.header(
-            name,
-            "NBD requests answered with an error, by export and command.",
-            "counter",
-        );
-        for e in &exports {
-            for c in NbdCommand::ALL {
-                let labels = [("export", e.name.as_str()), ("command", c.label())];
-                out.sample(name, &labels, e.errors(c));
-            }
-        }
-        let name = "colo_blockd_nbd_bytes_total";
-        out.header(
-            name,
-            "Data bytes of successful NBD reads and writes, by export.",
-            "counter",
-        );
-        for e in &exports {
-            let read = [("export", e.name.as_str()), ("direction", "read")];
-            out.sample(name, &read, e.read_bytes.get());
-            let write = [("export", e.name.as_str()), ("direction", "write")];
-            out.sample(name, &write, e.written_bytes.get());
-        }
-        out.finish()
+        self.exposition.encode()
     }
 }
 
 /// Counts its connection as closed when dropped.
 #[derive(Debug)]
 pub struct ConnectionGuard {
-    registry: Arc<Registry>,
-    transport: Transport,
+    open: Gauge,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.registry.connections[self.transport as usize].dec();
+        self.open.dec();
     }
 }
 
@@ -406,9 +428,14 @@ impl Metrics {
         self.registry.connections[i].inc();
         self.registry.connections_total[i].inc();
         ConnectionGuard {
-            registry: Arc::clone(&self.registry),
-            transport,
+            open: self.registry.connections[i].clone(),
         }
+    }
+
+    /// Every family, registered: what colo-daemon's
+    /// [`serve_metrics`](colo_daemon::metrics::serve_metrics) serves.
+    pub fn metrics_registry(&self) -> Arc<MetricsRegistry> {
+        Arc::clone(&self.registry.exposition)
     }
 }
 
@@ -417,12 +444,6 @@ impl std::ops::Deref for Metrics {
 
     fn deref(&self) -> &Registry {
         &self.registry
-    }
-}
-
-impl Exposition for Metrics {
-    fn render(&self) -> String {
-        self.registry.render()
     }
 }
 
@@ -442,7 +463,8 @@ mod tests {
     fn histogram_buckets_are_cumulative_and_end_in_the_count() {
         let m = Metrics::new();
         for ms in [0, 1, 3, 30, 20_000] {
-            m.commit_duration.observe(Duration::from_millis(ms));
+            m.commit_duration
+                .observe(Duration::from_millis(ms).as_secs_f64());
         }
         let text = m.render();
         let bucket = |le: &str| {

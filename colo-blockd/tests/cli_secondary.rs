@@ -124,8 +124,8 @@ async fn scrape_until(
 
 /// One daemon on a Unix socket (the SVM's side) and TCP (the primary's
 /// quorum child) at once, with a fake primary QMP monitor and a small log
-/// budget: every metric the issue asks for moves by exactly what the test
-/// did, and the text parses as the exposition format.
+/// budget: every metric `colo-blockd secondary` exports moves by exactly what
+/// the test did, and the text parses as the exposition format.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "tier clients: needs qemu-io, qemu-img and nbdinfo (integration/setup.sh); select with --include-ignored (integration/test.sh does)"]
 async fn secondary_serves_unix_and_tcp_and_counts_everything_in_metrics() {
@@ -395,4 +395,71 @@ fn secondary_exit_codes() {
     assert_eq!(bad.status.code(), Some(2));
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("unix:PATH, tcp:HOST:PORT"), "{err}");
+}
+
+/// The binary takes each option from its flag, else its COLO_BLOCKD_* variable, else the
+/// --config file (shown with --image: the replica it cannot open names the image it took),
+/// and refuses a bad config file with exit code 2, naming the file and the key.
+#[test]
+fn secondary_takes_a_flag_over_its_env_var_over_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("blockd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "image = \"/nonexistent/file.raw\"\nunix = \"{}\"\ncontrol = \"{}\"\n",
+            dir.path().join("s.sock").display(),
+            dir.path().join("control.sock").display()
+        ),
+    )
+    .unwrap();
+    let run = |flag: Option<&str>, env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_colo-blockd"));
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("COLO_BLOCKD_") {
+                cmd.env_remove(var);
+            }
+        }
+        cmd.arg("secondary").envs(env.iter().copied());
+        if let Some(image) = flag {
+            cmd.args(["--image", image]);
+        }
+        cmd.output().unwrap()
+    };
+    let with_config = ("COLO_BLOCKD_CONFIG", config.to_str().unwrap());
+    let with_env = ("COLO_BLOCKD_IMAGE", "/nonexistent/env.raw");
+    for (flag, env, took) in [
+        (
+            Some("/nonexistent/flag.raw"),
+            &[with_config, with_env][..],
+            "/nonexistent/flag.raw",
+        ),
+        (None, &[with_config, with_env][..], "/nonexistent/env.raw"),
+        (None, &[with_config][..], "/nonexistent/file.raw"),
+    ] {
+        let out = run(flag, env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag:?} {env:?}: {err}");
+        assert!(
+            err.contains(&format!("cannot open the replica over {took}")),
+            "{flag:?} {env:?}: {err}"
+        );
+    }
+    // Nothing gives the image: a usage error naming the flag, the variable and the key.
+    let out = run(None, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--image") && err.contains("COLO_BLOCKD_IMAGE") && err.contains("`image`"),
+        "{err}"
+    );
+    // A misspelt key: exit code 2, the file and the key named.
+    std::fs::write(&config, "imgae = \"/s.raw\"\n").unwrap();
+    let out = run(Some("/s.raw"), &[with_config]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&config.display().to_string()) && err.contains("imgae"),
+        "{err}"
+    );
 }

@@ -8,8 +8,8 @@
 //!   keeps a per-packet or per-request warning from flooding them.
 //! * [`socket`]: binding an [`Address`](colo_types::Address), removing only a *stale* Unix socket
 //!   (never a live one, never another kind of file).
-//! * [`metrics`]: the Prometheus text writer and the one hardened `/metrics` responder
-//!   (connection cap, path check, timeouts).
+//! * [`metrics`]: the one metrics registry (prometheus-client's) and the one hardened
+//!   `/metrics` responder (connection cap, path check, timeouts).
 //! * [`checkpoint`]: the one checkpoint requester (coalesced, rate limited, checks that COLO
 //!   runs, retried, every request with its reason).
 

@@ -12,6 +12,10 @@ use crate::daemon::config::{PrimaryArgs, SecondaryArgs};
 /// on the primary host and `colo-proxyd secondary` on the secondary host; both follow the
 /// checkpoint-barrier relay's epochs (`qmp-driver relay --control`).
 ///
+/// Every option can also be set in its environment variable (COLO_PROXYD_ and the option in
+/// capitals, e.g. COLO_PROXYD_MAX_HOLD_MS) or in the --config file (TOML, the options' long
+/// names as keys); a flag beats its variable, which beats the file, which beats the default.
+///
 /// Exit codes: 0 stopped by SIGINT or SIGTERM; 1 could not start; 2 bad command line or
 /// configuration. Logs go to stderr; set RUST_LOG (e.g. `info`, `colo_proxyd=debug`) and
 /// COLO_LOG_FORMAT=json for one JSON object per line.

@@ -1,7 +1,7 @@
 //! The `/metrics` endpoint: just enough HTTP/1.x for a Prometheus scrape.
 //!
-//! `GET /metrics` (or `HEAD`) is answered with the daemon's
-//! [`Exposition`]; any other path gets 404, any other method 405, a request
+//! `GET /metrics` (or `HEAD`) is answered with the encoding of the daemon's
+//! [`MetricsRegistry`]; any other path gets 404, any other method 405, a request
 //! that is not HTTP 400. Every connection carries one request and is closed after the
 //! response (`Connection: close`), which every scraper accepts; a client
 //! that does not send its request head within [`REQUEST_TIMEOUT`] is
@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Exposition;
+use super::{CONTENT_TYPE, MetricsRegistry};
 
 /// Time a client has to send its request and take the response.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -29,14 +29,12 @@ pub const MAX_CONNECTIONS: usize = 16;
 /// Longest request head read (request line and headers).
 const MAX_HEAD: usize = 8 * 1024;
 
-/// The content type of the text exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
 /// Serves `metrics` on an already-bound listener until `shutdown`.
-pub async fn serve_metrics<M>(listener: TcpListener, metrics: Arc<M>, shutdown: CancellationToken)
-where
-    M: Exposition + ?Sized,
-{
+pub async fn serve_metrics(
+    listener: TcpListener,
+    metrics: Arc<MetricsRegistry>,
+    shutdown: CancellationToken,
+) {
     let tasks = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -56,7 +54,7 @@ where
                     let answered = tokio::select! {
                         // A scrape is not worth delaying a shutdown for.
                         () = shutdown.cancelled() => return,
-                        answered = tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &*metrics)) => answered,
+                        answered = tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &metrics)) => answered,
                     };
                     match answered {
                         Ok(Ok(())) => {}
@@ -76,7 +74,7 @@ where
 }
 
 /// Reads one request head and answers it.
-async fn respond<M: Exposition + ?Sized>(mut stream: TcpStream, metrics: &M) -> io::Result<()> {
+async fn respond(mut stream: TcpStream, metrics: &MetricsRegistry) -> io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let complete = loop {
@@ -149,7 +147,7 @@ impl Response {
 }
 
 /// The response to a complete request head.
-fn answer<M: Exposition + ?Sized>(head: &[u8], metrics: &M) -> Response {
+fn answer(head: &[u8], metrics: &MetricsRegistry) -> Response {
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.trim_end_matches('\r').split(' ');
@@ -171,7 +169,7 @@ fn answer<M: Exposition + ?Sized>(head: &[u8], metrics: &M) -> Response {
             reason: "OK",
             extra_headers: "",
             content_type: CONTENT_TYPE,
-            body: metrics.render(),
+            body: metrics.encode(),
             head_only: method == "HEAD",
         },
         _ => Response {
@@ -185,37 +183,31 @@ fn answer<M: Exposition + ?Sized>(head: &[u8], metrics: &M) -> Response {
 mod tests {
     use super::*;
 
-    use crate::metrics::Counter;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::registry::Registry;
 
-    #[derive(Default)]
     struct Metrics {
         failovers: Counter,
-    }
-
-    impl Exposition for Metrics {
-        fn render(&self) -> String {
-            let mut text = crate::metrics::Text::default();
-            text.single(
-                "colo_test_failovers_total",
-                "Failovers.",
-                "counter",
-                self.failovers.get(),
-            );
-            text.finish()
-        }
+        registry: Arc<MetricsRegistry>,
     }
 
     impl Metrics {
-        fn new() -> Arc<Metrics> {
-            Arc::new(Metrics::default())
+        fn new() -> Metrics {
+            let failovers = Counter::default();
+            let mut registry = Registry::default();
+            registry.register("colo_test_failovers", "Failovers", failovers.clone());
+            Metrics {
+                failovers,
+                registry: Arc::new(MetricsRegistry::new(registry)),
+            }
         }
     }
 
-    async fn start(metrics: Arc<Metrics>) -> (std::net::SocketAddr, CancellationToken) {
+    async fn start(metrics: Metrics) -> (std::net::SocketAddr, CancellationToken) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(serve_metrics(listener, metrics, stop.clone()));
+        tokio::spawn(serve_metrics(listener, metrics.registry, stop.clone()));
         (addr, stop)
     }
 

@@ -1,133 +1,65 @@
-//! Prometheus metrics, the same way in every daemon: typed counters, gauges and histograms in
-//! atomics that the hot path updates without a lock, an [`Exposition`] that renders them in the
-//! text format (version 0.0.4) with [`Text`], and the one hardened `/metrics` responder
-//! ([`serve_metrics`]).
+//! Prometheus metrics, the same way in every daemon: a daemon keeps its counters, gauges and
+//! histograms as [`prometheus_client`] metrics (atomics the hot path updates without a lock;
+//! a histogram takes one short uncontended lock), registers every family once in a
+//! [`prometheus_client::registry::Registry`], wraps that in a [`MetricsRegistry`] and hands it
+//! to the one hardened `/metrics` responder ([`serve_metrics`]).
+//!
+//! The exposition is prometheus-client's encoding of the registry in the Prometheus text
+//! format, version 0.0.4 ([`CONTENT_TYPE`]), which every Prometheus scrapes. Not OpenMetrics
+//! (prometheus-client's other text encoder): OpenMetrics names a counter's family without
+//! `_total`, so colo-blockd's gauge `colo_blockd_nbd_connections` and its counter
+//! `colo_blockd_nbd_connections_total` would be two families of one name, which OpenMetrics
+//! forbids.
 
 mod http;
-mod text;
 
-pub use http::{CONTENT_TYPE, MAX_CONNECTIONS, REQUEST_TIMEOUT, serve_metrics};
-pub use text::Text;
+pub use http::{MAX_CONNECTIONS, REQUEST_TIMEOUT, serve_metrics};
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
 
-/// What a daemon's metrics registry gives the `/metrics` responder.
-pub trait Exposition: Send + Sync + 'static {
-    /// The whole exposition text, every family with its `# HELP` and `# TYPE`.
-    fn render(&self) -> String;
-}
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::registry::Registry;
 
-/// A monotonically increasing count.
+/// A gauge of a size, a count or an epoch: `u64`, so every value is exact (prometheus-client's
+/// default gauge is an `i64`).
+pub type Gauge = prometheus_client::metrics::gauge::Gauge<u64, AtomicU64>;
+
+/// The content type of the exposition: the Prometheus text format, version 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// A daemon's complete metrics registry, every family registered, as the `/metrics`
+/// responder serves it. The metrics in it are shared handles: the daemon keeps clones and
+/// updates them; encoding reads them.
 #[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    /// Adds one.
-    pub fn inc(&self) {
-        self.add(1);
-    }
-
-    /// Adds `n`.
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// The count now.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
+pub struct MetricsRegistry {
+    registry: Registry,
 }
 
-/// A value that goes up and down (never below zero).
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicU64);
-
-impl Gauge {
-    /// Sets the value.
-    pub fn set(&self, value: u64) {
-        self.0.store(value, Ordering::Relaxed);
+impl MetricsRegistry {
+    /// Wraps a registry whose families are all registered.
+    pub fn new(registry: Registry) -> MetricsRegistry {
+        MetricsRegistry { registry }
     }
 
-    /// Adds one.
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+    /// The registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
-    /// Subtracts one (never below zero).
-    pub fn dec(&self) {
-        let _ = self
-            .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
-    }
-
-    /// The value now.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A histogram of durations over fixed bucket bounds (seconds, ascending).
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    /// Observations per bucket, not cumulative; the last one is `+Inf`.
-    buckets: Box<[AtomicU64]>,
-    sum_nanos: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    /// An empty histogram over `bounds` (upper bounds in seconds, ascending; `+Inf` is added).
-    pub fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram {
-            bounds,
-            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_nanos: AtomicU64::new(0),
-            count: AtomicU64::new(0),
+    /// The exposition text ([`CONTENT_TYPE`]): every family with its `# HELP` and `# TYPE`.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail, and neither does encoding classic metrics.
+        if let Err(err) = prometheus_text::encode(&mut text, &self.registry) {
+            tracing::error!(%err, "could not encode the metrics registry");
         }
+        text
     }
+}
 
-    /// Records one duration.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = self
-            .bounds
-            .iter()
-            .position(|&le| secs <= le)
-            .unwrap_or(self.bounds.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    /// The sum of the observations.
-    pub fn sum(&self) -> Duration {
-        Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed))
-    }
-
-    /// Writes the family `name` (`_bucket` lines cumulative, ending in `+Inf` = `_count`, then
-    /// `_sum` in seconds and `_count`).
-    pub fn render(&self, text: &mut Text, name: &str, help: &str) {
-        text.header(name, help, "histogram");
-        let mut cumulative = 0;
-        for (i, bucket) in self.buckets.iter().enumerate() {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let le = self
-                .bounds
-                .get(i)
-                .map_or_else(|| "+Inf".to_string(), |b| format!("{b}"));
-            text.sample(&format!("{name}_bucket"), &[("le", &le)], cumulative);
-        }
-        let sum = self.sum().as_secs_f64();
-        text.line(&format!("{name}_sum"), &[], &format!("{sum}"));
-        text.sample(&format!("{name}_count"), &[], cumulative);
+impl From<Registry> for MetricsRegistry {
+    fn from(registry: Registry) -> MetricsRegistry {
+        MetricsRegistry::new(registry)
     }
 }
 
@@ -135,17 +67,22 @@ impl Histogram {
 mod tests {
     use super::*;
 
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::histogram::Histogram;
+
     #[test]
     fn histogram_buckets_are_cumulative_and_end_in_the_count() {
-        static BOUNDS: [f64; 3] = [0.001, 0.01, 0.1];
-        let h = Histogram::new(&BOUNDS);
+        let h = Histogram::new([0.001, 0.01, 0.1]);
+        let mut registry = Registry::default();
+        registry.register("x_seconds", "Test", h.clone());
         for ms in [0, 5, 5, 50, 5000] {
-            h.observe(Duration::from_millis(ms));
+            h.observe(std::time::Duration::from_millis(ms).as_secs_f64());
         }
-        let mut text = Text::default();
-        h.render(&mut text, "x_seconds", "Test.");
-        let out = text.finish();
+        let out = MetricsRegistry::new(registry).encode();
         for line in [
+            "# HELP x_seconds Test.",
+            "# TYPE x_seconds histogram",
             "x_seconds_bucket{le=\"0.001\"} 1",
             "x_seconds_bucket{le=\"0.01\"} 3",
             "x_seconds_bucket{le=\"0.1\"} 4",
@@ -155,17 +92,23 @@ mod tests {
         ] {
             assert!(out.lines().any(|l| l == line), "{line} missing from\n{out}");
         }
-        assert_eq!(h.count(), 5);
     }
 
     #[test]
-    fn gauges_do_not_go_below_zero() {
-        let g = Gauge::default();
-        g.dec();
-        assert_eq!(g.get(), 0);
-        g.inc();
-        g.inc();
-        g.dec();
-        assert_eq!(g.get(), 1);
+    fn counters_get_total_and_labels_are_escaped() {
+        let family = Family::<Vec<(&'static str, String)>, Counter>::default();
+        let mut registry = Registry::default();
+        registry.register("m", "a\\b\nc", family.clone());
+        family
+            .get_or_create(&vec![
+                ("export", "x\"y\\z\nw".to_owned()),
+                ("k", "v".into()),
+            ])
+            .inc_by(7);
+        assert_eq!(
+            MetricsRegistry::new(registry).encode(),
+            "# HELP m_total a\\\\b\\nc.\n# TYPE m_total counter\n\
+             m_total{export=\"x\\\"y\\\\z\\nw\",k=\"v\"} 7\n"
+        );
     }
 }

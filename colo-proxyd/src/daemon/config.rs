@@ -1,6 +1,16 @@
-//! The daemons' settings: command-line options (each with an environment variable), an
-//! optional TOML file with the same keys, and their validation into [`PrimaryConfig`] and
-//! [`SecondaryConfig`]. A command-line option wins over the file.
+//! The daemons' settings and their validation into [`PrimaryConfig`] and [`SecondaryConfig`].
+//!
+//! Each option is taken from the first of
+//!
+//! 1. its flag (`--max-hold-ms 50`),
+//! 2. its environment variable, `COLO_PROXYD_` and the option in capitals
+//!    (`COLO_PROXYD_MAX_HOLD_MS=50`; clap reads both, a flag over its variable),
+//! 3. the `--config` file (or `COLO_PROXYD_CONFIG`): TOML with the options' long names as keys
+//!    (`max-hold-ms = 50`), unknown keys refused,
+//! 4. its default (`[default: ...]` in `--help`),
+//!
+//! as colo-blockd and `qmp-driver relay` do. An invalid value from the file is reported with
+//! the file's name and the key.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -14,21 +24,40 @@ use serde::Deserialize;
 
 use crate::engine::{BypassRule, EngineConfig, UncomparedPolicy};
 
-/// A bad setting.
+/// The prefix of the options' environment variables.
+pub const ENV_PREFIX: &str = "COLO_PROXYD_";
+
+/// The environment variable of `option` (`max-hold-ms`: `COLO_PROXYD_MAX_HOLD_MS`).
+pub fn env_var(option: &str) -> String {
+    format!("{ENV_PREFIX}{}", option.to_uppercase().replace('-', "_"))
+}
+
+/// A bad setting. Each message is complete on one line and says its cause once.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    /// A required setting is missing from both the command line and the file.
-    #[error("missing --{0} (or `{0}` in the config file)")]
+    /// A required setting is missing from the command line, the environment and the file.
+    #[error("missing --{0} (or {env}, or `{0}` in the config file)", env = env_var(.0))]
     Missing(&'static str),
-    /// A setting does not parse.
-    #[error("--{option}: {reason}")]
+    /// A setting from the command line or the environment is not acceptable.
+    #[error("--{option} (or {env}): {reason}", env = env_var(.option))]
     Invalid {
         /// The option.
         option: &'static str,
         /// What is wrong.
         reason: String,
     },
-    /// The config file cannot be read or parsed.
+    /// A setting from the config file is not acceptable.
+    #[error("config file {path}: `{option}`: {reason}")]
+    InvalidInFile {
+        /// The file.
+        path: PathBuf,
+        /// The key (the option's long name).
+        option: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The config file cannot be read, is not TOML, has an unknown key or a value of the
+    /// wrong type (the parser's message shows the line and the key).
     #[error("config file {path}: {reason}")]
     File {
         /// The file.
@@ -87,8 +116,51 @@ fn read_file<T: for<'de> Deserialize<'de> + Default>(
     })?;
     toml::from_str(&text).map_err(|e| ConfigError::File {
         path: path.clone(),
-        reason: e.to_string(),
+        reason: e.to_string().trim_end().to_string(),
     })
+}
+
+/// Which options took their value from the `--config` file, to point an invalid one there.
+#[derive(Debug, Default)]
+struct FromFile {
+    path: Option<PathBuf>,
+    options: Vec<&'static str>,
+}
+
+impl FromFile {
+    /// `given` (flag or environment variable) if there is one, else the file's value.
+    fn pick<T>(&mut self, option: &'static str, given: Option<T>, file: Option<T>) -> Option<T> {
+        if given.is_some() {
+            return given;
+        }
+        if file.is_some() {
+            self.options.push(option);
+        }
+        file
+    }
+
+    /// A list option: `given` unless empty, else the file's.
+    fn pick_list<T>(&mut self, option: &'static str, given: Vec<T>, file: Vec<T>) -> Vec<T> {
+        let nonempty = |v: Vec<T>| (!v.is_empty()).then_some(v);
+        self.pick(option, nonempty(given), nonempty(file))
+            .unwrap_or_default()
+    }
+
+    /// `err`, naming the file and the key when the value came from the file.
+    fn locate(&self, err: ConfigError) -> ConfigError {
+        match (err, &self.path) {
+            (ConfigError::Invalid { option, reason }, Some(path))
+                if self.options.contains(&option) =>
+            {
+                ConfigError::InvalidInFile {
+                    path: path.clone(),
+                    option,
+                    reason,
+                }
+            }
+            (err, _) => err,
+        }
+    }
 }
 
 fn required<T>(value: Option<T>, name: &'static str) -> Result<T, ConfigError> {
@@ -119,12 +191,13 @@ fn millis(value: Option<u64>, default: u64, name: &'static str) -> Result<Durati
     }
 }
 
-/// `colo-proxyd primary` options. Every one can also be set in the `--config` file, under
-/// the same name.
+/// `colo-proxyd primary` options. Every one can also be set in its environment variable
+/// (`COLO_PROXYD_...`) or in the `--config` file, under the same name (see the module).
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct PrimaryArgs {
-    /// TOML file with any of these options (same names); the command line wins.
+    /// TOML file with any of these options as keys (`max-hold-ms = 50`); an option given on
+    /// the command line or in its COLO_PROXYD_* variable wins over the file.
     #[arg(long, env = "COLO_PROXYD_CONFIG", value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
@@ -267,41 +340,64 @@ pub struct PrimaryConfig {
 }
 
 impl PrimaryArgs {
-    /// Fills what the command line left out from `file`.
-    fn merge(self, file: PrimaryArgs) -> PrimaryArgs {
-        PrimaryArgs {
+    /// Fills what the command line and the environment left out from `file`.
+    fn merge(self, file: PrimaryArgs) -> (PrimaryArgs, FromFile) {
+        let mut f = FromFile {
+            path: self.config.clone(),
+            options: Vec::new(),
+        };
+        let merged = PrimaryArgs {
             config: self.config,
-            pvm_output: self.pvm_output.or(file.pvm_output),
-            mirror: self.mirror.or(file.mirror),
-            release: self.release.or(file.release),
-            link_listen: self.link_listen.or(file.link_listen),
-            control: self.control.or(file.control),
-            qmp: self.qmp.or(file.qmp),
-            metrics: self.metrics.or(file.metrics),
-            max_hold_ms: self.max_hold_ms.or(file.max_hold_ms),
-            checkpoint_interval_ms: self.checkpoint_interval_ms.or(file.checkpoint_interval_ms),
-            checkpoint_retry_ms: self.checkpoint_retry_ms.or(file.checkpoint_retry_ms),
-            bypass: if self.bypass.is_empty() {
-                file.bypass
-            } else {
-                self.bypass
-            },
-            uncompared: self.uncompared.or(file.uncompared),
-            chardevs: if self.chardevs.is_empty() {
-                file.chardevs
-            } else {
-                self.chardevs
-            },
-            chardev_check_ms: self.chardev_check_ms.or(file.chardev_check_ms),
-            name: self.name.or(file.name),
-            netdev: self.netdev.or(file.netdev),
-            release_redirector: self.release_redirector.or(file.release_redirector),
-            release_chardev: self.release_chardev.or(file.release_chardev),
-            pvm_output_redirector: self.pvm_output_redirector.or(file.pvm_output_redirector),
-            link_down_without_pvm_output: self
-                .link_down_without_pvm_output
-                .or(file.link_down_without_pvm_output),
-        }
+            pvm_output: f.pick("pvm-output", self.pvm_output, file.pvm_output),
+            mirror: f.pick("mirror", self.mirror, file.mirror),
+            release: f.pick("release", self.release, file.release),
+            link_listen: f.pick("link-listen", self.link_listen, file.link_listen),
+            control: f.pick("control", self.control, file.control),
+            qmp: f.pick("qmp", self.qmp, file.qmp),
+            metrics: f.pick("metrics", self.metrics, file.metrics),
+            max_hold_ms: f.pick("max-hold-ms", self.max_hold_ms, file.max_hold_ms),
+            checkpoint_interval_ms: f.pick(
+                "checkpoint-interval-ms",
+                self.checkpoint_interval_ms,
+                file.checkpoint_interval_ms,
+            ),
+            checkpoint_retry_ms: f.pick(
+                "checkpoint-retry-ms",
+                self.checkpoint_retry_ms,
+                file.checkpoint_retry_ms,
+            ),
+            bypass: f.pick_list("bypass", self.bypass, file.bypass),
+            uncompared: f.pick("uncompared", self.uncompared, file.uncompared),
+            chardevs: f.pick_list("chardevs", self.chardevs, file.chardevs),
+            chardev_check_ms: f.pick(
+                "chardev-check-ms",
+                self.chardev_check_ms,
+                file.chardev_check_ms,
+            ),
+            name: f.pick("name", self.name, file.name),
+            netdev: f.pick("netdev", self.netdev, file.netdev),
+            release_redirector: f.pick(
+                "release-redirector",
+                self.release_redirector,
+                file.release_redirector,
+            ),
+            release_chardev: f.pick(
+                "release-chardev",
+                self.release_chardev,
+                file.release_chardev,
+            ),
+            pvm_output_redirector: f.pick(
+                "pvm-output-redirector",
+                self.pvm_output_redirector,
+                file.pvm_output_redirector,
+            ),
+            link_down_without_pvm_output: f.pick(
+                "link-down-without-pvm-output",
+                self.link_down_without_pvm_output,
+                file.link_down_without_pvm_output,
+            ),
+        };
+        (merged, f)
     }
 }
 
@@ -310,7 +406,14 @@ impl TryFrom<PrimaryArgs> for PrimaryConfig {
 
     fn try_from(args: PrimaryArgs) -> Result<Self, ConfigError> {
         let file = read_file(args.config.as_ref())?;
-        let a = args.merge(file);
+        let (a, from_file) = args.merge(file);
+        PrimaryConfig::validate(a).map_err(|e| from_file.locate(e))
+    }
+}
+
+impl PrimaryConfig {
+    /// Validates the merged options.
+    fn validate(a: PrimaryArgs) -> Result<PrimaryConfig, ConfigError> {
         let bypass = a
             .bypass
             .iter()
@@ -366,12 +469,13 @@ impl TryFrom<PrimaryArgs> for PrimaryConfig {
     }
 }
 
-/// `colo-proxyd secondary` options. Every one can also be set in the `--config` file, under
-/// the same name.
+/// `colo-proxyd secondary` options. Every one can also be set in its environment variable
+/// (`COLO_PROXYD_...`) or in the `--config` file, under the same name (see the module).
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct SecondaryArgs {
-    /// TOML file with any of these options (same names); the command line wins.
+    /// TOML file with any of these options as keys (`max-hold-ms = 50`); an option given on
+    /// the command line or in its COLO_PROXYD_* variable wins over the file.
     #[arg(long, env = "COLO_PROXYD_CONFIG", value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
@@ -483,16 +587,81 @@ pub struct BridgeAddresses {
     pub net_input_listen: String,
 }
 
+impl SecondaryArgs {
+    /// Fills what the command line and the environment left out from `file`.
+    fn merge(self, file: SecondaryArgs) -> (SecondaryArgs, FromFile) {
+        let mut f = FromFile {
+            path: self.config.clone(),
+            options: Vec::new(),
+        };
+        let merged = SecondaryArgs {
+            config: self.config,
+            svm_input_listen: f.pick(
+                "svm-input-listen",
+                self.svm_input_listen,
+                file.svm_input_listen,
+            ),
+            svm_output_listen: f.pick(
+                "svm-output-listen",
+                self.svm_output_listen,
+                file.svm_output_listen,
+            ),
+            net_output_listen: f.pick(
+                "net-output-listen",
+                self.net_output_listen,
+                file.net_output_listen,
+            ),
+            net_input_listen: f.pick(
+                "net-input-listen",
+                self.net_input_listen,
+                file.net_input_listen,
+            ),
+            primary_link: f.pick("primary-link", self.primary_link, file.primary_link),
+            control: f.pick("control", self.control, file.control),
+            metrics: f.pick("metrics", self.metrics, file.metrics),
+            name: f.pick("name", self.name, file.name),
+            qmp: f.pick("qmp", self.qmp, file.qmp),
+            netdev: f.pick("netdev", self.netdev, file.netdev),
+            svm_input_redirector: f.pick(
+                "svm-input-redirector",
+                self.svm_input_redirector,
+                file.svm_input_redirector,
+            ),
+            svm_input_chardev: f.pick(
+                "svm-input-chardev",
+                self.svm_input_chardev,
+                file.svm_input_chardev,
+            ),
+            svm_output_redirector: f.pick(
+                "svm-output-redirector",
+                self.svm_output_redirector,
+                file.svm_output_redirector,
+            ),
+            net_output_redirector: f.pick(
+                "net-output-redirector",
+                self.net_output_redirector,
+                file.net_output_redirector,
+            ),
+        };
+        (merged, f)
+    }
+}
+
 impl TryFrom<SecondaryArgs> for SecondaryConfig {
     type Error = ConfigError;
 
     fn try_from(args: SecondaryArgs) -> Result<Self, ConfigError> {
-        let file: SecondaryArgs = read_file(args.config.as_ref())?;
+        let file = read_file(args.config.as_ref())?;
+        let (a, from_file) = args.merge(file);
+        SecondaryConfig::validate(a).map_err(|e| from_file.locate(e))
+    }
+}
+
+impl SecondaryConfig {
+    /// Validates the merged options.
+    fn validate(a: SecondaryArgs) -> Result<SecondaryConfig, ConfigError> {
         // One port without the other would carry one direction only: refused.
-        let bridge = match (
-            args.net_output_listen.or(file.net_output_listen),
-            args.net_input_listen.or(file.net_input_listen),
-        ) {
+        let bridge = match (a.net_output_listen, a.net_input_listen) {
             (None, None) => None,
             (Some(net_output_listen), Some(net_input_listen)) => Some(BridgeAddresses {
                 net_output_listen,
@@ -503,41 +672,20 @@ impl TryFrom<SecondaryArgs> for SecondaryConfig {
         };
         Ok(SecondaryConfig {
             bridge,
-            svm_input_listen: required(
-                args.svm_input_listen.or(file.svm_input_listen),
-                "svm-input-listen",
-            )?,
-            svm_output_listen: required(
-                args.svm_output_listen.or(file.svm_output_listen),
-                "svm-output-listen",
-            )?,
-            primary_link: required(args.primary_link.or(file.primary_link), "primary-link")?,
-            control: required(args.control.or(file.control), "control")?,
-            metrics: args.metrics.or(file.metrics),
-            name: args
-                .name
-                .or(file.name)
-                .unwrap_or_else(|| "colo-proxyd-secondary".into()),
+            svm_input_listen: required(a.svm_input_listen, "svm-input-listen")?,
+            svm_output_listen: required(a.svm_output_listen, "svm-output-listen")?,
+            primary_link: required(a.primary_link, "primary-link")?,
+            control: required(a.control, "control")?,
+            metrics: a.metrics,
+            name: a.name.unwrap_or_else(|| "colo-proxyd-secondary".into()),
             link_retry_min: Duration::from_millis(100),
             link_retry_max: Duration::from_secs(2),
-            qmp: parsed(args.qmp.or(file.qmp), "qmp")?,
-            netdev: args.netdev.or(file.netdev).unwrap_or_else(|| "hn0".into()),
-            svm_input_redirector: args
-                .svm_input_redirector
-                .or(file.svm_input_redirector)
-                .unwrap_or_else(|| "f1".into()),
-            svm_input_chardev: args
-                .svm_input_chardev
-                .or(file.svm_input_chardev)
-                .unwrap_or_else(|| "red0".into()),
-            svm_output_redirector: args
-                .svm_output_redirector
-                .or(file.svm_output_redirector)
-                .unwrap_or_else(|| "f2".into()),
-            net_output_redirector: args
-                .net_output_redirector
-                .or(file.net_output_redirector)
-                .unwrap_or_else(|| "f3".into()),
+            qmp: parsed(a.qmp, "qmp")?,
+            netdev: a.netdev.unwrap_or_else(|| "hn0".into()),
+            svm_input_redirector: a.svm_input_redirector.unwrap_or_else(|| "f1".into()),
+            svm_input_chardev: a.svm_input_chardev.unwrap_or_else(|| "red0".into()),
+            svm_output_redirector: a.svm_output_redirector.unwrap_or_else(|| "f2".into()),
+            net_output_redirector: a.net_output_redirector.unwrap_or_else(|| "f3".into()),
         })
     }
 }
@@ -755,5 +903,175 @@ mod tests {
         a.config = Some(path);
         let e = PrimaryConfig::try_from(a).unwrap_err().to_string();
         assert!(e.contains("relative path needs the unix: prefix"), "{e}");
+    }
+
+    #[test]
+    fn every_option_has_its_colo_proxyd_env_var() {
+        use clap::CommandFactory;
+        for role in ["primary", "secondary"] {
+            let cli = crate::cli::Cli::command();
+            let sub = cli.find_subcommand(role).unwrap();
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if long == "help" {
+                    continue;
+                }
+                let want = if long == "config" {
+                    "COLO_PROXYD_CONFIG".to_string()
+                } else {
+                    env_var(long)
+                };
+                assert_eq!(
+                    arg.get_env().and_then(|e| e.to_str()),
+                    Some(want.as_str()),
+                    "{role} --{long}"
+                );
+            }
+        }
+    }
+
+    /// A precedence case: the command line, the environment, the value it must give.
+    type Case<'a> = (String, &'a [(&'a str, &'a str)], &'a str);
+
+    /// Set in the child process of the precedence test: the case it checks.
+    const CASE: &str = "COLO_PROXYD_TEST_CASE";
+
+    /// flag > env > file > default for `primary --max-hold-ms` (`COLO_PROXYD_MAX_HOLD_MS`,
+    /// `max-hold-ms`, 200) and `secondary --netdev` (`COLO_PROXYD_NETDEV`, `netdev`, hn0). The
+    /// environment is process-wide and tests run beside each other, so each case runs this
+    /// test again in a child process with its own variables, where clap reads them as it does
+    /// in the daemon.
+    #[test]
+    fn a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default() {
+        use clap::Parser;
+        if let Ok(case) = std::env::var(CASE) {
+            let (argv, want) = case.split_once(" => ").expect("a case");
+            let mut full = vec!["colo-proxyd"];
+            full.extend(argv.split(' '));
+            let cli = crate::cli::Cli::try_parse_from(&full).unwrap_or_else(|e| panic!("{e}"));
+            let got = match cli.command {
+                crate::cli::Command::Primary(a) => {
+                    let c = PrimaryConfig::try_from(a).unwrap();
+                    c.engine.max_hold.as_millis().to_string()
+                }
+                crate::cli::Command::Secondary(a) => SecondaryConfig::try_from(a).unwrap().netdev,
+            };
+            assert_eq!(got, want, "{case}");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // One file per role: each refuses the other's keys.
+        let primary_file = dir.path().join("primary.toml");
+        std::fs::write(&primary_file, "max-hold-ms = 300\n").unwrap();
+        let secondary_file = dir.path().join("secondary.toml");
+        std::fs::write(&secondary_file, "netdev = \"file0\"\n").unwrap();
+        let (pfile, sfile) = (
+            primary_file.to_str().unwrap(),
+            secondary_file.to_str().unwrap(),
+        );
+        let primary = "primary --pvm-output 127.0.0.1:1 --mirror 127.0.0.1:2 --release \
+                       127.0.0.1:3 --link-listen 127.0.0.1:4 --control /relay.sock --qmp /qmp";
+        let secondary = "secondary --svm-input-listen 127.0.0.1:1 --svm-output-listen \
+                         127.0.0.1:2 --primary-link 127.0.0.1:3 --control /relay.sock";
+        let env: &[(&str, &str)] = &[
+            ("COLO_PROXYD_MAX_HOLD_MS", "200"),
+            ("COLO_PROXYD_NETDEV", "env0"),
+        ];
+        let secondary_config: &[(&str, &str)] = &[("COLO_PROXYD_CONFIG", sfile)];
+        let with_config = [env, secondary_config].concat();
+        let cases: &[Case] = &[
+            // The flag wins over the variable and the file.
+            (
+                format!("{primary} --config {pfile} --max-hold-ms 100"),
+                env,
+                "100",
+            ),
+            (
+                format!("{secondary} --config {sfile} --netdev flag0"),
+                env,
+                "flag0",
+            ),
+            // The variable wins over the file (named by --config or COLO_PROXYD_CONFIG).
+            (format!("{primary} --config {pfile}"), env, "200"),
+            (secondary.to_string(), &with_config, "env0"),
+            // The file wins over the default.
+            (format!("{primary} --config {pfile}"), &[], "300"),
+            (secondary.to_string(), secondary_config, "file0"),
+            // The default.
+            (primary.to_string(), &[], "200"),
+            (secondary.to_string(), &[], "hn0"),
+        ];
+        for (argv, env, want) in cases {
+            rerun_with_env(
+                "daemon::config::tests::a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default",
+                &format!("{argv} => {want}"),
+                env,
+            );
+        }
+    }
+
+    /// Runs `test` of this test binary again in a child process, with [`CASE`] set to
+    /// `case`, `env` set and no other COLO_PROXYD_* variable; fails unless it ran and passed.
+    fn rerun_with_env(test: &str, case: &str, env: &[(&str, &str)]) {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child.args([test, "--exact", "--nocapture"]);
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with(ENV_PREFIX) {
+                child.env_remove(var);
+            }
+        }
+        let out = child
+            .env(CASE, case)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // libtest passes when its filter matches nothing: make sure the case ran.
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{case} with {env:?}:\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn an_invalid_value_names_where_it_came_from() {
+        let mut a = primary_args();
+        a.max_hold_ms = Some(0);
+        assert_eq!(
+            PrimaryConfig::try_from(a).unwrap_err().to_string(),
+            "--max-hold-ms (or COLO_PROXYD_MAX_HOLD_MS): must be at least 1 ms"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "max-hold-ms = 0\n").unwrap();
+        let mut a = primary_args();
+        a.config = Some(path.clone());
+        let err = PrimaryConfig::try_from(a).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::InvalidInFile {
+                path: path.clone(),
+                option: "max-hold-ms",
+                reason: "must be at least 1 ms".into(),
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "config file {}: `max-hold-ms`: must be at least 1 ms",
+                path.display()
+            )
+        );
+        // The file's value is not used when the command line gives one.
+        let mut a = primary_args();
+        a.config = Some(path);
+        a.max_hold_ms = Some(5);
+        assert!(PrimaryConfig::try_from(a).is_ok());
+        assert_eq!(
+            ConfigError::Missing("primary-link").to_string(),
+            "missing --primary-link (or COLO_PROXYD_PRIMARY_LINK, or `primary-link` in the \
+             config file)"
+        );
     }
 }

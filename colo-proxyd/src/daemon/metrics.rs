@@ -1,13 +1,18 @@
-//! Prometheus metrics: a registry the role loops update, rendered in the plain-text exposition
-//! format with colo-daemon's writer and served by colo-daemon's `/metrics` responder
-//! (`--metrics ADDR`).
+//! Prometheus metrics: prometheus-client counters, gauges and one histogram that the role loops
+//! update, every family registered once in the registry that colo-daemon's `/metrics` responder
+//! serves (`--metrics ADDR`; the Prometheus text format, version 0.0.4). Within a labelled family
+//! the order of the series is not fixed.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use colo_daemon::metrics::{Exposition, Histogram, Text};
+use colo_daemon::metrics::{Gauge, MetricsRegistry};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::daemon::svm_path::BridgeCounts;
 
@@ -17,484 +22,507 @@ const HOLD_BUCKETS: [f64; 12] = [
 ];
 
 /// Every metric of one daemon. Cheap to clone (shared).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Metrics {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    role: Mutex<&'static str>,
-    /// Port name → connected.
-    connections: Mutex<BTreeMap<String, bool>>,
-    /// Reason → count (what the comparison asked for).
-    checkpoints_needed: Mutex<BTreeMap<String, u64>>,
-    /// Reason → count (requests actually sent to QEMU).
-    checkpoints_requested: Mutex<BTreeMap<String, u64>>,
-    /// QEMU chardev id → it has a peer (the fail-open check).
-    chardevs: Mutex<BTreeMap<String, bool>>,
-    /// QEMU filter id → times re-created over QMP.
-    filters_recreated: Mutex<BTreeMap<String, u64>>,
-    /// The guest link as colo-proxyd last set it over QMP (`None`: not yet).
-    guest_link_up: Mutex<Option<bool>>,
-    guest_link_downs: AtomicU64,
-    compared_bytes: AtomicU64,
-    released_packets: AtomicU64,
-    released_bytes: AtomicU64,
-    uncompared_bytes: AtomicU64,
-    bypassed_bytes: AtomicU64,
-    held_packets: AtomicU64,
-    held_bytes: AtomicU64,
-    svm_frames: AtomicU64,
-    stale_svm_frames: AtomicU64,
-    dropped_frames: AtomicU64,
-    link_errors: AtomicU64,
-    barriers: AtomicU64,
-    epoch: AtomicU64,
-    comparing: AtomicU64,
-    flows: AtomicU64,
-    hold: HoldHistogram,
-    /// The secondary's network bridge after a failover (running totals from the role logic).
-    bridged: Mutex<BridgeCounts>,
-    offset_connections: AtomicU64,
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RoleLabel {
+    role: &'static str,
 }
 
-/// The hold-time histogram over [`HOLD_BUCKETS`].
-#[derive(Debug)]
-struct HoldHistogram(Histogram);
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PortLabel {
+    port: String,
+}
 
-impl Default for HoldHistogram {
-    fn default() -> Self {
-        HoldHistogram(Histogram::new(&HOLD_BUCKETS))
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ChardevLabel {
+    chardev: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FilterLabel {
+    filter: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+/// The label set of a family with at most one, unlabelled series: one that is not shown
+/// until it has a value.
+type NoLabels = [(&'static str, &'static str); 0];
+
+/// One direction of the secondary's network bridge: all frames, and those shifted.
+#[derive(Debug)]
+struct Bridged {
+    frames: Counter,
+    rewritten: Counter,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Port name → connected.
+    connections: Family<PortLabel, Gauge>,
+    /// QEMU chardev id → it has a peer (the fail-open check).
+    chardevs: Family<ChardevLabel, Gauge>,
+    /// QEMU filter id → times re-created over QMP.
+    filters_recreated: Family<FilterLabel, Counter>,
+    /// The guest link as colo-proxyd last set it over QMP (no series: not yet).
+    guest_link_up: Family<NoLabels, Gauge>,
+    guest_link_downs: Counter,
+    compared_bytes: Counter,
+    released_packets: Counter,
+    released_bytes: Counter,
+    uncompared_bytes: Counter,
+    bypassed_bytes: Counter,
+    svm_frames: Counter,
+    stale_svm_frames: Counter,
+    dropped_frames: Counter,
+    link_errors: Counter,
+    barriers: Counter,
+    /// The secondary's network bridge after a failover (running totals from the role logic).
+    out_of_svm: Bridged,
+    into_svm: Bridged,
+    offset_connections: Gauge,
+    flows: Gauge,
+    epoch: Gauge,
+    comparing: Gauge,
+    held_packets: Gauge,
+    held_bytes: Gauge,
+    /// Reason → count (what the comparison asked for).
+    checkpoints_needed: Family<ReasonLabel, Counter>,
+    /// Reason → count (requests actually sent to QEMU).
+    checkpoints_requested: Family<ReasonLabel, Counter>,
+    /// Requests sent to QEMU, all reasons.
+    checkpoints_requested_total: AtomicU64,
+    /// Seconds from a PVM packet's arrival to its release, over [`HOLD_BUCKETS`].
+    hold: Histogram,
+    /// Every family above, registered.
+    exposition: Arc<MetricsRegistry>,
+}
+
+impl Inner {
+    fn new(role: &'static str) -> Inner {
+        let info = Family::<RoleLabel, Gauge>::default();
+        info.get_or_create(&RoleLabel { role }).set(1);
+        let direction = |direction| DirectionLabel { direction };
+        let bridged_frames = Family::<DirectionLabel, Counter>::default();
+        let bridged_rewritten = Family::<DirectionLabel, Counter>::default();
+        let bridged = |d| Bridged {
+            frames: bridged_frames.get_or_create_owned(&direction(d)),
+            rewritten: bridged_rewritten.get_or_create_owned(&direction(d)),
+        };
+        let inner = Inner {
+            connections: Family::default(),
+            chardevs: Family::default(),
+            filters_recreated: Family::default(),
+            guest_link_up: Family::default(),
+            guest_link_downs: Counter::default(),
+            compared_bytes: Counter::default(),
+            released_packets: Counter::default(),
+            released_bytes: Counter::default(),
+            uncompared_bytes: Counter::default(),
+            bypassed_bytes: Counter::default(),
+            svm_frames: Counter::default(),
+            stale_svm_frames: Counter::default(),
+            dropped_frames: Counter::default(),
+            link_errors: Counter::default(),
+            barriers: Counter::default(),
+            out_of_svm: bridged("out_of_svm"),
+            into_svm: bridged("into_svm"),
+            offset_connections: Gauge::default(),
+            flows: Gauge::default(),
+            epoch: Gauge::default(),
+            comparing: Gauge::default(),
+            held_packets: Gauge::default(),
+            held_bytes: Gauge::default(),
+            checkpoints_needed: Family::default(),
+            checkpoints_requested: Family::default(),
+            checkpoints_requested_total: AtomicU64::new(0),
+            hold: Histogram::new(HOLD_BUCKETS),
+            exposition: Arc::default(),
+        };
+
+        // Every name gets the prefix `colo_proxyd_`; prometheus-client ends every help text
+        // with a full stop and every counter's name with `_total`.
+        let mut r = Registry::with_prefix("colo_proxyd");
+        r.register("info", "Always 1; the role is a label", info);
+        r.register(
+            "connection_up",
+            "1 when the port or link is connected",
+            inner.connections.clone(),
+        );
+        r.register(
+            "qemu_chardev_connected",
+            "1 when QEMU's chardev has a peer (0: its redirector fails open)",
+            inner.chardevs.clone(),
+        );
+        r.register(
+            "qemu_filters_recreated",
+            "QEMU filters re-created over QMP because their input chardev reconnected",
+            inner.filters_recreated.clone(),
+        );
+        r.register(
+            "guest_link_up",
+            "The guest's link as colo-proxyd last set it (0: cut off while compare0 is down)",
+            inner.guest_link_up.clone(),
+        );
+        let counters = [
+            (
+                "guest_link_downs",
+                "Times colo-proxyd set the guest's link down because compare0 had no connection while COLO ran",
+                &inner.guest_link_downs,
+            ),
+            (
+                "compared_bytes",
+                "PVM bytes given to the comparison",
+                &inner.compared_bytes,
+            ),
+            (
+                "released_packets",
+                "PVM packets released to the network while COLO ran (matched, bypassed, or at a checkpoint)",
+                &inner.released_packets,
+            ),
+            (
+                "released_bytes",
+                "PVM bytes released to the network while COLO ran",
+                &inner.released_bytes,
+            ),
+            (
+                "uncompared_bytes",
+                "PVM bytes passed uncompared while COLO did not run (before it, after a failover)",
+                &inner.uncompared_bytes,
+            ),
+            (
+                "bypassed_bytes",
+                "PVM bytes released uncompared by a bypass rule",
+                &inner.bypassed_bytes,
+            ),
+            (
+                "svm_frames",
+                "SVM output frames received",
+                &inner.svm_frames,
+            ),
+            (
+                "stale_svm_frames",
+                "SVM output frames of an adopted epoch, dropped",
+                &inner.stale_svm_frames,
+            ),
+            (
+                "dropped_frames",
+                "Frames not delivered because a port or the link was down or full",
+                &inner.dropped_frames,
+            ),
+            (
+                "link_errors",
+                "Link connections closed for a malformed message or handshake",
+                &inner.link_errors,
+            ),
+            (
+                "barriers",
+                "Synchronous relay events handled and acknowledged",
+                &inner.barriers,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            r.register(name, help, counter.clone());
+        }
+        r.register(
+            "failover_bridged_frames",
+            "Frames the secondary carried between the SVM and the network after its failover",
+            bridged_frames,
+        );
+        r.register(
+            "failover_rewritten_frames",
+            "Of those, frames whose sequence (out of the SVM) or acknowledgement (into it) number was shifted",
+            bridged_rewritten,
+        );
+        let gauges = [
+            (
+                "failover_offset_connections",
+                "Connections whose sequence numbers the secondary shifts after its failover (opened by the SVM in the last epoch)",
+                &inner.offset_connections,
+            ),
+            (
+                "flows",
+                "Flows with comparison state (primary) or connections with rewriting state (secondary)",
+                &inner.flows,
+            ),
+            (
+                "epoch",
+                "The SVM epoch compared (primary) or tagged (secondary)",
+                &inner.epoch,
+            ),
+            (
+                "comparing",
+                "1 while COLO runs and output is compared",
+                &inner.comparing,
+            ),
+            (
+                "held_packets",
+                "PVM packets held for comparison",
+                &inner.held_packets,
+            ),
+            (
+                "held_bytes",
+                "Bytes of the PVM packets held for comparison",
+                &inner.held_bytes,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            r.register(name, help, gauge.clone());
+        }
+        r.register(
+            "checkpoints_needed",
+            "Checkpoints the comparison asked for, by reason",
+            inner.checkpoints_needed.clone(),
+        );
+        r.register(
+            "checkpoint_requests",
+            "Checkpoint requests sent to QEMU, by reason",
+            inner.checkpoints_requested.clone(),
+        );
+        r.register(
+            "hold_seconds",
+            "Time from a PVM packet's arrival to its release",
+            inner.hold.clone(),
+        );
+        Inner {
+            exposition: Arc::new(MetricsRegistry::new(r)),
+            ..inner
+        }
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these maps leaves it consistent (single inserts).
-    m.lock().unwrap_or_else(|e| e.into_inner())
+impl Default for Metrics {
+    /// A registry whose role label is empty.
+    fn default() -> Self {
+        Metrics::new("")
+    }
 }
 
 impl Metrics {
     /// A registry for the daemon of `role` (`primary` or `secondary`).
     pub fn new(role: &'static str) -> Self {
-        let metrics = Metrics::default();
-        *lock(&metrics.inner.role) = role;
-        metrics
+        Metrics {
+            inner: Arc::new(Inner::new(role)),
+        }
+    }
+
+    /// Every family, registered: what colo-daemon's
+    /// [`serve_metrics`](colo_daemon::metrics::serve_metrics) serves.
+    pub fn metrics_registry(&self) -> Arc<MetricsRegistry> {
+        Arc::clone(&self.inner.exposition)
     }
 
     /// A port or the link connected or disconnected.
     pub fn set_connected(&self, port: &str, connected: bool) {
-        lock(&self.inner.connections).insert(port.to_owned(), connected);
+        let port = PortLabel {
+            port: port.to_owned(),
+        };
+        self.inner
+            .connections
+            .get_or_create(&port)
+            .set(u64::from(connected));
     }
 
     /// Whether `port` is connected right now (false when never seen).
     pub fn is_connected(&self, port: &str) -> bool {
-        lock(&self.inner.connections)
-            .get(port)
-            .copied()
-            .unwrap_or(false)
+        let port = PortLabel {
+            port: port.to_owned(),
+        };
+        self.inner
+            .connections
+            .get(&port)
+            .is_some_and(|up| up.get() == 1)
     }
 
     /// The fail-open check saw QEMU's chardev `id` with (or without) a peer.
     pub fn set_chardev_connected(&self, id: &str, connected: bool) {
-        lock(&self.inner.chardevs).insert(id.to_owned(), connected);
+        let chardev = ChardevLabel {
+            chardev: id.to_owned(),
+        };
+        self.inner
+            .chardevs
+            .get_or_create(&chardev)
+            .set(u64::from(connected));
     }
 
     /// QEMU's filter `id` was re-created over QMP.
     pub fn filter_recreated(&self, id: &str) {
-        *lock(&self.inner.filters_recreated)
-            .entry(id.to_owned())
-            .or_default() += 1;
+        let filter = FilterLabel {
+            filter: id.to_owned(),
+        };
+        self.inner.filters_recreated.get_or_create(&filter).inc();
     }
 
     /// Times QEMU's filter `id` was re-created.
     pub fn filters_recreated(&self, id: &str) -> u64 {
-        lock(&self.inner.filters_recreated)
-            .get(id)
-            .copied()
-            .unwrap_or(0)
+        let filter = FilterLabel {
+            filter: id.to_owned(),
+        };
+        self.inner
+            .filters_recreated
+            .get(&filter)
+            .map_or(0, |n| n.get())
     }
 
     /// colo-proxyd set the guest's link up or down over QMP (`set_link`).
     pub fn set_guest_link(&self, up: bool) {
-        *lock(&self.inner.guest_link_up) = Some(up);
+        self.inner
+            .guest_link_up
+            .get_or_create(&[])
+            .set(u64::from(up));
         if !up {
-            self.inner.guest_link_downs.fetch_add(1, Ordering::Relaxed);
+            self.inner.guest_link_downs.inc();
         }
     }
 
     /// The comparison asked for a checkpoint.
     pub fn checkpoint_needed(&self, reason: &str) {
-        *lock(&self.inner.checkpoints_needed)
-            .entry(reason.to_owned())
-            .or_default() += 1;
+        let reason = ReasonLabel {
+            reason: reason.to_owned(),
+        };
+        self.inner.checkpoints_needed.get_or_create(&reason).inc();
     }
 
     /// A checkpoint request went to QEMU.
     pub fn checkpoint_requested(&self, reason: &str) {
-        *lock(&self.inner.checkpoints_requested)
-            .entry(reason.to_owned())
-            .or_default() += 1;
+        let reason = ReasonLabel {
+            reason: reason.to_owned(),
+        };
+        self.inner
+            .checkpoints_requested
+            .get_or_create(&reason)
+            .inc();
+        self.inner
+            .checkpoints_requested_total
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Checkpoint requests sent to QEMU, all reasons.
     pub fn checkpoints_requested_total(&self) -> u64 {
-        lock(&self.inner.checkpoints_requested).values().sum()
+        self.inner
+            .checkpoints_requested_total
+            .load(Ordering::Relaxed)
     }
 
     /// PVM bytes given to the comparison.
     pub fn add_compared(&self, bytes: usize) {
-        self.inner
-            .compared_bytes
-            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.inner.compared_bytes.inc_by(bytes as u64);
     }
 
     /// A PVM packet went to the network after `held` in the daemon.
     pub fn released(&self, bytes: usize, held: Duration) {
         let i = &self.inner;
-        i.released_packets.fetch_add(1, Ordering::Relaxed);
-        i.released_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        i.hold.0.observe(held);
+        i.released_packets.inc();
+        i.released_bytes.inc_by(bytes as u64);
+        i.hold.observe(held.as_secs_f64());
     }
 
     /// PVM bytes released without comparison because COLO does not run (no SVM to compare
     /// with, or after a failover).
     pub fn add_uncompared(&self, bytes: usize) {
-        self.inner
-            .uncompared_bytes
-            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.inner.uncompared_bytes.inc_by(bytes as u64);
     }
 
     /// The engine's bypass counter (a running total).
     pub fn set_bypassed(&self, bytes: u64) {
-        self.inner.bypassed_bytes.store(bytes, Ordering::Relaxed);
+        set_total(&self.inner.bypassed_bytes, bytes);
     }
 
     /// Packets and bytes held right now.
     pub fn set_held(&self, packets: usize, bytes: usize) {
-        self.inner
-            .held_packets
-            .store(packets as u64, Ordering::Relaxed);
-        self.inner.held_bytes.store(bytes as u64, Ordering::Relaxed);
+        self.inner.held_packets.set(packets as u64);
+        self.inner.held_bytes.set(bytes as u64);
     }
 
     /// A frame of SVM output arrived (compared or not).
     pub fn svm_frame(&self) {
-        self.inner.svm_frames.fetch_add(1, Ordering::Relaxed);
+        self.inner.svm_frames.inc();
     }
 
     /// SVM output of an epoch already adopted was dropped.
     pub fn stale_svm_frame(&self) {
-        self.inner.stale_svm_frames.fetch_add(1, Ordering::Relaxed);
+        self.inner.stale_svm_frames.inc();
     }
 
     /// A frame could not be delivered (port or link down, queue full).
     pub fn dropped_frame(&self) {
-        self.inner.dropped_frames.fetch_add(1, Ordering::Relaxed);
+        self.inner.dropped_frames.inc();
     }
 
     /// `frames` frames could not be delivered (a failed write of a batch).
     pub fn add_dropped(&self, frames: u64) {
-        self.inner
-            .dropped_frames
-            .fetch_add(frames, Ordering::Relaxed);
+        self.inner.dropped_frames.inc_by(frames);
     }
 
     /// Frames dropped so far.
     pub fn dropped_frames(&self) -> u64 {
-        self.inner.dropped_frames.load(Ordering::Relaxed)
+        self.inner.dropped_frames.get()
     }
 
     /// The link was closed because of a malformed message or a failed handshake.
     pub fn link_error(&self) {
-        self.inner.link_errors.fetch_add(1, Ordering::Relaxed);
+        self.inner.link_errors.inc();
     }
 
     /// Link errors so far.
     pub fn link_errors(&self) -> u64 {
-        self.inner.link_errors.load(Ordering::Relaxed)
+        self.inner.link_errors.get()
     }
 
     /// A synchronous barrier event was handled and acknowledged.
     pub fn barrier_done(&self) {
-        self.inner.barriers.fetch_add(1, Ordering::Relaxed);
+        self.inner.barriers.inc();
     }
 
     /// The SVM epoch compared (primary) or tagged (secondary), and whether output is
     /// compared now (primary: COLO runs; secondary: the SVM's output goes to the primary).
     pub fn set_epoch(&self, epoch: u64, comparing: bool) {
-        self.inner.epoch.store(epoch, Ordering::Relaxed);
-        self.inner
-            .comparing
-            .store(u64::from(comparing), Ordering::Relaxed);
+        self.inner.epoch.set(epoch);
+        self.inner.comparing.set(u64::from(comparing));
     }
 
     /// Flows (connections and datagram flows) with comparison state (primary) or TCP
     /// connections with rewriting state (secondary).
     pub fn set_flows(&self, flows: usize) {
-        self.inner.flows.store(flows as u64, Ordering::Relaxed);
+        self.inner.flows.set(flows as u64);
     }
 
     /// What the secondary's network bridge carried since the failover (running totals).
     pub fn set_bridged(&self, counts: BridgeCounts) {
-        *lock(&self.inner.bridged) = counts;
+        let i = &self.inner;
+        set_total(&i.out_of_svm.frames, counts.out_of_svm);
+        set_total(&i.out_of_svm.rewritten, counts.out_of_svm_rewritten);
+        set_total(&i.into_svm.frames, counts.into_svm);
+        set_total(&i.into_svm.rewritten, counts.into_svm_rewritten);
     }
 
     /// Connections whose sequence numbers the secondary shifts after its failover (those
     /// the SVM opened in the last epoch).
     pub fn set_offset_connections(&self, connections: usize) {
-        self.inner
-            .offset_connections
-            .store(connections as u64, Ordering::Relaxed);
+        self.inner.offset_connections.set(connections as u64);
     }
 
     /// The exposition text.
     pub fn render(&self) -> String {
-        let i = &self.inner;
-        let role = *lock(&i.role);
-        let mut out = Text::default();
-        header(&mut out, "info", "gauge", "Always 1; the role is a label.");
-        out.sample("colo_proxyd_info", &[("role", role)], 1);
-
-        header(
-            &mut out,
-            "connection_up",
-            "gauge",
-            "1 when the port or link is connected.",
-        );
-        for (port, up) in lock(&i.connections).iter() {
-            out.sample(
-                "colo_proxyd_connection_up",
-                &[("port", port)],
-                u64::from(*up),
-            );
-        }
-        header(
-            &mut out,
-            "qemu_chardev_connected",
-            "gauge",
-            "1 when QEMU's chardev has a peer (0: its redirector fails open).",
-        );
-        for (id, up) in lock(&i.chardevs).iter() {
-            out.sample(
-                "colo_proxyd_qemu_chardev_connected",
-                &[("chardev", id)],
-                u64::from(*up),
-            );
-        }
-        header(
-            &mut out,
-            "qemu_filters_recreated_total",
-            "counter",
-            "QEMU filters re-created over QMP because their input chardev reconnected.",
-        );
-        for (id, n) in lock(&i.filters_recreated).iter() {
-            out.sample(
-                "colo_proxyd_qemu_filters_recreated_total",
-                &[("filter", id)],
-                *n,
-            );
-        }
-        if let Some(up) = *lock(&i.guest_link_up) {
-            header(
-                &mut out,
-                "guest_link_up",
-                "gauge",
-                "The guest's link as colo-proxyd last set it (0: cut off while compare0 is down).",
-            );
-            out.sample("colo_proxyd_guest_link_up", &[], u64::from(up));
-        }
-        let counters: [(&str, &str, &AtomicU64); 10] = [
-            (
-                "guest_link_downs_total",
-                "Times colo-proxyd set the guest's link down because compare0 had no connection while COLO ran.",
-                &i.guest_link_downs,
-            ),
-            (
-                "compared_bytes_total",
-                "PVM bytes given to the comparison.",
-                &i.compared_bytes,
-            ),
-            (
-                "released_packets_total",
-                "PVM packets released to the network while COLO ran (matched, bypassed, or at a checkpoint).",
-                &i.released_packets,
-            ),
-            (
-                "released_bytes_total",
-                "PVM bytes released to the network while COLO ran.",
-                &i.released_bytes,
-            ),
-            (
-                "uncompared_bytes_total",
-                "PVM bytes passed uncompared while COLO did not run (before it, after a failover).",
-                &i.uncompared_bytes,
-            ),
-            (
-                "bypassed_bytes_total",
-                "PVM bytes released uncompared by a bypass rule.",
-                &i.bypassed_bytes,
-            ),
-            (
-                "svm_frames_total",
-                "SVM output frames received.",
-                &i.svm_frames,
-            ),
-            (
-                "stale_svm_frames_total",
-                "SVM output frames of an adopted epoch, dropped.",
-                &i.stale_svm_frames,
-            ),
-            (
-                "dropped_frames_total",
-                "Frames not delivered because a port or the link was down or full.",
-                &i.dropped_frames,
-            ),
-            (
-                "link_errors_total",
-                "Link connections closed for a malformed message or handshake.",
-                &i.link_errors,
-            ),
-        ];
-        for (name, help, value) in counters {
-            header(&mut out, name, "counter", help);
-            out.sample(
-                &format!("colo_proxyd_{name}"),
-                &[],
-                value.load(Ordering::Relaxed),
-            );
-        }
-        header(
-            &mut out,
-            "barriers_total",
-            "counter",
-            "Synchronous relay events handled and acknowledged.",
-        );
-        out.sample(
-            "colo_proxyd_barriers_total",
-            &[],
-            i.barriers.load(Ordering::Relaxed),
-        );
-        let bridged = *lock(&i.bridged);
-        for (name, help, out_of_svm, into_svm) in [
-            (
-                "failover_bridged_frames_total",
-                "Frames the secondary carried between the SVM and the network after its failover.",
-                bridged.out_of_svm,
-                bridged.into_svm,
-            ),
-            (
-                "failover_rewritten_frames_total",
-                "Of those, frames whose sequence (out of the SVM) or acknowledgement (into it) number was shifted.",
-                bridged.out_of_svm_rewritten,
-                bridged.into_svm_rewritten,
-            ),
-        ] {
-            header(&mut out, name, "counter", help);
-            out.sample(
-                &format!("colo_proxyd_{name}"),
-                &[("direction", "out_of_svm")],
-                out_of_svm,
-            );
-            out.sample(
-                &format!("colo_proxyd_{name}"),
-                &[("direction", "into_svm")],
-                into_svm,
-            );
-        }
-        header(
-            &mut out,
-            "failover_offset_connections",
-            "gauge",
-            "Connections whose sequence numbers the secondary shifts after its failover (opened by the SVM in the last epoch).",
-        );
-        out.sample(
-            "colo_proxyd_failover_offset_connections",
-            &[],
-            i.offset_connections.load(Ordering::Relaxed),
-        );
-        header(
-            &mut out,
-            "flows",
-            "gauge",
-            "Flows with comparison state (primary) or connections with rewriting state (secondary).",
-        );
-        out.sample("colo_proxyd_flows", &[], i.flows.load(Ordering::Relaxed));
-        header(
-            &mut out,
-            "epoch",
-            "gauge",
-            "The SVM epoch compared (primary) or tagged (secondary).",
-        );
-        out.sample("colo_proxyd_epoch", &[], i.epoch.load(Ordering::Relaxed));
-        header(
-            &mut out,
-            "comparing",
-            "gauge",
-            "1 while COLO runs and output is compared.",
-        );
-        out.sample(
-            "colo_proxyd_comparing",
-            &[],
-            i.comparing.load(Ordering::Relaxed),
-        );
-        header(
-            &mut out,
-            "held_packets",
-            "gauge",
-            "PVM packets held for comparison.",
-        );
-        out.sample(
-            "colo_proxyd_held_packets",
-            &[],
-            i.held_packets.load(Ordering::Relaxed),
-        );
-        header(
-            &mut out,
-            "held_bytes",
-            "gauge",
-            "Bytes of the PVM packets held for comparison.",
-        );
-        out.sample(
-            "colo_proxyd_held_bytes",
-            &[],
-            i.held_bytes.load(Ordering::Relaxed),
-        );
-        for (name, help, map) in [
-            (
-                "checkpoints_needed_total",
-                "Checkpoints the comparison asked for, by reason.",
-                &i.checkpoints_needed,
-            ),
-            (
-                "checkpoint_requests_total",
-                "Checkpoint requests sent to QEMU, by reason.",
-                &i.checkpoints_requested,
-            ),
-        ] {
-            header(&mut out, name, "counter", help);
-            for (reason, n) in lock(map).iter() {
-                out.sample(&format!("colo_proxyd_{name}"), &[("reason", reason)], *n);
-            }
-        }
-        i.hold.0.render(
-            &mut out,
-            "colo_proxyd_hold_seconds",
-            "Time from a PVM packet's arrival to its release.",
-        );
-        out.finish()
+        self.inner.exposition.encode()
     }
 }
 
-/// The `# HELP` and `# TYPE` lines of `colo_proxyd_{name}`.
-fn header(out: &mut Text, name: &str, kind: &str, help: &str) {
-    out.header(&format!("colo_proxyd_{name}"), help, kind);
-}
-
-impl Exposition for Metrics {
-    fn render(&self) -> String {
-        Metrics::render(self)
-    }
+/// Sets a counter that mirrors a running total kept elsewhere.
+fn set_total(counter: &Counter, total: u64) {
+    counter.inner().store(total, Ordering::Relaxed);
 }
 
 #[cfg(test)]
@@ -518,6 +546,46 @@ mod tests {
             "colo_proxyd_released_bytes_total 100",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn running_totals_are_set_and_the_guest_link_shows_once_set() {
+        let m = Metrics::new("secondary");
+        assert!(!m.render().contains("colo_proxyd_guest_link_up"));
+        assert!(!m.is_connected("red0"));
+        m.set_connected("red0", true);
+        assert!(m.is_connected("red0"));
+        m.set_guest_link(false);
+        m.filter_recreated("f1");
+        m.filter_recreated("f1");
+        m.set_bypassed(900);
+        m.set_bypassed(1000);
+        m.set_bridged(BridgeCounts {
+            out_of_svm: 7,
+            out_of_svm_rewritten: 2,
+            into_svm: 5,
+            into_svm_rewritten: 1,
+        });
+        m.checkpoint_requested("a");
+        m.checkpoint_requested("b");
+        assert_eq!(m.filters_recreated("f1"), 2);
+        assert_eq!(m.checkpoints_requested_total(), 2);
+        let text = m.render();
+        for needle in [
+            "colo_proxyd_info{role=\"secondary\"} 1",
+            "colo_proxyd_guest_link_up 0",
+            "colo_proxyd_guest_link_downs_total 1",
+            "colo_proxyd_qemu_filters_recreated_total{filter=\"f1\"} 2",
+            "colo_proxyd_bypassed_bytes_total 1000",
+            "colo_proxyd_failover_bridged_frames_total{direction=\"out_of_svm\"} 7",
+            "colo_proxyd_failover_rewritten_frames_total{direction=\"into_svm\"} 1",
+            "# TYPE colo_proxyd_checkpoint_requests_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == needle),
+                "{needle} missing from\n{text}"
+            );
         }
     }
 }

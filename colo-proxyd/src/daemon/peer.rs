@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::link::{LINK_VERSION, LinkDecoder, LinkMessage, encode};
-use colo_types::Role;
 use super::metrics::Metrics;
+use colo_types::Role;
 
 /// Messages queued each way.
 const QUEUE: usize = 4096;

@@ -78,7 +78,7 @@ pub async fn run(
     if let Some(listener) = listeners.metrics {
         tokio::spawn(colo_daemon::metrics::serve_metrics(
             listener,
-            std::sync::Arc::new(metrics.clone()),
+            metrics.metrics_registry(),
             tasks.clone(),
         ));
     }

@@ -6,8 +6,8 @@ mod pair_cmds;
 mod relay;
 mod render;
 
-use colo_daemon::logging::LogFormat;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use colo_daemon::logging::LogFormat;
 use colo_qmp::ConnectOptions;
 use colo_types::Role;
 use qmp_driver::config::{CONFIG_ENV, ConfigError, PairConfig};
@@ -92,7 +92,6 @@ pub struct Globals {
     )]
     pub command_timeout: Duration,
 }
-
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s

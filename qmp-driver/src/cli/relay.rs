@@ -1,15 +1,20 @@
-//! `relay`: the relay engineer's `RelayArgs`, completed from the config's
-//! `[relay]` section for the options the command line leaves out (so that
-//! `qmp-driver relay --config /etc/colo/vm1.toml` is enough, as the libvirt
-//! hook runs it).
+//! `relay`: the relay engineer's `RelayArgs`, each option taken from the first of
+//!
+//! 1. its flag (`--listen`),
+//! 2. its environment variable (`COLO_RELAY_LISTEN`; clap reads both),
+//! 3. the pair config's `[relay]` section (`relay.listen`; `--config` or `COLO_CONFIG`),
+//! 4. its default (`--ack-timeout-ms` only; `--control-tcp` is off without one),
+//!
+//! so that `qmp-driver relay --config /etc/colo/vm1.toml` is enough, as the libvirt hook runs
+//! it, and any option can still be overridden for one run.
 
 use super::{Cli, Command, Globals};
 use clap::FromArgMatches;
 use clap::parser::ValueSource;
 use colo_relay::{RelayArgs, RelayConfig};
 use colo_types::Address;
-use qmp_driver::config::ConfigError;
-use std::path::PathBuf;
+use qmp_driver::config::{CONFIG_ENV, DEFAULT_ACK_TIMEOUT_MS, RelaySettings};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 fn usage(msg: impl std::fmt::Display) -> clap::Error {
@@ -19,62 +24,102 @@ fn usage(msg: impl std::fmt::Display) -> clap::Error {
     )
 }
 
-/// Builds the `relay` invocation from `sub` (the relay's matches) and the
-/// config file for whatever is missing.
+/// What the command line and the environment gave (clap puts a flag over its variable);
+/// `None` where neither did.
+#[derive(Debug, Default)]
+struct Given {
+    listen: Option<Address>,
+    target: Option<Address>,
+    control: Option<PathBuf>,
+    control_tcp: Option<Address>,
+    ack_timeout_ms: Option<u64>,
+}
+
+impl Given {
+    fn from_matches(sub: &clap::ArgMatches) -> Given {
+        // clap fills in `--ack-timeout-ms`'s default: that is the last layer, not the first.
+        let given = |id: &str| {
+            matches!(
+                sub.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        Given {
+            listen: sub.get_one::<Address>("listen").cloned(),
+            target: sub.get_one::<Address>("target").cloned(),
+            control: sub.get_one::<PathBuf>("control").cloned(),
+            control_tcp: sub.get_one::<Address>("control_tcp").cloned(),
+            ack_timeout_ms: given("ack_timeout_ms")
+                .then(|| sub.get_one::<u64>("ack_timeout_ms").copied())
+                .flatten(),
+        }
+    }
+}
+
+/// Where the config file stands: not given, given without `[relay]`, or its section.
+#[derive(Debug)]
+enum File<'a> {
+    None,
+    NoRelay(&'a Path),
+    Relay(RelaySettings),
+}
+
+/// Builds the `relay` invocation from `sub` (the relay's matches), the config file filling
+/// what the command line and the environment leave out.
 pub fn parse(top: &clap::ArgMatches, sub: &clap::ArgMatches) -> Result<Cli, clap::Error> {
     let globals = Globals::from_arg_matches(sub).or_else(|_| Globals::from_arg_matches(top))?;
-    let listen = sub.get_one::<Address>("listen").cloned();
-    let target = sub.get_one::<Address>("target").cloned();
-    let control = sub.get_one::<PathBuf>("control").cloned();
-    let control_tcp = sub.get_one::<Address>("control_tcp").cloned();
-    let ack_explicit = sub.value_source("ack_timeout_ms") != Some(ValueSource::DefaultValue);
-    let ack = sub.get_one::<u64>("ack_timeout_ms").copied();
-
-    let complete = listen.is_some() && target.is_some() && control.is_some();
-    let from_config = if complete && ack_explicit {
-        None
-    } else if globals.config.is_some() {
-        let cfg = globals.load_config().map_err(usage)?;
-        let relay = cfg.relay.ok_or_else(|| {
-            usage(format!(
-                "{}: the config has no [relay] section; give --listen, --target and --control",
-                globals
-                    .config
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            ))
-        })?;
-        Some(relay)
-    } else if complete {
-        None
-    } else {
-        return Err(usage(format!(
-            "relay needs --listen, --target and --control, or a config with a [relay] section \
-             (--config). {}",
-            ConfigError::Missing
-        )));
-    };
-    let args = RelayArgs {
-        listen: listen
-            .or_else(|| from_config.as_ref().map(|r| r.listen.clone()))
-            .ok_or_else(|| usage("relay: --listen is missing"))?,
-        target: target
-            .or_else(|| from_config.as_ref().map(|r| r.target.clone()))
-            .ok_or_else(|| usage("relay: --target is missing"))?,
-        control: control
-            .or_else(|| from_config.as_ref().map(|r| r.control.clone()))
-            .ok_or_else(|| usage("relay: --control is missing"))?,
-        control_tcp: control_tcp
-            .or_else(|| from_config.as_ref().and_then(|r| r.control_tcp.clone())),
-        ack_timeout_ms: match (&from_config, ack_explicit) {
-            (Some(r), false) => r.ack_timeout_ms,
-            _ => ack.unwrap_or(qmp_driver::config::DEFAULT_ACK_TIMEOUT_MS),
+    let file = match &globals.config {
+        None => File::None,
+        Some(path) => match globals.load_config().map_err(usage)?.relay {
+            Some(relay) => File::Relay(relay),
+            None => File::NoRelay(path),
         },
     };
+    let args = resolve(Given::from_matches(sub), file).map_err(usage)?;
     Ok(Cli {
         globals,
         command: Command::Relay(args),
+    })
+}
+
+/// Each option from the first layer that has it: flag or environment, file, default.
+fn resolve(given: Given, file: File<'_>) -> Result<RelayArgs, String> {
+    let section = match &file {
+        File::Relay(r) => Some(r),
+        File::None | File::NoRelay(_) => None,
+    };
+    let missing = |flag: &str, env: &str| {
+        let why = match &file {
+            File::None => format!("no config file (--config or {CONFIG_ENV})"),
+            File::NoRelay(path) => format!("{} has no [relay] section", path.display()),
+            File::Relay(_) => unreachable!("the [relay] section has every required key"),
+        };
+        format!(
+            "relay: --{flag} is missing: give it, or {env}, or relay.{key} in the config's \
+             [relay] section ({why})",
+            key = flag.replace('-', "_"),
+        )
+    };
+    Ok(RelayArgs {
+        listen: given
+            .listen
+            .or_else(|| section.map(|r| r.listen.clone()))
+            .ok_or_else(|| missing("listen", "COLO_RELAY_LISTEN"))?,
+        target: given
+            .target
+            .or_else(|| section.map(|r| r.target.clone()))
+            .ok_or_else(|| missing("target", "COLO_RELAY_TARGET"))?,
+        control: given
+            .control
+            .or_else(|| section.map(|r| r.control.clone()))
+            .ok_or_else(|| missing("control", "COLO_RELAY_CONTROL"))?,
+        control_tcp: given
+            .control_tcp
+            .or_else(|| section.and_then(|r| r.control_tcp.clone())),
+        ack_timeout_ms: given
+            .ack_timeout_ms
+            .or_else(|| section.map(|r| r.ack_timeout_ms))
+            .unwrap_or(DEFAULT_ACK_TIMEOUT_MS),
     })
 }
 
@@ -91,5 +136,210 @@ pub async fn run(args: RelayArgs) -> ExitCode {
             eprintln!("qmp-driver: {e}");
             super::Exit::Failed.into()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `argv` parsed as `cli::parse` does it, clap reading this process's environment.
+    fn parse_relay(argv: &[&str]) -> Result<RelayArgs, clap::Error> {
+        let cmd = Cli::command().mut_subcommand("relay", |s| {
+            s.mut_arg("listen", |a| a.required(false))
+                .mut_arg("target", |a| a.required(false))
+                .mut_arg("control", |a| a.required(false))
+        });
+        let matches = cmd.try_get_matches_from(argv)?;
+        let (_, sub) = matches.subcommand().expect("a subcommand");
+        match parse(&matches, sub)?.command {
+            Command::Relay(args) => Ok(args),
+            other => panic!("not relay: {other:?}"),
+        }
+    }
+
+    const PAIR: &str = r#"
+        name = "vm1"
+        [primary]
+        qmp = "unix:/run/colo/vm1/primary.qmp"
+        host = "192.168.77.1"
+        [secondary]
+        qmp = "unix:/run/colo/vm1/secondary.qmp"
+        host = "192.168.77.2"
+        [migration]
+        secondary_incoming = "unix:/run/colo/vm1/incoming.sock"
+        primary_target = "tcp:192.168.77.2:9998"
+    "#;
+    const RELAY: &str = r#"
+        [relay]
+        listen = "tcp:192.168.77.2:9998"
+        control = "/run/colo/vm1/relay.sock"
+        ack_timeout_ms = 300
+    "#;
+
+    /// The variables the child may see: the ones of the case, none inherited.
+    const RELAY_ENV: [&str; 6] = [
+        "COLO_RELAY_LISTEN",
+        "COLO_RELAY_TARGET",
+        "COLO_RELAY_CONTROL",
+        "COLO_RELAY_CONTROL_TCP",
+        "COLO_RELAY_ACK_TIMEOUT_MS",
+        CONFIG_ENV,
+    ];
+    /// A precedence case: the command line, the environment, the value it must give.
+    type Case<'a> = (String, &'a [(&'a str, &'a str)], &'a str);
+
+    /// Set in the child: the case to check (flags, then `=>` and the expected timeout).
+    const CASE: &str = "QMP_DRIVER_TEST_RELAY_CASE";
+
+    /// flag > env > file > default, for `--ack-timeout-ms` (`COLO_RELAY_ACK_TIMEOUT_MS`,
+    /// `relay.ack_timeout_ms`, 2000) and `--control` (`COLO_RELAY_CONTROL`,
+    /// `relay.control`, no default). The environment is process-wide and tests run beside
+    /// each other, so each case runs this test again in a child process with its own
+    /// variables, and clap reads them there as it does in `qmp-driver`.
+    #[test]
+    fn a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default() {
+        if let Ok(case) = std::env::var(CASE) {
+            let (argv, want) = case.split_once(" => ").expect("a case");
+            let (want_ack, want_control) = want.split_once(' ').expect("two values");
+            let mut full = vec!["qmp-driver"];
+            full.extend(argv.split(' ').filter(|a| !a.is_empty()));
+            let args = parse_relay(&full).unwrap_or_else(|e| panic!("{argv}: {e}"));
+            assert_eq!(args.ack_timeout_ms.to_string(), want_ack, "{case}");
+            assert_eq!(args.control.display().to_string(), want_control, "{case}");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let with_relay = dir.path().join("with-relay.toml");
+        std::fs::write(&with_relay, format!("{PAIR}{RELAY}")).unwrap();
+        let without_relay = dir.path().join("without-relay.toml");
+        std::fs::write(&without_relay, PAIR).unwrap();
+        let (with_relay, without_relay) = (
+            with_relay.to_str().unwrap(),
+            without_relay.to_str().unwrap(),
+        );
+        let flags = "relay --listen tcp:0.0.0.0:1 --target unix:/t";
+        let file = "/run/colo/vm1/relay.sock";
+        let env = [
+            ("COLO_RELAY_ACK_TIMEOUT_MS", "200"),
+            ("COLO_RELAY_CONTROL", "/env.sock"),
+        ];
+        let cases: &[Case] = &[
+            // The flag wins over the variable and the file.
+            (
+                format!("--config {with_relay} {flags} --ack-timeout-ms 100 --control /flag.sock"),
+                &env,
+                "100 /flag.sock",
+            ),
+            // The variable wins over the file.
+            (
+                format!("--config {with_relay} {flags}"),
+                &env,
+                "200 /env.sock",
+            ),
+            // The file wins over the default.
+            (
+                format!("--config {with_relay} {flags}"),
+                &[],
+                &*format!("300 {file}"),
+            ),
+            // COLO_CONFIG names the file as --config does.
+            (
+                flags.to_string(),
+                &[(CONFIG_ENV, with_relay)],
+                &*format!("300 {file}"),
+            ),
+            // The default, when nothing else gives one (a file without [relay] is fine then).
+            (
+                format!("--config {without_relay} {flags} --control /flag.sock"),
+                &[],
+                "2000 /flag.sock",
+            ),
+            (
+                format!("{flags} --control /flag.sock"),
+                &[],
+                "2000 /flag.sock",
+            ),
+        ];
+        for (argv, env, want) in cases {
+            rerun_with_env(
+                "cli::relay::tests::a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default",
+                &format!("{argv} => {want}"),
+                env,
+            );
+        }
+    }
+
+    /// Runs `test` of this test binary again in a child process, with `CASE` set to `case`,
+    /// `env` set and the other relay variables removed; fails unless it ran and passed.
+    fn rerun_with_env(test: &str, case: &str, env: &[(&str, &str)]) {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child.args([test, "--exact", "--nocapture"]).env(CASE, case);
+        for var in RELAY_ENV {
+            child.env_remove(var);
+        }
+        let out = child.envs(env.iter().copied()).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // libtest passes when its filter matches nothing: make sure the case ran.
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{case} with {env:?}:\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn the_file_fills_each_option_the_command_line_leaves_out() {
+        let file = RelaySettings {
+            listen: Address::tcp("192.168.77.2", 9998),
+            target: Address::unix("/run/in.sock"),
+            control: "/run/relay.sock".into(),
+            control_tcp: Some(Address::tcp("192.168.77.2", 9990)),
+            ack_timeout_ms: 300,
+        };
+        let given = Given {
+            target: Some(Address::unix("/other/in.sock")),
+            ..Given::default()
+        };
+        let args = resolve(given, File::Relay(file.clone())).unwrap();
+        assert_eq!(args.listen, file.listen);
+        assert_eq!(args.target, Address::unix("/other/in.sock"));
+        assert_eq!(args.control, file.control);
+        assert_eq!(args.control_tcp, file.control_tcp);
+        assert_eq!(args.ack_timeout_ms, 300);
+        // A complete command line still takes control_tcp from the file.
+        let given = Given {
+            listen: Some(Address::tcp("0.0.0.0", 1)),
+            target: Some(Address::unix("/t")),
+            control: Some("/c".into()),
+            ack_timeout_ms: Some(5),
+            ..Given::default()
+        };
+        let args = resolve(given, File::Relay(file.clone())).unwrap();
+        assert_eq!(args.control_tcp, file.control_tcp);
+        assert_eq!(args.ack_timeout_ms, 5);
+    }
+
+    #[test]
+    fn a_missing_option_names_its_flag_env_var_and_key() {
+        let err = resolve(Given::default(), File::None).unwrap_err();
+        assert!(
+            err.contains("--listen")
+                && err.contains("COLO_RELAY_LISTEN")
+                && err.contains("relay.listen")
+                && err.contains("--config"),
+            "{err}"
+        );
+        let given = Given {
+            listen: Some(Address::tcp("0.0.0.0", 1)),
+            target: Some(Address::unix("/t")),
+            ..Given::default()
+        };
+        let err = resolve(given, File::NoRelay(Path::new("/etc/colo/vm1.toml"))).unwrap_err();
+        assert!(
+            err.contains("--control") && err.contains("/etc/colo/vm1.toml has no [relay]"),
+            "{err}"
+        );
     }
 }
