@@ -165,6 +165,7 @@ fn all(bytes: &[u8], value: u8) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tier clients: needs qemu-io, qemu-img and nbdinfo (integration/setup.sh); select with --include-ignored (integration/test.sh does)"]
 async fn checkpoint_commits_the_replica_writes_and_drops_the_svm_writes() {
     require_tool("qemu-io", "qemu-utils");
     let bed = Bed::start().await;
@@ -212,6 +213,7 @@ async fn checkpoint_commits_the_replica_writes_and_drops_the_svm_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tier clients: needs qemu-io, qemu-img and nbdinfo (integration/setup.sh); select with --include-ignored (integration/test.sh does)"]
 async fn svm_never_sees_replica_writes_before_adoption() {
     require_tool("qemu-io", "qemu-utils");
     let bed = Bed::start().await;
@@ -234,6 +236,7 @@ async fn svm_never_sees_replica_writes_before_adoption() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tier clients: needs qemu-io, qemu-img and nbdinfo (integration/setup.sh); select with --include-ignored (integration/test.sh does)"]
 async fn failover_to_the_secondary_merges_the_svm_writes() {
     require_tool("qemu-io", "qemu-utils");
     let bed = Bed::start().await;
@@ -276,6 +279,7 @@ async fn failover_to_the_secondary_merges_the_svm_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tier clients: needs qemu-io, qemu-img and nbdinfo (integration/setup.sh); select with --include-ignored (integration/test.sh does)"]
 async fn failover_to_the_primary_and_colo_exit_change_nothing() {
     require_tool("qemu-io", "qemu-utils");
     let bed = Bed::start().await;
@@ -296,6 +300,7 @@ async fn failover_to_the_primary_and_colo_exit_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tier clients: needs qemu-io, qemu-img and nbdinfo (integration/setup.sh); select with --include-ignored (integration/test.sh does)"]
 async fn an_unknown_sync_event_is_acked_and_changes_nothing() {
     require_tool("qemu-io", "qemu-utils");
     let bed = Bed::start().await;
@@ -309,6 +314,7 @@ async fn an_unknown_sync_event_is_acked_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tier clients: needs qemu-io, qemu-img and nbdinfo (integration/setup.sh); select with --include-ignored (integration/test.sh does)"]
 async fn a_failed_commit_is_not_acked() {
     require_tool("qemu-io", "qemu-utils");
     let bed = Bed::start().await;
@@ -331,6 +337,7 @@ async fn a_failed_commit_is_not_acked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tier clients: needs qemu-io, qemu-img and nbdinfo (integration/setup.sh); select with --include-ignored (integration/test.sh does)"]
 async fn the_follower_reconnects_to_a_restarted_relay() {
     require_tool("qemu-io", "qemu-utils");
     let bed = Bed::start().await;

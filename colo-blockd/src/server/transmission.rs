@@ -3,6 +3,7 @@
 //! and one writer that sends replies in completion order. Replies may
 //! overtake each other; the client matches them by handle.
 
+use colo_daemon::RateLimited;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -243,8 +244,13 @@ async fn execute<B: BlockBackend>(
         Err(e) => {
             let errno = NbdErrno::from_io(&e);
             // ENOTSUP for FAST_ZERO is an answer, not a fault.
-            if errno != NbdErrno::NotSup {
-                tracing::warn!(export = export.name(), handle, error = %e, "backend failed");
+            // Per request: a failing disk fails every request; one line a second at most, with
+            // the count of the ones it stands for.
+            static LOG: RateLimited = RateLimited::new(std::time::Duration::from_secs(1));
+            if errno != NbdErrno::NotSup
+                && let Some(suppressed) = LOG.allow()
+            {
+                tracing::warn!(export = export.name(), handle, error = %e, suppressed, "backend failed");
             }
             Reply::error(style, handle, errno, &e.to_string())
         }

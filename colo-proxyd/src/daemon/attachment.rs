@@ -10,6 +10,7 @@
 //! secondary, QEMU's chardevs are clients with `reconnect-ms`, and the port accepts, a new
 //! connection replacing the old one ([`PortEndpoint::Listen`]).
 
+use colo_daemon::RateLimited;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -393,7 +394,11 @@ fn encode_for_qemu(name: &str, frame: &[u8], wire: &mut Vec<u8>, metrics: &Metri
     match encode_ethernet(frame, false, wire) {
         Ok(()) => 1,
         Err(err) => {
-            tracing::warn!(port = name, %err, "frame not sent");
+            // Per frame: one line a second at most, with the count of the ones it stands for.
+            static LOG: RateLimited = RateLimited::new(Duration::from_secs(1));
+            if let Some(suppressed) = LOG.allow() {
+                tracing::warn!(port = name, %err, suppressed, "frame not sent");
+            }
             metrics.dropped_frame();
             0
         }

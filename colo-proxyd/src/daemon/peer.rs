@@ -8,7 +8,9 @@
 //! daemon. While the link is down, frames for the peer are dropped and counted: the primary
 //! holds the PVM's output meanwhile, and the hold-time bound asks for a checkpoint.
 
+use colo_daemon::RateLimited;
 use std::time::Duration;
+use tracing::Instrument;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -114,7 +116,9 @@ pub fn spawn_primary(
                 .unwrap_or_default();
             let ended = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                e = serve(stream, Role::Primary, &peer, &metrics, &in_tx, &mut out_rx) => e,
+                // Every log line of this connection carries the peer.
+                e = serve(stream, Role::Primary, &peer, &metrics, &in_tx, &mut out_rx)
+                    .instrument(tracing::info_span!("link", %peer)) => e,
                 a = listener.accept() => match a {
                     Ok((s, addr)) => {
                         pending = Some(s);
@@ -154,7 +158,8 @@ pub fn spawn_secondary(
                 Ok(stream) => {
                     let ended = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        e = serve(stream, Role::Secondary, &addr, &metrics, &in_tx, &mut out_rx) => e,
+                        e = serve(stream, Role::Secondary, &addr, &metrics, &in_tx, &mut out_rx)
+                            .instrument(tracing::info_span!("link", peer = %addr)) => e,
                     };
                     metrics.set_connected(LINK_PORT, false);
                     if ended.log(&addr, &metrics) {
@@ -232,7 +237,11 @@ fn encode_for_peer(message: &LinkMessage, wire: &mut Vec<u8>, metrics: &Metrics)
     match encode(message, wire) {
         Ok(()) => 1,
         Err(err) => {
-            tracing::warn!(%err, "link: frame not sent");
+            // Per frame: one line a second at most, with the count of the ones it stands for.
+            static LOG: RateLimited = RateLimited::new(Duration::from_secs(1));
+            if let Some(suppressed) = LOG.allow() {
+                tracing::warn!(%err, suppressed, "link: frame not sent");
+            }
             metrics.dropped_frame();
             0
         }

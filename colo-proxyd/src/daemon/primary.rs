@@ -16,10 +16,11 @@
 //! | `failover` (async) | survivor primary: release what is held, pass output uncompared; survivor secondary: drop what is held and everything the PVM still sends (fenced) |
 
 use std::time::Duration;
+use tracing::Instrument;
 
 use bytes::Bytes;
 
-use colo_control::protocol::{EventKind, RelayState};
+use colo_control::protocol::{Event, EventKind, RelayState};
 use colo_types::Role;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -32,7 +33,7 @@ use super::attachment::{
 };
 use super::checkpoint::{RELAY_PREFIX, reason_label};
 use super::config::PrimaryConfig;
-use super::epochs::{self, EpochNotice, RelayOptions};
+use super::epochs::{self, Completion, EpochNotice, RelayOptions};
 use super::gate::{GateOutput, Protection, ReleaseGate, SvmFrameFate};
 use super::link::LinkMessage;
 use super::metrics::Metrics;
@@ -283,6 +284,14 @@ impl PrimaryRole {
             }
             EpochNotice::Event(event, completion) => (event, completion),
         };
+        // Every log line of the step carries the epoch it belongs to.
+        let span = tracing::info_span!("epoch", epoch = event.epoch, event = %event.event);
+        self.on_event(event, completion, pvm).instrument(span).await
+    }
+
+    /// Does what a relay event requires, then acknowledges it (`completion`).
+    async fn on_event(&mut self, event: Event, completion: Completion, pvm: &mut FrameSource) {
+        let now = self.now();
         match event.event {
             EventKind::CheckpointAdopted => {
                 // Everything the PVM sent before it stopped belongs to the adopted epoch.

@@ -24,8 +24,9 @@
 pub mod network_bridge;
 
 use std::time::Duration;
+use tracing::Instrument;
 
-use colo_control::protocol::{EventKind, RelayState};
+use colo_control::protocol::{Event, EventKind, RelayState};
 use colo_types::Role;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +37,7 @@ use super::attachment::{
     FrameSink, FrameSource, Inbound, PortEndpoint, spawn_sink_prepared, spawn_source,
 };
 use super::config::SecondaryConfig;
-use super::epochs::{self, EpochNotice, RelayOptions};
+use super::epochs::{self, Completion, EpochNotice, RelayOptions};
 use super::link::LinkMessage;
 use super::metrics::Metrics;
 use super::peer::{self, LinkSender};
@@ -268,6 +269,15 @@ impl SecondaryRole {
             }
             EpochNotice::Event(event, completion) => (event, completion),
         };
+        // Every log line of the step carries the epoch it belongs to.
+        let span = tracing::info_span!("epoch", epoch = event.epoch, event = %event.event);
+        self.on_event(event, completion, from_svm)
+            .instrument(span)
+            .await
+    }
+
+    /// Does what a relay event requires, then acknowledges it (`completion`).
+    async fn on_event(&mut self, event: Event, completion: Completion, from_svm: &mut FrameSource) {
         match event.event {
             EventKind::SvmEpochClosed => {
                 // The SVM is stopped: what its socket holds is the closing epoch's output.
