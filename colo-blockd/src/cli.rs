@@ -11,8 +11,9 @@
 //!    (`log-budget = 1048576`), unknown keys refused,
 //! 4. its default (`[default: ...]` in `--help`),
 //!
-//! as colo-proxyd and `qmp-driver relay` do. An invalid value from the file is reported with
-//! the file's name and the key.
+//! as colo-proxyd and `qmp-driver relay` do (the layers and their errors:
+//! [`colo_daemon::options`]). An invalid value from the file is reported with the file's name
+//! and the key.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,6 +21,8 @@ use std::str::FromStr;
 
 use clap::{Parser, Subcommand};
 use colo_daemon::DAEMON_EXIT_CODES;
+use colo_daemon::logging::LogOptions;
+use colo_daemon::options::{OptionError, OptionLayers};
 use colo_types::Address;
 use serde::Deserialize;
 
@@ -35,6 +38,9 @@ use crate::server::DEFAULT_MAX_IN_FLIGHT;
     after_help = DAEMON_EXIT_CODES
 )]
 pub struct Args {
+    /// `--log-format` (`COLO_LOG_FORMAT`), before or after the subcommand.
+    #[command(flatten)]
+    pub logging: LogOptions,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -82,7 +88,8 @@ Every option can also be set in its COLO_BLOCKD_* environment variable or in the
 file (TOML, the options' long names as keys); a flag beats its variable, which beats the file,
 which beats the default.
 
-Logs go to stderr; level: RUST_LOG (default info).";
+Logs go to stderr; level: RUST_LOG (default info); format: --log-format text|json (or
+COLO_LOG_FORMAT), json for one JSON object per line.";
 
 /// `colo-blockd secondary` options. Each is taken from its flag, else its environment
 /// variable, else the `--config` file, else its default (see the module).
@@ -215,50 +222,19 @@ pub const CONFIG_ENV: &str = "COLO_BLOCKD_CONFIG";
 /// The prefix of the options' environment variables.
 pub const ENV_PREFIX: &str = "COLO_BLOCKD_";
 
-/// The environment variable of `option` (`log-budget`: `COLO_BLOCKD_LOG_BUDGET`).
-pub fn env_var(option: &str) -> String {
-    format!("{ENV_PREFIX}{}", option.to_uppercase().replace('-', "_"))
-}
-
 /// A bad setting. Each message is complete on one line and says its cause once.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    /// A required setting is missing from the command line, the environment and the file.
-    #[error("missing --{0} (or {env}, or `{0}` in the config file)", env = env_var(.0))]
-    Missing(&'static str),
+    /// An option is missing or invalid (named as its flag and variable, or as the config
+    /// file's key), or the config file is bad.
+    #[error(transparent)]
+    Option(#[from] OptionError),
     /// Neither socket is configured.
     #[error(
         "no socket to serve on: give --unix, --tcp or both (or COLO_BLOCKD_UNIX, \
          COLO_BLOCKD_TCP, or `unix`, `tcp` in the config file)"
     )]
     NoSocket,
-    /// A setting from the command line or the environment is not acceptable.
-    #[error("--{option} (or {env}): {reason}", env = env_var(.option))]
-    Invalid {
-        /// The option.
-        option: &'static str,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A setting from the config file is not acceptable.
-    #[error("config file {path}: `{option}`: {reason}")]
-    InvalidInFile {
-        /// The file.
-        path: PathBuf,
-        /// The key (the option's long name).
-        option: &'static str,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The config file cannot be read, is not TOML, has an unknown key or a value of the
-    /// wrong type (the parser's message shows the line and the key).
-    #[error("config file {path}: {reason}")]
-    File {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
 }
 
 /// The daemon's validated settings, one kind per subcommand.
@@ -321,82 +297,10 @@ pub struct SecondaryConfig {
     pub max_in_flight: u16,
 }
 
-/// Reads the `--config` file (an empty set of options without one).
-fn read_file<T: for<'de> Deserialize<'de> + Default>(
-    path: Option<&PathBuf>,
-) -> Result<T, ConfigError> {
-    let Some(path) = path else {
-        return Ok(T::default());
-    };
-    let file_error = |reason: String| ConfigError::File {
-        path: path.clone(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-    toml::from_str(&text).map_err(|e| file_error(e.to_string().trim_end().to_string()))
-}
-
-/// Which options took their value from the `--config` file, to point an invalid one there.
-#[derive(Debug, Default)]
-struct FromFile {
-    path: Option<PathBuf>,
-    options: Vec<&'static str>,
-}
-
-impl FromFile {
-    fn new(path: Option<PathBuf>) -> FromFile {
-        FromFile {
-            path,
-            options: Vec::new(),
-        }
-    }
-
-    /// `given` (flag or environment variable) if there is one, else the file's value.
-    fn pick<T>(&mut self, option: &'static str, given: Option<T>, file: Option<T>) -> Option<T> {
-        if given.is_some() {
-            return given;
-        }
-        if file.is_some() {
-            self.options.push(option);
-        }
-        file
-    }
-
-    /// A list option: `given` unless empty, else the file's.
-    fn pick_list<T>(&mut self, option: &'static str, given: Vec<T>, file: Vec<T>) -> Vec<T> {
-        let nonempty = |v: Vec<T>| (!v.is_empty()).then_some(v);
-        self.pick(option, nonempty(given), nonempty(file))
-            .unwrap_or_default()
-    }
-
-    /// `err`, naming the file and the key when the value came from the file.
-    fn locate(&self, err: ConfigError) -> ConfigError {
-        match (err, &self.path) {
-            (ConfigError::Invalid { option, reason }, Some(path))
-                if self.options.contains(&option) =>
-            {
-                ConfigError::InvalidInFile {
-                    path: path.clone(),
-                    option,
-                    reason,
-                }
-            }
-            (err, _) => err,
-        }
-    }
-}
-
-fn required<T>(value: Option<T>, option: &'static str) -> Result<T, ConfigError> {
-    value.ok_or(ConfigError::Missing(option))
-}
-
 /// `--max-in-flight`: clap refuses 0 on the command line; the file needs the same check.
-fn max_in_flight(value: Option<u16>) -> Result<u16, ConfigError> {
+fn max_in_flight(layers: &OptionLayers, value: Option<u16>) -> Result<u16, ConfigError> {
     match value.unwrap_or(DEFAULT_MAX_IN_FLIGHT as u16) {
-        0 => Err(ConfigError::Invalid {
-            option: "max-in-flight",
-            reason: "must be at least 1".into(),
-        }),
+        0 => Err(layers.invalid("max-in-flight", "must be at least 1").into()),
         n => Ok(n),
     }
 }
@@ -416,27 +320,24 @@ impl TryFrom<ServeArgs> for ServeConfig {
     type Error = ConfigError;
 
     fn try_from(args: ServeArgs) -> Result<ServeConfig, ConfigError> {
-        let file: ServeArgs = read_file(args.config.as_ref())?;
-        let mut f = FromFile::new(args.config);
-        let exports = f.pick_list("export", args.exports, file.exports);
-        let read_only = f.pick("read-only", args.read_only, file.read_only);
-        let unix = f.pick("unix", args.unix, file.unix);
-        let tcp = f.pick("tcp", args.tcp, file.tcp);
-        let in_flight = f.pick("max-in-flight", args.max_in_flight, file.max_in_flight);
-        let validate = || {
-            if exports.is_empty() {
-                return Err(ConfigError::Missing("export"));
-            }
-            let (unix, tcp) = sockets(unix, tcp)?;
-            Ok(ServeConfig {
-                exports,
-                read_only: read_only.unwrap_or(false),
-                unix,
-                tcp,
-                max_in_flight: max_in_flight(in_flight)?,
-            })
-        };
-        validate().map_err(|e| f.locate(e))
+        let mut layers = OptionLayers::new(ENV_PREFIX, args.config);
+        let file: ServeArgs = layers.read_file()?;
+        let exports = layers.pick_list("export", args.exports, file.exports);
+        let read_only = layers.pick("read-only", args.read_only, file.read_only);
+        let unix = layers.pick("unix", args.unix, file.unix);
+        let tcp = layers.pick("tcp", args.tcp, file.tcp);
+        let in_flight = layers.pick("max-in-flight", args.max_in_flight, file.max_in_flight);
+        if exports.is_empty() {
+            return Err(layers.missing("export").into());
+        }
+        let (unix, tcp) = sockets(unix, tcp)?;
+        Ok(ServeConfig {
+            exports,
+            read_only: read_only.unwrap_or(false),
+            unix,
+            tcp,
+            max_in_flight: max_in_flight(&layers, in_flight)?,
+        })
     }
 }
 
@@ -444,41 +345,41 @@ impl TryFrom<SecondaryArgs> for SecondaryConfig {
     type Error = ConfigError;
 
     fn try_from(args: SecondaryArgs) -> Result<SecondaryConfig, ConfigError> {
-        let file: SecondaryArgs = read_file(args.config.as_ref())?;
-        let mut f = FromFile::new(args.config);
-        let image = f.pick("image", args.image, file.image);
-        let unix = f.pick("unix", args.unix, file.unix);
-        let tcp = f.pick("tcp", args.tcp, file.tcp);
-        let metrics = f.pick("metrics", args.metrics, file.metrics);
-        let control = f.pick("control", args.control, file.control);
-        let primary_qmp = f.pick("primary-qmp", args.primary_qmp, file.primary_qmp);
-        let log_budget = f.pick("log-budget", args.log_budget, file.log_budget);
-        let overlay_budget = f.pick("overlay-budget", args.overlay_budget, file.overlay_budget);
-        let name = f.pick("name", args.name, file.name);
-        let in_flight = f.pick("max-in-flight", args.max_in_flight, file.max_in_flight);
-        let validate = || {
-            let image = required(image, "image")?;
-            let (unix, tcp) = sockets(unix, tcp)?;
-            Ok(SecondaryConfig {
-                image,
-                unix,
-                tcp,
-                metrics,
-                control: required(control, "control")?,
-                primary_qmp,
-                log_budget: log_budget.unwrap_or(DEFAULT_MEMORY_BUDGET),
-                overlay_budget: overlay_budget.unwrap_or(DEFAULT_MEMORY_BUDGET),
-                name: name.unwrap_or_else(|| DEFAULT_NAME.to_string()),
-                max_in_flight: max_in_flight(in_flight)?,
-            })
-        };
-        validate().map_err(|e| f.locate(e))
+        let mut layers = OptionLayers::new(ENV_PREFIX, args.config);
+        let file: SecondaryArgs = layers.read_file()?;
+        let image = layers.pick("image", args.image, file.image);
+        let unix = layers.pick("unix", args.unix, file.unix);
+        let tcp = layers.pick("tcp", args.tcp, file.tcp);
+        let metrics = layers.pick("metrics", args.metrics, file.metrics);
+        let control = layers.pick("control", args.control, file.control);
+        let primary_qmp = layers.pick("primary-qmp", args.primary_qmp, file.primary_qmp);
+        let log_budget = layers.pick("log-budget", args.log_budget, file.log_budget);
+        let overlay_budget =
+            layers.pick("overlay-budget", args.overlay_budget, file.overlay_budget);
+        let name = layers.pick("name", args.name, file.name);
+        let in_flight = layers.pick("max-in-flight", args.max_in_flight, file.max_in_flight);
+        let image = layers.required("image", image)?;
+        let (unix, tcp) = sockets(unix, tcp)?;
+        Ok(SecondaryConfig {
+            image,
+            unix,
+            tcp,
+            metrics,
+            control: layers.required("control", control)?,
+            primary_qmp,
+            log_budget: log_budget.unwrap_or(DEFAULT_MEMORY_BUDGET),
+            overlay_budget: overlay_budget.unwrap_or(DEFAULT_MEMORY_BUDGET),
+            name: name.unwrap_or_else(|| DEFAULT_NAME.to_string()),
+            max_in_flight: max_in_flight(&layers, in_flight)?,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use colo_testkit::cli::assert_every_option_reads_its_env_var;
+    use colo_testkit::rerun::{Case, child_case, rerun_with_env};
 
     #[test]
     fn export_spec_needs_name_and_path() {
@@ -589,25 +490,8 @@ mod tests {
     fn every_option_has_its_colo_blockd_env_var_and_its_default_in_the_help() {
         use clap::CommandFactory;
         let cli = Args::command();
-        for role in ["serve", "secondary"] {
-            let sub = cli.find_subcommand(role).unwrap();
-            for arg in sub.get_arguments() {
-                let Some(long) = arg.get_long() else { continue };
-                if long == "help" {
-                    continue;
-                }
-                let want = if long == "config" {
-                    CONFIG_ENV.to_string()
-                } else {
-                    env_var(long)
-                };
-                assert_eq!(
-                    arg.get_env().and_then(|e| e.to_str()),
-                    Some(want.as_str()),
-                    "{role} --{long}"
-                );
-            }
-        }
+        // --config's too: COLO_BLOCKD_CONFIG.
+        assert_every_option_reads_its_env_var(&cli, ENV_PREFIX);
         // The defaults are applied after the file, so clap does not show them: the help
         // texts say them, and must say the ones the code applies.
         let help = |role: &str, option: &str| {
@@ -665,12 +549,6 @@ mod tests {
         );
     }
 
-    /// A precedence case: the command line, the environment, the value it must give.
-    type Case<'a> = (String, &'a [(&'a str, &'a str)], &'a str);
-
-    /// Set in the child process of the precedence test: the case it checks.
-    const CASE: &str = "COLO_BLOCKD_TEST_CASE";
-
     /// flag > env > file > default for `secondary --log-budget` (`COLO_BLOCKD_LOG_BUDGET`,
     /// `log-budget`, 10 MiB) and `serve --max-in-flight` (`COLO_BLOCKD_MAX_IN_FLIGHT`,
     /// `max-in-flight`, 32). The environment is process-wide and tests run beside each
@@ -678,15 +556,14 @@ mod tests {
     /// where clap reads them as it does in the daemon.
     #[test]
     fn a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default() {
-        if let Ok(case) = std::env::var(CASE) {
-            let (argv, want) = case.split_once(" => ").expect("a case");
+        if let Some(case) = child_case() {
             let mut full = vec!["colo-blockd"];
-            full.extend(argv.split(' '));
+            full.extend(case.args.iter().map(String::as_str));
             let got = match configure(&full).unwrap_or_else(|e| panic!("{e}")) {
                 Config::Secondary(c) => c.log_budget.to_string(),
                 Config::Serve(c) => c.max_in_flight.to_string(),
             };
-            assert_eq!(got, want, "{case}");
+            assert_eq!(got, case.want, "{case}");
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -731,36 +608,10 @@ mod tests {
             (secondary.to_string(), &[], &budget),
             (serve.to_string(), &[], &in_flight),
         ];
-        for (argv, env, want) in cases {
-            rerun_with_env(
-                "cli::tests::a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default",
-                &format!("{argv} => {want}"),
-                env,
-            );
-        }
-    }
-
-    /// Runs `test` of this test binary again in a child process, with [`CASE`] set to
-    /// `case`, `env` set and no other COLO_BLOCKD_* variable; fails unless it ran and passed.
-    fn rerun_with_env(test: &str, case: &str, env: &[(&str, &str)]) {
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
-        child.args([test, "--exact", "--nocapture"]);
-        for (var, _) in std::env::vars_os() {
-            if var.to_string_lossy().starts_with(ENV_PREFIX) {
-                child.env_remove(var);
-            }
-        }
-        let out = child
-            .env(CASE, case)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        // libtest passes when its filter matches nothing: make sure the case ran.
-        assert!(
-            out.status.success() && stdout.contains("1 passed"),
-            "{case} with {env:?}:\n{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
+        rerun_with_env(
+            "cli::tests::a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default",
+            &[ENV_PREFIX],
+            cases,
         );
     }
 

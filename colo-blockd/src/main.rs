@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    colo_daemon::logging::init("info", colo_daemon::logging::LogFormat::from_env());
+    colo_daemon::logging::init("info", args.logging.log_format);
     // Flags and environment variables (clap), then the --config file, then the defaults.
     let config = match Config::try_from(args.command) {
         Ok(config) => config,

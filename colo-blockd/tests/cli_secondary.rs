@@ -361,6 +361,8 @@ fn secondary_help_explains_the_options_and_exit_codes() {
         "--log-budget",
         "--overlay-budget",
         "--name",
+        "--log-format",
+        "COLO_LOG_FORMAT",
         "replica",
         "svm",
         "Exit codes: 0",
@@ -395,6 +397,49 @@ fn secondary_exit_codes() {
     assert_eq!(bad.status.code(), Some(2));
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("unix:PATH, tcp:HOST:PORT"), "{err}");
+}
+
+/// The logs' format is --log-format, else COLO_LOG_FORMAT, else text: shown with the error of
+/// an image the daemon cannot open, one JSON object with json. A format that is neither is a
+/// usage error.
+#[test]
+fn secondary_logs_in_the_format_of_its_flag_over_colo_log_format_over_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |flag: Option<&str>, env: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_colo-blockd"));
+        cmd.args(["secondary", "--image", "/nonexistent/s.raw", "--unix"])
+            .arg(dir.path().join("s.sock"))
+            .arg("--control")
+            .arg(dir.path().join("control.sock"))
+            .env_remove("COLO_LOG_FORMAT");
+        if let Some(format) = flag {
+            cmd.args(["--log-format", format]);
+        }
+        if let Some(format) = env {
+            cmd.env("COLO_LOG_FORMAT", format);
+        }
+        cmd.output().unwrap()
+    };
+    for (flag, env, json) in [
+        (Some("json"), Some("text"), true),
+        (Some("text"), Some("json"), false),
+        (None, Some("json"), true),
+        (None, None, false),
+    ] {
+        let out = run(flag, env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag:?} {env:?}: {err}");
+        let line = err
+            .lines()
+            .find(|l| l.contains("/nonexistent/s.raw"))
+            .unwrap_or_else(|| panic!("{flag:?} {env:?}: no error line in {err}"));
+        let parsed = serde_json::from_str::<serde_json::Value>(line);
+        assert_eq!(parsed.is_ok(), json, "{flag:?} {env:?}: {line}");
+    }
+    let out = run(None, Some("yaml"));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("yaml") && err.contains("json"), "{err}");
 }
 
 /// The binary takes each option from its flag, else its COLO_BLOCKD_* variable, else the

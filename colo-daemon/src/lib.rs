@@ -12,6 +12,8 @@
 //!   `/metrics` responder (connection cap, path check, timeouts).
 //! * [`checkpoint`]: the one checkpoint requester (coalesced, rate limited, checks that COLO
 //!   runs, retried, every request with its reason).
+//! * [`options`]: each option from its flag, else its environment variable, else the
+//!   `--config` file, else its default; an invalid one named where it came from.
 
 #![warn(missing_docs)]
 
@@ -19,6 +21,7 @@ pub mod checkpoint;
 mod exit;
 pub mod logging;
 pub mod metrics;
+pub mod options;
 pub mod qmp_session;
 mod rate_limit;
 pub mod run;

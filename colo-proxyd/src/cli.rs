@@ -2,6 +2,7 @@
 //! the daemon parses (qmp-driver's `daemon-args` output is checked against it).
 
 use clap::{Parser, Subcommand};
+use colo_daemon::logging::LogOptions;
 
 use crate::daemon::config::{PrimaryArgs, SecondaryArgs};
 
@@ -18,10 +19,13 @@ use crate::daemon::config::{PrimaryArgs, SecondaryArgs};
 ///
 /// Exit codes: 0 stopped by SIGINT or SIGTERM; 1 could not start; 2 bad command line or
 /// configuration. Logs go to stderr; set RUST_LOG (e.g. `info`, `colo_proxyd=debug`) and
-/// COLO_LOG_FORMAT=json for one JSON object per line.
+/// --log-format json (or COLO_LOG_FORMAT=json) for one JSON object per line.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 pub struct Cli {
+    /// `--log-format` (`COLO_LOG_FORMAT`), before or after the subcommand.
+    #[command(flatten)]
+    pub logging: LogOptions,
     /// The role to run.
     #[command(subcommand)]
     pub command: Command,
@@ -47,4 +51,29 @@ pub enum Command {
     /// SVM's output), connects to the primary's colo-proxyd and subscribes to the relay. With
     /// --qmp it re-creates the redirector that reads red0 at each connection of red0.
     Secondary(SecondaryArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use colo_daemon::logging::LogFormat;
+
+    /// `--log-format` (colo_daemon's `LogOptions`) is taken before and after the role.
+    #[test]
+    fn the_log_format_stands_before_or_after_the_role() {
+        let secondary = ["secondary", "--svm-input-listen", "127.0.0.1:1"];
+        let format = |before: &[&str], after: &[&str]| {
+            let argv = [&["colo-proxyd"], before, &secondary[..], after].concat();
+            Cli::try_parse_from(argv).map(|c| c.logging.log_format)
+        };
+        assert_eq!(
+            format(&[], &["--log-format", "json"]).unwrap(),
+            LogFormat::Json
+        );
+        assert_eq!(
+            format(&["--log-format", "json"], &[]).unwrap(),
+            LogFormat::Json
+        );
+        assert!(format(&["--log-format", "yaml"], &[]).is_err());
+    }
 }

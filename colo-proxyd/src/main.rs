@@ -15,7 +15,7 @@ use colo_proxyd::daemon::{primary, secondary};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    colo_daemon::logging::init("info", colo_daemon::logging::LogFormat::from_env());
+    colo_daemon::logging::init("info", cli.logging.log_format);
     match cli.command {
         Command::Primary(args) => match PrimaryConfig::try_from(args) {
             Ok(config) => colo_daemon::run::until_signal("colo-proxyd", async move |shutdown| {

@@ -177,13 +177,20 @@ pub type Script = Box<dyn FnMut(&QmpCommand) -> Answer + Send>;
 
 /// A scripted fake QEMU monitor serving on a Unix socket until the test's runtime ends.
 ///
-/// ```ignore
+/// ```no_run
+/// use colo_testkit::fake_qmp::{Answer, FakeMonitor};
+/// use serde_json::json;
+/// use std::time::Duration;
+///
+/// # async fn demo(path: std::path::PathBuf) {
 /// let mut qmp = FakeMonitor::serve_unix(&path, &[], |cmd| match cmd.name.as_str() {
 ///     "query-migrate" => Answer::ret(json!({"status": "colo"})),
 ///     "object-del" => Answer::generic_error("object not found"),
 ///     _ => Answer::ok(),
 /// });
-/// assert_eq!(qmp.recv_named("object-del", PATIENCE).await.unwrap().args, json!({"id": "f1"}));
+/// let del = qmp.recv_named("object-del", Duration::from_secs(5)).await;
+/// assert_eq!(del.unwrap().args, json!({"id": "f1"}));
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct FakeMonitor {

@@ -9,8 +9,9 @@
 //!    (`max-hold-ms = 50`), unknown keys refused,
 //! 4. its default (`[default: ...]` in `--help`),
 //!
-//! as colo-blockd and `qmp-driver relay` do. An invalid value from the file is reported with
-//! the file's name and the key.
+//! as colo-blockd and `qmp-driver relay` do (the layers and their errors:
+//! [`colo_daemon::options`]). An invalid value from the file is reported with the file's name
+//! and the key.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -19,6 +20,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Args;
+use colo_daemon::options::{OptionError, OptionLayers};
 use colo_types::Address;
 use serde::Deserialize;
 
@@ -26,46 +28,6 @@ use crate::engine::{BypassRule, EngineConfig, UncomparedPolicy};
 
 /// The prefix of the options' environment variables.
 pub const ENV_PREFIX: &str = "COLO_PROXYD_";
-
-/// The environment variable of `option` (`max-hold-ms`: `COLO_PROXYD_MAX_HOLD_MS`).
-pub fn env_var(option: &str) -> String {
-    format!("{ENV_PREFIX}{}", option.to_uppercase().replace('-', "_"))
-}
-
-/// A bad setting. Each message is complete on one line and says its cause once.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigError {
-    /// A required setting is missing from the command line, the environment and the file.
-    #[error("missing --{0} (or {env}, or `{0}` in the config file)", env = env_var(.0))]
-    Missing(&'static str),
-    /// A setting from the command line or the environment is not acceptable.
-    #[error("--{option} (or {env}): {reason}", env = env_var(.option))]
-    Invalid {
-        /// The option.
-        option: &'static str,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A setting from the config file is not acceptable.
-    #[error("config file {path}: `{option}`: {reason}")]
-    InvalidInFile {
-        /// The file.
-        path: PathBuf,
-        /// The key (the option's long name).
-        option: &'static str,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The config file cannot be read, is not TOML, has an unknown key or a value of the
-    /// wrong type (the parser's message shows the line and the key).
-    #[error("config file {path}: {reason}")]
-    File {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-}
 
 /// Parses a bypass rule: comma-separated `proto=tcp|udp|icmp|N`, `addr=IP`, `port=N`, e.g.
 /// `proto=udp,port=123` (NTP) or `addr=10.0.0.53`.
@@ -104,89 +66,29 @@ pub fn parse_bypass(rule: &str) -> Result<BypassRule, String> {
     Ok(out)
 }
 
-fn read_file<T: for<'de> Deserialize<'de> + Default>(
-    path: Option<&PathBuf>,
-) -> Result<T, ConfigError> {
-    let Some(path) = path else {
-        return Ok(T::default());
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    toml::from_str(&text).map_err(|e| ConfigError::File {
-        path: path.clone(),
-        reason: e.to_string().trim_end().to_string(),
-    })
-}
-
-/// Which options took their value from the `--config` file, to point an invalid one there.
-#[derive(Debug, Default)]
-struct FromFile {
-    path: Option<PathBuf>,
-    options: Vec<&'static str>,
-}
-
-impl FromFile {
-    /// `given` (flag or environment variable) if there is one, else the file's value.
-    fn pick<T>(&mut self, option: &'static str, given: Option<T>, file: Option<T>) -> Option<T> {
-        if given.is_some() {
-            return given;
-        }
-        if file.is_some() {
-            self.options.push(option);
-        }
-        file
-    }
-
-    /// A list option: `given` unless empty, else the file's.
-    fn pick_list<T>(&mut self, option: &'static str, given: Vec<T>, file: Vec<T>) -> Vec<T> {
-        let nonempty = |v: Vec<T>| (!v.is_empty()).then_some(v);
-        self.pick(option, nonempty(given), nonempty(file))
-            .unwrap_or_default()
-    }
-
-    /// `err`, naming the file and the key when the value came from the file.
-    fn locate(&self, err: ConfigError) -> ConfigError {
-        match (err, &self.path) {
-            (ConfigError::Invalid { option, reason }, Some(path))
-                if self.options.contains(&option) =>
-            {
-                ConfigError::InvalidInFile {
-                    path: path.clone(),
-                    option,
-                    reason,
-                }
-            }
-            (err, _) => err,
-        }
-    }
-}
-
-fn required<T>(value: Option<T>, name: &'static str) -> Result<T, ConfigError> {
-    value.ok_or(ConfigError::Missing(name))
-}
-
+/// `value` parsed, an error naming the option.
 fn parsed<T: FromStr<Err: fmt::Display>>(
+    layers: &OptionLayers,
     value: Option<String>,
-    name: &'static str,
-) -> Result<Option<T>, ConfigError> {
+    option: &'static str,
+) -> Result<Option<T>, OptionError> {
     value
         .map(|v| {
-            v.parse().map_err(|e: T::Err| ConfigError::Invalid {
-                option: name,
-                reason: e.to_string(),
-            })
+            v.parse()
+                .map_err(|e: T::Err| layers.invalid(option, e.to_string()))
         })
         .transpose()
 }
 
-fn millis(value: Option<u64>, default: u64, name: &'static str) -> Result<Duration, ConfigError> {
+/// A number of milliseconds, at least 1.
+fn millis(
+    layers: &OptionLayers,
+    value: Option<u64>,
+    default: u64,
+    option: &'static str,
+) -> Result<Duration, OptionError> {
     match value.unwrap_or(default) {
-        0 => Err(ConfigError::Invalid {
-            option: name,
-            reason: "must be at least 1 ms".into(),
-        }),
+        0 => Err(layers.invalid(option, "must be at least 1 ms")),
         ms => Ok(Duration::from_millis(ms)),
     }
 }
@@ -341,100 +243,91 @@ pub struct PrimaryConfig {
 
 impl PrimaryArgs {
     /// Fills what the command line and the environment left out from `file`.
-    fn merge(self, file: PrimaryArgs) -> (PrimaryArgs, FromFile) {
-        let mut f = FromFile {
-            path: self.config.clone(),
-            options: Vec::new(),
-        };
-        let merged = PrimaryArgs {
+    fn merge(self, file: PrimaryArgs, layers: &mut OptionLayers) -> PrimaryArgs {
+        PrimaryArgs {
             config: self.config,
-            pvm_output: f.pick("pvm-output", self.pvm_output, file.pvm_output),
-            mirror: f.pick("mirror", self.mirror, file.mirror),
-            release: f.pick("release", self.release, file.release),
-            link_listen: f.pick("link-listen", self.link_listen, file.link_listen),
-            control: f.pick("control", self.control, file.control),
-            qmp: f.pick("qmp", self.qmp, file.qmp),
-            metrics: f.pick("metrics", self.metrics, file.metrics),
-            max_hold_ms: f.pick("max-hold-ms", self.max_hold_ms, file.max_hold_ms),
-            checkpoint_interval_ms: f.pick(
+            pvm_output: layers.pick("pvm-output", self.pvm_output, file.pvm_output),
+            mirror: layers.pick("mirror", self.mirror, file.mirror),
+            release: layers.pick("release", self.release, file.release),
+            link_listen: layers.pick("link-listen", self.link_listen, file.link_listen),
+            control: layers.pick("control", self.control, file.control),
+            qmp: layers.pick("qmp", self.qmp, file.qmp),
+            metrics: layers.pick("metrics", self.metrics, file.metrics),
+            max_hold_ms: layers.pick("max-hold-ms", self.max_hold_ms, file.max_hold_ms),
+            checkpoint_interval_ms: layers.pick(
                 "checkpoint-interval-ms",
                 self.checkpoint_interval_ms,
                 file.checkpoint_interval_ms,
             ),
-            checkpoint_retry_ms: f.pick(
+            checkpoint_retry_ms: layers.pick(
                 "checkpoint-retry-ms",
                 self.checkpoint_retry_ms,
                 file.checkpoint_retry_ms,
             ),
-            bypass: f.pick_list("bypass", self.bypass, file.bypass),
-            uncompared: f.pick("uncompared", self.uncompared, file.uncompared),
-            chardevs: f.pick_list("chardevs", self.chardevs, file.chardevs),
-            chardev_check_ms: f.pick(
+            bypass: layers.pick_list("bypass", self.bypass, file.bypass),
+            uncompared: layers.pick("uncompared", self.uncompared, file.uncompared),
+            chardevs: layers.pick_list("chardevs", self.chardevs, file.chardevs),
+            chardev_check_ms: layers.pick(
                 "chardev-check-ms",
                 self.chardev_check_ms,
                 file.chardev_check_ms,
             ),
-            name: f.pick("name", self.name, file.name),
-            netdev: f.pick("netdev", self.netdev, file.netdev),
-            release_redirector: f.pick(
+            name: layers.pick("name", self.name, file.name),
+            netdev: layers.pick("netdev", self.netdev, file.netdev),
+            release_redirector: layers.pick(
                 "release-redirector",
                 self.release_redirector,
                 file.release_redirector,
             ),
-            release_chardev: f.pick(
+            release_chardev: layers.pick(
                 "release-chardev",
                 self.release_chardev,
                 file.release_chardev,
             ),
-            pvm_output_redirector: f.pick(
+            pvm_output_redirector: layers.pick(
                 "pvm-output-redirector",
                 self.pvm_output_redirector,
                 file.pvm_output_redirector,
             ),
-            link_down_without_pvm_output: f.pick(
+            link_down_without_pvm_output: layers.pick(
                 "link-down-without-pvm-output",
                 self.link_down_without_pvm_output,
                 file.link_down_without_pvm_output,
             ),
-        };
-        (merged, f)
+        }
     }
 }
 
 impl TryFrom<PrimaryArgs> for PrimaryConfig {
-    type Error = ConfigError;
+    type Error = OptionError;
 
-    fn try_from(args: PrimaryArgs) -> Result<Self, ConfigError> {
-        let file = read_file(args.config.as_ref())?;
-        let (a, from_file) = args.merge(file);
-        PrimaryConfig::validate(a).map_err(|e| from_file.locate(e))
+    fn try_from(args: PrimaryArgs) -> Result<Self, OptionError> {
+        let mut layers = OptionLayers::new(ENV_PREFIX, args.config.clone());
+        let file = layers.read_file()?;
+        let merged = args.merge(file, &mut layers);
+        PrimaryConfig::validate(merged, &layers)
     }
 }
 
 impl PrimaryConfig {
     /// Validates the merged options.
-    fn validate(a: PrimaryArgs) -> Result<PrimaryConfig, ConfigError> {
+    fn validate(a: PrimaryArgs, layers: &OptionLayers) -> Result<PrimaryConfig, OptionError> {
         let bypass = a
             .bypass
             .iter()
             .map(|r| parse_bypass(r))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|reason| ConfigError::Invalid {
-                option: "bypass",
-                reason,
-            })?;
+            .map_err(|reason| layers.invalid("bypass", reason))?;
         let uncompared = match a.uncompared.as_deref() {
             None | Some("release") => UncomparedPolicy::ReleasePrimary,
             Some("hold") => UncomparedPolicy::HoldUntilCheckpoint,
             Some(other) => {
-                return Err(ConfigError::Invalid {
-                    option: "uncompared",
-                    reason: format!("{other:?} is neither `release` nor `hold`"),
-                });
+                let reason = format!("{other:?} is neither `release` nor `hold`");
+                return Err(layers.invalid("uncompared", reason));
             }
         };
         let engine = EngineConfig {
-            max_hold: millis(a.max_hold_ms, 200, "max-hold-ms")?,
+            max_hold: millis(layers, a.max_hold_ms, 200, "max-hold-ms")?,
             bypass,
             uncompared,
             ..EngineConfig::default()
@@ -447,18 +340,23 @@ impl PrimaryConfig {
             a.chardevs
         };
         Ok(PrimaryConfig {
-            pvm_output: required(a.pvm_output, "pvm-output")?,
-            mirror: required(a.mirror, "mirror")?,
-            release: required(a.release, "release")?,
-            link_listen: required(a.link_listen, "link-listen")?,
-            control: required(a.control, "control")?,
-            qmp: required(parsed(a.qmp, "qmp")?, "qmp")?,
+            pvm_output: layers.required("pvm-output", a.pvm_output)?,
+            mirror: layers.required("mirror", a.mirror)?,
+            release: layers.required("release", a.release)?,
+            link_listen: layers.required("link-listen", a.link_listen)?,
+            control: layers.required("control", a.control)?,
+            qmp: layers.required("qmp", parsed(layers, a.qmp, "qmp")?)?,
             metrics: a.metrics,
             engine,
-            checkpoint_interval: millis(a.checkpoint_interval_ms, 1000, "checkpoint-interval-ms")?,
-            checkpoint_retry: millis(a.checkpoint_retry_ms, 5000, "checkpoint-retry-ms")?,
+            checkpoint_interval: millis(
+                layers,
+                a.checkpoint_interval_ms,
+                1000,
+                "checkpoint-interval-ms",
+            )?,
+            checkpoint_retry: millis(layers, a.checkpoint_retry_ms, 5000, "checkpoint-retry-ms")?,
             chardevs,
-            chardev_check: millis(a.chardev_check_ms, 5000, "chardev-check-ms")?,
+            chardev_check: millis(layers, a.chardev_check_ms, 5000, "chardev-check-ms")?,
             name: a.name.unwrap_or_else(|| "colo-proxyd-primary".into()),
             netdev: a.netdev.unwrap_or_else(|| "hn0".into()),
             release_redirector: a.release_redirector.unwrap_or_else(|| "redire0".into()),
@@ -589,77 +487,73 @@ pub struct BridgeAddresses {
 
 impl SecondaryArgs {
     /// Fills what the command line and the environment left out from `file`.
-    fn merge(self, file: SecondaryArgs) -> (SecondaryArgs, FromFile) {
-        let mut f = FromFile {
-            path: self.config.clone(),
-            options: Vec::new(),
-        };
-        let merged = SecondaryArgs {
+    fn merge(self, file: SecondaryArgs, layers: &mut OptionLayers) -> SecondaryArgs {
+        SecondaryArgs {
             config: self.config,
-            svm_input_listen: f.pick(
+            svm_input_listen: layers.pick(
                 "svm-input-listen",
                 self.svm_input_listen,
                 file.svm_input_listen,
             ),
-            svm_output_listen: f.pick(
+            svm_output_listen: layers.pick(
                 "svm-output-listen",
                 self.svm_output_listen,
                 file.svm_output_listen,
             ),
-            net_output_listen: f.pick(
+            net_output_listen: layers.pick(
                 "net-output-listen",
                 self.net_output_listen,
                 file.net_output_listen,
             ),
-            net_input_listen: f.pick(
+            net_input_listen: layers.pick(
                 "net-input-listen",
                 self.net_input_listen,
                 file.net_input_listen,
             ),
-            primary_link: f.pick("primary-link", self.primary_link, file.primary_link),
-            control: f.pick("control", self.control, file.control),
-            metrics: f.pick("metrics", self.metrics, file.metrics),
-            name: f.pick("name", self.name, file.name),
-            qmp: f.pick("qmp", self.qmp, file.qmp),
-            netdev: f.pick("netdev", self.netdev, file.netdev),
-            svm_input_redirector: f.pick(
+            primary_link: layers.pick("primary-link", self.primary_link, file.primary_link),
+            control: layers.pick("control", self.control, file.control),
+            metrics: layers.pick("metrics", self.metrics, file.metrics),
+            name: layers.pick("name", self.name, file.name),
+            qmp: layers.pick("qmp", self.qmp, file.qmp),
+            netdev: layers.pick("netdev", self.netdev, file.netdev),
+            svm_input_redirector: layers.pick(
                 "svm-input-redirector",
                 self.svm_input_redirector,
                 file.svm_input_redirector,
             ),
-            svm_input_chardev: f.pick(
+            svm_input_chardev: layers.pick(
                 "svm-input-chardev",
                 self.svm_input_chardev,
                 file.svm_input_chardev,
             ),
-            svm_output_redirector: f.pick(
+            svm_output_redirector: layers.pick(
                 "svm-output-redirector",
                 self.svm_output_redirector,
                 file.svm_output_redirector,
             ),
-            net_output_redirector: f.pick(
+            net_output_redirector: layers.pick(
                 "net-output-redirector",
                 self.net_output_redirector,
                 file.net_output_redirector,
             ),
-        };
-        (merged, f)
+        }
     }
 }
 
 impl TryFrom<SecondaryArgs> for SecondaryConfig {
-    type Error = ConfigError;
+    type Error = OptionError;
 
-    fn try_from(args: SecondaryArgs) -> Result<Self, ConfigError> {
-        let file = read_file(args.config.as_ref())?;
-        let (a, from_file) = args.merge(file);
-        SecondaryConfig::validate(a).map_err(|e| from_file.locate(e))
+    fn try_from(args: SecondaryArgs) -> Result<Self, OptionError> {
+        let mut layers = OptionLayers::new(ENV_PREFIX, args.config.clone());
+        let file = layers.read_file()?;
+        let merged = args.merge(file, &mut layers);
+        SecondaryConfig::validate(merged, &layers)
     }
 }
 
 impl SecondaryConfig {
     /// Validates the merged options.
-    fn validate(a: SecondaryArgs) -> Result<SecondaryConfig, ConfigError> {
+    fn validate(a: SecondaryArgs, layers: &OptionLayers) -> Result<SecondaryConfig, OptionError> {
         // One port without the other would carry one direction only: refused.
         let bridge = match (a.net_output_listen, a.net_input_listen) {
             (None, None) => None,
@@ -667,20 +561,20 @@ impl SecondaryConfig {
                 net_output_listen,
                 net_input_listen,
             }),
-            (Some(_), None) => return Err(ConfigError::Missing("net-input-listen")),
-            (None, Some(_)) => return Err(ConfigError::Missing("net-output-listen")),
+            (Some(_), None) => return Err(layers.missing("net-input-listen")),
+            (None, Some(_)) => return Err(layers.missing("net-output-listen")),
         };
         Ok(SecondaryConfig {
             bridge,
-            svm_input_listen: required(a.svm_input_listen, "svm-input-listen")?,
-            svm_output_listen: required(a.svm_output_listen, "svm-output-listen")?,
-            primary_link: required(a.primary_link, "primary-link")?,
-            control: required(a.control, "control")?,
+            svm_input_listen: layers.required("svm-input-listen", a.svm_input_listen)?,
+            svm_output_listen: layers.required("svm-output-listen", a.svm_output_listen)?,
+            primary_link: layers.required("primary-link", a.primary_link)?,
+            control: layers.required("control", a.control)?,
             metrics: a.metrics,
             name: a.name.unwrap_or_else(|| "colo-proxyd-secondary".into()),
             link_retry_min: Duration::from_millis(100),
             link_retry_max: Duration::from_secs(2),
-            qmp: parsed(a.qmp, "qmp")?,
+            qmp: parsed(layers, a.qmp, "qmp")?,
             netdev: a.netdev.unwrap_or_else(|| "hn0".into()),
             svm_input_redirector: a.svm_input_redirector.unwrap_or_else(|| "f1".into()),
             svm_input_chardev: a.svm_input_chardev.unwrap_or_else(|| "red0".into()),
@@ -693,6 +587,8 @@ impl SecondaryConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use colo_testkit::cli::assert_every_option_reads_its_env_var;
+    use colo_testkit::rerun::{Case, child_case, rerun_with_env};
 
     fn primary_args() -> PrimaryArgs {
         PrimaryArgs {
@@ -749,7 +645,7 @@ mod tests {
         a.qmp = Some("run/qmp".into());
         assert!(matches!(
             SecondaryConfig::try_from(a),
-            Err(ConfigError::Invalid { option: "qmp", .. })
+            Err(OptionError::Invalid { option: "qmp", .. })
         ));
     }
 
@@ -759,13 +655,16 @@ mod tests {
         a.release = None;
         assert_eq!(
             PrimaryConfig::try_from(a).unwrap_err(),
-            ConfigError::Missing("release")
+            OptionError::Missing {
+                option: "release",
+                env: "COLO_PROXYD_RELEASE".into()
+            }
         );
         let mut a = primary_args();
         a.qmp = Some("run/qmp".into());
         assert!(matches!(
             PrimaryConfig::try_from(a),
-            Err(ConfigError::Invalid { option: "qmp", .. })
+            Err(OptionError::Invalid { option: "qmp", .. })
         ));
         let mut a = primary_args();
         a.max_hold_ms = Some(0);
@@ -812,7 +711,7 @@ mod tests {
         a.config = Some(path);
         assert!(matches!(
             PrimaryConfig::try_from(a),
-            Err(ConfigError::File { .. })
+            Err(OptionError::File { .. })
         ));
     }
     fn secondary_args() -> SecondaryArgs {
@@ -835,7 +734,10 @@ mod tests {
         a.net_output_listen = Some("127.0.0.1:9006".into());
         assert_eq!(
             SecondaryConfig::try_from(a.clone()).unwrap_err(),
-            ConfigError::Missing("net-input-listen")
+            OptionError::Missing {
+                option: "net-input-listen",
+                env: "COLO_PROXYD_NET_INPUT_LISTEN".into()
+            }
         );
         a.net_input_listen = Some("127.0.0.1:9007".into());
         let want = Some(BridgeAddresses {
@@ -858,7 +760,10 @@ mod tests {
         a.net_input_listen = Some("127.0.0.1:9007".into());
         assert_eq!(
             SecondaryConfig::try_from(a).unwrap_err(),
-            ConfigError::Missing("net-output-listen")
+            OptionError::Missing {
+                option: "net-output-listen",
+                env: "COLO_PROXYD_NET_OUTPUT_LISTEN".into()
+            }
         );
     }
 
@@ -908,33 +813,9 @@ mod tests {
     #[test]
     fn every_option_has_its_colo_proxyd_env_var() {
         use clap::CommandFactory;
-        for role in ["primary", "secondary"] {
-            let cli = crate::cli::Cli::command();
-            let sub = cli.find_subcommand(role).unwrap();
-            for arg in sub.get_arguments() {
-                let Some(long) = arg.get_long() else { continue };
-                if long == "help" {
-                    continue;
-                }
-                let want = if long == "config" {
-                    "COLO_PROXYD_CONFIG".to_string()
-                } else {
-                    env_var(long)
-                };
-                assert_eq!(
-                    arg.get_env().and_then(|e| e.to_str()),
-                    Some(want.as_str()),
-                    "{role} --{long}"
-                );
-            }
-        }
+        // --config's too: COLO_PROXYD_CONFIG.
+        assert_every_option_reads_its_env_var(&crate::cli::Cli::command(), ENV_PREFIX);
     }
-
-    /// A precedence case: the command line, the environment, the value it must give.
-    type Case<'a> = (String, &'a [(&'a str, &'a str)], &'a str);
-
-    /// Set in the child process of the precedence test: the case it checks.
-    const CASE: &str = "COLO_PROXYD_TEST_CASE";
 
     /// flag > env > file > default for `primary --max-hold-ms` (`COLO_PROXYD_MAX_HOLD_MS`,
     /// `max-hold-ms`, 200) and `secondary --netdev` (`COLO_PROXYD_NETDEV`, `netdev`, hn0). The
@@ -944,10 +825,9 @@ mod tests {
     #[test]
     fn a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default() {
         use clap::Parser;
-        if let Ok(case) = std::env::var(CASE) {
-            let (argv, want) = case.split_once(" => ").expect("a case");
+        if let Some(case) = child_case() {
             let mut full = vec!["colo-proxyd"];
-            full.extend(argv.split(' '));
+            full.extend(case.args.iter().map(String::as_str));
             let cli = crate::cli::Cli::try_parse_from(&full).unwrap_or_else(|e| panic!("{e}"));
             let got = match cli.command {
                 crate::cli::Command::Primary(a) => {
@@ -956,7 +836,7 @@ mod tests {
                 }
                 crate::cli::Command::Secondary(a) => SecondaryConfig::try_from(a).unwrap().netdev,
             };
-            assert_eq!(got, want, "{case}");
+            assert_eq!(got, case.want, "{case}");
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -1001,36 +881,10 @@ mod tests {
             (primary.to_string(), &[], "200"),
             (secondary.to_string(), &[], "hn0"),
         ];
-        for (argv, env, want) in cases {
-            rerun_with_env(
-                "daemon::config::tests::a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default",
-                &format!("{argv} => {want}"),
-                env,
-            );
-        }
-    }
-
-    /// Runs `test` of this test binary again in a child process, with [`CASE`] set to
-    /// `case`, `env` set and no other COLO_PROXYD_* variable; fails unless it ran and passed.
-    fn rerun_with_env(test: &str, case: &str, env: &[(&str, &str)]) {
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
-        child.args([test, "--exact", "--nocapture"]);
-        for (var, _) in std::env::vars_os() {
-            if var.to_string_lossy().starts_with(ENV_PREFIX) {
-                child.env_remove(var);
-            }
-        }
-        let out = child
-            .env(CASE, case)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        // libtest passes when its filter matches nothing: make sure the case ran.
-        assert!(
-            out.status.success() && stdout.contains("1 passed"),
-            "{case} with {env:?}:\n{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
+        rerun_with_env(
+            "daemon::config::tests::a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default",
+            &[ENV_PREFIX],
+            cases,
         );
     }
 
@@ -1050,7 +904,7 @@ mod tests {
         let err = PrimaryConfig::try_from(a).unwrap_err();
         assert_eq!(
             err,
-            ConfigError::InvalidInFile {
+            OptionError::InvalidInFile {
                 path: path.clone(),
                 option: "max-hold-ms",
                 reason: "must be at least 1 ms".into(),
@@ -1069,7 +923,9 @@ mod tests {
         a.max_hold_ms = Some(5);
         assert!(PrimaryConfig::try_from(a).is_ok());
         assert_eq!(
-            ConfigError::Missing("primary-link").to_string(),
+            OptionLayers::new(ENV_PREFIX, None)
+                .missing("primary-link")
+                .to_string(),
             "missing --primary-link (or COLO_PROXYD_PRIMARY_LINK, or `primary-link` in the \
              config file)"
         );

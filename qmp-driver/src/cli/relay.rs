@@ -143,6 +143,7 @@ pub async fn run(args: RelayArgs) -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+    use colo_testkit::rerun::{Case, child_case, rerun_with_env};
 
     /// `argv` parsed as `cli::parse` does it, clap reading this process's environment.
     fn parse_relay(argv: &[&str]) -> Result<RelayArgs, clap::Error> {
@@ -178,20 +179,8 @@ mod tests {
         ack_timeout_ms = 300
     "#;
 
-    /// The variables the child may see: the ones of the case, none inherited.
-    const RELAY_ENV: [&str; 6] = [
-        "COLO_RELAY_LISTEN",
-        "COLO_RELAY_TARGET",
-        "COLO_RELAY_CONTROL",
-        "COLO_RELAY_CONTROL_TCP",
-        "COLO_RELAY_ACK_TIMEOUT_MS",
-        CONFIG_ENV,
-    ];
-    /// A precedence case: the command line, the environment, the value it must give.
-    type Case<'a> = (String, &'a [(&'a str, &'a str)], &'a str);
-
-    /// Set in the child: the case to check (flags, then `=>` and the expected timeout).
-    const CASE: &str = "QMP_DRIVER_TEST_RELAY_CASE";
+    /// The variables the child may see: the ones of the case, none inherited (prefixes).
+    const RELAY_ENV: [&str; 2] = ["COLO_RELAY_", CONFIG_ENV];
 
     /// flag > env > file > default, for `--ack-timeout-ms` (`COLO_RELAY_ACK_TIMEOUT_MS`,
     /// `relay.ack_timeout_ms`, 2000) and `--control` (`COLO_RELAY_CONTROL`,
@@ -200,12 +189,11 @@ mod tests {
     /// variables, and clap reads them there as it does in `qmp-driver`.
     #[test]
     fn a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default() {
-        if let Ok(case) = std::env::var(CASE) {
-            let (argv, want) = case.split_once(" => ").expect("a case");
-            let (want_ack, want_control) = want.split_once(' ').expect("two values");
+        if let Some(case) = child_case() {
+            let (want_ack, want_control) = case.want.split_once(' ').expect("two values");
             let mut full = vec!["qmp-driver"];
-            full.extend(argv.split(' ').filter(|a| !a.is_empty()));
-            let args = parse_relay(&full).unwrap_or_else(|e| panic!("{argv}: {e}"));
+            full.extend(case.args.iter().map(String::as_str));
+            let args = parse_relay(&full).unwrap_or_else(|e| panic!("{case}: {e}"));
             assert_eq!(args.ack_timeout_ms.to_string(), want_ack, "{case}");
             assert_eq!(args.control.display().to_string(), want_control, "{case}");
             return;
@@ -262,30 +250,10 @@ mod tests {
                 "2000 /flag.sock",
             ),
         ];
-        for (argv, env, want) in cases {
-            rerun_with_env(
-                "cli::relay::tests::a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default",
-                &format!("{argv} => {want}"),
-                env,
-            );
-        }
-    }
-
-    /// Runs `test` of this test binary again in a child process, with `CASE` set to `case`,
-    /// `env` set and the other relay variables removed; fails unless it ran and passed.
-    fn rerun_with_env(test: &str, case: &str, env: &[(&str, &str)]) {
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
-        child.args([test, "--exact", "--nocapture"]).env(CASE, case);
-        for var in RELAY_ENV {
-            child.env_remove(var);
-        }
-        let out = child.envs(env.iter().copied()).output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        // libtest passes when its filter matches nothing: make sure the case ran.
-        assert!(
-            out.status.success() && stdout.contains("1 passed"),
-            "{case} with {env:?}:\n{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
+        rerun_with_env(
+            "cli::relay::tests::a_flag_beats_its_env_var_which_beats_the_file_which_beats_the_default",
+            &RELAY_ENV,
+            cases,
         );
     }
 
