@@ -159,27 +159,12 @@ async fn main() -> ExitCode {
     // stopped, namespaces deleted. Without this an interrupted run leaves them behind.
     let outcome = tokio::select! {
         outcome = run(command, &cli, cfg) => outcome,
-        signal = interrupted() => {
+        signal = colo_daemon::run::wait_for_signal() => {
             eprintln!("interrupted ({signal}): the pair was torn down");
             return ExitCode::from(130);
         }
     };
     report(outcome, cli.json)
-}
-
-/// Waits for SIGINT or SIGTERM and names it.
-async fn interrupted() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        },
-        _ => std::future::pending().await,
-    }
 }
 
 async fn run(command: Command, cli: &Cli, cfg: PairConfig) -> anyhow::Result<Outcome> {
