@@ -508,3 +508,59 @@ fn secondary_takes_a_flag_over_its_env_var_over_the_config_file() {
         "{err}"
     );
 }
+
+/// A second `colo-blockd secondary` started on the image a running one serves exits 1 naming
+/// the image, before touching the image, its journal or its spill files; the first one keeps
+/// running.
+#[test]
+fn a_second_daemon_on_the_same_image_exits_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("s.raw");
+    std::fs::write(&image, vec![0x5a; 1 << 20]).unwrap();
+    let daemon = |sock: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_colo-blockd"));
+        cmd.args(["secondary", "--image"])
+            .arg(&image)
+            .arg("--unix")
+            .arg(dir.path().join(sock))
+            // Nobody listens there: the daemon keeps retrying and keeps serving.
+            .arg("--control")
+            .arg(dir.path().join("control.sock"))
+            .env_remove("COLO_BLOCKD_CONFIG");
+        cmd
+    };
+    let mut first = daemon("first.sock")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Serving means the replica is open and the image locked.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !dir.path().join("first.sock").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first daemon never served"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let spill = |suffix: &str| {
+        let mut p = image.clone().into_os_string();
+        p.push(suffix);
+        std::fs::metadata(std::path::PathBuf::from(p)).map(|m| m.len())
+    };
+    let before = (spill(".colo-journal").ok(), spill(".pvm-spill-0").ok());
+
+    let second = daemon("second.sock").output().unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("in use by another colo-blockd"), "{err}");
+    assert!(err.contains(&image.display().to_string()), "{err}");
+    assert!(!dir.path().join("second.sock").exists());
+    assert_eq!(
+        (spill(".colo-journal").ok(), spill(".pvm-spill-0").ok()),
+        before
+    );
+    assert!(first.try_wait().unwrap().is_none(), "the first daemon died");
+    first.kill().unwrap();
+    first.wait().unwrap();
+}

@@ -2,6 +2,8 @@
 //! reopening, S is exactly the old or the new checkpoint, and which one
 //! agrees with what the journal said.
 
+mod common;
+
 use std::path::Path;
 
 use bytes::Bytes;
@@ -77,7 +79,7 @@ async fn crash_every_operation(failover: bool) -> Seen {
         // The crashed replica refuses everything, like a dead process.
         assert!(r.svm_view().read_at(0, 1).await.is_err());
         drop(r);
-        let r = Replica::open(&path, CONFIG).unwrap();
+        let r = common::reopen(&path, CONFIG).await;
         let s = std::fs::read(&path).unwrap();
         let old = s == vec![b'o'; SIZE];
         assert!(old || s == new, "crash after {n} operations left a mix");
@@ -99,7 +101,7 @@ async fn crash_every_operation(failover: bool) -> Seen {
         }
         // Recovery invalidated the journal: a second restart changes nothing.
         drop(r);
-        let r = Replica::open(&path, CONFIG).unwrap();
+        let r = common::reopen(&path, CONFIG).await;
         assert_eq!(r.recovery(), Recovery::Clean);
         assert_eq!(std::fs::read(&path).unwrap(), s);
     }
@@ -143,6 +145,6 @@ async fn a_committed_journal_of_another_image_size_refuses_to_open() {
         .unwrap()
         .set_len(SIZE as u64 / 2)
         .unwrap();
-    let err = Replica::open(&path, CONFIG).unwrap_err();
+    let err = common::try_reopen(&path, CONFIG).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
 }

@@ -2,6 +2,8 @@
 //! view sees, held SVM requests, the checkpoint-wanted signal, spill-over,
 //! failover.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -249,4 +251,61 @@ fn both_views_can_be_served_by_one_server() {
     let names: Vec<_> = exports.iter().map(|e| e.name().to_owned()).collect();
     assert_eq!(names, ["replica", "svm"]);
     assert!(exports.iter().all(|e| e.limits().size == SIZE as u64));
+}
+
+#[tokio::test]
+async fn a_second_replica_on_the_same_image_is_refused_and_touches_nothing() {
+    let (_dir, path) = image(b'.');
+    // A PVM log past its budget: the running replica's data lies in its spill file.
+    let r = Replica::open(&path, small_budgets(4096)).unwrap();
+    let pvm = r.replica_view();
+    for i in 0..8u64 {
+        pvm.write_at(i * 4096, block(b'0' + i as u8), false)
+            .await
+            .unwrap();
+    }
+    let spill = |suffix: &str| {
+        let mut p = path.clone().into_os_string();
+        p.push(suffix);
+        std::fs::read(PathBuf::from(p)).unwrap_or_default()
+    };
+    let spill_before = spill(".pvm-spill-0");
+    assert!(!spill_before.is_empty(), "the log should have spilled");
+    let journal_before = spill(".colo-journal");
+
+    // A second daemon started on the same image by mistake.
+    let err = Replica::open(&path, small_budgets(4096)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ResourceBusy, "{err}");
+    assert!(
+        err.to_string().contains("in use by another colo-blockd"),
+        "{err}"
+    );
+    assert_eq!(
+        spill(".pvm-spill-0"),
+        spill_before,
+        "the spill file was touched"
+    );
+    assert_eq!(
+        spill(".colo-journal"),
+        journal_before,
+        "the journal was touched"
+    );
+
+    // The running replica still commits what it acknowledged.
+    r.svm_epoch_closed().await;
+    r.checkpoint_adopted().await.unwrap();
+    r.settle().await.unwrap();
+    let s = std::fs::read(&path).unwrap();
+    for i in 0..8usize {
+        assert!(
+            s[i * 4096..(i + 1) * 4096]
+                .iter()
+                .all(|&b| b == b'0' + i as u8),
+            "block {i} lost"
+        );
+    }
+
+    // Once it is gone, the image is free again.
+    drop((pvm, r));
+    common::reopen(&path, small_budgets(4096)).await;
 }

@@ -6,6 +6,8 @@
 //! Reads after a checkpoint usually run while the committed log is still
 //! being written into S in the background.
 
+mod common;
+
 use std::io;
 use std::path::Path;
 
@@ -150,7 +152,7 @@ async fn crash_restart(
     new: &[u8],
 ) -> Result<(Replica, Model), TestCaseError> {
     drop(replica);
-    let r = Replica::open(image, CONFIG).unwrap();
+    let r = common::reopen(image, CONFIG).await;
     let s = whole_disk(&r).await;
     prop_assert!(s == old || s == new, "S is a mix of two checkpoints");
     match r.recovery() {
@@ -261,7 +263,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 // the crash cases above cover that.
                 r.settle().await.unwrap();
                 drop(r);
-                r = Replica::open(&image, CONFIG).unwrap();
+                r = common::reopen(&image, CONFIG).await;
                 prop_assert_eq!(r.recovery(), Recovery::Clean);
                 prop_assert!(whole_disk(&r).await == m.s, "restart changed S");
                 m = Model::new(m.s);

@@ -73,6 +73,25 @@ pub(crate) fn sibling(image: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Takes the exclusive lock on the base image (`flock`), or says who holds it.
+fn lock_image(base: &File, image: &Path) -> io::Result<()> {
+    match base.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "{} is in use by another colo-blockd (it holds the image's lock); this one \
+                 touches neither the image nor its journal and spill files",
+                image.display()
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(io::Error::new(
+            e.kind(),
+            format!("cannot lock {}: {e}", image.display()),
+        )),
+    }
+}
+
 impl Store {
     pub(crate) fn open(
         image: &Path,
@@ -80,6 +99,11 @@ impl Store {
         metrics: Metrics,
     ) -> io::Result<(Store, Recovery)> {
         let base = OpenOptions::new().read(true).write(true).open(image)?;
+        // One replica per image: a second colo-blockd on the same S would recover the journal
+        // and truncate the spill files under the running one, which then commits zeros over
+        // writes it acknowledged. The lock is taken before anything next to S is touched and
+        // held as long as `base` is open (the kernel drops it when the process dies).
+        lock_image(&base, image)?;
         let size = base.metadata()?.len();
         let journal_path = sibling(image, ".colo-journal");
         let journal_is_new = !journal_path.exists();

@@ -208,3 +208,33 @@ pub fn serve_pair_until<B: colo_blockd::backend::BlockBackend + std::fmt::Debug>
         .unwrap();
     (raw::RawClient { stream: ours }, thread)
 }
+
+/// Opens the replica over `image` again after the test dropped the previous one. The image's
+/// lock (one replica per image) is held until every task of the old replica let go of the
+/// image, and the background writing of a commit may still be finishing: in a daemon that is
+/// the dead process, here a few milliseconds. Any other outcome is returned at once.
+pub async fn try_reopen(
+    image: &Path,
+    config: colo_blockd::replica::ReplicaConfig,
+) -> std::io::Result<colo_blockd::replica::Replica> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match colo_blockd::replica::Replica::open(image, config) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ResourceBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// [`try_reopen`], which must succeed.
+pub async fn reopen(
+    image: &Path,
+    config: colo_blockd::replica::ReplicaConfig,
+) -> colo_blockd::replica::Replica {
+    try_reopen(image, config).await.unwrap()
+}
