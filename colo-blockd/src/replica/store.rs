@@ -50,6 +50,12 @@ pub(crate) struct Store {
     /// consistent after the recovery that `Replica::open` runs, so every
     /// request is refused until a restart.
     broken: bool,
+    /// Writes of the primary's running epoch that could not be kept (the spill file's disk is
+    /// full, an I/O error), and the first error. The primary's quorum completed those writes on
+    /// its own disk, so adopting this epoch would leave S without them: the checkpoint is
+    /// refused instead (COLO ends, the primary serves on) until a failover drops the log or a
+    /// restart starts over.
+    pvm_lost: Option<(u64, String)>,
     /// Where the layers' fill is published after every change.
     metrics: Metrics,
 }
@@ -140,6 +146,7 @@ impl Store {
             crash: Arc::new(Mutex::new(crash)),
             last_commit: None,
             broken: false,
+            pvm_lost: None,
             metrics,
         };
         store.publish_fill();
@@ -191,6 +198,9 @@ impl Store {
             (Mode::Replicating, ViewKind::Replica) => {
                 let written = self.pvm.write(offset, data);
                 self.publish_fill();
+                if let Err(err) = &written {
+                    self.lose_pvm_write(err);
+                }
                 written
             }
             (Mode::Replicating, ViewKind::Svm) => {
@@ -266,6 +276,13 @@ impl Store {
         if self.mode == Mode::FailedOver {
             return Err(primary_is_gone());
         }
+        if let Some((count, first)) = &self.pvm_lost {
+            return Err(io::Error::other(format!(
+                "{count} write(s) of the primary's epoch could not be kept (first: {first}); \
+                 refusing to adopt a checkpoint the image would lack: COLO ends, the primary \
+                 serves on; free the disk under the image and re-protect"
+            )));
+        }
         // The journal holds one commit at a time.
         self.settle()?;
         let dropped = self.svm.reset();
@@ -336,6 +353,8 @@ impl Store {
         }
         self.settle()?;
         let dropped = self.pvm.reset();
+        // The log is dropped at failover: its lost writes no longer matter.
+        self.pvm_lost = None;
         self.publish_fill();
         dropped?;
         let result = {
@@ -389,6 +408,21 @@ impl Store {
         m.pvm_log_spilled_bytes.set(self.pvm.spilled_bytes());
         m.svm_overlay_memory_bytes.set(self.svm.memory_bytes());
         m.svm_overlay_spilled_bytes.set(self.svm.spilled_bytes());
+    }
+
+    /// Counts a write of the primary's epoch the log could not keep; the first one is logged.
+    fn lose_pvm_write(&mut self, err: &io::Error) {
+        match &mut self.pvm_lost {
+            Some((count, _)) => *count += 1,
+            None => {
+                tracing::error!(
+                    %err,
+                    "a write of the primary's epoch could not be kept in the PVM log; the next \
+                     checkpoint will be refused (COLO ends) rather than adopted without it"
+                );
+                self.pvm_lost = Some((1, err.to_string()));
+            }
+        }
     }
 
     fn alive(&self) -> io::Result<()> {
