@@ -76,10 +76,11 @@ impl QmpClient {
     /// Connects to the monitor at `endpoint` (`unix:PATH` or `tcp:HOST:PORT`)
     /// the way [`QmpClient::connect_unix`] or [`QmpClient::connect_tcp`] does.
     pub async fn connect_to(endpoint: &Address, opts: ConnectOptions) -> Result<QmpClient> {
-        match (endpoint, endpoint.tcp_host_port()) {
-            (Address::Unix(path), _) => Self::connect_unix(path, opts).await,
-            (Address::Tcp { .. }, Some(addr)) => Self::connect_tcp(&addr, opts).await,
-            (Address::Tcp { .. }, None) => unreachable!("a TCP address has a host and port"),
+        match endpoint {
+            Address::Unix(path) => Self::connect_unix(path, opts).await,
+            Address::Tcp { host, port } => {
+                Self::connect_tcp(&Address::host_port(host, *port), opts).await
+            }
         }
     }
 

@@ -95,7 +95,10 @@ async fn relay_keeps_up_with_a_direct_connection() {
     let listener = RelayListener::bind(&"tcp:127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let relay_addr = listener.local_endpoint().unwrap().tcp_host_port().unwrap();
+    let Address::Tcp { host, port } = listener.local_endpoint().unwrap() else {
+        unreachable!("a TCP listener has a TCP address")
+    };
+    let relay_addr = Address::host_port(&host, port);
     let relay2 = tokio::spawn(colo_relay::serve(
         listener,
         Address::from(l.local_addr().unwrap()),

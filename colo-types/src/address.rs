@@ -117,22 +117,13 @@ impl Address {
         }
     }
 
-    /// The host and port of a TCP address, as `TcpStream::connect` and
-    /// `TcpListener::bind` take them (an IPv6 host without brackets).
-    pub fn tcp_target(&self) -> Option<(&str, u16)> {
-        match self {
-            Address::Tcp { host, port } => Some((host, *port)),
-            Address::Unix(_) => None,
-        }
-    }
-
-    /// `HOST:PORT` of a TCP address (an IPv6 host in brackets), as
-    /// `TcpStream::connect` takes a string and logs show a peer.
-    pub fn tcp_host_port(&self) -> Option<String> {
-        match self {
-            Address::Tcp { host, port } if host.contains(':') => Some(format!("[{host}]:{port}")),
-            Address::Tcp { host, port } => Some(format!("{host}:{port}")),
-            Address::Unix(_) => None,
+    /// `HOST:PORT` as `TcpStream::connect` takes a string and logs show a peer (an IPv6 host
+    /// in brackets): what follows `tcp:` in the address's written form.
+    pub fn host_port(host: &str, port: u16) -> String {
+        if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
         }
     }
 
@@ -178,10 +169,7 @@ impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Address::Unix(p) => write!(f, "unix:{}", p.display()),
-            Address::Tcp { host, port } if host.contains(':') => {
-                write!(f, "tcp:[{host}]:{port}")
-            }
-            Address::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            Address::Tcp { host, port } => write!(f, "tcp:{}", Address::host_port(host, *port)),
         }
     }
 }
@@ -324,12 +312,8 @@ mod tests {
         assert_eq!(Address::from(p), want);
         assert_eq!(want.unix_path(), Some(Path::new("/run/r.sock")));
         assert!(!want.is_tcp() && Address::tcp("h", 1).is_tcp());
-        assert_eq!(Address::tcp("::1", 9).tcp_target(), Some(("::1", 9)));
-        assert_eq!(
-            Address::tcp("::1", 9).tcp_host_port().as_deref(),
-            Some("[::1]:9")
-        );
-        assert_eq!(Address::tcp("h", 9).tcp_host_port().as_deref(), Some("h:9"));
+        assert_eq!(Address::host_port("::1", 9), "[::1]:9");
+        assert_eq!(Address::host_port("h", 9), "h:9");
         let sock: std::net::SocketAddr = "[::1]:9".parse().unwrap();
         assert_eq!(Address::from(sock).to_string(), "tcp:[::1]:9");
     }
