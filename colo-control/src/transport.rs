@@ -29,20 +29,22 @@ fn split_unix(s: UnixStream) -> (StreamReader, StreamWriter) {
 /// vanishing (no FIN, no RST): idle, keepalive probes start after 2 s and
 /// give up after 4 more unanswered ones 1 s apart; with unacknowledged data
 /// in flight, `TCP_USER_TIMEOUT` ends it after this long.
-pub(crate) const TCP_DEAD_PEER: Duration = Duration::from_secs(6);
+pub const TCP_DEAD_PEER: Duration = Duration::from_secs(6);
 
 fn split_tcp(s: TcpStream) -> (StreamReader, StreamWriter) {
-    tune_tcp(&s);
+    tune_tcp(&s, "control");
     let (rd, wr) = s.into_split();
     (Box::new(rd), Box::new(wr))
 }
 
-/// `TCP_NODELAY`, keepalive and `TCP_USER_TIMEOUT`; a failure is logged, not
-/// fatal.
-fn tune_tcp(s: &TcpStream) {
+/// `TCP_NODELAY`, keepalive and `TCP_USER_TIMEOUT` ([`TCP_DEAD_PEER`]) on an inter-host
+/// connection (`what` names it in the warning); a failure is logged, not fatal. Every
+/// daemon's inter-host TCP socket gets this, so a peer host that vanishes without a FIN is
+/// noticed within seconds, not the kernel's minutes.
+pub fn tune_tcp(s: &TcpStream, what: &str) {
     if let Err(e) = s.set_nodelay(true) {
         // Still correct, only slower: every ack may wait for Nagle.
-        tracing::warn!(error = %e, "cannot set TCP_NODELAY on a control connection");
+        tracing::warn!(error = %e, connection = what, "cannot set TCP_NODELAY");
     }
     let sock = socket2::SockRef::from(&s);
     let keepalive = socket2::TcpKeepalive::new()
@@ -54,7 +56,7 @@ fn tune_tcp(s: &TcpStream) {
         .and_then(|()| sock.set_tcp_user_timeout(Some(TCP_DEAD_PEER)))
     {
         // Still correct while both hosts live; a dead peer host is noticed late.
-        tracing::warn!(error = %e, "cannot set TCP keepalive on a control connection");
+        tracing::warn!(error = %e, connection = what, "cannot set TCP keepalive");
     }
 }
 
@@ -154,7 +156,7 @@ mod tests {
         let client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let (_rd, _wr, peer) = listener.accept().await.unwrap();
         assert_eq!(peer, Some(client.local_addr().unwrap().to_string()));
-        tune_tcp(&client);
+        tune_tcp(&client, "control");
         assert!(client.nodelay().unwrap());
         let sock = socket2::SockRef::from(&client);
         assert!(sock.keepalive().unwrap());
