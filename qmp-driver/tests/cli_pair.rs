@@ -228,6 +228,13 @@ async fn failover_to_primary_sends_the_documented_sequence_and_notifies_the_rela
         }
         "human-monitor-command" => Answer::ret(json!("")),
         "query-status" => running(),
+        // The replication child's NBD node, as QEMU names a drive_add'ed
+        // replication driver's file child.
+        "query-yank" => Answer::ret(json!([
+            {"type": "migration"},
+            {"type": "block-node", "node-name": "#block412"},
+            {"type": "chardev", "id": "compare0"},
+        ])),
         _ => Answer::ok(),
     }));
 
@@ -239,6 +246,14 @@ async fn failover_to_primary_sends_the_documented_sequence_and_notifies_the_rela
             "primary",
             "exec-oob:yank",
             json!({"instances": [{"type": "migration"}]}),
+        ),
+        // A hung secondary must not hang the child's removal: its requests
+        // are failed first.
+        expect("primary", "exec-oob:query-yank", Value::Null),
+        expect(
+            "primary",
+            "exec-oob:yank",
+            json!({"instances": [{"type": "block-node", "node-name": "#block412"}]}),
         ),
         expect(
             "primary",

@@ -361,7 +361,8 @@ async fn bridge_through_proxyd(
 }
 
 /// The primary carries on alone after the secondary died: yank the
-/// migration stream (out of band, best effort), remove the replication
+/// migration stream and the NBD replication child (out of band, best
+/// effort), remove the replication
 /// child from the quorum (`x-blockdev-change ... children.1`, `drive_del`),
 /// `object-del comp0, iothread1, m0, redire0, redire1`,
 /// `x-colo-lost-heartbeat`, the hook; then waits until the VM runs and
@@ -383,6 +384,9 @@ pub async fn failover_to_primary(
     let end = Ending::new(&opts, already, started);
     if !already && !yanked {
         steps::yank_migration(primary, side, &mut journal).await;
+        // Before x-blockdev-change, which drains the child's requests: a
+        // hung secondary would otherwise hang it.
+        steps::yank_replication_child(primary, &mut journal).await;
     }
     let changed = primary_sequence(primary, cfg, already, &mut journal).await?;
     let hook_error = if changed {

@@ -206,6 +206,11 @@ pub(crate) async fn colo_status_unsticking(
         Err(QmpError::Timeout { .. }) => {
             tracing::warn!(%side, "query-colo-status hangs: yanking the migration stream first");
             yank_migration(qmp, side, journal).await;
+            if side == Role::Primary {
+                // A hung NBD child holds the big lock too (QEMU drains the
+                // disk's requests under it at every checkpoint).
+                yank_replication_child(qmp, journal).await;
+            }
             *yanked = true;
             colo_status(qmp, side).await
         }
@@ -301,6 +306,62 @@ pub(crate) async fn yank_migration(qmp: &QmpClient, side: Role, journal: &mut Jo
             qmp.yank(serde_json::json!([{ "type": "migration" }])),
         )
         .await;
+}
+
+/// Out-of-band `yank` of the primary's NBD client nodes (the quorum's
+/// replication child), best effort. A secondary host that stopped answering
+/// leaves the child's requests pending for ever (QEMU's NBD client has no
+/// request timeout, and the quorum waits for every child), which freezes
+/// the guest's disk and, at the next checkpoint's drain, the whole monitor.
+/// The yank fails those requests at once, so the quorum completes them from
+/// the local child and the child can be removed.
+///
+/// Which nodes: every `block-node` instance `query-yank` lists on the
+/// primary. Only NBD clients register one, and the primary's only NBD
+/// client is the replication child (its own disk is a local file).
+pub(crate) async fn yank_replication_child(qmp: &QmpClient, journal: &mut Journal<'_, '_>) {
+    let side = Role::Primary;
+    let listed = if qmp.oob_enabled() {
+        qmp.execute_oob_raw("query-yank", None).await
+    } else {
+        qmp.execute_raw_timeout("query-yank", None, Duration::from_secs(3))
+            .await
+    };
+    let instances = match listed {
+        Ok(list) => block_node_instances(&list),
+        Err(e) => {
+            journal.record(Step {
+                side,
+                what: "query-yank".into(),
+                outcome: Outcome::Failed,
+                ms: 0.0,
+                detail: Some(e.to_string()),
+            });
+            return;
+        }
+    };
+    if instances.is_empty() {
+        journal.skipped(side, "yank NBD child", "no NBD client node left");
+        return;
+    }
+    let names: Vec<&str> = instances
+        .iter()
+        .filter_map(|i| i["node-name"].as_str())
+        .collect();
+    let what = format!("yank NBD child {}", names.join(", "));
+    journal
+        .best_effort(side, &what, qmp.yank(Value::Array(instances.clone())))
+        .await;
+}
+
+/// The `block-node` entries of a `query-yank` answer.
+fn block_node_instances(list: &Value) -> Vec<Value> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["type"] == "block-node" && i["node-name"].is_string())
+        .cloned()
+        .collect()
 }
 
 /// Labels of chardevs that are not connected (or do not exist).
