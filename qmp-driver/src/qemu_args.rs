@@ -115,18 +115,21 @@ impl Args {
         // and the pair silently degrades to releasing every packet at the periodic checkpoint.
         // Machine types before 4.2 run without the flag; so do both COLO VMs.
         self.opt("-global", "virtio-device.use-disabled-flag=false")
-            .opt("-qmp", qmp_value(&cfg.host(role).qmp))
-            .opt(
-                "-netdev",
-                format!(
-                    "tap,id={netdev},ifname={},script=no,downscript=no,vhost=off,vnet_hdr=off",
-                    vm.tap_for(role)
-                ),
-            )
-            .opt(
-                "-device",
-                format!("virtio-net-pci,netdev={netdev},mac={},romfile=", vm.mac),
-            )
+            .opt("-qmp", qmp_value(&cfg.host(role).qmp));
+        if let Some(watch) = &cfg.host(role).watch_qmp {
+            self.opt("-qmp", qmp_value(watch));
+        }
+        self.opt(
+            "-netdev",
+            format!(
+                "tap,id={netdev},ifname={},script=no,downscript=no,vhost=off,vnet_hdr=off",
+                vm.tap_for(role)
+            ),
+        )
+        .opt(
+            "-device",
+            format!("virtio-net-pci,netdev={netdev},mac={},romfile=", vm.mac),
+        )
     }
 }
 

@@ -59,6 +59,7 @@ impl Bed {
             name = "t1"
             [primary]
             qmp = "unix:{d}/p.qmp"
+            watch_qmp = "unix:{d}/pw.qmp"
             host = "127.0.0.1"
             [secondary]
             qmp = "unix:{d}/s.qmp"
@@ -75,6 +76,37 @@ impl Bed {
 
     fn primary(&self, script: Script) {
         fake_qemu(&self.path("p.qmp"), "primary", self.log.clone(), script);
+    }
+
+    /// The primary's second monitor, the watch agent's.
+    fn primary_watch(&self, script: Script) {
+        fake_qemu(&self.path("pw.qmp"), "primary", self.log.clone(), script);
+    }
+
+    /// Starts `qmp-driver watch` with `args`; the caller stops it.
+    fn spawn(&self, args: &[&str]) -> tokio::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_qmp-driver"))
+            .arg("--config")
+            .arg(self.path("pair.toml"))
+            .args(args)
+            .env_remove("COLO_CONFIG")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("run qmp-driver")
+    }
+
+    /// Waits until `cmd` was sent, up to 30 s.
+    async fn wait_sent(&self, cmd: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.sent().iter().any(|(_, c, _)| c == cmd) {
+            assert!(
+                Instant::now() < deadline,
+                "{cmd} never sent: {:?}",
+                self.sent()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn secondary(&self, script: Script) {
@@ -770,4 +802,169 @@ async fn relay_takes_its_settings_from_the_config_and_stops_on_sigterm() {
     let out = bed.run(&["relay"]).await;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("[relay]"), "{}", stderr(&out));
+}
+
+/// A primary in COLO until `x-colo-lost-heartbeat`; `status` answers `query-status` while in
+/// COLO (the count of earlier answers is given).
+fn primary_in_colo(mut status: impl FnMut(usize) -> Answer + Send + 'static) -> Script {
+    let mut failed_over = false;
+    let mut probes = 0;
+    Box::new(move |cmd, _| match cmd {
+        "query-colo-status" if failed_over => colo_status("none", "primary", "request"),
+        "query-colo-status" => colo_status("primary", "none", "none"),
+        "x-colo-lost-heartbeat" => {
+            failed_over = true;
+            Answer::ok()
+        }
+        "query-status" if failed_over => running(),
+        "query-status" => {
+            probes += 1;
+            status(probes - 1)
+        }
+        "query-yank" => Answer::ret(json!([{"type": "migration"}])),
+        "human-monitor-command" => Answer::ret(json!("")),
+        _ => Answer::ok(),
+    })
+}
+
+/// Stops the agent with SIGTERM; its exit status and stderr.
+async fn stop_agent(agent: tokio::process::Child) -> (Option<i32>, String) {
+    let pid = agent.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let out = tokio::time::timeout(Duration::from_secs(10), agent.wait_with_output())
+        .await
+        .expect("the agent ignores SIGTERM")
+        .unwrap();
+    (out.status.code(), stderr(&out))
+}
+
+fn position(sent: &[(String, String, Value)], cmd: &str) -> usize {
+    sent.iter()
+        .position(|(_, c, _)| c == cmd)
+        .unwrap_or_else(|| panic!("{cmd} not sent: {sent:?}"))
+}
+
+#[tokio::test]
+async fn watch_fails_over_to_the_primary_on_colo_exit() {
+    let bed = Bed::new();
+    bed.config("");
+    // The third probe's answer is followed by QEMU's COLO_EXIT (the stream broke).
+    bed.primary_watch(primary_in_colo(|n| {
+        let answer = Answer::ret(json!({"running": true, "status": "running"}));
+        if n == 2 {
+            answer.then_events([event(
+                "COLO_EXIT",
+                1,
+                0,
+                Some(json!({"mode": "primary", "reason": "error"})),
+            )])
+        } else {
+            answer
+        }
+    }));
+    let agent = bed.spawn(&["watch", "--probe-ms", "20", "--no-relay"]);
+    bed.wait_sent("x-colo-lost-heartbeat").await;
+    bed.wait_sent("query-status").await;
+    let (code, err) = stop_agent(agent).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("colo-exit"), "{err}");
+    assert!(err.contains("failover to the primary done"), "{err}");
+    let sent = bed.sent();
+    // Let go of the dead peer first, then the documented sequence.
+    let yank = position(&sent, "exec-oob:yank");
+    assert!(yank < position(&sent, "x-blockdev-change"), "{sent:?}");
+    assert!(
+        position(&sent, "x-blockdev-change") < position(&sent, "x-colo-lost-heartbeat"),
+        "{sent:?}"
+    );
+    // Nothing went to the operator's monitor: the agent has its own.
+    assert!(
+        !bed.path("p.qmp").exists(),
+        "the operator's monitor was never served"
+    );
+}
+
+#[tokio::test]
+async fn watch_fails_over_when_a_checkpoint_keeps_the_primary_stopped() {
+    let bed = Bed::new();
+    bed.config("");
+    // From the second probe on, the primary is stopped for a checkpoint that never ends.
+    bed.primary_watch(primary_in_colo(|n| {
+        let status = if n == 0 { "running" } else { "colo" };
+        Answer::ret(json!({"running": n == 0, "status": status}))
+    }));
+    let agent = bed.spawn(&[
+        "watch",
+        "--probe-ms",
+        "20",
+        "--stall-ms",
+        "300",
+        "--no-relay",
+        "--no-hook",
+    ]);
+    bed.wait_sent("x-colo-lost-heartbeat").await;
+    let (code, err) = stop_agent(agent).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("checkpoint-stalled"), "{err}");
+    let sent = bed.sent();
+    let probes = sent.iter().filter(|(_, c, _)| c == "query-status").count();
+    assert!(
+        probes >= 3,
+        "the stall was seen over several probes: {sent:?}"
+    );
+}
+
+#[tokio::test]
+async fn watch_yanks_and_fails_over_when_the_primary_monitor_hangs() {
+    let bed = Bed::new();
+    bed.config("");
+    // The second query-status is never answered (the big lock is held on a dead peer).
+    bed.primary_watch(primary_in_colo(|n| {
+        if n == 1 { Answer::nothing() } else { running() }
+    }));
+    let agent = bed.spawn(&[
+        "watch",
+        "--probe-ms",
+        "20",
+        "--stall-ms",
+        "300",
+        "--no-relay",
+        "--no-hook",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    bed.wait_sent("x-colo-lost-heartbeat").await;
+    let (code, err) = stop_agent(agent).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("monitor-hung"), "{err}");
+    let sent = bed.sent();
+    assert_eq!(
+        sent[position(&sent, "exec-oob:yank")].2,
+        json!({"instances": [{"type": "migration"}]})
+    );
+}
+
+#[tokio::test]
+async fn watch_without_its_own_monitor_is_a_config_error() {
+    let bed = Bed::new();
+    let config = bed.config("");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without: String = text
+        .lines()
+        .filter(|l| !l.contains("watch_qmp"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&config, without).unwrap();
+    let out = bed.run(&["watch"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("primary.watch_qmp"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -5,6 +5,7 @@ mod lowlevel;
 mod pair_cmds;
 mod relay;
 mod render;
+mod watch;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use colo_daemon::logging::LogFormat;
@@ -304,6 +305,46 @@ pub enum Command {
         no_relay: bool,
     },
 
+    /// Watch the PRIMARY and fail over to it by itself when the secondary stops taking part.
+    #[command(
+        long_about = "The primary's watch agent: runs until SIGINT or SIGTERM, on its own QMP \
+        socket of the primary (primary.watch_qmp in the config; `qemu-args` adds it to \
+        QEMU's command line). Run it on the primary's host, e.g. as a systemd unit next to \
+        the QEMU.\n\n\
+        While the primary is in COLO it probes it every --probe-ms. When QEMU reports \
+        COLO_EXIT on the primary, when its monitor does not answer within --stall-ms, or when \
+        a checkpoint keeps the VM stopped for longer than --stall-ms (the secondary's host \
+        went silent), it yanks the migration stream and the NBD replication child out of band \
+        and runs the sequence of `failover --survivor primary` (hook and relay notification \
+        included): the VM then serves alone, unprotected. The client-visible stall is about \
+        --stall-ms plus the failover's own time (tens of ms).\n\n\
+        It never makes the secondary take over: that needs quorum and fencing, so it stays the \
+        operator's `failover --survivor secondary` after fencing the primary. Logs go to \
+        stderr (info by default); --metrics serves colo_watch_* for Prometheus.",
+        after_help = "Exit codes: 0 stopped by a signal, 2 usage or config error, 4 the \
+        primary's monitor cannot be reached or went away (QEMU exited)."
+    )]
+    Watch {
+        /// How long a checkpoint may keep the primary stopped, or its monitor silent, before
+        /// the secondary counts as gone, in ms. Keep it above the longest checkpoint pause.
+        #[arg(long, default_value = "3000", value_name = "MS", env = "COLO_WATCH_STALL_MS",
+              value_parser = clap::value_parser!(u64).range(100..))]
+        stall_ms: u64,
+        /// How often the primary is probed, in ms.
+        #[arg(long, default_value = "250", value_name = "MS", env = "COLO_WATCH_PROBE_MS",
+              value_parser = clap::value_parser!(u64).range(10..))]
+        probe_ms: u64,
+        /// Serve Prometheus metrics (colo_watch_*) on HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT", env = "COLO_WATCH_METRICS")]
+        metrics: Option<std::net::SocketAddr>,
+        /// Do not run the config's failover.primary_continue_hook.
+        #[arg(long)]
+        no_hook: bool,
+        /// Do not notify the relay.
+        #[arg(long)]
+        no_relay: bool,
+    },
+
     /// Planned end of COLO keeping the PRIMARY; quit the secondary QEMU.
     #[command(
         long_about = "End protection on purpose, keeping the primary: on the primary, remove the \
@@ -419,7 +460,7 @@ pub fn parse() -> Cli {
 /// Sets up logging on stderr.
 pub fn init_logging(cli: &Cli) {
     let default = match cli.command {
-        Command::Relay(_) => "info",
+        Command::Relay(_) | Command::Watch { .. } => "info",
         _ => "warn",
     };
     colo_daemon::logging::init(default, cli.globals.log_format);
@@ -467,6 +508,25 @@ pub async fn run(cli: Cli) -> ExitCode {
             Ok(cfg) => pair_cmds::qemu_args(&cfg, role, shell),
             Err(e) => fail(&e, Exit::Usage),
         },
+        Command::Watch {
+            stall_ms,
+            probe_ms,
+            metrics,
+            no_hook,
+            no_relay,
+        } => {
+            let cfg = match g.load_config() {
+                Ok(cfg) => cfg,
+                Err(e) => return fail(&e, Exit::Usage),
+            };
+            let opts = qmp_driver::pair::WatchOptions {
+                stall: Duration::from_millis(stall_ms),
+                probe: Duration::from_millis(probe_ms),
+                run_hook: !no_hook,
+                notify_relay: !no_relay,
+            };
+            watch::run(&cfg, &g, opts, metrics).await
+        }
         command => {
             let cfg = match g.load_config() {
                 Ok(cfg) => cfg,

@@ -207,7 +207,7 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
             list,
             shell,
         } => daemon_args(cfg, daemon, list, shell),
-        Command::Raw(_) | Command::Events(_) | Command::Relay(_) => {
+        Command::Raw(_) | Command::Events(_) | Command::Relay(_) | Command::Watch { .. } => {
             fail(&"internal error: not a pair command", Exit::Usage)
         }
     }

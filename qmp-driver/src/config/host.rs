@@ -9,6 +9,10 @@ use serde::Deserialize;
 pub struct HostConfig {
     /// Its QEMU's QMP socket.
     pub qmp: Address,
+    /// A second QMP socket for the watch agent (`qmp-driver watch`), which keeps its
+    /// connection for ever: QEMU serves one client per monitor, so the agent on `qmp` would
+    /// lock the operator's commands out.
+    pub watch_qmp: Option<Address>,
     /// The host's address on the replication link: the primary's filter
     /// sockets listen there; the secondary's NBD server listens there.
     pub host: String,
@@ -19,6 +23,7 @@ pub struct HostConfig {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHost {
     qmp: Option<String>,
+    watch_qmp: Option<String>,
     host: Option<String>,
 }
 
@@ -30,6 +35,11 @@ impl HostConfig {
             qmp: required(raw.qmp, "the QEMU's QMP socket, unix:PATH or tcp:HOST:PORT")
                 .and_then(endpoint)
                 .at(format!("{section}.qmp"))?,
+            watch_qmp: raw
+                .watch_qmp
+                .map(endpoint)
+                .transpose()
+                .at(format!("{section}.watch_qmp"))?,
             host: required(
                 raw.host,
                 "the host's address on the replication link, e.g. \"192.168.77.1\"",

@@ -37,6 +37,7 @@ mod relay_link;
 mod start;
 mod status;
 mod steps;
+mod watch;
 
 use crate::config::PairConfig;
 use colo_qmp::{ConnectOptions, QmpClient, QmpError};
@@ -55,6 +56,7 @@ pub use failover::{
 };
 pub use relay_link::RelayStatus;
 pub use start::{PrepareReport, StartOptions, StartReport, prepare_secondary, start};
+pub use watch::{Trigger, WatchEvent, WatchOptions, watch_primary};
 pub use status::{PairStatus, RelayReport, SideStatus, relay_status, side_status, status};
 
 /// What went wrong, on which side, and what to do about it.
