@@ -521,7 +521,9 @@ async fn output_passes_before_colo_and_a_failover_to_the_primary_releases_what_w
     let dir = tempfile::tempdir().unwrap();
     let control = dir.path().join("control.sock");
     let hub = ControlHub::new(tokio::net::UnixListener::bind(&control).unwrap());
-    let _qmp = fake_qmp(&dir.path().join("qmp.sock"), &[]);
+    let qemu = QemuColoMode::in_colo();
+    qemu.set("none", "none");
+    let _qmp = fake_qmp_with(&dir.path().join("qmp.sock"), &[], qemu.clone());
     let shutdown = CancellationToken::new();
     let mut primary = start_primary(dir.path(), &control, 10_000, &shutdown).await;
     wait_subscribers(&hub, 1).await;
@@ -530,6 +532,7 @@ async fn output_passes_before_colo_and_a_failover_to_the_primary_releases_what_w
     primary.compare0.send(&early).await;
     assert_eq!(primary.compare_out.recv(PATIENCE).await, Some(early));
 
+    qemu.set("primary", "none");
     hub.publish(EventBody::new(EventKind::ColoStarted, 1)).await;
     wait_metric(&primary.metrics, "colo_proxyd_comparing 1").await;
     let held = tcp(true, 1006, 1, 0x18, b"during");
@@ -541,10 +544,83 @@ async fn output_passes_before_colo_and_a_failover_to_the_primary_releases_what_w
     assert_eq!(primary.compare_out.recv(QUIET).await, None);
     hub.publish(EventBody::new(EventKind::Failover, 1).with_survivor(colo_types::Role::Primary))
         .await;
+    qemu.set("none", "primary");
     assert_eq!(primary.compare_out.recv(PATIENCE).await, Some(held));
     let after = tcp(true, 1012, 1, 0x18, b"after");
     primary.compare0.send(&after).await;
     assert_eq!(primary.compare_out.recv(PATIENCE).await, Some(after));
+    shutdown.cancel();
+    tokio::time::timeout(PATIENCE, primary.task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// Issue 12: a primary daemon (re)started after COLO ended, with the relay unable to say more
+/// than "exited" (or unreachable, on the dead host), releases nothing until its own QEMU says
+/// a failover to the primary ended COLO (the watch agent's or the operator's
+/// `x-colo-lost-heartbeat`), and then releases what it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_restarted_after_colo_ended_holds_until_qemu_says_it_survived() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, control) = hub_in_colo(dir.path(), 7);
+    hub.update_status(|s| s.state = colo_control::protocol::RelayState::Exited);
+    // QEMU is still a COLO primary, waiting for a failover decision.
+    let qemu = QemuColoMode::in_colo();
+    let mut qmp = fake_qmp_with(&dir.path().join("qmp.sock"), &[], qemu.clone());
+    let shutdown = CancellationToken::new();
+    let mut primary = start_primary(dir.path(), &control, 10_000, &shutdown).await;
+    wait_subscribers(&hub, 1).await;
+    qmp.recv_named("query-colo-status", PATIENCE)
+        .await
+        .expect("the daemon asks QEMU");
+    let held = tcp(true, 1000, 1, 0x18, b"held");
+    primary.compare0.send(&held).await;
+    assert_eq!(
+        primary.compare_out.recv(QUIET).await,
+        None,
+        "released uncompared"
+    );
+    // Several answers later, still held: no decision yet.
+    for _ in 0..3 {
+        qmp.recv_named("query-colo-status", PATIENCE).await.unwrap();
+    }
+    assert_eq!(
+        primary.compare_out.recv(QUIET).await,
+        None,
+        "released uncompared"
+    );
+    // The failover to the primary ran; the relay on the other host could not be told.
+    qemu.set("none", "primary");
+    assert_eq!(primary.compare_out.recv(PATIENCE).await, Some(held));
+    let after = tcp(true, 1004, 1, 0x18, b"after");
+    primary.compare0.send(&after).await;
+    assert_eq!(primary.compare_out.recv(PATIENCE).await, Some(after));
+    shutdown.cancel();
+    tokio::time::timeout(PATIENCE, primary.task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// A primary whose QEMU cannot be asked holds, even before COLO: it cannot tell "before COLO"
+/// from "COLO ended, no decision".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_cannot_ask_its_qemu_releases_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let hub = ControlHub::new(tokio::net::UnixListener::bind(&control).unwrap());
+    let shutdown = CancellationToken::new();
+    // No monitor at qmp.sock.
+    let mut primary = start_primary(dir.path(), &control, 10_000, &shutdown).await;
+    wait_subscribers(&hub, 1).await;
+    let frame = tcp(true, 1000, 1, 0x18, b"unknown");
+    primary.compare0.send(&frame).await;
+    assert_eq!(
+        primary.compare_out.recv(QUIET).await,
+        None,
+        "released uncompared"
+    );
     shutdown.cancel();
     tokio::time::timeout(PATIENCE, primary.task)
         .await

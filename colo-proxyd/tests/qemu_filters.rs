@@ -160,7 +160,9 @@ async fn the_release_redirector_is_recreated_in_its_place_when_compare_out_recon
     // No COLO: the PVM's output passes uncompared, so it reaches compare_out at once.
     let control = dir.path().join("control.sock");
     let _hub = ControlHub::new(UnixListener::bind(&control).unwrap());
-    let mut qmp = fake_qmp(&dir.path().join("qmp.sock"), &[]);
+    let qemu = QemuColoMode::in_colo();
+    qemu.set("none", "none");
+    let mut qmp = fake_qmp_with(&dir.path().join("qmp.sock"), &[], qemu);
     let shutdown = CancellationToken::new();
     let p = start_primary(dir.path(), &control, true, &shutdown).await;
     let mut compare0 = Chardev::accept(p.compare0.as_ref().unwrap()).await;

@@ -10,8 +10,8 @@
 //! * [`epochs`]: the relay's epoch events, acknowledged only when the role loop is done;
 //! * [`gate`] (primary) and [`svm_path`] (secondary): the role logic, pure;
 //! * [`primary`] and [`secondary`]: the role loops that wire the above together;
-//! * [`checkpoint`] and [`failopen`]: the primary's QMP side (checkpoint requests, the
-//!   chardev check);
+//! * [`checkpoint`], [`colo_state`] and [`failopen`]: the primary's QMP side (checkpoint
+//!   requests, QEMU's own COLO state, the chardev check);
 //! * [`qemu_filters`]: QEMU's filters kept working over QMP (a redirector re-created when its
 //!   input chardev reconnects; the guest's link down while the PVM's output has no socket);
 //! * [`metrics`] and [`config`].
@@ -21,6 +21,7 @@
 
 pub mod attachment;
 pub mod checkpoint;
+pub mod colo_state;
 pub mod config;
 pub mod epochs;
 pub mod failopen;

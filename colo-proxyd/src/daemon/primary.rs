@@ -32,6 +32,7 @@ use super::attachment::{
     spawn_source_watched,
 };
 use super::checkpoint::{RELAY_PREFIX, reason_label};
+use super::colo_state::{self, QemuColo};
 use super::config::PrimaryConfig;
 use super::epochs::{self, Completion, EpochNotice, RelayOptions};
 use super::gate::{GateOutput, Protection, ReleaseGate, SvmFrameFate};
@@ -42,6 +43,9 @@ use super::qemu_filters::{self, IndevRedirector};
 use super::{DaemonError, bind, failopen};
 use colo_daemon::checkpoint::{CheckpointRequester, RequestOptions};
 use colo_daemon::qmp_session::QmpSession;
+
+/// How often QEMU's own COLO state is asked (`query-colo-status`, one small command).
+const QEMU_STATE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The primary's listening sockets, bound before [`run`] so that a test (or a supervisor)
 /// knows the addresses and a busy port fails at start.
@@ -118,7 +122,9 @@ pub async fn run(
             tasks.clone(),
         )),
     );
-    let (protection_tx, protection) = watch::channel(Protection::Unprotected);
+    // Nothing is released uncompared until QEMU or the relay said the pair is not in COLO
+    // (`colo_state`): a daemon restarted while QEMU is still a COLO primary must hold.
+    let (protection_tx, protection) = watch::channel(Protection::Exited);
     if config.link_down_without_pvm_output {
         tokio::spawn(qemu_filters::guard_guest_link(
             qmp.clone(),
@@ -130,6 +136,7 @@ pub async fn run(
             tasks.clone(),
         ));
     }
+    let qemu_colo = colo_state::spawn(qmp.clone(), QEMU_STATE_INTERVAL, tasks.clone());
     let link = peer::spawn_primary(listeners.link, metrics.clone(), tasks.clone());
     let requester = CheckpointRequester::spawn(
         qmp.clone(),
@@ -170,7 +177,7 @@ pub async fn run(
     );
     let tick = (config.engine.max_hold / 4).max(Duration::from_millis(5));
     let mut role = PrimaryRole {
-        gate: ReleaseGate::new(config.engine, Protection::Unprotected, 0),
+        gate: ReleaseGate::new(config.engine, Protection::Exited, 0),
         release,
         link: link.outgoing,
         requester,
@@ -178,12 +185,32 @@ pub async fn run(
         out: Vec::new(),
         clock: Instant::now(),
         protection: protection_tx,
-        published: Protection::Unprotected,
+        published: Protection::Exited,
     };
-    role.run(pvm, mirror, link.incoming, relay, tick, &shutdown)
-        .await;
+    let inputs = RoleInputs {
+        pvm,
+        mirror,
+        from_link: link.incoming,
+        relay,
+        qemu_colo,
+    };
+    role.run(inputs, tick, &shutdown).await;
     tracing::info!("colo-proxyd primary stopped");
     Ok(())
+}
+
+/// What the role loop reads from.
+struct RoleInputs {
+    /// The PVM's output (QEMU's `compare0`).
+    pvm: FrameSource,
+    /// The client's packets into the PVM (QEMU's `mirror0`), for the secondary.
+    mirror: FrameSource,
+    /// The secondary daemon's messages (the SVM's output).
+    from_link: tokio::sync::mpsc::Receiver<LinkMessage>,
+    /// The relay's epoch events.
+    relay: tokio::sync::mpsc::Receiver<EpochNotice>,
+    /// QEMU's own COLO state.
+    qemu_colo: tokio::sync::mpsc::Receiver<QemuColo>,
 }
 
 struct PrimaryRole {
@@ -204,15 +231,14 @@ impl PrimaryRole {
         self.clock.elapsed()
     }
 
-    async fn run(
-        &mut self,
-        mut pvm: FrameSource,
-        mut mirror: FrameSource,
-        mut from_link: tokio::sync::mpsc::Receiver<LinkMessage>,
-        mut relay: tokio::sync::mpsc::Receiver<EpochNotice>,
-        tick: Duration,
-        shutdown: &CancellationToken,
-    ) {
+    async fn run(&mut self, inputs: RoleInputs, tick: Duration, shutdown: &CancellationToken) {
+        let RoleInputs {
+            mut pvm,
+            mut mirror,
+            mut from_link,
+            mut relay,
+            mut qemu_colo,
+        } = inputs;
         let mut timer = tokio::time::interval(tick);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Registered once: a fresh `cancelled()` per packet costs a lock to register and one
@@ -242,6 +268,8 @@ impl PrimaryRole {
                     Some(notice) => self.notice(notice, &mut pvm).await,
                     None => return,
                 },
+                // A closed channel (its task ended) disables the branch.
+                Some(state) = qemu_colo.recv() => self.qemu_colo(state),
                 _ = timer.tick() => {
                     let now = self.now();
                     self.gate.tick(now, &mut self.out);
@@ -266,6 +294,38 @@ impl PrimaryRole {
         let now = self.now();
         if self.gate.svm_frame(epoch, frame, now, &mut self.out) == SvmFrameFate::Stale {
             self.metrics.stale_svm_frame();
+        }
+    }
+
+    /// QEMU's own COLO state changed (see [`colo_state`]).
+    fn qemu_colo(&mut self, state: QemuColo) {
+        let now = self.now();
+        let protection = self.gate.protection();
+        match (state, protection) {
+            // The relay's failover to the secondary is final for this side.
+            (_, Protection::Fenced) => {}
+            (QemuColo::InColo, Protection::Unprotected) => tracing::warn!(
+                "QEMU is a COLO primary but the relay has not said COLO started: output \
+                 passes uncompared until it does (is the relay's control socket reachable?)"
+            ),
+            (QemuColo::InColo, _) => {
+                tracing::info!(qemu = state.as_str(), ?protection, "QEMU is a COLO primary")
+            }
+            (QemuColo::NeverProtected | QemuColo::SurvivedAlone, Protection::Unprotected) => {}
+            (QemuColo::NeverProtected | QemuColo::SurvivedAlone, _) => {
+                let held = self.gate.held_packets();
+                self.gate.failover(true, now, &mut self.out);
+                tracing::warn!(
+                    qemu = state.as_str(),
+                    released = held,
+                    "QEMU is not in COLO ({}): the PVM's output now passes uncompared",
+                    if state == QemuColo::SurvivedAlone {
+                        "a failover to the primary ended it"
+                    } else {
+                        "it never was"
+                    }
+                );
+            }
         }
     }
 

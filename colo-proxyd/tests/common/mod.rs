@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use colo_control::hub::ControlHub;
@@ -136,17 +137,45 @@ impl Chardev {
 pub const DELAY_MS: u64 = 20000;
 
 /// What colo-proxyd only asks of the monitor: [`next_qmp_command`] skips them.
-const QUERIES: [&str; 4] = [
+const QUERIES: [&str; 5] = [
     "query-migrate",
     "query-migrate-parameters",
     "migrate-set-parameters",
     "query-chardev",
+    "query-colo-status",
 ];
 
-/// A QMP monitor of a primary in COLO: `query-migrate` says `colo`, `query-migrate-parameters`
-/// has `x-checkpoint-delay` [`DELAY_MS`], `query-chardev` shows `chardevs` connected, every
-/// other command returns `{}`.
+/// What the fake primary QEMU answers to `query-colo-status`; a test changes it as COLO
+/// starts or a failover happens.
+#[derive(Debug, Clone)]
+pub struct QemuColoMode(Arc<Mutex<(&'static str, &'static str)>>);
+
+impl QemuColoMode {
+    /// A COLO primary (`mode` `primary`).
+    pub fn in_colo() -> QemuColoMode {
+        QemuColoMode(Arc::new(Mutex::new(("primary", "none"))))
+    }
+
+    /// From now on QEMU reports `mode` and `last_mode`.
+    pub fn set(&self, mode: &'static str, last_mode: &'static str) {
+        *self.0.lock().unwrap() = (mode, last_mode);
+    }
+
+    fn answer(&self) -> Value {
+        let (mode, last) = *self.0.lock().unwrap();
+        json!({"mode": mode, "last-mode": last, "reason": "none"})
+    }
+}
+
+/// A QMP monitor of a primary in COLO: `query-migrate` says `colo`, `query-colo-status` says
+/// mode `primary`, `query-migrate-parameters` has `x-checkpoint-delay` [`DELAY_MS`],
+/// `query-chardev` shows `chardevs` connected, every other command returns `{}`.
 pub fn fake_qmp(path: &Path, chardevs: &[&str]) -> FakeMonitor {
+    fake_qmp_with(path, chardevs, QemuColoMode::in_colo())
+}
+
+/// [`fake_qmp`] whose `query-colo-status` answers what `colo` holds at the time.
+pub fn fake_qmp_with(path: &Path, chardevs: &[&str], colo: QemuColoMode) -> FakeMonitor {
     let chardevs: Vec<Value> = chardevs
         .iter()
         .map(|id| {
@@ -160,6 +189,7 @@ pub fn fake_qmp(path: &Path, chardevs: &[&str]) -> FakeMonitor {
             Answer::ret(json!({"x-checkpoint-delay": DELAY_MS, "max-bandwidth": 1}))
         }
         "query-chardev" => Answer::ret(Value::Array(chardevs.clone())),
+        "query-colo-status" => Answer::ret(colo.answer()),
         _ => Answer::ok(),
     })
 }
