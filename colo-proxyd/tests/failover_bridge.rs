@@ -532,3 +532,67 @@ async fn without_the_bridge_options_a_failover_warns_and_changes_nothing_else() 
     assert!(!text.contains("port=\"red3\""), "no bridge ports: {text}");
     s.stop().await;
 }
+
+/// Issue 12: a secondary daemon (re)started after the failover to the secondary, with the
+/// relay unable to tell it (its state is `exited`, the primary's host is gone), learns the
+/// failover from its own QEMU (`query-colo-status`: mode `none`, last mode `secondary`) and
+/// bridges the SVM's traffic again instead of sending it to the dead primary.
+#[tokio::test]
+async fn a_secondary_restarted_after_its_failover_bridges_again() {
+    Logs::get();
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, control) = hub_in_colo(dir.path(), EPOCH);
+    hub.update_status(|s| s.state = colo_control::protocol::RelayState::Exited);
+    let qemu = QemuColoMode::in_colo();
+    qemu.set("none", "secondary");
+    let qmp_path = dir.path().join("qmp.sock");
+    let _qmp = fake_qmp_with(&qmp_path, &[], qemu);
+    let any = || Some("127.0.0.1:0".to_owned());
+    let config = SecondaryConfig::try_from(SecondaryArgs {
+        svm_input_listen: any(),
+        svm_output_listen: any(),
+        net_output_listen: any(),
+        net_input_listen: any(),
+        // The primary's host is gone: nothing listens there.
+        primary_link: Some("127.0.0.1:1".to_owned()),
+        control: Some(control.as_path().into()),
+        metrics: any(),
+        qmp: Some(format!("unix:{}", qmp_path.display())),
+        ..SecondaryArgs::default()
+    })
+    .unwrap();
+    let listeners = secondary::SecondaryListeners::bind(&config).await.unwrap();
+    let address = |l: &TcpListener| l.local_addr().unwrap().to_string();
+    let red0 = address(&listeners.svm_input);
+    let red1 = address(&listeners.svm_output);
+    let bridge = listeners.bridge.as_ref().unwrap();
+    let (red2, red3) = (address(&bridge.net_output), address(&bridge.net_input));
+    let metrics = address(listeners.metrics.as_ref().unwrap());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { secondary::run(config, listeners, shutdown).await.unwrap() }
+            .instrument(tracing::info_span!("daemon", test = %"restarted"))
+    });
+    let mut red0 = Chardev::connect(&red0).await;
+    let mut red1 = Chardev::connect(&red1).await;
+    let mut red2 = Chardev::connect(&red2).await;
+    let mut red3 = Chardev::connect(&red3).await;
+    Logs::wait_line("restarted", "QEMU left COLO by a failover to the secondary").await;
+    let out = on_client_port(tcp(true, 777, 333, 0x18, b"after restart"), 40001);
+    red1.send(&out).await;
+    assert_eq!(red2.recv(PATIENCE).await.as_ref(), Some(&out));
+    let into = on_client_port(tcp(false, 333, 790, 0x10, b""), 40001);
+    red3.send(&into).await;
+    assert_eq!(red0.recv(PATIENCE).await.as_ref(), Some(&into));
+    wait_metric(
+        &metrics,
+        "colo_proxyd_failover_bridged_frames_total{direction=\"out_of_svm\"} 1",
+    )
+    .await;
+    shutdown.cancel();
+    tokio::time::timeout(PATIENCE, task)
+        .await
+        .expect("the daemon stops on shutdown")
+        .unwrap();
+}

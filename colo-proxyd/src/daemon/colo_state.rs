@@ -1,19 +1,20 @@
-//! What the primary's own QEMU says about COLO (`query-colo-status`), so that the primary
-//! daemon releases nothing uncompared on the relay's word alone, and learns of a failover to
-//! its side even when the relay (on the other host) cannot tell it.
+//! What a daemon's own QEMU says about COLO (`query-colo-status`), so that the primary
+//! daemon releases nothing uncompared on the relay's word alone, and either daemon learns of a
+//! failover to its side even when the relay (on the other host, for the primary) cannot tell
+//! it.
 //!
-//! | QEMU's `mode` / `last-mode` | [`QemuColo`] | the role loop |
-//! |---|---|---|
-//! | `none` / `none` | [`QemuColo::NeverProtected`] | nothing claims protection: output passes uncompared |
-//! | `primary` / any | [`QemuColo::InColo`] | output is compared (or held until the relay gives the epoch) |
-//! | `none` / `primary` | [`QemuColo::SurvivedAlone`] | a failover to this side ran `x-colo-lost-heartbeat` here: uncompared |
+//! | QEMU's `mode` / `last-mode` | [`QemuColo`] | primary's role loop | secondary's |
+//! |---|---|---|---|
+//! | `none` / `none` | [`QemuColo::NeverProtected`] | nothing claims protection: output passes uncompared | nothing |
+//! | its role / any | [`QemuColo::InColo`] | output compared (or held until the relay gives the epoch) | nothing |
+//! | `none` / its role | [`QemuColo::SurvivedAlone`] | a failover to this side ran `x-colo-lost-heartbeat` here: uncompared | the failover to the secondary (bridge) |
 //!
 //! A daemon (re)started after COLO ended therefore holds the PVM's output until it knows
 //! which of these holds; before, it started releasing uncompared although QEMU was still a
 //! COLO primary waiting for a failover decision. `x-colo-lost-heartbeat` is only ever sent
-//! to the primary's QEMU by the primary's failover or a planned stop, so `none` / `primary`
-//! is the decision that the primary carries on (a failover to the secondary fences this side
-//! through the relay's event instead, and nothing here undoes that).
+//! to a side's QEMU by that side's failover (or, on the primary, a planned stop), so
+//! `none` / its role is the decision that this side carries on (a failover to the secondary
+//! fences the primary through the relay's event instead, and nothing here undoes that).
 
 use std::time::Duration;
 
@@ -22,30 +23,37 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use colo_daemon::qmp_session::QmpSession;
+use colo_types::Role;
 
-/// The primary QEMU's COLO state, as far as the daemon's release decisions go.
+/// A QEMU's COLO state, as far as the daemons' decisions go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QemuColo {
     /// Never in COLO (before `start`, or during the first migration).
     NeverProtected,
-    /// In COLO as the primary.
+    /// In COLO in its role.
     InColo,
-    /// Was the COLO primary; a failover to this side ended it.
+    /// Was in COLO in its role; a failover to this side ended it.
     SurvivedAlone,
 }
 
 impl QemuColo {
-    /// Reads a `query-colo-status` answer; `None` for a state a primary cannot be in (a
-    /// `secondary` mode means the daemon's `--qmp` names the wrong QEMU).
-    pub fn from_status(status: &Value) -> Option<QemuColo> {
+    /// Reads the `query-colo-status` answer of a QEMU in `role`; `None` for a state it
+    /// cannot be in (the other role's mode means the daemon's `--qmp` names the wrong QEMU).
+    pub fn from_status(status: &Value, role: Role) -> Option<QemuColo> {
         let mode = status["mode"].as_str()?;
         // Without last-mode (QEMU before 4.0) a failover cannot be told from never: unknown.
         let last = status["last-mode"].as_str()?;
-        match (mode, last) {
-            ("primary", _) => Some(QemuColo::InColo),
-            ("none", "none") => Some(QemuColo::NeverProtected),
-            ("none", "primary") => Some(QemuColo::SurvivedAlone),
-            _ => None,
+        let own = role.name();
+        if mode == own {
+            Some(QemuColo::InColo)
+        } else if mode != "none" {
+            None
+        } else if last == "none" {
+            Some(QemuColo::NeverProtected)
+        } else if last == own {
+            Some(QemuColo::SurvivedAlone)
+        } else {
+            None
         }
     }
 
@@ -64,6 +72,7 @@ impl QemuColo {
 /// row and change nothing: the role loop keeps what it knew.
 pub fn spawn(
     qmp: QmpSession,
+    role: Role,
     interval: Duration,
     stop: CancellationToken,
 ) -> mpsc::Receiver<QemuColo> {
@@ -86,8 +95,8 @@ pub fn spawn(
                 })
                 .await;
             let state = answer.and_then(|v| {
-                QemuColo::from_status(&v).ok_or_else(|| {
-                    format!("query-colo-status answered {v}: not a primary QEMU (check --qmp)")
+                QemuColo::from_status(&v, role).ok_or_else(|| {
+                    format!("query-colo-status answered {v}: not a {role} QEMU (check --qmp)")
                 })
             });
             match state {
@@ -122,29 +131,33 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn reads_the_three_states_of_a_primary() {
-        let s = |mode: &str, last: &str| json!({"mode": mode, "last-mode": last, "reason": "none"});
-        assert_eq!(
-            QemuColo::from_status(&s("none", "none")),
-            Some(QemuColo::NeverProtected)
-        );
-        assert_eq!(
-            QemuColo::from_status(&s("primary", "none")),
-            Some(QemuColo::InColo)
-        );
-        assert_eq!(
-            QemuColo::from_status(&s("primary", "primary")),
-            Some(QemuColo::InColo)
-        );
-        assert_eq!(
-            QemuColo::from_status(&s("none", "primary")),
-            Some(QemuColo::SurvivedAlone)
-        );
-        // A secondary's QEMU, or garbage, is no state of a primary.
-        assert_eq!(QemuColo::from_status(&s("secondary", "none")), None);
-        assert_eq!(QemuColo::from_status(&s("none", "secondary")), None);
-        assert_eq!(QemuColo::from_status(&json!({})), None);
+    fn reads_the_three_states_of_each_role() {
+        use QemuColo::*;
+        let (p, s) = (Role::Primary, Role::Secondary);
+        let cases = [
+            (p, "none", "none", Some(NeverProtected)),
+            (p, "primary", "none", Some(InColo)),
+            (p, "primary", "primary", Some(InColo)),
+            (p, "none", "primary", Some(SurvivedAlone)),
+            // The other role's QEMU is no state of this one.
+            (p, "secondary", "none", None),
+            (p, "none", "secondary", None),
+            (s, "none", "none", Some(NeverProtected)),
+            (s, "secondary", "none", Some(InColo)),
+            (s, "none", "secondary", Some(SurvivedAlone)),
+            (s, "primary", "none", None),
+            (s, "none", "primary", None),
+        ];
+        for (role, mode, last, want) in cases {
+            let status = json!({"mode": mode, "last-mode": last, "reason": "none"});
+            assert_eq!(
+                QemuColo::from_status(&status, role),
+                want,
+                "{role} {mode}/{last}"
+            );
+        }
+        assert_eq!(QemuColo::from_status(&json!({}), p), None);
         // QEMU before 4.0 has no last-mode: a failover there looks like never.
-        assert_eq!(QemuColo::from_status(&json!({"mode": "none"})), None);
+        assert_eq!(QemuColo::from_status(&json!({"mode": "none"}), p), None);
     }
 }

@@ -45,7 +45,7 @@ use colo_daemon::checkpoint::{CheckpointRequester, RequestOptions};
 use colo_daemon::qmp_session::QmpSession;
 
 /// How often QEMU's own COLO state is asked (`query-colo-status`, one small command).
-const QEMU_STATE_INTERVAL: Duration = Duration::from_millis(250);
+pub(super) const QEMU_STATE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The primary's listening sockets, bound before [`run`] so that a test (or a supervisor)
 /// knows the addresses and a busy port fails at start.
@@ -136,7 +136,12 @@ pub async fn run(
             tasks.clone(),
         ));
     }
-    let qemu_colo = colo_state::spawn(qmp.clone(), QEMU_STATE_INTERVAL, tasks.clone());
+    let qemu_colo = colo_state::spawn(
+        qmp.clone(),
+        Role::Primary,
+        QEMU_STATE_INTERVAL,
+        tasks.clone(),
+    );
     let link = peer::spawn_primary(listeners.link, metrics.clone(), tasks.clone());
     let requester = CheckpointRequester::spawn(
         qmp.clone(),

@@ -36,6 +36,7 @@ use self::network_bridge::{BridgeListeners, NET_INPUT_PORT, NET_OUTPUT_PORT, Net
 use super::attachment::{
     FrameSink, FrameSource, Inbound, PortEndpoint, spawn_sink_prepared, spawn_source,
 };
+use super::colo_state::QemuColo;
 use super::config::SecondaryConfig;
 use super::epochs::{self, Completion, EpochNotice, RelayOptions};
 use super::link::LinkMessage;
@@ -190,7 +191,18 @@ pub async fn run(
         out: Vec::new(),
         warned_network: false,
     };
-    role.run(from_svm, from_network, link.incoming, relay, &shutdown)
+    // With --qmp, QEMU's own word on a failover to this side: a daemon restarted after it
+    // bridges the SVM's traffic again, even if the relay never told it.
+    let qemu_colo = qmp.map(|qmp| {
+        super::colo_state::spawn(
+            qmp,
+            Role::Secondary,
+            super::primary::QEMU_STATE_INTERVAL,
+            tasks.clone(),
+        )
+    });
+    let control = Inputs { relay, qemu_colo };
+    role.run(from_svm, from_network, link.incoming, control, &shutdown)
         .await;
     tracing::info!("colo-proxyd secondary stopped");
     Ok(())
@@ -199,6 +211,20 @@ pub async fn run(
 /// How often the role loop looks whether `red2` connected while frames wait for it (QEMU
 /// connects within its reconnect-ms of 1 s).
 const BACKLOG_POLL: Duration = Duration::from_millis(20);
+
+/// The role loop's control inputs: the relay's events, and QEMU's COLO state with `--qmp`.
+struct Inputs {
+    relay: tokio::sync::mpsc::Receiver<EpochNotice>,
+    qemu_colo: Option<tokio::sync::mpsc::Receiver<QemuColo>>,
+}
+
+/// The next value of an optional channel; pending for ever without one.
+async fn recv_some<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
 
 struct SecondaryRole {
     path: SvmPath,
@@ -217,9 +243,13 @@ impl SecondaryRole {
         mut from_svm: FrameSource,
         mut from_network: Option<FrameSource>,
         mut from_link: tokio::sync::mpsc::Receiver<LinkMessage>,
-        mut relay: tokio::sync::mpsc::Receiver<EpochNotice>,
+        control: Inputs,
         shutdown: &CancellationToken,
     ) {
+        let Inputs {
+            mut relay,
+            mut qemu_colo,
+        } = control;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -247,8 +277,21 @@ impl SecondaryRole {
                     Some(notice) => self.notice(notice, &mut from_svm).await,
                     None => return,
                 },
+                // Without --qmp, or once its task ended, the branch is disabled.
+                Some(state) = recv_some(&mut qemu_colo) => self.qemu_colo(state),
             }
             self.flush().await;
+        }
+    }
+
+    /// QEMU's own COLO state changed (see [`super::colo_state`]).
+    fn qemu_colo(&mut self, state: QemuColo) {
+        if state == QemuColo::SurvivedAlone && !self.path.failed_over() {
+            tracing::warn!(
+                "QEMU left COLO by a failover to the secondary (the relay did not say so, or \
+                 this daemon restarted since)"
+            );
+            self.failover();
         }
     }
 
