@@ -220,6 +220,51 @@ async fn failover_keeps_the_svm_epoch_drops_the_pvm_log_and_writes_through() {
     assert_eq!(err.kind(), std::io::ErrorKind::Unsupported);
 }
 
+/// Issue 12: a replica reopened after its failover (the daemon was killed and restarted)
+/// stays failed over: the SVM's writes keep going straight into S, where no restart can lose
+/// them, and the dead primary's replica view still refuses writes.
+#[tokio::test]
+async fn a_failover_survives_a_restart() {
+    let (_dir, path) = image(b'.');
+    let r = Replica::open(&path, ReplicaConfig::default()).unwrap();
+    r.svm_view().write_at(0, block(b's'), false).await.unwrap();
+    r.failover().await.unwrap();
+    r.svm_view()
+        .write_at(4096, block(b't'), false)
+        .await
+        .unwrap();
+    drop(r);
+    let marker = common::sibling(&path, ".colo-failed-over");
+    assert!(
+        marker.exists(),
+        "{} is written at failover",
+        marker.display()
+    );
+
+    let r = common::reopen(&path, ReplicaConfig::default()).await;
+    assert!(
+        r.stats().unwrap().failed_over,
+        "the restart forgot the failover"
+    );
+    let svm = r.svm_view();
+    svm.write_at(8192, block(b'u'), false).await.unwrap();
+    svm.flush().await.unwrap();
+    drop(svm);
+    drop(r);
+    // Every write the SVM had acknowledged is in S itself, not in an overlay.
+    let s = std::fs::read(&path).unwrap();
+    for (range, fill) in [(0..4096, b's'), (4096..8192, b't'), (8192..12288, b'u')] {
+        assert!(s[range.clone()].iter().all(|&b| b == fill), "{range:?}");
+    }
+    let r = common::reopen(&path, ReplicaConfig::default()).await;
+    let err = r
+        .replica_view()
+        .write_at(0, block(b'p'), false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+}
+
 #[tokio::test]
 async fn zeroing_and_trimming_a_layer_read_back_as_zeroes() {
     let (_dir, path) = image(b'.');

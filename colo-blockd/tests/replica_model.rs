@@ -266,7 +266,11 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 r = common::reopen(&image, CONFIG).await;
                 prop_assert_eq!(r.recovery(), Recovery::Clean);
                 prop_assert!(whole_disk(&r).await == m.s, "restart changed S");
+                // A failover is final: the restarted replica still writes S directly.
+                let failed_over = m.failed_over;
                 m = Model::new(m.s);
+                m.failed_over = failed_over;
+                prop_assert_eq!(r.stats().unwrap().failed_over, failed_over);
             }
         }
     }

@@ -154,6 +154,15 @@ impl Replica {
         metrics: Metrics,
     ) -> io::Result<Replica> {
         let (store, recovery) = Store::open(image, &config, metrics.clone())?;
+        if store.stats().failed_over {
+            tracing::warn!(
+                image = %image.display(),
+                marker = %store::sibling(image, store::FAILOVER_MARKER).display(),
+                "this image was failed over to the secondary: it is the VM's disk, the svm \
+                 export writes it directly and the replica export refuses writes (remove the \
+                 marker only to make the image a replica again, after a fresh copy)"
+            );
+        }
         Ok(Replica {
             inner: Arc::new(Inner {
                 size: store.size(),

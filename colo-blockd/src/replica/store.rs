@@ -44,6 +44,8 @@ pub(crate) struct Store {
     pending: Option<Arc<Pending>>,
     svm: Layer,
     mode: Mode,
+    /// [`FAILOVER_MARKER`] next to S: present once a failover made S the SVM's disk.
+    failover_marker: PathBuf,
     crash: Arc<Mutex<CrashHook>>,
     last_commit: Option<CommitTiming>,
     /// Set when a commit failed half-way: S is then only known to be
@@ -73,6 +75,9 @@ pub(crate) struct Checkpointed {
 }
 
 /// `<image><suffix>`, next to the image.
+/// The file next to S that says a failover made S the SVM's disk (`disk.raw.colo-failed-over`).
+pub const FAILOVER_MARKER: &str = ".colo-failed-over";
+
 pub(crate) fn sibling(image: &Path, suffix: &str) -> PathBuf {
     let mut name = OsString::from(image.as_os_str());
     name.push(suffix);
@@ -126,6 +131,15 @@ impl Store {
         }
         let mut crash = CrashHook::default();
         let recovery = journal::recover(&mut Disk::new(&mut crash), &journal, &base, size)?;
+        // A failover is final for this image: restarted after it, the daemon must keep
+        // writing the SVM's writes straight into S (an overlay would lose them at the next
+        // restart, since nothing would ever commit it).
+        let failover_marker = sibling(image, FAILOVER_MARKER);
+        let mode = if failover_marker.exists() {
+            Mode::FailedOver
+        } else {
+            Mode::Replicating
+        };
         let pvm_spill_paths = [
             sibling(image, ".pvm-spill-0"),
             sibling(image, ".pvm-spill-1"),
@@ -142,7 +156,8 @@ impl Store {
                 journal,
                 size,
             }),
-            mode: Mode::Replicating,
+            mode,
+            failover_marker,
             crash: Arc::new(Mutex::new(crash)),
             last_commit: None,
             broken: false,
@@ -375,6 +390,12 @@ impl Store {
         let merged = self.svm.reset();
         self.publish_fill();
         merged?;
+        // Durable before any SVM write goes straight into S.
+        write_durably(
+            &self.failover_marker,
+            b"colo-blockd: this image was failed over to the secondary; it is the VM's disk now\n",
+        )
+        .inspect_err(|_| self.broken = true)?;
         self.mode = Mode::FailedOver;
         Ok(true)
     }
@@ -456,6 +477,14 @@ fn primary_is_gone() -> io::Error {
         io::ErrorKind::PermissionDenied,
         "the replica failed over: the primary's writes are no longer accepted",
     )
+}
+
+/// Writes `contents` to `path` and makes both the file and its directory entry durable.
+fn write_durably(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let mut file = File::create(path)?;
+    std::io::Write::write_all(&mut file, contents)?;
+    file.sync_all()?;
+    sync_parent_dir(path)
 }
 
 fn sync_parent_dir(path: &Path) -> io::Result<()> {

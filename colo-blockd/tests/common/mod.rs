@@ -231,6 +231,13 @@ pub async fn try_reopen(
     }
 }
 
+/// The file `suffix` next to `image` (`disk.raw` + `.colo-journal`).
+pub fn sibling(image: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(suffix);
+    name.into()
+}
+
 /// [`try_reopen`], which must succeed.
 pub async fn reopen(
     image: &Path,
