@@ -18,6 +18,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use colo_daemon::DAEMON_EXIT_CODES;
@@ -28,7 +29,10 @@ use serde::Deserialize;
 
 use crate::daemon::epochs::DEFAULT_NAME;
 use crate::replica::DEFAULT_MEMORY_BUDGET;
-use crate::server::DEFAULT_MAX_IN_FLIGHT;
+use crate::server::{
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_WRITE_TIMEOUT, ServerConfig,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -140,6 +144,20 @@ pub struct SecondaryArgs {
     /// Requests in flight per connection [default: 32].
     #[arg(long, env = "COLO_BLOCKD_MAX_IN_FLIGHT", value_parser = clap::value_parser!(u16).range(1..))]
     pub max_in_flight: Option<u16>,
+    /// NBD connections served at once, both sockets together (handshaking ones included); one
+    /// more is closed before the NBD greeting, logged and counted
+    /// (colo_blockd_nbd_connections_refused_total{reason="limit"}) [default: 16].
+    #[arg(long, value_name = "N", env = "COLO_BLOCKD_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+    /// Milliseconds a client has from connecting to choosing an export before it is dropped
+    /// [default: 10000].
+    #[arg(long, value_name = "MS", env = "COLO_BLOCKD_HANDSHAKE_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Milliseconds the socket may take no byte of a reply (the client stopped reading) before
+    /// the connection is dropped; an idle client is never dropped, a dead TCP peer is noticed
+    /// within about 6 s by keepalive [default: 30000].
+    #[arg(long, value_name = "MS", env = "COLO_BLOCKD_WRITE_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub write_timeout_ms: Option<u64>,
 }
 
 /// `colo-blockd serve` options. Each is taken from its flag, else its environment variable,
@@ -183,6 +201,20 @@ pub struct ServeArgs {
     /// Requests in flight per connection [default: 32].
     #[arg(long, env = "COLO_BLOCKD_MAX_IN_FLIGHT", value_parser = clap::value_parser!(u16).range(1..))]
     pub max_in_flight: Option<u16>,
+    /// NBD connections served at once, both sockets together (handshaking ones included); one
+    /// more is closed before the NBD greeting, logged and counted
+    /// (colo_blockd_nbd_connections_refused_total{reason="limit"}) [default: 16].
+    #[arg(long, value_name = "N", env = "COLO_BLOCKD_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+    /// Milliseconds a client has from connecting to choosing an export before it is dropped
+    /// [default: 10000].
+    #[arg(long, value_name = "MS", env = "COLO_BLOCKD_HANDSHAKE_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Milliseconds the socket may take no byte of a reply (the client stopped reading) before
+    /// the connection is dropped; an idle client is never dropped, a dead TCP peer is noticed
+    /// within about 6 s by keepalive [default: 30000].
+    #[arg(long, value_name = "MS", env = "COLO_BLOCKD_WRITE_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub write_timeout_ms: Option<u64>,
 }
 
 /// `NAME=PATH` from the command line or the config file.
@@ -270,6 +302,8 @@ pub struct ServeConfig {
     pub tcp: Option<SocketAddr>,
     /// Requests in flight per connection (at least 1).
     pub max_in_flight: u16,
+    /// The NBD server's connection bounds.
+    pub limits: ConnectionLimits,
 }
 
 /// `colo-blockd secondary`, validated.
@@ -295,6 +329,85 @@ pub struct SecondaryConfig {
     pub name: String,
     /// Requests in flight per connection (at least 1).
     pub max_in_flight: u16,
+    /// The NBD server's connection bounds.
+    pub limits: ConnectionLimits,
+}
+
+/// `--max-connections`, `--handshake-timeout-ms`, `--write-timeout-ms`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections served at once (at least 1).
+    pub max_connections: u32,
+    /// From connecting to choosing an export.
+    pub handshake_timeout: Duration,
+    /// Without the socket taking a byte of a reply.
+    pub write_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS as u32,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// The three options from their layers (clap refuses 0 on the command line and in the
+    /// variables; the file needs the same check).
+    fn pick(
+        layers: &mut OptionLayers,
+        given: (Option<u32>, Option<u64>, Option<u64>),
+        file: (Option<u32>, Option<u64>, Option<u64>),
+    ) -> Result<ConnectionLimits, ConfigError> {
+        let max_connections = layers.pick("max-connections", given.0, file.0);
+        let handshake = layers.pick("handshake-timeout-ms", given.1, file.1);
+        let write = layers.pick("write-timeout-ms", given.2, file.2);
+        let defaults = ConnectionLimits::default();
+        let ms = |d: Duration| d.as_millis() as u64;
+        Ok(ConnectionLimits {
+            max_connections: at_least_one(
+                layers,
+                "max-connections",
+                max_connections.unwrap_or(defaults.max_connections),
+            )?,
+            handshake_timeout: Duration::from_millis(at_least_one(
+                layers,
+                "handshake-timeout-ms",
+                handshake.unwrap_or(ms(defaults.handshake_timeout)),
+            )?),
+            write_timeout: Duration::from_millis(at_least_one(
+                layers,
+                "write-timeout-ms",
+                write.unwrap_or(ms(defaults.write_timeout)),
+            )?),
+        })
+    }
+
+    /// The server's tunables: these bounds and `max_in_flight`.
+    pub fn server_config(&self, max_in_flight: u16) -> ServerConfig {
+        ServerConfig {
+            max_in_flight: usize::from(max_in_flight),
+            max_connections: self.max_connections as usize,
+            handshake_timeout: self.handshake_timeout,
+            write_timeout: self.write_timeout,
+            ..ServerConfig::default()
+        }
+    }
+}
+
+/// A count or duration that must not be 0.
+fn at_least_one<T: Default + PartialEq>(
+    layers: &OptionLayers,
+    option: &'static str,
+    value: T,
+) -> Result<T, ConfigError> {
+    if value == T::default() {
+        return Err(layers.invalid(option, "must be at least 1").into());
+    }
+    Ok(value)
 }
 
 /// `--max-in-flight`: clap refuses 0 on the command line; the file needs the same check.
@@ -327,6 +440,19 @@ impl TryFrom<ServeArgs> for ServeConfig {
         let unix = layers.pick("unix", args.unix, file.unix);
         let tcp = layers.pick("tcp", args.tcp, file.tcp);
         let in_flight = layers.pick("max-in-flight", args.max_in_flight, file.max_in_flight);
+        let limits = ConnectionLimits::pick(
+            &mut layers,
+            (
+                args.max_connections,
+                args.handshake_timeout_ms,
+                args.write_timeout_ms,
+            ),
+            (
+                file.max_connections,
+                file.handshake_timeout_ms,
+                file.write_timeout_ms,
+            ),
+        );
         if exports.is_empty() {
             return Err(layers.missing("export").into());
         }
@@ -337,6 +463,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             unix,
             tcp,
             max_in_flight: max_in_flight(&layers, in_flight)?,
+            limits: limits?,
         })
     }
 }
@@ -358,6 +485,19 @@ impl TryFrom<SecondaryArgs> for SecondaryConfig {
             layers.pick("overlay-budget", args.overlay_budget, file.overlay_budget);
         let name = layers.pick("name", args.name, file.name);
         let in_flight = layers.pick("max-in-flight", args.max_in_flight, file.max_in_flight);
+        let limits = ConnectionLimits::pick(
+            &mut layers,
+            (
+                args.max_connections,
+                args.handshake_timeout_ms,
+                args.write_timeout_ms,
+            ),
+            (
+                file.max_connections,
+                file.handshake_timeout_ms,
+                file.write_timeout_ms,
+            ),
+        );
         let image = layers.required("image", image)?;
         let (unix, tcp) = sockets(unix, tcp)?;
         Ok(SecondaryConfig {
@@ -371,6 +511,7 @@ impl TryFrom<SecondaryArgs> for SecondaryConfig {
             overlay_budget: overlay_budget.unwrap_or(DEFAULT_MEMORY_BUDGET),
             name: name.unwrap_or_else(|| DEFAULT_NAME.to_string()),
             max_in_flight: max_in_flight(&layers, in_flight)?,
+            limits: limits?,
         })
     }
 }
@@ -417,6 +558,59 @@ mod tests {
         };
         assert_eq!(both.unix, Some(PathBuf::from("/s")));
         assert_eq!(both.tcp, Some("127.0.0.1:1".parse().unwrap()));
+    }
+
+    #[test]
+    fn connection_limits_are_flags_of_both_subcommands_and_refuse_zero() {
+        let serve = |extra: &[&str]| {
+            let mut argv = vec!["colo-blockd", "serve", "--export", "a=/x", "--unix", "/s"];
+            argv.extend(extra);
+            configure(&argv)
+        };
+        let Config::Serve(c) = serve(&[
+            "--max-connections",
+            "3",
+            "--handshake-timeout-ms",
+            "1000",
+            "--write-timeout-ms",
+            "2000",
+        ])
+        .unwrap() else {
+            panic!("not serve");
+        };
+        let server = c.limits.server_config(c.max_in_flight);
+        assert_eq!(
+            (
+                server.max_connections,
+                server.handshake_timeout,
+                server.write_timeout
+            ),
+            (3, Duration::from_secs(1), Duration::from_secs(2))
+        );
+        for flag in [
+            "--max-connections",
+            "--handshake-timeout-ms",
+            "--write-timeout-ms",
+        ] {
+            assert!(serve(&[flag, "0"]).is_err(), "{flag} 0");
+            assert!(serve(&[flag, "-1"]).is_err(), "{flag} -1");
+        }
+        let Config::Secondary(c) = configure(&[
+            "colo-blockd",
+            "secondary",
+            "--image",
+            "/s.raw",
+            "--tcp",
+            "127.0.0.1:1",
+            "--control",
+            "/r",
+            "--max-connections",
+            "2",
+        ])
+        .unwrap() else {
+            panic!("not secondary");
+        };
+        assert_eq!(c.limits.max_connections, 2);
     }
 
     #[test]
@@ -513,7 +707,23 @@ mod tests {
                 DEFAULT_MAX_IN_FLIGHT.to_string(),
             ),
             ("serve", "max-in-flight", DEFAULT_MAX_IN_FLIGHT.to_string()),
-        ] {
+        ]
+        .into_iter()
+        .chain(["secondary", "serve"].into_iter().flat_map(|role| {
+            [
+                (role, "max-connections", DEFAULT_MAX_CONNECTIONS.to_string()),
+                (
+                    role,
+                    "handshake-timeout-ms",
+                    DEFAULT_HANDSHAKE_TIMEOUT.as_millis().to_string(),
+                ),
+                (
+                    role,
+                    "write-timeout-ms",
+                    DEFAULT_WRITE_TIMEOUT.as_millis().to_string(),
+                ),
+            ]
+        })) {
             let text = help(role, option);
             assert!(
                 text.contains(&format!("[default: {default}]")),
@@ -546,6 +756,10 @@ mod tests {
                 DEFAULT_NAME,
                 DEFAULT_MAX_IN_FLIGHT as u16
             )
+        );
+        assert_eq!(
+            c.limits.server_config(c.max_in_flight),
+            ServerConfig::default()
         );
     }
 
@@ -629,7 +843,8 @@ mod tests {
             "image = \"/var/lib/colo/s.raw\"\nunix = \"/run/b.sock\"\ntcp = \"0.0.0.0:10809\"\n\
              metrics = \"127.0.0.1:9109\"\ncontrol = \"tcp:192.168.77.2:9990\"\n\
              primary-qmp = \"unix:/run/p.qmp\"\nlog-budget = 1\noverlay-budget = 2\n\
-             name = \"b\"\nmax-in-flight = 4\n",
+             name = \"b\"\nmax-in-flight = 4\nmax-connections = 5\n\
+             handshake-timeout-ms = 1500\nwrite-timeout-ms = 2500\n",
         )
         .unwrap() else {
             panic!("not secondary");
@@ -647,6 +862,11 @@ mod tests {
                 overlay_budget: 2,
                 name: "b".into(),
                 max_in_flight: 4,
+                limits: ConnectionLimits {
+                    max_connections: 5,
+                    handshake_timeout: Duration::from_millis(1500),
+                    write_timeout: Duration::from_millis(2500),
+                },
             }
         );
         let file = path.display().to_string();
@@ -670,6 +890,20 @@ mod tests {
             e,
             format!("config file {file}: `max-in-flight`: must be at least 1")
         );
+        for key in [
+            "max-connections",
+            "handshake-timeout-ms",
+            "write-timeout-ms",
+        ] {
+            let e = with_file(&format!(
+                "image = \"/s.raw\"\nunix = \"/s\"\ncontrol = \"/r\"\n{key} = 0\n"
+            ))
+            .unwrap_err();
+            assert_eq!(
+                e,
+                format!("config file {file}: `{key}`: must be at least 1")
+            );
+        }
         // What nothing gives, named with its flag, variable and key.
         let e = with_file("unix = \"/s\"\ncontrol = \"/r\"\n").unwrap_err();
         assert_eq!(

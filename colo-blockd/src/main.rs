@@ -15,7 +15,7 @@ use colo_blockd::daemon::epochs::{DEFAULT_NAME, EpochOptions, follow_epochs};
 use colo_blockd::export::{Export, ExportSet};
 use colo_blockd::metrics::Metrics;
 use colo_blockd::replica::{Replica, ReplicaConfig};
-use colo_blockd::server::{NbdServer, ServerConfig};
+use colo_blockd::server::NbdServer;
 use colo_daemon::Exit;
 use colo_daemon::metrics::serve_metrics;
 use tokio::net::{TcpListener, UnixListener};
@@ -49,10 +49,7 @@ async fn serve(args: ServeConfig, shutdown: CancellationToken) -> anyhow::Result
             .with_context(|| format!("cannot open {}", spec.path.display()))?;
         exports.push(Export::new(spec.name.clone(), backend));
     }
-    let config = ServerConfig {
-        max_in_flight: usize::from(args.max_in_flight),
-        ..ServerConfig::default()
-    };
+    let config = args.limits.server_config(args.max_in_flight);
     let server = NbdServer::new(ExportSet::new(exports)?, config);
     let listeners = NbdListeners::bind(args.unix.as_deref(), args.tcp).await?;
     listeners.serve(server, shutdown).await;
@@ -79,10 +76,7 @@ async fn secondary(args: SecondaryConfig, shutdown: CancellationToken) -> anyhow
         Export::new("svm", replica.svm_view())
             .with_description("the secondary VM's disk (SVM overlay over the checkpoint)"),
     ];
-    let config = ServerConfig {
-        max_in_flight: usize::from(args.max_in_flight),
-        ..ServerConfig::default()
-    };
+    let config = args.limits.server_config(args.max_in_flight);
     let server = NbdServer::new(ExportSet::new(exports)?, config).with_metrics(metrics.clone());
     // Every socket is bound before anything runs: a bad address fails the
     // start (exit code 1) instead of leaving half a daemon.

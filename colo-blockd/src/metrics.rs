@@ -28,6 +28,9 @@
 //! | `colo_blockd_failovers_total` | counter | failovers to this secondary done |
 //! | `colo_blockd_nbd_connections{transport}` | gauge | NBD connections open |
 //! | `colo_blockd_nbd_connections_total{transport}` | counter | NBD connections accepted |
+//! | `colo_blockd_nbd_connections_refused_total{reason}` | counter | NBD connections closed before the greeting (`limit`: `--max-connections` reached) |
+//! | `colo_blockd_nbd_connections_dropped_total{reason}` | counter | NBD connections the server ended (`handshake-timeout`, `write-timeout`, `peer-timeout`) |
+//! | `colo_blockd_nbd_max_connections` | gauge | the `--max-connections` in force |
 //! | `colo_blockd_nbd_requests_total{export,command}` | counter | NBD requests answered |
 //! | `colo_blockd_nbd_request_errors_total{export,command}` | counter | of those, answered with an error |
 //! | `colo_blockd_nbd_bytes_total{export,direction}` | counter | data bytes read and written |
@@ -71,6 +74,39 @@ impl Transport {
         }
     }
 }
+
+/// Why the server ended an NBD connection it had accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// No export chosen within the handshake timeout.
+    HandshakeTimeout,
+    /// The client took no reply data within the write timeout.
+    WriteTimeout,
+    /// The TCP socket timed out (`ETIMEDOUT`): keepalive found the peer
+    /// dead, or sent data (or a closed receive window) went unanswered for
+    /// `TCP_USER_TIMEOUT`.
+    PeerTimeout,
+}
+
+impl DropReason {
+    const ALL: [DropReason; 3] = [
+        DropReason::HandshakeTimeout,
+        DropReason::WriteTimeout,
+        DropReason::PeerTimeout,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            DropReason::HandshakeTimeout => "handshake-timeout",
+            DropReason::WriteTimeout => "write-timeout",
+            DropReason::PeerTimeout => "peer-timeout",
+        }
+    }
+}
+
+/// The reason label of connections refused because the server already
+/// serves `--max-connections` clients.
+pub const REFUSED_LIMIT: &str = "limit";
 
 /// NBD commands as counted; every command the server does not implement
 /// is `Other`.
@@ -202,6 +238,10 @@ pub struct Registry {
     pub relay_connected: Gauge,
     /// Failovers to this secondary.
     pub failovers: Counter,
+    /// The cap on NBD connections (set by the server).
+    pub nbd_max_connections: Gauge,
+    connections_refused_limit: Counter,
+    connections_dropped: [Counter; DropReason::ALL.len()],
     connections: [Gauge; Transport::ALL.len()],
     connections_total: [Counter; Transport::ALL.len()],
     requests: Family<CommandLabels, Counter>,
@@ -237,6 +277,14 @@ impl Default for Registry {
         };
         let connections = Transport::ALL.map(|t| open.get_or_create_owned(&transport(t)));
         let connections_total = Transport::ALL.map(|t| accepted.get_or_create_owned(&transport(t)));
+        let refused = Family::<ReasonLabel, Counter>::default();
+        let connections_refused_limit = refused.get_or_create_owned(&ReasonLabel {
+            reason: REFUSED_LIMIT,
+        });
+        let dropped = Family::<ReasonLabel, Counter>::default();
+        let connections_dropped = DropReason::ALL
+            .map(|r| dropped.get_or_create_owned(&ReasonLabel { reason: r.label() }));
+        let nbd_max_connections = Gauge::default();
         let requests = Family::<CommandLabels, Counter>::default();
         let request_errors = Family::<CommandLabels, Counter>::default();
         let bytes = Family::<DirectionLabels, Counter>::default();
@@ -311,6 +359,24 @@ impl Default for Registry {
             accepted,
         );
         r.register(
+            "colo_blockd_nbd_connections_refused",
+            "NBD connections closed before the greeting, by reason (limit: --max-connections \
+             clients already served)",
+            refused,
+        );
+        r.register(
+            "colo_blockd_nbd_connections_dropped",
+            "NBD connections the server ended, by reason (handshake-timeout; write-timeout: \
+             the client stopped reading its replies; peer-timeout: TCP keepalive or \
+             TCP_USER_TIMEOUT, a dead peer or link)",
+            dropped,
+        );
+        r.register(
+            "colo_blockd_nbd_max_connections",
+            "NBD connections served at once at most (--max-connections)",
+            nbd_max_connections.clone(),
+        );
+        r.register(
             "colo_blockd_nbd_requests",
             "NBD requests answered, by export and command",
             requests.clone(),
@@ -339,6 +405,9 @@ impl Default for Registry {
             epoch,
             relay_connected,
             failovers,
+            nbd_max_connections,
+            connections_refused_limit,
+            connections_dropped,
             connections,
             connections_total,
             requests,
@@ -359,6 +428,16 @@ impl Registry {
     /// Connections accepted on `transport` so far.
     pub fn connections_total(&self, transport: Transport) -> u64 {
         self.connections_total[transport as usize].get()
+    }
+
+    /// Connections refused because `--max-connections` were served.
+    pub fn connections_refused_limit(&self) -> u64 {
+        self.connections_refused_limit.get()
+    }
+
+    /// Connections the server ended for `reason`.
+    pub fn connections_dropped(&self, reason: DropReason) -> u64 {
+        self.connections_dropped[reason as usize].get()
     }
 
     /// The counters of export `name`, created on first use (once per
@@ -430,6 +509,17 @@ impl Metrics {
         ConnectionGuard {
             open: self.registry.connections[i].clone(),
         }
+    }
+
+    /// Counts a connection closed before the greeting because the server
+    /// already served its maximum.
+    pub fn connection_refused_limit(&self) {
+        self.registry.connections_refused_limit.inc();
+    }
+
+    /// Counts a connection the server ended for `reason`.
+    pub fn connection_dropped(&self, reason: DropReason) {
+        self.registry.connections_dropped[reason as usize].inc();
     }
 
     /// Every family, registered: what colo-daemon's
@@ -534,6 +624,32 @@ mod tests {
             .as_deref(),
             Some("1")
         );
+    }
+
+    #[test]
+    fn refused_and_dropped_connections_are_counted_by_reason_from_zero() {
+        let m = Metrics::new();
+        let series = [
+            "colo_blockd_nbd_connections_refused_total{reason=\"limit\"}",
+            "colo_blockd_nbd_connections_dropped_total{reason=\"handshake-timeout\"}",
+            "colo_blockd_nbd_connections_dropped_total{reason=\"write-timeout\"}",
+            "colo_blockd_nbd_max_connections",
+            "colo_blockd_nbd_connections_dropped_total{reason=\"peer-timeout\"}",
+        ];
+        let text = m.render();
+        for s in series {
+            assert_eq!(value(&text, s).as_deref(), Some("0"), "{s}: {text}");
+        }
+        m.connection_refused_limit();
+        m.connection_refused_limit();
+        m.connection_dropped(DropReason::WriteTimeout);
+        m.nbd_max_connections.set(16);
+        let text = m.render();
+        for (s, want) in series.iter().zip(["2", "0", "1", "16", "0"]) {
+            assert_eq!(value(&text, s).as_deref(), Some(want), "{s}");
+        }
+        assert_eq!(m.connections_refused_limit(), 2);
+        assert_eq!(m.connections_dropped(DropReason::HandshakeTimeout), 0);
     }
 
     #[test]

@@ -2,6 +2,31 @@
 //! its own task, first the handshake (`negotiate.rs`), then the transmission
 //! phase (`transmission.rs`). A client's error ends that client's connection
 //! only.
+//!
+//! Bounds, so that no client (hostile, stalled or dead) can hold the daemon or
+//! grow its memory without limit:
+//!
+//! * at most [`ServerConfig::max_connections`] connections at once, over every
+//!   socket of the server together (handshaking ones included); one more is
+//!   closed at once, before the greeting, and counted
+//!   (`colo_blockd_nbd_connections_refused_total{reason="limit"}`), the
+//!   connections already open untouched;
+//! * [`ServerConfig::handshake_timeout`] from connecting to choosing an export;
+//! * in transmission, [`ServerConfig::max_in_flight`] requests and
+//!   [`ServerConfig::max_in_flight_bytes`] of data per connection, replies
+//!   waiting for the socket included, and [`ServerConfig::write_timeout`]
+//!   without the socket taking a byte of a reply before the connection is
+//!   dropped (a client that stopped reading);
+//! * every TCP connection gets keepalive and `TCP_USER_TIMEOUT`
+//!   ([`colo_control::tune_tcp`]): a peer whose host died or whose link was cut
+//!   without a FIN is noticed within about 6 s, while reading as well as while
+//!   writing.
+//!
+//! There is no idle timeout in transmission: the primary's NBD child of the
+//! `replica` export and the SVM's QEMU are silent as long as their guest
+//! does not touch the disk, and must stay connected. A dead peer is found by
+//! TCP liveness (a Unix socket's peer cannot vanish without the kernel closing
+//! it); an idle live one only takes one of the connection slots.
 
 mod negotiate;
 mod transmission;
@@ -11,14 +36,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
+use colo_daemon::RateLimited;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::BlockBackend;
 use crate::export::ExportSet;
-use crate::metrics::{Metrics, Transport};
+use crate::metrics::{DropReason, Metrics, Transport};
 use crate::proto::ProtoError;
 use negotiate::{Handshake, negotiate};
 
@@ -32,7 +59,19 @@ pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
 
 /// Time from connecting to choosing an export. QEMU and libnbd need
 /// milliseconds; the margin is for loaded hosts.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once, over all of a server's sockets. A pair needs
+/// two (the primary's NBD child of `replica`, the SVM's QEMU on `svm`), one
+/// more for each reconnect racing the old connection's end, plus the
+/// operator's tools (`nbdinfo`, `qemu-img`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
+
+/// Time a reply may wait for the socket to take any byte of it before the
+/// connection is dropped: the client stopped reading (its receive window is
+/// full) though its host answers, which TCP liveness does not catch. A dead
+/// peer is noticed sooner, by `TCP_USER_TIMEOUT`.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why one client's connection ended badly. Logged, never fatal to the
 /// server.
@@ -61,6 +100,27 @@ pub enum ServeError {
     /// The client did not finish the handshake in time.
     #[error("handshake not finished within {0:?}")]
     HandshakeTimeout(Duration),
+    /// The client took no byte of its replies for this long (it stopped
+    /// reading); the connection is dropped with whatever was queued.
+    #[error("client took no reply data for {0:?} (stopped reading); dropped")]
+    WriteTimeout(Duration),
+}
+
+impl ServeError {
+    /// The bound that ended the connection, if one did.
+    pub fn drop_reason(&self) -> Option<DropReason> {
+        let timed_out = |kind| kind == io::ErrorKind::TimedOut;
+        match self {
+            ServeError::HandshakeTimeout(_) => Some(DropReason::HandshakeTimeout),
+            ServeError::WriteTimeout(_) => Some(DropReason::WriteTimeout),
+            // Only a TCP socket says ETIMEDOUT: keepalive or TCP_USER_TIMEOUT expired.
+            ServeError::Io(e) if timed_out(e.kind()) => Some(DropReason::PeerTimeout),
+            ServeError::Protocol(ProtoError::Io { kind, .. }) if timed_out(*kind) => {
+                Some(DropReason::PeerTimeout)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Tunables of a server.
@@ -74,6 +134,12 @@ pub struct ServerConfig {
     /// Time a client has from connecting to choosing an export, so
     /// connections that never speak do not pile up.
     pub handshake_timeout: Duration,
+    /// Connections served at once, over every socket of the server (at
+    /// least 1); one more is closed before the greeting.
+    pub max_connections: usize,
+    /// Time the socket may take no byte of a reply before the connection is
+    /// dropped.
+    pub write_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +148,8 @@ impl Default for ServerConfig {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
         }
     }
 }
@@ -93,6 +161,8 @@ pub struct NbdServer<B> {
     exports: Arc<ExportSet<B>>,
     config: ServerConfig,
     metrics: Metrics,
+    /// One permit per connection served, shared by every socket (and clone).
+    connections: Arc<Semaphore>,
 }
 
 impl<B> Clone for NbdServer<B> {
@@ -101,17 +171,20 @@ impl<B> Clone for NbdServer<B> {
             exports: Arc::clone(&self.exports),
             config: self.config,
             metrics: self.metrics.clone(),
+            connections: Arc::clone(&self.connections),
         }
     }
 }
 
 impl<B: BlockBackend> NbdServer<B> {
     /// A server for `exports` with `config`.
-    pub fn new(exports: ExportSet<B>, config: ServerConfig) -> NbdServer<B> {
+    pub fn new(exports: ExportSet<B>, mut config: ServerConfig) -> NbdServer<B> {
+        config.max_connections = config.max_connections.clamp(1, Semaphore::MAX_PERMITS);
         NbdServer {
             exports: Arc::new(exports),
             config,
             metrics: Metrics::new(),
+            connections: Arc::new(Semaphore::new(config.max_connections)),
         }
     }
 
@@ -122,6 +195,9 @@ impl<B: BlockBackend> NbdServer<B> {
         for export in self.exports.iter() {
             metrics.export(export.name());
         }
+        metrics
+            .nbd_max_connections
+            .set(self.config.max_connections as u64);
         self.metrics = metrics;
         self
     }
@@ -142,15 +218,16 @@ impl<B: BlockBackend> NbdServer<B> {
     }
 
     /// Serves clients of an already-bound TCP socket until `shutdown`.
-    /// Every connection gets `TCP_NODELAY`: a reply header held back by
-    /// Nagle's algorithm waits for the client's delayed ACK (~40 ms).
+    /// Every connection gets `TCP_NODELAY` (a reply header held back by
+    /// Nagle's algorithm waits for the client's delayed ACK, ~40 ms),
+    /// keepalive and `TCP_USER_TIMEOUT` ([`colo_control::tune_tcp`]): a peer
+    /// host that died or a link cut without a FIN ends the connection within
+    /// about 6 s, idle or not.
     pub async fn serve_tcp(&self, listener: TcpListener, shutdown: CancellationToken) {
         let listener = &listener;
         self.serve_accepted(&shutdown, move || async move {
             let (stream, peer) = listener.accept().await?;
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::warn!(%peer, error = %e, "cannot set TCP_NODELAY");
-            }
+            colo_control::tune_tcp(&stream, "nbd");
             Ok((stream, Peer::new(Transport::Tcp, peer.to_string())))
         })
         .await;
@@ -173,7 +250,10 @@ impl<B: BlockBackend> NbdServer<B> {
                 accepted = accept() => accepted,
             };
             match accepted {
-                Ok((stream, peer)) => self.spawn_connection(&connections, stream, peer, shutdown),
+                Ok((stream, peer)) => match Arc::clone(&self.connections).try_acquire_owned() {
+                    Ok(slot) => self.spawn_connection(&connections, stream, slot, peer, shutdown),
+                    Err(_) => self.refuse(stream, &peer),
+                },
                 Err(e) => accept_failed(&e).await,
             }
         }
@@ -181,10 +261,31 @@ impl<B: BlockBackend> NbdServer<B> {
         connections.wait().await;
     }
 
+    /// One connection past [`ServerConfig::max_connections`]: closed before
+    /// the greeting (NBD has no way to say "busy" earlier than an option
+    /// reply, and answering options would take a task per refused client).
+    /// The client sees the connection end before the magic; the operator a
+    /// warning (at most one a second, with the count of the ones it stands
+    /// for) and `colo_blockd_nbd_connections_refused_total{reason="limit"}`.
+    fn refuse<S>(&self, stream: S, peer: &Peer) {
+        drop(stream);
+        self.metrics.connection_refused_limit();
+        static LOG: RateLimited = RateLimited::new(Duration::from_secs(1));
+        if let Some(suppressed) = LOG.allow() {
+            tracing::warn!(
+                peer = %peer.name,
+                limit = self.config.max_connections,
+                suppressed,
+                "NBD connection refused: the server already serves --max-connections clients"
+            );
+        }
+    }
+
     fn spawn_connection<S>(
         &self,
         connections: &TaskTracker,
         stream: S,
+        slot: OwnedSemaphorePermit,
         peer: Peer,
         shutdown: &CancellationToken,
     ) where
@@ -197,10 +298,15 @@ impl<B: BlockBackend> NbdServer<B> {
         let span = tracing::info_span!("nbd_connection", peer = %peer.name);
         connections.spawn(
             async move {
-                let _open = open;
+                let (_open, _slot) = (open, slot);
                 match server.serve_stream_until(stream, &shutdown).await {
                     Ok(()) => tracing::debug!("client left"),
-                    Err(e) => tracing::info!(error = %e, "client connection ended"),
+                    Err(e) => {
+                        if let Some(reason) = e.drop_reason() {
+                            server.metrics.connection_dropped(reason);
+                        }
+                        tracing::info!(error = %e, "client connection ended");
+                    }
                 }
             }
             .instrument(span),

@@ -2,16 +2,30 @@
 //! checks requests, one task per request (at most `max_in_flight` at once),
 //! and one writer that sends replies in completion order. Replies may
 //! overtake each other; the client matches them by handle.
+//!
+//! Memory per connection is bounded: at most `max_in_flight` requests are
+//! read ahead (a slot is taken before each read), their data (read results
+//! and write payloads) by `max_in_flight_bytes` until their replies are
+//! written, one write payload being read (at most the export's maximum
+//! block size, checked from the header before the payload is buffered), the
+//! read buffer and the write buffer. A client that stops reading its
+//! replies fills those bounds and then stalls only itself; after
+//! `write_timeout` without the socket taking a byte it is dropped.
 
 use colo_daemon::RateLimited;
+use std::future::Future;
+use std::io;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
+use tokio::time::Sleep;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
@@ -75,7 +89,8 @@ where
     let byte_budget = u32::try_from(config.max_in_flight_bytes.max(1)).unwrap_or(u32::MAX);
     let (rd, wr) = tokio::io::split(stream);
     let (replies, queue) = mpsc::channel::<Queued>(max_in_flight);
-    let writer = tokio::spawn(write_replies(wr, queue));
+    let write_timeout = config.write_timeout;
+    let writer = tokio::spawn(write_replies(Stalling::new(wr, write_timeout), queue));
     let mut requests = FramedRead::with_capacity(
         rd,
         RequestDecoder::new(export.block_sizes().maximum),
@@ -196,8 +211,90 @@ where
         drain.await
     };
     let written = written.map_err(std::io::Error::other)?;
+    if let Err(e) = &written
+        && stalled(e)
+    {
+        return Err(ServeError::WriteTimeout(write_timeout));
+    }
     outcome?;
     written.map_err(ServeError::from)
+}
+
+/// A writer that fails with [`io::ErrorKind::TimedOut`] once the socket has
+/// taken no byte for `limit` while a write, flush or shutdown waited on it:
+/// the client stopped reading (its receive window is full). Any progress
+/// restarts the clock, so a long reply on a slow but moving link is fine.
+#[derive(Debug)]
+struct Stalling<W> {
+    inner: W,
+    limit: Duration,
+    /// Armed by the first `Pending`, cleared by any completed call.
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+/// The error [`Stalling`] ends with, told apart from a socket's own
+/// `ETIMEDOUT` (`TCP_USER_TIMEOUT`, a dead peer).
+#[derive(Debug, thiserror::Error)]
+#[error("no reply data taken for {0:?}")]
+struct Stalled(Duration);
+
+/// Whether `e` is a [`Stalling`] writer's timeout.
+fn stalled(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Stalled>())
+}
+
+impl<W> Stalling<W> {
+    fn new(inner: W, limit: Duration) -> Stalling<W> {
+        Stalling {
+            inner,
+            limit,
+            deadline: None,
+        }
+    }
+
+    /// Passes a completed call through (and disarms the clock), or arms the
+    /// clock for a pending one and fails once it has run out.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.deadline = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, Stalled(limit))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Stalling<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, polled)
+    }
 }
 
 async fn execute<B: BlockBackend>(
