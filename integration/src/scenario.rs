@@ -17,7 +17,7 @@ use crate::guest::DiskCheck;
 use crate::relay_watch::{AckPolicy, EventRecorder};
 use crate::stats::{median, quantile};
 use crate::stock::driver::relay_control_path;
-use crate::stock::{PairConfig, Role, Step, StockPair};
+use crate::stock::{DriverProcess, PairConfig, Role, Step, StockPair};
 use colo_control::protocol::EventKind;
 
 /// The page the guest serves at `/`.
@@ -56,8 +56,10 @@ pub struct Report {
     pub heartbeats: Vec<(String, Option<u64>, Option<u64>)>,
     /// Lines the guests flagged as errors.
     pub guest_errors: Vec<String>,
-    /// The VM that was killed, for failover runs.
+    /// The side that failed, for failover runs.
     pub killed: Option<Role>,
+    /// How it failed (`SIGKILL`, `uplink down`).
+    pub failure: Option<&'static str>,
     /// The barrier event the checkpoint was held at when the VM was killed, if any.
     pub killed_at_event: Option<String>,
     /// Failover steps on the survivor.
@@ -125,6 +127,7 @@ impl Report {
             heartbeats: Vec::new(),
             guest_errors: Vec::new(),
             killed: None,
+            failure: None,
             killed_at_event: None,
             failover_steps: Vec::new(),
             cli: Vec::new(),
@@ -186,8 +189,9 @@ impl Report {
         }
         if let Some(killed) = self.killed {
             out += &format!(
-                "  killed             {} (SIGKILL){}\n  first new request  {} ms after the kill\n",
+                "  failed             {} ({}){}\n  first new request  {} ms after the failure\n",
                 killed.name(),
+                self.failure.unwrap_or("SIGKILL"),
                 self.killed_at_event
                     .as_deref()
                     .map(|e| format!(" while the relay held the checkpoint at {e}"))
@@ -442,11 +446,25 @@ async fn wait_for_barrier(pair: &StockPair, kind: EventKind) -> Result<EventReco
     Ok(holder)
 }
 
+/// How the failing side fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Its QEMU (and colo's daemons on its host) are SIGKILLed.
+    Kill,
+    /// Its host's uplink goes down: everything on it keeps running, silent ([`StockPair::cut_uplink`]).
+    CutUplink,
+}
+
 /// Options of a failover run.
 #[derive(Debug, Clone)]
 pub struct FailoverPlan {
-    /// Which VM dies.
+    /// Which side fails.
     pub kill: Role,
+    /// How it fails.
+    pub failure: Failure,
+    /// No one runs a failover: the primary's watch agent (`qmp-driver watch`, started with
+    /// the pair) must notice and fail over by itself. Only for a failing secondary.
+    pub watch_agent: bool,
     /// Checkpoints to complete before the failure.
     pub checkpoints_before: usize,
     /// Read rate of the in-flight download (bytes/s); 1 MiB at 128 KiB/s takes 8 s.
@@ -469,6 +487,8 @@ impl Default for FailoverPlan {
     fn default() -> Self {
         FailoverPlan {
             kill: Role::Primary,
+            failure: Failure::Kill,
+            watch_agent: false,
             checkpoints_before: 3,
             download_rate: 128 * 1024,
             kill_after: Duration::from_millis(2500),
@@ -479,13 +499,50 @@ impl Default for FailoverPlan {
     }
 }
 
+/// Waits until the watch agent's log says its failover is done (60 s); returns the steps it
+/// logged, each as a step of the report.
+async fn wait_watch_failover(watch: &DriverProcess, since: Instant) -> Result<Vec<Step>> {
+    let deadline = since + Duration::from_secs(60);
+    loop {
+        let log = std::fs::read_to_string(&watch.log).unwrap_or_default();
+        if log.contains("failover to the primary done") {
+            return Ok(log
+                .lines()
+                .filter(|l| l.contains("failover") && l.contains("step="))
+                .map(|l| Step {
+                    side: Role::Primary,
+                    what: l.split("step=").nth(1).unwrap_or(l).to_string(),
+                    outcome: qmp_driver::pair::Outcome::Done,
+                    ms: 0.0,
+                    detail: None,
+                })
+                .collect());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the watch agent did not fail over within 60 s: {}",
+                watch.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One VM is SIGKILLed during a throttled download; the other takes over.
 pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<Report> {
     let name = format!(
-        "failover-kill-{}{}",
+        "failover-{}-{}{}{}",
+        match plan.failure {
+            Failure::Kill => "kill",
+            Failure::CutUplink => "uplink",
+        },
         plan.kill.name(),
-        if plan.via_cli { "-cli" } else { "" }
+        if plan.via_cli { "-cli" } else { "" },
+        if plan.watch_agent { "-watch" } else { "" }
     );
+    if plan.watch_agent && plan.kill != Role::Secondary {
+        bail!("the watch agent only fails over to the primary");
+    }
     let dir = crate::artifacts::run_dir(&name)?;
     let mut cli = Vec::new();
     let mut pair = if plan.via_cli {
@@ -501,6 +558,16 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
     };
     let mut report = Report::new(&name, &pair);
     report.cli = cli;
+    // Stall bound 2 s: well above the bed's checkpoint pauses (tens of ms), well below the
+    // client's patience.
+    let watch = if plan.watch_agent {
+        Some(DriverProcess::watch(
+            &pair.dir,
+            &["--stall-ms", "2000", "--probe-ms", "100"],
+        )?)
+    } else {
+        None
+    };
     let survivor = plan.kill.other();
     let client = HttpClient::new(&pair.topology.client, guest_server());
     let period = Duration::from_millis(u64::from(pair.config.checkpoint_delay_ms));
@@ -550,10 +617,19 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
         None => None,
     };
     let killed_at = Instant::now();
-    pair.kill(plan.kill)?;
+    match plan.failure {
+        Failure::Kill => pair.kill(plan.kill)?,
+        Failure::CutUplink => pair.cut_uplink(plan.kill)?,
+    }
     report.killed = Some(plan.kill);
+    report.failure = Some(match plan.failure {
+        Failure::Kill => "SIGKILL",
+        Failure::CutUplink => "uplink down, no FIN",
+    });
     report.killed_at_event = plan.kill_at_event.map(|k| k.to_string());
-    if plan.via_cli {
+    if let Some(watch) = &watch {
+        report.failover_steps = wait_watch_failover(watch, killed_at).await?;
+    } else if plan.via_cli {
         let out = cli_json(
             &pair,
             &["failover", "--survivor", survivor.name(), "--json"],

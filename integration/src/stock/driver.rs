@@ -25,6 +25,11 @@ pub fn operator_qmp_path(dir: &Path, role: Role) -> PathBuf {
     dir.join(format!("{}-qmp-operator.sock", role.name()))
 }
 
+/// The primary's QMP socket for the watch agent (`qmp-driver watch`), a monitor of its own.
+pub fn watch_qmp_path(dir: &Path) -> PathBuf {
+    dir.join("primary-qmp-watch.sock")
+}
+
 /// Where the secondary QEMU listens for the migration.
 fn incoming_path(dir: &Path) -> PathBuf {
     dir.join("incoming.sock")
@@ -112,7 +117,7 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
     format!(
         "# Written by the colo test bed for one run.\n\
          name = \"testbed\"\n\n\
-         [primary]\nqmp = {pqmp:?}\nhost = {phost:?}\n\n\
+         [primary]\nqmp = {pqmp:?}\nwatch_qmp = {wqmp:?}\nhost = {phost:?}\n\n\
          [secondary]\nqmp = {sqmp:?}\nhost = {shost:?}\n\n\
          [migration]\nsecondary_incoming = {incoming:?}\nprimary_target = {target:?}\n\
          checkpoint_delay_ms = {delay}\n\n\
@@ -123,6 +128,7 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
          [vm]\ntap = {ptap:?}\nsecondary_tap = {stap:?}\nmac = {mac:?}\nmemory_mib = {mem}\n\
          primary_image = {pimg:?}\nsecondary_image = {simg:?}\n{overlays}",
         pqmp = unix(operator_qmp_path(dir, Role::Primary)),
+        wqmp = unix(watch_qmp_path(dir)),
         phost = addr::PRIMARY_HOST,
         sqmp = unix(operator_qmp_path(dir, Role::Secondary)),
         shost = addr::SECONDARY_HOST,
@@ -216,35 +222,44 @@ pub fn run_cli_ok(dir: &Path, args: &[&str]) -> Result<Output> {
     Ok(out)
 }
 
-/// The `qmp-driver relay` daemon of the pair, owned by PID. It runs in the root namespace:
-/// every socket it touches is a Unix socket in the run directory.
+/// A long-running `qmp-driver` command of the pair (the relay, the watch agent), owned by PID.
+/// It runs in the root namespace: every socket it touches is a Unix socket in the run
+/// directory.
 #[derive(Debug)]
-pub struct RelayProcess {
+pub struct DriverProcess {
     child: Option<Child>,
     /// Its log (stderr).
     pub log: PathBuf,
 }
 
-impl RelayProcess {
-    /// Starts `qmp-driver relay --config pair.toml` and waits for its control socket.
-    pub fn spawn(dir: &Path) -> Result<RelayProcess> {
+/// The checkpoint-barrier relay (`qmp-driver relay`).
+pub type RelayProcess = DriverProcess;
+
+impl DriverProcess {
+    /// Starts `qmp-driver --config pair.toml ARGS...`, its stderr in `NAME.log`.
+    fn start(dir: &Path, name: &str, args: &[&str]) -> Result<DriverProcess> {
         let bin = qmp_driver_binary()?;
-        let log = dir.join("relay.log");
-        let control = relay_control_path(dir);
+        let log = dir.join(format!("{name}.log"));
         let child = Command::new(&bin)
             .arg("--config")
             .arg(config_path(dir))
-            .arg("relay")
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(File::create(dir.join("relay.stdout"))?)
+            .stdout(File::create(dir.join(format!("{name}.stdout")))?)
             .stderr(File::create(&log)?)
             .spawn()
-            .with_context(|| format!("starting {} relay", bin.display()))?;
-        let mut relay = RelayProcess {
+            .with_context(|| format!("starting {} {args:?}", bin.display()))?;
+        Ok(DriverProcess {
             child: Some(child),
             log,
-        };
+        })
+    }
+
+    /// Starts `qmp-driver relay --config pair.toml` and waits for its control socket.
+    pub fn spawn(dir: &Path) -> Result<DriverProcess> {
+        let control = relay_control_path(dir);
+        let mut relay = DriverProcess::start(dir, "relay", &["relay"])?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !control.exists() {
             if let Some(status) = relay
@@ -265,6 +280,13 @@ impl RelayProcess {
         Ok(relay)
     }
 
+    /// Starts the primary's watch agent (`qmp-driver watch`) with `args`, its log `watch.log`.
+    pub fn watch(dir: &Path, args: &[&str]) -> Result<DriverProcess> {
+        let mut all = vec!["watch"];
+        all.extend_from_slice(args);
+        DriverProcess::start(dir, "watch", &all)
+    }
+
     /// The last lines of its log.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -273,7 +295,7 @@ impl RelayProcess {
     }
 }
 
-impl Drop for RelayProcess {
+impl Drop for DriverProcess {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

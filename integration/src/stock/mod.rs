@@ -35,14 +35,14 @@ use serde_json::json;
 
 pub use cmdline::{MACHINE, qemu_args};
 pub use daemon::DaemonProcess;
-pub use driver::{RelayProcess, operator_qmp_path};
+pub use driver::{DriverProcess, RelayProcess, operator_qmp_path};
 pub use events::{EventLog, pause_windows, pauses};
 pub use qmp_driver::pair::Step;
 
 use crate::artifacts::Artifacts;
 use crate::guest;
 use crate::process::QemuProcess;
-use crate::topology::Topology;
+use crate::topology::{self, Topology};
 use cmdline::qmp_path;
 
 #[derive(Debug, Clone, Serialize)]
@@ -449,6 +449,17 @@ impl StockPair {
         vm.process.kill()?;
         self.dead.push(vm);
         Ok(())
+    }
+
+    /// Takes the uplink of `role`'s host down (`eth0` in its namespace): the host goes silent,
+    /// with no FIN or RST for anything, while its QEMU and daemons keep running. The relay and
+    /// the migration stream are not cut: on the bed they are Unix sockets in the run directory.
+    pub fn cut_uplink(&self, role: Role) -> Result<()> {
+        let ns = match role {
+            Role::Primary => &self.topology.primary,
+            Role::Secondary => &self.topology.secondary,
+        };
+        topology::ip(&["-n", ns, "link", "set", "eth0", "down"])
     }
 
     /// Checkpoint pauses of `role` since the guest booted, whether it is alive or was killed.

@@ -1,0 +1,52 @@
+//! Faults other than a dead VM (issue 12), on the bed with colo's own daemons (colo-proxyd on
+//! both hosts, colo-blockd, the relay) and the primary's watch agent (`qmp-driver watch`).
+//!
+//! Real QEMU (TCG) in network namespaces; needs root, `integration/setup.sh`'s artifacts and
+//! this build's `qmp-driver`, `colo-proxyd` and `colo-blockd` binaries. Without them the tests
+//! fail and say what is missing.
+
+// Shared with the other bed test files; this one has no soak.
+#[allow(dead_code)]
+mod common;
+
+use colo_testbed::scenario::{self, FailoverPlan, Failure};
+use colo_testbed::stock::{DiskBackend, NetworkBackend, PairConfig, Role};
+
+/// The secondary's host goes silent (its uplink down, no FIN, both VMs and every daemon still
+/// running) during a download. Nobody runs a failover: the primary's watch agent notices
+/// (QEMU's monitor hangs on the NBD child, or a checkpoint never ends) within its 2 s stall
+/// bound, yanks the dead peer and fails over to the primary. The client sees a stall, then
+/// the download completes intact, every later request is answered, and the primary's disk
+/// holds every record the guest's heartbeat promised.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn a_silent_secondary_host_leaves_the_primary_serving_alone() {
+    let cfg = PairConfig {
+        checkpoint_delay_ms: 500,
+        guest_load_mib_s: 4,
+        disk: DiskBackend::ColoBlockd,
+        network: NetworkBackend::ColoProxyd,
+        ..PairConfig::default()
+    };
+    let plan = FailoverPlan {
+        kill: Role::Secondary,
+        failure: Failure::CutUplink,
+        watch_agent: true,
+        ..FailoverPlan::default()
+    };
+    let report = scenario::failover("t-up", cfg, plan)
+        .await
+        .expect("uplink scenario ran");
+    common::assert_failover(&report);
+    let watch =
+        std::fs::read_to_string(report.run_dir.join("watch.log")).expect("the watch agent's log");
+    let trigger = watch
+        .lines()
+        .find(|l| l.contains("the secondary no longer takes part in COLO"))
+        .expect("the watch agent decided the failover");
+    println!("watch agent: {trigger}");
+    println!(
+        "cut to first answered request: {:?} ms",
+        report.kill_to_first_success_ms
+    );
+}
