@@ -1,7 +1,17 @@
 //! The relay's listener and the byte streams it forwards, over TCP or a Unix socket.
+//!
+//! TCP connections to or from another host get [`colo_control::tune_tcp`]: `TCP_NODELAY`,
+//! keepalive and `TCP_USER_TIMEOUT` ([`colo_control::TCP_DEAD_PEER`]). When the primary's host
+//! dies or the network between the hosts stalls, no FIN comes: without them the main channel
+//! would look open for minutes. With them its read or write fails within seconds, and the
+//! relay ends the session as on an EOF (`colo-exit`, reason `channel-closed`, the socket error
+//! in the detail). A connection to a QEMU on this host (the usual `--target`) only gets
+//! `TCP_NODELAY`: its peer cannot vanish without its kernel closing it, and `TCP_USER_TIMEOUT`
+//! would also end it when that QEMU merely stops reading for a few seconds (a zero window).
 
 use colo_daemon::socket::remove_stale_socket;
 use colo_types::Address;
+use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -38,7 +48,7 @@ impl Stream {
             match ep {
                 Address::Tcp { host, port } => {
                     let s = TcpStream::connect((host.as_str(), *port)).await?;
-                    s.set_nodelay(true)?;
+                    tune_inter_host(&s, "relay channel to the secondary")?;
                     widen_send_buffer(socket2::SockRef::from(&s));
                     Ok(Stream::Tcp(s))
                 }
@@ -98,12 +108,13 @@ impl RelayListener {
         }
     }
 
-    /// Accepts one connection (TCP_NODELAY set) and names its peer.
+    /// Accepts one connection (TCP_NODELAY set; keepalive and TCP_USER_TIMEOUT too from
+    /// another host) and names its peer.
     pub(crate) async fn accept(&self) -> std::io::Result<(Stream, String)> {
         match self {
             RelayListener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
-                s.set_nodelay(true)?;
+                tune_inter_host(&s, "relay channel from the primary")?;
                 Ok((Stream::Tcp(s), peer.to_string()))
             }
             RelayListener::Unix(l) => {
@@ -112,6 +123,23 @@ impl RelayListener {
             }
         }
     }
+}
+
+/// [`colo_control::tune_tcp`] when the peer is on another host, else only `TCP_NODELAY` (see
+/// the module's documentation).
+fn tune_inter_host(s: &TcpStream, what: &str) -> std::io::Result<()> {
+    if on_this_host(s.local_addr()?, s.peer_addr()?) {
+        s.set_nodelay(true)
+    } else {
+        colo_control::tune_tcp(s, what);
+        Ok(())
+    }
+}
+
+/// Whether a connection between `local` and `peer` stays on this host: a loopback peer, or
+/// one of this host's own addresses (the kernel routes it over the loopback).
+fn on_this_host(local: SocketAddr, peer: SocketAddr) -> bool {
+    peer.ip().is_loopback() || peer.ip() == local.ip()
 }
 
 /// Send buffer the relay asks for towards the secondary: a checkpoint's RAM
@@ -124,5 +152,63 @@ const SEND_BUFFER: usize = 4 << 20;
 fn widen_send_buffer(sock: socket2::SockRef<'_>) {
     if let Err(e) = sock.set_send_buffer_size(SEND_BUFFER) {
         tracing::debug!(error = %e, "cannot widen the relay's send buffer; keeping the default");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_peers_on_another_host_count_as_inter_host() {
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert!(on_this_host(at("127.0.0.1:9000"), at("127.0.0.1:41000")));
+        assert!(on_this_host(at("[::1]:9000"), at("[::1]:41000")));
+        assert!(on_this_host(at("10.0.0.2:9000"), at("10.0.0.2:41000")));
+        assert!(!on_this_host(
+            at("192.168.77.2:9000"),
+            at("192.168.77.1:41000")
+        ));
+        assert!(!on_this_host(at("[fd00::2]:9000"), at("[fd00::1]:41000")));
+    }
+
+    /// Both ends of a loopback channel: accepted by the relay, and connected by it.
+    #[tokio::test]
+    async fn loopback_channels_get_nodelay_and_no_user_timeout() {
+        let listener = RelayListener::bind(&"tcp:127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let target = listener.local_endpoint().unwrap();
+        let (connected, accepted) = tokio::join!(
+            Stream::connect(&target, Duration::from_secs(5)),
+            listener.accept()
+        );
+        for stream in [connected.unwrap(), accepted.unwrap().0] {
+            let Stream::Tcp(s) = stream else {
+                panic!("not TCP")
+            };
+            let sock = socket2::SockRef::from(&s);
+            assert!(sock.tcp_nodelay().unwrap());
+            assert!(!sock.keepalive().unwrap());
+            assert_eq!(sock.tcp_user_timeout().unwrap(), None);
+        }
+    }
+
+    /// What a connection from the primary's host gets (`tune_tcp`, as `tune_inter_host` calls
+    /// it for a peer on another host, which a test on one host cannot make).
+    #[tokio::test]
+    async fn inter_host_channels_get_keepalive_and_the_dead_peer_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (_connected, (s, _)) = (connected.unwrap(), accepted.unwrap());
+        colo_control::tune_tcp(&s, "test");
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.tcp_nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(colo_control::TCP_DEAD_PEER)
+        );
     }
 }

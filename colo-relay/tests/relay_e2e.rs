@@ -682,6 +682,52 @@ async fn short_channel_is_forwarded_and_closed() {
     bed.stop().await;
 }
 
+/// The primary's connection fails with a socket error instead of an EOF, as it does when the
+/// primary's host vanished and keepalive or `TCP_USER_TIMEOUT` gave up on it (`ETIMEDOUT`; a
+/// reset here, which takes the same path): the relay ends the session as on an EOF, with
+/// `colo-exit` (reason `channel-closed`) naming the error, and closes the secondary's side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_channel_failing_with_an_error_ends_colo_like_an_eof() {
+    let bed = Bed::tcp(Duration::from_secs(2)).await;
+    let mut monitor = bed.subscriber("monitor", false).await;
+    let Address::Tcp { host, port } = &bed.relay_ep else {
+        unreachable!()
+    };
+    let mut primary = TcpStream::connect((host.as_str(), *port)).await.unwrap();
+    primary.write_all(&QEVM_MAGIC.to_be_bytes()).await.unwrap();
+    let SecListener::Tcp(l) = &bed.secondary else {
+        unreachable!()
+    };
+    let (secondary, _) = within(l.accept()).await.unwrap();
+    let mut secondary = End::new({
+        let (r, w) = secondary.into_split();
+        (Box::new(r), Box::new(w))
+    });
+    assert_eq!(secondary.recv_exact(4).await, QEVM_MAGIC.to_be_bytes());
+    secondary.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    let mut ready = [0u8; 4];
+    within(primary.read_exact(&mut ready)).await.unwrap();
+    assert_eq!(next(&mut monitor).await.event, EventKind::ColoStarted);
+
+    // Close with a reset: the relay's read fails instead of seeing the end.
+    socket2::SockRef::from(&primary)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(primary);
+    let exit = next(&mut monitor).await;
+    assert_eq!(exit.event, EventKind::ColoExit);
+    assert_eq!(exit.reason.as_deref(), Some("channel-closed"));
+    let detail = exit.detail.unwrap();
+    assert!(
+        detail.contains("reading from the primary failed"),
+        "{detail}"
+    );
+    assert!(secondary.recv_to_end().await.is_empty());
+    let st = bed.wait(|st| !st.main_channel_connected).await;
+    assert_eq!(st.state, RelayState::Exited);
+    bed.stop().await;
+}
+
 /// (g) Operator requests through the relay's control socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g_operator_requests() {

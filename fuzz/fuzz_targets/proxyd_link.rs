@@ -6,7 +6,8 @@
 //!   (`finish`) of decoding the whole stream at once; a failed decoder keeps returning its
 //!   error, whatever it is fed later;
 //! * the messages are a hello from the peer's role in this version, then only frames of the
-//!   peer's direction; `greeted()` says whether a message came;
+//!   peer's direction; `greeted()` says whether a message came; heartbeats (`03 00 00 00 00`)
+//!   after the hello are consumed and counted (`heartbeats()`), never returned;
 //! * every message re-encodes (`encode`) to the bytes it came from (a hello with bytes after
 //!   its 7-byte payload, which the decoder accepts, to the same hello without them), and the
 //!   re-encoded messages decode to the same messages with nothing left over;
@@ -22,6 +23,7 @@ use libfuzzer_sys::fuzz_target;
 
 struct Outcome {
     messages: Vec<LinkMessage>,
+    heartbeats: u64,
     error: Option<LinkError>,
     finish: Result<(), LinkError>,
 }
@@ -59,6 +61,7 @@ fn decode(local: Role, stream: &[u8], cuts: &[usize]) -> Outcome {
     let finish = decoder.finish();
     Outcome {
         messages,
+        heartbeats: decoder.heartbeats(),
         error,
         finish,
     }
@@ -68,18 +71,33 @@ fn be32(bytes: &[u8]) -> u32 {
     u32::from_be_bytes(bytes[..4].try_into().unwrap())
 }
 
+/// Past the complete heartbeats at `at` (counted in `beats`).
+fn skip_heartbeats(stream: &[u8], mut at: usize, beats: &mut u64) -> usize {
+    while stream.len() - at >= 5 && stream[at] == 3 && be32(&stream[at + 1..]) == 0 {
+        at += 5;
+        *beats += 1;
+    }
+    at
+}
+
 fn check(local: Role, stream: &[u8], cuts: &[usize]) {
     let whole = decode(local, stream, &[stream.len()]);
     let chunked = decode(local, stream, cuts);
     assert_eq!(chunked.messages, whole.messages);
+    assert_eq!(chunked.heartbeats, whole.heartbeats);
     assert_eq!(chunked.error, whole.error);
     assert_eq!(chunked.finish, whole.finish);
     let peer = local.other();
 
-    // Each message re-encodes to its bytes; `at` walks the stream.
+    // Each message re-encodes to its bytes; `at` walks the stream, over the heartbeats
+    // between messages after the hello.
     let mut at = 0;
+    let mut beats = 0;
     let mut rewire = Vec::new();
     for (i, message) in whole.messages.iter().enumerate() {
+        if i > 0 {
+            at = skip_heartbeats(stream, at, &mut beats);
+        }
         match message {
             LinkMessage::Hello { version, role } => {
                 assert_eq!(i, 0);
@@ -106,6 +124,10 @@ fn check(local: Role, stream: &[u8], cuts: &[usize]) {
         rewire.extend_from_slice(&wire);
         at += total;
     }
+    if !whole.messages.is_empty() {
+        at = skip_heartbeats(stream, at, &mut beats);
+    }
+    assert_eq!(beats, whole.heartbeats);
     let again = decode(local, &rewire, &[rewire.len()]);
     assert_eq!(again.messages, whole.messages);
     assert_eq!(again.error, None);
@@ -128,7 +150,7 @@ fn check(local: Role, stream: &[u8], cuts: &[usize]) {
     let kind = left[0];
     let len = be32(&left[1..]) as usize;
     match error {
-        LinkError::UnknownType(k) => assert!(k == kind && k > 2),
+        LinkError::UnknownType(k) => assert!(k == kind && k > 3),
         LinkError::Oversized { len: l } => {
             // An inbound frame has no epoch, so its limit is the frame limit.
             assert_eq!(l as usize, len);
@@ -158,6 +180,11 @@ fn check(local: Role, stream: &[u8], cuts: &[usize]) {
             assert_eq!(theirs, local);
         }
         LinkError::OutOfOrder { .. } => assert_eq!(kind == 0, !whole.messages.is_empty()),
+        LinkError::HeartbeatPayload { len: l } => {
+            assert!(kind == 3 && !whole.messages.is_empty());
+            assert_eq!(l as usize, len);
+            assert!(len > 0);
+        }
         LinkError::WrongDirection { from, .. } => {
             assert_eq!(from, peer);
             // Inbound (1) comes only from the primary, svm-output (2) only from the secondary.

@@ -5,6 +5,8 @@
 //! message each way is a [`LinkMessage::Hello`]; after it the primary sends
 //! [`LinkMessage::Inbound`] (a mirrored frame for the SVM) and the secondary sends
 //! [`LinkMessage::SvmOutput`] (a frame the SVM sent, tagged with the SVM epoch it belongs to).
+//! Both ends also send heartbeats ([`encode_heartbeat`]) so that a silent peer is noticed; the
+//! decoder checks and consumes them and never returns them: they are no frames.
 //! Anything else — an unknown type, an over-long or short payload, a second hello, a hello
 //! of another version — is a [`LinkError`] that ends the connection: like QEMU's net-filter
 //! framing, this stream has no resynchronisation point.
@@ -15,8 +17,9 @@ use thiserror::Error;
 
 use crate::codec::MAX_FRAME_LEN;
 
-/// The link protocol version this build speaks.
-pub const LINK_VERSION: u16 = 1;
+/// The link protocol version this build speaks. Version 2 added the heartbeat; version 1
+/// peers refuse our hello (and we theirs) with an error naming both versions.
+pub const LINK_VERSION: u16 = 2;
 
 /// The first four payload bytes of every hello.
 pub const LINK_MAGIC: [u8; 4] = *b"CPXL";
@@ -24,6 +27,7 @@ pub const LINK_MAGIC: [u8; 4] = *b"CPXL";
 const TYPE_HELLO: u8 = 0;
 const TYPE_INBOUND: u8 = 1;
 const TYPE_SVM_OUTPUT: u8 = 2;
+const TYPE_HEARTBEAT: u8 = 3;
 
 const HEADER_LEN: usize = 5;
 const HELLO_LEN: usize = 7;
@@ -119,6 +123,12 @@ pub enum LinkError {
         /// The peer's role.
         from: Role,
     },
+    /// A heartbeat with a payload (heartbeats have none).
+    #[error("a link heartbeat carries no payload, this one announces {len} bytes")]
+    HeartbeatPayload {
+        /// The announced payload length.
+        len: u32,
+    },
     /// The stream ended inside a message.
     #[error("the link ended inside a message ({buffered} bytes of it were received)")]
     Truncated {
@@ -165,6 +175,14 @@ pub fn encode(message: &LinkMessage, out: &mut Vec<u8>) -> Result<(), LinkError>
     Ok(())
 }
 
+/// Appends a heartbeat: type 3, an empty payload. Each end sends one after every
+/// [`super::peer::HEARTBEAT_INTERVAL`] in which it wrote nothing else; the peer's decoder
+/// consumes it.
+pub fn encode_heartbeat(out: &mut Vec<u8>) {
+    out.push(TYPE_HEARTBEAT);
+    out.extend_from_slice(&0u32.to_be_bytes());
+}
+
 fn frame_len(frame: usize, extra: usize) -> Result<u32, LinkError> {
     if frame > MAX_FRAME_LEN {
         return Err(LinkError::Oversized {
@@ -184,6 +202,7 @@ pub struct LinkDecoder {
     buffer: Vec<u8>,
     consumed: usize,
     greeted: bool,
+    heartbeats: u64,
     failed: Option<LinkError>,
 }
 
@@ -195,6 +214,7 @@ impl LinkDecoder {
             buffer: Vec::new(),
             consumed: 0,
             greeted: false,
+            heartbeats: 0,
             failed: None,
         }
     }
@@ -202,6 +222,11 @@ impl LinkDecoder {
     /// Whether the peer's hello has been accepted.
     pub fn greeted(&self) -> bool {
         self.greeted
+    }
+
+    /// Heartbeats received (and consumed) so far.
+    pub fn heartbeats(&self) -> u64 {
+        self.heartbeats
     }
 
     /// Appends bytes read from the socket.
@@ -216,7 +241,8 @@ impl LinkDecoder {
         self.buffer.extend_from_slice(chunk);
     }
 
-    /// The next complete message (`Ok(None)`: more bytes needed). After an error, every later
+    /// The next complete message (`Ok(None)`: more bytes needed). Heartbeats are checked,
+    /// counted ([`Self::heartbeats`]) and skipped, never returned. After an error, every later
     /// call returns it again.
     pub fn next_message(&mut self) -> Result<Option<LinkMessage>, LinkError> {
         if let Some(error) = &self.failed {
@@ -245,6 +271,27 @@ impl LinkDecoder {
     }
 
     fn parse_next(&mut self) -> Result<Option<LinkMessage>, LinkError> {
+        loop {
+            let pending = &self.buffer[self.consumed..];
+            if pending.len() < HEADER_LEN || pending[0] != TYPE_HEARTBEAT {
+                return self.parse_message();
+            }
+            let len = u32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
+            if !self.greeted {
+                return Err(LinkError::OutOfOrder {
+                    expected: "hello",
+                    got: "heartbeat",
+                });
+            }
+            if len != 0 {
+                return Err(LinkError::HeartbeatPayload { len });
+            }
+            self.consumed += HEADER_LEN;
+            self.heartbeats += 1;
+        }
+    }
+
+    fn parse_message(&mut self) -> Result<Option<LinkMessage>, LinkError> {
         let pending = &self.buffer[self.consumed..];
         if pending.len() < HEADER_LEN {
             return Ok(None);
@@ -526,8 +573,122 @@ mod tests {
         assert!(matches!(decoder.finish(), Err(LinkError::Truncated { .. })));
     }
 
+    #[test]
+    fn heartbeats_are_five_bytes_consumed_and_counted_never_returned() {
+        let mut beat = Vec::new();
+        encode_heartbeat(&mut beat);
+        assert_eq!(beat, [TYPE_HEARTBEAT, 0, 0, 0, 0]);
+        let frame = LinkMessage::Inbound(Bytes::from(vec![1, 2, 3]));
+        let mut bytes = wire(&[hello(Role::Primary)]);
+        bytes.extend_from_slice(&beat);
+        bytes.extend_from_slice(&wire(std::slice::from_ref(&frame)));
+        bytes.extend_from_slice(&beat);
+        bytes.extend_from_slice(&beat);
+        let mut decoder = LinkDecoder::new(Role::Secondary);
+        decoder.feed(&bytes);
+        assert_eq!(
+            decode_all(&mut decoder).unwrap(),
+            vec![hello(Role::Primary), frame]
+        );
+        assert_eq!(decoder.heartbeats(), 3);
+        assert_eq!(decoder.finish(), Ok(()));
+
+        // Both directions carry them.
+        let mut bytes = wire(&[hello(Role::Secondary)]);
+        bytes.extend_from_slice(&beat);
+        let mut decoder = LinkDecoder::new(Role::Primary);
+        decoder.feed(&bytes[..bytes.len() - 1]);
+        assert_eq!(
+            decode_all(&mut decoder).unwrap(),
+            vec![hello(Role::Secondary)]
+        );
+        assert_eq!(decoder.heartbeats(), 0);
+        assert!(matches!(
+            decoder.finish(),
+            Err(LinkError::Truncated { buffered: 4 })
+        ));
+        decoder.feed(&bytes[bytes.len() - 1..]);
+        assert_eq!(decode_all(&mut decoder).unwrap(), vec![]);
+        assert_eq!(decoder.heartbeats(), 1);
+        assert_eq!(decoder.finish(), Ok(()));
+    }
+
+    #[test]
+    fn a_heartbeat_before_the_hello_or_with_a_payload_is_an_error() {
+        let mut beat = Vec::new();
+        encode_heartbeat(&mut beat);
+        let mut decoder = LinkDecoder::new(Role::Primary);
+        decoder.feed(&beat);
+        assert_eq!(
+            decoder.next_message(),
+            Err(LinkError::OutOfOrder {
+                expected: "hello",
+                got: "heartbeat"
+            })
+        );
+
+        let mut bytes = wire(&[hello(Role::Secondary)]);
+        bytes.extend_from_slice(&[TYPE_HEARTBEAT, 0, 0, 0, 1]);
+        let mut decoder = LinkDecoder::new(Role::Primary);
+        decoder.feed(&bytes);
+        decoder.next_message().unwrap();
+        // Refused from the header alone: nothing waits for the announced payload.
+        assert_eq!(
+            decoder.next_message(),
+            Err(LinkError::HeartbeatPayload { len: 1 })
+        );
+    }
+
+    #[test]
+    fn a_version_1_peer_is_refused_naming_both_versions() {
+        let mut bytes = wire(&[hello(Role::Primary)]);
+        bytes[9..11].copy_from_slice(&1u16.to_be_bytes());
+        let mut decoder = LinkDecoder::new(Role::Secondary);
+        decoder.feed(&bytes);
+        let error = decoder.next_message().unwrap_err();
+        assert_eq!(error, LinkError::Version { theirs: 1 });
+        assert_eq!(
+            error.to_string(),
+            "the peer speaks link version 1, this build speaks 2"
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn heartbeats_anywhere_after_the_hello_leave_the_frames_unchanged(
+            items in proptest::collection::vec(
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..100)), 0..16),
+            chunk in 1usize..30,
+        ) {
+            // `None` is a heartbeat, `Some` an inbound frame.
+            let mut bytes = wire(&[hello(Role::Primary)]);
+            let mut frames = vec![hello(Role::Primary)];
+            let mut beats = 0;
+            for item in items {
+                match item {
+                    None => {
+                        encode_heartbeat(&mut bytes);
+                        beats += 1;
+                    }
+                    Some(frame) => {
+                        let message = LinkMessage::Inbound(frame.into());
+                        encode(&message, &mut bytes).unwrap();
+                        frames.push(message);
+                    }
+                }
+            }
+            let mut decoder = LinkDecoder::new(Role::Secondary);
+            let mut got = Vec::new();
+            for piece in bytes.chunks(chunk) {
+                decoder.feed(piece);
+                got.extend(decode_all(&mut decoder).unwrap());
+            }
+            prop_assert_eq!(got, frames);
+            prop_assert_eq!(decoder.heartbeats(), beats);
+            prop_assert_eq!(decoder.finish(), Ok(()));
+        }
 
         #[test]
         fn roundtrip_under_any_chunking(

@@ -88,6 +88,7 @@ struct Inner {
     stale_svm_frames: Counter,
     dropped_frames: Counter,
     link_errors: Counter,
+    link_dead_peers: Counter,
     barriers: Counter,
     /// The secondary's network bridge after a failover (running totals from the role logic).
     out_of_svm: Bridged,
@@ -136,6 +137,7 @@ impl Inner {
             stale_svm_frames: Counter::default(),
             dropped_frames: Counter::default(),
             link_errors: Counter::default(),
+            link_dead_peers: Counter::default(),
             barriers: Counter::default(),
             out_of_svm: bridged("out_of_svm"),
             into_svm: bridged("into_svm"),
@@ -226,6 +228,12 @@ impl Inner {
                 "link_errors",
                 "Link connections closed for a malformed message or handshake",
                 &inner.link_errors,
+            ),
+            (
+                "link_dead_peer",
+                "Link connections closed because the peer went silent (no message, or a write \
+                 that did not complete, within the link's dead-peer bound)",
+                &inner.link_dead_peers,
             ),
             (
                 "barriers",
@@ -479,6 +487,16 @@ impl Metrics {
     /// Link errors so far.
     pub fn link_errors(&self) -> u64 {
         self.inner.link_errors.get()
+    }
+
+    /// The link was closed because the peer went silent (see `peer::DEAD_AFTER`).
+    pub fn link_dead_peer(&self) {
+        self.inner.link_dead_peers.inc();
+    }
+
+    /// Link connections closed for a silent peer so far.
+    pub fn link_dead_peers(&self) -> u64 {
+        self.inner.link_dead_peers.get()
     }
 
     /// A synchronous barrier event was handled and acknowledged.
