@@ -17,7 +17,7 @@ use crate::guest::DiskCheck;
 use crate::relay_watch::{AckPolicy, EventRecorder};
 use crate::stats::{median, quantile};
 use crate::stock::driver::relay_control_path;
-use crate::stock::{DriverProcess, PairConfig, Role, Step, StockPair};
+use crate::stock::{Daemon, DriverProcess, PairConfig, Role, Step, StockPair};
 use colo_control::protocol::EventKind;
 
 /// The page the guest serves at `/`.
@@ -60,6 +60,8 @@ pub struct Report {
     pub killed: Option<Role>,
     /// How it failed (`SIGKILL`, `uplink down`).
     pub failure: Option<&'static str>,
+    /// The survivor's daemon restarted after the failover, if any.
+    pub restarted_after_failover: Option<String>,
     /// The barrier event the checkpoint was held at when the VM was killed, if any.
     pub killed_at_event: Option<String>,
     /// Failover steps on the survivor.
@@ -128,6 +130,7 @@ impl Report {
             guest_errors: Vec::new(),
             killed: None,
             failure: None,
+            restarted_after_failover: None,
             killed_at_event: None,
             failover_steps: Vec::new(),
             cli: Vec::new(),
@@ -220,8 +223,12 @@ impl Report {
                 );
             }
             out += &format!(
-                "  after failover     {} requests OK\n",
-                self.after_failover_ok
+                "  after failover     {} requests OK{}\n",
+                self.after_failover_ok,
+                self.restarted_after_failover
+                    .as_deref()
+                    .map(|d| format!(" (the survivor's {d} restarted first)"))
+                    .unwrap_or_default()
             );
         }
         if let Some(disk) = &self.disk {
@@ -453,6 +460,10 @@ pub enum Failure {
     Kill,
     /// Its host's uplink goes down: everything on it keeps running, silent ([`StockPair::cut_uplink`]).
     CutUplink,
+    /// One of colo's daemons is SIGKILLed mid-epoch and started again at once, as its
+    /// supervisor would ([`StockPair::restart_daemon`]); the VMs keep running. COLO cannot go
+    /// on (the relay fails the next barrier), so the side named by `kill` stops being used.
+    RestartDaemon(Daemon),
 }
 
 /// Options of a failover run.
@@ -477,6 +488,9 @@ pub struct FailoverPlan {
     /// `checkpoint` and `failover` run as commands against the run's `pair.toml`, instead of
     /// the same sequences called as a library.
     pub via_cli: bool,
+    /// After the failover and the download: SIGKILL this daemon of the survivor's and start it
+    /// again (a crash after COLO ended); the requests after the failover then test it.
+    pub restart_after_failover: Option<Daemon>,
     /// Kill in the middle of a checkpoint: after `kill_after`, a test subscriber joins the
     /// relay and holds the next barrier event of this kind for a while; the VM dies while
     /// the barrier holds the checkpoint there. Needs the relay.
@@ -489,6 +503,7 @@ impl Default for FailoverPlan {
             kill: Role::Primary,
             failure: Failure::Kill,
             watch_agent: false,
+            restart_after_failover: None,
             checkpoints_before: 3,
             download_rate: 128 * 1024,
             kill_after: Duration::from_millis(2500),
@@ -535,6 +550,9 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
         match plan.failure {
             Failure::Kill => "kill",
             Failure::CutUplink => "uplink",
+            Failure::RestartDaemon(Daemon::Proxyd(Role::Primary)) => "rst-pxp",
+            Failure::RestartDaemon(Daemon::Proxyd(Role::Secondary)) => "rst-pxs",
+            Failure::RestartDaemon(Daemon::Blockd) => "rst-bd",
         },
         plan.kill.name(),
         if plan.via_cli { "-cli" } else { "" },
@@ -620,11 +638,17 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
     match plan.failure {
         Failure::Kill => pair.kill(plan.kill)?,
         Failure::CutUplink => pair.cut_uplink(plan.kill)?,
+        Failure::RestartDaemon(daemon) => pair.restart_daemon(daemon)?,
     }
     report.killed = Some(plan.kill);
     report.failure = Some(match plan.failure {
         Failure::Kill => "SIGKILL",
         Failure::CutUplink => "uplink down, no FIN",
+        Failure::RestartDaemon(Daemon::Proxyd(Role::Primary)) => "colo-proxyd primary restarted",
+        Failure::RestartDaemon(Daemon::Proxyd(Role::Secondary)) => {
+            "colo-proxyd secondary restarted"
+        }
+        Failure::RestartDaemon(Daemon::Blockd) => "colo-blockd restarted",
     });
     report.killed_at_event = plan.kill_at_event.map(|k| k.to_string());
     if let Some(watch) = &watch {
@@ -686,6 +710,10 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
         },
     });
 
+    if let Some(daemon) = plan.restart_after_failover {
+        pair.restart_daemon(daemon)?;
+        report.restarted_after_failover = Some(format!("{daemon:?}"));
+    }
     for _ in 0..plan.requests_after {
         report.http_requests += 1;
         match probe(&client, Duration::from_secs(5)).await {

@@ -10,7 +10,7 @@
 mod common;
 
 use colo_testbed::scenario::{self, FailoverPlan, Failure};
-use colo_testbed::stock::{DiskBackend, NetworkBackend, PairConfig, Role};
+use colo_testbed::stock::{Daemon, DiskBackend, NetworkBackend, PairConfig, Role};
 
 /// The secondary's host goes silent (its uplink down, no FIN, both VMs and every daemon still
 /// running) during a download. Nobody runs a failover: the primary's watch agent notices
@@ -21,13 +21,7 @@ use colo_testbed::stock::{DiskBackend, NetworkBackend, PairConfig, Role};
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn a_silent_secondary_host_leaves_the_primary_serving_alone() {
-    let cfg = PairConfig {
-        checkpoint_delay_ms: 500,
-        guest_load_mib_s: 4,
-        disk: DiskBackend::ColoBlockd,
-        network: NetworkBackend::ColoProxyd,
-        ..PairConfig::default()
-    };
+    let cfg = daemons_pair();
     let plan = FailoverPlan {
         kill: Role::Secondary,
         failure: Failure::CutUplink,
@@ -49,4 +43,76 @@ async fn a_silent_secondary_host_leaves_the_primary_serving_alone() {
         "cut to first answered request: {:?} ms",
         report.kill_to_first_success_ms
     );
+}
+
+/// The pair of these tests: colo-blockd and colo-proxyd, 500 ms checkpoints.
+fn daemons_pair() -> PairConfig {
+    PairConfig {
+        checkpoint_delay_ms: 500,
+        guest_load_mib_s: 4,
+        disk: DiskBackend::ColoBlockd,
+        network: NetworkBackend::ColoProxyd,
+        ..PairConfig::default()
+    }
+}
+
+/// A daemon of the pair is SIGKILLed mid-epoch and restarted at once, during a download.
+/// COLO cannot go on (the relay fails the next barrier and ends COLO), so the watch agent
+/// fails over to the primary. Then the primary's colo-proxyd is killed and restarted again,
+/// after COLO ended: it must learn from QEMU that the primary serves alone and release, not
+/// hold for ever (nor release while QEMU is still a COLO primary).
+async fn daemon_restarted(daemon: Daemon, tag: &str) {
+    let plan = FailoverPlan {
+        kill: Role::Secondary,
+        failure: Failure::RestartDaemon(daemon),
+        watch_agent: true,
+        restart_after_failover: Some(Daemon::Proxyd(Role::Primary)),
+        ..FailoverPlan::default()
+    };
+    let report = scenario::failover(tag, daemons_pair(), plan)
+        .await
+        .expect("restart scenario ran");
+    common::assert_failover(&report);
+    let watch =
+        std::fs::read_to_string(report.run_dir.join("watch.log")).expect("the watch agent's log");
+    assert!(
+        watch.contains("failover to the primary done"),
+        "the watch agent did not fail over:\n{watch}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn the_primary_proxyd_restarted_mid_epoch_loses_nothing() {
+    daemon_restarted(Daemon::Proxyd(Role::Primary), "t-rpp").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn the_secondary_proxyd_restarted_mid_epoch_loses_nothing() {
+    daemon_restarted(Daemon::Proxyd(Role::Secondary), "t-rps").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn colo_blockd_restarted_mid_epoch_loses_nothing() {
+    daemon_restarted(Daemon::Blockd, "t-rbd").await;
+}
+
+/// The primary's host dies; the secondary takes over (the operator's failover); then its
+/// colo-blockd is killed and restarted after COLO ended. It must reopen the image failed over,
+/// so that the SVM's writes keep going into the image itself: the survivor's disk must still
+/// hold every record its heartbeat promised.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn colo_blockd_restarted_after_a_failover_to_the_secondary_loses_nothing() {
+    let plan = FailoverPlan {
+        kill: Role::Primary,
+        restart_after_failover: Some(Daemon::Blockd),
+        ..FailoverPlan::default()
+    };
+    let report = scenario::failover("t-rbs", daemons_pair(), plan)
+        .await
+        .expect("failover scenario ran");
+    common::assert_failover(&report);
 }

@@ -315,6 +315,11 @@ fn replication_disk(a: &mut Args, cfg: &PairConfig, vm: &VmConfig) -> Result<(),
     Ok(())
 }
 
+/// How long the SVM's disk requests wait for colo-blockd to come back (`reconnect-delay`):
+/// a colo-blockd restarted by its supervisor (after a failover, when the SVM is the VM) must
+/// not fail the guest's I/O. QEMU retries the connection and replays the paused requests.
+pub const SVM_DISK_RECONNECT_SECS: u32 = 15;
+
 /// The colo-blockd secondary disk: an NBD client of colo-blockd's `svm`
 /// export, over its Unix socket when one is configured. The image itself
 /// belongs to colo-blockd (`vm.secondary_image` is its `--image`).
@@ -330,7 +335,8 @@ fn blockd_disk(a: &mut Args, cfg: &PairConfig) {
     a.opt(
         "-drive",
         format!(
-            "if=none,id={},driver=nbd,{server},export={BLOCKD_SVM_EXPORT}",
+            "if=none,id={},driver=nbd,{server},export={BLOCKD_SVM_EXPORT},\
+             reconnect-delay={SVM_DISK_RECONNECT_SECS}",
             disk.device
         ),
     );
@@ -638,7 +644,7 @@ mod tests {
             values(&s, "-drive"),
             [
                 "if=none,id=colo-disk0,driver=nbd,server.type=inet,server.host=192.168.77.2,\
-                 server.port=10809,export=svm"
+                 server.port=10809,export=svm,reconnect-delay=15"
             ]
         );
         assert_eq!(

@@ -45,6 +45,15 @@ use crate::process::QemuProcess;
 use crate::topology::{self, Topology};
 use cmdline::qmp_path;
 
+/// One of colo's daemons on the bed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Daemon {
+    /// colo-proxyd on that host.
+    Proxyd(Role),
+    /// colo-blockd (on the secondary's host).
+    Blockd,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PairConfig {
     /// `x-checkpoint-delay`: the periodic checkpoint interval, in ms.
@@ -460,6 +469,20 @@ impl StockPair {
             Role::Secondary => &self.topology.secondary,
         };
         topology::ip(&["-n", ns, "link", "set", "eth0", "down"])
+    }
+
+    /// SIGKILLs one of colo's daemons and starts it again with the same command line.
+    pub fn restart_daemon(&mut self, which: Daemon) -> Result<()> {
+        let daemon = match which {
+            Daemon::Blockd => self.blockd.as_mut(),
+            Daemon::Proxyd(role) => self
+                .proxyd
+                .iter_mut()
+                .find(|(host, _)| *host == role)
+                .map(|(_, d)| d),
+        }
+        .with_context(|| format!("the pair runs no {which:?}"))?;
+        daemon.restart()
     }
 
     /// Checkpoint pauses of `role` since the guest booted, whether it is alive or was killed.
