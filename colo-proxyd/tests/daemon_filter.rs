@@ -385,7 +385,7 @@ async fn a_malformed_link_message_closes_the_link_without_a_panic() {
     let mut raw = TcpStream::connect(&primary.link).await.unwrap();
     let hello = read_hello(&mut raw).await;
     assert_eq!(&hello[..9], &[0, 0, 0, 0, 7, b'C', b'P', b'X', b'L']);
-    raw.write_all(&[0, 0, 0, 0, 7, b'C', b'P', b'X', b'L', 0, 1, 2])
+    raw.write_all(&hello_of(colo_types::Role::Secondary))
         .await
         .unwrap();
     raw.write_all(&[9, 0, 0, 0, 1, 0]).await.unwrap();
@@ -421,6 +421,21 @@ async fn a_malformed_link_message_closes_the_link_without_a_panic() {
     }
 }
 
+/// The hello of this build's link version, as `role` sends it.
+fn hello_of(role: colo_types::Role) -> Vec<u8> {
+    use colo_proxyd::daemon::link::{LINK_VERSION, LinkMessage, encode};
+    let mut out = Vec::new();
+    encode(
+        &LinkMessage::Hello {
+            version: LINK_VERSION,
+            role,
+        },
+        &mut out,
+    )
+    .unwrap();
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_secondary_drops_a_malformed_primary_and_reconnects() {
     let dir = tempfile::tempdir().unwrap();
@@ -440,12 +455,10 @@ async fn the_secondary_drops_a_malformed_primary_and_reconnects() {
         .unwrap();
     let hello = read_hello(&mut raw).await;
     assert_eq!(hello[11], 2, "the secondary says it is the secondary");
-    // An oversized message.
-    raw.write_all(&[
-        0, 0, 0, 0, 7, b'C', b'P', b'X', b'L', 0, 1, 1, 1, 0xff, 0xff, 0xff, 0xff,
-    ])
-    .await
-    .unwrap();
+    // A good hello, then an oversized message.
+    let mut bytes = hello_of(colo_types::Role::Primary);
+    bytes.extend_from_slice(&[1, 0xff, 0xff, 0xff, 0xff]);
+    raw.write_all(&bytes).await.unwrap();
     let mut rest = Vec::new();
     assert!(
         tokio::time::timeout(PATIENCE, raw.read_to_end(&mut rest))
