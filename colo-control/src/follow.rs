@@ -52,6 +52,10 @@ pub enum SessionEnd {
     RelayClosed,
     /// The connection failed.
     Failed(ControlError),
+    /// We could not do our part of a synchronous event: the connection is closed on purpose,
+    /// because a sync subscriber that leaves during a barrier makes the relay fail it at once
+    /// (instead of after its ack timeout, with both VMs stopped meanwhile).
+    StepFailed,
 }
 
 /// The relay's next event, or why the session ends: shutdown (which only ever interrupts this
@@ -113,6 +117,11 @@ pub async fn follow_relay(
                         %err,
                         "lost the relay's control connection; COLO cannot checkpoint while we \
                          are disconnected (the relay fails the barrier); reconnecting"
+                    ),
+                    SessionEnd::StepFailed => tracing::error!(
+                        control = %opts.control,
+                        "closed the control connection after a failed epoch step, so that the \
+                         relay fails the barrier now and COLO ends; reconnecting"
                     ),
                 }
             }

@@ -76,13 +76,18 @@ async fn follow_connection(
                     return SessionEnd::Failed(err);
                 }
             }
-            Err(err) => tracing::error!(
-                %err,
-                event = %ev.event,
-                epoch = ev.epoch,
-                "epoch step failed; not acknowledging it, so the relay fails the barrier and \
-                 ends COLO rather than let the secondary adopt a state its disk lacks"
-            ),
+            Err(err) => {
+                tracing::error!(
+                    %err,
+                    event = %ev.event,
+                    epoch = ev.epoch,
+                    "epoch step failed; not acknowledging it, so the relay fails the barrier \
+                     and ends COLO rather than let the secondary adopt a state its disk lacks"
+                );
+                if ev.sync {
+                    return SessionEnd::StepFailed;
+                }
+            }
         }
     }
 }

@@ -99,12 +99,15 @@ async fn follow_connection(
                 tracing::debug!(event = %kind, epoch, seq, "acknowledged");
             }
             Err(_) if shutdown.is_cancelled() => return SessionEnd::Shutdown,
-            Err(_) => tracing::error!(
-                event = %kind,
-                epoch,
-                "the epoch step was not completed; not acknowledging it, so the relay fails \
-                 the barrier and ends COLO"
-            ),
+            Err(_) => {
+                tracing::error!(
+                    event = %kind,
+                    epoch,
+                    "the epoch step was not completed; not acknowledging it, so the relay \
+                     fails the barrier and ends COLO"
+                );
+                return SessionEnd::StepFailed;
+            }
         }
     }
 }
