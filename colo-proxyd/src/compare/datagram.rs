@@ -50,6 +50,12 @@ impl DatagramComparator {
             + self.svm_unmatched.iter().map(Vec::len).sum::<usize>()
     }
 
+    /// Whether dropping this comparator loses nothing: nothing held, no SVM datagram waiting
+    /// (a fresh comparator then behaves exactly like this one).
+    pub fn is_forgettable(&self) -> bool {
+        !self.stalled && self.held.is_empty() && self.svm_unmatched.is_empty()
+    }
+
     /// The oldest PVM datagram still held.
     pub fn oldest_held(&self) -> Option<PacketId> {
         self.held.front().map(|d| d.id)

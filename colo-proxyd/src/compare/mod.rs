@@ -120,6 +120,17 @@ pub enum CheckpointReason {
         /// Bytes held when the bound was crossed.
         bytes: usize,
     },
+    /// A new flow had no room in the flow table: every flow in it keeps state that only a
+    /// checkpoint makes safe to forget (held packets, or sequence numbers that differ between
+    /// the VMs). The new flow's packets are held until then.
+    FlowTableFull {
+        /// Flows in the table when the bound was reached.
+        flows: usize,
+    },
+    /// SVM output that arrived early (tagged with an epoch not compared yet) was dropped from
+    /// its bounded queue: that epoch's comparison lacks it, so it would only end in a hold
+    /// timeout.
+    SvmOutputLost,
 }
 
 /// Bounds of one connection's comparison state.
@@ -280,6 +291,31 @@ impl StreamComparator {
     /// starts a new connection rather than a divergence.
     pub fn is_finished(&self) -> bool {
         self.closed && self.held.is_empty()
+    }
+
+    /// Whether dropping this comparator loses nothing a later segment needs: nothing is held
+    /// or kept, and a fresh comparator meeting the connection mid-stream places both sides
+    /// where this one would, because both VMs use the same sequence numbers (a connection
+    /// that existed at the last checkpoint, or one whose ISNs happen to be equal) or the
+    /// connection is finished. A connection opened this epoch with another ISN in the SVM
+    /// must be kept until the next checkpoint makes the numbers equal. What a forgotten
+    /// connection can still cost is a wait: an old retransmission or an acknowledgement the
+    /// SVM sent before is not matched again, so the PVM's packet waits for the hold timeout's
+    /// checkpoint; nothing is ever released uncompared.
+    pub fn is_forgettable(&self) -> bool {
+        if self.stalled || !self.held.is_empty() || self.bytes.svm_bytes() > 0 {
+            return false;
+        }
+        if self.closed {
+            return true;
+        }
+        match self.origin {
+            Origin::Unknown | Origin::Shared => true,
+            Origin::Handshake => match (self.pvm_map, self.svm_map) {
+                (Some(pvm), Some(svm)) => pvm.same_numbers(&svm),
+                _ => false,
+            },
+        }
     }
 
     /// The oldest PVM packet still held; the caller knows when it arrived and asks for a

@@ -34,6 +34,11 @@ impl SequenceMap {
             .wrapping_add((offset - self.reference_offset) as u32)
     }
 
+    /// Whether `other` maps every sequence number to the same offset as this map.
+    pub(super) fn same_numbers(&self, other: &SequenceMap) -> bool {
+        other.offset(self.reference_seq) == self.reference_offset
+    }
+
     /// Moves the reference point forward to `offset` if it is ahead of it.
     pub(super) fn advance_to(&mut self, offset: i64) {
         if offset > self.reference_offset {

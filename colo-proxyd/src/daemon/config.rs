@@ -24,7 +24,10 @@ use colo_daemon::options::{OptionError, OptionLayers};
 use colo_types::Address;
 use serde::Deserialize;
 
-use crate::engine::{BypassRule, EngineConfig, UncomparedPolicy};
+use crate::engine::{
+    BypassRule, DEFAULT_FLOW_IDLE, DEFAULT_MAX_FLOWS, EngineConfig, UncomparedPolicy,
+};
+use crate::rewrite::RewriteLimits;
 
 /// The prefix of the options' environment variables.
 pub const ENV_PREFIX: &str = "COLO_PROXYD_";
@@ -78,6 +81,33 @@ fn parsed<T: FromStr<Err: fmt::Display>>(
                 .map_err(|e: T::Err| layers.invalid(option, e.to_string()))
         })
         .transpose()
+}
+
+/// A count, at least 1.
+fn at_least_one(
+    layers: &OptionLayers,
+    value: Option<usize>,
+    default: usize,
+    option: &'static str,
+) -> Result<usize, OptionError> {
+    match value.unwrap_or(default) {
+        0 => Err(layers.invalid(option, "must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+/// A number of seconds, at least 1.
+fn seconds(
+    layers: &OptionLayers,
+    value: Option<u64>,
+    default: Duration,
+    option: &'static str,
+) -> Result<Duration, OptionError> {
+    match value {
+        None => Ok(default),
+        Some(0) => Err(layers.invalid(option, "must be at least 1 s")),
+        Some(secs) => Ok(Duration::from_secs(secs)),
+    }
 }
 
 /// A number of milliseconds, at least 1.
@@ -139,6 +169,16 @@ pub struct PrimaryArgs {
     /// At most one checkpoint request per this interval [default: 1000].
     #[arg(long, env = "COLO_PROXYD_CHECKPOINT_INTERVAL_MS", value_name = "MS")]
     pub checkpoint_interval_ms: Option<u64>,
+    /// Most flows (connections, datagram flows) with comparison state, about 1 KiB each when
+    /// nothing is held. Beyond, flows safe to forget are forgotten, longest idle first; when
+    /// none is, a checkpoint is requested (reason flow-table-full) and the new flows' output
+    /// waits for it (docs/memory-bounds.md) [default: 65536].
+    #[arg(long, env = "COLO_PROXYD_MAX_FLOWS", value_name = "N")]
+    pub max_flows: Option<usize>,
+    /// A flow that kept nothing for this long, with both VMs on the same sequence numbers,
+    /// is forgotten [default: 30].
+    #[arg(long, env = "COLO_PROXYD_FLOW_IDLE_SECS", value_name = "SECS")]
+    pub flow_idle_secs: Option<u64>,
     /// Ask again when no checkpoint followed a request within this time [default: 5000].
     #[arg(long, env = "COLO_PROXYD_CHECKPOINT_RETRY_MS", value_name = "MS")]
     pub checkpoint_retry_ms: Option<u64>,
@@ -259,6 +299,8 @@ impl PrimaryArgs {
                 self.checkpoint_interval_ms,
                 file.checkpoint_interval_ms,
             ),
+            max_flows: layers.pick("max-flows", self.max_flows, file.max_flows),
+            flow_idle_secs: layers.pick("flow-idle-secs", self.flow_idle_secs, file.flow_idle_secs),
             checkpoint_retry_ms: layers.pick(
                 "checkpoint-retry-ms",
                 self.checkpoint_retry_ms,
@@ -330,6 +372,13 @@ impl PrimaryConfig {
             max_hold: millis(layers, a.max_hold_ms, 200, "max-hold-ms")?,
             bypass,
             uncompared,
+            max_flows: at_least_one(layers, a.max_flows, DEFAULT_MAX_FLOWS, "max-flows")?,
+            flow_idle: seconds(
+                layers,
+                a.flow_idle_secs,
+                DEFAULT_FLOW_IDLE,
+                "flow-idle-secs",
+            )?,
             ..EngineConfig::default()
         };
         let chardevs = if a.chardevs.is_empty() {
@@ -439,6 +488,17 @@ pub struct SecondaryArgs {
     /// with --qmp at each connection of red2, as the input redirector is [default: f3].
     #[arg(long, env = "COLO_PROXYD_NET_OUTPUT_REDIRECTOR", value_name = "ID")]
     pub net_output_redirector: Option<String>,
+    /// Most connections with sequence-rewriting state (a handshake in progress, or an offset
+    /// that is not 0), about 100 bytes each. Beyond, closed connections are evicted; when
+    /// none is closed, a new connection's SYN into the SVM is refused (dropped, logged,
+    /// counted) rather than run with a wrong offset (docs/memory-bounds.md)
+    /// [default: 65536].
+    #[arg(long, env = "COLO_PROXYD_REWRITE_MAX_CONNECTIONS", value_name = "N")]
+    pub rewrite_max_connections: Option<usize>,
+    /// An established connection with a sequence offset, idle this long, is forgotten (its
+    /// later packets would carry wrong numbers; RFC 5382's bound for NATs) [default: 7440].
+    #[arg(long, env = "COLO_PROXYD_REWRITE_IDLE_SECS", value_name = "SECS")]
+    pub rewrite_idle_secs: Option<u64>,
 }
 
 /// The secondary daemon's validated settings.
@@ -474,6 +534,8 @@ pub struct SecondaryConfig {
     pub svm_output_redirector: String,
     /// `f3`: reads `red2` after a failover, just before `f2`.
     pub net_output_redirector: String,
+    /// The bounds of the rewrite table.
+    pub rewrite: RewriteLimits,
 }
 
 /// Where the secondary's network bridge listens (both or neither are given).
@@ -536,6 +598,16 @@ impl SecondaryArgs {
                 self.net_output_redirector,
                 file.net_output_redirector,
             ),
+            rewrite_max_connections: layers.pick(
+                "rewrite-max-connections",
+                self.rewrite_max_connections,
+                file.rewrite_max_connections,
+            ),
+            rewrite_idle_secs: layers.pick(
+                "rewrite-idle-secs",
+                self.rewrite_idle_secs,
+                file.rewrite_idle_secs,
+            ),
         }
     }
 }
@@ -580,6 +652,21 @@ impl SecondaryConfig {
             svm_input_chardev: a.svm_input_chardev.unwrap_or_else(|| "red0".into()),
             svm_output_redirector: a.svm_output_redirector.unwrap_or_else(|| "f2".into()),
             net_output_redirector: a.net_output_redirector.unwrap_or_else(|| "f3".into()),
+            rewrite: RewriteLimits {
+                max_connections: at_least_one(
+                    layers,
+                    a.rewrite_max_connections,
+                    RewriteLimits::DEFAULT_MAX_CONNECTIONS,
+                    "rewrite-max-connections",
+                )?,
+                idle: seconds(
+                    layers,
+                    a.rewrite_idle_secs,
+                    RewriteLimits::DEFAULT_IDLE,
+                    "rewrite-idle-secs",
+                )?,
+                ..RewriteLimits::default()
+            },
         })
     }
 }
@@ -619,6 +706,37 @@ mod tests {
             ("hn0", "redire0", "compare_out", "redire1")
         );
         assert!(c.link_down_without_pvm_output);
+    }
+
+    #[test]
+    fn the_table_bounds_default_and_refuse_zero() {
+        let c = PrimaryConfig::try_from(primary_args()).unwrap();
+        assert_eq!(c.engine.max_flows, 65_536);
+        assert_eq!(c.engine.flow_idle, Duration::from_secs(30));
+        let c = SecondaryConfig::try_from(secondary_args()).unwrap();
+        assert_eq!(c.rewrite, RewriteLimits::default());
+        let mut a = primary_args();
+        a.max_flows = Some(100);
+        a.flow_idle_secs = Some(5);
+        let c = PrimaryConfig::try_from(a.clone()).unwrap();
+        assert_eq!(
+            (c.engine.max_flows, c.engine.flow_idle),
+            (100, Duration::from_secs(5))
+        );
+        a.max_flows = Some(0);
+        let err = PrimaryConfig::try_from(a).unwrap_err().to_string();
+        assert!(err.contains("max-flows"), "{err}");
+        let mut a = secondary_args();
+        a.rewrite_max_connections = Some(10);
+        a.rewrite_idle_secs = Some(60);
+        let c = SecondaryConfig::try_from(a.clone()).unwrap();
+        assert_eq!(
+            (c.rewrite.max_connections, c.rewrite.idle),
+            (10, Duration::from_secs(60))
+        );
+        a.rewrite_idle_secs = Some(0);
+        let err = SecondaryConfig::try_from(a).unwrap_err().to_string();
+        assert!(err.contains("rewrite-idle-secs"), "{err}");
     }
 
     #[test]

@@ -24,8 +24,15 @@ use bytes::Bytes;
 use crate::compare::{Action, CheckpointReason, PacketId};
 use crate::engine::{ComparisonEngine, EngineConfig, EngineCounters, PacketIdHasher};
 
-/// SVM frames of later epochs kept at most; beyond, the oldest are dropped.
+/// SVM frames of later epochs kept at most, and their bytes; beyond either, the oldest are
+/// dropped and the epoch they belonged to asks for a checkpoint as soon as it is compared
+/// ([`CheckpointReason::SvmOutputLost`]): its comparison lacks them, so its held PVM output
+/// would only wait for the hold timeout. Early output is what the SVM sends between its
+/// resumption and this daemon's `checkpoint-adopted` (milliseconds), so the bound is rarely
+/// approached; the bytes bound matters because a frame can be 68 KiB.
 const MAX_FUTURE_FRAMES: usize = 8192;
+/// See [`MAX_FUTURE_FRAMES`].
+pub const MAX_FUTURE_BYTES: usize = 16 << 20;
 
 /// Whether the PVM's output is compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +99,10 @@ pub struct ReleaseGate {
     held_bytes: usize,
     next_id: u64,
     early: VecDeque<(u64, Bytes)>,
+    early_bytes: usize,
+    /// The latest epoch whose early output was dropped.
+    early_lost: Option<u64>,
+    early_dropped: u64,
     actions: Vec<Action>,
     fenced_drops: u64,
 }
@@ -107,6 +118,9 @@ impl ReleaseGate {
             held_bytes: 0,
             next_id: 0,
             early: VecDeque::new(),
+            early_bytes: 0,
+            early_lost: None,
+            early_dropped: 0,
             actions: Vec::new(),
             fenced_drops: 0,
         }
@@ -141,6 +155,16 @@ impl ReleaseGate {
     /// PVM packets dropped because this host is fenced.
     pub fn fenced_drops(&self) -> u64 {
         self.fenced_drops
+    }
+
+    /// SVM frames of later epochs kept, and their bytes.
+    pub fn early(&self) -> (usize, usize) {
+        (self.early.len(), self.early_bytes)
+    }
+
+    /// SVM frames of later epochs dropped because their queue was full.
+    pub fn early_dropped(&self) -> u64 {
+        self.early_dropped
     }
 
     /// The engine's counters.
@@ -186,10 +210,16 @@ impl ReleaseGate {
         out: &mut Vec<GateOutput>,
     ) -> SvmFrameFate {
         if epoch > self.epoch {
-            if self.early.len() == MAX_FUTURE_FRAMES {
-                self.early.pop_front();
-            }
+            self.early_bytes += frame.len();
             self.early.push_back((epoch, frame));
+            while self.early.len() > MAX_FUTURE_FRAMES || self.early_bytes > MAX_FUTURE_BYTES {
+                let Some((tag, dropped)) = self.early.pop_front() else {
+                    break;
+                };
+                self.early_bytes -= dropped.len();
+                self.early_dropped += 1;
+                self.early_lost = Some(self.early_lost.map_or(tag, |lost| lost.max(tag)));
+            }
             return SvmFrameFate::Early;
         }
         if epoch < self.epoch {
@@ -272,16 +302,28 @@ impl ReleaseGate {
             Protection::Fenced
         };
         self.early.clear();
+        self.early_bytes = 0;
+        self.early_lost = None;
         dropped
     }
 
     fn open_epoch(&mut self, epoch: u64, now: Duration, out: &mut Vec<GateOutput>) {
         self.epoch = epoch;
+        if let Some(lost) = self.early_lost
+            && lost <= epoch
+        {
+            self.early_lost = None;
+            if lost == epoch && self.protection == Protection::Protected {
+                out.push(GateOutput::Checkpoint(CheckpointReason::SvmOutputLost));
+            }
+        }
         let early = std::mem::take(&mut self.early);
+        self.early_bytes = 0;
         for (tag, frame) in early {
             if tag == epoch {
                 self.compare_svm(&frame, now, out);
             } else if tag > epoch {
+                self.early_bytes += frame.len();
                 self.early.push_back((tag, frame));
             }
         }
@@ -410,6 +452,31 @@ mod tests {
         assert_eq!(gate.failover(true, T, &mut out), 0);
         assert_eq!(released(&out), vec![a]);
         assert_eq!(gate.protection(), Protection::Unprotected);
+    }
+
+    #[test]
+    fn early_output_is_bounded_in_bytes_and_its_loss_asks_for_a_checkpoint() {
+        let mut gate = ReleaseGate::new(EngineConfig::default(), Protection::Protected, 1);
+        let mut out = Vec::new();
+        let big = tcp(1, 0x18, &[7u8; 60_000]);
+        let n = MAX_FUTURE_BYTES / big.len() + 10;
+        for _ in 0..n {
+            assert_eq!(
+                gate.svm_frame(2, big.clone(), T, &mut out),
+                SvmFrameFate::Early
+            );
+        }
+        let (frames, bytes) = gate.early();
+        assert!(bytes <= MAX_FUTURE_BYTES, "{bytes}");
+        assert_eq!(frames as u64 + gate.early_dropped(), n as u64);
+        assert!(gate.early_dropped() >= 10);
+        assert!(out.is_empty());
+        gate.checkpoint_adopted(1, T, &mut out);
+        assert!(
+            out.contains(&GateOutput::Checkpoint(CheckpointReason::SvmOutputLost)),
+            "{out:?}"
+        );
+        assert_eq!(gate.early(), (0, 0));
     }
 
     #[test]

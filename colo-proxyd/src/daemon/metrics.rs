@@ -14,7 +14,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::daemon::svm_path::BridgeCounts;
+use crate::daemon::gate::ReleaseGate;
+use crate::daemon::svm_path::{BridgeCounts, SvmPath};
 
 /// Upper bounds of the hold-time histogram's buckets, in seconds.
 const HOLD_BUCKETS: [f64; 12] = [
@@ -107,6 +108,8 @@ struct Inner {
     checkpoints_requested_total: AtomicU64,
     /// Seconds from a PVM packet's arrival to its release, over [`HOLD_BUCKETS`].
     hold: Histogram,
+    /// The bounded tables and queues (`docs/memory-bounds.md`).
+    bounds: Bounds,
     /// Every family above, registered.
     exposition: Arc<MetricsRegistry>,
 }
@@ -151,6 +154,7 @@ impl Inner {
             checkpoints_requested: Family::default(),
             checkpoints_requested_total: AtomicU64::new(0),
             hold: Histogram::new(HOLD_BUCKETS),
+            bounds: Bounds::default(),
             exposition: Arc::default(),
         };
 
@@ -304,6 +308,7 @@ impl Inner {
             "Time from a PVM packet's arrival to its release",
             inner.hold.clone(),
         );
+        inner.bounds.register(&mut r);
         Inner {
             exposition: Arc::new(MetricsRegistry::new(r)),
             ..inner
@@ -532,9 +537,108 @@ impl Metrics {
         self.inner.offset_connections.set(connections as u64);
     }
 
+    /// A table's running totals: entries forgotten when idle, evicted for room, and work
+    /// refused because it was full.
+    pub fn set_table(&self, table: &'static str, idle: u64, evicted: u64, refused: u64) {
+        let b = &self.inner.bounds;
+        let label = |why| TableLabel { table, why };
+        set_total(&b.forgotten.get_or_create(&label("idle")), idle);
+        set_total(&b.forgotten.get_or_create(&label("evicted")), evicted);
+        set_total(&b.refused.get_or_create(&label("full")), refused);
+    }
+
+    /// A bounded queue's frames and bytes now and its running total of drops.
+    pub fn set_queue(&self, queue: &'static str, frames: usize, bytes: usize, dropped: u64) {
+        let b = &self.inner.bounds;
+        let label = QueueLabel { queue };
+        b.queue_frames.get_or_create(&label).set(frames as u64);
+        b.queue_bytes.get_or_create(&label).set(bytes as u64);
+        set_total(&b.queue_dropped.get_or_create(&label), dropped);
+    }
+
+    /// The primary's flow table and early queue.
+    pub fn set_primary_bounds(&self, gate: &ReleaseGate) {
+        let c = gate.counters();
+        self.set_table(
+            "flows",
+            c.flows_expired,
+            c.flows_evicted,
+            c.flow_table_full_packets,
+        );
+        let (frames, bytes) = gate.early();
+        self.set_queue("early", frames, bytes, gate.early_dropped());
+    }
+
+    /// The secondary's rewrite table and held queues.
+    pub fn set_secondary_bounds(&self, path: &SvmPath) {
+        let c = path.rewrite_counters();
+        self.set_table("rewrite", c.expired, c.evicted, c.refused);
+        let (frames, bytes) = path.queued();
+        self.set_queue("held", frames, bytes, path.dropped());
+        self.set_offset_connections(path.connections_with_offset());
+    }
+
     /// The exposition text.
     pub fn render(&self) -> String {
         self.inner.exposition.encode()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TableLabel {
+    table: &'static str,
+    why: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct QueueLabel {
+    queue: &'static str,
+}
+
+/// The metrics of the bounded tables and queues. Each family has its series created (and
+/// shown) only when the role sets it: the primary's flow table and early queue, the
+/// secondary's rewrite table and held queues.
+#[derive(Debug, Default)]
+struct Bounds {
+    /// Table entries forgotten, by table and why (`idle`, `evicted`).
+    forgotten: Family<TableLabel, Counter>,
+    /// New work a full table refused, by table (`why` is `full`).
+    refused: Family<TableLabel, Counter>,
+    queue_frames: Family<QueueLabel, Gauge>,
+    queue_bytes: Family<QueueLabel, Gauge>,
+    queue_dropped: Family<QueueLabel, Counter>,
+}
+
+impl Bounds {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "table_forgotten_entries",
+            "Flow-table (primary) or rewrite-table (secondary) entries forgotten: idle past \
+             their bound, or evicted (safe to forget) to make room",
+            self.forgotten.clone(),
+        );
+        r.register(
+            "table_full_refusals",
+            "Work a full table refused: PVM packets of new flows held until the checkpoint \
+             (flows), new connections' SYNs dropped (rewrite)",
+            self.refused.clone(),
+        );
+        r.register(
+            "queue_frames",
+            "Frames in a bounded queue (early: SVM output of a later epoch, primary; held: \
+             packets held across a checkpoint or waiting for an SVM SYN, secondary)",
+            self.queue_frames.clone(),
+        );
+        r.register(
+            "queue_bytes",
+            "Bytes of the frames in a bounded queue",
+            self.queue_bytes.clone(),
+        );
+        r.register(
+            "queue_dropped_frames",
+            "Frames dropped, oldest first, because a bounded queue was full",
+            self.queue_dropped.clone(),
+        );
     }
 }
 

@@ -278,6 +278,7 @@ impl PrimaryRole {
                 _ = timer.tick() => {
                     let now = self.now();
                     self.gate.tick(now, &mut self.out);
+                    self.metrics.set_primary_bounds(&self.gate);
                 }
             }
             self.flush().await;

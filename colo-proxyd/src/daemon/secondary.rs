@@ -183,7 +183,7 @@ pub async fn run(
         "colo-proxyd secondary started"
     );
     let mut role = SecondaryRole {
-        path: SvmPath::new(0),
+        path: SvmPath::with_limits(0, config.rewrite),
         to_svm,
         bridge,
         link: link.outgoing,
@@ -431,6 +431,9 @@ impl SecondaryRole {
         self.metrics
             .set_epoch(self.path.epoch(), !self.path.failed_over());
         self.metrics.set_flows(self.path.connections());
+        if self.path.tick(super::svm_path::monotonic_now()) {
+            self.metrics.set_secondary_bounds(&self.path);
+        }
         if let Some(bridge) = &mut self.bridge
             && self.path.failed_over()
         {

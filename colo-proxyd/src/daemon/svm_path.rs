@@ -25,17 +25,130 @@
 //!   primary's mirror is ignored. The offsets stay those in force at the failover: no
 //!   checkpoint resets them any more, and a connection opened afterwards learns offset 0.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
+use std::time::Duration;
 
 use crate::packet::{FlowKey, Network, Transport, parse_ethernet};
-use crate::rewrite::{ChecksumState, Rewrite, RewriteTable};
+use crate::rewrite::{
+    ChecksumState, Rewrite, RewriteCounters, RewriteError, RewriteLimits, RewriteTable,
+};
 
-/// Packets kept at most while held or waiting for an SVM SYN; beyond, the oldest are dropped
-/// (TCP retransmits them).
+/// Packets kept at most in each queue of packets held (between `svm-epoch-closed` and
+/// `checkpoint-adopted`) or waiting for an SVM SYN, and their bytes; beyond either, the
+/// oldest are dropped (counted). The secondary cannot ask for a checkpoint; a packet lost
+/// here is one the SVM misses or the primary does not see, which makes the PVM's output wait
+/// and the primary ask for one (a hold timeout or a divergence), and TCP retransmits it.
+/// The epoch is closed for milliseconds, so the bounds are far above what it collects.
 const MAX_HELD: usize = 8192;
+/// See [`MAX_HELD`].
+pub const MAX_HELD_BYTES: usize = 16 << 20;
 
-/// Packets from the network kept at most while the failover event has not arrived yet.
+/// Packets from the network kept at most while the failover event has not arrived yet, and
+/// their bytes.
 const MAX_NETWORK_HELD: usize = 1024;
+/// See [`MAX_NETWORK_HELD`].
+const MAX_NETWORK_HELD_BYTES: usize = 4 << 20;
+
+/// How often the rewrite table is scanned for idle connections, at most.
+const EXPIRY_SCAN: Duration = Duration::from_secs(1);
+
+/// A monotonic clock reading for [`SvmPath::tick`]: the time since its first call.
+pub fn monotonic_now() -> Duration {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed()
+}
+
+/// What a [`FrameQueue`] keeps: a frame, possibly with what it was looked up by.
+pub(crate) trait Queued {
+    /// The frame's bytes, counted against the queue's bound.
+    fn bytes(&self) -> usize;
+}
+
+impl Queued for Vec<u8> {
+    fn bytes(&self) -> usize {
+        self.len()
+    }
+}
+
+/// A client ACK waiting for its connection's SVM SYN, with that connection's key (in the
+/// VM-to-client direction), so that a SYN wakes only its own connection's ACKs rather than
+/// every waiting frame being parsed again at every SYN of a flood.
+impl Queued for (FlowKey, Vec<u8>) {
+    fn bytes(&self) -> usize {
+        self.1.len()
+    }
+}
+
+/// A queue of frames bounded in frames and in bytes: at either bound the oldest go (counted
+/// by the caller's `dropped`).
+#[derive(Debug)]
+pub(crate) struct FrameQueue<T = Vec<u8>> {
+    frames: VecDeque<T>,
+    bytes: usize,
+    max_frames: usize,
+    max_bytes: usize,
+}
+
+impl<T: Queued> FrameQueue<T> {
+    /// An empty queue of at most `max_frames` frames and `max_bytes` bytes (at least one
+    /// frame is always kept).
+    pub(crate) fn new(max_frames: usize, max_bytes: usize) -> Self {
+        FrameQueue {
+            frames: VecDeque::new(),
+            bytes: 0,
+            max_frames: max_frames.max(1),
+            max_bytes,
+        }
+    }
+
+    /// Appends `frame`, dropping the oldest while a bound is passed.
+    pub(crate) fn push(&mut self, frame: T, dropped: &mut u64) {
+        self.bytes += frame.bytes();
+        self.frames.push_back(frame);
+        while self.frames.len() > 1
+            && (self.frames.len() > self.max_frames || self.bytes > self.max_bytes)
+        {
+            if let Some(old) = self.frames.pop_front() {
+                self.bytes -= old.bytes();
+                *dropped += 1;
+            }
+        }
+    }
+
+    /// Every frame, oldest first; the queue is empty afterwards.
+    pub(crate) fn take(&mut self) -> VecDeque<T> {
+        self.bytes = 0;
+        std::mem::take(&mut self.frames)
+    }
+
+    /// The frames `wanted` picks, oldest first, taken out of the queue.
+    pub(crate) fn extract(&mut self, mut wanted: impl FnMut(&T) -> bool) -> Vec<T> {
+        let mut picked = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.frames.len());
+        for frame in self.frames.drain(..) {
+            if wanted(&frame) {
+                self.bytes -= frame.bytes();
+                picked.push(frame);
+            } else {
+                kept.push_back(frame);
+            }
+        }
+        self.frames = kept;
+        picked
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
 
 /// What a failover to the secondary makes of the SVM's traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,16 +198,16 @@ pub struct SvmPath {
     epoch: u64,
     /// Between `svm-epoch-closed` and `checkpoint-adopted`.
     closed: bool,
-    held_inbound: VecDeque<Vec<u8>>,
-    held_output: VecDeque<Vec<u8>>,
+    held_inbound: FrameQueue,
+    held_output: FrameQueue,
     /// Client ACKs waiting for their connection's SVM SYN.
-    waiting_syn: VecDeque<Vec<u8>>,
-    /// Connections (VM-to-client key) whose SVM numbers differ from the PVM's: a frame of
-    /// theirs was rewritten since the last reset. A known non-zero offset is always learnt
-    /// while rewriting a frame, so this is exactly the set with a known non-zero offset.
-    shifted: HashSet<FlowKey>,
+    waiting_syn: FrameQueue<(FlowKey, Vec<u8>)>,
     /// Packets from the network that arrived before the failover event.
-    held_network: VecDeque<Vec<u8>>,
+    held_network: FrameQueue,
+    /// The next idle scan of the table is due at this time.
+    next_expiry: Duration,
+    /// The counts [`Self::tick`] last saw.
+    exported: (RewriteCounters, u64),
     failed_over: Option<Failover>,
     bridged: BridgeCounts,
     dropped: u64,
@@ -103,15 +216,21 @@ pub struct SvmPath {
 impl SvmPath {
     /// A path tagging SVM output with `epoch`.
     pub fn new(epoch: u64) -> Self {
+        SvmPath::with_limits(epoch, RewriteLimits::default())
+    }
+
+    /// A path tagging SVM output with `epoch`, its rewrite table bounded by `limits`.
+    pub fn with_limits(epoch: u64, limits: RewriteLimits) -> Self {
         SvmPath {
-            table: RewriteTable::new(),
+            table: RewriteTable::with_limits(limits),
             epoch,
             closed: false,
-            held_inbound: VecDeque::new(),
-            held_output: VecDeque::new(),
-            waiting_syn: VecDeque::new(),
-            shifted: HashSet::new(),
-            held_network: VecDeque::new(),
+            held_inbound: FrameQueue::new(MAX_HELD, MAX_HELD_BYTES),
+            held_output: FrameQueue::new(MAX_HELD, MAX_HELD_BYTES),
+            waiting_syn: FrameQueue::new(MAX_HELD, MAX_HELD_BYTES),
+            held_network: FrameQueue::new(MAX_NETWORK_HELD, MAX_NETWORK_HELD_BYTES),
+            next_expiry: Duration::ZERO,
+            exported: Default::default(),
             failed_over: None,
             bridged: BridgeCounts::default(),
             dropped: 0,
@@ -140,7 +259,37 @@ impl SvmPath {
 
     /// Connections whose SVM sequence numbers differ from the PVM's (offset known and not 0).
     pub fn connections_with_offset(&self) -> usize {
-        self.shifted.len()
+        self.table.connections_with_offset()
+    }
+
+    /// The rewrite table's running totals (expired, evicted, refused).
+    pub fn rewrite_counters(&self) -> RewriteCounters {
+        self.table.counters()
+    }
+
+    /// Frames and bytes in the queues of held packets right now.
+    pub fn queued(&self) -> (usize, usize) {
+        [&self.held_inbound, &self.held_output, &self.held_network]
+            .iter()
+            .fold(
+                (self.waiting_syn.len(), self.waiting_syn.bytes()),
+                |(f, b), q| (f + q.len(), b + q.bytes()),
+            )
+    }
+
+    /// The role loop's clock (a monotonic reading, [`monotonic_now`]): forgets idle
+    /// connections, at most one scan a second. Returns whether it scanned or a count changed
+    /// since the last call (a moment for the caller to export the metrics).
+    pub fn tick(&mut self, now: Duration) -> bool {
+        let counts = (self.table.counters(), self.dropped);
+        let changed = counts != self.exported;
+        self.exported = counts;
+        if now < self.next_expiry {
+            return changed;
+        }
+        self.next_expiry = now + EXPIRY_SCAN;
+        self.table.expire(now);
+        true
     }
 
     /// What the network bridge carried since the failover.
@@ -156,7 +305,7 @@ impl SvmPath {
             return;
         }
         if self.closed {
-            push_bounded(&mut self.held_inbound, frame, &mut self.dropped);
+            self.held_inbound.push(frame, &mut self.dropped);
             return;
         }
         self.inject(frame, out);
@@ -166,12 +315,7 @@ impl SvmPath {
     /// arrives before the failover event is held for it.
     pub fn network_input(&mut self, frame: Vec<u8>, out: &mut Vec<SvmOutput>) {
         if self.failed_over.is_none() {
-            push_bounded_to(
-                &mut self.held_network,
-                MAX_NETWORK_HELD,
-                frame,
-                &mut self.dropped,
-            );
+            self.held_network.push(frame, &mut self.dropped);
             return;
         }
         self.inject(frame, out);
@@ -179,14 +323,28 @@ impl SvmPath {
 
     fn inject(&mut self, mut frame: Vec<u8>, out: &mut Vec<SvmOutput>) {
         match self.table.into_svm(&mut frame, ChecksumState::Complete) {
-            Ok(Rewrite::WaitForSvmSyn) => {
-                push_bounded(&mut self.waiting_syn, frame, &mut self.dropped)
+            Ok(Rewrite::WaitForSvmSyn) => match tcp_key(&frame) {
+                Some(key) => self
+                    .waiting_syn
+                    .push((key.reversed(), frame), &mut self.dropped),
+                // Cannot be: the table parsed it. Never lose it: on it goes, as it is.
+                None => out.push(SvmOutput::ToSvm(frame)),
+            },
+            Err(RewriteError::TableFull(connections)) => {
+                // The client's SYN is refused (it retries) rather than let its connection
+                // run with a wrong offset: see `RewriteTable`.
+                static LOG: colo_daemon::RateLimited =
+                    colo_daemon::RateLimited::new(Duration::from_secs(1));
+                if let Some(suppressed) = LOG.allow() {
+                    tracing::error!(
+                        connections,
+                        suppressed,
+                        "rewrite table full of connections whose sequence offsets must be                          kept: a new connection's SYN into the SVM is dropped (see                          --rewrite-max-connections)"
+                    );
+                }
             }
             Ok(rewrite @ (Rewrite::Unchanged | Rewrite::Rewritten)) => {
                 let rewritten = rewrite == Rewrite::Rewritten;
-                if rewritten && let Some(key) = tcp_key(&frame) {
-                    self.shifted.insert(key.reversed());
-                }
                 if self.failed_over == Some(Failover::Bridge) {
                     self.bridged.into_svm += 1;
                     self.bridged.into_svm_rewritten += u64::from(rewritten);
@@ -206,21 +364,18 @@ impl SvmPath {
     /// A packet the SVM sent.
     pub fn svm_output(&mut self, frame: Vec<u8>, out: &mut Vec<SvmOutput>) {
         if self.closed {
-            push_bounded(&mut self.held_output, frame, &mut self.dropped);
+            self.held_output.push(frame, &mut self.dropped);
             return;
         }
         self.forward(frame, out);
     }
 
     fn forward(&mut self, mut frame: Vec<u8>, out: &mut Vec<SvmOutput>) {
-        let syn = is_syn(&frame);
+        let syn = syn_key(&frame);
         if let Some(failover) = self.failed_over {
             // The client talks to the SVM now: it must see the PVM's numbers.
             let rewritten = self.table.out_of_svm(&mut frame, ChecksumState::Complete)
                 == Ok(Rewrite::Rewritten);
-            if rewritten && let Some(key) = tcp_key(&frame) {
-                self.shifted.insert(key);
-            }
             if failover == Failover::Bridge {
                 self.bridged.out_of_svm += 1;
                 self.bridged.out_of_svm_rewritten += u64::from(rewritten);
@@ -232,24 +387,22 @@ impl SvmPath {
             // before the offset can be known (the client's ACK teaches it), and rewriting
             // only the later segments would misplace them. Only a SYN teaches the table
             // something (the SVM's ISN, for the ACKs going into the SVM).
-            if syn {
+            // A SYN the full table refuses teaches nothing: the client's ACKs then reach the
+            // SVM unshifted, the outputs diverge and the primary's checkpoint resets all.
+            if syn.is_some() {
                 let mut scratch = frame.clone();
-                if self.table.out_of_svm(&mut scratch, ChecksumState::Complete)
-                    == Ok(Rewrite::Rewritten)
-                    && let Some(key) = tcp_key(&frame)
-                {
-                    self.shifted.insert(key);
-                }
+                let _ = self.table.out_of_svm(&mut scratch, ChecksumState::Complete);
             }
             out.push(SvmOutput::ToPrimary {
                 epoch: self.epoch,
                 frame,
             });
         }
-        if syn && !self.waiting_syn.is_empty() {
-            // An SVM SYN may have taught the offset some waiting ACK needs.
-            let waiting = std::mem::take(&mut self.waiting_syn);
-            for frame in waiting {
+        if let Some(key) = syn
+            && !self.waiting_syn.is_empty()
+        {
+            // The SVM SYN may have taught the offset its connection's waiting ACKs need.
+            for (_, frame) in self.waiting_syn.extract(|(waiting, _)| *waiting == key) {
                 self.inject(frame, out);
             }
         }
@@ -264,14 +417,12 @@ impl SvmPath {
     /// The relay's `checkpoint-adopted`: offsets reset, held packets go on.
     pub fn checkpoint_adopted(&mut self, out: &mut Vec<SvmOutput>) {
         self.table.reset();
-        self.shifted.clear();
         self.reopen(out);
     }
 
     /// The relay's `colo-started{epoch}`: the SVM is a fresh copy of the PVM.
     pub fn colo_started(&mut self, epoch: u64, out: &mut Vec<SvmOutput>) {
         self.table.reset();
-        self.shifted.clear();
         self.epoch = epoch;
         self.reopen(out);
     }
@@ -291,8 +442,9 @@ impl SvmPath {
             return;
         }
         self.failed_over = Some(how);
+        self.table.freeze();
         self.reopen(out);
-        for frame in std::mem::take(&mut self.held_network) {
+        for frame in self.held_network.take() {
             self.inject(frame, out);
         }
     }
@@ -305,35 +457,27 @@ impl SvmPath {
     fn reopen(&mut self, out: &mut Vec<SvmOutput>) {
         self.closed = false;
         // ACKs that waited for a SYN: with offsets reset they need nothing any more.
-        let waiting = std::mem::take(&mut self.waiting_syn);
-        for frame in waiting {
+        let waiting = self.waiting_syn.take();
+        for (_, frame) in waiting {
             self.inject(frame, out);
         }
-        for frame in std::mem::take(&mut self.held_output) {
+        for frame in self.held_output.take() {
             self.forward(frame, out);
         }
-        for frame in std::mem::take(&mut self.held_inbound) {
+        for frame in self.held_inbound.take() {
             self.inject(frame, out);
         }
     }
 }
 
-fn push_bounded(queue: &mut VecDeque<Vec<u8>>, frame: Vec<u8>, dropped: &mut u64) {
-    push_bounded_to(queue, MAX_HELD, frame, dropped)
-}
-
-/// Appends `frame`, dropping the oldest (counted) when `queue` holds `limit` frames.
-pub(crate) fn push_bounded_to(
-    queue: &mut VecDeque<Vec<u8>>,
-    limit: usize,
-    frame: Vec<u8>,
-    dropped: &mut u64,
-) {
-    if queue.len() >= limit {
-        queue.pop_front();
-        *dropped += 1;
+/// The connection of a TCP SYN, in its direction of travel; `None` for any other frame.
+fn syn_key(frame: &[u8]) -> Option<FlowKey> {
+    match parse_ethernet(frame).ok()?.network {
+        Network::Ip(ip) if matches!(&ip.transport, Transport::Tcp(t) if t.flags.syn) => {
+            ip.flow_key()
+        }
+        _ => None,
     }
-    queue.push_back(frame);
 }
 
 /// The connection of a TCP frame, in its direction of travel.
@@ -342,13 +486,6 @@ fn tcp_key(frame: &[u8]) -> Option<FlowKey> {
         Network::Ip(ip) if matches!(ip.transport, Transport::Tcp(_)) => ip.flow_key(),
         _ => None,
     }
-}
-
-fn is_syn(frame: &[u8]) -> bool {
-    matches!(
-        parse_ethernet(frame).map(|p| p.network),
-        Ok(Network::Ip(ip)) if matches!(&ip.transport, Transport::Tcp(t) if t.flags.syn)
-    )
 }
 
 #[cfg(test)]
@@ -575,5 +712,40 @@ mod tests {
         };
         frame[at..at + 2].copy_from_slice(&client_port.to_be_bytes());
         frame
+    }
+
+    #[test]
+    fn held_packets_are_bounded_in_bytes_and_go_on_in_order_at_the_adoption() {
+        let mut path = SvmPath::new(1);
+        let mut out = Vec::new();
+        path.epoch_closed(1);
+        let big = |i: u32| {
+            let mut f = tcp(true, i, 1, 0x18);
+            f.resize(60_000, 0);
+            f
+        };
+        let n = MAX_HELD_BYTES / 60_000 + 20;
+        for i in 0..n as u32 {
+            path.svm_output(big(i), &mut out);
+        }
+        let (frames, bytes) = path.queued();
+        assert!(bytes <= MAX_HELD_BYTES, "{bytes}");
+        assert_eq!(frames as u64 + path.dropped(), n as u64);
+        assert!(out.is_empty());
+        path.checkpoint_adopted(&mut out);
+        let seqs: Vec<u32> = out
+            .iter()
+            .map(|o| match o {
+                SvmOutput::ToPrimary { frame, .. } => seq_of(frame),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let first = path.dropped() as u32;
+        assert_eq!(
+            seqs,
+            (first..n as u32).collect::<Vec<_>>(),
+            "the newest, in order"
+        );
+        assert_eq!(path.queued(), (0, 0));
     }
 }

@@ -37,7 +37,29 @@ pub struct EngineConfig {
     pub uncompared: UncomparedPolicy,
     /// Flows released without comparison.
     pub bypass: Vec<BypassRule>,
+    /// Most flows with comparison state (see [`ComparisonEngine`] for what happens at it).
+    pub max_flows: usize,
+    /// A flow that kept nothing for this long, and whose state is safe to forget, is
+    /// forgotten.
+    pub flow_idle: Duration,
 }
+
+/// The default bound of the flow table: a busy server's connections, at about 1 KiB of state
+/// each when nothing is held (see `docs/memory-bounds.md`).
+pub const DEFAULT_MAX_FLOWS: usize = 65_536;
+
+/// The default idle time after which a flow with nothing kept is forgotten. Longer than any
+/// hold (a flow holding nothing is idle), short enough that idle connections and the
+/// answers to a SYN flood leave the table within a checkpoint period or two.
+pub const DEFAULT_FLOW_IDLE: Duration = Duration::from_secs(30);
+
+/// How often the table is scanned for idle flows (an O(flows) pass), at most.
+const EXPIRY_SCAN: Duration = Duration::from_secs(1);
+
+/// A flow active more recently than this is not evicted to make room: the connections in use
+/// keep their state (and their packets flow) while a flood of new ones waits for the
+/// checkpoint that a full table asks for.
+const EVICT_MIN_IDLE: Duration = Duration::from_secs(1);
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -49,6 +71,8 @@ impl Default for EngineConfig {
             reorder_window: DEFAULT_REORDER_WINDOW,
             uncompared: UncomparedPolicy::default(),
             bypass: Vec::new(),
+            max_flows: DEFAULT_MAX_FLOWS,
+            flow_idle: DEFAULT_FLOW_IDLE,
         }
     }
 }
@@ -67,6 +91,13 @@ enum FlowComparator {
 }
 
 impl FlowComparator {
+    fn is_forgettable(&self) -> bool {
+        match self {
+            FlowComparator::Stream(c) => c.is_forgettable(),
+            FlowComparator::Datagram(c) => c.is_forgettable(),
+        }
+    }
+
     fn buffered_bytes(&self) -> usize {
         match self {
             FlowComparator::Stream(c) => c.buffered_bytes(),
@@ -80,6 +111,13 @@ impl FlowComparator {
             FlowComparator::Datagram(c) => c.oldest_held(),
         }
     }
+}
+
+/// A flow's comparator and when either VM last sent on it.
+#[derive(Debug)]
+struct Flow {
+    comparator: FlowComparator,
+    last_active: Duration,
 }
 
 /// Hashes packet ids for the tables of held packets (arrival times here, frames in the
@@ -124,13 +162,34 @@ pub struct EngineCounters {
     pub bypassed_bytes: u64,
     /// PVM frames that no comparator reads (handled by [`UncomparedPolicy`]).
     pub uncompared_frames: u64,
+    /// Flows forgotten after [`EngineConfig::flow_idle`] with nothing kept.
+    pub flows_expired: u64,
+    /// Flows with nothing kept forgotten early to make room for new ones.
+    pub flows_evicted: u64,
+    /// PVM packets of new flows held uncompared (until the checkpoint) because the flow table
+    /// was full of flows that could not be forgotten.
+    pub flow_table_full_packets: u64,
 }
 
 /// Compares a VM pair's output flow by flow.
+///
+/// The flow table is bounded ([`EngineConfig::max_flows`]). A flow whose state is safe to
+/// forget (nothing held or kept, both VMs on the same sequence numbers: see
+/// [`StreamComparator::is_forgettable`]) is forgotten once idle for
+/// [`EngineConfig::flow_idle`], and earlier, longest idle first, when a new flow needs room.
+/// When no flow can be forgotten, the new flow's PVM packets are held uncompared and a
+/// checkpoint is asked for ([`CheckpointReason::FlowTableFull`]); after it every flow is
+/// forgettable again. Nothing is dropped or released uncompared.
 #[derive(Debug)]
 pub struct ComparisonEngine {
     config: EngineConfig,
-    flows: HashMap<FlowKey, FlowComparator>,
+    flows: HashMap<FlowKey, Flow>,
+    /// The latest time the caller gave (SVM packets come without one).
+    now: Duration,
+    /// The next idle scan is due at this time.
+    next_expiry: Duration,
+    /// Set once a full table found nothing to forget: no scan until the checkpoint.
+    table_full: bool,
     /// When each held PVM packet arrived.
     arrivals: HashMap<PacketId, Duration, BuildHasherDefault<PacketIdHasher>>,
     /// PVM packets held outside any comparator (policy or engine-wide bound).
@@ -139,6 +198,7 @@ pub struct ComparisonEngine {
     /// Set when the engine-wide memory bound was reached: nothing is compared until reset.
     stalled: bool,
     timeout_requested: bool,
+    flow_table_full_requested: bool,
     counters: EngineCounters,
     /// The actions of the packet being handled, reused so a packet costs no allocation.
     produced: Vec<Action>,
@@ -150,11 +210,15 @@ impl ComparisonEngine {
         ComparisonEngine {
             config,
             flows: HashMap::new(),
+            now: Duration::ZERO,
+            next_expiry: EXPIRY_SCAN,
+            table_full: false,
             arrivals: HashMap::default(),
             held_uncompared: Vec::new(),
             total_buffered: 0,
             stalled: false,
             timeout_requested: false,
+            flow_table_full_requested: false,
             counters: EngineCounters::default(),
             produced: Vec::new(),
         }
@@ -203,6 +267,7 @@ impl ComparisonEngine {
             actions.push(Action::Release(id));
             return;
         }
+        self.now = self.now.max(now);
         self.arrivals.insert(id, now);
         if self.stalled {
             self.held_uncompared.push(id);
@@ -221,7 +286,7 @@ impl ComparisonEngine {
                 let limits = self.config.per_connection;
                 let mut misrouted = false;
                 let create = || FlowComparator::Stream(StreamComparator::new(limits));
-                self.with_flow(key, create, |flow| {
+                let admitted = self.with_flow(key, create, |flow| {
                     match stream_flow(flow, limits, segment.syn) {
                         Some(comparator) => {
                             comparator.push_pvm(id, &segment, ethernet, &mut produced)
@@ -229,7 +294,10 @@ impl ComparisonEngine {
                         None => misrouted = true,
                     }
                 });
-                if misrouted {
+                if !admitted {
+                    self.refuse_flow(&mut produced);
+                }
+                if misrouted || !admitted {
                     self.held_uncompared.push(id);
                 }
             }
@@ -237,11 +305,14 @@ impl ComparisonEngine {
                 let window = self.config.reorder_window;
                 let mut misrouted = false;
                 let create = || FlowComparator::Datagram(DatagramComparator::new(window));
-                self.with_flow(key, create, |flow| match datagram_flow(flow) {
+                let admitted = self.with_flow(key, create, |flow| match datagram_flow(flow) {
                     Some(comparator) => comparator.push_pvm(id, &bytes, &mut produced),
                     None => misrouted = true,
                 });
-                if misrouted {
+                if !admitted {
+                    self.refuse_flow(&mut produced);
+                }
+                if misrouted || !admitted {
                     self.held_uncompared.push(id);
                 }
             }
@@ -263,11 +334,15 @@ impl ComparisonEngine {
                 }
                 let limits = self.config.per_connection;
                 let create = || FlowComparator::Stream(StreamComparator::new(limits));
-                self.with_flow(key, create, |flow| {
+                let admitted = self.with_flow(key, create, |flow| {
                     if let Some(comparator) = stream_flow(flow, limits, segment.syn) {
                         comparator.push_svm(&segment, &mut produced);
                     }
                 });
+                if !admitted {
+                    // Not kept: the PVM's packets of this flow wait for the checkpoint.
+                    self.refuse_flow(&mut produced);
+                }
             }
             Class::Datagram(key, bytes) => {
                 if self.is_bypassed(&key) {
@@ -275,11 +350,14 @@ impl ComparisonEngine {
                 }
                 let window = self.config.reorder_window;
                 let create = || FlowComparator::Datagram(DatagramComparator::new(window));
-                self.with_flow(key, create, |flow| {
+                let admitted = self.with_flow(key, create, |flow| {
                     if let Some(comparator) = datagram_flow(flow) {
                         comparator.push_svm(&bytes, &mut produced);
                     }
                 });
+                if !admitted {
+                    self.refuse_flow(&mut produced);
+                }
             }
         }
         self.emit(produced, actions);
@@ -287,14 +365,20 @@ impl ComparisonEngine {
 
     /// Asks for a checkpoint (once per epoch) if a PVM packet has waited longer than
     /// `max_hold` at `now`. Call it from the daemon's timer.
+    /// Also forgets idle flows (at most one scan a second).
     pub fn check_hold_time(&mut self, now: Duration, actions: &mut Vec<Action>) {
+        self.now = self.now.max(now);
+        if now >= self.next_expiry {
+            self.next_expiry = now + EXPIRY_SCAN;
+            self.expire_idle();
+        }
         if self.timeout_requested {
             return;
         }
         let oldest = self
             .flows
             .values()
-            .filter_map(FlowComparator::oldest_held)
+            .filter_map(|flow| flow.comparator.oldest_held())
             .chain(self.held_uncompared.first().copied())
             .filter_map(|id| self.arrivals.get(&id))
             .min();
@@ -312,23 +396,86 @@ impl ComparisonEngine {
         let mut held: Vec<PacketId> = std::mem::take(&mut self.held_uncompared);
         // Datagram flows keep no state worth keeping across a checkpoint, nor do finished
         // connections.
-        self.flows.retain(|_, flow| match flow {
+        // The natural moment to prune: every kept connection now shares the PVM's sequence
+        // numbers, so every idle one is safe to forget.
+        let (now, idle) = (self.now, self.config.flow_idle);
+        let mut expired = 0;
+        self.flows.retain(|_, flow| match &mut flow.comparator {
             FlowComparator::Stream(c) => {
                 let finished = c.is_finished();
                 held.extend(c.reset());
-                !finished
+                let keep = !finished && now.saturating_sub(flow.last_active) < idle;
+                expired += u64::from(!keep && !finished);
+                keep
             }
             FlowComparator::Datagram(c) => {
                 held.extend(c.reset());
                 false
             }
         });
+        self.counters.flows_expired += expired;
         held.sort_unstable();
         self.arrivals.clear();
         self.total_buffered = 0;
         self.stalled = false;
         self.timeout_requested = false;
+        self.table_full = false;
+        self.flow_table_full_requested = false;
         held
+    }
+
+    /// Forgets the flows idle for [`EngineConfig::flow_idle`] that are safe to forget.
+    fn expire_idle(&mut self) {
+        let (now, idle) = (self.now, self.config.flow_idle);
+        let before = self.flows.len();
+        self.flows.retain(|_, flow| {
+            now.saturating_sub(flow.last_active) < idle || !flow.comparator.is_forgettable()
+        });
+        self.counters.flows_expired += (before - self.flows.len()) as u64;
+    }
+
+    /// The table is full: forgets the longest-idle flows that are safe to forget and idle for
+    /// [`EVICT_MIN_IDLE`], an eighth of the table at most (so the O(flows) scan is paid once per that many new flows).
+    /// Returns whether there is room now.
+    fn make_room(&mut self) -> bool {
+        if self.table_full {
+            return false;
+        }
+        let now = self.now;
+        let mut candidates: Vec<(Duration, FlowKey)> = self
+            .flows
+            .iter()
+            .filter(|(_, flow)| {
+                now.saturating_sub(flow.last_active) >= EVICT_MIN_IDLE
+                    && flow.comparator.is_forgettable()
+            })
+            .map(|(key, flow)| (flow.last_active, *key))
+            .collect();
+        if candidates.is_empty() {
+            self.table_full = true;
+            return false;
+        }
+        let evict = (self.config.max_flows / 8).clamp(1, candidates.len());
+        if evict < candidates.len() {
+            candidates.select_nth_unstable(evict - 1);
+        }
+        for (_, key) in &candidates[..evict] {
+            self.flows.remove(key);
+        }
+        self.counters.flows_evicted += evict as u64;
+        self.flows.len() < self.config.max_flows
+    }
+
+    /// A packet's new flow found no room: asks for the checkpoint that makes room (once per
+    /// epoch).
+    fn refuse_flow(&mut self, produced: &mut Vec<Action>) {
+        self.counters.flow_table_full_packets += 1;
+        if !self.flow_table_full_requested {
+            self.flow_table_full_requested = true;
+            produced.push(Action::CheckpointNeeded(CheckpointReason::FlowTableFull {
+                flows: self.flows.len(),
+            }));
+        }
     }
 
     fn is_bypassed(&self, key: &FlowKey) -> bool {
@@ -336,18 +483,31 @@ impl ComparisonEngine {
     }
 
     /// Runs `f` on the flow's comparator, created by `create` for a new flow, and keeps the
-    /// total of buffered bytes. The comparator is used in place: one hash, no move.
+    /// total of buffered bytes. The comparator is used in place: one hash, no move. Returns
+    /// `false`, without running `f`, when a new flow finds the table full.
     fn with_flow(
         &mut self,
         key: FlowKey,
         create: impl FnOnce() -> FlowComparator,
         f: impl FnOnce(&mut FlowComparator),
-    ) {
-        let flow = self.flows.entry(key).or_insert_with(create);
-        let before = flow.buffered_bytes();
-        f(flow);
-        let after = flow.buffered_bytes();
+    ) -> bool {
+        if self.flows.len() >= self.config.max_flows
+            && !self.flows.contains_key(&key)
+            && !self.make_room()
+        {
+            return false;
+        }
+        let now = self.now;
+        let flow = self.flows.entry(key).or_insert_with(|| Flow {
+            comparator: create(),
+            last_active: now,
+        });
+        flow.last_active = now;
+        let before = flow.comparator.buffered_bytes();
+        f(&mut flow.comparator);
+        let after = flow.comparator.buffered_bytes();
         self.total_buffered = self.total_buffered.saturating_sub(before) + after;
+        true
     }
 
     fn emit(&mut self, mut produced: Vec<Action>, actions: &mut Vec<Action>) {

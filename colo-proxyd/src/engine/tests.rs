@@ -213,3 +213,95 @@ fn finished_connections_give_way_to_a_new_one_and_end_at_a_checkpoint() {
     assert!(run.engine.reset().is_empty());
     assert_eq!(run.engine.flows(), 0);
 }
+
+/// A TCP frame of the connection from the VM's port 80 to the client's port `port`.
+fn port_frame(port: u16, seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut segment = tcp(seq, 77, flags, &[], payload);
+    segment[0..2].copy_from_slice(&port.to_be_bytes());
+    ethernet(ETHERTYPE_IPV4, None, &ipv4(PROTO_TCP, 0, &segment))
+}
+
+fn small_table() -> EngineConfig {
+    EngineConfig {
+        max_flows: 4,
+        flow_idle: Duration::from_secs(30),
+        ..EngineConfig::default()
+    }
+}
+
+#[test]
+fn a_full_table_of_flows_it_must_keep_holds_new_flows_and_asks_for_one_checkpoint() {
+    let mut run = Run::new(small_table());
+    // Handshakes with another ISN in the SVM: their state is needed until a checkpoint.
+    for port in 0..4 {
+        run.pvm(&port_frame(port, 100, SYN_ACK, b""));
+        run.svm(&port_frame(port, 9000, SYN_ACK, b""));
+    }
+    assert_eq!(run.take(), released(&[0, 1, 2, 3]));
+    assert_eq!(run.engine.flows(), 4);
+    run.pvm(&port_frame(4, 100, SYN_ACK, b""));
+    run.svm(&port_frame(4, 100, SYN_ACK, b""));
+    run.pvm(&port_frame(5, 100, SYN_ACK, b""));
+    assert_eq!(
+        run.take(),
+        vec![Action::CheckpointNeeded(CheckpointReason::FlowTableFull {
+            flows: 4
+        })],
+        "held, not released uncompared; one request per epoch"
+    );
+    assert_eq!(run.engine.flows(), 4);
+    assert_eq!(run.engine.counters().flow_table_full_packets, 3);
+    // The checkpoint releases what waited; every connection now shares the PVM's numbers,
+    // so a new flow makes room by forgetting one.
+    assert_eq!(run.engine.reset(), vec![PacketId(4), PacketId(5)]);
+    // Not yet: they were active a moment ago.
+    run.pvm_at(&port_frame(7, 100, SYN_ACK, b""), ms(500));
+    assert_eq!(
+        run.take(),
+        vec![Action::CheckpointNeeded(CheckpointReason::FlowTableFull {
+            flows: 4
+        })]
+    );
+    assert_eq!(run.engine.reset(), vec![PacketId(6)]);
+    run.pvm_at(&port_frame(6, 100, SYN_ACK, b""), ms(1500));
+    run.svm(&port_frame(6, 100, SYN_ACK, b""));
+    assert_eq!(run.take(), released(&[7]));
+    assert_eq!(run.engine.flows(), 4);
+    assert_eq!(run.engine.counters().flows_evicted, 1);
+}
+
+#[test]
+fn idle_flows_are_forgotten_only_when_safe_and_come_back_compared() {
+    let mut run = Run::new(small_table());
+    // Port 1: the same ISN in both VMs (forgettable); port 2: another ISN in the SVM.
+    run.pvm_at(&port_frame(1, 100, SYN_ACK, b""), ms(0));
+    run.svm(&port_frame(1, 100, SYN_ACK, b""));
+    run.pvm_at(&port_frame(2, 100, SYN_ACK, b""), ms(0));
+    run.svm(&port_frame(2, 5000, SYN_ACK, b""));
+    assert_eq!(run.take(), released(&[0, 1]));
+    run.engine
+        .check_hold_time(Duration::from_secs(31), &mut run.actions);
+    assert_eq!(run.engine.flows(), 1, "the SVM's other ISN must be kept");
+    assert_eq!(run.engine.counters().flows_expired, 1);
+    // The forgotten connection's next segments start a fresh comparison: matched bytes go,
+    // different bytes ask for a checkpoint.
+    let now = Duration::from_secs(32);
+    run.pvm_at(&port_frame(1, 101, PSH_ACK, b"hello"), now);
+    run.svm(&port_frame(1, 101, PSH_ACK, b"hello"));
+    assert_eq!(run.take(), released(&[2]));
+    run.pvm_at(&port_frame(1, 106, PSH_ACK, b"world"), now);
+    run.svm(&port_frame(1, 106, PSH_ACK, b"WORLD"));
+    assert!(matches!(
+        run.take().as_slice(),
+        [Action::CheckpointNeeded(
+            CheckpointReason::PayloadDiffers { .. }
+        )]
+    ));
+    // At the checkpoint the idle connection with the other ISN goes too.
+    assert_eq!(run.engine.reset(), vec![PacketId(3)]);
+    assert_eq!(
+        run.engine.flows(),
+        1,
+        "only the connection active at 32 s stays"
+    );
+}

@@ -23,7 +23,7 @@ use thiserror::Error;
 
 use crate::packet::{Network, ParseError, Transport, parse_ethernet};
 pub use checksum::ChecksumState;
-pub use table::RewriteTable;
+pub use table::{RewriteCounters, RewriteLimits, RewriteTable};
 
 /// Offsets inside a TCP header.
 const TCP_SEQ: usize = 4;
@@ -39,6 +39,11 @@ pub enum RewriteError {
     /// The frame is not a (whole, unfragmented) TCP segment.
     #[error("frame is not a TCP segment")]
     NotTcp,
+    /// The frame opens a connection whose offset would have to be learnt, and the table is
+    /// full of connections whose offsets must be kept; the frame was left unchanged and the
+    /// connection gets no state (see [`RewriteTable`]).
+    #[error("the rewrite table is full ({0} connections whose offsets must be kept)")]
+    TableFull(usize),
 }
 
 /// What happened to a frame.

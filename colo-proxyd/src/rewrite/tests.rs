@@ -247,3 +247,127 @@ fn the_table_keys_both_directions_to_one_connection_and_forgets_at_a_checkpoint(
     let mut later = from_client(501, 1001, ACK);
     assert_eq!(table.into_svm(&mut later, c), Ok(Rewrite::Unchanged));
 }
+
+/// A frame of the connection whose client port is `port`: the VM's (out of the SVM), or the
+/// client's (into it). The checksum is not fixed: the table does not read it.
+fn conn(port: u16, from_client: bool, seq: u32, ack: u32, flags: u8) -> Vec<u8> {
+    let mut f = frame(false, seq, ack, flags, b"");
+    f[34..36].copy_from_slice(&port.to_be_bytes());
+    if from_client {
+        for i in 0..4 {
+            f.swap(26 + i, 30 + i);
+        }
+        f.swap(34, 36);
+        f.swap(35, 37);
+    }
+    f
+}
+
+const FIN_ACK: u8 = 0x11;
+
+fn small_table() -> RewriteTable {
+    RewriteTable::with_limits(RewriteLimits {
+        max_connections: 4,
+        idle: std::time::Duration::from_secs(1000),
+        transitory_idle: std::time::Duration::from_secs(100),
+    })
+}
+
+/// Opens the connection of `port` with SVM ISN `svm_isn` (the PVM's is 1000).
+fn handshake(table: &mut RewriteTable, port: u16, svm_isn: u32) {
+    let c = ChecksumState::Complete;
+    table
+        .into_svm(&mut conn(port, true, 500, 0, SYN), c)
+        .unwrap();
+    table
+        .out_of_svm(&mut conn(port, false, svm_isn, 501, SYN | ACK), c)
+        .unwrap();
+    table
+        .into_svm(&mut conn(port, true, 501, 1001, ACK), c)
+        .unwrap();
+}
+
+#[test]
+fn the_table_keeps_only_offsets_that_are_not_zero_and_refuses_rather_than_corrupt() {
+    let c = ChecksumState::Complete;
+    let mut table = small_table();
+    handshake(&mut table, 1, 1000);
+    assert_eq!(
+        table.connections(),
+        0,
+        "offset 0 is what an unknown connection gets"
+    );
+    for port in 1..=4 {
+        handshake(&mut table, port, 9000);
+    }
+    assert_eq!(
+        (table.connections(), table.connections_with_offset()),
+        (4, 4)
+    );
+    // Full of live connections with an offset: a new one is refused, its SYN untouched.
+    let syn = conn(5, true, 500, 0, SYN);
+    let mut refused = syn.clone();
+    assert_eq!(
+        table.into_svm(&mut refused, c),
+        Err(RewriteError::TableFull(4))
+    );
+    assert_eq!(refused, syn);
+    // Existing connections keep working.
+    let mut ack = conn(2, true, 501, 1001, ACK);
+    assert_eq!(table.into_svm(&mut ack, c), Ok(Rewrite::Rewritten));
+    assert_eq!(inspect(&ack).1, 9001);
+    // A closed connection (a FIN each way) is the one evicted for a new connection.
+    table
+        .out_of_svm(&mut conn(3, false, 9001, 501, FIN_ACK), c)
+        .unwrap();
+    table
+        .into_svm(&mut conn(3, true, 501, 9002, FIN_ACK), c)
+        .unwrap();
+    assert_eq!(table.into_svm(&mut syn.clone(), c), Ok(Rewrite::Unchanged));
+    assert_eq!(table.connections(), 4);
+    assert_eq!(
+        table.counters(),
+        RewriteCounters {
+            expired: 0,
+            evicted: 1,
+            refused: 1
+        }
+    );
+}
+
+#[test]
+fn idle_connections_expire_and_after_a_failover_new_ones_take_no_room() {
+    let c = ChecksumState::Complete;
+    let mut table = small_table();
+    table.expire(std::time::Duration::ZERO);
+    handshake(&mut table, 1, 9000);
+    // A handshake the client never finished.
+    table.into_svm(&mut conn(2, true, 500, 0, SYN), c).unwrap();
+    assert_eq!(table.connections(), 2);
+    table.expire(std::time::Duration::from_secs(150));
+    assert_eq!(table.connections(), 1, "the half-open one went");
+    table.freeze();
+    for port in 10..100 {
+        handshake(&mut table, port, 7000 + u32::from(port));
+    }
+    assert_eq!(
+        table.connections(),
+        1,
+        "after a failover new connections have offset 0"
+    );
+    let mut data = conn(1, false, 9001, 501, PSH_ACK);
+    assert_eq!(table.out_of_svm(&mut data, c), Ok(Rewrite::Rewritten));
+    assert_eq!(inspect(&data).0, 1001);
+    table.expire(std::time::Duration::from_secs(1149));
+    assert_eq!(
+        table.connections(),
+        1,
+        "used at 150 s: idle for less than 1000 s"
+    );
+    table.expire(std::time::Duration::from_secs(1151));
+    assert_eq!(
+        (table.connections(), table.connections_with_offset()),
+        (0, 0)
+    );
+    assert_eq!(table.counters().expired, 2);
+}

@@ -23,38 +23,44 @@ use crate::daemon::attachment::{
     FrameSink, FrameSource, OnConnect, PortEndpoint, spawn_sink_prepared, spawn_source,
 };
 use crate::daemon::metrics::Metrics;
-use crate::daemon::svm_path::push_bounded_to;
+use crate::daemon::svm_path::FrameQueue;
 
 /// QEMU's chardev that takes frames to the network.
 pub const NET_OUTPUT_PORT: &str = "red2";
 /// QEMU's chardev that hands the network's frames to the daemon.
 pub const NET_INPUT_PORT: &str = "red3";
 
-/// Frames for the network kept at most while `red2` is not connected; beyond, the oldest are
-/// dropped (TCP retransmits them).
+/// Frames for the network kept at most while `red2` is not connected, and their bytes;
+/// beyond either, the oldest are dropped (TCP retransmits them). QEMU connects `red2` within
+/// a second of the failover, so this covers that moment only.
 pub const BACKLOG_FRAMES: usize = 1024;
+/// See [`BACKLOG_FRAMES`].
+pub const BACKLOG_BYTES: usize = 8 << 20;
 
 /// Frames waiting for a port to connect, in order, bounded.
 #[derive(Debug)]
 pub struct NetworkBacklog {
-    frames: VecDeque<Vec<u8>>,
-    limit: usize,
+    frames: FrameQueue,
     dropped: u64,
 }
 
 impl NetworkBacklog {
-    /// An empty backlog of at most `limit` frames.
+    /// An empty backlog of at most `limit` frames and [`BACKLOG_BYTES`] bytes.
     pub fn new(limit: usize) -> Self {
+        Self::with_bytes(limit, BACKLOG_BYTES)
+    }
+
+    /// An empty backlog of at most `limit` frames and `bytes` bytes.
+    pub fn with_bytes(limit: usize, bytes: usize) -> Self {
         NetworkBacklog {
-            frames: VecDeque::new(),
-            limit: limit.max(1),
+            frames: FrameQueue::new(limit, bytes),
             dropped: 0,
         }
     }
 
     /// Keeps `frame`; returns the frames dropped so far (the oldest go first).
     pub fn hold(&mut self, frame: Vec<u8>) -> u64 {
-        push_bounded_to(&mut self.frames, self.limit, frame, &mut self.dropped);
+        self.frames.push(frame, &mut self.dropped);
         self.dropped
     }
 
@@ -75,7 +81,12 @@ impl NetworkBacklog {
 
     /// Every waiting frame, oldest first.
     pub fn take(&mut self) -> VecDeque<Vec<u8>> {
-        std::mem::take(&mut self.frames)
+        self.frames.take()
+    }
+
+    /// Bytes waiting.
+    pub fn bytes(&self) -> usize {
+        self.frames.bytes()
     }
 }
 
