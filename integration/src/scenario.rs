@@ -314,6 +314,23 @@ fn guest_errors(pair: &StockPair) -> Vec<String> {
         .collect()
 }
 
+/// [`guest_errors`], of the `failed` side only its first `failed_errors` (those it reported
+/// before it failed).
+fn guest_errors_until(pair: &StockPair, failed: Role, failed_errors: usize) -> Vec<String> {
+    let prefix = format!("{}: ", failed.name());
+    let mut seen = 0;
+    guest_errors(pair)
+        .into_iter()
+        .filter(|e| {
+            if !e.starts_with(&prefix) {
+                return true;
+            }
+            seen += 1;
+            seen <= failed_errors
+        })
+        .collect()
+}
+
 /// COLO for at least `checkpoints` checkpoints while the guest dirties memory and a client
 /// requests the page every `probe_every`; the 1 MiB blob is fetched once and verified.
 pub async fn soak(
@@ -464,6 +481,9 @@ pub enum Failure {
     /// supervisor would ([`StockPair::restart_daemon`]); the VMs keep running. COLO cannot go
     /// on (the relay fails the next barrier), so the side named by `kill` stops being used.
     RestartDaemon(Daemon),
+    /// The file system under the secondary's image (a tmpfs: [`PairConfig::secondary_fs_mib`])
+    /// is filled up while COLO runs; everything keeps running.
+    FillSecondaryDisk,
 }
 
 /// Options of a failover run.
@@ -553,6 +573,7 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
             Failure::RestartDaemon(Daemon::Proxyd(Role::Primary)) => "rst-pxp",
             Failure::RestartDaemon(Daemon::Proxyd(Role::Secondary)) => "rst-pxs",
             Failure::RestartDaemon(Daemon::Blockd) => "rst-bd",
+            Failure::FillSecondaryDisk => "full",
         },
         plan.kill.name(),
         if plan.via_cli { "-cli" } else { "" },
@@ -634,11 +655,23 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
         Some(kind) => Some(wait_for_barrier(&pair, kind).await?),
         None => None,
     };
+    // The failed side's VM may live on, abandoned (a cut uplink, a full disk): what its guest
+    // reports after the failure is not the survivor's business.
+    let failed_side_errors = pair
+        .vm(plan.kill)
+        .map(|vm| vm.serial_summary().errors.len())
+        .unwrap_or(0);
     let killed_at = Instant::now();
     match plan.failure {
         Failure::Kill => pair.kill(plan.kill)?,
         Failure::CutUplink => pair.cut_uplink(plan.kill)?,
         Failure::RestartDaemon(daemon) => pair.restart_daemon(daemon)?,
+        Failure::FillSecondaryDisk => {
+            pair.small_fs
+                .as_ref()
+                .context("the pair has no small file system under the secondary's image")?
+                .fill()?;
+        }
     }
     report.killed = Some(plan.kill);
     report.failure = Some(match plan.failure {
@@ -649,6 +682,7 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
             "colo-proxyd secondary restarted"
         }
         Failure::RestartDaemon(Daemon::Blockd) => "colo-blockd restarted",
+        Failure::FillSecondaryDisk => "the secondary's disk full",
     });
     report.killed_at_event = plan.kill_at_event.map(|k| k.to_string());
     if let Some(watch) = &watch {
@@ -742,7 +776,7 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
     report.record_checkpoints(&pair);
     report.record_http(&latencies);
     report.heartbeats = heartbeat_range(&pair, &before);
-    report.guest_errors = guest_errors(&pair);
+    report.guest_errors = guest_errors_until(&pair, plan.kill, failed_side_errors);
     report.disk = Some(pair.stop_and_check_disk(survivor).await?);
     report.save()?;
     Ok(report)

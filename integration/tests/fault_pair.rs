@@ -116,3 +116,33 @@ async fn colo_blockd_restarted_after_a_failover_to_the_secondary_loses_nothing()
         .expect("failover scenario ran");
     common::assert_failover(&report);
 }
+
+/// The file system under the secondary's image (and colo-blockd's journal and spill files)
+/// fills up during COLO. colo-blockd cannot commit the next checkpoint, does not acknowledge
+/// it, the relay ends COLO, and the watch agent makes the primary carry on alone: no
+/// acknowledged write or byte is lost on the primary.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn a_full_disk_under_the_secondary_ends_colo_and_the_primary_serves() {
+    let cfg = PairConfig {
+        secondary_fs_mib: Some(64),
+        ..daemons_pair()
+    };
+    let plan = FailoverPlan {
+        kill: Role::Secondary,
+        failure: Failure::FillSecondaryDisk,
+        watch_agent: true,
+        ..FailoverPlan::default()
+    };
+    let report = scenario::failover("t-full", cfg, plan)
+        .await
+        .expect("disk-full scenario ran");
+    common::assert_failover(&report);
+    let blockd =
+        std::fs::read_to_string(report.run_dir.join("blockd.log")).expect("colo-blockd's log");
+    let failed = blockd
+        .lines()
+        .find(|l| l.contains("No space left on device") || l.contains("could not be kept"))
+        .expect("colo-blockd reports the full disk");
+    println!("colo-blockd: {failed}");
+}

@@ -30,6 +30,19 @@ pub fn watch_qmp_path(dir: &Path) -> PathBuf {
     dir.join("primary-qmp-watch.sock")
 }
 
+/// The tmpfs under the secondary's image, with [`PairConfig::secondary_fs_mib`].
+pub fn secondary_fs_path(dir: &Path) -> PathBuf {
+    dir.join("secondary-fs")
+}
+
+/// The secondary's image: in the run directory, or on its own tmpfs.
+pub fn secondary_image_path(dir: &Path, cfg: &PairConfig) -> PathBuf {
+    match cfg.secondary_fs_mib {
+        Some(_) => secondary_fs_path(dir).join("secondary.raw"),
+        None => dir.join("secondary.raw"),
+    }
+}
+
 /// Where the secondary QEMU listens for the migration.
 fn incoming_path(dir: &Path) -> PathBuf {
     dir.join("incoming.sock")
@@ -138,7 +151,7 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
         mac = addr::GUEST_MAC,
         mem = cfg.memory_mib,
         pimg = file("primary.raw"),
-        simg = file("secondary.raw"),
+        simg = secondary_image_path(dir, cfg).display().to_string(),
     )
 }
 

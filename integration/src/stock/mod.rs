@@ -75,6 +75,9 @@ pub struct PairConfig {
     /// Who compares the VMs' output: QEMU's colo-compare, or colo-proxyd on both hosts (which
     /// needs the relay: `launch` turns it on).
     pub network: NetworkBackend,
+    /// Put the secondary's image (and colo-blockd's journal and spill files next to it) on a
+    /// tmpfs of this many MiB, so that a test can fill that file system.
+    pub secondary_fs_mib: Option<u32>,
 }
 
 impl Default for PairConfig {
@@ -88,6 +91,7 @@ impl Default for PairConfig {
             relay_ack_timeout_ms: 2000,
             disk: DiskBackend::Replication,
             network: NetworkBackend::ColoCompare,
+            secondary_fs_mib: None,
         }
     }
 }
@@ -146,20 +150,30 @@ pub struct StockPair {
     pub blockd: Option<DaemonProcess>,
     /// colo-proxyd on each host, when they compare the output.
     pub proxyd: Vec<(Role, DaemonProcess)>,
+    /// The tmpfs under the secondary's image, with [`PairConfig::secondary_fs_mib`]; after the
+    /// daemons, so that they are gone when it is unmounted.
+    pub small_fs: Option<SmallFs>,
     // Declared last so that it drops after the VMs: QEMU must exit before its tap disappears.
     /// The namespaces.
     pub topology: Topology,
 }
 
-fn create_images(dir: &Path, cfg: &PairConfig) -> Result<()> {
+fn create_images(dir: &Path, cfg: &PairConfig) -> Result<Option<SmallFs>> {
     let bytes = u64::from(cfg.disk_mib) * 1024 * 1024;
-    for name in ["primary.raw", "secondary.raw"] {
-        let file = std::fs::File::create(dir.join(name))?;
+    let small_fs = match cfg.secondary_fs_mib {
+        Some(mib) => Some(SmallFs::mount(&driver::secondary_fs_path(dir), mib)?),
+        None => None,
+    };
+    for path in [
+        dir.join("primary.raw"),
+        driver::secondary_image_path(dir, cfg),
+    ] {
+        let file = std::fs::File::create(path)?;
         file.set_len(bytes)?;
     }
     if cfg.disk == DiskBackend::ColoBlockd {
         // colo-blockd keeps the secondary's overlay itself.
-        return Ok(());
+        return Ok(small_fs);
     }
     for name in ["secondary-active.qcow2", "secondary-hidden.qcow2"] {
         let out = std::process::Command::new("qemu-img")
@@ -175,7 +189,60 @@ fn create_images(dir: &Path, cfg: &PairConfig) -> Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(small_fs)
+}
+
+/// A tmpfs the bed mounted (for [`PairConfig::secondary_fs_mib`]); unmounted when dropped.
+#[derive(Debug)]
+pub struct SmallFs {
+    path: PathBuf,
+}
+
+impl SmallFs {
+    fn mount(path: &Path, mib: u32) -> Result<SmallFs> {
+        std::fs::create_dir_all(path)?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "colo-bed"])
+            .arg(path)
+            .output()
+            .context("running mount")?;
+        if !out.status.success() {
+            bail!(
+                "mount tmpfs on {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(SmallFs {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Fills the file system with one file until it is full; returns the bytes written.
+    pub fn fill(&self) -> Result<u64> {
+        use std::io::Write;
+        let mut file = std::fs::File::create(self.path.join("filler"))?;
+        let block = vec![0xa5u8; 64 * 1024];
+        let mut written = 0;
+        loop {
+            match file.write(&block) {
+                Ok(0) => return Ok(written),
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => return Ok(written),
+                Err(e) => return Err(e).context("filling the secondary's file system"),
+            }
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        // Lazy: a daemon that still holds a file there lets go when it exits.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
 }
 
 impl StockPair {
@@ -197,7 +264,7 @@ impl StockPair {
             cfg.disk == DiskBackend::ColoBlockd || cfg.network == NetworkBackend::ColoProxyd;
         let artifacts = Artifacts::locate()?;
         let topology = Topology::create(tag)?;
-        create_images(&dir, &cfg)?;
+        let small_fs = create_images(&dir, &cfg)?;
         let driver = driver::write_config(&dir, &topology, &cfg)?;
         // The secondary's disk must be served before the secondary QEMU opens it.
         let blockd = match cfg.disk {
@@ -283,7 +350,7 @@ impl StockPair {
                 qmp: sec_qmp,
                 events: sec_events,
                 serial: dir.join("secondary-serial.log"),
-                image: dir.join("secondary.raw"),
+                image: driver::secondary_image_path(&dir, &cfg),
                 colo_mark: 0,
             }),
             dead: Vec::new(),
@@ -291,6 +358,7 @@ impl StockPair {
             relay,
             blockd,
             proxyd,
+            small_fs,
             topology,
             dir,
             config: cfg,
