@@ -47,5 +47,5 @@ mod transport;
 
 pub use client::{ControlError, Operator, Subscriber};
 pub use hub::{BarrierError, BarrierReport, ControlHub, ControlListener};
-pub use transport::{TCP_DEAD_PEER, tune_tcp};
 pub use protocol::{Event, EventBody, EventKind, PROTOCOL_VERSION, RelayState, RelayStatus};
+pub use transport::{TCP_DEAD_PEER, tune_tcp};

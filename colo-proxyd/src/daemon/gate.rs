@@ -31,7 +31,7 @@ use crate::engine::{ComparisonEngine, EngineConfig, EngineCounters, PacketIdHash
 /// resumption and this daemon's `checkpoint-adopted` (milliseconds), so the bound is rarely
 /// approached; the bytes bound matters because a frame can be 68 KiB.
 const MAX_FUTURE_FRAMES: usize = 8192;
-/// See [`MAX_FUTURE_FRAMES`].
+/// Bytes of SVM frames of later epochs kept at most (with 8192 frames; see the module).
 pub const MAX_FUTURE_BYTES: usize = 16 << 20;
 
 /// Whether the PVM's output is compared.

@@ -40,7 +40,7 @@ use crate::rewrite::{
 /// and the primary ask for one (a hold timeout or a divergence), and TCP retransmits it.
 /// The epoch is closed for milliseconds, so the bounds are far above what it collects.
 const MAX_HELD: usize = 8192;
-/// See [`MAX_HELD`].
+/// Bytes kept at most in each queue of held packets (with 8192 packets).
 pub const MAX_HELD_BYTES: usize = 16 << 20;
 
 /// Packets from the network kept at most while the failover event has not arrived yet, and

@@ -56,8 +56,8 @@ pub use failover::{
 };
 pub use relay_link::RelayStatus;
 pub use start::{PrepareReport, StartOptions, StartReport, prepare_secondary, start};
-pub use watch::{Trigger, WatchEvent, WatchOptions, watch_primary};
 pub use status::{PairStatus, RelayReport, SideStatus, relay_status, side_status, status};
+pub use watch::{Trigger, WatchEvent, WatchOptions, watch_primary};
 
 /// What went wrong, on which side, and what to do about it.
 #[derive(Debug, thiserror::Error)]
