@@ -107,35 +107,16 @@ struct Primary {
 }
 
 async fn start_primary(dir: &std::path::Path, control: &std::path::Path) -> Primary {
-    let compare0 = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mirror0 = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let compare_out = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ports = PrimaryPorts::bind().await;
     let link = free_addr();
     let metrics = free_addr();
-    let qmp = dir.join("qmp.sock");
-    let args = [
-        "primary".to_string(),
-        "--pvm-output".into(),
-        compare0.local_addr().unwrap().to_string(),
-        "--mirror".into(),
-        mirror0.local_addr().unwrap().to_string(),
-        "--release".into(),
-        compare_out.local_addr().unwrap().to_string(),
-        "--link-listen".into(),
-        link.clone(),
-        "--control".into(),
-        control.display().to_string(),
-        "--qmp".into(),
-        format!("unix:{}", qmp.display()),
-        "--metrics".into(),
-        metrics.clone(),
-    ];
+    let args = ports.primary_args(&link, control, &dir.join("qmp.sock"), &metrics);
     let daemon = Daemon::spawn("primary", &args);
     Primary {
         daemon,
-        compare0: Chardev::accept(&compare0).await,
-        _mirror0: Chardev::accept(&mirror0).await,
-        compare_out: Chardev::accept(&compare_out).await,
+        compare0: Chardev::accept(&ports.compare0).await,
+        _mirror0: Chardev::accept(&ports.mirror0).await,
+        compare_out: Chardev::accept(&ports.compare_out).await,
         link,
         metrics,
     }

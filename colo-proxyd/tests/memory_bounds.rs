@@ -294,35 +294,17 @@ async fn a_flood_of_connections_stays_within_the_bounds_through_checkpoints_and_
     let qmp = dir.path().join("qmp.sock");
     let monitor = fake_qmp(&qmp, &["compare0", "compare_out", "mirror0"]);
 
-    let compare0 = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mirror0 = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let compare_out = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ports = PrimaryPorts::bind().await;
     let (link, p_metrics) = (free_addr(), free_addr());
-    let primary = Daemon::spawn(&[
-        "primary".into(),
-        "--pvm-output".into(),
-        compare0.local_addr().unwrap().to_string(),
-        "--mirror".into(),
-        mirror0.local_addr().unwrap().to_string(),
-        "--release".into(),
-        compare_out.local_addr().unwrap().to_string(),
-        "--link-listen".into(),
-        link.clone(),
-        "--control".into(),
-        control.display().to_string(),
-        "--qmp".into(),
-        format!("unix:{}", qmp.display()),
-        "--metrics".into(),
-        p_metrics.clone(),
-        "--max-flows".into(),
-        MAX_FLOWS.to_string(),
-    ]);
-    let mut pvm = Writer::new(accept(&compare0).await);
-    let mut mirror = Writer::new(accept(&mirror0).await);
+    let mut args = ports.primary_args(&link, &control, &qmp, &p_metrics);
+    args.extend(["--max-flows".into(), MAX_FLOWS.to_string()]);
+    let primary = Daemon::spawn(&args);
+    let mut pvm = Writer::new(accept(&ports.compare0).await);
+    let mut mirror = Writer::new(accept(&ports.mirror0).await);
     let released = Arc::new(AtomicU64::new(0));
     let (probe_tx, probe_rx) = mpsc::unbounded_channel();
     drain(
-        accept(&compare_out).await,
+        accept(&ports.compare_out).await,
         true,
         released.clone(),
         probe_tx.clone(),

@@ -263,3 +263,54 @@ pub async fn wait_metric(addr: &str, line: &str) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The QEMU-facing sockets of a primary daemon under test: the test listens where QEMU would.
+pub struct PrimaryPorts {
+    /// `compare0`: the PVM's output.
+    pub compare0: TcpListener,
+    /// `mirror0`: the packets into the PVM.
+    pub mirror0: TcpListener,
+    /// `compare_out`: released output.
+    pub compare_out: TcpListener,
+}
+
+impl PrimaryPorts {
+    /// Three listeners on free loopback ports.
+    pub async fn bind() -> PrimaryPorts {
+        let any = || TcpListener::bind("127.0.0.1:0");
+        PrimaryPorts {
+            compare0: any().await.unwrap(),
+            mirror0: any().await.unwrap(),
+            compare_out: any().await.unwrap(),
+        }
+    }
+
+    /// `colo-proxyd primary`'s command line for these ports, the link at `link`, the relay at
+    /// `control`, QMP at `qmp` and metrics at `metrics`.
+    pub fn primary_args(
+        &self,
+        link: &str,
+        control: &Path,
+        qmp: &Path,
+        metrics: &str,
+    ) -> Vec<String> {
+        let addr = |l: &TcpListener| l.local_addr().unwrap().to_string();
+        vec![
+            "primary".to_string(),
+            "--pvm-output".into(),
+            addr(&self.compare0),
+            "--mirror".into(),
+            addr(&self.mirror0),
+            "--release".into(),
+            addr(&self.compare_out),
+            "--link-listen".into(),
+            link.to_owned(),
+            "--control".into(),
+            control.display().to_string(),
+            "--qmp".into(),
+            format!("unix:{}", qmp.display()),
+            "--metrics".into(),
+            metrics.to_owned(),
+        ]
+    }
+}
