@@ -67,20 +67,18 @@ impl QemuColo {
     }
 }
 
-/// Asks QEMU every `interval` and sends each change of its state (the first answer too).
+/// How often QEMU is asked (`query-colo-status`, one small command).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Asks QEMU every [`POLL_INTERVAL`] and sends each change of its state (the first answer too).
 /// Errors (QEMU unreachable, a wrong answer) are logged at most once per kind of failure in a
 /// row and change nothing: the role loop keeps what it knew.
-pub fn spawn(
-    qmp: QmpSession,
-    role: Role,
-    interval: Duration,
-    stop: CancellationToken,
-) -> mpsc::Receiver<QemuColo> {
+pub fn spawn(qmp: QmpSession, role: Role, stop: CancellationToken) -> mpsc::Receiver<QemuColo> {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         let mut last = None;
         let mut last_error = None::<String>;
-        let mut tick = tokio::time::interval(interval);
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

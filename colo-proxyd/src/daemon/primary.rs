@@ -44,9 +44,6 @@ use super::{DaemonError, bind, failopen};
 use colo_daemon::checkpoint::{CheckpointRequester, RequestOptions};
 use colo_daemon::qmp_session::QmpSession;
 
-/// How often QEMU's own COLO state is asked (`query-colo-status`, one small command).
-pub(super) const QEMU_STATE_INTERVAL: Duration = Duration::from_millis(250);
-
 /// The primary's listening sockets, bound before [`run`] so that a test (or a supervisor)
 /// knows the addresses and a busy port fails at start.
 #[derive(Debug)]
@@ -136,12 +133,7 @@ pub async fn run(
             tasks.clone(),
         ));
     }
-    let qemu_colo = colo_state::spawn(
-        qmp.clone(),
-        Role::Primary,
-        QEMU_STATE_INTERVAL,
-        tasks.clone(),
-    );
+    let qemu_colo = colo_state::spawn(qmp.clone(), Role::Primary, tasks.clone());
     let link = peer::spawn_primary(listeners.link, metrics.clone(), tasks.clone());
     let requester = CheckpointRequester::spawn(
         qmp.clone(),

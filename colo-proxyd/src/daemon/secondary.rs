@@ -193,14 +193,7 @@ pub async fn run(
     };
     // With --qmp, QEMU's own word on a failover to this side: a daemon restarted after it
     // bridges the SVM's traffic again, even if the relay never told it.
-    let qemu_colo = qmp.map(|qmp| {
-        super::colo_state::spawn(
-            qmp,
-            Role::Secondary,
-            super::primary::QEMU_STATE_INTERVAL,
-            tasks.clone(),
-        )
-    });
+    let qemu_colo = qmp.map(|qmp| super::colo_state::spawn(qmp, Role::Secondary, tasks.clone()));
     let control = Inputs { relay, qemu_colo };
     role.run(from_svm, from_network, link.incoming, control, &shutdown)
         .await;

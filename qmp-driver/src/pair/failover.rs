@@ -28,6 +28,9 @@ pub struct FailoverOptions<'a> {
     pub running_timeout: Duration,
     /// Bound of the hook's run time.
     pub hook_timeout: Duration,
+    /// The caller already yanked the migration stream and the NBD child out of band (the
+    /// watch agent does, to unstick a hung monitor at once): not again.
+    pub links_yanked: bool,
 }
 
 impl Default for FailoverOptions<'_> {
@@ -37,6 +40,7 @@ impl Default for FailoverOptions<'_> {
             notify_relay: true,
             running_timeout: Duration::from_secs(10),
             hook_timeout: Duration::from_secs(60),
+            links_yanked: false,
         }
     }
 }
@@ -382,7 +386,7 @@ pub async fn failover_to_primary(
     let mut yanked = false;
     let already = check_in_colo(primary, side, &mut journal, &mut yanked).await?;
     let end = Ending::new(&opts, already, started);
-    if !already && !yanked {
+    if !already && !yanked && !opts.links_yanked {
         steps::yank_migration(primary, side, &mut journal).await;
         // Before x-blockdev-change, which drains the child's requests: a
         // hung secondary would otherwise hang it.

@@ -262,6 +262,7 @@ async fn fail_over(
             Hook::Skip
         },
         notify_relay: opts.notify_relay,
+        links_yanked: true,
         ..FailoverOptions::default()
     };
     let result = {
