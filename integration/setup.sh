@@ -27,12 +27,17 @@ BACKPORTS_MIN_VERSION='1:10.0.2~'
 #     python3-venv libglib2.0-dev zlib1g-dev libpixman-1-dev libfdt-dev
 #     libslirp-dev, curl ca-certificates (tarball download, PyPI)
 #   tests: libnbd-bin (nbdinfo), g++ (libFuzzer, built by the fuzz targets)
+#   HA cluster on the bed: corosync corosync-qnetd corosync-qdevice (runtime),
+#     libcpg-dev libvotequorum-dev libquorum-dev libcmap-dev libcfg-dev (the crate
+#     rust-corosync links them)
 BOOKWORM_PACKAGES=(
     busybox-static cpio xz-utils iproute2
     gcc libc6-dev make patch pkg-config ninja-build flex bison python3-venv
     libglib2.0-dev zlib1g-dev libpixman-1-dev libfdt-dev libslirp-dev
     curl ca-certificates
     libnbd-bin g++
+    corosync corosync-qnetd corosync-qdevice
+    libcpg-dev libvotequorum-dev libquorum-dev libcmap-dev libcfg-dev
 )
 APT_INSTALL=(apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300)
 

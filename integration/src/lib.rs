@@ -6,6 +6,7 @@
 //!
 //! - [`artifacts`]: where the patched QEMU and the guest live (built by `integration/setup.sh`);
 //! - [`topology`]: namespaces, bridge, veths and taps;
+//! - [`cluster`]: a corosync cluster (a node per VM host, qdevice, qnetd on a witness);
 //! - [`process`]: a QEMU started inside a namespace, owned and killed by PID;
 //! - [`stock`]: the COLO pair, described in a `qmp-driver` config file and driven with
 //!   `qmp_driver`'s command-line generator and pair sequences (optionally through the relay),
@@ -21,6 +22,7 @@
 pub mod artifacts;
 pub mod barrier;
 pub mod client;
+pub mod cluster;
 pub mod compare_ab;
 pub mod guest;
 pub mod process;

@@ -8,6 +8,11 @@
 //!                                                                               only at failover)
 //! ```
 //!
+//! With [`Topology::create_with_witness`] a fifth namespace, the witness (`wit`, 192.168.77.3 on
+//! its `eth0`, a veth `lan-w` to `br0`), carries the cluster's third vote (corosync-qnetd, see
+//! [`crate::cluster`]); [`Topology::isolate_hosts`] then cuts hosts A and B apart at the switch
+//! while both still reach the client and the witness.
+//!
 //! The guest is 10.0.2.15 on the same segment. Each host's own address lives on its host
 //! bridge `brh`, which is how the secondary reaches the primary's mirror and compare sockets
 //! and the primary reaches the secondary's NBD server. The secondary's tap stays off its
@@ -30,6 +35,8 @@ pub mod addr {
     pub const PRIMARY_HOST: &str = "192.168.77.1";
     /// Host B (secondary) address on the inter-host segment.
     pub const SECONDARY_HOST: &str = "192.168.77.2";
+    /// The witness host's address on the inter-host segment (corosync-qnetd listens there).
+    pub const WITNESS: &str = "192.168.77.3";
     /// The guest NIC's MAC (identical on both VMs; COLO VMs are one machine to the network).
     pub const GUEST_MAC: &str = "52:54:00:c0:10:01";
 }
@@ -41,7 +48,14 @@ pub const SECONDARY_TAP: &str = "tap-s";
 /// Host bridge inside each VM host namespace.
 pub const HOST_BRIDGE: &str = "brh";
 
-/// The four namespaces of one bed. Dropping it deletes them.
+/// Switch port (in the lan namespace) of host A's uplink.
+pub const PRIMARY_SWITCH_PORT: &str = "lan-p";
+/// Switch port of host B's uplink.
+pub const SECONDARY_SWITCH_PORT: &str = "lan-s";
+/// Switch port of the witness's uplink.
+pub const WITNESS_SWITCH_PORT: &str = "lan-w";
+
+/// The four (five with a witness) namespaces of one bed. Dropping it deletes them.
 #[derive(Debug)]
 pub struct Topology {
     /// Namespace of the client.
@@ -52,6 +66,8 @@ pub struct Topology {
     pub primary: String,
     /// Namespace of host B, which runs the secondary VM.
     pub secondary: String,
+    /// Namespace of the witness host (corosync-qnetd), if the bed has one.
+    pub witness: Option<String>,
     created: Vec<String>,
 }
 
@@ -86,6 +102,16 @@ impl Topology {
     /// Creates the namespaces and links. `tag` keeps concurrent beds apart (keep it short:
     /// namespace names appear in error messages).
     pub fn create(tag: &str) -> Result<Self> {
+        Self::build(tag, false)
+    }
+
+    /// Like [`Topology::create`], plus a witness namespace `colo-{tag}-wit` at
+    /// [`addr::WITNESS`] on the switch, for a quorum device.
+    pub fn create_with_witness(tag: &str) -> Result<Self> {
+        Self::build(tag, true)
+    }
+
+    fn build(tag: &str, with_witness: bool) -> Result<Self> {
         if effective_uid() != 0 {
             bail!("the test bed needs root for network namespaces, bridges and taps");
         }
@@ -95,9 +121,17 @@ impl Topology {
             lan: name("lan"),
             primary: name("pri"),
             secondary: name("sec"),
+            witness: with_witness.then(|| name("wit")),
             created: Vec::new(),
         };
-        for ns in [&topo.client, &topo.lan, &topo.primary, &topo.secondary].map(String::clone) {
+        let mut all = vec![
+            topo.client.clone(),
+            topo.lan.clone(),
+            topo.primary.clone(),
+            topo.secondary.clone(),
+        ];
+        all.extend(topo.witness.clone());
+        for ns in all {
             // A namespace left by a crashed earlier run with the same tag is ours to replace.
             let _ = ip(&["netns", "del", &ns]);
             ip(&["netns", "add", &ns])?;
@@ -140,14 +174,14 @@ impl Topology {
         for (ns, uplink, host_addr, tap, tap_bridged) in [
             (
                 &self.primary,
-                "lan-p",
+                PRIMARY_SWITCH_PORT,
                 addr::PRIMARY_HOST,
                 PRIMARY_TAP,
                 true,
             ),
             (
                 &self.secondary,
-                "lan-s",
+                SECONDARY_SWITCH_PORT,
                 addr::SECONDARY_HOST,
                 SECONDARY_TAP,
                 false,
@@ -175,6 +209,14 @@ impl Topology {
             if tap_bridged {
                 ip(&["-n", ns, "link", "set", tap, "master", HOST_BRIDGE])?;
             }
+        }
+
+        // Witness: a plain interface on the inter-host segment.
+        if let Some(wit) = &self.witness {
+            self.veth_to_switch(WITNESS_SWITCH_PORT, wit, "eth0")?;
+            let cidr = format!("{}/24", addr::WITNESS);
+            ip(&["-n", wit, "addr", "add", &cidr, "dev", "eth0"])?;
+            ip(&["-n", wit, "link", "set", "eth0", "up"])?;
         }
         Ok(())
     }
@@ -213,6 +255,22 @@ impl Topology {
             "eth0",
             if up { "up" } else { "down" },
         ])
+    }
+
+    /// Cuts (`true`) or heals (`false`) only the path between host A and host B, at the
+    /// switch: both uplink ports become isolated bridge ports, which cannot talk to each other
+    /// but still reach every other port (the client and the witness). Both hosts stay up and
+    /// see their links up; this is a split, not a crash.
+    pub fn isolate_hosts(&self, isolated: bool) -> Result<()> {
+        let state = if isolated { "on" } else { "off" };
+        for port in [PRIMARY_SWITCH_PORT, SECONDARY_SWITCH_PORT] {
+            in_netns(
+                &self.lan,
+                "bridge",
+                &["link", "set", "dev", port, "isolated", state],
+            )?;
+        }
+        Ok(())
     }
 }
 
