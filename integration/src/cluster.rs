@@ -465,14 +465,7 @@ impl Cluster {
             qnetd = self.programs.qnetd.display(),
         );
         let log = w.join("qnetd.log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.witness_ns])
-            .args(["unshare", "-m", "--propagation", "private", "sh", "-c"])
-            .arg(&script)
-            .stdin(Stdio::null())
-            .stdout(log_file(&log)?)
-            .stderr(log_file(&log)?)
-            .spawn()
+        let child = spawn_with_private_mounts(&self.witness_ns, &script, &log)
             .context("starting corosync-qnetd")?;
         self.qnetd = Some(child);
         Ok(())
@@ -494,14 +487,7 @@ impl Cluster {
             corosync = corosync.display(),
         );
         let log = node.dir.join("corosync.log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &node.ns])
-            .args(["unshare", "-m", "--propagation", "private", "sh", "-c"])
-            .arg(&script)
-            .stdin(Stdio::null())
-            .stdout(log_file(&log)?)
-            .stderr(log_file(&log)?)
-            .spawn()
+        let child = spawn_with_private_mounts(&node.ns, &script, &log)
             .with_context(|| format!("starting corosync on {host:?}"))?;
         self.corosync_pids.push(child.id());
         node.corosync = Some(child);
@@ -766,6 +752,19 @@ impl Drop for Cluster {
             eprintln!("warning: could not remove {}: {e}", self.dir.display());
         }
     }
+}
+
+/// Runs `script` with `sh -c` in network namespace `ns` and a private mount namespace of its
+/// own (its bind mounts stay invisible to the rest of the machine), output to `log`.
+fn spawn_with_private_mounts(ns: &str, script: &str, log: &Path) -> Result<Child> {
+    Ok(Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(["unshare", "-m", "--propagation", "private", "sh", "-c"])
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(log_file(log)?)
+        .stderr(log_file(log)?)
+        .spawn()?)
 }
 
 #[cfg(test)]

@@ -37,6 +37,11 @@ fn describe(o: &ClusterOptions) -> String {
     )
 }
 
+/// The cluster as it should be: this node quorate, with both nodes and the witness's vote.
+fn whole(q: &QuorumInfo) -> bool {
+    q.quorate && q.nodes == 2 && q.total_votes == 3
+}
+
 /// Starts the bed and the cluster and waits until both nodes count all three votes.
 fn full_cluster(tag: &str) -> (Topology, Cluster) {
     let topo = Topology::create_with_witness(tag).expect("topology with witness");
@@ -45,9 +50,7 @@ fn full_cluster(tag: &str) -> (Topology, Cluster) {
     let cluster = Cluster::start(&topo, &opts).expect("cluster started");
     for host in Host::BOTH {
         cluster
-            .wait_until(host, SETTLE, "quorate with 2 nodes and 3 votes", |q| {
-                q.quorate && q.nodes == 2 && q.total_votes == 3
-            })
+            .wait_until(host, SETTLE, "quorate with 2 nodes and 3 votes", whole)
             .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.log_tail(host)));
     }
     println!(
@@ -236,12 +239,7 @@ fn the_survivor_of_a_silent_host_death_stays_quorate() {
         back,
         SETTLE,
         Duration::from_secs(1),
-        |_, s| {
-            s.iter().all(|q| {
-                q.as_ref()
-                    .is_some_and(|q| q.quorate && q.nodes == 2 && q.total_votes == 3)
-            })
-        },
+        |_, s| s.iter().all(|q| q.as_ref().is_some_and(whole)),
     );
     println!("host B restarted: both quorate with 2 nodes and 3 votes after {rejoined:?}");
 }
@@ -289,12 +287,7 @@ fn a_split_between_the_hosts_leaves_exactly_one_quorate() {
         healed,
         SETTLE,
         Duration::from_secs(1),
-        |_, s| {
-            s.iter().all(|q| {
-                q.as_ref()
-                    .is_some_and(|q| q.quorate && q.nodes == 2 && q.total_votes == 3)
-            })
-        },
+        |_, s| s.iter().all(|q| q.as_ref().is_some_and(whole)),
     );
     println!("after healing both hosts are quorate with 2 nodes and 3 votes after {rejoined:?}");
 }
