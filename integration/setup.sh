@@ -38,6 +38,7 @@ BOOKWORM_PACKAGES=(
     libnbd-bin g++
     corosync corosync-qnetd corosync-qdevice
     libcpg-dev libvotequorum-dev libquorum-dev libcmap-dev libcfg-dev
+    pacemaker pacemaker-cli-utils resource-agents libxml2-utils  # Pacemaker on the bed, ocf-tester (xmllint)
 )
 APT_INSTALL=(apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300)
 
