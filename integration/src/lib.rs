@@ -25,6 +25,7 @@ pub mod client;
 pub mod cluster;
 pub mod compare_ab;
 pub mod guest;
+pub mod ha;
 pub mod pacemaker;
 pub mod process;
 pub mod relay_watch;

@@ -259,8 +259,9 @@ impl Pacemaker {
                         target.display()
                     ));
                 }
+                // --rbind: the provider mounts under the tree come along (--bind would not).
                 script.push_str(&format!(
-                    "mount --bind {} {OCF_RESOURCE_D}; ",
+                    "mount --rbind {} {OCF_RESOURCE_D}; ",
                     ocf.display()
                 ));
             }

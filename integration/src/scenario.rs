@@ -13,12 +13,15 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::client::{Fetch, HttpClient, md5_hex};
+use crate::cluster::ClusterOptions;
 use crate::guest::DiskCheck;
+use crate::ha::HaBed;
 use crate::relay_watch::{AckPolicy, EventRecorder};
 use crate::stats::{median, quantile};
 use crate::stock::driver::relay_control_path;
 use crate::stock::{Daemon, DriverProcess, PairConfig, Role, Step, StockPair};
 use colo_control::protocol::EventKind;
+use qmp_driver::agent::status::AgentStatus;
 
 /// The page the guest serves at `/`.
 pub const INDEX_BODY: &[u8] = b"colo guest ok\n";
@@ -79,6 +82,34 @@ pub struct Report {
     pub svm_output_bytes: Option<u64>,
     /// With `qmp-driver` on the command line: what its `--json` commands printed.
     pub cli: Vec<(String, serde_json::Value)>,
+    /// What the HA agents decided, when they ran the pair.
+    pub ha: Option<HaReport>,
+}
+
+/// The HA agents' view after a failover.
+#[derive(Debug, Clone, Serialize)]
+pub struct HaReport {
+    /// The survivor agent's state (its last decision, with detection and failover times).
+    pub survivor: AgentStatus,
+    /// The failed side's agent's state as it last wrote it (a frozen host's is stale).
+    pub failed: Option<AgentStatus>,
+    /// The survivor's agent log lines with a decision.
+    pub decisions: Vec<String>,
+}
+
+impl HaReport {
+    fn of(ha: &HaBed, survivor: Role, failed: Role) -> Result<HaReport> {
+        Ok(HaReport {
+            survivor: ha.state(survivor)?,
+            failed: ha.state(failed).ok(),
+            decisions: ha
+                .agent_log(survivor)
+                .lines()
+                .filter(|l| l.contains("decision"))
+                .map(str::to_string)
+                .collect(),
+        })
+    }
 }
 
 /// The 1 MiB download that was in flight when a VM died.
@@ -134,6 +165,7 @@ impl Report {
             killed_at_event: None,
             failover_steps: Vec::new(),
             cli: Vec::new(),
+            ha: None,
             svm_output_bytes: None,
             kill_to_first_success_ms: None,
             download: None,
@@ -484,6 +516,14 @@ pub enum Failure {
     /// The file system under the secondary's image (a tmpfs: [`PairConfig::secondary_fs_mib`])
     /// is filled up while COLO runs; everything keeps running.
     FillSecondaryDisk,
+    /// The host dies silently ([`HaBed::die_silently`]): uplink down, its corosync killed,
+    /// every other process of it frozen. Needs the HA agents.
+    HostDeath,
+    /// Only the path between the two hosts is cut, at the switch; both stay reachable by the
+    /// client and the witness. The side named by `kill` is the one expected to lose (the
+    /// cluster's tie-breaker gives the lowest node id, the primary's host, the vote). Needs
+    /// the HA agents.
+    Partition,
 }
 
 /// Options of a failover run.
@@ -496,6 +536,9 @@ pub struct FailoverPlan {
     /// No one runs a failover: the primary's watch agent (`qmp-driver watch`, started with
     /// the pair) must notice and fail over by itself. Only for a failing secondary.
     pub watch_agent: bool,
+    /// No one runs a failover: the HA agents (`qmp-driver agent` on both hosts, on a real
+    /// corosync cluster with the witness's vote, [`HaBed`]) decide and fail over by themselves.
+    pub ha_agents: bool,
     /// Checkpoints to complete before the failure.
     pub checkpoints_before: usize,
     /// Read rate of the in-flight download (bytes/s); 1 MiB at 128 KiB/s takes 8 s.
@@ -523,6 +566,7 @@ impl Default for FailoverPlan {
             kill: Role::Primary,
             failure: Failure::Kill,
             watch_agent: false,
+            ha_agents: false,
             restart_after_failover: None,
             checkpoints_before: 3,
             download_rate: 128 * 1024,
@@ -566,7 +610,7 @@ async fn wait_watch_failover(watch: &DriverProcess, since: Instant) -> Result<Ve
 /// One VM is SIGKILLed during a throttled download; the other takes over.
 pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<Report> {
     let name = format!(
-        "failover-{}-{}{}{}",
+        "failover-{}-{}{}{}{}",
         match plan.failure {
             Failure::Kill => "kill",
             Failure::CutUplink => "uplink",
@@ -574,11 +618,22 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
             Failure::RestartDaemon(Daemon::Proxyd(Role::Secondary)) => "rst-pxs",
             Failure::RestartDaemon(Daemon::Blockd) => "rst-bd",
             Failure::FillSecondaryDisk => "full",
+            Failure::HostDeath => "death",
+            Failure::Partition => "split",
         },
         plan.kill.name(),
         if plan.via_cli { "-cli" } else { "" },
-        if plan.watch_agent { "-watch" } else { "" }
+        if plan.watch_agent { "-watch" } else { "" },
+        if plan.ha_agents { "-ha" } else { "" }
     );
+    let needs_agents = matches!(plan.failure, Failure::HostDeath | Failure::Partition);
+    if needs_agents && !plan.ha_agents {
+        bail!("{:?} needs the HA agents (ha_agents)", plan.failure);
+    }
+    let cfg = PairConfig {
+        witness: cfg.witness || plan.ha_agents,
+        ..cfg
+    };
     if plan.watch_agent && plan.kill != Role::Secondary {
         bail!("the watch agent only fails over to the primary");
     }
@@ -604,6 +659,12 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
             &pair.dir,
             &["--stall-ms", "2000", "--probe-ms", "100"],
         )?)
+    } else {
+        None
+    };
+    // Declared after the pair: dropped first (its cluster runs on the pair's namespaces).
+    let mut ha = if plan.ha_agents {
+        Some(HaBed::start(&pair, &ClusterOptions::default()).await?)
     } else {
         None
     };
@@ -672,6 +733,11 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
                 .context("the pair has no small file system under the secondary's image")?
                 .fill()?;
         }
+        Failure::HostDeath => ha
+            .as_mut()
+            .context("a host death needs the HA agents")?
+            .die_silently(&pair, plan.kill)?,
+        Failure::Partition => pair.topology.isolate_hosts(true)?,
     }
     report.killed = Some(plan.kill);
     report.failure = Some(match plan.failure {
@@ -683,9 +749,13 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
         }
         Failure::RestartDaemon(Daemon::Blockd) => "colo-blockd restarted",
         Failure::FillSecondaryDisk => "the secondary's disk full",
+        Failure::HostDeath => "host dies silently (uplink down, processes frozen)",
+        Failure::Partition => "the path between the hosts cut at the switch",
     });
     report.killed_at_event = plan.kill_at_event.map(|k| k.to_string());
-    if let Some(watch) = &watch {
+    if let Some(ha) = &ha {
+        report.failover_steps = ha.wait_takeover(survivor, Duration::from_secs(60)).await?;
+    } else if let Some(watch) = &watch {
         report.failover_steps = wait_watch_failover(watch, killed_at).await?;
     } else if plan.via_cli {
         let out = cli_json(
@@ -764,6 +834,16 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
     if !report.http_failures.is_empty() || !report.download.as_ref().is_some_and(DownloadReport::ok)
     {
         pair.write_diagnostics().await;
+    }
+    if let Some(ha) = &ha {
+        if plan.failure == Failure::Partition {
+            // The minority side fences its VM once its quorum grace ends.
+            ha.wait_state(plan.kill, Duration::from_secs(30), "fenced", |s| {
+                s.vm == "fenced"
+            })
+            .await?;
+        }
+        report.ha = Some(HaReport::of(ha, survivor, plan.kill)?);
     }
     // The survivor keeps its heartbeat going on its own.
     let last_before = before.first().and_then(|(_, hb)| *hb).unwrap_or(0);

@@ -161,6 +161,11 @@ impl DaemonProcess {
         }
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: the daemon's host fails.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

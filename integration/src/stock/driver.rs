@@ -25,9 +25,10 @@ pub fn operator_qmp_path(dir: &Path, role: Role) -> PathBuf {
     dir.join(format!("{}-qmp-operator.sock", role.name()))
 }
 
-/// The primary's QMP socket for the watch agent (`qmp-driver watch`), a monitor of its own.
-pub fn watch_qmp_path(dir: &Path) -> PathBuf {
-    dir.join("primary-qmp-watch.sock")
+/// The QMP socket of `role` for its agent (`qmp-driver watch`, `qmp-driver agent`), a monitor
+/// of its own.
+pub fn watch_qmp_path(dir: &Path, role: Role) -> PathBuf {
+    dir.join(format!("{}-qmp-watch.sock", role.name()))
 }
 
 /// The tmpfs under the secondary's image, with [`PairConfig::secondary_fs_mib`].
@@ -131,7 +132,7 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
         "# Written by the colo test bed for one run.\n\
          name = \"testbed\"\n\n\
          [primary]\nqmp = {pqmp:?}\nwatch_qmp = {wqmp:?}\nhost = {phost:?}\n\n\
-         [secondary]\nqmp = {sqmp:?}\nhost = {shost:?}\n\n\
+         [secondary]\nqmp = {sqmp:?}\nwatch_qmp = {swqmp:?}\nhost = {shost:?}\n\n\
          [migration]\nsecondary_incoming = {incoming:?}\nprimary_target = {target:?}\n\
          checkpoint_delay_ms = {delay}\n\n\
          {relay}\
@@ -141,7 +142,8 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
          [vm]\ntap = {ptap:?}\nsecondary_tap = {stap:?}\nmac = {mac:?}\nmemory_mib = {mem}\n\
          primary_image = {pimg:?}\nsecondary_image = {simg:?}\n{overlays}",
         pqmp = unix(operator_qmp_path(dir, Role::Primary)),
-        wqmp = unix(watch_qmp_path(dir)),
+        wqmp = unix(watch_qmp_path(dir, Role::Primary)),
+        swqmp = unix(watch_qmp_path(dir, Role::Secondary)),
         phost = addr::PRIMARY_HOST,
         sqmp = unix(operator_qmp_path(dir, Role::Secondary)),
         shost = addr::SECONDARY_HOST,
@@ -298,6 +300,43 @@ impl DriverProcess {
         let mut all = vec!["watch"];
         all.extend_from_slice(args);
         DriverProcess::start(dir, "watch", &all)
+    }
+
+    /// Starts `qmp-driver agent --side ROLE ARGS...` (the HA agent) in the network namespace
+    /// `ns` of that side's host, where it reaches the host's corosync; its log `agent-ROLE.log`.
+    pub fn agent(dir: &Path, ns: &str, role: Role, args: &[&str]) -> Result<DriverProcess> {
+        let bin = qmp_driver_binary()?;
+        let name = format!("agent-{}", role.name());
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(&bin)
+            .arg("--config")
+            .arg(config_path(dir))
+            .args(["agent", "--side", role.name()])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(File::create(dir.join(format!("{name}.stdout")))?)
+            .stderr(File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {} agent in {ns}", bin.display()))?;
+        Ok(DriverProcess {
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// Its process id (`ip netns exec` execs the program: the same process), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether it has exited.
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
     }
 
     /// The last lines of its log.

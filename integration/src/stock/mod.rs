@@ -78,6 +78,9 @@ pub struct PairConfig {
     /// Put the secondary's image (and colo-blockd's journal and spill files next to it) on a
     /// tmpfs of this many MiB, so that a test can fill that file system.
     pub secondary_fs_mib: Option<u32>,
+    /// Add the witness namespace (the corosync quorum device's host) to the topology, for the
+    /// HA agents' cluster ([`crate::ha`]).
+    pub witness: bool,
 }
 
 impl Default for PairConfig {
@@ -92,6 +95,7 @@ impl Default for PairConfig {
             disk: DiskBackend::Replication,
             network: NetworkBackend::ColoCompare,
             secondary_fs_mib: None,
+            witness: false,
         }
     }
 }
@@ -263,7 +267,11 @@ impl StockPair {
         cfg.relay |=
             cfg.disk == DiskBackend::ColoBlockd || cfg.network == NetworkBackend::ColoProxyd;
         let artifacts = Artifacts::locate()?;
-        let topology = Topology::create(tag)?;
+        let topology = if cfg.witness {
+            Topology::create_with_witness(tag)?
+        } else {
+            Topology::create(tag)?
+        };
         let small_fs = create_images(&dir, &cfg)?;
         let driver = driver::write_config(&dir, &topology, &cfg)?;
         // The secondary's disk must be served before the secondary QEMU opens it.
@@ -537,6 +545,28 @@ impl StockPair {
             Role::Secondary => &self.topology.secondary,
         };
         topology::ip(&["-n", ns, "link", "set", "eth0", "down"])
+    }
+
+    /// The processes of `role`'s host the pair runs: its QEMU, colo-proxyd, colo-blockd (the
+    /// secondary's host) and the relay (the primary's host, where it runs in production).
+    pub fn host_pids(&self, role: Role) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .vm(role)
+            .ok()
+            .and_then(|vm| vm.process.pid())
+            .into_iter()
+            .collect();
+        pids.extend(
+            self.proxyd
+                .iter()
+                .filter(|(host, _)| *host == role)
+                .filter_map(|(_, d)| d.pid()),
+        );
+        match role {
+            Role::Secondary => pids.extend(self.blockd.as_ref().and_then(DaemonProcess::pid)),
+            Role::Primary => pids.extend(self.relay.as_ref().and_then(DriverProcess::pid)),
+        }
+        pids
     }
 
     /// SIGKILLs one of colo's daemons and starts it again with the same command line.

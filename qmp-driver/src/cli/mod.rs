@@ -1,5 +1,6 @@
 //! The `qmp-driver` command line: clap definitions, logging, and dispatch.
 
+mod agent;
 mod exit;
 mod lowlevel;
 mod pair_cmds;
@@ -305,6 +306,67 @@ pub enum Command {
         no_relay: bool,
     },
 
+    /// The HA agent of one side: decides failovers with its peer over corosync, by itself.
+    #[command(
+        long_about = "The HA agent of one side of the pair: run one on each host (systemd unit, \
+        libvirt hook or the Pacemaker resource agent ha/ocf/colo-vm), until SIGINT or SIGTERM. \
+        It needs corosync running on the host (with a quorum device or a third node: a \
+        two-node cluster without one never lets a survivor decide) and its own QMP socket of \
+        this side's QEMU ({side}.watch_qmp in the config).\n\n\
+        It watches its QEMU (process gone, monitor hung, COLO_EXIT, run state; on the primary \
+        the watch agent's triggers) and joins the corosync CPG group colo-<name>, where both \
+        agents tell each other their VM's state. When the peer's VM is gone or its node leaves \
+        the membership, or the primary sees the secondary fail, an agent claims the VM; the \
+        first claim corosync delivers wins on both sides (total order), and only a quorate \
+        side claims. The winner runs the failover sequence of its side (`failover --survivor \
+        <side>`, hook and relay notification included); a loser still in COLO fences its VM \
+        (QMP stop, then SIGKILL of the QEMU named by --qemu-pidfile). A side that loses \
+        quorum while in COLO fences its VM after --quorum-grace-ms; one that loses corosync \
+        at once. A fenced VM stays stopped: restart the agent after an operator restored the \
+        pair. docs/ha.md explains why this never makes two primaries.\n\n\
+        The agent writes its state as JSON to --state-file (for Pacemaker's resource agent \
+        and `status`), logs every decision with its reason, and serves colo_agent_* metrics.",
+        after_help = "Exit codes: 0 stopped by a signal, 2 usage or config error, 4 corosync \
+        cannot be reached."
+    )]
+    Agent {
+        /// This host's side of the pair.
+        #[arg(long, value_enum, env = "COLO_AGENT_SIDE")]
+        side: Role,
+        /// The primary's stall bound, in ms: a checkpoint that keeps it stopped, or its monitor
+        /// silent, this long counts as the secondary gone. Keep it above the longest pause.
+        #[arg(long, default_value = "3000", value_name = "MS", env = "COLO_AGENT_STALL_MS",
+              value_parser = clap::value_parser!(u64).range(100..))]
+        stall_ms: u64,
+        /// How often the agent probes its QEMU, in ms.
+        #[arg(long, default_value = "250", value_name = "MS", env = "COLO_AGENT_PROBE_MS",
+              value_parser = clap::value_parser!(u64).range(10..))]
+        probe_ms: u64,
+        /// How long a side in COLO waits for quorum of a new membership before it fences its
+        /// VM, in ms. Above the quorum device's sync_timeout.
+        #[arg(long, default_value = "5000", value_name = "MS", env = "COLO_AGENT_QUORUM_GRACE_MS",
+              value_parser = clap::value_parser!(u64).range(100..))]
+        quorum_grace_ms: u64,
+        /// The corosync CPG group (default colo-<name>).
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
+        /// Where the agent writes its state (default /run/colo/<name>/agent-<side>.json).
+        #[arg(long, value_name = "PATH")]
+        state_file: Option<PathBuf>,
+        /// The QEMU's pid file (QEMU's -pidfile): a fence kills that process after QMP stop.
+        #[arg(long, value_name = "PATH")]
+        qemu_pidfile: Option<PathBuf>,
+        /// Serve Prometheus metrics (colo_agent_*) on HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT", env = "COLO_AGENT_METRICS")]
+        metrics: Option<std::net::SocketAddr>,
+        /// Do not run the config's failover hook on a take-over.
+        #[arg(long)]
+        no_hook: bool,
+        /// Do not notify the relay of a take-over.
+        #[arg(long)]
+        no_relay: bool,
+    },
+
     /// Watch the PRIMARY and fail over to it by itself when the secondary stops taking part.
     #[command(
         long_about = "The primary's watch agent: runs until SIGINT or SIGTERM, on its own QMP \
@@ -460,7 +522,7 @@ pub fn parse() -> Cli {
 /// Sets up logging on stderr.
 pub fn init_logging(cli: &Cli) {
     let default = match cli.command {
-        Command::Relay(_) | Command::Watch { .. } => "info",
+        Command::Relay(_) | Command::Watch { .. } | Command::Agent { .. } => "info",
         _ => "warn",
     };
     colo_daemon::logging::init(default, cli.globals.log_format);
@@ -526,6 +588,38 @@ pub async fn run(cli: Cli) -> ExitCode {
                 notify_relay: !no_relay,
             };
             watch::run(&cfg, &g, opts, metrics).await
+        }
+        Command::Agent {
+            side,
+            stall_ms,
+            probe_ms,
+            quorum_grace_ms,
+            group,
+            state_file,
+            qemu_pidfile,
+            metrics,
+            no_hook,
+            no_relay,
+        } => {
+            let cfg = match g.load_config() {
+                Ok(cfg) => cfg,
+                Err(e) => return fail(&e, Exit::Usage),
+            };
+            let state_file = state_file.unwrap_or_else(|| {
+                qmp_driver::agent::status::default_state_file(&cfg.name, side.name())
+            });
+            let opts = qmp_driver::agent::AgentOptions {
+                side,
+                probe: Duration::from_millis(probe_ms),
+                stall: Duration::from_millis(stall_ms),
+                quorum_grace: Duration::from_millis(quorum_grace_ms),
+                run_hook: !no_hook,
+                notify_relay: !no_relay,
+                qemu_pidfile,
+                state_file: Some(state_file),
+                connect: ConnectOptions::default(),
+            };
+            agent::run(&cfg, &g, opts, group, metrics).await
         }
         command => {
             let cfg = match g.load_config() {

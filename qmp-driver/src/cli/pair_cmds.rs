@@ -207,9 +207,11 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
             list,
             shell,
         } => daemon_args(cfg, daemon, list, shell),
-        Command::Raw(_) | Command::Events(_) | Command::Relay(_) | Command::Watch { .. } => {
-            fail(&"internal error: not a pair command", Exit::Usage)
-        }
+        Command::Raw(_)
+        | Command::Events(_)
+        | Command::Relay(_)
+        | Command::Watch { .. }
+        | Command::Agent { .. } => fail(&"internal error: not a pair command", Exit::Usage),
     }
 }
 

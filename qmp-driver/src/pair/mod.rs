@@ -58,6 +58,7 @@ pub use relay_link::RelayStatus;
 pub use start::{PrepareReport, StartOptions, StartReport, prepare_secondary, start};
 pub use status::{PairStatus, RelayReport, SideStatus, relay_status, side_status, status};
 pub use watch::{Trigger, WatchEvent, WatchOptions, watch_primary};
+pub(crate) use watch::{checkpoint_stall, yank_peer_links};
 
 /// What went wrong, on which side, and what to do about it.
 #[derive(Debug, thiserror::Error)]

@@ -228,7 +228,7 @@ async fn probe(
 
 /// The checkpoint-stall rule: runstate `colo` (stopped for a checkpoint) for longer than
 /// `stall`. Any other runstate, `paused` by an operator included, resets the clock.
-fn checkpoint_stall(
+pub(crate) fn checkpoint_stall(
     status: &Value,
     stopped_since: &mut Option<Instant>,
     stall: Duration,
@@ -268,17 +268,21 @@ async fn fail_over(
     let result = {
         let mut forward = |p: Progress| report(WatchEvent::Step(p));
         let mut progress: ProgressFn = &mut forward;
-        {
-            let mut journal = Journal::new(&mut progress);
-            steps::yank_migration(qmp, Role::Primary, &mut journal).await;
-            steps::yank_replication_child(qmp, &mut journal).await;
-        }
+        yank_peer_links(qmp, &mut progress).await;
         failover_to_primary(qmp, cfg, failover, &mut progress).await
     };
     match result {
         Ok(done) => report(WatchEvent::FailedOver(done)),
         Err(e) => report(WatchEvent::FailoverFailed(e)),
     }
+}
+
+/// Lets go of the dead peer out of band, on the primary: yanks the migration stream and the
+/// NBD replication child, so that a monitor hung on them answers again at once.
+pub(crate) async fn yank_peer_links(qmp: &QmpClient, progress: &mut ProgressFn<'_>) {
+    let mut journal = Journal::new(progress);
+    steps::yank_migration(qmp, Role::Primary, &mut journal).await;
+    steps::yank_replication_child(qmp, &mut journal).await;
 }
 
 fn gone(qmp: &QmpClient) -> PairError {

@@ -1,0 +1,216 @@
+//! The HA agents of a bed pair (`qmp-driver agent`, one per host) on a real corosync cluster:
+//! corosync and corosync-qdevice on both VM hosts, corosync-qnetd on the witness
+//! ([`crate::cluster`]), and the failures the agents must handle by themselves.
+//!
+//! The pair needs [`crate::stock::PairConfig::witness`]. Each agent runs in its host's network
+//! namespace (where it reaches that host's corosync), on its QEMU's own monitor
+//! (`watch_qmp`), with the QEMU's pid file for its fence.
+
+use crate::cluster::{Cluster, ClusterOptions, Host, QuorumInfo};
+use crate::stock::{DriverProcess, Role, StockPair};
+use anyhow::{Context, Result, bail};
+use qmp_driver::agent::status::{AgentStatus, read_state_file};
+use qmp_driver::pair::{Outcome, Step};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The agents' settings on the bed: a 2 s stall bound (well above the bed's checkpoint pauses),
+/// 100 ms probes, and a quorum grace above the qdevice's sync_timeout (3 s).
+pub const AGENT_ARGS: [&str; 6] = [
+    "--stall-ms",
+    "2000",
+    "--probe-ms",
+    "100",
+    "--quorum-grace-ms",
+    "4000",
+];
+
+/// How long the cluster and the agents may take to settle.
+const SETTLE: Duration = Duration::from_secs(40);
+
+/// The corosync node of `role`'s host.
+pub fn host_of(role: Role) -> Host {
+    match role {
+        Role::Primary => Host::A,
+        Role::Secondary => Host::B,
+    }
+}
+
+/// The cluster and both agents of a pair.
+#[derive(Debug)]
+pub struct HaBed {
+    dir: PathBuf,
+    /// Declared before the cluster: fields drop in order, so the agents go first.
+    agents: Vec<(Role, DriverProcess)>,
+    /// The corosync cluster.
+    pub cluster: Cluster,
+}
+
+/// The agent's state file of `role` in the run directory.
+pub fn state_path(dir: &Path, role: Role) -> PathBuf {
+    dir.join(format!("agent-{}.json", role.name()))
+}
+
+fn whole(q: &QuorumInfo) -> bool {
+    q.quorate && q.nodes == 2 && q.total_votes == 3
+}
+
+impl HaBed {
+    /// Starts the cluster on the pair's topology, waits until both nodes count all three
+    /// votes, starts both agents and waits until both see the pair protected (in COLO,
+    /// quorate, the peer's state known).
+    pub async fn start(pair: &StockPair, options: &ClusterOptions) -> Result<HaBed> {
+        if pair.topology.witness.is_none() {
+            bail!("the pair's topology has no witness: set PairConfig::witness");
+        }
+        let cluster = Cluster::start(&pair.topology, options)?;
+        for host in Host::BOTH {
+            cluster
+                .wait_until(host, SETTLE, "quorate with 2 nodes and 3 votes", whole)
+                .with_context(|| cluster.log_tail(host))?;
+        }
+        let mut agents = Vec::new();
+        for role in [Role::Primary, Role::Secondary] {
+            let pid = pair
+                .vm(role)?
+                .process
+                .pid()
+                .context("the VM's QEMU has no pid")?;
+            let pidfile = pair.dir.join(format!("{}-qemu.pid", role.name()));
+            std::fs::write(&pidfile, format!("{pid}\n"))?;
+            let state = state_path(&pair.dir, role);
+            let mut args = vec![
+                "--state-file".to_string(),
+                state.display().to_string(),
+                "--qemu-pidfile".to_string(),
+                pidfile.display().to_string(),
+            ];
+            args.extend(AGENT_ARGS.iter().map(|a| a.to_string()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let ns = cluster.namespace(host_of(role)).to_string();
+            agents.push((role, DriverProcess::agent(&pair.dir, &ns, role, &args)?));
+        }
+        let bed = HaBed {
+            dir: pair.dir.clone(),
+            agents,
+            cluster,
+        };
+        for role in [Role::Primary, Role::Secondary] {
+            let peer = role.other().name();
+            bed.wait_state(role, SETTLE, "protected, quorate, the peer known", |s| {
+                s.in_sync && s.quorate && s.peer.as_ref().is_some_and(|p| p.vm == peer)
+            })
+            .await?;
+        }
+        Ok(bed)
+    }
+
+    /// The agent of `role`.
+    fn agent(&self, role: Role) -> Result<&DriverProcess> {
+        self.agents
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|(_, a)| a)
+            .with_context(|| format!("no agent on the {} host", role.name()))
+    }
+
+    /// The agent's log of `role`.
+    pub fn agent_log(&self, role: Role) -> String {
+        self.agent(role)
+            .map(|a| std::fs::read_to_string(&a.log).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// The agent's state file of `role`.
+    pub fn state(&self, role: Role) -> Result<AgentStatus> {
+        let path = state_path(&self.dir, role);
+        read_state_file(&path).with_context(|| format!("reading {}", path.display()))
+    }
+
+    /// Waits until the state of `role`'s agent satisfies `done`.
+    pub async fn wait_state(
+        &self,
+        role: Role,
+        within: Duration,
+        what: &str,
+        mut done: impl FnMut(&AgentStatus) -> bool,
+    ) -> Result<AgentStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(state) = self.state(role)
+                && done(&state)
+            {
+                return Ok(state);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the {} agent is not {what} within {within:?}: state {:?}\n{}",
+                    role.name(),
+                    self.state(role).ok(),
+                    self.agent(role)
+                        .map(DriverProcess::log_tail)
+                        .unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the agent of `survivor` finished its take-over; returns its steps (from its
+    /// log).
+    pub async fn wait_takeover(&self, survivor: Role, within: Duration) -> Result<Vec<Step>> {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.agent_log(survivor);
+            if log.contains("take-over done") {
+                return Ok(log
+                    .lines()
+                    .filter(|l| l.contains("take-over") && l.contains("step="))
+                    .map(|l| Step {
+                        side: survivor,
+                        what: l.split("step=").nth(1).unwrap_or(l).to_string(),
+                        outcome: Outcome::Done,
+                        ms: 0.0,
+                        detail: None,
+                    })
+                    .collect());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the {} agent did not take over within {within:?}:\n{}\nits peer:\n{}",
+                    survivor.name(),
+                    self.agent(survivor)
+                        .map(DriverProcess::log_tail)
+                        .unwrap_or_default(),
+                    self.agent(survivor.other())
+                        .map(DriverProcess::log_tail)
+                        .unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `role`'s host dies silently: its uplink goes down first (nothing more leaves it, no
+    /// FIN reaches anyone), its corosync and qdevice are killed, and every other process of
+    /// the host (QEMU, colo's daemons, the relay on the primary's host, the agent) is stopped
+    /// with SIGSTOP: frozen, it sends nothing over the bed's Unix sockets either, as a dead
+    /// host's TCP peers would see nothing.
+    pub fn die_silently(&mut self, pair: &StockPair, role: Role) -> Result<()> {
+        self.cluster.kill_host(host_of(role))?;
+        let mut pids = pair.host_pids(role);
+        pids.extend(self.agent(role)?.pid());
+        for pid in pids {
+            let pid = libc::pid_t::try_from(pid).context("pid")?;
+            // SAFETY: kill(2) takes plain integers and touches no memory of ours; the pids are
+            // of processes this bed started and still owns (not yet reaped).
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        Ok(())
+    }
+
+    /// Kills the agent of `role` (its VM stays).
+    pub fn kill_agent(&mut self, role: Role) {
+        self.agents.retain(|(r, _)| *r != role);
+    }
+}

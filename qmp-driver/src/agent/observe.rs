@@ -1,0 +1,257 @@
+//! The agent's eyes on its own QEMU: which state the VM is in, and (on the primary) the signs
+//! that the secondary stopped taking part in COLO.
+//!
+//! The agent keeps a QMP connection of its own (`watch_qmp` of its side) and probes every
+//! `probe`. Losing the connection means QEMU is gone (it is reconnected when a new QEMU
+//! listens there, e.g. a restarted secondary). On the primary, in COLO, the triggers of the
+//! watch agent apply ([`Trigger`]): `COLO_EXIT`, a monitor that does not answer within
+//! `stall`, a checkpoint that keeps the VM stopped for longer than `stall`.
+
+use crate::pair::{Trigger, checkpoint_stall};
+use colo_cluster::message::VmState;
+use colo_qmp::{ConnectOptions, EventStream, QmpClient, QmpError};
+use colo_types::{Address, Role};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What the agent sees of its own VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// QEMU listens but its VM is neither in COLO nor running (a secondary waiting for the
+    /// first migration, a primary paused before `start`).
+    Waiting,
+    /// In one of the states the agents tell each other.
+    Vm(VmState),
+}
+
+impl Observed {
+    /// The label in the state file and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Observed::Waiting => "waiting",
+            Observed::Vm(vm) => vm_label(vm),
+        }
+    }
+}
+
+/// The label of a VM state in the state file, logs and metrics.
+pub fn vm_label(vm: VmState) -> &'static str {
+    match vm {
+        VmState::Primary => "primary",
+        VmState::Secondary => "secondary",
+        VmState::Alone => "alone",
+        VmState::Gone => "gone",
+        VmState::Fenced => "fenced",
+    }
+}
+
+/// One finding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// The VM's state (reported on every probe; the caller keeps the changes).
+    State(Observed),
+    /// The primary, in COLO, sees the secondary fail.
+    Trigger(Trigger, String),
+}
+
+/// The observer of one side's QEMU.
+#[derive(Debug)]
+pub struct Observer {
+    side: Role,
+    address: Address,
+    connect: ConnectOptions,
+    stall: Duration,
+    qmp: Option<(QmpClient, EventStream)>,
+    /// Ever connected: a refused connection before that is "not started yet", after it "gone".
+    was_connected: bool,
+    last: Option<Observed>,
+    stopped_since: Option<Instant>,
+}
+
+impl Observer {
+    /// An observer of `side`'s QEMU at `address` (its `watch_qmp`).
+    pub fn new(side: Role, address: Address, connect: ConnectOptions, stall: Duration) -> Self {
+        Observer {
+            side,
+            address,
+            connect,
+            stall,
+            qmp: None,
+            was_connected: false,
+            last: None,
+            stopped_since: None,
+        }
+    }
+
+    /// The QMP connection, while there is one.
+    pub fn qmp(&self) -> Option<&QmpClient> {
+        self.qmp.as_ref().map(|(q, _)| q)
+    }
+
+    /// The next QMP event that matters; pending for ever without a connection. A closed
+    /// connection is reported as the VM gone.
+    pub async fn event(&mut self) -> Seen {
+        let Some((_, events)) = self.qmp.as_mut() else {
+            return std::future::pending().await;
+        };
+        loop {
+            match events.recv().await {
+                None => return self.lost(),
+                Some(e) if e.name == "COLO_EXIT" => {
+                    let in_colo_primary = self.last == Some(Observed::Vm(VmState::Primary));
+                    if self.side == Role::Primary && e.data["mode"] == "primary" && in_colo_primary
+                    {
+                        return Seen::Trigger(
+                            Trigger::ColoExit,
+                            format!("COLO_EXIT reason {}", e.data["reason"]),
+                        );
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    fn lost(&mut self) -> Seen {
+        self.qmp = None;
+        self.stopped_since = None;
+        self.remember(Observed::Vm(VmState::Gone))
+    }
+
+    fn remember(&mut self, observed: Observed) -> Seen {
+        self.last = Some(observed);
+        Seen::State(observed)
+    }
+
+    /// One probe: connects if needed, then reads the VM's state.
+    pub async fn probe(&mut self) -> Seen {
+        if self.qmp.is_none() {
+            match QmpClient::connect_to(&self.address, self.connect.clone()).await {
+                Ok(q) => {
+                    let events = q.subscribe();
+                    self.qmp = Some((q, events));
+                    self.was_connected = true;
+                }
+                // Before the first connection QEMU may simply not be started yet.
+                Err(_) if !self.was_connected => return self.remember(Observed::Waiting),
+                Err(_) => return self.lost(),
+            }
+        }
+        let Some((qmp, _)) = self.qmp.as_ref() else {
+            return self.lost();
+        };
+        let qmp = qmp.clone();
+        let protected_primary =
+            self.side == Role::Primary && self.last == Some(Observed::Vm(VmState::Primary));
+        let colo = match qmp
+            .execute_raw_timeout("query-colo-status", None, self.stall)
+            .await
+        {
+            Ok(v) => v,
+            Err(QmpError::Timeout { .. }) if protected_primary => {
+                return Seen::Trigger(
+                    Trigger::MonitorHung,
+                    format!("query-colo-status unanswered for {:?}", self.stall),
+                );
+            }
+            Err(QmpError::Timeout { .. }) => {
+                return Seen::State(self.last.unwrap_or(Observed::Waiting));
+            }
+            Err(_) => return self.lost(),
+        };
+        let status = match qmp
+            .execute_raw_timeout("query-status", None, self.stall)
+            .await
+        {
+            Ok(v) => v,
+            Err(QmpError::Timeout { .. }) if protected_primary => {
+                return Seen::Trigger(
+                    Trigger::MonitorHung,
+                    format!("query-status unanswered for {:?}", self.stall),
+                );
+            }
+            Err(QmpError::Timeout { .. }) => {
+                return Seen::State(self.last.unwrap_or(Observed::Waiting));
+            }
+            Err(_) => return self.lost(),
+        };
+        let observed = classify(
+            colo["mode"].as_str().unwrap_or("none"),
+            colo["last-mode"].as_str().unwrap_or("none"),
+            status["status"].as_str().unwrap_or(""),
+        );
+        if observed == Observed::Vm(VmState::Primary)
+            && protected_primary
+            && let Some((trigger, detail)) =
+                checkpoint_stall(&status, &mut self.stopped_since, self.stall, Instant::now())
+        {
+            return Seen::Trigger(trigger, detail);
+        }
+        if observed != Observed::Vm(VmState::Primary) {
+            self.stopped_since = None;
+        }
+        self.remember(observed)
+    }
+}
+
+/// The VM's state from QEMU's COLO mode, last COLO mode and run state.
+pub fn classify(mode: &str, last_mode: &str, runstate: &str) -> Observed {
+    match mode {
+        "primary" => Observed::Vm(VmState::Primary),
+        "secondary" => Observed::Vm(VmState::Secondary),
+        _ => match runstate {
+            // A VM that serves without a peer: the survivor of a failover, or one never
+            // protected. `colo` here is a primary stopped for a checkpoint that COLO left.
+            "running" => Observed::Vm(VmState::Alone),
+            "colo" if last_mode != "none" => Observed::Vm(VmState::Alone),
+            _ => Observed::Waiting,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_follow_qemu() {
+        assert_eq!(
+            classify("primary", "none", "running"),
+            Observed::Vm(VmState::Primary)
+        );
+        assert_eq!(
+            classify("primary", "none", "colo"),
+            Observed::Vm(VmState::Primary)
+        );
+        assert_eq!(
+            classify("secondary", "none", "running"),
+            Observed::Vm(VmState::Secondary)
+        );
+        assert_eq!(
+            classify("none", "secondary", "running"),
+            Observed::Vm(VmState::Alone)
+        );
+        assert_eq!(
+            classify("none", "none", "running"),
+            Observed::Vm(VmState::Alone)
+        );
+        // A secondary before the first migration, a primary before `start`.
+        assert_eq!(classify("none", "none", "inmigrate"), Observed::Waiting);
+        assert_eq!(classify("none", "none", "prelaunch"), Observed::Waiting);
+        assert_eq!(classify("none", "none", "paused"), Observed::Waiting);
+    }
+
+    #[test]
+    fn labels_are_the_state_file_words() {
+        for (vm, word) in [
+            (VmState::Primary, "primary"),
+            (VmState::Secondary, "secondary"),
+            (VmState::Alone, "alone"),
+            (VmState::Gone, "gone"),
+            (VmState::Fenced, "fenced"),
+        ] {
+            assert_eq!(Observed::Vm(vm).label(), word);
+        }
+        assert_eq!(Observed::Waiting.label(), "waiting");
+    }
+}
