@@ -51,7 +51,9 @@
 //! code, call it in `spawn_blocking` or accept the short block. [`Link::leave`] (and `Drop`)
 //! wakes and joins the dispatch thread; it does not deadlock when the agent's channel is full,
 //! since the thread waits on a full channel only in short sleeps that check for the stop.
-//! Events still queued at the stop are dropped.
+//! Events still queued at the stop are dropped. If the agent drops its receiver, the thread
+//! leaves the group and ends (no [`Input::ClusterLost`]: nobody would read it). `Link` is
+//! `Send + Sync`, so it can sit in an `Arc` shared by the agent's tasks.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -811,6 +813,28 @@ mod tests {
             }]
         );
         assert_eq!(seq.totem(17), vec![Input::Ring { seq: 17 }]);
+    }
+
+    #[test]
+    fn a_second_link_in_one_process_is_refused() {
+        // As if a Link existed (no other unit test joins with a valid group name).
+        *shared() = Some(Shared {
+            sequencer: Sequencer::new((1, std::process::id())),
+            queue: VecDeque::new(),
+        });
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let second = Link::join("colo-vm", tx);
+        *shared() = None;
+        assert!(
+            matches!(second, Err(LinkError::AlreadyJoined)),
+            "{second:?}"
+        );
+    }
+
+    #[test]
+    fn a_link_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Link>();
     }
 
     #[test]
