@@ -24,6 +24,11 @@
 //! and that tree is bind-mounted over `/usr/lib/ocf/resource.d`. Nothing is installed on the
 //! machine.
 //!
+//! Fence agents: pacemaker-fenced runs `fence_*` from `/usr/sbin`. With
+//! [`PacemakerOptions::fence_agents`] a read-only overlay (that directory over `/usr/sbin`) adds
+//! them in the hosts' mount namespaces only, e.g. `ha/fence/fence_colo_bed`, which fences a
+//! bed host by SIGKILLing every process in its network namespace ([`netns_inode`]).
+//!
 //! Cluster tools (`crm_mon`, `crm_attribute`, `cibadmin`, `crm_resource`, `crm_node`) run in
 //! the same namespaces ([`Pacemaker::tool`]): they reach the daemons over libqb and read
 //! `/var/lib/pacemaker` for some commands.
@@ -51,6 +56,10 @@ pub struct PacemakerOptions {
     /// Extra OCF providers: (provider name, directory holding its agents). Each appears as
     /// `/usr/lib/ocf/resource.d/<name>` inside the hosts' mount namespaces.
     pub ocf_providers: Vec<(String, PathBuf)>,
+    /// A directory of extra fence agents (`fence_*`, e.g. the repository's `ha/fence`): laid
+    /// over `/usr/sbin` (a read-only overlay, that directory first) inside the hosts' mount
+    /// namespaces, where pacemaker-fenced looks for them.
+    pub fence_agents: Option<PathBuf>,
     /// How long a clean shutdown (SIGTERM to pacemakerd) may take before SIGKILL, at drop.
     /// `None`: 60 s.
     pub shutdown_grace: Option<Duration>,
@@ -265,6 +274,15 @@ impl Pacemaker {
                     ocf.display()
                 ));
             }
+            if let Some(fence) = &options.fence_agents {
+                if !fence.is_dir() {
+                    bail!("fence agents: {} is not a directory", fence.display());
+                }
+                script.push_str(&format!(
+                    "mount -t overlay colo-fence-agents -o lowerdir={}:/usr/sbin /usr/sbin; ",
+                    fence.display()
+                ));
+            }
             script.push_str(&format!(
                 "export PCMK_logfile={plog} PCMK_logfacility=none; exec {pacemakerd} -f",
                 plog = dir.join("pacemaker.log").display(),
@@ -296,6 +314,14 @@ impl Pacemaker {
     /// PID of a host's pacemakerd.
     pub fn pacemakerd_pid(&self, host: Host) -> Option<u32> {
         self.nodes[index(host)].child.as_ref().map(Child::id)
+    }
+
+    /// Whether a host's pacemakerd has exited (e.g. killed by a fence), reaping it if so.
+    pub fn has_exited(&mut self, host: Host) -> bool {
+        match self.nodes[index(host)].child.as_mut() {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => true,
+        }
     }
 
     /// The host's Pacemaker directory (`lib/` = its `/var/lib/pacemaker`, `pacemaker.log`).
@@ -392,9 +418,7 @@ impl Pacemaker {
     ) -> Result<Duration> {
         let start = Instant::now();
         loop {
-            for h in Host::BOTH {
-                self.check_running(h)?;
-            }
+            self.check_running(host)?;
             let last = match self.crm_mon(cluster, host) {
                 Ok(mon) if done(&mon) => return Ok(start.elapsed()),
                 Ok(mon) => mon.text,
@@ -477,10 +501,18 @@ impl Pacemaker {
             let _ = child.kill();
         }
         let _ = child.wait();
+        // Its daemons normally exit before it; one that outlives it (reparented) gets a few
+        // seconds, then SIGKILL. Only PIDs that still run a Pacemaker daemon (no reuse).
+        let is_daemon = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains("(pacemaker") && !s.contains(") Z "))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node.seen_pids.iter().any(|&p| is_daemon(p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         for &pid in &node.seen_pids {
-            // Only if it is still a Pacemaker daemon (the PID may have been reused).
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.starts_with("pacemaker") {
+            if is_daemon(pid) {
                 // SAFETY: as above; the PID was pacemakerd's child and still runs its daemon.
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             }
@@ -489,6 +521,16 @@ impl Pacemaker {
         pids.push(child.id());
         remove_shm_files(&pids);
     }
+}
+
+/// The inode of a named network namespace (`/run/netns/NAME`): what `/proc/PID/ns/net` of its
+/// processes reads as `net:[INODE]` (`fence_colo_bed`'s `ns_map`).
+pub fn netns_inode(ns: &str) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let path = Path::new("/run/netns").join(ns);
+    Ok(std::fs::metadata(&path)
+        .with_context(|| format!("stat {}", path.display()))?
+        .ino())
 }
 
 /// Removes libqb's `/dev/shm` files named after these server PIDs.
@@ -513,6 +555,10 @@ impl Drop for Pacemaker {
     fn drop(&mut self) {
         // Both at once: a clean shutdown of one node would otherwise move its resources to the
         // other first. SIGTERM to both, then wait for each.
+        for host in Host::BOTH {
+            // Their daemons' PIDs first: once pacemakerd exits they are nobody's children.
+            let _ = self.check_running(host);
+        }
         for node in &mut self.nodes {
             if let Some(c) = node.child.as_mut()
                 && matches!(c.try_wait(), Ok(None))

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use colo_testbed::artifacts::{Artifacts, FIRMWARE_DIRS, run_dir};
 use colo_testbed::cluster::{Cluster, ClusterOptions, Host};
-use colo_testbed::pacemaker::{Pacemaker, PacemakerOptions};
+use colo_testbed::pacemaker::{Pacemaker, PacemakerOptions, netns_inode};
 use colo_testbed::process::QemuProcess;
 use colo_testbed::stock::driver::qmp_driver_binary;
 use colo_testbed::topology::{Topology, addr};
@@ -33,6 +33,12 @@ fn ha_ocf_dir() -> PathBuf {
 /// Topology with a witness, corosync with qdevice on both hosts (quorate, 3 votes), and
 /// Pacemaker formed on both with stonith disabled.
 fn pacemaker_cluster(tag: &str) -> (Topology, Cluster, Pacemaker) {
+    pacemaker_cluster_with(tag, false)
+}
+
+/// [`pacemaker_cluster`]; with `fencing`, `ha/fence` is among the hosts' fence agents and
+/// stonith stays enabled (Pacemaker's default) for the caller to configure a device.
+fn pacemaker_cluster_with(tag: &str, fencing: bool) -> (Topology, Cluster, Pacemaker) {
     let topo = Topology::create_with_witness(tag).expect("topology with witness");
     let cluster = Cluster::start(&topo, &ClusterOptions::default()).expect("corosync cluster");
     for host in Host::BOTH {
@@ -45,6 +51,7 @@ fn pacemaker_cluster(tag: &str) -> (Topology, Cluster, Pacemaker) {
     let started = Instant::now();
     let options = PacemakerOptions {
         ocf_providers: vec![("colo".to_string(), ha_ocf_dir())],
+        fence_agents: fencing.then(|| ha_ocf_dir().join("../fence")),
         ..PacemakerOptions::default()
     };
     let mut pcmk = Pacemaker::start(&cluster, &options).expect("pacemakerd started");
@@ -55,10 +62,11 @@ fn pacemaker_cluster(tag: &str) -> (Topology, Cluster, Pacemaker) {
         "Pacemaker formed on both hosts in {formed:?} (since its start {:?})",
         started.elapsed()
     );
-    // The bed has no fence device in this test: without stonith-enabled=false Pacemaker
-    // refuses to start any resource.
-    pcmk.set_property(&cluster, Host::A, "stonith-enabled", "false")
-        .expect("stonith-enabled=false");
+    if !fencing {
+        // No fence device: without stonith-enabled=false Pacemaker starts no resource.
+        pcmk.set_property(&cluster, Host::A, "stonith-enabled", "false")
+            .expect("stonith-enabled=false");
+    }
     (topo, cluster, pcmk)
 }
 
@@ -373,4 +381,79 @@ fn agent_log(cluster: &Cluster, host: Host) -> String {
         )
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default()
+}
+
+#[test]
+#[ignore = "tier bed: root, network namespaces, corosync, pacemaker"]
+fn stonith_fences_the_host_that_lost_quorum_with_the_bed_fence_agent() {
+    let (topo, cluster, mut pcmk) = pacemaker_cluster_with("pm4", true);
+    let map = format!(
+        "hosta:{},hostb:{}",
+        netns_inode(&topo.primary).expect("netns inode of A"),
+        netns_inode(&topo.secondary).expect("netns inode of B")
+    );
+    let device = format!(
+        r#"<primitive id="fence-bed" class="stonith" type="fence_colo_bed">
+  <instance_attributes id="fence-bed-params">
+    <nvpair id="fence-bed-ns-map" name="ns_map" value="{map}"/>
+    <nvpair id="fence-bed-host-list" name="pcmk_host_list" value="hosta hostb"/>
+  </instance_attributes>
+  <operations>
+    <op id="fence-bed-monitor" name="monitor" interval="60s" timeout="20s"/>
+  </operations>
+</primitive>"#
+    );
+    pcmk.cib_create(&cluster, Host::A, "resources", &device)
+        .expect("adding the fence device");
+    pcmk.wait_until(&cluster, Host::A, SETTLE, "running the fence device", |m| {
+        m.text
+            .lines()
+            .any(|l| l.contains("fence-bed") && l.contains("Started"))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let agents = pcmk
+        .tool_ok(&cluster, Host::A, "stonith_admin", &["--list-installed"])
+        .expect("stonith_admin --list-installed");
+    assert!(agents.contains("fence_colo_bed"), "{agents}");
+
+    // Split at the switch: B loses quorum (the witness's tie-breaker favours A), A fences B.
+    let b_pacemakerd = pcmk.pacemakerd_pid(Host::B).expect("B's pacemakerd");
+    let t = Instant::now();
+    topo.isolate_hosts(true).expect("isolate");
+    while !pcmk.has_exited(Host::B) {
+        assert!(
+            t.elapsed() < SETTLE,
+            "B's pacemakerd ({b_pacemakerd}) still runs {SETTLE:?} after the split; A's log:\n{}",
+            pcmk.log_tail(Host::A, 30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "split: B fenced (its pacemakerd killed) {:?} after the cut",
+        t.elapsed()
+    );
+    pcmk.wait_until(&cluster, Host::A, SETTLE, "showing hostb offline", |m| {
+        m.quorate && m.online == ["hosta"] && m.text.contains("OFFLINE: [ hostb ]")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let history = pcmk
+        .tool_ok(&cluster, Host::A, "stonith_admin", &["--history", "hostb"])
+        .expect("stonith_admin --history");
+    println!("A: stonith_admin --history hostb:\n{history}");
+    assert!(
+        history.contains("successful") && history.contains("hostb"),
+        "{history}"
+    );
+    // Nothing of B survives: its corosync went with the fence.
+    let b_ns = netns_inode(&topo.secondary).expect("inode");
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path().join("ns/net"))
+                .is_ok_and(|l| l.to_string_lossy() == format!("net:[{b_ns}]"))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "processes left in B's namespace: {left:?}");
 }
