@@ -17,6 +17,12 @@
 //! execs `pacemakerd -f`; so the PID we hold is pacemakerd's. The mounts stay inside that
 //! private mount namespace and vanish with its last process.
 //!
+//! The host's own network namespace gets its name back under the private `/run`
+//! (`/run/netns/<ns>`, a bind mount of the namespace, what `ip netns attach` does): the bed
+//! pair's failover hook, run by the agent that Pacemaker started, runs `ip -n <ns> ...`. (The
+//! machine's `/run/netns` cannot be bind-mounted in from another mount namespace; the other
+//! hosts' namespaces stay unnamed there.)
+//!
 //! Resource agents: Pacemaker 2.1 looks for OCF agents only under `/usr/lib/ocf/resource.d`
 //! (compiled in). With [`PacemakerOptions::ocf_providers`] the same namespace gets a
 //! `resource.d` of its own: every provider directory of the machine bind-mounted in, plus ours
@@ -235,9 +241,12 @@ impl Pacemaker {
             let mut script = format!(
                 "set -e; mount --bind {lib} /var/lib/pacemaker; \
                  mount --bind {log} /var/log/pacemaker; \
-                 mkdir -p /run/crm; chown hacluster:haclient /run/crm; ",
+                 mkdir -p /run/crm; chown hacluster:haclient /run/crm; \
+                 mkdir -p /run/netns; touch /run/netns/{ns}; \
+                 mount --bind /proc/self/ns/net /run/netns/{ns}; ",
                 lib = lib.display(),
                 log = log.display(),
+                ns = cluster.namespace(host),
             );
             if !options.ocf_providers.is_empty() {
                 let ocf = dir.join("resource.d");

@@ -457,3 +457,244 @@ fn stonith_fences_the_host_that_lost_quorum_with_the_bed_fence_agent() {
         .collect();
     assert!(left.is_empty(), "processes left in B's namespace: {left:?}");
 }
+
+/// A host's file, read inside its mount namespace (its private `/run`); "" if absent.
+fn host_file(cluster: &Cluster, host: Host, path: &str) -> String {
+    cluster
+        .exec_in_host(host, "cat", &[path])
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// `"key": "value"` or `"key": scalar` at the top of a pretty-printed state file.
+fn state_value(state: &str, key: &str) -> String {
+    state
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("\"{key}\": ")))
+        .map(|v| v.trim_end_matches(',').trim_matches('"').to_string())
+        .unwrap_or_default()
+}
+
+fn promotion_score(pcmk: &Pacemaker, cluster: &Cluster, host: Host) -> String {
+    pcmk.tool(
+        cluster,
+        host,
+        "crm_attribute",
+        &[
+            "-N",
+            host.name(),
+            "-n",
+            "master-colo",
+            "-l",
+            "reboot",
+            "-G",
+            "-q",
+        ],
+    )
+    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    .unwrap_or_default()
+}
+
+/// The clone for a pair in COLO: each node's QEMU pid file by a per-node rule, the bed's agent
+/// timings.
+fn pair_clone_xml(config: &Path, driver: &Path, dir: &Path) -> String {
+    let pidfile = |side: &str| dir.join(format!("{side}-qemu.pid")).display().to_string();
+    let base = clone_xml(config, driver);
+    let per_node = format!(
+        r##"    <instance_attributes id="colo-params-a" score="2">
+      <rule id="colo-params-a-rule" score="0">
+        <expression id="colo-params-a-expr" attribute="#uname" operation="eq" value="hosta"/>
+      </rule>
+      <nvpair id="colo-pidfile-a" name="qemu_pidfile" value="{a}"/>
+    </instance_attributes>
+    <instance_attributes id="colo-params-b" score="1">
+      <rule id="colo-params-b-rule" score="0">
+        <expression id="colo-params-b-expr" attribute="#uname" operation="eq" value="hostb"/>
+      </rule>
+      <nvpair id="colo-pidfile-b" name="qemu_pidfile" value="{b}"/>
+    </instance_attributes>
+    <operations>"##,
+        a = pidfile("primary"),
+        b = pidfile("secondary"),
+    );
+    base.replace(
+        r#"      <nvpair id="colo-qmp-driver""#,
+        &format!(
+            "      <nvpair id=\"colo-agent-options\" name=\"agent_options\" value=\"{}\"/>\n      <nvpair id=\"colo-qmp-driver\"",
+            colo_testbed::ha::AGENT_ARGS.join(" ")
+        ),
+    )
+    .replacen("    <operations>", &per_node, 1)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: root, network namespaces, corosync, pacemaker, QEMU and the guest, qmp-driver agent"]
+async fn pacemaker_follows_the_agents_own_failover_without_restarting_the_survivor() {
+    use colo_testbed::stock::{PairConfig, Role, StockPair, driver::config_path};
+    let driver = qmp_driver_with_agent();
+    let dir = run_dir("pacemaker-failover").expect("run dir");
+    let cfg = PairConfig {
+        witness: true,
+        ..PairConfig::default()
+    };
+    let mut pair = StockPair::start("pm5", dir.clone(), cfg)
+        .await
+        .expect("COLO pair started");
+    let cluster = Cluster::start(&pair.topology, &ClusterOptions::default()).expect("corosync");
+    for host in Host::BOTH {
+        cluster
+            .wait_until(host, SETTLE, "quorate with 3 votes", |q| {
+                q.quorate && q.nodes == 2 && q.total_votes == 3
+            })
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.log_tail(host)));
+    }
+    let options = PacemakerOptions {
+        ocf_providers: vec![("colo".to_string(), ha_ocf_dir())],
+        ..PacemakerOptions::default()
+    };
+    let mut pcmk = Pacemaker::start(&cluster, &options).expect("pacemakerd");
+    pcmk.wait_formed(&cluster, SETTLE)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    // This test kills a QEMU, not a host: no node is lost, so no fencing is involved.
+    pcmk.set_property(&cluster, Host::A, "stonith-enabled", "false")
+        .expect("stonith-enabled=false");
+    for role in [Role::Primary, Role::Secondary] {
+        let pid = pair.vm(role).expect("vm").process.pid().expect("pid");
+        std::fs::write(
+            dir.join(format!("{}-qemu.pid", role.name())),
+            format!("{pid}\n"),
+        )
+        .expect("pid file");
+    }
+    let xml = pair_clone_xml(&config_path(&dir), &driver, &dir);
+    pcmk.cib_create(&cluster, Host::A, "resources", &xml)
+        .expect("adding the clone");
+
+    let roles = |promoted: &str, unpromoted: &str| {
+        let p = format!("Promoted: [ {promoted} ]");
+        let u = format!("Unpromoted: [ {unpromoted} ]");
+        move |m: &colo_testbed::pacemaker::CrmMon| m.text.contains(&p) && m.text.contains(&u)
+    };
+    let t = Instant::now();
+    pcmk.wait_until(
+        &cluster,
+        Host::A,
+        SETTLE,
+        "A promoted, B unpromoted",
+        roles("hosta", "hostb"),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}\nA: {}\nB: {}",
+            agent_log(&cluster, Host::A),
+            agent_log(&cluster, Host::B)
+        )
+    });
+    // Both agents see the pair in COLO: scores 1000 (primary) and 100 (in-sync secondary).
+    let deadline = Instant::now() + SETTLE;
+    while !(promotion_score(&pcmk, &cluster, Host::A) == "1000"
+        && promotion_score(&pcmk, &cluster, Host::B) == "100")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "scores A {:?} B {:?}; states:\nA {}\nB {}",
+            promotion_score(&pcmk, &cluster, Host::A),
+            promotion_score(&pcmk, &cluster, Host::B),
+            host_file(&cluster, Host::A, "/run/colo/testbed/agent-primary.json"),
+            host_file(&cluster, Host::B, "/run/colo/testbed/agent-secondary.json")
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "clone up in {:?}: hosta promoted (score 1000), hostb unpromoted (score 100)",
+        t.elapsed()
+    );
+    // The agent's default state file, /run/colo/<pair name>/agent-<side>.json.
+    let b_state_file = "/run/colo/testbed/agent-secondary.json";
+    let b_agent_pid = host_file(&cluster, Host::B, "/run/resource-agents/colo-vm-colo.pid");
+    assert!(!b_agent_pid.is_empty(), "no agent pid file on B");
+
+    // The primary's QEMU dies. B's agent takes over by itself; Pacemaker must follow.
+    let t = Instant::now();
+    pair.kill(Role::Primary).expect("kill the primary QEMU");
+    let mut alone_at = None;
+    let mut promoted_at = None;
+    let mut last = String::new();
+    while promoted_at.is_none() {
+        if alone_at.is_none()
+            && state_value(&host_file(&cluster, Host::B, b_state_file), "vm") == "alone"
+        {
+            alone_at = Some(t.elapsed());
+            println!(
+                "+{:?}: B's agent reports alone (its own take-over)",
+                t.elapsed()
+            );
+        }
+        if let Ok(m) = pcmk.crm_mon(&cluster, Host::B) {
+            if m.text.contains("Promoted: [ hostb ]") {
+                promoted_at = Some(t.elapsed());
+            }
+            last = m.text;
+        }
+        assert!(
+            t.elapsed() < SETTLE,
+            "Pacemaker did not promote hostb within {SETTLE:?}; last crm_mon:\n{last}\nB state: {}\nB RA log: {}",
+            host_file(&cluster, Host::B, b_state_file),
+            agent_log(&cluster, Host::B)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "+{:?}: Pacemaker shows hostb promoted\n{last}",
+        promoted_at.unwrap()
+    );
+    let alone_at = alone_at.expect("B was promoted before its agent reported alone");
+    assert!(alone_at <= promoted_at.unwrap());
+    // Pacemaker followed without restarting B: the same agent process, its VM still alone,
+    // no failed action on hostb.
+    assert_eq!(
+        host_file(&cluster, Host::B, "/run/resource-agents/colo-vm-colo.pid"),
+        b_agent_pid,
+        "B's agent was restarted"
+    );
+    assert_eq!(
+        state_value(&host_file(&cluster, Host::B, b_state_file), "vm"),
+        "alone"
+    );
+    let failures: Vec<&str> = last
+        .lines()
+        .filter(|l| l.contains("on hostb") && (l.contains("error") || l.contains("failed")))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "failed actions on hostb: {failures:?}\n{last}"
+    );
+    // The old primary's side (its QEMU dead) must never be a promotion candidate while B
+    // serves: no score on hosta (its instance restarted with the VM gone, or failed).
+    let deadline = Instant::now() + SETTLE;
+    while !promotion_score(&pcmk, &cluster, Host::A).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "hosta keeps promotion score {:?}; its state: {}",
+            promotion_score(&pcmk, &cluster, Host::A),
+            host_file(&cluster, Host::A, "/run/colo/testbed/agent-primary.json")
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "hosta: no promotion score; its agent's state: {}",
+        host_file(&cluster, Host::A, "/run/colo/testbed/agent-primary.json")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let survivor = pair
+        .vm(Role::Secondary)
+        .expect("the survivor")
+        .process
+        .pid();
+    assert!(
+        survivor.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists()),
+        "the survivor's QEMU is gone"
+    );
+}
