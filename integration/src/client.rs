@@ -95,7 +95,10 @@ fn get_blocking(server: SocketAddr, path: &str, fetch: Fetch) -> Result<Response
     }
     socket.set_tcp_nodelay(true)?;
     socket
-        .connect_timeout(&server.into(), Duration::from_secs(3))
+        .connect_timeout(
+            &server.into(),
+            fetch.read_timeout.min(Duration::from_secs(3)),
+        )
         .with_context(|| format!("connecting to {server}"))?;
     let mut stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(fetch.read_timeout))?;

@@ -558,6 +558,10 @@ pub struct FailoverPlan {
     /// relay and holds the next barrier event of this kind for a while; the VM dies while
     /// the barrier holds the checkpoint there. Needs the relay.
     pub kill_at_event: Option<EventKind>,
+    /// How long each new request after the failure may take before the next is tried: a
+    /// request sent into the outage waits for TCP's retransmission, so a long bound measures
+    /// that, not when the survivor began to serve.
+    pub first_request_timeout: Duration,
 }
 
 impl Default for FailoverPlan {
@@ -574,6 +578,7 @@ impl Default for FailoverPlan {
             requests_after: 10,
             via_cli: false,
             kill_at_event: None,
+            first_request_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -777,7 +782,7 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
     let first_deadline = Instant::now() + Duration::from_secs(30);
     loop {
         report.http_requests += 1;
-        match probe(&client, Duration::from_secs(2)).await {
+        match probe(&client, plan.first_request_timeout).await {
             Ok(latency) => {
                 latencies.push(latency);
                 report.kill_to_first_success_ms = to_ms(Some(killed_at.elapsed()));

@@ -16,8 +16,11 @@
 #[allow(dead_code)]
 mod common;
 
-use colo_testbed::scenario::{self, FailoverPlan, Failure, Report};
+use colo_control::protocol::EventKind;
+use colo_testbed::scenario::{self, BLOB_BYTES, FailoverPlan, Failure, Report};
+use colo_testbed::stats::{median, quantile};
 use colo_testbed::stock::{DiskBackend, NetworkBackend, PairConfig, Role};
+use std::time::Duration;
 
 /// colo-blockd and colo-proxyd, 500 ms checkpoints.
 fn daemons_pair() -> PairConfig {
@@ -30,11 +33,16 @@ fn daemons_pair() -> PairConfig {
     }
 }
 
+/// Requests after the failure give up this soon and try again, so the time to the first
+/// answered one measures the outage, not TCP's retransmission of a request sent into it.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_millis(250);
+
 async fn run(tag: &str, kill: Role, failure: Failure) -> Report {
     let plan = FailoverPlan {
         kill,
         failure,
         ha_agents: true,
+        first_request_timeout: FIRST_REQUEST_TIMEOUT,
         ..FailoverPlan::default()
     };
     let report = scenario::failover(tag, daemons_pair(), plan)
@@ -136,4 +144,143 @@ async fn a_partition_between_the_hosts_leaves_exactly_one_side_serving() {
     let fence = loser.last_decision.as_ref().expect("the loser decided");
     assert_eq!(fence.action, "fence", "{fence:?}");
     assert!(!loser.quorate, "{loser:?}");
+}
+
+/// A small deterministic generator (xorshift64*): the run prints its seed, and
+/// `COLO_HA_SEED=<seed>` repeats a run's choices.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// How many random failovers [`twenty_random_failovers_keep_every_byte_and_every_write`] runs
+/// (`COLO_HA_RUNS` overrides, e.g. for a longer soak).
+const RANDOM_RUNS: usize = 20;
+
+/// 20 failovers decided by the agents at random moments, both directions: the primary's or the
+/// secondary's QEMU is SIGKILLed at a random point of an epoch (500 ms checkpoints), or, one
+/// run in three, while a checkpoint is held at a random barrier (the SVM's epoch closed, or the
+/// checkpoint being adopted). Each run checks everything `common::assert_failover` checks; one
+/// summary line gives runs, intact runs, lost bytes, and the agents' detection and the
+/// failure-to-first-answer times (median and max).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, corosync, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn twenty_random_failovers_keep_every_byte_and_every_write() {
+    let seed = std::env::var("COLO_HA_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+                | 1
+        });
+    let runs = std::env::var("COLO_HA_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(RANDOM_RUNS);
+    println!("random failovers: seed {seed} (COLO_HA_SEED repeats it), {runs} runs");
+    let mut rng = Rng(seed);
+    let mut intact = 0;
+    let mut lost_bytes = 0usize;
+    let mut detection = Vec::new();
+    let mut first_answer = Vec::new();
+    let mut problems = Vec::new();
+    for run in 0..runs {
+        let kill = if run % 2 == 0 {
+            Role::Primary
+        } else {
+            Role::Secondary
+        };
+        let kill_at_event = match rng.below(6) {
+            0 => Some(EventKind::SvmEpochClosed),
+            1 => Some(EventKind::CheckpointAdopted),
+            _ => None,
+        };
+        let plan = FailoverPlan {
+            kill,
+            failure: Failure::Kill,
+            ha_agents: true,
+            first_request_timeout: FIRST_REQUEST_TIMEOUT,
+            checkpoints_before: 2,
+            // 1 MiB at 512 KiB/s: a 2 s download, the kill inside its first 1.5 s.
+            download_rate: 512 * 1024,
+            kill_after: Duration::from_millis(200 + rng.below(1300)),
+            requests_after: 3,
+            kill_at_event,
+            ..FailoverPlan::default()
+        };
+        let what = format!(
+            "run {run}: kill {} after {:?} at {kill_at_event:?}",
+            kill.name(),
+            plan.kill_after
+        );
+        let report = match scenario::failover("h-rnd", daemons_pair(), plan).await {
+            Ok(report) => report,
+            Err(e) => {
+                problems.push(format!("{what}: the scenario failed: {e:#}"));
+                lost_bytes += BLOB_BYTES;
+                continue;
+            }
+        };
+        let download_ok = report.download.as_ref().is_some_and(|d| d.ok());
+        let disk_ok = report.disk.as_ref().is_some_and(|d| d.is_consistent());
+        let decided = report
+            .ha
+            .as_ref()
+            .and_then(|h| h.survivor.last_decision.clone());
+        if let Some(ms) = decided.as_ref().and_then(|d| d.detection_ms) {
+            detection.push(ms);
+        }
+        if let Some(ms) = report.kill_to_first_success_ms {
+            first_answer.push(ms);
+        }
+        if !download_ok {
+            let got = report.download.as_ref().map_or(0, |d| d.bytes);
+            lost_bytes += BLOB_BYTES.saturating_sub(got).max(1);
+        }
+        let took_over = decided.as_ref().is_some_and(|d| d.action == "take-over");
+        if download_ok && disk_ok && took_over && report.http_failures.is_empty() {
+            intact += 1;
+        } else {
+            problems.push(format!(
+                "{what}: download ok {download_ok}, disk ok {disk_ok}, take-over {took_over}, \
+                 HTTP failures {:?}; run dir {}",
+                report.http_failures,
+                report.run_dir.display()
+            ));
+        }
+    }
+    let stat = |v: &[f64]| {
+        let d: Vec<Duration> = v
+            .iter()
+            .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+            .collect();
+        let ms = |x: Option<Duration>| x.map_or(f64::NAN, |x| x.as_secs_f64() * 1000.0);
+        format!(
+            "median {:.0} ms, p90 {:.0} ms, max {:.0} ms",
+            ms(median(&d)),
+            ms(quantile(&d, 0.9)),
+            ms(d.iter().max().copied())
+        )
+    };
+    println!(
+        "HA random failovers: {runs} runs, {intact} intact, {lost_bytes} bytes lost; agent detection {}; failure to first answered request {} (seed {seed})",
+        stat(&detection),
+        stat(&first_answer)
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert_eq!(intact, runs);
+    assert_eq!(lost_bytes, 0);
 }

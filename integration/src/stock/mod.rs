@@ -547,8 +547,9 @@ impl StockPair {
         topology::ip(&["-n", ns, "link", "set", "eth0", "down"])
     }
 
-    /// The processes of `role`'s host the pair runs: its QEMU, colo-proxyd, colo-blockd (the
-    /// secondary's host) and the relay (the primary's host, where it runs in production).
+    /// The processes of `role`'s host the pair runs: its QEMU, colo-proxyd, and on the
+    /// secondary's host colo-blockd and the relay (which sits in front of the secondary QEMU's
+    /// incoming migration, ARCHITECTURE.md).
     pub fn host_pids(&self, role: Role) -> Vec<u32> {
         let mut pids: Vec<u32> = self
             .vm(role)
@@ -562,9 +563,9 @@ impl StockPair {
                 .filter(|(host, _)| *host == role)
                 .filter_map(|(_, d)| d.pid()),
         );
-        match role {
-            Role::Secondary => pids.extend(self.blockd.as_ref().and_then(DaemonProcess::pid)),
-            Role::Primary => pids.extend(self.relay.as_ref().and_then(DriverProcess::pid)),
+        if role == Role::Secondary {
+            pids.extend(self.blockd.as_ref().and_then(DaemonProcess::pid));
+            pids.extend(self.relay.as_ref().and_then(DriverProcess::pid));
         }
         pids
     }

@@ -44,6 +44,9 @@ impl GroupLink for colo_cluster::link::Link {
     }
 }
 
+/// How often the agent tries to send one message before it gives up on it.
+pub const SEND_ATTEMPTS: u32 = 5;
+
 /// How the agent runs.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -354,9 +357,7 @@ impl Agent<'_> {
                 if let Message::Claim { reason } = &message {
                     self.decide("claim", reason, report);
                 }
-                if let Err(e) = self.link.send(&message) {
-                    report(AgentEvent::SendFailed(e));
-                }
+                self.send(&message, report);
             }
             Action::TakeOver { reason } => {
                 self.decide("take-over", &reason, report);
@@ -405,6 +406,24 @@ impl Agent<'_> {
                 self.grace = Some(Box::pin(tokio::time::sleep(self.opts.quorum_grace)));
             }
             Action::CancelQuorumGrace => self.grace = None,
+        }
+    }
+
+    /// Sends one message. corosync refuses sends for a while during a membership change
+    /// (the link retries about a second, the quorum device's sync can take longer), and a
+    /// claim that never leaves would leave the pair without a decision: so up to
+    /// [`SEND_ATTEMPTS`] tries. Blocks this worker thread meanwhile, which is what the agent
+    /// wants: nothing else may be decided before the message is out.
+    fn send(&mut self, message: &Message, report: &mut (dyn FnMut(AgentEvent<'_>) + Send)) {
+        for attempt in 1..=SEND_ATTEMPTS {
+            match tokio::task::block_in_place(|| self.link.send(message)) {
+                Ok(()) => return,
+                Err(e) => {
+                    report(AgentEvent::SendFailed(format!(
+                        "attempt {attempt} of {SEND_ATTEMPTS}: {e}"
+                    )));
+                }
+            }
         }
     }
 
