@@ -688,6 +688,18 @@ async fn pacemaker_follows_the_agents_own_failover_without_restarting_the_surviv
             .collect::<Vec<_>>()
             .join(" ")
     );
+    // hosta's instance: its QEMU is dead, so its restart fails (qemu_pidfile) and it stays
+    // stopped there.
+    let a_stopped = pcmk.wait_until(&cluster, Host::A, SETTLE, "hosta's instance stopped", |m| {
+        m.text.contains("start on hosta returned 'error'")
+            && !m.text.contains("Unpromoted: [ hosta ]")
+    });
+    let text = pcmk
+        .crm_mon(&cluster, Host::A)
+        .map(|m| m.text)
+        .unwrap_or_default();
+    println!("crm_mon -1 at the end:\n{text}");
+    a_stopped.unwrap_or_else(|e| panic!("{e:#}"));
     let survivor = pair
         .vm(Role::Secondary)
         .expect("the survivor")
