@@ -147,6 +147,32 @@ impl Default for ClusterOptions {
     }
 }
 
+impl ClusterOptions {
+    /// The defaults, with `COLO_CLUSTER_TOKEN_MS` overriding the token (to measure others).
+    pub fn from_env() -> Self {
+        let mut o = ClusterOptions::default();
+        if let Some(token) = std::env::var("COLO_CLUSTER_TOKEN_MS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+        {
+            o.token_ms = token;
+        }
+        o
+    }
+
+    /// The timeouts, for printing beside measured times.
+    pub fn describe(&self) -> String {
+        format!(
+            "token {} ms, consensus {}, qdevice timeout {} ms, sync_timeout {} ms",
+            self.token_ms,
+            self.consensus_ms
+                .map_or("default (1.2 × token)".to_string(), |c| format!("{c} ms")),
+            self.qdevice_timeout_ms,
+            self.qdevice_sync_timeout_ms
+        )
+    }
+}
+
 /// `corosync-quorumtool -s` as seen by one node, parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QuorumInfo {

@@ -95,6 +95,8 @@ pub struct HaReport {
     pub failed: Option<AgentStatus>,
     /// The survivor's agent log lines with a decision.
     pub decisions: Vec<String>,
+    /// The cluster's timeouts.
+    pub corosync: String,
 }
 
 impl HaReport {
@@ -108,6 +110,7 @@ impl HaReport {
                 .filter(|l| l.contains("decision"))
                 .map(str::to_string)
                 .collect(),
+            corosync: ha.cluster.options().describe(),
         })
     }
 }
@@ -669,7 +672,7 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
     };
     // Declared after the pair: dropped first (its cluster runs on the pair's namespaces).
     let mut ha = if plan.ha_agents {
-        Some(HaBed::start(&pair, &ClusterOptions::default()).await?)
+        Some(HaBed::start(&pair, &ClusterOptions::from_env()).await?)
     } else {
         None
     };

@@ -14,27 +14,12 @@ use colo_testbed::topology::Topology;
 /// Generous bound for anything the short timeouts should settle in a few seconds.
 const SETTLE: Duration = Duration::from_secs(30);
 
-/// The defaults (token 1000 ms); `COLO_CLUSTER_TOKEN_MS` overrides the token to measure others.
 fn options() -> ClusterOptions {
-    let mut o = ClusterOptions::default();
-    if let Some(token) = std::env::var("COLO_CLUSTER_TOKEN_MS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-    {
-        o.token_ms = token;
-    }
-    o
+    ClusterOptions::from_env()
 }
 
 fn describe(o: &ClusterOptions) -> String {
-    format!(
-        "token {} ms, consensus {}, qdevice timeout {} ms, sync_timeout {} ms",
-        o.token_ms,
-        o.consensus_ms
-            .map_or("default (1.2 × token)".to_string(), |c| format!("{c} ms")),
-        o.qdevice_timeout_ms,
-        o.qdevice_sync_timeout_ms
-    )
+    o.describe()
 }
 
 /// The cluster as it should be: this node quorate, with both nodes and the witness's vote.

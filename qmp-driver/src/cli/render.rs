@@ -3,8 +3,8 @@
 
 use qmp_driver::config::{DiskBackend, PairConfig};
 use qmp_driver::pair::{
-    CheckpointReport, CopyReport, FailoverReport, Outcome, PairStatus, PrepareReport, SideStatus,
-    StartReport, Step, StopReport,
+    AgentReport, CheckpointReport, CopyReport, FailoverReport, Outcome, PairStatus, PrepareReport,
+    SideStatus, StartReport, Step, StopReport,
 };
 use std::fmt::Write;
 
@@ -229,6 +229,49 @@ pub fn status(st: &PairStatus) -> String {
                 (None, None) => out.push_str("  no answer\n"),
             }
         }
+    }
+    out.push_str(&agents(&st.agents));
+    out
+}
+
+/// The HA agents' part of `status`.
+fn agents(agents: &[AgentReport]) -> String {
+    if agents.is_empty() {
+        return "HA agent: no state file on this host\n".into();
+    }
+    let mut out = String::new();
+    for a in agents {
+        let s = &a.status;
+        let _ = writeln!(out, "HA agent {} ({})", s.side, a.state_file.display());
+        let peer = s
+            .peer
+            .as_ref()
+            .map_or("unknown".into(), |p| format!("node {}: {}", p.node, p.vm));
+        let decision = s.last_decision.as_ref().map_or("none".into(), |d| {
+            let ms = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.0} ms"));
+            format!(
+                "{}: {} (detection {}, failover {})",
+                d.action,
+                d.reason,
+                ms(d.detection_ms),
+                ms(d.failover_ms)
+            )
+        });
+        let rows = vec![
+            vec!["node".to_string(), s.node.to_string()],
+            vec!["vm".into(), s.vm.clone()],
+            vec![
+                "quorate".into(),
+                if s.quorate { "yes" } else { "NO" }.into(),
+            ],
+            vec!["peer".into(), peer],
+            vec!["last decision".into(), decision],
+            vec![
+                "written".into(),
+                format!("{:.1} s ago by pid {}", a.age_ms as f64 / 1000.0, s.pid),
+            ],
+        ];
+        out.push_str(&table(&rows));
     }
     out
 }

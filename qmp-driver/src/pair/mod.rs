@@ -56,7 +56,10 @@ pub use failover::{
 };
 pub use relay_link::RelayStatus;
 pub use start::{PrepareReport, StartOptions, StartReport, prepare_secondary, start};
-pub use status::{PairStatus, RelayReport, SideStatus, relay_status, side_status, status};
+pub use status::{
+    AgentReport, PairStatus, RelayReport, SideStatus, local_agents, relay_status, side_status,
+    status,
+};
 pub use watch::{Trigger, WatchEvent, WatchOptions, watch_primary};
 pub(crate) use watch::{checkpoint_stall, yank_peer_links};
 

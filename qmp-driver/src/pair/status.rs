@@ -85,6 +85,37 @@ pub struct PairStatus {
     pub secondary: SideStatus,
     /// The relay, when configured.
     pub relay: Option<RelayReport>,
+    /// The HA agents whose state files are on this host (`qmp-driver agent`'s default
+    /// `--state-file`); each host sees its own agent only.
+    pub agents: Vec<AgentReport>,
+}
+
+/// One HA agent's state file, as `status` found it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentReport {
+    /// Where it was read.
+    pub state_file: PathBuf,
+    /// What it says.
+    pub status: crate::agent::status::AgentStatus,
+    /// How long ago the agent wrote it, in ms.
+    pub age_ms: u64,
+}
+
+/// The agents' state files at their default paths that exist on this host.
+pub fn local_agents(cfg: &PairConfig) -> Vec<AgentReport> {
+    use crate::agent::status::{default_state_file, read_state_file, unix_ms};
+    [Role::Primary, Role::Secondary]
+        .into_iter()
+        .filter_map(|side| {
+            let path = default_state_file(&cfg.name, side.name());
+            let status = read_state_file(&path).ok()?;
+            Some(AgentReport {
+                age_ms: unix_ms().saturating_sub(status.updated_unix_ms),
+                state_file: path,
+                status,
+            })
+        })
+        .collect()
 }
 
 impl PairStatus {
@@ -184,5 +215,6 @@ pub async fn status(cfg: &PairConfig, opts: ConnectOptions) -> PairStatus {
         primary,
         secondary,
         relay,
+        agents: local_agents(cfg),
     }
 }
