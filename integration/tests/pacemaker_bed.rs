@@ -19,6 +19,7 @@ use colo_testbed::cluster::{Cluster, ClusterOptions, Host};
 use colo_testbed::pacemaker::{Pacemaker, PacemakerOptions, netns_inode};
 use colo_testbed::process::QemuProcess;
 use colo_testbed::stock::driver::qmp_driver_binary;
+use colo_testbed::stock::{PairConfig, Role, StockPair, driver::config_path};
 use colo_testbed::topology::{Topology, addr};
 
 /// Generous bound for corosync and Pacemaker to settle (Pacemaker's DC election alone can
@@ -527,17 +528,16 @@ fn pair_clone_xml(config: &Path, driver: &Path, dir: &Path) -> String {
     .replacen("    <operations>", &per_node, 1)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "tier bed: root, network namespaces, corosync, pacemaker, QEMU and the guest, qmp-driver agent"]
-async fn pacemaker_follows_the_agents_own_failover_without_restarting_the_survivor() {
-    use colo_testbed::stock::{PairConfig, Role, StockPair, driver::config_path};
+/// A stock COLO pair (with the witness) in COLO, corosync and Pacemaker on its hosts (stonith
+/// off), and the colo-vm clone up: hosta promoted with score 1000, hostb unpromoted with 100.
+async fn colo_pair_under_pacemaker(tag: &str) -> (StockPair, Cluster, Pacemaker) {
     let driver = qmp_driver_with_agent();
-    let dir = run_dir("pacemaker-failover").expect("run dir");
+    let dir = run_dir(&format!("pacemaker-{tag}")).expect("run dir");
     let cfg = PairConfig {
         witness: true,
         ..PairConfig::default()
     };
-    let mut pair = StockPair::start("pm5", dir.clone(), cfg)
+    let pair = StockPair::start(tag, dir.clone(), cfg)
         .await
         .expect("COLO pair started");
     let cluster = Cluster::start(&pair.topology, &ClusterOptions::default()).expect("corosync");
@@ -555,7 +555,7 @@ async fn pacemaker_follows_the_agents_own_failover_without_restarting_the_surviv
     let mut pcmk = Pacemaker::start(&cluster, &options).expect("pacemakerd");
     pcmk.wait_formed(&cluster, SETTLE)
         .unwrap_or_else(|e| panic!("{e:#}"));
-    // This test kills a QEMU, not a host: no node is lost, so no fencing is involved.
+    // These tests kill a QEMU or move a role, never a host: no node is lost, no fencing.
     pcmk.set_property(&cluster, Host::A, "stonith-enabled", "false")
         .expect("stonith-enabled=false");
     for role in [Role::Primary, Role::Secondary] {
@@ -609,6 +609,13 @@ async fn pacemaker_follows_the_agents_own_failover_without_restarting_the_surviv
         "clone up in {:?}: hosta promoted (score 1000), hostb unpromoted (score 100)",
         t.elapsed()
     );
+    (pair, cluster, pcmk)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: root, network namespaces, corosync, pacemaker, QEMU and the guest, qmp-driver agent"]
+async fn pacemaker_follows_the_agents_own_failover_without_restarting_the_survivor() {
+    let (mut pair, cluster, mut pcmk) = colo_pair_under_pacemaker("pm5").await;
     // The agent's default state file, /run/colo/<pair name>/agent-<side>.json.
     let b_state_file = "/run/colo/testbed/agent-secondary.json";
     let b_agent_pid = host_file(&cluster, Host::B, "/run/resource-agents/colo-vm-colo.pid");
@@ -709,4 +716,83 @@ async fn pacemaker_follows_the_agents_own_failover_without_restarting_the_surviv
         survivor.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists()),
         "the survivor's QEMU is gone"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: root, network namespaces, corosync, pacemaker, QEMU and the guest, qmp-driver agent"]
+async fn banning_the_promoted_role_from_hosta_switches_over_to_hostb() {
+    let (pair, cluster, mut pcmk) = colo_pair_under_pacemaker("pm6").await;
+    let a_qemu = pair
+        .vm(Role::Primary)
+        .expect("vm")
+        .process
+        .pid()
+        .expect("pid");
+    let b_state_file = "/run/colo/testbed/agent-secondary.json";
+    // An operator's switch-over: keep the promoted role off hosta. Pacemaker demotes hosta
+    // (which quits its VM: a COLO primary cannot become a secondary), B's agent takes over by
+    // itself on seeing its peer's QEMU gone, and Pacemaker's promote of hostb confirms it.
+    let t = Instant::now();
+    pcmk.tool_ok(
+        &cluster,
+        Host::A,
+        "crm_resource",
+        &[
+            "--ban",
+            "--resource",
+            "colo-clone",
+            "--promoted",
+            "--node",
+            "hosta",
+        ],
+    )
+    .expect("crm_resource --ban --promoted");
+    let res = pcmk.wait_until(
+        &cluster,
+        Host::A,
+        SETTLE,
+        "hostb promoted, hosta unpromoted",
+        |m| m.text.contains("Promoted: [ hostb ]") && m.text.contains("Unpromoted: [ hosta ]"),
+    );
+    let text = pcmk
+        .crm_mon(&cluster, Host::A)
+        .map(|m| m.text)
+        .unwrap_or_default();
+    println!("after {:?}:\n{text}", t.elapsed());
+    res.unwrap_or_else(|e| {
+        panic!(
+            "{e:#}\nA RA log: {}\nB RA log: {}",
+            agent_log(&cluster, Host::A),
+            agent_log(&cluster, Host::B)
+        )
+    });
+    assert_eq!(
+        state_value(&host_file(&cluster, Host::B, b_state_file), "vm"),
+        "alone"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{a_qemu}")).exists()
+            || std::fs::read_to_string(format!("/proc/{a_qemu}/stat"))
+                .is_ok_and(|s| s.contains(") Z ")),
+        "hosta's QEMU still runs after the demote"
+    );
+    // The demoted side is an empty, unpromoted instance: no failed action, no score.
+    assert!(!text.contains("Failed Resource Actions"), "{text}");
+    assert!(promotion_score(&pcmk, &cluster, Host::A).is_empty());
+    let b_log = host_file(&cluster, Host::B, "/run/resource-agents/colo-vm-colo.log");
+    println!(
+        "B's agent: {}",
+        b_log
+            .lines()
+            .filter(|l| l.contains("decision") || l.contains("own VM"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    pcmk.tool_ok(
+        &cluster,
+        Host::A,
+        "crm_resource",
+        &["--clear", "--resource", "colo-clone"],
+    )
+    .expect("crm_resource --clear");
 }
