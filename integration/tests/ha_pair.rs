@@ -35,7 +35,7 @@ fn daemons_pair() -> PairConfig {
 
 /// Requests after the failure give up this soon and try again, so the time to the first
 /// answered one measures the outage, not TCP's retransmission of a request sent into it.
-const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_millis(250);
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_millis(100);
 
 async fn run(tag: &str, kill: Role, failure: Failure) -> Report {
     let plan = FailoverPlan {
