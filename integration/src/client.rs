@@ -190,3 +190,115 @@ mod tests {
         assert_eq!(md5_hex(b"abc"), "900150983cd24fb0d6963f7d28e17f72");
     }
 }
+
+/// A long-lived connection to the guest's echo server (port 7) that carries data both ways for
+/// as long as it runs: it sends a numbered 32-byte line every `interval`, waits for the same
+/// bytes back, and stops at the first difference or error. Across a failover the line in
+/// flight must come back whole from the survivor.
+#[derive(Debug)]
+pub struct EchoSession {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<EchoReport>,
+}
+
+/// What an [`EchoSession`] saw.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EchoReport {
+    /// Lines sent.
+    pub sent: u64,
+    /// Lines that came back identical.
+    pub echoed: u64,
+    /// The longest wait for a line's echo, in ms (the outage, seen on this connection).
+    pub longest_wait_ms: f64,
+    /// The first error or difference, if any.
+    pub error: Option<String>,
+}
+
+impl EchoReport {
+    /// Every line sent came back identical, and at least one did.
+    pub fn ok(&self) -> bool {
+        self.error.is_none() && self.echoed == self.sent && self.sent > 0
+    }
+}
+
+/// How long one line's echo may take: longer than any failover.
+const ECHO_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl EchoSession {
+    /// Connects from `netns` to `server` (the guest's port 7) and starts the exchange.
+    pub fn start(netns: &str, server: SocketAddr, interval: Duration) -> Result<EchoSession> {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let netns = netns.to_string();
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("echo".into())
+            .spawn(move || {
+                let stream = enter_netns(&netns).and_then(|()| {
+                    let s = TcpStream::connect_timeout(&server, Duration::from_secs(3))
+                        .with_context(|| format!("connecting to {server}"))?;
+                    s.set_read_timeout(Some(ECHO_TIMEOUT))?;
+                    s.set_nodelay(true)?;
+                    Ok(s)
+                });
+                match stream {
+                    Ok(s) => {
+                        let _ = ready_tx.send(Ok(()));
+                        exchange(s, interval, &flag)
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        EchoReport::default()
+                    }
+                }
+            })
+            .context("spawning the echo thread")?;
+        ready_rx.recv().context("echo thread vanished")??;
+        Ok(EchoSession { stop, thread })
+    }
+
+    /// Stops after the line in flight and returns what was seen.
+    pub fn finish(self) -> EchoReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_else(|_| EchoReport {
+            error: Some("the echo thread panicked".into()),
+            ..EchoReport::default()
+        })
+    }
+}
+
+fn exchange(
+    mut stream: TcpStream,
+    interval: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> EchoReport {
+    let mut report = EchoReport::default();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let line = format!("colo echo line {:015}\n", report.sent);
+        let started = Instant::now();
+        if let Err(e) = stream.write_all(line.as_bytes()) {
+            report.error = Some(format!("sending line {}: {e}", report.sent));
+            break;
+        }
+        report.sent += 1;
+        let mut back = vec![0u8; line.len()];
+        if let Err(e) = stream.read_exact(&mut back) {
+            report.error = Some(format!("reading the echo of line {}: {e}", report.sent - 1));
+            break;
+        }
+        if back != line.as_bytes() {
+            report.error = Some(format!(
+                "line {} came back as {:?}",
+                report.sent - 1,
+                String::from_utf8_lossy(&back)
+            ));
+            break;
+        }
+        report.echoed += 1;
+        report.longest_wait_ms = report
+            .longest_wait_ms
+            .max(started.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(interval);
+    }
+    report
+}

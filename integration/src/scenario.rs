@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::client::{Fetch, HttpClient, md5_hex};
+use crate::client::{EchoReport, EchoSession, Fetch, HttpClient, md5_hex};
 use crate::cluster::ClusterOptions;
 use crate::guest::DiskCheck;
 use crate::ha::HaBed;
@@ -27,6 +27,9 @@ use qmp_driver::agent::status::AgentStatus;
 pub const INDEX_BODY: &[u8] = b"colo guest ok\n";
 /// Size of the guest's `/blob`.
 pub const BLOB_BYTES: usize = 1 << 20;
+
+/// The guest's echo server's port (integration/guest/init).
+pub const ECHO_PORT: u16 = 7;
 
 /// What a scenario measured. Times in ms.
 #[derive(Debug, Clone, Serialize)]
@@ -84,6 +87,8 @@ pub struct Report {
     pub cli: Vec<(String, serde_json::Value)>,
     /// What the HA agents decided, when they ran the pair.
     pub ha: Option<HaReport>,
+    /// The connection that carried data both ways across the failure, when the plan kept one.
+    pub echo: Option<EchoReport>,
 }
 
 /// The HA agents' view after a failover.
@@ -169,6 +174,7 @@ impl Report {
             failover_steps: Vec::new(),
             cli: Vec::new(),
             ha: None,
+            echo: None,
             svm_output_bytes: None,
             kill_to_first_success_ms: None,
             download: None,
@@ -565,6 +571,9 @@ pub struct FailoverPlan {
     /// request sent into the outage waits for TCP's retransmission, so a long bound measures
     /// that, not when the survivor began to serve.
     pub first_request_timeout: Duration,
+    /// Keep a connection to the guest's echo server exchanging data both ways from before
+    /// the failure until the end ([`EchoSession`]).
+    pub echo: bool,
 }
 
 impl Default for FailoverPlan {
@@ -582,6 +591,7 @@ impl Default for FailoverPlan {
             via_cli: false,
             kill_at_event: None,
             first_request_timeout: Duration::from_secs(2),
+            echo: false,
         }
     }
 }
@@ -708,6 +718,16 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
     }
     let expected_md5 = fetch_text(&client, "/blob.md5").await?;
 
+    let echo = if plan.echo {
+        let server = SocketAddr::new(guest_server().ip(), ECHO_PORT);
+        Some(EchoSession::start(
+            &pair.topology.client,
+            server,
+            Duration::from_millis(50),
+        )?)
+    } else {
+        None
+    };
     let download = {
         let client = client.clone();
         let fetch = Fetch {
@@ -848,6 +868,7 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
     {
         pair.write_diagnostics().await;
     }
+    report.echo = echo.map(EchoSession::finish);
     if let Some(ha) = &ha {
         if plan.failure == Failure::Partition {
             // The minority side fences its VM once its quorum grace ends.

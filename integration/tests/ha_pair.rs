@@ -43,12 +43,18 @@ async fn run(tag: &str, kill: Role, failure: Failure) -> Report {
         failure,
         ha_agents: true,
         first_request_timeout: FIRST_REQUEST_TIMEOUT,
+        echo: true,
         ..FailoverPlan::default()
     };
     let report = scenario::failover(tag, daemons_pair(), plan)
         .await
         .expect("HA scenario ran");
     common::assert_failover(&report);
+    let echo = report.echo.as_ref().expect("the echo connection's report");
+    assert!(
+        echo.ok(),
+        "the connection carrying data both ways broke: {echo:?}"
+    );
     let ha = report.ha.as_ref().expect("the HA agents' report");
     let survivor = kill.other();
     assert_eq!(ha.survivor.side, survivor.name());
@@ -64,9 +70,11 @@ async fn run(tag: &str, kill: Role, failure: Failure) -> Report {
         "the take-over's failover finished: {decision:?}"
     );
     println!(
-        "HA {}: failure -> first answered request {:.0} ms; agent: detection {:.0} ms, failover {:.0} ms; reason: {}; corosync: {}",
+        "HA {}: failure -> first answered request {:.0} ms; echo connection: {} lines, longest wait {:.0} ms; agent: detection {:.0} ms, failover {:.0} ms; reason: {}; corosync: {}",
         report.scenario,
         report.kill_to_first_success_ms.unwrap_or(f64::NAN),
+        echo.echoed,
+        echo.longest_wait_ms,
         decision.detection_ms.unwrap_or(f64::NAN),
         decision.failover_ms.unwrap_or(f64::NAN),
         decision.reason,
@@ -247,6 +255,7 @@ async fn twenty_random_failovers_keep_every_byte_and_every_write() {
             kill_after: Duration::from_millis(200 + rng.below(1300)),
             requests_after: 3,
             kill_at_event,
+            echo: true,
             ..FailoverPlan::default()
         };
         let what = format!(
@@ -279,12 +288,14 @@ async fn twenty_random_failovers_keep_every_byte_and_every_write() {
             lost_bytes += BLOB_BYTES.saturating_sub(got).max(1);
         }
         let took_over = decided.as_ref().is_some_and(|d| d.action == "take-over");
-        if download_ok && disk_ok && took_over && report.http_failures.is_empty() {
+        let echo_ok = report.echo.as_ref().is_some_and(|e| e.ok());
+        if download_ok && disk_ok && took_over && echo_ok && report.http_failures.is_empty() {
             intact += 1;
         } else {
             problems.push(format!(
                 "{what}: download ok {download_ok}, disk ok {disk_ok}, take-over {took_over}, \
-                 HTTP failures {:?}; run dir {}",
+                 echo {:?}, HTTP failures {:?}; run dir {}",
+                report.echo,
                 report.http_failures,
                 report.run_dir.display()
             ));
