@@ -64,12 +64,12 @@ impl HaBed {
             bail!("the pair's topology has no witness: set PairConfig::witness");
         }
         let cluster = Cluster::start(&pair.topology, options)?;
-        for host in Host::BOTH {
-            cluster
-                .wait_until(host, SETTLE, "quorate with 2 nodes and 3 votes", whole)
-                .with_context(|| cluster.log_tail(host))?;
-        }
-        let mut agents = Vec::new();
+        let mut bed = HaBed {
+            dir: pair.dir.clone(),
+            agents: Vec::new(),
+            cluster,
+        };
+        bed.wait_whole(SETTLE)?;
         for role in [Role::Primary, Role::Secondary] {
             let pid = pair
                 .vm(role)?
@@ -87,14 +87,10 @@ impl HaBed {
             ];
             args.extend(AGENT_ARGS.iter().map(|a| a.to_string()));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let ns = cluster.namespace(host_of(role)).to_string();
-            agents.push((role, DriverProcess::agent(&pair.dir, &ns, role, &args)?));
+            let ns = bed.cluster.namespace(host_of(role)).to_string();
+            bed.agents
+                .push((role, DriverProcess::agent(&pair.dir, &ns, role, &args)?));
         }
-        let bed = HaBed {
-            dir: pair.dir.clone(),
-            agents,
-            cluster,
-        };
         for role in [Role::Primary, Role::Secondary] {
             let peer = role.other().name();
             bed.wait_state(role, SETTLE, "protected, quorate, the peer known", |s| {
@@ -103,6 +99,16 @@ impl HaBed {
             .await?;
         }
         Ok(bed)
+    }
+
+    /// Waits until both nodes count both nodes and the witness's vote again.
+    pub fn wait_whole(&self, within: Duration) -> Result<()> {
+        for host in Host::BOTH {
+            self.cluster
+                .wait_until(host, within, "quorate with 2 nodes and 3 votes", whole)
+                .with_context(|| self.cluster.log_tail(host))?;
+        }
+        Ok(())
     }
 
     /// The agent of `role`.

@@ -876,6 +876,26 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
                 s.vm == "fenced"
             })
             .await?;
+            // The partition heals: the cluster is whole again, the loser stays fenced (an
+            // operator re-protects the pair from the survivor), the survivor serves on.
+            pair.topology.isolate_hosts(false)?;
+            ha.wait_whole(Duration::from_secs(30))?;
+            ha.wait_state(
+                survivor,
+                Duration::from_secs(30),
+                "quorate again, its peer known as fenced",
+                |s| s.quorate && s.peer.as_ref().is_some_and(|p| p.vm == "fenced"),
+            )
+            .await?;
+            for _ in 0..3 {
+                report.http_requests += 1;
+                match probe(&client, Duration::from_secs(5)).await {
+                    Ok(l) => latencies.push(l),
+                    Err(e) => report
+                        .http_failures
+                        .push(format!("after the partition healed: {e:#}")),
+                }
+            }
         }
         report.ha = Some(HaReport::of(ha, survivor, plan.kill)?);
     }
