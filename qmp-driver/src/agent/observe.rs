@@ -97,18 +97,53 @@ impl Observer {
         loop {
             match events.recv().await {
                 None => return self.lost(),
+                Some(e) if e.name == "SHUTDOWN" => {
+                    // QEMU is going away (quit, a guest poweroff): its VM is gone for the
+                    // peer's purposes, before the socket even closes.
+                    return self.remember(Observed::Vm(VmState::Gone));
+                }
                 Some(e) if e.name == "COLO_EXIT" => {
                     let in_colo_primary = self.last == Some(Observed::Vm(VmState::Primary));
-                    if self.side == Role::Primary && e.data["mode"] == "primary" && in_colo_primary
+                    let broke = e.data["reason"] == "error";
+                    if self.side == Role::Primary
+                        && e.data["mode"] == "primary"
+                        && in_colo_primary
+                        && broke
                     {
-                        return Seen::Trigger(
-                            Trigger::ColoExit,
-                            format!("COLO_EXIT reason {}", e.data["reason"]),
-                        );
+                        return self.confirm_colo_exit().await;
                     }
                 }
                 Some(_) => {}
             }
+        }
+    }
+
+    /// A `COLO_EXIT` (reason `error`) on the primary means the secondary's side failed,
+    /// unless the primary's own QEMU is going away (a `quit` ends COLO with the same event
+    /// just before QEMU exits): only a QEMU that still answers and is not shutting down turns
+    /// it into a claim; otherwise its VM counts as gone, and the peer takes over.
+    async fn confirm_colo_exit(&mut self) -> Seen {
+        let Some((qmp, _)) = self.qmp.as_ref() else {
+            return self.lost();
+        };
+        match qmp
+            .execute_raw_timeout("query-status", None, self.stall)
+            .await
+        {
+            Ok(status) if status["status"] != "shutdown" => Seen::Trigger(
+                Trigger::ColoExit,
+                format!("COLO_EXIT reason error, QEMU {}", status["status"]),
+            ),
+            Ok(_) => self.remember(Observed::Vm(VmState::Gone)),
+            // A monitor that hangs right after COLO broke: the stream's peer is stuck.
+            Err(QmpError::Timeout { .. }) => Seen::Trigger(
+                Trigger::ColoExit,
+                format!(
+                    "COLO_EXIT reason error, then query-status unanswered for {:?}",
+                    self.stall
+                ),
+            ),
+            Err(_) => self.lost(),
         }
     }
 
