@@ -10,7 +10,7 @@
 mod common;
 
 use colo_testbed::scenario::{self, FailoverPlan, Failure};
-use colo_testbed::stock::{Daemon, DiskBackend, NetworkBackend, PairConfig, Role};
+use colo_testbed::stock::{Daemon, PairConfig, Role};
 
 /// The secondary's host goes silent (its uplink down, no FIN, both VMs and every daemon still
 /// running) during a download. Nobody runs a failover: the primary's watch agent notices
@@ -21,7 +21,7 @@ use colo_testbed::stock::{Daemon, DiskBackend, NetworkBackend, PairConfig, Role}
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn a_silent_secondary_host_leaves_the_primary_serving_alone() {
-    let cfg = daemons_pair();
+    let cfg = common::daemons_pair();
     let plan = FailoverPlan {
         kill: Role::Secondary,
         failure: Failure::CutUplink,
@@ -45,17 +45,6 @@ async fn a_silent_secondary_host_leaves_the_primary_serving_alone() {
     );
 }
 
-/// The pair of these tests: colo-blockd and colo-proxyd, 500 ms checkpoints.
-fn daemons_pair() -> PairConfig {
-    PairConfig {
-        checkpoint_delay_ms: 500,
-        guest_load_mib_s: 4,
-        disk: DiskBackend::ColoBlockd,
-        network: NetworkBackend::ColoProxyd,
-        ..PairConfig::default()
-    }
-}
-
 /// A daemon of the pair is SIGKILLed mid-epoch and restarted at once, during a download.
 /// COLO cannot go on (the relay fails the next barrier and ends COLO), so the watch agent
 /// fails over to the primary. Then the primary's colo-proxyd is killed and restarted again,
@@ -69,7 +58,7 @@ async fn daemon_restarted(daemon: Daemon, tag: &str) {
         restart_after_failover: Some(Daemon::Proxyd(Role::Primary)),
         ..FailoverPlan::default()
     };
-    let report = scenario::failover(tag, daemons_pair(), plan)
+    let report = scenario::failover(tag, common::daemons_pair(), plan)
         .await
         .expect("restart scenario ran");
     common::assert_failover(&report);
@@ -111,7 +100,7 @@ async fn colo_blockd_restarted_after_a_failover_to_the_secondary_loses_nothing()
         restart_after_failover: Some(Daemon::Blockd),
         ..FailoverPlan::default()
     };
-    let report = scenario::failover("t-rbs", daemons_pair(), plan)
+    let report = scenario::failover("t-rbs", common::daemons_pair(), plan)
         .await
         .expect("failover scenario ran");
     common::assert_failover(&report);
@@ -126,7 +115,7 @@ async fn colo_blockd_restarted_after_a_failover_to_the_secondary_loses_nothing()
 async fn a_full_disk_under_the_secondary_ends_colo_and_the_primary_serves() {
     let cfg = PairConfig {
         secondary_fs_mib: Some(64),
-        ..daemons_pair()
+        ..common::daemons_pair()
     };
     let plan = FailoverPlan {
         kill: Role::Secondary,

@@ -19,19 +19,8 @@ mod common;
 use colo_control::protocol::EventKind;
 use colo_testbed::scenario::{self, BLOB_BYTES, FailoverPlan, Failure, Report};
 use colo_testbed::stats::{median, quantile};
-use colo_testbed::stock::{Daemon, DiskBackend, NetworkBackend, PairConfig, Role};
+use colo_testbed::stock::{Daemon, Role};
 use std::time::Duration;
-
-/// colo-blockd and colo-proxyd, 500 ms checkpoints.
-fn daemons_pair() -> PairConfig {
-    PairConfig {
-        checkpoint_delay_ms: 500,
-        guest_load_mib_s: 4,
-        disk: DiskBackend::ColoBlockd,
-        network: NetworkBackend::ColoProxyd,
-        ..PairConfig::default()
-    }
-}
 
 /// Requests after the failure give up this soon and try again, so the time to the first
 /// answered one measures the outage, not TCP's retransmission of a request sent into it.
@@ -46,7 +35,7 @@ async fn run(tag: &str, kill: Role, failure: Failure) -> Report {
         echo: true,
         ..FailoverPlan::default()
     };
-    let report = scenario::failover(tag, daemons_pair(), plan)
+    let report = scenario::failover(tag, common::daemons_pair(), plan)
         .await
         .expect("HA scenario ran");
     common::assert_failover(&report);
@@ -271,7 +260,7 @@ async fn twenty_random_failovers_keep_every_byte_and_every_write() {
             kill.name(),
             plan.kill_after
         );
-        let report = match scenario::failover("h-rnd", daemons_pair(), plan).await {
+        let report = match scenario::failover("h-rnd", common::daemons_pair(), plan).await {
             Ok(report) => report,
             Err(e) => {
                 problems.push(format!("{what}: the scenario failed: {e:#}"));

@@ -7,6 +7,8 @@
 //! namespaces; needs root, `integration/setup.sh`'s artifacts and this build's `qmp-driver`
 //! and `colo-proxyd` binaries. Without them the tests fail and say what is missing.
 
+// Shared with the other bed test files; not every helper is used here.
+#[allow(dead_code)]
 mod common;
 
 use std::time::Duration;

@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+// Shared with the other bed test files; not every helper is used here.
+#[allow(dead_code)]
 mod common;
 
 use colo_testbed::scenario::{self, FailoverPlan};

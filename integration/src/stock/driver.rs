@@ -253,9 +253,28 @@ pub type RelayProcess = DriverProcess;
 impl DriverProcess {
     /// Starts `qmp-driver --config pair.toml ARGS...`, its stderr in `NAME.log`.
     fn start(dir: &Path, name: &str, args: &[&str]) -> Result<DriverProcess> {
+        DriverProcess::start_in(None, dir, name, args)
+    }
+
+    /// The same, in the network namespace `netns` when given (`ip netns exec` execs the
+    /// program: the child is `qmp-driver` itself).
+    fn start_in(
+        netns: Option<&str>,
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+    ) -> Result<DriverProcess> {
         let bin = qmp_driver_binary()?;
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new(&bin)
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = command
             .arg("--config")
             .arg(config_path(dir))
             .args(args)
@@ -264,7 +283,7 @@ impl DriverProcess {
             .stdout(File::create(dir.join(format!("{name}.stdout")))?)
             .stderr(File::create(&log)?)
             .spawn()
-            .with_context(|| format!("starting {} {args:?}", bin.display()))?;
+            .with_context(|| format!("starting {} {args:?} (netns {netns:?})", bin.display()))?;
         Ok(DriverProcess {
             child: Some(child),
             log,
@@ -305,26 +324,9 @@ impl DriverProcess {
     /// Starts `qmp-driver agent --side ROLE ARGS...` (the HA agent) in the network namespace
     /// `ns` of that side's host, where it reaches the host's corosync; its log `agent-ROLE.log`.
     pub fn agent(dir: &Path, ns: &str, role: Role, args: &[&str]) -> Result<DriverProcess> {
-        let bin = qmp_driver_binary()?;
-        let name = format!("agent-{}", role.name());
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(&bin)
-            .arg("--config")
-            .arg(config_path(dir))
-            .args(["agent", "--side", role.name()])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(File::create(dir.join(format!("{name}.stdout")))?)
-            .stderr(File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("starting {} agent in {ns}", bin.display()))?;
-        Ok(DriverProcess {
-            child: Some(child),
-            log,
-        })
+        let mut all = vec!["agent", "--side", role.name()];
+        all.extend_from_slice(args);
+        DriverProcess::start_in(Some(ns), dir, &format!("agent-{}", role.name()), &all)
     }
 
     /// Its process id (`ip netns exec` execs the program: the same process), while it runs.

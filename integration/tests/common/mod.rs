@@ -1,7 +1,7 @@
 //! Checks shared by the test-bed test files.
 
 use colo_testbed::scenario::Report;
-use colo_testbed::stock::Role;
+use colo_testbed::stock::{DiskBackend, NetworkBackend, PairConfig, Role};
 
 /// A failover run kept every promise: no failed request, the in-flight download intact, the
 /// survivor serving and its heartbeat advancing, its disk holding every record its heartbeat
@@ -75,4 +75,15 @@ pub fn assert_soak(report: &Report, checkpoints: usize, min_svm_bytes: u64) {
         svm >= min_svm_bytes,
         "only {svm} bytes of SVM output reached the comparison"
     );
+}
+
+/// The pair of the fault and HA tests: colo-blockd and colo-proxyd, 500 ms checkpoints.
+pub fn daemons_pair() -> PairConfig {
+    PairConfig {
+        checkpoint_delay_ms: 500,
+        guest_load_mib_s: 4,
+        disk: DiskBackend::ColoBlockd,
+        network: NetworkBackend::ColoProxyd,
+        ..PairConfig::default()
+    }
 }

@@ -3,7 +3,7 @@
 
 use super::{Exit, Globals, fail};
 use colo_cluster::link::Link;
-use colo_daemon::metrics::{Gauge, MetricsRegistry, serve_metrics};
+use colo_daemon::metrics::{Gauge, MetricsRegistry};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -12,8 +12,6 @@ use qmp_driver::agent::{AgentEvent, AgentOptions, run_agent};
 use qmp_driver::config::PairConfig;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
-use tokio::net::TcpListener;
 
 /// Events from corosync waiting for the agent; the link's dispatch thread blocks when full.
 const GROUP_QUEUE: usize = 256;
@@ -184,22 +182,10 @@ pub async fn run(
     opts.connect = g.connect_options();
     let cancel = colo_daemon::run::shutdown_on_signal();
     let metrics = AgentMetrics::default();
-    if let Some(listen) = metrics_listen {
-        match TcpListener::bind(listen).await {
-            Ok(l) => {
-                tokio::spawn(serve_metrics(
-                    l,
-                    Arc::new(metrics.registry()),
-                    cancel.clone(),
-                ));
-            }
-            Err(e) => {
-                return fail(
-                    &format!("cannot listen for metrics on {listen}: {e}"),
-                    Exit::Usage,
-                );
-            }
-        }
+    if let Some(listen) = metrics_listen
+        && let Err(code) = super::serve_metrics_on(listen, metrics.registry(), &cancel).await
+    {
+        return code;
     }
     let group_name = group_name.unwrap_or_else(|| format!("colo-{}", cfg.name));
     let (tx, mut rx) = tokio::sync::mpsc::channel(GROUP_QUEUE);

@@ -545,6 +545,29 @@ impl Globals {
     }
 }
 
+/// Serves `registry` for Prometheus on `listen` until `cancel` (the long-running commands'
+/// `--metrics`); a listener that cannot be bound is a usage error.
+pub(crate) async fn serve_metrics_on(
+    listen: std::net::SocketAddr,
+    registry: colo_daemon::metrics::MetricsRegistry,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(), ExitCode> {
+    match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => {
+            tokio::spawn(colo_daemon::metrics::serve_metrics(
+                l,
+                std::sync::Arc::new(registry),
+                cancel.clone(),
+            ));
+            Ok(())
+        }
+        Err(e) => Err(fail(
+            &format!("cannot listen for metrics on {listen}: {e}"),
+            Exit::Usage,
+        )),
+    }
+}
+
 /// Prints an error on stderr and returns its exit code.
 pub(crate) fn fail(e: &dyn std::fmt::Display, code: Exit) -> ExitCode {
     eprintln!("qmp-driver: {e}");

@@ -2,7 +2,7 @@
 //! command: structured logs, Prometheus metrics, exit codes.
 
 use super::{Exit, Globals, fail};
-use colo_daemon::metrics::{Gauge, MetricsRegistry, serve_metrics};
+use colo_daemon::metrics::{Gauge, MetricsRegistry};
 use colo_qmp::QmpClient;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,8 +12,6 @@ use qmp_driver::config::PairConfig;
 use qmp_driver::pair::{Trigger, WatchEvent, WatchOptions, watch_primary};
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
-use tokio::net::TcpListener;
 
 /// The agent's metrics.
 #[derive(Clone, Default)]
@@ -118,22 +116,10 @@ pub async fn run(
     };
     let cancel = colo_daemon::run::shutdown_on_signal();
     let metrics = WatchMetrics::default();
-    if let Some(listen) = metrics_listen {
-        match TcpListener::bind(listen).await {
-            Ok(l) => {
-                tokio::spawn(serve_metrics(
-                    l,
-                    Arc::new(metrics.registry()),
-                    cancel.clone(),
-                ));
-            }
-            Err(e) => {
-                return fail(
-                    &format!("cannot listen for metrics on {listen}: {e}"),
-                    Exit::Usage,
-                );
-            }
-        }
+    if let Some(listen) = metrics_listen
+        && let Err(code) = super::serve_metrics_on(listen, metrics.registry(), &cancel).await
+    {
+        return code;
     }
     let qmp = match QmpClient::connect_to(&address, g.connect_options()).await {
         Ok(q) => q,
