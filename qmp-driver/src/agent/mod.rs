@@ -438,3 +438,6 @@ impl Agent<'_> {
         report(AgentEvent::Status(&self.status));
     }
 }
+
+#[cfg(test)]
+mod tests;
