@@ -273,13 +273,21 @@ impl Arbiter {
                 if !self.views.contains_key(&from) && self.views.len() >= MAX_TRACKED_NODES {
                     return;
                 }
+                let was_protected = self.views.get(&from).is_some_and(|v| v.protected());
                 self.views.insert(from, vm);
                 if !self.period_active && self.pair_protected() {
                     self.period_active = true;
                     self.winner = None;
                     self.claimed = false;
                 }
-                if from != self.me && vm == VmState::Gone {
+                if matches!(vm, VmState::Alone | VmState::Fenced) && self.winner.is_none() {
+                    // A side left COLO without a claim (it serves alone, or it stopped): the
+                    // pair is not protected any more, and the other side's copy goes stale
+                    // from now on, so nobody may take the VM over in this period.
+                    self.period_active = false;
+                    self.claim_waiting = None;
+                }
+                if from != self.me && vm == VmState::Gone && was_protected {
                     self.try_claim(format!("node {from} reports its VM gone"), out);
                 }
             }
@@ -292,7 +300,10 @@ impl Arbiter {
                 self.period_active = false;
                 self.claim_waiting = None;
                 if from == self.me {
-                    if !self.my_vm_protected() {
+                    // Alone: this primary's COLO ended (the claim's very reason) between
+                    // sending the claim and its delivery; its failover sequence still has to
+                    // run (it finishes what QEMU left, and is idempotent).
+                    if !self.my_vm_protected() && self.my_vm != Some(VmState::Alone) {
                         return;
                     }
                     if self.quorate() {

@@ -124,6 +124,45 @@ fn a_dead_primary_vm_makes_the_secondary_take_over_and_nothing_else() {
 }
 
 #[test]
+fn a_primary_that_left_colo_alone_ends_the_period_so_its_later_death_makes_no_take_over() {
+    // COLO ended on the primary and it serves alone (nobody claimed): the secondary's copy
+    // goes stale from then on, so when the primary later dies the secondary must not serve.
+    let mut p = Pair::protected();
+    p.feed(A, Input::Local(VmState::Alone));
+    p.deliver_all();
+    assert!(p.nodes.iter().all(|n| !n.period_active()));
+    p.feed(A, Input::Local(VmState::Gone));
+    p.deliver_all();
+    p.feed(
+        B,
+        Input::Left {
+            node: A,
+            cause: LeaveCause::NodeDown,
+        },
+    );
+    p.deliver_all();
+    assert!(p.takeovers.is_empty(), "{:?}", p.takeovers);
+}
+
+#[test]
+fn a_claim_won_after_the_claimant_left_colo_alone_still_takes_over() {
+    // The primary saw COLO end (its trigger), claimed, and reported itself alone before its
+    // claim came back: the claim still wins and its failover sequence still runs.
+    let mut p = Pair::protected();
+    p.feed(
+        A,
+        Input::LocalTrigger {
+            reason: "colo-exit".into(),
+        },
+    );
+    p.feed(A, Input::Local(VmState::Alone));
+    p.deliver_all();
+    assert_eq!(p.takeovers, vec![A]);
+    // The secondary, still in COLO, lost the claim: it stops its stale copy.
+    assert_eq!(p.fenced, vec![B]);
+}
+
+#[test]
 fn a_peer_agent_that_dies_alone_is_no_reason_to_take_over() {
     for cause in [LeaveCause::ProcessDown, LeaveCause::Left] {
         let mut p = Pair::protected();

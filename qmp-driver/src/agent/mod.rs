@@ -346,6 +346,7 @@ impl Agent<'_> {
             unix_ms: unix_ms(),
             detection_ms: self.first_sign.map(|t| t.elapsed().as_secs_f64() * 1000.0),
             failover_ms: None,
+            error: None,
         };
         report(AgentEvent::Decided(&decision));
         self.status.last_decision = Some(decision);
@@ -369,6 +370,9 @@ impl Agent<'_> {
                         what: "the agent has no QMP connection to its QEMU".into(),
                         hint: "check that QEMU runs and listens on the side's watch_qmp".into(),
                     };
+                    if let Some(d) = self.status.last_decision.as_mut() {
+                        d.error = Some(e.to_string());
+                    }
                     report(AgentEvent::TakeOverFailed(&e));
                     return;
                 };
@@ -389,7 +393,12 @@ impl Agent<'_> {
                         }
                         report(AgentEvent::TookOver(&done));
                     }
-                    Err(e) => report(AgentEvent::TakeOverFailed(&e)),
+                    Err(e) => {
+                        if let Some(d) = self.status.last_decision.as_mut() {
+                            d.error = Some(e.to_string());
+                        }
+                        report(AgentEvent::TakeOverFailed(&e));
+                    }
                 }
             }
             Action::Fence { reason } => {

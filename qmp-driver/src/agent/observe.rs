@@ -215,6 +215,20 @@ impl Observer {
             colo["last-mode"].as_str().unwrap_or("none"),
             status["status"].as_str().unwrap_or(""),
         );
+        if protected_primary
+            && observed != Observed::Vm(VmState::Primary)
+            && colo["reason"] == "error"
+        {
+            // COLO broke and this probe saw it before the COLO_EXIT event was handled (the
+            // event comes from QEMU's migration thread, the probe's answer from its monitor):
+            // the same trigger, once; the next probe reports the new state.
+            self.last = Some(observed);
+            self.stopped_since = None;
+            return Seen::Trigger(
+                Trigger::ColoExit,
+                format!("COLO ended (reason error), QEMU {}", status["status"]),
+            );
+        }
         if observed == Observed::Vm(VmState::Primary)
             && protected_primary
             && let Some((trigger, detail)) =

@@ -53,6 +53,10 @@ pub struct Decision {
     pub detection_ms: Option<f64>,
     /// How long the failover sequence took (take-overs), in ms.
     pub failover_ms: Option<f64>,
+    /// Why the decision could not be carried out (a take-over whose failover sequence failed:
+    /// the pair may have no serving VM; see the agent's log and `qmp-driver status`).
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -113,6 +117,7 @@ mod tests {
                 unix_ms: 1,
                 detection_ms: Some(2.5),
                 failover_ms: Some(40.0),
+                error: None,
             }),
             pid: 42,
             updated_unix_ms: unix_ms(),

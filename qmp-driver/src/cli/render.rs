@@ -249,8 +249,12 @@ fn agents(agents: &[AgentReport]) -> String {
             .map_or("unknown".into(), |p| format!("node {}: {}", p.node, p.vm));
         let decision = s.last_decision.as_ref().map_or("none".into(), |d| {
             let ms = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.0} ms"));
+            let failed = d
+                .error
+                .as_ref()
+                .map_or(String::new(), |e| format!("; FAILED: {e}"));
             format!(
-                "{}: {} (detection {}, failover {})",
+                "{}: {} (detection {}, failover {}){failed}",
                 d.action,
                 d.reason,
                 ms(d.detection_ms),
