@@ -93,9 +93,19 @@ impl HaBed {
         }
         for role in [Role::Primary, Role::Secondary] {
             let peer = role.other().name();
-            bed.wait_state(role, SETTLE, "protected, quorate, the peer known", |s| {
-                s.in_sync && s.quorate && s.peer.as_ref().is_some_and(|p| p.vm == peer)
-            })
+            // On the bed the relay's control socket is in the shared run directory, so both
+            // agents see colo's daemons through it.
+            bed.wait_state(
+                role,
+                SETTLE,
+                "protected, quorate, the peer known, colo's daemons well",
+                |s| {
+                    s.in_sync
+                        && s.quorate
+                        && s.peer.as_ref().is_some_and(|p| p.vm == peer)
+                        && s.daemons.as_ref().is_some_and(|d| d.all_well())
+                },
+            )
             .await?;
         }
         Ok(bed)

@@ -8,6 +8,7 @@
 //! sends through a [`GroupLink`], which the CLI backs with `colo_cluster::link::Link`.
 
 pub mod act;
+pub mod daemons;
 pub mod observe;
 pub mod status;
 
@@ -43,6 +44,9 @@ impl GroupLink for colo_cluster::link::Link {
         colo_cluster::link::Link::send(self, message).map_err(|e| e.to_string())
     }
 }
+
+/// How often the agent asks the relay on its host about colo's daemons.
+pub const DAEMONS_PROBE: Duration = Duration::from_secs(1);
 
 /// How often the agent tries to send one message before it gives up on it.
 pub const SEND_ATTEMPTS: u32 = 5;
@@ -143,6 +147,7 @@ pub async fn run_agent(
             peer: None,
             in_sync: false,
             last_decision: None,
+            daemons: None,
             pid: std::process::id(),
             updated_unix_ms: unix_ms(),
         },
@@ -150,6 +155,15 @@ pub async fn run_agent(
         first_sign: None,
         grace: None,
     };
+    let (daemons_tx, mut daemons_rx) = watch::channel(None);
+    let daemons_task = daemons::relay_is_local(cfg).then(|| {
+        tokio::spawn(daemons::watch_daemons(
+            cfg.clone(),
+            DAEMONS_PROBE,
+            daemons_tx,
+            observer_cancel.clone(),
+        ))
+    });
     agent.publish(report);
     let mut group_open = true;
     loop {
@@ -167,6 +181,11 @@ pub async fn run_agent(
                 agent.grace = None;
                 Some(Input::GraceExpired)
             }
+            Ok(()) = daemons_rx.changed(), if daemons_task.is_some() => {
+                let seen = daemons_rx.borrow_and_update().clone();
+                agent.on_daemons(seen, report);
+                None
+            }
         };
         if let Some(input) = input {
             agent.feed(input, report).await;
@@ -174,6 +193,9 @@ pub async fn run_agent(
     }
     observer_cancel.cancel();
     let _ = observer_task.await;
+    if let Some(task) = daemons_task {
+        let _ = task.await;
+    }
     Ok(())
 }
 
@@ -434,6 +456,26 @@ impl Agent<'_> {
                 }
             }
         }
+    }
+
+    /// Records (and logs) what the relay says of colo's daemons.
+    fn on_daemons(
+        &mut self,
+        seen: Option<daemons::DaemonsStatus>,
+        report: &mut (dyn FnMut(AgentEvent<'_>) + Send),
+    ) {
+        if let Some(d) = &seen {
+            if d.all_well() {
+                tracing::info!(
+                    subscribers = d.subscribers.len(),
+                    "colo's daemons: all well"
+                );
+            } else {
+                tracing::warn!(daemons = ?d, "colo's daemons: not all well (the relay ends COLO at the next barrier if one fails it)");
+            }
+        }
+        self.status.daemons = seen;
+        self.publish(report);
     }
 
     /// Writes the state file and reports the status.

@@ -25,6 +25,9 @@ pub struct AgentStatus {
     pub in_sync: bool,
     /// The last decision the agent took, with its reason.
     pub last_decision: Option<Decision>,
+    /// colo's daemons as the relay on this host reports them (the secondary's host only).
+    #[serde(default)]
+    pub daemons: Option<super::daemons::DaemonsStatus>,
     /// The agent's process id.
     pub pid: u32,
     /// When this document was written (Unix ms).
@@ -119,6 +122,7 @@ mod tests {
                 failover_ms: Some(40.0),
                 error: None,
             }),
+            daemons: None,
             pid: 42,
             updated_unix_ms: unix_ms(),
         };

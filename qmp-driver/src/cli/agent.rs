@@ -28,6 +28,7 @@ struct AgentMetrics {
     send_errors: Counter,
     last_detection_ms: Gauge,
     last_failover_ms: Gauge,
+    daemon_up: Family<StateLabel, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,6 +91,11 @@ impl AgentMetrics {
             "Duration of the last take-over's failover sequence",
             self.last_failover_ms.clone(),
         );
+        r.register(
+            "daemon_up",
+            "1 while the relay (state=relay) or a relay subscriber (state=its name) is up and healthy, as the relay on this host reports them",
+            self.daemon_up.clone(),
+        );
         for state in VM_STATES {
             let _ = self.vm.get_or_create(&StateLabel {
                 state: state.into(),
@@ -114,6 +120,20 @@ impl AgentMetrics {
                             state: state.into(),
                         })
                         .set(u64::from(s.vm == state));
+                }
+                if let Some(d) = &s.daemons {
+                    self.daemon_up.clear();
+                    let up = |state: &str, up: bool| {
+                        self.daemon_up
+                            .get_or_create(&StateLabel {
+                                state: state.into(),
+                            })
+                            .set(u64::from(up));
+                    };
+                    up("relay", d.relay_up);
+                    for sub in &d.subscribers {
+                        up(&sub.name, sub.connected && sub.healthy);
+                    }
                 }
                 self.peer.clear();
                 if let Some(peer) = &s.peer {

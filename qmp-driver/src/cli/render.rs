@@ -261,8 +261,28 @@ fn agents(agents: &[AgentReport]) -> String {
                 ms(d.failover_ms)
             )
         });
+        let daemons = s
+            .daemons
+            .as_ref()
+            .map_or("not watched on this host".into(), |d| {
+                let mut parts = vec![if d.relay_up {
+                    "relay up".to_string()
+                } else {
+                    format!("relay DOWN ({})", d.relay_error.as_deref().unwrap_or("-"))
+                }];
+                parts.extend(d.subscribers.iter().map(|sub| {
+                    let state = match (sub.connected, sub.healthy) {
+                        (false, _) => "DISCONNECTED",
+                        (true, true) => "healthy",
+                        (true, false) => "UNHEALTHY",
+                    };
+                    format!("{} {state}", sub.name)
+                }));
+                parts.join(", ")
+            });
         let rows = vec![
             vec!["node".to_string(), s.node.to_string()],
+            vec!["daemons".into(), daemons],
             vec!["vm".into(), s.vm.clone()],
             vec![
                 "quorate".into(),
