@@ -118,6 +118,27 @@ impl Observer {
         }
     }
 
+    /// One probe query; what to report instead when it fails: a hung monitor on a protected
+    /// primary is the trigger, elsewhere the last state holds; a lost connection is the VM gone.
+    async fn query(
+        &mut self,
+        qmp: &QmpClient,
+        command: &str,
+        protected_primary: bool,
+    ) -> Result<serde_json::Value, Seen> {
+        match qmp.execute_raw_timeout(command, None, self.stall).await {
+            Ok(v) => Ok(v),
+            Err(QmpError::Timeout { .. }) if protected_primary => Err(Seen::Trigger(
+                Trigger::MonitorHung,
+                format!("{command} unanswered for {:?}", self.stall),
+            )),
+            Err(QmpError::Timeout { .. }) => {
+                Err(Seen::State(self.last.unwrap_or(Observed::Waiting)))
+            }
+            Err(_) => Err(self.lost()),
+        }
+    }
+
     /// A `COLO_EXIT` (reason `error`) on the primary means the secondary's side failed,
     /// unless the primary's own QEMU is going away (a `quit` ends COLO with the same event
     /// just before QEMU exits): only a QEMU that still answers and is not shutting down turns
@@ -178,37 +199,16 @@ impl Observer {
         let qmp = qmp.clone();
         let protected_primary =
             self.side == Role::Primary && self.last == Some(Observed::Vm(VmState::Primary));
-        let colo = match qmp
-            .execute_raw_timeout("query-colo-status", None, self.stall)
+        let colo = match self
+            .query(&qmp, "query-colo-status", protected_primary)
             .await
         {
             Ok(v) => v,
-            Err(QmpError::Timeout { .. }) if protected_primary => {
-                return Seen::Trigger(
-                    Trigger::MonitorHung,
-                    format!("query-colo-status unanswered for {:?}", self.stall),
-                );
-            }
-            Err(QmpError::Timeout { .. }) => {
-                return Seen::State(self.last.unwrap_or(Observed::Waiting));
-            }
-            Err(_) => return self.lost(),
+            Err(seen) => return seen,
         };
-        let status = match qmp
-            .execute_raw_timeout("query-status", None, self.stall)
-            .await
-        {
+        let status = match self.query(&qmp, "query-status", protected_primary).await {
             Ok(v) => v,
-            Err(QmpError::Timeout { .. }) if protected_primary => {
-                return Seen::Trigger(
-                    Trigger::MonitorHung,
-                    format!("query-status unanswered for {:?}", self.stall),
-                );
-            }
-            Err(QmpError::Timeout { .. }) => {
-                return Seen::State(self.last.unwrap_or(Observed::Waiting));
-            }
-            Err(_) => return self.lost(),
+            Err(seen) => return seen,
         };
         let observed = classify(
             colo["mode"].as_str().unwrap_or("none"),
