@@ -16,10 +16,11 @@ use crate::protocol::{
     PROTOCOL_VERSION, RelayMessage, RelayState, RelayStatus, SUPPORTED_VERSIONS, SubscriberStatus,
     decode_client_line, encode_line, now_micros,
 };
-use crate::transport::{StreamReader, StreamWriter};
+use crate::transport::{Accepted, StreamReader, StreamWriter};
 use futures_util::StreamExt;
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use crate::transport::ControlListener;
+pub use crate::transport::{ControlListener, Peer};
 
 /// Distinct `checkpoint-requested` reasons kept in status; further new
 /// reasons are counted under [`OTHER_REASONS`] so a misbehaving client cannot
@@ -52,7 +53,28 @@ pub struct HubOptions {
     /// Lines queued per client before it counts as stuck and is
     /// disconnected.
     pub queue_depth: usize,
+    /// Who may ask for a `failover` (only ever over a Unix socket).
+    pub operators: OperatorPolicy,
+    /// Most clients served at once on one Unix listener; a connection
+    /// beyond it is closed before a byte of it is read.
+    pub max_unix_clients: usize,
+    /// Most clients served at once on one TCP listener; a connection beyond
+    /// it is closed before a byte of it is read.
+    pub max_tcp_clients: usize,
+    /// When set, TCP clients are served only from these addresses; any
+    /// other is closed before a byte of it is read. An address is not an
+    /// identity (anyone who can send from it passes), but it keeps a
+    /// stranger elsewhere on the network out until the link is
+    /// authenticated.
+    pub tcp_peers: Option<Vec<IpAddr>>,
 }
+
+/// Default [`HubOptions::max_unix_clients`]: a relay's host has two daemons
+/// and a few tools.
+pub const DEFAULT_MAX_UNIX_CLIENTS: usize = 64;
+/// Default [`HubOptions::max_tcp_clients`]: the other host has one or two
+/// daemons (and their reconnections overlapping the old connection).
+pub const DEFAULT_MAX_TCP_CLIENTS: usize = 8;
 
 impl Default for HubOptions {
     fn default() -> Self {
@@ -60,6 +82,90 @@ impl Default for HubOptions {
             hello_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(5),
             queue_depth: 1024,
+            operators: OperatorPolicy::default(),
+            max_unix_clients: DEFAULT_MAX_UNIX_CLIENTS,
+            max_tcp_clients: DEFAULT_MAX_TCP_CLIENTS,
+            tcp_peers: None,
+        }
+    }
+}
+
+/// Who may ask the relay to announce a `failover`: the local operator.
+///
+/// A `failover` event makes colo-blockd drop the primary's log and
+/// colo-proxyd stop releasing or comparing, so only a process on the
+/// relay's host, over the Unix socket, whose kernel-given credentials
+/// (`SO_PEERCRED`) name an allowed uid or gid, may ask for it. TCP clients
+/// never may: nothing authenticates them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorPolicy {
+    /// Allowed user ids (default: root only; the relay adds its own).
+    pub uids: BTreeSet<u32>,
+    /// Allowed primary group id of the client, if any.
+    pub gid: Option<u32>,
+}
+
+impl Default for OperatorPolicy {
+    fn default() -> Self {
+        OperatorPolicy {
+            uids: BTreeSet::from([0]),
+            gid: None,
+        }
+    }
+}
+
+impl OperatorPolicy {
+    /// Whether `peer` may ask for a failover; the error says why not.
+    pub fn check(&self, peer: &Peer) -> Result<(), String> {
+        match peer {
+            Peer::Local { uid, gid, .. } => {
+                if self.uids.contains(uid) || self.gid == Some(*gid) {
+                    Ok(())
+                } else {
+                    let gid_note = match self.gid {
+                        Some(g) => format!(" or gid {g}"),
+                        None => String::new(),
+                    };
+                    Err(format!(
+                        "uid {uid} (gid {gid}) is not an operator of this relay (allowed: uid {}{gid_note})",
+                        self.uids
+                            .iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                }
+            }
+            Peer::LocalUnknown => Err("the client's credentials could not be read".to_string()),
+            Peer::Remote(addr) => Err(format!(
+                "a failover is accepted only on the relay's Unix socket, not over TCP (from {addr})"
+            )),
+        }
+    }
+}
+
+/// At most one line per second for a message a stranger can cause at will
+/// (a refused connection, a refused request), with the count of the ones
+/// it stands for.
+#[derive(Debug, Default)]
+struct LogLimit {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogLimit {
+    /// `Some(suppressed)` when this occurrence may be logged.
+    fn allow(&self) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match st.0 {
+            Some(last) if now.duration_since(last) < Duration::from_secs(1) => {
+                st.1 += 1;
+                None
+            }
+            _ => {
+                st.0 = Some(now);
+                Some(std::mem::take(&mut st.1))
+            }
         }
     }
 }
@@ -146,6 +252,8 @@ struct Inner {
     tasks: TaskTracker,
     opts: HubOptions,
     next_id: AtomicU64,
+    refused_connection_log: LogLimit,
+    refused_request_log: LogLimit,
 }
 
 #[derive(Debug, Default)]
@@ -319,6 +427,15 @@ impl Drop for BarrierGuard<'_> {
     }
 }
 
+/// One client slot of a listener, given back when its connection ends.
+struct ServedSlot(Arc<AtomicUsize>);
+
+impl Drop for ServedSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl ControlHub {
     /// Serves the control protocol on `listener` (already bound: a
     /// `UnixListener`, a `TcpListener` or a [`ControlListener`]) with default
@@ -342,6 +459,8 @@ impl ControlHub {
             tasks: TaskTracker::new(),
             opts,
             next_id: AtomicU64::new(1),
+            refused_connection_log: LogLimit::default(),
+            refused_request_log: LogLimit::default(),
         });
         let hub = ControlHub { inner };
         hub.listen(listener);
@@ -365,26 +484,43 @@ impl ControlHub {
             .local_address()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
+        let limit = match listener {
+            ControlListener::Tcp(_) => self.inner.opts.max_tcp_clients,
+            ControlListener::Unix(_) | ControlListener::UnixAt { .. } => {
+                self.inner.opts.max_unix_clients
+            }
+        };
+        // Clients of this listener being served; each task holds one unit.
+        let served = Arc::new(AtomicUsize::new(0));
         loop {
             let accepted = tokio::select! {
                 _ = self.inner.cancel.cancelled() => break,
                 r = listener.accept() => r,
             };
             match accepted {
-                Ok((rd, wr, peer)) => {
-                    if let Some(peer) = &peer {
-                        tracing::debug!(%peer, listener = %local, "control connection over TCP");
+                Ok(accepted) => {
+                    let peer = accepted.peer;
+                    if let Err(why) = self.admit(&peer, &served, limit) {
+                        // Dropped unread: the client sees its connection closed.
+                        drop(accepted);
+                        self.refused_connection(&peer, &local, &why);
+                        continue;
                     }
+                    let slot = ServedSlot(served.clone());
                     let hub = self.clone();
                     // Every log line of this client carries where it came from.
                     let span = tracing::info_span!(
                         "control_connection",
-                        peer = peer.as_deref().unwrap_or("unix"),
+                        peer = %peer,
                         listener = %local
                     );
-                    self.inner
-                        .tasks
-                        .spawn(async move { hub.serve_conn(rd, wr, peer).await }.instrument(span));
+                    self.inner.tasks.spawn(
+                        async move {
+                            hub.serve_conn(accepted, peer).await;
+                            drop(slot);
+                        }
+                        .instrument(span),
+                    );
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -397,6 +533,29 @@ impl ControlHub {
             }
         }
         tracing::debug!(listener = %local, "control socket closed");
+    }
+
+    /// Takes one of the listener's `limit` client slots for `peer`, or says
+    /// why it is refused.
+    fn admit(&self, peer: &Peer, served: &AtomicUsize, limit: usize) -> Result<(), String> {
+        if let (Peer::Remote(addr), Some(allowed)) = (peer, &self.inner.opts.tcp_peers)
+            && !allowed.contains(&addr.ip())
+        {
+            return Err(format!("{} is not an allowed TCP control peer", addr.ip()));
+        }
+        served
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .map(drop)
+            .map_err(|_| format!("already {limit} clients on this listener"))
+    }
+
+    fn refused_connection(&self, peer: &Peer, listener: &str, why: &str) {
+        lock(&self.inner.state).status.refused_control_connections += 1;
+        if let Some(suppressed) = self.inner.refused_connection_log.allow() {
+            tracing::warn!(%peer, %listener, suppressed, "refused a control connection: {why}");
+        }
     }
 
     /// Stops accepting and disconnects every client. Barriers in progress
@@ -542,7 +701,8 @@ impl ControlHub {
         }
     }
 
-    async fn serve_conn(self, rd: StreamReader, wr: StreamWriter, peer: Option<String>) {
+    async fn serve_conn(self, accepted: Accepted, peer: Peer) {
+        let (rd, wr) = accepted.into_halves();
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE));
         let (tx, rx) = mpsc::channel::<String>(self.inner.opts.queue_depth.max(1));
@@ -588,8 +748,8 @@ impl ControlHub {
         };
 
         if let Some(hello) = hello {
-            self.register(id, &hello, peer.as_deref(), tx, kill.clone());
-            self.read_loop(id, &hello, &mut lines, &kill).await;
+            self.register(id, &hello, &peer, tx, kill.clone());
+            self.read_loop(id, &hello, &peer, &mut lines, &kill).await;
             self.unregister(id);
         } else {
             drop(tx);
@@ -625,7 +785,7 @@ impl ControlHub {
         &self,
         id: u64,
         hello: &Hello,
-        peer: Option<&str>,
+        peer: &Peer,
         tx: mpsc::Sender<String>,
         kill: CancellationToken,
     ) {
@@ -654,8 +814,7 @@ impl ControlHub {
                 state: st.status.state,
             }),
         );
-        // The peer of a TCP client is logged: nothing authenticates it.
-        let peer = peer.unwrap_or("unix");
+        // Who connected, as the kernel says: the name is only a claim.
         let level_info = hello.role == ConnectionRole::Subscriber;
         if level_info {
             tracing::info!(conn = id, name = %hello.name, sync, %peer, "control subscriber connected");
@@ -694,6 +853,7 @@ impl ControlHub {
         &self,
         id: u64,
         hello: &Hello,
+        peer: &Peer,
         lines: &mut FramedRead<StreamReader, LinesCodec>,
         kill: &CancellationToken,
     ) {
@@ -719,7 +879,7 @@ impl ControlHub {
                 }
             };
             match decode_client_line(&line) {
-                Ok(msg) => self.handle(id, hello, msg),
+                Ok(msg) => self.handle(id, hello, peer, msg),
                 Err(e) => {
                     tracing::debug!(conn = id, name = %hello.name, error = %e, "bad control line");
                     let message = match e {
@@ -739,7 +899,7 @@ impl ControlHub {
         }
     }
 
-    fn handle(&self, id: u64, hello: &Hello, msg: ClientMessage) {
+    fn handle(&self, id: u64, hello: &Hello, peer: &Peer, msg: ClientMessage) {
         let mut st = lock(&self.inner.state);
         let reply = match msg {
             ClientMessage::Hello(_) => error_line("hello was already received", None),
@@ -786,8 +946,20 @@ impl ControlHub {
                 encode_line(&RelayMessage::Ok)
             }
             ClientMessage::Failover { survivor } => {
+                if let Err(why) = self.inner.opts.operators.check(peer) {
+                    // Nothing is published: only the local operator decides a failover.
+                    st.status.refused_requests += 1;
+                    if let Some(suppressed) = self.inner.refused_request_log.allow() {
+                        tracing::warn!(conn = id, name = %hello.name, %peer, %survivor, suppressed, "refused a failover request: {why}");
+                    }
+                    let line = error_line(&format!("failover refused: {why}"), None);
+                    if let Some(c) = st.conns.get(&id) {
+                        c.send(id, line);
+                    }
+                    return;
+                }
                 let epoch = st.status.epoch;
-                tracing::info!(by = %hello.name, %survivor, epoch, "operator announced a failover");
+                tracing::info!(by = %hello.name, %peer, %survivor, epoch, "operator announced a failover");
                 // Answer first, then broadcast, so an operator that also
                 // subscribed reads `ok` before its own event.
                 if let Some(c) = st.conns.get(&id) {
@@ -796,7 +968,7 @@ impl ControlHub {
                 st.deliver(
                     &EventBody::new(EventKind::Failover, epoch)
                         .with_survivor(survivor)
-                        .with_detail(format!("announced by {}", hello.name)),
+                        .with_detail(format!("announced by {} ({peer})", hello.name)),
                     None,
                 );
                 return;
@@ -879,4 +1051,38 @@ async fn write_loop(
         }
     }
     let _ = tokio::time::timeout(Duration::from_millis(100), wr.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_policy_allows_listed_uids_and_the_group_on_unix_only() {
+        let policy = OperatorPolicy {
+            uids: BTreeSet::from([0, 1000]),
+            gid: Some(27),
+        };
+        let local = |uid, gid| Peer::Local {
+            uid,
+            gid,
+            pid: Some(1),
+        };
+        assert!(policy.check(&local(0, 0)).is_ok());
+        assert!(policy.check(&local(1000, 1000)).is_ok());
+        assert!(policy.check(&local(1001, 27)).is_ok());
+        let e = policy.check(&local(1001, 1001)).unwrap_err();
+        assert!(
+            e.contains("uid 1001") && e.contains("0, 1000") && e.contains("gid 27"),
+            "{e}"
+        );
+        assert!(policy.check(&Peer::LocalUnknown).is_err());
+        let e = policy
+            .check(&Peer::Remote("192.168.77.1:4000".parse().unwrap()))
+            .unwrap_err();
+        assert!(e.contains("not over TCP"), "{e}");
+        // The default: root only.
+        assert!(OperatorPolicy::default().check(&local(0, 0)).is_ok());
+        assert!(OperatorPolicy::default().check(&local(1000, 0)).is_err());
+    }
 }

@@ -46,6 +46,10 @@ pub mod protocol;
 mod transport;
 
 pub use client::{ControlError, Operator, Subscriber};
-pub use hub::{BarrierError, BarrierReport, ControlHub, ControlListener};
+pub use hub::{
+    BarrierError, BarrierReport, ControlHub, ControlListener, HubOptions, OperatorPolicy,
+};
 pub use protocol::{Event, EventBody, EventKind, PROTOCOL_VERSION, RelayState, RelayStatus};
-pub use transport::{TCP_DEAD_PEER, tune_tcp};
+pub use transport::{
+    OWNER_AND_GROUP, OWNER_ONLY, Peer, TCP_DEAD_PEER, bind_private_unix, tune_tcp,
+};

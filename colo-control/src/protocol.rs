@@ -313,6 +313,19 @@ pub struct RelayStatus {
     pub passthrough_channels: u32,
     /// Barriers that failed (timeout or sync subscriber lost) since start.
     pub barrier_timeouts: u64,
+    /// Migration connections the relay closed unread since start: another
+    /// one while a session ran, or one that was not a main migration
+    /// channel (see `docs/control-protocol.md`, "One session at a time").
+    #[serde(default)]
+    pub refused_migration_channels: u64,
+    /// Control connections closed unread since start: over a listener's
+    /// client limit, or from a TCP address not allowed.
+    #[serde(default)]
+    pub refused_control_connections: u64,
+    /// Requests refused for who sent them since start (a `failover` not
+    /// from the local operator).
+    #[serde(default)]
+    pub refused_requests: u64,
     /// Event receivers.
     pub subscribers: Vec<SubscriberStatus>,
 }

@@ -729,6 +729,8 @@ async fn silent_or_departing_tcp_subscriber_fails_the_barrier() {
     assert!(!s.connected && !s.healthy);
 }
 
+/// Status and checkpoint reasons work over TCP; a failover does not (it is
+/// the local operator's, over the Unix socket: `hub_security.rs`).
 #[tokio::test]
 async fn operator_helpers_work_over_tcp() {
     let TcpBed { bed: b, tcp } = tcp_bed().await;
@@ -738,10 +740,18 @@ async fn operator_helpers_work_over_tcp() {
     note_checkpoint_request(&tcp, "proxy-mismatch")
         .await
         .unwrap();
-    notify_failover(tcp.clone(), Role::Primary).await.unwrap();
+    let e = notify_failover(tcp.clone(), Role::Primary)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ControlError::Rejected { message, .. } if message.contains("not over TCP")),
+        "{e}"
+    );
+    notify_failover(&b.path, Role::Primary).await.unwrap();
     let ev = sub.next_event_timeout(T).await.unwrap().unwrap();
     assert_eq!(ev.event, EventKind::Failover);
     assert_eq!(ev.survivor, Some(Role::Primary));
+    assert_eq!(ev.seq, 1, "the refused failover published nothing");
     let mut op = Operator::connect(tcp, "qmp-driver").await.unwrap();
     let st = op.status().await.unwrap();
     assert_eq!(st.requests_by_reason["proxy-mismatch"], 1);
