@@ -94,6 +94,7 @@ pub trait RequestObserver: Send + Sync + 'static {
 enum Message {
     Needed(&'static str),
     Adopted,
+    Withdrawn,
 }
 
 /// The daemon's handle: never waits.
@@ -107,6 +108,7 @@ impl std::fmt::Debug for Message {
         match self {
             Message::Needed(r) => write!(f, "Needed({r})"),
             Message::Adopted => f.write_str("Adopted"),
+            Message::Withdrawn => f.write_str("Withdrawn"),
         }
     }
 }
@@ -134,6 +136,13 @@ impl CheckpointRequester {
     /// A checkpoint was adopted: outstanding requests are answered.
     pub fn adopted(&self) {
         let _ = self.tx.send(Message::Adopted);
+    }
+
+    /// COLO ended (or the pair failed over): no checkpoint will come, and none is needed any
+    /// more. The wanted and outstanding requests are dropped, not retried against a primary
+    /// that has left COLO; a later [`request`](Self::request) starts afresh.
+    pub fn withdraw(&self) {
+        let _ = self.tx.send(Message::Withdrawn);
     }
 }
 
@@ -170,6 +179,14 @@ async fn run(
                 continue;
             }
             Some(Message::Adopted) => {
+                wanted = None;
+                outstanding = None;
+                continue;
+            }
+            Some(Message::Withdrawn) => {
+                if let Some(reason) = wanted.or(outstanding.map(|(_, r)| r)) {
+                    tracing::info!(reason, "COLO ended: the checkpoint request is withdrawn");
+                }
                 wanted = None;
                 outstanding = None;
                 continue;
@@ -236,5 +253,88 @@ async fn sleep_until(due: Option<Instant>) {
     match due {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use colo_testkit::fake_qmp::{Answer, FakeMonitor};
+    use serde_json::json;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Counts {
+        failed: AtomicUsize,
+    }
+
+    impl RequestObserver for Counts {
+        fn requested(&self, _: &'static str) {}
+        fn failed(&self, _: &'static str) {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A primary that has left COLO refuses every request; the requester keeps the reason and
+    /// retries until told COLO ended. After `withdraw` it asks no more (the primary's
+    /// colo-proxyd once retried every second for as long as the primary served alone).
+    #[tokio::test]
+    async fn a_withdrawn_request_is_not_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let mut monitor = FakeMonitor::serve_unix(&path, &[], |cmd| match cmd.name.as_str() {
+            "query-migrate" => Answer::ret(json!({"status": "completed"})),
+            _ => Answer::ok(),
+        });
+        let counts = Arc::new(Counts::default());
+        let shutdown = CancellationToken::new();
+        let opts = RequestOptions {
+            min_interval: Duration::from_millis(20),
+            ..RequestOptions::default()
+        };
+        let requester = CheckpointRequester::spawn(
+            QmpSession::new(Address::Unix(path.clone())),
+            opts,
+            counts.clone(),
+            shutdown.clone(),
+        );
+        requester.request("hold-timeout");
+        // Refused, then asked again: the reason is kept while COLO may still run.
+        for _ in 0..2 {
+            monitor
+                .recv_named("query-migrate", Duration::from_secs(5))
+                .await
+                .expect("the requester asks the primary");
+        }
+        requester.withdraw();
+        // Whatever attempt was under way when the withdrawal arrived ends; then silence, over
+        // many times the retry interval.
+        let mut in_flight = 0;
+        while in_flight < 3
+            && monitor
+                .recv_named("query-migrate", Duration::from_millis(500))
+                .await
+                .is_some()
+        {
+            in_flight += 1;
+        }
+        let failed = counts.failed.load(Ordering::SeqCst);
+        assert!(failed >= 2, "the refusals were not recorded: {failed}");
+        assert!(
+            monitor
+                .recv_named("query-migrate", Duration::from_millis(500))
+                .await
+                .is_none(),
+            "the withdrawn request was retried"
+        );
+        // A new need starts afresh.
+        requester.request("payload-differs");
+        monitor
+            .recv_named("query-migrate", Duration::from_secs(5))
+            .await
+            .expect("a new request goes out after a withdrawal");
+        shutdown.cancel();
     }
 }

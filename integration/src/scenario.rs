@@ -487,6 +487,10 @@ async fn fetch_text(client: &HttpClient, path: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&response.body).trim().to_string())
 }
 
+/// How long after a stalled link heals the abandoned secondary's daemons get to find their
+/// peers again (their reconnect back-off is about a second) before the primary is asked again.
+const STALE_PEER_GRACE: Duration = Duration::from_secs(5);
+
 /// How long [`wait_for_barrier`]'s subscriber holds each barrier: long enough to kill a VM
 /// inside it, shorter than the bed relay's ack bound (a barrier timeout would end COLO first).
 const BARRIER_HOLD: Duration = Duration::from_millis(800);
@@ -528,6 +532,12 @@ pub enum Failure {
     /// The host dies silently ([`HaBed::die_silently`]): uplink down, its corosync killed,
     /// every other process of it frozen. Needs the HA agents.
     HostDeath,
+    /// The path between the two hosts stalls at the switch (every packet dropped, no FIN, no
+    /// link down; both hosts stay reachable by the client), and heals after the requests that
+    /// follow the failover. No HA agents: the primary's watch agent must notice the stall and
+    /// fail over to the primary (`kill` is the secondary); after the heal, the secondary's
+    /// stale daemons reconnecting must not disturb the primary serving alone.
+    StallLink,
     /// Only the path between the two hosts is cut, at the switch; both stay reachable by the
     /// client and the witness. The side named by `kill` is the one expected to lose (the
     /// cluster's tie-breaker gives the lowest node id, the primary's host, the vote). Needs
@@ -638,6 +648,7 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
             Failure::FillSecondaryDisk => "full",
             Failure::HostDeath => "death",
             Failure::Partition => "split",
+            Failure::StallLink => "stall",
         },
         plan.kill.name(),
         if plan.via_cli { "-cli" } else { "" },
@@ -765,7 +776,7 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
             .as_mut()
             .context("a host death needs the HA agents")?
             .die_silently(&pair, plan.kill)?,
-        Failure::Partition => pair.topology.isolate_hosts(true)?,
+        Failure::Partition | Failure::StallLink => pair.topology.isolate_hosts(true)?,
     }
     report.killed = Some(plan.kill);
     report.failure = Some(match plan.failure {
@@ -779,6 +790,7 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
         Failure::FillSecondaryDisk => "the secondary's disk full",
         Failure::HostDeath => "host dies silently (uplink down, processes frozen)",
         Failure::Partition => "the path between the hosts cut at the switch",
+        Failure::StallLink => "the path between the hosts stalled (packets dropped, no FIN)",
     });
     report.killed_at_event = plan.kill_at_event.map(|k| k.to_string());
     if ha.is_some() {
@@ -867,6 +879,21 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
     if !report.http_failures.is_empty() || !report.download.as_ref().is_some_and(DownloadReport::ok)
     {
         pair.write_diagnostics().await;
+    }
+    if plan.failure == Failure::StallLink {
+        // The link heals. The secondary's daemons (abandoned, still running) find their peers
+        // again; the primary, now serving alone, must not be disturbed by them.
+        pair.topology.isolate_hosts(false)?;
+        tokio::time::sleep(STALE_PEER_GRACE).await;
+        for _ in 0..5 {
+            report.http_requests += 1;
+            match probe(&client, Duration::from_secs(5)).await {
+                Ok(l) => latencies.push(l),
+                Err(e) => report
+                    .http_failures
+                    .push(format!("after the stalled link healed: {e:#}")),
+            }
+        }
     }
     report.echo = echo.map(EchoSession::finish);
     if let Some(ha) = &ha {

@@ -106,6 +106,64 @@ async fn colo_blockd_restarted_after_a_failover_to_the_secondary_loses_nothing()
     common::assert_failover(&report);
 }
 
+/// The primary's host dies; the secondary takes over; then the secondary's colo-proxyd (now
+/// the survivor's network path) is SIGKILLed and started again after COLO ended. It must learn
+/// from its QEMU that the pair failed over to it and bridge the SVM's traffic with the last
+/// epoch's sequence offsets, not wait for a primary that is gone: every later request is
+/// answered and the survivor's disk holds every record its heartbeat promised.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn the_secondary_proxyd_restarted_after_a_failover_to_the_secondary_loses_nothing() {
+    let plan = FailoverPlan {
+        kill: Role::Primary,
+        restart_after_failover: Some(Daemon::Proxyd(Role::Secondary)),
+        ..FailoverPlan::default()
+    };
+    let report = scenario::failover("t-rp2", common::daemons_pair(), plan)
+        .await
+        .expect("failover scenario ran");
+    common::assert_failover(&report);
+}
+
+/// The path between the two hosts stalls at the switch (packets dropped, no FIN, no link
+/// down) during a download, with both VMs and every daemon running. The primary's watch agent
+/// notices within its 2 s stall bound and makes the primary carry on alone; the client sees a
+/// stall, then the download completes intact. Then the path heals: the abandoned secondary's
+/// daemons find the primary's again, and the primary, serving alone, is not disturbed by them
+/// (every request after the heal is answered). The secondary's colo-proxyd noticed the dead
+/// link by its heartbeats, not by a FIN.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn a_stalled_inter_host_link_ends_colo_and_its_healing_disturbs_nothing() {
+    let plan = FailoverPlan {
+        kill: Role::Secondary,
+        failure: Failure::StallLink,
+        watch_agent: true,
+        ..FailoverPlan::default()
+    };
+    let report = scenario::failover("t-stl", common::daemons_pair(), plan)
+        .await
+        .expect("stalled-link scenario ran");
+    common::assert_failover(&report);
+    let watch =
+        std::fs::read_to_string(report.run_dir.join("watch.log")).expect("the watch agent's log");
+    assert!(
+        watch.contains("failover to the primary done"),
+        "the watch agent did not fail over:\n{watch}"
+    );
+    let secondary = std::fs::read_to_string(report.run_dir.join("proxyd-secondary.log"))
+        .expect("the secondary colo-proxyd's log");
+    let dead = secondary
+        .lines()
+        .find(|l| l.contains("the peer is dead"))
+        .expect("the secondary's colo-proxyd detected the stalled link by its heartbeats");
+    println!("secondary colo-proxyd: {dead}");
+    println!(
+        "stall to first answered request: {:?} ms",
+        report.kill_to_first_success_ms
+    );
+}
+
 /// The file system under the secondary's image (and colo-blockd's journal and spill files)
 /// fills up during COLO. colo-blockd cannot commit the next checkpoint, does not acknowledge
 /// it, the relay ends COLO, and the watch agent makes the primary carry on alone: no

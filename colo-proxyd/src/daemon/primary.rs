@@ -381,6 +381,7 @@ impl PrimaryRole {
             }
             EventKind::ColoExit => {
                 self.gate.colo_exit();
+                self.requester.withdraw();
                 tracing::warn!(
                     epoch = event.epoch,
                     reason = event.reason.as_deref().unwrap_or(""),
@@ -390,6 +391,7 @@ impl PrimaryRole {
             }
             EventKind::Failover => match event.survivor {
                 Some(survivor) => {
+                    self.requester.withdraw();
                     let primary = survivor == Role::Primary;
                     let held = self.gate.held_packets();
                     let dropped = self.gate.failover(primary, now, &mut self.out);
