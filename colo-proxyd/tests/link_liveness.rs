@@ -16,12 +16,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use colo_proxyd::daemon::link::LINK_VERSION;
+use common::process::{Daemon, free_addr, metric};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -29,72 +27,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 const EPOCH: u64 = 1;
-
-/// A free TCP port on the loopback (bound and released: the daemon binds it a moment later).
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// A `colo-proxyd` process; its log lines are collected (and echoed to the test's stderr).
-struct Daemon {
-    name: &'static str,
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    fn spawn(name: &'static str, args: &[String]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_colo-proxyd"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                eprintln!("[{name}] {line}");
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Daemon { name, child, logs }
-    }
-
-    /// The first log line containing every one of `needles`; panics when none came in time.
-    async fn wait_line(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let found = self
-                .logs
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-                .cloned();
-            if let Some(line) = found {
-                return line;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the {} never logged {needles:?}",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The primary daemon against fake chardev servers and a fake QMP monitor in `dir`.
 struct Primary {
@@ -232,15 +164,6 @@ async fn pump(mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf, mut stalled: watch:
             }
         }
     }
-}
-
-/// The count in the metrics line starting with `name ` (0 when absent).
-async fn metric(addr: &str, name: &str) -> u64 {
-    scrape(addr)
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Waits until the metric `name` at `addr` reaches at least `min`; returns the time since

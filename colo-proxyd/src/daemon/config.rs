@@ -123,6 +123,62 @@ fn millis(
     }
 }
 
+/// Bound of a link connection's TLS handshake (the whole authentication, TLS and hello, has
+/// its own bound in [`crate::daemon::peer`]).
+pub const LINK_TLS_HANDSHAKE: Duration = Duration::from_secs(5);
+
+/// The link's mutual TLS: this host's identity and the one peer it accepts or connects to.
+#[derive(Debug, Clone)]
+pub struct LinkTls {
+    /// This host's identity directory.
+    pub dir: PathBuf,
+    /// This host's name (its certificates').
+    pub local: String,
+    /// The peer host's name.
+    pub peer: String,
+    /// The primary's side: accepts the peer's client certificate only.
+    pub acceptor: colo_tls::PeerAcceptor,
+    /// The secondary's side: accepts the peer's server certificate only.
+    pub connector: colo_tls::PeerConnector,
+}
+
+impl LinkTls {
+    /// `--tls-dir` and `--tls-peer` (both or neither), the identity loaded and checked now, so
+    /// that a bad file is a configuration error naming it.
+    fn from_options(
+        layers: &OptionLayers,
+        dir: Option<PathBuf>,
+        peer: Option<String>,
+    ) -> Result<Option<LinkTls>, OptionError> {
+        let (dir, peer) = match (dir, peer) {
+            (None, None) => return Ok(None),
+            (Some(dir), Some(peer)) => (dir, peer),
+            (Some(_), None) => return Err(layers.missing("tls-peer")),
+            (None, Some(_)) => return Err(layers.missing("tls-dir")),
+        };
+        let invalid = |e: colo_tls::TlsError| layers.invalid("tls-dir", e.to_string());
+        let identity = colo_tls::HostIdentity::load(&dir).map_err(invalid)?;
+        if identity.name() == peer {
+            return Err(layers.invalid(
+                "tls-peer",
+                format!("{peer:?} is this host's own name (in {})", dir.display()),
+            ));
+        }
+        let peers = [peer.clone()];
+        let acceptor = colo_tls::PeerAcceptor::new(&identity, &peers, LINK_TLS_HANDSHAKE)
+            .map_err(|e| layers.invalid("tls-peer", e.to_string()))?;
+        let connector = colo_tls::PeerConnector::new(&identity, &peer, LINK_TLS_HANDSHAKE)
+            .map_err(|e| layers.invalid("tls-peer", e.to_string()))?;
+        Ok(Some(LinkTls {
+            dir,
+            local: identity.name().to_owned(),
+            peer,
+            acceptor,
+            connector,
+        }))
+    }
+}
+
 /// `colo-proxyd primary` options. Every one can also be set in its environment variable
 /// (`COLO_PROXYD_...`) or in the `--config` file, under the same name (see the module).
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -149,6 +205,17 @@ pub struct PrimaryArgs {
     /// Where to listen for the secondary's colo-proxyd (the inter-host link).
     #[arg(long, env = "COLO_PROXYD_LINK_LISTEN", value_name = "HOST:PORT")]
     pub link_listen: Option<String>,
+    /// Mutual TLS on the inter-host link: this host's identity directory, in QEMU's
+    /// tls-creds-x509 layout (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,
+    /// client-key.pem; `qmp-driver pki create`; docs/security.md). Only the host named by
+    /// --tls-peer is accepted. Without it the link is plaintext and unauthenticated (a
+    /// warning at start, the metric link_unauthenticated).
+    #[arg(long, env = "COLO_PROXYD_TLS_DIR", value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// With --tls-dir: the peer host's identity, the name in its certificates (the other
+    /// host's directory name under `qmp-driver pki create --out`).
+    #[arg(long, env = "COLO_PROXYD_TLS_PEER", value_name = "NAME")]
+    pub tls_peer: Option<String>,
     /// The checkpoint-barrier relay's control socket: unix:PATH or an absolute path when the
     /// relay runs on this host (`qmp-driver relay --control`), else tcp:HOST:PORT (the relay's
     /// `--control-tcp`, on the replication link).
@@ -250,6 +317,8 @@ pub struct PrimaryConfig {
     pub release: String,
     /// The link's listen address.
     pub link_listen: String,
+    /// Mutual TLS on the link (`None`: plaintext, unauthenticated).
+    pub link_tls: Option<LinkTls>,
     /// The relay's control socket (Unix or TCP).
     pub control: Address,
     /// The primary QEMU's QMP monitor.
@@ -290,6 +359,8 @@ impl PrimaryArgs {
             mirror: layers.pick("mirror", self.mirror, file.mirror),
             release: layers.pick("release", self.release, file.release),
             link_listen: layers.pick("link-listen", self.link_listen, file.link_listen),
+            tls_dir: layers.pick("tls-dir", self.tls_dir, file.tls_dir),
+            tls_peer: layers.pick("tls-peer", self.tls_peer, file.tls_peer),
             control: layers.pick("control", self.control, file.control),
             qmp: layers.pick("qmp", self.qmp, file.qmp),
             metrics: layers.pick("metrics", self.metrics, file.metrics),
@@ -393,6 +464,7 @@ impl PrimaryConfig {
             mirror: layers.required("mirror", a.mirror)?,
             release: layers.required("release", a.release)?,
             link_listen: layers.required("link-listen", a.link_listen)?,
+            link_tls: LinkTls::from_options(layers, a.tls_dir, a.tls_peer)?,
             control: layers.required("control", a.control)?,
             qmp: layers.required("qmp", parsed(layers, a.qmp, "qmp")?)?,
             metrics: a.metrics,
@@ -451,6 +523,17 @@ pub struct SecondaryArgs {
     /// The primary's colo-proxyd link address (its --link-listen).
     #[arg(long, env = "COLO_PROXYD_PRIMARY_LINK", value_name = "HOST:PORT")]
     pub primary_link: Option<String>,
+    /// Mutual TLS on the inter-host link: this host's identity directory, in QEMU's
+    /// tls-creds-x509 layout (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,
+    /// client-key.pem; `qmp-driver pki create`; docs/security.md). Only the host named by
+    /// --tls-peer is accepted. Without it the link is plaintext and unauthenticated (a
+    /// warning at start, the metric link_unauthenticated).
+    #[arg(long, env = "COLO_PROXYD_TLS_DIR", value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// With --tls-dir: the peer host's identity, the name in its certificates (the other
+    /// host's directory name under `qmp-driver pki create --out`).
+    #[arg(long, env = "COLO_PROXYD_TLS_PEER", value_name = "NAME")]
+    pub tls_peer: Option<String>,
     /// The checkpoint-barrier relay's control socket: unix:PATH or an absolute path when the
     /// relay runs on this host (`qmp-driver relay --control`), else tcp:HOST:PORT (the relay's
     /// `--control-tcp`, on the replication link).
@@ -512,6 +595,8 @@ pub struct SecondaryConfig {
     pub bridge: Option<BridgeAddresses>,
     /// The primary daemon's link address.
     pub primary_link: String,
+    /// Mutual TLS on the link (`None`: plaintext, unauthenticated).
+    pub link_tls: Option<LinkTls>,
     /// The relay's control socket (Unix or TCP).
     pub control: Address,
     /// The metrics endpoint.
@@ -573,6 +658,8 @@ impl SecondaryArgs {
                 file.net_input_listen,
             ),
             primary_link: layers.pick("primary-link", self.primary_link, file.primary_link),
+            tls_dir: layers.pick("tls-dir", self.tls_dir, file.tls_dir),
+            tls_peer: layers.pick("tls-peer", self.tls_peer, file.tls_peer),
             control: layers.pick("control", self.control, file.control),
             metrics: layers.pick("metrics", self.metrics, file.metrics),
             name: layers.pick("name", self.name, file.name),
@@ -641,6 +728,7 @@ impl SecondaryConfig {
             svm_input_listen: layers.required("svm-input-listen", a.svm_input_listen)?,
             svm_output_listen: layers.required("svm-output-listen", a.svm_output_listen)?,
             primary_link: layers.required("primary-link", a.primary_link)?,
+            link_tls: LinkTls::from_options(layers, a.tls_dir, a.tls_peer)?,
             control: layers.required("control", a.control)?,
             metrics: a.metrics,
             name: a.name.unwrap_or_else(|| "colo-proxyd-secondary".into()),

@@ -90,6 +90,13 @@ struct Inner {
     dropped_frames: Counter,
     link_errors: Counter,
     link_dead_peers: Counter,
+    /// 1 when the link runs without TLS (no `--tls-dir`): anyone who reaches the port can
+    /// be the peer.
+    link_unauthenticated: Gauge,
+    /// Link connections not yet authenticated (TLS, then the hello).
+    link_pending: Gauge,
+    /// Reason → link connections refused before they could touch the live link.
+    link_refused: Family<ReasonLabel, Counter>,
     barriers: Counter,
     /// The secondary's network bridge after a failover (running totals from the role logic).
     out_of_svm: Bridged,
@@ -141,6 +148,9 @@ impl Inner {
             dropped_frames: Counter::default(),
             link_errors: Counter::default(),
             link_dead_peers: Counter::default(),
+            link_unauthenticated: Gauge::default(),
+            link_pending: Gauge::default(),
+            link_refused: Family::default(),
             barriers: Counter::default(),
             out_of_svm: bridged("out_of_svm"),
             into_svm: bridged("into_svm"),
@@ -289,10 +299,26 @@ impl Inner {
                 "Bytes of the PVM packets held for comparison",
                 &inner.held_bytes,
             ),
+            (
+                "link_unauthenticated",
+                "1 when the inter-host link runs without TLS (no --tls-dir): its peer is not authenticated",
+                &inner.link_unauthenticated,
+            ),
+            (
+                "link_pending",
+                "Link connections accepted and not yet authenticated (TLS handshake, hello)",
+                &inner.link_pending,
+            ),
         ];
         for (name, help, gauge) in gauges {
             r.register(name, help, gauge.clone());
         }
+        r.register(
+            "link_refused",
+            "Link connections refused before they could replace the live link (a failed TLS \
+             handshake, a bad or missing hello, too many pending), by reason",
+            inner.link_refused.clone(),
+        );
         r.register(
             "checkpoints_needed",
             "Checkpoints the comparison asked for, by reason",
@@ -502,6 +528,43 @@ impl Metrics {
     /// Link connections closed for a silent peer so far.
     pub fn link_dead_peers(&self) -> u64 {
         self.inner.link_dead_peers.get()
+    }
+
+    /// Whether the link runs without authentication (plaintext).
+    pub fn set_link_unauthenticated(&self, unauthenticated: bool) {
+        self.inner
+            .link_unauthenticated
+            .set(u64::from(unauthenticated));
+    }
+
+    /// One more link connection waits for its authentication.
+    pub fn link_pending_started(&self) {
+        self.inner.link_pending.inc();
+    }
+
+    /// One fewer link connection waits for its authentication.
+    pub fn link_pending_ended(&self) {
+        self.inner.link_pending.dec();
+    }
+
+    /// A link connection refused before it could replace the live one, for `reason`.
+    pub fn link_refused(&self, reason: &str) {
+        self.inner
+            .link_refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Link connections refused for `reason` so far.
+    pub fn link_refusals(&self, reason: &str) -> u64 {
+        self.inner
+            .link_refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .get()
     }
 
     /// A synchronous barrier event was handled and acknowledged.

@@ -8,6 +8,15 @@
 //! daemon. While the link is down, frames for the peer are dropped and counted: the primary
 //! holds the PVM's output meanwhile, and the hold-time bound asks for a checkpoint.
 //!
+//! Authentication (`docs/security.md`): with [`LinkTls`] the link is mutual TLS and only the
+//! named peer host's certificate is accepted; without it the link is plaintext, said at start
+//! and in `link_unauthenticated`. Either way, a new connection on the primary is
+//! **authenticated before it can touch the live link**: its TLS handshake, then the hello
+//! exchange (the secondary's role, this version), within [`HELLO_TIMEOUT`], in a task of its
+//! own, at most [`MAX_PENDING`] at once. A newcomer that fails is logged (rate-limited),
+//! counted in `link_refused_total{reason}` and closed; the live link never noticed it. One
+//! that passes replaces the live link (the secondary reconnecting after a restart).
+//!
 //! Liveness: each end sends a heartbeat after every [`HEARTBEAT_INTERVAL`] in which it wrote
 //! nothing else, and closes the connection when nothing at all came from the peer for
 //! [`DEAD_AFTER`], or when a write to it could not complete within [`DEAD_AFTER`] (a stalled
@@ -19,15 +28,17 @@
 //! keeps our heartbeats from leaving.
 
 use colo_daemon::RateLimited;
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::config::LinkTls;
 use super::link::{LINK_VERSION, LinkDecoder, LinkMessage, encode, encode_heartbeat};
 use super::metrics::Metrics;
 use colo_types::Role;
@@ -39,8 +50,12 @@ pub const LINK_PORT: &str = "link";
 /// The link writes the messages already queued together, in one system call, up to about
 /// this many bytes.
 const WRITE_BATCH: usize = 256 * 1024;
-/// Bound of the hello exchange.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound of a connection's authentication: the TLS handshake (with `--tls-dir`) and the hello
+/// exchange together.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most connections the primary authenticates at once; a connection beyond is closed at once
+/// (counted, reason `too-many-pending`). The real secondary makes one at a time.
+pub const MAX_PENDING: usize = 8;
 /// Each end sends a heartbeat when it wrote nothing to the peer for this long.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// The peer is dead when nothing came from it for this long (three heartbeat intervals), or a
@@ -99,29 +114,222 @@ fn channels(
     )
 }
 
-/// The primary's end: accepts the secondary's daemon on `listener`; a new connection replaces
-/// the current one.
+/// The reading half of a link connection (TCP, or TLS over it).
+type LinkReader = Box<dyn AsyncRead + Unpin + Send>;
+/// The writing half.
+type LinkWriter = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// A connection whose peer passed the handshake: TLS when configured, then a good hello.
+struct Greeted {
+    rd: LinkReader,
+    wr: LinkWriter,
+    /// The peer's hello consumed; may hold bytes of the messages after it.
+    decoder: LinkDecoder,
+    /// The peer's address.
+    peer: String,
+    /// The peer's certificate name, with TLS.
+    name: Option<String>,
+    version: u16,
+}
+
+/// Why a connection did not become the link.
+#[derive(Debug)]
+struct Refusal {
+    /// The metric's label: `tls`, `hello`, `closed`, `timeout`, `too-many-pending`.
+    reason: &'static str,
+    why: String,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, why: impl Into<String>) -> Refusal {
+        Refusal {
+            reason,
+            why: why.into(),
+        }
+    }
+
+    /// Counts it: `link_refused_total{reason}`, and `link_errors_total` for a failed
+    /// handshake (a peer that only closed, or one too many, is no error of the link's).
+    fn count(&self, metrics: &Metrics) {
+        metrics.link_refused(self.reason);
+        if !matches!(self.reason, "closed" | "too-many-pending") {
+            metrics.link_error();
+        }
+    }
+}
+
+/// Says at start how the link is protected, and exports it (`link_unauthenticated`).
+fn announce_security(tls: Option<&LinkTls>, metrics: &Metrics) {
+    metrics.set_link_unauthenticated(tls.is_none());
+    match tls {
+        Some(tls) => tracing::info!(
+            local = %tls.local,
+            peer = %tls.peer,
+            dir = %tls.dir.display(),
+            "link: mutual TLS, only the peer host's certificate is accepted"
+        ),
+        None => tracing::warn!(
+            "link: plaintext and unauthenticated (no --tls-dir): anyone who reaches the link's \
+             port can pose as the peer daemon; see docs/security.md"
+        ),
+    }
+}
+
+/// The handshake on a fresh connection, all of it before `deadline`: TLS (the primary accepts,
+/// the secondary connects), our hello, the peer's hello.
+async fn handshake(
+    stream: TcpStream,
+    local: Role,
+    tls: Option<&LinkTls>,
+    peer: String,
+    deadline: Instant,
+) -> Result<Greeted, Refusal> {
+    colo_control::tune_tcp(&stream, "proxyd link");
+    let (rd, wr, name): (LinkReader, LinkWriter, Option<String>) = match tls {
+        None => {
+            let (rd, wr) = stream.into_split();
+            (Box::new(rd), Box::new(wr), None)
+        }
+        Some(tls) => {
+            let tls_failed = |e: colo_tls::HandshakeError| {
+                let reason = match &e {
+                    colo_tls::HandshakeError::Timeout(_) => "timeout",
+                    // A connect and close (a port scan), as without TLS.
+                    colo_tls::HandshakeError::Failed(io)
+                        if io.kind() == std::io::ErrorKind::UnexpectedEof =>
+                    {
+                        "closed"
+                    }
+                    _ => "tls",
+                };
+                Refusal::new(reason, e.to_string())
+            };
+            let timed_out = |_| {
+                Refusal::new(
+                    "timeout",
+                    format!("no TLS handshake within {HELLO_TIMEOUT:?}"),
+                )
+            };
+            match local {
+                Role::Primary => {
+                    let (s, name) = tokio::time::timeout_at(deadline, tls.acceptor.accept(stream))
+                        .await
+                        .map_err(timed_out)?
+                        .map_err(tls_failed)?;
+                    let (rd, wr) = tokio::io::split(s);
+                    (Box::new(rd), Box::new(wr), Some(name))
+                }
+                Role::Secondary => {
+                    let (s, name) =
+                        tokio::time::timeout_at(deadline, tls.connector.connect(stream))
+                            .await
+                            .map_err(timed_out)?
+                            .map_err(tls_failed)?;
+                    let (rd, wr) = tokio::io::split(s);
+                    (Box::new(rd), Box::new(wr), Some(name))
+                }
+            }
+        }
+    };
+    let mut greeted = Greeted {
+        rd,
+        wr,
+        decoder: LinkDecoder::new(local),
+        peer,
+        name,
+        version: 0,
+    };
+    // Our hello leaves before anything is read, so that a peer we refuse (another version, say)
+    // still learns ours and can say why.
+    let mut hello = Vec::new();
+    // Encoding a hello cannot fail.
+    let _ = encode(
+        &LinkMessage::Hello {
+            version: LINK_VERSION,
+            role: local,
+        },
+        &mut hello,
+    );
+    match tokio::time::timeout_at(deadline, write_flushed(&mut greeted.wr, &hello)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(Refusal::new("closed", format!("writing our hello: {err}"))),
+        Err(_) => {
+            return Err(Refusal::new(
+                "timeout",
+                "our hello could not be written in time",
+            ));
+        }
+    }
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match greeted.decoder.next_message() {
+            Ok(Some(LinkMessage::Hello { version, .. })) => {
+                greeted.version = version;
+                return Ok(greeted);
+            }
+            // The decoder refuses anything but a hello first.
+            Ok(Some(other)) => {
+                return Err(Refusal::new("hello", format!("{other:?} before the hello")));
+            }
+            Ok(None) => {}
+            Err(err) => {
+                return Err(Refusal::new(
+                    "hello",
+                    format!("malformed link message: {err}"),
+                ));
+            }
+        }
+        let n = match tokio::time::timeout_at(deadline, greeted.rd.read(&mut buf)).await {
+            Err(_) => {
+                return Err(Refusal::new(
+                    "timeout",
+                    format!("no hello within {HELLO_TIMEOUT:?}"),
+                ));
+            }
+            Ok(Err(err)) => return Err(Refusal::new("closed", err.to_string())),
+            Ok(Ok(0)) => {
+                return Err(match greeted.decoder.finish() {
+                    Err(err) => Refusal::new("hello", format!("malformed link message: {err}")),
+                    Ok(()) => Refusal::new("closed", "closed before its hello"),
+                });
+            }
+            Ok(Ok(n)) => n,
+        };
+        greeted.decoder.feed(&buf[..n]);
+    }
+}
+
+/// The primary's end: accepts the secondary's daemon on `listener`. Every connection is
+/// authenticated on its own, at most [`MAX_PENDING`] at once; one that passes replaces the
+/// current link.
 pub fn spawn_primary(
     listener: TcpListener,
+    tls: Option<LinkTls>,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> LinkPort {
     let (port, in_tx, mut out_rx) = channels(&metrics);
     metrics.set_connected(LINK_PORT, false);
+    announce_security(tls.as_ref(), &metrics);
+    let (greeted_tx, mut greeted_rx) = mpsc::channel(MAX_PENDING);
+    tokio::spawn(accept_newcomers(
+        listener,
+        tls,
+        metrics.clone(),
+        greeted_tx,
+        shutdown.clone(),
+    ));
     tokio::spawn(async move {
-        let mut pending: Option<TcpStream> = None;
+        let mut next: Option<Greeted> = None;
         loop {
-            let stream = match pending.take() {
-                Some(s) => s,
+            let greeted = match next.take() {
+                Some(g) => g,
                 None => loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        a = listener.accept() => match a {
-                            Ok((s, _)) => break s,
-                            Err(err) => {
-                                tracing::warn!(%err, "link: accept failed");
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                            }
+                        g = greeted_rx.recv() => match g {
+                            Some(g) => break g,
+                            None => return,
                         },
                         m = out_rx.recv() => match m {
                             Some(_) => metrics.dropped_frame(),
@@ -130,21 +338,20 @@ pub fn spawn_primary(
                     }
                 },
             };
-            let peer = stream
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
+            let peer = greeted.peer.clone();
+            let span = tracing::info_span!("link", %peer);
             let ended = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 // Every log line of this connection carries the peer.
-                e = serve(stream, Role::Primary, &peer, &metrics, &in_tx, &mut out_rx)
-                    .instrument(tracing::info_span!("link", %peer)) => e,
-                a = listener.accept() => match a {
-                    Ok((s, addr)) => {
-                        pending = Some(s);
-                        Ended::Replaced(addr.to_string())
+                e = serve(greeted, Role::Primary, &metrics, &in_tx, &mut out_rx)
+                    .instrument(span) => e,
+                g = greeted_rx.recv() => match g {
+                    Some(g) => {
+                        let new = g.peer.clone();
+                        next = Some(g);
+                        Ended::Replaced(new)
                     }
-                    Err(err) => Ended::Io(err.to_string()),
+                    None => return,
                 },
             };
             metrics.set_connected(LINK_PORT, false);
@@ -156,10 +363,102 @@ pub fn spawn_primary(
     port
 }
 
+/// Accepts connections and authenticates each in a task of its own, at most [`MAX_PENDING`]
+/// at once, within [`HELLO_TIMEOUT`]; hands the ones that passed to the link.
+async fn accept_newcomers(
+    listener: TcpListener,
+    tls: Option<LinkTls>,
+    metrics: Metrics,
+    greeted_tx: mpsc::Sender<Greeted>,
+    shutdown: CancellationToken,
+) {
+    let tls = tls.map(Arc::new);
+    let slots = Arc::new(Semaphore::new(MAX_PENDING));
+    loop {
+        let (stream, addr) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(%err, "link: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let peer = addr.to_string();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused(
+                &peer,
+                &Refusal::new(
+                    "too-many-pending",
+                    format!("{MAX_PENDING} connections are authenticating already"),
+                ),
+                &metrics,
+            );
+            continue;
+        };
+        let (tls, metrics, greeted_tx, shutdown) = (
+            tls.clone(),
+            metrics.clone(),
+            greeted_tx.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _pending = Pending::new(&metrics);
+            let deadline = Instant::now() + HELLO_TIMEOUT;
+            let outcome = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                o = handshake(stream, Role::Primary, tls.as_deref(), peer.clone(), deadline) => o,
+            };
+            match outcome {
+                Ok(greeted) => {
+                    let _ = greeted_tx.send(greeted).await;
+                }
+                Err(refusal) => refused(&peer, &refusal, &metrics),
+            }
+        });
+    }
+}
+
+/// `link_pending` while a newcomer authenticates.
+struct Pending(Metrics);
+
+impl Pending {
+    fn new(metrics: &Metrics) -> Pending {
+        metrics.link_pending_started();
+        Pending(metrics.clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.link_pending_ended();
+    }
+}
+
+/// A newcomer refused: counted, logged at most once a second (a scan or a flood must not
+/// flood the log), and closed (dropped by the caller).
+fn refused(peer: &str, refusal: &Refusal, metrics: &Metrics) {
+    refusal.count(metrics);
+    static LOG: RateLimited = RateLimited::new(Duration::from_secs(1));
+    if let Some(suppressed) = LOG.allow() {
+        tracing::warn!(
+            %peer,
+            reason = refusal.reason,
+            error = %refusal.why,
+            suppressed,
+            "link: refused a connection; the live link is unchanged"
+        );
+    }
+}
+
 /// The secondary's end: connects to the primary's daemon at `addr`, again after every loss,
 /// with a backoff from `retry_min` to `retry_max`.
 pub fn spawn_secondary(
     addr: String,
+    tls: Option<LinkTls>,
     retry_min: Duration,
     retry_max: Duration,
     metrics: Metrics,
@@ -167,6 +466,7 @@ pub fn spawn_secondary(
 ) -> LinkPort {
     let (port, in_tx, mut out_rx) = channels(&metrics);
     metrics.set_connected(LINK_PORT, false);
+    announce_security(tls.as_ref(), &metrics);
     tokio::spawn(async move {
         let mut retry = retry_min;
         loop {
@@ -181,10 +481,22 @@ pub fn spawn_secondary(
             };
             match connect {
                 Ok(stream) => {
+                    let span = tracing::info_span!("link", peer = %addr);
+                    let deadline = Instant::now() + HELLO_TIMEOUT;
                     let ended = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        e = serve(stream, Role::Secondary, &addr, &metrics, &in_tx, &mut out_rx)
-                            .instrument(tracing::info_span!("link", peer = %addr)) => e,
+                        e = async {
+                            match handshake(stream, Role::Secondary, tls.as_ref(), addr.clone(), deadline).await {
+                                Ok(greeted) => serve(greeted, Role::Secondary, &metrics, &in_tx, &mut out_rx).await,
+                                Err(refusal) => {
+                                    metrics.link_refused(refusal.reason);
+                                    match refusal.reason {
+                                        "closed" => Ended::Closed { up: false },
+                                        _ => Ended::Protocol(refusal.why),
+                                    }
+                                }
+                            }
+                        }.instrument(span) => e,
                     };
                     metrics.set_connected(LINK_PORT, false);
                     if ended.log(&addr, &metrics) {
@@ -231,7 +543,7 @@ enum Ended {
     /// The peer went silent: nothing came for [`DEAD_AFTER`], or a write did not complete
     /// within it (after a good hello when `up`).
     DeadPeer { why: String, up: bool },
-    /// A newer connection took over (primary only).
+    /// A newer, authenticated connection took over (primary only).
     Replaced(String),
 }
 
@@ -253,7 +565,7 @@ impl Ended {
                 tracing::error!(%peer, error = %why, "link: the peer is dead, closing the connection")
             }
             Ended::Replaced(new) => {
-                tracing::warn!(%peer, new_peer = %new, "link: a new connection replaces this one")
+                tracing::warn!(%peer, new_peer = %new, "link: an authenticated new connection replaces this one")
             }
         }
         false
@@ -283,72 +595,60 @@ fn encode_for_peer(message: &LinkMessage, wire: &mut Vec<u8>, metrics: &Metrics)
     }
 }
 
-/// One connection: the hello exchange, then frames both ways and heartbeats, until the peer
-/// closes, fails, goes silent, or the role loop is gone.
+/// One authenticated connection: frames both ways and heartbeats, until the peer closes,
+/// fails, goes silent, or the role loop is gone.
 async fn serve(
-    stream: TcpStream,
+    greeted: Greeted,
     local: Role,
-    peer: &str,
     metrics: &Metrics,
     in_tx: &mpsc::Sender<LinkMessage>,
     out_rx: &mut mpsc::Receiver<LinkMessage>,
 ) -> Ended {
-    colo_control::tune_tcp(&stream, "proxyd link");
-    let (rd, mut wr) = stream.into_split();
-    // Our hello leaves before anything is read, so that a peer we refuse (another version, say)
-    // still learns ours and can say why.
-    let mut hello = Vec::new();
-    // Encoding a hello cannot fail.
-    let _ = encode(
-        &LinkMessage::Hello {
-            version: LINK_VERSION,
-            role: local,
-        },
-        &mut hello,
-    );
-    if let Err(end) = write_bounded(&mut wr, &hello, false).await {
-        return end;
-    }
-    let (greeted_tx, greeted_rx) = oneshot::channel();
+    let Greeted {
+        rd,
+        wr,
+        decoder,
+        peer,
+        name,
+        version,
+    } = greeted;
+    metrics.set_connected(LINK_PORT, true);
+    tracing::info!(%peer, local = %local, version, tls_peer = %name.as_deref().unwrap_or("-"), "link: connected");
     tokio::select! {
         // The reader first: when both end at once, its reason (say, the peer's close) is the one
         // to report.
         biased;
-        e = read_side(rd, local, peer, metrics, in_tx, greeted_tx) => e,
-        e = write_side(wr, metrics, out_rx, greeted_rx) => e,
+        e = read_side(rd, decoder, in_tx) => e,
+        e = write_side(wr, metrics, out_rx) => e,
     }
 }
 
-/// Reads the peer's messages: the hello within [`HELLO_TIMEOUT`], then frames for the role
-/// loop. Any bytes at all within [`DEAD_AFTER`] keep the connection (heartbeats are consumed
-/// by the decoder).
+/// Reads the peer's frames (its hello is consumed) for the role loop. Any bytes at all within
+/// [`DEAD_AFTER`] keep the connection (heartbeats are consumed by the decoder).
 async fn read_side(
-    mut rd: OwnedReadHalf,
-    local: Role,
-    peer: &str,
-    metrics: &Metrics,
+    mut rd: LinkReader,
+    mut decoder: LinkDecoder,
     in_tx: &mpsc::Sender<LinkMessage>,
-    greeted_tx: oneshot::Sender<()>,
 ) -> Ended {
-    let mut greeted_tx = Some(greeted_tx);
-    let mut decoder = LinkDecoder::new(local);
     let mut buf = vec![0u8; 64 * 1024];
-    let hello_deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
     loop {
-        // Until the hello, its bound applies. After it, the deadline runs only while we wait
-        // for the peer: time spent handing frames to a slow role loop is not its silence.
-        let waiting_since = tokio::time::Instant::now();
-        let greeted = decoder.greeted();
-        let deadline = if greeted {
-            waiting_since + DEAD_AFTER
-        } else {
-            hello_deadline
-        };
-        let r = match tokio::time::timeout_at(deadline, rd.read(&mut buf)).await {
-            Ok(r) => r,
-            Err(_) if !greeted => {
-                return Ended::Protocol(format!("no hello within {HELLO_TIMEOUT:?}"));
+        // What the decoder holds first: the handshake may have read past the hello.
+        loop {
+            match decoder.next_message() {
+                Ok(None) => break,
+                Ok(Some(message)) => {
+                    if in_tx.send(message).await.is_err() {
+                        return Ended::Finished;
+                    }
+                }
+                Err(err) => return Ended::Protocol(format!("malformed link message: {err}")),
             }
+        }
+        // The deadline runs only while we wait for the peer: time spent handing frames to a
+        // slow role loop is not its silence.
+        let waiting_since = Instant::now();
+        let r = match tokio::time::timeout(DEAD_AFTER, rd.read(&mut buf)).await {
+            Ok(r) => r,
             Err(_) => {
                 return Ended::DeadPeer {
                     why: format!(
@@ -361,65 +661,33 @@ async fn read_side(
                 };
             }
         };
-        let n = match r {
+        match r {
             Ok(0) => {
                 return match decoder.finish() {
                     Err(err) => Ended::Protocol(format!("malformed link message: {err}")),
-                    Ok(()) => Ended::Closed {
-                        up: decoder.greeted(),
-                    },
+                    Ok(()) => Ended::Closed { up: true },
                 };
             }
-            Ok(n) => n,
+            Ok(n) => decoder.feed(&buf[..n]),
             Err(err) => return Ended::Io(err.to_string()),
-        };
-        decoder.feed(&buf[..n]);
-        loop {
-            match decoder.next_message() {
-                Ok(None) => break,
-                Ok(Some(LinkMessage::Hello { version, .. })) => {
-                    metrics.set_connected(LINK_PORT, true);
-                    tracing::info!(%peer, local = %local, version, "link: connected");
-                    if let Some(tx) = greeted_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(Some(message)) => {
-                    if in_tx.send(message).await.is_err() {
-                        return Ended::Finished;
-                    }
-                }
-                Err(err) => return Ended::Protocol(format!("malformed link message: {err}")),
-            }
         }
     }
 }
 
-/// After our hello: the role loop's frames (once the peer's hello was accepted), batched, and a
-/// heartbeat after every [`HEARTBEAT_INTERVAL`] without a write. Every write must complete
-/// within [`DEAD_AFTER`].
+/// The role loop's frames, batched, and a heartbeat after every [`HEARTBEAT_INTERVAL`] without
+/// a write. Every write must complete within [`DEAD_AFTER`].
 async fn write_side(
-    mut wr: OwnedWriteHalf,
+    mut wr: LinkWriter,
     metrics: &Metrics,
     out_rx: &mut mpsc::Receiver<LinkMessage>,
-    mut greeted_rx: oneshot::Receiver<()>,
 ) -> Ended {
     let mut wire = Vec::new();
-    let mut greeted = false;
     loop {
         let idle = tokio::time::sleep(HEARTBEAT_INTERVAL);
         wire.clear();
         let mut batch = 0;
         tokio::select! {
-            g = &mut greeted_rx, if !greeted => {
-                match g {
-                    Ok(()) => greeted = true,
-                    // The reader ended; `serve` returns its reason.
-                    Err(_) => std::future::pending::<()>().await,
-                }
-                continue;
-            }
-            m = out_rx.recv(), if greeted => {
+            m = out_rx.recv() => {
                 let Some(message) = m else { return Ended::Finished };
                 // Every message already queued goes out with this one, in one write.
                 batch = encode_for_peer(&message, &mut wire, metrics);
@@ -428,23 +696,28 @@ async fn write_side(
                     batch += encode_for_peer(&message, &mut wire, metrics);
                 }
             }
-            // The peer hears from us at least once an interval, also before its hello came
-            // (it already has ours).
+            // The peer hears from us at least once an interval.
             _ = idle => encode_heartbeat(&mut wire),
         }
         if wire.is_empty() {
             continue;
         }
-        if let Err(end) = write_bounded(&mut wr, &wire, greeted).await {
+        if let Err(end) = write_bounded(&mut wr, &wire).await {
             metrics.add_dropped(batch);
             return end;
         }
     }
 }
 
+/// Writes `data` and flushes it (TLS keeps records until flushed; TCP's flush is nothing).
+async fn write_flushed(wr: &mut LinkWriter, data: &[u8]) -> std::io::Result<()> {
+    wr.write_all(data).await?;
+    wr.flush().await
+}
+
 /// Writes `data` within [`DEAD_AFTER`]: a write that cannot complete is a dead peer.
-async fn write_bounded(wr: &mut OwnedWriteHalf, data: &[u8], up: bool) -> Result<(), Ended> {
-    match tokio::time::timeout(DEAD_AFTER, wr.write_all(data)).await {
+async fn write_bounded(wr: &mut LinkWriter, data: &[u8]) -> Result<(), Ended> {
+    match tokio::time::timeout(DEAD_AFTER, write_flushed(wr, data)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(err)) => Err(Ended::Io(err.to_string())),
         Err(_) => Err(Ended::DeadPeer {
@@ -453,7 +726,7 @@ async fn write_bounded(wr: &mut OwnedWriteHalf, data: &[u8], up: bool) -> Result
                 data.len(),
                 DEAD_AFTER.as_secs()
             ),
-            up,
+            up: true,
         }),
     }
 }

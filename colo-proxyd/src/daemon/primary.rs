@@ -134,7 +134,12 @@ pub async fn run(
         ));
     }
     let qemu_colo = colo_state::spawn(qmp.clone(), Role::Primary, tasks.clone());
-    let link = peer::spawn_primary(listeners.link, metrics.clone(), tasks.clone());
+    let link = peer::spawn_primary(
+        listeners.link,
+        config.link_tls.clone(),
+        metrics.clone(),
+        tasks.clone(),
+    );
     let requester = CheckpointRequester::spawn(
         qmp.clone(),
         RequestOptions {

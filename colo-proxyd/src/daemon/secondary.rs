@@ -139,6 +139,7 @@ pub async fn run(
     );
     let link = peer::spawn_secondary(
         config.primary_link.clone(),
+        config.link_tls.clone(),
         config.link_retry_min,
         config.link_retry_max,
         metrics.clone(),
