@@ -4,6 +4,7 @@ mod agent;
 mod exit;
 mod lowlevel;
 mod pair_cmds;
+mod pki;
 mod relay;
 mod render;
 mod watch;
@@ -500,6 +501,11 @@ pub enum Command {
         after_help = "Exit codes: 0 stopped by a signal, 1 the relay failed, 2 usage or config error."
     )]
     Relay(colo_relay::RelayArgs),
+
+    /// Create a pair's CA and host identities for mutual TLS, or issue new ones (rotation).
+    #[command(long_about = pki::PKI_LONG_ABOUT, after_help = "Exit codes: 0 written, 1 a file \
+        could not be written, 2 usage error (a target exists, a bad host name, an unusable CA).")]
+    Pki(pki::PkiArgs),
 }
 
 /// Parses the command line, exiting with 2 on bad usage. `relay` may take
@@ -581,6 +587,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Raw(args) => lowlevel::raw(args).await,
         Command::Events(args) => lowlevel::events(args).await,
         Command::Relay(args) => relay::run(args).await,
+        Command::Pki(args) => pki::run(args),
         Command::DaemonArgs {
             daemon,
             list,

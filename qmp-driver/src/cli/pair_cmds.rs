@@ -210,6 +210,7 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
         Command::Raw(_)
         | Command::Events(_)
         | Command::Relay(_)
+        | Command::Pki(_)
         | Command::Watch { .. }
         | Command::Agent { .. } => fail(&"internal error: not a pair command", Exit::Usage),
     }
