@@ -156,27 +156,48 @@ impl LinkTls {
             (Some(_), None) => return Err(layers.missing("tls-peer")),
             (None, Some(_)) => return Err(layers.missing("tls-dir")),
         };
-        let invalid = |e: colo_tls::TlsError| layers.invalid("tls-dir", e.to_string());
-        let identity = colo_tls::HostIdentity::load(&dir).map_err(invalid)?;
+        LinkTls::load(dir, peer)
+            .map_err(|e| match e {
+                LinkTlsError::Identity(e) => layers.invalid("tls-dir", e.to_string()),
+                LinkTlsError::Peer(why) => layers.invalid("tls-peer", why),
+            })
+            .map(Some)
+    }
+
+    /// Loads the identity in `dir` and prepares both sides of a link with `peer`.
+    pub fn load(dir: PathBuf, peer: String) -> Result<LinkTls, LinkTlsError> {
+        let identity = colo_tls::HostIdentity::load(&dir).map_err(LinkTlsError::Identity)?;
         if identity.name() == peer {
-            return Err(layers.invalid(
-                "tls-peer",
-                format!("{peer:?} is this host's own name (in {})", dir.display()),
-            ));
+            return Err(LinkTlsError::Peer(format!(
+                "{peer:?} is this host's own name (in {})",
+                dir.display()
+            )));
         }
         let peers = [peer.clone()];
+        let peer_error = |e: colo_tls::TlsError| LinkTlsError::Peer(e.to_string());
         let acceptor = colo_tls::PeerAcceptor::new(&identity, &peers, LINK_TLS_HANDSHAKE)
-            .map_err(|e| layers.invalid("tls-peer", e.to_string()))?;
+            .map_err(peer_error)?;
         let connector = colo_tls::PeerConnector::new(&identity, &peer, LINK_TLS_HANDSHAKE)
-            .map_err(|e| layers.invalid("tls-peer", e.to_string()))?;
-        Ok(Some(LinkTls {
+            .map_err(peer_error)?;
+        Ok(LinkTls {
             dir,
             local: identity.name().to_owned(),
             peer,
             acceptor,
             connector,
-        }))
+        })
     }
+}
+
+/// Why [`LinkTls::load`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkTlsError {
+    /// The identity directory (the file and the problem).
+    #[error(transparent)]
+    Identity(colo_tls::TlsError),
+    /// The peer's name.
+    #[error("{0}")]
+    Peer(String),
 }
 
 /// `colo-proxyd primary` options. Every one can also be set in its environment variable
