@@ -995,6 +995,53 @@ mod tests {
     }
 
     #[test]
+    fn link_tls_takes_a_directory_and_a_peer_from_the_flags_or_the_file() {
+        use colo_tls::pki::{Validity, create_pair};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        create_pair(&pki, &["hosta".into(), "hostb".into()], Validity::days(1)).unwrap();
+        assert!(
+            SecondaryConfig::try_from(secondary_args())
+                .unwrap()
+                .link_tls
+                .is_none()
+        );
+
+        let mut a = primary_args();
+        a.tls_dir = Some(pki.join("hosta"));
+        a.tls_peer = Some("hostb".into());
+        let tls = PrimaryConfig::try_from(a).unwrap().link_tls.unwrap();
+        assert_eq!((tls.local.as_str(), tls.peer.as_str()), ("hosta", "hostb"));
+
+        let path = dir.path().join("s.toml");
+        let file = format!(
+            "tls-dir = \"{}\"\ntls-peer = \"hosta\"\n",
+            pki.join("hostb").display()
+        );
+        std::fs::write(&path, file).unwrap();
+        let mut a = secondary_args();
+        a.config = Some(path);
+        let tls = SecondaryConfig::try_from(a).unwrap().link_tls.unwrap();
+        assert_eq!((tls.local.as_str(), tls.peer.as_str()), ("hostb", "hosta"));
+        assert_eq!(tls.connector.peer(), "hosta");
+
+        let mut a = secondary_args();
+        a.tls_peer = Some("hosta".into());
+        assert_eq!(
+            SecondaryConfig::try_from(a).unwrap_err(),
+            OptionError::Missing {
+                option: "tls-dir",
+                env: "COLO_PROXYD_TLS_DIR".into()
+            }
+        );
+        let mut a = secondary_args();
+        a.tls_dir = Some(dir.path().join("nowhere"));
+        a.tls_peer = Some("hosta".into());
+        let err = SecondaryConfig::try_from(a).unwrap_err().to_string();
+        assert!(err.contains("nowhere/ca-cert.pem"), "{err}");
+    }
+
+    #[test]
     fn control_is_unix_tcp_or_a_path_on_the_command_line_and_in_the_file() {
         #[derive(clap::Parser)]
         struct Cli {
