@@ -7,9 +7,17 @@
 //! last bytes of a `checkpoint-reply` or `vmstate-received`, which wait for
 //! the checkpoint barrier.
 //!
-//! Connections are grouped in *sessions*: one main channel plus the
-//! pass-through channels (multifd) that arrived with it. A barrier failure
-//! cancels the session, which closes all of them at once.
+//! The relay serves **one session at a time**: one main migration channel
+//! (magic `QEVM`; COLO's return path, the secondary's COLO messages, travels
+//! back on the same socket). Any other connection while a session runs is
+//! closed before a byte of it is read, and so is a first connection that
+//! does not start with `QEVM` (multifd and postcopy channels are not used
+//! with COLO; the secondary is never connected for them). Otherwise a second
+//! `QEVM` connection could take over the parsing (no barrier would run for
+//! the real one any more) and its close publish a false `colo-exit`. The
+//! next session is accepted once the relay has published the end of the
+//! previous one (`colo-exit`), so a re-protect needs nothing from the
+//! operator. `docs/control-protocol.md`, "One session at a time".
 
 use super::colo_message::{ColoMessage, ColoParser, ParseError, QEVM_MAGIC};
 use super::stream::{ReadHalf, RelayListener, Stream, WriteHalf};
@@ -18,7 +26,9 @@ use colo_control::protocol::{
     EXIT_BARRIER_TIMEOUT, EXIT_CHANNEL_CLOSED, EXIT_RELAY_SHUTDOWN, EventBody, EventKind,
     RelayState,
 };
+use colo_daemon::RateLimited;
 use colo_types::Address;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,6 +47,14 @@ pub(crate) const DOWN_BUF: usize = 64 << 10;
 pub(crate) const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound of a half-close (`shutdown(SHUT_WR)`) towards a peer.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a new connection may take to send its 4-byte magic. QEMU sends
+/// it at once; a connection that does not holds the session slot (and keeps
+/// the real primary out) for at most this long.
+pub(crate) const MAGIC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The refused-connection warning: anyone who can reach the listener can
+/// cause it at will, so it costs at most a line a second.
+static REFUSED_LOG: RateLimited = RateLimited::new(Duration::from_secs(1));
 
 /// Which QEMU a direction reads from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,14 +99,26 @@ impl End {
     }
 }
 
-/// One main channel and the pass-through channels that belong with it.
+/// One main channel's life, from its magic to its `colo-exit`.
 #[derive(Debug)]
 struct Session {
     id: u64,
     cancel: CancellationToken,
-    has_main: AtomicBool,
     /// Set when a barrier failed: the relay ended COLO itself.
     failed: AtomicBool,
+}
+
+/// The one session slot, taken when a connection is accepted into a free
+/// slot and given back when it turns out not to be a main channel, or once
+/// its session's end was published. Dropping it (a task that ends or
+/// panics) gives it back too.
+#[derive(Debug)]
+struct SessionSlot(Arc<AtomicBool>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Shared by every connection task of one [`super::serve`] call.
@@ -101,6 +131,10 @@ pub(crate) struct Relay {
     tasks: TaskTracker,
     current: Mutex<Arc<Session>>,
     next_id: AtomicU64,
+    /// A connection holds the session slot (see the module's documentation).
+    busy: Arc<AtomicBool>,
+    /// When set, migration connections over TCP only from these addresses.
+    peers: Option<Vec<IpAddr>>,
 }
 
 impl Relay {
@@ -108,12 +142,12 @@ impl Relay {
         hub: ControlHub,
         target: Address,
         ack_timeout: Duration,
+        peers: Option<Vec<IpAddr>>,
         shutdown: CancellationToken,
     ) -> Arc<Relay> {
         let first = Arc::new(Session {
             id: 1,
             cancel: shutdown.child_token(),
-            has_main: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         });
         Arc::new(Relay {
@@ -124,6 +158,8 @@ impl Relay {
             tasks: TaskTracker::new(),
             current: Mutex::new(first),
             next_id: AtomicU64::new(2),
+            busy: Arc::new(AtomicBool::new(false)),
+            peers,
         })
     }
 
@@ -142,26 +178,41 @@ impl Relay {
         Arc::new(Session {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             cancel: self.shutdown.child_token(),
-            has_main: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         })
     }
 
-    /// The session a new main channel belongs to: the current one if it has
-    /// no main channel yet (it may hold multifd channels that connected
-    /// first), else a new one.
+    /// The session of a new main channel (the slot is held: no other one
+    /// can exist).
     fn begin_main(&self) -> Arc<Session> {
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if cur.has_main.swap(true, Ordering::SeqCst) {
-            tracing::warn!(
-                old_session = cur.id,
-                "a new main migration channel arrived while another is open; the old one is now forwarded without parsing"
-            );
-            let s = self.fresh_session();
-            s.has_main.store(true, Ordering::SeqCst);
-            *cur = s;
-        }
+        *cur = self.fresh_session();
         cur.clone()
+    }
+
+    /// Takes the session slot for a new connection, or says why it is
+    /// refused (nothing has been read from it).
+    fn admit(&self, peer_ip: Option<IpAddr>) -> Result<SessionSlot, String> {
+        if let (Some(ip), Some(allowed)) = (peer_ip, &self.peers)
+            && !allowed.contains(&ip)
+        {
+            return Err(format!("{ip} is not an allowed migration peer"));
+        }
+        self.busy
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .map(|_| SessionSlot(self.busy.clone()))
+            .map_err(|_| {
+                "a migration session is running; the relay serves one at a time".to_string()
+            })
+    }
+
+    /// Counts and logs (rate-limited) a migration connection the relay closed.
+    fn refused(&self, peer: &str, why: &str) {
+        self.hub
+            .update_status(|s| s.refused_migration_channels += 1);
+        if let Some(suppressed) = REFUSED_LOG.allow() {
+            tracing::warn!(%peer, suppressed, "refused a migration connection: {why}");
+        }
     }
 
     /// After a main channel ended: later channels start a new session.
@@ -185,12 +236,24 @@ impl Relay {
                 r = listener.accept() => r,
             };
             match accepted {
-                Ok((stream, peer)) => {
+                Ok((stream, peer, peer_ip)) => {
+                    // Refused before a byte is read, and before the
+                    // secondary is connected: the running session, and the
+                    // secondary QEMU's one incoming migration, stay untouched.
+                    let slot = match self.admit(peer_ip) {
+                        Ok(slot) => slot,
+                        Err(why) => {
+                            drop(stream);
+                            self.refused(&peer, &why);
+                            continue;
+                        }
+                    };
                     let relay = self.clone();
                     // Every log line of this channel carries the primary's end of it.
                     let span = tracing::info_span!("migration_channel", peer = %peer);
                     self.tasks.spawn(
-                        async move { relay.handle_connection(stream, peer).await }.instrument(span),
+                        async move { relay.handle_connection(stream, peer, slot).await }
+                            .instrument(span),
                     );
                 }
                 Err(e) => {
@@ -210,8 +273,46 @@ impl Relay {
         tracing::info!("relay stopped");
     }
 
-    async fn handle_connection(self: Arc<Self>, primary: Stream, peer: String) {
+    async fn handle_connection(self: Arc<Self>, primary: Stream, peer: String, slot: SessionSlot) {
         let chan = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (mut pr, mut pw) = primary.into_split();
+
+        // Tell the channel kind from its first 4 bytes, before the secondary
+        // is connected: QEMU's incoming side takes one migration and fails
+        // on anything else, so a stranger's bytes must never reach it.
+        // QEMU's incoming side never speaks first, so nothing is held back
+        // meanwhile.
+        let mut magic = [0u8; 4];
+        let mut got = 0;
+        let read_magic = async {
+            while got < 4 {
+                match pr.read(&mut magic[got..]).await {
+                    Ok(0) => return Err("it closed".to_string()),
+                    Ok(n) => got += n,
+                    Err(e) => return Err(format!("reading it failed: {e}")),
+                }
+            }
+            Ok(())
+        };
+        let read = tokio::select! {
+            _ = self.shutdown.cancelled() => return,
+            r = tokio::time::timeout(MAGIC_TIMEOUT, read_magic) => r,
+        };
+        let why = match read {
+            Ok(Ok(())) if u32::from_be_bytes(magic) == QEVM_MAGIC => None,
+            Ok(Ok(())) => Some(format!(
+                "it starts with {:#010x}, not QEVM: only a main migration channel is relayed (multifd and postcopy channels are not used with COLO)",
+                u32::from_be_bytes(magic)
+            )),
+            Ok(Err(e)) => Some(format!("{e} before its 4-byte magic")),
+            Err(_) => Some(format!("no 4-byte magic within {MAGIC_TIMEOUT:?}")),
+        };
+        if let Some(why) = why {
+            drop((pr, pw));
+            self.refused(&peer, &why);
+            return;
+        }
+
         let secondary = match Stream::connect(&self.target, TARGET_CONNECT_TIMEOUT).await {
             Ok(s) => s,
             Err(e) => {
@@ -227,71 +328,16 @@ impl Relay {
                 return;
             }
         };
-        let (mut pr, mut pw) = primary.into_split();
         let (sr, mut sw) = secondary.into_split();
-
-        // Tell the channel kind from its first 4 bytes. QEMU's incoming side
-        // never speaks first, so nothing is held back meanwhile.
-        let mut magic = [0u8; 4];
-        let mut got = 0;
-        while got < 4 {
-            let r = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                r = pr.read(&mut magic[got..]) => r,
-            };
-            match r {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) => {
-                    tracing::info!(chan, %peer, error = %e, "migration channel failed before its magic");
-                    return;
-                }
-            }
-        }
-        if let Err(e) = sw.write_all(&magic[..got]).await {
+        if let Err(e) = sw.write_all(&magic).await {
             tracing::info!(chan, %peer, error = %e, "cannot forward to the secondary");
             return;
         }
-        let magic = (got == 4).then(|| u32::from_be_bytes(magic));
-        if magic == Some(QEVM_MAGIC) {
-            let session = self.begin_main();
-            self.run_main(session, chan, peer, pr, &mut pw, sr, sw)
-                .await;
-        } else {
-            let session = self.current();
-            self.run_passthrough(session, chan, peer, magic, pr, &mut pw, sr, sw)
-                .await;
-        }
+        let session = self.begin_main();
+        self.run_main(session, chan, peer, pr, &mut pw, sr, sw, slot)
+            .await;
         // Make sure both peers see the end even if a pump left a half open.
         let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, pw.shutdown()).await;
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn run_passthrough(
-        &self,
-        session: Arc<Session>,
-        chan: u64,
-        peer: String,
-        magic: Option<u32>,
-        pr: ReadHalf,
-        pw: &mut WriteHalf,
-        sr: ReadHalf,
-        sw: WriteHalf,
-    ) {
-        let magic = magic.map_or_else(|| "none".to_string(), |m| format!("{m:#010x}"));
-        tracing::info!(chan, %peer, %magic, session = session.id, "pass-through channel connected");
-        self.hub.update_status(|s| s.passthrough_channels += 1);
-        let up = pump_raw(pr, sw, &session.cancel, UP_BUF, None);
-        let down = pump_raw_ref(sr, pw, &session.cancel, DOWN_BUF, None);
-        let (up, down) = tokio::join!(up, down);
-        self.hub
-            .update_status(|s| s.passthrough_channels = s.passthrough_channels.saturating_sub(1));
-        tracing::info!(
-            chan,
-            up = %up.describe(Side::Primary, Side::Secondary),
-            down = %down.describe(Side::Secondary, Side::Primary),
-            "pass-through channel closed"
-        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -304,6 +350,7 @@ impl Relay {
         pw: &mut WriteHalf,
         sr: ReadHalf,
         sw: WriteHalf,
+        slot: SessionSlot,
     ) {
         tracing::info!(chan, %peer, session = session.id, target = %self.target, "main migration channel connected");
         self.hub.update_status(|s| {
@@ -346,6 +393,8 @@ impl Relay {
             tracing::info!(chan, reason = %first, "main migration channel closed");
         }
         self.end_session(&session);
+        // The end is published: the next session (a re-protect) may come.
+        drop(slot);
         // Let the other direction drain: the peer still gets every byte the
         // other side sent before it closed.
         match rest {

@@ -1,12 +1,14 @@
 //! The checkpoint-barrier relay (`qmp-driver relay`).
 //!
-//! The primary QEMU migrates to the relay instead of to the secondary. For
-//! every connection the primary opens, the relay opens one to the secondary
-//! QEMU's incoming address and forwards bytes both ways, in order and
-//! without delay. On the main migration channel (the one that starts with
-//! `QEVM`) it reads the COLO messages the secondary sends back
-//! ([`colo_message`]) and turns them into control events for colo-blockd and
-//! colo-proxyd ([`colo_control`]):
+//! The primary QEMU migrates to the relay instead of to the secondary. The
+//! relay serves one migration session at a time: for the main migration
+//! channel (the connection that starts with `QEVM`) it opens one connection
+//! to the secondary QEMU's incoming address and forwards bytes both ways,
+//! in order and without delay; any other connection while it runs, and any
+//! connection that does not start with `QEVM`, is closed unread and counted
+//! (`refused_migration_channels`). It reads the COLO messages the secondary
+//! sends back ([`colo_message`]) and turns them into control events for
+//! colo-blockd and colo-proxyd ([`colo_control`]):
 //!
 //! | secondary sends | the relay |
 //! |---|---|
@@ -17,16 +19,19 @@
 //!
 //! A failed barrier (a sync subscriber did not ack within the ack timeout,
 //! or disconnected) ends COLO: the relay publishes `colo-exit` with reason
-//! `barrier-timeout` and closes both sides of the main channel and of its
-//! pass-through channels, so both QEMUs leave COLO with `COLO_EXIT
-//! reason=error` instead of waiting forever. The relay keeps running.
+//! `barrier-timeout` and closes both sides of the main channel, so both
+//! QEMUs leave COLO with `COLO_EXIT reason=error` instead of waiting
+//! forever. The relay keeps running.
 //! `docs/control-protocol.md` has the whole story.
 //!
 //! The control protocol is served on a Unix socket (`control`: daemons and
-//! tools on the relay's host) and, with `control_tcp`, also on TCP for the
-//! daemons on the other host (colo-proxyd primary when the relay runs on the
-//! secondary host). TCP has no authentication: bind it to the replication
-//! link only.
+//! tools on the relay's host; mode 0600, or 0660 with `control_group`; a
+//! `failover` only from root, the relay's user or the configured operator
+//! uids/gid) and, with `control_tcp`, also on TCP for the daemons on the
+//! other host (colo-proxyd primary when the relay runs on the secondary
+//! host). TCP has no authentication: bind it to the replication link only,
+//! and list the other host in `control_tcp_peers`; a TCP client may
+//! subscribe and ack its own events, never announce a failover.
 //!
 //! ```no_run
 //! use colo_relay::{RelayConfig, run};
@@ -40,6 +45,7 @@
 //!     control: "/run/colo/relay.sock".into(),
 //!     control_tcp: Some("tcp:192.168.77.2:9990".parse().unwrap()),
 //!     ack_timeout: Duration::from_millis(2000),
+//!     ..RelayConfig::default()
 //! };
 //! run(config, CancellationToken::new()).await
 //! # }
@@ -52,9 +58,11 @@ mod stream;
 pub use colo_message::{ColoMessage, ColoParser, MULTIFD_MAGIC, ParseError, QEVM_MAGIC};
 pub use stream::RelayListener;
 
-use colo_control::hub::{ControlHub, ControlListener};
+use colo_control::hub::{ControlHub, ControlListener, HubOptions, OperatorPolicy};
 use colo_daemon::socket::remove_stale_socket;
 use colo_types::{Address, AddressError};
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -64,7 +72,8 @@ pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_millis(2000);
 /// Largest accepted `--ack-timeout-ms` (10 minutes).
 pub const MAX_ACK_TIMEOUT_MS: u64 = 600_000;
 
-/// What the relay needs to run.
+/// What the relay needs to run. `Default` gives placeholder endpoints, for
+/// `..RelayConfig::default()` after the required fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayConfig {
     /// Where the primary QEMU migrates to.
@@ -78,6 +87,34 @@ pub struct RelayConfig {
     pub control_tcp: Option<Address>,
     /// How long a barrier waits for every sync subscriber's ack.
     pub ack_timeout: Duration,
+    /// The control socket's group: mode 0660 with this gid instead of 0600.
+    pub control_group: Option<u32>,
+    /// Who may announce a failover, besides root and the relay's own uid.
+    pub operator_uids: Vec<u32>,
+    /// A primary gid that may announce a failover.
+    pub operator_gid: Option<u32>,
+    /// When not empty, TCP control clients only from these addresses.
+    pub control_tcp_peers: Vec<IpAddr>,
+    /// When not empty, migration connections (over TCP) only from these
+    /// addresses.
+    pub migration_peers: Vec<IpAddr>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            listen: Address::unix("relay-in.sock"),
+            target: Address::unix("secondary-incoming.sock"),
+            control: "relay.sock".into(),
+            control_tcp: None,
+            ack_timeout: DEFAULT_ACK_TIMEOUT,
+            control_group: None,
+            operator_uids: Vec::new(),
+            operator_gid: None,
+            control_tcp_peers: Vec::new(),
+            migration_peers: Vec::new(),
+        }
+    }
 }
 
 /// Command-line arguments of `qmp-driver relay`.
@@ -127,6 +164,53 @@ pub struct RelayArgs {
         default_value_t = 2000
     )]
     pub ack_timeout_ms: u64,
+
+    /// Give the control socket to this group (numeric gid, e.g. from
+    /// `getent group colo`): mode 0660 instead of the default 0600 (only the
+    /// relay's user and root may connect). For daemons or tools that do not
+    /// run as root or as the relay's user.
+    #[arg(long, env = "COLO_RELAY_CONTROL_GROUP", value_name = "GID")]
+    pub control_group: Option<u32>,
+
+    /// A uid that may announce a failover on the control socket, besides
+    /// root and the relay's own user (repeatable, or comma-separated in the
+    /// variable). Checked against the kernel's credentials of the client.
+    #[arg(
+        long = "operator-uid",
+        env = "COLO_RELAY_OPERATOR_UIDS",
+        value_name = "UID",
+        value_delimiter = ','
+    )]
+    pub operator_uids: Vec<u32>,
+
+    /// A group (numeric gid) whose members may announce a failover: the
+    /// client's primary group must be it (supplementary groups are not
+    /// visible to the relay).
+    #[arg(long, env = "COLO_RELAY_OPERATOR_GID", value_name = "GID")]
+    pub operator_gid: Option<u32>,
+
+    /// Serve the TCP control listener only to this address (the other
+    /// host's replication-link address; repeatable, or comma-separated in
+    /// the variable). Others are closed before a byte is read. Without it,
+    /// anyone who reaches `--control-tcp` may subscribe.
+    #[arg(
+        long = "control-tcp-peer",
+        env = "COLO_RELAY_CONTROL_TCP_PEERS",
+        value_name = "IP",
+        value_delimiter = ','
+    )]
+    pub control_tcp_peers: Vec<IpAddr>,
+
+    /// Accept migration connections over TCP only from this address (the
+    /// primary host's; repeatable, or comma-separated in the variable).
+    /// Others are closed before a byte is read.
+    #[arg(
+        long = "migration-peer",
+        env = "COLO_RELAY_MIGRATION_PEERS",
+        value_name = "IP",
+        value_delimiter = ','
+    )]
+    pub migration_peers: Vec<IpAddr>,
 }
 
 impl TryFrom<RelayArgs> for RelayConfig {
@@ -167,6 +251,16 @@ impl TryFrom<RelayArgs> for RelayConfig {
                     "--control-tcp {tcp} is also the migration --listen address"
                 )));
             }
+        } else if !a.control_tcp_peers.is_empty() {
+            return Err(RelayError::Config(
+                "--control-tcp-peer needs --control-tcp".into(),
+            ));
+        }
+        if !a.migration_peers.is_empty() && !a.listen.is_tcp() {
+            return Err(RelayError::Config(format!(
+                "--migration-peer needs a TCP --listen address, got {}",
+                a.listen
+            )));
         }
         Ok(RelayConfig {
             listen: a.listen,
@@ -174,6 +268,11 @@ impl TryFrom<RelayArgs> for RelayConfig {
             control: a.control,
             control_tcp: a.control_tcp,
             ack_timeout: Duration::from_millis(a.ack_timeout_ms),
+            control_group: a.control_group,
+            operator_uids: a.operator_uids,
+            operator_gid: a.operator_gid,
+            control_tcp_peers: a.control_tcp_peers,
+            migration_peers: a.migration_peers,
         })
     }
 }
@@ -224,11 +323,27 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
     remove_stale_socket(&config.control)
         .await
         .map_err(control_err)?;
-    let control = tokio::net::UnixListener::bind(&config.control).map_err(control_err)?;
-    let hub = ControlHub::new(control);
+    // Owner-only (or owner and group) from its creation: no window in which
+    // anyone else could connect.
+    let (control, own_uid) = colo_control::bind_private_unix(&config.control, config.control_group)
+        .map_err(control_err)?;
+    let mut uids = BTreeSet::from([0, own_uid]);
+    uids.extend(&config.operator_uids);
+    let hub = ControlHub::with_options(
+        control,
+        HubOptions {
+            operators: OperatorPolicy {
+                uids,
+                gid: config.operator_gid,
+            },
+            tcp_peers: (!config.control_tcp_peers.is_empty())
+                .then(|| config.control_tcp_peers.clone()),
+            ..HubOptions::default()
+        },
+    );
     let control_tcp = match &config.control_tcp {
         None => None,
-        Some(address) => match bind_control_tcp(address).await {
+        Some(address) => match bind_control_tcp(address, &config.control_tcp_peers).await {
             Ok(listener) => {
                 let bound = listener.local_address().ok();
                 hub.listen(listener);
@@ -260,13 +375,16 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
         ack_timeout_ms = config.ack_timeout.as_millis() as u64,
         "relay started"
     );
-    serve(
-        listener,
-        config.target.clone(),
+    let migration_peers =
+        (!config.migration_peers.is_empty()).then(|| config.migration_peers.clone());
+    channel::Relay::new(
         hub.clone(),
+        config.target.clone(),
         config.ack_timeout,
+        migration_peers,
         shutdown,
     )
+    .accept_loop(listener)
     .await;
     hub.shutdown().await;
     let _ = std::fs::remove_file(&config.control);
@@ -276,10 +394,31 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
     Ok(())
 }
 
-/// Binds the control protocol's TCP listener. A wildcard address is allowed
-/// (a host may have only the replication link) but warned about: nothing
-/// authenticates a control client.
-async fn bind_control_tcp(address: &Address) -> Result<ControlListener, RelayError> {
+/// Binds the control protocol's TCP listener, warning that nothing
+/// authenticates its clients (more loudly on a wildcard address, which is
+/// allowed: a host may have only the replication link).
+async fn bind_control_tcp(
+    address: &Address,
+    peers: &[IpAddr],
+) -> Result<ControlListener, RelayError> {
+    let peers_note = if peers.is_empty() {
+        "any address may connect (give --control-tcp-peer)".to_string()
+    } else {
+        format!(
+            "only {} may connect",
+            peers
+                .iter()
+                .map(IpAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    tracing::warn!(
+        %address,
+        "the control protocol's TCP listener is unauthenticated: a client there may subscribe \
+         (a sync subscriber takes part in every checkpoint barrier) but never announce a \
+         failover; {peers_note}"
+    );
     if let Address::Tcp { host, .. } = address
         && host
             .parse::<std::net::IpAddr>()
@@ -310,7 +449,7 @@ pub async fn serve(
     ack_timeout: Duration,
     shutdown: CancellationToken,
 ) {
-    let relay = channel::Relay::new(hub, target, ack_timeout, shutdown);
+    let relay = channel::Relay::new(hub, target, ack_timeout, None, shutdown);
     relay.accept_loop(listener).await;
 }
 
@@ -364,6 +503,11 @@ mod tests {
             control: control.into(),
             control_tcp: None,
             ack_timeout_ms: ms,
+            control_group: None,
+            operator_uids: Vec::new(),
+            operator_gid: None,
+            control_tcp_peers: Vec::new(),
+            migration_peers: Vec::new(),
         };
         let e = RelayConfig::try_from(args("unix:/a", "unix:/b", "/c", 0)).unwrap_err();
         assert!(e.to_string().contains("--ack-timeout-ms"), "{e}");

@@ -11,7 +11,7 @@
 
 use colo_daemon::socket::remove_stale_socket;
 use colo_types::Address;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -109,17 +109,17 @@ impl RelayListener {
     }
 
     /// Accepts one connection (TCP_NODELAY set; keepalive and TCP_USER_TIMEOUT too from
-    /// another host) and names its peer.
-    pub(crate) async fn accept(&self) -> std::io::Result<(Stream, String)> {
+    /// another host) and names its peer (with its address, over TCP).
+    pub(crate) async fn accept(&self) -> std::io::Result<(Stream, String, Option<IpAddr>)> {
         match self {
             RelayListener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 tune_inter_host(&s, "relay channel from the primary")?;
-                Ok((Stream::Tcp(s), peer.to_string()))
+                Ok((Stream::Tcp(s), peer.to_string(), Some(peer.ip())))
             }
             RelayListener::Unix(l) => {
                 let (s, _) = l.accept().await?;
-                Ok((Stream::Unix(s), "unix peer".to_string()))
+                Ok((Stream::Unix(s), "unix peer".to_string(), None))
             }
         }
     }

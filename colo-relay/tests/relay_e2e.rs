@@ -4,246 +4,17 @@
 
 use colo_control::client::{Operator, Subscriber, query_status};
 use colo_control::hub::ControlHub;
-use colo_control::protocol::{Event, EventKind, RelayState, RelayStatus};
+use colo_control::protocol::{EventKind, RelayState};
 use colo_relay::{ColoMessage, MULTIFD_MAGIC, QEVM_MAGIC, RelayArgs, RelayConfig, RelayListener};
 use colo_types::Address;
 use colo_types::Role;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::task::JoinHandle;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-/// Bound of every wait in these tests: a failure shows as a panic, not a hang.
-const T: Duration = Duration::from_secs(10);
-
-type Rd = Box<dyn AsyncRead + Unpin + Send>;
-type Wr = Box<dyn AsyncWrite + Unpin + Send>;
-
-enum SecListener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
-struct Bed {
-    hub: ControlHub,
-    control: PathBuf,
-    relay_ep: Address,
-    secondary: SecListener,
-    shutdown: CancellationToken,
-    relay: Option<JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Bed {
-    async fn unix(ack_timeout: Duration) -> Bed {
-        let dir = tempfile::tempdir().unwrap();
-        let sec_path = dir.path().join("secondary-incoming.sock");
-        let secondary = SecListener::Unix(UnixListener::bind(&sec_path).unwrap());
-        let listener = RelayListener::bind(&Address::Unix(dir.path().join("relay.sock")))
-            .await
-            .unwrap();
-        Self::start(
-            dir,
-            listener,
-            secondary,
-            Address::Unix(sec_path),
-            ack_timeout,
-        )
-    }
-
-    async fn tcp(ack_timeout: Duration) -> Bed {
-        let dir = tempfile::tempdir().unwrap();
-        let sec = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = Address::from(sec.local_addr().unwrap());
-        let listener = RelayListener::bind(&"tcp:127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        Self::start(dir, listener, SecListener::Tcp(sec), target, ack_timeout)
-    }
-
-    fn start(
-        dir: tempfile::TempDir,
-        listener: RelayListener,
-        secondary: SecListener,
-        target: Address,
-        ack_timeout: Duration,
-    ) -> Bed {
-        let control = dir.path().join("control.sock");
-        let hub = ControlHub::new(UnixListener::bind(&control).unwrap());
-        let relay_ep = listener.local_endpoint().unwrap();
-        let shutdown = CancellationToken::new();
-        let relay = tokio::spawn(colo_relay::serve(
-            listener,
-            target,
-            hub.clone(),
-            ack_timeout,
-            shutdown.clone(),
-        ));
-        Bed {
-            hub,
-            control,
-            relay_ep,
-            secondary,
-            shutdown,
-            relay: Some(relay),
-            _dir: dir,
-        }
-    }
-
-    /// The fake primary opens a channel and the fake secondary accepts the
-    /// relay's matching connection. Returns (primary, secondary) ends.
-    async fn open(&self, magic: u32) -> (End, End) {
-        let primary: (Rd, Wr) = match &self.relay_ep {
-            Address::Tcp { host, port } => {
-                let s = TcpStream::connect((host.as_str(), *port)).await.unwrap();
-                s.set_nodelay(true).unwrap();
-                let (r, w) = s.into_split();
-                (Box::new(r), Box::new(w))
-            }
-            Address::Unix(p) => {
-                let (r, w) = UnixStream::connect(p).await.unwrap().into_split();
-                (Box::new(r), Box::new(w))
-            }
-        };
-        let mut primary = End::new(primary);
-        primary.send(&magic.to_be_bytes()).await;
-        let secondary: (Rd, Wr) = match &self.secondary {
-            SecListener::Tcp(l) => {
-                let (s, _) = within(l.accept()).await.unwrap();
-                let (r, w) = s.into_split();
-                (Box::new(r), Box::new(w))
-            }
-            SecListener::Unix(l) => {
-                let (s, _) = within(l.accept()).await.unwrap();
-                let (r, w) = s.into_split();
-                (Box::new(r), Box::new(w))
-            }
-        };
-        let mut secondary = End::new(secondary);
-        assert_eq!(
-            secondary.recv_exact(4).await,
-            magic.to_be_bytes(),
-            "magic forwarded first"
-        );
-        (primary, secondary)
-    }
-
-    async fn subscriber(&self, name: &str, sync: bool) -> Subscriber {
-        let s = Subscriber::connect(&self.control, name, sync)
-            .await
-            .unwrap();
-        // Registration is visible in status before any event can be missed.
-        self.wait(|st| st.subscribers.iter().any(|s| s.name == name && s.connected))
-            .await;
-        s
-    }
-
-    /// Polls the status until `f` holds (the relay's state changes are
-    /// asynchronous to the sockets the test sees).
-    async fn wait(&self, f: impl Fn(&RelayStatus) -> bool) -> RelayStatus {
-        let deadline = Instant::now() + T;
-        loop {
-            let st = self.hub.status();
-            if f(&st) {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "status never matched: {st:#?}");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    async fn stop(mut self) {
-        self.shutdown.cancel();
-        within(self.relay.take().unwrap()).await.unwrap();
-        self.hub.shutdown().await;
-    }
-}
-
-/// One end of a fake QEMU connection.
-struct End {
-    rd: Rd,
-    wr: Wr,
-}
-
-impl End {
-    fn new((rd, wr): (Rd, Wr)) -> End {
-        End { rd, wr }
-    }
-    async fn send(&mut self, data: &[u8]) {
-        within(self.wr.write_all(data)).await.unwrap();
-    }
-    async fn send_msgs(&mut self, msgs: &[ColoMessage]) {
-        self.send(&encode(msgs)).await;
-    }
-    async fn recv_exact(&mut self, n: usize) -> Vec<u8> {
-        let mut v = vec![0; n];
-        within(self.rd.read_exact(&mut v)).await.unwrap();
-        v
-    }
-    /// Reads until EOF (or a reset, which also means "closed").
-    async fn recv_to_end(&mut self) -> Vec<u8> {
-        let mut v = Vec::new();
-        let _ = within(self.rd.read_to_end(&mut v)).await;
-        v
-    }
-}
-
-fn encode(msgs: &[ColoMessage]) -> Vec<u8> {
-    let mut v = Vec::new();
-    for m in msgs {
-        m.encode(&mut v);
-    }
-    v
-}
-
-async fn within<F: std::future::Future>(f: F) -> F::Output {
-    tokio::time::timeout(T, f).await.expect("timed out")
-}
-
-async fn next(sub: &mut Subscriber) -> Event {
-    sub.next_event_timeout(T)
-        .await
-        .expect("event")
-        .expect("relay closed the control connection")
-}
-
-/// Acks every synchronous event, after `delay`, until the relay goes away.
-fn acker(mut sub: Subscriber, delay: Duration) -> JoinHandle<Vec<Event>> {
-    tokio::spawn(async move {
-        let mut seen = Vec::new();
-        while let Ok(Some(ev)) = sub.next_event().await {
-            if ev.sync {
-                tokio::time::sleep(delay).await;
-                if sub.ack(ev.seq).await.is_err() {
-                    break;
-                }
-            }
-            seen.push(ev);
-        }
-        seen
-    })
-}
-
-fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        // xorshift64*
-        seed ^= seed >> 12;
-        seed ^= seed << 25;
-        seed ^= seed >> 27;
-        v.extend_from_slice(&seed.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-const CHECKPOINT: [ColoMessage; 3] = [
-    ColoMessage::CheckpointReply,
-    ColoMessage::VmstateReceived,
-    ColoMessage::VmstateLoaded,
-];
+mod common;
+use common::*;
 
 /// (a) Bulk primary-to-secondary data arrives intact and in order.
 async fn bulk_intact(bed: &Bed) {
@@ -448,8 +219,6 @@ async fn d_missing_ack_ends_colo_on_both_sides_and_the_relay_lives_on() {
     let _mute = bed.subscriber("colo-blockd", true).await;
     let mut monitor = bed.subscriber("monitor", false).await;
     let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
-    let (mut mp, mut ms) = bed.open(MULTIFD_MAGIC).await;
-    bed.wait(|st| st.passthrough_channels == 1).await;
 
     s.send_msgs(&[ColoMessage::CheckpointReady]).await;
     p.recv_exact(4).await;
@@ -473,9 +242,6 @@ async fn d_missing_ack_ends_colo_on_both_sides_and_the_relay_lives_on() {
         s.recv_to_end().await.is_empty(),
         "secondary side closed too"
     );
-    // The session's multifd channel is cut as well, both ways.
-    assert!(mp.recv_to_end().await.is_empty());
-    assert!(ms.recv_to_end().await.is_empty());
 
     let closed = next(&mut monitor).await;
     assert_eq!((closed.event, closed.epoch), (EventKind::SvmEpochClosed, 1));
@@ -495,7 +261,6 @@ async fn d_missing_ack_ends_colo_on_both_sides_and_the_relay_lives_on() {
         .find(|s| s.name == "colo-blockd")
         .unwrap();
     assert!(!blockd.healthy);
-    let st = bed.wait(|st| st.passthrough_channels == 0).await;
     assert_eq!(st.checkpoints, 0);
 
     // Re-protect: a new migration goes through the same relay.
@@ -507,7 +272,7 @@ async fn d_missing_ack_ends_colo_on_both_sides_and_the_relay_lives_on() {
     p2.recv_exact(4).await;
     let started = next(&mut monitor).await;
     assert_eq!((started.event, started.epoch), (EventKind::ColoStarted, 2));
-    drop((p2, s2, mp, ms));
+    drop((p2, s2));
     bed.stop().await;
 }
 
@@ -596,89 +361,53 @@ async fn e_garbage_is_reported_and_forwarded_untouched() {
     bed.stop().await;
 }
 
-/// (f) A multifd channel is passed through untouched both ways and
-/// produces no event, even carrying bytes that look like COLO messages.
+/// (f) A channel that does not start with `QEVM` (multifd, which COLO does
+/// not use, or anything else) is refused: closed, counted, and the
+/// secondary is never connected for it, so its incoming migration stays
+/// free for the real main channel, which is then served as usual.
 #[tokio::test]
-async fn f_multifd_channel_is_passed_through_untouched() {
+async fn f_a_channel_that_is_not_a_main_channel_is_refused_and_never_reaches_the_secondary() {
     let bed = Bed::unix(Duration::from_secs(30)).await;
-    let _mute = bed.subscriber("colo-blockd", true).await;
     let mut monitor = bed.subscriber("monitor", false).await;
-    let (mut p, mut s) = bed.open(MULTIFD_MAGIC).await;
-    let st = bed.wait(|st| st.passthrough_channels == 1).await;
-    assert!(!st.main_channel_connected);
-    assert_eq!(st.state, RelayState::Waiting);
-
-    let up = pseudo_random(1 << 20, 3);
-    let mut down = encode(&[ColoMessage::CheckpointReady]);
-    down.extend(encode(&CHECKPOINT));
-    down.extend(pseudo_random(100_000, 4));
-    // Both directions at once (sequential writes could fill both socket
-    // buffers and deadlock the fake ends themselves).
-    {
-        let (End { rd: prd, wr: pwr }, End { rd: srd, wr: swr }) = (&mut p, &mut s);
-        let mut got_up = vec![0; up.len()];
-        let mut got_down = vec![0; down.len()];
-        let (a, b, c, d) = within(async {
-            tokio::join!(
-                pwr.write_all(&up),
-                swr.write_all(&down),
-                srd.read_exact(&mut got_up),
-                prd.read_exact(&mut got_down),
-            )
-        })
-        .await;
-        a.unwrap();
-        b.unwrap();
-        c.unwrap();
-        d.unwrap();
-        assert!(got_up == up, "primary->secondary altered");
-        assert!(got_down == down, "secondary->primary altered");
-    }
-
-    // Half-close is passed on too.
-    within(p.wr.shutdown()).await.unwrap();
-    assert!(s.recv_to_end().await.is_empty());
-    s.send(b"late").await;
-    assert_eq!(p.recv_exact(4).await, b"late");
-    drop(s);
-    assert!(p.recv_to_end().await.is_empty());
-    bed.wait(|st| st.passthrough_channels == 0).await;
-
-    // The first event the monitor gets is the one we cause now.
-    Operator::connect(&bed.control, "op")
-        .await
-        .unwrap()
-        .failover(Role::Primary)
-        .await
-        .unwrap();
-    let ev = next(&mut monitor).await;
-    assert_eq!(ev.event, EventKind::Failover);
-    assert_eq!(ev.seq, 1);
-    let st = bed.hub.status();
-    assert_eq!(
-        (st.epoch, st.checkpoints, st.state),
-        (0, 0, RelayState::Waiting)
-    );
-    bed.stop().await;
-}
-
-/// A channel that closes before sending 4 bytes is passed through too.
-#[tokio::test]
-async fn short_channel_is_forwarded_and_closed() {
-    let bed = Bed::unix(Duration::from_secs(2)).await;
     let Address::Unix(path) = &bed.relay_ep else {
         unreachable!()
     };
-    let mut c = UnixStream::connect(path).await.unwrap();
-    c.write_all(b"QE").await.unwrap();
-    c.shutdown().await.unwrap();
-    let SecListener::Unix(l) = &bed.secondary else {
-        unreachable!()
-    };
-    let (mut s, _) = within(l.accept()).await.unwrap();
-    let mut got = Vec::new();
-    within(s.read_to_end(&mut got)).await.unwrap();
-    assert_eq!(got, b"QE");
+    // Multifd magic with data after it; then a channel that closes after 2
+    // bytes.
+    let mut multifd = UnixStream::connect(path).await.unwrap();
+    let _ = multifd.write_all(&MULTIFD_MAGIC.to_be_bytes()).await;
+    let _ = multifd.write_all(b"ram").await;
+    let mut rest = Vec::new();
+    let _ = within(multifd.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty());
+    bed.wait(|st| st.refused_migration_channels == 1).await;
+    let mut short = UnixStream::connect(path).await.unwrap();
+    short.write_all(b"QE").await.unwrap();
+    short.shutdown().await.unwrap();
+    let _ = within(short.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty());
+    let st = bed.wait(|st| st.refused_migration_channels == 2).await;
+    assert_eq!(
+        (
+            st.state,
+            st.epoch,
+            st.main_channel_connected,
+            st.passthrough_channels
+        ),
+        (RelayState::Waiting, 0, false, 0)
+    );
+    // The first connection the secondary sees is the real main channel
+    // (`open` checks that the QEVM magic arrives first).
+    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
+    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    p.recv_exact(4).await;
+    let ev = next(&mut monitor).await;
+    assert_eq!(
+        (ev.event, ev.seq),
+        (EventKind::ColoStarted, 1),
+        "nothing before it"
+    );
+    drop((p, s));
     bed.stop().await;
 }
 
@@ -735,13 +464,11 @@ async fn g_operator_requests() {
     let mut proxyd = bed.subscriber("colo-proxyd", false).await;
     let sync = acker(bed.subscriber("colo-blockd", true).await, Duration::ZERO);
     let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
-    let (_mp, _ms) = bed.open(MULTIFD_MAGIC).await;
     s.send_msgs(&[ColoMessage::CheckpointReady]).await;
     p.recv_exact(4).await;
     s.send_msgs(&CHECKPOINT).await;
     p.recv_exact(12).await;
-    bed.wait(|st| st.checkpoints == 1 && st.passthrough_channels == 1)
-        .await;
+    bed.wait(|st| st.checkpoints == 1).await;
 
     let mut op = Operator::connect(&bed.control, "qmp-driver").await.unwrap();
     assert_eq!(op.welcome().state, RelayState::Colo);
@@ -761,7 +488,7 @@ async fn g_operator_requests() {
     assert_eq!(st.requests_by_reason.get("block-log-full"), Some(&1));
     assert_eq!(st.parse_error, None);
     assert!(st.main_channel_connected);
-    assert_eq!(st.passthrough_channels, 1);
+    assert_eq!(st.passthrough_channels, 0);
     assert_eq!(st.barrier_timeouts, 0);
     let mut names: Vec<_> = st
         .subscribers
@@ -894,6 +621,8 @@ async fn unreachable_secondary_is_reported() {
         unreachable!()
     };
     let mut p = UnixStream::connect(&path).await.unwrap();
+    // The relay connects to the secondary once it knows a main channel came.
+    p.write_all(&QEVM_MAGIC.to_be_bytes()).await.unwrap();
     let ev = next(&mut sub).await;
     assert_eq!(ev.event, EventKind::RelayError);
     assert!(ev.detail.unwrap().contains("nobody.sock"));

@@ -18,7 +18,10 @@ use tokio_util::sync::CancellationToken;
 const TOTAL: usize = 256 << 20;
 const WRITE: usize = 256 << 10;
 
-async fn stream<R, W>(mut w: W, mut r: R) -> Duration
+/// Streams the magic and [`TOTAL`] bytes from `w` to `r`; with
+/// `magic_sent`, the magic was written already (the relay connects to the
+/// secondary only once it has read it).
+async fn stream<R, W>(mut w: W, mut r: R, magic_sent: bool) -> Duration
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -26,7 +29,9 @@ where
     let t0 = Instant::now();
     let writer = tokio::spawn(async move {
         let block = vec![0x5au8; WRITE];
-        w.write_all(&QEVM_MAGIC.to_be_bytes()).await.unwrap();
+        if !magic_sent {
+            w.write_all(&QEVM_MAGIC.to_be_bytes()).await.unwrap();
+        }
         let mut sent = 0;
         while sent < TOTAL {
             w.write_all(&block).await.unwrap();
@@ -61,7 +66,7 @@ async fn relay_keeps_up_with_a_direct_connection() {
 
     // Unix, direct.
     let (a, b) = UnixStream::pair().unwrap();
-    let direct_unix = stream(a, b).await;
+    let direct_unix = stream(a, b, false).await;
 
     // Unix, through the relay.
     let sec = dir.path().join("sec.sock");
@@ -80,9 +85,10 @@ async fn relay_keeps_up_with_a_direct_connection() {
         Duration::from_secs(2),
         shutdown.clone(),
     ));
-    let p = UnixStream::connect(&relay_path).await.unwrap();
+    let mut p = UnixStream::connect(&relay_path).await.unwrap();
+    p.write_all(&QEVM_MAGIC.to_be_bytes()).await.unwrap();
     let (s, _) = sec_l.accept().await.unwrap();
-    let relayed_unix = stream(p, s).await;
+    let relayed_unix = stream(p, s, true).await;
 
     // TCP loopback, direct and through a second relay.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -90,7 +96,7 @@ async fn relay_keeps_up_with_a_direct_connection() {
     let (s, _) = l.accept().await.unwrap();
     c.set_nodelay(true).unwrap();
     s.set_nodelay(true).unwrap();
-    let direct_tcp = stream(c, s).await;
+    let direct_tcp = stream(c, s, false).await;
 
     let listener = RelayListener::bind(&"tcp:127.0.0.1:0".parse().unwrap())
         .await
@@ -106,9 +112,10 @@ async fn relay_keeps_up_with_a_direct_connection() {
         Duration::from_secs(2),
         shutdown.clone(),
     ));
-    let p = TcpStream::connect(relay_addr.as_str()).await.unwrap();
+    let mut p = TcpStream::connect(relay_addr.as_str()).await.unwrap();
+    p.write_all(&QEVM_MAGIC.to_be_bytes()).await.unwrap();
     let (s, _) = l.accept().await.unwrap();
-    let relayed_tcp = stream(p, s).await;
+    let relayed_tcp = stream(p, s, true).await;
 
     let profile = if cfg!(debug_assertions) {
         "debug"

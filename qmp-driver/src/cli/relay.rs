@@ -5,6 +5,10 @@
 //! 3. the pair config's `[relay]` section (`relay.listen`; `--config` or `COLO_CONFIG`),
 //! 4. its default (`--ack-timeout-ms` only; `--control-tcp` is off without one),
 //!
+//! except the access options (`--control-group`, `--operator-uid`, `--operator-gid`,
+//! `--control-tcp-peer`, `--migration-peer`), which the pair config has no keys for: flag or
+//! environment only,
+//!
 //! so that `qmp-driver relay --config /etc/colo/vm1.toml` is enough, as the libvirt hook runs
 //! it, and any option can still be overridden for one run.
 
@@ -14,6 +18,7 @@ use clap::parser::ValueSource;
 use colo_relay::{RelayArgs, RelayConfig};
 use colo_types::Address;
 use qmp_driver::config::{CONFIG_ENV, DEFAULT_ACK_TIMEOUT_MS, RelaySettings};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -33,6 +38,17 @@ struct Given {
     control: Option<PathBuf>,
     control_tcp: Option<Address>,
     ack_timeout_ms: Option<u64>,
+    access: Access,
+}
+
+/// Who may reach the relay: the options only the command line and the environment give.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Access {
+    control_group: Option<u32>,
+    operator_uids: Vec<u32>,
+    operator_gid: Option<u32>,
+    control_tcp_peers: Vec<IpAddr>,
+    migration_peers: Vec<IpAddr>,
 }
 
 impl Given {
@@ -52,8 +68,22 @@ impl Given {
             ack_timeout_ms: given("ack_timeout_ms")
                 .then(|| sub.get_one::<u64>("ack_timeout_ms").copied())
                 .flatten(),
+            access: Access {
+                control_group: sub.get_one::<u32>("control_group").copied(),
+                operator_uids: many(sub, "operator_uids"),
+                operator_gid: sub.get_one::<u32>("operator_gid").copied(),
+                control_tcp_peers: many(sub, "control_tcp_peers"),
+                migration_peers: many(sub, "migration_peers"),
+            },
         }
     }
+}
+
+/// Every value of a repeatable option (none when not given).
+fn many<T: Clone + Send + Sync + 'static>(sub: &clap::ArgMatches, id: &str) -> Vec<T> {
+    sub.get_many::<T>(id)
+        .map(|v| v.cloned().collect())
+        .unwrap_or_default()
 }
 
 /// Where the config file stands: not given, given without `[relay]`, or its section.
@@ -120,6 +150,11 @@ fn resolve(given: Given, file: File<'_>) -> Result<RelayArgs, String> {
             .ack_timeout_ms
             .or_else(|| section.map(|r| r.ack_timeout_ms))
             .unwrap_or(DEFAULT_ACK_TIMEOUT_MS),
+        control_group: given.access.control_group,
+        operator_uids: given.access.operator_uids,
+        operator_gid: given.access.operator_gid,
+        control_tcp_peers: given.access.control_tcp_peers,
+        migration_peers: given.access.migration_peers,
     })
 }
 
@@ -287,6 +322,61 @@ mod tests {
         let args = resolve(given, File::Relay(file.clone())).unwrap();
         assert_eq!(args.control_tcp, file.control_tcp);
         assert_eq!(args.ack_timeout_ms, 5);
+    }
+
+    /// The access options come from the command line (or their variables) only, and reach
+    /// the relay's arguments whatever the file says.
+    #[test]
+    fn access_options_come_from_the_command_line() {
+        let args = parse_relay(&[
+            "qmp-driver",
+            "relay",
+            "--listen",
+            "tcp:192.168.77.2:9998",
+            "--target",
+            "unix:/t",
+            "--control",
+            "/c",
+            "--control-tcp",
+            "192.168.77.2:9990",
+            "--control-group",
+            "990",
+            "--operator-uid",
+            "1000",
+            "--operator-uid",
+            "1001",
+            "--operator-gid",
+            "991",
+            "--control-tcp-peer",
+            "192.168.77.1",
+            "--migration-peer",
+            "192.168.77.1",
+        ])
+        .unwrap();
+        assert_eq!(args.control_group, Some(990));
+        assert_eq!(args.operator_uids, [1000, 1001]);
+        assert_eq!(args.operator_gid, Some(991));
+        let primary: IpAddr = "192.168.77.1".parse().unwrap();
+        assert_eq!(args.control_tcp_peers, [primary]);
+        assert_eq!(args.migration_peers, [primary]);
+        // None given: none set.
+        let args = parse_relay(&[
+            "qmp-driver",
+            "relay",
+            "--listen",
+            "tcp:0.0.0.0:1",
+            "--target",
+            "unix:/t",
+            "--control",
+            "/c",
+        ])
+        .unwrap();
+        assert_eq!((args.control_group, args.operator_gid), (None, None));
+        assert!(
+            args.operator_uids.is_empty()
+                && args.control_tcp_peers.is_empty()
+                && args.migration_peers.is_empty()
+        );
     }
 
     #[test]
