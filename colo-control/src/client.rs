@@ -137,10 +137,15 @@ impl std::fmt::Debug for Conn {
 }
 
 impl Conn {
-    async fn open(address: Address, hello: Hello, opts: &ClientOptions) -> Result<Conn> {
+    async fn open(
+        address: Address,
+        hello: Hello,
+        opts: &ClientOptions,
+        tls: Option<&colo_tls::PeerConnector>,
+    ) -> Result<Conn> {
         let t = opts.timeout;
         let (rd, wr) = bounded(&address, "connect", t, async {
-            transport::connect(&address)
+            transport::connect(&address, tls)
                 .await
                 .map_err(|source| ControlError::Connect {
                     address: address.clone(),
@@ -311,13 +316,26 @@ impl Subscriber {
         sync: bool,
         opts: &ClientOptions,
     ) -> Result<Subscriber> {
+        Self::connect_tls(address, name, sync, opts, None).await
+    }
+
+    /// Like [`Subscriber::connect_with`], over mutual TLS when `tls` is
+    /// given and `address` is TCP (a relay started with `--tls-dir`): the
+    /// relay's certificate must name `tls`'s peer, and ours is presented.
+    pub async fn connect_tls(
+        address: impl Into<Address>,
+        name: &str,
+        sync: bool,
+        opts: &ClientOptions,
+        tls: Option<&colo_tls::PeerConnector>,
+    ) -> Result<Subscriber> {
         let hello = Hello {
             version: PROTOCOL_VERSION,
             name: name.to_string(),
             role: ConnectionRole::Subscriber,
             sync,
         };
-        let conn = Conn::open(address.into(), hello, opts).await?;
+        let conn = Conn::open(address.into(), hello, opts, tls).await?;
         tracing::debug!(address = %conn.address, name, sync, "subscribed to the relay");
         Ok(Subscriber { conn })
     }
@@ -375,6 +393,17 @@ impl Operator {
         name: &str,
         opts: &ClientOptions,
     ) -> Result<Operator> {
+        Self::connect_tls(address, name, opts, None).await
+    }
+
+    /// Like [`Operator::connect_with`], over mutual TLS when `tls` is given
+    /// and `address` is TCP.
+    pub async fn connect_tls(
+        address: impl Into<Address>,
+        name: &str,
+        opts: &ClientOptions,
+        tls: Option<&colo_tls::PeerConnector>,
+    ) -> Result<Operator> {
         let hello = Hello {
             version: PROTOCOL_VERSION,
             name: name.to_string(),
@@ -382,7 +411,7 @@ impl Operator {
             sync: false,
         };
         Ok(Operator {
-            conn: Conn::open(address.into(), hello, opts).await?,
+            conn: Conn::open(address.into(), hello, opts, tls).await?,
         })
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{ControlError, Subscriber};
+use crate::client::{ClientOptions, ControlError, Subscriber};
 use crate::protocol::Event;
 use colo_types::Address;
 
@@ -27,6 +27,8 @@ pub struct FollowOptions {
     pub retry_min: Duration,
     /// Longest wait between reconnection attempts.
     pub retry_max: Duration,
+    /// Mutual TLS to the relay's TCP listener, when it requires it.
+    pub tls: Option<colo_tls::PeerConnector>,
 }
 
 impl FollowOptions {
@@ -39,6 +41,7 @@ impl FollowOptions {
             name: name.to_owned(),
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -90,10 +93,11 @@ pub async fn follow_relay(
     mut session: impl for<'s> FnMut(&'s mut Subscriber) -> SessionFuture<'s>,
 ) {
     let mut backoff = opts.retry_min;
+    let client = ClientOptions::default();
     loop {
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = Subscriber::connect(&opts.control, &opts.name, true) => r,
+            r = Subscriber::connect_tls(&opts.control, &opts.name, true, &client, opts.tls.as_ref()) => r,
         };
         match attempt {
             Ok(mut sub) => {

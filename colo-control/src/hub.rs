@@ -67,6 +67,10 @@ pub struct HubOptions {
     /// stranger elsewhere on the network out until the link is
     /// authenticated.
     pub tcp_peers: Option<Vec<IpAddr>>,
+    /// Mutual TLS on every TCP listener: a client must present a
+    /// certificate of the pair's CA for an allowed host, or it is closed
+    /// before a byte of the protocol is read. Unix listeners are unaffected.
+    pub tls: Option<colo_tls::PeerAcceptor>,
 }
 
 /// Default [`HubOptions::max_unix_clients`]: a relay's host has two daemons
@@ -86,6 +90,7 @@ impl Default for HubOptions {
             max_unix_clients: DEFAULT_MAX_UNIX_CLIENTS,
             max_tcp_clients: DEFAULT_MAX_TCP_CLIENTS,
             tcp_peers: None,
+            tls: None,
         }
     }
 }
@@ -137,7 +142,7 @@ impl OperatorPolicy {
                 }
             }
             Peer::LocalUnknown => Err("the client's credentials could not be read".to_string()),
-            Peer::Remote(addr) => Err(format!(
+            Peer::Remote(addr) | Peer::Authenticated { addr, .. } => Err(format!(
                 "a failover is accepted only on the relay's Unix socket, not over TCP (from {addr})"
             )),
         }
@@ -499,7 +504,7 @@ impl ControlHub {
             };
             match accepted {
                 Ok(accepted) => {
-                    let peer = accepted.peer;
+                    let peer = accepted.peer.clone();
                     if let Err(why) = self.admit(&peer, &served, limit) {
                         // Dropped unread: the client sees its connection closed.
                         drop(accepted);
@@ -702,7 +707,18 @@ impl ControlHub {
     }
 
     async fn serve_conn(self, accepted: Accepted, peer: Peer) {
-        let (rd, wr) = accepted.into_halves();
+        // The TLS handshake runs here, in the connection's task (the accept
+        // loop never waits on a client), bounded by its timeout.
+        let (rd, wr, peer) = match accepted.into_halves(self.inner.opts.tls.as_ref()).await {
+            Ok(halves) => halves,
+            Err(e) => {
+                self.refused_connection(&peer, "tls", &e.to_string());
+                return;
+            }
+        };
+        if let Peer::Authenticated { name, .. } = &peer {
+            tracing::debug!(%name, "control client authenticated");
+        }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE));
         let (tx, rx) = mpsc::channel::<String>(self.inner.opts.queue_depth.max(1));

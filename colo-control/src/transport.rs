@@ -63,12 +63,28 @@ pub fn tune_tcp(s: &TcpStream, what: &str) {
     }
 }
 
-/// Connects to `address` (a Unix socket, or TCP with `TCP_NODELAY`).
-pub(crate) async fn connect(address: &Address) -> io::Result<(StreamReader, StreamWriter)> {
+/// Connects to `address` (a Unix socket, or TCP with `TCP_NODELAY`, and
+/// with `tls` the mutual TLS handshake; `tls` is ignored on a Unix socket).
+pub(crate) async fn connect(
+    address: &Address,
+    tls: Option<&colo_tls::PeerConnector>,
+) -> io::Result<(StreamReader, StreamWriter)> {
     match address {
         Address::Unix(path) => Ok(split_unix(UnixStream::connect(path).await?)),
         Address::Tcp { host, port } => {
-            Ok(split_tcp(TcpStream::connect((host.as_str(), *port)).await?))
+            let s = TcpStream::connect((host.as_str(), *port)).await?;
+            match tls {
+                None => Ok(split_tcp(s)),
+                Some(connector) => {
+                    tune_tcp(&s, "control");
+                    let (tls, _) = connector
+                        .connect(s)
+                        .await
+                        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
+                    let (rd, wr) = tokio::io::split(tls);
+                    Ok((Box::new(rd), Box::new(wr)))
+                }
+            }
         }
     }
 }
@@ -172,7 +188,7 @@ impl ControlListener {
 
 /// Who is at the other end of a control connection, as the kernel says (a
 /// client's `hello` name is only what it claims).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Peer {
     /// A process on this host, over the Unix socket, with its `SO_PEERCRED`
     /// credentials (the process's uid and primary gid when it connected).
@@ -190,6 +206,14 @@ pub enum Peer {
     LocalUnknown,
     /// A TCP client: only its address is known, and nothing authenticates it.
     Remote(SocketAddr),
+    /// A TCP client that passed the mutual TLS handshake: its certificate,
+    /// signed by the pair's CA, names an allowed host.
+    Authenticated {
+        /// Its address.
+        addr: SocketAddr,
+        /// The host name in its certificate.
+        name: String,
+    },
 }
 
 impl std::fmt::Display for Peer {
@@ -204,6 +228,7 @@ impl std::fmt::Display for Peer {
             }
             Peer::LocalUnknown => f.write_str("unix (credentials unknown)"),
             Peer::Remote(addr) => write!(f, "tcp {addr}"),
+            Peer::Authenticated { addr, name } => write!(f, "tls {name} at {addr}"),
         }
     }
 }
@@ -223,11 +248,38 @@ enum AcceptedStream {
 }
 
 impl Accepted {
-    /// The connection's halves, a TCP socket tuned as every control socket is.
-    pub(crate) fn into_halves(self) -> (StreamReader, StreamWriter) {
-        match self.stream {
-            AcceptedStream::Unix(s) => split_unix(s),
-            AcceptedStream::Tcp(s) => split_tcp(s),
+    /// The connection's halves, a TCP socket tuned as every control socket
+    /// is and, with `tls`, authenticated by the mutual TLS handshake: the
+    /// peer then carries the name in its certificate.
+    pub(crate) async fn into_halves(
+        self,
+        tls: Option<&colo_tls::PeerAcceptor>,
+    ) -> Result<(StreamReader, StreamWriter, Peer), colo_tls::HandshakeError> {
+        match (self.stream, tls, self.peer) {
+            (AcceptedStream::Unix(s), _, peer) => {
+                let (rd, wr) = split_unix(s);
+                Ok((rd, wr, peer))
+            }
+            (AcceptedStream::Tcp(s), None, peer) => {
+                let (rd, wr) = split_tcp(s);
+                Ok((rd, wr, peer))
+            }
+            (AcceptedStream::Tcp(s), Some(acceptor), peer) => {
+                tune_tcp(&s, "control");
+                let (tls, name) = acceptor.accept(s).await?;
+                let addr = match peer {
+                    Peer::Remote(a) | Peer::Authenticated { addr: a, .. } => a,
+                    Peer::Local { .. } | Peer::LocalUnknown => {
+                        unreachable!("a TCP connection has a remote peer")
+                    }
+                };
+                let (rd, wr) = tokio::io::split(tls);
+                Ok((
+                    Box::new(rd),
+                    Box::new(wr),
+                    Peer::Authenticated { addr, name },
+                ))
+            }
         }
     }
 }
@@ -300,7 +352,7 @@ mod tests {
         let client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let accepted = listener.accept().await.unwrap();
         assert_eq!(accepted.peer, Peer::Remote(client.local_addr().unwrap()));
-        let (_rd, _wr) = accepted.into_halves();
+        let (_rd, _wr, _) = accepted.into_halves(None).await.unwrap();
         tune_tcp(&client, "control");
         assert!(client.nodelay().unwrap());
         let sock = socket2::SockRef::from(&client);

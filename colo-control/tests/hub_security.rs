@@ -390,3 +390,142 @@ async fn an_endless_tcp_line_closes_the_client_without_growing() {
     .await;
     nothing_was_published(&b.hub, &mut blockd).await;
 }
+
+// Mutual TLS on the TCP listener (`HubOptions::tls`): the relay runs on
+// `hostb` (the secondary host) and accepts only `hosta`'s certificate.
+
+use colo_control::client::ClientOptions;
+use colo_tls::pki::{Validity, create_pair};
+use colo_tls::{DEFAULT_HANDSHAKE_TIMEOUT, HostIdentity, PeerAcceptor, PeerConnector};
+
+struct Pki {
+    relay: HostIdentity,
+    other: HostIdentity,
+    /// Same names, another CA.
+    foreign_other: HostIdentity,
+    _dir: tempfile::TempDir,
+}
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["hosta".to_string(), "hostb".to_string()];
+    let ours = create_pair(&dir.path().join("ours"), &names, Validity::days(30)).unwrap();
+    let theirs = create_pair(&dir.path().join("theirs"), &names, Validity::days(30)).unwrap();
+    Pki {
+        other: HostIdentity::load(&ours.host_dirs[0]).unwrap(),
+        relay: HostIdentity::load(&ours.host_dirs[1]).unwrap(),
+        foreign_other: HostIdentity::load(&theirs.host_dirs[0]).unwrap(),
+        _dir: dir,
+    }
+}
+
+async fn tls_bed(pki: &Pki) -> Bed {
+    let acceptor = PeerAcceptor::new(
+        &pki.relay,
+        &["hosta".to_string()],
+        DEFAULT_HANDSHAKE_TIMEOUT,
+    )
+    .unwrap();
+    bed(HubOptions {
+        tls: Some(acceptor),
+        ..HubOptions::default()
+    })
+    .await
+}
+
+fn connector(identity: &HostIdentity) -> PeerConnector {
+    PeerConnector::new(identity, "hostb", DEFAULT_HANDSHAKE_TIMEOUT).unwrap()
+}
+
+#[tokio::test]
+async fn over_tls_the_other_host_subscribes_and_takes_part_in_barriers() {
+    let pki = pki();
+    let b = tls_bed(&pki).await;
+    let tls = connector(&pki.other);
+    let opts = ClientOptions::default();
+    let mut proxyd = Subscriber::connect_tls(&b.tcp, "colo-proxyd", true, &opts, Some(&tls))
+        .await
+        .unwrap();
+    let hub = b.hub.clone();
+    let barrier = tokio::spawn(async move {
+        hub.barrier(EventBody::new(EventKind::SvmEpochClosed, 1), T)
+            .await
+    });
+    let ev = proxyd.next_event_timeout(T).await.unwrap().unwrap();
+    assert!(ev.sync);
+    proxyd.ack(ev.seq).await.unwrap();
+    assert_eq!(barrier.await.unwrap().unwrap().acks.len(), 1);
+    // Authenticated is not local: a failover is still refused over TCP.
+    let e = Operator::connect_tls(&b.tcp, "qmp-driver", &opts, Some(&tls))
+        .await
+        .unwrap()
+        .failover(Role::Primary)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not over TCP"), "{e}");
+    assert_eq!(b.hub.status().refused_control_connections, 0);
+}
+
+/// Without a certificate (plaintext), with the relay host's own identity
+/// (the wrong host), and with a certificate of another CA: each is closed
+/// before a protocol byte is read, counted, registers nothing and changes
+/// nothing for a real subscriber.
+#[tokio::test]
+async fn over_tls_strangers_and_wrong_credentials_are_refused_and_change_nothing() {
+    let pki = pki();
+    let b = tls_bed(&pki).await;
+    let mut blockd = Subscriber::connect(&b.unix, "colo-blockd", false)
+        .await
+        .unwrap();
+    let opts = ClientOptions::default();
+    // Plaintext: the hello is not a TLS ClientHello.
+    let e = Subscriber::connect(&b.tcp, "colo-proxyd", true)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ControlError::Closed { .. } | ControlError::Io { .. }),
+        "{e}"
+    );
+    // The relay's own host identity as client: the right CA, the wrong name.
+    let e = Subscriber::connect_tls(
+        &b.tcp,
+        "colo-proxyd",
+        true,
+        &opts,
+        Some(&connector(&pki.relay)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ControlError::Connect { .. } | ControlError::Closed { .. } | ControlError::Io { .. }
+        ),
+        "{e}"
+    );
+    // Another CA: the client refuses the relay's certificate itself; the
+    // relay counts the failed handshake too.
+    let e = Subscriber::connect_tls(
+        &b.tcp,
+        "colo-proxyd",
+        true,
+        &opts,
+        Some(&connector(&pki.foreign_other)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, ControlError::Connect { .. }), "{e}");
+    wait_until("three refusals counted", || {
+        b.hub.status().refused_control_connections == 3
+    })
+    .await;
+    let st = b.hub.status();
+    assert_eq!(
+        st.subscribers
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["colo-blockd"]
+    );
+    nothing_was_published(&b.hub, &mut blockd).await;
+}
