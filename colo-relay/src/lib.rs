@@ -98,6 +98,19 @@ pub struct RelayConfig {
     /// When not empty, migration connections (over TCP) only from these
     /// addresses.
     pub migration_peers: Vec<IpAddr>,
+    /// Mutual TLS on the TCP control listener: this host's identity
+    /// directory and the other host's name (its certificate must carry it).
+    pub control_tls: Option<ControlTls>,
+}
+
+/// `--tls-dir` and `--tls-peer`: mutual TLS on the TCP control listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlTls {
+    /// This host's identity directory (QEMU's tls-creds-x509 layout,
+    /// `qmp-driver pki`).
+    pub dir: PathBuf,
+    /// The host name the other host's certificate must carry.
+    pub peer: String,
 }
 
 impl Default for RelayConfig {
@@ -113,6 +126,7 @@ impl Default for RelayConfig {
             operator_gid: None,
             control_tcp_peers: Vec::new(),
             migration_peers: Vec::new(),
+            control_tls: None,
         }
     }
 }
@@ -211,6 +225,18 @@ pub struct RelayArgs {
         value_delimiter = ','
     )]
     pub migration_peers: Vec<IpAddr>,
+
+    /// Require mutual TLS on `--control-tcp`: this host's identity directory
+    /// (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
+    /// `client-key.pem`; `qmp-driver pki`). A client must present a
+    /// certificate of the pair's CA for `--tls-peer`, or it is closed before a
+    /// byte of the protocol is read. Needs `--tls-peer` and `--control-tcp`.
+    #[arg(long, env = "COLO_RELAY_TLS_DIR", value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// With `--tls-dir`: the other host's name, as its certificate carries it.
+    #[arg(long, env = "COLO_RELAY_TLS_PEER", value_name = "HOST")]
+    pub tls_peer: Option<String>,
 }
 
 impl TryFrom<RelayArgs> for RelayConfig {
@@ -256,6 +282,27 @@ impl TryFrom<RelayArgs> for RelayConfig {
                 "--control-tcp-peer needs --control-tcp".into(),
             ));
         }
+        let control_tls = match (a.tls_dir, a.tls_peer) {
+            (None, None) => None,
+            (Some(dir), Some(peer)) => {
+                if a.control_tcp.is_none() {
+                    return Err(RelayError::Config(
+                        "--tls-dir protects --control-tcp, which is not given".into(),
+                    ));
+                }
+                Some(ControlTls { dir, peer })
+            }
+            (Some(_), None) => {
+                return Err(RelayError::Config(
+                    "--tls-dir needs --tls-peer (the other host's name)".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(RelayError::Config(
+                    "--tls-peer needs --tls-dir (this host's identity)".into(),
+                ));
+            }
+        };
         if !a.migration_peers.is_empty() && !a.listen.is_tcp() {
             return Err(RelayError::Config(format!(
                 "--migration-peer needs a TCP --listen address, got {}",
@@ -273,6 +320,7 @@ impl TryFrom<RelayArgs> for RelayConfig {
             operator_gid: a.operator_gid,
             control_tcp_peers: a.control_tcp_peers,
             migration_peers: a.migration_peers,
+            control_tls,
         })
     }
 }
@@ -302,6 +350,9 @@ pub enum RelayError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The identity for the control listener's TLS could not be loaded.
+    #[error("cannot set up TLS for the control listener: {0}")]
+    Tls(#[from] colo_tls::TlsError),
     /// The control protocol's TCP listener could not be bound.
     #[error("cannot listen for control connections on {address}: {source}")]
     ControlTcp {
@@ -319,6 +370,19 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
     let control_err = |source| RelayError::Control {
         path: config.control.clone(),
         source,
+    };
+    // Loaded first: a bad identity is a configuration error before anything
+    // is bound.
+    let tls = match &config.control_tls {
+        None => None,
+        Some(t) => {
+            let identity = colo_tls::HostIdentity::load(&t.dir)?;
+            Some(colo_tls::PeerAcceptor::new(
+                &identity,
+                std::slice::from_ref(&t.peer),
+                colo_tls::DEFAULT_HANDSHAKE_TIMEOUT,
+            )?)
+        }
     };
     remove_stale_socket(&config.control)
         .await
@@ -338,12 +402,19 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
             },
             tcp_peers: (!config.control_tcp_peers.is_empty())
                 .then(|| config.control_tcp_peers.clone()),
+            tls,
             ..HubOptions::default()
         },
     );
     let control_tcp = match &config.control_tcp {
         None => None,
-        Some(address) => match bind_control_tcp(address, &config.control_tcp_peers).await {
+        Some(address) => match bind_control_tcp(
+            address,
+            &config.control_tcp_peers,
+            config.control_tls.as_ref(),
+        )
+        .await
+        {
             Ok(listener) => {
                 let bound = listener.local_address().ok();
                 hub.listen(listener);
@@ -400,7 +471,22 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
 async fn bind_control_tcp(
     address: &Address,
     peers: &[IpAddr],
+    tls: Option<&ControlTls>,
 ) -> Result<ControlListener, RelayError> {
+    if let Some(tls) = tls {
+        tracing::info!(
+            %address,
+            peer = %tls.peer,
+            identity = %tls.dir.display(),
+            "the control protocol's TCP listener requires mutual TLS: only the peer's certificate is accepted"
+        );
+        return ControlListener::bind(address)
+            .await
+            .map_err(|source| RelayError::ControlTcp {
+                address: address.clone(),
+                source,
+            });
+    }
     let peers_note = if peers.is_empty() {
         "any address may connect (give --control-tcp-peer)".to_string()
     } else {
@@ -508,6 +594,8 @@ mod tests {
             operator_gid: None,
             control_tcp_peers: Vec::new(),
             migration_peers: Vec::new(),
+            tls_dir: None,
+            tls_peer: None,
         };
         let e = RelayConfig::try_from(args("unix:/a", "unix:/b", "/c", 0)).unwrap_err();
         assert!(e.to_string().contains("--ack-timeout-ms"), "{e}");
@@ -515,6 +603,28 @@ mod tests {
         assert!(e.to_string().contains("connect to itself"), "{e}");
         let e = RelayConfig::try_from(args("unix:/a", "unix:/b", "/a", 5)).unwrap_err();
         assert!(e.to_string().contains("also a migration endpoint"), "{e}");
+        // The access options are checked together.
+        let mut a = args("unix:/a", "unix:/b", "/c", 5);
+        a.tls_dir = Some("/etc/colo/pki/hostb".into());
+        let e = RelayConfig::try_from(a.clone()).unwrap_err();
+        assert!(e.to_string().contains("--tls-peer"), "{e}");
+        a.tls_peer = Some("hosta".into());
+        let e = RelayConfig::try_from(a.clone()).unwrap_err();
+        assert!(e.to_string().contains("--control-tcp"), "{e}");
+        a.control_tcp = Some(Address::tcp("192.168.77.2", 9990));
+        let cfg = RelayConfig::try_from(a).unwrap();
+        assert_eq!(cfg.control_tls.unwrap().peer, "hosta");
+        let mut a = args("unix:/a", "unix:/b", "/c", 5);
+        a.control_tcp_peers = vec!["192.168.77.1".parse().unwrap()];
+        let e = RelayConfig::try_from(a).unwrap_err();
+        assert!(e.to_string().contains("--control-tcp-peer needs"), "{e}");
+        let mut a = args("unix:/a", "unix:/b", "/c", 5);
+        a.migration_peers = vec!["192.168.77.1".parse().unwrap()];
+        let e = RelayConfig::try_from(a).unwrap_err();
+        assert!(
+            e.to_string().contains("--migration-peer needs a TCP"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -307,3 +307,54 @@ async fn run_gives_the_control_socket_to_its_group() {
     shutdown.cancel();
     within(relay).await.unwrap().unwrap();
 }
+
+/// `run` with `--tls-dir`/`--tls-peer`: the TCP control listener serves the
+/// other host's certificate only; a plaintext client (a stranger, or a
+/// daemon not configured for TLS) is refused and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_requires_mutual_tls_on_the_control_tcp_listener() {
+    use colo_control::client::ClientOptions;
+    use colo_relay::ControlTls;
+    use colo_tls::pki::{Validity, create_pair};
+    use colo_tls::{DEFAULT_HANDSHAKE_TIMEOUT, HostIdentity, PeerConnector};
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["hosta".to_string(), "hostb".to_string()];
+    let pair = create_pair(&dir.path().join("pki"), &names, Validity::days(30)).unwrap();
+    let control = dir.path().join("control.sock");
+    let port = free_port();
+    let tcp = Address::tcp("127.0.0.1", port);
+    let cfg = RelayConfig {
+        listen: Address::unix(dir.path().join("in.sock")),
+        target: Address::unix(dir.path().join("sec.sock")),
+        control: control.clone(),
+        control_tcp: Some(tcp.clone()),
+        control_tls: Some(ControlTls {
+            dir: pair.host_dirs[1].clone(),
+            peer: "hosta".into(),
+        }),
+        ..RelayConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(colo_relay::run(cfg, shutdown.clone()));
+    let hosta = HostIdentity::load(&pair.host_dirs[0]).unwrap();
+    let tls = PeerConnector::new(&hosta, "hostb", DEFAULT_HANDSHAKE_TIMEOUT).unwrap();
+    let opts = ClientOptions::default();
+    let deadline = Instant::now() + T;
+    let mut proxyd = loop {
+        match Subscriber::connect_tls(&tcp, "colo-proxyd", false, &opts, Some(&tls)).await {
+            Ok(s) => break s,
+            Err(e) => assert!(Instant::now() < deadline, "relay never came up: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(query_status(&tcp).await.is_err(), "plaintext served");
+    let st = query_status(&control).await.unwrap();
+    assert_eq!(st.refused_control_connections, 1);
+    assert!(st.subscribers.iter().any(|s| s.name == "colo-proxyd"));
+    // The authenticated daemon gets the relay's events.
+    notify_failover(&control, Role::Primary).await.unwrap();
+    let ev = proxyd.next_event_timeout(T).await.unwrap().unwrap();
+    assert_eq!(ev.event, EventKind::Failover);
+    shutdown.cancel();
+    within(relay).await.unwrap().unwrap();
+}

@@ -6,7 +6,8 @@
 //! 4. its default (`--ack-timeout-ms` only; `--control-tcp` is off without one),
 //!
 //! except the access options (`--control-group`, `--operator-uid`, `--operator-gid`,
-//! `--control-tcp-peer`, `--migration-peer`), which the pair config has no keys for: flag or
+//! `--control-tcp-peer`, `--migration-peer`, `--tls-dir`, `--tls-peer`), which the pair config
+//! has no keys for: flag or
 //! environment only,
 //!
 //! so that `qmp-driver relay --config /etc/colo/vm1.toml` is enough, as the libvirt hook runs
@@ -49,6 +50,8 @@ struct Access {
     operator_gid: Option<u32>,
     control_tcp_peers: Vec<IpAddr>,
     migration_peers: Vec<IpAddr>,
+    tls_dir: Option<PathBuf>,
+    tls_peer: Option<String>,
 }
 
 impl Given {
@@ -74,6 +77,8 @@ impl Given {
                 operator_gid: sub.get_one::<u32>("operator_gid").copied(),
                 control_tcp_peers: many(sub, "control_tcp_peers"),
                 migration_peers: many(sub, "migration_peers"),
+                tls_dir: sub.get_one::<PathBuf>("tls_dir").cloned(),
+                tls_peer: sub.get_one::<String>("tls_peer").cloned(),
             },
         }
     }
@@ -155,6 +160,8 @@ fn resolve(given: Given, file: File<'_>) -> Result<RelayArgs, String> {
         operator_gid: given.access.operator_gid,
         control_tcp_peers: given.access.control_tcp_peers,
         migration_peers: given.access.migration_peers,
+        tls_dir: given.access.tls_dir,
+        tls_peer: given.access.tls_peer,
     })
 }
 
@@ -351,8 +358,16 @@ mod tests {
             "192.168.77.1",
             "--migration-peer",
             "192.168.77.1",
+            "--tls-dir",
+            "/etc/colo/pki/hostb",
+            "--tls-peer",
+            "hosta",
         ])
         .unwrap();
+        assert_eq!(
+            (args.tls_dir.as_deref(), args.tls_peer.as_deref()),
+            (Some(Path::new("/etc/colo/pki/hostb")), Some("hosta"))
+        );
         assert_eq!(args.control_group, Some(990));
         assert_eq!(args.operator_uids, [1000, 1001]);
         assert_eq!(args.operator_gid, Some(991));
