@@ -3,9 +3,10 @@
 //! (`common`).
 //!
 //! While the link is live, strangers connect to the primary's link port: a bare connect, one
-//! that says nothing, garbage, hellos of the wrong role or version, more at once than the
-//! pending bound; with TLS also a plaintext hello, a TLS client without a certificate, one
-//! with a certificate of another CA, and the primary's own identity posing as the secondary.
+//! that says nothing, garbage, hellos of the wrong role or version, a good secondary hello,
+//! more at once than the pending bound; with TLS also a plaintext hello, a TLS client without a
+//! certificate, one with a certificate of another CA, the primary's own identity posing as the
+//! secondary, and even the secondary's own identity while its link is healthy.
 //! Each is refused (counted by reason), the link stays up throughout, the secondary never
 //! reconnects, and every frame sent into `mirror0` during the attacks reaches `red0`, in order.
 
@@ -175,6 +176,8 @@ impl Pair {
         // Its log line may trail the metric: wait for it before counting.
         self.secondary.daemon.wait_line(&["link: connected"]).await;
         let connected_before = self.secondary.daemon.count_lines(&["link: connected"]);
+        self.primary.daemon.wait_line(&["link: connected"]).await;
+        let primary_connected_before = self.primary.daemon.count_lines(&["link: connected"]);
         let mut sent = Vec::new();
         let mut n = 1000;
         for attack in attacks {
@@ -210,10 +213,9 @@ impl Pair {
         let received = self.secondary.red0.recv_n(sent.len()).await;
         assert_eq!(received, sent, "a mirrored frame was lost or reordered");
         assert_eq!(
-            self.primary
-                .daemon
-                .count_lines(&["new connection replaces this one"]),
-            0
+            self.primary.daemon.count_lines(&["link: connected"]),
+            primary_connected_before,
+            "another connection became the link"
         );
         assert_eq!(
             self.secondary.daemon.count_lines(&["link: connected"]),
@@ -286,6 +288,19 @@ fn plaintext_attacks() -> Vec<Attack> {
             "closed",
             |link| async move {
                 drop(TcpStream::connect(&link).await.unwrap());
+            },
+        ),
+        attack(
+            "a stranger with a good secondary hello",
+            "link-busy",
+            |link| async move {
+                let mut raw = TcpStream::connect(&link).await.unwrap();
+                raw.write_all(&hello(Role::Secondary, LINK_VERSION))
+                    .await
+                    .unwrap();
+                let heard = until_closed(&mut raw).await;
+                // The primary's hello, then nothing: no frame, until it closes.
+                assert_eq!(heard, hello(Role::Primary, LINK_VERSION));
             },
         ),
         attack("a hello of the primary's role", "hello", |link| {
@@ -455,10 +470,33 @@ async fn over_tls_only_the_named_peer_is_the_link() {
             move |link| tls_stranger(link, own),
         ),
     ];
+    let real = tls_client(
+        &ca,
+        Some((
+            &pki.join("hostb/client-cert.pem"),
+            &pki.join("hostb/client-key.pem"),
+        )),
+    );
+    attacks.push(attack(
+        "the secondary's own identity while its link is healthy",
+        "link-busy",
+        move |link| async move {
+            let tcp = TcpStream::connect(&link).await.unwrap();
+            let connector = tokio_rustls::TlsConnector::from(real);
+            let name = ServerName::try_from("hosta").unwrap();
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            tls.write_all(&hello(Role::Secondary, LINK_VERSION))
+                .await
+                .unwrap();
+            tls.flush().await.unwrap();
+            let heard = read_until_error(&mut tls).await;
+            assert_eq!(heard, hello(Role::Primary, LINK_VERSION));
+        },
+    ));
     attacks.extend(
         plaintext_attacks()
             .into_iter()
-            .filter(|a| a.reason != "hello"),
+            .filter(|a| !matches!(a.reason, "hello" | "link-busy")),
     );
     p.under_attack(attacks).await;
     p.primary
@@ -467,12 +505,23 @@ async fn over_tls_only_the_named_peer_is_the_link() {
         .await;
     p.link_works(2).await;
 
-    // The real secondary restarted: its new, authenticated connection is the link.
+    // The secondary replaced: the new one's authenticated connection waits while the old link
+    // is healthy, and takes over when the old daemon is gone.
+    let waiting = ["an authenticated new connection waits for the live link to end"];
+    let waited_before = p.primary.daemon.count_lines(&waiting);
     let control = dir.path().join("control.sock");
     let first = std::mem::replace(
         &mut p.secondary,
         start_secondary(&control, &p.primary.link, &tls_args(&pki, "hostb", "hosta")).await,
     );
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while p.primary.daemon.count_lines(&waiting) == waited_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new secondary never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     drop(first);
     wait_metric(&p.secondary.metrics, LINK_UP).await;
     wait_metric(&p.primary.metrics, LINK_UP).await;

@@ -15,7 +15,10 @@
 //! exchange (the secondary's role, this version), within [`HELLO_TIMEOUT`], in a task of its
 //! own, at most [`MAX_PENDING`] at once. A newcomer that fails is logged (rate-limited),
 //! counted in `link_refused_total{reason}` and closed; the live link never noticed it. One
-//! that passes replaces the live link (the secondary reconnecting after a restart).
+//! that passes takes over once the live link ended (the secondary reconnecting after a
+//! restart: its old connection is gone by then), waiting up to [`TAKEOVER_WAIT`] for it; a
+//! live link that stays healthy meanwhile is kept and the newcomer refused (`link-busy`), so
+//! even in plaintext a stranger's good hello cannot take a working link.
 //!
 //! Liveness: each end sends a heartbeat after every [`HEARTBEAT_INTERVAL`] in which it wrote
 //! nothing else, and closes the connection when nothing at all came from the peer for
@@ -56,6 +59,12 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most connections the primary authenticates at once; a connection beyond is closed at once
 /// (counted, reason `too-many-pending`). The real secondary makes one at a time.
 pub const MAX_PENDING: usize = 8;
+/// How long an authenticated newcomer waits for the live link to end before it is refused
+/// (`link-busy`). The real secondary reconnects only after its old connection ended, which
+/// the primary sees at once (a restarted daemon's FIN) or by the dead-peer bound (a stalled
+/// network: both ends detect it within [`DEAD_AFTER`] of the last byte, a second or less
+/// apart); shorter than [`DEAD_AFTER`], so that a waiting secondary does not give up on us.
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 /// Each end sends a heartbeat when it wrote nothing to the peer for this long.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// The peer is dead when nothing came from it for this long (three heartbeat intervals), or a
@@ -135,7 +144,8 @@ struct Greeted {
 /// Why a connection did not become the link.
 #[derive(Debug)]
 struct Refusal {
-    /// The metric's label: `tls`, `hello`, `closed`, `timeout`, `too-many-pending`.
+    /// The metric's label: `tls`, `hello`, `closed`, `timeout`, `too-many-pending`,
+    /// `link-busy`.
     reason: &'static str,
     why: String,
 }
@@ -152,7 +162,7 @@ impl Refusal {
     /// handshake (a peer that only closed, or one too many, is no error of the link's).
     fn count(&self, metrics: &Metrics) {
         metrics.link_refused(self.reason);
-        if !matches!(self.reason, "closed" | "too-many-pending") {
+        if !matches!(self.reason, "closed" | "too-many-pending" | "link-busy") {
             metrics.link_error();
         }
     }
@@ -300,8 +310,9 @@ async fn handshake(
 }
 
 /// The primary's end: accepts the secondary's daemon on `listener`. Every connection is
-/// authenticated on its own, at most [`MAX_PENDING`] at once; one that passes replaces the
-/// current link.
+/// authenticated on its own, at most [`MAX_PENDING`] at once. One that passes while a link is
+/// live waits up to [`TAKEOVER_WAIT`] for that link to end and then takes over; while the live
+/// link stays healthy it is refused (`link-busy`).
 pub fn spawn_primary(
     listener: TcpListener,
     tls: Option<LinkTls>,
@@ -320,10 +331,11 @@ pub fn spawn_primary(
         shutdown.clone(),
     ));
     tokio::spawn(async move {
-        let mut next: Option<Greeted> = None;
+        // An authenticated newcomer waiting for the live link to end, and until when.
+        let mut waiting: Option<(Greeted, Instant)> = None;
         loop {
-            let greeted = match next.take() {
-                Some(g) => g,
+            let greeted = match waiting.take() {
+                Some((g, _)) => g,
                 None => loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -339,20 +351,36 @@ pub fn spawn_primary(
                 },
             };
             let peer = greeted.peer.clone();
-            let span = tracing::info_span!("link", %peer);
-            let ended = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                // Every log line of this connection carries the peer.
-                e = serve(greeted, Role::Primary, &metrics, &in_tx, &mut out_rx)
-                    .instrument(span) => e,
-                g = greeted_rx.recv() => match g {
-                    Some(g) => {
-                        let new = g.peer.clone();
-                        next = Some(g);
-                        Ended::Replaced(new)
+            // Every log line of this connection carries the peer.
+            let serving = serve(greeted, Role::Primary, &metrics, &in_tx, &mut out_rx)
+                .instrument(tracing::info_span!("link", %peer));
+            tokio::pin!(serving);
+            let ended = loop {
+                let wait_until = waiting.as_ref().map(|(_, until)| *until);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    e = &mut serving => break e,
+                    g = greeted_rx.recv() => match g {
+                        None => return,
+                        Some(g) if waiting.is_some() => refused(
+                            &g.peer,
+                            &Refusal::new("link-busy", "another authenticated connection waits already"),
+                            &metrics,
+                        ),
+                        Some(g) => {
+                            tracing::info!(%peer, new_peer = %g.peer, "link: an authenticated new connection waits for the live link to end");
+                            waiting = Some((g, Instant::now() + TAKEOVER_WAIT));
+                        }
+                    },
+                    _ = tokio::time::sleep_until(wait_until.unwrap_or_else(Instant::now)), if wait_until.is_some() => {
+                        if let Some((g, _)) = waiting.take() {
+                            let why = format!(
+                                "the live link with {peer} stayed healthy for {TAKEOVER_WAIT:?}"
+                            );
+                            refused(&g.peer, &Refusal::new("link-busy", why), &metrics);
+                        }
                     }
-                    None => return,
-                },
+                }
             };
             metrics.set_connected(LINK_PORT, false);
             if ended.log(&peer, &metrics) {
@@ -543,8 +571,6 @@ enum Ended {
     /// The peer went silent: nothing came for [`DEAD_AFTER`], or a write did not complete
     /// within it (after a good hello when `up`).
     DeadPeer { why: String, up: bool },
-    /// A newer, authenticated connection took over (primary only).
-    Replaced(String),
 }
 
 impl Ended {
@@ -563,9 +589,6 @@ impl Ended {
             Ended::DeadPeer { why, .. } => {
                 metrics.link_dead_peer();
                 tracing::error!(%peer, error = %why, "link: the peer is dead, closing the connection")
-            }
-            Ended::Replaced(new) => {
-                tracing::warn!(%peer, new_peer = %new, "link: an authenticated new connection replaces this one")
             }
         }
         false
@@ -682,8 +705,11 @@ async fn write_side(
     out_rx: &mut mpsc::Receiver<LinkMessage>,
 ) -> Ended {
     let mut wire = Vec::new();
+    // A heartbeat at once: a connection that waited for the live link to end
+    // ([`TAKEOVER_WAIT`]) had nothing from us since its hello.
+    let mut next_beat = Duration::ZERO;
     loop {
-        let idle = tokio::time::sleep(HEARTBEAT_INTERVAL);
+        let idle = tokio::time::sleep(std::mem::replace(&mut next_beat, HEARTBEAT_INTERVAL));
         wire.clear();
         let mut batch = 0;
         tokio::select! {
