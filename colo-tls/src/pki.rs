@@ -263,7 +263,12 @@ fn write_identity(
                 error,
             }
         })?)];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // keyEncipherment too: QEMU's tls-creds-x509 refuses a host certificate whose (critical)
+        // keyUsage lacks it, whatever the key type (crypto/tlscredsx509.c).
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![usage];
         params.use_authority_key_identifier_extension = true;
         validity.apply(&mut params);
