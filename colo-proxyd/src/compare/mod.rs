@@ -229,6 +229,9 @@ struct SvmControl {
 #[derive(Debug)]
 pub struct StreamComparator {
     limits: ComparatorLimits,
+    /// The bytes this connection may keep before it asks for a checkpoint: its own bound, or
+    /// more while the engine's total budget has room ([`Self::allow`]).
+    allowance: usize,
     origin: Origin,
     pvm_map: Option<SequenceMap>,
     svm_map: Option<SequenceMap>,
@@ -256,6 +259,7 @@ impl StreamComparator {
     pub fn new(limits: ComparatorLimits) -> Self {
         StreamComparator {
             limits,
+            allowance: limits.max_buffered_bytes,
             origin: Origin::Unknown,
             pvm_map: None,
             svm_map: None,
@@ -274,6 +278,15 @@ impl StreamComparator {
     /// PVM packets held right now.
     pub fn held_packets(&self) -> usize {
         self.held.len()
+    }
+
+    /// Lets the connection keep `headroom` bytes more than it keeps now (the free part of all
+    /// connections' budget), or its own bound if that is more. Set before each packet.
+    pub fn allow(&mut self, headroom: usize) {
+        self.allowance = self
+            .limits
+            .max_buffered_bytes
+            .max(self.buffered_bytes().saturating_add(headroom));
     }
 
     /// Payload bytes kept for comparison right now (PVM held plus SVM ahead).
@@ -433,7 +446,9 @@ impl StreamComparator {
         // bound the span is checked after the releases the segment allows, as every other
         // input is.
         let span = data_end - self.bytes.base();
-        let hard_bound = 2 * self.limits.max_buffered_bytes as i64 + (128 << 10);
+        // Gaps are not counted in the buffered bytes; they may span up to the connection's
+        // own bound plus a window beyond what it is allowed to keep.
+        let hard_bound = (self.allowance + self.limits.max_buffered_bytes) as i64 + (128 << 10);
         if span > hard_bound {
             return Err(CheckpointReason::MemoryBound {
                 bytes: span as usize,
@@ -611,7 +626,7 @@ impl StreamComparator {
         }
         self.bytes.forget_below(self.released.floor());
         let buffered = self.buffered_bytes();
-        if buffered > self.limits.max_buffered_bytes {
+        if buffered > self.allowance {
             self.stall(CheckpointReason::MemoryBound { bytes: buffered }, actions);
         }
     }

@@ -25,7 +25,8 @@ use colo_types::Address;
 use serde::Deserialize;
 
 use crate::engine::{
-    BypassRule, DEFAULT_FLOW_IDLE, DEFAULT_MAX_FLOWS, EngineConfig, UncomparedPolicy,
+    BypassRule, DEFAULT_FLOW_IDLE, DEFAULT_MAX_FLOWS, DEFAULT_MAX_HOLD_LIMIT, EngineConfig,
+    UncomparedPolicy,
 };
 use crate::rewrite::RewriteLimits;
 
@@ -250,10 +251,15 @@ pub struct PrimaryArgs {
     /// Serve Prometheus metrics over HTTP on this address.
     #[arg(long, env = "COLO_PROXYD_METRICS", value_name = "HOST:PORT")]
     pub metrics: Option<String>,
-    /// Longest a PVM packet may wait for the SVM's match before a checkpoint is requested
-    /// [default: 200].
+    /// Longest a PVM packet may wait for the SVM's match while the SVM sends nothing at all
+    /// (it stopped) before a checkpoint is requested [default: 200].
     #[arg(long, env = "COLO_PROXYD_MAX_HOLD_MS", value_name = "MS")]
     pub max_hold_ms: Option<u64>,
+    /// Longest a PVM packet may wait for the SVM's match while the SVM keeps sending other
+    /// output (it is behind, not stopped): the last resort for a match that never comes. At
+    /// least --max-hold-ms [default: 1000, or --max-hold-ms if longer].
+    #[arg(long, env = "COLO_PROXYD_MAX_HOLD_LIMIT_MS", value_name = "MS")]
+    pub max_hold_limit_ms: Option<u64>,
     /// At most one checkpoint request per this interval [default: 1000].
     #[arg(long, env = "COLO_PROXYD_CHECKPOINT_INTERVAL_MS", value_name = "MS")]
     pub checkpoint_interval_ms: Option<u64>,
@@ -386,6 +392,11 @@ impl PrimaryArgs {
             qmp: layers.pick("qmp", self.qmp, file.qmp),
             metrics: layers.pick("metrics", self.metrics, file.metrics),
             max_hold_ms: layers.pick("max-hold-ms", self.max_hold_ms, file.max_hold_ms),
+            max_hold_limit_ms: layers.pick(
+                "max-hold-limit-ms",
+                self.max_hold_limit_ms,
+                file.max_hold_limit_ms,
+            ),
             checkpoint_interval_ms: layers.pick(
                 "checkpoint-interval-ms",
                 self.checkpoint_interval_ms,
@@ -460,8 +471,25 @@ impl PrimaryConfig {
                 return Err(layers.invalid("uncompared", reason));
             }
         };
+        let max_hold = millis(layers, a.max_hold_ms, 200, "max-hold-ms")?;
+        // Not given: the default, or --max-hold-ms where that is longer.
+        let max_hold_limit = millis(
+            layers,
+            a.max_hold_limit_ms,
+            DEFAULT_MAX_HOLD_LIMIT.max(max_hold).as_millis() as u64,
+            "max-hold-limit-ms",
+        )?;
+        if max_hold_limit < max_hold {
+            let reason = format!(
+                "{} ms is less than --max-hold-ms ({} ms)",
+                max_hold_limit.as_millis(),
+                max_hold.as_millis()
+            );
+            return Err(layers.invalid("max-hold-limit-ms", reason));
+        }
         let engine = EngineConfig {
-            max_hold: millis(layers, a.max_hold_ms, 200, "max-hold-ms")?,
+            max_hold,
+            max_hold_limit,
             bypass,
             uncompared,
             max_flows: at_least_one(layers, a.max_flows, DEFAULT_MAX_FLOWS, "max-flows")?,
@@ -802,6 +830,7 @@ mod tests {
     fn defaults_fill_a_minimal_primary() {
         let c = PrimaryConfig::try_from(primary_args()).unwrap();
         assert_eq!(c.engine.max_hold, Duration::from_millis(200));
+        assert_eq!(c.engine.max_hold_limit, DEFAULT_MAX_HOLD_LIMIT);
         assert_eq!(c.chardevs, ["compare0", "compare_out", "mirror0"]);
         assert_eq!(c.checkpoint_interval, Duration::from_secs(1));
         assert_eq!(c.qmp, Address::Unix("/run/colo/proxyd.qmp".into()));
@@ -896,6 +925,16 @@ mod tests {
         let mut a = primary_args();
         a.max_hold_ms = Some(0);
         assert!(PrimaryConfig::try_from(a).is_err());
+        let mut a = primary_args();
+        a.max_hold_ms = Some(300);
+        a.max_hold_limit_ms = Some(250);
+        assert!(matches!(
+            PrimaryConfig::try_from(a),
+            Err(OptionError::Invalid {
+                option: "max-hold-limit-ms",
+                ..
+            })
+        ));
         let mut a = primary_args();
         a.uncompared = Some("drop".into());
         assert!(PrimaryConfig::try_from(a).is_err());

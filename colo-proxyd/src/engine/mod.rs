@@ -29,8 +29,14 @@ pub struct EngineConfig {
     pub per_connection: ComparatorLimits,
     /// Bound of all flows' comparison buffers together.
     pub max_total_buffered_bytes: usize,
-    /// The longest a PVM packet may wait for its match before a checkpoint is requested.
+    /// How long a PVM packet may wait for its match while the SVM sends nothing at all before
+    /// a checkpoint is requested: the SVM has stopped (or lost the packet's cause), and only a
+    /// checkpoint releases the packet. While the SVM keeps sending, it is behind but alive, and
+    /// the packet waits up to [`Self::max_hold_limit`].
     pub max_hold: Duration,
+    /// The longest a PVM packet may wait for its match however busy the SVM is: the last
+    /// resort for an SVM that sends other output but never this packet's match.
+    pub max_hold_limit: Duration,
     /// How far either side of a datagram flow may run ahead.
     pub reorder_window: usize,
     /// What happens to PVM frames that are not compared.
@@ -53,6 +59,12 @@ pub const DEFAULT_MAX_FLOWS: usize = 65_536;
 /// answers to a SYN flood leave the table within a checkpoint period or two.
 pub const DEFAULT_FLOW_IDLE: Duration = Duration::from_secs(30);
 
+/// The default [`EngineConfig::max_hold_limit`]: a secondary up to this far behind, sending
+/// the same bytes, costs the client this latency but no checkpoint (a checkpoint would not
+/// make a slower secondary faster; it would pause the primary and leave the secondary behind
+/// again a moment later).
+pub const DEFAULT_MAX_HOLD_LIMIT: Duration = Duration::from_secs(1);
+
 /// How often the table is scanned for idle flows (an O(flows) pass), at most.
 const EXPIRY_SCAN: Duration = Duration::from_secs(1);
 
@@ -66,8 +78,9 @@ impl Default for EngineConfig {
         EngineConfig {
             per_connection: ComparatorLimits::default(),
             max_total_buffered_bytes: 64 * 1024 * 1024,
-            // The COLO paper's bound on unmatched output.
+            // The COLO paper's bound on unmatched output, now for an SVM that went silent.
             max_hold: Duration::from_millis(200),
+            max_hold_limit: DEFAULT_MAX_HOLD_LIMIT,
             reorder_window: DEFAULT_REORDER_WINDOW,
             uncompared: UncomparedPolicy::default(),
             bypass: Vec::new(),
@@ -195,6 +208,9 @@ pub struct ComparisonEngine {
     /// PVM packets held outside any comparator (policy or engine-wide bound).
     held_uncompared: Vec<PacketId>,
     total_buffered: usize,
+    /// When the SVM last sent a TCP segment or datagram the comparison took (the engine's
+    /// clock when it arrived): the SVM's sign of life for [`EngineConfig::max_hold`].
+    svm_last_output: Duration,
     /// Set when the engine-wide memory bound was reached: nothing is compared until reset.
     stalled: bool,
     timeout_requested: bool,
@@ -216,6 +232,7 @@ impl ComparisonEngine {
             arrivals: HashMap::default(),
             held_uncompared: Vec::new(),
             total_buffered: 0,
+            svm_last_output: Duration::ZERO,
             stalled: false,
             timeout_requested: false,
             flow_table_full_requested: false,
@@ -284,11 +301,13 @@ impl ComparisonEngine {
             }
             Class::Stream(key, segment) => {
                 let limits = self.config.per_connection;
+                let headroom = self.headroom();
                 let mut misrouted = false;
                 let create = || FlowComparator::Stream(StreamComparator::new(limits));
                 let admitted = self.with_flow(key, create, |flow| {
                     match stream_flow(flow, limits, segment.syn) {
                         Some(comparator) => {
+                            comparator.allow(headroom);
                             comparator.push_pvm(id, &segment, ethernet, &mut produced)
                         }
                         None => misrouted = true,
@@ -332,10 +351,13 @@ impl ComparisonEngine {
                 if self.is_bypassed(&key) {
                     return;
                 }
+                self.svm_last_output = self.now;
                 let limits = self.config.per_connection;
+                let headroom = self.headroom();
                 let create = || FlowComparator::Stream(StreamComparator::new(limits));
                 let admitted = self.with_flow(key, create, |flow| {
                     if let Some(comparator) = stream_flow(flow, limits, segment.syn) {
+                        comparator.allow(headroom);
                         comparator.push_svm(&segment, &mut produced);
                     }
                 });
@@ -348,6 +370,7 @@ impl ComparisonEngine {
                 if self.is_bypassed(&key) {
                     return;
                 }
+                self.svm_last_output = self.now;
                 let window = self.config.reorder_window;
                 let create = || FlowComparator::Datagram(DatagramComparator::new(window));
                 let admitted = self.with_flow(key, create, |flow| {
@@ -364,7 +387,8 @@ impl ComparisonEngine {
     }
 
     /// Asks for a checkpoint (once per epoch) if a PVM packet has waited longer than
-    /// `max_hold` at `now`. Call it from the daemon's timer.
+    /// `max_hold` at `now` while the SVM sent nothing for `max_hold` either (it stopped), or
+    /// longer than `max_hold_limit` in any case. Call it from the daemon's timer.
     /// Also forgets idle flows (at most one scan a second).
     pub fn check_hold_time(&mut self, now: Duration, actions: &mut Vec<Action>) {
         self.now = self.now.max(now);
@@ -382,8 +406,11 @@ impl ComparisonEngine {
             .chain(self.held_uncompared.first().copied())
             .filter_map(|id| self.arrivals.get(&id))
             .min();
+        let svm_silent = now.saturating_sub(self.svm_last_output) > self.config.max_hold;
         if let Some(arrived) = oldest
-            && now.saturating_sub(*arrived) > self.config.max_hold
+            && let waited = now.saturating_sub(*arrived)
+            && ((waited > self.config.max_hold && svm_silent)
+                || waited > self.config.max_hold_limit)
         {
             self.timeout_requested = true;
             actions.push(Action::CheckpointNeeded(CheckpointReason::HoldTimeout));
@@ -508,6 +535,16 @@ impl ComparisonEngine {
         let after = flow.comparator.buffered_bytes();
         self.total_buffered = self.total_buffered.saturating_sub(before) + after;
         true
+    }
+
+    /// How far a connection may grow beyond what it keeps now: the free part of the total
+    /// budget. A bulk transfer that runs ahead of a lagging SVM may so use what the other
+    /// connections leave free, instead of stopping at its own bound
+    /// ([`ComparatorLimits::max_buffered_bytes`], which it keeps as a floor).
+    fn headroom(&self) -> usize {
+        self.config
+            .max_total_buffered_bytes
+            .saturating_sub(self.total_buffered)
     }
 
     fn emit(&mut self, mut produced: Vec<Action>, actions: &mut Vec<Action>) {

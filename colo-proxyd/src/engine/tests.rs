@@ -305,3 +305,129 @@ fn idle_flows_are_forgotten_only_when_safe_and_come_back_compared() {
         "only the connection active at 32 s stays"
     );
 }
+
+fn checkpoints(actions: &[Action]) -> Vec<&CheckpointReason> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::CheckpointNeeded(reason) => Some(reason),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Opens connection `port` in both VMs (their SYN-ACKs, other ISNs) at `now`.
+fn open(run: &mut Run, port: u16, now: Duration) {
+    run.pvm_at(&port_frame(port, 100, SYN_ACK, b""), now);
+    run.svm(&port_frame(port, 900, SYN_ACK, b""));
+}
+
+/// The SVM answers one connection late while it keeps sending the same bytes as the PVM on
+/// others, every 100 ms: it is behind, not stopped. The answer waits past `max_hold` without
+/// a checkpoint and is released when the SVM's copy comes.
+#[test]
+fn a_secondary_behind_but_sending_costs_no_checkpoint() {
+    let mut run = Run::new(EngineConfig::default());
+    open(&mut run, 1000, ms(0));
+    let answer = run.pvm_at(&port_frame(1000, 101, PSH_ACK, b"answer"), ms(10));
+    for step in 1..=9u16 {
+        let now = ms(10 + 100 * u64::from(step));
+        open(&mut run, 2000 + step, now);
+        run.engine.check_hold_time(now, &mut run.actions);
+    }
+    let actions = run.take();
+    assert!(checkpoints(&actions).is_empty(), "{actions:?}");
+    assert!(!actions.contains(&Action::Release(answer)));
+    run.svm(&port_frame(1000, 901, PSH_ACK, b"answer"));
+    assert_eq!(run.take(), vec![Action::Release(answer)]);
+}
+
+/// However busy the SVM is, a packet whose match never comes is released by a checkpoint
+/// once it waited `max_hold_limit`.
+#[test]
+fn a_match_that_never_comes_ends_at_the_hold_limit() {
+    let config = EngineConfig::default();
+    let limit = config.max_hold_limit;
+    let mut run = Run::new(config);
+    open(&mut run, 1000, ms(0));
+    run.pvm_at(&port_frame(1000, 101, PSH_ACK, b"answer"), ms(10));
+    let mut now = ms(10);
+    let mut step = 0u16;
+    while now <= ms(10) + limit {
+        now += ms(100);
+        step += 1;
+        open(&mut run, 2000 + step, now);
+        run.engine.check_hold_time(now, &mut run.actions);
+        let actions = run.take();
+        let waited = now - ms(10);
+        if waited > limit {
+            assert_eq!(
+                checkpoints(&actions),
+                vec![&CheckpointReason::HoldTimeout],
+                "at {waited:?}"
+            );
+        } else {
+            assert!(checkpoints(&actions).is_empty(), "at {waited:?}");
+        }
+    }
+}
+
+/// An SVM that stopped sending: the held packet asks for a checkpoint `max_hold` after the
+/// SVM's last output, not at the hold limit.
+#[test]
+fn a_secondary_that_went_silent_is_checkpointed_after_max_hold() {
+    let config = EngineConfig::default();
+    let max_hold = config.max_hold;
+    let mut run = Run::new(config);
+    open(&mut run, 1000, ms(0));
+    run.pvm_at(&port_frame(1000, 101, PSH_ACK, b"answer"), ms(10));
+    // The SVM's last sign of life, at 150 ms.
+    open(&mut run, 2000, ms(150));
+    run.engine
+        .check_hold_time(ms(150) + max_hold, &mut run.actions);
+    assert!(checkpoints(&run.take()).is_empty());
+    run.engine
+        .check_hold_time(ms(151) + max_hold, &mut run.actions);
+    assert_eq!(
+        checkpoints(&run.take()),
+        vec![&CheckpointReason::HoldTimeout]
+    );
+}
+
+/// A bulk transfer running ahead of a lagging SVM may keep far more than its own bound while
+/// the total budget has room: no checkpoint, everything released once the SVM catches up.
+/// Past the total budget it asks for a checkpoint.
+#[test]
+fn a_bulk_transfer_uses_the_free_total_budget_not_just_its_own_bound() {
+    const SEGMENT: usize = 1000;
+    let mut run = Run::new(EngineConfig {
+        per_connection: ComparatorLimits {
+            max_buffered_bytes: 4 * SEGMENT,
+        },
+        max_total_buffered_bytes: 40 * SEGMENT,
+        ..EngineConfig::default()
+    });
+    open(&mut run, 1000, ms(0));
+    assert_eq!(run.take(), released(&[0]));
+    let payload = [7u8; SEGMENT];
+    let seq = |i: usize| 101 + (i * SEGMENT) as u32;
+    for i in 0..30 {
+        run.pvm_at(&port_frame(1000, seq(i), PSH_ACK, &payload), ms(1));
+    }
+    let actions = run.take();
+    assert!(checkpoints(&actions).is_empty(), "{actions:?}");
+    assert_eq!(run.engine.buffered_bytes(), 30 * SEGMENT);
+    for i in 0..30 {
+        run.svm(&port_frame(1000, 800 + seq(i), PSH_ACK, &payload));
+    }
+    let ids: Vec<u64> = (1..=30).collect();
+    assert_eq!(run.take(), released(&ids));
+    assert_eq!(run.engine.buffered_bytes(), 0);
+    // Past the total budget: a checkpoint, nothing released uncompared.
+    for i in 30..75 {
+        run.pvm_at(&port_frame(1000, seq(i), PSH_ACK, &payload), ms(2));
+    }
+    let actions = run.take();
+    assert!(!checkpoints(&actions).is_empty(), "{actions:?}");
+    assert!(!actions.iter().any(|a| matches!(a, Action::Release(_))));
+}
