@@ -27,6 +27,7 @@ use colo_control::protocol::{
     RelayState,
 };
 use colo_daemon::RateLimited;
+use colo_tls::PeerAcceptor;
 use colo_types::Address;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -135,6 +136,9 @@ pub(crate) struct Relay {
     busy: Arc<AtomicBool>,
     /// When set, migration connections over TCP only from these addresses.
     peers: Option<Vec<IpAddr>>,
+    /// When set, every migration connection is a TLS client that must
+    /// present the primary host's certificate (`--migration-tls`).
+    tls: Option<PeerAcceptor>,
 }
 
 impl Relay {
@@ -143,6 +147,7 @@ impl Relay {
         target: Address,
         ack_timeout: Duration,
         peers: Option<Vec<IpAddr>>,
+        tls: Option<PeerAcceptor>,
         shutdown: CancellationToken,
     ) -> Arc<Relay> {
         let first = Arc::new(Session {
@@ -160,6 +165,7 @@ impl Relay {
             next_id: AtomicU64::new(2),
             busy: Arc::new(AtomicBool::new(false)),
             peers,
+            tls,
         })
     }
 
@@ -275,7 +281,29 @@ impl Relay {
 
     async fn handle_connection(self: Arc<Self>, primary: Stream, peer: String, slot: SessionSlot) {
         let chan = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (mut pr, mut pw) = primary.into_split();
+        // With --migration-tls, the handshake comes first: a client that
+        // fails it is refused like any stranger, before the secondary is
+        // connected (the slot is held meanwhile, for at most the handshake's
+        // bound, as for the magic below).
+        let (mut pr, mut pw) = match &self.tls {
+            None => primary.into_split(),
+            Some(acceptor) => {
+                let handshake = tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    r = primary.accept_tls(acceptor) => r,
+                };
+                match handshake {
+                    Ok((halves, name)) => {
+                        tracing::info!(chan, %peer, tls_peer = %name, "migration connection authenticated (TLS)");
+                        halves
+                    }
+                    Err(e) => {
+                        self.refused(&peer, &format!("the TLS handshake failed: {e}"));
+                        return;
+                    }
+                }
+            }
+        };
 
         // Tell the channel kind from its first 4 bytes, before the secondary
         // is connected: QEMU's incoming side takes one migration and fails
@@ -607,9 +635,15 @@ async fn write_all(wr: &mut WriteHalf, data: &[u8], cancel: &CancellationToken) 
     if data.is_empty() {
         return Ok(());
     }
+    // The flush is free on a socket; over TLS it sends what the TLS layer
+    // still holds, so a 4-byte COLO message never waits for the next write.
+    let write = async {
+        wr.write_all(data).await?;
+        wr.flush().await
+    };
     tokio::select! {
         _ = cancel.cancelled() => Err(End::Cancelled),
-        r = wr.write_all(data) => r.map_err(End::WriteError),
+        r = write => r.map_err(End::WriteError),
     }
 }
 

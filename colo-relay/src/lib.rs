@@ -29,9 +29,17 @@
 //! `failover` only from root, the relay's user or the configured operator
 //! uids/gid) and, with `control_tcp`, also on TCP for the daemons on the
 //! other host (colo-proxyd primary when the relay runs on the secondary
-//! host). TCP has no authentication: bind it to the replication link only,
-//! and list the other host in `control_tcp_peers`; a TCP client may
-//! subscribe and ack its own events, never announce a failover.
+//! host). Without `control_tls` TCP has no authentication: bind it to the
+//! replication link only, and list the other host in `control_tcp_peers`; a
+//! TCP client may subscribe and ack its own events, never announce a
+//! failover.
+//!
+//! With `migration_tls` the migration listener is a TLS server: the primary
+//! QEMU migrates with `tls-creds`/`tls-hostname`, only the primary host's
+//! client certificate is accepted (a failed handshake is refused and counted
+//! like any stranger, before the secondary is connected), and the relay
+//! forwards the decrypted stream to the secondary, parsing it as before; the
+//! return path goes back through the same TLS session.
 //!
 //! ```no_run
 //! use colo_relay::{RelayConfig, run};
@@ -101,9 +109,17 @@ pub struct RelayConfig {
     /// Mutual TLS on the TCP control listener: this host's identity
     /// directory and the other host's name (its certificate must carry it).
     pub control_tls: Option<ControlTls>,
+    /// Mutual TLS on the migration listener (`--migration-tls`): the relay
+    /// is the TLS server of the primary QEMU's migration (`tls-creds`,
+    /// `tls-hostname`), accepts only the primary host's client certificate,
+    /// and forwards the decrypted stream to the secondary.
+    pub migration_tls: Option<ControlTls>,
 }
 
-/// `--tls-dir` and `--tls-peer`: mutual TLS on the TCP control listener.
+/// `--tls-dir` and `--tls-peer`: this host's identity and the one peer host
+/// it accepts, for the TCP control listener and (`--migration-tls`) the
+/// migration listener. Both are the primary host when the relay runs on the
+/// secondary host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlTls {
     /// This host's identity directory (QEMU's tls-creds-x509 layout,
@@ -127,6 +143,7 @@ impl Default for RelayConfig {
             control_tcp_peers: Vec::new(),
             migration_peers: Vec::new(),
             control_tls: None,
+            migration_tls: None,
         }
     }
 }
@@ -237,6 +254,18 @@ pub struct RelayArgs {
     /// With `--tls-dir`: the other host's name, as its certificate carries it.
     #[arg(long, env = "COLO_RELAY_TLS_PEER", value_name = "HOST")]
     pub tls_peer: Option<String>,
+
+    /// Terminate the primary QEMU's migration TLS: `--listen` becomes a TLS
+    /// server with `--tls-dir`'s `server-cert.pem` and accepts only a client
+    /// certificate of the pair's CA for `--tls-peer` (the primary host); the
+    /// decrypted stream goes to `--target` as before. A connection that
+    /// fails the handshake (plaintext, another host, another CA) is closed
+    /// before the secondary is contacted and counted in
+    /// `refused_migration_channels`. The primary migrates with
+    /// `tls-creds` (a `tls-creds-x509` object, `endpoint=client`, on its
+    /// identity directory) and `tls-hostname` = this host's name.
+    #[arg(long, env = "COLO_RELAY_MIGRATION_TLS", requires = "tls_dir")]
+    pub migration_tls: bool,
 }
 
 impl TryFrom<RelayArgs> for RelayConfig {
@@ -282,12 +311,12 @@ impl TryFrom<RelayArgs> for RelayConfig {
                 "--control-tcp-peer needs --control-tcp".into(),
             ));
         }
-        let control_tls = match (a.tls_dir, a.tls_peer) {
+        let tls = match (a.tls_dir, a.tls_peer) {
             (None, None) => None,
             (Some(dir), Some(peer)) => {
-                if a.control_tcp.is_none() {
+                if a.control_tcp.is_none() && !a.migration_tls {
                     return Err(RelayError::Config(
-                        "--tls-dir protects --control-tcp, which is not given".into(),
+                        "--tls-dir protects --control-tcp or, with --migration-tls, the migration listener; neither is given".into(),
                     ));
                 }
                 Some(ControlTls { dir, peer })
@@ -303,6 +332,13 @@ impl TryFrom<RelayArgs> for RelayConfig {
                 ));
             }
         };
+        if a.migration_tls && tls.is_none() {
+            return Err(RelayError::Config(
+                "--migration-tls needs --tls-dir (this host's identity) and --tls-peer (the primary host's name)".into(),
+            ));
+        }
+        let control_tls = tls.clone().filter(|_| a.control_tcp.is_some());
+        let migration_tls = tls.filter(|_| a.migration_tls);
         if !a.migration_peers.is_empty() && !a.listen.is_tcp() {
             return Err(RelayError::Config(format!(
                 "--migration-peer needs a TCP --listen address, got {}",
@@ -321,6 +357,7 @@ impl TryFrom<RelayArgs> for RelayConfig {
             control_tcp_peers: a.control_tcp_peers,
             migration_peers: a.migration_peers,
             control_tls,
+            migration_tls,
         })
     }
 }
@@ -350,8 +387,8 @@ pub enum RelayError {
         /// The underlying error.
         source: std::io::Error,
     },
-    /// The identity for the control listener's TLS could not be loaded.
-    #[error("cannot set up TLS for the control listener: {0}")]
+    /// The identity of `--tls-dir` could not be loaded.
+    #[error("cannot set up TLS for the control listener or the migration listener: {0}")]
     Tls(#[from] colo_tls::TlsError),
     /// The control protocol's TCP listener could not be bound.
     #[error("cannot listen for control connections on {address}: {source}")]
@@ -373,17 +410,8 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
     };
     // Loaded first: a bad identity is a configuration error before anything
     // is bound.
-    let tls = match &config.control_tls {
-        None => None,
-        Some(t) => {
-            let identity = colo_tls::HostIdentity::load(&t.dir)?;
-            Some(colo_tls::PeerAcceptor::new(
-                &identity,
-                std::slice::from_ref(&t.peer),
-                colo_tls::DEFAULT_HANDSHAKE_TIMEOUT,
-            )?)
-        }
-    };
+    let tls = config.control_tls.as_ref().map(acceptor).transpose()?;
+    let migration_tls = config.migration_tls.as_ref().map(acceptor).transpose()?;
     remove_stale_socket(&config.control)
         .await
         .map_err(control_err)?;
@@ -443,6 +471,7 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
         target = %config.target,
         control = %config.control.display(),
         control_tcp = %control_tcp.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+        migration_tls = %config.migration_tls.as_ref().map_or("off".into(), |t| format!("only {}", t.peer)),
         ack_timeout_ms = config.ack_timeout.as_millis() as u64,
         "relay started"
     );
@@ -453,6 +482,7 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
         config.target.clone(),
         config.ack_timeout,
         migration_peers,
+        migration_tls,
         shutdown,
     )
     .accept_loop(listener)
@@ -463,6 +493,17 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// The TLS server of `tls`'s identity that accepts only its peer, loaded and
+/// checked at start (a bad identity is a configuration error).
+fn acceptor(tls: &ControlTls) -> Result<colo_tls::PeerAcceptor, RelayError> {
+    let identity = colo_tls::HostIdentity::load(&tls.dir)?;
+    Ok(colo_tls::PeerAcceptor::new(
+        &identity,
+        std::slice::from_ref(&tls.peer),
+        colo_tls::DEFAULT_HANDSHAKE_TIMEOUT,
+    )?)
 }
 
 /// Binds the control protocol's TCP listener, warning that nothing
@@ -535,7 +576,7 @@ pub async fn serve(
     ack_timeout: Duration,
     shutdown: CancellationToken,
 ) {
-    let relay = channel::Relay::new(hub, target, ack_timeout, None, shutdown);
+    let relay = channel::Relay::new(hub, target, ack_timeout, None, None, shutdown);
     relay.accept_loop(listener).await;
 }
 
@@ -596,6 +637,7 @@ mod tests {
             migration_peers: Vec::new(),
             tls_dir: None,
             tls_peer: None,
+            migration_tls: false,
         };
         let e = RelayConfig::try_from(args("unix:/a", "unix:/b", "/c", 0)).unwrap_err();
         assert!(e.to_string().contains("--ack-timeout-ms"), "{e}");
@@ -614,6 +656,36 @@ mod tests {
         a.control_tcp = Some(Address::tcp("192.168.77.2", 9990));
         let cfg = RelayConfig::try_from(a).unwrap();
         assert_eq!(cfg.control_tls.unwrap().peer, "hosta");
+        // --migration-tls uses the same identity and peer, with or without --control-tcp.
+        let mut a = args("unix:/a", "unix:/b", "/c", 5);
+        a.migration_tls = true;
+        let e = RelayConfig::try_from(a.clone()).unwrap_err();
+        assert!(
+            e.to_string().contains("--migration-tls needs --tls-dir"),
+            "{e}"
+        );
+        a.tls_dir = Some("/etc/colo/pki/hostb".into());
+        a.tls_peer = Some("hosta".into());
+        let cfg = RelayConfig::try_from(a.clone()).unwrap();
+        assert_eq!(cfg.control_tls, None);
+        assert_eq!(cfg.migration_tls.unwrap().peer, "hosta");
+        a.control_tcp = Some(Address::tcp("192.168.77.2", 9990));
+        let cfg = RelayConfig::try_from(a).unwrap();
+        assert_eq!(cfg.control_tls, cfg.migration_tls);
+        assert!(cfg.control_tls.is_some());
+        let e = Cli::try_parse_from([
+            "relay",
+            "--listen",
+            "unix:/a",
+            "--target",
+            "unix:/b",
+            "--control",
+            "/c",
+            "--migration-tls",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--tls-dir"), "{e}");
         let mut a = args("unix:/a", "unix:/b", "/c", 5);
         a.control_tcp_peers = vec!["192.168.77.1".parse().unwrap()];
         let e = RelayConfig::try_from(a).unwrap_err();

@@ -10,6 +10,7 @@
 //! would also end it when that QEMU merely stops reading for a few seconds (a zero window).
 
 use colo_daemon::socket::remove_stale_socket;
+use colo_tls::{HandshakeError, PeerAcceptor};
 use colo_types::Address;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -37,6 +38,31 @@ impl Stream {
             Stream::Unix(s) => {
                 let (r, w) = s.into_split();
                 (Box::new(r), Box::new(w))
+            }
+        }
+    }
+
+    /// The server side of a TLS handshake with `acceptor` (bounded by its
+    /// timeout), then the decrypted stream's halves and the peer's name.
+    pub(crate) async fn accept_tls(
+        self,
+        acceptor: &PeerAcceptor,
+    ) -> Result<((ReadHalf, WriteHalf), String), HandshakeError> {
+        fn halves<S>(s: S) -> (ReadHalf, WriteHalf)
+        where
+            S: AsyncRead + AsyncWrite + Send + 'static,
+        {
+            let (r, w) = tokio::io::split(s);
+            (Box::new(r), Box::new(w))
+        }
+        match self {
+            Stream::Tcp(s) => {
+                let (tls, name) = acceptor.accept(s).await?;
+                Ok((halves(tls), name))
+            }
+            Stream::Unix(s) => {
+                let (tls, name) = acceptor.accept(s).await?;
+                Ok((halves(tls), name))
             }
         }
     }

@@ -1,0 +1,425 @@
+//! Migration TLS terminated by the relay (`--migration-tls`), with real QEMUs (the qemu
+//! tier: the patched QEMU of `integration/setup.sh`, see `colo_testkit::qemu::qemu_binary`;
+//! fails, never skips, without it).
+//!
+//! The primary QEMU migrates with `tls-creds` (a `tls-creds-x509` object, `endpoint=client`,
+//! on the primary host's identity directory) and `tls-hostname` (the secondary host's name)
+//! over a `unix:` URI to the relay, which is the TLS server and forwards the decrypted stream
+//! to the secondary QEMU's plaintext incoming socket.
+
+use colo_control::client::query_status;
+use colo_relay::{ControlTls, RelayConfig};
+use colo_testkit::qemu::Qemu;
+use colo_tls::pki::{Validity, create_pair};
+use colo_types::Address;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Bound of every wait: a failure shows as a panic, not a hang.
+const T: Duration = Duration::from_secs(60);
+
+/// A `-machine none` guest whose RAM is `mib` MiB, read from `ram` when given (random bytes:
+/// every page is migrated in full), else zero; `extra` appended.
+async fn guest(mib: u64, ram: Option<&Path>, extra: &[String]) -> Qemu {
+    let backend = match ram {
+        Some(file) => format!(
+            "memory-backend-file,id=ram0,size={mib}M,mem-path={},share=off",
+            file.display()
+        ),
+        None => format!("memory-backend-ram,id=ram0,size={mib}M"),
+    };
+    let mut args: Vec<String> = [
+        "-machine",
+        "none,memory-backend=ram0",
+        "-m",
+        &format!("{mib}M"),
+        "-object",
+        &backend,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().cloned());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Qemu::start(&refs).await
+}
+
+fn tls_object(id: &str, dir: &Path) -> [String; 2] {
+    [
+        "-object".into(),
+        format!(
+            "tls-creds-x509,id={id},dir={},endpoint=client",
+            dir.display()
+        ),
+    ]
+}
+
+/// Starts `migrate` to `uri` and waits for its end: `completed` or `failed` (with QEMU's
+/// error), and how long it took.
+async fn migrate(source: &Qemu, uri: &str) -> (String, Value, Duration) {
+    let client = source.connect().await;
+    let start = Instant::now();
+    client.migrate(uri).await.expect("migrate");
+    let deadline = Instant::now() + T;
+    loop {
+        let info = client
+            .execute_raw("query-migrate", None)
+            .await
+            .expect("query-migrate");
+        let status = info["status"].as_str().unwrap_or("").to_string();
+        if status == "completed" || status == "failed" {
+            return (status, info, start.elapsed());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration still {status}: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Sets `tls-creds`/`tls-hostname` (empty strings: plaintext) and no bandwidth limit.
+async fn set_tls(source: &Qemu, creds: &str, hostname: &str) {
+    source
+        .connect()
+        .await
+        .migrate_set_parameters(json!({
+            "tls-creds": creds,
+            "tls-hostname": hostname,
+            "max-bandwidth": 100u64 << 30,
+        }))
+        .await
+        .expect("migrate-set-parameters");
+}
+
+async fn incoming_status(dest: &Qemu) -> Value {
+    dest.connect()
+        .await
+        .execute_raw("query-migrate", None)
+        .await
+        .expect("query-migrate on the destination")
+}
+
+struct Relay {
+    listen: String,
+    control: PathBuf,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), colo_relay::RelayError>>,
+}
+
+async fn relay(dir: &Path, name: &str, target: &Path, tls: Option<ControlTls>) -> Relay {
+    let listen = dir.join(format!("{name}-in.sock"));
+    let control = dir.join(format!("{name}-control.sock"));
+    let cfg = RelayConfig {
+        listen: Address::unix(&listen),
+        target: Address::unix(target),
+        control: control.clone(),
+        migration_tls: tls,
+        ..RelayConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(colo_relay::run(cfg, shutdown.clone()));
+    let deadline = Instant::now() + T;
+    while query_status(&Address::unix(&control)).await.is_err() {
+        assert!(Instant::now() < deadline, "the relay did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Relay {
+        listen: format!("unix:{}", listen.display()),
+        control,
+        shutdown,
+        task,
+    }
+}
+
+impl Relay {
+    async fn refused(&self) -> u64 {
+        query_status(&Address::unix(&self.control))
+            .await
+            .expect("relay status")
+            .refused_migration_channels
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(T, self.task)
+            .await
+            .expect("the relay stops")
+            .expect("relay task")
+            .expect("relay run");
+    }
+}
+
+/// Waits until the relay has counted `n` refusals (it counts after the failed handshake,
+/// which may end after QEMU has reported the migration failed).
+async fn await_refused(relay: &Relay, n: u64) {
+    let deadline = Instant::now() + T;
+    loop {
+        let got = relay.refused().await;
+        if got == n {
+            return;
+        }
+        assert!(got < n, "refused {got}, expected {n}");
+        assert!(Instant::now() < deadline, "refused {got}, expected {n}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Plaintext, the secondary host's own identity, a host of another CA, and a primary that
+/// expects another server name are all refused (counted, the secondary QEMU never sees a
+/// byte: its one incoming migration is still free); then the primary host's identity
+/// migrates through the relay and the migration completes on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tier qemu: needs the patched QEMU of integration/setup.sh; select with --include-ignored (integration/test.sh does)"]
+async fn qemu_migrates_through_the_relay_over_mutual_tls_and_strangers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["hosta".to_string(), "hostb".to_string()];
+    let pair = create_pair(&dir.path().join("pki"), &names, Validity::days(30)).unwrap();
+    let other = create_pair(&dir.path().join("other"), &names, Validity::days(30)).unwrap();
+    let (hosta, hostb) = (&pair.host_dirs[0], &pair.host_dirs[1]);
+
+    let incoming = dir.path().join("secondary-incoming.sock");
+    let dest = guest(
+        16,
+        None,
+        &["-incoming".into(), format!("unix:{}", incoming.display())],
+    )
+    .await;
+    let mut extra = Vec::new();
+    extra.extend(tls_object("tls-a", hosta));
+    extra.extend(tls_object("tls-b", hostb));
+    extra.extend(tls_object("tls-other", &other.host_dirs[0]));
+    let source = guest(16, None, &extra).await;
+    // With the return path the primary waits for the secondary's answer, so a migration the
+    // relay refuses fails visibly (without it, a small guest's whole stream fits in the
+    // socket's buffer and the primary reports completed).
+    source
+        .connect()
+        .await
+        .migrate_set_capabilities(&[("return-path", true)])
+        .await
+        .expect("return-path");
+    let relay = relay(
+        dir.path(),
+        "relay",
+        &incoming,
+        Some(ControlTls {
+            dir: hostb.clone(),
+            peer: "hosta".into(),
+        }),
+    )
+    .await;
+
+    let attempts = [
+        ("plaintext", "", ""),
+        ("the secondary host's own identity", "tls-b", "hostb"),
+        ("hosta of another CA", "tls-other", "hostb"),
+        // The relay's certificate is for hostb: QEMU itself refuses it (and the relay counts
+        // the aborted handshake).
+        ("a primary that expects another server", "tls-a", "hostc"),
+    ];
+    for (n, (what, creds, hostname)) in attempts.iter().enumerate() {
+        set_tls(&source, creds, hostname).await;
+        let (status, info, _) = migrate(&source, &relay.listen).await;
+        assert_eq!(status, "failed", "{what}: {info}");
+        await_refused(&relay, n as u64 + 1).await;
+        let incoming = incoming_status(&dest).await;
+        // `setup`: still waiting for its one incoming connection.
+        assert_eq!(
+            incoming["status"], "setup",
+            "{what} reached the secondary: {incoming}"
+        );
+    }
+
+    set_tls(&source, "tls-a", "hostb").await;
+    let (status, info, _) = migrate(&source, &relay.listen).await;
+    assert_eq!(status, "completed", "{info}");
+    let deadline = Instant::now() + T;
+    loop {
+        let incoming = incoming_status(&dest).await;
+        if incoming["status"] == "completed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "destination: {incoming}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(relay.refused().await, attempts.len() as u64);
+    relay.stop().await;
+}
+
+/// The cost of TLS on a checkpoint-free migration: the same 256 MiB of random RAM migrated
+/// through the relay in plaintext and over TLS, one after the other in one run, into fresh
+/// destinations. Prints the times and their ratio; asserts only that both complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tier qemu: needs the patched QEMU of integration/setup.sh; select with --include-ignored (integration/test.sh does)"]
+async fn migration_time_with_and_without_tls() {
+    const MIB: u64 = 256;
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["hosta".to_string(), "hostb".to_string()];
+    let pair = create_pair(&dir.path().join("pki"), &names, Validity::days(30)).unwrap();
+    let ram = dir.path().join("ram.img");
+    // Incompressible and not zero: every page crosses in full.
+    let mut bytes = vec![0u8; (MIB << 20) as usize];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in bytes.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(&ram, &bytes).unwrap();
+    drop(bytes);
+
+    let mut times = Vec::new();
+    for (round, tls) in [false, true, false, true, false, true]
+        .into_iter()
+        .enumerate()
+    {
+        let incoming = dir.path().join(format!("incoming-{round}.sock"));
+        let dest = guest(
+            MIB,
+            None,
+            &["-incoming".into(), format!("unix:{}", incoming.display())],
+        )
+        .await;
+        let source = guest(MIB, Some(&ram), &tls_object("tls-a", &pair.host_dirs[0])).await;
+        let relay = relay(
+            dir.path(),
+            &format!("relay-{round}"),
+            &incoming,
+            tls.then(|| ControlTls {
+                dir: pair.host_dirs[1].clone(),
+                peer: "hosta".into(),
+            }),
+        )
+        .await;
+        if tls {
+            set_tls(&source, "tls-a", "hostb").await;
+        } else {
+            set_tls(&source, "", "").await;
+        }
+        let (status, info, took) = migrate(&source, &relay.listen).await;
+        assert_eq!(status, "completed", "tls={tls}: {info}");
+        eprintln!(
+            "migration of {MIB} MiB through the relay, tls={tls}: {took:?} (QEMU: total-time {} ms)",
+            info["total-time"]
+        );
+        times.push((tls, took));
+        relay.stop().await;
+        drop((source, dest));
+    }
+    let mean = |tls: bool| {
+        let v: Vec<f64> = times
+            .iter()
+            .filter(|t| t.0 == tls)
+            .map(|t| t.1.as_secs_f64())
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    eprintln!(
+        "migration time with TLS / without: {:.2}x ({:.3} s / {:.3} s, mean of 3 each)",
+        mean(true) / mean(false),
+        mean(true),
+        mean(false)
+    );
+}
+
+/// The same rules with rustls clients and a fake secondary (no QEMU needed): plaintext, the
+/// secondary host's own certificate and another CA's are refused and counted before the
+/// secondary is connected; the primary host's certificate gets a session whose stream reaches
+/// the secondary decrypted, and whose return path comes back through the same TLS session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_primary_hosts_certificate_reaches_the_secondary() {
+    use colo_relay::QEVM_MAGIC;
+    use colo_tls::{DEFAULT_HANDSHAKE_TIMEOUT, HostIdentity, PeerConnector};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{UnixListener, UnixStream};
+
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["hosta".to_string(), "hostb".to_string()];
+    let pair = create_pair(&dir.path().join("pki"), &names, Validity::days(30)).unwrap();
+    let other = create_pair(&dir.path().join("other"), &names, Validity::days(30)).unwrap();
+    let incoming = dir.path().join("secondary-incoming.sock");
+    let secondary = UnixListener::bind(&incoming).unwrap();
+    let relay = relay(
+        dir.path(),
+        "relay",
+        &incoming,
+        Some(ControlTls {
+            dir: pair.host_dirs[1].clone(),
+            peer: "hosta".into(),
+        }),
+    )
+    .await;
+    let relay_sock = dir.path().join("relay-in.sock");
+    let magic = QEVM_MAGIC.to_be_bytes();
+
+    // Plaintext: closed by the relay without an answer.
+    let mut plain = UnixStream::connect(&relay_sock).await.unwrap();
+    plain.write_all(&magic).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(T, plain.read(&mut buf)).await.unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)) || buf[0] == 0x15,
+        "plaintext got a session: {:?}",
+        &buf[..]
+    );
+    await_refused(&relay, 1).await;
+    // The wrong identities fail the handshake.
+    for (n, identity) in [&pair.host_dirs[1], &other.host_dirs[0]]
+        .into_iter()
+        .enumerate()
+    {
+        let id = HostIdentity::load(identity).unwrap();
+        let tls = PeerConnector::new(&id, "hostb", DEFAULT_HANDSHAKE_TIMEOUT).unwrap();
+        let io = UnixStream::connect(&relay_sock).await.unwrap();
+        // TLS 1.3: the client's handshake may finish before the server's verdict arrives,
+        // which then fails the first read.
+        if let Ok((mut s, _)) = tls.connect(io).await {
+            let _ = s.write_all(&magic).await;
+            let got = tokio::time::timeout(T, s.read(&mut buf)).await.unwrap();
+            assert!(
+                matches!(got, Ok(0) | Err(_)),
+                "{} was served",
+                identity.display()
+            );
+        }
+        await_refused(&relay, n as u64 + 2).await;
+    }
+
+    // The primary host: its stream reaches the secondary decrypted, the answer comes back.
+    let hosta = HostIdentity::load(&pair.host_dirs[0]).unwrap();
+    let tls = PeerConnector::new(&hosta, "hostb", DEFAULT_HANDSHAKE_TIMEOUT).unwrap();
+    let io = UnixStream::connect(&relay_sock).await.unwrap();
+    let (mut primary, peer) = tls.connect(io).await.unwrap();
+    assert_eq!(peer, "hostb");
+    primary.write_all(&magic).await.unwrap();
+    primary.write_all(b"ram pages").await.unwrap();
+    primary.flush().await.unwrap();
+    // The first connection the secondary ever sees is this one.
+    let (mut sec, _) = tokio::time::timeout(T, secondary.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut got = [0u8; 13];
+    tokio::time::timeout(T, sec.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got[..4], &magic);
+    assert_eq!(&got[4..], b"ram pages");
+    sec.write_all(b"return path").await.unwrap();
+    let mut back = [0u8; 11];
+    tokio::time::timeout(T, primary.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"return path");
+    let st = query_status(&Address::unix(&relay.control)).await.unwrap();
+    assert!(st.main_channel_connected);
+    assert_eq!(st.refused_migration_channels, 3);
+    drop((primary, sec));
+    relay.stop().await;
+}
