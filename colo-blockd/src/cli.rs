@@ -117,6 +117,24 @@ pub struct SecondaryArgs {
     /// here). --unix, --tcp or both: both serve the same exports.
     #[arg(long, value_name = "ADDR", env = "COLO_BLOCKD_TCP")]
     pub tcp: Option<SocketAddr>,
+    /// Mutual TLS on the TCP socket (NBD STARTTLS): this host's identity directory, in QEMU's
+    /// tls-creds-x509 layout (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,
+    /// client-key.pem; `qmp-driver pki create`; docs/security.md). A TCP client must
+    /// NBD_OPT_STARTTLS and present a certificate of the pair's CA for a --tls-peer name;
+    /// before that every option is answered NBD_REP_ERR_TLS_REQD. The Unix socket needs no
+    /// TLS (its permissions say who connects). Without it the TCP exports are unauthenticated
+    /// (a warning at start, the metric colo_blockd_nbd_unauthenticated).
+    #[arg(long, env = "COLO_BLOCKD_TLS_DIR", value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// With --tls-dir: the host names (in their certificates) allowed to connect over TCP,
+    /// repeatable or comma-separated; for `secondary`, the primary host.
+    #[arg(
+        long,
+        env = "COLO_BLOCKD_TLS_PEER",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub tls_peer: Vec<String>,
     /// Serve Prometheus metrics on this TCP address (GET /metrics), e.g. 127.0.0.1:9109.
     #[arg(long, value_name = "ADDR", env = "COLO_BLOCKD_METRICS")]
     pub metrics: Option<SocketAddr>,
@@ -215,6 +233,24 @@ pub struct ServeArgs {
     /// within about 6 s by keepalive [default: 30000].
     #[arg(long, value_name = "MS", env = "COLO_BLOCKD_WRITE_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub write_timeout_ms: Option<u64>,
+    /// Mutual TLS on the TCP socket (NBD STARTTLS): this host's identity directory, in QEMU's
+    /// tls-creds-x509 layout (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,
+    /// client-key.pem; `qmp-driver pki create`; docs/security.md). A TCP client must
+    /// NBD_OPT_STARTTLS and present a certificate of the pair's CA for a --tls-peer name;
+    /// before that every option is answered NBD_REP_ERR_TLS_REQD. The Unix socket needs no
+    /// TLS (its permissions say who connects). Without it the TCP exports are unauthenticated
+    /// (a warning at start, the metric colo_blockd_nbd_unauthenticated).
+    #[arg(long, env = "COLO_BLOCKD_TLS_DIR", value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// With --tls-dir: the host names (in their certificates) allowed to connect over TCP,
+    /// repeatable or comma-separated; for `secondary`, the primary host.
+    #[arg(
+        long,
+        env = "COLO_BLOCKD_TLS_PEER",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub tls_peer: Vec<String>,
 }
 
 /// `NAME=PATH` from the command line or the config file.
@@ -304,6 +340,8 @@ pub struct ServeConfig {
     pub max_in_flight: u16,
     /// The NBD server's connection bounds.
     pub limits: ConnectionLimits,
+    /// TLS required on the TCP socket (`None`: unauthenticated).
+    pub tls: Option<NbdTls>,
 }
 
 /// `colo-blockd secondary`, validated.
@@ -331,6 +369,58 @@ pub struct SecondaryConfig {
     pub max_in_flight: u16,
     /// The NBD server's connection bounds.
     pub limits: ConnectionLimits,
+    /// TLS required on the TCP socket (`None`: unauthenticated).
+    pub tls: Option<NbdTls>,
+}
+
+/// `--tls-dir` and `--tls-peer`, validated: the identity loaded and checked.
+#[derive(Debug, Clone)]
+pub struct NbdTls {
+    /// This host's identity directory.
+    pub dir: PathBuf,
+    /// This host's name (its certificates').
+    pub local: String,
+    /// The names allowed to connect over TCP.
+    pub peers: Vec<String>,
+    /// The server side of the TLS handshake.
+    pub acceptor: colo_tls::PeerAcceptor,
+}
+
+/// Two settings are equal when they name the same directory and peers.
+impl PartialEq for NbdTls {
+    fn eq(&self, other: &NbdTls) -> bool {
+        (&self.dir, &self.local, &self.peers) == (&other.dir, &other.local, &other.peers)
+    }
+}
+
+impl Eq for NbdTls {}
+
+impl NbdTls {
+    /// Both options or neither; the identity loaded now, so that a bad file is a
+    /// configuration error naming it. The handshake is bounded by `handshake_timeout`.
+    fn from_options(
+        layers: &OptionLayers,
+        dir: Option<PathBuf>,
+        peers: Vec<String>,
+        handshake_timeout: Duration,
+    ) -> Result<Option<NbdTls>, ConfigError> {
+        let dir = match (dir, peers.is_empty()) {
+            (None, true) => return Ok(None),
+            (Some(dir), false) => dir,
+            (Some(_), true) => return Err(layers.missing("tls-peer").into()),
+            (None, false) => return Err(layers.missing("tls-dir").into()),
+        };
+        let identity = colo_tls::HostIdentity::load(&dir)
+            .map_err(|e| layers.invalid("tls-dir", e.to_string()))?;
+        let acceptor = colo_tls::PeerAcceptor::new(&identity, &peers, handshake_timeout)
+            .map_err(|e| layers.invalid("tls-peer", e.to_string()))?;
+        Ok(Some(NbdTls {
+            dir,
+            local: identity.name().to_owned(),
+            peers,
+            acceptor,
+        }))
+    }
 }
 
 /// `--max-connections`, `--handshake-timeout-ms`, `--write-timeout-ms`, validated.
@@ -440,6 +530,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
         let unix = layers.pick("unix", args.unix, file.unix);
         let tcp = layers.pick("tcp", args.tcp, file.tcp);
         let in_flight = layers.pick("max-in-flight", args.max_in_flight, file.max_in_flight);
+        let tls_dir = layers.pick("tls-dir", args.tls_dir, file.tls_dir);
+        let tls_peer = layers.pick_list("tls-peer", args.tls_peer, file.tls_peer);
         let limits = ConnectionLimits::pick(
             &mut layers,
             (
@@ -457,13 +549,16 @@ impl TryFrom<ServeArgs> for ServeConfig {
             return Err(layers.missing("export").into());
         }
         let (unix, tcp) = sockets(unix, tcp)?;
+        let limits = limits?;
+        let tls = NbdTls::from_options(&layers, tls_dir, tls_peer, limits.handshake_timeout)?;
         Ok(ServeConfig {
             exports,
             read_only: read_only.unwrap_or(false),
             unix,
             tcp,
             max_in_flight: max_in_flight(&layers, in_flight)?,
-            limits: limits?,
+            limits,
+            tls,
         })
     }
 }
@@ -485,6 +580,8 @@ impl TryFrom<SecondaryArgs> for SecondaryConfig {
             layers.pick("overlay-budget", args.overlay_budget, file.overlay_budget);
         let name = layers.pick("name", args.name, file.name);
         let in_flight = layers.pick("max-in-flight", args.max_in_flight, file.max_in_flight);
+        let tls_dir = layers.pick("tls-dir", args.tls_dir, file.tls_dir);
+        let tls_peer = layers.pick_list("tls-peer", args.tls_peer, file.tls_peer);
         let limits = ConnectionLimits::pick(
             &mut layers,
             (
@@ -500,6 +597,8 @@ impl TryFrom<SecondaryArgs> for SecondaryConfig {
         );
         let image = layers.required("image", image)?;
         let (unix, tcp) = sockets(unix, tcp)?;
+        let limits = limits?;
+        let tls = NbdTls::from_options(&layers, tls_dir, tls_peer, limits.handshake_timeout)?;
         Ok(SecondaryConfig {
             image,
             unix,
@@ -511,7 +610,8 @@ impl TryFrom<SecondaryArgs> for SecondaryConfig {
             overlay_budget: overlay_budget.unwrap_or(DEFAULT_MEMORY_BUDGET),
             name: name.unwrap_or_else(|| DEFAULT_NAME.to_string()),
             max_in_flight: max_in_flight(&layers, in_flight)?,
-            limits: limits?,
+            limits,
+            tls,
         })
     }
 }
@@ -541,6 +641,75 @@ mod tests {
     fn configure(argv: &[&str]) -> Result<Config, String> {
         let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
         Config::try_from(args.command).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tls_options_need_each_other_load_the_identity_and_take_a_peer_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = ["secondary", "primary"].map(String::from);
+        colo_tls::pki::create_pair(dir.path(), &hosts, colo_tls::pki::Validity::days(1)).unwrap();
+        let identity = dir.path().join("secondary");
+        let identity = identity.to_str().unwrap();
+        let secondary = |extra: &[&str]| {
+            let mut argv = vec![
+                "colo-blockd",
+                "secondary",
+                "--image",
+                "/s.raw",
+                "--tcp",
+                "127.0.0.1:1",
+                "--control",
+                "/r",
+            ];
+            argv.extend(extra);
+            configure(&argv)
+        };
+        let Config::Secondary(c) = secondary(&[
+            "--tls-dir",
+            identity,
+            "--tls-peer",
+            "primary,other",
+            "--tls-peer",
+            "third",
+        ])
+        .unwrap() else {
+            panic!("not secondary");
+        };
+        let tls = c.tls.expect("TLS configured");
+        assert_eq!(tls.local, "secondary");
+        assert_eq!(tls.peers, ["primary", "other", "third"]);
+        let missing_peer = secondary(&["--tls-dir", identity]).unwrap_err();
+        assert!(missing_peer.contains("--tls-peer"), "{missing_peer}");
+        let missing_dir = secondary(&["--tls-peer", "primary"]).unwrap_err();
+        assert!(missing_dir.contains("--tls-dir"), "{missing_dir}");
+        let empty = tempfile::tempdir().unwrap();
+        let bad = secondary(&[
+            "--tls-dir",
+            empty.path().to_str().unwrap(),
+            "--tls-peer",
+            "primary",
+        ])
+        .unwrap_err();
+        assert!(
+            bad.contains("--tls-dir") && bad.contains("ca-cert.pem"),
+            "{bad}"
+        );
+        let Config::Serve(c) = configure(&[
+            "colo-blockd",
+            "serve",
+            "--export",
+            "a=/x",
+            "--tcp",
+            "127.0.0.1:1",
+            "--tls-dir",
+            identity,
+            "--tls-peer",
+            "primary",
+        ])
+        .unwrap() else {
+            panic!("not serve");
+        };
+        assert_eq!(c.tls.map(|t| t.peers), Some(vec!["primary".to_string()]));
     }
 
     #[test]
@@ -867,6 +1036,7 @@ mod tests {
                     handshake_timeout: Duration::from_millis(1500),
                     write_timeout: Duration::from_millis(2500),
                 },
+                tls: None,
             }
         );
         let file = path.display().to_string();

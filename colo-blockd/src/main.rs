@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use colo_blockd::backend::FileBackend;
-use colo_blockd::cli::{Args, Config, SecondaryConfig, ServeConfig};
+use colo_blockd::cli::{Args, Config, NbdTls, SecondaryConfig, ServeConfig};
 use colo_blockd::daemon::checkpoint::{RequestOptions, request_checkpoints};
 use colo_blockd::daemon::epochs::{DEFAULT_NAME, EpochOptions, follow_epochs};
 use colo_blockd::export::{Export, ExportSet};
@@ -50,7 +50,9 @@ async fn serve(args: ServeConfig, shutdown: CancellationToken) -> anyhow::Result
         exports.push(Export::new(spec.name.clone(), backend));
     }
     let config = args.limits.server_config(args.max_in_flight);
-    let server = NbdServer::new(ExportSet::new(exports)?, config);
+    let metrics = Metrics::new();
+    let server = NbdServer::new(ExportSet::new(exports)?, config).with_metrics(metrics.clone());
+    let server = secure(server, args.tls.as_ref(), args.tcp.is_some(), &metrics);
     let listeners = NbdListeners::bind(args.unix.as_deref(), args.tcp).await?;
     listeners.serve(server, shutdown).await;
     Ok(())
@@ -78,6 +80,7 @@ async fn secondary(args: SecondaryConfig, shutdown: CancellationToken) -> anyhow
     ];
     let config = args.limits.server_config(args.max_in_flight);
     let server = NbdServer::new(ExportSet::new(exports)?, config).with_metrics(metrics.clone());
+    let server = secure(server, args.tls.as_ref(), args.tcp.is_some(), &metrics);
     // Every socket is bound before anything runs: a bad address fails the
     // start (exit code 1) instead of leaving half a daemon.
     let listeners = NbdListeners::bind(args.unix.as_deref(), args.tcp).await?;
@@ -130,6 +133,39 @@ async fn secondary(args: SecondaryConfig, shutdown: CancellationToken) -> anyhow
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// TLS on the TCP socket when configured; says at start how the exports are protected and
+/// exports it (`colo_blockd_nbd_unauthenticated`).
+fn secure<B: colo_blockd::backend::BlockBackend>(
+    server: NbdServer<B>,
+    tls: Option<&NbdTls>,
+    tcp: bool,
+    metrics: &Metrics,
+) -> NbdServer<B> {
+    metrics.set_nbd_unauthenticated(tcp && tls.is_none());
+    match tls {
+        Some(tls) => {
+            tracing::info!(
+                local = %tls.local,
+                peers = %tls.peers.join(","),
+                dir = %tls.dir.display(),
+                "NBD over TCP: STARTTLS required, only the --tls-peer hosts' certificates are \
+                 accepted; the Unix socket, if any, relies on its permissions"
+            );
+            server.with_tls(tls.acceptor.clone())
+        }
+        None => {
+            if tcp {
+                tracing::warn!(
+                    "NBD over TCP: plaintext and unauthenticated (no --tls-dir): anyone who \
+                     reaches the TCP port can read every export and write into it; see \
+                     docs/security.md"
+                );
+            }
+            server
+        }
+    }
 }
 
 /// The NBD sockets of one daemon: a Unix socket, a TCP socket or both,

@@ -29,6 +29,8 @@
 //! | `colo_blockd_nbd_connections{transport}` | gauge | NBD connections open |
 //! | `colo_blockd_nbd_connections_total{transport}` | counter | NBD connections accepted |
 //! | `colo_blockd_nbd_connections_refused_total{reason}` | counter | NBD connections closed before the greeting (`limit`: `--max-connections` reached) |
+//! | `colo_blockd_nbd_tls_refused_total{reason}` | counter | TCP clients refused for TLS (`no-starttls`: an option before `NBD_OPT_STARTTLS`; `handshake`: no/foreign/not-allowed certificate) |
+//! | `colo_blockd_nbd_unauthenticated` | gauge | 1 when the TCP listener serves without TLS (no `--tls-dir`) |
 //! | `colo_blockd_nbd_connections_dropped_total{reason}` | counter | NBD connections the server ended (`handshake-timeout`, `write-timeout`, `peer-timeout`) |
 //! | `colo_blockd_nbd_max_connections` | gauge | the `--max-connections` in force |
 //! | `colo_blockd_nbd_requests_total{export,command}` | counter | NBD requests answered |
@@ -107,6 +109,28 @@ impl DropReason {
 /// The reason label of connections refused because the server already
 /// serves `--max-connections` clients.
 pub const REFUSED_LIMIT: &str = "limit";
+
+/// Why a TCP client was refused for TLS (`colo_blockd_nbd_tls_refused_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRefusal {
+    /// It sent an option other than `NBD_OPT_STARTTLS`/`ABORT` before TLS (answered
+    /// `NBD_REP_ERR_TLS_REQD`, or closed for `NBD_OPT_EXPORT_NAME`); counted once per
+    /// connection.
+    NoStartTls,
+    /// The TLS handshake failed: no certificate, another CA's, a name not allowed, no TLS.
+    Handshake,
+}
+
+impl TlsRefusal {
+    const ALL: [TlsRefusal; 2] = [TlsRefusal::NoStartTls, TlsRefusal::Handshake];
+
+    fn label(self) -> &'static str {
+        match self {
+            TlsRefusal::NoStartTls => "no-starttls",
+            TlsRefusal::Handshake => "handshake",
+        }
+    }
+}
 
 /// NBD commands as counted; every command the server does not implement
 /// is `Other`.
@@ -241,6 +265,9 @@ pub struct Registry {
     /// The cap on NBD connections (set by the server).
     pub nbd_max_connections: Gauge,
     connections_refused_limit: Counter,
+    tls_refused: [Counter; TlsRefusal::ALL.len()],
+    /// 1 while a TCP listener serves without TLS (no `--tls-dir`).
+    nbd_unauthenticated: Gauge,
     connections_dropped: [Counter; DropReason::ALL.len()],
     connections: [Gauge; Transport::ALL.len()],
     connections_total: [Counter; Transport::ALL.len()],
@@ -281,6 +308,10 @@ impl Default for Registry {
         let connections_refused_limit = refused.get_or_create_owned(&ReasonLabel {
             reason: REFUSED_LIMIT,
         });
+        let tls_family = Family::<ReasonLabel, Counter>::default();
+        let tls_refused = TlsRefusal::ALL
+            .map(|r| tls_family.get_or_create_owned(&ReasonLabel { reason: r.label() }));
+        let nbd_unauthenticated = Gauge::default();
         let dropped = Family::<ReasonLabel, Counter>::default();
         let connections_dropped = DropReason::ALL
             .map(|r| dropped.get_or_create_owned(&ReasonLabel { reason: r.label() }));
@@ -365,6 +396,19 @@ impl Default for Registry {
             refused,
         );
         r.register(
+            "colo_blockd_nbd_tls_refused",
+            "TCP NBD clients refused for TLS, by reason (no-starttls: an option before \
+             NBD_OPT_STARTTLS, answered NBD_REP_ERR_TLS_REQD; handshake: no certificate, \
+             another CA's, or a name not in --tls-peer)",
+            tls_family,
+        );
+        r.register(
+            "colo_blockd_nbd_unauthenticated",
+            "1 when the TCP NBD listener serves without TLS (no --tls-dir): anyone who reaches \
+             it can read and write the exports",
+            nbd_unauthenticated.clone(),
+        );
+        r.register(
             "colo_blockd_nbd_connections_dropped",
             "NBD connections the server ended, by reason (handshake-timeout; write-timeout: \
              the client stopped reading its replies; peer-timeout: TCP keepalive or \
@@ -407,6 +451,8 @@ impl Default for Registry {
             failovers,
             nbd_max_connections,
             connections_refused_limit,
+            tls_refused,
+            nbd_unauthenticated,
             connections_dropped,
             connections,
             connections_total,
@@ -515,6 +561,28 @@ impl Metrics {
     /// already served its maximum.
     pub fn connection_refused_limit(&self) {
         self.registry.connections_refused_limit.inc();
+    }
+
+    /// Counts a TCP client refused for TLS.
+    pub fn tls_refused(&self, reason: TlsRefusal) {
+        self.registry.tls_refused[reason as usize].inc();
+    }
+
+    /// TCP clients refused for TLS, for `reason`.
+    pub fn tls_refusals(&self, reason: TlsRefusal) -> u64 {
+        self.registry.tls_refused[reason as usize].get()
+    }
+
+    /// Says whether the TCP listener serves without TLS.
+    pub fn set_nbd_unauthenticated(&self, unauthenticated: bool) {
+        self.registry
+            .nbd_unauthenticated
+            .set(u64::from(unauthenticated));
+    }
+
+    /// 1 when the TCP listener serves without TLS.
+    pub fn nbd_unauthenticated(&self) -> u64 {
+        self.registry.nbd_unauthenticated.get()
     }
 
     /// Counts a connection the server ended for `reason`.

@@ -126,9 +126,36 @@ pub enum ClientOption {
     Go(InfoRequest),
     /// `NBD_OPT_STRUCTURED_REPLY`: use structured replies from now on.
     StructuredReply,
-    /// Anything else (including `STARTTLS`, meta contexts and extended
-    /// headers): answered `NBD_REP_ERR_UNSUP`, the haggling continues.
+    /// `NBD_OPT_STARTTLS`: upgrade the socket to TLS, then haggle again
+    /// (refused where no TLS is configured, and inside TLS).
+    StartTls,
+    /// Anything else (meta contexts, extended headers, ...): answered
+    /// `NBD_REP_ERR_UNSUP`, the haggling continues.
     Unsupported(u32),
+}
+
+/// What a server that requires TLS does with an option received before
+/// `NBD_OPT_STARTTLS` succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeforeTls {
+    /// Handle it: `NBD_OPT_STARTTLS` itself, `NBD_OPT_ABORT`.
+    Handle,
+    /// Answer `NBD_REP_ERR_TLS_REQD` and go on haggling; nothing about the
+    /// exports is read or said.
+    TlsRequired,
+    /// Close: `NBD_OPT_EXPORT_NAME` has no error reply.
+    Close,
+}
+
+/// The gate in front of export selection while TLS is required and not yet
+/// started. Decided by the option number alone, before its data is parsed,
+/// so a malformed option cannot slip past it either.
+pub fn before_tls(option: u32) -> BeforeTls {
+    match option {
+        opt::STARTTLS | opt::ABORT => BeforeTls::Handle,
+        opt::EXPORT_NAME => BeforeTls::Close,
+        _ => BeforeTls::TlsRequired,
+    }
 }
 
 /// Why an option's data was refused; answered `NBD_REP_ERR_INVALID` with
@@ -147,6 +174,7 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption, InvalidOpt
         opt::ABORT => Ok(ClientOption::Abort),
         opt::LIST => expect_empty(data).map(|()| ClientOption::List),
         opt::STRUCTURED_REPLY => expect_empty(data).map(|()| ClientOption::StructuredReply),
+        opt::STARTTLS => expect_empty(data).map(|()| ClientOption::StartTls),
         opt::INFO => parse_info_request(data).map(ClientOption::Info),
         opt::GO => parse_info_request(data).map(ClientOption::Go),
         other => Ok(ClientOption::Unsupported(other)),
@@ -392,14 +420,31 @@ mod tests {
 
     #[test]
     fn unknown_options_are_unsupported_not_errors() {
+        for o in [0, opt::SET_META_CONTEXT, opt::EXTENDED_HEADERS, 0xdead_beef] {
+            assert_eq!(parse_option(o, b"junk"), Ok(ClientOption::Unsupported(o)));
+        }
+    }
+
+    #[test]
+    fn starttls_carries_no_data() {
+        assert_eq!(parse_option(opt::STARTTLS, b""), Ok(ClientOption::StartTls));
+        assert!(parse_option(opt::STARTTLS, b"x").is_err());
+    }
+
+    #[test]
+    fn before_tls_only_starttls_and_abort_pass_and_export_name_closes() {
+        assert_eq!(before_tls(opt::STARTTLS), BeforeTls::Handle);
+        assert_eq!(before_tls(opt::ABORT), BeforeTls::Handle);
+        assert_eq!(before_tls(opt::EXPORT_NAME), BeforeTls::Close);
         for o in [
+            opt::GO,
+            opt::INFO,
+            opt::LIST,
+            opt::STRUCTURED_REPLY,
             0,
-            opt::STARTTLS,
-            opt::SET_META_CONTEXT,
-            opt::EXTENDED_HEADERS,
             0xdead_beef,
         ] {
-            assert_eq!(parse_option(o, b"junk"), Ok(ClientOption::Unsupported(o)));
+            assert_eq!(before_tls(o), BeforeTls::TlsRequired, "option {o}");
         }
     }
 

@@ -45,9 +45,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::BlockBackend;
 use crate::export::ExportSet;
-use crate::metrics::{DropReason, Metrics, Transport};
+use crate::metrics::{DropReason, Metrics, TlsRefusal, Transport};
 use crate::proto::ProtoError;
-use negotiate::{Handshake, negotiate};
+use colo_tls::PeerAcceptor;
+use negotiate::{Handshake, TlsState, greet, haggle};
 
 /// Requests in flight per connection. QEMU's NBD client keeps up to 16;
 /// more lets `qemu-img bench -d 32` and libnbd clients pipeline further.
@@ -97,6 +98,14 @@ pub enum ServeError {
     /// At shutdown, the client did not take its last replies in time.
     #[error("client did not take its last replies within {0:?} of shutdown")]
     ShutdownGraceExpired(Duration),
+    /// TLS is required and the client sent `NBD_OPT_EXPORT_NAME` before
+    /// `NBD_OPT_STARTTLS` (no error reply exists: the server closes).
+    #[error("client asked for an export before NBD_OPT_STARTTLS; TLS is required")]
+    TlsRequired,
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed: no certificate, one
+    /// of another CA, one for a name not allowed, or no TLS at all.
+    #[error("TLS handshake refused: {0}")]
+    TlsHandshake(#[from] colo_tls::HandshakeError),
     /// The client did not finish the handshake in time.
     #[error("handshake not finished within {0:?}")]
     HandshakeTimeout(Duration),
@@ -163,6 +172,8 @@ pub struct NbdServer<B> {
     metrics: Metrics,
     /// One permit per connection served, shared by every socket (and clone).
     connections: Arc<Semaphore>,
+    /// Required on TCP connections when set ([`NbdServer::with_tls`]).
+    tls: Option<PeerAcceptor>,
 }
 
 impl<B> Clone for NbdServer<B> {
@@ -172,6 +183,7 @@ impl<B> Clone for NbdServer<B> {
             config: self.config,
             metrics: self.metrics.clone(),
             connections: Arc::clone(&self.connections),
+            tls: self.tls.clone(),
         }
     }
 }
@@ -185,7 +197,17 @@ impl<B: BlockBackend> NbdServer<B> {
             config,
             metrics: Metrics::new(),
             connections: Arc::new(Semaphore::new(config.max_connections)),
+            tls: None,
         }
+    }
+
+    /// Requires TLS of every TCP client ([`NbdServer::serve_tcp`]): `NBD_OPT_STARTTLS`
+    /// before anything else, then a client certificate `acceptor` accepts (the pair's CA, an
+    /// allowed name). Unix-socket clients are not asked for it: the socket's permissions
+    /// say who may connect.
+    pub fn with_tls(mut self, acceptor: PeerAcceptor) -> NbdServer<B> {
+        self.tls = Some(acceptor);
+        self
     }
 
     /// Counts connections and requests in `metrics` (by default in a
@@ -299,7 +321,14 @@ impl<B: BlockBackend> NbdServer<B> {
         connections.spawn(
             async move {
                 let (_open, _slot) = (open, slot);
-                match server.serve_stream_until(stream, &shutdown).await {
+                let tls = match peer.transport {
+                    Transport::Tcp => server.tls.clone(),
+                    Transport::Unix => None,
+                };
+                match server
+                    .serve_connection(stream, &shutdown, tls.as_ref())
+                    .await
+                {
                     Ok(()) => tracing::debug!("client left"),
                     Err(e) => {
                         if let Some(reason) = e.drop_reason() {
@@ -329,21 +358,104 @@ impl<B: BlockBackend> NbdServer<B> {
     /// before the connection closes.
     pub async fn serve_stream_until<S>(
         &self,
-        mut stream: S,
+        stream: S,
         shutdown: &CancellationToken,
     ) -> Result<(), ServeError>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        self.serve_connection(stream, shutdown, None).await
+    }
+
+    /// Like [`NbdServer::serve_stream_until`], with TLS required as on this server's TCP
+    /// socket (when [`NbdServer::with_tls`] was given; else exactly the same). Public so
+    /// tests can drive it over any stream.
+    pub async fn serve_stream_tls_until<S>(
+        &self,
+        stream: S,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ServeError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let tls = self.tls.clone();
+        self.serve_connection(stream, shutdown, tls.as_ref()).await
+    }
+
+    /// Handshake (through TLS when `tls` is given) then transmission. The whole handshake,
+    /// TLS included, is bounded by [`ServerConfig::handshake_timeout`].
+    async fn serve_connection<S>(
+        &self,
+        mut stream: S,
+        shutdown: &CancellationToken,
+        tls: Option<&PeerAcceptor>,
+    ) -> Result<(), ServeError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let limit = self.config.handshake_timeout;
-        let handshake = tokio::select! {
+        let deadline = tokio::time::Instant::now() + limit;
+        let state = match tls {
+            Some(_) => TlsState::Required,
+            None => TlsState::NotOffered,
+        };
+        let plain = async {
+            let flags = greet(&mut stream).await?;
+            let handshake = haggle(&mut stream, &self.exports, flags, state, &self.metrics).await?;
+            Ok::<_, ServeError>((flags, handshake))
+        };
+        let (flags, handshake) = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            handshake = tokio::time::timeout(limit, negotiate(&mut stream, &self.exports)) => {
+            handshake = tokio::time::timeout_at(deadline, plain) => {
                 handshake.map_err(|_| ServeError::HandshakeTimeout(limit))??
             }
         };
+        let acceptor = match (handshake, tls) {
+            (Handshake::StartTls, Some(acceptor)) => acceptor,
+            (Handshake::StartTls, None) => {
+                unreachable!("STARTTLS is acknowledged only where TLS is required")
+            }
+            (done, _) => return self.enter(stream, done, shutdown).await,
+        };
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            accepted = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => {
+                accepted.map_err(|_| ServeError::HandshakeTimeout(limit))?
+            }
+        };
+        let (mut stream, peer) = accepted.inspect_err(|_| {
+            self.metrics.tls_refused(TlsRefusal::Handshake);
+        })?;
+        tracing::info!(%peer, "NBD client authenticated by TLS");
+        let inside = haggle(
+            &mut stream,
+            &self.exports,
+            flags,
+            TlsState::Established,
+            &self.metrics,
+        );
+        let handshake = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            handshake = tokio::time::timeout_at(deadline, inside) => {
+                handshake.map_err(|_| ServeError::HandshakeTimeout(limit))??
+            }
+        };
+        self.enter(stream, handshake, shutdown).await
+    }
+
+    /// Where the handshake ended: transmission on the chosen export, or nothing.
+    async fn enter<S>(
+        &self,
+        stream: S,
+        handshake: Handshake<B>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ServeError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         match handshake {
-            Handshake::Aborted => Ok(()),
+            // Inside TLS (or without it) STARTTLS is never acknowledged.
+            Handshake::Aborted | Handshake::StartTls => Ok(()),
             Handshake::Transmit { export, style } => {
                 tracing::debug!(export = export.name(), ?style, "transmission");
                 let counters = self.metrics.export(export.name());

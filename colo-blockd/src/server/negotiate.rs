@@ -2,6 +2,13 @@
 //! until the client picks an export (`NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`)
 //! or leaves. Every option the server does not implement is answered
 //! `NBD_REP_ERR_UNSUP` and the haggling goes on, as fixed newstyle requires.
+//!
+//! With TLS required (a TCP socket of a server with `--tls-dir`), every
+//! option but `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` is answered
+//! `NBD_REP_ERR_TLS_REQD` (`NBD_OPT_EXPORT_NAME` by closing) before its data
+//! is even parsed; `NBD_OPT_STARTTLS` ends this haggling
+//! ([`Handshake::StartTls`]), the caller runs the TLS handshake on the same
+//! socket and haggles again from scratch inside TLS ([`TlsState::Established`]).
 
 use std::sync::Arc;
 
@@ -10,15 +17,19 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::ServeError;
 use crate::backend::BlockBackend;
 use crate::export::{Export, ExportSet};
+use crate::metrics::{Metrics, TlsRefusal};
 use crate::proto::ReplyStyle;
 use crate::proto::consts::{info, opt, rep};
 use crate::proto::handshake::{
-    self, ClientFlags, ClientOption, InfoRequest, OPTION_HEADER_LEN, OptionHeader,
+    self, BeforeTls, ClientFlags, ClientOption, InfoRequest, OPTION_HEADER_LEN, OptionHeader,
 };
 
 /// How many options one client may send before the server gives up on it;
 /// real clients send fewer than ten.
 const MAX_OPTIONS: usize = 256;
+
+/// The text of `NBD_REP_ERR_UNSUP` to `NBD_OPT_STARTTLS` where TLS is not offered.
+const NO_TLS: &[u8] = b"TLS is not offered on this socket";
 
 /// Where the handshake ended.
 #[derive(Debug)]
@@ -30,19 +41,54 @@ pub(crate) enum Handshake<B> {
     },
     /// The client aborted (or only listed/inspected exports and left).
     Aborted,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next on
+    /// this socket (only where TLS is [`TlsState::Required`]).
+    StartTls,
 }
 
-pub(crate) async fn negotiate<S, B>(
+/// Where the connection stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsState {
+    /// This socket offers no TLS (a Unix socket, or no `--tls-dir`):
+    /// `NBD_OPT_STARTTLS` is unsupported, everything else is served.
+    NotOffered,
+    /// TLS is required and not started: only `STARTTLS` and `ABORT` are
+    /// served.
+    Required,
+    /// Inside TLS: everything is served, a second `STARTTLS` is invalid.
+    Established,
+}
+
+/// The greeting and the client's flags.
+pub(crate) async fn greet<S>(stream: &mut S) -> Result<ClientFlags, ServeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    stream.write_all(&handshake::greeting()).await?;
+    Ok(ClientFlags::parse(stream.read_u32().await?)?)
+}
+
+/// The option haggling, after [`greet`] or after the TLS handshake (which
+/// resets it: structured replies asked for before TLS are forgotten, as the
+/// specification requires).
+pub(crate) async fn haggle<S, B>(
     stream: &mut S,
     exports: &ExportSet<B>,
+    flags: ClientFlags,
+    tls: TlsState,
+    metrics: &Metrics,
 ) -> Result<Handshake<B>, ServeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     B: BlockBackend,
 {
-    stream.write_all(&handshake::greeting()).await?;
-    let flags = ClientFlags::parse(stream.read_u32().await?)?;
     let mut style = ReplyStyle::Simple;
+    let mut refused_for_tls = false;
+    let mut refuse_for_tls = |metrics: &Metrics| {
+        if !std::mem::replace(&mut refused_for_tls, true) {
+            metrics.tls_refused(TlsRefusal::NoStartTls);
+        }
+    };
     for _ in 0..MAX_OPTIONS {
         let mut raw = [0u8; OPTION_HEADER_LEN];
         match stream.read_exact(&mut raw).await {
@@ -61,6 +107,30 @@ where
         stream.read_exact(&mut data).await?;
         let option = header.option;
         let send = |reply_type: u32, data: &[u8]| handshake::option_reply(option, reply_type, data);
+        if tls == TlsState::Required {
+            match handshake::before_tls(option) {
+                BeforeTls::Handle => {}
+                BeforeTls::TlsRequired => {
+                    refuse_for_tls(metrics);
+                    stream
+                        .write_all(&send(
+                            rep::ERR_TLS_REQD,
+                            b"TLS required: NBD_OPT_STARTTLS first",
+                        ))
+                        .await?;
+                    continue;
+                }
+                BeforeTls::Close => {
+                    refuse_for_tls(metrics);
+                    return Err(ServeError::TlsRequired);
+                }
+            }
+        }
+        if tls == TlsState::NotOffered && option == opt::STARTTLS {
+            // Unsupported here whatever its data, as before STARTTLS was implemented.
+            stream.write_all(&send(rep::ERR_UNSUP, NO_TLS)).await?;
+            continue;
+        }
         match handshake::parse_option(option, &data) {
             Err(invalid) if option == opt::EXPORT_NAME => {
                 // EXPORT_NAME has no error reply: closing is the answer.
@@ -116,6 +186,18 @@ where
                 style = ReplyStyle::Structured;
                 stream.write_all(&send(rep::ACK, &[])).await?;
             }
+            Ok(ClientOption::StartTls) => match tls {
+                TlsState::Required => {
+                    stream.write_all(&send(rep::ACK, &[])).await?;
+                    stream.flush().await?;
+                    return Ok(Handshake::StartTls);
+                }
+                TlsState::NotOffered => stream.write_all(&send(rep::ERR_UNSUP, NO_TLS)).await?,
+                TlsState::Established => {
+                    let msg: &[u8] = b"TLS is already started";
+                    stream.write_all(&send(rep::ERR_INVALID, msg)).await?;
+                }
+            },
             Ok(ClientOption::Unsupported(_)) => {
                 stream
                     .write_all(&send(rep::ERR_UNSUP, b"option not supported"))

@@ -92,6 +92,8 @@ pub struct TestServer {
     pub images: Vec<PathBuf>,
     /// What reached each export's backend, in order of arrival.
     pub recordings: Vec<Recording>,
+    /// The server's metrics.
+    pub metrics: colo_blockd::metrics::Metrics,
     shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -100,6 +102,14 @@ impl TestServer {
     /// Serves `exports` (name, image size, read-only) on a Unix socket and a
     /// TCP port, with images made by [`patterned_image`].
     pub fn start(exports: &[(&str, usize, bool)]) -> TestServer {
+        TestServer::start_with(exports, None)
+    }
+
+    /// [`TestServer::start`] with TLS required on the TCP port when `tls` is given.
+    pub fn start_with(
+        exports: &[(&str, usize, bool)],
+        tls: Option<colo_tls::PeerAcceptor>,
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("nbd.sock");
         let mut images = Vec::new();
@@ -112,7 +122,12 @@ impl TestServer {
             list.push(Export::new(*name, backend).with_description(format!("test image {name}")));
             images.push(img);
         }
-        let server = NbdServer::new(ExportSet::new(list).unwrap(), ServerConfig::default());
+        let metrics = colo_blockd::metrics::Metrics::new();
+        let mut server = NbdServer::new(ExportSet::new(list).unwrap(), ServerConfig::default())
+            .with_metrics(metrics.clone());
+        if let Some(acceptor) = tls {
+            server = server.with_tls(acceptor);
+        }
         let shutdown = CancellationToken::new();
         let std_tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_tcp.set_nonblocking(true).unwrap();
@@ -141,6 +156,7 @@ impl TestServer {
             tcp,
             images,
             recordings,
+            metrics,
             shutdown,
             thread: Some(thread),
         }
