@@ -232,3 +232,143 @@ proptest! {
         prop_assert_eq!(std::fs::read(&img).unwrap(), original);
     }
 }
+
+/// The pair's identities for the STARTTLS properties, made once (key generation is slow).
+fn tls_acceptor() -> colo_tls::PeerAcceptor {
+    use std::sync::OnceLock;
+    static PKI: OnceLock<(tempfile::TempDir, colo_tls::PeerAcceptor)> = OnceLock::new();
+    PKI.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = ["secondary", "primary"].map(String::from);
+        colo_tls::pki::create_pair(dir.path(), &hosts, colo_tls::pki::Validity::days(1)).unwrap();
+        let identity = colo_tls::HostIdentity::load(dir.path().join("secondary")).unwrap();
+        let acceptor = colo_tls::PeerAcceptor::new(
+            &identity,
+            &["primary".into()],
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+        (dir, acceptor)
+    })
+    .1
+    .clone()
+}
+
+/// An option a client might send before `NBD_OPT_STARTTLS`: every option colo-blockd knows
+/// (with well-formed data for the export `a`, none, or random data) and any number.
+fn option_before_tls() -> impl Strategy<Value = (u32, Vec<u8>)> {
+    let go_a = {
+        let mut d = 1u32.to_be_bytes().to_vec();
+        d.extend_from_slice(b"a");
+        d.extend_from_slice(&0u16.to_be_bytes());
+        d
+    };
+    (
+        prop_oneof![
+            Just(opt::GO),
+            Just(opt::INFO),
+            Just(opt::LIST),
+            Just(opt::EXPORT_NAME),
+            Just(opt::STRUCTURED_REPLY),
+            Just(opt::ABORT),
+            Just(opt::STARTTLS),
+            Just(opt::SET_META_CONTEXT),
+            any::<u32>(),
+        ],
+        prop_oneof![
+            Just(go_a),
+            Just(b"a".to_vec()),
+            Just(Vec::new()),
+            prop::collection::vec(any::<u8>(), 0..64),
+        ],
+    )
+}
+
+/// What the server must answer to `(option, data)` while TLS is required and not started:
+/// the reply type, and whether the plaintext conversation ends there.
+fn expected_before_tls(option: u32, data: &[u8]) -> (Option<u32>, bool) {
+    use colo_blockd::proto::consts::rep;
+    match option {
+        opt::EXPORT_NAME => (None, true),
+        opt::ABORT => (Some(rep::ACK), true),
+        opt::STARTTLS if data.is_empty() => (Some(rep::ACK), true),
+        opt::STARTTLS => (Some(rep::ERR_INVALID), false),
+        _ => (Some(rep::ERR_TLS_REQD), false),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// With TLS required, options before `NBD_OPT_STARTTLS` never reach export selection:
+    /// the server's replies are exactly `ERR_TLS_REQD` for each (ACK for ABORT and STARTTLS,
+    /// a close for EXPORT_NAME), nothing describes an export, the requests that follow are
+    /// never answered, and the backend sees no operation.
+    #[test]
+    fn options_before_starttls_never_reach_an_export(
+        options in prop::collection::vec(option_before_tls(), 1..10),
+        garbage in prop::collection::vec(any::<u8>(), 0..256),
+    ) {
+        use colo_blockd::proto::consts::OPTION_REPLY_MAGIC;
+        let dir = tempfile::tempdir().unwrap();
+        let img = common::patterned_image(dir.path(), "a.raw", 65536);
+        let backend = Recording::new(colo_blockd::backend::FileBackend::open(&img, false).unwrap());
+        let exports = colo_blockd::export::ExportSet::new(vec![Export::new("a", backend.clone())]).unwrap();
+        let server = NbdServer::new(exports, ServerConfig::default()).with_tls(tls_acceptor());
+        let mut input = 3u32.to_be_bytes().to_vec();
+        let mut expected = Vec::new();
+        for (option, data) in &options {
+            input.extend_from_slice(&OptionHeader { option: *option, length: data.len() as u32 }.encode());
+            input.extend_from_slice(data);
+            let (reply, ends) = expected_before_tls(*option, data);
+            if let Some(reply) = reply {
+                expected.push((*option, reply));
+            }
+            if ends {
+                break;
+            }
+        }
+        // As if an export had been chosen: a read of the whole export, then garbage.
+        let read = RequestHeader { flags: 0, command: cmd::READ, handle: 7, offset: 0, length: 65536 };
+        input.extend_from_slice(&read.encode());
+        input.extend_from_slice(&garbage);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let output = rt.block_on(async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut client, server_end) = tokio::io::duplex(1 << 20);
+            let serving = tokio::spawn(async move {
+                server.serve_stream_tls_until(server_end, &tokio_util::sync::CancellationToken::new()).await
+            });
+            client.write_all(&input).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut output = Vec::new();
+            let _ = client.read_to_end(&mut output).await;
+            assert!(serving.await.is_ok(), "the server panicked");
+            output
+        });
+        prop_assert!(output.len() >= handshake::GREETING_LEN);
+        let mut rest = &output[handshake::GREETING_LEN..];
+        let mut replies = Vec::new();
+        while replies.len() < expected.len() {
+            prop_assert!(rest.len() >= 20, "replies end early: {:?} of {:?}", replies, expected);
+            prop_assert_eq!(&rest[..8], &OPTION_REPLY_MAGIC.to_be_bytes()[..]);
+            let option = u32::from_be_bytes(rest[8..12].try_into().unwrap());
+            let kind = u32::from_be_bytes(rest[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(rest[16..20].try_into().unwrap()) as usize;
+            replies.push((option, kind));
+            rest = &rest[(20 + len).min(rest.len())..];
+        }
+        prop_assert_eq!(&replies, &expected);
+        // After STARTTLS's ACK only TLS (an alert for the garbage) may follow; otherwise
+        // nothing at all: no reply to the read request, no export data.
+        let started_tls = expected.last().is_some_and(|&(o, k)| {
+            o == opt::STARTTLS && k == colo_blockd::proto::consts::rep::ACK
+        });
+        if !started_tls {
+            prop_assert!(rest.is_empty(), "{} bytes after the last reply", rest.len());
+        }
+        prop_assert_eq!(backend.ops(), vec![]);
+        let original: Vec<u8> = (0..65536).map(|i| (i % 251) as u8).collect();
+        prop_assert_eq!(std::fs::read(&img).unwrap(), original);
+    }
+}
