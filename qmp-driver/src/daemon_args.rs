@@ -11,6 +11,12 @@
 //! there reach its control socket by its path; `colo-proxyd primary` reaches
 //! it over `relay.control_tcp` (`tcp:HOST:PORT`) when set, else by the path,
 //! which works only when host A shares it, as on the test bed.
+//!
+//! With `[tls]` both colo-proxyd get `--tls-dir` (their host's identity) and `--tls-peer`
+//! (the other host): mutual TLS on their link, and `colo-proxyd primary` follows the relay
+//! over mutual TLS when its control address is TCP. The relay takes its TLS options from the
+//! same config (`qmp-driver --config FILE relay`), the primary QEMU its credentials from
+//! `qemu-args` and `start`.
 
 use crate::config::{DiskBackend, NetworkBackend, PairConfig, RelaySettings};
 use colo_types::Role;
@@ -141,7 +147,7 @@ fn proxyd_primary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsError>
         "network.proxyd_qmp",
         "colo-proxyd primary",
     ))?;
-    Ok(vec![
+    let mut args = vec![
         "primary".to_string(),
         "--pvm-output".into(),
         loopback(net.compare_primary_in_port),
@@ -157,7 +163,22 @@ fn proxyd_primary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsError>
         qmp.to_string(),
         "--netdev".into(),
         net.netdev.clone(),
-    ])
+    ];
+    // The link's peer and the relay (over `control_tcp`) are both the secondary host.
+    if let Some(tls) = &cfg.tls {
+        args.extend(tls_args(&tls.primary.dir, &tls.secondary.name));
+    }
+    Ok(args)
+}
+
+/// `--tls-dir DIR --tls-peer NAME`: this host's identity, the one peer it accepts.
+fn tls_args(dir: &std::path::Path, peer: &str) -> [String; 4] {
+    [
+        "--tls-dir".into(),
+        dir.display().to_string(),
+        "--tls-peer".into(),
+        peer.to_string(),
+    ]
 }
 
 fn proxyd_secondary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsError> {
@@ -190,6 +211,9 @@ fn proxyd_secondary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsErro
     // With its own monitor of the secondary QEMU it re-creates f1 after red0 reconnects.
     if let Some(qmp) = &net.proxyd_secondary_qmp {
         args.extend(["--qmp".into(), qmp.to_string()]);
+    }
+    if let Some(tls) = &cfg.tls {
+        args.extend(tls_args(&tls.secondary.dir, &tls.primary.name));
     }
     Ok(args)
 }
@@ -286,6 +310,41 @@ mod tests {
         let at = args.iter().position(|a| a == "--control").unwrap();
         assert_eq!(args[at + 1], "/run/colo/vm1/relay.sock");
         assert_eq!(Daemon::Blockd.binary(), "colo-blockd");
+    }
+
+    #[test]
+    fn with_tls_each_proxyd_gets_its_hosts_identity_and_the_other_host() {
+        let tls = config_with(&format!(
+            "{}{}",
+            DAEMONS.replace(
+                "control = \"/run/colo/vm1/relay.sock\"",
+                "control = \"/run/colo/vm1/relay.sock\"\ncontrol_tcp = \"192.168.77.2:9990\"",
+            ),
+            "[tls]\nprimary_dir = \"/etc/colo/pki-a\"\nprimary_name = \"hosta\"\n\
+             secondary_dir = \"/etc/colo/pki-b\"\nsecondary_name = \"hostb\"\n"
+        ));
+        let tail = |d| {
+            let args = daemon_args(&tls, d).unwrap();
+            args[args.len() - 4..].join(" ")
+        };
+        assert_eq!(
+            tail(Daemon::ProxydPrimary),
+            "--tls-dir /etc/colo/pki-a --tls-peer hostb"
+        );
+        assert_eq!(
+            tail(Daemon::ProxydSecondary),
+            "--tls-dir /etc/colo/pki-b --tls-peer hosta"
+        );
+        // Without [tls] nothing is added.
+        let plain = config_with(DAEMONS);
+        for d in [
+            Daemon::ProxydPrimary,
+            Daemon::ProxydSecondary,
+            Daemon::Blockd,
+        ] {
+            let args = daemon_args(&plain, d).unwrap();
+            assert!(!args.iter().any(|a| a.starts_with("--tls")), "{args:?}");
+        }
     }
 
     /// A config with `sections` (before `[vm]`, which must stay last).

@@ -27,7 +27,9 @@
 //! `colo-proxyd primary`, and the secondary's redirectors connect to
 //! `colo-proxyd secondary` on the secondary's loopback (same port numbers).
 
-use crate::config::{BLOCKD_SVM_EXPORT, DiskBackend, NetworkBackend, PairConfig, VmConfig};
+use crate::config::{
+    BLOCKD_SVM_EXPORT, DiskBackend, NetworkBackend, PairConfig, TLS_CREDS_ID, VmConfig,
+};
 use colo_types::{Address, Role};
 use std::path::Path;
 
@@ -200,6 +202,18 @@ pub fn primary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
                      iothread={COMPARE_IOTHREAD}"
                 ),
             );
+    }
+    if let Some(tls) = &cfg.tls {
+        // The migration's TLS client, named in `tls-creds` by `start`: QEMU presents the
+        // primary host's client-cert.pem and checks the relay's server certificate against
+        // `tls-hostname` (the secondary host's name).
+        a.opt(
+            "-object",
+            format!(
+                "tls-creds-x509,id={TLS_CREDS_ID},dir={},endpoint=client",
+                path_value(&tls.primary.dir)
+            ),
+        );
     }
     a.opt(
         "-drive",
@@ -709,6 +723,67 @@ mod tests {
             values(&s, "-drive"),
             values(&pairs(&secondary_args(&config("")).unwrap()), "-drive")
         );
+    }
+
+    /// With `[tls]` the primary gets the migration's TLS client object (the primary host's
+    /// directory); the secondary gets nothing (the relay terminates TLS). Without it, neither.
+    #[test]
+    fn with_tls_the_primary_gets_a_client_credentials_object() {
+        let text = |tls: &str| {
+            format!(
+                r#"
+                name = "vm1"
+                [primary]
+                qmp = "unix:/run/p.qmp"
+                host = "192.168.77.1"
+                [secondary]
+                qmp = "unix:/run/s.qmp"
+                host = "192.168.77.2"
+                [migration]
+                secondary_incoming = "unix:/run/colo/vm1/incoming.sock"
+                primary_target = "tcp:192.168.77.2:9997"
+                [relay]
+                listen = "tcp:192.168.77.2:9997"
+                control = "/run/colo/vm1/relay.sock"
+                {tls}
+                [vm]
+                tap = "tap-p"
+                mac = "52:54:00:12:34:56"
+                memory_mib = 128
+                primary_image = "/img/primary.raw"
+                secondary_image = "/img/secondary.raw"
+                secondary_active = "/img/active.qcow2"
+                secondary_hidden = "/img/hidden.qcow2"
+                "#
+            )
+        };
+        let tls = PairConfig::from_toml(
+            &text(
+                r#"
+                [tls]
+                primary_dir = "/etc/colo/pki-a"
+                primary_name = "hosta"
+                secondary_dir = "/etc/colo/pki-b"
+                secondary_name = "hostb"
+                "#,
+            ),
+            "test",
+        )
+        .unwrap();
+        let p = pairs(&primary_args(&tls).unwrap());
+        let creds: Vec<&str> = values(&p, "-object")
+            .into_iter()
+            .filter(|o| o.starts_with("tls-creds-x509"))
+            .collect();
+        assert_eq!(
+            creds,
+            ["tls-creds-x509,id=colo-tls0,dir=/etc/colo/pki-a,endpoint=client"]
+        );
+        let s = secondary_args(&tls).unwrap().join(" ");
+        assert!(!s.contains("tls-creds"), "{s}");
+        let plain = PairConfig::from_toml(&text(""), "test").unwrap();
+        let p = primary_args(&plain).unwrap().join(" ");
+        assert!(!p.contains("tls-creds"), "{p}");
     }
 
     #[test]

@@ -395,8 +395,41 @@ async fn failover_with_qemu_refusing_a_step_exits_one() {
 
 #[tokio::test]
 async fn start_prepares_both_sides_in_order_and_waits_for_colo() {
+    start_sequence("", None).await;
+}
+
+/// With `[tls]`, `start` also names the primary's TLS credentials and the secondary host's
+/// name before it migrates (to the relay, which terminates TLS).
+#[tokio::test]
+async fn with_tls_start_sets_the_migrations_tls_credentials_and_hostname() {
+    start_sequence(
+        r#"primary_target = "unix:{d}/relay-in.sock"
+        [relay]
+        listen = "unix:{d}/relay-in.sock"
+        control = "{d}/relay.sock"
+        [tls]
+        primary_dir = "/etc/colo/pki-a"
+        primary_name = "hosta"
+        secondary_dir = "/etc/colo/pki-b"
+        secondary_name = "hostb"
+        "#,
+        Some(json!({"tls-creds": "colo-tls0", "tls-hostname": "hostb"})),
+    )
+    .await;
+}
+
+/// `start` against fake QEMUs with the `[migration]` keys and sections of `extra` (`{d}`: the
+/// bed's directory): the exact command sequence, with `tls` (the TLS parameters) set after the
+/// checkpoint delay when given.
+async fn start_sequence(extra: &str, tls: Option<Value>) {
     let bed = Bed::new();
-    bed.config("checkpoint_delay_ms = 1500");
+    let extra = extra.replace("{d}", &bed.dir.path().display().to_string());
+    bed.config(&format!("checkpoint_delay_ms = 1500\n{extra}"));
+    let target = if extra.is_empty() {
+        format!("unix:{}", bed.path("incoming.sock").display())
+    } else {
+        format!("unix:{}", bed.path("relay-in.sock").display())
+    };
     let migrated = Arc::new(AtomicBool::new(false));
     let listening = Arc::new(AtomicBool::new(false));
 
@@ -516,7 +549,11 @@ async fn start_prepares_both_sides_in_order_and_waits_for_colo() {
                 "migrate-set-parameters",
                 json!({"x-checkpoint-delay": 1500})
             ),
-            expect("primary", "migrate", json!({"uri": incoming})),
+        ]
+        .into_iter()
+        .chain(tls.map(|t| expect("primary", "migrate-set-parameters", t)))
+        .chain([
+            expect("primary", "migrate", json!({"uri": target})),
             // Waiting for COLO.
             expect("primary", "query-migrate", Value::Null),
             expect("primary", "query-migrate", Value::Null),
@@ -524,7 +561,8 @@ async fn start_prepares_both_sides_in_order_and_waits_for_colo() {
             expect("secondary", "query-status", Value::Null),
             expect("primary", "query-colo-status", Value::Null),
             expect("secondary", "query-colo-status", Value::Null),
-        ]
+        ])
+        .collect::<Vec<_>>()
     );
     let err = stderr(&out);
     for line in [

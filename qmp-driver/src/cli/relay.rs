@@ -5,10 +5,12 @@
 //! 3. the pair config's `[relay]` section (`relay.listen`; `--config` or `COLO_CONFIG`),
 //! 4. its default (`--ack-timeout-ms` only; `--control-tcp` is off without one),
 //!
-//! except the access options (`--control-group`, `--operator-uid`, `--operator-gid`,
-//! `--control-tcp-peer`, `--migration-peer`, `--tls-dir`, `--tls-peer`), which the pair config
-//! has no keys for: flag or
-//! environment only,
+//! The access options come from the same layers: `--control-group`, `--operator-uid`,
+//! `--operator-gid`, `--control-tcp-peer`, `--migration-peer` from `relay.control_group`,
+//! `relay.operator_uids`, `relay.operator_gid`, `relay.control_tcp_peers`,
+//! `relay.migration_peers` (a list given on the command line replaces the file's), and
+//! `--tls-dir`, `--tls-peer`, `--migration-tls` from the `[tls]` section (the secondary host's
+//! directory, the primary host's name, migration TLS on),
 //!
 //! so that `qmp-driver relay --config /etc/colo/vm1.toml` is enough, as the libvirt hook runs
 //! it, and any option can still be overridden for one run.
@@ -52,6 +54,7 @@ struct Access {
     migration_peers: Vec<IpAddr>,
     tls_dir: Option<PathBuf>,
     tls_peer: Option<String>,
+    migration_tls: bool,
 }
 
 impl Given {
@@ -79,6 +82,7 @@ impl Given {
                 migration_peers: many(sub, "migration_peers"),
                 tls_dir: sub.get_one::<PathBuf>("tls_dir").cloned(),
                 tls_peer: sub.get_one::<String>("tls_peer").cloned(),
+                migration_tls: sub.get_flag("migration_tls"),
             },
         }
     }
@@ -96,7 +100,7 @@ fn many<T: Clone + Send + Sync + 'static>(sub: &clap::ArgMatches, id: &str) -> V
 enum File<'a> {
     None,
     NoRelay(&'a Path),
-    Relay(RelaySettings),
+    Relay(Box<RelaySettings>),
 }
 
 /// Builds the `relay` invocation from `sub` (the relay's matches), the config file filling
@@ -106,7 +110,7 @@ pub fn parse(top: &clap::ArgMatches, sub: &clap::ArgMatches) -> Result<Cli, clap
     let file = match &globals.config {
         None => File::None,
         Some(path) => match globals.load_config().map_err(usage)?.relay {
-            Some(relay) => File::Relay(relay),
+            Some(relay) => File::Relay(Box::new(relay)),
             None => File::NoRelay(path),
         },
     };
@@ -135,6 +139,7 @@ fn resolve(given: Given, file: File<'_>) -> Result<RelayArgs, String> {
             key = flag.replace('-', "_"),
         )
     };
+    let file_tls = section.and_then(|r| r.tls.as_ref());
     Ok(RelayArgs {
         listen: given
             .listen
@@ -155,14 +160,46 @@ fn resolve(given: Given, file: File<'_>) -> Result<RelayArgs, String> {
             .ack_timeout_ms
             .or_else(|| section.map(|r| r.ack_timeout_ms))
             .unwrap_or(DEFAULT_ACK_TIMEOUT_MS),
-        control_group: given.access.control_group,
-        operator_uids: given.access.operator_uids,
-        operator_gid: given.access.operator_gid,
-        control_tcp_peers: given.access.control_tcp_peers,
-        migration_peers: given.access.migration_peers,
-        tls_dir: given.access.tls_dir,
-        tls_peer: given.access.tls_peer,
+        control_group: given
+            .access
+            .control_group
+            .or_else(|| section.and_then(|r| r.control_group)),
+        operator_uids: or_file(
+            given.access.operator_uids,
+            section.map(|r| &r.operator_uids),
+        ),
+        operator_gid: given
+            .access
+            .operator_gid
+            .or_else(|| section.and_then(|r| r.operator_gid)),
+        control_tcp_peers: or_file(
+            given.access.control_tcp_peers,
+            section.map(|r| &r.control_tcp_peers),
+        ),
+        migration_peers: or_file(
+            given.access.migration_peers,
+            section.map(|r| &r.migration_peers),
+        ),
+        tls_dir: given
+            .access
+            .tls_dir
+            .or_else(|| file_tls.map(|t| t.dir.clone())),
+        tls_peer: given
+            .access
+            .tls_peer
+            .or_else(|| file_tls.map(|t| t.peer.clone())),
+        // With [tls] the primary migrates with tls-creds (`start`): the relay must terminate it.
+        migration_tls: given.access.migration_tls || file_tls.is_some(),
     })
+}
+
+/// A list from the command line, else the file's (none given: empty).
+fn or_file<T: Clone>(given: Vec<T>, file: Option<&Vec<T>>) -> Vec<T> {
+    if given.is_empty() {
+        file.cloned().unwrap_or_default()
+    } else {
+        given
+    }
 }
 
 /// Runs the relay until SIGINT or SIGTERM.
@@ -307,12 +344,18 @@ mod tests {
             control: "/run/relay.sock".into(),
             control_tcp: Some(Address::tcp("192.168.77.2", 9990)),
             ack_timeout_ms: 300,
+            control_group: None,
+            operator_uids: Vec::new(),
+            operator_gid: None,
+            control_tcp_peers: Vec::new(),
+            migration_peers: Vec::new(),
+            tls: None,
         };
         let given = Given {
             target: Some(Address::unix("/other/in.sock")),
             ..Given::default()
         };
-        let args = resolve(given, File::Relay(file.clone())).unwrap();
+        let args = resolve(given, File::Relay(Box::new(file.clone()))).unwrap();
         assert_eq!(args.listen, file.listen);
         assert_eq!(args.target, Address::unix("/other/in.sock"));
         assert_eq!(args.control, file.control);
@@ -326,7 +369,7 @@ mod tests {
             ack_timeout_ms: Some(5),
             ..Given::default()
         };
-        let args = resolve(given, File::Relay(file.clone())).unwrap();
+        let args = resolve(given, File::Relay(Box::new(file.clone()))).unwrap();
         assert_eq!(args.control_tcp, file.control_tcp);
         assert_eq!(args.ack_timeout_ms, 5);
     }
@@ -391,6 +434,62 @@ mod tests {
             args.operator_uids.is_empty()
                 && args.control_tcp_peers.is_empty()
                 && args.migration_peers.is_empty()
+        );
+    }
+
+    /// The file's access keys and `[tls]` fill what the command line leaves out; a list on
+    /// the command line replaces the file's.
+    #[test]
+    fn the_file_gives_the_access_options_and_tls() {
+        let primary: IpAddr = "192.168.77.1".parse().unwrap();
+        let other: IpAddr = "10.0.0.1".parse().unwrap();
+        let file = RelaySettings {
+            listen: Address::tcp("192.168.77.2", 9998),
+            target: Address::unix("/run/in.sock"),
+            control: "/run/relay.sock".into(),
+            control_tcp: Some(Address::tcp("192.168.77.2", 9990)),
+            ack_timeout_ms: 300,
+            control_group: Some(990),
+            operator_uids: vec![1000],
+            operator_gid: Some(991),
+            control_tcp_peers: vec![primary],
+            migration_peers: vec![primary],
+            tls: Some(qmp_driver::config::RelayTls {
+                dir: "/etc/colo/pki".into(),
+                peer: "hosta".into(),
+            }),
+        };
+        let args = resolve(Given::default(), File::Relay(Box::new(file.clone()))).unwrap();
+        assert_eq!(args.control_group, Some(990));
+        assert_eq!(args.operator_uids, [1000]);
+        assert_eq!(args.operator_gid, Some(991));
+        assert_eq!(args.control_tcp_peers, [primary]);
+        assert_eq!(args.migration_peers, [primary]);
+        assert_eq!(args.tls_dir.as_deref(), Some(Path::new("/etc/colo/pki")));
+        assert_eq!(args.tls_peer.as_deref(), Some("hosta"));
+        assert!(args.migration_tls);
+        let cfg = RelayConfig::try_from(args).unwrap();
+        assert_eq!(cfg.migration_tls, cfg.control_tls);
+        assert_eq!(cfg.migration_tls.unwrap().peer, "hosta");
+        // The command line wins, list by list.
+        let given = Given {
+            access: Access {
+                migration_peers: vec![other],
+                tls_peer: Some("hostc".into()),
+                ..Access::default()
+            },
+            ..Given::default()
+        };
+        let args = resolve(given, File::Relay(Box::new(file.clone()))).unwrap();
+        assert_eq!(args.migration_peers, [other]);
+        assert_eq!(args.control_tcp_peers, [primary]);
+        assert_eq!(args.tls_peer.as_deref(), Some("hostc"));
+        // Without [tls]: no TLS.
+        let plain = RelaySettings { tls: None, ..file };
+        let args = resolve(Given::default(), File::Relay(Box::new(plain))).unwrap();
+        assert_eq!(
+            (args.tls_dir, args.tls_peer, args.migration_tls),
+            (None, None, false)
         );
     }
 

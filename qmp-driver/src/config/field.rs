@@ -39,6 +39,15 @@ pub enum Problem {
     /// A relative path where QEMU, libvirt or a daemon needs an absolute one.
     #[error("{0:?} is not an absolute path (QEMU and libvirt do not run in this directory)")]
     NotAbsolute(PathBuf),
+    /// A path with a comma, where QEMU's option syntax would need it doubled.
+    #[error("{0:?} has a ',': QEMU's option syntax would split it; use a path without one")]
+    Comma(PathBuf),
+    /// Not a DNS name (a host's TLS identity).
+    #[error(
+        "{0:?} is not a DNS name: labels of letters, digits and '-' separated by '.', not an IP \
+         address (the name in the host's certificates, as `qmp-driver pki --host` gave it)"
+    )]
+    NotDnsName(String),
     /// A hook that is only blanks.
     #[error("empty: remove the key, or give a shell command")]
     EmptyHook,

@@ -18,6 +18,7 @@
 //! | `network.rs` | `[network]` |
 //! | `failover.rs` | `[failover]` |
 //! | `vm.rs` | `[vm]` |
+//! | `tls.rs` | `[tls]` |
 //! | `field.rs` | the checks the sections share, and [`Problem`] |
 //!
 //! ```
@@ -52,6 +53,7 @@ mod network;
 mod relay;
 #[cfg(test)]
 mod testing;
+mod tls;
 mod vm;
 
 pub use disk::{BLOCKD_REPLICA_EXPORT, BLOCKD_SVM_EXPORT, DiskBackend, DiskConfig};
@@ -60,7 +62,8 @@ pub use field::Problem;
 pub use host::HostConfig;
 pub use migration::{DEFAULT_CHECKPOINT_DELAY_MS, MigrationConfig};
 pub use network::{NetworkBackend, NetworkConfig};
-pub use relay::{DEFAULT_ACK_TIMEOUT_MS, RelaySettings};
+pub use relay::{DEFAULT_ACK_TIMEOUT_MS, RelaySettings, RelayTls};
+pub use tls::{TLS_CREDS_ID, TlsConfig, TlsHost};
 pub use vm::{ImageFormat, VmConfig};
 
 use colo_types::Role;
@@ -140,6 +143,8 @@ pub struct PairConfig {
     pub failover: FailoverConfig,
     /// VM settings for the command-line generator (`qemu-args`).
     pub vm: Option<VmConfig>,
+    /// The hosts' TLS identities: mutual TLS on the inter-host channels.
+    pub tls: Option<TlsConfig>,
 }
 
 /// The whole file as written: the sections' raw forms.
@@ -158,6 +163,7 @@ struct RawConfig {
     #[serde(default)]
     failover: failover::RawFailover,
     vm: Option<vm::RawVm>,
+    tls: Option<tls::RawTls>,
 }
 
 impl PairConfig {
@@ -202,8 +208,24 @@ impl PairConfig {
         let network = NetworkConfig::try_from(raw.network)?;
         let failover = FailoverConfig::try_from(raw.failover)?;
         let vm = raw.vm.map(VmConfig::try_from).transpose()?;
+        let tls = raw.tls.map(TlsConfig::try_from).transpose()?;
 
-        let (migration, relay) = migration_and_relay(migration, relay)?;
+        let (migration, mut relay) = migration_and_relay(migration, relay)?;
+        match (&tls, &mut relay) {
+            (Some(_), None) => {
+                return Err(Problem::OnlyWith(
+                    "a [relay] section: the relay terminates the migration's TLS",
+                ))
+                .at("tls");
+            }
+            (Some(tls), Some(relay)) => {
+                relay.tls = Some(RelayTls {
+                    dir: tls.secondary.dir.clone(),
+                    peer: tls.primary.name.clone(),
+                });
+            }
+            (None, _) => {}
+        }
         if let Some(vm) = &vm {
             overlays_match_the_disk_backend(vm, disk.backend)?;
         }
@@ -217,6 +239,7 @@ impl PairConfig {
             network,
             failover,
             vm,
+            tls,
         })
     }
 
@@ -272,6 +295,12 @@ fn migration_and_relay(
                 control: r.control,
                 control_tcp: r.control_tcp,
                 ack_timeout_ms: r.ack_timeout_ms,
+                control_group: r.control_group,
+                operator_uids: r.operator_uids,
+                operator_gid: r.operator_gid,
+                control_tcp_peers: r.control_tcp_peers,
+                migration_peers: r.migration_peers,
+                tls: None,
             })
         }
     };

@@ -5,6 +5,7 @@ use super::field::{
 };
 use colo_types::Address;
 use serde::Deserialize;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 /// Default `relay.ack_timeout_ms` (the relay's own default).
@@ -24,6 +25,28 @@ pub struct RelaySettings {
     pub control_tcp: Option<Address>,
     /// How long a checkpoint barrier waits for a subscriber's ack, in ms.
     pub ack_timeout_ms: u64,
+    /// `control_group`: the control socket's group (mode 0660).
+    pub control_group: Option<u32>,
+    /// `operator_uids`: who may announce a failover, besides root and the relay's user.
+    pub operator_uids: Vec<u32>,
+    /// `operator_gid`: a primary group whose members may announce a failover.
+    pub operator_gid: Option<u32>,
+    /// `control_tcp_peers`: the only addresses served on `control_tcp` (none: anyone).
+    pub control_tcp_peers: Vec<IpAddr>,
+    /// `migration_peers`: the only addresses whose migration connections are accepted.
+    pub migration_peers: Vec<IpAddr>,
+    /// From `[tls]`: the secondary host's identity and the primary host's name, for the
+    /// migration listener (always) and `control_tcp` (when set).
+    pub tls: Option<RelayTls>,
+}
+
+/// The relay's side of `[tls]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayTls {
+    /// The relay host's (the secondary's) identity directory: `--tls-dir`.
+    pub dir: PathBuf,
+    /// The primary host's name, the only peer accepted: `--tls-peer`.
+    pub peer: String,
 }
 
 /// `[relay]` as written.
@@ -35,6 +58,14 @@ pub(super) struct RawRelay {
     control: Option<PathBuf>,
     control_tcp: Option<String>,
     ack_timeout_ms: Option<u64>,
+    control_group: Option<u32>,
+    #[serde(default)]
+    operator_uids: Vec<u32>,
+    operator_gid: Option<u32>,
+    #[serde(default)]
+    control_tcp_peers: Vec<IpAddr>,
+    #[serde(default)]
+    migration_peers: Vec<IpAddr>,
 }
 
 /// `[relay]`, validated on its own: `target` defaults to `migration.secondary_incoming`,
@@ -46,6 +77,11 @@ pub(super) struct RelaySection {
     pub(super) control: PathBuf,
     pub(super) control_tcp: Option<Address>,
     pub(super) ack_timeout_ms: u64,
+    pub(super) control_group: Option<u32>,
+    pub(super) operator_uids: Vec<u32>,
+    pub(super) operator_gid: Option<u32>,
+    pub(super) control_tcp_peers: Vec<IpAddr>,
+    pub(super) migration_peers: Vec<IpAddr>,
 }
 
 impl TryFrom<RawRelay> for RelaySection {
@@ -75,12 +111,26 @@ impl TryFrom<RawRelay> for RelaySection {
             "give at least 1 ms",
         )
         .at("relay.ack_timeout_ms")?;
+        if control_tcp.is_none() && !raw.control_tcp_peers.is_empty() {
+            return Err(Problem::OnlyWith("relay.control_tcp")).at("relay.control_tcp_peers");
+        }
+        if !listen.is_tcp() && !raw.migration_peers.is_empty() {
+            return Err(Problem::OnlyWith(
+                "a TCP relay.listen (a Unix socket has no peer address)",
+            ))
+            .at("relay.migration_peers");
+        }
         Ok(RelaySection {
             listen,
             target,
             control,
             control_tcp,
             ack_timeout_ms,
+            control_group: raw.control_group,
+            operator_uids: raw.operator_uids,
+            operator_gid: raw.operator_gid,
+            control_tcp_peers: raw.control_tcp_peers,
+            migration_peers: raw.migration_peers,
         })
     }
 }
@@ -170,5 +220,45 @@ mod tests {
         for (relay, key) in cases {
             assert_eq!(error_key(&relay_config(relay)), *key, "{relay}");
         }
+    }
+
+    #[test]
+    fn the_access_keys() {
+        let base = "[relay]\nlisten = \"tcp:0.0.0.0:9997\"\ncontrol = \"/r\"\n";
+        let cfg = parse(&relay_config(&format!(
+            "{base}control_tcp = \"192.168.77.2:9990\"\ncontrol_group = 990\n\
+             operator_uids = [1000, 1001]\noperator_gid = 991\n\
+             control_tcp_peers = [\"192.168.77.1\"]\nmigration_peers = [\"192.168.77.1\"]\n"
+        )))
+        .unwrap();
+        let relay = cfg.relay.unwrap();
+        let primary: IpAddr = "192.168.77.1".parse().unwrap();
+        assert_eq!(relay.control_group, Some(990));
+        assert_eq!(relay.operator_uids, [1000, 1001]);
+        assert_eq!(relay.operator_gid, Some(991));
+        assert_eq!(relay.control_tcp_peers, [primary]);
+        assert_eq!(relay.migration_peers, [primary]);
+        let relay = parse(&relay_config(base)).unwrap().relay.unwrap();
+        assert!(relay.operator_uids.is_empty() && relay.migration_peers.is_empty());
+        assert_eq!(
+            error_key(&relay_config(&format!(
+                "{base}control_tcp_peers = [\"192.168.77.1\"]\n"
+            ))),
+            "relay.control_tcp_peers"
+        );
+        let unix = "[relay]\nlisten = \"unix:/run/in.sock\"\ncontrol = \"/r\"\n";
+        assert_eq!(
+            error_key(&relay_config(&format!(
+                "{unix}migration_peers = [\"192.168.77.1\"]\n"
+            ))),
+            "relay.migration_peers"
+        );
+        let e = error_key(&relay_config(&format!(
+            "{base}operator_uids = [\"root\"]\n"
+        )));
+        assert!(
+            e.contains("operator_uids") || e.contains("invalid type"),
+            "{e}"
+        );
     }
 }
