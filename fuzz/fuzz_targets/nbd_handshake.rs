@@ -9,17 +9,23 @@
 //! * `check_length` refuses exactly the lengths over `MAX_OPTION_DATA`;
 //! * `parse_option` agrees with an independent reading of each option's data (export names:
 //!   at most 4,096 bytes of UTF-8 without NUL; `INFO`/`GO`: name, count, items, nothing after;
-//!   `LIST`/`STRUCTURED_REPLY`: no data; unknown numbers: `Unsupported`, never an error), and a
+//!   `LIST`/`STRUCTURED_REPLY`/`STARTTLS`: no data; unknown numbers: `Unsupported`, never an
+//!   error), and a
 //!   parsed `INFO`/`GO` re-encodes to the data it came from. Every option's data is also read as
 //!   each of the options colo-blockd knows, so the data parsers see every input;
-//! * the option replies the server would send have the documented layout.
+//! * the option replies the server would send have the documented layout;
+//! * the same bytes again with TLS required (a TCP socket with `--tls-dir`): until
+//!   `NBD_OPT_STARTTLS` succeeds, `before_tls` lets only `STARTTLS` and `ABORT` through, every
+//!   other option is answered `NBD_REP_ERR_TLS_REQD` (`EXPORT_NAME` closes) and export
+//!   selection is never reached; after it the haggling restarts as without TLS (the bytes
+//!   standing for what the TLS layer delivers).
 #![no_main]
 
 use colo_blockd::proto::ProtoError;
 use colo_blockd::proto::consts::{IHAVEOPT, OPTION_REPLY_MAGIC, client_flags, info, opt, rep};
 use colo_blockd::proto::handshake::{
-    ClientFlags, ClientOption, InfoRequest, MAX_OPTION_DATA, MAX_STRING, OPTION_HEADER_LEN,
-    OptionHeader, info_string, option_reply, parse_option,
+    BeforeTls, ClientFlags, ClientOption, InfoRequest, MAX_OPTION_DATA, MAX_STRING,
+    OPTION_HEADER_LEN, OptionHeader, before_tls, info_string, option_reply, parse_option,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -88,6 +94,8 @@ fn check_option(option: u32, data: &[u8]) -> Result<ClientOption, &'static str> 
         opt::LIST | opt::STRUCTURED_REPLY if !data.is_empty() => assert!(parsed.is_err()),
         opt::LIST => assert_eq!(parsed, Ok(ClientOption::List)),
         opt::STRUCTURED_REPLY => assert_eq!(parsed, Ok(ClientOption::StructuredReply)),
+        opt::STARTTLS if !data.is_empty() => assert!(parsed.is_err()),
+        opt::STARTTLS => assert_eq!(parsed, Ok(ClientOption::StartTls)),
         opt::INFO | opt::GO => match (&parsed, reference_info(data)) {
             (Ok(ClientOption::Info(req) | ClientOption::Go(req)), Some((name, items))) => {
                 assert_eq!(matches!(parsed, Ok(ClientOption::Go(_))), option == opt::GO);
@@ -122,7 +130,23 @@ fn check_reply(option: u32, reply_type: u32, data: &[u8]) {
     assert_eq!(&reply[20..], data);
 }
 
+/// Where the modelled connection stands with TLS (`TlsState` in
+/// colo-blockd/src/server/negotiate.rs, private there).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    NotOffered,
+    Required,
+    Established,
+}
+
 fuzz_target!(|input: &[u8]| {
+    handshake(input, Tls::NotOffered);
+    handshake(input, Tls::Required);
+});
+
+/// The server's handshake over `input` (the client's bytes after the greeting), starting in
+/// TLS state `tls`.
+fn handshake(input: &[u8], mut tls: Tls) {
     // Layout: exactly the client's bytes after the server's greeting.
     let Some((flags, mut rest)) = input.split_first_chunk::<4>() else {
         return;
@@ -208,10 +232,39 @@ fuzz_target!(|input: &[u8]| {
 
         // What the server does with it.
         let option = header.option;
+        if tls == Tls::Required {
+            // The gate, by the option's number alone, before its data is parsed.
+            match before_tls(option) {
+                BeforeTls::Handle => {
+                    assert!(option == opt::STARTTLS || option == opt::ABORT);
+                }
+                BeforeTls::TlsRequired => {
+                    assert!(!matches!(
+                        option,
+                        opt::STARTTLS | opt::ABORT | opt::EXPORT_NAME
+                    ));
+                    check_reply(
+                        option,
+                        rep::ERR_TLS_REQD,
+                        b"TLS required: NBD_OPT_STARTTLS first",
+                    );
+                    continue;
+                }
+                BeforeTls::Close => {
+                    assert_eq!(option, opt::EXPORT_NAME);
+                    return;
+                }
+            }
+        }
+        if tls == Tls::NotOffered && option == opt::STARTTLS {
+            check_reply(option, rep::ERR_UNSUP, b"TLS is not offered on this socket");
+            continue;
+        }
         match check_option(option, data) {
             Err(_) if option == opt::EXPORT_NAME => return,
             Err(message) => check_reply(option, rep::ERR_INVALID, message.as_bytes()),
             Ok(ClientOption::ExportName(_)) => {
+                assert!(tls != Tls::Required, "EXPORT_NAME passed the TLS gate");
                 // Transmission (or, for an unknown export, the connection closes); the rest
                 // of the stream would be requests (target `nbd_requests`).
                 return;
@@ -221,9 +274,11 @@ fuzz_target!(|input: &[u8]| {
                 return;
             }
             Ok(ClientOption::List) => {
+                assert!(tls != Tls::Required, "LIST passed the TLS gate");
                 check_reply(option, rep::ACK, &[]);
             }
             Ok(ClientOption::Info(req) | ClientOption::Go(req)) => {
+                assert!(tls != Tls::Required, "INFO/GO passed the TLS gate");
                 if find_export(&req.name) {
                     if req.wants(info::NAME) {
                         let data = info_string(info::NAME, &req.name);
@@ -240,6 +295,17 @@ fuzz_target!(|input: &[u8]| {
                 }
             }
             Ok(ClientOption::StructuredReply) => check_reply(option, rep::ACK, &[]),
+            Ok(ClientOption::StartTls) => match tls {
+                Tls::Required => {
+                    check_reply(option, rep::ACK, &[]);
+                    // The TLS handshake, then the haggling from scratch inside TLS.
+                    tls = Tls::Established;
+                }
+                Tls::Established => {
+                    check_reply(option, rep::ERR_INVALID, b"TLS is already started")
+                }
+                Tls::NotOffered => unreachable!("answered ERR_UNSUP above"),
+            },
             Ok(ClientOption::Unsupported(number)) => {
                 assert_eq!(number, option);
                 check_reply(option, rep::ERR_UNSUP, b"option not supported");
@@ -247,4 +313,4 @@ fuzz_target!(|input: &[u8]| {
         }
     }
     // More than MAX_OPTIONS options: the server gives up on the client.
-});
+}
