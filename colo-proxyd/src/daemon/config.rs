@@ -455,6 +455,18 @@ impl TryFrom<PrimaryArgs> for PrimaryConfig {
 }
 
 impl PrimaryConfig {
+    /// How to follow the relay. The relay runs on the secondary host, the link's peer: over
+    /// TCP (`--control tcp:...`) with `--tls-dir`, the connection is mutual TLS and only the
+    /// `--tls-peer` host's certificate is accepted (the relay's `--tls-dir`/`--tls-peer`
+    /// require it). A Unix control socket is local and stays as it is.
+    pub fn relay_options(&self) -> colo_control::follow::FollowOptions {
+        let mut opts = colo_control::follow::FollowOptions::new(self.control.clone(), &self.name);
+        if self.control.is_tcp() {
+            opts.tls = self.link_tls.as_ref().map(|t| t.connector.clone());
+        }
+        opts
+    }
+
     /// Validates the merged options.
     fn validate(a: PrimaryArgs, layers: &OptionLayers) -> Result<PrimaryConfig, OptionError> {
         let bypass = a
@@ -1031,6 +1043,33 @@ mod tests {
                 env: "COLO_PROXYD_NET_OUTPUT_LISTEN".into()
             }
         );
+    }
+
+    /// The primary follows a relay on TCP over mutual TLS with its link's identity and peer
+    /// (the relay runs on the secondary host); a Unix control socket, or no --tls-dir, stays
+    /// as it was.
+    #[test]
+    fn the_primary_follows_a_tcp_relay_over_tls_with_the_links_identity() {
+        use colo_tls::pki::{Validity, create_pair};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        create_pair(&pki, &["hosta".into(), "hostb".into()], Validity::days(1)).unwrap();
+        let tcp: Address = "tcp:192.168.77.2:9990".parse().unwrap();
+        let with = |control: &Address, tls: bool| {
+            let mut a = primary_args();
+            a.control = Some(control.clone());
+            if tls {
+                a.tls_dir = Some(pki.join("hosta"));
+                a.tls_peer = Some("hostb".into());
+            }
+            PrimaryConfig::try_from(a).unwrap().relay_options()
+        };
+        let opts = with(&tcp, true);
+        assert_eq!(opts.control, tcp);
+        assert_eq!(opts.tls.map(|c| c.peer()).as_deref(), Some("hostb"));
+        assert!(with(&tcp, false).tls.is_none());
+        let unix: Address = "/run/colo/relay.sock".parse().unwrap();
+        assert!(with(&unix, true).tls.is_none());
     }
 
     #[test]

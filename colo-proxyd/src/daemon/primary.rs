@@ -34,7 +34,7 @@ use super::attachment::{
 use super::checkpoint::{RELAY_PREFIX, reason_label};
 use super::colo_state::{self, QemuColo};
 use super::config::PrimaryConfig;
-use super::epochs::{self, Completion, EpochNotice, RelayOptions};
+use super::epochs::{self, Completion, EpochNotice};
 use super::gate::{GateOutput, Protection, ReleaseGate, SvmFrameFate};
 use super::link::LinkMessage;
 use super::metrics::Metrics;
@@ -160,10 +160,11 @@ pub async fn run(
             tasks.clone(),
         ));
     }
-    let relay = epochs::spawn(
-        RelayOptions::new(config.control.clone(), &config.name),
-        tasks.clone(),
-    );
+    let relay_options = config.relay_options();
+    if let Some(tls) = &relay_options.tls {
+        tracing::info!(control = %config.control, relay = %tls.peer(), "following the relay over mutual TLS");
+    }
+    let relay = epochs::spawn(relay_options, tasks.clone());
     tracing::info!(
         pvm_output = %config.pvm_output,
         mirror = %config.mirror,
