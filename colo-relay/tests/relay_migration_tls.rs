@@ -1,11 +1,16 @@
 //! Migration TLS terminated by the relay (`--migration-tls`), with real QEMUs (the qemu
 //! tier: the patched QEMU of `integration/setup.sh`, see `colo_testkit::qemu::qemu_binary`;
-//! fails, never skips, without it).
+//! fails, never skips, without it). QEMU needs GnuTLS for `tls-creds-x509` ("TLS credentials
+//! support requires GNUTLS" otherwise): `integration/build-qemu.sh` must configure with
+//! `--enable-gnutls`; until then `COLO_QEMU=/usr/bin/qemu-system-x86_64` (Debian's 10.0.2,
+//! which has it; these tests use no COLO patch) runs them. The other tests here need no QEMU.
 //!
 //! The primary QEMU migrates with `tls-creds` (a `tls-creds-x509` object, `endpoint=client`,
 //! on the primary host's identity directory) and `tls-hostname` (the secondary host's name)
 //! over a `unix:` URI to the relay, which is the TLS server and forwards the decrypted stream
 //! to the secondary QEMU's plaintext incoming socket.
+
+mod common;
 
 use colo_control::client::query_status;
 use colo_relay::{ControlTls, RelayConfig};
@@ -422,4 +427,99 @@ async fn only_the_primary_hosts_certificate_reaches_the_secondary() {
     assert_eq!(st.refused_migration_channels, 3);
     drop((primary, sec));
     relay.stop().await;
+}
+
+/// A COLO session over TLS (fake QEMUs, rustls client): the relay parses the decrypted
+/// return path, runs every barrier with its sync subscriber, and each COLO message reaches the
+/// primary through the TLS session on its own, with no later write to push it out (the
+/// primary would otherwise wait for it forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_run_their_barriers_over_a_tls_session() {
+    use colo_control::client::Subscriber;
+    use colo_control::protocol::EventKind;
+    use colo_relay::{ColoMessage, QEVM_MAGIC};
+    use colo_tls::{DEFAULT_HANDSHAKE_TIMEOUT, HostIdentity, PeerConnector};
+    use common::{CHECKPOINT, End, Rd, Wr, acker, encode, within};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{UnixListener, UnixStream};
+
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["hosta".to_string(), "hostb".to_string()];
+    let pair = create_pair(&dir.path().join("pki"), &names, Validity::days(30)).unwrap();
+    let incoming = dir.path().join("secondary-incoming.sock");
+    let secondary = UnixListener::bind(&incoming).unwrap();
+    let relay = relay(
+        dir.path(),
+        "relay",
+        &incoming,
+        Some(ControlTls {
+            dir: pair.host_dirs[1].clone(),
+            peer: "hosta".into(),
+        }),
+    )
+    .await;
+    let sub = Subscriber::connect(Address::unix(&relay.control), "colo-blockd", true)
+        .await
+        .unwrap();
+    let events = acker(sub, Duration::ZERO);
+
+    let hosta = HostIdentity::load(&pair.host_dirs[0]).unwrap();
+    let tls = PeerConnector::new(&hosta, "hostb", DEFAULT_HANDSHAKE_TIMEOUT).unwrap();
+    let io = UnixStream::connect(dir.path().join("relay-in.sock"))
+        .await
+        .unwrap();
+    let (stream, _) = tls.connect(io).await.unwrap();
+    let (rd, wr) = tokio::io::split(stream);
+    let mut primary = End::new((Box::new(rd) as Rd, Box::new(wr) as Wr));
+    primary.send(&QEVM_MAGIC.to_be_bytes()).await;
+    within(primary.wr.flush()).await.unwrap();
+    let (sec, _) = within(secondary.accept()).await.unwrap();
+    let (r, w) = sec.into_split();
+    let mut secondary = End::new((Box::new(r) as Rd, Box::new(w) as Wr));
+    assert_eq!(secondary.recv_exact(4).await, QEVM_MAGIC.to_be_bytes());
+
+    secondary.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    let ready = encode(&[ColoMessage::CheckpointReady]);
+    assert_eq!(primary.recv_exact(ready.len()).await, ready);
+    const CHECKPOINTS: usize = 5;
+    for round in 0..CHECKPOINTS {
+        // The primary's side: a request and some RAM, forwarded raw.
+        let ram = common::pseudo_random(100_000, round as u64 + 1);
+        primary.send_msgs(&[ColoMessage::CheckpointRequest]).await;
+        primary.send(&ram).await;
+        within(primary.wr.flush()).await.unwrap();
+        let request = encode(&[ColoMessage::CheckpointRequest]);
+        assert_eq!(secondary.recv_exact(request.len()).await, request);
+        assert_eq!(secondary.recv_exact(ram.len()).await, ram);
+        // The secondary's answers, one at a time: each must arrive on its own.
+        for msg in CHECKPOINT {
+            secondary.send_msgs(&[msg]).await;
+            let wire = encode(&[msg]);
+            assert_eq!(primary.recv_exact(wire.len()).await, wire, "{msg}");
+        }
+    }
+    let st = query_status(&Address::unix(&relay.control)).await.unwrap();
+    assert_eq!(st.checkpoints, CHECKPOINTS as u64);
+    assert_eq!(st.barrier_timeouts, 0);
+    drop((primary, secondary));
+    relay.stop().await;
+    let seen: Vec<EventKind> = within(events)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    let barriers = |kind| seen.iter().filter(|k| **k == kind).count();
+    assert_eq!(barriers(EventKind::ColoStarted), 1, "{seen:?}");
+    assert_eq!(barriers(EventKind::SvmEpochClosed), CHECKPOINTS, "{seen:?}");
+    assert_eq!(
+        barriers(EventKind::CheckpointAdopted),
+        CHECKPOINTS,
+        "{seen:?}"
+    );
+    assert_eq!(
+        barriers(EventKind::CheckpointComplete),
+        CHECKPOINTS,
+        "{seen:?}"
+    );
 }
