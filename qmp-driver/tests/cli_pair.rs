@@ -842,6 +842,72 @@ async fn relay_takes_its_settings_from_the_config_and_stops_on_sigterm() {
     assert!(stderr(&out).contains("[relay]"), "{}", stderr(&out));
 }
 
+/// `qmp-driver --config FILE relay` with `[tls]`: the relay loads the secondary host's
+/// identity and terminates migration TLS, so a plaintext migration connection is refused and
+/// counted; the primary host's certificate gets through the handshake.
+#[tokio::test]
+async fn with_tls_in_the_config_the_relay_refuses_a_plaintext_migration() {
+    use colo_tls::pki::{Validity, create_pair};
+    use colo_tls::{DEFAULT_HANDSHAKE_TIMEOUT, HostIdentity, PeerConnector};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bed = Bed::new();
+    let pki = bed.path("pki");
+    let pair = create_pair(
+        &pki,
+        &["hosta".to_string(), "hostb".to_string()],
+        Validity::days(1),
+    )
+    .unwrap();
+    let control = bed.path("relay.sock");
+    let listen = bed.path("relay-in.sock");
+    bed.config(&format!(
+        "primary_target = \"unix:{l}\"\n[relay]\nlisten = \"unix:{l}\"\ncontrol = \"{c}\"\n\
+         [tls]\nprimary_dir = \"{a}\"\nprimary_name = \"hosta\"\n\
+         secondary_dir = \"{b}\"\nsecondary_name = \"hostb\"\n",
+        l = listen.display(),
+        c = control.display(),
+        a = pair.host_dirs[0].display(),
+        b = pair.host_dirs[1].display(),
+    ));
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_qmp-driver"))
+        .arg("--config")
+        .arg(bed.path("pair.toml"))
+        .arg("relay")
+        .env_remove("COLO_CONFIG")
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while colo_control::client::query_status(&control).await.is_err() {
+        assert!(Instant::now() < deadline, "the relay did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut plain = tokio::net::UnixStream::connect(&listen).await.unwrap();
+    plain.write_all(b"QEVM").await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut buf))
+        .await
+        .expect("the relay closes a plaintext connection");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = colo_control::client::query_status(&control).await.unwrap();
+        if st.refused_migration_channels == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not refused: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The primary host's identity is accepted (the session then waits for its magic).
+    let hosta = HostIdentity::load(&pair.host_dirs[0]).unwrap();
+    let tls = PeerConnector::new(&hosta, "hostb", DEFAULT_HANDSHAKE_TIMEOUT).unwrap();
+    let io = tokio::net::UnixStream::connect(&listen).await.unwrap();
+    let (_session, peer) = tls.connect(io).await.expect("handshake with the relay");
+    assert_eq!(peer, "hostb");
+    relay.start_kill().unwrap();
+    let _ = relay.wait().await;
+}
+
 /// A primary in COLO until `x-colo-lost-heartbeat`; `status` answers `query-status` while in
 /// COLO (the count of earlier answers is given).
 fn primary_in_colo(mut status: impl FnMut(usize) -> Answer + Send + 'static) -> Script {
