@@ -184,10 +184,21 @@ impl NbdListeners {
             Some(path) => {
                 // A stale socket from a crashed run is replaced; a live one, or
                 // any other file, is an error (never deleted).
-                let listener = colo_daemon::socket::bind_unix(path)
+                colo_daemon::socket::remove_stale_socket(path)
                     .await
                     .with_context(|| format!("cannot listen on {}", path.display()))?;
-                tracing::info!(socket = %path.display(), "serving NBD");
+                // Owner-only (0600) from the first instant: the Unix socket serves without
+                // TLS, so its permissions are what keeps others out (docs/security.md).
+                let bound = colo_control::bind_private_unix(path, None)
+                    .with_context(|| format!("cannot listen on {}", path.display()))?;
+                let listener = match bound.0 {
+                    colo_control::ControlListener::UnixAt { listener, .. }
+                    | colo_control::ControlListener::Unix(listener) => listener,
+                    colo_control::ControlListener::Tcp(_) => {
+                        anyhow::bail!("{}: bound a TCP socket for a path", path.display())
+                    }
+                };
+                tracing::info!(socket = %path.display(), mode = "0600", "serving NBD");
                 Some(listener)
             }
             None => None,

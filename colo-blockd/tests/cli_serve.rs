@@ -37,6 +37,10 @@ fn serve_exports_a_file_until_sigterm() {
         assert!(started.elapsed() < Duration::from_secs(60), "no socket");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The Unix socket serves without TLS: only its owner may connect.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
     let uri = format!("nbd+unix:///disk?socket={}", sock.display());
     let out = run_ok(
         "qemu-io",
