@@ -264,7 +264,9 @@ pub struct RelayArgs {
     /// `refused_migration_channels`. The primary migrates with
     /// `tls-creds` (a `tls-creds-x509` object, `endpoint=client`, on its
     /// identity directory) and `tls-hostname` = this host's name.
-    #[arg(long, env = "COLO_RELAY_MIGRATION_TLS", requires = "tls_dir")]
+    // Not clap's `requires`: `qmp-driver relay` may take --tls-dir from the pair config
+    // after clap has parsed; `RelayConfig::try_from` checks the pair.
+    #[arg(long, env = "COLO_RELAY_MIGRATION_TLS")]
     pub migration_tls: bool,
 }
 
@@ -673,7 +675,7 @@ mod tests {
         let cfg = RelayConfig::try_from(a).unwrap();
         assert_eq!(cfg.control_tls, cfg.migration_tls);
         assert!(cfg.control_tls.is_some());
-        let e = Cli::try_parse_from([
+        let cli = Cli::try_parse_from([
             "relay",
             "--listen",
             "unix:/a",
@@ -683,9 +685,10 @@ mod tests {
             "/c",
             "--migration-tls",
         ])
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("--tls-dir"), "{e}");
+        .unwrap();
+        assert!(cli.relay.migration_tls);
+        let e = RelayConfig::try_from(cli.relay).unwrap_err().to_string();
+        assert!(e.contains("--migration-tls needs --tls-dir"), "{e}");
         let mut a = args("unix:/a", "unix:/b", "/c", 5);
         a.control_tcp_peers = vec!["192.168.77.1".parse().unwrap()];
         let e = RelayConfig::try_from(a).unwrap_err();
