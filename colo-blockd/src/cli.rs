@@ -109,8 +109,8 @@ pub struct SecondaryArgs {
     #[arg(long, value_name = "S.raw", env = "COLO_BLOCKD_IMAGE")]
     pub image: Option<PathBuf>,
     /// Listen on this Unix socket path, e.g. for the SVM's QEMU (a stale socket there is
-    /// replaced; a live one or another file is an error). --unix, --tcp or both: both serve
-    /// the same exports.
+    /// replaced; a live one or another file is an error). Mode 0600: only this user (and
+    /// root) may connect; no TLS on it. --unix, --tcp or both: both serve the same exports.
     #[arg(long, value_name = "PATH", env = "COLO_BLOCKD_UNIX")]
     pub unix: Option<PathBuf>,
     /// Listen on this TCP address, e.g. 0.0.0.0:10809 (the primary's quorum child connects
@@ -209,7 +209,8 @@ pub struct ServeArgs {
     )]
     pub read_only: Option<bool>,
     /// Listen on this Unix socket path (a stale socket there is replaced; a live one or another
-    /// file is an error). --unix, --tcp or both: both serve the same exports.
+    /// file is an error). Mode 0600: only this user (and root) may connect; no TLS on it.
+    /// --unix, --tcp or both: both serve the same exports.
     #[arg(long, value_name = "PATH", env = "COLO_BLOCKD_UNIX")]
     pub unix: Option<PathBuf>,
     /// Listen on this TCP address, e.g. 0.0.0.0:10809. --unix, --tcp or both: both serve the
