@@ -243,15 +243,19 @@ pub struct RelayArgs {
     )]
     pub migration_peers: Vec<IpAddr>,
 
-    /// Require mutual TLS on `--control-tcp`: this host's identity directory
-    /// (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
+    /// Require mutual TLS on `--control-tcp` (and, with `--migration-tls`, on
+    /// `--listen`): this host's identity directory (`ca-cert.pem`,
+    /// `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
     /// `client-key.pem`; `qmp-driver pki`). A client must present a
     /// certificate of the pair's CA for `--tls-peer`, or it is closed before a
-    /// byte of the protocol is read. Needs `--tls-peer` and `--control-tcp`.
+    /// byte of the protocol is read. Needs `--tls-peer`, and `--control-tcp`
+    /// or `--migration-tls`.
     #[arg(long, env = "COLO_RELAY_TLS_DIR", value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
 
-    /// With `--tls-dir`: the other host's name, as its certificate carries it.
+    /// With `--tls-dir`: the other host's name, as its certificate carries it
+    /// (the primary host: both the control clients and the migration come
+    /// from it).
     #[arg(long, env = "COLO_RELAY_TLS_PEER", value_name = "HOST")]
     pub tls_peer: Option<String>,
 
