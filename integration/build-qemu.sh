@@ -61,7 +61,8 @@ qemu_bin="$prefix/bin/qemu-system-x86_64"
 # netdev, virtio-net/blk-pci, -kernel/-initrd, QMP with OOB, unix-socket
 # migration, the "log" trace backend (-trace colo_*).
 # Left off: tools (Debian's qemu-utils 10.0.2 provides qemu-img/-io/-nbd),
-# docs, UIs (gtk/sdl/vnc/spice/curses), TLS/crypto libraries, compression
+# docs, UIs (gtk/sdl/vnc/spice/curses), crypto libraries other than GnuTLS
+# (--enable-gnutls: tls-creds-x509 for migration and NBD TLS), compression
 # libraries, linux-aio/io_uring, seccomp, modules (one self-contained binary),
 # debug info (the binary is stripped anyway; faster compile). The device set
 # is QEMU's default for x86_64 (pc and q35 machines and their usual devices).
@@ -95,6 +96,7 @@ configure_flags=(
     --enable-pixman
     --enable-fdt=system
     --enable-slirp
+    --enable-gnutls
 )
 
 log_msg() { printf 'build-qemu: %s\n' "$*" >&2; }

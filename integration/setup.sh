@@ -25,7 +25,8 @@ BACKPORTS_MIN_VERSION='1:10.0.2~'
 #   guest and network namespaces: busybox-static cpio xz-utils iproute2
 #   QEMU build: gcc libc6-dev make patch pkg-config ninja-build flex bison
 #     python3-venv libglib2.0-dev zlib1g-dev libpixman-1-dev libfdt-dev
-#     libslirp-dev, curl ca-certificates (tarball download, PyPI)
+#     libslirp-dev libgnutls28-dev (TLS for migration and NBD: docs/security.md),
+#     curl ca-certificates (tarball download, PyPI)
 #   tests: libnbd-bin (nbdinfo), g++ (libFuzzer, built by the fuzz targets)
 #   HA cluster on the bed: corosync corosync-qnetd corosync-qdevice (runtime),
 #     libcpg-dev libvotequorum-dev libquorum-dev libcmap-dev libcfg-dev (the crate
@@ -33,7 +34,7 @@ BACKPORTS_MIN_VERSION='1:10.0.2~'
 BOOKWORM_PACKAGES=(
     busybox-static cpio xz-utils iproute2
     gcc libc6-dev make patch pkg-config ninja-build flex bison python3-venv
-    libglib2.0-dev zlib1g-dev libpixman-1-dev libfdt-dev libslirp-dev
+    libglib2.0-dev zlib1g-dev libpixman-1-dev libfdt-dev libslirp-dev libgnutls28-dev
     curl ca-certificates
     libnbd-bin g++
     corosync corosync-qnetd corosync-qdevice

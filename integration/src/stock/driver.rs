@@ -128,6 +128,17 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
             unix(super::proxyd::secondary_qmp_path(dir))
         ),
     };
+    let tls = if cfg.tls {
+        let host_dir = |name: &str| pki_dir(dir).join(name).display().to_string();
+        format!(
+            "[tls]\nprimary_dir = {pdir:?}\nprimary_name = {PRIMARY_TLS_NAME:?}\n\
+             secondary_dir = {sdir:?}\nsecondary_name = {SECONDARY_TLS_NAME:?}\n\n",
+            pdir = host_dir(PRIMARY_TLS_NAME),
+            sdir = host_dir(SECONDARY_TLS_NAME),
+        )
+    } else {
+        String::new()
+    };
     format!(
         "# Written by the colo test bed for one run.\n\
          name = \"testbed\"\n\n\
@@ -136,6 +147,7 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
          [migration]\nsecondary_incoming = {incoming:?}\nprimary_target = {target:?}\n\
          checkpoint_delay_ms = {delay}\n\n\
          {relay}\
+         {tls}\
          {disk}\
          {network}\
          [failover]\nsecondary_takeover_hook = {hook:?}\n\n\
@@ -157,8 +169,40 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
     )
 }
 
-/// Writes `pair.toml` and loads it back the way `qmp-driver --config` does.
+/// The names of the bed's hosts in their TLS certificates.
+pub const PRIMARY_TLS_NAME: &str = "colo-primary";
+/// See [`PRIMARY_TLS_NAME`].
+pub const SECONDARY_TLS_NAME: &str = "colo-secondary";
+
+/// Where the run keeps the pair's CA and host identities (with [`PairConfig::tls`]).
+pub fn pki_dir(dir: &Path) -> PathBuf {
+    dir.join("pki")
+}
+
+/// Makes the pair's keys as an operator does: `qmp-driver pki create`.
+fn create_pki(dir: &Path) -> Result<()> {
+    let out = std::process::Command::new(qmp_driver_binary()?)
+        .args(["pki", "create", "--out"])
+        .arg(pki_dir(dir))
+        .args(["--host", PRIMARY_TLS_NAME, "--host", SECONDARY_TLS_NAME])
+        .output()
+        .context("running qmp-driver pki create")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "qmp-driver pki create failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Writes `pair.toml` (and with TLS, first the pair's keys) and loads it back the way
+/// `qmp-driver --config` does.
 pub fn write_config(dir: &Path, topology: &Topology, cfg: &PairConfig) -> Result<DriverConfig> {
+    if cfg.tls && !pki_dir(dir).exists() {
+        create_pki(dir)?;
+    }
     let path = config_path(dir);
     std::fs::write(&path, config_toml(dir, topology, cfg))
         .with_context(|| format!("writing {}", path.display()))?;

@@ -81,6 +81,9 @@ pub struct PairConfig {
     /// Add the witness namespace (the corosync quorum device's host) to the topology, for the
     /// HA agents' cluster ([`crate::ha`]).
     pub witness: bool,
+    /// Mutual TLS between the hosts: the run makes the pair's keys with `qmp-driver pki
+    /// create` and gives `pair.toml` a `[tls]` section (`docs/security.md`).
+    pub tls: bool,
 }
 
 impl Default for PairConfig {
@@ -96,6 +99,7 @@ impl Default for PairConfig {
             network: NetworkBackend::ColoCompare,
             secondary_fs_mib: None,
             witness: false,
+            tls: false,
         }
     }
 }
