@@ -193,9 +193,14 @@ fn spawn_secondary(
                 UnixListener::from_std(direct)?,
                 UnixListener::from_std(relayed)?,
             );
-            let (a, _) = direct.accept().await?;
-            let (b, _) = relayed.accept().await?;
-            let (a, b) = tokio::join!(secondary_channel(a, ram), secondary_channel(b, ram));
+            // Each channel is accepted and served on its own: the relay connects to its
+            // secondary only once the primary's magic has arrived, so waiting for both
+            // connections before serving either would deadlock the direct channel.
+            let serve = |listener: UnixListener| async move {
+                let (stream, _) = listener.accept().await?;
+                secondary_channel(stream, ram).await
+            };
+            let (a, b) = tokio::join!(serve(direct), serve(relayed));
             a.and(b)
         })
     })
