@@ -19,6 +19,9 @@ use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MRG_
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
 
 use crate::gate::LogGate;
 
@@ -244,6 +247,14 @@ impl<P: Port> VhostUserBackend for NetBackend<P> {
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
+
+    /// The worker's exit event: without one, the crate's worker thread never leaves its epoll
+    /// loop and dropping the daemon (which joins it) hangs after QEMU hung up.
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+            .inspect_err(|e| tracing::error!(error = %e, "creating the worker's exit event"))
+            .ok()
+    }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Memory>) -> io::Result<()> {
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
