@@ -240,8 +240,8 @@ impl<P: Port> VhostUserBackend for NetBackend<P> {
         self.acked.store(features, Ordering::Release);
     }
 
-    /// `LOG_SHMFD` only: no `RARP` (the crate does not handle `SEND_RARP`), no `REPLY_ACK`,
-    /// no `MQ`, no `CONFIG` (QEMU keeps the config space).
+    /// `LOG_SHMFD` (and `REPLY_ACK`, which `vhost` always adds): no `RARP` (the crate does not
+    /// handle `SEND_RARP`), no `MQ`, no `CONFIG` (QEMU keeps the config space).
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::LOG_SHMFD
     }
