@@ -17,20 +17,27 @@
 //! next checkpoint.
 
 mod datagram;
+mod equivalence;
 mod prefetch;
 mod released;
 mod sequence;
 mod stream_bytes;
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
 
 use crate::packet::TcpSegment;
 pub use datagram::{DEFAULT_REORDER_WINDOW, DatagramComparator};
+use equivalence::Equivalence;
+pub use equivalence::{
+    EquivalentRelease, IMF_FIXDATE_LEN, MAX_VALUE_LEN, MIN_PREFIX_LEN, Pattern, ValueByte,
+    imf_fixdate,
+};
 use released::ReleasedRanges;
 use sequence::{SequenceMap, seq_at_or_after};
-use stream_bytes::{Data, StreamBytes};
+use stream_bytes::{Data, Exact, Side, StreamBytes, Tolerance};
 
 /// How many segments' worth of the other side's kept bytes are asked into the caches (this
 /// one's and the next's): see [`prefetch`]. Further ahead measured no faster.
@@ -252,6 +259,8 @@ pub struct StreamComparator {
     stalled: bool,
     /// A PVM FIN or RST was released: the VM closed its side of the connection.
     closed: bool,
+    /// The declared equivalences that apply to this connection (boxed: most have none).
+    equivalence: Option<Box<Equivalence>>,
 }
 
 impl StreamComparator {
@@ -272,6 +281,28 @@ impl StreamComparator {
             pvm_ack: None,
             stalled: false,
             closed: false,
+            equivalence: None,
+        }
+    }
+
+    /// A comparator for a connection not seen before, on which the bytes of each pattern's
+    /// value may differ between the VMs (see [`Pattern`]); the `usize` is the rule's id in
+    /// what [`Self::drain_equivalent`] reports. No patterns: the same as [`Self::new`].
+    pub fn with_equivalence(
+        limits: ComparatorLimits,
+        patterns: Arc<[(usize, Arc<Pattern>)]>,
+    ) -> Self {
+        let mut comparator = StreamComparator::new(limits);
+        if !patterns.is_empty() {
+            comparator.equivalence = Some(Box::new(Equivalence::new(patterns)));
+        }
+        comparator
+    }
+
+    /// Appends to `out` what was released under each equivalence rule since the last call.
+    pub fn drain_equivalent(&mut self, out: &mut Vec<EquivalentRelease>) {
+        if let Some(equivalence) = &mut self.equivalence {
+            equivalence.drain(out);
         }
     }
 
@@ -407,6 +438,12 @@ impl StreamComparator {
             self.stall(CheckpointReason::SynDiffers, actions);
             return;
         }
+        if let Some(equivalence) = &mut self.equivalence
+            && let Err(offset) = equivalence.scan_pvm(data_start, segment.payload)
+        {
+            self.stall(CheckpointReason::PayloadDiffers { offset }, actions);
+            return;
+        }
         let payload = share(frame, segment.payload);
         if let Err(reason) = self.store(data_start, data_end, Data::Shared(payload)) {
             self.stall(reason, actions);
@@ -456,12 +493,20 @@ impl StreamComparator {
         }
         let skip = (floor - data_start).max(0);
         let start = data_start + skip;
+        let tolerance: &mut dyn Tolerance = match &mut self.equivalence {
+            Some(equivalence) => equivalence.as_mut(),
+            None => &mut Exact,
+        };
         let stored = match payload {
             Data::Shared(mut bytes) => {
                 bytes.advance(skip as usize);
-                self.bytes.insert_pvm(start, bytes)
+                self.bytes
+                    .insert(Side::Pvm, start, Data::Shared(bytes), tolerance)
             }
-            Data::Borrowed(data) => self.bytes.insert_svm(start, &data[skip as usize..]),
+            Data::Borrowed(data) => {
+                let data = Data::Borrowed(&data[skip as usize..]);
+                self.bytes.insert(Side::Svm, start, data, tolerance)
+            }
         };
         stored.map_err(|offset| CheckpointReason::PayloadDiffers { offset })
     }
@@ -535,7 +580,9 @@ impl StreamComparator {
             _ => None,
         };
         let pvm_ack = self.pvm_ack;
+        let equivalence = self.equivalence.as_ref().map(|e| Box::new(e.restarted()));
         *self = StreamComparator::new(self.limits);
+        self.equivalence = equivalence;
         if let Some(anchor) = anchor {
             self.start_shared(anchor);
             // The SVM is a copy of the PVM now, so it holds every byte the PVM acknowledged.
@@ -620,11 +667,17 @@ impl StreamComparator {
                 break;
             };
             self.held_bytes -= segment.len;
+            if let Some(equivalence) = &mut self.equivalence {
+                equivalence.released(segment.data_start(), segment.data_end());
+            }
             self.released.insert(segment.start, segment.end());
             self.closed |= segment.fin || segment.rst;
             actions.push(Action::Release(segment.id));
         }
         self.bytes.forget_below(self.released.floor());
+        if let Some(equivalence) = &mut self.equivalence {
+            equivalence.forget_below(self.released.floor());
+        }
         let buffered = self.buffered_bytes();
         if buffered > self.allowance {
             self.stall(CheckpointReason::MemoryBound { bytes: buffered }, actions);
@@ -644,7 +697,12 @@ impl StreamComparator {
                 return Verdict::Diverged(CheckpointReason::FinDiffers);
             }
             // The bytes were compared as they arrived; a difference stalled the connection.
-            if !self.bytes.verified(data_start, data_end) {
+            if !self.bytes.verified(data_start, data_end)
+                || self
+                    .equivalence
+                    .as_ref()
+                    .is_some_and(|e| e.holds_back(data_start, data_end, floor, &self.bytes))
+            {
                 waiting = true;
             }
         }

@@ -28,6 +28,23 @@ enum Tag {
     Svm,
 }
 
+/// Decides whether two bytes that differ at one offset may pass as equal (declared
+/// equivalence, [`super::equivalence`]); by default none may.
+pub(super) trait Tolerance {
+    /// `kept` (the first-comer's byte) and `given` differ at `offset`: whether that is
+    /// tolerated.
+    fn tolerates(&mut self, offset: i64, kept: u8, given: u8) -> bool;
+}
+
+/// Every difference is one.
+pub(super) struct Exact;
+
+impl Tolerance for Exact {
+    fn tolerates(&mut self, _offset: i64, _kept: u8, _given: u8) -> bool {
+        false
+    }
+}
+
 /// The side a segment came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Side {
@@ -222,14 +239,16 @@ impl StreamBytes {
 
     /// The PVM produced `data` at offset `start`: see [`Self::insert`]. What is kept of it is
     /// `data` itself or a slice of it, never a copy.
+    #[cfg(test)]
     pub(super) fn insert_pvm(&mut self, start: i64, data: Bytes) -> Result<(), i64> {
-        self.insert(Side::Pvm, start, Data::Shared(data))
+        self.insert(Side::Pvm, start, Data::Shared(data), &mut Exact)
     }
 
     /// The SVM produced `data` at offset `start`: see [`Self::insert`]. Only bytes the PVM has
     /// not produced yet are copied.
+    #[cfg(test)]
     pub(super) fn insert_svm(&mut self, start: i64, data: &[u8]) -> Result<(), i64> {
-        self.insert(Side::Svm, start, Data::Borrowed(data))
+        self.insert(Side::Svm, start, Data::Borrowed(data), &mut Exact)
     }
 
     /// `side` produced `data` at offset `start` (bytes below the base are ignored). Bytes
@@ -237,9 +256,17 @@ impl StreamBytes {
     /// copy); bytes the other side produced are compared with them and become verified; the
     /// PVM's bytes are also compared with its own earlier copy (a VM that sends different
     /// bytes at one offset is not deterministic either). The SVM's repeated bytes are not
-    /// compared: its first copy is the one that counts. Returns the first differing offset;
-    /// after a difference the contents are unspecified and the caller must [`Self::clear`].
-    fn insert(&mut self, side: Side, start: i64, data: Data<'_>) -> Result<(), i64> {
+    /// compared: its first copy is the one that counts. A difference `tolerance` accepts
+    /// counts as equal (the first-comer's byte stays kept). Returns the first differing
+    /// offset not tolerated; after it the contents are unspecified and the caller must
+    /// [`Self::clear`].
+    pub(super) fn insert(
+        &mut self,
+        side: Side,
+        start: i64,
+        data: Data<'_>,
+        tolerance: &mut dyn Tolerance,
+    ) -> Result<(), i64> {
         let shared = match &data {
             Data::Shared(bytes) => Some(bytes),
             Data::Borrowed(_) => None,
@@ -260,7 +287,8 @@ impl StreamBytes {
         let old_end = self.end;
         if start < old_end {
             let within = end.min(old_end);
-            self.merge_within(side, start, &view[..(within - start) as usize], shared)?;
+            let within = &view[..(within - start) as usize];
+            self.merge_within(side, start, within, shared, tolerance)?;
         }
         if end > old_end {
             let from = start.max(old_end);
@@ -303,6 +331,7 @@ impl StreamBytes {
         start: i64,
         data: &[u8],
         shared: Option<&Bytes>,
+        tolerance: &mut dyn Tolerance,
     ) -> Result<(), i64> {
         let end = start + data.len() as i64;
         // In-order traffic: one side leads, and the other's bytes land at the start of the
@@ -313,7 +342,7 @@ impl StreamBytes {
             && end <= first.end
             && first.tag == side.other().tag()
         {
-            self.compare(start, data)?;
+            self.compare(start, data, tolerance)?;
             if end == first.end {
                 self.regions.remove(0);
             } else {
@@ -335,7 +364,7 @@ impl StreamBytes {
             next += 1;
             // Verified bytes before the region: only the PVM's are checked again.
             if region.start > cursor {
-                result = self.recheck(side, cursor, region.start, start, data);
+                result = self.recheck(side, cursor, region.start, start, data, tolerance);
                 if result.is_err() {
                     break;
                 }
@@ -359,12 +388,12 @@ impl StreamBytes {
                 }
                 (Tag::Svm, Side::Svm) => Tag::Svm,
                 (Tag::Pvm, Side::Pvm) => {
-                    result = self.compare(from, piece);
+                    result = self.compare(from, piece, tolerance);
                     Tag::Pvm
                 }
                 // The other side's bytes: compared once, verified from now on.
                 (Tag::Pvm, Side::Svm) | (Tag::Svm, Side::Pvm) => {
-                    result = self.compare(from, piece);
+                    result = self.compare(from, piece, tolerance);
                     push_region(
                         &mut rebuilt,
                         Region {
@@ -402,7 +431,7 @@ impl StreamBytes {
             cursor = to;
         }
         if result.is_ok() && cursor < end {
-            result = self.recheck(side, cursor, end, start, data);
+            result = self.recheck(side, cursor, end, start, data, tolerance);
         }
         if result.is_ok() {
             for region in &self.regions[next..] {
@@ -415,15 +444,26 @@ impl StreamBytes {
     }
 
     /// `side` repeated verified bytes `[from, to)` of `data` (which starts at `start`).
-    fn recheck(&self, side: Side, from: i64, to: i64, start: i64, data: &[u8]) -> Result<(), i64> {
+    fn recheck(
+        &self,
+        side: Side,
+        from: i64,
+        to: i64,
+        start: i64,
+        data: &[u8],
+        tolerance: &mut dyn Tolerance,
+    ) -> Result<(), i64> {
         match side {
-            Side::Pvm => self.compare(from, &data[(from - start) as usize..(to - start) as usize]),
+            Side::Pvm => {
+                let part = &data[(from - start) as usize..(to - start) as usize];
+                self.compare(from, part, tolerance)
+            }
             Side::Svm => Ok(()),
         }
     }
 
     /// Compares `data` with the kept bytes at `at`, piece by piece.
-    fn compare(&self, at: i64, data: &[u8]) -> Result<(), i64> {
+    fn compare(&self, at: i64, data: &[u8], tolerance: &mut dyn Tolerance) -> Result<(), i64> {
         let end = at + data.len() as i64;
         let mut i = self.pieces.partition_point(|p| p.end() <= at);
         let mut cursor = at;
@@ -439,8 +479,19 @@ impl StreamBytes {
             let given = &data[(cursor - at) as usize..(to - at) as usize];
             // Slice equality is a memcmp; only a difference pays for the byte-wise search.
             if stored != given {
-                let position = stored.iter().zip(given).position(|(a, b)| a != b);
-                return Err(cursor + position.unwrap_or(0) as i64);
+                let mut from = 0;
+                while let Some(position) = stored[from..]
+                    .iter()
+                    .zip(&given[from..])
+                    .position(|(a, b)| a != b)
+                {
+                    let i = from + position;
+                    let offset = cursor + i as i64;
+                    if !tolerance.tolerates(offset, stored[i], given[i]) {
+                        return Err(offset);
+                    }
+                    from = i + 1;
+                }
             }
             cursor = to;
             i += 1;

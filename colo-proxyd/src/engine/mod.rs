@@ -6,20 +6,23 @@
 //! stays pure and its tests need no clock.
 
 mod classify;
+mod equivalence;
 mod policy;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::compare::{
     Action, CheckpointReason, ComparatorLimits, DEFAULT_REORDER_WINDOW, DatagramComparator,
-    PacketId, StreamComparator,
+    EquivalentRelease, PacketId, Pattern, StreamComparator,
 };
 use crate::packet::FlowKey;
 use classify::{Class, classify};
+pub use equivalence::EquivalenceRule;
 pub use policy::{BypassRule, UncomparedPolicy};
 
 /// The engine's settings.
@@ -43,6 +46,9 @@ pub struct EngineConfig {
     pub uncompared: UncomparedPolicy,
     /// Flows released without comparison.
     pub bypass: Vec<BypassRule>,
+    /// Bytes known to differ between the VMs without changing the stream's length, released
+    /// as the PVM's without a checkpoint (`docs/equivalence.md`); empty by default.
+    pub equivalent: Vec<EquivalenceRule>,
     /// Most flows with comparison state (see [`ComparisonEngine`] for what happens at it).
     pub max_flows: usize,
     /// A flow that kept nothing for this long, and whose state is safe to forget, is
@@ -84,6 +90,7 @@ impl Default for EngineConfig {
             reorder_window: DEFAULT_REORDER_WINDOW,
             uncompared: UncomparedPolicy::default(),
             bypass: Vec::new(),
+            equivalent: Vec::new(),
             max_flows: DEFAULT_MAX_FLOWS,
             flow_idle: DEFAULT_FLOW_IDLE,
         }
@@ -184,6 +191,38 @@ pub struct EngineCounters {
     pub flow_table_full_packets: u64,
 }
 
+/// What was released under one equivalence rule: PVM segments whose bytes differed from the
+/// SVM's only where the rule allows, and the bytes of those differing values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EquivalentCount {
+    /// PVM segments released with a tolerated difference.
+    pub segments: u64,
+    /// Bytes of the differing values released.
+    pub bytes: u64,
+}
+
+/// The equivalence rules' patterns that apply to the connection `key`, with the rules' ids.
+fn patterns_for(rules: &[EquivalenceRule], key: &FlowKey) -> Arc<[(usize, Arc<Pattern>)]> {
+    rules
+        .iter()
+        .enumerate()
+        .filter(|(_, rule)| rule.matches(key))
+        .map(|(i, rule)| (i, rule.pattern().clone()))
+        .collect()
+}
+
+/// A comparator for a new connection `key`, with the equivalence rules that cover it.
+fn new_stream(
+    limits: ComparatorLimits,
+    rules: Option<&[EquivalenceRule]>,
+    key: &FlowKey,
+) -> StreamComparator {
+    match rules {
+        Some(rules) => StreamComparator::with_equivalence(limits, patterns_for(rules, key)),
+        None => StreamComparator::new(limits),
+    }
+}
+
 /// Compares a VM pair's output flow by flow.
 ///
 /// The flow table is bounded ([`EngineConfig::max_flows`]). A flow whose state is safe to
@@ -216,6 +255,12 @@ pub struct ComparisonEngine {
     timeout_requested: bool,
     flow_table_full_requested: bool,
     counters: EngineCounters,
+    /// The equivalence rules (`None` when there are none), shared with each new flow.
+    rules: Option<Arc<[EquivalenceRule]>>,
+    /// Per rule, what was released under it.
+    equivalent: Vec<EquivalentCount>,
+    /// What the last packet's comparator released under the rules, reused.
+    drained: Vec<EquivalentRelease>,
     /// The actions of the packet being handled, reused so a packet costs no allocation.
     produced: Vec<Action>,
 }
@@ -223,7 +268,12 @@ pub struct ComparisonEngine {
 impl ComparisonEngine {
     /// An engine with no flows.
     pub fn new(config: EngineConfig) -> Self {
+        let rules = (!config.equivalent.is_empty()).then(|| config.equivalent.clone().into());
+        let equivalent = vec![EquivalentCount::default(); config.equivalent.len()];
         ComparisonEngine {
+            rules,
+            equivalent,
+            drained: Vec::new(),
             config,
             flows: HashMap::new(),
             now: Duration::ZERO,
@@ -259,6 +309,12 @@ impl ComparisonEngine {
     /// The counters since the engine was created.
     pub fn counters(&self) -> EngineCounters {
         self.counters
+    }
+
+    /// What was released under each of [`EngineConfig::equivalent`]'s rules (in their
+    /// order) since the engine was created.
+    pub fn equivalent_counters(&self) -> &[EquivalentCount] {
+        &self.equivalent
     }
 
     /// The PVM sent this Ethernet frame (packet `id`, arrived at `now`). Every packet ends in
@@ -303,9 +359,11 @@ impl ComparisonEngine {
                 let limits = self.config.per_connection;
                 let headroom = self.headroom();
                 let mut misrouted = false;
-                let create = || FlowComparator::Stream(StreamComparator::new(limits));
+                let rules = self.rules.clone();
+                let rules = rules.as_deref();
+                let create = || FlowComparator::Stream(new_stream(limits, rules, &key));
                 let admitted = self.with_flow(key, create, |flow| {
-                    match stream_flow(flow, limits, segment.syn) {
+                    match stream_flow(flow, limits, rules, &key, segment.syn) {
                         Some(comparator) => {
                             comparator.allow(headroom);
                             comparator.push_pvm(id, &segment, ethernet, &mut produced)
@@ -354,9 +412,11 @@ impl ComparisonEngine {
                 self.svm_last_output = self.now;
                 let limits = self.config.per_connection;
                 let headroom = self.headroom();
-                let create = || FlowComparator::Stream(StreamComparator::new(limits));
+                let rules = self.rules.clone();
+                let rules = rules.as_deref();
+                let create = || FlowComparator::Stream(new_stream(limits, rules, &key));
                 let admitted = self.with_flow(key, create, |flow| {
-                    if let Some(comparator) = stream_flow(flow, limits, segment.syn) {
+                    if let Some(comparator) = stream_flow(flow, limits, rules, &key, segment.syn) {
                         comparator.allow(headroom);
                         comparator.push_svm(&segment, &mut produced);
                     }
@@ -533,7 +593,23 @@ impl ComparisonEngine {
         let before = flow.comparator.buffered_bytes();
         f(&mut flow.comparator);
         let after = flow.comparator.buffered_bytes();
+        if let FlowComparator::Stream(c) = &mut flow.comparator {
+            c.drain_equivalent(&mut self.drained);
+        }
         self.total_buffered = self.total_buffered.saturating_sub(before) + after;
+        for release in self.drained.drain(..) {
+            if let Some(count) = self.equivalent.get_mut(release.rule) {
+                count.segments += release.segments;
+                count.bytes += release.bytes;
+            }
+            tracing::debug!(
+                flow = ?key,
+                rule = release.rule,
+                segments = release.segments,
+                bytes = release.bytes,
+                "released as equivalent",
+            );
+        }
         true
     }
 
@@ -570,14 +646,16 @@ impl ComparisonEngine {
 // reverse; the `None` arms exist so that even a broken invariant holds a packet instead of
 // losing it or panicking.
 
-fn stream_flow(
-    flow: &mut FlowComparator,
+fn stream_flow<'a>(
+    flow: &'a mut FlowComparator,
     limits: ComparatorLimits,
+    rules: Option<&[EquivalenceRule]>,
+    key: &FlowKey,
     syn: bool,
-) -> Option<&mut StreamComparator> {
+) -> Option<&'a mut StreamComparator> {
     // A SYN on a finished connection's addresses opens a new connection (port reuse).
     if syn && matches!(flow, FlowComparator::Stream(c) if c.is_finished()) {
-        *flow = FlowComparator::Stream(StreamComparator::new(limits));
+        *flow = FlowComparator::Stream(new_stream(limits, rules, key));
     }
     match flow {
         FlowComparator::Stream(c) => Some(c),
