@@ -26,7 +26,7 @@ use serde::Deserialize;
 
 use crate::engine::{
     BypassRule, DEFAULT_FLOW_IDLE, DEFAULT_MAX_FLOWS, DEFAULT_MAX_HOLD_LIMIT, EngineConfig,
-    UncomparedPolicy,
+    EquivalenceRule, UncomparedPolicy,
 };
 use crate::rewrite::RewriteLimits;
 
@@ -285,6 +285,19 @@ pub struct PrimaryArgs {
         value_delimiter = ';'
     )]
     pub bypass: Vec<String>,
+    /// Bytes known to differ between the VMs without changing the stream's length, released
+    /// as the primary's without a checkpoint (off by default; docs/equivalence.md says when
+    /// this is safe and what it must never cover: cookies, tokens, ETags, content).
+    /// Repeatable; `tcp:PORT header NAME` (an HTTP date header, e.g. `tcp:80 header Date`)
+    /// or `tcp:[ADDR:]PORT prefix "TEXT" len N suffix "TEXT"`; the port and address are the
+    /// guest's end of the connection.
+    #[arg(
+        long = "equivalent",
+        env = "COLO_PROXYD_EQUIVALENT",
+        value_name = "RULE",
+        value_delimiter = ';'
+    )]
+    pub equivalent: Vec<String>,
     /// What to do with PVM frames that are not compared (ARP, neighbour discovery,
     /// fragments, unknown protocols): `release` at once (default) or `hold` until the next
     /// checkpoint.
@@ -410,6 +423,7 @@ impl PrimaryArgs {
                 file.checkpoint_retry_ms,
             ),
             bypass: layers.pick_list("bypass", self.bypass, file.bypass),
+            equivalent: layers.pick_list("equivalent", self.equivalent, file.equivalent),
             uncompared: layers.pick("uncompared", self.uncompared, file.uncompared),
             chardevs: layers.pick_list("chardevs", self.chardevs, file.chardevs),
             chardev_check_ms: layers.pick(
@@ -475,6 +489,12 @@ impl PrimaryConfig {
             .map(|r| parse_bypass(r))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|reason| layers.invalid("bypass", reason))?;
+        let equivalent = a
+            .equivalent
+            .iter()
+            .map(|r| r.parse::<EquivalenceRule>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|reason| layers.invalid("equivalent", reason))?;
         let uncompared = match a.uncompared.as_deref() {
             None | Some("release") => UncomparedPolicy::ReleasePrimary,
             Some("hold") => UncomparedPolicy::HoldUntilCheckpoint,
@@ -503,6 +523,7 @@ impl PrimaryConfig {
             max_hold,
             max_hold_limit,
             bypass,
+            equivalent,
             uncompared,
             max_flows: at_least_one(layers, a.max_flows, DEFAULT_MAX_FLOWS, "max-flows")?,
             flow_idle: seconds(
@@ -984,6 +1005,19 @@ mod tests {
         assert_eq!(c.release, "10.0.0.1:1");
         assert_eq!(c.engine.max_hold, Duration::from_millis(50));
         assert_eq!(c.engine.bypass.len(), 1);
+        assert!(
+            c.engine.equivalent.is_empty(),
+            "equivalence is off by default"
+        );
+        std::fs::write(&path, "equivalent = [\"tcp:80 header Date\"]\n").unwrap();
+        let mut a = primary_args();
+        a.config = Some(path.clone());
+        let c = PrimaryConfig::try_from(a).unwrap();
+        assert_eq!(c.engine.equivalent[0].text(), "tcp:80 header Date");
+        std::fs::write(&path, "equivalent = [\"tcp:80 cookie x\"]\n").unwrap();
+        let mut a = primary_args();
+        a.config = Some(path.clone());
+        assert!(PrimaryConfig::try_from(a).is_err());
         std::fs::write(&path, "relase = \"x\"\n").unwrap();
         let mut a = primary_args();
         a.config = Some(path);
