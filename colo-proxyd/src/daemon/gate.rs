@@ -172,6 +172,11 @@ impl ReleaseGate {
         self.engine.counters()
     }
 
+    /// What was released under each equivalence rule (in the configuration's order).
+    pub fn equivalent_counters(&self) -> &[crate::engine::EquivalentCount] {
+        self.engine.equivalent_counters()
+    }
+
     /// A frame of PVM output arrived at `now`.
     pub fn pvm_frame(&mut self, frame: Bytes, now: Duration, out: &mut Vec<GateOutput>) {
         match self.protection {

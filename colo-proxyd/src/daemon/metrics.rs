@@ -54,6 +54,11 @@ struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RuleLabel {
+    rule: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct DirectionLabel {
     direction: &'static str,
 }
@@ -85,6 +90,10 @@ struct Inner {
     released_bytes: Counter,
     uncompared_bytes: Counter,
     bypassed_bytes: Counter,
+    /// Equivalence rule → PVM segments released with a tolerated difference.
+    equivalent_segments: Family<RuleLabel, Counter>,
+    /// Equivalence rule → bytes of the differing values released.
+    equivalent_bytes: Family<RuleLabel, Counter>,
     svm_frames: Counter,
     stale_svm_frames: Counter,
     dropped_frames: Counter,
@@ -143,6 +152,8 @@ impl Inner {
             released_bytes: Counter::default(),
             uncompared_bytes: Counter::default(),
             bypassed_bytes: Counter::default(),
+            equivalent_segments: Family::default(),
+            equivalent_bytes: Family::default(),
             svm_frames: Counter::default(),
             stale_svm_frames: Counter::default(),
             dropped_frames: Counter::default(),
@@ -320,6 +331,16 @@ impl Inner {
             inner.link_refused.clone(),
         );
         r.register(
+            "equivalent_segments",
+            "PVM segments released although they differed from the SVM's, only where an --equivalent rule allows",
+            inner.equivalent_segments.clone(),
+        );
+        r.register(
+            "equivalent_bytes",
+            "Bytes of the values an --equivalent rule let differ, released as the PVM's",
+            inner.equivalent_bytes.clone(),
+        );
+        r.register(
             "checkpoints_needed",
             "Checkpoints the comparison asked for, by reason",
             inner.checkpoints_needed.clone(),
@@ -472,6 +493,18 @@ impl Metrics {
     /// with, or after a failover).
     pub fn add_uncompared(&self, bytes: usize) {
         self.inner.uncompared_bytes.inc_by(bytes as u64);
+    }
+
+    /// What was released under the equivalence rule `rule` (running totals).
+    pub fn set_equivalent(&self, rule: &str, segments: u64, bytes: u64) {
+        let label = RuleLabel {
+            rule: rule.to_owned(),
+        };
+        set_total(
+            &self.inner.equivalent_segments.get_or_create(&label),
+            segments,
+        );
+        set_total(&self.inner.equivalent_bytes.get_or_create(&label), bytes);
     }
 
     /// The engine's bypass counter (a running total).
@@ -746,6 +779,8 @@ mod tests {
         m.filter_recreated("f1");
         m.set_bypassed(900);
         m.set_bypassed(1000);
+        m.set_equivalent("tcp:80 header Date", 1, 29);
+        m.set_equivalent("tcp:80 header Date", 3, 87);
         m.set_bridged(BridgeCounts {
             out_of_svm: 7,
             out_of_svm_rewritten: 2,
@@ -763,6 +798,8 @@ mod tests {
             "colo_proxyd_guest_link_downs_total 1",
             "colo_proxyd_qemu_filters_recreated_total{filter=\"f1\"} 2",
             "colo_proxyd_bypassed_bytes_total 1000",
+            "colo_proxyd_equivalent_segments_total{rule=\"tcp:80 header Date\"} 3",
+            "colo_proxyd_equivalent_bytes_total{rule=\"tcp:80 header Date\"} 87",
             "colo_proxyd_failover_bridged_frames_total{direction=\"out_of_svm\"} 7",
             "colo_proxyd_failover_rewritten_frames_total{direction=\"into_svm\"} 1",
             "# TYPE colo_proxyd_checkpoint_requests_total counter",

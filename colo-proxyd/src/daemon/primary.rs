@@ -179,7 +179,14 @@ pub async fn run(
         "colo-proxyd primary started"
     );
     let tick = (config.engine.max_hold / 4).max(Duration::from_millis(5));
+    let equivalent_rules = config
+        .engine
+        .equivalent
+        .iter()
+        .map(|rule| rule.text().to_owned())
+        .collect();
     let mut role = PrimaryRole {
+        equivalent_rules,
         gate: ReleaseGate::new(config.engine, Protection::Exited, 0),
         release,
         link: link.outgoing,
@@ -217,6 +224,8 @@ struct RoleInputs {
 }
 
 struct PrimaryRole {
+    /// The equivalence rules' texts, the metrics' labels.
+    equivalent_rules: Vec<String>,
     gate: ReleaseGate,
     release: FrameSink,
     link: LinkSender,
@@ -466,6 +475,14 @@ impl PrimaryRole {
             .set_held(self.gate.held_packets(), self.gate.held_bytes());
         self.metrics
             .set_bypassed(self.gate.counters().bypassed_bytes);
+        for (rule, count) in self
+            .equivalent_rules
+            .iter()
+            .zip(self.gate.equivalent_counters())
+        {
+            self.metrics
+                .set_equivalent(rule, count.segments, count.bytes);
+        }
         self.metrics.set_flows(self.gate.flows());
         let protection = self.gate.protection();
         self.metrics.set_epoch(
