@@ -45,6 +45,22 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// One short HTTP probe from the client namespace: does the guest answer its page?
+fn guest_serves(ns: &str) -> bool {
+    let out = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        "http://10.77.0.2/",
+    ]);
+    out.stdout == b"colo guest ok\n"
+}
+
 fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -243,24 +259,8 @@ fn guest_serves_http_through_the_backend_and_the_trace_matches() {
             &format!("http://10.77.0.2{path}"),
         ])
     };
-    let mut body = String::new();
     wait_for("HTTP through the back-end", Duration::from_secs(60), || {
-        body = sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "curl",
-            "-s",
-            "-m",
-            "5",
-            "http://10.77.0.2/",
-        ])
-        .stdout
-        .iter()
-        .map(|&b| b as char)
-        .collect();
-        body == "colo guest ok\n"
+        guest_serves(&ns)
     });
     let blob = Command::new("ip")
         .args([
@@ -328,19 +328,7 @@ fn guest_serves_http_through_the_backend_and_the_trace_matches() {
     );
     assert_eq!(&after[4..4 + START.len()], &START, "{after:?}");
     wait_for("HTTP after stop/start", Duration::from_secs(60), || {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "curl",
-            "-s",
-            "-m",
-            "5",
-            "http://10.77.0.2/",
-        ])
-        .stdout
-            == b"colo guest ok\n"
+        guest_serves(&ns)
     });
 
     // Reset: the guest boots again on the same connection and serves again.
@@ -362,19 +350,7 @@ fn guest_serves_http_through_the_backend_and_the_trace_matches() {
     let f = reset.iter().position(|n| n == "SET_FEATURES").unwrap();
     assert_eq!(&reset[f..f + START.len()], &START, "{reset:?}");
     wait_for("HTTP after reset", Duration::from_secs(240), || {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "curl",
-            "-s",
-            "-m",
-            "5",
-            "http://10.77.0.2/",
-        ])
-        .stdout
-            == b"colo guest ok\n"
+        guest_serves(&ns)
     });
 
     // QEMU quits: the back-end ends by itself.
