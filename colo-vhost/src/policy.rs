@@ -19,6 +19,13 @@
 
 use crate::wire::{self, F_LOG_ALL, F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, FLAG_REPLY, Header, req};
 
+/// The most `SET_VRING_ENABLE`s the shim holds. QEMU sends one per ring and start (a device
+/// has at most 1,024 rings, QEMU's `VIRTIO_QUEUE_MAX`), and the recorded starts repeat them a
+/// few times; twice the ring limit is far beyond that. An early enable past the bound is handed
+/// on as it is: the crates refuse it and end the connection, as they would without the shim,
+/// rather than the shim holding whatever a peer sends.
+pub const MAX_HELD: usize = 2 * 1024;
+
 /// One message: header, payload, and whatever rides along (file descriptors in the shim,
 /// nothing in the tests).
 #[derive(Debug)]
@@ -102,7 +109,7 @@ impl<F> Policy<F> {
     pub fn on_frontend(&mut self, mut msg: Message<F>) -> (Disposition, Vec<Out<F>>) {
         let mut out = Vec::new();
         match msg.header.request {
-            req::SET_VRING_ENABLE if !self.protocol_acked => {
+            req::SET_VRING_ENABLE if !self.protocol_acked && self.held.len() < MAX_HELD => {
                 if msg.header.needs_reply() {
                     msg.header.flags &= !FLAG_NEED_REPLY;
                     out.push(Out::ToFrontend(ack(req::SET_VRING_ENABLE)));
@@ -243,6 +250,21 @@ mod tests {
             Out::ToBackend(m) => assert!(!m.header.needs_reply()),
             Out::ToFrontend(_) => panic!("wrong direction"),
         }
+    }
+
+    #[test]
+    fn early_enables_past_the_bound_are_handed_on_not_held() {
+        let mut p = Policy::<()>::new();
+        for _ in 0..MAX_HELD {
+            assert_eq!(
+                p.on_frontend(state(req::SET_VRING_ENABLE, 0, 1)).0,
+                Disposition::Held
+            );
+        }
+        let (d, out) = p.on_frontend(state(req::SET_VRING_ENABLE, 1, 1));
+        assert_eq!(d, Disposition::Forwarded);
+        assert_eq!(requests(&out), vec![(true, req::SET_VRING_ENABLE)]);
+        assert_eq!(p.held(), MAX_HELD);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::Instant;
 use crate::gate::LogGate;
 use crate::policy::{Message, Out, Policy};
 use crate::trace::{Trace, TraceEntry};
-use crate::wire::{self, HEADER_LEN, Header, MAX_FDS};
+use crate::wire::{self, Decoded, HEADER_LEN, MAX_FDS};
 
 /// Why a direction of the shim stopped.
 #[derive(Debug, thiserror::Error)]
@@ -116,22 +116,31 @@ fn recv_exact(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Resu
     Ok(())
 }
 
-/// Reads one message: header (validated), payload, descriptors.
+/// Reads one message: header (validated), payload, descriptors. The bytes go through
+/// [`wire::decode`], which says how many to read next: the header, then (once it is valid, so
+/// at most [`wire::MAX_PAYLOAD`]) the payload; never a byte of the next message.
 pub fn recv_message(sock: &UnixStream) -> Result<Message<OwnedFd>, ShimError> {
     let mut fds = Vec::new();
-    let mut head = [0u8; HEADER_LEN];
-    recv_exact(sock, &mut head, &mut fds)?;
-    let header = Header::parse(&head)?;
-    let mut payload = vec![0u8; header.size as usize];
-    match recv_exact(sock, &mut payload, &mut fds) {
-        Err(ShimError::Closed) => return Err(ShimError::Truncated),
-        other => other?,
+    let mut buf = Vec::with_capacity(HEADER_LEN);
+    loop {
+        match wire::decode(&buf)? {
+            Decoded::Message { header, payload } => {
+                return Ok(Message {
+                    header,
+                    payload: payload.to_vec(),
+                    fds,
+                });
+            }
+            Decoded::Incomplete { needed } => {
+                let have = buf.len();
+                buf.resize(needed, 0);
+                match recv_exact(sock, &mut buf[have..], &mut fds) {
+                    Err(ShimError::Closed) if have > 0 => return Err(ShimError::Truncated),
+                    other => other?,
+                }
+            }
+        }
     }
-    Ok(Message {
-        header,
-        payload,
-        fds,
-    })
 }
 
 /// Sends one message with its descriptors (on the first byte, as vhost-user wants them).

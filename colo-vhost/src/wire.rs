@@ -162,6 +162,40 @@ impl Header {
     }
 }
 
+/// What [`decode`] found at the start of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// The buffer holds less than one message: `needed` bytes in all (more than the buffer
+    /// has, at most [`HEADER_LEN`] + [`MAX_PAYLOAD`]) must be there before it can say more.
+    Incomplete {
+        /// The buffer's length at which decoding can go on.
+        needed: usize,
+    },
+    /// A whole message, taking the first [`HEADER_LEN`] + `payload.len()` bytes.
+    Message {
+        /// The validated header.
+        header: Header,
+        /// Its `header.size` payload bytes.
+        payload: &'a [u8],
+    },
+}
+
+/// Decodes the message at the start of `bytes`: the one decoder of the shim
+/// ([`crate::shim::recv_message`] reads exactly the `needed` bytes it asks for) and of the
+/// fuzz target. The header is validated before its size is believed, so `needed` never
+/// exceeds [`HEADER_LEN`] + [`MAX_PAYLOAD`] whatever the peer declares.
+pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, WireError> {
+    let Some(head) = bytes.first_chunk::<HEADER_LEN>() else {
+        return Ok(Decoded::Incomplete { needed: HEADER_LEN });
+    };
+    let header = Header::parse(head)?;
+    let total = HEADER_LEN + header.size as usize;
+    Ok(match bytes.get(HEADER_LEN..total) {
+        Some(payload) => Decoded::Message { header, payload },
+        None => Decoded::Incomplete { needed: total },
+    })
+}
+
 /// The `u64` payload of `SET_FEATURES` / `GET_FEATURES` replies and the like; `None` when the
 /// payload is not exactly 8 bytes.
 pub fn payload_u64(payload: &[u8]) -> Option<u64> {
@@ -238,7 +272,112 @@ mod tests {
         assert_eq!(payload_vring_fd_index(&0x101u64.to_le_bytes()), Some(1));
     }
 
+    #[test]
+    fn decode_asks_for_the_header_then_the_payload() {
+        let mut bytes = Header {
+            request: req::SET_FEATURES,
+            flags: 1,
+            size: 8,
+        }
+        .encode()
+        .to_vec();
+        assert_eq!(decode(&[]), Ok(Decoded::Incomplete { needed: HEADER_LEN }));
+        assert_eq!(
+            decode(&bytes[..11]),
+            Ok(Decoded::Incomplete { needed: HEADER_LEN })
+        );
+        assert_eq!(decode(&bytes), Ok(Decoded::Incomplete { needed: 20 }));
+        bytes.extend_from_slice(&7u64.to_le_bytes());
+        bytes.push(0xff);
+        match decode(&bytes) {
+            Ok(Decoded::Message { header, payload }) => {
+                assert_eq!(header.request, req::SET_FEATURES);
+                assert_eq!(payload_u64(payload), Some(7));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_declared_size_over_the_bound_is_refused_before_any_payload_is_awaited() {
+        let bytes = Header {
+            request: req::SET_MEM_TABLE,
+            flags: 1,
+            size: u32::MAX,
+        }
+        .encode();
+        assert_eq!(decode(&bytes), Err(WireError::TooLarge(u32::MAX)));
+        let largest = Header {
+            request: req::SET_CONFIG,
+            flags: 1,
+            size: MAX_PAYLOAD as u32,
+        }
+        .encode();
+        assert_eq!(
+            decode(&largest),
+            Ok(Decoded::Incomplete {
+                needed: HEADER_LEN + MAX_PAYLOAD
+            })
+        );
+    }
+
     proptest! {
+        /// Decoding a stream message by message, with the buffer grown exactly to what
+        /// `decode` asks for (as the shim reads), gives the messages that decoding the whole
+        /// stream does, and never asks for more than one bounded message.
+        #[test]
+        fn decoding_what_is_asked_for_matches_decoding_the_whole(
+            stream in proptest::collection::vec(any::<u8>(), 0..200),
+            version_one in any::<bool>(),
+            small in any::<bool>(),
+        ) {
+            let mut stream = stream;
+            // Make valid headers likely: version 1 and a short payload.
+            if stream.len() >= HEADER_LEN {
+                if version_one { stream[4] = (stream[4] & !3) | 1; }
+                if small { stream[8] %= 40; stream[9] = 0; stream[10] = 0; stream[11] = 0; }
+            }
+            let mut whole = Vec::new();
+            let mut at = 0;
+            let whole_end = loop {
+                match decode(&stream[at..]) {
+                    Ok(Decoded::Message { header, payload }) => {
+                        prop_assert_eq!(payload.len(), header.size as usize);
+                        whole.push((header, payload.to_vec()));
+                        at += HEADER_LEN + payload.len();
+                    }
+                    Ok(Decoded::Incomplete { needed }) => {
+                        prop_assert!(needed > stream.len() - at);
+                        prop_assert!(needed <= HEADER_LEN + MAX_PAYLOAD);
+                        break Ok(());
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            let mut asked = Vec::new();
+            let mut buf: Vec<u8> = Vec::new();
+            let mut at = 0;
+            let asked_end = loop {
+                match decode(&buf) {
+                    Ok(Decoded::Message { header, payload }) => {
+                        asked.push((header, payload.to_vec()));
+                        buf.clear();
+                    }
+                    Ok(Decoded::Incomplete { needed }) => {
+                        let more = needed - buf.len();
+                        if stream.len() - at < more {
+                            break Ok(());
+                        }
+                        buf.extend_from_slice(&stream[at..at + more]);
+                        at += more;
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            prop_assert_eq!(whole, asked);
+            prop_assert_eq!(whole_end, asked_end);
+        }
+
         /// Any 12 bytes either parse into a header that is within bounds and re-encodes to the
         /// same bytes, or are refused; nothing panics.
         #[test]
