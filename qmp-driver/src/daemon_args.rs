@@ -14,7 +14,9 @@
 //!
 //! With `[tls]` both colo-proxyd get `--tls-dir` (their host's identity) and `--tls-peer`
 //! (the other host): mutual TLS on their link, and `colo-proxyd primary` follows the relay
-//! over mutual TLS when its control address is TCP. The relay takes its TLS options from the
+//! over mutual TLS when its control address is TCP. colo-blockd gets the secondary host's
+//! identity and the primary host as its only peer: its TCP NBD listener then requires
+//! `STARTTLS` and the primary's certificate. The relay takes its TLS options from the
 //! same config (`qmp-driver --config FILE relay`), the primary QEMU its credentials from
 //! `qemu-args` and `start`.
 
@@ -131,6 +133,11 @@ fn blockd_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsError> {
     ]);
     if let Some(qmp) = &cfg.disk.blockd_primary_qmp {
         args.extend(["--primary-qmp".into(), qmp.to_string()]);
+    }
+    // The TCP listener's only client is the primary QEMU's NBD child (`start` gives it
+    // `tls-creds` and the secondary's name); the Unix socket stays the local QEMU's, no TLS.
+    if let Some(tls) = &cfg.tls {
+        args.extend(tls_args(&tls.secondary.dir, &tls.primary.name));
     }
     Ok(args)
 }
@@ -313,7 +320,7 @@ mod tests {
     }
 
     #[test]
-    fn with_tls_each_proxyd_gets_its_hosts_identity_and_the_other_host() {
+    fn with_tls_each_daemon_gets_its_hosts_identity_and_the_other_host() {
         let tls = config_with(&format!(
             "{}{}",
             DAEMONS.replace(
@@ -333,6 +340,11 @@ mod tests {
         );
         assert_eq!(
             tail(Daemon::ProxydSecondary),
+            "--tls-dir /etc/colo/pki-b --tls-peer hosta"
+        );
+        // colo-blockd runs on the secondary host; its NBD client is the primary QEMU.
+        assert_eq!(
+            tail(Daemon::Blockd),
             "--tls-dir /etc/colo/pki-b --tls-peer hosta"
         );
         // Without [tls] nothing is added.

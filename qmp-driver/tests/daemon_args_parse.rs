@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::Command;
 
 /// The shipped example with colo-blockd and colo-proxyd as the backends; `extra` uncomments
-/// the optional settings.
-fn example_on_colo_daemons(extra: bool) -> String {
+/// the optional settings, `tls` the `[tls]` section.
+fn example_on_colo_daemons(extra: bool, tls: bool) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qemu-configs/pair.example.toml");
     let mut text = std::fs::read_to_string(path).unwrap();
     // proxyd_qmp: colo-proxyd primary needs a monitor of its own.
@@ -28,6 +28,19 @@ fn example_on_colo_daemons(extra: bool) -> String {
         .filter(|l| !l.starts_with("secondary_active") && !l.starts_with("secondary_hidden"))
         .collect::<Vec<_>>()
         .join("\n");
+    if tls {
+        for key in [
+            "[tls]",
+            "primary_dir = ",
+            "primary_name = ",
+            "secondary_dir = ",
+            "secondary_name = ",
+        ] {
+            let commented = format!("# {key}");
+            assert!(text.contains(&commented), "the example lost {commented}");
+            text = text.replace(&commented, key);
+        }
+    }
     if extra {
         for optional in [
             "control_tcp = ",
@@ -62,9 +75,9 @@ fn qmp_driver(config: &Path, args: &[&str]) -> String {
 fn every_generated_command_line_parses_with_the_daemons_own_cli() {
     let dir = tempfile::tempdir().unwrap();
     let mut parsed = 0;
-    for extra in [false, true] {
-        let config = dir.path().join(format!("pair-{extra}.toml"));
-        std::fs::write(&config, example_on_colo_daemons(extra)).unwrap();
+    for (extra, tls) in [(false, false), (true, false), (true, true)] {
+        let config = dir.path().join(format!("pair-{extra}-{tls}.toml"));
+        std::fs::write(&config, example_on_colo_daemons(extra, tls)).unwrap();
         let daemons = qmp_driver(&config, &["--list"]);
         let daemons: Vec<&str> = daemons.lines().collect();
         assert_eq!(
@@ -84,6 +97,12 @@ fn every_generated_command_line_parses_with_the_daemons_own_cli() {
                 .trim_end_matches("-secondary");
             let argv: Vec<&str> = std::iter::once(binary).chain(printed.lines()).collect();
             assert!(argv.len() > 2, "{daemon}: {printed}");
+            // With [tls] every daemon gets its host's identity and the other host's name.
+            assert_eq!(
+                argv.contains(&"--tls-dir") && argv.contains(&"--tls-peer"),
+                tls,
+                "{daemon} {argv:?}"
+            );
             match daemon {
                 "colo-blockd" => {
                     let args = colo_blockd::cli::Args::try_parse_from(&argv)
@@ -101,5 +120,5 @@ fn every_generated_command_line_parses_with_the_daemons_own_cli() {
             parsed += 1;
         }
     }
-    assert_eq!(parsed, 6);
+    assert_eq!(parsed, 9);
 }
