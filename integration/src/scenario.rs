@@ -50,6 +50,9 @@ pub struct Report {
     pub pause_p90_ms: Option<f64>,
     /// Primary pause maximum.
     pub pause_max_ms: Option<f64>,
+    /// Every primary pause since COLO began, in order (for comparisons across runs, e.g. the
+    /// cost of TLS, which pool the pauses of several runs).
+    pub pauses_primary_ms: Vec<f64>,
     /// HTTP requests made (small page).
     pub http_requests: usize,
     /// HTTP requests that failed or returned the wrong body.
@@ -161,6 +164,7 @@ impl Report {
             pause_median_ms: None,
             pause_p90_ms: None,
             pause_max_ms: None,
+            pauses_primary_ms: Vec::new(),
             http_requests: 0,
             http_failures: Vec::new(),
             http_median_ms: None,
@@ -189,6 +193,7 @@ impl Report {
         self.pause_median_ms = to_ms(median(&pauses));
         self.pause_p90_ms = to_ms(quantile(&pauses, 0.9));
         self.pause_max_ms = to_ms(quantile(&pauses, 1.0));
+        self.pauses_primary_ms = pauses.iter().filter_map(|&d| to_ms(Some(d))).collect();
         self.checkpoints_secondary = pair.checkpoint_pauses(Role::Secondary).len();
     }
 
