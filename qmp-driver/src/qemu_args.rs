@@ -204,9 +204,10 @@ pub fn primary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
             );
     }
     if let Some(tls) = &cfg.tls {
-        // The migration's TLS client, named in `tls-creds` by `start`: QEMU presents the
-        // primary host's client-cert.pem and checks the relay's server certificate against
-        // `tls-hostname` (the secondary host's name).
+        // The primary's one TLS client object, named in `tls-creds` by `start` for the
+        // migration and (with colo-blockd) for the NBD child of `replica`: QEMU presents the
+        // primary host's client-cert.pem and checks the relay's and colo-blockd's server
+        // certificate against `tls-hostname` (the secondary host's name).
         a.opt(
             "-object",
             format!(
@@ -726,7 +727,9 @@ mod tests {
     }
 
     /// With `[tls]` the primary gets the migration's TLS client object (the primary host's
-    /// directory); the secondary gets nothing (the relay terminates TLS). Without it, neither.
+    /// directory, for the migration and colo-blockd's NBD child); the secondary gets nothing
+    /// (the relay terminates the migration's TLS, colo-blockd the NBD child's; QEMU's own NBD
+    /// server of the replication backend stays plaintext). Without it, neither.
     #[test]
     fn with_tls_the_primary_gets_a_client_credentials_object() {
         let text = |tls: &str| {
