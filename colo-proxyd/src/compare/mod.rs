@@ -337,6 +337,16 @@ impl StreamComparator {
         self.closed && self.held.is_empty()
     }
 
+    /// Whether the comparator keeps nothing but the connection's sequence mapping: nothing
+    /// held, no SVM bytes waiting for the PVM's, not stalled. Unlike [`Self::is_forgettable`],
+    /// the two VMs may use different sequence numbers (a connection opened this epoch, a
+    /// SYN flood's half-open handshakes): dropping it is safe only if a later segment of the
+    /// connection is not compared mid-stream before the next checkpoint, which the engine
+    /// ensures by refusing such segments until then.
+    pub fn is_quiet(&self) -> bool {
+        !self.stalled && self.held.is_empty() && self.bytes.svm_bytes() == 0
+    }
+
     /// Whether dropping this comparator loses nothing a later segment needs: nothing is held
     /// or kept, and a fresh comparator meeting the connection mid-stream places both sides
     /// where this one would, because both VMs use the same sequence numbers (a connection

@@ -661,6 +661,14 @@ impl Metrics {
             c.flows_evicted,
             c.flow_table_full_packets,
         );
+        let unaligned = TableLabel {
+            table: "flows",
+            why: "evicted-unaligned",
+        };
+        set_total(
+            &self.inner.bounds.forgotten.get_or_create(&unaligned),
+            c.flows_evicted_unaligned,
+        );
         let (frames, bytes) = gate.early();
         self.set_queue("early", frames, bytes, gate.early_dropped());
     }
@@ -710,7 +718,9 @@ impl Bounds {
         r.register(
             "table_forgotten_entries",
             "Flow-table (primary) or rewrite-table (secondary) entries forgotten: idle past \
-             their bound, or evicted (safe to forget) to make room",
+             their bound, evicted (safe to forget) to make room, or evicted-unaligned (quiet \
+             but opened this epoch, e.g. a SYN flood's half-open handshakes; until the \
+             checkpoint new flows must then start with a SYN)",
             self.forgotten.clone(),
         );
         r.register(

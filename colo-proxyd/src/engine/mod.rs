@@ -118,6 +118,15 @@ impl FlowComparator {
         }
     }
 
+    /// See [`StreamComparator::is_quiet`]; a datagram flow has no sequence numbers, so it is
+    /// quiet when it is forgettable.
+    fn is_quiet(&self) -> bool {
+        match self {
+            FlowComparator::Stream(c) => c.is_quiet(),
+            FlowComparator::Datagram(c) => c.is_forgettable(),
+        }
+    }
+
     fn buffered_bytes(&self) -> usize {
         match self {
             FlowComparator::Stream(c) => c.buffered_bytes(),
@@ -186,6 +195,10 @@ pub struct EngineCounters {
     pub flows_expired: u64,
     /// Flows with nothing kept forgotten early to make room for new ones.
     pub flows_evicted: u64,
+    /// Quiet flows whose VMs use different sequence numbers (connections opened this epoch,
+    /// half-open handshakes of a SYN flood) forgotten to make room when no flow was safe to
+    /// forget; until the next checkpoint a new flow must then begin with a SYN.
+    pub flows_evicted_unaligned: u64,
     /// PVM packets of new flows held uncompared (until the checkpoint) because the flow table
     /// was full of flows that could not be forgotten.
     pub flow_table_full_packets: u64,
@@ -229,9 +242,13 @@ fn new_stream(
 /// forget (nothing held or kept, both VMs on the same sequence numbers: see
 /// [`StreamComparator::is_forgettable`]) is forgotten once idle for
 /// [`EngineConfig::flow_idle`], and earlier, longest idle first, when a new flow needs room.
-/// When no flow can be forgotten, the new flow's PVM packets are held uncompared and a
-/// checkpoint is asked for ([`CheckpointReason::FlowTableFull`]); after it every flow is
-/// forgettable again. Nothing is dropped or released uncompared.
+/// When none is, a quiet flow whose VMs use different sequence numbers is forgotten instead
+/// (a SYN flood's half-open handshakes), and until the next checkpoint a new flow must begin
+/// with a SYN: a segment met mid-stream might belong to such a flow, whose SVM bytes would be
+/// misplaced. When no flow can be forgotten at all, or a new flow does not begin with a SYN
+/// after such an eviction, the new flow's PVM packets are held uncompared and a checkpoint is
+/// asked for ([`CheckpointReason::FlowTableFull`]); after it every flow is forgettable
+/// again. Nothing is dropped or released uncompared.
 #[derive(Debug)]
 pub struct ComparisonEngine {
     config: EngineConfig,
@@ -242,6 +259,10 @@ pub struct ComparisonEngine {
     next_expiry: Duration,
     /// Set once a full table found nothing to forget: no scan until the checkpoint.
     table_full: bool,
+    /// Set once a flow whose VMs use different sequence numbers was forgotten this epoch: a
+    /// segment of an unknown connection that is not a SYN may be one of it, and meeting it
+    /// mid-stream would misplace the SVM's bytes, so such segments wait for the checkpoint.
+    unaligned_evicted: bool,
     /// When each held PVM packet arrived.
     arrivals: HashMap<PacketId, Duration, BuildHasherDefault<PacketIdHasher>>,
     /// PVM packets held outside any comparator (policy or engine-wide bound).
@@ -279,6 +300,7 @@ impl ComparisonEngine {
             now: Duration::ZERO,
             next_expiry: EXPIRY_SCAN,
             table_full: false,
+            unaligned_evicted: false,
             arrivals: HashMap::default(),
             held_uncompared: Vec::new(),
             total_buffered: 0,
@@ -362,7 +384,7 @@ impl ComparisonEngine {
                 let rules = self.rules.clone();
                 let rules = rules.as_deref();
                 let create = || FlowComparator::Stream(new_stream(limits, rules, &key));
-                let admitted = self.with_flow(key, create, |flow| {
+                let admitted = self.with_flow(key, segment.syn, create, |flow| {
                     match stream_flow(flow, limits, rules, &key, segment.syn) {
                         Some(comparator) => {
                             comparator.allow(headroom);
@@ -382,10 +404,11 @@ impl ComparisonEngine {
                 let window = self.config.reorder_window;
                 let mut misrouted = false;
                 let create = || FlowComparator::Datagram(DatagramComparator::new(window));
-                let admitted = self.with_flow(key, create, |flow| match datagram_flow(flow) {
-                    Some(comparator) => comparator.push_pvm(id, &bytes, &mut produced),
-                    None => misrouted = true,
-                });
+                let admitted =
+                    self.with_flow(key, true, create, |flow| match datagram_flow(flow) {
+                        Some(comparator) => comparator.push_pvm(id, &bytes, &mut produced),
+                        None => misrouted = true,
+                    });
                 if !admitted {
                     self.refuse_flow(&mut produced);
                 }
@@ -415,7 +438,7 @@ impl ComparisonEngine {
                 let rules = self.rules.clone();
                 let rules = rules.as_deref();
                 let create = || FlowComparator::Stream(new_stream(limits, rules, &key));
-                let admitted = self.with_flow(key, create, |flow| {
+                let admitted = self.with_flow(key, segment.syn, create, |flow| {
                     if let Some(comparator) = stream_flow(flow, limits, rules, &key, segment.syn) {
                         comparator.allow(headroom);
                         comparator.push_svm(&segment, &mut produced);
@@ -433,7 +456,7 @@ impl ComparisonEngine {
                 self.svm_last_output = self.now;
                 let window = self.config.reorder_window;
                 let create = || FlowComparator::Datagram(DatagramComparator::new(window));
-                let admitted = self.with_flow(key, create, |flow| {
+                let admitted = self.with_flow(key, true, create, |flow| {
                     if let Some(comparator) = datagram_flow(flow) {
                         comparator.push_svm(&bytes, &mut produced);
                     }
@@ -507,6 +530,7 @@ impl ComparisonEngine {
         self.stalled = false;
         self.timeout_requested = false;
         self.table_full = false;
+        self.unaligned_evicted = false;
         self.flow_table_full_requested = false;
         held
     }
@@ -521,23 +545,34 @@ impl ComparisonEngine {
         self.counters.flows_expired += (before - self.flows.len()) as u64;
     }
 
-    /// The table is full: forgets the longest-idle flows that are safe to forget and idle for
-    /// [`EVICT_MIN_IDLE`], an eighth of the table at most (so the O(flows) scan is paid once per that many new flows).
-    /// Returns whether there is room now.
+    /// The table is full: forgets the longest-idle flows idle for [`EVICT_MIN_IDLE`], an
+    /// eighth of the table at most (so the O(flows) scan is paid once per that many new
+    /// flows). Flows safe to forget go first; when there are none, quiet flows whose VMs use
+    /// different sequence numbers (a SYN flood's half-open handshakes, connections opened
+    /// this epoch) go, and until the checkpoint a new flow must begin with a SYN
+    /// ([`Self::unaligned_evicted`]): a flood then costs its own half-open entries, not a
+    /// checkpoint wait for every new client. Returns whether there is room now.
     fn make_room(&mut self) -> bool {
         if self.table_full {
             return false;
         }
         let now = self.now;
+        let idle_enough = |flow: &Flow| now.saturating_sub(flow.last_active) >= EVICT_MIN_IDLE;
         let mut candidates: Vec<(Duration, FlowKey)> = self
             .flows
             .iter()
-            .filter(|(_, flow)| {
-                now.saturating_sub(flow.last_active) >= EVICT_MIN_IDLE
-                    && flow.comparator.is_forgettable()
-            })
+            .filter(|(_, flow)| idle_enough(flow) && flow.comparator.is_forgettable())
             .map(|(key, flow)| (flow.last_active, *key))
             .collect();
+        let aligned = !candidates.is_empty();
+        if !aligned {
+            candidates.extend(
+                self.flows
+                    .iter()
+                    .filter(|(_, flow)| idle_enough(flow) && flow.comparator.is_quiet())
+                    .map(|(key, flow)| (flow.last_active, *key)),
+            );
+        }
         if candidates.is_empty() {
             self.table_full = true;
             return false;
@@ -549,7 +584,12 @@ impl ComparisonEngine {
         for (_, key) in &candidates[..evict] {
             self.flows.remove(key);
         }
-        self.counters.flows_evicted += evict as u64;
+        if aligned {
+            self.counters.flows_evicted += evict as u64;
+        } else {
+            self.unaligned_evicted = true;
+            self.counters.flows_evicted_unaligned += evict as u64;
+        }
         self.flows.len() < self.config.max_flows
     }
 
@@ -571,18 +611,24 @@ impl ComparisonEngine {
 
     /// Runs `f` on the flow's comparator, created by `create` for a new flow, and keeps the
     /// total of buffered bytes. The comparator is used in place: one hash, no move. Returns
-    /// `false`, without running `f`, when a new flow finds the table full.
+    /// `false`, without running `f`, when a new flow finds the table full, or (after an
+    /// unaligned eviction this epoch) when a new flow's first segment is not a SYN
+    /// (`begins_connection`; datagram flows always may begin).
     fn with_flow(
         &mut self,
         key: FlowKey,
+        begins_connection: bool,
         create: impl FnOnce() -> FlowComparator,
         f: impl FnOnce(&mut FlowComparator),
     ) -> bool {
-        if self.flows.len() >= self.config.max_flows
-            && !self.flows.contains_key(&key)
-            && !self.make_room()
-        {
-            return false;
+        if !self.flows.contains_key(&key) {
+            if self.unaligned_evicted && !begins_connection {
+                // Perhaps a connection forgotten with other sequence numbers in the SVM.
+                return false;
+            }
+            if self.flows.len() >= self.config.max_flows && !self.make_room() {
+                return false;
+            }
         }
         let now = self.now;
         let flow = self.flows.entry(key).or_insert_with(|| Flow {

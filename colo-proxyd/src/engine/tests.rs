@@ -270,6 +270,45 @@ fn a_full_table_of_flows_it_must_keep_holds_new_flows_and_asks_for_one_checkpoin
     assert_eq!(run.engine.counters().flows_evicted, 1);
 }
 
+/// A SYN flood fills the table with half-open handshakes whose ISNs differ between the VMs.
+/// A new client's connection takes the place of the longest-idle one at once (no checkpoint
+/// wait); until the checkpoint, a segment of an unknown connection that is not a SYN might be
+/// one of the forgotten ones and waits for the checkpoint instead of being compared
+/// mid-stream with misplaced SVM bytes.
+#[test]
+fn a_flood_of_half_open_handshakes_gives_way_to_new_clients_without_a_checkpoint() {
+    let mut run = Run::new(small_table());
+    for port in 0..4 {
+        open(&mut run, port, ms(0));
+    }
+    assert_eq!(run.take(), released(&[0, 1, 2, 3]));
+    // A second later a new client connects: one half-open entry goes, the client is compared.
+    let client = run.pvm_at(&port_frame(10, 100, SYN_ACK, b""), ms(1500));
+    run.svm(&port_frame(10, 700, SYN_ACK, b""));
+    run.pvm_at(&port_frame(10, 101, PSH_ACK, b"answer"), ms(1500));
+    run.svm(&port_frame(10, 701, PSH_ACK, b"answer"));
+    assert_eq!(run.take(), released(&[client.0, client.0 + 1]));
+    assert_eq!(run.engine.flows(), 4);
+    assert_eq!(run.engine.counters().flows_evicted_unaligned, 1);
+    assert_eq!(run.engine.counters().flows_evicted, 0);
+
+    // A data segment of a connection the engine does not know: perhaps a forgotten one.
+    let unknown = run.pvm_at(&port_frame(11, 101, PSH_ACK, b"data"), ms(1600));
+    run.svm(&port_frame(11, 901, PSH_ACK, b"data"));
+    assert_eq!(
+        run.take(),
+        vec![Action::CheckpointNeeded(CheckpointReason::FlowTableFull {
+            flows: 4
+        })],
+        "held uncompared until the checkpoint, not compared mid-stream"
+    );
+    assert_eq!(run.engine.reset(), vec![unknown]);
+    // After the checkpoint both VMs share the numbers again: mid-stream flows are compared.
+    let later = run.pvm_at(&port_frame(11, 105, PSH_ACK, b"more"), ms(1700));
+    run.svm(&port_frame(11, 105, PSH_ACK, b"more"));
+    assert_eq!(run.take(), released(&[later.0]));
+}
+
 #[test]
 fn idle_flows_are_forgotten_only_when_safe_and_come_back_compared() {
     let mut run = Run::new(small_table());
