@@ -4,7 +4,9 @@
 //! terminated by the relay (`--migration-tls`), and the primary QEMU's NBD child of
 //! colo-blockd's `replica` export over NBD `STARTTLS` (`daemon-args` gives colo-blockd
 //! `--tls-dir`/`--tls-peer`, `start` the child's `tls-creds`/`tls-hostname`), on colo's own
-//! daemons. Also the cost: the checkpoint pause of the same soak with and without TLS.
+//! daemons. Strangers on colo-blockd's NBD port (plaintext, the wrong host's certificate,
+//! another CA's) are refused while the pair carries on. Also the cost: the checkpoint pause of
+//! the same soak with and without TLS.
 //!
 //! Real QEMU (TCG) in network namespaces; needs root, `integration/setup.sh`'s artifacts and
 //! this build's `qmp-driver`, `colo-proxyd` and `colo-blockd` binaries.
@@ -218,4 +220,149 @@ async fn tls_cost_checkpoint_pause_with_and_without_tls() {
         ratio(stats::quantile(&tls, 0.9), stats::quantile(&plain, 0.9)),
     );
     println!("{table}");
+}
+
+/// Runs `program args...` in the network namespace `ns` (bounded by `timeout`); returns
+/// whether it succeeded and its stderr.
+fn run_in(ns: &str, program: &str, args: &[String]) -> (bool, String) {
+    let out = std::process::Command::new("timeout")
+        .args(["20", "ip", "netns", "exec", ns, program])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program} in {ns}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// QEMU's NBD client (`qemu-img info`) to colo-blockd's `replica` export over TLS with the
+/// identity in `dir`, expecting the server's certificate for `server_name`.
+fn qemu_img_info_tls(dir: &std::path::Path, server_name: &str, port: u16) -> Vec<String> {
+    vec![
+        "info".into(),
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=stranger0,dir={},endpoint=client",
+            dir.display()
+        ),
+        "--image-opts".into(),
+        format!(
+            "driver=nbd,server.type=inet,server.host={},server.port={port},export=replica,\
+             tls-creds=stranger0,tls-hostname={server_name}",
+            colo_testbed::topology::addr::SECONDARY_HOST
+        ),
+    ]
+}
+
+/// colo-blockd's TCP NBD listener, with the pair over TLS, from the primary's host (on the
+/// replication network): a plaintext client (`nbdinfo`), a client with the **secondary's own**
+/// certificate (same CA, the wrong host) and one with a certificate for the primary's name from
+/// **another CA** (while trusting the pair's CA, so that colo-blockd is the one refusing) are
+/// all refused before any export is opened, while the primary's NBD child
+/// (authenticated once, at `start`) keeps every checkpoint going: the pair then completes more
+/// checkpoints and colo-blockd authenticated exactly one NBD client, the primary host.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn strangers_on_the_nbd_port_are_refused_and_the_pair_carries_on() {
+    use colo_testbed::stock::StockPair;
+    use colo_testbed::stock::driver::{pki_dir, qmp_driver_binary};
+
+    let dir = colo_testbed::artifacts::run_dir("tls-nbd-strangers").unwrap();
+    let pair = StockPair::start("t-tlx", dir.clone(), tls_pair())
+        .await
+        .expect("the pair over TLS entered COLO");
+    let port = pair.driver.disk.nbd_port;
+    let ns = pair.topology.primary.clone();
+    let before = pair.checkpoint_pauses(Role::Primary).len();
+
+    // Another CA's identities for the same names.
+    let other = dir.join("pki-other");
+    let made = std::process::Command::new(qmp_driver_binary().unwrap())
+        .args(["pki", "create", "--out"])
+        .arg(&other)
+        .args(["--host", PRIMARY_TLS_NAME, "--host", SECONDARY_TLS_NAME])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    // A client that trusts the pair's CA (so it accepts colo-blockd's certificate and the
+    // refusal is colo-blockd's) but presents the other CA's certificate for the primary's
+    // name. QEMU checks its own certificate against its CA file, so that file holds both CAs.
+    let mixed = dir.join("pki-mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    let pair_ca =
+        std::fs::read_to_string(pki_dir(&dir).join(PRIMARY_TLS_NAME).join("ca-cert.pem")).unwrap();
+    let other_ca =
+        std::fs::read_to_string(other.join(PRIMARY_TLS_NAME).join("ca-cert.pem")).unwrap();
+    std::fs::write(mixed.join("ca-cert.pem"), format!("{pair_ca}{other_ca}")).unwrap();
+    for file in ["client-cert.pem", "client-key.pem"] {
+        std::fs::copy(other.join(PRIMARY_TLS_NAME).join(file), mixed.join(file)).unwrap();
+    }
+
+    let plaintext = vec![format!(
+        "nbd://{}:{port}/replica",
+        colo_testbed::topology::addr::SECONDARY_HOST
+    )];
+    let attempts = [
+        ("plaintext", "nbdinfo", plaintext),
+        (
+            "the secondary's own certificate",
+            "qemu-img",
+            qemu_img_info_tls(
+                &pki_dir(&dir).join(SECONDARY_TLS_NAME),
+                SECONDARY_TLS_NAME,
+                port,
+            ),
+        ),
+        (
+            "another CA's certificate for the primary",
+            "qemu-img",
+            qemu_img_info_tls(&mixed, SECONDARY_TLS_NAME, port),
+        ),
+    ];
+    for (what, program, args) in &attempts {
+        let (ok, stderr) = run_in(&ns, program, args);
+        println!("{what}: {program} refused: {}", stderr.trim());
+        assert!(
+            !ok,
+            "{what}: {program} reached the replica export: {stderr}"
+        );
+    }
+
+    // The pair carries on: the primary's child still writes every checkpoint's blocks.
+    for _ in 0..3 {
+        pair.request_checkpoint().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    pair.wait_checkpoints(before + 3, Duration::from_secs(60))
+        .await
+        .expect("checkpoints after the strangers");
+    let log = std::fs::read_to_string(dir.join("blockd.log")).unwrap();
+    let authenticated: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("NBD client authenticated by TLS"))
+        .collect();
+    assert_eq!(
+        authenticated.len(),
+        1,
+        "colo-blockd authenticated another client than the primary's child: {authenticated:?}"
+    );
+    assert!(
+        authenticated[0].contains(PRIMARY_TLS_NAME),
+        "{authenticated:?}"
+    );
+    // Both certificate clients were refused by colo-blockd itself, in the handshake.
+    let refused = log
+        .lines()
+        .filter(|l| l.contains("TLS handshake refused"))
+        .count();
+    assert!(
+        refused >= 2,
+        "colo-blockd refused {refused} TLS handshakes, not both certificate clients:\n{log}"
+    );
+    let serial = pair.vm(Role::Primary).unwrap().serial_summary();
+    assert!(
+        serial.last_heartbeat.is_some(),
+        "the guest printed no heartbeat: {serial:?}"
+    );
 }
