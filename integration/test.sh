@@ -4,8 +4,9 @@
 # namespace test bed the stock COLO pair (30+ checkpoints, failover both ways) and the
 # checkpoint-barrier relay and qmp-driver CLI (epoch order, slow and stuck subscribers,
 # start/status/checkpoint/failover), and the pair on colo-blockd and on colo-proxyd (failover
-# in the middle of a checkpoint, A/B against colo-compare); then the relay's added pause
-# against fake QEMUs.
+# in the middle of a checkpoint, A/B against colo-compare), the pair with mutual TLS on every
+# link (NBD, migration, colo-proxyd's link; strangers refused; the checkpoint pause with and
+# without TLS); then the relay's added pause against fake QEMUs.
 #
 # Needs root (network namespaces, taps). Installs and builds what it needs first through
 # integration/setup.sh (idempotent; QEMU and the guest are cached in $COLO_CACHE, default

@@ -1,8 +1,10 @@
 //! `[tls]`: the pair's host identities (`qmp-driver pki`, `docs/security.md`). With it, every
 //! inter-host channel colo generates a command line for runs over mutual TLS: the migration
 //! (the primary QEMU's `tls-creds`, terminated by the relay), the relay's TCP control
-//! listener, and colo-proxyd's link and its control connection to the relay. Without it
-//! nothing changes (plaintext, as on the test bed).
+//! listener, colo-proxyd's link and its control connection to the relay, and with
+//! `disk.backend = "colo-blockd"` the primary's NBD child of colo-blockd (`daemon-args`,
+//! `start`); QEMU's own NBD (the replication backend) stays plaintext. Without it nothing
+//! changes (plaintext, as on the test bed's other pairs).
 
 use super::field::{At, FieldError, Problem, abs_path, required};
 use serde::Deserialize;
