@@ -17,7 +17,9 @@
 //! - [`stats`]: medians and percentiles;
 //! - [`scenario`]: the scenarios the tests and the demo run, with their reports;
 //! - [`barrier`]: the checkpoint-barrier relay's scenarios (epoch order, slow and stuck subscribers);
-//! - [`compare_ab`]: QEMU's colo-compare against colo-proxyd on the identical pair.
+//! - [`compare_ab`]: QEMU's colo-compare against colo-proxyd on the identical pair;
+//! - [`reprotect`]: online re-protect after a failover;
+//! - [`workloads`]: the workload suite against native and stock COLO.
 
 pub mod artifacts;
 pub mod barrier;
@@ -29,7 +31,9 @@ pub mod ha;
 pub mod pacemaker;
 pub mod process;
 pub mod relay_watch;
+pub mod reprotect;
 pub mod scenario;
 pub mod stats;
 pub mod stock;
 pub mod topology;
+pub mod workloads;
