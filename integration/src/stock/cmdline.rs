@@ -22,8 +22,8 @@ pub(super) fn qmp_path(dir: &Path, role: Role) -> PathBuf {
 }
 
 /// What the bed adds to the generated COLO arguments: machine, guest, serial log and its
-/// own QMP monitor.
-fn bed_args(a: &Artifacts, role: Role, dir: &Path, cfg: &PairConfig) -> Vec<String> {
+/// own QMP monitor. The workload suite boots its guests without COLO on the same arguments.
+pub(crate) fn bed_args(a: &Artifacts, role: Role, dir: &Path, cfg: &PairConfig) -> Vec<String> {
     let r = role.name();
     let mut args: Vec<String> = vec![
         "-name".into(),

@@ -34,6 +34,7 @@ use serde::Serialize;
 use serde_json::json;
 
 pub use cmdline::{MACHINE, qemu_args};
+pub(crate) use cmdline::bed_args;
 pub use daemon::DaemonProcess;
 pub use driver::{DriverProcess, RelayProcess, operator_qmp_path};
 pub use events::{EventLog, pause_windows, pauses};
