@@ -62,8 +62,10 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 /// What one served connection did.
 #[derive(Debug)]
 pub struct Served {
-    /// Every message QEMU sent.
+    /// The messages QEMU sent: the newest [`trace::MAX_KEPT`].
     pub trace: Vec<TraceEntry>,
+    /// How many messages QEMU sent in all.
+    pub messages: u64,
     /// Frames the guest sent out of the port.
     pub tx_frames: u64,
     /// Frames delivered to the guest.
@@ -133,6 +135,7 @@ pub fn serve_one<P: Port + 'static>(
     drop(daemon);
     let served = Served {
         trace: trace.entries(),
+        messages: trace.total(),
         tx_frames: backend
             .counters
             .tx_frames

@@ -17,7 +17,11 @@ struct Args {
     /// The tap interface to create or attach to, in this process's network namespace.
     #[arg(long)]
     tap: String,
-    /// Append every message QEMU sends to this file, one line each, as it arrives.
+    /// Append every message QEMU sends to this file, one line each, as it arrives:
+    /// microseconds since QEMU connected, the request, its gist (ring, number, features),
+    /// `need-reply` when QEMU asked for an acknowledgement, `[held]` when the shim held it
+    /// (docs/vhost-user.md). The file is created anew; it grows by some 20 lines per device
+    /// stop and start (every checkpoint of a protected VM).
     #[arg(long)]
     trace: Option<PathBuf>,
 }
@@ -42,9 +46,7 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&args.socket);
     eprintln!(
         "colo-vhost-net: QEMU hung up after {} messages; {} frames out, {} in",
-        served.trace.len(),
-        served.tx_frames,
-        served.rx_frames
+        served.messages, served.tx_frames, served.rx_frames
     );
     Ok(())
 }
