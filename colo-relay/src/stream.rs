@@ -9,6 +9,7 @@
 //! `TCP_NODELAY`: its peer cannot vanish without its kernel closing it, and `TCP_USER_TIMEOUT`
 //! would also end it when that QEMU merely stops reading for a few seconds (a zero window).
 
+use colo_control::ControlListener;
 use colo_daemon::socket::remove_stale_socket;
 use colo_tls::{HandshakeError, PeerAcceptor};
 use colo_types::Address;
@@ -101,13 +102,24 @@ impl Stream {
 pub enum RelayListener {
     /// A bound TCP listener.
     Tcp(TcpListener),
-    /// A bound Unix-socket listener.
-    Unix(UnixListener),
+    /// A bound Unix-socket listener, owner-only (mode 0600) from the moment it exists: the
+    /// migration stream is the guest's RAM and its connection becomes the session, so no other
+    /// local user may connect. It was bound under another name and renamed to `path`
+    /// ([`colo_control::bind_private_unix`]), so the kernel reports the old name:
+    /// `path` is where clients reach it.
+    Unix {
+        /// The socket.
+        listener: UnixListener,
+        /// Where clients reach it.
+        path: std::path::PathBuf,
+    },
 }
 
 impl RelayListener {
     /// Binds `ep`. For `unix:`, a stale socket file (one nobody accepts on)
-    /// is removed first; a live one is an error.
+    /// is removed first; a live one is an error; the socket is owner-only
+    /// (0600) with no window in which another user could connect (only this
+    /// user and root can: a local primary QEMU must run as one of them).
     pub async fn bind(ep: &Address) -> std::io::Result<RelayListener> {
         match ep {
             Address::Tcp { host, port } => Ok(RelayListener::Tcp(
@@ -115,7 +127,15 @@ impl RelayListener {
             )),
             Address::Unix(path) => {
                 remove_stale_socket(path).await?;
-                Ok(RelayListener::Unix(UnixListener::bind(path)?))
+                match colo_control::bind_private_unix(path, None)?.0 {
+                    ControlListener::UnixAt { listener, path } => {
+                        Ok(RelayListener::Unix { listener, path })
+                    }
+                    // bind_private_unix always renames into place.
+                    other => Err(std::io::Error::other(format!(
+                        "unexpected listener from bind_private_unix: {other:?}"
+                    ))),
+                }
             }
         }
     }
@@ -124,13 +144,7 @@ impl RelayListener {
     pub fn local_endpoint(&self) -> std::io::Result<Address> {
         match self {
             RelayListener::Tcp(l) => Ok(Address::from(l.local_addr()?)),
-            RelayListener::Unix(l) => {
-                let addr = l.local_addr()?;
-                let path = addr.as_pathname().ok_or_else(|| {
-                    std::io::Error::new(std::io::ErrorKind::InvalidInput, "unnamed unix socket")
-                })?;
-                Ok(Address::Unix(path.to_path_buf()))
-            }
+            RelayListener::Unix { path, .. } => Ok(Address::Unix(path.clone())),
         }
     }
 
@@ -143,9 +157,18 @@ impl RelayListener {
                 tune_inter_host(&s, "relay channel from the primary")?;
                 Ok((Stream::Tcp(s), peer.to_string(), Some(peer.ip())))
             }
-            RelayListener::Unix(l) => {
-                let (s, _) = l.accept().await?;
-                Ok((Stream::Unix(s), "unix peer".to_string(), None))
+            RelayListener::Unix { listener, .. } => {
+                let (s, _) = listener.accept().await?;
+                // Who connected, for the logs (the mode already decided who may).
+                let peer = match s.peer_cred() {
+                    Ok(c) => format!(
+                        "unix peer uid={} pid={}",
+                        c.uid(),
+                        c.pid().map_or("?".into(), |p| p.to_string())
+                    ),
+                    Err(_) => "unix peer".to_string(),
+                };
+                Ok((Stream::Unix(s), peer, None))
             }
         }
     }

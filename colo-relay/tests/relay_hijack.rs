@@ -308,6 +308,62 @@ async fn run_gives_the_control_socket_to_its_group() {
     within(relay).await.unwrap().unwrap();
 }
 
+/// `run` with a Unix migration listener (`--listen unix:`): the socket is
+/// owner-only (0600) as soon as it exists, like the control socket, so only
+/// this user and root can connect (the stream is the guest's RAM and the
+/// first connection becomes the session). Its owner still migrates through
+/// it: the secondary gets the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_binds_a_unix_migration_listener_owner_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = dir.path().join("in.sock");
+    let sec = dir.path().join("sec.sock");
+    let sec_listener = tokio::net::UnixListener::bind(&sec).unwrap();
+    let control = dir.path().join("control.sock");
+    let cfg = RelayConfig {
+        listen: Address::unix(&listen),
+        target: Address::unix(&sec),
+        control: control.clone(),
+        ..RelayConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(colo_relay::run(cfg, shutdown.clone()));
+    let deadline = Instant::now() + T;
+    while query_status(&control).await.is_err() || !listen.exists() {
+        assert!(Instant::now() < deadline, "relay never came up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mode = std::fs::metadata(&listen).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "migration listener mode {mode:o}");
+    // No temporary directory of the no-window bind is left beside it.
+    let mut left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["control.sock", "in.sock", "sec.sock"]);
+
+    let mut primary = UnixStream::connect(&listen).await.unwrap();
+    primary.write_all(&QEVM_MAGIC.to_be_bytes()).await.unwrap();
+    primary.write_all(b"ram").await.unwrap();
+    let (mut secondary, _) = within(sec_listener.accept()).await.unwrap();
+    let mut got = [0u8; 7];
+    within(secondary.read_exact(&mut got)).await.unwrap();
+    assert_eq!(&got[..4], &QEVM_MAGIC.to_be_bytes());
+    assert_eq!(&got[4..], b"ram");
+    assert_eq!(
+        query_status(&control)
+            .await
+            .unwrap()
+            .refused_migration_channels,
+        0
+    );
+    drop((primary, secondary));
+    shutdown.cancel();
+    within(relay).await.unwrap().unwrap();
+    assert!(!listen.exists());
+}
+
 /// `run` with `--tls-dir`/`--tls-peer`: the TCP control listener serves the
 /// other host's certificate only; a plaintext client (a stranger, or a
 /// daemon not configured for TLS) is refused and counted.
