@@ -367,3 +367,200 @@ fn peer_names_must_be_dns_names() {
     assert!(PeerConnector::new(&a, "10.0.0.1", BOUND).is_err());
     assert!(PeerConnector::new(&a, "not a name", BOUND).is_err());
 }
+
+/// Runs the real `openssl` command in `dir`; panics with its stderr on failure.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (the operator's tool here) must be installed");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An operator's own PKI, made with the `openssl` command as an operator would: a root CA, an
+/// intermediate CA that signs the hosts, RSA host keys (where `pki create` makes ECDSA ones).
+/// Writes `dir/<host>/` in the identity layout for each of `hosts`: `ca-cert.pem` the root
+/// only, each certificate file the leaf then the intermediate, keys 0600, the directory 0700.
+fn operator_pki(dir: &Path, hosts: &[&str]) {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::write(
+        dir.join("int.ext"),
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "root.key",
+            "-out",
+            "root.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/O=Operator/CN=Operator Root CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "int.key",
+            "-out",
+            "int.csr",
+            "-subj",
+            "/O=Operator/CN=Operator COLO Intermediate",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "int.csr",
+            "-CA",
+            "root.pem",
+            "-CAkey",
+            "root.key",
+            "-set_serial",
+            "2",
+            "-days",
+            "30",
+            "-extfile",
+            "int.ext",
+            "-out",
+            "int.pem",
+        ],
+    );
+    let intermediate = std::fs::read_to_string(dir.join("int.pem")).unwrap();
+    for (n, host) in hosts.iter().enumerate() {
+        std::fs::write(
+            dir.join(format!("{host}.ext")),
+            format!(
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+                 extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=DNS:{host}\n"
+            ),
+        )
+        .unwrap();
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{host}.key"),
+                "-out",
+                &format!("{host}.csr"),
+                "-subj",
+                &format!("/O=Operator/CN={host}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{host}.csr"),
+                "-CA",
+                "int.pem",
+                "-CAkey",
+                "int.key",
+                "-set_serial",
+                &(10 + n).to_string(),
+                "-days",
+                "30",
+                "-extfile",
+                &format!("{host}.ext"),
+                "-out",
+                &format!("{host}.pem"),
+            ],
+        );
+        let d = dir.join(host);
+        std::fs::DirBuilder::new().mode(0o700).create(&d).unwrap();
+        std::fs::copy(dir.join("root.pem"), d.join("ca-cert.pem")).unwrap();
+        let leaf = std::fs::read_to_string(dir.join(format!("{host}.pem"))).unwrap();
+        let key = std::fs::read(dir.join(format!("{host}.key"))).unwrap();
+        for role in ["server", "client"] {
+            std::fs::write(
+                d.join(format!("{role}-cert.pem")),
+                format!("{leaf}{intermediate}"),
+            )
+            .unwrap();
+            let key_path = d.join(format!("{role}-key.pem"));
+            std::fs::write(&key_path, &key).unwrap();
+            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+}
+
+/// "Operators may bring certificates of their own CA" (`docs/security.md`): identities made
+/// with `openssl`, RSA keys, an intermediate CA in each certificate file, load; the pair
+/// authenticates each other by name through the intermediate; the operator's certificate for
+/// a third host is refused where only the peer is allowed, and one of `pki create`'s pair
+/// for the peer's own name is refused by the operator's pair (another CA).
+#[tokio::test]
+async fn an_operators_own_ca_with_an_intermediate_and_rsa_keys_works() {
+    let dir = tempfile::tempdir().unwrap();
+    operator_pki(dir.path(), &["hosta", "hostb", "hostc"]);
+    let a = HostIdentity::load(dir.path().join("hosta")).unwrap();
+    let b = HostIdentity::load(dir.path().join("hostb")).unwrap();
+    let c = HostIdentity::load(dir.path().join("hostc")).unwrap();
+    assert_eq!((a.name(), b.name(), c.name()), ("hosta", "hostb", "hostc"));
+
+    // The pair: each side names the other.
+    let acceptor = PeerAcceptor::new(&a, &hosts(&["hostb"]), BOUND).unwrap();
+    let (x, y) = tokio::io::duplex(64 * 1024);
+    let server = tokio::spawn(async move { acceptor.accept(x).await.map(|(_, n)| n) });
+    let connector = PeerConnector::new(&b, "hosta", BOUND).unwrap();
+    let (_stream, name) = connector.connect(y).await.unwrap();
+    assert_eq!(name, "hosta");
+    assert_eq!(server.await.unwrap().unwrap(), "hostb");
+    let acceptor = PeerAcceptor::new(&a, &hosts(&["hostb"]), BOUND).unwrap();
+    let outcome = handshake(acceptor, client_config(&b), "hosta").await;
+    assert_eq!(outcome.server.unwrap(), "hostb");
+    assert_eq!(outcome.client_read.unwrap(), 42);
+
+    // The operator's CA, another host: refused by name.
+    let acceptor = PeerAcceptor::new(&a, &hosts(&["hostb"]), BOUND).unwrap();
+    let outcome = handshake(acceptor, client_config(&c), "hosta").await;
+    let err = outcome.server.as_ref().unwrap_err().to_string();
+    assert!(err.contains("NotValidForName"), "{err}");
+    assert_refused(outcome, "the operator's certificate for a host not allowed");
+
+    // hostb of `pki create`'s CA, trusting the operator's root: refused (another CA).
+    let (_, generated_b) = pair(&dir.path().join("generated"));
+    let client = rustls::ClientConfig::builder_with_provider(crate::config::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(a.roots.clone())
+        .with_client_auth_cert(
+            generated_b.client.chain.clone(),
+            generated_b.client.key.clone_key(),
+        )
+        .unwrap();
+    let acceptor = PeerAcceptor::new(&a, &hosts(&["hostb"]), BOUND).unwrap();
+    let outcome = handshake(acceptor, client, "hosta").await;
+    assert_refused(outcome, "hostb of another CA");
+}
