@@ -403,6 +403,9 @@ struct Pki {
     other: HostIdentity,
     /// Same names, another CA.
     foreign_other: HostIdentity,
+    /// `foreign_other` trusting the pair's CA as well: it accepts the relay's certificate and
+    /// shows its own, so it is the relay that must refuse it.
+    trusting_foreign: HostIdentity,
     _dir: tempfile::TempDir,
 }
 
@@ -411,10 +414,20 @@ fn pki() -> Pki {
     let names = ["hosta".to_string(), "hostb".to_string()];
     let ours = create_pair(&dir.path().join("ours"), &names, Validity::days(30)).unwrap();
     let theirs = create_pair(&dir.path().join("theirs"), &names, Validity::days(30)).unwrap();
+    let mixed = dir.path().join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    for file in colo_tls::IDENTITY_FILES {
+        // `copy` keeps the keys' 0600.
+        std::fs::copy(theirs.host_dirs[0].join(file), mixed.join(file)).unwrap();
+    }
+    let mut cas = std::fs::read(theirs.host_dirs[0].join(colo_tls::CA_CERT)).unwrap();
+    cas.extend(std::fs::read(ours.ca_dir.join(colo_tls::CA_CERT)).unwrap());
+    std::fs::write(mixed.join(colo_tls::CA_CERT), cas).unwrap();
     Pki {
         other: HostIdentity::load(&ours.host_dirs[0]).unwrap(),
         relay: HostIdentity::load(&ours.host_dirs[1]).unwrap(),
         foreign_other: HostIdentity::load(&theirs.host_dirs[0]).unwrap(),
+        trusting_foreign: HostIdentity::load(&mixed).unwrap(),
         _dir: dir,
     }
 }
@@ -467,7 +480,8 @@ async fn over_tls_the_other_host_subscribes_and_takes_part_in_barriers() {
 }
 
 /// Without a certificate (plaintext), with the relay host's own identity
-/// (the wrong host), and with a certificate of another CA: each is closed
+/// (the wrong host), and with a certificate of another CA (also from a
+/// client that trusts the relay's CA): each is closed
 /// before a protocol byte is read, counted, registers nothing and changes
 /// nothing for a real subscriber.
 #[tokio::test]
@@ -515,8 +529,24 @@ async fn over_tls_strangers_and_wrong_credentials_are_refused_and_change_nothing
     .await
     .unwrap_err();
     assert!(matches!(e, ControlError::Connect { .. }), "{e}");
-    wait_until("three refusals counted", || {
-        b.hub.status().refused_control_connections == 3
+    // Another CA's certificate for the allowed name, from a client that trusts the relay's CA:
+    // the relay refuses it in the handshake (TLS 1.3: the client may see that at its first
+    // read), never the client.
+    let e = Subscriber::connect_tls(
+        &b.tcp,
+        "colo-proxyd",
+        true,
+        &opts,
+        Some(&connector(&pki.trusting_foreign)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        !e.to_string().contains("invalid peer certificate"),
+        "the client, not the relay, refused: {e}"
+    );
+    wait_until("four refusals counted", || {
+        b.hub.status().refused_control_connections == 4
     })
     .await;
     let st = b.hub.status();

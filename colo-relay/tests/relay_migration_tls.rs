@@ -349,10 +349,26 @@ async fn migration_time_with_and_without_tls() {
     );
 }
 
+/// A copy of the identity directory `host` whose `ca-cert.pem` also holds the CA of `ca_dir`:
+/// a host of another CA that trusts the pair's CA as well, so that it completes its side of the
+/// handshake with the pair's servers and presents its own certificate.
+fn trusting_both(host: &Path, ca_dir: &Path, out: &Path) -> PathBuf {
+    std::fs::create_dir(out).unwrap();
+    for file in colo_tls::IDENTITY_FILES {
+        // `copy` keeps the keys' 0600.
+        std::fs::copy(host.join(file), out.join(file)).unwrap();
+    }
+    let mut cas = std::fs::read(host.join(colo_tls::CA_CERT)).unwrap();
+    cas.extend(std::fs::read(ca_dir.join("ca-cert.pem")).unwrap());
+    std::fs::write(out.join(colo_tls::CA_CERT), cas).unwrap();
+    out.to_path_buf()
+}
+
 /// The same rules with rustls clients and a fake secondary (no QEMU needed): plaintext, the
-/// secondary host's own certificate and another CA's are refused and counted before the
-/// secondary is connected; the primary host's certificate gets a session whose stream reaches
-/// the secondary decrypted, and whose return path comes back through the same TLS session.
+/// secondary host's own certificate and another CA's (also one that trusts the pair's CA) are
+/// refused and counted before the secondary is connected; the primary host's certificate gets
+/// a session whose stream reaches the secondary decrypted, and whose return path comes back
+/// through the same TLS session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_primary_hosts_certificate_reaches_the_secondary() {
     use colo_relay::QEVM_MAGIC;
@@ -390,8 +406,11 @@ async fn only_the_primary_hosts_certificate_reaches_the_secondary() {
         &buf[..]
     );
     await_refused(&relay, 1).await;
-    // The wrong identities fail the handshake.
-    for (n, identity) in [&pair.host_dirs[1], &other.host_dirs[0]]
+    // The wrong identities fail the handshake: the secondary host's own, hosta of another CA,
+    // and hosta of another CA that trusts the pair's CA too (so it accepts the relay's
+    // certificate and shows its own: the relay itself must refuse it).
+    let trusting = trusting_both(&other.host_dirs[0], &pair.ca_dir, &dir.path().join("mixed"));
+    for (n, identity) in [&pair.host_dirs[1], &other.host_dirs[0], &trusting]
         .into_iter()
         .enumerate()
     {
@@ -400,14 +419,23 @@ async fn only_the_primary_hosts_certificate_reaches_the_secondary() {
         let io = UnixStream::connect(&relay_sock).await.unwrap();
         // TLS 1.3: the client's handshake may finish before the server's verdict arrives,
         // which then fails the first read.
-        if let Ok((mut s, _)) = tls.connect(io).await {
-            let _ = s.write_all(&magic).await;
-            let got = tokio::time::timeout(T, s.read(&mut buf)).await.unwrap();
-            assert!(
-                matches!(got, Ok(0) | Err(_)),
-                "{} was served",
-                identity.display()
-            );
+        match tls.connect(io).await {
+            Ok((mut s, _)) => {
+                let _ = s.write_all(&magic).await;
+                let got = tokio::time::timeout(T, s.read(&mut buf)).await.unwrap();
+                assert!(
+                    matches!(got, Ok(0) | Err(_)),
+                    "{} was served",
+                    identity.display()
+                );
+            }
+            // The client that trusts the pair's CA accepts the relay's certificate: if its
+            // handshake fails, it is the relay that refused.
+            Err(e) if identity == &trusting => assert!(
+                !e.to_string().contains("invalid peer certificate"),
+                "the client, not the relay, refused: {e}"
+            ),
+            Err(_) => {}
         }
         await_refused(&relay, n as u64 + 2).await;
     }
@@ -442,7 +470,7 @@ async fn only_the_primary_hosts_certificate_reaches_the_secondary() {
     assert_eq!(&back, b"return path");
     let st = query_status(&Address::unix(&relay.control)).await.unwrap();
     assert!(st.main_channel_connected);
-    assert_eq!(st.refused_migration_channels, 3);
+    assert_eq!(st.refused_migration_channels, 4);
     drop((primary, sec));
     relay.stop().await;
 }
