@@ -26,11 +26,14 @@ const MIB: usize = 1024 * 1024;
 const STUCK: Duration = Duration::from_secs(30);
 
 /// A pair's identities (`secondary` serves, `primary` connects, `intruder` is of the same CA
-/// but not allowed) and a `stranger` of another CA with the primary's name.
+/// but not allowed), a `stranger` of another CA with the primary's name, and `trusting`, the
+/// stranger trusting the pair's CA too (so its client accepts the server's certificate and
+/// presents its own: the server must refuse it).
 struct Pki {
     _dir: tempfile::TempDir,
     root: PathBuf,
     stranger: PathBuf,
+    trusting: PathBuf,
 }
 
 impl Pki {
@@ -45,9 +48,20 @@ impl Pki {
             colo_tls::pki::Validity::days(30),
         )
         .unwrap();
+        let stranger = other.join("primary");
+        let trusting = dir.path().join("trusting");
+        std::fs::create_dir(&trusting).unwrap();
+        for file in colo_tls::IDENTITY_FILES {
+            // `copy` keeps the keys' 0600.
+            std::fs::copy(stranger.join(file), trusting.join(file)).unwrap();
+        }
+        let mut cas = std::fs::read(stranger.join(colo_tls::CA_CERT)).unwrap();
+        cas.extend(std::fs::read(dir.path().join("ca").join(colo_tls::CA_CERT)).unwrap());
+        std::fs::write(trusting.join(colo_tls::CA_CERT), cas).unwrap();
         Pki {
             root: dir.path().to_path_buf(),
-            stranger: other.join("primary"),
+            stranger,
+            trusting,
             _dir: dir,
         }
     }
@@ -275,6 +289,17 @@ async fn assert_refused_in_handshake(s: &TestServer, before: u64, attempt: Attem
             Err(_) => true,
             Ok((t, _)) => refused_after_handshake(t).await,
         },
+        Attempt::ServerMustRefuse(dir) => match Pki::connector(&dir).connect(c).await {
+            // The client accepted the server's certificate: a failure is the server's alert.
+            Err(e) => {
+                assert!(
+                    !e.to_string().contains("invalid peer certificate"),
+                    "the client, not the server, refused: {e}"
+                );
+                true
+            }
+            Ok((t, _)) => refused_after_handshake(t).await,
+        },
         Attempt::NoCertificate(ca) => {
             let name = rustls::pki_types::ServerName::try_from("secondary").unwrap();
             let connector = tokio_rustls::TlsConnector::from(no_certificate_client(&ca));
@@ -318,6 +343,8 @@ async fn refused_after_handshake<S: AsyncRead + AsyncWrite + Unpin>(mut t: S) ->
 
 enum Attempt {
     Identity(PathBuf),
+    /// An identity whose client trusts the server: only the server can refuse it.
+    ServerMustRefuse(PathBuf),
     /// Trusts the CA of this identity dir, presents no certificate.
     NoCertificate(PathBuf),
 }
@@ -352,6 +379,9 @@ async fn strangers_are_refused_in_the_tls_handshake_and_change_nothing() {
     assert_refused_in_handshake(&s, 2, Attempt::Identity(pki.host("intruder"))).await;
     // The secondary's own identity is not the primary's either.
     assert_refused_in_handshake(&s, 3, Attempt::Identity(pki.host("secondary"))).await;
+    // Another CA's certificate for the allowed name, from a client that trusts the pair's CA:
+    // the server's own check refuses it.
+    assert_refused_in_handshake(&s, 4, Attempt::ServerMustRefuse(pki.trusting.clone())).await;
     assert_eq!(s.metrics.tls_refusals(TlsRefusal::NoStartTls), 0);
 }
 
