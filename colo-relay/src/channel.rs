@@ -52,6 +52,11 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 /// it at once; a connection that does not holds the session slot (and keeps
 /// the real primary out) for at most this long.
 pub(crate) const MAGIC_TIMEOUT: Duration = Duration::from_secs(10);
+/// With `--migration-tls`, how many connections may be in their TLS handshake at once while no
+/// session runs. A handshake does not hold the session slot (only an authenticated primary
+/// takes it), so a stranger that connects first and stalls cannot keep the real primary out;
+/// this bounds what such strangers cost. One more is closed at once.
+pub const MAX_PENDING_HANDSHAKES: usize = 8;
 
 /// The refused-connection warning: anyone who can reach the listener can
 /// cause it at will, so it costs at most a line a second.
@@ -122,6 +127,15 @@ impl Drop for SessionSlot {
     }
 }
 
+/// What an accepted connection holds while it is being looked at.
+#[derive(Debug)]
+enum Admitted {
+    /// The session slot (without TLS: taken at accept).
+    Slot(SessionSlot),
+    /// A place among the handshakes in progress (with TLS: the slot comes after it).
+    Handshake(tokio::sync::OwnedSemaphorePermit),
+}
+
 /// Shared by every connection task of one [`super::serve`] call.
 #[derive(Debug)]
 pub(crate) struct Relay {
@@ -139,6 +153,8 @@ pub(crate) struct Relay {
     /// When set, every migration connection is a TLS client that must
     /// present the primary host's certificate (`--migration-tls`).
     tls: Option<PeerAcceptor>,
+    /// Handshakes in progress (with `tls`), at most [`MAX_PENDING_HANDSHAKES`].
+    pending: Arc<tokio::sync::Semaphore>,
 }
 
 impl Relay {
@@ -166,6 +182,7 @@ impl Relay {
             busy: Arc::new(AtomicBool::new(false)),
             peers,
             tls,
+            pending: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES)),
         })
     }
 
@@ -199,11 +216,22 @@ impl Relay {
     /// Takes the session slot for a new connection, or says why it is
     /// refused (nothing has been read from it).
     fn admit(&self, peer_ip: Option<IpAddr>) -> Result<SessionSlot, String> {
-        if let (Some(ip), Some(allowed)) = (peer_ip, &self.peers)
-            && !allowed.contains(&ip)
-        {
-            return Err(format!("{ip} is not an allowed migration peer"));
+        self.allowed_peer(peer_ip)?;
+        self.take_slot()
+    }
+
+    /// Whether `--migration-peer` lets `peer_ip` in.
+    fn allowed_peer(&self, peer_ip: Option<IpAddr>) -> Result<(), String> {
+        match (peer_ip, &self.peers) {
+            (Some(ip), Some(allowed)) if !allowed.contains(&ip) => {
+                Err(format!("{ip} is not an allowed migration peer"))
+            }
+            _ => Ok(()),
         }
+    }
+
+    /// Takes the session slot, or says why not.
+    fn take_slot(&self) -> Result<SessionSlot, String> {
         self.busy
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .map(|_| SessionSlot(self.busy.clone()))
@@ -246,8 +274,22 @@ impl Relay {
                     // Refused before a byte is read, and before the
                     // secondary is connected: the running session, and the
                     // secondary QEMU's one incoming migration, stay untouched.
-                    let slot = match self.admit(peer_ip) {
-                        Ok(slot) => slot,
+                    // With TLS the slot is taken only once the handshake
+                    // authenticated the primary (`handle_connection`); a
+                    // running session still refuses everyone unread here.
+                    let admitted = match &self.tls {
+                        None => self.admit(peer_ip).map(Admitted::Slot),
+                        Some(_) => self.allowed_peer(peer_ip).and_then(|()| {
+                            if self.busy.load(Ordering::SeqCst) {
+                                return Err("a migration session is running; the relay serves one at a time".to_string());
+                            }
+                            self.pending.clone().try_acquire_owned().map(Admitted::Handshake).map_err(|_| {
+                                format!("{MAX_PENDING_HANDSHAKES} connections are in their TLS handshake already")
+                            })
+                        }),
+                    };
+                    let slot = match admitted {
+                        Ok(a) => a,
                         Err(why) => {
                             drop(stream);
                             self.refused(&peer, &why);
@@ -279,26 +321,39 @@ impl Relay {
         tracing::info!("relay stopped");
     }
 
-    async fn handle_connection(self: Arc<Self>, primary: Stream, peer: String, slot: SessionSlot) {
+    async fn handle_connection(self: Arc<Self>, primary: Stream, peer: String, admitted: Admitted) {
         let chan = self.next_id.fetch_add(1, Ordering::Relaxed);
         // With --migration-tls, the handshake comes first: a client that
         // fails it is refused like any stranger, before the secondary is
-        // connected (the slot is held meanwhile, for at most the handshake's
-        // bound, as for the magic below).
-        let (mut pr, mut pw) = match &self.tls {
-            None => primary.into_split(),
-            Some(acceptor) => {
+        // connected. It holds a pending permit meanwhile, not the session
+        // slot: a stranger that stalls its handshake cannot keep the real
+        // primary out. The slot goes to the first authenticated connection.
+        let (slot, (mut pr, mut pw)) = match (&self.tls, admitted) {
+            (_, Admitted::Slot(slot)) => (slot, primary.into_split()),
+            (None, Admitted::Handshake(_)) => {
+                unreachable!("a pending permit is only given with TLS")
+            }
+            (Some(acceptor), Admitted::Handshake(permit)) => {
                 let handshake = tokio::select! {
                     _ = self.shutdown.cancelled() => return,
                     r = primary.accept_tls(acceptor) => r,
                 };
-                match handshake {
+                drop(permit);
+                let halves = match handshake {
                     Ok((halves, name)) => {
                         tracing::info!(chan, %peer, tls_peer = %name, "migration connection authenticated (TLS)");
                         halves
                     }
                     Err(e) => {
                         self.refused(&peer, &format!("the TLS handshake failed: {e}"));
+                        return;
+                    }
+                };
+                match self.take_slot() {
+                    Ok(slot) => (slot, halves),
+                    Err(why) => {
+                        drop(halves);
+                        self.refused(&peer, &format!("authenticated, but {why}"));
                         return;
                     }
                 }

@@ -63,6 +63,7 @@ mod channel;
 pub mod colo_message;
 mod stream;
 
+pub use channel::MAX_PENDING_HANDSHAKES;
 pub use colo_message::{ColoMessage, ColoParser, MULTIFD_MAGIC, ParseError, QEVM_MAGIC};
 pub use stream::RelayListener;
 

@@ -475,6 +475,137 @@ async fn only_the_primary_hosts_certificate_reaches_the_secondary() {
     relay.stop().await;
 }
 
+/// Strangers that connect first and stall in the TLS handshake do not keep the real primary
+/// out: a handshake does not hold the session slot, so the primary, connecting after them,
+/// authenticates, takes the session and reaches the secondary (the first connection it ever
+/// sees). While the session runs, a new connection is refused unread; beyond
+/// `MAX_PENDING_HANDSHAKES` handshakes at once, one more is refused at once; the stalled ones
+/// are counted as refused when they give up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_stalling_their_handshake_do_not_keep_the_primary_out() {
+    use colo_relay::{MAX_PENDING_HANDSHAKES, QEVM_MAGIC};
+    use colo_tls::{DEFAULT_HANDSHAKE_TIMEOUT, HostIdentity, PeerConnector};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{UnixListener, UnixStream};
+
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["hosta".to_string(), "hostb".to_string()];
+    let pair = create_pair(&dir.path().join("pki"), &names, Validity::days(30)).unwrap();
+    let incoming = dir.path().join("secondary-incoming.sock");
+    let secondary = UnixListener::bind(&incoming).unwrap();
+    let relay = relay(
+        dir.path(),
+        "relay",
+        &incoming,
+        Some(ControlTls {
+            dir: pair.host_dirs[1].clone(),
+            peer: "hosta".into(),
+        }),
+    )
+    .await;
+    let relay_sock = dir.path().join("relay-in.sock");
+
+    // Every handshake place but one taken by silent strangers, who connected first (the
+    // relay accepts in order: without TLS, the first of them would hold the session slot).
+    let mut silent = Vec::new();
+    for _ in 0..MAX_PENDING_HANDSHAKES - 1 {
+        silent.push(UnixStream::connect(&relay_sock).await.unwrap());
+    }
+    assert_eq!(relay.refused().await, 0);
+
+    // The primary host, after them: authenticated, served.
+    let hosta = HostIdentity::load(&pair.host_dirs[0]).unwrap();
+    let tls = PeerConnector::new(&hosta, "hostb", DEFAULT_HANDSHAKE_TIMEOUT).unwrap();
+    let io = UnixStream::connect(&relay_sock).await.unwrap();
+    let (mut primary, _) = tls.connect(io).await.unwrap();
+    primary.write_all(&QEVM_MAGIC.to_be_bytes()).await.unwrap();
+    primary.write_all(b"ram").await.unwrap();
+    primary.flush().await.unwrap();
+    let (mut sec, _) = tokio::time::timeout(T, secondary.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut got = [0u8; 7];
+    tokio::time::timeout(T, sec.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got[..4], &QEVM_MAGIC.to_be_bytes());
+    assert_eq!(&got[4..], b"ram");
+    let st = query_status(&Address::unix(&relay.control)).await.unwrap();
+    assert!(st.main_channel_connected);
+    assert_eq!(st.refused_migration_channels, 0);
+
+    // While the session runs: refused unread.
+    let mut late = UnixStream::connect(&relay_sock).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(T, late.read(&mut buf)).await.unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "served during a session");
+    await_refused(&relay, 1).await;
+
+    // The stalled ones give up: each a failed handshake, counted; the session is untouched.
+    drop(silent);
+    await_refused(&relay, MAX_PENDING_HANDSHAKES as u64).await;
+    sec.write_all(b"still").await.unwrap();
+    let mut back = [0u8; 5];
+    tokio::time::timeout(T, primary.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"still");
+    drop((primary, sec));
+    relay.stop().await;
+}
+
+/// With no session, the handshakes in progress are bounded: one connection beyond
+/// `MAX_PENDING_HANDSHAKES` is refused at once (and the secondary is never connected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_in_progress_are_bounded() {
+    use colo_relay::MAX_PENDING_HANDSHAKES;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::UnixStream;
+
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["hosta".to_string(), "hostb".to_string()];
+    let pair = create_pair(&dir.path().join("pki"), &names, Validity::days(30)).unwrap();
+    let incoming = dir.path().join("secondary-incoming.sock");
+    let secondary = std::os::unix::net::UnixListener::bind(&incoming).unwrap();
+    secondary.set_nonblocking(true).unwrap();
+    let relay = relay(
+        dir.path(),
+        "relay",
+        &incoming,
+        Some(ControlTls {
+            dir: pair.host_dirs[1].clone(),
+            peer: "hosta".into(),
+        }),
+    )
+    .await;
+    let relay_sock = dir.path().join("relay-in.sock");
+    let mut silent = Vec::new();
+    for _ in 0..MAX_PENDING_HANDSHAKES {
+        silent.push(UnixStream::connect(&relay_sock).await.unwrap());
+    }
+    let mut extra = UnixStream::connect(&relay_sock).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(T, extra.read(&mut buf)).await.unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "one beyond the bound was served"
+    );
+    await_refused(&relay, 1).await;
+    drop(silent);
+    await_refused(&relay, 1 + MAX_PENDING_HANDSHAKES as u64).await;
+    let st = query_status(&Address::unix(&relay.control)).await.unwrap();
+    assert!(!st.main_channel_connected);
+    assert_eq!(
+        secondary.accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "the secondary was connected for a refused connection"
+    );
+    relay.stop().await;
+}
+
 /// A COLO session over TLS (fake QEMUs, rustls client): the relay parses the decrypted
 /// return path, runs every barrier with its sync subscriber, and each COLO message reaches the
 /// primary through the TLS session on its own, with no later write to push it out (the
