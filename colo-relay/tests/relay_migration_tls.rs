@@ -393,6 +393,11 @@ async fn only_the_primary_hosts_certificate_reaches_the_secondary() {
     )
     .await;
     let relay_sock = dir.path().join("relay-in.sock");
+    // Sees every event the relay publishes from here on.
+    let mut monitor =
+        colo_control::client::Subscriber::connect(Address::unix(&relay.control), "monitor", false)
+            .await
+            .unwrap();
     let magic = QEVM_MAGIC.to_be_bytes();
 
     // Plaintext: closed by the relay without an answer.
@@ -439,6 +444,18 @@ async fn only_the_primary_hosts_certificate_reaches_the_secondary() {
         }
         await_refused(&relay, n as u64 + 2).await;
     }
+
+    // Nothing was published for the refused connections: the operator's failover (only an
+    // announcement to subscribers), as a marker, is the first event.
+    colo_control::client::notify_failover(&relay.control, colo_types::Role::Primary)
+        .await
+        .unwrap();
+    let ev = monitor.next_event_timeout(T).await.unwrap().unwrap();
+    assert_eq!(
+        (ev.event, ev.seq),
+        (colo_control::protocol::EventKind::Failover, 1),
+        "an event before the marker: {ev:?}"
+    );
 
     // The primary host: its stream reaches the secondary decrypted, the answer comes back.
     let hosta = HostIdentity::load(&pair.host_dirs[0]).unwrap();
