@@ -1,2 +1,294 @@
 //! Online re-protect on the bed (issue 14): after a failover, the survivor keeps serving while
-//! a new secondary is brought in with `qmp-driver reprotect`. Work in progress.
+//! a new secondary is brought in with `qmp-driver reprotect`'s sequence
+//! ([`qmp_driver::pair::reprotect`]), and the pair is back in COLO; then a second failover
+//! must lose nothing.
+//!
+//! [`after_losing_the_secondary`]: the pair of colo's daemons (colo-blockd, colo-proxyd on
+//! both hosts, the relay) runs COLO; the secondary's host dies (its QEMU and daemons
+//! SIGKILLed) and the primary carries on alone; the host comes back (its stale image still
+//! there) and the primary, serving a client that keeps asking and a long-lived echo
+//! connection all along, is re-protected; checkpoints go on; then the **primary** is killed
+//! during a download and the new secondary takes over: the download, the echo connection and
+//! every disk record the guest promised must be on it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::client::{EchoReport, EchoSession, Fetch, HttpClient, md5_hex};
+use crate::guest::DiskCheck;
+use crate::scenario::{DownloadReport, ECHO_PORT, guest_server, probe};
+use crate::stock::{PairConfig, Role, StockPair, pauses};
+use qmp_driver::pair::{self, ReprotectOptions, ReprotectReport};
+
+/// What the run measured and saw. Times in ms.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReprotectRun {
+    /// Where the run's logs, events and images are.
+    pub run_dir: std::path::PathBuf,
+    /// Checkpoints before the secondary was lost.
+    pub checkpoints_first_pair: usize,
+    /// The re-protect as `qmp-driver reprotect` reports it (phases, bytes, pause at the switch).
+    pub reprotect: ReprotectReport,
+    /// The primary's pause at the switch as QEMU's own STOP/RESUME events give it (the first
+    /// pause of the re-protect: the migration's stop to COLO running).
+    pub switch_pause_qemu_ms: Option<f64>,
+    /// Requests to the guest during the re-protect, one after the other.
+    pub requests_during: usize,
+    /// Those that failed.
+    pub failures_during: Vec<String>,
+    /// The longest a client waited for an answer during the re-protect: the slowest request,
+    /// or the longest echo wait, whichever is longer.
+    pub longest_stall_ms: f64,
+    /// Checkpoints of the new pair (both sides) before the second failure.
+    pub checkpoints_new_pair: (usize, usize),
+    /// The download in flight when the primary died.
+    pub download: DownloadReport,
+    /// A long-lived echo connection across the re-protect (opened while the primary served
+    /// alone, its traffic moving from the bridged path to compared output at the switch).
+    pub echo_reprotect: EchoReport,
+    /// A long-lived echo connection across the second failover.
+    pub echo: EchoReport,
+    /// Requests after the second failover that were answered.
+    pub after_failover_ok: usize,
+    /// Requests after the second failover that failed.
+    pub after_failover_failures: Vec<String>,
+    /// The survivor's heartbeat at the kill and at the end.
+    pub heartbeats: (Option<u64>, Option<u64>),
+    /// Errors the survivor's guest printed.
+    pub guest_errors: Vec<String>,
+    /// The new secondary's disk, after it took over.
+    pub disk: DiskCheck,
+}
+
+impl ReprotectRun {
+    /// The figures, for humans.
+    pub fn render(&self) -> String {
+        let r = &self.reprotect;
+        let phases: Vec<String> = r
+            .phases
+            .iter()
+            .map(|p| format!("{} {:.0} ms", p.name, p.ms))
+            .collect();
+        format!(
+            "re-protect: {:.0} ms ({}); disk {} bytes, copy wrote {} bytes; {} bytes of RAM \
+             sent; pause at the switch {:.1} ms as seen over QMP, {:?} ms by QEMU's events\n\
+             clients during the re-protect: {} requests, {} failed, echo {}/{} lines, longest \
+             stall {:.0} ms\n\
+             new pair: {} / {} checkpoints; second failover: download {:?} bytes intact={}, \
+             echo {}/{} lines (longest wait {:.0} ms), {} requests answered after, \
+             heartbeats {:?}, disk {:?}\nrun dir: {}",
+            r.total_ms,
+            phases.join(", "),
+            r.disk_bytes,
+            r.bytes_copied,
+            r.ram_bytes,
+            r.switch_pause_ms,
+            self.switch_pause_qemu_ms,
+            self.requests_during,
+            self.failures_during.len(),
+            self.echo_reprotect.echoed,
+            self.echo_reprotect.sent,
+            self.longest_stall_ms,
+            self.checkpoints_new_pair.0,
+            self.checkpoints_new_pair.1,
+            self.download.bytes,
+            self.download.ok(),
+            self.echo.echoed,
+            self.echo.sent,
+            self.echo.longest_wait_ms,
+            self.after_failover_ok,
+            self.heartbeats,
+            self.disk,
+            self.run_dir.display(),
+        )
+    }
+}
+
+/// Asks the guest one request after the other until told to stop; returns the count, the
+/// failures and the slowest answer (ms).
+fn spawn_prober(
+    client: HttpClient,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, Vec<String>, f64)> {
+    tokio::spawn(async move {
+        let (mut n, mut failures, mut slowest) = (0, Vec::new(), 0f64);
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let started = Instant::now();
+            match probe(&client, Duration::from_secs(30)).await {
+                Ok(l) => slowest = slowest.max(l.as_secs_f64() * 1000.0),
+                Err(e) => {
+                    slowest = slowest.max(started.elapsed().as_secs_f64() * 1000.0);
+                    failures.push(format!("{e:#}"));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (n, failures, slowest)
+    })
+}
+
+/// The scenario of the module doc.
+pub async fn after_losing_the_secondary(tag: &str, cfg: PairConfig) -> Result<ReprotectRun> {
+    let dir = crate::artifacts::run_dir("reprotect-primary-survives")?;
+    let mut pair = StockPair::start(tag, dir, cfg).await?;
+    let period = Duration::from_millis(u64::from(pair.config.checkpoint_delay_ms));
+    pair.wait_checkpoints(3, period * 10 + Duration::from_secs(30))
+        .await?;
+    let checkpoints_first_pair = pair.checkpoint_pauses(Role::Primary).len();
+    let client = HttpClient::new(&pair.topology.client, guest_server());
+
+    // The secondary's host dies; the primary carries on alone.
+    pair.kill(Role::Secondary)?;
+    pair.failover_to_primary().await?;
+    probe(&client, Duration::from_secs(10))
+        .await
+        .context("the primary serves alone")?;
+
+    let echo_server = SocketAddr::new(guest_server().ip(), ECHO_PORT);
+    let echo = EchoSession::start(
+        &pair.topology.client,
+        echo_server,
+        Duration::from_millis(50),
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = spawn_prober(client.clone(), stop.clone());
+
+    // The host comes back; the re-protect, clients served all along.
+    let mut serve = pair.restart_secondary_host().await?;
+    let opts = ReprotectOptions {
+        migrate_timeout: Duration::from_secs(300),
+        ..ReprotectOptions::new(pair::default_reprotect_target(&pair.driver))
+    };
+    let pri = pair.vm(Role::Primary)?.qmp.clone();
+    let sec = pair.vm(Role::Secondary)?.qmp.clone();
+    let events_mark = pair.vm(Role::Primary)?.events.len();
+    let result = pair::reprotect(&pri, &sec, &pair.driver, &opts, &mut |p| {
+        println!("  reprotect: {p}")
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (requests_during, failures_during, slowest) = prober.await.context("prober task")?;
+    let echo_reprotect = echo.finish();
+    let switch_pause_qemu_ms = pauses(&pair.vm(Role::Primary)?.events.since(events_mark))
+        .first()
+        .map(|d| d.as_secs_f64() * 1000.0);
+    let reprotect = match result {
+        Ok(r) => r,
+        Err(e) => {
+            pair.write_diagnostics().await;
+            bail!(
+                "reprotect failed: {e}; primary: {}; secondary: {}",
+                pair.vm(Role::Primary)?.process.stderr_tail(),
+                pair.vm(Role::Secondary)?.process.stderr_tail()
+            );
+        }
+    };
+    serve.stop(Duration::from_secs(10))?;
+
+    // Back in COLO: checkpoints go on, on both sides.
+    pair.wait_guest_in_colo().await?;
+    pair.wait_checkpoints(5, period * 10 + Duration::from_secs(60))
+        .await?;
+    let checkpoints_new_pair = (
+        pair.vm(Role::Primary)?.checkpoint_pauses().len(),
+        pair.vm(Role::Secondary)?.checkpoint_pauses().len(),
+    );
+
+    // The primary dies during a download; the new secondary takes over.
+    let echo = EchoSession::start(
+        &pair.topology.client,
+        echo_server,
+        Duration::from_millis(50),
+    )?;
+    let expected_md5 = {
+        let r = client.get("/blob.md5", Fetch::default()).await?;
+        if r.status != 200 {
+            bail!("GET /blob.md5 answered {}", r.status);
+        }
+        String::from_utf8_lossy(&r.body).trim().to_string()
+    };
+    let download = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .get(
+                    "/blob",
+                    Fetch {
+                        rate: Some(128 * 1024),
+                        read_timeout: Duration::from_secs(20),
+                    },
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let hb_at_kill = pair.vm(Role::Secondary)?.serial_summary().last_heartbeat;
+    let errors_before = pair.vm(Role::Secondary)?.serial_summary().errors.len();
+    pair.kill(Role::Primary)?;
+    pair.failover_to_secondary().await?;
+    let started = Instant::now();
+    let download = match download.await.context("download task")? {
+        Ok(response) => DownloadReport {
+            bytes: response.body.len(),
+            md5: md5_hex(&response.body),
+            expected_md5: expected_md5.clone(),
+            ms: response.elapsed.as_secs_f64() * 1000.0,
+            error: (response.status != 200).then(|| format!("status {}", response.status)),
+        },
+        Err(e) => DownloadReport {
+            bytes: 0,
+            md5: String::new(),
+            expected_md5,
+            ms: started.elapsed().as_secs_f64() * 1000.0,
+            error: Some(format!("{e:#}")),
+        },
+    };
+    let (mut after_failover_ok, mut after_failover_failures) = (0, Vec::new());
+    for _ in 0..10 {
+        match probe(&client, Duration::from_secs(5)).await {
+            Ok(_) => after_failover_ok += 1,
+            Err(e) => after_failover_failures.push(format!("{e:#}")),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let echo = echo.finish();
+    let last = hb_at_kill.unwrap_or(0);
+    pair.wait_serial(Role::Secondary, Duration::from_secs(20), |s| {
+        s.last_heartbeat.unwrap_or(0) >= last + 2
+    })
+    .await
+    .context("the new secondary's heartbeat stopped after it took over")?;
+    let summary = pair.vm(Role::Secondary)?.serial_summary();
+    let guest_errors = summary.errors[errors_before.min(summary.errors.len())..].to_vec();
+    let heartbeats = (hb_at_kill, summary.last_heartbeat);
+    let disk = pair.stop_and_check_disk(Role::Secondary).await?;
+    let run = ReprotectRun {
+        run_dir: pair.dir.clone(),
+        checkpoints_first_pair,
+        switch_pause_qemu_ms,
+        longest_stall_ms: slowest.max(echo_reprotect.longest_wait_ms),
+        echo_reprotect,
+        reprotect,
+        requests_during,
+        failures_during,
+        checkpoints_new_pair,
+        download,
+        echo,
+        after_failover_ok,
+        after_failover_failures,
+        heartbeats,
+        guest_errors,
+        disk,
+    };
+    std::fs::write(
+        run.run_dir.join("reprotect-report.json"),
+        serde_json::to_vec_pretty(&run)?,
+    )?;
+    Ok(run)
+}

@@ -33,8 +33,8 @@ use qmp_driver::pair::{self, FailoverOptions, StartOptions};
 use serde::Serialize;
 use serde_json::json;
 
-pub use cmdline::{MACHINE, qemu_args};
 pub(crate) use cmdline::bed_args;
+pub use cmdline::{MACHINE, qemu_args};
 pub use daemon::DaemonProcess;
 pub use driver::{DriverProcess, RelayProcess, operator_qmp_path};
 pub use events::{EventLog, pause_windows, pauses};
@@ -587,6 +587,83 @@ impl StockPair {
         }
         .with_context(|| format!("the pair runs no {which:?}"))?;
         daemon.restart()
+    }
+
+    /// The secondary's host comes back after [`StockPair::kill`] of the secondary (its old
+    /// image still there), as an operator brings in a new secondary for an online re-protect
+    /// (`qmp-driver reprotect`): `colo-blockd secondary` on the image (it recovers its journal
+    /// first), `colo-blockd serve --export base=IMAGE` on `disk.nbd_port + 1` for the copy,
+    /// colo-proxyd secondary, and a secondary QEMU waiting with `-incoming defer`, each
+    /// subscribed to the relay (which kept running). Returns the `serve` process: stop it
+    /// once the re-protect is done.
+    pub async fn restart_secondary_host(&mut self) -> Result<DaemonProcess> {
+        if self.secondary.is_some() {
+            bail!("the secondary VM still runs");
+        }
+        let dir = self.dir.clone();
+        let relay = driver::relay_control_path(&dir);
+        let blockd = blockd::spawn(&dir, &self.topology, &self.driver)?;
+        blockd
+            .wait_subscribed(&relay, blockd::SUBSCRIBER_NAME, Duration::from_secs(20))
+            .await?;
+        self.blockd = Some(blockd);
+        let image = driver::secondary_image_path(&dir, &self.config);
+        let target = format!(
+            "{}:{}",
+            self.driver.secondary.host,
+            self.driver.disk.nbd_port + 1
+        );
+        let mut serve = DaemonProcess::spawn(
+            "colo-blockd serve",
+            &self.topology.secondary,
+            &driver::workspace_binary("colo-blockd", "COLO_BLOCKD")?,
+            &[
+                "serve".to_string(),
+                "--export".to_string(),
+                format!("base={}", image.display()),
+                "--tcp".to_string(),
+                target,
+            ],
+            dir.join("blockd-serve.log"),
+        )?;
+        serve.wait_log("serving NBD", Duration::from_secs(10))?;
+        self.proxyd.retain(|(host, _)| *host != Role::Secondary);
+        let proxyd = proxyd::spawn_secondary(&dir, &self.topology, &self.driver)?;
+        proxyd
+            .wait_subscribed(
+                &relay,
+                proxyd::SECONDARY_SUBSCRIBER,
+                Duration::from_secs(20),
+            )
+            .await?;
+        self.proxyd.push((Role::Secondary, proxyd));
+        let artifacts = Artifacts::locate()?;
+        let mut process = QemuProcess::spawn(
+            &artifacts.qemu,
+            &self.topology.secondary,
+            "secondary",
+            &dir,
+            qmp_path(&dir, Role::Secondary),
+            &qemu_args(
+                &artifacts,
+                Role::Secondary,
+                &dir,
+                &self.config,
+                &self.driver,
+            )?,
+        )?;
+        let (qmp, stream) = process.connect_qmp(Duration::from_secs(20)).await?;
+        let events = EventLog::record_from(stream, dir.join("secondary-events-2.jsonl"));
+        self.secondary = Some(Vm {
+            role: Role::Secondary,
+            process,
+            qmp,
+            events,
+            serial: dir.join("secondary-serial.log"),
+            image,
+            colo_mark: 0,
+        });
+        Ok(serve)
     }
 
     /// Checkpoint pauses of `role` since the guest booted, whether it is alive or was killed.

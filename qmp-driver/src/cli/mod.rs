@@ -236,6 +236,42 @@ pub enum Command {
         timeout: Duration,
     },
 
+    /// Bring a new secondary into COLO while the PRIMARY (a failover's survivor) keeps running.
+    #[command(
+        long_about = "Online re-protect, on both QMP sockets: the primary serves alone after a \
+        failover; a new secondary QEMU waits (-incoming defer) on the secondary host, with the \
+        relay, colo-proxyd secondary, `colo-blockd secondary --image S.raw` and `colo-blockd \
+        serve --export base=S.raw --tcp SECONDARY:PORT` (the copy's target, on a port of its \
+        own, default disk.nbd_port + 1) running there.\n\n\
+        Copies the running guest's disk into the target (drive-mirror sync=full, \
+        copy-mode=write-blocking; progress with bytes, rate and ETA on stderr), migrates its \
+        memory through the relay with pause-before-switchover, and at the switch (VM \
+        stopped) cancels the ready mirror, adds the NBD child of colo-blockd's `replica` to \
+        the quorum and the primary's network filters, and lets the migration go on into \
+        COLO. Prints the time per phase, the bytes copied and the pause at the switch. Stop \
+        `colo-blockd serve` afterwards.\n\n\
+        Only for disk.backend = \"colo-blockd\" and network.backend = \"colo-proxyd\" \
+        with the primary as the survivor, without [tls] (exit 3 otherwise). A failure before \
+        COLO is undone on the primary (migration and copy cancelled, child and filters \
+        removed): the guest serves on; restart the secondary QEMU and run it again.",
+        after_help = EXIT_CODES_HELP
+    )]
+    Reprotect {
+        #[command(flatten)]
+        output: Output,
+        /// The NBD export the disk is copied to (default:
+        /// nbd://secondary.host:(disk.nbd_port+1)/base).
+        #[arg(long, value_name = "URI")]
+        target: Option<String>,
+        /// How long the disk copy may take until it is in step, in seconds.
+        #[arg(long, default_value = "3600", value_name = "SECS", value_parser = parse_secs)]
+        copy_timeout: Duration,
+        /// How long the memory migration may take to the switch, and then into COLO, in
+        /// seconds.
+        #[arg(long, default_value = "600", value_name = "SECS", value_parser = parse_secs)]
+        timeout: Duration,
+    },
+
     /// Show both QEMUs (COLO mode, run state, migration status) and the relay.
     #[command(
         long_about = "Query both QEMUs and, when configured, the relay, and print what each \

@@ -8,7 +8,8 @@ use colo_types::Role;
 use qmp_driver::config::PairConfig;
 use qmp_driver::daemon_args::{self, Daemon};
 use qmp_driver::pair::{
-    self, CheckpointOptions, CopyOptions, FailoverOptions, Hook, PairError, Progress, StartOptions,
+    self, CheckpointOptions, CopyOptions, FailoverOptions, Hook, PairError, Progress,
+    ReprotectOptions, StartOptions,
 };
 use qmp_driver::qemu_args;
 use serde::Serialize;
@@ -116,6 +117,33 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
             .await;
             match result {
                 Ok(r) => print_ok(output.json, &r, render::copy),
+                Err(e) => print_err(output.json, &e),
+            }
+        }
+        Command::Reprotect {
+            output,
+            target,
+            copy_timeout,
+            timeout,
+        } => {
+            let opts = ReprotectOptions {
+                copy_timeout,
+                migrate_timeout: timeout,
+                ..ReprotectOptions::new(
+                    target.unwrap_or_else(|| pair::default_reprotect_target(cfg)),
+                )
+            };
+            let result = async {
+                let (pri, sec) = tokio::join!(
+                    connect(cfg, g, Role::Primary),
+                    connect(cfg, g, Role::Secondary)
+                );
+                let (pri, sec) = (pri?, sec?);
+                pair::reprotect(&pri, &sec, cfg, &opts, &mut progress).await
+            }
+            .await;
+            match result {
+                Ok(r) => print_ok(output.json, &r, |r| render::reprotect(cfg, r)),
                 Err(e) => print_err(output.json, &e),
             }
         }

@@ -4,7 +4,7 @@
 use qmp_driver::config::{DiskBackend, PairConfig};
 use qmp_driver::pair::{
     AgentReport, CheckpointReport, CopyReport, FailoverReport, Outcome, PairStatus, PrepareReport,
-    SideStatus, StartReport, Step, StopReport,
+    ReprotectReport, SideStatus, StartReport, Step, StopReport,
 };
 use std::fmt::Write;
 
@@ -88,6 +88,28 @@ pub fn copy(r: &CopyReport) -> String {
         r.target,
         r.bytes,
         r.total_ms / 1000.0,
+        steps_table(&r.steps)
+    )
+}
+
+/// `reprotect`.
+pub fn reprotect(cfg: &PairConfig, r: &ReprotectReport) -> String {
+    let phases: Vec<String> = r
+        .phases
+        .iter()
+        .map(|p| format!("{} {:.1} s", p.name, p.ms / 1000.0))
+        .collect();
+    format!(
+        "pair {}: re-protected, COLO running ({:.1} s in all: {})\n\
+         disk {:.1} MiB, {:.1} MiB written by the copy; {:.1} MiB of RAM sent; pause at the \
+         switch {:.1} ms\n{}",
+        cfg.name,
+        r.total_ms / 1000.0,
+        phases.join(", "),
+        r.disk_bytes as f64 / 1048576.0,
+        r.bytes_copied as f64 / 1048576.0,
+        r.ram_bytes as f64 / 1048576.0,
+        r.switch_pause_ms,
         steps_table(&r.steps)
     )
 }

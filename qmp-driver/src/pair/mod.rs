@@ -34,6 +34,7 @@ mod checkpoint;
 mod copy;
 mod failover;
 mod relay_link;
+mod reprotect;
 mod start;
 mod status;
 mod steps;
@@ -55,6 +56,10 @@ pub use failover::{
     failover_to_secondary, stop_protection,
 };
 pub use relay_link::RelayStatus;
+pub use reprotect::{
+    DEFAULT_REPROTECT_EXPORT, Phase, REPROTECT_JOB, ReprotectOptions, ReprotectReport,
+    default_reprotect_target, reprotect,
+};
 pub use start::{PrepareReport, StartOptions, StartReport, prepare_secondary, start};
 pub use status::{
     AgentReport, PairStatus, RelayReport, SideStatus, local_agents, relay_status, side_status,

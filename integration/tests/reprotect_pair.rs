@@ -1,0 +1,81 @@
+//! Online re-protect (issue 14) on the bed with colo's own daemons (colo-blockd, colo-proxyd on
+//! both hosts, the relay): `qmp-driver reprotect`'s sequence brings a new secondary into COLO
+//! while the survivor serves, and a second failover afterwards loses nothing.
+//!
+//! Real QEMU (TCG) in network namespaces; needs root, `integration/setup.sh`'s artifacts and
+//! this build's `qmp-driver`, `colo-proxyd` and `colo-blockd` binaries. Without them the test
+//! fails and says what is missing.
+
+// Shared with the other bed test files; this one uses only the daemons' pair.
+#[allow(dead_code)]
+mod common;
+
+use colo_testbed::reprotect;
+
+/// The secondary's host dies, the primary serves alone, the host comes back and the primary
+/// is re-protected online (the guest writing a record a second and dirtying memory, a client
+/// asking one request after the other and an echo connection open all along). The pair is
+/// back in COLO (checkpoints on both sides), no request failed and the echo connection
+/// survived the switch; then the primary is killed during a download and the new secondary
+/// takes over: the download is intact, the echo connection across that failover too, the
+/// survivor serves, and its disk holds every record its heartbeat promised.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn a_primary_serving_alone_is_reprotected_online_and_a_second_failover_loses_nothing() {
+    let run = reprotect::after_losing_the_secondary("t-rpp1", common::daemons_pair())
+        .await
+        .expect("re-protect scenario ran");
+    println!("{}", run.render());
+    let r = &run.reprotect;
+    let names: Vec<&str> = r.phases.iter().map(|p| p.name).collect();
+    assert_eq!(names, ["prepare", "copy", "memory", "switch", "enter-colo"]);
+    assert!(r.disk_bytes > 0, "the copy covered no disk: {r:?}");
+    assert!(
+        r.bytes_copied >= r.disk_bytes,
+        "the copy wrote {} of {} bytes",
+        r.bytes_copied,
+        r.disk_bytes
+    );
+    assert!(r.ram_bytes > 0, "no RAM was sent: {r:?}");
+    assert!(
+        run.switch_pause_qemu_ms.is_some(),
+        "QEMU's events show no pause at the switch"
+    );
+    assert!(run.requests_during > 0, "no request during the re-protect");
+    assert!(
+        run.failures_during.is_empty(),
+        "requests failed during the re-protect: {:?}",
+        run.failures_during
+    );
+    assert!(
+        run.echo_reprotect.ok(),
+        "the echo connection broke across the re-protect: {:?}",
+        run.echo_reprotect
+    );
+    let (p, s) = run.checkpoints_new_pair;
+    assert!(
+        p >= 5 && s >= 5,
+        "only {p} / {s} checkpoints after the re-protect"
+    );
+    assert!(run.download.ok(), "the download broke: {:?}", run.download);
+    assert!(run.echo.ok(), "the echo connection broke: {:?}", run.echo);
+    assert!(
+        run.after_failover_failures.is_empty() && run.after_failover_ok == 10,
+        "requests after the second failover failed: {:?}",
+        run.after_failover_failures
+    );
+    assert!(
+        run.guest_errors.is_empty(),
+        "guest errors: {:?}",
+        run.guest_errors
+    );
+    assert!(
+        run.disk.last_heartbeat > 0,
+        "the survivor printed no heartbeat"
+    );
+    assert!(
+        run.disk.is_consistent(),
+        "the new secondary's disk lacks records: {:?}",
+        run.disk
+    );
+}
