@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use colo_testbed::scenario::{self, FailoverPlan, Report};
 use colo_testbed::stock::{DiskBackend, NetworkBackend, PairConfig, Role};
-use colo_testbed::{barrier, compare_ab};
+use colo_testbed::{barrier, compare_ab, workloads};
 
 /// Runs the stock QEMU COLO pair in network namespaces and reports checkpoints, pauses, HTTP
 /// latency and failover times.
@@ -94,6 +94,40 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         blobs: usize,
     },
+    /// The workload suite (a benchmark; nothing timed is asserted): ApacheBench against the
+    /// guest without COLO, beside an equally loaded twin (the fair native on two cores),
+    /// on stock COLO (colo-compare, replication) and on colo's daemons, in one run; prints a
+    /// markdown table and writes report.md and report.json into the run directory. Needs `ab`
+    /// (apache2-utils, installed by integration/setup.sh). `--disk`/`--network` are ignored:
+    /// each setup picks its own.
+    Bench {
+        /// Concurrent clients, one ab run each (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+        concurrency: Vec<u32>,
+        /// Requests per ab run.
+        #[arg(long, default_value_t = 1000)]
+        requests: u32,
+        /// ab's timeout per request, seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_s: u32,
+        /// The periodic checkpoint of the COLO setups, ms (QEMU's own default is 20000; colo's
+        /// daemons ask for the checkpoints they need in between).
+        #[arg(long, default_value_t = 5000)]
+        period_ms: u32,
+        /// colo-proxyd's equivalence rules on the colo setup (`;`-separated, as
+        /// COLO_PROXYD_EQUIVALENT; docs/equivalence.md), as an operator of a web server sets
+        /// them; `none` compares every byte.
+        #[arg(long, default_value = "tcp:80 header Date")]
+        equivalent: String,
+        /// The setups to run, in order (comma-separated: native, twin, stock, colo).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            value_enum,
+            default_value = "native,twin,stock,colo"
+        )]
+        setups: Vec<BenchSetup>,
+    },
     /// A subscriber that acknowledges late, then one that never does.
     RelayBarrier {
         /// Checkpoints per phase.
@@ -121,6 +155,25 @@ enum Network {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+enum BenchSetup {
+    Native,
+    Twin,
+    Stock,
+    Colo,
+}
+
+impl From<BenchSetup> for workloads::Setup {
+    fn from(s: BenchSetup) -> Self {
+        match s {
+            BenchSetup::Native => workloads::Setup::Native,
+            BenchSetup::Twin => workloads::Setup::Twin,
+            BenchSetup::Stock => workloads::Setup::Stock,
+            BenchSetup::Colo => workloads::Setup::Colo,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 enum Victim {
     Primary,
     Secondary,
@@ -132,15 +185,39 @@ fn passed(report: &Report) -> bool {
     report.http_failures.is_empty() && report.guest_errors.is_empty() && download_ok && disk_ok
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let mut cli = Cli::parse();
+    let cli = Cli::parse();
+    if let Some(Command::Bench { equivalent, .. }) = &cli.command {
+        // colo-proxyd reads its rules from the environment the bed's daemons inherit. Set
+        // here, before the runtime's threads exist: no other thread can read the environment
+        // while it changes.
+        let rules = if equivalent == "none" {
+            ""
+        } else {
+            equivalent.as_str()
+        };
+        // SAFETY: single-threaded at this point (the runtime is built below).
+        unsafe { std::env::set_var("COLO_PROXYD_EQUIVALENT", rules) };
+    }
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run_command_line(cli)),
+        Err(e) => {
+            eprintln!("colo-testbed: cannot start the async runtime: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run_command_line(mut cli: Cli) -> ExitCode {
     let cfg = PairConfig {
         checkpoint_delay_ms: cli.checkpoint_delay_ms,
         guest_load_mib_s: cli.guest_load,
@@ -221,6 +298,35 @@ async fn run(command: Command, cli: &Cli, cfg: PairConfig) -> anyhow::Result<Out
                     json: serde_json::to_value(&r).unwrap_or_default(),
                     run_dir: None,
                 })
+        }
+        Command::Bench {
+            concurrency,
+            requests,
+            timeout_s,
+            period_ms,
+            equivalent,
+            setups,
+        } => {
+            let config = workloads::WebConfig {
+                concurrency,
+                requests,
+                timeout_s,
+                setups: setups.into_iter().map(Into::into).collect(),
+                checkpoint_delay_ms: period_ms,
+                equivalent,
+                pair: PairConfig {
+                    checkpoint_delay_ms: period_ms,
+                    ..cfg
+                },
+            };
+            workloads::web(&cli.tag, config).await.map(|r| Outcome {
+                passed: r.rows.iter().all(|row| {
+                    row.ab.complete > 0 && row.twin.as_ref().is_none_or(|t| t.complete > 0)
+                }),
+                text: r.render_markdown(),
+                json: serde_json::to_value(&r).unwrap_or_default(),
+                run_dir: Some(r.run_dir.clone()),
+            })
         }
         Command::RelayBarrier {
             checkpoints,
