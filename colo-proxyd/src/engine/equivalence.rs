@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::compare::{Pattern, ValueByte};
+use crate::compare::{MAX_VALUE_LEN, Pattern, ValueByte};
 use crate::packet::FlowKey;
 
 /// One `--equivalent` rule.
@@ -76,6 +76,13 @@ impl FromStr for EquivalenceRule {
                 words.keyword("len")?;
                 let len = words.word().ok_or("`len` needs a number")?;
                 let len: usize = len.parse().map_err(|_| format!("len {len:?}"))?;
+                // Checked before the value is allocated: `Pattern::new` would refuse it, but
+                // only after `vec![..; len]` aborted the process on a huge `len`.
+                if len > MAX_VALUE_LEN {
+                    return Err(format!(
+                        "len {len}: the value must be 1 to {MAX_VALUE_LEN} bytes long"
+                    ));
+                }
                 words.keyword("suffix")?;
                 let suffix = words.string()?;
                 Pattern::new(&prefix, vec![ValueByte::Printable; len], &suffix)?
@@ -254,6 +261,10 @@ mod tests {
             r#"tcp:80 prefix "abcd len 4 suffix ";""#,
             r#"tcp:80 prefix "abcd" size 4 suffix ";""#,
             r#"tcp:80 prefix "ab\qd" len 4 suffix ";""#,
+            // Found by the equivalence_scan fuzz target: these aborted (allocation failure) or
+            // panicked (capacity overflow) before being refused.
+            r#"tcp:80 prefix "abcd" len 619999999999999 suffix ";""#,
+            r#"tcp:80 prefix "abcd" len 18446744073709551615 suffix ";""#,
         ] {
             assert!(
                 bad.parse::<EquivalenceRule>().is_err(),
