@@ -23,13 +23,47 @@ use crate::client::{EchoReport, EchoSession, Fetch, HttpClient, md5_hex};
 use crate::guest::DiskCheck;
 use crate::scenario::{DownloadReport, ECHO_PORT, guest_server, probe};
 use crate::stock::{PairConfig, Role, StockPair, pauses};
-use qmp_driver::pair::{self, ReprotectOptions, ReprotectReport};
+use qmp_driver::pair::{self, Progress, ReprotectOptions, ReprotectReport};
+
+/// Where a first re-protect attempt is cut short by the new secondary's host dying (its QEMU,
+/// colo-blockd `serve` and `secondary`, colo-proxyd SIGKILLed; the relay on it lives on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Interrupt {
+    /// No: the first attempt must succeed.
+    None,
+    /// Right after `drive-mirror` started.
+    DuringCopy,
+    /// Right after `migrate` started.
+    DuringMemory,
+}
+
+/// The attempt that was cut short, and the primary after it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedAttempt {
+    /// Where it was cut.
+    pub interrupt: Interrupt,
+    /// The error `reprotect` returned.
+    pub error: String,
+    /// Its steps as the progress showed them (the undo's included).
+    pub steps: Vec<String>,
+    /// The primary after it: run state, COLO mode, migration status, block jobs, whether the
+    /// NBD child's node and the filters are gone.
+    pub primary_running: bool,
+    /// The primary's COLO mode after it.
+    pub primary_colo_mode: String,
+    /// Block jobs left on the primary.
+    pub block_jobs: usize,
+    /// The NBD child's node is still there.
+    pub child_left: bool,
+}
 
 /// What the run measured and saw. Times in ms.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReprotectRun {
     /// Where the run's logs, events and images are.
     pub run_dir: std::path::PathBuf,
+    /// A first attempt cut short, when the run had one.
+    pub failed_attempt: Option<FailedAttempt>,
     /// Checkpoints before the secondary was lost.
     pub checkpoints_first_pair: usize,
     /// The re-protect as `qmp-driver reprotect` reports it (phases, bytes, pause at the switch).
@@ -134,8 +168,18 @@ fn spawn_prober(
 }
 
 /// The scenario of the module doc.
-pub async fn after_losing_the_secondary(tag: &str, cfg: PairConfig) -> Result<ReprotectRun> {
-    let dir = crate::artifacts::run_dir("reprotect-primary-survives")?;
+/// With `interrupt`, a first attempt is cut short there by the new secondary's host dying,
+/// and a second one (the host back again) must succeed.
+pub async fn after_losing_the_secondary(
+    tag: &str,
+    cfg: PairConfig,
+    interrupt: Interrupt,
+) -> Result<ReprotectRun> {
+    let dir = crate::artifacts::run_dir(match interrupt {
+        Interrupt::None => "reprotect-primary-survives",
+        Interrupt::DuringCopy => "reprotect-killed-in-copy",
+        Interrupt::DuringMemory => "reprotect-killed-in-memory",
+    })?;
     let mut pair = StockPair::start(tag, dir, cfg).await?;
     let period = Duration::from_millis(u64::from(pair.config.checkpoint_delay_ms));
     pair.wait_checkpoints(3, period * 10 + Duration::from_secs(30))
@@ -160,11 +204,15 @@ pub async fn after_losing_the_secondary(tag: &str, cfg: PairConfig) -> Result<Re
     let prober = spawn_prober(client.clone(), stop.clone());
 
     // The host comes back; the re-protect, clients served all along.
-    let mut serve = pair.restart_secondary_host().await?;
     let opts = ReprotectOptions {
         migrate_timeout: Duration::from_secs(300),
         ..ReprotectOptions::new(pair::default_reprotect_target(&pair.driver))
     };
+    let failed_attempt = match interrupt {
+        Interrupt::None => None,
+        _ => Some(interrupted_attempt(&mut pair, &opts, interrupt).await?),
+    };
+    let mut serve = pair.restart_secondary_host().await?;
     let pri = pair.vm(Role::Primary)?.qmp.clone();
     let sec = pair.vm(Role::Secondary)?.qmp.clone();
     let events_mark = pair.vm(Role::Primary)?.events.len();
@@ -270,6 +318,7 @@ pub async fn after_losing_the_secondary(tag: &str, cfg: PairConfig) -> Result<Re
     let disk = pair.stop_and_check_disk(Role::Secondary).await?;
     let run = ReprotectRun {
         run_dir: pair.dir.clone(),
+        failed_attempt,
         checkpoints_first_pair,
         switch_pause_qemu_ms,
         longest_stall_ms: slowest.max(echo_reprotect.longest_wait_ms),
@@ -291,4 +340,85 @@ pub async fn after_losing_the_secondary(tag: &str, cfg: PairConfig) -> Result<Re
         serde_json::to_vec_pretty(&run)?,
     )?;
     Ok(run)
+}
+
+/// A re-protect whose new secondary host dies at `interrupt`: returns what it said and the
+/// state of the primary after it; the secondary's processes are reaped.
+async fn interrupted_attempt(
+    pair: &mut StockPair,
+    opts: &ReprotectOptions,
+    interrupt: Interrupt,
+) -> Result<FailedAttempt> {
+    let mut serve = pair.restart_secondary_host().await?;
+    // The new host's processes, not the relay (which also runs on that host on the bed, but
+    // is the old one and serves the next attempt).
+    let mut pids: Vec<u32> = serve.pid().into_iter().collect();
+    pids.extend(pair.vm(Role::Secondary)?.process.pid());
+    pids.extend(pair.blockd.as_ref().and_then(|b| b.pid()));
+    pids.extend(
+        pair.proxyd
+            .iter()
+            .filter(|(host, _)| *host == Role::Secondary)
+            .filter_map(|(_, d)| d.pid()),
+    );
+    let trigger = match interrupt {
+        Interrupt::DuringCopy => "drive-mirror",
+        Interrupt::DuringMemory => "migrate ",
+        Interrupt::None => bail!("no interrupt"),
+    };
+    let pri = pair.vm(Role::Primary)?.qmp.clone();
+    let sec = pair.vm(Role::Secondary)?.qmp.clone();
+    let mut steps = Vec::new();
+    let mut killed = false;
+    let result = pair::reprotect(&pri, &sec, &pair.driver, opts, &mut |p| {
+        println!("  reprotect (to be cut short): {p}");
+        steps.push(p.to_string());
+        if let Progress::Step(step) = &p
+            && !killed
+            && step.side == Role::Primary
+            && step.what.starts_with(trigger)
+        {
+            killed = true;
+            let _ = std::process::Command::new("kill")
+                .arg("-9")
+                .args(pids.iter().map(u32::to_string))
+                .status();
+            println!("  the new secondary's host dies (SIGKILL of {pids:?})");
+        }
+    })
+    .await;
+    let error = match result {
+        Ok(r) => bail!(
+            "the re-protect succeeded although the new secondary died (killed: {killed}): {r:?}"
+        ),
+        Err(e) => e.to_string(),
+    };
+    if !killed {
+        bail!("the re-protect failed before the kill point: {error}");
+    }
+    pair.kill(Role::Secondary)?;
+    serve.kill();
+    let status = pri.query_status().await?;
+    let colo = pri.query_colo_status().await?;
+    let jobs = pri.execute_raw("query-block-jobs", None).await?;
+    let nodes = pri
+        .execute_raw(
+            "query-named-block-nodes",
+            Some(serde_json::json!({ "flat": true })),
+        )
+        .await?;
+    let child = &pair.driver.disk.replication_node;
+    Ok(FailedAttempt {
+        interrupt,
+        error,
+        steps,
+        primary_running: status.running,
+        primary_colo_mode: colo.mode,
+        block_jobs: jobs.as_array().map_or(0, Vec::len),
+        child_left: nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["node-name"] == child.as_str()),
+    })
 }

@@ -10,7 +10,7 @@
 #[allow(dead_code)]
 mod common;
 
-use colo_testbed::reprotect;
+use colo_testbed::reprotect::{self, Interrupt, ReprotectRun};
 
 /// The secondary's host dies, the primary serves alone, the host comes back and the primary
 /// is re-protected online (the guest writing a record a second and dirtying memory, a client
@@ -22,9 +22,16 @@ use colo_testbed::reprotect;
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn a_primary_serving_alone_is_reprotected_online_and_a_second_failover_loses_nothing() {
-    let run = reprotect::after_losing_the_secondary("t-rpp1", common::daemons_pair())
-        .await
-        .expect("re-protect scenario ran");
+    let run =
+        reprotect::after_losing_the_secondary("t-rpp1", common::daemons_pair(), Interrupt::None)
+            .await
+            .expect("re-protect scenario ran");
+    assert_reprotected(&run);
+}
+
+/// What every run must show: the re-protect's phases and figures, clients served throughout,
+/// the pair back in COLO, and the second failover losing nothing.
+fn assert_reprotected(run: &ReprotectRun) {
     println!("{}", run.render());
     let r = &run.reprotect;
     let names: Vec<&str> = r.phases.iter().map(|p| p.name).collect();
@@ -78,4 +85,44 @@ async fn a_primary_serving_alone_is_reprotected_online_and_a_second_failover_los
         "the new secondary's disk lacks records: {:?}",
         run.disk
     );
+}
+
+/// A first re-protect whose new secondary host dies (its QEMU and daemons SIGKILLed) at
+/// `interrupt` fails, leaves the primary running outside COLO with no block job and no NBD
+/// child, and no client noticed; the host comes back and a second attempt succeeds, with the
+/// same checks as above.
+async fn cut_short(interrupt: Interrupt, tag: &str) {
+    let run = reprotect::after_losing_the_secondary(tag, common::daemons_pair(), interrupt)
+        .await
+        .expect("re-protect scenario ran");
+    let failed = run
+        .failed_attempt
+        .as_ref()
+        .expect("a first attempt was cut short");
+    println!("first attempt failed: {}", failed.error);
+    for step in &failed.steps {
+        println!("  {step}");
+    }
+    assert!(
+        failed.primary_running,
+        "the primary does not run: {failed:?}"
+    );
+    assert_eq!(failed.primary_colo_mode, "none", "{failed:?}");
+    assert_eq!(failed.block_jobs, 0, "a block job was left: {failed:?}");
+    assert!(!failed.child_left, "the NBD child was left: {failed:?}");
+    assert_reprotected(&run);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn a_reprotect_whose_secondary_dies_during_the_disk_copy_harms_nothing_and_a_retry_succeeds()
+{
+    cut_short(Interrupt::DuringCopy, "t-rpc").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn a_reprotect_whose_secondary_dies_during_the_memory_migration_harms_nothing_and_a_retry_succeeds()
+ {
+    cut_short(Interrupt::DuringMemory, "t-rpm").await;
 }

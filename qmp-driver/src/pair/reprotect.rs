@@ -107,7 +107,8 @@ pub struct ReprotectReport {
     pub steps: Vec<Step>,
     /// The phases, in order.
     pub phases: Vec<Phase>,
-    /// The disk's size: what the copy covered.
+    /// The copy job's `len` when it was ready: the disk's size, plus what the guest dirtied
+    /// again before the job got there.
     pub disk_bytes: u64,
     /// Bytes the mirror job wrote (its final `offset`: the disk plus what the guest rewrote
     /// during the copy).
@@ -248,9 +249,13 @@ pub async fn reprotect(
             Ok(report)
         }
         Err(e) => {
-            journal.note(Progress::Waiting(format!(
-                "undoing the re-protect on the primary after: {e}"
-            )));
+            journal.note(Progress::Step(Step {
+                side: e.side(),
+                what: "re-protect failed; undoing it on the primary".into(),
+                outcome: Outcome::Failed,
+                ms: 0.0,
+                detail: Some(e.to_string()),
+            }));
             undo(primary, cfg, &mut journal).await;
             Err(e)
         }
