@@ -102,7 +102,8 @@ pub fn reprotect(cfg: &PairConfig, r: &ReprotectReport) -> String {
     format!(
         "pair {}: re-protected, COLO running ({:.1} s in all: {})\n\
          disk {:.1} MiB, {:.1} MiB written by the copy; {:.1} MiB of RAM sent; pause at the \
-         switch {:.1} ms\n{}",
+         switch {:.1} ms\n\
+         stop `colo-blockd serve` on the secondary host now\n{}",
         cfg.name,
         r.total_ms / 1000.0,
         phases.join(", "),
