@@ -143,6 +143,9 @@ impl ReprotectRun {
     }
 }
 
+/// The copy's rate bound on the bed (bytes/s).
+pub const COPY_SPEED: u64 = 4 << 20;
+
 /// Asks the guest one request after the other until told to stop; returns the count, the
 /// failures and the slowest answer (ms).
 fn spawn_prober(
@@ -204,8 +207,11 @@ pub async fn after_losing_the_secondary(
     let prober = spawn_prober(client.clone(), stop.clone());
 
     // The host comes back; the re-protect, clients served all along.
+    // The copy bounded to 4 MiB/s, so that it takes seconds and the guest's writes (a record
+    // a second) meet it; unbounded it takes about 0.1 s on the bed's 16 MiB disk.
     let opts = ReprotectOptions {
         migrate_timeout: Duration::from_secs(300),
+        speed: COPY_SPEED,
         ..ReprotectOptions::new(pair::default_reprotect_target(&pair.driver))
     };
     let failed_attempt = match interrupt {

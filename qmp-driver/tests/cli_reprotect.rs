@@ -216,7 +216,9 @@ async fn reprotect_copies_migrates_and_switches_in_the_documented_order() {
     let in_colo = Arc::new(AtomicBool::new(false));
     bed.primary(primary(in_colo.clone(), false));
     bed.secondary(secondary(in_colo));
-    let out = bed.run(&["reprotect", "--json"]).await;
+    let out = bed
+        .run(&["reprotect", "--json", "--speed", "4194304"])
+        .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(
         bed.changes("secondary"),
@@ -243,6 +245,7 @@ async fn reprotect_copies_migrates_and_switches_in_the_documented_order() {
     assert_eq!(mirror["sync"], "full");
     assert_eq!(mirror["mode"], "existing");
     assert_eq!(mirror["copy-mode"], "write-blocking");
+    assert_eq!(mirror["speed"], 4 << 20);
     assert_eq!(
         bed.args_of("migrate-set-capabilities")["capabilities"],
         json!([{"capability": "pause-before-switchover", "state": true}])

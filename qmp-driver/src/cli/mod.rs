@@ -266,6 +266,10 @@ pub enum Command {
         /// How long the disk copy may take until it is in step, in seconds.
         #[arg(long, default_value = "3600", value_name = "SECS", value_parser = parse_secs)]
         copy_timeout: Duration,
+        /// Bound on the copy's background rate, in bytes per second (0: none). The guest's
+        /// writes during the copy are copied as they happen, whatever this says.
+        #[arg(long, default_value = "0", value_name = "BYTES")]
+        speed: u64,
         /// How long the memory migration may take to the switch, and then into COLO, in
         /// seconds.
         #[arg(long, default_value = "600", value_name = "SECS", value_parser = parse_secs)]

@@ -124,10 +124,12 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
             output,
             target,
             copy_timeout,
+            speed,
             timeout,
         } => {
             let opts = ReprotectOptions {
                 copy_timeout,
+                speed,
                 migrate_timeout: timeout,
                 ..ReprotectOptions::new(
                     target.unwrap_or_else(|| pair::default_reprotect_target(cfg)),

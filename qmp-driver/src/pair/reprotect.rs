@@ -70,6 +70,10 @@ pub struct ReprotectOptions {
     pub target: String,
     /// Longest wait for the copy to be ready.
     pub copy_timeout: Duration,
+    /// Bound on the copy's background rate in bytes/s (`drive-mirror`'s `speed`), so that it
+    /// leaves the link and the disks room for the guest; 0: none. The guest's own writes
+    /// during the copy are not bound by it (write-blocking copies them as they happen).
+    pub speed: u64,
     /// Longest wait for the memory migration to reach the switch, and then for COLO.
     pub migrate_timeout: Duration,
     /// Longest wait for the secondary's redirectors to connect to colo-proxyd secondary.
@@ -84,6 +88,7 @@ impl ReprotectOptions {
         ReprotectOptions {
             target,
             copy_timeout: Duration::from_secs(3600),
+            speed: 0,
             migrate_timeout: Duration::from_secs(600),
             chardev_timeout: Duration::from_secs(15),
             poll: Duration::from_millis(100),
@@ -127,6 +132,14 @@ pub struct ReprotectReport {
 
 /// The progress line of the copy: share, bytes, rate and time left.
 fn copy_progress(done: u64, len: u64, elapsed: Duration) -> String {
+    if len > 0 && done >= len {
+        // QEMU counts holes as done at once; the job is ready only when its last (rate-bound)
+        // writes are on the target.
+        return format!(
+            "the copy: {:.1} MiB accounted for, waiting for the mirror to be in step",
+            len as f64 / MIB
+        );
+    }
     let percent = (done.saturating_mul(100)).checked_div(len).unwrap_or(0);
     let secs = elapsed.as_secs_f64();
     let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
@@ -295,7 +308,7 @@ async fn run(
             format!("job {REPROTECT_JOB} already runs; waiting for it"),
         );
     } else {
-        let args = json!({
+        let mut args = json!({
             "job-id": REPROTECT_JOB,
             "device": device,
             "target": opts.target,
@@ -304,6 +317,9 @@ async fn run(
             "sync": "full",
             "copy-mode": "write-blocking",
         });
+        if opts.speed > 0 {
+            args["speed"] = json!(opts.speed);
+        }
         journal
             .run(
                 p,
@@ -827,6 +843,10 @@ mod tests {
     fn copy_progress_reports_share_rate_and_eta() {
         let line = copy_progress(8 * 1024 * 1024, 16 * 1024 * 1024, Duration::from_secs(2));
         assert_eq!(line, "the copy: 50% (8.0 of 16.0 MiB), 4.0 MiB/s, ETA 2 s");
+        assert_eq!(
+            copy_progress(16 << 20, 16 << 20, Duration::from_secs(3)),
+            "the copy: 16.0 MiB accounted for, waiting for the mirror to be in step"
+        );
         assert_eq!(
             copy_progress(0, 0, Duration::ZERO),
             "the copy: 0% (0.0 of 0.0 MiB), 0.0 MiB/s, ETA -"
