@@ -197,13 +197,14 @@ fn main() -> ExitCode {
         // colo-proxyd reads its rules from the environment the bed's daemons inherit. Set
         // here, before the runtime's threads exist: no other thread can read the environment
         // while it changes.
-        let rules = if equivalent == "none" {
-            ""
-        } else {
-            equivalent.as_str()
-        };
         // SAFETY: single-threaded at this point (the runtime is built below).
-        unsafe { std::env::set_var("COLO_PROXYD_EQUIVALENT", rules) };
+        unsafe {
+            if equivalent == "none" {
+                std::env::remove_var("COLO_PROXYD_EQUIVALENT");
+            } else {
+                std::env::set_var("COLO_PROXYD_EQUIVALENT", equivalent);
+            }
+        }
     }
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
