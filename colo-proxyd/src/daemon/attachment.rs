@@ -9,6 +9,15 @@
 //! *server* and the port reconnects with a backoff ([`PortEndpoint::Connect`]); on the
 //! secondary, QEMU's chardevs are clients with `reconnect-ms`, and the port accepts, a new
 //! connection replacing the old one ([`PortEndpoint::Listen`]).
+//!
+//! A listening port is loopback TCP, which any local user can reach. It serves only the uids
+//! of its [`PortAccess`] (root, this daemon's, `--qemu-uid`): the owner of the connecting
+//! socket is looked up in the kernel's socket table ([`peer_uid`](super::peer_uid)) as soon as
+//! it is accepted, and anyone else is closed before a byte is read or written, logged and
+//! counted (`colo_proxyd_port_refused_total{port,reason}`), the current connection untouched.
+//! An allowed uid still replaces the current connection: that is QEMU's chardev reconnecting
+//! (a restarted QEMU, or one whose old connection's close this port has not read yet), and
+//! whoever holds such a uid can already read and write QEMU itself.
 
 use colo_daemon::RateLimited;
 use std::fmt;
@@ -26,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::codec::{FrameDecoder, encode_ethernet};
 use crate::daemon::metrics::Metrics;
+use crate::daemon::peer_uid;
 
 /// Frames queued between a port and its role loop; a full queue back-pressures the socket.
 const QUEUE: usize = 1024;
@@ -132,36 +142,119 @@ impl FrameSink {
     }
 }
 
+/// Who may connect to a listening port: root, this daemon's own uid, and the uids given with
+/// `--qemu-uid` (the user QEMU runs as).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortAccess {
+    allowed: Arc<[u32]>,
+}
+
+impl PortAccess {
+    /// Root, this process's effective uid and `qemu_uids`. When this process's uid cannot be
+    /// read (no /proc), it is left out, with a warning: fewer are allowed, not more.
+    pub fn new(qemu_uids: &[u32]) -> PortAccess {
+        let mut allowed = vec![0];
+        match peer_uid::own_uid() {
+            Ok(uid) => allowed.push(uid),
+            Err(err) => {
+                tracing::warn!(%err, "cannot read this process's uid; QEMU's ports allow root and --qemu-uid only")
+            }
+        }
+        allowed.extend_from_slice(qemu_uids);
+        allowed.sort_unstable();
+        allowed.dedup();
+        PortAccess {
+            allowed: allowed.into(),
+        }
+    }
+
+    /// The allowed uids, ascending.
+    pub fn allowed(&self) -> &[u32] {
+        &self.allowed
+    }
+
+    fn admits(&self, uid: u32) -> bool {
+        self.allowed.contains(&uid)
+    }
+
+    /// Whether the owner of `stream`'s peer socket is allowed. A refused stream is logged
+    /// and counted here; the caller only drops it. Synchronous on purpose: the port's loops
+    /// await [`PortEndpoint::replacement`] inside `select!`, where an await between the accept
+    /// and this decision could drop an accepted connection unseen when another branch wins.
+    fn admit(&self, name: &str, stream: &TcpStream, metrics: &Metrics) -> Option<u32> {
+        let addresses = stream
+            .peer_addr()
+            .and_then(|p| Ok((p, stream.local_addr()?)));
+        let (peer, found) = match addresses {
+            Ok((peer, ours)) => (Some(peer), peer_uid::peer_uid(peer, ours)),
+            Err(err) => (None, Err(err)),
+        };
+        let (reason, uid, err) = match found {
+            Ok(Some(uid)) if self.admits(uid) => return Some(uid),
+            Ok(Some(uid)) => ("uid", Some(uid), None),
+            Ok(None) => ("unknown-peer", None, None),
+            Err(err) => ("lookup-failed", None, Some(err)),
+        };
+        metrics.port_refused(name, reason);
+        // A local user can connect in a loop: one line a second at most, with the count of
+        // the ones it stands for.
+        static LOG: RateLimited = RateLimited::new(Duration::from_secs(1));
+        if let Some(suppressed) = LOG.allow() {
+            let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+            let uid = uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string());
+            let err = err.map(|e| e.to_string()).unwrap_or_default();
+            tracing::warn!(
+                port = name,
+                %peer,
+                %uid,
+                reason,
+                %err,
+                allowed = ?self.allowed,
+                suppressed,
+                "connection to QEMU's port refused: its socket's owner is not an allowed uid \
+                 (root, colo-proxyd's own, --qemu-uid); the current connection is kept"
+            );
+        }
+        None
+    }
+}
+
 /// How a port finds its peer.
 #[derive(Debug)]
 pub enum PortEndpoint {
     /// Connect to a QEMU chardev server (`server=on`) at this address, and again after every
     /// disconnection.
     Connect(String),
-    /// Accept QEMU chardev clients (`reconnect-ms`) on this listener; a new client replaces
-    /// the current one.
-    Listen(TcpListener),
+    /// Accept QEMU chardev clients (`reconnect-ms`) on this listener, from the uids `access`
+    /// allows only; a new allowed client replaces the current one.
+    Listen(TcpListener, PortAccess),
 }
 
 impl PortEndpoint {
     fn describe(&self) -> String {
         match self {
             PortEndpoint::Connect(addr) => format!("connect to {addr}"),
-            PortEndpoint::Listen(l) => match l.local_addr() {
+            PortEndpoint::Listen(l, _) => match l.local_addr() {
                 Ok(a) => format!("listen on {a}"),
                 Err(_) => "listen".to_owned(),
             },
         }
     }
 
-    /// The first connection, or the next after one ended.
-    async fn next(&mut self, name: &str, retry: &mut Duration) -> io::Result<TcpStream> {
+    /// The first connection, or the next after one ended, with its peer's uid when this port
+    /// listens. Refused connections are closed and waited past.
+    async fn next(
+        &mut self,
+        name: &str,
+        retry: &mut Duration,
+        metrics: &Metrics,
+    ) -> io::Result<(TcpStream, Option<u32>)> {
         match self {
             PortEndpoint::Connect(addr) => loop {
                 match TcpStream::connect(addr.as_str()).await {
                     Ok(stream) => {
                         *retry = RETRY_MIN;
-                        return Ok(stream);
+                        return Ok((stream, None));
                     }
                     Err(err) => {
                         tracing::debug!(port = name, %addr, %err, retry_in = ?*retry, "cannot connect to QEMU's chardev");
@@ -170,15 +263,31 @@ impl PortEndpoint {
                     }
                 }
             },
-            PortEndpoint::Listen(listener) => listener.accept().await.map(|(s, _)| s),
+            PortEndpoint::Listen(listener, access) => loop {
+                let (stream, _) = listener.accept().await?;
+                if let Some(uid) = access.admit(name, &stream, metrics) {
+                    return Ok((stream, Some(uid)));
+                }
+            },
         }
     }
 
-    /// A new connection that replaces the current one (listening ports only).
-    async fn replacement(&mut self) -> io::Result<TcpStream> {
+    /// A new connection that replaces the current one (listening ports only), with its peer's
+    /// uid; `None` for a connection refused (closed, the current one untouched). Cancel-safe:
+    /// its only await is the accept.
+    async fn replacement(
+        &mut self,
+        name: &str,
+        metrics: &Metrics,
+    ) -> io::Result<Option<(TcpStream, u32)>> {
         match self {
             PortEndpoint::Connect(_) => std::future::pending().await,
-            PortEndpoint::Listen(listener) => listener.accept().await.map(|(s, _)| s),
+            PortEndpoint::Listen(listener, access) => {
+                let (stream, _) = listener.accept().await?;
+                Ok(access
+                    .admit(name, &stream, metrics)
+                    .map(|uid| (stream, uid)))
+            }
         }
     }
 }
@@ -249,13 +358,20 @@ async fn prepare(
     }
 }
 
-fn connected(name: &str, endpoint: &PortEndpoint, stream: &TcpStream, metrics: &Metrics) {
+fn connected(
+    name: &str,
+    endpoint: &PortEndpoint,
+    stream: &TcpStream,
+    uid: Option<u32>,
+    metrics: &Metrics,
+) {
     let _ = stream.set_nodelay(true);
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    tracing::info!(port = name, %peer, endpoint = %endpoint.describe(), "QEMU chardev connected");
+    let uid = uid.map_or_else(|| "-".to_owned(), |u| u.to_string());
+    tracing::info!(port = name, %peer, %uid, endpoint = %endpoint.describe(), "QEMU chardev connected");
     metrics.set_connected(name, true);
 }
 
@@ -306,9 +422,9 @@ async fn run_source(
     let mut retry = RETRY_MIN;
     loop {
         // Without a peer there is nothing to drain: answer drains at once.
-        let mut stream = loop {
+        let (mut stream, uid) = loop {
             tokio::select! {
-                s = endpoint.next(name, &mut retry) => match s {
+                s = endpoint.next(name, &mut retry, metrics) => match s {
                     Ok(s) => break s,
                     Err(err) => {
                         tracing::warn!(port = name, %err, "accept failed");
@@ -320,7 +436,7 @@ async fn run_source(
                 }
             }
         };
-        connected(name, &endpoint, &stream, metrics);
+        connected(name, &endpoint, &stream, uid, metrics);
         set_state(true);
         let mut decoder = FrameDecoder::new(false);
         let why = loop {
@@ -354,13 +470,14 @@ async fn run_source(
                     if let Err(err) = delivered { break err; }
                     if let Some(why) = why { break why; }
                 }
-                s = endpoint.replacement() => match s {
-                    Ok(s) => {
+                s = endpoint.replacement(name, metrics) => match s {
+                    Ok(Some((s, uid))) => {
                         tracing::warn!(port = name, "QEMU reconnected; the old connection is dropped");
                         stream = s;
                         decoder = FrameDecoder::new(false);
-                        connected(name, &endpoint, &stream, metrics);
+                        connected(name, &endpoint, &stream, Some(uid), metrics);
                     }
+                    Ok(None) => {}
                     Err(err) => tracing::warn!(port = name, %err, "accept failed"),
                 },
             }
@@ -449,9 +566,9 @@ async fn run_sink(
     let mut wire = Vec::new();
     let mut probe = [0u8; 256];
     loop {
-        let mut stream = loop {
+        let (mut stream, uid) = loop {
             tokio::select! {
-                s = endpoint.next(name, &mut retry) => match s {
+                s = endpoint.next(name, &mut retry, metrics) => match s {
                     Ok(s) => break s,
                     Err(err) => {
                         tracing::warn!(port = name, %err, "accept failed");
@@ -467,7 +584,7 @@ async fn run_sink(
                 },
             }
         };
-        connected(name, &endpoint, &stream, metrics);
+        connected(name, &endpoint, &stream, uid, metrics);
         if !prepare(name, on_connect, connections, &mut rx, metrics).await {
             return;
         }
@@ -494,16 +611,17 @@ async fn run_sink(
                     Ok(_) => {}
                     Err(err) => break err.to_string(),
                 },
-                s = endpoint.replacement() => match s {
-                    Ok(s) => {
+                s = endpoint.replacement(name, metrics) => match s {
+                    Ok(Some((s, uid))) => {
                         tracing::warn!(port = name, "QEMU reconnected; the old connection is dropped");
                         stream = s;
-                        connected(name, &endpoint, &stream, metrics);
+                        connected(name, &endpoint, &stream, Some(uid), metrics);
                         if !prepare(name, on_connect, connections, &mut rx, metrics).await {
                             return;
                         }
                         connections += 1;
                     }
+                    Ok(None) => {}
                     Err(err) => tracing::warn!(port = name, %err, "accept failed"),
                 },
             }

@@ -14,7 +14,7 @@
 //! and the key.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -82,6 +82,38 @@ fn parsed<T: FromStr<Err: fmt::Display>>(
                 .map_err(|e: T::Err| layers.invalid(option, e.to_string()))
         })
         .transpose()
+}
+
+/// A listen address for QEMU's chardevs: a loopback address (`127.0.0.1:PORT`, any of
+/// 127.0.0.0/8, `[::1]:PORT`) or `localhost:PORT`. These ports carry the guest's traffic in
+/// the clear and identify their peers by the owner of the connecting socket on this host
+/// (docs/security.md), which means nothing for a connection from another host.
+fn loopback(
+    layers: &OptionLayers,
+    value: Option<String>,
+    option: &'static str,
+) -> Result<Option<String>, OptionError> {
+    let Some(address) = value else {
+        return Ok(None);
+    };
+    let is_loopback = match address.parse::<SocketAddr>() {
+        Ok(a) => a.ip().to_canonical().is_loopback(),
+        Err(_) => address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| host == "localhost" && port.parse::<u16>().is_ok()),
+    };
+    if is_loopback {
+        Ok(Some(address))
+    } else {
+        Err(layers.invalid(
+            option,
+            format!(
+                "{address:?} is not a loopback address: QEMU's chardev ports must listen on \
+                 127.0.0.1, [::1] or localhost (QEMU runs on this host; its peers are identified \
+                 by their local uid, docs/security.md)"
+            ),
+        ))
+    }
 }
 
 /// A count, at least 1.
@@ -602,6 +634,18 @@ pub struct SecondaryArgs {
     /// rewrites and writes to `red0`. Goes with --net-output-listen.
     #[arg(long, env = "COLO_PROXYD_NET_INPUT_LISTEN", value_name = "HOST:PORT")]
     pub net_input_listen: Option<String>,
+    /// A uid allowed to connect to the four QEMU ports above (the user QEMU runs as), besides
+    /// root and colo-proxyd's own uid, which always are. Repeatable (comma-separated in the
+    /// variable). The ports must be loopback addresses; a connection whose socket belongs to
+    /// any other uid is closed before a byte is read, logged and counted
+    /// (colo_proxyd_port_refused_total), the current connection kept.
+    #[arg(
+        long = "qemu-uid",
+        env = "COLO_PROXYD_QEMU_UID",
+        value_name = "UID",
+        value_delimiter = ','
+    )]
+    pub qemu_uid: Vec<u32>,
     /// The primary's colo-proxyd link address (its --link-listen).
     #[arg(long, env = "COLO_PROXYD_PRIMARY_LINK", value_name = "HOST:PORT")]
     pub primary_link: Option<String>,
@@ -675,6 +719,8 @@ pub struct SecondaryConfig {
     pub svm_output_listen: String,
     /// The network bridge after a failover (`red2`, `red3`), when configured.
     pub bridge: Option<BridgeAddresses>,
+    /// Uids besides root and the daemon's own allowed to connect to the QEMU ports.
+    pub qemu_uids: Vec<u32>,
     /// The primary daemon's link address.
     pub primary_link: String,
     /// Mutual TLS on the link (`None`: plaintext, unauthenticated).
@@ -739,6 +785,7 @@ impl SecondaryArgs {
                 self.net_input_listen,
                 file.net_input_listen,
             ),
+            qemu_uid: layers.pick_list("qemu-uid", self.qemu_uid, file.qemu_uid),
             primary_link: layers.pick("primary-link", self.primary_link, file.primary_link),
             tls_dir: layers.pick("tls-dir", self.tls_dir, file.tls_dir),
             tls_peer: layers.pick("tls-peer", self.tls_peer, file.tls_peer),
@@ -796,7 +843,9 @@ impl SecondaryConfig {
     /// Validates the merged options.
     fn validate(a: SecondaryArgs, layers: &OptionLayers) -> Result<SecondaryConfig, OptionError> {
         // One port without the other would carry one direction only: refused.
-        let bridge = match (a.net_output_listen, a.net_input_listen) {
+        let net_output_listen = loopback(layers, a.net_output_listen, "net-output-listen")?;
+        let net_input_listen = loopback(layers, a.net_input_listen, "net-input-listen")?;
+        let bridge = match (net_output_listen, net_input_listen) {
             (None, None) => None,
             (Some(net_output_listen), Some(net_input_listen)) => Some(BridgeAddresses {
                 net_output_listen,
@@ -807,8 +856,15 @@ impl SecondaryConfig {
         };
         Ok(SecondaryConfig {
             bridge,
-            svm_input_listen: layers.required("svm-input-listen", a.svm_input_listen)?,
-            svm_output_listen: layers.required("svm-output-listen", a.svm_output_listen)?,
+            qemu_uids: a.qemu_uid,
+            svm_input_listen: layers.required(
+                "svm-input-listen",
+                loopback(layers, a.svm_input_listen, "svm-input-listen")?,
+            )?,
+            svm_output_listen: layers.required(
+                "svm-output-listen",
+                loopback(layers, a.svm_output_listen, "svm-output-listen")?,
+            )?,
             primary_link: layers.required("primary-link", a.primary_link)?,
             link_tls: LinkTls::from_options(layers, a.tls_dir, a.tls_peer)?,
             control: layers.required("control", a.control)?,
@@ -1077,6 +1133,73 @@ mod tests {
                 env: "COLO_PROXYD_NET_OUTPUT_LISTEN".into()
             }
         );
+    }
+
+    #[test]
+    fn qemu_ports_listen_on_loopback_only() {
+        for good in [
+            "127.0.0.1:9003",
+            "127.0.0.2:0",
+            "[::1]:9003",
+            "localhost:9003",
+        ] {
+            let mut a = secondary_args();
+            a.svm_output_listen = Some(good.into());
+            assert!(SecondaryConfig::try_from(a).is_ok(), "{good}");
+        }
+        for (bad, set) in [
+            ("0.0.0.0:9003", 0),
+            ("192.168.77.2:9003", 1),
+            ("[::]:9003", 2),
+            ("example.org:9003", 3),
+            ("localhost", 0),
+        ] {
+            let mut a = secondary_args();
+            a.net_output_listen = Some("127.0.0.1:9006".into());
+            a.net_input_listen = Some("127.0.0.1:9007".into());
+            let (option, field) = match set {
+                0 => ("svm-input-listen", &mut a.svm_input_listen),
+                1 => ("svm-output-listen", &mut a.svm_output_listen),
+                2 => ("net-output-listen", &mut a.net_output_listen),
+                _ => ("net-input-listen", &mut a.net_input_listen),
+            };
+            *field = Some(bad.into());
+            let err = SecondaryConfig::try_from(a).unwrap_err();
+            assert!(
+                matches!(err, OptionError::Invalid { option: o, .. } if o == option),
+                "{bad}: {err}"
+            );
+            assert!(
+                err.to_string().contains("is not a loopback address"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn qemu_uids_come_from_the_flags_or_the_file() {
+        assert!(
+            SecondaryConfig::try_from(secondary_args())
+                .unwrap()
+                .qemu_uids
+                .is_empty()
+        );
+        let mut a = secondary_args();
+        a.qemu_uid = vec![107, 64055];
+        assert_eq!(
+            SecondaryConfig::try_from(a).unwrap().qemu_uids,
+            [107, 64055]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, "qemu-uid = [107]\n").unwrap();
+        let mut a = secondary_args();
+        a.config = Some(path.clone());
+        assert_eq!(SecondaryConfig::try_from(a).unwrap().qemu_uids, [107]);
+        std::fs::write(&path, "qemu-uid = [\"qemu\"]\n").unwrap();
+        let mut a = secondary_args();
+        a.config = Some(path);
+        assert!(SecondaryConfig::try_from(a).is_err());
     }
 
     /// The primary follows a relay on TCP over mutual TLS with its link's identity and peer

@@ -39,6 +39,12 @@ struct PortLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PortReasonLabel {
+    port: String,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ChardevLabel {
     chardev: String,
 }
@@ -106,6 +112,8 @@ struct Inner {
     link_pending: Gauge,
     /// Reason → link connections refused before they could touch the live link.
     link_refused: Family<ReasonLabel, Counter>,
+    /// (Port, reason) → connections to a QEMU-facing port refused before a byte was read.
+    port_refused: Family<PortReasonLabel, Counter>,
     barriers: Counter,
     /// The secondary's network bridge after a failover (running totals from the role logic).
     out_of_svm: Bridged,
@@ -162,6 +170,7 @@ impl Inner {
             link_unauthenticated: Gauge::default(),
             link_pending: Gauge::default(),
             link_refused: Family::default(),
+            port_refused: Family::default(),
             barriers: Counter::default(),
             out_of_svm: bridged("out_of_svm"),
             into_svm: bridged("into_svm"),
@@ -197,6 +206,14 @@ impl Inner {
             "qemu_filters_recreated",
             "QEMU filters re-created over QMP because their input chardev reconnected",
             inner.filters_recreated.clone(),
+        );
+        r.register(
+            "port_refused",
+            "Connections to a QEMU-facing port refused before a byte was read: reason uid (the \
+             connecting socket's owner is not root, colo-proxyd's uid or a --qemu-uid), \
+             unknown-peer (no open socket of this host at its address), lookup-failed (the \
+             kernel's socket table could not be read)",
+            inner.port_refused.clone(),
         );
         r.register(
             "guest_link_up",
@@ -600,6 +617,29 @@ impl Metrics {
             .get()
     }
 
+    /// A connection to the QEMU-facing port `port` refused for `reason` (`uid`,
+    /// `unknown-peer`, `lookup-failed`).
+    pub fn port_refused(&self, port: &str, reason: &'static str) {
+        self.inner
+            .port_refused
+            .get_or_create(&PortReasonLabel {
+                port: port.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Connections to `port` refused for `reason` so far.
+    pub fn port_refusals(&self, port: &str, reason: &'static str) -> u64 {
+        self.inner
+            .port_refused
+            .get_or_create(&PortReasonLabel {
+                port: port.to_owned(),
+                reason,
+            })
+            .get()
+    }
+
     /// A synchronous barrier event was handled and acknowledged.
     pub fn barrier_done(&self) {
         self.inner.barriers.inc();
@@ -799,6 +839,10 @@ mod tests {
         });
         m.checkpoint_requested("a");
         m.checkpoint_requested("b");
+        m.port_refused("red1", "uid");
+        m.port_refused("red1", "uid");
+        assert_eq!(m.port_refusals("red1", "uid"), 2);
+        assert_eq!(m.port_refusals("red0", "uid"), 0);
         assert_eq!(m.filters_recreated("f1"), 2);
         assert_eq!(m.checkpoints_requested_total(), 2);
         let text = m.render();
@@ -813,6 +857,7 @@ mod tests {
             "colo_proxyd_failover_bridged_frames_total{direction=\"out_of_svm\"} 7",
             "colo_proxyd_failover_rewritten_frames_total{direction=\"into_svm\"} 1",
             "# TYPE colo_proxyd_checkpoint_requests_total counter",
+            "colo_proxyd_port_refused_total{port=\"red1\",reason=\"uid\"} 2",
         ] {
             assert!(
                 text.lines().any(|l| l == needle),

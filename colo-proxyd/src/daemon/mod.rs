@@ -29,6 +29,7 @@ pub mod gate;
 pub mod link;
 pub mod metrics;
 pub mod peer;
+pub mod peer_uid;
 pub mod primary;
 pub mod qemu_filters;
 pub mod secondary;

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use self::network_bridge::{BridgeListeners, NET_INPUT_PORT, NET_OUTPUT_PORT, NetworkBridge};
 
 use super::attachment::{
-    FrameSink, FrameSource, Inbound, PortEndpoint, spawn_sink_prepared, spawn_source,
+    FrameSink, FrameSource, Inbound, PortAccess, PortEndpoint, spawn_sink_prepared, spawn_source,
 };
 use super::colo_state::QemuColo;
 use super::config::SecondaryConfig;
@@ -119,9 +119,11 @@ pub async fn run(
     // One session for every filter: QEMU's monitor serves one client at a time, so a second
     // connection would wait for the first to close.
     let qmp = config.qmp.clone().map(QmpSession::new);
+    // Who may connect to red0..red3 (loopback ports any local user reaches).
+    let access = PortAccess::new(&config.qemu_uids);
     let to_svm = spawn_sink_prepared(
         "red0",
-        PortEndpoint::Listen(listeners.svm_input),
+        PortEndpoint::Listen(listeners.svm_input, access.clone()),
         metrics.clone(),
         tasks.clone(),
         Some(qemu_filters::recreate_on_connect(
@@ -133,7 +135,7 @@ pub async fn run(
     );
     let from_svm = spawn_source(
         "red1",
-        PortEndpoint::Listen(listeners.svm_output),
+        PortEndpoint::Listen(listeners.svm_output, access.clone()),
         metrics.clone(),
         tasks.clone(),
     );
@@ -166,8 +168,13 @@ pub async fn run(
                 metrics.clone(),
                 tasks.clone(),
             );
-            let (bridge, from_network) =
-                NetworkBridge::spawn(listeners, metrics.clone(), tasks.clone(), Some(recreate));
+            let (bridge, from_network) = NetworkBridge::spawn(
+                listeners,
+                access.clone(),
+                metrics.clone(),
+                tasks.clone(),
+                Some(recreate),
+            );
             (Some(bridge), Some(from_network))
         }
         None => (None, None),
@@ -181,6 +188,7 @@ pub async fn run(
         primary = %config.primary_link,
         control = %config.control,
         qmp = config.qmp.as_ref().map_or("-".to_owned(), ToString::to_string),
+        qemu_uids = ?access.allowed(),
         "colo-proxyd secondary started"
     );
     let mut role = SecondaryRole {

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::attachment::{
-    FrameSink, FrameSource, OnConnect, PortEndpoint, spawn_sink_prepared, spawn_source,
+    FrameSink, FrameSource, OnConnect, PortAccess, PortEndpoint, spawn_sink_prepared, spawn_source,
 };
 use crate::daemon::metrics::Metrics;
 use crate::daemon::svm_path::FrameQueue;
@@ -109,25 +109,26 @@ pub struct NetworkBridge {
 }
 
 impl NetworkBridge {
-    /// Starts both ports; returns the bridge and the source of `red3`. `red2` is written to
-    /// only after `on_red2_connect` ran for its connection (it re-creates `f3`, which QEMU no
-    /// longer reads once an earlier connection closed).
+    /// Starts both ports, serving the uids of `access` only; returns the bridge and the source
+    /// of `red3`. `red2` is written to only after `on_red2_connect` ran for its connection (it
+    /// re-creates `f3`, which QEMU no longer reads once an earlier connection closed).
     pub fn spawn(
         listeners: BridgeListeners,
+        access: PortAccess,
         metrics: Metrics,
         shutdown: CancellationToken,
         on_red2_connect: Option<OnConnect>,
     ) -> (NetworkBridge, FrameSource) {
         let to_network = spawn_sink_prepared(
             NET_OUTPUT_PORT,
-            PortEndpoint::Listen(listeners.net_output),
+            PortEndpoint::Listen(listeners.net_output, access.clone()),
             metrics.clone(),
             shutdown.clone(),
             on_red2_connect,
         );
         let from_network = spawn_source(
             NET_INPUT_PORT,
-            PortEndpoint::Listen(listeners.net_input),
+            PortEndpoint::Listen(listeners.net_input, access),
             metrics.clone(),
             shutdown,
         );
