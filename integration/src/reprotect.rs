@@ -62,6 +62,8 @@ pub struct FailedAttempt {
 pub struct ReprotectRun {
     /// Where the run's logs, events and images are.
     pub run_dir: std::path::PathBuf,
+    /// The re-protects of the rounds before the last.
+    pub earlier_rounds: Vec<ReprotectReport>,
     /// A first attempt cut short, when the run had one.
     pub failed_attempt: Option<FailedAttempt>,
     /// Checkpoints before the secondary was lost.
@@ -171,14 +173,18 @@ fn spawn_prober(
 }
 
 /// The scenario of the module doc.
-/// With `interrupt`, a first attempt is cut short there by the new secondary's host dying,
-/// and a second one (the host back again) must succeed.
+/// With `interrupt`, a first attempt (of the last round) is cut short there by the new
+/// secondary's host dying, and a second one (the host back again) must succeed. With `rounds`
+/// above 1, the secondary is lost and the primary re-protected that many times before the
+/// primary is killed.
 pub async fn after_losing_the_secondary(
     tag: &str,
     cfg: PairConfig,
     interrupt: Interrupt,
+    rounds: usize,
 ) -> Result<ReprotectRun> {
     let dir = crate::artifacts::run_dir(match interrupt {
+        Interrupt::None if rounds > 1 => "reprotect-twice",
         Interrupt::None => "reprotect-primary-survives",
         Interrupt::DuringCopy => "reprotect-killed-in-copy",
         Interrupt::DuringMemory => "reprotect-killed-in-memory",
@@ -190,69 +196,23 @@ pub async fn after_losing_the_secondary(
     let checkpoints_first_pair = pair.checkpoint_pauses(Role::Primary).len();
     let client = HttpClient::new(&pair.topology.client, guest_server());
 
-    // The secondary's host dies; the primary carries on alone.
-    pair.kill(Role::Secondary)?;
-    pair.failover_to_primary().await?;
-    probe(&client, Duration::from_secs(10))
-        .await
-        .context("the primary serves alone")?;
-
     let echo_server = SocketAddr::new(guest_server().ip(), ECHO_PORT);
-    let echo = EchoSession::start(
-        &pair.topology.client,
-        echo_server,
-        Duration::from_millis(50),
-    )?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let prober = spawn_prober(client.clone(), stop.clone());
-
-    // The host comes back; the re-protect, clients served all along.
-    // The copy bounded to 4 MiB/s, so that it takes seconds and the guest's writes (a record
-    // a second) meet it; unbounded it takes about 0.1 s on the bed's 16 MiB disk.
-    let opts = ReprotectOptions {
-        migrate_timeout: Duration::from_secs(300),
-        speed: COPY_SPEED,
-        ..ReprotectOptions::new(pair::default_reprotect_target(&pair.driver))
-    };
-    let failed_attempt = match interrupt {
-        Interrupt::None => None,
-        _ => Some(interrupted_attempt(&mut pair, &opts, interrupt).await?),
-    };
-    let mut serve = pair.restart_secondary_host().await?;
-    let pri = pair.vm(Role::Primary)?.qmp.clone();
-    let sec = pair.vm(Role::Secondary)?.qmp.clone();
-    let events_mark = pair.vm(Role::Primary)?.events.len();
-    let result = pair::reprotect(&pri, &sec, &pair.driver, &opts, &mut |p| {
-        println!("  reprotect: {p}")
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    let (requests_during, failures_during, slowest) = prober.await.context("prober task")?;
-    let echo_reprotect = echo.finish();
-    let switch_pause_qemu_ms = pauses(&pair.vm(Role::Primary)?.events.since(events_mark))
-        .first()
-        .map(|d| d.as_secs_f64() * 1000.0);
-    let reprotect = match result {
-        Ok(r) => r,
-        Err(e) => {
-            pair.write_diagnostics().await;
-            bail!(
-                "reprotect failed: {e}; primary: {}; secondary: {}",
-                pair.vm(Role::Primary)?.process.stderr_tail(),
-                pair.vm(Role::Secondary)?.process.stderr_tail()
-            );
-        }
-    };
-    serve.stop(Duration::from_secs(10))?;
-
-    // Back in COLO: checkpoints go on, on both sides.
-    pair.wait_guest_in_colo().await?;
-    pair.wait_checkpoints(5, period * 10 + Duration::from_secs(60))
-        .await?;
-    let checkpoints_new_pair = (
-        pair.vm(Role::Primary)?.checkpoint_pauses().len(),
-        pair.vm(Role::Secondary)?.checkpoint_pauses().len(),
-    );
+    // Earlier rounds (lose the secondary, re-protect) must show the same as the last one.
+    let mut earlier_rounds = Vec::new();
+    for _ in 1..rounds {
+        let round = lose_secondary_and_reprotect(&mut pair, &client, Interrupt::None).await?;
+        earlier_rounds.push(round.check()?);
+    }
+    let Round {
+        failed_attempt,
+        reprotect,
+        requests_during,
+        failures_during,
+        slowest,
+        echo_reprotect,
+        switch_pause_qemu_ms,
+        checkpoints_new_pair,
+    } = lose_secondary_and_reprotect(&mut pair, &client, interrupt).await?;
 
     // The primary dies during a download; the new secondary takes over.
     let echo = EchoSession::start(
@@ -324,6 +284,7 @@ pub async fn after_losing_the_secondary(
     let disk = pair.stop_and_check_disk(Role::Secondary).await?;
     let run = ReprotectRun {
         run_dir: pair.dir.clone(),
+        earlier_rounds,
         failed_attempt,
         checkpoints_first_pair,
         switch_pause_qemu_ms,
@@ -426,5 +387,127 @@ async fn interrupted_attempt(
             .into_iter()
             .flatten()
             .any(|n| n["node-name"] == child.as_str()),
+    })
+}
+
+/// One round of [`after_losing_the_secondary`]: what it saw.
+struct Round {
+    failed_attempt: Option<FailedAttempt>,
+    reprotect: ReprotectReport,
+    requests_during: usize,
+    failures_during: Vec<String>,
+    slowest: f64,
+    echo_reprotect: EchoReport,
+    switch_pause_qemu_ms: Option<f64>,
+    checkpoints_new_pair: (usize, usize),
+}
+
+impl Round {
+    /// An earlier round: no request failed, the echo connection held, COLO went on; returns
+    /// its report.
+    fn check(self) -> Result<ReprotectReport> {
+        if !self.failures_during.is_empty() || !self.echo_reprotect.ok() {
+            bail!(
+                "an earlier re-protect disturbed the clients: {:?}, echo {:?}",
+                self.failures_during,
+                self.echo_reprotect
+            );
+        }
+        let (p, s) = self.checkpoints_new_pair;
+        if p < 5 || s < 5 {
+            bail!("an earlier re-protect left only {p} / {s} checkpoints");
+        }
+        println!(
+            "earlier round: re-protect {:.0} ms, pause at the switch {:?} ms (QEMU), longest \
+             stall {:.0} ms",
+            self.reprotect.total_ms,
+            self.switch_pause_qemu_ms,
+            self.slowest.max(self.echo_reprotect.longest_wait_ms)
+        );
+        Ok(self.reprotect)
+    }
+}
+
+/// The secondary's host dies, the primary carries on alone, the host comes back (after a
+/// first attempt cut short at `interrupt`) and the primary is re-protected, a client asking
+/// and an echo connection open all along; returns once checkpoints go on.
+async fn lose_secondary_and_reprotect(
+    pair: &mut StockPair,
+    client: &HttpClient,
+    interrupt: Interrupt,
+) -> Result<Round> {
+    let period = Duration::from_millis(u64::from(pair.config.checkpoint_delay_ms));
+    let echo_server = SocketAddr::new(guest_server().ip(), ECHO_PORT);
+    // The secondary's host dies; the primary carries on alone.
+    pair.kill(Role::Secondary)?;
+    pair.failover_to_primary().await?;
+    probe(client, Duration::from_secs(10))
+        .await
+        .context("the primary serves alone")?;
+
+    let echo = EchoSession::start(
+        &pair.topology.client,
+        echo_server,
+        Duration::from_millis(50),
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = spawn_prober(client.clone(), stop.clone());
+
+    // The host comes back; the re-protect, clients served all along.
+    // The copy bounded to 4 MiB/s, so that it takes seconds and the guest's writes (a record
+    // a second) meet it; unbounded it takes about 0.1 s on the bed's 16 MiB disk.
+    let opts = ReprotectOptions {
+        migrate_timeout: Duration::from_secs(300),
+        speed: COPY_SPEED,
+        ..ReprotectOptions::new(pair::default_reprotect_target(&pair.driver))
+    };
+    let failed_attempt = match interrupt {
+        Interrupt::None => None,
+        _ => Some(interrupted_attempt(pair, &opts, interrupt).await?),
+    };
+    let mut serve = pair.restart_secondary_host().await?;
+    let pri = pair.vm(Role::Primary)?.qmp.clone();
+    let sec = pair.vm(Role::Secondary)?.qmp.clone();
+    let events_mark = pair.vm(Role::Primary)?.events.len();
+    let result = pair::reprotect(&pri, &sec, &pair.driver, &opts, &mut |p| {
+        println!("  reprotect: {p}")
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (requests_during, failures_during, slowest) = prober.await.context("prober task")?;
+    let echo_reprotect = echo.finish();
+    let switch_pause_qemu_ms = pauses(&pair.vm(Role::Primary)?.events.since(events_mark))
+        .first()
+        .map(|d| d.as_secs_f64() * 1000.0);
+    let reprotect = match result {
+        Ok(r) => r,
+        Err(e) => {
+            pair.write_diagnostics().await;
+            bail!(
+                "reprotect failed: {e}; primary: {}; secondary: {}",
+                pair.vm(Role::Primary)?.process.stderr_tail(),
+                pair.vm(Role::Secondary)?.process.stderr_tail()
+            );
+        }
+    };
+    serve.stop(Duration::from_secs(10))?;
+
+    // Back in COLO: checkpoints go on, on both sides.
+    pair.wait_guest_in_colo().await?;
+    pair.wait_checkpoints(5, period * 10 + Duration::from_secs(60))
+        .await?;
+    let checkpoints_new_pair = (
+        pair.vm(Role::Primary)?.checkpoint_pauses().len(),
+        pair.vm(Role::Secondary)?.checkpoint_pauses().len(),
+    );
+    Ok(Round {
+        failed_attempt,
+        reprotect,
+        requests_during,
+        failures_during,
+        slowest,
+        echo_reprotect,
+        switch_pause_qemu_ms,
+        checkpoints_new_pair,
     })
 }

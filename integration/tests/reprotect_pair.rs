@@ -23,9 +23,24 @@ use colo_testbed::reprotect::{self, Interrupt, ReprotectRun};
 #[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn a_primary_serving_alone_is_reprotected_online_and_a_second_failover_loses_nothing() {
     let run =
-        reprotect::after_losing_the_secondary("t-rpp1", common::daemons_pair(), Interrupt::None)
+        reprotect::after_losing_the_secondary("t-rpp1", common::daemons_pair(), Interrupt::None, 1)
             .await
             .expect("re-protect scenario ran");
+    assert_reprotected(&run);
+}
+
+/// The secondary is lost and the primary re-protected online twice in a row (the second time
+/// with `pause-before-switchover` already on, the filters and the NBD child removed by the
+/// second failover, the relay's third session); each round leaves the clients undisturbed and
+/// COLO checkpointing, and the failover after the second loses nothing.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn the_primary_is_reprotected_twice_in_a_row_and_a_failover_after_loses_nothing() {
+    let run =
+        reprotect::after_losing_the_secondary("t-rpp2", common::daemons_pair(), Interrupt::None, 2)
+            .await
+            .expect("re-protect scenario ran");
+    assert_eq!(run.earlier_rounds.len(), 1, "one earlier round");
     assert_reprotected(&run);
 }
 
@@ -92,7 +107,7 @@ fn assert_reprotected(run: &ReprotectRun) {
 /// child, and no client noticed; the host comes back and a second attempt succeeds, with the
 /// same checks as above.
 async fn cut_short(interrupt: Interrupt, tag: &str) {
-    let run = reprotect::after_losing_the_secondary(tag, common::daemons_pair(), interrupt)
+    let run = reprotect::after_losing_the_secondary(tag, common::daemons_pair(), interrupt, 1)
         .await
         .expect("re-protect scenario ran");
     let failed = run
