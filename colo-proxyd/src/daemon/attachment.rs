@@ -12,7 +12,7 @@
 //!
 //! A listening port is loopback TCP, which any local user can reach. It serves only the uids
 //! of its [`PortAccess`] (root, this daemon's, `--qemu-uid`): the owner of the connecting
-//! socket is looked up in the kernel's socket table ([`peer_uid`](super::peer_uid)) as soon as
+//! socket is looked up in the kernel's socket table ([`peer_uid`]) as soon as
 //! it is accepted, and anyone else is closed before a byte is read or written, logged and
 //! counted (`colo_proxyd_port_refused_total{port,reason}`), the current connection untouched.
 //! An allowed uid still replaces the current connection: that is QEMU's chardev reconnecting
@@ -202,13 +202,14 @@ impl PortAccess {
         if let Some(suppressed) = LOG.allow() {
             let peer = peer.map(|p| p.to_string()).unwrap_or_default();
             let uid = uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string());
-            let err = err.map(|e| e.to_string()).unwrap_or_default();
+            if let Some(err) = err {
+                tracing::error!(port = name, %peer, %err, "cannot read the kernel's socket table: QEMU's ports serve nobody");
+            }
             tracing::warn!(
                 port = name,
                 %peer,
                 %uid,
                 reason,
-                %err,
                 allowed = ?self.allowed,
                 suppressed,
                 "connection to QEMU's port refused: its socket's owner is not an allowed uid \

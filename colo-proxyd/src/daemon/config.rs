@@ -613,11 +613,12 @@ pub struct SecondaryArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Listen here for QEMU's chardev `red0` (filter-redirector `f1`, queue=tx, indev; a TCP
-    /// client with reconnect-ms): packets written to it go into the SVM.
+    /// client with reconnect-ms): packets written to it go into the SVM. A loopback address
+    /// (127.0.0.1, [::1], localhost); see --qemu-uid for who may connect.
     #[arg(long, env = "COLO_PROXYD_SVM_INPUT_LISTEN", value_name = "HOST:PORT")]
     pub svm_input_listen: Option<String>,
     /// Listen here for QEMU's chardev `red1` (filter-redirector `f2`, queue=rx, outdev; a TCP
-    /// client with reconnect-ms): the SVM's output.
+    /// client with reconnect-ms): the SVM's output. A loopback address.
     #[arg(long, env = "COLO_PROXYD_SVM_OUTPUT_LISTEN", value_name = "HOST:PORT")]
     pub svm_output_listen: Option<String>,
     /// After a failover to the secondary: listen here for QEMU's chardev `red2`
@@ -625,13 +626,13 @@ pub struct SecondaryArgs {
     /// qmp-driver adds at the failover): frames written to it go to the network. With
     /// --net-input-listen, the daemon carries the SVM's traffic after a failover, rewriting
     /// the sequence numbers of the connections opened in the last epoch; without both, those
-    /// connections break at a failover.
+    /// connections break at a failover. A loopback address.
     #[arg(long, env = "COLO_PROXYD_NET_OUTPUT_LISTEN", value_name = "HOST:PORT")]
     pub net_output_listen: Option<String>,
     /// After a failover to the secondary: listen here for QEMU's chardev `red3`
     /// (filter-redirector `f4`, queue=tx, outdev; a TCP client with reconnect-ms that
     /// qmp-driver adds at the failover): the network's frames for the SVM, which the daemon
-    /// rewrites and writes to `red0`. Goes with --net-output-listen.
+    /// rewrites and writes to `red0`. Goes with --net-output-listen. A loopback address.
     #[arg(long, env = "COLO_PROXYD_NET_INPUT_LISTEN", value_name = "HOST:PORT")]
     pub net_input_listen: Option<String>,
     /// A uid allowed to connect to the four QEMU ports above (the user QEMU runs as), besides
