@@ -315,6 +315,38 @@ async fn a_qemu_uid_is_served() {
     drop(qemu);
 }
 
+/// Before QEMU connects, a stranger is refused all the same and leaves the port waiting for
+/// QEMU, which is then served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_before_qemu_is_refused_and_qemu_is_served_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_hub, control) = hub_in_colo(dir.path(), EPOCH);
+    let secondary = spawn_secondary(&control, &free_addr(), &[]).await;
+    let frame = tcp(true, 1, 1, 0x18, b"not the SVM's");
+    closed_by_the_daemon(stranger(&secondary.red0_addr, &frame), "red0").await;
+    closed_by_the_daemon(stranger(&secondary.red1_addr, &frame), "red1").await;
+    for port in ["red0", "red1"] {
+        let refused = format!("colo_proxyd_port_refused_total{{port=\"{port}\",reason=\"uid\"}}");
+        assert_eq!(metric(&secondary.metrics, &refused).await, 1, "{port}");
+        wait_metric(
+            &secondary.metrics,
+            &format!("colo_proxyd_connection_up{{port=\"{port}\"}} 0"),
+        )
+        .await;
+    }
+    assert_eq!(secondary.daemon.count_lines(&["QEMU chardev connected"]), 0);
+    let _red1 = Chardev::connect(&secondary.red1_addr).await;
+    wait_metric(
+        &secondary.metrics,
+        "colo_proxyd_connection_up{port=\"red1\"} 1",
+    )
+    .await;
+    secondary
+        .daemon
+        .wait_line(&["QEMU chardev connected", "port=\"red1\"", "uid=0"])
+        .await;
+}
+
 /// A QEMU port on an address other hosts reach is refused at start, with the option named.
 #[test]
 fn a_port_that_is_not_loopback_is_refused_at_start() {
