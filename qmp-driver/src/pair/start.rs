@@ -282,8 +282,10 @@ pub async fn start(
                 ),
                 "Start the primary QEMU paused with the arguments of `qmp-driver qemu-args \
                  --role primary` (they include -S), and give the secondary an identical disk \
-                 (`qmp-driver copy-disk` while it is paused). A VM that has already run can \
-                 only be protected after a restart (docs/operations.md, Re-protect)",
+                 (`qmp-driver copy-disk` while it is paused). A VM that serves alone after a \
+                 failover to the primary on colo's daemons is protected again online with \
+                 `qmp-driver reprotect`; otherwise after a restart (docs/operations.md, \
+                 Re-protect)",
             ));
         }
     }
