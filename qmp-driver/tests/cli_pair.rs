@@ -3,54 +3,21 @@
 //! a state machine and logs every command, so the tests pin the exact QMP
 //! sequence the CLI sends (and that nothing is sent when a precondition fails).
 
-use colo_testkit::fake_qmp::{Answer, FakeMonitor, event};
+use colo_testkit::fake_qmp::{Answer, event};
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Output;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::UnixListener;
 use tokio::process::Command;
 
-type Script = Box<dyn FnMut(&str, &Value) -> Answer + Send>;
+mod common;
 
-/// `(side, command, arguments)`; out-of-band commands are `exec-oob:NAME`.
-type Log = Arc<Mutex<Vec<(String, String, Value)>>>;
-
-/// Serves QMP on `path` from `script`, logging every command with `side` in `log`, which both
-/// sides share so that it keeps the order across them.
-fn fake_qemu(path: &Path, side: &'static str, log: Log, mut script: Script) {
-    FakeMonitor::serve_unix(path, &["oob"], move |cmd| {
-        let logged = if cmd.oob {
-            format!("exec-oob:{}", cmd.name)
-        } else {
-            cmd.name.clone()
-        };
-        log.lock()
-            .unwrap()
-            .push((side.to_string(), logged, cmd.args.clone()));
-        script(&cmd.name, &cmd.args)
-    });
-}
-
-struct Bed {
-    dir: tempfile::TempDir,
-    log: Log,
-}
+use common::{Bed, Script, stderr};
 
 impl Bed {
-    fn new() -> Bed {
-        Bed {
-            dir: tempfile::tempdir().unwrap(),
-            log: Arc::default(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
     /// Writes the pair config; `extra` is appended.
     fn config(&self, extra: &str) -> PathBuf {
         let d = self.dir.path().display();
@@ -74,13 +41,9 @@ impl Bed {
         path
     }
 
-    fn primary(&self, script: Script) {
-        fake_qemu(&self.path("p.qmp"), "primary", self.log.clone(), script);
-    }
-
     /// The primary's second monitor, the watch agent's.
     fn primary_watch(&self, script: Script) {
-        fake_qemu(&self.path("pw.qmp"), "primary", self.log.clone(), script);
+        common::fake_qemu(&self.path("pw.qmp"), "primary", self.log.clone(), script);
     }
 
     /// Starts `qmp-driver watch` with `args`; the caller stops it.
@@ -109,26 +72,8 @@ impl Bed {
         }
     }
 
-    fn secondary(&self, script: Script) {
-        fake_qemu(&self.path("s.qmp"), "secondary", self.log.clone(), script);
-    }
-
-    fn sent(&self) -> Vec<(String, String, Value)> {
-        self.log.lock().unwrap().clone()
-    }
-
     async fn run(&self, args: &[&str]) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_qmp-driver"))
-            .arg("--config")
-            .arg(self.path("pair.toml"))
-            .args(args)
-            .env_remove("COLO_CONFIG")
-            .kill_on_drop(true)
-            .output();
-        tokio::time::timeout(Duration::from_secs(30), out)
-            .await
-            .expect("qmp-driver hung")
-            .expect("run qmp-driver")
+        self.run_within(args, Duration::from_secs(30)).await
     }
 }
 
@@ -139,10 +84,6 @@ fn expect(side: &str, cmd: &str, args: Value) -> (String, String, Value) {
 fn stdout_json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {out:?}"))
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn colo_status(mode: &str, last: &str, reason: &str) -> Answer {

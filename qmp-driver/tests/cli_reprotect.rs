@@ -3,46 +3,18 @@
 //! sequence of an online re-protect, the undo after a failed migration, and that nothing is
 //! sent when the pair's layout is not one `reprotect` does.
 
-use colo_testkit::fake_qmp::{Answer, FakeMonitor};
+use colo_testkit::fake_qmp::Answer;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::process::Command;
 
-type Script = Box<dyn FnMut(&str, &Value) -> Answer + Send>;
+mod common;
 
-/// `(side, command, arguments)`, both sides in the order they were sent.
-type Log = Arc<Mutex<Vec<(String, String, Value)>>>;
-
-fn fake_qemu(path: &Path, side: &'static str, log: Log, mut script: Script) {
-    FakeMonitor::serve_unix(path, &["oob"], move |cmd| {
-        log.lock()
-            .unwrap()
-            .push((side.to_string(), cmd.name.clone(), cmd.args.clone()));
-        script(&cmd.name, &cmd.args)
-    });
-}
-
-struct Bed {
-    dir: tempfile::TempDir,
-    log: Log,
-}
+use common::{Bed, Script, stderr};
 
 impl Bed {
-    fn new() -> Bed {
-        Bed {
-            dir: tempfile::tempdir().unwrap(),
-            log: Arc::default(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
     /// A pair on colo's daemons (`daemons = true`) or on QEMU's own replication and
     /// colo-compare.
     fn config(&self, daemons: bool) {
@@ -77,14 +49,6 @@ impl Bed {
         std::fs::write(self.path("pair.toml"), text).unwrap();
     }
 
-    fn primary(&self, script: Script) {
-        fake_qemu(&self.path("p.qmp"), "primary", self.log.clone(), script);
-    }
-
-    fn secondary(&self, script: Script) {
-        fake_qemu(&self.path("s.qmp"), "secondary", self.log.clone(), script);
-    }
-
     /// The commands that change something (no `query-*`), per side, in order.
     fn changes(&self, side: &str) -> Vec<String> {
         self.log
@@ -108,22 +72,8 @@ impl Bed {
     }
 
     async fn run(&self, args: &[&str]) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_qmp-driver"))
-            .arg("--config")
-            .arg(self.path("pair.toml"))
-            .args(args)
-            .env_remove("COLO_CONFIG")
-            .kill_on_drop(true)
-            .output();
-        tokio::time::timeout(Duration::from_secs(60), out)
-            .await
-            .expect("qmp-driver hung")
-            .expect("run qmp-driver")
+        self.run_within(args, Duration::from_secs(60)).await
     }
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn colo_status(mode: &str, last: &str) -> Answer {
