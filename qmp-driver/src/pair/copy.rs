@@ -116,6 +116,15 @@ pub async fn copy_disk(
 }
 
 async fn find_job(primary: &QmpClient) -> Result<Option<Value>, PairError> {
+    block_job(primary, COPY_JOB).await
+}
+
+/// The primary's block job on `device` (`query-block-jobs`), if one runs. Shared by
+/// `copy-disk` and `reprotect`.
+pub(super) async fn block_job(
+    primary: &QmpClient,
+    device: &str,
+) -> Result<Option<Value>, PairError> {
     let jobs = primary
         .execute_raw("query-block-jobs", None)
         .await
@@ -128,7 +137,7 @@ async fn find_job(primary: &QmpClient) -> Result<Option<Value>, PairError> {
         .as_array()
         .into_iter()
         .flatten()
-        .find(|j| j["device"] == COPY_JOB)
+        .find(|j| j["device"] == device)
         .cloned())
 }
 

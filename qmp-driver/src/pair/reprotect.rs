@@ -38,7 +38,7 @@
 
 use super::steps::{self, Journal};
 use super::{Outcome, PairError, Progress, ProgressFn, Step};
-use crate::config::{DiskBackend, NetworkBackend, PairConfig, TLS_CREDS_ID};
+use crate::config::{DiskBackend, NetworkBackend, PairConfig};
 use colo_qmp::QmpClient;
 use colo_types::Role;
 use colo_types::qemu_ids as ids;
@@ -455,20 +455,7 @@ async fn wait_secondary_redirectors(
 }
 
 async fn find_job(primary: &QmpClient) -> Result<Option<Value>, PairError> {
-    let jobs = primary
-        .execute_raw("query-block-jobs", None)
-        .await
-        .map_err(|source| PairError::Qmp {
-            side: Role::Primary,
-            step: "query-block-jobs".into(),
-            source,
-        })?;
-    Ok(jobs
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|j| j["device"] == REPROTECT_JOB)
-        .cloned())
+    super::copy::block_job(primary, REPROTECT_JOB).await
 }
 
 /// Polls the mirror until it is ready, with progress at most once a second; returns the
@@ -638,16 +625,7 @@ async fn add_child(
     let node = &cfg.disk.replication_node;
     let export = cfg.disk.primary_child_export();
     let (host, port) = (&cfg.secondary.host, cfg.disk.nbd_port);
-    let mut options = json!({
-        "driver": "nbd",
-        "node-name": node,
-        "server": { "type": "inet", "host": host, "port": port.to_string() },
-        "export": export,
-    });
-    if let Some(tls) = &cfg.tls {
-        options["tls-creds"] = json!(TLS_CREDS_ID);
-        options["tls-hostname"] = json!(tls.secondary.name);
-    }
+    let options = super::start::blockd_child_options(cfg);
     journal
         .idempotent(
             p,
@@ -656,16 +634,7 @@ async fn add_child(
             primary.blockdev_add(options),
         )
         .await?;
-    journal
-        .idempotent(
-            p,
-            &format!("x-blockdev-change {} +{node}", cfg.disk.device),
-            &["already has a parent"],
-            primary.x_blockdev_change_add(&cfg.disk.device, node),
-        )
-        .await?;
-    journal.note(Progress::ReplicationChildAdded);
-    Ok(())
+    super::start::attach_replication_child(primary, cfg, journal).await
 }
 
 /// The primary's network filters of `qemu-args`, which the failover to the primary removed.

@@ -541,9 +541,20 @@ async fn add_replication_child(
              docs/security.md)",
         );
     }
+    attach_replication_child(primary, cfg, journal).await
+}
+
+/// Puts the replication (NBD) child node into the primary's quorum: from this step on every
+/// guest write goes to both disks. Shared by `start` and `reprotect`.
+pub(super) async fn attach_replication_child(
+    primary: &QmpClient,
+    cfg: &PairConfig,
+    journal: &mut Journal<'_, '_>,
+) -> Result<(), PairError> {
+    let node = &cfg.disk.replication_node;
     journal
         .idempotent(
-            p,
+            Role::Primary,
             &format!("x-blockdev-change {} +{node}", cfg.disk.device),
             &["already has a parent"],
             primary.x_blockdev_change_add(&cfg.disk.device, node),
@@ -559,7 +570,7 @@ async fn add_replication_child(
 /// for the secondary host's name: QEMU connects by address, so the name must be given
 /// (`tls-hostname`). colo-blockd, with `--tls-dir`/`--tls-peer` from `daemon-args`, requires
 /// both ends of that.
-fn blockd_child_options(cfg: &PairConfig) -> serde_json::Value {
+pub(super) fn blockd_child_options(cfg: &PairConfig) -> serde_json::Value {
     let mut options = json!({
         "driver": "nbd",
         "node-name": cfg.disk.replication_node,
