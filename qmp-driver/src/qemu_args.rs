@@ -16,6 +16,12 @@
 //! firmware, kernel or boot disk options, `-name`, serial and display. Both
 //! VMs must get the same machine type and device layout.
 //!
+//! With `vm.memory_backend = "memfd"` both roles also get the guest RAM as a
+//! shared memfd object ([`RAM_BACKEND_ID`], `vm.memory_mib` MiB) and a second
+//! `-machine memory-backend=` naming it; QEMU merges that into the caller's
+//! `-machine pc,...`, and refuses to start unless the caller's `-m` is the same
+//! size ("Machine memory size does not match the size of the memory backend").
+//!
 //! The object and chardev ids are fixed ([`colo_types::qemu_ids`]): the failover sequences in
 //! [`crate::pair`] delete exactly these.
 //!
@@ -28,7 +34,8 @@
 //! `colo-proxyd secondary` on the secondary's loopback (same port numbers).
 
 use crate::config::{
-    BLOCKD_SVM_EXPORT, DiskBackend, NetworkBackend, PairConfig, TLS_CREDS_ID, VmConfig,
+    BLOCKD_SVM_EXPORT, DiskBackend, MemoryBackend, NetworkBackend, PairConfig, TLS_CREDS_ID,
+    VmConfig,
 };
 use colo_types::{Address, Role};
 use std::path::Path;
@@ -36,6 +43,9 @@ use std::path::Path;
 /// Reconnect period of the secondary's chardev clients (`reconnect-ms`,
 /// QEMU ≥ 9.2).
 pub const RECONNECT_MS: u32 = 1000;
+
+/// The id of the guest RAM's backend object with `vm.memory_backend = "memfd"`.
+pub const RAM_BACKEND_ID: &str = "colo-ram0";
 
 /// Why no arguments could be generated.
 #[derive(Debug, thiserror::Error)]
@@ -105,10 +115,29 @@ impl Args {
         )
     }
 
-    /// QMP, the tap netdev and the NIC: identical on both sides but for the
+    /// The guest RAM's backend, if not QEMU's default. Migration, and so every COLO
+    /// checkpoint, finds the secondary's RAM by RAMBlock name, which is the backend's id
+    /// (`colo-ram0`, not the default `pc.ram`): both VMs must get the same backend.
+    fn ram(&mut self, vm: &VmConfig) -> &mut Self {
+        match vm.memory_backend {
+            MemoryBackend::Anonymous => self,
+            MemoryBackend::Memfd => self
+                .opt(
+                    "-object",
+                    format!(
+                        "memory-backend-memfd,id={RAM_BACKEND_ID},size={}M,share=on",
+                        vm.memory_mib
+                    ),
+                )
+                .opt("-machine", format!("memory-backend={RAM_BACKEND_ID}")),
+        }
+    }
+
+    /// RAM, QMP, the tap netdev and the NIC: identical on both sides but for the
     /// tap and the socket.
     fn common(&mut self, cfg: &PairConfig, vm: &VmConfig, role: Role) -> &mut Self {
         let netdev = &cfg.network.netdev;
+        self.ram(vm);
         // A virtio device whose guest clears PCI bus mastering is "disabled"; QEMU migrates
         // that flag only while it is set (subsection `virtio/disabled`). A COLO secondary
         // loads every checkpoint into a live device, so once a checkpoint carried
@@ -436,6 +465,43 @@ mod tests {
         spec.split(',')
             .find_map(|kv| kv.strip_prefix("id="))
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn memfd_ram_is_the_same_shared_backend_on_both_roles() {
+        let cfg = config("memory_backend = \"memfd\"");
+        for role in [Role::Primary, Role::Secondary] {
+            let p = pairs(&colo_args(&cfg, role).unwrap());
+            let memfd: Vec<&str> = values(&p, "-object")
+                .into_iter()
+                .filter(|o| o.starts_with("memory-backend-"))
+                .collect();
+            assert_eq!(
+                memfd,
+                ["memory-backend-memfd,id=colo-ram0,size=128M,share=on"],
+                "{role}"
+            );
+            assert_eq!(
+                values(&p, "-machine"),
+                ["memory-backend=colo-ram0"],
+                "{role}"
+            );
+        }
+    }
+
+    #[test]
+    fn default_ram_adds_no_backend_and_no_machine_option() {
+        for cfg in [config(""), config("memory_backend = \"anonymous\"")] {
+            for role in [Role::Primary, Role::Secondary] {
+                let args = colo_args(&cfg, role).unwrap();
+                let p = pairs(&args);
+                assert!(values(&p, "-machine").is_empty(), "{role}: {args:?}");
+                assert!(
+                    !args.iter().any(|a| a.contains("memory-backend")),
+                    "{role}: {args:?}"
+                );
+            }
+        }
     }
 
     #[test]

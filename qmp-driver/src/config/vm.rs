@@ -27,6 +27,17 @@ impl ImageFormat {
     }
 }
 
+/// Where the guest's RAM lives (`vm.memory_backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryBackend {
+    /// QEMU's default, private anonymous RAM: the generated lines say nothing about RAM.
+    #[default]
+    Anonymous,
+    /// A shared memfd (`memory-backend-memfd,share=on`): the RAM a vhost-user back-end maps.
+    Memfd,
+}
+
 /// The `[vm]` section, for the command-line generator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -38,6 +49,8 @@ pub struct VmConfig {
     pub mac: String,
     /// Guest RAM in MiB (the secondary QEMU needs about twice this).
     pub memory_mib: u32,
+    /// The guest RAM's backend (the same on both VMs: COLO needs identical VMs).
+    pub memory_backend: MemoryBackend,
     /// Format of `primary_image` and `secondary_image`.
     pub image_format: ImageFormat,
     /// The primary's disk image.
@@ -70,6 +83,7 @@ pub(super) struct RawVm {
     secondary_tap: Option<String>,
     mac: Option<String>,
     memory_mib: Option<u32>,
+    memory_backend: Option<MemoryBackend>,
     image_format: Option<ImageFormat>,
     primary_image: Option<PathBuf>,
     secondary_image: Option<PathBuf>,
@@ -99,6 +113,7 @@ impl TryFrom<RawVm> for VmConfig {
             memory_mib: required(raw.memory_mib, "guest RAM in MiB")
                 .and_then(|m| nonzero(m, "give the guest RAM in MiB"))
                 .at("vm.memory_mib")?,
+            memory_backend: raw.memory_backend.unwrap_or_default(),
             image_format: raw.image_format.unwrap_or_default(),
             primary_image: required(raw.primary_image, "the primary's disk image")
                 .and_then(abs_path)
@@ -168,6 +183,28 @@ mod tests {
         let vm = cfg.vm.unwrap();
         assert_eq!(vm.secondary_tap, "tap-vm1");
         assert_eq!(vm.image_format, ImageFormat::Raw);
+        assert_eq!(vm.memory_backend, MemoryBackend::Anonymous);
+        for (text, backend) in [
+            ("anonymous", MemoryBackend::Anonymous),
+            ("memfd", MemoryBackend::Memfd),
+        ] {
+            let with = VM.replace(
+                "memory_mib = 1024",
+                &format!("memory_mib = 1024\nmemory_backend = \"{text}\""),
+            );
+            let cfg = parse(&format!("{MINIMAL}{with}")).unwrap();
+            assert_eq!(cfg.vm.unwrap().memory_backend, backend, "{text}");
+        }
+        // Any other backend (hugetlbfs, a file) is refused, naming the key and the choices.
+        let bad = VM.replace(
+            "memory_mib = 1024",
+            "memory_mib = 1024\nmemory_backend = \"file\"",
+        );
+        let msg = parse(&format!("{MINIMAL}{bad}")).unwrap_err().to_string();
+        assert!(
+            msg.contains("memory_backend") && msg.contains("memfd"),
+            "{msg}"
+        );
         let cases: &[(&str, &str, &str)] = &[
             (
                 "tap = \"tap-vm1\"",
