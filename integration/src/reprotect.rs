@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::client::{EchoReport, EchoSession, Fetch, HttpClient, md5_hex};
+use crate::client::{EchoReport, EchoSession, Fetch, HttpClient};
 use crate::guest::DiskCheck;
 use crate::scenario::{DownloadReport, ECHO_PORT, guest_server, probe};
 use crate::stock::{PairConfig, Role, StockPair, pauses};
@@ -247,22 +247,11 @@ pub async fn after_losing_the_secondary(
     pair.kill(Role::Primary)?;
     pair.failover_to_secondary().await?;
     let started = Instant::now();
-    let download = match download.await.context("download task")? {
-        Ok(response) => DownloadReport {
-            bytes: response.body.len(),
-            md5: md5_hex(&response.body),
-            expected_md5: expected_md5.clone(),
-            ms: response.elapsed.as_secs_f64() * 1000.0,
-            error: (response.status != 200).then(|| format!("status {}", response.status)),
-        },
-        Err(e) => DownloadReport {
-            bytes: 0,
-            md5: String::new(),
-            expected_md5,
-            ms: started.elapsed().as_secs_f64() * 1000.0,
-            error: Some(format!("{e:#}")),
-        },
-    };
+    let download = DownloadReport::of(
+        download.await.context("download task")?,
+        expected_md5,
+        started,
+    );
     let (mut after_failover_ok, mut after_failover_failures) = (0, Vec::new());
     for _ in 0..10 {
         match probe(&client, Duration::from_secs(5)).await {

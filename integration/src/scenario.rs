@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::client::{EchoReport, EchoSession, Fetch, HttpClient, md5_hex};
+use crate::client::{EchoReport, EchoSession, Fetch, HttpClient, Response, md5_hex};
 use crate::cluster::ClusterOptions;
 use crate::guest::DiskCheck;
 use crate::ha::HaBed;
@@ -139,6 +139,27 @@ pub struct DownloadReport {
 }
 
 impl DownloadReport {
+    /// What a download that ended (or broke) `started` ago delivered, against the MD5 the
+    /// guest published.
+    pub fn of(result: Result<Response>, expected_md5: String, started: Instant) -> Self {
+        match result {
+            Ok(response) => DownloadReport {
+                bytes: response.body.len(),
+                md5: md5_hex(&response.body),
+                expected_md5,
+                ms: response.elapsed.as_secs_f64() * 1000.0,
+                error: (response.status != 200).then(|| format!("status {}", response.status)),
+            },
+            Err(e) => DownloadReport {
+                bytes: 0,
+                md5: String::new(),
+                expected_md5,
+                ms: started.elapsed().as_secs_f64() * 1000.0,
+                error: Some(format!("{e:#}")),
+            },
+        }
+    }
+
     /// Complete and intact.
     pub fn ok(&self) -> bool {
         self.error.is_none() && self.bytes == BLOB_BYTES && self.md5 == self.expected_md5
@@ -847,22 +868,7 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
     }
     let started = Instant::now();
     let result = download.await.context("download task")?;
-    report.download = Some(match result {
-        Ok(response) => DownloadReport {
-            bytes: response.body.len(),
-            md5: md5_hex(&response.body),
-            expected_md5: expected_md5.clone(),
-            ms: response.elapsed.as_secs_f64() * 1000.0,
-            error: (response.status != 200).then(|| format!("status {}", response.status)),
-        },
-        Err(e) => DownloadReport {
-            bytes: 0,
-            md5: String::new(),
-            expected_md5: expected_md5.clone(),
-            ms: started.elapsed().as_secs_f64() * 1000.0,
-            error: Some(format!("{e:#}")),
-        },
-    });
+    report.download = Some(DownloadReport::of(result, expected_md5.clone(), started));
 
     if let Some(daemon) = plan.restart_after_failover {
         pair.restart_daemon(daemon)?;
