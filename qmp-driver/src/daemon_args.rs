@@ -215,6 +215,11 @@ fn proxyd_secondary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsErro
         "--netdev".into(),
         net.netdev.clone(),
     ];
+    // It lets root and its own uid connect to QEMU's four ports; a QEMU running as another
+    // user (libvirt's `qemu`) must be named, or its redirectors are refused.
+    for uid in &net.qemu_uids {
+        args.extend(["--qemu-uid".into(), uid.to_string()]);
+    }
     // With its own monitor of the secondary QEMU it re-creates f1 after red0 reconnects.
     if let Some(qmp) = &net.proxyd_secondary_qmp {
         args.extend(["--qmp".into(), qmp.to_string()]);
@@ -304,6 +309,8 @@ mod tests {
              --netdev hn0 --qmp unix:/run/colo/vm1/secondary-proxyd.qmp"
         );
         assert_eq!(Daemon::ProxydPrimary.host(), Role::Primary);
+        // Without network.qemu_uid the secondary allows only root and its own uid.
+        assert!(!s_args(&cfg).contains(&"--qemu-uid".to_string()));
 
         // With a TCP control address the primary's daemon (the other host) uses it.
         let tcp = config_with(&DAEMONS.replace(
@@ -357,6 +364,37 @@ mod tests {
             let args = daemon_args(&plain, d).unwrap();
             assert!(!args.iter().any(|a| a.starts_with("--tls")), "{args:?}");
         }
+    }
+
+    fn s_args(cfg: &PairConfig) -> Vec<String> {
+        daemon_args(cfg, Daemon::ProxydSecondary).unwrap()
+    }
+
+    #[test]
+    fn the_secondary_daemon_lets_the_secondary_qemus_uids_connect() {
+        let one = config_with(&DAEMONS.replace(
+            "backend = \"colo-proxyd\"",
+            "backend = \"colo-proxyd\"\nqemu_uid = 107",
+        ));
+        let args = s_args(&one);
+        let at = args.iter().position(|a| a == "--qemu-uid").unwrap();
+        assert_eq!(args[at + 1], "107");
+        assert_eq!(args.iter().filter(|a| *a == "--qemu-uid").count(), 1);
+        // Only the secondary listens for QEMU; the primary's daemon connects to its QEMU.
+        let primary = daemon_args(&one, Daemon::ProxydPrimary).unwrap();
+        assert!(!primary.iter().any(|a| a == "--qemu-uid"), "{primary:?}");
+        let blockd = daemon_args(&one, Daemon::Blockd).unwrap();
+        assert!(!blockd.iter().any(|a| a == "--qemu-uid"), "{blockd:?}");
+
+        let two = config_with(&DAEMONS.replace(
+            "backend = \"colo-proxyd\"",
+            "backend = \"colo-proxyd\"\nqemu_uid = [107, 64055]",
+        ));
+        let joined = s_args(&two).join(" ");
+        assert!(
+            joined.contains("--netdev hn0 --qemu-uid 107 --qemu-uid 64055 --qmp "),
+            "{joined}"
+        );
     }
 
     /// A config with `sections` (before `[vm]`, which must stay last).

@@ -48,6 +48,7 @@ fn example_on_colo_daemons(extra: bool, tls: bool) -> String {
             "proxyd_secondary_qmp = ",
             "link_port = ",
             "blockd_primary_qmp = ",
+            "qemu_uid = ",
         ] {
             text = text.replace(&format!("# {optional}"), optional);
         }
@@ -114,6 +115,12 @@ fn every_generated_command_line_parses_with_the_daemons_own_cli() {
                         .unwrap_or_else(|e| panic!("{daemon} {argv:?}:\n{e}"));
                     let primary = matches!(cli.command, colo_proxyd::cli::Command::Primary(_));
                     assert_eq!(primary, daemon == "colo-proxyd-primary", "{argv:?}");
+                    // The example's `qemu_uid = 107` (uncommented with the optional keys)
+                    // reaches colo-proxyd secondary's own --qemu-uid.
+                    if let colo_proxyd::cli::Command::Secondary(args) = &cli.command {
+                        let expected: &[u32] = if extra { &[107] } else { &[] };
+                        assert_eq!(args.qemu_uid, expected, "{argv:?}");
+                    }
                 }
                 other => panic!("daemon-args --list printed an unknown daemon {other}"),
             }

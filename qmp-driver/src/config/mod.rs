@@ -395,6 +395,7 @@ mod tests {
                 net_input_port: 9008,
                 proxyd_qmp: None,
                 proxyd_secondary_qmp: None,
+                qemu_uids: vec![],
                 netdev: "hn0".into(),
                 mirror_port: 9003,
                 compare_port: 9004,
