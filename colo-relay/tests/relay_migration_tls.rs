@@ -15,7 +15,7 @@ mod common;
 use colo_control::client::query_status;
 use colo_relay::{ControlTls, RelayConfig};
 use colo_testkit::qemu::Qemu;
-use colo_tls::pki::{Validity, create_pair};
+use colo_tls::pki::{Validity, Written, create_pair};
 use colo_types::Address;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -171,6 +171,22 @@ impl Relay {
     }
 }
 
+/// The pair's keys under `dir/sub`: a CA and the identities of `hosta` (the primary host)
+/// and `hostb` (the secondary host, the relay's).
+fn pair_keys(dir: &Path, sub: &str) -> Written {
+    let names = ["hosta".to_string(), "hostb".to_string()];
+    create_pair(&dir.join(sub), &names, Validity::days(30)).unwrap()
+}
+
+/// The relay on `hostb` with mutual TLS for `hosta` only, forwarding to `incoming`.
+async fn tls_relay(dir: &Path, keys: &Written, incoming: &Path) -> Relay {
+    let tls = ControlTls {
+        dir: keys.host_dirs[1].clone(),
+        peer: "hosta".into(),
+    };
+    relay(dir, "relay", incoming, Some(tls)).await
+}
+
 /// Waits until the relay has counted `n` refusals (it counts after the failed handshake,
 /// which may end after QEMU has reported the migration failed).
 async fn await_refused(relay: &Relay, n: u64) {
@@ -194,9 +210,8 @@ async fn await_refused(relay: &Relay, n: u64) {
 #[ignore = "tier qemu: needs the patched QEMU of integration/setup.sh; select with --include-ignored (integration/test.sh does)"]
 async fn qemu_migrates_through_the_relay_over_mutual_tls_and_strangers_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let names = ["hosta".to_string(), "hostb".to_string()];
-    let pair = create_pair(&dir.path().join("pki"), &names, Validity::days(30)).unwrap();
-    let other = create_pair(&dir.path().join("other"), &names, Validity::days(30)).unwrap();
+    let pair = pair_keys(dir.path(), "pki");
+    let other = pair_keys(dir.path(), "other");
     let (hosta, hostb) = (&pair.host_dirs[0], &pair.host_dirs[1]);
 
     let incoming = dir.path().join("secondary-incoming.sock");
@@ -269,8 +284,7 @@ async fn qemu_migrates_through_the_relay_over_mutual_tls_and_strangers_are_refus
 async fn migration_time_with_and_without_tls() {
     const MIB: u64 = 256;
     let dir = tempfile::tempdir().unwrap();
-    let names = ["hosta".to_string(), "hostb".to_string()];
-    let pair = create_pair(&dir.path().join("pki"), &names, Validity::days(30)).unwrap();
+    let pair = pair_keys(dir.path(), "pki");
     let ram = dir.path().join("ram.img");
     // Incompressible and not zero: every page crosses in full.
     let mut bytes = vec![0u8; (MIB << 20) as usize];
@@ -377,21 +391,11 @@ async fn only_the_primary_hosts_certificate_reaches_the_secondary() {
     use tokio::net::{UnixListener, UnixStream};
 
     let dir = tempfile::tempdir().unwrap();
-    let names = ["hosta".to_string(), "hostb".to_string()];
-    let pair = create_pair(&dir.path().join("pki"), &names, Validity::days(30)).unwrap();
-    let other = create_pair(&dir.path().join("other"), &names, Validity::days(30)).unwrap();
+    let pair = pair_keys(dir.path(), "pki");
+    let other = pair_keys(dir.path(), "other");
     let incoming = dir.path().join("secondary-incoming.sock");
     let secondary = UnixListener::bind(&incoming).unwrap();
-    let relay = relay(
-        dir.path(),
-        "relay",
-        &incoming,
-        Some(ControlTls {
-            dir: pair.host_dirs[1].clone(),
-            peer: "hosta".into(),
-        }),
-    )
-    .await;
+    let relay = tls_relay(dir.path(), &pair, &incoming).await;
     let relay_sock = dir.path().join("relay-in.sock");
     // Sees every event the relay publishes from here on.
     let mut monitor =
@@ -506,20 +510,10 @@ async fn strangers_stalling_their_handshake_do_not_keep_the_primary_out() {
     use tokio::net::{UnixListener, UnixStream};
 
     let dir = tempfile::tempdir().unwrap();
-    let names = ["hosta".to_string(), "hostb".to_string()];
-    let pair = create_pair(&dir.path().join("pki"), &names, Validity::days(30)).unwrap();
+    let pair = pair_keys(dir.path(), "pki");
     let incoming = dir.path().join("secondary-incoming.sock");
     let secondary = UnixListener::bind(&incoming).unwrap();
-    let relay = relay(
-        dir.path(),
-        "relay",
-        &incoming,
-        Some(ControlTls {
-            dir: pair.host_dirs[1].clone(),
-            peer: "hosta".into(),
-        }),
-    )
-    .await;
+    let relay = tls_relay(dir.path(), &pair, &incoming).await;
     let relay_sock = dir.path().join("relay-in.sock");
 
     // Every handshake place but one taken by silent strangers, who connected first (the
@@ -583,21 +577,11 @@ async fn handshakes_in_progress_are_bounded() {
     use tokio::net::UnixStream;
 
     let dir = tempfile::tempdir().unwrap();
-    let names = ["hosta".to_string(), "hostb".to_string()];
-    let pair = create_pair(&dir.path().join("pki"), &names, Validity::days(30)).unwrap();
+    let pair = pair_keys(dir.path(), "pki");
     let incoming = dir.path().join("secondary-incoming.sock");
     let secondary = std::os::unix::net::UnixListener::bind(&incoming).unwrap();
     secondary.set_nonblocking(true).unwrap();
-    let relay = relay(
-        dir.path(),
-        "relay",
-        &incoming,
-        Some(ControlTls {
-            dir: pair.host_dirs[1].clone(),
-            peer: "hosta".into(),
-        }),
-    )
-    .await;
+    let relay = tls_relay(dir.path(), &pair, &incoming).await;
     let relay_sock = dir.path().join("relay-in.sock");
     let mut silent = Vec::new();
     for _ in 0..MAX_PENDING_HANDSHAKES {
@@ -638,20 +622,10 @@ async fn checkpoints_run_their_barriers_over_a_tls_session() {
     use tokio::net::{UnixListener, UnixStream};
 
     let dir = tempfile::tempdir().unwrap();
-    let names = ["hosta".to_string(), "hostb".to_string()];
-    let pair = create_pair(&dir.path().join("pki"), &names, Validity::days(30)).unwrap();
+    let pair = pair_keys(dir.path(), "pki");
     let incoming = dir.path().join("secondary-incoming.sock");
     let secondary = UnixListener::bind(&incoming).unwrap();
-    let relay = relay(
-        dir.path(),
-        "relay",
-        &incoming,
-        Some(ControlTls {
-            dir: pair.host_dirs[1].clone(),
-            peer: "hosta".into(),
-        }),
-    )
-    .await;
+    let relay = tls_relay(dir.path(), &pair, &incoming).await;
     let sub = Subscriber::connect(Address::unix(&relay.control), "colo-blockd", true)
         .await
         .unwrap();
