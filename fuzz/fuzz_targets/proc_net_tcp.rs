@@ -2,7 +2,7 @@
 //! tables (`colo_proxyd::daemon::peer_uid`: `/proc/net/tcp` and `/proc/net/tcp6`, which decide
 //! who may connect to colo-proxyd secondary's QEMU ports). Checks, besides "never panics":
 //! * an entry comes only from a line shaped like the table's (a `N:` slot, at least ten
-//!   fields, a two-digit state);
+//!   fields, addresses of 8 or 32 hex digits and a 4-digit port, a two-digit state);
 //! * every entry printed back in the kernel's format (`tcp4_seq_show`/`tcp6_seq_show`) parses
 //!   to the same entry, so nothing the parser accepts is read differently from what the kernel
 //!   would have meant;
@@ -56,10 +56,13 @@ fuzz_target!(|data: &[u8]| {
         assert!(fields.len() >= 10, "{line:?} -> {entry:?}");
         assert!(fields[0].ends_with(':'), "{line:?}");
         assert_eq!(fields[3].len(), 2, "{line:?}");
-        // An address's family follows its width: 8 hex digits IPv4, 32 IPv6.
+        // The kernel's widths: 8 hex digits for IPv4, 32 for IPv6, 4 for the port; the
+        // family follows the width.
         for (field, addr) in [(fields[1], entry.local), (fields[2], entry.remote)] {
-            let width = field.find(':').unwrap();
-            assert_eq!(width == 8, addr.is_ipv4(), "{line:?}");
+            let (ip, port) = field.split_once(':').unwrap();
+            assert!(ip.len() == 8 || ip.len() == 32, "{line:?}");
+            assert_eq!(port.len(), 4, "{line:?}");
+            assert_eq!(ip.len() == 8, addr.is_ipv4(), "{line:?}");
         }
 
         let printed = kernel_line(slot, &entry);
