@@ -167,24 +167,28 @@ pub async fn run_agent(
     agent.publish(report);
     let mut group_open = true;
     loop {
+        // Biased, the quorum grace last: a quorum verdict or an observation already queued
+        // when the grace runs out must be taken first, or a descheduled agent (a loaded host)
+        // would fence on a grace that the queued verdict had already ended.
         let input = tokio::select! {
+            biased;
             () = cancel.cancelled() => break,
-            found = seen.recv() => match found {
-                Some(found) => agent.on_seen(found),
-                None => break,
-            },
             event = group.recv(), if group_open => event.or_else(|| {
                 group_open = false;
                 Some(Input::ClusterLost)
             }),
-            () = wait_grace(&mut agent.grace) => {
-                agent.grace = None;
-                Some(Input::GraceExpired)
-            }
+            found = seen.recv() => match found {
+                Some(found) => agent.on_seen(found),
+                None => break,
+            },
             Ok(()) = daemons_rx.changed(), if daemons_task.is_some() => {
                 let seen = daemons_rx.borrow_and_update().clone();
                 agent.on_daemons(seen, report);
                 None
+            }
+            () = wait_grace(&mut agent.grace) => {
+                agent.grace = None;
+                Some(Input::GraceExpired)
             }
         };
         if let Some(input) = input {
