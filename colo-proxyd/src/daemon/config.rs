@@ -614,7 +614,7 @@ pub struct SecondaryArgs {
     pub config: Option<PathBuf>,
     /// Listen here for QEMU's chardev `red0` (filter-redirector `f1`, queue=tx, indev; a TCP
     /// client with reconnect-ms): packets written to it go into the SVM. A loopback address
-    /// (127.0.0.1, [::1], localhost); see --qemu-uid for who may connect.
+    /// (`127.0.0.1`, `[::1]`, `localhost`); see --qemu-uid for who may connect.
     #[arg(long, env = "COLO_PROXYD_SVM_INPUT_LISTEN", value_name = "HOST:PORT")]
     pub svm_input_listen: Option<String>,
     /// Listen here for QEMU's chardev `red1` (filter-redirector `f2`, queue=rx, outdev; a TCP
