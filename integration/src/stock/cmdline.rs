@@ -123,5 +123,62 @@ mod tests {
         assert!(p.ends_with("-S"));
         assert!(s.contains("-incoming defer"));
         assert!(s.contains("-kernel /k -initrd /i"));
+        assert!(!p.contains("memory-backend") && !s.contains("memory-backend"));
+    }
+
+    /// With memfd RAM both VMs get the shared backend the size of the bed's `-m` (QEMU refuses
+    /// a size mismatch), next to the bed's own `-machine pc,accel=tcg`.
+    #[test]
+    fn memfd_ram_matches_the_beds_memory_size_on_both_roles() {
+        let a = Artifacts {
+            qemu: "/q".into(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+        };
+        let cfg = PairConfig {
+            memory_mib: 192,
+            memfd_ram: true,
+            ..PairConfig::default()
+        };
+        let driver = DriverConfig::from_toml(
+            &format!(
+                r#"
+                name = "t"
+                [primary]
+                qmp = "unix:/run/p-op.sock"
+                host = "192.168.77.1"
+                [secondary]
+                qmp = "unix:/run/s-op.sock"
+                host = "192.168.77.2"
+                [migration]
+                secondary_incoming = "unix:/run/incoming.sock"
+                [vm]
+                tap = "tap-p"
+                mac = "52:54:00:c0:10:01"
+                memory_mib = {}
+                memory_backend = "memfd"
+                primary_image = "/run/primary.raw"
+                secondary_image = "/run/secondary.raw"
+                secondary_active = "/run/a.qcow2"
+                secondary_hidden = "/run/h.qcow2"
+                "#,
+                cfg.memory_mib
+            ),
+            "test",
+        )
+        .expect("valid config");
+        for role in [Role::Primary, Role::Secondary] {
+            let line = qemu_args(&a, role, Path::new("/run"), &cfg, &driver)
+                .expect("args")
+                .join(" ");
+            assert!(line.contains("-machine pc,accel=tcg -m 192 "), "{line}");
+            assert!(
+                line.contains(
+                    "-object memory-backend-memfd,id=colo-ram0,size=192M,share=on \
+                     -machine memory-backend=colo-ram0"
+                ),
+                "{line}"
+            );
+        }
     }
 }

@@ -152,7 +152,7 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
          {network}\
          [failover]\nsecondary_takeover_hook = {hook:?}\n\n\
          [vm]\ntap = {ptap:?}\nsecondary_tap = {stap:?}\nmac = {mac:?}\nmemory_mib = {mem}\n\
-         primary_image = {pimg:?}\nsecondary_image = {simg:?}\n{overlays}",
+         {memory_backend}primary_image = {pimg:?}\nsecondary_image = {simg:?}\n{overlays}",
         pqmp = unix(operator_qmp_path(dir, Role::Primary)),
         wqmp = unix(watch_qmp_path(dir, Role::Primary)),
         swqmp = unix(watch_qmp_path(dir, Role::Secondary)),
@@ -164,6 +164,11 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
         stap = topology::SECONDARY_TAP,
         mac = addr::GUEST_MAC,
         mem = cfg.memory_mib,
+        memory_backend = if cfg.memfd_ram {
+            "memory_backend = \"memfd\"\n"
+        } else {
+            ""
+        },
         pimg = file("primary.raw"),
         simg = secondary_image_path(dir, cfg).display().to_string(),
     )

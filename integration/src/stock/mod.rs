@@ -85,6 +85,9 @@ pub struct PairConfig {
     /// Mutual TLS between the hosts: the run makes the pair's keys with `qmp-driver pki
     /// create` and gives `pair.toml` a `[tls]` section (`docs/security.md`).
     pub tls: bool,
+    /// Guest RAM as a shared memfd on both VMs (`vm.memory_backend = "memfd"` in `pair.toml`),
+    /// the RAM vhost-user needs; otherwise QEMU's default anonymous RAM.
+    pub memfd_ram: bool,
 }
 
 impl Default for PairConfig {
@@ -101,6 +104,7 @@ impl Default for PairConfig {
             secondary_fs_mib: None,
             witness: false,
             tls: false,
+            memfd_ram: false,
         }
     }
 }
