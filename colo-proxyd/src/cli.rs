@@ -33,12 +33,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 /// The two roles of the daemon.
+// Parsed once at start and moved into the role's config: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run on the primary host: compare the PVM's output with the SVM's, release what
     /// matches, ask for checkpoints, mirror inbound packets to the secondary.
     ///
-    /// Connects to the primary QEMU's chardev servers compare0 (PVM output), mirror0 (packets
-    /// into the PVM) and compare_out (to the network), listens for the secondary's
+    /// Serves the primary QEMU's chardevs compare0 (PVM output), mirror0 (packets into the
+    /// PVM) and compare_out (to the network) on loopback ports for QEMU's uid only
+    /// (--*-listen; or connects to them as QEMU's servers), listens for the secondary's
     /// colo-proxyd, subscribes to the relay and uses its own QMP monitor of the primary QEMU:
     /// checkpoint requests, the chardev check, re-creating the redirector that reads
     /// compare_out at each connection (QEMU never reads an indev again after it closed), and

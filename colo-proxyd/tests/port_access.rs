@@ -1,4 +1,4 @@
-//! Who may connect to the secondary's QEMU-facing ports (`docs/security.md`), against the real
+//! Who may connect to the QEMU-facing ports of both roles (`docs/security.md`), against the real
 //! `colo-proxyd` binary: both daemons as processes, QEMU's chardevs, the primary's QMP monitor
 //! and the relay faked (`common`), and a stranger: a real process of another user (uid 65534,
 //! through `setpriv`) that connects to `red0` and `red1` and writes a frame.
@@ -345,6 +345,119 @@ async fn a_stranger_before_qemu_is_refused_and_qemu_is_served_after() {
         .daemon
         .wait_line(&["QEMU chardev connected", "port=\"red1\"", "uid=0"])
         .await;
+}
+
+/// The primary's three QEMU ports, listened on (`--*-listen`, what `qmp-driver daemon-args`
+/// gives): QEMU's chardevs connect as root; a stranger on each port is refused and counted, and
+/// nothing QEMU sends or receives is lost or replaced meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_on_the_primarys_ports_is_refused_and_qemus_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, control) = hub_in_colo(dir.path(), EPOCH);
+    let qmp = dir.path().join("qmp.sock");
+    let _qmp = fake_qmp(&qmp, &["compare0", "compare_out", "mirror0"]);
+    let (compare0_addr, mirror0_addr, compare_out_addr) = (free_addr(), free_addr(), free_addr());
+    let (link, primary_metrics) = (free_addr(), free_addr());
+    let primary = Daemon::spawn(
+        "primary",
+        &[
+            "primary",
+            "--pvm-output-listen",
+            &compare0_addr,
+            "--mirror-listen",
+            &mirror0_addr,
+            "--release-listen",
+            &compare_out_addr,
+            "--link-listen",
+            &link,
+            "--control",
+            &control.display().to_string(),
+            "--qmp",
+            &format!("unix:{}", qmp.display()),
+            "--metrics",
+            &primary_metrics,
+        ]
+        .map(String::from),
+    );
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while TcpStream::connect(&primary_metrics).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the primary never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Before QEMU: a stranger on compare_out is refused and the port waits for QEMU.
+    let refused =
+        |port: &str| format!("colo_proxyd_port_refused_total{{port=\"{port}\",reason=\"uid\"}}");
+    let fake = tcp(false, 777, 1, 0x18, b"not from the network");
+    closed_by_the_daemon(stranger(&compare_out_addr, &fake), "compare_out").await;
+    assert_eq!(metric(&primary_metrics, &refused("compare_out")).await, 1);
+    let mut compare0 = Chardev::connect(&compare0_addr).await;
+    let mut mirror0 = Chardev::connect(&mirror0_addr).await;
+    let mut compare_out = Chardev::connect(&compare_out_addr).await;
+    let secondary = spawn_secondary(&control, &link, &[]).await;
+    let mut red0 = Chardev::connect(&secondary.red0_addr).await;
+    let mut red1 = Chardev::connect(&secondary.red1_addr).await;
+    wait_subscribers(&hub, 2).await;
+    wait_metric(&primary_metrics, "colo_proxyd_comparing 1").await;
+    wait_metric(&primary_metrics, LINK_UP).await;
+    for port in ["compare0", "mirror0", "compare_out"] {
+        wait_metric(
+            &primary_metrics,
+            &format!("colo_proxyd_connection_up{{port=\"{port}\"}} 1"),
+        )
+        .await;
+    }
+    primary
+        .wait_line(&["QEMU chardev connected", "port=\"compare_out\"", "uid=0"])
+        .await;
+    let connected_before = primary.count_lines(&["QEMU chardev connected"]);
+
+    let mut sent = Vec::new();
+    for (i, (port, addr)) in [
+        ("compare0", &compare0_addr),
+        ("mirror0", &mirror0_addr),
+        ("compare_out", &compare_out_addr),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let before = metric(&primary_metrics, &refused(port)).await;
+        // A forged PVM output, client packet or release: none is read.
+        closed_by_the_daemon(stranger(addr, &fake), port).await;
+        wait_above(&primary_metrics, &refused(port), before).await;
+        for n in 0..3 {
+            let frame = client_frame(10 * i as u32 + n);
+            mirror0.send(&frame).await;
+            sent.push(frame);
+        }
+    }
+    // Every client packet reached the SVM in order: mirror0 was never replaced.
+    assert_eq!(
+        red0.recv_n(sent.len()).await,
+        sent,
+        "a mirrored frame was lost"
+    );
+    // compare0 and compare_out are QEMU's still: the PVM's output, matched by the SVM's,
+    // is released on QEMU's compare_out.
+    let out = tcp(true, 5000, 1, 0x18, b"released after comparison");
+    compare0.send(&out).await;
+    red1.send(&out).await;
+    assert_eq!(compare_out.recv(PATIENCE).await, Some(out));
+    assert_eq!(
+        primary.count_lines(&["QEMU chardev connected"]),
+        connected_before,
+        "a connection replaced QEMU's"
+    );
+    assert_eq!(primary.count_lines(&["QEMU reconnected"]), 0);
+    let line = primary
+        .wait_line(&[
+            "connection to QEMU's port refused",
+            &format!("uid={STRANGER}"),
+        ])
+        .await;
+    assert!(line.contains("WARN"), "{line}");
 }
 
 /// A QEMU port on an address other hosts reach is refused at start, with the option named.

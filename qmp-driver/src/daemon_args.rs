@@ -156,11 +156,13 @@ fn proxyd_primary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsError>
     ))?;
     let mut args = vec![
         "primary".to_string(),
-        "--pvm-output".into(),
+        // QEMU's three chardevs connect to these (`qemu-args`), so the daemon decides who
+        // is served: a server chardev of QEMU's would take whoever connects first.
+        "--pvm-output-listen".into(),
         loopback(net.compare_primary_in_port),
-        "--mirror".into(),
+        "--mirror-listen".into(),
         loopback(net.mirror_port),
-        "--release".into(),
+        "--release-listen".into(),
         loopback(net.compare_out_port),
         "--link-listen".into(),
         format!("{}:{}", cfg.primary.host, net.link_port),
@@ -171,11 +173,20 @@ fn proxyd_primary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsError>
         "--netdev".into(),
         net.netdev.clone(),
     ];
+    args.extend(qemu_uid_args(&net.qemu_uids));
     // The link's peer and the relay (over `control_tcp`) are both the secondary host.
     if let Some(tls) = &cfg.tls {
         args.extend(tls_args(&tls.primary.dir, &tls.secondary.name));
     }
     Ok(args)
+}
+
+/// `--qemu-uid UID` for each of `uids`. colo-proxyd lets root and its own uid connect to
+/// QEMU's ports; a QEMU running as another user (libvirt's `qemu`) must be named, or its
+/// chardevs are refused.
+fn qemu_uid_args(uids: &[u32]) -> impl Iterator<Item = String> + '_ {
+    uids.iter()
+        .flat_map(|uid| ["--qemu-uid".to_string(), uid.to_string()])
 }
 
 /// `--tls-dir DIR --tls-peer NAME`: this host's identity, the one peer it accepts.
@@ -215,11 +226,7 @@ fn proxyd_secondary_args(cfg: &PairConfig) -> Result<Vec<String>, DaemonArgsErro
         "--netdev".into(),
         net.netdev.clone(),
     ];
-    // It lets root and its own uid connect to QEMU's four ports; a QEMU running as another
-    // user (libvirt's `qemu`) must be named, or its redirectors are refused.
-    for uid in &net.qemu_uids {
-        args.extend(["--qemu-uid".into(), uid.to_string()]);
-    }
+    args.extend(qemu_uid_args(&net.qemu_uids));
     // With its own monitor of the secondary QEMU it re-creates f1 after red0 reconnects.
     if let Some(qmp) = &net.proxyd_secondary_qmp {
         args.extend(["--qmp".into(), qmp.to_string()]);
@@ -295,8 +302,8 @@ mod tests {
         );
         assert_eq!(
             daemon_args(&cfg, Daemon::ProxydPrimary).unwrap().join(" "),
-            "primary --pvm-output 127.0.0.1:9001 --mirror 127.0.0.1:9003 --release \
-             127.0.0.1:9005 --link-listen 192.168.77.1:9006 --control \
+            "primary --pvm-output-listen 127.0.0.1:9001 --mirror-listen 127.0.0.1:9003 \
+             --release-listen 127.0.0.1:9005 --link-listen 192.168.77.1:9006 --control \
              /run/colo/vm1/relay.sock --qmp unix:/run/colo/vm1/proxyd.qmp --netdev hn0"
         );
         assert_eq!(
@@ -309,7 +316,7 @@ mod tests {
              --netdev hn0 --qmp unix:/run/colo/vm1/secondary-proxyd.qmp"
         );
         assert_eq!(Daemon::ProxydPrimary.host(), Role::Primary);
-        // Without network.qemu_uid the secondary allows only root and its own uid.
+        // Without network.qemu_uid the daemons allow only root and their own uid.
         assert!(!s_args(&cfg).contains(&"--qemu-uid".to_string()));
 
         // With a TCP control address the primary's daemon (the other host) uses it.
@@ -371,7 +378,7 @@ mod tests {
     }
 
     #[test]
-    fn the_secondary_daemon_lets_the_secondary_qemus_uids_connect() {
+    fn both_daemons_let_their_qemus_uids_connect() {
         let one = config_with(&DAEMONS.replace(
             "backend = \"colo-proxyd\"",
             "backend = \"colo-proxyd\"\nqemu_uid = 107",
@@ -380,9 +387,9 @@ mod tests {
         let at = args.iter().position(|a| a == "--qemu-uid").unwrap();
         assert_eq!(args[at + 1], "107");
         assert_eq!(args.iter().filter(|a| *a == "--qemu-uid").count(), 1);
-        // Only the secondary listens for QEMU; the primary's daemon connects to its QEMU.
-        let primary = daemon_args(&one, Daemon::ProxydPrimary).unwrap();
-        assert!(!primary.iter().any(|a| a == "--qemu-uid"), "{primary:?}");
+        // Both roles listen for their QEMU's chardevs.
+        let primary = daemon_args(&one, Daemon::ProxydPrimary).unwrap().join(" ");
+        assert!(primary.contains("--netdev hn0 --qemu-uid 107"), "{primary}");
         let blockd = daemon_args(&one, Daemon::Blockd).unwrap();
         assert!(!blockd.iter().any(|a| a == "--qemu-uid"), "{blockd:?}");
 

@@ -29,9 +29,9 @@
 //! of colo-blockd's `svm` export instead of the replication overlays, and the
 //! primary's quorum child (added at `start`) writes to its `replica` export.
 //! With `network.backend = "colo-proxyd"` there is no colo-compare and no
-//! filter-rewriter: the primary serves its filter sockets on its loopback for
-//! `colo-proxyd primary`, and the secondary's redirectors connect to
-//! `colo-proxyd secondary` on the secondary's loopback (same port numbers).
+//! filter-rewriter: the filters' chardevs of both roles connect (with
+//! `reconnect-ms`) to the host's colo-proxyd on its loopback, which serves only
+//! QEMU's uid (docs/security.md).
 
 use crate::config::{
     BLOCKD_SVM_EXPORT, DiskBackend, MemoryBackend, NetworkBackend, PairConfig, TLS_CREDS_ID,
@@ -164,8 +164,8 @@ impl Args {
     }
 }
 
-/// The primary: mirror, redirectors, colo-compare (or the sockets colo-proxyd
-/// connects to), the quorum disk; starts paused (`-S`) and migrates into
+/// The primary: mirror, redirectors, colo-compare (or the chardevs that connect
+/// to colo-proxyd), the quorum disk; starts paused (`-S`) and migrates into
 /// COLO before the guest runs.
 pub fn primary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
     use colo_types::qemu_ids::*;
@@ -190,15 +190,22 @@ pub fn primary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
                 .chardev_server(COMPARE_OUT_SERVER, lo, net.compare_out_port)
                 .chardev_client(COMPARE_OUT_CLIENT, lo, net.compare_out_port, false);
         }
-        // colo-proxyd primary connects to all three on the primary's loopback; the SVM's
-        // output reaches it over the daemons' link, not through QEMU.
+        // All three connect to colo-proxyd primary on the primary's loopback, which serves
+        // only QEMU's uid (a server chardev of QEMU's would take any local user that
+        // connects first); the SVM's output reaches the daemon over the daemons' link, not
+        // through QEMU.
         NetworkBackend::ColoProxyd => {
             if let Some(qmp) = &net.proxyd_qmp {
                 a.opt("-qmp", qmp_value(qmp));
             }
-            a.chardev_server(MIRROR_CHARDEV, lo, net.mirror_port)
-                .chardev_server(COMPARE_PRIMARY_IN_SERVER, lo, net.compare_primary_in_port)
-                .chardev_server(COMPARE_OUT_SERVER, lo, net.compare_out_port);
+            a.chardev_client(MIRROR_CHARDEV, lo, net.mirror_port, true)
+                .chardev_client(
+                    COMPARE_PRIMARY_IN_SERVER,
+                    lo,
+                    net.compare_primary_in_port,
+                    true,
+                )
+                .chardev_client(COMPARE_OUT_SERVER, lo, net.compare_out_port, true);
         }
     }
     a.opt(
@@ -759,13 +766,14 @@ mod tests {
         let p = pairs(&primary_args(&cfg).unwrap());
         let objects: Vec<&str> = values(&p, "-object").into_iter().map(id_of).collect();
         assert_eq!(objects, ["m0", "redire0", "redire1"]);
-        // Every filter socket is served on the loopback, for the local daemon only.
+        // Every filter socket connects to the local daemon's loopback port: QEMU serves none
+        // that another local user could take first.
         assert_eq!(
             values(&p, "-chardev"),
             [
-                "socket,id=mirror0,host=127.0.0.1,port=9003,server=on,wait=off,nodelay=on",
-                "socket,id=compare0,host=127.0.0.1,port=9001,server=on,wait=off,nodelay=on",
-                "socket,id=compare_out,host=127.0.0.1,port=9005,server=on,wait=off,nodelay=on",
+                "socket,id=mirror0,host=127.0.0.1,port=9003,reconnect-ms=1000,nodelay=on",
+                "socket,id=compare0,host=127.0.0.1,port=9001,reconnect-ms=1000,nodelay=on",
+                "socket,id=compare_out,host=127.0.0.1,port=9005,reconnect-ms=1000,nodelay=on",
             ]
         );
         assert_eq!(

@@ -116,11 +116,13 @@ fn every_generated_command_line_parses_with_the_daemons_own_cli() {
                     let primary = matches!(cli.command, colo_proxyd::cli::Command::Primary(_));
                     assert_eq!(primary, daemon == "colo-proxyd-primary", "{argv:?}");
                     // The example's `qemu_uid = 107` (uncommented with the optional keys)
-                    // reaches colo-proxyd secondary's own --qemu-uid.
-                    if let colo_proxyd::cli::Command::Secondary(args) = &cli.command {
-                        let expected: &[u32] = if extra { &[107] } else { &[] };
-                        assert_eq!(args.qemu_uid, expected, "{argv:?}");
-                    }
+                    // reaches both roles' own --qemu-uid.
+                    let expected: &[u32] = if extra { &[107] } else { &[] };
+                    let qemu_uid = match &cli.command {
+                        colo_proxyd::cli::Command::Secondary(args) => &args.qemu_uid,
+                        colo_proxyd::cli::Command::Primary(args) => &args.qemu_uid,
+                    };
+                    assert_eq!(qemu_uid, expected, "{argv:?}");
                 }
                 other => panic!("daemon-args --list printed an unknown daemon {other}"),
             }

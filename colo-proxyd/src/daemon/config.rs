@@ -243,17 +243,46 @@ pub struct PrimaryArgs {
     #[arg(long, env = "COLO_PROXYD_CONFIG", value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// QEMU's chardev with the PVM's output (filter-redirector `redire1`, queue=rx, outdev
-    /// `compare0`; a TCP server): HOST:PORT to connect to.
+    /// Listen here for QEMU's chardev `compare0` with the PVM's output (filter-redirector
+    /// `redire1`, queue=rx, outdev; a TCP client with reconnect-ms, as `qmp-driver qemu-args`
+    /// generates). A loopback address; see --qemu-uid for who may connect. Give this or
+    /// --pvm-output.
+    #[arg(long, env = "COLO_PROXYD_PVM_OUTPUT_LISTEN", value_name = "HOST:PORT")]
+    pub pvm_output_listen: Option<String>,
+    /// Listen here for QEMU's chardev `mirror0` with the packets going into the PVM
+    /// (filter-mirror `m0`, queue=tx, outdev; a TCP client with reconnect-ms). They are
+    /// forwarded to the secondary's daemon. A loopback address. Give this or --mirror.
+    #[arg(long, env = "COLO_PROXYD_MIRROR_LISTEN", value_name = "HOST:PORT")]
+    pub mirror_listen: Option<String>,
+    /// Listen here for QEMU's chardev `compare_out`, where released packets go to the network
+    /// (filter-redirector `redire0`, queue=rx, indev; a TCP client with reconnect-ms). A
+    /// loopback address. Give this or --release.
+    #[arg(long, env = "COLO_PROXYD_RELEASE_LISTEN", value_name = "HOST:PORT")]
+    pub release_listen: Option<String>,
+    /// A uid allowed to connect to the three --*-listen ports (the user QEMU runs as),
+    /// besides root and colo-proxyd's own uid, which always are. Repeatable (comma-separated
+    /// in the variable). A connection whose socket belongs to any other uid is closed before a
+    /// byte is read, logged and counted (colo_proxyd_port_refused_total), the current
+    /// connection kept.
+    #[arg(
+        long = "qemu-uid",
+        env = "COLO_PROXYD_QEMU_UID",
+        value_name = "UID",
+        value_delimiter = ','
+    )]
+    pub qemu_uid: Vec<u32>,
+    /// Instead of --pvm-output-listen: connect to QEMU's chardev `compare0` as a TCP server
+    /// (`server=on`) at HOST:PORT, and again after every disconnection. QEMU's server takes
+    /// whoever connects first, any local user included (docs/security.md): prefer the listen
+    /// form.
     #[arg(long, env = "COLO_PROXYD_PVM_OUTPUT", value_name = "HOST:PORT")]
     pub pvm_output: Option<String>,
-    /// QEMU's chardev with the packets going into the PVM (filter-mirror `m0`, queue=tx,
-    /// outdev `mirror0`; a TCP server): HOST:PORT to connect to. They are forwarded to the
-    /// secondary's daemon.
+    /// Instead of --mirror-listen: connect to QEMU's chardev `mirror0` as a TCP server at
+    /// HOST:PORT (first comer wins, as with --pvm-output).
     #[arg(long, env = "COLO_PROXYD_MIRROR", value_name = "HOST:PORT")]
     pub mirror: Option<String>,
-    /// QEMU's chardev where released packets go to the network (filter-redirector `redire0`,
-    /// queue=rx, indev `compare_out`; a TCP server): HOST:PORT to connect to.
+    /// Instead of --release-listen: connect to QEMU's chardev `compare_out` as a TCP server
+    /// at HOST:PORT (first comer wins, as with --pvm-output).
     #[arg(long, env = "COLO_PROXYD_RELEASE", value_name = "HOST:PORT")]
     pub release: Option<String>,
     /// Where to listen for the secondary's colo-proxyd (the inter-host link).
@@ -378,15 +407,62 @@ pub struct PrimaryArgs {
     pub link_down_without_pvm_output: Option<bool>,
 }
 
+/// How the primary daemon reaches one of QEMU's chardevs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QemuPort {
+    /// QEMU's chardev is a client (`reconnect-ms`): listen on this loopback address, for the
+    /// allowed uids only.
+    Listen(String),
+    /// QEMU's chardev is a server (`server=on`): connect to this address.
+    Connect(String),
+}
+
+impl std::fmt::Display for QemuPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QemuPort::Listen(address) => write!(f, "listen on {address}"),
+            QemuPort::Connect(address) => write!(f, "connect to {address}"),
+        }
+    }
+}
+
+/// The port of `listen` (checked to be loopback) or `connect`: exactly one must be given.
+fn qemu_port(
+    layers: &OptionLayers,
+    listen: Option<String>,
+    connect: Option<String>,
+    listen_option: &'static str,
+    connect_option: &'static str,
+) -> Result<QemuPort, OptionError> {
+    match (loopback(layers, listen, listen_option)?, connect) {
+        (Some(address), None) => Ok(QemuPort::Listen(address)),
+        (None, Some(address)) => Ok(QemuPort::Connect(address)),
+        (Some(_), Some(_)) => Err(layers.invalid(
+            listen_option,
+            format!("give --{listen_option} or --{connect_option}, not both"),
+        )),
+        (None, None) => Err(layers.invalid(
+            listen_option,
+            format!(
+                "missing: give --{listen_option} (QEMU's chardev connects to colo-proxyd, as \
+                 qmp-driver qemu-args generates) or --{connect_option} (QEMU's chardev is a \
+                 server)"
+            ),
+        )),
+    }
+}
+
 /// The primary daemon's validated settings.
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
     /// `compare0`: the PVM's output.
-    pub pvm_output: String,
+    pub pvm_output: QemuPort,
     /// `mirror0`: packets into the PVM.
-    pub mirror: String,
+    pub mirror: QemuPort,
     /// `compare_out`: released packets to the network.
-    pub release: String,
+    pub release: QemuPort,
+    /// Uids besides root and the daemon's own allowed to connect to the listening QEMU ports.
+    pub qemu_uids: Vec<u32>,
     /// The link's listen address.
     pub link_listen: String,
     /// Mutual TLS on the link (`None`: plaintext, unauthenticated).
@@ -427,6 +503,14 @@ impl PrimaryArgs {
     fn merge(self, file: PrimaryArgs, layers: &mut OptionLayers) -> PrimaryArgs {
         PrimaryArgs {
             config: self.config,
+            pvm_output_listen: layers.pick(
+                "pvm-output-listen",
+                self.pvm_output_listen,
+                file.pvm_output_listen,
+            ),
+            mirror_listen: layers.pick("mirror-listen", self.mirror_listen, file.mirror_listen),
+            release_listen: layers.pick("release-listen", self.release_listen, file.release_listen),
+            qemu_uid: layers.pick_list("qemu-uid", self.qemu_uid, file.qemu_uid),
             pvm_output: layers.pick("pvm-output", self.pvm_output, file.pvm_output),
             mirror: layers.pick("mirror", self.mirror, file.mirror),
             release: layers.pick("release", self.release, file.release),
@@ -574,9 +658,22 @@ impl PrimaryConfig {
             a.chardevs
         };
         Ok(PrimaryConfig {
-            pvm_output: layers.required("pvm-output", a.pvm_output)?,
-            mirror: layers.required("mirror", a.mirror)?,
-            release: layers.required("release", a.release)?,
+            pvm_output: qemu_port(
+                layers,
+                a.pvm_output_listen,
+                a.pvm_output,
+                "pvm-output-listen",
+                "pvm-output",
+            )?,
+            mirror: qemu_port(layers, a.mirror_listen, a.mirror, "mirror-listen", "mirror")?,
+            release: qemu_port(
+                layers,
+                a.release_listen,
+                a.release,
+                "release-listen",
+                "release",
+            )?,
+            qemu_uids: a.qemu_uid,
             link_listen: layers.required("link-listen", a.link_listen)?,
             link_tls: LinkTls::from_options(layers, a.tls_dir, a.tls_peer)?,
             control: layers.required("control", a.control)?,
@@ -999,13 +1096,18 @@ mod tests {
     fn missing_and_invalid_settings_name_the_option() {
         let mut a = primary_args();
         a.release = None;
-        assert_eq!(
-            PrimaryConfig::try_from(a).unwrap_err(),
-            OptionError::Missing {
-                option: "release",
-                env: "COLO_PROXYD_RELEASE".into()
-            }
+        let err = PrimaryConfig::try_from(a).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                OptionError::Invalid {
+                    option: "release-listen",
+                    ..
+                }
+            ),
+            "{err:?}"
         );
+        assert!(err.to_string().contains("--release"), "{err}");
         let mut a = primary_args();
         a.qmp = Some("run/qmp".into());
         assert!(matches!(
@@ -1028,6 +1130,35 @@ mod tests {
         let mut a = primary_args();
         a.uncompared = Some("drop".into());
         assert!(PrimaryConfig::try_from(a).is_err());
+    }
+
+    #[test]
+    fn each_qemu_port_is_listened_on_or_connected_to_never_both() {
+        let mut a = primary_args();
+        a.pvm_output = None;
+        a.pvm_output_listen = Some("127.0.0.1:9001".into());
+        a.qemu_uid = vec![107];
+        let c = PrimaryConfig::try_from(a).unwrap();
+        assert_eq!(c.pvm_output, QemuPort::Listen("127.0.0.1:9001".into()));
+        assert!(matches!(c.mirror, QemuPort::Connect(_)));
+        assert_eq!(c.qemu_uids, [107]);
+
+        let mut a = primary_args();
+        a.mirror_listen = Some("127.0.0.1:9003".into());
+        let err = PrimaryConfig::try_from(a).unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+
+        // QEMU's ports identify their peers by local uid: only loopback may listen.
+        let mut a = primary_args();
+        a.release = None;
+        a.release_listen = Some("0.0.0.0:9005".into());
+        assert!(matches!(
+            PrimaryConfig::try_from(a),
+            Err(OptionError::Invalid {
+                option: "release-listen",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -1059,7 +1190,7 @@ mod tests {
         a.release = None;
         a.config = Some(path.clone());
         let c = PrimaryConfig::try_from(a).unwrap();
-        assert_eq!(c.release, "10.0.0.1:1");
+        assert_eq!(c.release, QemuPort::Connect("10.0.0.1:1".into()));
         assert_eq!(c.engine.max_hold, Duration::from_millis(50));
         assert_eq!(c.engine.bypass.len(), 1);
         assert!(

@@ -28,12 +28,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::attachment::{
-    FrameSink, FrameSource, Inbound, PortEndpoint, spawn_sink_prepared, spawn_source,
+    FrameSink, FrameSource, Inbound, PortAccess, PortEndpoint, spawn_sink_prepared, spawn_source,
     spawn_source_watched,
 };
 use super::checkpoint::{RELAY_PREFIX, reason_label};
 use super::colo_state::{self, QemuColo};
-use super::config::PrimaryConfig;
+use super::config::{PrimaryConfig, QemuPort};
 use super::epochs::{self, Completion, EpochNotice};
 use super::gate::{GateOutput, Protection, ReleaseGate, SvmFrameFate};
 use super::link::LinkMessage;
@@ -52,19 +52,44 @@ pub struct PrimaryListeners {
     pub link: TcpListener,
     /// The metrics endpoint.
     pub metrics: Option<TcpListener>,
+    /// QEMU's `compare0`: a bound listener ([`QemuPort::Listen`]) or the address to connect to.
+    pub pvm_output: PortEndpoint,
+    /// QEMU's `mirror0`.
+    pub mirror: PortEndpoint,
+    /// QEMU's `compare_out`.
+    pub release: PortEndpoint,
 }
 
 impl PrimaryListeners {
     /// Binds the addresses of `config`.
     pub async fn bind(config: &PrimaryConfig) -> Result<Self, DaemonError> {
+        let access = PortAccess::new(&config.qemu_uids);
         Ok(PrimaryListeners {
             link: bind("the secondary's colo-proxyd", &config.link_listen).await?,
             metrics: match &config.metrics {
                 Some(address) => Some(bind("metrics", address).await?),
                 None => None,
             },
+            pvm_output: endpoint("QEMU's compare0", &config.pvm_output, &access).await?,
+            mirror: endpoint("QEMU's mirror0", &config.mirror, &access).await?,
+            release: endpoint("QEMU's compare_out", &config.release, &access).await?,
         })
     }
+}
+
+/// A QEMU port's endpoint: its listener bound for the uids of `access`, or the address of
+/// QEMU's server.
+async fn endpoint(
+    what: &'static str,
+    port: &QemuPort,
+    access: &PortAccess,
+) -> Result<PortEndpoint, DaemonError> {
+    Ok(match port {
+        QemuPort::Listen(address) => {
+            PortEndpoint::Listen(bind(what, address).await?, access.clone())
+        }
+        QemuPort::Connect(address) => PortEndpoint::Connect(address.clone()),
+    })
 }
 
 /// Runs the primary daemon until `shutdown` is cancelled.
@@ -88,17 +113,12 @@ pub async fn run(
     let (pvm_connected_tx, pvm_connected) = watch::channel(false);
     let pvm = spawn_source_watched(
         "compare0",
-        PortEndpoint::Connect(config.pvm_output.clone()),
+        listeners.pvm_output,
         metrics.clone(),
         tasks.clone(),
         Some(pvm_connected_tx),
     );
-    let mirror = spawn_source(
-        "mirror0",
-        PortEndpoint::Connect(config.mirror.clone()),
-        metrics.clone(),
-        tasks.clone(),
-    );
+    let mirror = spawn_source("mirror0", listeners.mirror, metrics.clone(), tasks.clone());
     // QEMU reads no reconnected indev: the redirector is re-created before each connection
     // is written to.
     let release_filter = IndevRedirector::release(
@@ -109,7 +129,7 @@ pub async fn run(
     );
     let release = spawn_sink_prepared(
         "compare_out",
-        PortEndpoint::Connect(config.release.clone()),
+        listeners.release,
         metrics.clone(),
         tasks.clone(),
         Some(qemu_filters::recreate_on_connect(
@@ -169,6 +189,7 @@ pub async fn run(
         pvm_output = %config.pvm_output,
         mirror = %config.mirror,
         release = %config.release,
+        qemu_uids = ?config.qemu_uids,
         link = %config.link_listen,
         control = %config.control,
         qmp = %config.qmp,

@@ -58,8 +58,8 @@ pub struct NetworkConfig {
     /// generated secondary command line opens it.
     pub proxyd_secondary_qmp: Option<Address>,
     /// colo-proxyd: the uids, besides root and colo-proxyd's own, that may connect to
-    /// `colo-proxyd secondary`'s QEMU ports (`--qemu-uid`): the user the secondary QEMU runs
-    /// as when that is neither (libvirt's `qemu`). Empty when not set.
+    /// colo-proxyd's QEMU ports on both hosts (`--qemu-uid`): the user QEMU runs as when
+    /// that is neither (libvirt's `qemu`). Empty when not set.
     pub qemu_uids: Vec<u32>,
     /// The guest NIC's netdev id (both sides).
     pub netdev: String,
@@ -176,7 +176,7 @@ impl TryFrom<RawNetwork> for NetworkConfig {
         };
         proxyd_only(raw.proxyd_qmp.is_some()).at("network.proxyd_qmp")?;
         proxyd_only(raw.proxyd_secondary_qmp.is_some()).at("network.proxyd_secondary_qmp")?;
-        // Only colo-proxyd secondary checks who connects to QEMU's ports; with colo-compare
+        // Only colo-proxyd checks who connects to QEMU's ports; with colo-compare
         // QEMU listens itself and the key would promise a restriction nobody enforces.
         proxyd_only(raw.qemu_uid.is_some()).at("network.qemu_uid")?;
         let qemu_uids = raw.qemu_uid.unwrap_or_default().0;

@@ -378,9 +378,10 @@ fn filter_sockets(cfg: &PairConfig) -> Vec<(Role, Vec<&'static str>, String)> {
                     ids::COMPARE_OUT_SERVER,
                 ],
                 format!(
-                    "Check that `colo-proxyd primary` runs on the primary host and connects to \
+                    "Check that `colo-proxyd primary` runs on the primary host and listens on \
                      127.0.0.1 ports {}, {} and {} (network.mirror_port, \
-                     compare_primary_in_port, compare_out_port)",
+                     compare_primary_in_port, compare_out_port), and that it serves QEMU's uid \
+                     (its log names the uids it refused; network.qemu_uid)",
                     net.mirror_port, net.compare_primary_in_port, net.compare_out_port
                 ),
             ),
@@ -389,7 +390,9 @@ fn filter_sockets(cfg: &PairConfig) -> Vec<(Role, Vec<&'static str>, String)> {
                 vec![ids::SECONDARY_MIRROR_IN, ids::SECONDARY_OUT],
                 format!(
                     "Check that `colo-proxyd secondary` runs on the secondary host and listens \
-                     on 127.0.0.1 ports {} and {} (network.mirror_port, compare_port)",
+                     on 127.0.0.1 ports {} and {} (network.mirror_port, compare_port), and \
+                     that it serves QEMU's uid (its log names the uids it refused; \
+                     network.qemu_uid)",
                     net.mirror_port, net.compare_port
                 ),
             ),
