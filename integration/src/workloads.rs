@@ -1,6 +1,5 @@
-//! The workload suite (issue 15): one standard load generator, ApacheBench (`ab`, Debian's
-//! apache2-utils), against the same guest in four setups, in one invocation on the same
-//! machine:
+//! The workload suite (issue 15): the same guest under the same workloads in four setups, in
+//! one invocation on the same machine:
 //!
 //! - **native**: the guest without COLO (one QEMU on host A, its tap on the host bridge);
 //! - **twin**: the same, with an identical second guest on host B under the same load at the
@@ -9,27 +8,42 @@
 //! - **stock**: QEMU's own COLO (colo-compare and block replication, no relay), as shipped;
 //! - **colo**: colo's daemons (colo-proxyd on both hosts, colo-blockd, the relay).
 //!
-//! The web workload asks for the guest's small page (`GET /`, 14 bytes) at each concurrency,
-//! a fixed number of requests each, and reports requests/s, p50 and p99 (ab's percentiles,
-//! whole milliseconds), failures and, on the COLO pairs, the checkpoints the run caused per
-//! 1000 requests (the primary's pauses) and, on colo's daemons, the reasons colo-proxyd gave
-//! for asking (QEMU's colo-compare does not say). It is a benchmark, not a test: nothing is
-//! asserted about timing; a run that cannot boot its guests or run `ab` fails.
+//! Each setup is booted once and runs every selected workload in turn ([`Workload`]):
+//!
+//! - [`web`]: ApacheBench (`ab`, Debian's apache2-utils) on the guest's small page;
+//! - [`bulk`]: `ab` on the guest's 1 MiB `/blob` (download; one body per run checked against
+//!   `/blob.md5`), and N MiB streamed into the guest's echo service while the echo is read back
+//!   and checked (upload, with the echo on the way back: the guest cannot take a POST body);
+//! - [`memory`]: the primary's checkpoint pauses at several memory-dirtying rates (COLO
+//!   setups only).
+//!
+//! On the COLO pairs every run counts the primary's checkpoints (its STOP/RESUME events) and,
+//! on colo's daemons, the reasons colo-proxyd gave for asking (QEMU's colo-compare does not
+//! say). It is a benchmark, not a test: nothing is asserted about timing; a run that cannot
+//! boot its guests, cannot run its clients, or gets wrong bytes back fails with an error.
+//!
+//! Output: `report.md`, `report.json` and one CSV per workload (`web.csv`, `download.csv`,
+//! `upload.csv`, `memory.csv`) in the run directory. No PNG: the bed has no plotting tool
+//! (no gnuplot, no matplotlib), and the CSVs are what a plot would be drawn from.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+mod bed;
+pub mod bulk;
+pub mod memory;
+pub mod web;
+
+use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use colo_types::Role;
 use serde::Serialize;
 
-use crate::artifacts::{Artifacts, run_dir};
-use crate::guest;
-use crate::process::QemuProcess;
-use crate::stock::{DiskBackend, NetworkBackend, PairConfig, StockPair, bed_args};
-use crate::topology::{self, Topology, addr};
+use crate::artifacts::run_dir;
+use crate::stock::PairConfig;
+use bed::Bed;
+pub use bulk::{DownloadConfig, DownloadRow, UploadConfig, UploadRow};
+pub use memory::{MemoryConfig, MemoryRow};
+pub use web::{WebConfig, WebRow};
 
 /// One of the setups the suite compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -58,27 +72,75 @@ impl Setup {
             Setup::Colo => "colo",
         }
     }
+
+    /// A COLO pair (stock or colo).
+    pub fn is_pair(self) -> bool {
+        matches!(self, Setup::Stock | Setup::Colo)
+    }
 }
 
-/// What the web workload is given.
+/// One of the workloads the suite runs on each setup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// Many small responses (`GET /`).
+    Web,
+    /// 1 MiB downloads (`GET /blob`).
+    Download,
+    /// Bytes streamed into the guest's echo service and read back.
+    Upload,
+    /// Checkpoint pauses against the guest's memory-dirtying rate (COLO setups only).
+    Memory,
+}
+
+impl Workload {
+    /// Every workload, in the order they run on a setup (memory last: it changes the guest's
+    /// dirtying rate and the pair's checkpoint period, and puts both back when it is done).
+    pub const ALL: [Workload; 4] = [
+        Workload::Web,
+        Workload::Download,
+        Workload::Upload,
+        Workload::Memory,
+    ];
+
+    /// The name on the command line and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Web => "web",
+            Workload::Download => "download",
+            Workload::Upload => "upload",
+            Workload::Memory => "memory",
+        }
+    }
+}
+
+/// What the suite is given.
 #[derive(Debug, Clone, Serialize)]
-pub struct WebConfig {
-    /// Concurrent clients, one ab run each.
-    pub concurrency: Vec<u32>,
-    /// Requests per ab run.
-    pub requests: u32,
-    /// ab's timeout per request (`-s`), seconds.
-    pub timeout_s: u32,
+pub struct SuiteConfig {
     /// The setups to run, in order.
     pub setups: Vec<Setup>,
-    /// The guest and pair settings (memory load, checkpoint period) every setup shares.
-    #[serde(skip)]
+    /// The workloads to run on each setup (run in the order of [`Workload::ALL`]).
+    pub workloads: Vec<Workload>,
+    /// The web workload.
+    pub web: WebConfig,
+    /// The download workload.
+    pub download: DownloadConfig,
+    /// The upload workload.
+    pub upload: UploadConfig,
+    /// The memory workload.
+    pub memory: MemoryConfig,
+    /// The guest and pair settings (guest RAM, memory load, checkpoint period) every setup
+    /// shares.
     pub pair: PairConfig,
-    /// The periodic checkpoint of the COLO pairs, ms.
-    pub checkpoint_delay_ms: u32,
     /// colo-proxyd's equivalence rules on the colo setup (`none`: every byte compared). The
     /// caller puts them into the environment the daemons inherit (`COLO_PROXYD_EQUIVALENT`).
     pub equivalent: String,
+}
+
+impl SuiteConfig {
+    fn runs(&self, workload: Workload) -> bool {
+        self.workloads.contains(&workload)
+    }
 }
 
 /// What ab printed for one run.
@@ -92,10 +154,30 @@ pub struct AbResult {
     pub non_2xx: u64,
     /// `Requests per second` (mean).
     pub requests_per_s: f64,
+    /// `Time taken for tests`, seconds.
+    pub time_taken_s: f64,
+    /// `HTML transferred`: the bodies' bytes.
+    pub body_bytes: u64,
     /// 50 % of the requests were served within this time, ms.
     pub p50_ms: u64,
     /// 99 % of the requests were served within this time, ms.
     pub p99_ms: u64,
+}
+
+impl AbResult {
+    /// Body bytes per second over the whole run, MB/s (10^6 bytes).
+    pub fn body_mb_per_s(&self) -> f64 {
+        if self.time_taken_s > 0.0 {
+            self.body_bytes as f64 / self.time_taken_s / 1e6
+        } else {
+            0.0
+        }
+    }
+
+    /// Requests that failed or were not answered 2xx.
+    pub fn failures(&self) -> u64 {
+        self.failed + self.non_2xx
+    }
 }
 
 /// Reads ab's report (`ab -q`); an error names the line that is missing.
@@ -118,26 +200,27 @@ pub fn parse_ab(text: &str) -> Result<AbResult> {
             None => 0,
         },
         requests_per_s: number(text, "Requests per second:")?,
+        time_taken_s: number(text, "Time taken for tests:")?,
+        body_bytes: number(text, "HTML transferred:")?,
         p50_ms: number(text, "50%")?,
         p99_ms: number(text, "99%")?,
     })
 }
 
-/// Runs `ab` inside `netns` against `target` (`HOST:PORT`).
+/// Runs `ab` inside `netns` against `url`.
 pub fn run_ab(
     netns: &str,
-    target: &str,
+    url: &str,
     requests: u32,
     concurrency: u32,
     timeout_s: u32,
 ) -> Result<AbResult> {
-    let url = format!("http://{target}/");
     let out = Command::new("ip")
         .args(["netns", "exec", netns, "ab", "-q", "-r"])
         .args(["-s", &timeout_s.to_string()])
         .args(["-n", &requests.to_string()])
         .args(["-c", &concurrency.to_string()])
-        .arg(&url)
+        .arg(url)
         .output()
         .context("running ab (package apache2-utils; integration/setup.sh installs it)")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -151,116 +234,98 @@ pub fn run_ab(
     parse_ab(&text).with_context(|| format!("reading ab's report:\n{text}"))
 }
 
-/// One row of the report: one setup at one concurrency.
-#[derive(Debug, Clone, Serialize)]
-pub struct WebRow {
-    /// The setup.
-    pub setup: Setup,
-    /// Concurrent clients.
-    pub concurrency: u32,
-    /// What ab measured against the guest (on the twin setup: the first guest).
-    pub ab: AbResult,
-    /// The twin's own figures, on the twin setup.
-    pub twin: Option<AbResult>,
-    /// The primary's checkpoints during the run (COLO setups).
-    pub checkpoints: Option<usize>,
-    /// Checkpoints per 1000 completed requests (COLO setups).
-    pub checkpoints_per_1000: Option<f64>,
-    /// Why colo-proxyd asked for checkpoints during the run (colo setup), by reason.
-    pub reasons: BTreeMap<String, u64>,
+/// `run_ab` on a thread of tokio's blocking pool (ab is a child process; the thread never
+/// joins a namespace, `ip netns exec` does that for the child).
+async fn ab(netns: String, url: String, requests: u32, c: u32, timeout_s: u32) -> Result<AbResult> {
+    tokio::task::spawn_blocking(move || run_ab(&netns, &url, requests, c, timeout_s)).await?
 }
 
 /// The suite's report.
 #[derive(Debug, Clone, Serialize)]
-pub struct WebReport {
+pub struct SuiteReport {
     /// What it was given.
-    pub config: WebConfig,
+    pub config: SuiteConfig,
     /// `/proc/loadavg` before and after the run: the machine's load.
     pub load_before: String,
     /// See `load_before`.
     pub load_after: String,
-    /// Every setup at every concurrency.
-    pub rows: Vec<WebRow>,
-    /// Where the run's files are (`report.json`, `report.md`, each setup's logs).
+    /// The web workload, every setup at every concurrency.
+    pub web: Vec<WebRow>,
+    /// The download workload.
+    pub download: Vec<DownloadRow>,
+    /// The upload workload.
+    pub upload: Vec<UploadRow>,
+    /// The memory workload (COLO setups).
+    pub memory: Vec<MemoryRow>,
+    /// Where the run's files are (`report.json`, `report.md`, the CSVs, each setup's logs).
     pub run_dir: PathBuf,
 }
 
-impl WebReport {
-    /// The row of `setup` at `concurrency`.
-    pub fn row(&self, setup: Setup, concurrency: u32) -> Option<&WebRow> {
-        self.rows
+impl SuiteReport {
+    /// Every run completed some work: each ab run some requests, each upload some bytes, each
+    /// memory window some checkpoints.
+    pub fn all_ran(&self) -> bool {
+        self.web
             .iter()
-            .find(|r| r.setup == setup && r.concurrency == concurrency)
+            .all(|r| r.ab.complete > 0 && r.twin.as_ref().is_none_or(|t| t.complete > 0))
+            && self
+                .download
+                .iter()
+                .all(|r| r.ab.complete > 0 && r.twin.as_ref().is_none_or(|t| t.complete > 0))
+            && self.upload.iter().all(|r| r.run.bytes > 0)
+            && self.memory.iter().all(|r| r.checkpoints > 0)
     }
 
-    /// A markdown table, with each setup's requests/s as a share of the fair baseline (twin)
-    /// and colo's against stock COLO where both ran.
+    /// Every selected workload's table, in markdown.
     pub fn render_markdown(&self) -> String {
+        let c = &self.config;
         let mut out = format!(
-            "web: `ab -n {} -c C` on `GET /` (14 bytes), periodic checkpoint {} ms, colo-proxyd \
-             equivalence `{}`; load before {} / after {}\n\n",
-            self.config.requests,
-            self.config.checkpoint_delay_ms,
-            self.config.equivalent,
+            "colo-testbed bench: guest {} MiB RAM dirtying {} MiB/s, periodic checkpoint {} ms, \
+             colo-proxyd equivalence `{}`; load average before {} / after {}\n",
+            c.pair.memory_mib,
+            c.pair.guest_load_mib_s,
+            c.pair.checkpoint_delay_ms,
+            c.equivalent,
             self.load_before.trim(),
             self.load_after.trim()
         );
-        out += "| setup | clients | req/s | vs twin | p50 ms | p99 ms | failed | checkpoints | per 1000 req | reasons |\n";
-        out += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
-        for row in &self.rows {
-            let base = self
-                .row(Setup::Twin, row.concurrency)
-                .map(|t| t.ab.requests_per_s);
-            let share = match base {
-                Some(b) if b > 0.0 => format!("{:.2}", row.ab.requests_per_s / b),
-                _ => "-".into(),
-            };
-            let reasons = row
-                .reasons
-                .iter()
-                .map(|(r, n)| format!("{r} {n}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            out += &format!(
-                "| {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |\n",
-                row.setup.name(),
-                row.concurrency,
-                row.ab.requests_per_s,
-                share,
-                row.ab.p50_ms,
-                row.ab.p99_ms,
-                row.ab.failed + row.ab.non_2xx,
-                row.checkpoints.map_or("-".into(), |n| n.to_string()),
-                row.checkpoints_per_1000
-                    .map_or("-".into(), |n| format!("{n:.1}")),
-                if reasons.is_empty() {
-                    "-".into()
-                } else {
-                    reasons
-                },
-            );
+        if c.runs(Workload::Web) {
+            out += "\n";
+            out += &web::render(&c.web, &self.web);
         }
-        let ratios: Vec<String> = self
-            .config
-            .concurrency
-            .iter()
-            .filter_map(|&c| {
-                let colo = self.row(Setup::Colo, c)?;
-                let stock = self.row(Setup::Stock, c)?;
-                (stock.ab.requests_per_s > 0.0).then(|| {
-                    format!(
-                        "{c} clients: {:.2}x req/s, p99 {} vs {} ms",
-                        colo.ab.requests_per_s / stock.ab.requests_per_s,
-                        colo.ab.p99_ms,
-                        stock.ab.p99_ms
-                    )
-                })
-            })
-            .collect();
-        if !ratios.is_empty() {
-            out += &format!("\ncolo against stock COLO: {}\n", ratios.join("; "));
+        if c.runs(Workload::Download) {
+            out += "\n";
+            out += &bulk::render_download(&c.download, &self.download);
+        }
+        if c.runs(Workload::Upload) {
+            out += "\n";
+            out += &bulk::render_upload(&c.upload, &self.upload);
+        }
+        if c.runs(Workload::Memory) {
+            out += "\n";
+            out += &memory::render(&c.memory, &self.memory);
         }
         out
+    }
+
+    fn write(&self) -> Result<()> {
+        let dir = &self.run_dir;
+        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
+        std::fs::write(dir.join("report.md"), self.render_markdown())?;
+        let c = &self.config;
+        if c.runs(Workload::Web) {
+            std::fs::write(dir.join("web.csv"), web::csv(&self.web))?;
+        }
+        if c.runs(Workload::Download) {
+            std::fs::write(dir.join("download.csv"), bulk::download_csv(&self.download))?;
+        }
+        if c.runs(Workload::Upload) {
+            std::fs::write(dir.join("upload.csv"), bulk::upload_csv(&self.upload))?;
+        }
+        if c.runs(Workload::Memory) {
+            std::fs::write(dir.join("memory.csv"), memory::csv(&self.memory))?;
+        }
+        Ok(())
     }
 }
 
@@ -268,262 +333,81 @@ fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg").unwrap_or_default()
 }
 
-/// Runs the web workload on every configured setup and writes `report.json` and `report.md`
-/// into a run directory.
-pub async fn web(tag: &str, config: WebConfig) -> Result<WebReport> {
-    let dir = run_dir("bench-web")?;
-    let load_before = loadavg();
-    let mut rows = Vec::new();
-    for setup in config.setups.clone() {
+/// A value for a table cell: the number, or "-" when there is none.
+fn cell<T: std::fmt::Display>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// `part / whole` with two decimals, or "-".
+fn share(part: f64, whole: Option<f64>) -> String {
+    match whole {
+        Some(w) if w > 0.0 => format!("{:.2}", part / w),
+        _ => "-".into(),
+    }
+}
+
+/// Boots every configured setup in turn, runs every configured workload on it, and writes
+/// `report.json`, `report.md` and the CSVs into a run directory.
+pub async fn suite(tag: &str, config: SuiteConfig) -> Result<SuiteReport> {
+    if config.runs(Workload::Memory) {
+        memory::check_guest_ram(&config)?;
+    }
+    let dir = run_dir("bench")?;
+    let mut report = SuiteReport {
+        load_before: loadavg(),
+        load_after: String::new(),
+        web: Vec::new(),
+        download: Vec::new(),
+        upload: Vec::new(),
+        memory: Vec::new(),
+        run_dir: dir.clone(),
+        config,
+    };
+    for setup in report.config.setups.clone() {
         let setup_dir = dir.join(setup.name());
         std::fs::create_dir_all(&setup_dir)?;
-        eprintln!("bench web: {} ...", setup.name());
+        eprintln!("bench: {} booting ...", setup.name());
         let started = Instant::now();
-        let mut got = match setup {
-            Setup::Native | Setup::Twin => native(tag, &setup_dir, &config, setup).await,
-            Setup::Stock | Setup::Colo => colo_pair(tag, &setup_dir, &config, setup).await,
+        let bed = Bed::boot(tag, &setup_dir, &report.config, setup)
+            .await
+            .with_context(|| format!("booting setup {}", setup.name()))?;
+        let c = report.config.clone();
+        for workload in Workload::ALL {
+            if !c.runs(workload) || (workload == Workload::Memory && !setup.is_pair()) {
+                continue;
+            }
+            eprintln!("bench: {} {} ...", setup.name(), workload.name());
+            let run = async {
+                match workload {
+                    Workload::Web => report.web.extend(web::run(&bed, setup, &c.web).await?),
+                    Workload::Download => report
+                        .download
+                        .extend(bulk::download(&bed, setup, &c.download).await?),
+                    Workload::Upload => report
+                        .upload
+                        .extend(bulk::upload(&bed, setup, &c.upload).await?),
+                    Workload::Memory => report
+                        .memory
+                        .extend(memory::run(&bed, setup, &c.memory, &c.pair).await?),
+                }
+                anyhow::Ok(())
+            };
+            run.await
+                .with_context(|| format!("setup {}, workload {}", setup.name(), workload.name()))?;
+            // Keep what has been measured so far on disk: a later setup that fails to boot
+            // must not lose an hour of figures.
+            report.write()?;
         }
-        .with_context(|| format!("setup {}", setup.name()))?;
+        drop(bed);
         eprintln!(
-            "bench web: {} done in {:.0} s",
+            "bench: {} done in {:.0} s",
             setup.name(),
             started.elapsed().as_secs_f64()
         );
-        rows.append(&mut got);
     }
-    let report = WebReport {
-        config,
-        load_before,
-        load_after: loadavg(),
-        rows,
-        run_dir: dir.clone(),
-    };
-    std::fs::write(
-        dir.join("report.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    std::fs::write(dir.join("report.md"), report.render_markdown())?;
+    report.load_after = loadavg();
+    report.write()?;
     Ok(report)
-}
-
-/// A guest booted without COLO: the bed's machine and guest, a raw disk, a NIC on `tap`.
-struct PlainGuest {
-    qemu: QemuProcess,
-    serial: PathBuf,
-}
-
-impl PlainGuest {
-    fn boot(
-        a: &Artifacts,
-        netns: &str,
-        tap: &str,
-        role: Role,
-        dir: &Path,
-        cfg: &PairConfig,
-    ) -> Result<Self> {
-        let image = dir.join(format!("{}.raw", role.name()));
-        std::fs::File::create(&image)?.set_len(u64::from(cfg.disk_mib) << 20)?;
-        let mut args = bed_args(a, role, dir, cfg);
-        args.extend([
-            "-global".into(),
-            "virtio-device.use-disabled-flag=false".into(),
-            "-netdev".into(),
-            format!("tap,id=hn0,ifname={tap},script=no,downscript=no,vhost=off,vnet_hdr=off"),
-            "-device".into(),
-            format!("virtio-net-pci,netdev=hn0,mac={},romfile=", addr::GUEST_MAC),
-            "-drive".into(),
-            format!(
-                "if=none,id=disk0,driver=raw,file.filename={}",
-                image.display()
-            ),
-            "-device".into(),
-            "virtio-blk-pci,drive=disk0".into(),
-        ]);
-        let qmp = dir.join(format!("{}-qmp.sock", role.name()));
-        let qemu = QemuProcess::spawn(&a.qemu, netns, role.name(), dir, qmp, &args)?;
-        Ok(PlainGuest {
-            qemu,
-            serial: dir.join(format!("{}-serial.log", role.name())),
-        })
-    }
-
-    async fn wait_ready(&mut self, within: Duration) -> Result<()> {
-        let deadline = Instant::now() + within;
-        while !guest::read_serial(&self.serial).ready {
-            if self.qemu.has_exited() {
-                bail!(
-                    "QEMU exited before the guest booted: {}",
-                    self.qemu.stderr_tail()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the guest did not boot within {within:?} ({})",
-                    self.serial.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for PlainGuest {
-    fn drop(&mut self) {
-        let _ = self.qemu.kill();
-    }
-}
-
-/// The native and twin setups.
-async fn native(tag: &str, dir: &Path, config: &WebConfig, setup: Setup) -> Result<Vec<WebRow>> {
-    let a = Artifacts::locate()?;
-    let topo = Topology::create(&format!("{tag}n"))?;
-    let mut first = PlainGuest::boot(
-        &a,
-        &topo.primary,
-        topology::PRIMARY_TAP,
-        Role::Primary,
-        dir,
-        &config.pair,
-    )?;
-    let mut twin = None;
-    if setup == Setup::Twin {
-        // The twin's own segment: host B's tap, with the client's address on host B's side,
-        // so the same guest address answers there without meeting the first guest.
-        let cidr = format!("{}/24", addr::CLIENT);
-        topology::ip(&[
-            "-n",
-            &topo.secondary,
-            "addr",
-            "add",
-            &cidr,
-            "dev",
-            topology::SECONDARY_TAP,
-        ])?;
-        twin = Some(PlainGuest::boot(
-            &a,
-            &topo.secondary,
-            topology::SECONDARY_TAP,
-            Role::Secondary,
-            dir,
-            &config.pair,
-        )?);
-    }
-    first.wait_ready(Duration::from_secs(120)).await?;
-    if let Some(t) = twin.as_mut() {
-        t.wait_ready(Duration::from_secs(120)).await?;
-    }
-    let target = format!("{}:80", addr::GUEST);
-    let mut rows = Vec::new();
-    for &c in &config.concurrency {
-        let (client, secondary) = (topo.client.clone(), topo.secondary.clone());
-        let (n, t, target1, target2) = (
-            config.requests,
-            config.timeout_s,
-            target.clone(),
-            target.clone(),
-        );
-        let first_run = tokio::task::spawn_blocking(move || run_ab(&client, &target1, n, c, t));
-        let twin_run = twin
-            .is_some()
-            .then(|| tokio::task::spawn_blocking(move || run_ab(&secondary, &target2, n, c, t)));
-        let ab = first_run.await??;
-        let twin_ab = match twin_run {
-            Some(run) => Some(run.await??),
-            None => None,
-        };
-        rows.push(WebRow {
-            setup,
-            concurrency: c,
-            ab,
-            twin: twin_ab,
-            checkpoints: None,
-            checkpoints_per_1000: None,
-            reasons: BTreeMap::new(),
-        });
-    }
-    drop(twin);
-    drop(first);
-    drop(topo);
-    Ok(rows)
-}
-
-/// colo-proxyd's requests for a checkpoint in its log from byte `from` on, by reason.
-fn proxyd_reasons(log: &Path, from: u64) -> BTreeMap<String, u64> {
-    let text = std::fs::read(log).unwrap_or_default();
-    count_reasons(&String::from_utf8_lossy(
-        &text[(from as usize).min(text.len())..],
-    ))
-}
-
-/// The `reason=` of each "the comparison needs a checkpoint" line, counted.
-fn count_reasons(log: &str) -> BTreeMap<String, u64> {
-    let mut reasons = BTreeMap::new();
-    for line in log
-        .lines()
-        .filter(|l| l.contains("the comparison needs a checkpoint"))
-    {
-        let reason = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("reason="))
-            .unwrap_or("unknown")
-            .trim_matches('"')
-            .to_string();
-        *reasons.entry(reason).or_default() += 1;
-    }
-    reasons
-}
-
-fn file_len(path: &Path) -> u64 {
-    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
-}
-
-/// The stock and colo setups.
-async fn colo_pair(tag: &str, dir: &Path, config: &WebConfig, setup: Setup) -> Result<Vec<WebRow>> {
-    let cfg = match setup {
-        Setup::Stock => PairConfig {
-            network: NetworkBackend::ColoCompare,
-            disk: DiskBackend::Replication,
-            relay: false,
-            ..config.pair.clone()
-        },
-        _ => PairConfig {
-            network: NetworkBackend::ColoProxyd,
-            disk: DiskBackend::ColoBlockd,
-            relay: true,
-            ..config.pair.clone()
-        },
-    };
-    let short = if setup == Setup::Stock { "s" } else { "c" };
-    let pair = StockPair::start(&format!("{tag}{short}"), dir.to_path_buf(), cfg).await?;
-    let log = pair.dir.join("proxyd-primary.log");
-    let target = format!("{}:80", addr::GUEST);
-    let mut rows = Vec::new();
-    for &c in &config.concurrency {
-        let before = pair.checkpoint_pauses(Role::Primary).len();
-        let log_at = file_len(&log);
-        let (client, n, t, target) = (
-            pair.topology.client.clone(),
-            config.requests,
-            config.timeout_s,
-            target.clone(),
-        );
-        let ab = tokio::task::spawn_blocking(move || run_ab(&client, &target, n, c, t)).await??;
-        let checkpoints = pair
-            .checkpoint_pauses(Role::Primary)
-            .len()
-            .saturating_sub(before);
-        rows.push(WebRow {
-            setup,
-            concurrency: c,
-            ab,
-            twin: None,
-            checkpoints: Some(checkpoints),
-            checkpoints_per_1000: Some(checkpoints as f64 * 1000.0 / ab.complete.max(1) as f64),
-            reasons: proxyd_reasons(&log, log_at),
-        });
-    }
-    Ok(rows)
 }
 
 #[cfg(test)]
@@ -531,7 +415,7 @@ mod tests {
     use super::*;
 
     /// What `ab -q -r -n 200 -c 4` printed against the bed's guest.
-    const AB: &str = "This is ApacheBench, Version 2.3 <$Revision: 1903618 $>
+    pub(super) const AB: &str = "This is ApacheBench, Version 2.3 <$Revision: 1903618 $>
 Benchmarking 10.0.2.15 (be patient).....done
 
 
@@ -567,17 +451,22 @@ Percentage of the requests served within a certain time (ms)
 
     #[test]
     fn ab_reports_are_read() {
+        let ab = parse_ab(AB).unwrap();
         assert_eq!(
-            parse_ab(AB).unwrap(),
+            ab,
             AbResult {
                 complete: 200,
                 failed: 3,
                 non_2xx: 2,
                 requests_per_s: 162.07,
+                time_taken_s: 1.234,
+                body_bytes: 2800,
                 p50_ms: 21,
                 p99_ms: 60,
             }
         );
+        assert_eq!(ab.failures(), 5);
+        assert!((ab.body_mb_per_s() - 2800.0 / 1.234 / 1e6).abs() < 1e-12);
         let without_non_2xx = AB.replace("Non-2xx responses:      2\n", "");
         assert_eq!(parse_ab(&without_non_2xx).unwrap().non_2xx, 0);
     }
@@ -588,26 +477,16 @@ Percentage of the requests served within a certain time (ms)
         assert!(err.to_string().contains("Requests per second:"), "{err}");
         let err = parse_ab(&AB.replace("  99%     60", "  99%     lots")).unwrap_err();
         assert!(err.to_string().contains("99%"), "{err}");
+        let err = parse_ab(&AB.replace("HTML transferred:", "HTML:")).unwrap_err();
+        assert!(err.to_string().contains("HTML transferred:"), "{err}");
     }
 
     #[test]
-    fn proxyd_reasons_are_counted() {
-        let line = |r: &str| {
-            format!(
-                "2026-12-06T03:00:00Z  INFO colo_proxyd::daemon::primary: the comparison needs \
-                 a checkpoint reason={r} detail=X epoch=3\n"
-            )
-        };
-        let text = format!(
-            "{}{}{}other line reason=ignored\n",
-            line("payload-differs"),
-            line("payload-differs"),
-            line("\"hold-timeout\"")
-        );
-        assert_eq!(
-            count_reasons(&text),
-            BTreeMap::from([("hold-timeout".into(), 1), ("payload-differs".into(), 2)])
-        );
-        assert!(proxyd_reasons(Path::new("/nonexistent/proxyd-primary.log"), 0).is_empty());
+    fn cells_and_shares() {
+        assert_eq!(cell(Some(3)), "3");
+        assert_eq!(cell::<u32>(None), "-");
+        assert_eq!(share(1.0, Some(4.0)), "0.25");
+        assert_eq!(share(1.0, Some(0.0)), "-");
+        assert_eq!(share(1.0, None), "-");
     }
 }

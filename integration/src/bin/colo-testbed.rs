@@ -94,22 +94,55 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         blobs: usize,
     },
-    /// The workload suite (a benchmark; nothing timed is asserted): ApacheBench against the
-    /// guest without COLO, beside an equally loaded twin (the fair native on two cores),
-    /// on stock COLO (colo-compare, replication) and on colo's daemons, in one run; prints a
-    /// markdown table and writes report.md and report.json into the run directory. Needs `ab`
-    /// (apache2-utils, installed by integration/setup.sh). `--disk`/`--network` are ignored:
-    /// each setup picks its own.
+    /// The workload suite (a benchmark; nothing timed is asserted): web, download, upload and
+    /// memory workloads against the guest without COLO, beside an equally loaded twin (the
+    /// fair native on two cores), on stock COLO (colo-compare, replication) and on colo's
+    /// daemons, in one run; prints markdown tables and writes report.md, report.json and a CSV
+    /// per workload into the run directory. Needs `ab` (apache2-utils, installed by
+    /// integration/setup.sh). `--disk`/`--network` are ignored: each setup picks its own.
     Bench {
-        /// Concurrent clients, one ab run each (comma-separated).
+        /// The workloads to run on each setup (comma-separated: web, download, upload,
+        /// memory; memory runs on the COLO setups only).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            value_enum,
+            default_value = "web,download,upload,memory"
+        )]
+        workloads: Vec<BenchWorkload>,
+        /// web: concurrent clients, one ab run each (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
         concurrency: Vec<u32>,
-        /// Requests per ab run.
+        /// web: requests per ab run.
         #[arg(long, default_value_t = 1000)]
         requests: u32,
-        /// ab's timeout per request, seconds.
+        /// ab's timeout per request (web and download), seconds.
         #[arg(long, default_value_t = 30)]
         timeout_s: u32,
+        /// download: concurrent clients, one ab run each (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        download_concurrency: Vec<u32>,
+        /// download: 1 MiB downloads per ab run.
+        #[arg(long, default_value_t = 40)]
+        downloads: u32,
+        /// upload: concurrent clients, one run each (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        upload_concurrency: Vec<u32>,
+        /// upload: MiB each client streams into the guest's echo service.
+        #[arg(long, default_value_t = 8)]
+        upload_mib: u32,
+        /// memory: the guest's dirtying rates, MiB/s (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "0,4,16,64")]
+        memory_rates: Vec<u32>,
+        /// memory: the measured window at each rate, seconds.
+        #[arg(long, default_value_t = 20)]
+        memory_seconds: u32,
+        /// memory: the periodic checkpoint during the memory workload, ms.
+        #[arg(long, default_value_t = 1000)]
+        memory_period_ms: u32,
+        /// Guest RAM, MiB, on every setup (the memory workload's 64 MiB/s needs 144 or more).
+        #[arg(long, default_value_t = 160)]
+        guest_mib: u32,
         /// The periodic checkpoint of the COLO setups, ms (QEMU's own default is 20000; colo's
         /// daemons ask for the checkpoints they need in between).
         #[arg(long, default_value_t = 5000)]
@@ -160,6 +193,25 @@ enum BenchSetup {
     Twin,
     Stock,
     Colo,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BenchWorkload {
+    Web,
+    Download,
+    Upload,
+    Memory,
+}
+
+impl From<BenchWorkload> for workloads::Workload {
+    fn from(w: BenchWorkload) -> Self {
+        match w {
+            BenchWorkload::Web => workloads::Workload::Web,
+            BenchWorkload::Download => workloads::Workload::Download,
+            BenchWorkload::Upload => workloads::Workload::Upload,
+            BenchWorkload::Memory => workloads::Workload::Memory,
+        }
+    }
 }
 
 impl From<BenchSetup> for workloads::Setup {
@@ -301,29 +353,54 @@ async fn run(command: Command, cli: &Cli, cfg: PairConfig) -> anyhow::Result<Out
                 })
         }
         Command::Bench {
+            workloads: selected,
             concurrency,
             requests,
             timeout_s,
+            download_concurrency,
+            downloads,
+            upload_concurrency,
+            upload_mib,
+            memory_rates,
+            memory_seconds,
+            memory_period_ms,
+            guest_mib,
             period_ms,
             equivalent,
             setups,
         } => {
-            let config = workloads::WebConfig {
-                concurrency,
-                requests,
-                timeout_s,
+            let config = workloads::SuiteConfig {
                 setups: setups.into_iter().map(Into::into).collect(),
-                checkpoint_delay_ms: period_ms,
+                workloads: selected.into_iter().map(Into::into).collect(),
+                web: workloads::WebConfig {
+                    concurrency,
+                    requests,
+                    timeout_s,
+                },
+                download: workloads::DownloadConfig {
+                    concurrency: download_concurrency,
+                    downloads,
+                    timeout_s,
+                },
+                upload: workloads::UploadConfig {
+                    concurrency: upload_concurrency,
+                    mib_per_client: upload_mib,
+                    timeout_s: timeout_s.max(60),
+                },
+                memory: workloads::MemoryConfig {
+                    rates: memory_rates,
+                    seconds: memory_seconds,
+                    period_ms: memory_period_ms,
+                },
                 equivalent,
                 pair: PairConfig {
                     checkpoint_delay_ms: period_ms,
+                    memory_mib: guest_mib,
                     ..cfg
                 },
             };
-            workloads::web(&cli.tag, config).await.map(|r| Outcome {
-                passed: r.rows.iter().all(|row| {
-                    row.ab.complete > 0 && row.twin.as_ref().is_none_or(|t| t.complete > 0)
-                }),
+            workloads::suite(&cli.tag, config).await.map(|r| Outcome {
+                passed: r.all_ran(),
                 text: r.render_markdown(),
                 json: serde_json::to_value(&r).unwrap_or_default(),
                 run_dir: Some(r.run_dir.clone()),
