@@ -140,8 +140,8 @@ enum Command {
         /// memory: the periodic checkpoint during the memory workload, ms.
         #[arg(long, default_value_t = 1000)]
         memory_period_ms: u32,
-        /// Guest RAM, MiB, on every setup (the memory workload's 64 MiB/s needs 144 or more).
-        #[arg(long, default_value_t = 160)]
+        /// Guest RAM, MiB, on every setup (the memory workload's 64 MiB/s needs 168 or more).
+        #[arg(long, default_value_t = 192)]
         guest_mib: u32,
         /// The periodic checkpoint of the COLO setups, ms (QEMU's own default is 20000; colo's
         /// daemons ask for the checkpoints they need in between).
