@@ -31,7 +31,7 @@ use qmp_driver::pair::{self, Progress, ReprotectOptions, ReprotectReport};
 pub enum Interrupt {
     /// No: the first attempt must succeed.
     None,
-    /// Right after `drive-mirror` started.
+    /// Right after `blockdev-mirror` started.
     DuringCopy,
     /// Right after `migrate` started.
     DuringMemory,
@@ -318,7 +318,7 @@ async fn interrupted_attempt(
             .filter_map(|(_, d)| d.pid()),
     );
     let trigger = match interrupt {
-        Interrupt::DuringCopy => "drive-mirror",
+        Interrupt::DuringCopy => "blockdev-mirror",
         Interrupt::DuringMemory => "migrate ",
         Interrupt::None => bail!("no interrupt"),
     };

@@ -44,6 +44,29 @@ async fn the_primary_is_reprotected_twice_in_a_row_and_a_failover_after_loses_no
     assert_reprotected(&run);
 }
 
+/// The same with `[tls]`: the copy's NBD link to `colo-blockd serve`, the replication child,
+/// the migration through the relay and colo-proxyd's link all under mutual TLS; the
+/// re-protect and the failover after it keep every promise.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn a_tls_pair_is_reprotected_online_and_a_second_failover_loses_nothing() {
+    let cfg = colo_testbed::stock::PairConfig {
+        tls: true,
+        ..common::daemons_pair()
+    };
+    let run = reprotect::after_losing_the_secondary("t-rppt", cfg, Interrupt::None, 1)
+        .await
+        .expect("re-protect scenario ran");
+    let copy = run
+        .reprotect
+        .steps
+        .iter()
+        .find(|s| s.what.starts_with("blockdev-add colo-reprotect-target"))
+        .expect("the copy target was added");
+    assert!(copy.what.ends_with(", TLS)"), "{}", copy.what);
+    assert_reprotected(&run);
+}
+
 /// What every run must show: the re-protect's phases and figures, clients served throughout,
 /// the pair back in COLO, and the second failover losing nothing.
 fn assert_reprotected(run: &ReprotectRun) {

@@ -18,6 +18,11 @@ impl Bed {
     /// A pair on colo's daemons (`daemons = true`) or on QEMU's own replication and
     /// colo-compare.
     fn config(&self, daemons: bool) {
+        self.config_with(daemons, "");
+    }
+
+    /// [`Bed::config`] with `extra` sections at the end.
+    fn config_with(&self, daemons: bool, extra: &str) {
         let d = self.dir.path().display();
         let layout = if daemons {
             format!(
@@ -44,6 +49,7 @@ impl Bed {
             listen = "unix:{d}/relay.sock"
             control = "{d}/control.sock"
             {layout}
+            {extra}
             "#
         );
         std::fs::write(self.path("pair.toml"), text).unwrap();
@@ -62,13 +68,21 @@ impl Bed {
 
     /// The arguments of the first `cmd` the primary got.
     fn args_of(&self, cmd: &str) -> Value {
+        self.all_args_of(cmd)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("{cmd} was not sent"))
+    }
+
+    /// The arguments of every `cmd` the primary got, in order.
+    fn all_args_of(&self, cmd: &str) -> Vec<Value> {
         self.log
             .lock()
             .unwrap()
             .iter()
-            .find(|(s, c, _)| s == "primary" && c == cmd)
+            .filter(|(s, c, _)| s == "primary" && c == cmd)
             .map(|(_, _, a)| a.clone())
-            .unwrap_or_else(|| panic!("{cmd} was not sent"))
+            .collect()
     }
 
     async fn run(&self, args: &[&str]) -> Output {
@@ -108,7 +122,7 @@ fn primary(in_colo: Arc<AtomicBool>, fail_migration: bool) -> Script {
             }]))
         }
         "query-block-jobs" => Answer::ret(json!([])),
-        "drive-mirror" => {
+        "blockdev-mirror" => {
             job = true;
             Answer::ok()
         }
@@ -177,11 +191,13 @@ async fn reprotect_copies_migrates_and_switches_in_the_documented_order() {
     assert_eq!(
         bed.changes("primary"),
         [
-            "drive-mirror",
+            "blockdev-add",
+            "blockdev-mirror",
             "migrate-set-capabilities",
             "migrate-set-parameters",
             "migrate",
             "block-job-cancel",
+            "blockdev-del",
             "blockdev-add",
             "x-blockdev-change",
             "object-add",
@@ -190,10 +206,23 @@ async fn reprotect_copies_migrates_and_switches_in_the_documented_order() {
             "migrate-continue",
         ]
     );
-    let mirror = bed.args_of("drive-mirror");
-    assert_eq!(mirror["target"], "nbd://192.168.77.2:10810/base");
+    // The copy's target: an NBD node on colo-blockd serve (nbd_port + 1, export base),
+    // deleted once the job ended.
+    let target = &bed.all_args_of("blockdev-add")[0];
+    assert_eq!(
+        target,
+        &json!({"driver": "nbd", "node-name": "colo-reprotect-target",
+                "server": {"type": "inet", "host": "192.168.77.2", "port": "10810"},
+                "export": "base"})
+    );
+    assert_eq!(
+        bed.args_of("blockdev-del"),
+        json!({"node-name": "colo-reprotect-target"})
+    );
+    let mirror = bed.args_of("blockdev-mirror");
+    assert_eq!(mirror["target"], "colo-reprotect-target");
+    assert_eq!(mirror["device"], "colo-disk0");
     assert_eq!(mirror["sync"], "full");
-    assert_eq!(mirror["mode"], "existing");
     assert_eq!(mirror["copy-mode"], "write-blocking");
     assert_eq!(mirror["speed"], 4 << 20);
     assert_eq!(
@@ -201,7 +230,7 @@ async fn reprotect_copies_migrates_and_switches_in_the_documented_order() {
         json!([{"capability": "pause-before-switchover", "state": true}])
     );
     assert_eq!(
-        bed.args_of("blockdev-add")["export"],
+        bed.all_args_of("blockdev-add")[1]["export"],
         "replica",
         "the NBD child goes to colo-blockd's replica export"
     );
@@ -256,6 +285,7 @@ async fn a_failed_migration_is_undone_on_the_primary() {
         undo,
         [
             "block-job-cancel",
+            "blockdev-del",
             "x-blockdev-change",
             "blockdev-del",
             "object-del",
@@ -267,6 +297,52 @@ async fn a_failed_migration_is_undone_on_the_primary() {
         bed.args_of("block-job-cancel"),
         json!({"device": "colo-reprotect", "force": true})
     );
+}
+
+/// With `[tls]` the copy's NBD client and the migration both use the primary's credentials
+/// object and accept only the secondary host's certificate.
+#[tokio::test]
+async fn with_tls_the_copy_and_the_migration_are_authenticated() {
+    let bed = Bed::new();
+    bed.config_with(
+        true,
+        "[tls]\nprimary_dir = \"/etc/colo/pki-a\"\nprimary_name = \"hosta\"\n\
+         secondary_dir = \"/etc/colo/pki-b\"\nsecondary_name = \"hostb\"\n",
+    );
+    let in_colo = Arc::new(AtomicBool::new(false));
+    bed.primary(primary(in_colo.clone(), false));
+    bed.secondary(secondary(in_colo));
+    let out = bed.run(&["reprotect"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let adds = bed.all_args_of("blockdev-add");
+    for (what, node) in [
+        ("the copy target", &adds[0]),
+        ("the replica child", &adds[1]),
+    ] {
+        assert_eq!(node["tls-creds"], "colo-tls0", "{what}: {node}");
+        assert_eq!(node["tls-hostname"], "hostb", "{what}: {node}");
+    }
+    assert!(
+        bed.all_args_of("migrate-set-parameters")
+            .contains(&json!({"tls-creds": "colo-tls0", "tls-hostname": "hostb"})),
+        "the migration's TLS parameters were not set"
+    );
+}
+
+/// A copy target that is not `nbd://HOST:PORT/EXPORT` is refused before anything is sent.
+#[tokio::test]
+async fn a_target_that_is_not_an_nbd_address_is_refused() {
+    let bed = Bed::new();
+    bed.config(true);
+    let in_colo = Arc::new(AtomicBool::new(false));
+    bed.primary(primary(in_colo.clone(), false));
+    bed.secondary(secondary(in_colo));
+    let out = bed
+        .run(&["reprotect", "--target", "nbd://hostb/base"])
+        .await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("names no port"), "{}", stderr(&out));
+    assert!(bed.changes("primary").is_empty() && bed.changes("secondary").is_empty());
 }
 
 #[tokio::test]

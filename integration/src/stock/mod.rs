@@ -617,17 +617,28 @@ impl StockPair {
             self.driver.secondary.host,
             self.driver.disk.nbd_port + 1
         );
+        let mut serve_args = vec![
+            "serve".to_string(),
+            "--export".to_string(),
+            format!("base={}", image.display()),
+            "--tcp".to_string(),
+            target,
+        ];
+        // With [tls] the copy's NBD link is authenticated as the replication child's is: the
+        // secondary host's identity, the primary host the one client allowed.
+        if let Some(tls) = &self.driver.tls {
+            serve_args.extend([
+                "--tls-dir".to_string(),
+                tls.secondary.dir.display().to_string(),
+                "--tls-peer".to_string(),
+                tls.primary.name.clone(),
+            ]);
+        }
         let mut serve = DaemonProcess::spawn(
             "colo-blockd serve",
             &self.topology.secondary,
             &driver::workspace_binary("colo-blockd", "COLO_BLOCKD")?,
-            &[
-                "serve".to_string(),
-                "--export".to_string(),
-                format!("base={}", image.display()),
-                "--tcp".to_string(),
-                target,
-            ],
+            &serve_args,
             dir.join("blockd-serve.log"),
         )?;
         serve.wait_log("serving NBD", Duration::from_secs(10))?;

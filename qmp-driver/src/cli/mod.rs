@@ -243,15 +243,16 @@ pub enum Command {
         relay, colo-proxyd secondary, `colo-blockd secondary --image S.raw` and `colo-blockd \
         serve --export base=S.raw --tcp SECONDARY:PORT` (the copy's target, on a port of its \
         own, default disk.nbd_port + 1) running there.\n\n\
-        Copies the running guest's disk into the target (drive-mirror sync=full, \
-        copy-mode=write-blocking; progress with bytes, rate and ETA on stderr), migrates its \
+        Copies the running guest's disk into the target (an NBD node, with [tls] over \
+        STARTTLS; blockdev-mirror sync=full, copy-mode=write-blocking; progress with bytes, rate and ETA on stderr), migrates its \
         memory through the relay with pause-before-switchover, and at the switch (VM \
         stopped) cancels the ready mirror, adds the NBD child of colo-blockd's `replica` to \
         the quorum and the primary's network filters, and lets the migration go on into \
         COLO. Prints the time per phase, the bytes copied and the pause at the switch. Stop \
         `colo-blockd serve` afterwards.\n\n\
         Only for disk.backend = \"colo-blockd\" and network.backend = \"colo-proxyd\" \
-        with the primary as the survivor, without [tls] (exit 3 otherwise). A failure before \
+        with the primary as the survivor (exit 3 otherwise); with [tls] start colo-blockd \
+        serve with --tls-dir and --tls-peer as colo-blockd secondary. A failure before \
         COLO is undone on the primary (migration and copy cancelled, child and filters \
         removed): the guest serves on; restart the secondary QEMU and run it again.",
         after_help = EXIT_CODES_HELP

@@ -18,15 +18,18 @@
 //!
 //! 1. `prepare-secondary` (x-colo, `migrate-incoming`) and a wait for the secondary's
 //!    redirectors to connect to colo-proxyd secondary;
-//! 2. **copy**: `drive-mirror` of `disk.device` (the quorum) to the target, `sync=full`,
-//!    `mode=existing`, `copy-mode=write-blocking` (once the bulk is copied, a guest write
+//! 2. **copy**: an NBD node on the target (`blockdev-add`, with `[tls]` STARTTLS with the
+//!    primary's credentials, as the replication child), then `blockdev-mirror` of
+//!    `disk.device` (the quorum) into it, `sync=full` (which also writes the zeros: an NBD
+//!    node is not known to read as zeros), `copy-mode=write-blocking` (once the bulk is copied, a guest write
 //!    completes only when it is on both disks, so the job stays ready and the switch needs no
 //!    catch-up); progress from `query-block-jobs` (bytes, rate, ETA) until it is ready;
 //! 3. **memory**: x-colo and `pause-before-switchover` on, `x-checkpoint-delay`, `migrate`
 //!    through the relay; the guest runs while RAM is sent; QEMU stops the VM and waits in
 //!    `pre-switchover`;
 //! 4. **switch** (VM stopped anyway): `block-job-cancel` of the ready mirror (which completes
-//!    it without pivoting: the target holds the disk as it is now), the NBD child of
+//!    it without pivoting: the target holds the disk as it is now) and `blockdev-del` of
+//!    its node (its NBD connection closes before the switch), the NBD child of
 //!    colo-blockd's `replica` into the quorum (`blockdev-add`, `x-blockdev-change`), the
 //!    primary's filters (`m0`, `redire0`, `redire1`, which the failover removed) with
 //!    `object-add`, then `migrate-continue`: the device state goes over and COLO begins. The
@@ -38,7 +41,7 @@
 
 use super::steps::{self, Journal};
 use super::{Outcome, PairError, Progress, ProgressFn, Step};
-use crate::config::{DiskBackend, NetworkBackend, PairConfig};
+use crate::config::{DiskBackend, NetworkBackend, PairConfig, TLS_CREDS_ID};
 use colo_qmp::QmpClient;
 use colo_types::Role;
 use colo_types::qemu_ids as ids;
@@ -70,7 +73,7 @@ pub struct ReprotectOptions {
     pub target: String,
     /// Longest wait for the copy to be ready.
     pub copy_timeout: Duration,
-    /// Bound on the copy's background rate in bytes/s (`drive-mirror`'s `speed`), so that it
+    /// Bound on the copy's background rate in bytes/s (`blockdev-mirror`'s `speed`), so that it
     /// leaves the link and the disks room for the guest; 0: none. The guest's own writes
     /// during the copy are not bound by it (write-blocking copies them as they happen).
     pub speed: u64,
@@ -172,15 +175,74 @@ fn check_config(cfg: &PairConfig) -> Result<(), PairError> {
              (docs/operations.md, \"Re-protect\")",
         ));
     }
-    if cfg.tls.is_some() {
-        return Err(PairError::precondition(
-            Role::Primary,
-            "online re-protect does not do [tls] yet (the copy's NBD link to `colo-blockd \
-             serve` would be plaintext)",
-            "Re-protect offline (docs/operations.md, \"Re-protect\")",
-        ));
-    }
     Ok(())
+}
+
+/// The node the copy writes to: an NBD client of `colo-blockd serve` (with `[tls]` over
+/// STARTTLS, as the replication child), added before the mirror and deleted after it.
+pub const REPROTECT_TARGET_NODE: &str = "colo-reprotect-target";
+
+/// Where `colo-blockd serve` offers the new secondary's image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdTarget {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Export name.
+    pub export: String,
+}
+
+/// Parses `nbd://HOST:PORT/EXPORT` (`HOST` may be `[v6]`): the copy's target is a
+/// `blockdev-add`ed NBD node, which takes its server and export apart.
+pub fn nbd_target(uri: &str) -> Result<NbdTarget, PairError> {
+    let bad = |why: &str| {
+        PairError::precondition(
+            Role::Primary,
+            format!("the copy target {uri:?} {why}"),
+            "Give --target nbd://HOST:PORT/EXPORT (colo-blockd serve's --tcp and --export)",
+        )
+    };
+    let rest = uri
+        .strip_prefix("nbd://")
+        .ok_or_else(|| bad("is not an nbd:// address"))?;
+    let (authority, export) = rest.split_once('/').ok_or_else(|| bad("names no export"))?;
+    let (host, port) = authority
+        .rsplit_once(':')
+        .ok_or_else(|| bad("names no port"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad("has no valid port"))?;
+    if host.is_empty() || export.is_empty() {
+        return Err(bad("lacks a host or an export"));
+    }
+    Ok(NbdTarget {
+        host: host.to_owned(),
+        port,
+        export: export.to_owned(),
+    })
+}
+
+/// The copy target's `blockdev-add` options; with `[tls]` the client speaks STARTTLS with
+/// the primary's credentials and accepts only the secondary host's certificate.
+fn target_node_options(cfg: &PairConfig, target: &NbdTarget) -> Value {
+    let mut options = json!({
+        "driver": "nbd",
+        "node-name": REPROTECT_TARGET_NODE,
+        "server": { "type": "inet", "host": target.host, "port": target.port.to_string() },
+        "export": target.export,
+    });
+    if let Some(tls) = &cfg.tls {
+        options["tls-creds"] = json!(TLS_CREDS_ID);
+        options["tls-hostname"] = json!(tls.secondary.name);
+    }
+    options
 }
 
 /// The primary must run outside COLO, with no migration under way.
@@ -242,6 +304,7 @@ pub async fn reprotect(
     mut progress: ProgressFn<'_>,
 ) -> Result<ReprotectReport, PairError> {
     check_config(cfg)?;
+    let target = nbd_target(&opts.target)?;
     check_primary(primary).await?;
     let started = Instant::now();
     let mut journal = Journal::new(&mut progress);
@@ -255,7 +318,17 @@ pub async fn reprotect(
         migration_downtime_ms: None,
         total_ms: 0.0,
     };
-    match run(primary, secondary, cfg, opts, &mut journal, &mut report).await {
+    match run(
+        primary,
+        secondary,
+        cfg,
+        opts,
+        &target,
+        &mut journal,
+        &mut report,
+    )
+    .await
+    {
         Ok(()) => {
             report.steps = journal.steps;
             report.total_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -280,6 +353,7 @@ async fn run(
     secondary: &QmpClient,
     cfg: &PairConfig,
     opts: &ReprotectOptions,
+    target: &NbdTarget,
     journal: &mut Journal<'_, '_>,
     report: &mut ReprotectReport,
 ) -> Result<(), PairError> {
@@ -304,16 +378,26 @@ async fn run(
     if find_job(primary).await?.is_some() {
         journal.skipped(
             p,
-            "drive-mirror",
+            "blockdev-mirror",
             format!("job {REPROTECT_JOB} already runs; waiting for it"),
         );
     } else {
+        let tls = if cfg.tls.is_some() { ", TLS" } else { "" };
+        journal
+            .idempotent(
+                p,
+                &format!(
+                    "blockdev-add {REPROTECT_TARGET_NODE} (nbd {}{tls})",
+                    opts.target
+                ),
+                &["Duplicate nodes", "already exists"],
+                primary.blockdev_add(target_node_options(cfg, target)),
+            )
+            .await?;
         let mut args = json!({
             "job-id": REPROTECT_JOB,
             "device": device,
-            "target": opts.target,
-            "format": "raw",
-            "mode": "existing",
+            "target": REPROTECT_TARGET_NODE,
             "sync": "full",
             "copy-mode": "write-blocking",
         });
@@ -324,10 +408,10 @@ async fn run(
             .run(
                 p,
                 &format!(
-                    "drive-mirror {device} → {} (sync=full, copy-mode=write-blocking)",
-                    opts.target
+                    "blockdev-mirror {device} → {REPROTECT_TARGET_NODE} (sync=full, \
+                     copy-mode=write-blocking)"
                 ),
-                primary.execute_raw("drive-mirror", Some(args)),
+                primary.execute_raw("blockdev-mirror", Some(args)),
             )
             .await?;
     }
@@ -355,9 +439,14 @@ async fn run(
             primary.migrate_set_parameters(json!({ "x-checkpoint-delay": delay })),
         )
         .await?;
-    let target = cfg.migration.primary_target.to_string();
+    steps::set_migration_tls(primary, cfg, journal).await?;
+    let migration_target = cfg.migration.primary_target.to_string();
     journal
-        .run(p, &format!("migrate {target}"), primary.migrate(&target))
+        .run(
+            p,
+            &format!("migrate {migration_target}"),
+            primary.migrate(&migration_target),
+        )
         .await?;
     report.ram_bytes = wait_pre_switchover(primary, opts, journal).await?;
     let switch_started = Instant::now();
@@ -372,6 +461,7 @@ async fn run(
         )
         .await?;
     report.bytes_copied = wait_job_gone(primary, journal).await?.max(written);
+    delete_target_node(primary, journal).await?;
     add_child(primary, cfg, journal).await?;
     add_filters(primary, cfg, journal).await?;
     journal
@@ -725,6 +815,21 @@ async fn wait_colo(
     }
 }
 
+/// Removes the copy's target node (once its job ended); absent is fine.
+async fn delete_target_node(
+    primary: &QmpClient,
+    journal: &mut Journal<'_, '_>,
+) -> Result<bool, PairError> {
+    journal
+        .idempotent(
+            Role::Primary,
+            &format!("blockdev-del {REPROTECT_TARGET_NODE}"),
+            &["Failed to find node", "Cannot find"],
+            primary.blockdev_del(REPROTECT_TARGET_NODE),
+        )
+        .await
+}
+
 /// Puts the primary back as it was before the re-protect, best effort: cancels a migration
 /// (a paused one resumes the VM), the mirror job, removes the NBD child and the filters. A
 /// primary that entered COLO is left alone (a failure after that is a failover's business).
@@ -760,6 +865,7 @@ async fn undo(primary: &QmpClient, cfg: &PairConfig, journal: &mut Journal<'_, '
             )
             .await;
     }
+    let _ = delete_target_node(primary, journal).await;
     let node = &cfg.disk.replication_node;
     let _ = journal
         .idempotent(
@@ -806,6 +912,29 @@ async fn undo(primary: &QmpClient, cfg: &PairConfig, journal: &mut Journal<'_, '
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn copy_targets_parse_and_bad_ones_say_why() {
+        let t = super::nbd_target("nbd://192.168.77.2:10810/base").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.export.as_str()),
+            ("192.168.77.2", 10810, "base")
+        );
+        let t = super::nbd_target("nbd://[fd00::2]:10810/disk/a").unwrap();
+        assert_eq!((t.host.as_str(), t.export.as_str()), ("fd00::2", "disk/a"));
+        for (uri, why) in [
+            ("nbd+unix:///base?socket=/s", "not an nbd://"),
+            ("nbd://hostb:10810", "no export"),
+            ("nbd://hostb/base", "no port"),
+            ("nbd://hostb:0/base", "no valid port"),
+            ("nbd://hostb:99999/base", "no valid port"),
+            ("nbd://:10810/base", "lacks a host"),
+            ("nbd://hostb:10810/", "lacks a host or an export"),
+        ] {
+            let e = super::nbd_target(uri).unwrap_err().to_string();
+            assert!(e.contains(why), "{uri}: {e}");
+        }
+    }
+
     use super::*;
 
     #[test]

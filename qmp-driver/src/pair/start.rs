@@ -319,21 +319,7 @@ pub async fn start(
                 primary.migrate_set_parameters(json!({ "x-checkpoint-delay": delay })),
             )
             .await?;
-        if let Some(tls) = &cfg.tls {
-            // The relay on the secondary host terminates the migration's TLS: the primary
-            // presents its host's certificate (the `qemu-args` object) and accepts only the
-            // secondary host's.
-            let host = &tls.secondary.name;
-            journal
-                .run(
-                    p,
-                    &format!("migrate-set-parameters tls-creds={TLS_CREDS_ID} tls-hostname={host}"),
-                    primary.migrate_set_parameters(
-                        json!({ "tls-creds": TLS_CREDS_ID, "tls-hostname": host }),
-                    ),
-                )
-                .await?;
-        }
+        steps::set_migration_tls(primary, cfg, &mut journal).await?;
         let target = cfg.migration.primary_target.to_string();
         journal
             .run(p, &format!("migrate {target}"), primary.migrate(&target))

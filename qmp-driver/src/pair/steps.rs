@@ -290,6 +290,29 @@ pub(crate) async fn enable_colo_capabilities(
         .await
 }
 
+/// With `[tls]`, the primary's migration parameters for TLS: the relay on the secondary host
+/// terminates the migration's TLS, the primary presents its host's certificate (the
+/// `qemu-args` credentials object) and accepts only the secondary host's. Nothing without.
+pub(crate) async fn set_migration_tls(
+    primary: &QmpClient,
+    cfg: &crate::config::PairConfig,
+    journal: &mut Journal<'_, '_>,
+) -> Result<(), PairError> {
+    let Some(tls) = &cfg.tls else {
+        return Ok(());
+    };
+    let (creds, host) = (crate::config::TLS_CREDS_ID, &tls.secondary.name);
+    journal
+        .run(
+            Role::Primary,
+            &format!("migrate-set-parameters tls-creds={creds} tls-hostname={host}"),
+            primary.migrate_set_parameters(
+                serde_json::json!({ "tls-creds": creds, "tls-hostname": host }),
+            ),
+        )
+        .await
+}
+
 /// Out-of-band `yank` of the migration stream, best effort: with a dead
 /// peer it unsticks QEMU; when the stream is already gone QEMU says so,
 /// which is fine.
