@@ -78,7 +78,9 @@ fn assert_nbd_over_tls(report: &scenario::Report) {
 /// the blob intact, the SVM's output compared; the link really is TLS (each colo-proxyd names
 /// its authenticated peer, neither warns "unauthenticated") and so is the migration stream
 /// (the relay authenticated the primary's certificate, then parsed the decrypted stream: the
-/// checkpoints above are its barriers), and so is the primary's NBD child of colo-blockd.
+/// checkpoints above are its barriers), the relay's control channel to colo-proxyd primary
+/// (TCP from the primary host's namespace to the relay in the secondary's), and the primary's
+/// NBD child of colo-blockd.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn the_pair_over_tls_survives_30_checkpoints_under_load() {
@@ -103,6 +105,16 @@ async fn the_pair_over_tls_survives_30_checkpoints_under_load() {
             "migration connection authenticated (TLS)"
         ),
         "the relay did not authenticate the migration stream"
+    );
+    // colo-proxyd primary, on the other host, follows the relay over its TCP control
+    // listener: that channel is TLS too.
+    assert!(
+        log_has(
+            &report,
+            "proxyd-primary.log",
+            "following the relay over mutual TLS"
+        ),
+        "colo-proxyd primary did not reach the relay's control over TLS"
     );
     assert_nbd_over_tls(&report);
 }

@@ -81,9 +81,20 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
         incoming.clone()
     };
     let relay = if cfg.relay {
+        // With [tls] the primary host's daemons reach the relay's control over TCP (mutual
+        // TLS), across the bed's network as between two real hosts; the relay then runs in
+        // the secondary host's namespace ([`RelayProcess::spawn`]).
+        let control_tcp = if cfg.tls {
+            format!(
+                "control_tcp = \"{}:{RELAY_CONTROL_TCP_PORT}\"\n",
+                addr::SECONDARY_HOST
+            )
+        } else {
+            String::new()
+        };
         format!(
             "[relay]\nlisten = {listen:?}\ntarget = {incoming:?}\ncontrol = {control:?}\n\
-             ack_timeout_ms = {ack}\n\n",
+             {control_tcp}ack_timeout_ms = {ack}\n\n",
             listen = unix(relay_listen_path(dir)),
             control = relay_control_path(dir).display().to_string(),
             ack = cfg.relay_ack_timeout_ms,
@@ -176,6 +187,9 @@ pub fn config_toml(dir: &Path, topology: &Topology, cfg: &PairConfig) -> String 
 
 /// The names of the bed's hosts in their TLS certificates.
 pub const PRIMARY_TLS_NAME: &str = "colo-primary";
+
+/// The relay's control port on the secondary host's address, with [`PairConfig::tls`].
+pub const RELAY_CONTROL_TCP_PORT: u16 = 9990;
 /// See [`PRIMARY_TLS_NAME`].
 pub const SECONDARY_TLS_NAME: &str = "colo-secondary";
 
@@ -339,10 +353,12 @@ impl DriverProcess {
         })
     }
 
-    /// Starts `qmp-driver relay --config pair.toml` and waits for its control socket.
-    pub fn spawn(dir: &Path) -> Result<DriverProcess> {
+    /// Starts `qmp-driver relay --config pair.toml`, in the network namespace `netns` when
+    /// given (a relay with a TCP control listener belongs on the secondary host), and waits
+    /// for its control socket.
+    pub fn spawn(dir: &Path, netns: Option<&str>) -> Result<DriverProcess> {
         let control = relay_control_path(dir);
-        let mut relay = DriverProcess::start(dir, "relay", &["relay"])?;
+        let mut relay = DriverProcess::start_in(netns, dir, "relay", &["relay"])?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !control.exists() {
             if let Some(status) = relay

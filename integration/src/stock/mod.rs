@@ -311,7 +311,8 @@ impl StockPair {
         let (sec_qmp, sec_stream) = sec_proc.connect_qmp(Duration::from_secs(20)).await?;
         let sec_events = EventLog::record_from(sec_stream, dir.join("secondary-events.jsonl"));
         let relay = if cfg.relay {
-            Some(RelayProcess::spawn(&dir)?)
+            let netns = cfg.tls.then_some(topology.secondary.as_str());
+            Some(RelayProcess::spawn(&dir, netns)?)
         } else {
             None
         };
