@@ -555,18 +555,19 @@ pub(super) fn download_csv(rows: &[DownloadRow]) -> String {
 /// One line per row, for plotting.
 pub(super) fn upload_csv(rows: &[UploadRow]) -> String {
     let mut out = String::from(
-        "setup,clients,mb_per_s,slowest_s,fastest_s,failed,checkpoints,twin_mb_per_s\n",
+        "setup,clients,mb_per_s,slowest_s,fastest_s,failed,reconnects,checkpoints,twin_mb_per_s\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{},{},{:.3},{:.2},{:.2},{},{},{}",
+            "{},{},{:.3},{:.2},{:.2},{},{},{},{}",
             r.setup.name(),
             r.concurrency,
             r.run.mb_per_s(),
             r.run.slowest_s,
             r.run.fastest_s,
             r.run.failures,
+            r.run.retries,
             r.checkpoints.map_or(String::new(), |n| n.to_string()),
             r.twin
                 .as_ref()
@@ -711,6 +712,6 @@ mod tests {
             "{md}"
         );
         let csv = upload_csv(&rows);
-        assert_eq!(csv.lines().nth(2), Some("colo,2,2.097,2.00,1.50,0,3,"));
+        assert_eq!(csv.lines().nth(2), Some("colo,2,2.097,2.00,1.50,0,1,3,"));
     }
 }
