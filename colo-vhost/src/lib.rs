@@ -32,7 +32,7 @@ use vmm_sys_util::epoll::EventSet;
 
 pub use gate::LogGate;
 pub use net::{NetBackend, Port};
-pub use shim::Shim;
+pub use shim::{Shim, ShimOptions};
 pub use trace::{Trace, TraceEntry};
 
 /// Why serving a connection failed.
@@ -95,6 +95,16 @@ pub fn serve_one<P: Port + 'static>(
     port: P,
     trace: Trace,
 ) -> Result<Served, Error> {
+    serve_one_with(listener, port, trace, ShimOptions::default())
+}
+
+/// [`serve_one`] with the shim's options (only tests change them: [`ShimOptions`]).
+pub fn serve_one_with<P: Port + 'static>(
+    listener: &UnixListener,
+    port: P,
+    trace: Trace,
+    options: ShimOptions,
+) -> Result<Served, Error> {
     let (qemu, _) = listener
         .accept()
         .map_err(io("accepting QEMU's connection"))?;
@@ -125,7 +135,7 @@ pub fn serve_one<P: Port + 'static>(
         )
         .map_err(io("registering the host port"))?;
 
-    let shim = Shim::start(qemu, shim_end, gate.clone(), trace.clone())
+    let shim = Shim::start_with(qemu, shim_end, gate.clone(), trace.clone(), options)
         .map_err(io("starting the shim"))?;
     let shim_result = shim.join();
     gate.shut();

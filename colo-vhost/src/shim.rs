@@ -193,6 +193,47 @@ pub fn send_message(sock: &UnixStream, msg: &Message<OwnedFd>) -> Result<(), Shi
     Ok(())
 }
 
+/// How the shim treats the messages beyond the policy. The default is the only safe setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShimOptions {
+    /// **Test only, breaks migration.** Hand the crate a private scratch file in place of the
+    /// dirty log of every `SET_LOG_BASE`, so the device marks its writes into memory nobody
+    /// reads and QEMU's log stays clean: a migrated guest misses the pages the device wrote
+    /// during the migration. Exists so the dirty-log test can show that it sees a broken log
+    /// (`colo-vhost-net --unsafe-no-dirty-log`, docs/vhost-user.md).
+    pub unsafe_no_dirty_log: bool,
+}
+
+/// A scratch stand-in for QEMU's log: a memfd of the size the `SET_LOG_BASE` payload maps
+/// (`mmap_size` + `mmap_offset`), so the crate's mapping succeeds and its marks land here.
+fn scratch_log(payload: &[u8]) -> io::Result<OwnedFd> {
+    let field = |i: usize| {
+        payload
+            .get(i..i + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    let (Some(size), Some(offset)) = (field(0), field(8)) else {
+        return Err(io::Error::other("SET_LOG_BASE payload is not 16 bytes"));
+    };
+    let len = size
+        .checked_add(offset)
+        .and_then(|l| libc::off_t::try_from(l).ok())
+        .ok_or_else(|| io::Error::other("SET_LOG_BASE size overflows"))?;
+    // SAFETY: the name is a NUL-terminated literal; the call only creates a descriptor.
+    let fd = unsafe { libc::memfd_create(c"colo-vhost-scratch-log".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate on a descriptor we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
 /// A running shim.
 #[derive(Debug)]
 pub struct Shim {
@@ -206,6 +247,17 @@ impl Shim {
         backend: UnixStream,
         gate: LogGate,
         trace: Trace,
+    ) -> io::Result<Shim> {
+        Self::start_with(frontend, backend, gate, trace, ShimOptions::default())
+    }
+
+    /// [`Shim::start`] with options.
+    pub fn start_with(
+        frontend: UnixStream,
+        backend: UnixStream,
+        gate: LogGate,
+        trace: Trace,
+        options: ShimOptions,
     ) -> io::Result<Shim> {
         let policy = Arc::new(Mutex::new(Policy::<OwnedFd>::new()));
         let front_tx = Arc::new(Mutex::new(frontend.try_clone()?));
@@ -223,7 +275,7 @@ impl Shim {
                 .name("vhost-shim-in".into())
                 .spawn(move || {
                     let result = relay_down(
-                        &frontend, &backend, &policy, &gate, &trace, &front_tx, start,
+                        &frontend, &backend, &policy, &gate, &trace, &front_tx, start, options,
                     );
                     let _ = backend.shutdown(std::net::Shutdown::Both);
                     let _ = frontend.shutdown(std::net::Shutdown::Both);
@@ -267,6 +319,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+#[allow(clippy::too_many_arguments)] // one call site, the thread's body
 fn relay_down(
     frontend: &UnixStream,
     backend: &UnixStream,
@@ -275,9 +328,20 @@ fn relay_down(
     trace: &Trace,
     front_tx: &Mutex<UnixStream>,
     start: Instant,
+    options: ShimOptions,
 ) -> Result<(), ShimError> {
     loop {
-        let msg = recv_message(frontend)?;
+        let mut msg = recv_message(frontend)?;
+        if options.unsafe_no_dirty_log
+            && msg.header.request == wire::req::SET_LOG_BASE
+            && msg.fds.len() == 1
+        {
+            msg.fds = vec![scratch_log(&msg.payload)?];
+            tracing::error!(
+                "UNSAFE --unsafe-no-dirty-log: QEMU's dirty log replaced by a scratch file; \
+                 pages this device writes will be missing after migration (test use only)"
+            );
+        }
         let mut entry = TraceEntry::of(&msg.header, &msg.payload, msg.fds.len(), start.elapsed());
         let (disposition, outs, open) = {
             let mut p = lock(policy);
@@ -318,5 +382,24 @@ fn relay_up(
         if let Some(open) = open {
             gate.set(open);
         }
+    }
+}
+
+#[cfg(test)]
+mod scratch_tests {
+    use super::*;
+
+    #[test]
+    fn scratch_log_is_as_large_as_the_mapping_and_refuses_bad_payloads() {
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&8192u64.to_le_bytes()); // mmap_size
+        payload.extend_from_slice(&4096u64.to_le_bytes()); // mmap_offset
+        let fd = scratch_log(&payload).unwrap();
+        let file = std::fs::File::from(fd);
+        assert_eq!(file.metadata().unwrap().len(), 8192 + 4096);
+        assert!(scratch_log(&payload[..15]).is_err());
+        let mut huge = u64::MAX.to_le_bytes().to_vec();
+        huge.extend_from_slice(&1u64.to_le_bytes());
+        assert!(scratch_log(&huge).is_err());
     }
 }

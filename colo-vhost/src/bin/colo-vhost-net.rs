@@ -24,6 +24,11 @@ struct Args {
     /// stop and start (every checkpoint of a protected VM).
     #[arg(long)]
     trace: Option<PathBuf>,
+    /// TEST ONLY, BREAKS MIGRATION: do not mark the pages this device writes in QEMU's dirty
+    /// log (the log is swapped for a scratch file), so a guest migrated while it receives
+    /// misses data. Exists only to show that the dirty-log test detects a broken log.
+    #[arg(long)]
+    unsafe_no_dirty_log: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,7 +47,16 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&args.socket);
     let listener = UnixListener::bind(&args.socket)
         .with_context(|| format!("binding {}", args.socket.display()))?;
-    let served = colo_vhost::serve_one(&listener, tap, trace)?;
+    if args.unsafe_no_dirty_log {
+        tracing::error!(
+            "UNSAFE: --unsafe-no-dirty-log given: this back-end will NOT mark the guest pages it \
+             writes in QEMU's dirty log; migrating this VM loses data. For tests only."
+        );
+    }
+    let options = colo_vhost::ShimOptions {
+        unsafe_no_dirty_log: args.unsafe_no_dirty_log,
+    };
+    let served = colo_vhost::serve_one_with(&listener, tap, trace, options)?;
     let _ = std::fs::remove_file(&args.socket);
     eprintln!(
         "colo-vhost-net: QEMU hung up after {} messages; {} frames out, {} in",
