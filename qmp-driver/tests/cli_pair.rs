@@ -634,11 +634,33 @@ async fn status_json_reports_both_sides_and_an_unreachable_relay() {
     assert_eq!(st["secondary"]["reachable"], true);
     assert_eq!(st["relay"]["reachable"], false);
     assert!(st["relay"]["error"].as_str().unwrap().contains("gone.sock"));
+    // The bed's directory is 0700: no QEMU socket is open to other users.
+    assert_eq!(st["open_sockets"], json!([]));
     // Human form: a table with both sides.
     let out = bed.run(&["status"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("colo mode") && text.contains("secondary") && text.contains("UNREACHABLE"),
+        "{text}"
+    );
+    assert!(!text.contains("warning:"), "{text}");
+    // A QEMU started with umask 000 in a directory others can enter: its monitor is open to
+    // every local user, and status says so with the fix.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode(bed.dir.path(), 0o755);
+    mode(&bed.path("p.qmp"), 0o777);
+    let out = bed.run(&["status", "--json"]).await;
+    let st = stdout_json(&out);
+    assert_eq!(st["open_sockets"][0]["key"], "primary.qmp", "{st}");
+    assert_eq!(st["open_sockets"][0]["mode"], 0o777);
+    assert_eq!(st["open_sockets"].as_array().unwrap().len(), 1, "{st}");
+    let out = bed.run(&["status"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("warning: primary.qmp") && text.contains("umask 077"),
         "{text}"
     );
 }

@@ -180,6 +180,16 @@ pub fn status(st: &PairStatus) -> String {
         rows.push(vec![label.to_string(), p[i].clone(), s[i].clone()]);
     }
     let mut out = format!("pair {}\n{}", st.name, table(&rows));
+    for open in &st.open_sockets {
+        let _ = writeln!(
+            out,
+            "warning: {} {} (mode {:04o}) accepts every local user: start QEMU with umask 077 \
+             or put its sockets in a 0700 directory (docs/security.md, \"Local sockets\")",
+            open.key,
+            open.path.display(),
+            open.mode
+        );
+    }
     for side in [&st.primary, &st.secondary] {
         if let Some(e) = &side.error {
             let _ = writeln!(out, "  {}: {e}", side.side);

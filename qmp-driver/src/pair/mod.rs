@@ -35,6 +35,7 @@ mod copy;
 mod failover;
 mod relay_link;
 mod reprotect;
+mod socket_modes;
 mod start;
 mod status;
 mod steps;
@@ -60,6 +61,7 @@ pub use reprotect::{
     DEFAULT_REPROTECT_EXPORT, Phase, REPROTECT_JOB, ReprotectOptions, ReprotectReport,
     default_reprotect_target, reprotect,
 };
+pub use socket_modes::{OpenSocket, open_sockets};
 pub use start::{PrepareReport, StartOptions, StartReport, prepare_secondary, start};
 pub use status::{
     AgentReport, PairStatus, RelayReport, SideStatus, local_agents, relay_status, side_status,

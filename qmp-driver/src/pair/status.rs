@@ -88,6 +88,9 @@ pub struct PairStatus {
     /// The HA agents whose state files are on this host (`qmp-driver agent`'s default
     /// `--state-file`); each host sees its own agent only.
     pub agents: Vec<AgentReport>,
+    /// QEMU's Unix sockets on this host that any local user can connect to (QEMU started
+    /// with a loose umask); empty when none.
+    pub open_sockets: Vec<super::OpenSocket>,
 }
 
 /// One HA agent's state file, as `status` found it.
@@ -216,5 +219,6 @@ pub async fn status(cfg: &PairConfig, opts: ConnectOptions) -> PairStatus {
         secondary,
         relay,
         agents: local_agents(cfg),
+        open_sockets: super::open_sockets(cfg),
     }
 }
