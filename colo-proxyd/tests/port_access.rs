@@ -104,6 +104,28 @@ async fn wait_above(metrics: &str, name: &str, before: u64) -> u64 {
     }
 }
 
+/// After the strangers, QEMU's connections still carry everything: every frame mirrored
+/// before, between and after them reached `red0` in order (no connection was replaced), and
+/// the PVM's output on `compare0`, matched by the SVM's on `red1`, is released on
+/// `compare_out`.
+async fn assert_qemus_paths_intact(
+    red0: &mut Chardev,
+    sent: &[Vec<u8>],
+    compare0: &mut Chardev,
+    red1: &mut Chardev,
+    compare_out: &mut Chardev,
+) {
+    assert_eq!(
+        red0.recv_n(sent.len()).await,
+        sent,
+        "a mirrored frame was lost"
+    );
+    let out = tcp(true, 5000, 1, 0x18, b"released after comparison");
+    compare0.send(&out).await;
+    red1.send(&out).await;
+    assert_eq!(compare_out.recv(PATIENCE).await, Some(out));
+}
+
 struct Secondary {
     daemon: Daemon,
     red0_addr: String,
@@ -231,18 +253,7 @@ async fn another_users_connection_is_refused_and_qemus_keeps_working() {
         ])
         .await;
     assert!(line.contains("WARN"), "{line}");
-    // Every frame mirrored before, between and after the strangers reached QEMU's red0, in
-    // order: the connection was never replaced.
-    assert_eq!(
-        red0.recv_n(sent.len()).await,
-        sent,
-        "a mirrored frame was lost"
-    );
-    // red1 still carries the SVM's output: the PVM's identical output is released.
-    let out = tcp(true, 5000, 1, 0x18, b"released after comparison");
-    compare0.send(&out).await;
-    red1.send(&out).await;
-    assert_eq!(compare_out.recv(PATIENCE).await, Some(out));
+    assert_qemus_paths_intact(&mut red0, &sent, &mut compare0, &mut red1, &mut compare_out).await;
     assert_eq!(
         metric(&secondary.metrics, svm_frames).await,
         svm_frames_before + 1,
@@ -433,18 +444,7 @@ async fn a_stranger_on_the_primarys_ports_is_refused_and_qemus_keep_working() {
             sent.push(frame);
         }
     }
-    // Every client packet reached the SVM in order: mirror0 was never replaced.
-    assert_eq!(
-        red0.recv_n(sent.len()).await,
-        sent,
-        "a mirrored frame was lost"
-    );
-    // compare0 and compare_out are QEMU's still: the PVM's output, matched by the SVM's,
-    // is released on QEMU's compare_out.
-    let out = tcp(true, 5000, 1, 0x18, b"released after comparison");
-    compare0.send(&out).await;
-    red1.send(&out).await;
-    assert_eq!(compare_out.recv(PATIENCE).await, Some(out));
+    assert_qemus_paths_intact(&mut red0, &sent, &mut compare0, &mut red1, &mut compare_out).await;
     assert_eq!(
         primary.count_lines(&["QEMU chardev connected"]),
         connected_before,

@@ -16,12 +16,7 @@ use common::{Bed, Script, stderr};
 
 impl Bed {
     /// A pair on colo's daemons (`daemons = true`) or on QEMU's own replication and
-    /// colo-compare.
-    fn config(&self, daemons: bool) {
-        self.config_with(daemons, "");
-    }
-
-    /// [`Bed::config`] with `extra` sections at the end.
+    /// colo-compare, with `extra` sections at the end.
     fn config_with(&self, daemons: bool, extra: &str) {
         let d = self.dir.path().display();
         let layout = if daemons {
@@ -173,13 +168,20 @@ fn secondary(in_colo: Arc<AtomicBool>) -> Script {
     })
 }
 
+/// A bed with the config (`daemons`, `extra` sections), the scripted primary (its migration
+/// failing when `fail_migration`) and the waiting secondary.
+fn scripted_pair(daemons: bool, extra: &str, fail_migration: bool) -> Bed {
+    let bed = Bed::new();
+    bed.config_with(daemons, extra);
+    let in_colo = Arc::new(AtomicBool::new(false));
+    bed.primary(primary(in_colo.clone(), fail_migration));
+    bed.secondary(secondary(in_colo));
+    bed
+}
+
 #[tokio::test]
 async fn reprotect_copies_migrates_and_switches_in_the_documented_order() {
-    let bed = Bed::new();
-    bed.config(true);
-    let in_colo = Arc::new(AtomicBool::new(false));
-    bed.primary(primary(in_colo.clone(), false));
-    bed.secondary(secondary(in_colo));
+    let bed = scripted_pair(true, "", false);
     let out = bed
         .run(&["reprotect", "--json", "--speed", "4194304"])
         .await;
@@ -261,11 +263,7 @@ async fn reprotect_copies_migrates_and_switches_in_the_documented_order() {
 
 #[tokio::test]
 async fn a_failed_migration_is_undone_on_the_primary() {
-    let bed = Bed::new();
-    bed.config(true);
-    let in_colo = Arc::new(AtomicBool::new(false));
-    bed.primary(primary(in_colo.clone(), true));
-    bed.secondary(secondary(in_colo));
+    let bed = scripted_pair(true, "", true);
     let out = bed.run(&["reprotect"]).await;
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(
@@ -303,15 +301,12 @@ async fn a_failed_migration_is_undone_on_the_primary() {
 /// object and accept only the secondary host's certificate.
 #[tokio::test]
 async fn with_tls_the_copy_and_the_migration_are_authenticated() {
-    let bed = Bed::new();
-    bed.config_with(
+    let bed = scripted_pair(
         true,
         "[tls]\nprimary_dir = \"/etc/colo/pki-a\"\nprimary_name = \"hosta\"\n\
          secondary_dir = \"/etc/colo/pki-b\"\nsecondary_name = \"hostb\"\n",
+        false,
     );
-    let in_colo = Arc::new(AtomicBool::new(false));
-    bed.primary(primary(in_colo.clone(), false));
-    bed.secondary(secondary(in_colo));
     let out = bed.run(&["reprotect"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let adds = bed.all_args_of("blockdev-add");
@@ -332,11 +327,7 @@ async fn with_tls_the_copy_and_the_migration_are_authenticated() {
 /// A copy target that is not `nbd://HOST:PORT/EXPORT` is refused before anything is sent.
 #[tokio::test]
 async fn a_target_that_is_not_an_nbd_address_is_refused() {
-    let bed = Bed::new();
-    bed.config(true);
-    let in_colo = Arc::new(AtomicBool::new(false));
-    bed.primary(primary(in_colo.clone(), false));
-    bed.secondary(secondary(in_colo));
+    let bed = scripted_pair(true, "", false);
     let out = bed
         .run(&["reprotect", "--target", "nbd://hostb/base"])
         .await;
@@ -347,11 +338,7 @@ async fn a_target_that_is_not_an_nbd_address_is_refused() {
 
 #[tokio::test]
 async fn a_pair_on_qemus_own_replication_is_refused_before_anything_is_sent() {
-    let bed = Bed::new();
-    bed.config(false);
-    let in_colo = Arc::new(AtomicBool::new(false));
-    bed.primary(primary(in_colo.clone(), false));
-    bed.secondary(secondary(in_colo));
+    let bed = scripted_pair(false, "", false);
     let out = bed.run(&["reprotect"]).await;
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("colo-blockd"), "{}", stderr(&out));
