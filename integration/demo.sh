@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The main job on built-in defaults: set up this machine (idempotent), start the stock QEMU COLO
-# pair on the namespace test bed the way an operator does (the checkpoint-barrier relay, then
-# `qmp-driver start`, `status`, `checkpoint`), serve a client, SIGKILL the primary during a
-# 1 MiB download, `qmp-driver failover --survivor secondary`, and report what happened.
+# The main job on built-in defaults: set up this machine (idempotent), start the COLO pair on
+# colo's own daemons (colo-proxyd on both hosts, colo-blockd, the checkpoint-barrier relay) on
+# the namespace test bed the way an operator does (`qmp-driver start`, `status`,
+# `checkpoint`), serve a client, SIGKILL the primary during a 1 MiB download,
+# `qmp-driver failover --survivor secondary`, and report what happened.
 # Arguments go to `colo-testbed` (try `--help`, `soak`, `failover --kill secondary`,
-# `relay-epochs`, `relay-barrier`).
+# `relay-epochs`, `relay-barrier`; `--network colo-compare --disk replication` for QEMU's own
+# COLO stack).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,4 +1,6 @@
-//! `colo-testbed`: runs the stock QEMU COLO pair on this machine and reports what happened.
+//! `colo-testbed`: runs a COLO pair on this machine (colo's daemons by default, QEMU's own
+//! colo-compare and replication with `--network colo-compare --disk replication`) and reports
+//! what happened.
 //!
 //! With no arguments it runs the demo as an operator would: the checkpoint-barrier relay and
 //! `qmp-driver start` bring the pair into COLO, `qmp-driver status` and `checkpoint` show it,
@@ -14,8 +16,8 @@ use colo_testbed::scenario::{self, FailoverPlan, Report};
 use colo_testbed::stock::{DiskBackend, NetworkBackend, PairConfig, Role};
 use colo_testbed::{barrier, compare_ab, workloads};
 
-/// Runs the stock QEMU COLO pair in network namespaces and reports checkpoints, pauses, HTTP
-/// latency and failover times.
+/// Runs a COLO pair (colo's daemons by default) in network namespaces and reports
+/// checkpoints, pauses, HTTP latency and failover times.
 ///
 /// Exit codes: 0 the scenario passed every check; 1 it ran but a check failed (see the
 /// report); 2 it could not run (missing QEMU or guest, not root, QEMU refused to start).
@@ -35,14 +37,17 @@ struct Cli {
     /// Memory the guest dirties per second, MiB.
     #[arg(long, global = true, default_value_t = 4)]
     guest_load: u32,
-    /// Who keeps the secondary's disk: QEMU's block replication, or colo-blockd (the
-    /// checkpoint-barrier relay is then always on).
-    #[arg(long, global = true, value_enum, default_value_t = Disk::Replication)]
-    disk: Disk,
-    /// Who compares the VMs' network output: QEMU's colo-compare, or colo-proxyd on both hosts
-    /// (the relay is then always on).
-    #[arg(long, global = true, value_enum, default_value_t = Network::ColoCompare)]
-    network: Network,
+    /// Who keeps the secondary's disk: colo-blockd (the checkpoint-barrier relay is then
+    /// always on), or QEMU's block replication for comparison [default: colo-blockd;
+    /// replication for relay-epochs and relay-barrier, which need pairs without colo's
+    /// daemons].
+    #[arg(long, global = true, value_enum)]
+    disk: Option<Disk>,
+    /// Who compares the VMs' network output: colo-proxyd on both hosts (the relay is then
+    /// always on), or QEMU's colo-compare for comparison [default: colo-proxyd;
+    /// colo-compare for relay-epochs and relay-barrier].
+    #[arg(long, global = true, value_enum)]
+    network: Option<Network>,
     /// Namespace tag, to run several beds side by side.
     #[arg(long, global = true, default_value = "demo")]
     tag: String,
@@ -271,20 +276,30 @@ fn main() -> ExitCode {
 }
 
 async fn run_command_line(mut cli: Cli) -> ExitCode {
+    let command = cli.command.take().unwrap_or(Command::Demo);
+    // colo's own daemons by default; the relay scenarios compare pairs with and without the
+    // relay, which only QEMU's own stack can run without it.
+    let stock = matches!(
+        command,
+        Command::RelayEpochs { .. } | Command::RelayBarrier { .. }
+    );
     let cfg = PairConfig {
         checkpoint_delay_ms: cli.checkpoint_delay_ms,
         guest_load_mib_s: cli.guest_load,
         disk: match cli.disk {
-            Disk::Replication => DiskBackend::Replication,
-            Disk::ColoBlockd => DiskBackend::ColoBlockd,
+            Some(Disk::Replication) => DiskBackend::Replication,
+            Some(Disk::ColoBlockd) => DiskBackend::ColoBlockd,
+            None if stock => DiskBackend::Replication,
+            None => DiskBackend::ColoBlockd,
         },
         network: match cli.network {
-            Network::ColoCompare => NetworkBackend::ColoCompare,
-            Network::ColoProxyd => NetworkBackend::ColoProxyd,
+            Some(Network::ColoCompare) => NetworkBackend::ColoCompare,
+            Some(Network::ColoProxyd) => NetworkBackend::ColoProxyd,
+            None if stock => NetworkBackend::ColoCompare,
+            None => NetworkBackend::ColoProxyd,
         },
         ..PairConfig::default()
     };
-    let command = cli.command.take().unwrap_or(Command::Demo);
     // Ctrl-C or SIGTERM drops the scenario, and with it the pair: QEMUs killed by PID, relay
     // stopped, namespaces deleted. Without this an interrupted run leaves them behind.
     let outcome = tokio::select! {
