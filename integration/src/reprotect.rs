@@ -102,6 +102,88 @@ pub struct ReprotectRun {
 }
 
 impl ReprotectRun {
+    /// What the run promised and did not keep, one line each; empty when it kept every
+    /// promise: the re-protect's phases and figures, clients served throughout, the pair back
+    /// in COLO, and the failover after it losing nothing.
+    pub fn problems(&self) -> Vec<String> {
+        let r = &self.reprotect;
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, problem: String| {
+            if !ok {
+                problems.push(problem);
+            }
+        };
+        let names: Vec<&str> = r.phases.iter().map(|p| p.name).collect();
+        check(
+            names == ["prepare", "copy", "memory", "switch", "enter-colo"],
+            format!("the re-protect's phases were {names:?}"),
+        );
+        check(r.disk_bytes > 0, "the copy covered no disk".into());
+        check(
+            r.bytes_copied >= r.disk_bytes,
+            format!(
+                "the copy wrote {} of {} bytes",
+                r.bytes_copied, r.disk_bytes
+            ),
+        );
+        check(r.ram_bytes > 0, "no RAM was sent".into());
+        check(
+            self.switch_pause_qemu_ms.is_some(),
+            "QEMU's events show no pause at the switch".into(),
+        );
+        check(
+            self.requests_during > 0,
+            "no request during the re-protect".into(),
+        );
+        check(
+            self.failures_during.is_empty(),
+            format!(
+                "requests failed during the re-protect: {:?}",
+                self.failures_during
+            ),
+        );
+        check(
+            self.echo_reprotect.ok(),
+            format!(
+                "the echo connection broke across the re-protect: {:?}",
+                self.echo_reprotect
+            ),
+        );
+        let (p, s) = self.checkpoints_new_pair;
+        check(
+            p >= 5 && s >= 5,
+            format!("only {p} / {s} checkpoints after the re-protect"),
+        );
+        check(
+            self.download.ok(),
+            format!("the download broke: {:?}", self.download),
+        );
+        check(
+            self.echo.ok(),
+            format!("the echo connection broke: {:?}", self.echo),
+        );
+        check(
+            self.after_failover_failures.is_empty() && self.after_failover_ok == 10,
+            format!(
+                "requests after the second failover failed: {:?}",
+                self.after_failover_failures
+            ),
+        );
+        check(
+            self.guest_errors.is_empty(),
+            format!("guest errors: {:?}", self.guest_errors),
+        );
+        check(
+            self.disk.last_heartbeat > 0,
+            "the survivor printed no heartbeat".into(),
+        );
+        check(
+            self.disk.is_consistent(),
+            format!("the new secondary's disk lacks records: {:?}", self.disk),
+        );
+        problems
+    }
+
     /// The figures, for humans.
     pub fn render(&self) -> String {
         let r = &self.reprotect;

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use colo_testbed::reprotect::{self, Interrupt};
 use colo_testbed::scenario::{self, FailoverPlan, Report};
 use colo_testbed::stock::{DiskBackend, NetworkBackend, PairConfig, Role};
 use colo_testbed::{barrier, compare_ab, workloads};
@@ -167,6 +168,17 @@ enum Command {
         setups: Vec<BenchSetup>,
     },
     /// A subscriber that acknowledges late, then one that never does.
+    /// The life of a protected VM on colo's daemons (which it always uses): the secondary's
+    /// host dies and the primary serves alone (`failover --survivor primary`); the host comes
+    /// back and `qmp-driver reprotect` brings it into COLO online while clients keep a
+    /// request loop and an echo connection going; then the primary dies mid-download and the
+    /// new secondary takes over. Reports the re-protect's phases, its pause and longest client
+    /// stall, and what the second failover kept (download, echo, disk records).
+    Reprotect {
+        /// Losses and online re-protects of the secondary before the primary is killed.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+    },
     RelayBarrier {
         /// Checkpoints per phase.
         #[arg(long, default_value_t = 8)]
@@ -339,6 +351,28 @@ async fn run(command: Command, cli: &Cli, cfg: PairConfig) -> anyhow::Result<Out
                 ..FailoverPlan::default()
             };
             failover_outcome(scenario::failover(&cli.tag, cfg, plan).await)
+        }
+        Command::Reprotect { rounds } => {
+            let cfg = PairConfig {
+                disk: DiskBackend::ColoBlockd,
+                network: NetworkBackend::ColoProxyd,
+                ..cfg
+            };
+            reprotect::after_losing_the_secondary(&cli.tag, cfg, Interrupt::None, rounds.max(1))
+                .await
+                .map(|run| {
+                    let problems = run.problems();
+                    let mut text = run.render();
+                    for p in &problems {
+                        text.push_str(&format!("\nFAILED: {p}"));
+                    }
+                    Outcome {
+                        text,
+                        json: serde_json::json!({ "run": run, "problems": problems }),
+                        passed: problems.is_empty(),
+                        run_dir: Some(run.run_dir.clone()),
+                    }
+                })
         }
         Command::RelayEpochs { checkpoints } => barrier::epochs(&cli.tag, cfg, checkpoints)
             .await
