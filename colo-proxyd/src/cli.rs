@@ -32,7 +32,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-/// The two roles of the daemon.
+/// The two roles of the daemon, and the vhost-user attachment.
 // Parsed once at start and moved into the role's config: the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 pub enum Command {
@@ -54,6 +54,14 @@ pub enum Command {
     /// SVM's output), connects to the primary's colo-proxyd and subscribes to the relay. With
     /// --qmp it re-creates the redirector that reads red0 at each connection of red0.
     Secondary(SecondaryArgs),
+    /// Serve one VM's virtio-net device over vhost-user (QEMU's `-netdev vhost-user`) with a
+    /// host tap as its network: the vhost-user attachment, stage 1 (no mirroring or
+    /// comparison on this path yet; docs/vhost-user.md).
+    ///
+    /// The socket is created owner-only (or for --socket-group) before QEMU can reach it; QEMU
+    /// connects as a client and may reconnect after a restart: connections are served one
+    /// after the other until SIGINT/SIGTERM.
+    VhostNet(crate::daemon::vhost_net::VhostNetArgs),
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use clap::Parser;
 use colo_daemon::Exit;
 use colo_proxyd::cli::{Cli, Command};
 use colo_proxyd::daemon::config::{PrimaryConfig, SecondaryConfig};
-use colo_proxyd::daemon::{primary, secondary};
+use colo_proxyd::daemon::{primary, secondary, vhost_net};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -31,6 +31,11 @@ fn main() -> ExitCode {
             }),
             Err(err) => bad_config(&err),
         },
+        Command::VhostNet(args) => {
+            colo_daemon::run::until_signal("colo-proxyd", async move |shutdown| {
+                vhost_net::run(args, shutdown).await
+            })
+        }
     }
 }
 

@@ -121,6 +121,9 @@ fn every_generated_command_line_parses_with_the_daemons_own_cli() {
                     let qemu_uid = match &cli.command {
                         colo_proxyd::cli::Command::Secondary(args) => &args.qemu_uid,
                         colo_proxyd::cli::Command::Primary(args) => &args.qemu_uid,
+                        colo_proxyd::cli::Command::VhostNet(_) => {
+                            panic!("daemon-args printed a vhost-net command line: {argv:?}")
+                        }
                     };
                     assert_eq!(qemu_uid, expected, "{argv:?}");
                 }

@@ -1476,6 +1476,7 @@ mod tests {
                     c.engine.max_hold.as_millis().to_string()
                 }
                 crate::cli::Command::Secondary(a) => SecondaryConfig::try_from(a).unwrap().netdev,
+                crate::cli::Command::VhostNet(a) => a.tap,
             };
             assert_eq!(got, case.want, "{case}");
             return;
