@@ -27,19 +27,19 @@ use colo_control::{ControlListener, bind_private_unix};
 pub struct VhostNetArgs {
     /// The vhost-user socket QEMU connects to. Created 0600 (0660 with --socket-group) before
     /// QEMU can reach it; a live socket there is refused, a stale one replaced.
-    #[arg(long, env = "COLO_PROXYD_VHOST_SOCKET", value_name = "PATH")]
+    #[arg(long, env = "COLO_PROXYD_SOCKET", value_name = "PATH")]
     pub socket: PathBuf,
     /// The host tap the guest's frames go to and come from (created if missing, in this
     /// process's network namespace; bridge it as QEMU's tap netdev would be).
-    #[arg(long, env = "COLO_PROXYD_VHOST_TAP", value_name = "IFNAME")]
+    #[arg(long, env = "COLO_PROXYD_TAP", value_name = "IFNAME")]
     pub tap: String,
     /// The group (numeric gid) allowed to connect besides the owner: QEMU's, when QEMU runs as
     /// another user than this daemon (libvirt's qemu). Without it only the owner and root.
-    #[arg(long, env = "COLO_PROXYD_VHOST_SOCKET_GROUP", value_name = "GID")]
+    #[arg(long, env = "COLO_PROXYD_SOCKET_GROUP", value_name = "GID")]
     pub socket_group: Option<u32>,
     /// Append every vhost-user message QEMU sends to this file, one line each
     /// (docs/vhost-user.md, "Recording the message sequence"); created anew.
-    #[arg(long, env = "COLO_PROXYD_VHOST_TRACE", value_name = "FILE")]
+    #[arg(long, env = "COLO_PROXYD_TRACE", value_name = "FILE")]
     pub trace: Option<PathBuf>,
 }
 
