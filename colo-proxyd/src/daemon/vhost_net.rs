@@ -14,8 +14,10 @@
 //! and after a QEMU restart it connects again: the daemon serves one connection after another
 //! until it is stopped.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::Args;
 use tokio_util::sync::CancellationToken;
@@ -89,8 +91,10 @@ pub async fn run(args: VhostNetArgs, shutdown: CancellationToken) -> Result<(), 
     );
     // The back-end blocks (accept, then the vhost-user session); its own thread, not the
     // runtime's blocking pool, so that the process can exit while it waits for QEMU.
+    let tap = colo_vhost::tap::Tap::open(&args.tap)
+        .map(|tap| SharedTap(Arc::new(tap)))
+        .map_err(|e| VhostNetError::Serve(format!("opening tap {}: {e}", args.tap)))?;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let tap = args.tap.clone();
     std::thread::spawn(move || {
         let _ = done_tx.send(serve_forever(&listener, &tap, &trace));
     });
@@ -105,14 +109,35 @@ pub async fn run(args: VhostNetArgs, shutdown: CancellationToken) -> Result<(), 
     result
 }
 
+/// The tap, open for the daemon's whole life and lent to each QEMU session: a tap whose last
+/// file descriptor closes disappears with its address and bridge port, so a restarted QEMU
+/// would find a new, unconfigured device.
+#[derive(Debug, Clone)]
+struct SharedTap(Arc<colo_vhost::tap::Tap>);
+
+impl AsRawFd for SharedTap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl colo_vhost::Port for SharedTap {
+    fn recv(&self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        self.0.recv(buf)
+    }
+    fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        self.0.send(frame)
+    }
+}
+
 /// One QEMU connection after another; returns only on an error.
-fn serve_forever(listener: &UnixListener, tap: &str, trace: &colo_vhost::Trace) -> VhostNetError {
+fn serve_forever(
+    listener: &UnixListener,
+    tap: &SharedTap,
+    trace: &colo_vhost::Trace,
+) -> VhostNetError {
     loop {
-        let port = match colo_vhost::tap::Tap::open(tap) {
-            Ok(port) => port,
-            Err(e) => return VhostNetError::Serve(format!("opening tap {tap}: {e}")),
-        };
-        match colo_vhost::serve_one(listener, port, trace.clone()) {
+        match colo_vhost::serve_one(listener, tap.clone(), trace.clone()) {
             Ok(served) => tracing::info!(
                 messages = served.messages,
                 tx_frames = served.tx_frames,
