@@ -28,7 +28,8 @@ BACKPORTS_MIN_VERSION='1:10.0.2~'
 #     libslirp-dev libgnutls28-dev (TLS for migration and NBD: docs/security.md),
 #     curl ca-certificates (tarball download, PyPI)
 #   tests: libnbd-bin (nbdinfo), g++ (libFuzzer, built by the fuzz targets)
-#   workload suite (colo-testbed bench): apache2-utils (ApacheBench, `ab`)
+#   workload suite (colo-testbed bench): apache2-utils (ApacheBench, `ab`), gnuplot-nox
+#     (its PNG plots; the suite still writes its CSVs without it)
 #   HA cluster on the bed: corosync corosync-qnetd corosync-qdevice (runtime),
 #     libcpg-dev libvotequorum-dev libquorum-dev libcmap-dev libcfg-dev (the crate
 #     rust-corosync links them)
@@ -37,7 +38,7 @@ BOOKWORM_PACKAGES=(
     gcc libc6-dev make patch pkg-config ninja-build flex bison python3-venv
     libglib2.0-dev zlib1g-dev libpixman-1-dev libfdt-dev libslirp-dev libgnutls28-dev
     curl ca-certificates
-    libnbd-bin g++ apache2-utils
+    libnbd-bin g++ apache2-utils gnuplot-nox
     corosync corosync-qnetd corosync-qdevice
     libcpg-dev libvotequorum-dev libquorum-dev libcmap-dev libcfg-dev
     pacemaker pacemaker-cli-utils resource-agents libxml2-utils  # Pacemaker on the bed, ocf-tester (xmllint)

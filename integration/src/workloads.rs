@@ -14,6 +14,9 @@
 //! - [`bulk`]: `ab` on the guest's 1 MiB `/blob` (download; one body per run checked against
 //!   `/blob.md5`), and N MiB streamed into the guest's echo service while the echo is read back
 //!   and checked (upload, with the echo on the way back: the guest cannot take a POST body);
+//! - [`disk`]: the guest's own writer makes N O_DIRECT 4 KiB writes and a flush per second to
+//!   its disk at several offered rates (`/cgi-bin/disk?N`); writes/s achieved, mean time per
+//!   write, checkpoints;
 //! - [`memory`]: the primary's checkpoint pauses at several memory-dirtying rates (COLO
 //!   setups only).
 //!
@@ -22,13 +25,15 @@
 //! say). It is a benchmark, not a test: nothing is asserted about timing; a run that cannot
 //! boot its guests, cannot run its clients, or gets wrong bytes back fails with an error.
 //!
-//! Output: `report.md`, `report.json` and one CSV per workload (`web.csv`, `download.csv`,
-//! `upload.csv`, `memory.csv`) in the run directory. No PNG: the bed has no plotting tool
-//! (no gnuplot, no matplotlib), and the CSVs are what a plot would be drawn from.
+//! Output: `report.md`, `report.json`, one CSV per workload (`web.csv`, `download.csv`,
+//! `upload.csv`, `disk.csv`, `memory.csv`) and, when gnuplot is installed, one PNG per workload
+//! drawn from its CSV ([`plot`]) in the run directory.
 
 mod bed;
 pub mod bulk;
+pub mod disk;
 pub mod memory;
+mod plot;
 pub mod web;
 
 use std::path::PathBuf;
@@ -42,6 +47,7 @@ use crate::artifacts::run_dir;
 use crate::stock::PairConfig;
 use bed::Bed;
 pub use bulk::{DownloadConfig, DownloadRow, UploadConfig, UploadRow};
+pub use disk::{DiskConfig, DiskRow};
 pub use memory::{MemoryConfig, MemoryRow};
 pub use web::{WebConfig, WebRow};
 
@@ -89,6 +95,8 @@ pub enum Workload {
     Download,
     /// Bytes streamed into the guest's echo service and read back.
     Upload,
+    /// The guest's synchronous disk writes at offered rates.
+    Disk,
     /// Checkpoint pauses against the guest's memory-dirtying rate (COLO setups only).
     Memory,
 }
@@ -96,10 +104,11 @@ pub enum Workload {
 impl Workload {
     /// Every workload, in the order they run on a setup (memory last: it changes the guest's
     /// dirtying rate and the pair's checkpoint period, and puts both back when it is done).
-    pub const ALL: [Workload; 4] = [
+    pub const ALL: [Workload; 5] = [
         Workload::Web,
         Workload::Download,
         Workload::Upload,
+        Workload::Disk,
         Workload::Memory,
     ];
 
@@ -109,6 +118,7 @@ impl Workload {
             Workload::Web => "web",
             Workload::Download => "download",
             Workload::Upload => "upload",
+            Workload::Disk => "disk",
             Workload::Memory => "memory",
         }
     }
@@ -127,6 +137,8 @@ pub struct SuiteConfig {
     pub download: DownloadConfig,
     /// The upload workload.
     pub upload: UploadConfig,
+    /// The disk workload.
+    pub disk: DiskConfig,
     /// The memory workload.
     pub memory: MemoryConfig,
     /// The guest and pair settings (guest RAM, memory load, checkpoint period) every setup
@@ -255,6 +267,8 @@ pub struct SuiteReport {
     pub download: Vec<DownloadRow>,
     /// The upload workload.
     pub upload: Vec<UploadRow>,
+    /// The disk workload.
+    pub disk: Vec<DiskRow>,
     /// The memory workload (COLO setups).
     pub memory: Vec<MemoryRow>,
     /// Where the run's files are (`report.json`, `report.md`, the CSVs, each setup's logs).
@@ -273,6 +287,7 @@ impl SuiteReport {
                 .iter()
                 .all(|r| r.ab.complete > 0 && r.twin.as_ref().is_none_or(|t| t.complete > 0))
             && self.upload.iter().all(|r| r.run.bytes > 0)
+            && self.disk.iter().all(|r| r.rate == 0 || r.run.writes > 0)
             && self.memory.iter().all(|r| r.checkpoints > 0)
     }
 
@@ -301,6 +316,10 @@ impl SuiteReport {
             out += "\n";
             out += &bulk::render_upload(&c.upload, &self.upload);
         }
+        if c.runs(Workload::Disk) {
+            out += "\n";
+            out += &disk::render(&c.disk, &self.disk);
+        }
         if c.runs(Workload::Memory) {
             out += "\n";
             out += &memory::render(&c.memory, &self.memory);
@@ -321,6 +340,9 @@ impl SuiteReport {
         }
         if c.runs(Workload::Upload) {
             std::fs::write(dir.join("upload.csv"), bulk::upload_csv(&self.upload))?;
+        }
+        if c.runs(Workload::Disk) {
+            std::fs::write(dir.join("disk.csv"), disk::csv(&self.disk))?;
         }
         if c.runs(Workload::Memory) {
             std::fs::write(dir.join("memory.csv"), memory::csv(&self.memory))?;
@@ -359,6 +381,7 @@ pub async fn suite(tag: &str, config: SuiteConfig) -> Result<SuiteReport> {
         web: Vec::new(),
         download: Vec::new(),
         upload: Vec::new(),
+        disk: Vec::new(),
         memory: Vec::new(),
         run_dir: dir.clone(),
         config,
@@ -386,6 +409,7 @@ pub async fn suite(tag: &str, config: SuiteConfig) -> Result<SuiteReport> {
                     Workload::Upload => report
                         .upload
                         .extend(bulk::upload(&bed, setup, &c.upload).await?),
+                    Workload::Disk => report.disk.extend(disk::run(&bed, setup, &c.disk).await?),
                     Workload::Memory => report
                         .memory
                         .extend(memory::run(&bed, setup, &c.memory, &c.pair).await?),
@@ -407,6 +431,10 @@ pub async fn suite(tag: &str, config: SuiteConfig) -> Result<SuiteReport> {
     }
     report.load_after = loadavg();
     report.write()?;
+    // The plots last, from the CSVs just written; a missing gnuplot is said, never fatal.
+    for problem in plot::draw_all(&dir) {
+        eprintln!("bench: {problem}");
+    }
     Ok(report)
 }
 

@@ -100,20 +100,20 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         blobs: usize,
     },
-    /// The workload suite (a benchmark; nothing timed is asserted): web, download, upload and
-    /// memory workloads against the guest without COLO, beside an equally loaded twin (the
+    /// The workload suite (a benchmark; nothing timed is asserted): web, download, upload, disk
+    /// and memory workloads against the guest without COLO, beside an equally loaded twin (the
     /// fair native on two cores), on stock COLO (colo-compare, replication) and on colo's
-    /// daemons, in one run; prints markdown tables and writes report.md, report.json and a CSV
-    /// per workload into the run directory. Needs `ab` (apache2-utils, installed by
+    /// daemons, in one run; prints markdown tables and writes report.md, report.json, a CSV
+    /// per workload and (with gnuplot) a PNG per workload into the run directory. Needs `ab` (apache2-utils, installed by
     /// integration/setup.sh). `--disk`/`--network` are ignored: each setup picks its own.
     Bench {
-        /// The workloads to run on each setup (comma-separated: web, download, upload,
+        /// The workloads to run on each setup (comma-separated: web, download, upload, disk,
         /// memory; memory runs on the COLO setups only).
         #[arg(
             long,
             value_delimiter = ',',
             value_enum,
-            default_value = "web,download,upload,memory"
+            default_value = "web,download,upload,disk,memory"
         )]
         workloads: Vec<BenchWorkload>,
         /// web: concurrent clients, one ab run each (comma-separated).
@@ -137,6 +137,9 @@ enum Command {
         /// upload: MiB each client streams into the guest's echo service.
         #[arg(long, default_value_t = 8)]
         upload_mib: u32,
+        /// The disk workload's options (boxed: the enum's largest variant stays small).
+        #[command(flatten)]
+        disk: Box<BenchDiskArgs>,
         /// memory: the guest's dirtying rates, MiB/s (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "0,4,16,64")]
         memory_rates: Vec<u32>,
@@ -212,11 +215,24 @@ enum BenchSetup {
     Colo,
 }
 
+/// The disk workload's options of `bench`.
+#[derive(Debug, Clone, clap::Args)]
+struct BenchDiskArgs {
+    /// disk: offered rates, 4 KiB synchronous writes per second (comma-separated, each at
+    /// most 1024).
+    #[arg(long, value_delimiter = ',', default_value = "0,16,64,256")]
+    disk_rates: Vec<u32>,
+    /// disk: the measured window at each rate, seconds.
+    #[arg(long, default_value_t = 15)]
+    disk_seconds: u32,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum BenchWorkload {
     Web,
     Download,
     Upload,
+    Disk,
     Memory,
 }
 
@@ -226,6 +242,7 @@ impl From<BenchWorkload> for workloads::Workload {
             BenchWorkload::Web => workloads::Workload::Web,
             BenchWorkload::Download => workloads::Workload::Download,
             BenchWorkload::Upload => workloads::Workload::Upload,
+            BenchWorkload::Disk => workloads::Workload::Disk,
             BenchWorkload::Memory => workloads::Workload::Memory,
         }
     }
@@ -410,6 +427,7 @@ async fn run(command: Command, cli: &Cli, cfg: PairConfig) -> anyhow::Result<Out
             downloads,
             upload_concurrency,
             upload_mib,
+            disk,
             memory_rates,
             memory_seconds,
             memory_period_ms,
@@ -435,6 +453,10 @@ async fn run(command: Command, cli: &Cli, cfg: PairConfig) -> anyhow::Result<Out
                     concurrency: upload_concurrency,
                     mib_per_client: upload_mib,
                     timeout_s: timeout_s.max(60),
+                },
+                disk: workloads::DiskConfig {
+                    rates: disk.disk_rates,
+                    seconds: disk.disk_seconds,
                 },
                 memory: workloads::MemoryConfig {
                     rates: memory_rates,

@@ -342,6 +342,10 @@ mod tests {
                 mib_per_client: 1,
                 timeout_s: 1,
             },
+            disk: super::super::DiskConfig {
+                rates: vec![],
+                seconds: 1,
+            },
             memory: MemoryConfig {
                 rates: vec![0, 4, 64],
                 seconds: 1,
