@@ -75,7 +75,7 @@ pub(super) const SPECS: [PlotSpec; 5] = [
 pub(super) fn script(spec: &PlotSpec) -> String {
     let setups: Vec<&str> = Setup::ALL.iter().map(|s| s.name()).collect();
     format!(
-        "set terminal png size 800,500\n\
+        "set terminal png size 800,500 noenhanced\n\
          set output '{name}.png'\n\
          set datafile separator ','\n\
          set title '{title}'\n\
