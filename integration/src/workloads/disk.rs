@@ -315,6 +315,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("`writes` is not a number"), "{err}");
+        // What a broken guest or a proxy's error page could send: errors, never a panic.
+        for text in [
+            "",
+            "writes",
+            "<HTML>404</HTML>",
+            "writes 1 busy_cs 1 batches 1 bad 1 rate 99999999999",
+            "writes -1 busy_cs 1 batches 1 bad 0 rate 1",
+            "writes 18446744073709551616 busy_cs 1 batches 1 bad 0 rate 1",
+        ] {
+            assert!(parse_counters(text).is_err(), "{text:?}");
+        }
     }
 
     #[test]
