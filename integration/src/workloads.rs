@@ -27,7 +27,7 @@
 //!
 //! Output: `report.md`, `report.json`, one CSV per workload (`web.csv`, `download.csv`,
 //! `upload.csv`, `disk.csv`, `memory.csv`) and, when gnuplot is installed, one PNG per workload
-//! drawn from its CSV ([`plot`]) in the run directory.
+//! drawn from its CSV (module `plot`) in the run directory.
 
 mod bed;
 pub mod bulk;
