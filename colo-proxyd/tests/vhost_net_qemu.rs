@@ -5,18 +5,11 @@
 //! removed at start and end).
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const GUEST_IP: &str = "10.78.0.2";
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("COLO_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/cache/colo".into())
-        .join("guest")
-}
 
 fn ok(args: &[&str]) -> String {
     let out = Command::new(args[0])
@@ -62,54 +55,17 @@ impl Drop for Bed {
 impl Bed {
     /// The guest on QEMU, its NIC on the vhost-user socket; returns once the guest serves.
     fn boot(&mut self, qemu: &Path, socket: &Path, serial: &Path) {
-        let guest = guest_dir();
-        let child = Command::new(qemu)
-            .args([
-                "-machine",
-                "pc,accel=tcg",
-                "-m",
-                "256",
-                "-smp",
-                "1",
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-L",
-                "/usr/share/qemu",
-                "-L",
-                "/usr/share/seabios",
-            ])
-            .arg("-kernel")
-            .arg(guest.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(guest.join("initrd.img"))
-            .args([
-                "-append",
-                &format!("console=ttyS0 quiet panic=-1 colo_ip={GUEST_IP}/24 colo_load=0"),
-            ])
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .args([
-                "-object",
-                "memory-backend-memfd,id=mem,size=256M,share=on",
-                "-numa",
-                "node,memdev=mem",
-            ])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=vu0,path={},reconnect-ms=1000",
-                socket.display()
-            ))
-            .args([
-                "-netdev",
-                "vhost-user,id=n0,chardev=vu0",
-                "-device",
-                "virtio-net-pci,netdev=n0,mac=52:54:00:78:00:02",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting QEMU");
+        let child = colo_testkit::qemu::tiny_guest_on_vhost_user(
+            qemu,
+            256,
+            serial,
+            &format!("{GUEST_IP}/24"),
+            socket,
+            true,
+            "52:54:00:78:00:02",
+        )
+        .spawn()
+        .expect("starting QEMU");
         self.qemu = Some(child);
         wait_for(
             "COLO-READY on the guest's console",

@@ -117,3 +117,67 @@ async fn wait_for_socket(child: &mut Child, socket: &Path) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A TCG QEMU (`qemu`) for the tiny guest of `integration/make-guest.sh`
+/// (`${COLO_CACHE:-/var/cache/colo}/guest`) with its NIC on a vhost-user back-end: `mib` MiB of
+/// shared memfd RAM (vhost-user maps it), the guest's console in `serial`, its address
+/// `colo_ip` (CIDR), the virtio-net device with `mac` on the socket `socket` (QEMU the client,
+/// reconnecting every second when `reconnect`). Add `-qmp` and the like before spawning.
+pub fn tiny_guest_on_vhost_user(
+    qemu: &Path,
+    mib: u32,
+    serial: &Path,
+    colo_ip: &str,
+    socket: &Path,
+    reconnect: bool,
+    mac: &str,
+) -> std::process::Command {
+    let guest = std::env::var_os("COLO_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/colo"))
+        .join("guest");
+    let reconnect = if reconnect { ",reconnect-ms=1000" } else { "" };
+    let mut q = std::process::Command::new(qemu);
+    q.args([
+        "-machine",
+        "pc,accel=tcg",
+        "-m",
+        &mib.to_string(),
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-L",
+        "/usr/share/qemu",
+        "-L",
+        "/usr/share/seabios",
+    ])
+    .arg("-kernel")
+    .arg(guest.join("vmlinuz"))
+    .arg("-initrd")
+    .arg(guest.join("initrd.img"))
+    .args([
+        "-append",
+        &format!("console=ttyS0 quiet panic=-1 colo_ip={colo_ip} colo_load=0"),
+    ])
+    .arg("-serial")
+    .arg(format!("file:{}", serial.display()))
+    .args([
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mib}M,share=on"),
+        "-numa",
+        "node,memdev=mem",
+    ])
+    .arg("-chardev")
+    .arg(format!("socket,id=c,path={}{reconnect}", socket.display()))
+    .args([
+        "-netdev",
+        "vhost-user,id=n,chardev=c",
+        "-device",
+        &format!("virtio-net-pci,netdev=n,mac={mac}"),
+    ])
+    .stdout(std::process::Stdio::null());
+    q
+}

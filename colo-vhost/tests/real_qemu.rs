@@ -154,7 +154,6 @@ fn read(path: &Path) -> String {
 fn guest_serves_http_through_the_backend_and_the_trace_matches() {
     let _ = TIER;
     let qemu = qemu();
-    let guest = cache().join("guest");
     let ns = format!("vhb-{}", std::process::id());
     let _ = sh(&["ip", "netns", "del", &ns]);
     ok(&["ip", "netns", "add", &ns]);
@@ -195,50 +194,17 @@ fn guest_serves_http_through_the_backend_and_the_trace_matches() {
     ]);
     ok(&["ip", "-n", &ns, "link", "set", "vhb0", "up"]);
 
-    let mut q = Command::new(&qemu);
-    q.args([
-        "-machine",
-        "pc,accel=tcg",
-        "-m",
-        "256",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-L",
-        "/usr/share/qemu",
-        "-L",
-        "/usr/share/seabios",
-    ])
-    .arg("-kernel")
-    .arg(guest.join("vmlinuz"))
-    .arg("-initrd")
-    .arg(guest.join("initrd.img"))
-    .args([
-        "-append",
-        "console=ttyS0 quiet panic=-1 colo_ip=10.77.0.2/24 colo_load=0",
-    ])
-    .arg("-serial")
-    .arg(format!("file:{}", serial.display()))
-    .arg("-qmp")
-    .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-    .args([
-        "-object",
-        "memory-backend-memfd,id=mem,size=256M,share=on",
-        "-numa",
-        "node,memdev=mem",
-    ])
-    .arg("-chardev")
-    .arg(format!("socket,id=c,path={}", sock.display()))
-    .args([
-        "-netdev",
-        "vhost-user,id=n,chardev=c",
-        "-device",
-        "virtio-net-pci,netdev=n,mac=52:54:00:77:00:02",
-    ])
-    .stdout(Stdio::null());
+    let mut q = colo_testkit::qemu::tiny_guest_on_vhost_user(
+        &qemu,
+        256,
+        &serial,
+        "10.77.0.2/24",
+        &sock,
+        false,
+        "52:54:00:77:00:02",
+    );
+    q.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
     bed.children.push(q.spawn().expect("starting QEMU"));
     wait_for(
         "COLO-READY on the guest's console",
@@ -493,59 +459,22 @@ fn ping(ns: &str, addr: [u8; 4], count: u16) -> Vec<Duration> {
 /// The guest's address on the test's networks.
 const GUEST: [u8; 4] = [10, 77, 0, 2];
 
-/// QEMU for the tiny guest on a vhost-user NIC at `sock`, RAM shared memfd of `mib` MiB.
+/// QEMU for the tiny guest on a vhost-user NIC at `sock`, RAM shared memfd of `mib` MiB, its
+/// console in `dir/NAME.serial` and QMP at `dir/NAME.qmp`.
 fn guest_qemu(dir: &Path, name: &str, sock: &Path, mib: u32) -> Command {
-    let guest = cache().join("guest");
-    let mut q = Command::new(qemu());
-    q.args([
-        "-machine",
-        "pc,accel=tcg",
-        "-m",
-        &mib.to_string(),
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-L",
-        "/usr/share/qemu",
-        "-L",
-        "/usr/share/seabios",
-    ])
-    .arg("-kernel")
-    .arg(guest.join("vmlinuz"))
-    .arg("-initrd")
-    .arg(guest.join("initrd.img"))
-    .args([
-        "-append",
-        "console=ttyS0 quiet panic=-1 colo_ip=10.77.0.2/24 colo_load=0",
-    ])
-    .arg("-serial")
-    .arg(format!(
-        "file:{}",
-        dir.join(format!("{name}.serial")).display()
-    ))
-    .arg("-qmp")
-    .arg(format!(
+    let mut q = colo_testkit::qemu::tiny_guest_on_vhost_user(
+        &qemu(),
+        mib,
+        &dir.join(format!("{name}.serial")),
+        "10.77.0.2/24",
+        sock,
+        false,
+        "52:54:00:77:00:02",
+    );
+    q.arg("-qmp").arg(format!(
         "unix:{},server=on,wait=off",
         dir.join(format!("{name}.qmp")).display()
-    ))
-    .args([
-        "-object",
-        &format!("memory-backend-memfd,id=mem,size={mib}M,share=on"),
-        "-numa",
-        "node,memdev=mem",
-    ])
-    .arg("-chardev")
-    .arg(format!("socket,id=c,path={}", sock.display()))
-    .args([
-        "-netdev",
-        "vhost-user,id=n,chardev=c",
-        "-device",
-        "virtio-net-pci,netdev=n,mac=52:54:00:77:00:02",
-    ])
-    .stdout(Stdio::null());
+    ));
     q
 }
 
