@@ -14,7 +14,7 @@
 #   qemu-system-x86_64 -machine pc,accel=tcg -m 128 -smp 1 -nodefaults \
 #     -display none -L /usr/share/qemu -L /usr/share/seabios \
 #     -kernel vmlinuz -initrd initrd.img \
-#     -append 'console=ttyS0 quiet panic=-1 colo_ip=10.0.2.15/24 colo_load=0' \
+#     -append 'console=ttyS0 quiet panic=-1 no_timer_check colo_ip=10.0.2.15/24 colo_load=0' \
 #     -serial file:serial.log \
 #     -drive if=none,id=d0,file=disk.raw,format=raw -device virtio-blk-pci,drive=d0 \
 #     -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile=
