@@ -107,19 +107,39 @@ impl QmpClient {
 
     /// `nbd-server-start` listening on TCP `host:port`.
     pub async fn nbd_server_start_inet(&self, host: &str, port: u16) -> Result<()> {
+        self.nbd_server_start_inet_tls(host, port, None).await
+    }
+
+    /// `nbd-server-start` listening on TCP; with `tls` = `(creds, authz)` clients must speak
+    /// NBD `STARTTLS` with a certificate that the `tls-creds-x509` object `creds`
+    /// (`endpoint=server`) verifies and the authz object `authz` allows.
+    pub async fn nbd_server_start_inet_tls(
+        &self,
+        host: &str,
+        port: u16,
+        tls: Option<(&str, &str)>,
+    ) -> Result<()> {
         let addr = SocketAddressLegacy::Inet {
             host,
             port: port.to_string(),
         };
-        self.unit_with("nbd-server-start", &NbdServerStartArgs { addr })
-            .await
+        let args = NbdServerStartArgs {
+            addr,
+            tls_creds: tls.map(|(creds, _)| creds),
+            tls_authz: tls.map(|(_, authz)| authz),
+        };
+        self.unit_with("nbd-server-start", &args).await
     }
 
     /// `nbd-server-start` listening on a Unix socket.
     pub async fn nbd_server_start_unix(&self, path: &str) -> Result<()> {
         let addr = SocketAddressLegacy::Unix { path };
-        self.unit_with("nbd-server-start", &NbdServerStartArgs { addr })
-            .await
+        let args = NbdServerStartArgs {
+            addr,
+            tls_creds: None,
+            tls_authz: None,
+        };
+        self.unit_with("nbd-server-start", &args).await
     }
 
     /// `nbd-server-add`: export a block device/node over the running NBD

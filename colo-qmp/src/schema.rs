@@ -103,6 +103,10 @@ pub(crate) enum SocketAddressLegacy<'a> {
 #[derive(Serialize)]
 pub(crate) struct NbdServerStartArgs<'a> {
     pub(crate) addr: SocketAddressLegacy<'a>,
+    #[serde(rename = "tls-creds", skip_serializing_if = "Option::is_none")]
+    pub(crate) tls_creds: Option<&'a str>,
+    #[serde(rename = "tls-authz", skip_serializing_if = "Option::is_none")]
+    pub(crate) tls_authz: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -160,6 +164,8 @@ mod tests {
                 host: "0.0.0.0",
                 port: "9999".into(),
             },
+            tls_creds: None,
+            tls_authz: None,
         })
         .unwrap();
         assert_eq!(
@@ -168,6 +174,8 @@ mod tests {
         );
         let unix = serde_json::to_value(NbdServerStartArgs {
             addr: SocketAddressLegacy::Unix { path: "/tmp/n" },
+            tls_creds: None,
+            tls_authz: None,
         })
         .unwrap();
         assert_eq!(

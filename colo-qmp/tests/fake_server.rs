@@ -756,6 +756,20 @@ async fn typed_commands_send_qapi_shaped_arguments() {
     );
 
     let (cmd, ()) = exchange(c, f, empty(), |c| async move {
+        c.nbd_server_start_inet_tls("10.0.0.2", 10809, Some(("tls0", "authz0")))
+            .await
+    })
+    .await;
+    assert_eq!(
+        cmd["arguments"],
+        json!({
+            "addr": {"type": "inet", "data": {"host": "10.0.0.2", "port": "10809"}},
+            "tls-creds": "tls0",
+            "tls-authz": "authz0"
+        })
+    );
+
+    let (cmd, ()) = exchange(c, f, empty(), |c| async move {
         c.nbd_server_start_unix("/tmp/nbd.sock").await
     })
     .await;

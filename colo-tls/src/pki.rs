@@ -11,6 +11,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -99,14 +100,58 @@ impl Validity {
     }
 }
 
+/// A host's address to name in its certificates as well (an `iPAddress` subjectAltName).
+///
+/// colo's daemons and QEMU's NBD client and migration name the peer they accept
+/// (`--tls-peer`, `tls-hostname`); QEMU's chardev sockets cannot: a chardev client checks the
+/// server's certificate against the address in its `host=` option (the stock stack's
+/// colo-compare sockets, `docs/security.md`). So a host that serves those needs its address
+/// in its certificates too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostAddress {
+    /// The host's name (one of the `hosts`).
+    pub host: String,
+    /// Its address.
+    pub address: IpAddr,
+}
+
+impl std::str::FromStr for HostAddress {
+    type Err = String;
+
+    /// `NAME=ADDRESS`, as `--address` takes it.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (host, address) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?}: expected NAME=ADDRESS, e.g. hosta=192.168.77.1"))?;
+        let address = address
+            .parse()
+            .map_err(|_| format!("{address:?} is not an IP address"))?;
+        Ok(HostAddress {
+            host: host.to_string(),
+            address,
+        })
+    }
+}
+
 /// Makes `out/ca/` (a new CA) and `out/NAME/` for each host, host certificates valid for
-/// `host_validity`.
+/// `host_validity`, naming each host by its DNS name only.
 pub fn create_pair(
     out: &Path,
     hosts: &[String],
     host_validity: Validity,
 ) -> Result<Written, PkiError> {
+    create_pair_with_addresses(out, hosts, &[], host_validity)
+}
+
+/// [`create_pair`], with `addresses` added to their hosts' certificates.
+pub fn create_pair_with_addresses(
+    out: &Path,
+    hosts: &[String],
+    addresses: &[HostAddress],
+    host_validity: Validity,
+) -> Result<Written, PkiError> {
     check_hosts(hosts)?;
+    check_addresses(hosts, addresses)?;
     let ca_dir = out.join(CA_DIR);
     let mut targets = vec![ca_dir.join(CA_CERT), ca_dir.join(CA_KEY)];
     for host in hosts {
@@ -146,6 +191,7 @@ pub fn create_pair(
         host_dirs.push(write_identity(
             &out.join(host),
             host,
+            &addresses_of(addresses, host),
             &issuer,
             &ca_pem,
             host_validity,
@@ -155,14 +201,17 @@ pub fn create_pair(
 }
 
 /// Issues a new identity for `host` with the CA in `ca_dir` (as [`create_pair`] made it) into
-/// `out/NAME/`: for rotation, or a host replaced.
+/// `out/NAME/`: for rotation, or a host replaced. `addresses` as in
+/// [`create_pair_with_addresses`].
 pub fn issue(
     ca_dir: &Path,
     hosts: &[String],
+    addresses: &[HostAddress],
     out: &Path,
     host_validity: Validity,
 ) -> Result<Written, PkiError> {
     check_hosts(hosts)?;
+    check_addresses(hosts, addresses)?;
     let targets: Vec<PathBuf> = hosts
         .iter()
         .flat_map(|h| IDENTITY_FILES.iter().map(move |f| out.join(h).join(f)))
@@ -185,6 +234,7 @@ pub fn issue(
         host_dirs.push(write_identity(
             &out.join(host),
             host,
+            &addresses_of(addresses, host),
             &issuer,
             &ca_pem,
             host_validity,
@@ -223,6 +273,25 @@ fn check_hosts(hosts: &[String]) -> Result<(), PkiError> {
     Ok(())
 }
 
+/// Every address belongs to a host being made.
+fn check_addresses(hosts: &[String], addresses: &[HostAddress]) -> Result<(), PkiError> {
+    match addresses.iter().find(|a| !hosts.contains(&a.host)) {
+        Some(a) => Err(PkiError::Hosts(format!(
+            "--address {}={}: {:?} is not one of the hosts (--host)",
+            a.host, a.address, a.host
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn addresses_of(addresses: &[HostAddress], host: &str) -> Vec<IpAddr> {
+    addresses
+        .iter()
+        .filter(|a| a.host == host)
+        .map(|a| a.address)
+        .collect()
+}
+
 fn refuse_existing(targets: &[PathBuf]) -> Result<(), PkiError> {
     match targets.iter().find(|t| t.symlink_metadata().is_ok()) {
         Some(t) => Err(PkiError::Exists(t.clone())),
@@ -237,10 +306,12 @@ fn generate_key(what: &str) -> Result<KeyPair, PkiError> {
     })
 }
 
-/// A host's directory: the CA certificate, a server and a client certificate for `host`.
+/// A host's directory: the CA certificate, a server and a client certificate for `host` (and
+/// its `addresses`).
 fn write_identity(
     dir: &Path,
     host: &str,
+    addresses: &[IpAddr],
     issuer: &Issuer<'_, KeyPair>,
     ca_pem: &str,
     validity: Validity,
@@ -263,6 +334,9 @@ fn write_identity(
                 error,
             }
         })?)];
+        params
+            .subject_alt_names
+            .extend(addresses.iter().map(|&a| SanType::IpAddress(a)));
         // keyEncipherment too: QEMU's tls-creds-x509 refuses a host certificate whose (critical)
         // keyUsage lacks it, whatever the key type (crypto/tlscredsx509.c).
         params.key_usages = vec![

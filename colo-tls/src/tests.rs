@@ -7,7 +7,7 @@ use std::path::Path;
 use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::pki::{Validity, create_pair, issue};
+use crate::pki::{HostAddress, Validity, create_pair, create_pair_with_addresses, issue};
 use crate::{HandshakeError, HostIdentity, PeerAcceptor, PeerConnector, TlsError};
 
 const BOUND: std::time::Duration = std::time::Duration::from_secs(5);
@@ -188,6 +188,7 @@ async fn an_expired_certificate_is_refused_at_the_handshake_and_at_load() {
     issue(
         &dir.path().join("ca"),
         &hosts(&["hostb"]),
+        &[],
         &dir.path().join("old"),
         expired,
     )
@@ -218,6 +219,7 @@ async fn a_reissued_identity_works_with_the_old_one_of_the_peer() {
     issue(
         &dir.path().join("ca"),
         &hosts(&["hostb"]),
+        &[],
         &dir.path().join("new"),
         Validity::days(30),
     )
@@ -274,6 +276,7 @@ fn the_layout_and_permissions_are_as_documented_and_nothing_is_overwritten() {
     let err = issue(
         &out.join("ca"),
         &hosts(&["hostb"]),
+        &[],
         &out,
         Validity::days(30),
     )
@@ -563,4 +566,59 @@ async fn an_operators_own_ca_with_an_intermediate_and_rsa_keys_works() {
     let acceptor = PeerAcceptor::new(&a, &hosts(&["hostb"]), BOUND).unwrap();
     let outcome = handshake(acceptor, client, "hosta").await;
     assert_refused(outcome, "hostb of another CA");
+}
+
+/// `--address NAME=IP` puts the address in that host's certificates (server and client) beside
+/// its DNS name, and only in that host's; an address for a host not being made is refused
+/// before anything is written.
+#[test]
+fn a_hosts_address_is_in_its_certificates_only() {
+    use x509_parser::extensions::GeneralName;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pki");
+    let address: HostAddress = "hosta=192.168.77.1".parse().unwrap();
+    create_pair_with_addresses(
+        &out,
+        &hosts(&["hosta", "hostb"]),
+        std::slice::from_ref(&address),
+        Validity::days(1),
+    )
+    .unwrap();
+    let sans = |host: &str, file: &str| -> Vec<String> {
+        let pem = std::fs::read(out.join(host).join(file)).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        san.value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::DNSName(d) => format!("dns:{d}"),
+                GeneralName::IPAddress(ip) => format!("ip:{ip:?}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    };
+    for file in ["server-cert.pem", "client-cert.pem"] {
+        assert_eq!(
+            sans("hosta", file),
+            ["dns:hosta", "ip:[192, 168, 77, 1]"],
+            "{file}"
+        );
+        assert_eq!(sans("hostb", file), ["dns:hostb"], "{file}");
+    }
+    // The daemons still know hosta by its name.
+    HostIdentity::load(out.join("hosta")).unwrap();
+
+    let err = create_pair_with_addresses(
+        &dir.path().join("other"),
+        &hosts(&["hosta"]),
+        &["hostc=10.0.0.1".parse().unwrap()],
+        Validity::days(1),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("not one of the hosts"), "{err}");
+    assert!(!dir.path().join("other").exists());
+    assert!("hosta".parse::<HostAddress>().is_err());
+    assert!("hosta=not-an-ip".parse::<HostAddress>().is_err());
 }

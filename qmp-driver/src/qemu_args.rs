@@ -34,8 +34,8 @@
 //! QEMU's uid (docs/security.md).
 
 use crate::config::{
-    BLOCKD_SVM_EXPORT, DiskBackend, MemoryBackend, NetworkBackend, PairConfig, TLS_CREDS_ID,
-    VmConfig,
+    BLOCKD_SVM_EXPORT, DiskBackend, MemoryBackend, NetworkBackend, PairConfig, TLS_AUTHZ_ID,
+    TLS_CREDS_ID, TLS_SERVER_CREDS_ID, TlsHost, VmConfig,
 };
 use colo_types::{Address, Role};
 use std::path::Path;
@@ -86,6 +86,11 @@ fn qmp_value(ep: &Address) -> String {
     }
 }
 
+/// The options of a server chardev that accepts only the other host's QEMU over TLS.
+fn tls_server_options() -> String {
+    format!(",tls-creds={TLS_SERVER_CREDS_ID},tls-authz={TLS_AUTHZ_ID}")
+}
+
 /// Builds an argument list pair by pair.
 struct Args(Vec<String>);
 
@@ -97,13 +102,31 @@ impl Args {
     }
 
     fn chardev_server(&mut self, id: &str, host: &str, port: u16) -> &mut Self {
+        self.chardev_server_tls(id, host, port, "")
+    }
+
+    /// A server chardev; `tls` is empty or [`tls_server_options`].
+    fn chardev_server_tls(&mut self, id: &str, host: &str, port: u16, tls: &str) -> &mut Self {
         self.opt(
             "-chardev",
-            format!("socket,id={id},host={host},port={port},server=on,wait=off,nodelay=on"),
+            format!("socket,id={id},host={host},port={port},server=on,wait=off,nodelay=on{tls}"),
         )
     }
 
     fn chardev_client(&mut self, id: &str, host: &str, port: u16, reconnect: bool) -> &mut Self {
+        self.chardev_client_tls(id, host, port, reconnect, "")
+    }
+
+    /// A client chardev; `tls` is empty or `,tls-creds=`[`TLS_CREDS_ID`]. QEMU checks the
+    /// server's certificate against `host` (an address: `qmp-driver pki --address`).
+    fn chardev_client_tls(
+        &mut self,
+        id: &str,
+        host: &str,
+        port: u16,
+        reconnect: bool,
+        tls: &str,
+    ) -> &mut Self {
         let reconnect = if reconnect {
             format!(",reconnect-ms={RECONNECT_MS}")
         } else {
@@ -111,8 +134,44 @@ impl Args {
         };
         self.opt(
             "-chardev",
-            format!("socket,id={id},host={host},port={port}{reconnect},nodelay=on"),
+            format!("socket,id={id},host={host},port={port}{reconnect},nodelay=on{tls}"),
         )
+    }
+
+    /// The TLS client object [`TLS_CREDS_ID`]: QEMU presents `host`'s client-cert.pem.
+    fn tls_client(&mut self, host: &TlsHost) -> &mut Self {
+        self.opt(
+            "-object",
+            format!(
+                "tls-creds-x509,id={TLS_CREDS_ID},dir={},endpoint=client",
+                path_value(&host.dir)
+            ),
+        )
+    }
+
+    /// The TLS server object [`TLS_SERVER_CREDS_ID`] with `host`'s server-cert.pem, which
+    /// requires a client certificate of the pair's CA, and [`TLS_AUTHZ_ID`], which allows
+    /// only `peer`'s. QEMU matches the certificate's distinguished name as gnutls writes it
+    /// (RFC 4514, CN first): `CN=<peer>` exactly (`qmp-driver pki`'s), or followed by other
+    /// attributes (an operator's own CA).
+    fn tls_server(&mut self, host: &TlsHost, peer: &TlsHost) -> &mut Self {
+        let authz = serde_json::json!({
+            "qom-type": "authz-list",
+            "id": TLS_AUTHZ_ID,
+            "policy": "deny",
+            "rules": [
+                { "match": format!("CN={}", peer.name), "policy": "allow", "format": "exact" },
+                { "match": format!("CN={},*", peer.name), "policy": "allow", "format": "glob" },
+            ],
+        });
+        self.opt(
+            "-object",
+            format!(
+                "tls-creds-x509,id={TLS_SERVER_CREDS_ID},dir={},endpoint=server,verify-peer=on",
+                path_value(&host.dir)
+            ),
+        )
+        .opt("-object", authz.to_string())
     }
 
     /// The guest RAM's backend, if not QEMU's default. Migration, and so every COLO
@@ -178,8 +237,17 @@ pub fn primary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
     a.common(cfg, vm, Role::Primary);
     match net.backend {
         NetworkBackend::ColoCompare => {
-            a.chardev_server(MIRROR_CHARDEV, host, net.mirror_port)
-                .chardev_server(COMPARE_SECONDARY_IN, host, net.compare_port)
+            // The two sockets the secondary's QEMU connects to, across the hosts: with [tls]
+            // only its certificate may (the loopback pair below stays inside this QEMU).
+            let tls = match &cfg.tls {
+                Some(tls) => {
+                    a.tls_server(&tls.primary, &tls.secondary);
+                    tls_server_options()
+                }
+                None => String::new(),
+            };
+            a.chardev_server_tls(MIRROR_CHARDEV, host, net.mirror_port, &tls)
+                .chardev_server_tls(COMPARE_SECONDARY_IN, host, net.compare_port, &tls)
                 .chardev_server(COMPARE_PRIMARY_IN_SERVER, lo, net.compare_primary_in_port)
                 .chardev_client(
                     COMPARE_PRIMARY_IN_CLIENT,
@@ -241,16 +309,10 @@ pub fn primary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
     }
     if let Some(tls) = &cfg.tls {
         // The primary's one TLS client object, named in `tls-creds` by `start` for the
-        // migration and (with colo-blockd) for the NBD child of `replica`: QEMU presents the
-        // primary host's client-cert.pem and checks the relay's and colo-blockd's server
-        // certificate against `tls-hostname` (the secondary host's name).
-        a.opt(
-            "-object",
-            format!(
-                "tls-creds-x509,id={TLS_CREDS_ID},dir={},endpoint=client",
-                path_value(&tls.primary.dir)
-            ),
-        );
+        // migration and for the NBD child (colo-blockd's `replica`, or the secondary QEMU's
+        // export): QEMU presents the primary host's client-cert.pem and checks the relay's and
+        // the NBD server's certificate against `tls-hostname` (the secondary host's name).
+        a.tls_client(&tls.primary);
     }
     a.opt(
         "-drive",
@@ -293,22 +355,40 @@ pub fn secondary_args(cfg: &PairConfig) -> Result<Vec<String>, QemuArgsError> {
     {
         a.opt("-qmp", qmp_value(qmp));
     }
-    a.chardev_client(SECONDARY_MIRROR_IN, peer, net.mirror_port, true)
-        .chardev_client(SECONDARY_OUT, peer, net.compare_port, true)
-        .opt(
-            "-object",
-            format!(
-                "filter-redirector,id={SECONDARY_IN_REDIRECTOR},netdev={netdev},queue=tx,\
+    // With [tls] on the stock stack: the client object for the chardevs to the primary's
+    // colo-compare, and the server object for QEMU's NBD server, which `start` names.
+    let mut chardev_tls = String::new();
+    if let Some(tls) = &cfg.tls {
+        if net.backend == NetworkBackend::ColoCompare {
+            a.tls_client(&tls.secondary);
+            chardev_tls = format!(",tls-creds={TLS_CREDS_ID}");
+        }
+        if disk.backend == DiskBackend::Replication {
+            a.tls_server(&tls.secondary, &tls.primary);
+        }
+    }
+    a.chardev_client_tls(
+        SECONDARY_MIRROR_IN,
+        peer,
+        net.mirror_port,
+        true,
+        &chardev_tls,
+    )
+    .chardev_client_tls(SECONDARY_OUT, peer, net.compare_port, true, &chardev_tls)
+    .opt(
+        "-object",
+        format!(
+            "filter-redirector,id={SECONDARY_IN_REDIRECTOR},netdev={netdev},queue=tx,\
                  indev={SECONDARY_MIRROR_IN}"
-            ),
-        )
-        .opt(
-            "-object",
-            format!(
-                "filter-redirector,id={SECONDARY_OUT_REDIRECTOR},netdev={netdev},queue=rx,\
+        ),
+    )
+    .opt(
+        "-object",
+        format!(
+            "filter-redirector,id={SECONDARY_OUT_REDIRECTOR},netdev={netdev},queue=rx,\
                  outdev={SECONDARY_OUT}"
-            ),
-        );
+        ),
+    );
     if net.backend == NetworkBackend::ColoCompare {
         a.opt(
             "-object",
@@ -801,11 +881,14 @@ mod tests {
     }
 
     /// With `[tls]` the primary gets the migration's TLS client object (the primary host's
-    /// directory, for the migration and colo-blockd's NBD child); the secondary gets nothing
-    /// (the relay terminates the migration's TLS, colo-blockd the NBD child's; QEMU's own NBD
-    /// server of the replication backend stays plaintext). Without it, neither.
+    /// directory, for the migration and the NBD child). On the stock stack the primary's two
+    /// chardevs that the secondary reaches need TLS and the secondary's certificate; the
+    /// secondary's chardevs connect with its client object and its NBD server gets a server
+    /// object with an authz naming the primary. On colo's daemons the secondary gets nothing
+    /// (the relay terminates the migration's TLS, colo-blockd the NBD child's). Without
+    /// `[tls]`, nothing.
     #[test]
-    fn with_tls_the_primary_gets_a_client_credentials_object() {
+    fn with_tls_every_socket_between_the_qemus_needs_the_peers_certificate() {
         let text = |tls: &str| {
             format!(
                 r#"
@@ -847,20 +930,101 @@ mod tests {
             "test",
         )
         .unwrap();
+        let tls_objects = |args: &[(String, String)]| -> Vec<String> {
+            values(args, "-object")
+                .into_iter()
+                .filter(|o| o.starts_with("tls-creds") || o.contains("authz"))
+                .map(str::to_string)
+                .collect()
+        };
+        // Compared as JSON values: the key order is serde_json's, not the test's concern.
+        let authz = |peer: &str| {
+            serde_json::json!({
+                "qom-type": "authz-list", "id": "colo-tls-peer0", "policy": "deny",
+                "rules": [
+                    { "match": format!("CN={peer}"), "policy": "allow", "format": "exact" },
+                    { "match": format!("CN={peer},*"), "policy": "allow", "format": "glob" },
+                ],
+            })
+            .to_string()
+        };
         let p = pairs(&primary_args(&tls).unwrap());
-        let creds: Vec<&str> = values(&p, "-object")
-            .into_iter()
-            .filter(|o| o.starts_with("tls-creds-x509"))
-            .collect();
         assert_eq!(
-            creds,
+            tls_objects(&p),
+            [
+                "tls-creds-x509,id=colo-tls-server0,dir=/etc/colo/pki-a,endpoint=server,\
+                 verify-peer=on"
+                    .to_string(),
+                authz("hostb"),
+                "tls-creds-x509,id=colo-tls0,dir=/etc/colo/pki-a,endpoint=client".to_string(),
+            ]
+        );
+        let tls_on = ",tls-creds=colo-tls-server0,tls-authz=colo-tls-peer0";
+        let chardevs = values(&p, "-chardev");
+        for (id, port) in [("mirror0", 9003), ("compare1", 9004)] {
+            let listen = format!(
+                "socket,id={id},host=192.168.77.1,port={port},server=on,wait=off,nodelay=on\
+                 {tls_on}"
+            );
+            assert!(chardevs.contains(&listen.as_str()), "{chardevs:?}");
+        }
+        // The loopback sockets inside the primary QEMU stay plaintext.
+        assert_eq!(chardevs.iter().filter(|c| c.contains("tls")).count(), 2);
+
+        let s = pairs(&secondary_args(&tls).unwrap());
+        assert_eq!(
+            tls_objects(&s),
+            [
+                "tls-creds-x509,id=colo-tls0,dir=/etc/colo/pki-b,endpoint=client".to_string(),
+                "tls-creds-x509,id=colo-tls-server0,dir=/etc/colo/pki-b,endpoint=server,\
+                 verify-peer=on"
+                    .to_string(),
+                authz("hosta"),
+            ]
+        );
+        assert_eq!(
+            values(&s, "-chardev"),
+            [
+                "socket,id=red0,host=192.168.77.1,port=9003,reconnect-ms=1000,nodelay=on,\
+                 tls-creds=colo-tls0",
+                "socket,id=red1,host=192.168.77.1,port=9004,reconnect-ms=1000,nodelay=on,\
+                 tls-creds=colo-tls0",
+            ]
+        );
+
+        // On colo's daemons the secondary QEMU talks to no other host.
+        let daemons = PairConfig::from_toml(
+            &text(
+                r#"
+                [tls]
+                primary_dir = "/etc/colo/pki-a"
+                primary_name = "hosta"
+                secondary_dir = "/etc/colo/pki-b"
+                secondary_name = "hostb"
+                [network]
+                backend = "colo-proxyd"
+                [disk]
+                backend = "colo-blockd"
+                "#,
+            )
+            .replace(r#"secondary_active = "/img/active.qcow2""#, "")
+            .replace(r#"secondary_hidden = "/img/hidden.qcow2""#, ""),
+            "test",
+        )
+        .unwrap();
+        let p = pairs(&primary_args(&daemons).unwrap());
+        assert_eq!(
+            tls_objects(&p),
             ["tls-creds-x509,id=colo-tls0,dir=/etc/colo/pki-a,endpoint=client"]
         );
-        let s = secondary_args(&tls).unwrap().join(" ");
-        assert!(!s.contains("tls-creds"), "{s}");
+        let s = secondary_args(&daemons).unwrap().join(" ");
+        assert!(!s.contains("tls"), "{s}");
+
         let plain = PairConfig::from_toml(&text(""), "test").unwrap();
-        let p = primary_args(&plain).unwrap().join(" ");
-        assert!(!p.contains("tls-creds"), "{p}");
+        for role in [Role::Primary, Role::Secondary] {
+            let args = colo_args(&plain, role).unwrap().join(" ");
+            assert!(!args.contains("tls"), "{args}");
+        }
     }
 
     #[test]

@@ -78,6 +78,42 @@ fn create_writes_loadable_identities_and_refuses_to_overwrite() {
         "not a name",
     ]);
     assert_eq!(bad.status.code(), Some(2));
+
+    // --address: a host's address beside its name; a malformed one, or one for a host not
+    // being made, is a usage error and writes nothing.
+    let with_address = dir.path().join("pki-addr");
+    let made = qmp_driver(&[
+        "pki",
+        "create",
+        "--out",
+        with_address.to_str().unwrap(),
+        "--host",
+        "hosta",
+        "--address",
+        "hosta=192.168.77.1",
+    ]);
+    assert!(made.status.success(), "{made:?}");
+    assert_eq!(
+        colo_tls::HostIdentity::load(with_address.join("hosta"))
+            .unwrap()
+            .name(),
+        "hosta"
+    );
+    for address in ["hosta", "hosta=near", "hostz=10.0.0.1"] {
+        let target = dir.path().join("pki-bad-addr");
+        let refused = qmp_driver(&[
+            "pki",
+            "create",
+            "--out",
+            target.to_str().unwrap(),
+            "--host",
+            "hosta",
+            "--address",
+            address,
+        ]);
+        assert_eq!(refused.status.code(), Some(2), "{address}: {refused:?}");
+        assert!(!target.exists(), "{address}");
+    }
 }
 
 #[test]

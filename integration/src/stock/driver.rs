@@ -198,12 +198,17 @@ pub fn pki_dir(dir: &Path) -> PathBuf {
     dir.join("pki")
 }
 
-/// Makes the pair's keys as an operator does: `qmp-driver pki create`.
+/// Makes the pair's keys as an operator does: `qmp-driver pki create`, each host's address in
+/// its certificates too (the stock stack's chardevs check the address they connect to).
 fn create_pki(dir: &Path) -> Result<()> {
     let out = std::process::Command::new(qmp_driver_binary()?)
         .args(["pki", "create", "--out"])
         .arg(pki_dir(dir))
         .args(["--host", PRIMARY_TLS_NAME, "--host", SECONDARY_TLS_NAME])
+        .arg("--address")
+        .arg(format!("{PRIMARY_TLS_NAME}={}", addr::PRIMARY_HOST))
+        .arg("--address")
+        .arg(format!("{SECONDARY_TLS_NAME}={}", addr::SECONDARY_HOST))
         .output()
         .context("running qmp-driver pki create")?;
     if !out.status.success() {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use colo_tls::pki::{self, HOST_VALID_DAYS, Validity, Written};
+use colo_tls::pki::{self, HOST_VALID_DAYS, HostAddress, Validity, Written};
 
 use super::{Exit, fail};
 
@@ -19,7 +19,9 @@ the layout of QEMU's tls-creds-x509 object, so that QEMU (dir=...) and colo's da
   OUT/NAME/server-cert.pem, server-key.pem   presented when NAME accepts a connection\n\
   OUT/NAME/client-cert.pem, client-key.pem   presented when NAME connects\n\n\
 A host's identity is the DNS name in its certificates (subjectAltName and CN), the same in \
-both: daemons name their peer by it (--tls-peer NAME). Keys are ECDSA P-256, written 0600, \
+both: daemons name their peer by it (--tls-peer NAME); --address adds the host's IP address \
+(for QEMU's stock colo-compare chardevs, which check the address they connect to). Keys are \
+ECDSA P-256, written 0600, \
 directories 0700, certificates 0644; the daemons refuse a key that its group or others may \
 read. Copy OUT/NAME/ to host NAME only (e.g. /etc/colo/pki/), keep OUT/ca/ offline. Nothing \
 existing is ever overwritten. Operators may bring certificates of their own CA in the same \
@@ -29,6 +31,13 @@ host, restart its daemons (and QEMU's tls-creds object), check the link is up, t
 host. A peer's old certificate stays valid until it expires, so the pair never loses its link. \
 A new CA: `create` a new OUT, install both hosts' new directories, restart one host's daemons \
 after the other (the link is down from the first restart until the second).";
+
+/// `--address`, for `--help`.
+const ADDRESS_HELP: &str = "Also name host NAME by ADDRESS (its address on the replication \
+link) in its certificates; repeatable. Needed with [tls] on QEMU's stock stack \
+(network.backend = \"colo-compare\"): the secondary's chardevs check the primary's \
+certificate against the address they connect to. Give it for both hosts, so either can be the \
+primary after a failover";
 
 /// `qmp-driver pki`.
 #[derive(Args, Debug)]
@@ -49,6 +58,8 @@ pub enum PkiCommand {
         /// A host's name (a DNS name, e.g. its hostname); once per host.
         #[arg(long = "host", value_name = "NAME", required = true)]
         hosts: Vec<String>,
+        #[arg(long = "address", value_name = "NAME=ADDRESS", help = ADDRESS_HELP)]
+        addresses: Vec<HostAddress>,
         /// Validity of the hosts' certificates, in days (the CA's is 3650).
         #[arg(long, value_name = "DAYS", default_value_t = HOST_VALID_DAYS,
               value_parser = clap::value_parser!(u32).range(1..))]
@@ -67,6 +78,8 @@ pub enum PkiCommand {
         /// A host's name; once per host.
         #[arg(long = "host", value_name = "NAME", required = true)]
         hosts: Vec<String>,
+        #[arg(long = "address", value_name = "NAME=ADDRESS", help = ADDRESS_HELP)]
+        addresses: Vec<HostAddress>,
         /// Validity of the certificates, in days.
         #[arg(long, value_name = "DAYS", default_value_t = HOST_VALID_DAYS,
               value_parser = clap::value_parser!(u32).range(1..))]
@@ -77,15 +90,19 @@ pub enum PkiCommand {
 /// Runs `qmp-driver pki ...`.
 pub fn run(args: PkiArgs) -> ExitCode {
     let written = match args.command {
-        PkiCommand::Create { out, hosts, days } => {
-            pki::create_pair(&out, &hosts, Validity::days(days))
-        }
+        PkiCommand::Create {
+            out,
+            hosts,
+            addresses,
+            days,
+        } => pki::create_pair_with_addresses(&out, &hosts, &addresses, Validity::days(days)),
         PkiCommand::Issue {
             ca,
             out,
             hosts,
+            addresses,
             days,
-        } => pki::issue(&ca, &hosts, &out, Validity::days(days)),
+        } => pki::issue(&ca, &hosts, &addresses, &out, Validity::days(days)),
     };
     match written {
         Ok(written) => {

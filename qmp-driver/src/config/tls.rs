@@ -3,8 +3,11 @@
 //! (the primary QEMU's `tls-creds`, terminated by the relay), the relay's TCP control
 //! listener, colo-proxyd's link and its control connection to the relay, and with
 //! `disk.backend = "colo-blockd"` the primary's NBD child of colo-blockd (`daemon-args`,
-//! `start`); QEMU's own NBD (the replication backend) stays plaintext. Without it nothing
-//! changes (plaintext, as on the test bed's other pairs).
+//! `start`). On QEMU's stock stack too: with `disk.backend = "replication"` the secondary
+//! QEMU's NBD server and the primary's replication child, with `network.backend =
+//! "colo-compare"` the chardevs between the secondary's redirectors and the primary's
+//! colo-compare (`qemu-args`, `start`). Without it nothing changes (plaintext, as on the test
+//! bed's other pairs).
 
 use super::field::{At, FieldError, Problem, abs_path, required};
 use serde::Deserialize;
@@ -13,6 +16,17 @@ use std::path::PathBuf;
 /// The id of the `tls-creds-x509` object `qemu-args` gives the primary QEMU, and that
 /// `start` names in `migrate-set-parameters tls-creds`.
 pub const TLS_CREDS_ID: &str = "colo-tls0";
+
+/// The id of the `tls-creds-x509` server object (`endpoint=server`, `verify-peer=on`) of a
+/// QEMU that accepts the other host's QEMU on the stock stack: the secondary's NBD server
+/// (`disk.backend = "replication"`), the primary's colo-compare chardevs (`network.backend =
+/// "colo-compare"`). The secondary's QEMU also gets a client object, named [`TLS_CREDS_ID`]
+/// like the primary's, for its chardevs to the primary.
+pub const TLS_SERVER_CREDS_ID: &str = "colo-tls-server0";
+
+/// The id of the `authz-list` object beside [`TLS_SERVER_CREDS_ID`]: only the other host's
+/// certificate (its distinguished name starts with `CN=<its name>`) may connect.
+pub const TLS_AUTHZ_ID: &str = "colo-tls-peer0";
 
 /// One host's identity: its directory (on that host) and its name (in its certificates).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,7 +2,9 @@
 
 use super::steps::{self, Journal, hmp};
 use super::{PairError, Progress, ProgressFn, Step};
-use crate::config::{DiskBackend, NetworkBackend, PairConfig, TLS_CREDS_ID};
+use crate::config::{
+    DiskBackend, NetworkBackend, PairConfig, TLS_AUTHZ_ID, TLS_CREDS_ID, TLS_SERVER_CREDS_ID,
+};
 use colo_qmp::QmpClient;
 use colo_types::Role;
 use colo_types::qemu_ids as ids;
@@ -146,12 +148,19 @@ async fn apply_prepare(
         DiskBackend::Replication => {
             let host = &cfg.secondary.host;
             let port = cfg.disk.nbd_port;
+            // With [tls] only the primary's certificate may connect: the server object and
+            // the authz `qemu-args` gave this QEMU.
+            let tls = cfg
+                .tls
+                .as_ref()
+                .map(|_| (TLS_SERVER_CREDS_ID, TLS_AUTHZ_ID));
+            let over_tls = if tls.is_some() { " (TLS)" } else { "" };
             journal
                 .idempotent(
                     side,
-                    &format!("nbd-server-start {host}:{port}"),
+                    &format!("nbd-server-start {host}:{port}{over_tls}"),
                     &["already running"],
-                    qmp.nbd_server_start_inet(host, port),
+                    qmp.nbd_server_start_inet_tls(host, port, tls),
                 )
                 .await?;
             journal
@@ -485,12 +494,12 @@ async fn add_replication_child(
         .any(|n| n["node-name"] == node.as_str());
     let (host, port) = (&cfg.secondary.host, cfg.disk.nbd_port);
     let export = cfg.disk.primary_child_export();
+    let tls = if cfg.tls.is_some() { ", TLS" } else { "" };
     let what = match cfg.disk.backend {
         DiskBackend::Replication => {
-            format!("drive_add {node} (replication → nbd {host}:{port} {export})")
+            format!("drive_add {node} (replication → nbd {host}:{port} {export}{tls})")
         }
         DiskBackend::ColoBlockd => {
-            let tls = if cfg.tls.is_some() { ", TLS" } else { "" };
             format!("blockdev-add {node} (nbd {host}:{port} {export}{tls})")
         }
     };
@@ -499,9 +508,20 @@ async fn add_replication_child(
     } else {
         match cfg.disk.backend {
             DiskBackend::Replication => {
+                // With [tls] the NBD client speaks STARTTLS with the primary's client object
+                // and accepts only the secondary host's server certificate (by name: QEMU
+                // connects by address).
+                let tls = match &cfg.tls {
+                    Some(tls) => format!(
+                        ",file.tls-creds={TLS_CREDS_ID},file.tls-hostname={}",
+                        tls.secondary.name
+                    ),
+                    None => String::new(),
+                };
                 let drive_add = format!(
                     "drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,\
-                     file.host={host},file.port={port},file.export={export},node-name={node}"
+                     file.host={host},file.port={port},file.export={export},node-name={node}\
+                     {tls}"
                 );
                 journal.run(p, &what, hmp(primary, &drive_add)).await?;
             }
@@ -512,23 +532,6 @@ async fn add_replication_child(
                 journal.run(p, &what, primary.blockdev_add(options)).await?;
             }
         }
-    }
-    if cfg.tls.is_some() && cfg.disk.backend == DiskBackend::Replication {
-        // QEMU's own NBD server on the secondary would need a server credentials object and
-        // an authz object naming the primary's certificate; colo-blockd does that itself.
-        // Said in the step list (and the log) rather than refused, so a pair that worked
-        // before `[tls]` keeps its disk replication; docs/security.md says the same.
-        tracing::warn!(
-            "[tls] with disk.backend = \"replication\": the disk's NBD link stays plaintext \
-             and unauthenticated; use disk.backend = \"colo-blockd\" for NBD over TLS"
-        );
-        journal.skipped(
-            p,
-            "NBD child over TLS",
-            "disk.backend = \"replication\": QEMU's NBD link to the secondary stays \
-             plaintext ([tls] covers it only with disk.backend = \"colo-blockd\", \
-             docs/security.md)",
-        );
     }
     attach_replication_child(primary, cfg, journal).await
 }
