@@ -27,7 +27,8 @@ BACKPORTS_MIN_VERSION='1:10.0.2~'
 #     python3-venv libglib2.0-dev zlib1g-dev libpixman-1-dev libfdt-dev
 #     libslirp-dev libgnutls28-dev (TLS for migration and NBD: docs/security.md),
 #     curl ca-certificates (tarball download, PyPI)
-#   tests: libnbd-bin (nbdinfo), g++ (libFuzzer, built by the fuzz targets)
+#   tests: libnbd-bin (nbdinfo), g++ (libFuzzer, built by the fuzz targets), openssl
+#     (an operator's own CA in colo-tls's tests; a TLS stranger on the bed)
 #   workload suite (colo-testbed bench): apache2-utils (ApacheBench, `ab`), gnuplot-nox
 #     (its PNG plots; the suite still writes its CSVs without it)
 #   HA cluster on the bed: corosync corosync-qnetd corosync-qdevice (runtime),
@@ -38,7 +39,7 @@ BOOKWORM_PACKAGES=(
     gcc libc6-dev make patch pkg-config ninja-build flex bison python3-venv
     libglib2.0-dev zlib1g-dev libpixman-1-dev libfdt-dev libslirp-dev libgnutls28-dev
     curl ca-certificates
-    libnbd-bin g++ apache2-utils gnuplot-nox
+    libnbd-bin g++ openssl apache2-utils gnuplot-nox
     corosync corosync-qnetd corosync-qdevice
     libcpg-dev libvotequorum-dev libquorum-dev libcmap-dev libcfg-dev
     pacemaker pacemaker-cli-utils resource-agents libxml2-utils  # Pacemaker on the bed, ocf-tester (xmllint)

@@ -436,13 +436,15 @@ async fn the_stock_pair_over_tls_fails_over_to_the_secondary() {
 
 /// The stock pair over TLS, from the primary's host (on the replication network): QEMU's NBD
 /// server on the secondary refuses a plaintext client (`nbdinfo`) and a client with the
-/// secondary's own certificate (same CA, not the primary: the authz refuses it), while the
-/// primary's replication child (authenticated at `start`) keeps every checkpoint going; the
-/// chardevs between the hosts are up (their TLS handshake done: QEMU opens a TLS chardev only
-/// after it) and remain so.
+/// secondary's own certificate (same CA, not the primary: the authz refuses it); colo-compare's
+/// two sockets on the primary refuse a TLS client with the primary's own certificate and one
+/// without a certificate, accepted when the live connection was cut, and the secondary's
+/// chardevs reconnect; the primary's replication child (authenticated at `start`) keeps every
+/// checkpoint going. The chardevs between the hosts are up throughout (after their TLS
+/// handshake: QEMU opens a TLS chardev only then).
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
-async fn the_stock_pair_over_tls_refuses_strangers_on_qemus_nbd_port() {
+async fn the_stock_pair_over_tls_refuses_strangers_on_qemus_sockets() {
     use colo_testbed::stock::StockPair;
     use colo_testbed::stock::driver::pki_dir;
 
@@ -538,6 +540,86 @@ async fn the_stock_pair_over_tls_refuses_strangers_on_qemus_nbd_port() {
     );
     assert!(ok, "the primary's certificate was refused: {stderr}");
 
+    // colo-compare's sockets: a stranger waits in the listener's backlog (QEMU serves one
+    // client at a time), then the live connection is cut (QMP `yank` of the chardev): the
+    // stranger is accepted first, its TLS handshake refused (the primary host's own
+    // certificate, same CA but not the secondary: the authz; no certificate at all:
+    // verify-peer), it reads nothing, and the secondary's chardev reconnects.
+    let ca = pki_dir(&dir).join(PRIMARY_TLS_NAME).join("ca-cert.pem");
+    let own = pki_dir(&dir).join(PRIMARY_TLS_NAME);
+    let strangers = [
+        ("mirror0", "red0", 9003, Some(&own)),
+        ("compare1", "red1", 9004, None),
+    ];
+    for (server, client, port, identity) in strangers {
+        let before = connected(server, Role::Primary).await;
+        let mut args: Vec<String> = vec![
+            "netns".into(),
+            "exec".into(),
+            ns.clone(),
+            "openssl".into(),
+            "s_client".into(),
+            "-quiet".into(),
+            "-connect".into(),
+            format!("{}:{port}", colo_testbed::topology::addr::PRIMARY_HOST),
+            "-CAfile".into(),
+            ca.display().to_string(),
+        ];
+        if let Some(identity) = identity {
+            for (flag, file) in [("-cert", "client-cert.pem"), ("-key", "client-key.pem")] {
+                args.extend([flag.into(), identity.join(file).display().to_string()]);
+            }
+        }
+        let stranger = tokio::process::Command::new("ip")
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("openssl s_client");
+        // Let the stranger's TCP connection land in the backlog before the cut.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        pair.vm(Role::Primary)
+            .unwrap()
+            .qmp
+            .execute_raw(
+                "yank",
+                Some(serde_json::json!({ "instances": [{ "type": "chardev", "id": server }] })),
+            )
+            .await
+            .expect("yank of the chardev");
+        let out = tokio::time::timeout(Duration::from_secs(20), stranger.wait_with_output())
+            .await
+            .expect("QEMU closed the stranger's connection")
+            .unwrap();
+        println!(
+            "{server}: stranger ({}) refused: {}",
+            if identity.is_some() {
+                "the primary host's own certificate"
+            } else {
+                "no certificate"
+            },
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "the stranger on {server} read {} bytes",
+            out.stdout.len()
+        );
+        let after = connected(server, Role::Primary).await;
+        assert!(
+            after.ends_with(&format!(
+                "<-> {}:{}",
+                colo_testbed::topology::addr::SECONDARY_HOST,
+                after.rsplit(':').next().unwrap()
+            )),
+            "{server} is connected to someone else than the secondary: {after}"
+        );
+        println!("{server}: {before} -> {after}");
+        connected(client, Role::Secondary).await;
+    }
+
     for _ in 0..3 {
         pair.request_checkpoint().await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -545,9 +627,6 @@ async fn the_stock_pair_over_tls_refuses_strangers_on_qemus_nbd_port() {
     pair.wait_checkpoints(before + 3, Duration::from_secs(60))
         .await
         .expect("checkpoints after the strangers");
-    for (label, role) in [("mirror0", Role::Primary), ("red1", Role::Secondary)] {
-        connected(label, role).await;
-    }
     let serial = pair.vm(Role::Primary).unwrap().serial_summary();
     assert!(
         serial.last_heartbeat.is_some(),
