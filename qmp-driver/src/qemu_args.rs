@@ -889,6 +889,9 @@ mod tests {
     /// `[tls]`, nothing.
     #[test]
     fn with_tls_every_socket_between_the_qemus_needs_the_peers_certificate() {
+        const TLS_SECTION: &str = "[tls]\nprimary_dir = \"/etc/colo/pki-a\"\n\
+            primary_name = \"hosta\"\nsecondary_dir = \"/etc/colo/pki-b\"\n\
+            secondary_name = \"hostb\"\n";
         let text = |tls: &str| {
             format!(
                 r#"
@@ -917,19 +920,7 @@ mod tests {
                 "#
             )
         };
-        let tls = PairConfig::from_toml(
-            &text(
-                r#"
-                [tls]
-                primary_dir = "/etc/colo/pki-a"
-                primary_name = "hosta"
-                secondary_dir = "/etc/colo/pki-b"
-                secondary_name = "hostb"
-                "#,
-            ),
-            "test",
-        )
-        .unwrap();
+        let tls = PairConfig::from_toml(&text(TLS_SECTION), "test").unwrap();
         let tls_objects = |args: &[(String, String)]| -> Vec<String> {
             values(args, "-object")
                 .into_iter()
@@ -994,19 +985,10 @@ mod tests {
 
         // On colo's daemons the secondary QEMU talks to no other host.
         let daemons = PairConfig::from_toml(
-            &text(
-                r#"
-                [tls]
-                primary_dir = "/etc/colo/pki-a"
-                primary_name = "hosta"
-                secondary_dir = "/etc/colo/pki-b"
-                secondary_name = "hostb"
-                [network]
-                backend = "colo-proxyd"
-                [disk]
-                backend = "colo-blockd"
-                "#,
-            )
+            &text(&format!(
+                "{TLS_SECTION}\n[network]\nbackend = \"colo-proxyd\"\n\
+                     [disk]\nbackend = \"colo-blockd\"\n"
+            ))
             .replace(r#"secondary_active = "/img/active.qcow2""#, "")
             .replace(r#"secondary_hidden = "/img/hidden.qcow2""#, ""),
             "test",
