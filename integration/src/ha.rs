@@ -42,6 +42,8 @@ pub struct HaBed {
     dir: PathBuf,
     /// Declared before the cluster: fields drop in order, so the agents go first.
     agents: Vec<(Role, DriverProcess)>,
+    /// The role of every agent started, in order (to name a later agent's log).
+    started: Vec<Role>,
     /// The corosync cluster.
     pub cluster: Cluster,
 }
@@ -67,48 +69,76 @@ impl HaBed {
         let mut bed = HaBed {
             dir: pair.dir.clone(),
             agents: Vec::new(),
+            started: Vec::new(),
             cluster,
         };
         bed.wait_whole(SETTLE)?;
         for role in [Role::Primary, Role::Secondary] {
-            let pid = pair
-                .vm(role)?
-                .process
-                .pid()
-                .context("the VM's QEMU has no pid")?;
-            let pidfile = pair.dir.join(format!("{}-qemu.pid", role.name()));
-            std::fs::write(&pidfile, format!("{pid}\n"))?;
-            let state = state_path(&pair.dir, role);
-            let mut args = vec![
-                "--state-file".to_string(),
-                state.display().to_string(),
-                "--qemu-pidfile".to_string(),
-                pidfile.display().to_string(),
-            ];
-            args.extend(AGENT_ARGS.iter().map(|a| a.to_string()));
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let ns = bed.cluster.namespace(host_of(role)).to_string();
-            bed.agents
-                .push((role, DriverProcess::agent(&pair.dir, &ns, role, &args)?));
+            bed.start_agent(pair, role)?;
         }
         for role in [Role::Primary, Role::Secondary] {
-            let peer = role.other().name();
-            // On the bed the relay's control socket is in the shared run directory, so both
-            // agents see colo's daemons through it.
-            bed.wait_state(
-                role,
-                SETTLE,
-                "protected, quorate, the peer known, colo's daemons well",
-                |s| {
-                    s.in_sync
-                        && s.quorate
-                        && s.peer.as_ref().is_some_and(|p| p.vm == peer)
-                        && s.daemons.as_ref().is_some_and(|d| d.all_well())
-                },
-            )
-            .await?;
+            bed.wait_protected(role, SETTLE).await?;
         }
         Ok(bed)
+    }
+
+    /// Starts the agent of `role` on its VM's current QEMU (writing that QEMU's pid file for
+    /// the fence): at [`HaBed::start`], and again for a new secondary's QEMU before an online
+    /// re-protect (the old agent gone with its host). A later agent of a role logs to
+    /// `agent-<role>-<n>.log`, so that the earlier one's log stays for the report; the state
+    /// file is the role's one, removed first so that a dead agent's last state never counts.
+    pub fn start_agent(&mut self, pair: &StockPair, role: Role) -> Result<()> {
+        let pid = pair
+            .vm(role)?
+            .process
+            .pid()
+            .context("the VM's QEMU has no pid")?;
+        let pidfile = pair.dir.join(format!("{}-qemu.pid", role.name()));
+        std::fs::write(&pidfile, format!("{pid}\n"))?;
+        let state = state_path(&pair.dir, role);
+        match std::fs::remove_file(&state) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", state.display()));
+            }
+            _ => {}
+        }
+        let mut args = vec![
+            "--state-file".to_string(),
+            state.display().to_string(),
+            "--qemu-pidfile".to_string(),
+            pidfile.display().to_string(),
+        ];
+        args.extend(AGENT_ARGS.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let ns = self.cluster.namespace(host_of(role)).to_string();
+        let earlier = self.started.iter().filter(|r| **r == role).count();
+        let name = match earlier {
+            0 => format!("agent-{}", role.name()),
+            n => format!("agent-{}-{}", role.name(), n + 1),
+        };
+        self.started.push(role);
+        let agent = DriverProcess::agent(&pair.dir, &ns, role, &name, &args)?;
+        self.agents.push((role, agent));
+        Ok(())
+    }
+
+    /// Waits until `role`'s agent sees the pair protected: its VM in COLO, quorate, the peer's
+    /// state known, colo's daemons well (on the bed the relay's control socket is in the
+    /// shared run directory, so both agents see the daemons through it).
+    pub async fn wait_protected(&self, role: Role, within: Duration) -> Result<AgentStatus> {
+        let peer = role.other().name();
+        self.wait_state(
+            role,
+            within,
+            "protected, quorate, the peer known, colo's daemons well",
+            |s| {
+                s.in_sync
+                    && s.quorate
+                    && s.peer.as_ref().is_some_and(|p| p.vm == peer)
+                    && s.daemons.as_ref().is_some_and(|d| d.all_well())
+            },
+        )
+        .await
     }
 
     /// Waits until both nodes count both nodes and the witness's vote again.

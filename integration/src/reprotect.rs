@@ -10,6 +10,12 @@
 //! connection all along, is re-protected; checkpoints go on; then the **primary** is killed
 //! during a download and the new secondary takes over: the download, the echo connection and
 //! every disk record the guest promised must be on it.
+//!
+//! [`with_ha_agents`]: the same life with the HA agents (`qmp-driver agent` on both hosts, a
+//! real corosync cluster with the witness's vote) deciding both failovers by themselves: the
+//! primary's agent takes over when the secondary's host dies, the new secondary host's agent
+//! joins, and after the re-protect both agents see the pair protected again (a new protection
+//! period), so that the new secondary's agent takes over when the primary dies.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,9 +26,12 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::client::{EchoReport, EchoSession, Fetch, HttpClient};
+use crate::cluster::ClusterOptions;
 use crate::guest::DiskCheck;
+use crate::ha::HaBed;
 use crate::scenario::{DownloadReport, ECHO_PORT, guest_server, probe};
 use crate::stock::{PairConfig, Role, StockPair, pauses};
+use qmp_driver::agent::status::Decision;
 use qmp_driver::pair::{self, Progress, ReprotectOptions, ReprotectReport};
 
 /// Where a first re-protect attempt is cut short by the new secondary's host dying (its QEMU,
@@ -99,6 +108,50 @@ pub struct ReprotectRun {
     pub guest_errors: Vec<String>,
     /// The new secondary's disk, after it took over.
     pub disk: DiskCheck,
+    /// With the HA agents: their take-overs, the first (the primary's agent, when the
+    /// secondary's host died) and the second (the new secondary's agent, when the primary
+    /// died).
+    pub agents: Option<AgentTakeovers>,
+}
+
+/// The HA agents' two take-overs of [`with_ha_agents`], each as the agent's state file gives
+/// its last decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentTakeovers {
+    /// The primary's agent, after the secondary's host died.
+    pub first: Decision,
+    /// The new secondary's agent, after the primary died.
+    pub second: Decision,
+    /// Both agents saw the pair protected again (in COLO, quorate, the peer known, colo's
+    /// daemons well) this many ms after the re-protect returned.
+    pub protected_again_ms: f64,
+}
+
+impl AgentTakeovers {
+    fn problems(&self) -> Vec<String> {
+        [("first", &self.first), ("second", &self.second)]
+            .into_iter()
+            .filter(|(_, d)| d.action != "take-over" || d.error.is_some())
+            .map(|(which, d)| {
+                format!("the {which} agent decision was not a clean take-over: {d:?}")
+            })
+            .collect()
+    }
+
+    fn render(&self) -> String {
+        let one = |d: &Decision| {
+            format!(
+                "{} ({}; detected in {:?} ms, failover {:?} ms)",
+                d.action, d.reason, d.detection_ms, d.failover_ms
+            )
+        };
+        format!(
+            "agents: first {}; protected again {:.0} ms after the re-protect; second {}",
+            one(&self.first),
+            self.protected_again_ms,
+            one(&self.second)
+        )
+    }
 }
 
 impl ReprotectRun {
@@ -181,6 +234,7 @@ impl ReprotectRun {
             self.disk.is_consistent(),
             format!("the new secondary's disk lacks records: {:?}", self.disk),
         );
+        problems.extend(self.agents.iter().flat_map(AgentTakeovers::problems));
         problems
     }
 
@@ -199,7 +253,7 @@ impl ReprotectRun {
              stall {:.0} ms\n\
              new pair: {} / {} checkpoints; second failover: download {:?} bytes intact={}, \
              echo {}/{} lines (longest wait {:.0} ms), {} requests answered after, \
-             heartbeats {:?}, disk {:?}\nrun dir: {}",
+             heartbeats {:?}, disk {:?}\n{}run dir: {}",
             r.total_ms,
             phases.join(", "),
             r.disk_bytes,
@@ -222,6 +276,10 @@ impl ReprotectRun {
             self.after_failover_ok,
             self.heartbeats,
             self.disk,
+            self.agents
+                .as_ref()
+                .map(|a| format!("{}\n", a.render()))
+                .unwrap_or_default(),
             self.run_dir.display(),
         )
     }
@@ -265,13 +323,41 @@ pub async fn after_losing_the_secondary(
     interrupt: Interrupt,
     rounds: usize,
 ) -> Result<ReprotectRun> {
-    let dir = crate::artifacts::run_dir(match interrupt {
+    let name = match interrupt {
         Interrupt::None if rounds > 1 => "reprotect-twice",
         Interrupt::None => "reprotect-primary-survives",
         Interrupt::DuringCopy => "reprotect-killed-in-copy",
         Interrupt::DuringMemory => "reprotect-killed-in-memory",
-    })?;
+    };
+    run(tag, name, cfg, interrupt, rounds, false).await
+}
+
+/// The life of [`after_losing_the_secondary`] (one round) with the HA agents deciding both
+/// failovers (the module doc).
+pub async fn with_ha_agents(tag: &str, cfg: PairConfig) -> Result<ReprotectRun> {
+    let cfg = PairConfig {
+        witness: true,
+        ..cfg
+    };
+    run(tag, "reprotect-ha-agents", cfg, Interrupt::None, 1, true).await
+}
+
+async fn run(
+    tag: &str,
+    name: &str,
+    cfg: PairConfig,
+    interrupt: Interrupt,
+    rounds: usize,
+    agents: bool,
+) -> Result<ReprotectRun> {
+    let dir = crate::artifacts::run_dir(name)?;
     let mut pair = StockPair::start(tag, dir, cfg).await?;
+    // Declared after the pair: dropped first (its cluster runs on the pair's namespaces).
+    let mut ha = if agents {
+        Some(HaBed::start(&pair, &ClusterOptions::from_env()).await?)
+    } else {
+        None
+    };
     let period = Duration::from_millis(u64::from(pair.config.checkpoint_delay_ms));
     pair.wait_checkpoints(3, period * 10 + Duration::from_secs(30))
         .await?;
@@ -282,7 +368,8 @@ pub async fn after_losing_the_secondary(
     // Earlier rounds (lose the secondary, re-protect) must show the same as the last one.
     let mut earlier_rounds = Vec::new();
     for _ in 1..rounds {
-        let round = lose_secondary_and_reprotect(&mut pair, &client, Interrupt::None).await?;
+        let round =
+            lose_secondary_and_reprotect(&mut pair, ha.as_mut(), &client, Interrupt::None).await?;
         earlier_rounds.push(round.check()?);
     }
     let Round {
@@ -294,7 +381,9 @@ pub async fn after_losing_the_secondary(
         echo_reprotect,
         switch_pause_qemu_ms,
         checkpoints_new_pair,
-    } = lose_secondary_and_reprotect(&mut pair, &client, interrupt).await?;
+        first_takeover,
+        protected_again_ms,
+    } = lose_secondary_and_reprotect(&mut pair, ha.as_mut(), &client, interrupt).await?;
 
     // The primary dies during a download; the new secondary takes over.
     let echo = EchoSession::start(
@@ -327,7 +416,18 @@ pub async fn after_losing_the_secondary(
     let hb_at_kill = pair.vm(Role::Secondary)?.serial_summary().last_heartbeat;
     let errors_before = pair.vm(Role::Secondary)?.serial_summary().errors.len();
     pair.kill(Role::Primary)?;
-    pair.failover_to_secondary().await?;
+    let second_takeover = match &ha {
+        // The new secondary's agent decides and takes over by itself.
+        Some(ha) => {
+            ha.wait_takeover(Role::Secondary, Duration::from_secs(60))
+                .await?;
+            ha.state(Role::Secondary)?.last_decision
+        }
+        None => {
+            pair.failover_to_secondary().await?;
+            None
+        }
+    };
     let started = Instant::now();
     let download = DownloadReport::of(
         download.await.context("download task")?,
@@ -372,6 +472,18 @@ pub async fn after_losing_the_secondary(
         heartbeats,
         guest_errors,
         disk,
+        agents: match (first_takeover, second_takeover) {
+            (Some(first), Some(second)) => Some(AgentTakeovers {
+                first,
+                second,
+                protected_again_ms: protected_again_ms.unwrap_or_default(),
+            }),
+            (None, None) => None,
+            (first, second) => bail!(
+                "an agent's take-over left no decision in its state file: first {first:?}, \
+                 second {second:?}"
+            ),
+        },
     };
     std::fs::write(
         run.run_dir.join("reprotect-report.json"),
@@ -471,6 +583,10 @@ struct Round {
     echo_reprotect: EchoReport,
     switch_pause_qemu_ms: Option<f64>,
     checkpoints_new_pair: (usize, usize),
+    /// With the agents: the primary's agent's take-over when the secondary was lost.
+    first_takeover: Option<Decision>,
+    /// With the agents: how long after the re-protect both saw the pair protected again.
+    protected_again_ms: Option<f64>,
 }
 
 impl Round {
@@ -504,14 +620,27 @@ impl Round {
 /// and an echo connection open all along; returns once checkpoints go on.
 async fn lose_secondary_and_reprotect(
     pair: &mut StockPair,
+    mut ha: Option<&mut HaBed>,
     client: &HttpClient,
     interrupt: Interrupt,
 ) -> Result<Round> {
     let period = Duration::from_millis(u64::from(pair.config.checkpoint_delay_ms));
     let echo_server = SocketAddr::new(guest_server().ip(), ECHO_PORT);
-    // The secondary's host dies; the primary carries on alone.
+    // The secondary's host dies (with its agent); the primary carries on alone, by its
+    // agent's decision or by `qmp-driver failover`.
     pair.kill(Role::Secondary)?;
-    pair.failover_to_primary().await?;
+    let first_takeover = match ha.as_deref_mut() {
+        Some(ha) => {
+            ha.kill_agent(Role::Secondary);
+            ha.wait_takeover(Role::Primary, Duration::from_secs(60))
+                .await?;
+            ha.state(Role::Primary)?.last_decision
+        }
+        None => {
+            pair.failover_to_primary().await?;
+            None
+        }
+    };
     probe(client, Duration::from_secs(10))
         .await
         .context("the primary serves alone")?;
@@ -537,6 +666,10 @@ async fn lose_secondary_and_reprotect(
         _ => Some(interrupted_attempt(pair, &opts, interrupt).await?),
     };
     let mut serve = pair.restart_secondary_host().await?;
+    if let Some(ha) = ha.as_deref_mut() {
+        // The host's agent comes back with it, on the new secondary QEMU.
+        ha.start_agent(pair, Role::Secondary)?;
+    }
     let pri = pair.vm(Role::Primary)?.qmp.clone();
     let sec = pair.vm(Role::Secondary)?.qmp.clone();
     let events_mark = pair.vm(Role::Primary)?.events.len();
@@ -544,6 +677,7 @@ async fn lose_secondary_and_reprotect(
         println!("  reprotect: {p}")
     })
     .await;
+    let reprotect_done = Instant::now();
     stop.store(true, Ordering::Relaxed);
     let (requests_during, failures_during, slowest) = prober.await.context("prober task")?;
     let echo_reprotect = echo.finish();
@@ -565,6 +699,17 @@ async fn lose_secondary_and_reprotect(
 
     // Back in COLO: checkpoints go on, on both sides.
     pair.wait_guest_in_colo().await?;
+    // Both agents must see the pair protected again: a new protection period, in which the
+    // next failure is theirs to decide.
+    let protected_again_ms = match ha.as_deref() {
+        Some(ha) => {
+            for role in [Role::Primary, Role::Secondary] {
+                ha.wait_protected(role, Duration::from_secs(60)).await?;
+            }
+            Some(reprotect_done.elapsed().as_secs_f64() * 1000.0)
+        }
+        None => None,
+    };
     pair.wait_checkpoints(5, period * 10 + Duration::from_secs(60))
         .await?;
     let checkpoints_new_pair = (
@@ -580,5 +725,7 @@ async fn lose_secondary_and_reprotect(
         echo_reprotect,
         switch_pause_qemu_ms,
         checkpoints_new_pair,
+        first_takeover,
+        protected_again_ms,
     })
 }

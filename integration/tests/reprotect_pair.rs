@@ -114,3 +114,19 @@ async fn a_reprotect_whose_secondary_dies_during_the_memory_migration_harms_noth
  {
     cut_short(Interrupt::DuringMemory, "t-rpm").await;
 }
+
+/// The same life with the HA agents deciding both failovers (no `qmp-driver failover`): the
+/// secondary's host dies and the primary's agent takes over; the host comes back with a new
+/// agent, the primary is re-protected online, both agents see the pair protected again; the
+/// primary dies during a download and the new secondary's agent takes over. Nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU, the guest and corosync; select with --include-ignored (integration/test.sh does)"]
+async fn the_ha_agents_fail_over_again_after_an_online_reprotect() {
+    let run = reprotect::with_ha_agents("t-rpha", common::daemons_pair())
+        .await
+        .expect("re-protect scenario with the agents ran");
+    let agents = run.agents.as_ref().expect("the agents' take-overs");
+    assert_eq!(agents.first.action, "take-over");
+    assert_eq!(agents.second.action, "take-over");
+    assert_reprotected(&run);
+}

@@ -170,7 +170,6 @@ enum Command {
         )]
         setups: Vec<BenchSetup>,
     },
-    /// A subscriber that acknowledges late, then one that never does.
     /// The life of a protected VM on colo's daemons (which it always uses): the secondary's
     /// host dies and the primary serves alone (`failover --survivor primary`); the host comes
     /// back and `qmp-driver reprotect` brings it into COLO online while clients keep a
@@ -181,7 +180,13 @@ enum Command {
         /// Losses and online re-protects of the secondary before the primary is killed.
         #[arg(long, default_value_t = 1)]
         rounds: usize,
+        /// Let the HA agents (`qmp-driver agent` on a real corosync cluster with a quorum
+        /// device on a witness host) decide both failovers instead of `qmp-driver failover`;
+        /// one round.
+        #[arg(long, conflicts_with = "rounds")]
+        ha_agents: bool,
     },
+    /// A subscriber that acknowledges late, then one that never does.
     RelayBarrier {
         /// Checkpoints per phase.
         #[arg(long, default_value_t = 8)]
@@ -369,27 +374,31 @@ async fn run(command: Command, cli: &Cli, cfg: PairConfig) -> anyhow::Result<Out
             };
             failover_outcome(scenario::failover(&cli.tag, cfg, plan).await)
         }
-        Command::Reprotect { rounds } => {
+        Command::Reprotect { rounds, ha_agents } => {
             let cfg = PairConfig {
                 disk: DiskBackend::ColoBlockd,
                 network: NetworkBackend::ColoProxyd,
                 ..cfg
             };
-            reprotect::after_losing_the_secondary(&cli.tag, cfg, Interrupt::None, rounds.max(1))
-                .await
-                .map(|run| {
-                    let problems = run.problems();
-                    let mut text = run.render();
-                    for p in &problems {
-                        text.push_str(&format!("\nFAILED: {p}"));
-                    }
-                    Outcome {
-                        text,
-                        json: serde_json::json!({ "run": run, "problems": problems }),
-                        passed: problems.is_empty(),
-                        run_dir: Some(run.run_dir.clone()),
-                    }
-                })
+            let run = if ha_agents {
+                reprotect::with_ha_agents(&cli.tag, cfg).await
+            } else {
+                reprotect::after_losing_the_secondary(&cli.tag, cfg, Interrupt::None, rounds.max(1))
+                    .await
+            };
+            run.map(|run| {
+                let problems = run.problems();
+                let mut text = run.render();
+                for p in &problems {
+                    text.push_str(&format!("\nFAILED: {p}"));
+                }
+                Outcome {
+                    text,
+                    json: serde_json::json!({ "run": run, "problems": problems }),
+                    passed: problems.is_empty(),
+                    run_dir: Some(run.run_dir.clone()),
+                }
+            })
         }
         Command::RelayEpochs { checkpoints } => barrier::epochs(&cli.tag, cfg, checkpoints)
             .await

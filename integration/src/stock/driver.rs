@@ -392,11 +392,17 @@ impl DriverProcess {
     }
 
     /// Starts `qmp-driver agent --side ROLE ARGS...` (the HA agent) in the network namespace
-    /// `ns` of that side's host, where it reaches the host's corosync; its log `agent-ROLE.log`.
-    pub fn agent(dir: &Path, ns: &str, role: Role, args: &[&str]) -> Result<DriverProcess> {
+    /// `ns` of that side's host, where it reaches the host's corosync; its log `NAME.log`.
+    pub fn agent(
+        dir: &Path,
+        ns: &str,
+        role: Role,
+        name: &str,
+        args: &[&str],
+    ) -> Result<DriverProcess> {
         let mut all = vec!["agent", "--side", role.name()];
         all.extend_from_slice(args);
-        DriverProcess::start_in(Some(ns), dir, &format!("agent-{}", role.name()), &all)
+        DriverProcess::start_in(Some(ns), dir, name, &all)
     }
 
     /// Its process id (`ip netns exec` execs the program: the same process), while it runs.
