@@ -507,7 +507,11 @@ pub enum Command {
         `-incoming defer` (secondary). With network.backend = \"colo-proxyd\" the filter \
         sockets are served on each host's loopback for colo-proxyd (no colo-compare, no \
         filter-rewriter); with disk.backend = \"colo-blockd\" the secondary's disk is \
-        colo-blockd's `svm` export. Talks to no QEMU.\n\n\
+        colo-blockd's `svm` export. With [tls]: the primary's tls-creds-x509 client object \
+        (migration, NBD child), and on QEMU's stock stack the server object and authz-list \
+        that admit only the other host's certificate (the secondary's NBD server, the \
+        primary's two colo-compare sockets) and the secondary's client object for its \
+        chardevs (docs/security.md). Talks to no QEMU.\n\n\
         Not included, add them yourself identically on both sides: -machine, -accel/-cpu, -m \
         (the secondary needs about twice the guest RAM free), -smp, firmware and boot \
         options. `daemon-args` prints the daemons' command lines.",
