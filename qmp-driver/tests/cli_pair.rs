@@ -340,7 +340,9 @@ async fn start_prepares_both_sides_in_order_and_waits_for_colo() {
 }
 
 /// With `[tls]`, `start` also names the primary's TLS credentials and the secondary host's
-/// name before it migrates (to the relay, which terminates TLS).
+/// name before it migrates (to the relay, which terminates TLS), and on the stock stack's
+/// disk the secondary's NBD server requires TLS with the authz `qemu-args` gave it while the
+/// replication child connects with the primary's credentials, checking the secondary's name.
 #[tokio::test]
 async fn with_tls_start_sets_the_migrations_tls_credentials_and_hostname() {
     start_sequence(
@@ -436,6 +438,14 @@ async fn start_sequence(extra: &str, tls: Option<Value>) {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(started.elapsed() < Duration::from_secs(10));
     let incoming = format!("unix:{}", bed.path("incoming.sock").display());
+    let mut nbd_server_start =
+        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "9999"}}});
+    let mut child_tls = "";
+    if tls.is_some() {
+        nbd_server_start["tls-creds"] = json!("colo-tls-server0");
+        nbd_server_start["tls-authz"] = json!("colo-tls-peer0");
+        child_tls = ",file.tls-creds=colo-tls0,file.tls-hostname=hostb";
+    }
     assert_eq!(
         bed.sent(),
         vec![
@@ -454,11 +464,7 @@ async fn start_sequence(extra: &str, tls: Option<Value>) {
                 "migrate-set-capabilities",
                 json!({"capabilities": [{"capability": "x-colo", "state": true}]})
             ),
-            expect(
-                "secondary",
-                "nbd-server-start",
-                json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "9999"}}})
-            ),
+            expect("secondary", "nbd-server-start", nbd_server_start),
             expect(
                 "secondary",
                 "nbd-server-add",
@@ -470,9 +476,11 @@ async fn start_sequence(extra: &str, tls: Option<Value>) {
             expect(
                 "primary",
                 "human-monitor-command",
-                json!({"command-line": "drive_add -n buddy driver=replication,mode=primary,\
-                    file.driver=nbd,file.host=127.0.0.1,file.port=9999,file.export=parent0,\
-                    node-name=replication0"})
+                json!({"command-line": format!(
+                    "drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,\
+                     file.host=127.0.0.1,file.port=9999,file.export=parent0,\
+                     node-name=replication0{child_tls}"
+                )})
             ),
             expect(
                 "primary",
