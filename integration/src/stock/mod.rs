@@ -524,8 +524,19 @@ impl StockPair {
     }
 
     /// SIGKILLs the QEMU of `role`: a fail-stop failure of that host's VM. colo's daemons on
-    /// that host die with it, as they would with the host.
+    /// that host die with it, as they would with the host, but after the QEMU: killed first,
+    /// a daemon makes the relay end COLO a few milliseconds before the QEMU dies, and the
+    /// primary's agent, seeing `COLO_EXIT` with its VM still running, could claim the VM for
+    /// itself and then die in its take-over (a double failure the test does not mean; a
+    /// crashed daemon is tested on its own, `Failure::RestartDaemon`).
     pub fn kill(&mut self, role: Role) -> Result<()> {
+        let mut vm = match role {
+            Role::Primary => self.primary.take(),
+            Role::Secondary => self.secondary.take(),
+        }
+        .with_context(|| format!("the {} VM is already gone", role.name()))?;
+        vm.process.kill()?;
+        self.dead.push(vm);
         if role == Role::Secondary
             && let Some(mut blockd) = self.blockd.take()
         {
@@ -536,13 +547,6 @@ impl StockPair {
                 daemon.kill();
             }
         }
-        let mut vm = match role {
-            Role::Primary => self.primary.take(),
-            Role::Secondary => self.secondary.take(),
-        }
-        .with_context(|| format!("the {} VM is already gone", role.name()))?;
-        vm.process.kill()?;
-        self.dead.push(vm);
         Ok(())
     }
 
