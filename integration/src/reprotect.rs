@@ -416,18 +416,7 @@ async fn run(
     let hb_at_kill = pair.vm(Role::Secondary)?.serial_summary().last_heartbeat;
     let errors_before = pair.vm(Role::Secondary)?.serial_summary().errors.len();
     pair.kill(Role::Primary)?;
-    let second_takeover = match &ha {
-        // The new secondary's agent decides and takes over by itself.
-        Some(ha) => {
-            ha.wait_takeover(Role::Secondary, Duration::from_secs(60))
-                .await?;
-            ha.state(Role::Secondary)?.last_decision
-        }
-        None => {
-            pair.failover_to_secondary().await?;
-            None
-        }
-    };
+    let second_takeover = take_over(&mut pair, ha.as_ref(), Role::Secondary).await?;
     let started = Instant::now();
     let download = DownloadReport::of(
         download.await.context("download task")?,
@@ -573,6 +562,29 @@ async fn interrupted_attempt(
     })
 }
 
+/// `survivor` takes the VM over after the other side died: by its HA agent's own decision
+/// (returned as the agent's state file records it), or without agents by `qmp-driver
+/// failover`'s sequence.
+async fn take_over(
+    pair: &mut StockPair,
+    ha: Option<&HaBed>,
+    survivor: Role,
+) -> Result<Option<Decision>> {
+    match ha {
+        Some(ha) => {
+            ha.wait_takeover(survivor, Duration::from_secs(60)).await?;
+            Ok(ha.state(survivor)?.last_decision)
+        }
+        None => {
+            match survivor {
+                Role::Primary => pair.failover_to_primary().await?,
+                Role::Secondary => pair.failover_to_secondary().await?,
+            };
+            Ok(None)
+        }
+    }
+}
+
 /// One round of [`after_losing_the_secondary`]: what it saw.
 struct Round {
     failed_attempt: Option<FailedAttempt>,
@@ -629,18 +641,10 @@ async fn lose_secondary_and_reprotect(
     // The secondary's host dies (with its agent); the primary carries on alone, by its
     // agent's decision or by `qmp-driver failover`.
     pair.kill(Role::Secondary)?;
-    let first_takeover = match ha.as_deref_mut() {
-        Some(ha) => {
-            ha.kill_agent(Role::Secondary);
-            ha.wait_takeover(Role::Primary, Duration::from_secs(60))
-                .await?;
-            ha.state(Role::Primary)?.last_decision
-        }
-        None => {
-            pair.failover_to_primary().await?;
-            None
-        }
-    };
+    if let Some(ha) = ha.as_deref_mut() {
+        ha.kill_agent(Role::Secondary);
+    }
+    let first_takeover = take_over(pair, ha.as_deref(), Role::Primary).await?;
     probe(client, Duration::from_secs(10))
         .await
         .context("the primary serves alone")?;
