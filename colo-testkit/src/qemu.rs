@@ -119,24 +119,14 @@ async fn wait_for_socket(child: &mut Child, socket: &Path) {
 }
 
 /// A TCG QEMU (`qemu`) for the tiny guest of `integration/make-guest.sh`
-/// (`${COLO_CACHE:-/var/cache/colo}/guest`) with its NIC on a vhost-user back-end: `mib` MiB of
-/// shared memfd RAM (vhost-user maps it), the guest's console in `serial`, its address
-/// `colo_ip` (CIDR), the virtio-net device with `mac` on the socket `socket` (QEMU the client,
-/// reconnecting every second when `reconnect`). Add `-qmp` and the like before spawning.
-pub fn tiny_guest_on_vhost_user(
-    qemu: &Path,
-    mib: u32,
-    serial: &Path,
-    colo_ip: &str,
-    socket: &Path,
-    reconnect: bool,
-    mac: &str,
-) -> std::process::Command {
+/// (`${COLO_CACHE:-/var/cache/colo}/guest`): `mib` MiB of RAM, the guest's console in `serial`,
+/// its address `colo_ip` (CIDR), no NIC and no disk yet. Add devices, `-qmp` and the like
+/// before spawning.
+pub fn tiny_guest(qemu: &Path, mib: u32, serial: &Path, colo_ip: &str) -> std::process::Command {
     let guest = std::env::var_os("COLO_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/colo"))
         .join("guest");
-    let reconnect = if reconnect { ",reconnect-ms=1000" } else { "" };
     let mut q = std::process::Command::new(qemu);
     q.args([
         "-machine",
@@ -165,7 +155,25 @@ pub fn tiny_guest_on_vhost_user(
     ])
     .arg("-serial")
     .arg(format!("file:{}", serial.display()))
-    .args([
+    .stdout(std::process::Stdio::null());
+    q
+}
+
+/// [`tiny_guest`] with its NIC on a vhost-user back-end: `mib` MiB of shared memfd RAM
+/// (vhost-user maps it), the virtio-net device with `mac` on the socket `socket` (QEMU the
+/// client, reconnecting every second when `reconnect`).
+pub fn tiny_guest_on_vhost_user(
+    qemu: &Path,
+    mib: u32,
+    serial: &Path,
+    colo_ip: &str,
+    socket: &Path,
+    reconnect: bool,
+    mac: &str,
+) -> std::process::Command {
+    let reconnect = if reconnect { ",reconnect-ms=1000" } else { "" };
+    let mut q = tiny_guest(qemu, mib, serial, colo_ip);
+    q.args([
         "-object",
         &format!("memory-backend-memfd,id=mem,size={mib}M,share=on"),
         "-numa",
@@ -178,7 +186,6 @@ pub fn tiny_guest_on_vhost_user(
         "vhost-user,id=n,chardev=c",
         "-device",
         &format!("virtio-net-pci,netdev=n,mac={mac}"),
-    ])
-    .stdout(std::process::Stdio::null());
+    ]);
     q
 }

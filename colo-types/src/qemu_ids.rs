@@ -48,6 +48,9 @@ pub const SECONDARY_NET_IN_REDIRECTOR: &str = "f4";
 pub const REWRITER: &str = "rew0";
 /// Secondary: the `replication,mode=secondary` drive.
 pub const SECONDARY_REPLICATION_DRIVE: &str = "childs0";
+/// Secondary, colo-blockd: the NBD client of colo-blockd's `svm` export, the one child of the
+/// disk's quorum (so that a survivor can take a replication child, as a primary's disk does).
+pub const SECONDARY_BLOCKD_DRIVE: &str = "svm0";
 
 /// The guest NIC's netdev when the config names none.
 pub const DEFAULT_NETDEV: &str = "hn0";

@@ -452,9 +452,16 @@ fn replication_disk(a: &mut Args, cfg: &PairConfig, vm: &VmConfig) -> Result<(),
 pub const SVM_DISK_RECONNECT_SECS: u32 = 15;
 
 /// The colo-blockd secondary disk: an NBD client of colo-blockd's `svm`
-/// export, over its Unix socket when one is configured. The image itself
-/// belongs to colo-blockd (`vm.secondary_image` is its `--image`).
+/// export, over its Unix socket when one is configured, under a quorum of one
+/// child as on the primary. The image itself belongs to colo-blockd
+/// (`vm.secondary_image` is its `--image`).
+///
+/// Why the quorum: after a failover this VM is the one that serves, and a re-protect from it
+/// (failback) must add a replication child to its disk with `x-blockdev-change`, which only a
+/// quorum takes; QEMU cannot put a node above a device's root while the guest runs. Reads
+/// and writes pass through to the one child (vote-threshold=1, read-pattern=fifo).
 fn blockd_disk(a: &mut Args, cfg: &PairConfig) {
+    use colo_types::qemu_ids::SECONDARY_BLOCKD_DRIVE;
     let disk = &cfg.disk;
     let server = match &disk.blockd_socket {
         Some(path) => format!("server.type=unix,server.path={}", path_value(path)),
@@ -466,8 +473,15 @@ fn blockd_disk(a: &mut Args, cfg: &PairConfig) {
     a.opt(
         "-drive",
         format!(
-            "if=none,id={},driver=nbd,{server},export={BLOCKD_SVM_EXPORT},\
-             reconnect-delay={SVM_DISK_RECONNECT_SECS}",
+            "if=none,id={SECONDARY_BLOCKD_DRIVE},driver=nbd,{server},\
+             export={BLOCKD_SVM_EXPORT},reconnect-delay={SVM_DISK_RECONNECT_SECS}"
+        ),
+    )
+    .opt(
+        "-drive",
+        format!(
+            "if=none,id={},driver=quorum,read-pattern=fifo,vote-threshold=1,\
+             children.0={SECONDARY_BLOCKD_DRIVE}",
             disk.device
         ),
     );
@@ -805,14 +819,16 @@ mod tests {
     }
 
     #[test]
-    fn with_colo_blockd_the_svm_disk_is_its_nbd_export() {
+    fn with_colo_blockd_the_svm_disk_is_its_nbd_export_under_a_quorum() {
         let cfg = blockd_config("");
         let s = pairs(&secondary_args(&cfg).unwrap());
         assert_eq!(
             values(&s, "-drive"),
             [
-                "if=none,id=colo-disk0,driver=nbd,server.type=inet,server.host=192.168.77.2,\
-                 server.port=10809,export=svm,reconnect-delay=15"
+                "if=none,id=svm0,driver=nbd,server.type=inet,server.host=192.168.77.2,\
+                 server.port=10809,export=svm,reconnect-delay=15",
+                "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,\
+                 children.0=svm0"
             ]
         );
         assert_eq!(
