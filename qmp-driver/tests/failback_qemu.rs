@@ -360,7 +360,7 @@ async fn a_secondary_that_took_over_enters_colo_again_as_the_primary_of_a_new_se
     .await;
     enter_colo(&s1, &s2, &uri).await;
     wait_checkpoints(&s1, 5).await;
-    let in_colo = wait_heartbeat(&s1, added + 3, "the failback primary's guest").await;
+    let in_colo = wait_heartbeat(&s1, added + 6, "the failback primary's guest").await;
     // The control: the child got no copy of the disk, so an early record is not on it.
     assert!(
         !has_record(&dir.join("child.raw"), 1),
