@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The main job on built-in defaults: set up this machine (idempotent), start the COLO pair on
-# colo's own daemons (colo-proxyd on both hosts, colo-blockd, the checkpoint-barrier relay) on
-# the namespace test bed the way an operator does (`qmp-driver start`, `status`,
-# `checkpoint`), serve a client, SIGKILL the primary during a 1 MiB download,
-# `qmp-driver failover --survivor secondary`, and report what happened.
-# Arguments go to `colo-testbed` (try `--help`, `soak`, `failover --kill secondary`,
-# `relay-epochs`, `relay-barrier`; `--network colo-compare --disk replication` for QEMU's own
-# COLO stack).
+# The main job on built-in defaults: set up this machine (idempotent), then the whole life of a
+# protected VM on colo's own daemons (the checkpoint-barrier relay, colo-proxyd on both hosts,
+# colo-blockd) with the HA agents on a real corosync cluster: clients stream and download, the
+# secondary's host dies and the primary's agent takes over, the running primary is re-protected
+# online, the primary's host dies and the new secondary's agent takes over; then the report
+# (checkpoints, divergences by reason, failover and re-protect times, what was lost).
+# Arguments go to `colo-testbed` (try `--help`, `demo` for the operator's view with the
+# `qmp-driver` commands, `soak`, `failover --kill secondary`, `reprotect`, `relay-epochs`,
+# `relay-barrier`; `demo --network colo-compare --disk replication` for QEMU's own COLO stack).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -17,6 +17,7 @@
 //! joins, and after the re-protect both agents see the pair protected again (a new protection
 //! period), so that the new secondary's agent takes over when the primary dies.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +31,7 @@ use crate::cluster::ClusterOptions;
 use crate::guest::DiskCheck;
 use crate::ha::HaBed;
 use crate::scenario::{DownloadReport, ECHO_PORT, guest_server, probe};
+use crate::stock::proxyd::{primary_log, proxyd_reasons, render_reasons};
 use crate::stock::{PairConfig, Role, StockPair, pauses};
 use qmp_driver::agent::status::Decision;
 use qmp_driver::pair::{self, Progress, ReprotectOptions, ReprotectReport};
@@ -64,6 +66,11 @@ pub struct FailedAttempt {
     pub block_jobs: usize,
     /// The NBD child's node is still there.
     pub child_left: bool,
+}
+
+/// A figure in ms, or "-".
+fn ms(value: Option<f64>) -> String {
+    value.map_or("-".to_string(), |v| format!("{v:.1}"))
 }
 
 /// What the run measured and saw. Times in ms.
@@ -112,6 +119,12 @@ pub struct ReprotectRun {
     /// secondary's host died) and the second (the new secondary's agent, when the primary
     /// died).
     pub agents: Option<AgentTakeovers>,
+    /// A long-lived echo connection across the whole life: opened in the first pair's COLO,
+    /// through the loss of the secondary, the re-protect(s) and the second failover.
+    pub echo_life: EchoReport,
+    /// colo-proxyd primary's requests for a checkpoint over the whole run, by reason (the
+    /// divergences it saw, and its bounds).
+    pub divergences: BTreeMap<String, u64>,
 }
 
 /// The HA agents' two take-overs of [`with_ha_agents`], each as the agent's state file gives
@@ -234,8 +247,76 @@ impl ReprotectRun {
             self.disk.is_consistent(),
             format!("the new secondary's disk lacks records: {:?}", self.disk),
         );
+        check(
+            self.echo_life.ok(),
+            format!(
+                "the echo connection of the whole life broke: {:?}",
+                self.echo_life
+            ),
+        );
         problems.extend(self.agents.iter().flat_map(AgentTakeovers::problems));
         problems
+    }
+
+    /// The life in a few lines: checkpoints, divergences by reason, each failover's time, the
+    /// re-protect's time and longest client stall, and what was lost.
+    pub fn summary(&self) -> String {
+        let r = &self.reprotect;
+        let failover = |which: &str, d: Option<&Decision>| match d {
+            Some(d) => format!(
+                "{which}: detected in {} ms, failover {} ms ({})",
+                ms(d.detection_ms),
+                ms(d.failover_ms),
+                d.reason
+            ),
+            None => format!("{which}: `qmp-driver failover`"),
+        };
+        let lines_lost = self.echo_life.sent.saturating_sub(self.echo_life.echoed);
+        let download_lost = if self.download.ok() {
+            0
+        } else {
+            (1usize << 20).saturating_sub(self.download.bytes)
+        };
+        [
+            format!(
+                "checkpoints: {} in the first pair, {} / {} after the re-protect",
+                self.checkpoints_first_pair,
+                self.checkpoints_new_pair.0,
+                self.checkpoints_new_pair.1
+            ),
+            format!(
+                "divergences (colo-proxyd's checkpoint requests by reason): {}",
+                render_reasons(&self.divergences)
+            ),
+            failover(
+                "failover 1 (the secondary's host died, the primary serves on)",
+                self.agents.as_ref().map(|a| &a.first),
+            ),
+            format!(
+                "re-protect: {:.1} s, pause at the switch {} ms, longest client stall {:.0} ms, \
+                 {} of {} requests failed",
+                r.total_ms / 1000.0,
+                self.switch_pause_qemu_ms
+                    .map_or("-".to_string(), |p| format!("{p:.0}")),
+                self.longest_stall_ms,
+                self.failures_during.len(),
+                self.requests_during
+            ),
+            failover(
+                "failover 2 (the primary's host died, the new secondary serves on)",
+                self.agents.as_ref().map(|a| &a.second),
+            ),
+            format!(
+                "lost: {download_lost} bytes of the download in flight, {lines_lost} of {} lines \
+                 of the life-long echo connection (longest wait {:.0} ms), {} disk records \
+                 ({} torn)",
+                self.echo_life.sent,
+                self.echo_life.longest_wait_ms,
+                self.disk.missing.len(),
+                self.disk.torn.len()
+            ),
+        ]
+        .join("\n")
     }
 
     /// The figures, for humans.
@@ -365,6 +446,12 @@ async fn run(
     let client = HttpClient::new(&pair.topology.client, guest_server());
 
     let echo_server = SocketAddr::new(guest_server().ip(), ECHO_PORT);
+    // One connection for the whole life, opened while the first pair is in COLO.
+    let echo_life = EchoSession::start(
+        &pair.topology.client,
+        echo_server,
+        Duration::from_millis(100),
+    )?;
     // Earlier rounds (lose the secondary, re-protect) must show the same as the last one.
     let mut earlier_rounds = Vec::new();
     for _ in 1..rounds {
@@ -432,6 +519,7 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let echo = echo.finish();
+    let echo_life = echo_life.finish();
     let last = hb_at_kill.unwrap_or(0);
     pair.wait_serial(Role::Secondary, Duration::from_secs(20), |s| {
         s.last_heartbeat.unwrap_or(0) >= last + 2
@@ -442,6 +530,7 @@ async fn run(
     let guest_errors = summary.errors[errors_before.min(summary.errors.len())..].to_vec();
     let heartbeats = (hb_at_kill, summary.last_heartbeat);
     let disk = pair.stop_and_check_disk(Role::Secondary).await?;
+    let divergences = proxyd_reasons(&primary_log(&pair.dir), 0);
     let run = ReprotectRun {
         run_dir: pair.dir.clone(),
         earlier_rounds,
@@ -473,6 +562,8 @@ async fn run(
                  second {second:?}"
             ),
         },
+        echo_life,
+        divergences,
     };
     std::fs::write(
         run.run_dir.join("reprotect-report.json"),

@@ -70,7 +70,7 @@ async fn a_tls_pair_is_reprotected_online_and_a_second_failover_loses_nothing() 
 /// What every run must show: the re-protect's phases and figures, clients served throughout,
 /// the pair back in COLO, and the second failover losing nothing.
 fn assert_reprotected(run: &ReprotectRun) {
-    println!("{}", run.render());
+    println!("{}\n\n{}", run.summary(), run.render());
     let problems = run.problems();
     assert!(problems.is_empty(), "{problems:#?}");
 }

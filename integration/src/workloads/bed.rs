@@ -14,6 +14,7 @@ use super::{Setup, SuiteConfig};
 use crate::artifacts::Artifacts;
 use crate::guest;
 use crate::process::QemuProcess;
+use crate::stock::proxyd::proxyd_reasons;
 use crate::stock::{DiskBackend, NetworkBackend, PairConfig, StockPair, bed_args};
 use crate::topology::{self, Topology, addr};
 
@@ -216,7 +217,7 @@ impl Bed {
     }
 
     fn proxyd_log(pair: &StockPair) -> PathBuf {
-        pair.dir.join("proxyd-primary.log")
+        crate::stock::proxyd::primary_log(&pair.dir)
     }
 
     /// Where a run starts (`None` without COLO).
@@ -297,76 +298,6 @@ pub(super) fn enter_netns(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// colo-proxyd's requests for a checkpoint in its log from byte `from` on, by reason.
-pub(super) fn proxyd_reasons(log: &Path, from: u64) -> BTreeMap<String, u64> {
-    let text = std::fs::read(log).unwrap_or_default();
-    count_reasons(&String::from_utf8_lossy(
-        &text[(from as usize).min(text.len())..],
-    ))
-}
-
-/// The `reason=` of each "the comparison needs a checkpoint" line, counted.
-pub(super) fn count_reasons(log: &str) -> BTreeMap<String, u64> {
-    let mut reasons = BTreeMap::new();
-    for line in log
-        .lines()
-        .filter(|l| l.contains("the comparison needs a checkpoint"))
-    {
-        let reason = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("reason="))
-            .unwrap_or("unknown")
-            .trim_matches('"')
-            .to_string();
-        *reasons.entry(reason).or_default() += 1;
-    }
-    reasons
-}
-
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
-}
-
-/// Reasons as `reason n, reason n` for the tables ("-" for none).
-pub(super) fn render_reasons(reasons: &BTreeMap<String, u64>) -> String {
-    if reasons.is_empty() {
-        return "-".into();
-    }
-    reasons
-        .iter()
-        .map(|(r, n)| format!("{r} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proxyd_reasons_are_counted() {
-        let line = |r: &str| {
-            format!(
-                "2026-12-06T03:00:00Z  INFO colo_proxyd::daemon::primary: the comparison needs \
-                 a checkpoint reason={r} detail=X epoch=3\n"
-            )
-        };
-        let text = format!(
-            "{}{}{}other line reason=ignored\n",
-            line("payload-differs"),
-            line("payload-differs"),
-            line("\"hold-timeout\"")
-        );
-        let counted = count_reasons(&text);
-        assert_eq!(
-            counted,
-            BTreeMap::from([("hold-timeout".into(), 1), ("payload-differs".into(), 2)])
-        );
-        assert_eq!(
-            render_reasons(&counted),
-            "hold-timeout 1, payload-differs 2"
-        );
-        assert_eq!(render_reasons(&BTreeMap::new()), "-");
-        assert!(proxyd_reasons(Path::new("/nonexistent/proxyd-primary.log"), 0).is_empty());
-    }
 }

@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use super::bed::{Bed, enter_netns, on_thread, render_reasons};
+use super::bed::{Bed, enter_netns, on_thread};
 use super::{AbResult, Setup, cell, share};
 use crate::client::{Fetch, HttpClient, md5_hex};
+use crate::stock::proxyd::render_reasons;
 use crate::topology::addr;
 
 /// Size of the guest's `/blob`.

@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use super::bed::{Bed, render_reasons};
+use super::bed::Bed;
 use super::{Setup, cell, share};
 use crate::client::{Fetch, HttpClient};
+use crate::stock::proxyd::render_reasons;
 use crate::topology::addr;
 
 /// What the disk workload is given.

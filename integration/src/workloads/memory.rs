@@ -23,10 +23,11 @@ use colo_types::Role;
 use serde::Serialize;
 use serde_json::json;
 
-use super::bed::{Bed, render_reasons};
+use super::bed::Bed;
 use super::{Setup, SuiteConfig, cell};
 use crate::client::{Fetch, HttpClient};
 use crate::stats;
+use crate::stock::proxyd::render_reasons;
 use crate::stock::{PairConfig, StockPair};
 use crate::topology::addr;
 

@@ -8,8 +8,9 @@ use std::fmt::Write as _;
 use anyhow::Result;
 use serde::Serialize;
 
-use super::bed::{Bed, render_reasons};
+use super::bed::Bed;
 use super::{AbResult, Setup, cell, share};
+use crate::stock::proxyd::render_reasons;
 use crate::topology::addr;
 
 /// What the web workload is given.
