@@ -16,28 +16,9 @@ use std::time::{Duration, Instant};
 
 const DISK_BYTES: usize = 8 << 20;
 
-/// colo-blockd of this build, next to this test's `deps` directory.
+/// colo-blockd of this build (or `$COLO_BLOCKD`).
 fn blockd_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("COLO_BLOCKD") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("test executable");
-    let candidates: Vec<PathBuf> = exe
-        .ancestors()
-        .skip(1)
-        .take(2)
-        .map(|d| d.join("colo-blockd"))
-        .collect();
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "colo-blockd is not built (looked at {candidates:?}): run `cargo build -p \
-                 colo-blockd` or the workspace's tests, or set COLO_BLOCKD"
-            )
-        })
+    colo_testkit::binaries::workspace_binary("colo-blockd", "COLO_BLOCKD")
 }
 
 /// A disk worth copying: a different byte pattern in every MiB, a hole, and data at the end.

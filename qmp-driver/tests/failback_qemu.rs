@@ -33,28 +33,9 @@ const MIB: u32 = 128;
 /// Short, so that the test sees many checkpoints in a few seconds of TCG.
 const CHECKPOINT_DELAY_MS: u64 = 300;
 
-/// colo-blockd of this build, next to this test's `deps` directory (or `$COLO_BLOCKD`).
+/// colo-blockd of this build (or `$COLO_BLOCKD`).
 fn blockd_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("COLO_BLOCKD") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("test executable");
-    let candidates: Vec<PathBuf> = exe
-        .ancestors()
-        .skip(1)
-        .take(2)
-        .map(|d| d.join("colo-blockd"))
-        .collect();
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "colo-blockd is not built (looked at {candidates:?}): run `cargo build -p \
-                 colo-blockd` or the workspace's tests, or set COLO_BLOCKD"
-            )
-        })
+    colo_testkit::binaries::workspace_binary("colo-blockd", "COLO_BLOCKD")
 }
 
 fn free_port() -> u16 {
