@@ -1135,9 +1135,13 @@ fn migration_without_dirty_log_marking_is_detected() {
         conclusive - unnoticed.len()
     );
     assert_eq!(conclusive, n, "too few migrations reached the burst");
+    // The negative control needs the check to catch the broken log, not to catch it in every
+    // run: a run whose back-end writes all landed before QEMU's last pass over RAM shows no
+    // difference even with the log broken, and on a loaded host (CI, 2 cores) that happens
+    // (1 of 2 once, with a bed test beside it). At least one run must catch it.
     assert!(
-        unnoticed.is_empty(),
-        "the broken log went unnoticed: {unnoticed:#?}"
+        unnoticed.len() < conclusive,
+        "the broken log went unnoticed in every run: {unnoticed:#?}"
     );
     vm.quit();
 }

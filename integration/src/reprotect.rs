@@ -34,7 +34,9 @@ use crate::scenario::{DownloadReport, ECHO_PORT, guest_server, probe};
 use crate::stock::proxyd::{primary_log, proxyd_reasons, render_reasons};
 use crate::stock::{PairConfig, Role, StockPair, pauses};
 use qmp_driver::agent::status::Decision;
-use qmp_driver::pair::{self, Progress, ReprotectOptions, ReprotectReport};
+use qmp_driver::pair::{
+    self, FailbackOptions, FailbackReport, Progress, ReprotectOptions, ReprotectReport,
+};
 
 /// Where a first re-protect attempt is cut short by the new secondary's host dying (its QEMU,
 /// colo-blockd `serve` and `secondary`, colo-proxyd SIGKILLed; the relay on it lives on).
@@ -125,6 +127,12 @@ pub struct ReprotectRun {
     /// colo-proxyd primary's requests for a checkpoint over the whole run, by reason (the
     /// divergences it saw, and its bounds).
     pub divergences: BTreeMap<String, u64>,
+    /// Whose host died first: the secondary's (the primary serves on and is re-protected) or
+    /// the primary's (the secondary serves on, the VM moves home with `failback`, then the
+    /// re-protect).
+    pub first_loss: Role,
+    /// The failback, when the primary's host died first.
+    pub failback: Option<FailbackReport>,
 }
 
 /// The HA agents' two take-overs of [`with_ha_agents`], each as the agent's state file gives
@@ -247,6 +255,21 @@ impl ReprotectRun {
             self.disk.is_consistent(),
             format!("the new secondary's disk lacks records: {:?}", self.disk),
         );
+        if let Some(f) = &self.failback {
+            let names: Vec<&str> = f.phases.iter().map(|p| p.name).collect();
+            check(
+                names == ["prepare", "copy", "memory", "switch"],
+                format!("the failback's phases were {names:?}"),
+            );
+            check(
+                f.disk_bytes > 0 && f.ram_bytes > 0,
+                format!("the failback copied no disk or sent no RAM: {f:?}"),
+            );
+        }
+        check(
+            self.first_loss == Role::Secondary || self.failback.is_some(),
+            "the primary's host died first and no failback ran".into(),
+        );
         check(
             self.echo_life.ok(),
             format!(
@@ -289,9 +312,26 @@ impl ReprotectRun {
                 render_reasons(&self.divergences)
             ),
             failover(
-                "failover 1 (the secondary's host died, the primary serves on)",
+                match self.first_loss {
+                    Role::Secondary => {
+                        "failover 1 (the secondary's host died, the primary serves on)"
+                    }
+                    Role::Primary => {
+                        "failover 1 (the primary's host died, the secondary serves on)"
+                    }
+                },
                 self.agents.as_ref().map(|a| &a.first),
             ),
+            match &self.failback {
+                Some(f) => format!(
+                    "failback: the VM moved home to the primary's host in {:.1} s, pause at the \
+                     switch {:.0} ms, {:.1} MiB copied",
+                    f.total_ms / 1000.0,
+                    f.switch_pause_ms,
+                    f.bytes_copied as f64 / 1048576.0
+                ),
+                None => "failback: none needed (the primary survived)".to_string(),
+            },
             format!(
                 "re-protect: {:.1} s, pause at the switch {} ms, longest client stall {:.0} ms, \
                  {} of {} requests failed",
@@ -410,7 +450,7 @@ pub async fn after_losing_the_secondary(
         Interrupt::DuringCopy => "reprotect-killed-in-copy",
         Interrupt::DuringMemory => "reprotect-killed-in-memory",
     };
-    run(tag, name, cfg, interrupt, rounds, false).await
+    run(tag, name, cfg, interrupt, rounds, false, Role::Secondary).await
 }
 
 /// The life of [`after_losing_the_secondary`] (one round) with the HA agents deciding both
@@ -420,7 +460,34 @@ pub async fn with_ha_agents(tag: &str, cfg: PairConfig) -> Result<ReprotectRun> 
         witness: true,
         ..cfg
     };
-    run(tag, "reprotect-ha-agents", cfg, Interrupt::None, 1, true).await
+    run(
+        tag,
+        "reprotect-ha-agents",
+        cfg,
+        Interrupt::None,
+        1,
+        true,
+        Role::Secondary,
+    )
+    .await
+}
+
+/// The life in the other order: the **primary's** host dies first and the secondary serves
+/// on; the host comes back and the VM moves home (`qmp-driver failback`'s sequence, clients
+/// served all along), the secondary is re-protected online, and the primary's host dies again:
+/// the secondary takes over once more and must have lost nothing. A → B → A → B, with
+/// `qmp-driver failover`'s sequence deciding.
+pub async fn after_losing_the_primary(tag: &str, cfg: PairConfig) -> Result<ReprotectRun> {
+    run(
+        tag,
+        "failback-then-reprotect",
+        cfg,
+        Interrupt::None,
+        1,
+        false,
+        Role::Primary,
+    )
+    .await
 }
 
 async fn run(
@@ -430,6 +497,7 @@ async fn run(
     interrupt: Interrupt,
     rounds: usize,
     agents: bool,
+    first_loss: Role,
 ) -> Result<ReprotectRun> {
     let dir = crate::artifacts::run_dir(name)?;
     let mut pair = StockPair::start(tag, dir, cfg).await?;
@@ -442,16 +510,21 @@ async fn run(
     let period = Duration::from_millis(u64::from(pair.config.checkpoint_delay_ms));
     pair.wait_checkpoints(3, period * 10 + Duration::from_secs(30))
         .await?;
-    let checkpoints_first_pair = pair.checkpoint_pauses(Role::Primary).len();
     let client = HttpClient::new(&pair.topology.client, guest_server());
 
     let echo_server = SocketAddr::new(guest_server().ip(), ECHO_PORT);
-    // One connection for the whole life, opened while the first pair is in COLO.
+    // One connection for the whole life, opened while the first pair is in COLO, two
+    // checkpoints before the first failure: a connection the VM opened in the epoch before a
+    // failover to the secondary lives on only through colo-proxyd secondary's sequence
+    // shifts, which a failback cannot carry home (docs/operations.md, "Failback").
     let echo_life = EchoSession::start(
         &pair.topology.client,
         echo_server,
         Duration::from_millis(100),
     )?;
+    pair.wait_checkpoints(5, period * 10 + Duration::from_secs(30))
+        .await?;
+    let checkpoints_first_pair = pair.checkpoint_pauses(Role::Primary).len();
     // Earlier rounds (lose the secondary, re-protect) must show the same as the last one.
     let mut earlier_rounds = Vec::new();
     for _ in 1..rounds {
@@ -470,7 +543,8 @@ async fn run(
         checkpoints_new_pair,
         first_takeover,
         protected_again_ms,
-    } = lose_secondary_and_reprotect(&mut pair, ha.as_mut(), &client, interrupt).await?;
+        failback,
+    } = lose_and_reprotect(&mut pair, ha.as_mut(), &client, interrupt, first_loss).await?;
 
     // The primary dies during a download; the new secondary takes over.
     let echo = EchoSession::start(
@@ -564,6 +638,8 @@ async fn run(
         },
         echo_life,
         divergences,
+        first_loss,
+        failback,
     };
     std::fs::write(
         run.run_dir.join("reprotect-report.json"),
@@ -690,6 +766,8 @@ struct Round {
     first_takeover: Option<Decision>,
     /// With the agents: how long after the re-protect both saw the pair protected again.
     protected_again_ms: Option<f64>,
+    /// The failback, when the primary was the one lost.
+    failback: Option<FailbackReport>,
 }
 
 impl Round {
@@ -723,22 +801,40 @@ impl Round {
 /// and an echo connection open all along; returns once checkpoints go on.
 async fn lose_secondary_and_reprotect(
     pair: &mut StockPair,
-    mut ha: Option<&mut HaBed>,
+    ha: Option<&mut HaBed>,
     client: &HttpClient,
     interrupt: Interrupt,
 ) -> Result<Round> {
+    lose_and_reprotect(pair, ha, client, interrupt, Role::Secondary).await
+}
+
+/// `lost`'s host dies (with its agent); the other side carries on alone, by its agent's
+/// decision or by `qmp-driver failover`. When the primary was lost, the VM then moves home
+/// with `failback` (clients served all along) before the re-protect.
+async fn lose_and_reprotect(
+    pair: &mut StockPair,
+    mut ha: Option<&mut HaBed>,
+    client: &HttpClient,
+    interrupt: Interrupt,
+    lost: Role,
+) -> Result<Round> {
     let period = Duration::from_millis(u64::from(pair.config.checkpoint_delay_ms));
     let echo_server = SocketAddr::new(guest_server().ip(), ECHO_PORT);
-    // The secondary's host dies (with its agent); the primary carries on alone, by its
-    // agent's decision or by `qmp-driver failover`.
-    pair.kill(Role::Secondary)?;
-    if let Some(ha) = ha.as_deref_mut() {
-        ha.kill_agent(Role::Secondary);
+    if lost == Role::Primary && (ha.is_some() || interrupt != Interrupt::None) {
+        bail!("the failback runs without the HA agents and without an interrupted attempt");
     }
-    let first_takeover = take_over(pair, ha.as_deref(), Role::Primary).await?;
+    pair.kill(lost)?;
+    if let Some(ha) = ha.as_deref_mut() {
+        ha.kill_agent(lost);
+    }
+    let survivor = match lost {
+        Role::Primary => Role::Secondary,
+        Role::Secondary => Role::Primary,
+    };
+    let first_takeover = take_over(pair, ha.as_deref(), survivor).await?;
     probe(client, Duration::from_secs(10))
         .await
-        .context("the primary serves alone")?;
+        .context("the survivor serves alone")?;
 
     let echo = EchoSession::start(
         &pair.topology.client,
@@ -755,6 +851,10 @@ async fn lose_secondary_and_reprotect(
         migrate_timeout: Duration::from_secs(300),
         speed: COPY_SPEED,
         ..ReprotectOptions::new(pair::default_reprotect_target(&pair.driver))
+    };
+    let failback = match lost {
+        Role::Primary => Some(fail_back(pair).await?),
+        Role::Secondary => None,
     };
     let failed_attempt = match interrupt {
         Interrupt::None => None,
@@ -822,5 +922,49 @@ async fn lose_secondary_and_reprotect(
         checkpoints_new_pair,
         first_takeover,
         protected_again_ms,
+        failback,
     })
+}
+
+/// The primary's host is back: the VM the secondary took over moves home with `qmp-driver
+/// failback`'s sequence; the secondary host's processes are then stopped (its QEMU quit
+/// already), as an operator stops them before the re-protect.
+async fn fail_back(pair: &mut StockPair) -> Result<FailbackReport> {
+    let mut serve = pair.restart_primary_host_for_failback().await?;
+    let opts = FailbackOptions {
+        copy: ReprotectOptions {
+            migrate_timeout: Duration::from_secs(300),
+            speed: COPY_SPEED,
+            ..ReprotectOptions::new(pair::default_failback_target(&pair.driver))
+        },
+        incoming: Some(pair.failback_incoming()),
+        offsets_metrics: None,
+        offsets_timeout: Duration::from_secs(60),
+    };
+    let pri = pair.vm(Role::Primary)?.qmp.clone();
+    let sec = pair.vm(Role::Secondary)?.qmp.clone();
+    let result = pair::failback(&sec, &pri, &pair.driver, &opts, &mut |p| {
+        println!("  failback: {p}")
+    })
+    .await;
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            pair.write_diagnostics().await;
+            bail!(
+                "failback failed: {e}; primary: {}; secondary: {}",
+                pair.vm(Role::Primary)?.process.stderr_tail(),
+                pair.vm(Role::Secondary)?.process.stderr_tail()
+            );
+        }
+    };
+    serve.stop(Duration::from_secs(10))?;
+    let image = pair.vm(Role::Secondary)?.image.clone();
+    pair.kill(Role::Secondary)?;
+    // The secondary's image was the VM's disk since the failover; the VM now runs from the
+    // primary's, and the re-protect copies over this one: it is to be a replica again, so its
+    // failed-over marker goes, as docs/operations.md ("Re-protect", step 2) tells operators.
+    let marker = format!("{}.colo-failed-over", image.display());
+    std::fs::remove_file(&marker).with_context(|| format!("removing {marker}"))?;
+    Ok(report)
 }

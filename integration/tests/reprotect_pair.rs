@@ -29,6 +29,23 @@ async fn a_primary_serving_alone_is_reprotected_online_and_a_second_failover_los
     assert_reprotected(&run);
 }
 
+/// Failback, A → B → A → B: the **primary's** host dies and the secondary serves on; the host
+/// comes back, the VM moves home to it while it runs (`qmp-driver failback`'s sequence: disk
+/// copy into the primary's image, memory migration, the primary resumed serving alone, the
+/// old copy quit), the secondary host is re-protected online, and the primary's host dies
+/// again: the secondary takes over once more. Clients are served throughout (one echo
+/// connection across the whole life); the download in flight at the second loss is intact
+/// and the survivor's disk holds every record.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn the_vm_fails_back_home_after_the_primary_dies_and_a_second_failover_loses_nothing() {
+    let run = reprotect::after_losing_the_primary("t-rpfb", common::daemons_pair())
+        .await
+        .expect("failback scenario ran");
+    assert_reprotected(&run);
+    assert!(run.failback.is_some(), "no failback ran");
+}
+
 /// The secondary is lost and the primary re-protected online twice in a row (the second time
 /// with `pause-before-switchover` already on, the filters and the NBD child removed by the
 /// second failover, the relay's third session); each round leaves the clients undisturbed and

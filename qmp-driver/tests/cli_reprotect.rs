@@ -1,7 +1,7 @@
 //! `qmp-driver reprotect` against fake QEMUs (colo-testkit's `FakeMonitor`, a scripted
 //! monitor per side that answers from a state machine and logs every command): the exact QMP
 //! sequence of an online re-protect, the undo after a failed migration, and that nothing is
-//! sent when the pair's layout is not one `reprotect` does.
+//! sent when the pair's layout is not one `reprotect` (or `failback`) does.
 
 use colo_testkit::fake_qmp::Answer;
 use serde_json::{Value, json};
@@ -351,4 +351,32 @@ async fn a_pair_on_qemus_own_replication_is_refused_before_anything_is_sent() {
             .any(|(_, c, _)| c.starts_with("query-")),
         "queried a pair it refuses"
     );
+}
+
+/// `failback` refuses, before anything changes: QEMU's own stack, a primary incoming address
+/// it cannot derive (the config's migration addresses are Unix sockets), and a secondary that
+/// did not take over (here it waits for a migration).
+#[tokio::test]
+async fn failback_refuses_what_it_cannot_move_before_anything_is_sent() {
+    let bed = scripted_pair(false, "", false);
+    let out = bed.run(&["failback"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("colo-blockd"), "{}", stderr(&out));
+
+    let bed = scripted_pair(true, "", false);
+    let out = bed.run(&["failback"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--incoming"), "{}", stderr(&out));
+    assert!(bed.changes("primary").is_empty() && bed.changes("secondary").is_empty());
+
+    let out = bed
+        .run(&["failback", "--incoming", "tcp:192.168.77.1:9999"])
+        .await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not serve alone"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(bed.changes("primary").is_empty() && bed.changes("secondary").is_empty());
 }

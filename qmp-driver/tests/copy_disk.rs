@@ -4,22 +4,14 @@
 //! `colo_testkit::qemu::qemu_binary`) and this build's colo-blockd binary (the workspace's test run builds
 //! it; `COLO_BLOCKD` overrides); fails, never skips, without them.
 
-// Shared with real_qemu.rs, which uses all of it.
-#[allow(dead_code)]
+use colo_testkit::binaries::BlockdServe;
 use colo_testkit::qemu::Qemu;
 use serde_json::Value;
 use std::fs::File;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
 const DISK_BYTES: usize = 8 << 20;
-
-/// colo-blockd of this build (or `$COLO_BLOCKD`).
-fn blockd_binary() -> PathBuf {
-    colo_testkit::binaries::workspace_binary("colo-blockd", "COLO_BLOCKD")
-}
 
 /// A disk worth copying: a different byte pattern in every MiB, a hole, and data at the end.
 fn source_image() -> Vec<u8> {
@@ -35,38 +27,6 @@ fn source_image() -> Vec<u8> {
     let tail = DISK_BYTES - 512;
     data[tail..].copy_from_slice(&[0xa5; 512]);
     data
-}
-
-struct Blockd(Child);
-
-impl Drop for Blockd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `colo-blockd serve --export base=IMAGE --tcp 127.0.0.1:PORT`, once it accepts connections.
-fn serve(image: &Path, log: &Path) -> (Blockd, u16) {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let out = File::create(log).expect("log file");
-    let child = Command::new(blockd_binary())
-        .args(["serve", "--export"])
-        .arg(format!("base={}", image.display()))
-        .args(["--tcp", &format!("127.0.0.1:{port}")])
-        .stdout(out.try_clone().expect("log"))
-        .stderr(out)
-        .spawn()
-        .expect("start colo-blockd serve");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "colo-blockd did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Blockd(child), port)
 }
 
 fn write_config(dir: &Path, qmp: &Path, port: u16) -> PathBuf {
@@ -114,7 +74,8 @@ async fn copy_disk_mirrors_the_paused_primary_into_a_blockd_export_and_refuses_a
         source.display()
     );
     let qemu = Qemu::start(&["-machine", "none", "-drive", &drive]).await;
-    let (blockd, port) = serve(&target, &dir.path().join("blockd.log"));
+    let blockd = BlockdServe::start("base", &target, &dir.path().join("blockd.log"));
+    let port = blockd.port;
     let config = write_config(dir.path(), &qemu.socket, port);
 
     let out = copy_disk(&config);

@@ -18,25 +18,22 @@
 //! without them.
 
 use colo_qmp::{ConnectOptions, QmpClient};
+use colo_testkit::binaries::BlockdServe;
 use colo_testkit::qemu::{qemu_binary, tiny_guest};
 use qmp_driver::config::PairConfig;
+use qmp_driver::pair::{self, FailbackOptions, ReprotectOptions};
 use qmp_driver::qemu_args::{primary_args, secondary_args};
 use serde_json::json;
 use std::fs::File;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 const DISK_BYTES: u64 = 16 << 20;
 const MIB: u32 = 128;
 /// Short, so that the test sees many checkpoints in a few seconds of TCG.
 const CHECKPOINT_DELAY_MS: u64 = 300;
-
-/// colo-blockd of this build (or `$COLO_BLOCKD`).
-fn blockd_binary() -> PathBuf {
-    colo_testkit::binaries::workspace_binary("colo-blockd", "COLO_BLOCKD")
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -62,28 +59,12 @@ impl Proc {
     }
 }
 
-/// `colo-blockd serve --export NAME=IMAGE --tcp 127.0.0.1:PORT`, once it accepts connections.
-fn serve(name: &str, image: &Path, log: &Path) -> (Proc, u16) {
+/// `colo-blockd serve` of `image` (created, `DISK_BYTES` of zeros) as export `name`.
+fn serve(name: &str, image: &Path, log: &Path) -> BlockdServe {
     File::create(image)
         .and_then(|f| f.set_len(DISK_BYTES))
         .expect("create the image");
-    let port = free_port();
-    let out = File::create(log).expect("log file");
-    let child = Command::new(blockd_binary())
-        .args(["serve", "--export"])
-        .arg(format!("{name}={}", image.display()))
-        .args(["--tcp", &format!("127.0.0.1:{port}")])
-        .stdout(out.try_clone().expect("log"))
-        .stderr(out)
-        .spawn()
-        .expect("start colo-blockd serve");
-    let proc = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "colo-blockd did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (proc, port)
+    BlockdServe::start(name, image, log)
 }
 
 /// A pair config on colo's daemons whose secondary disk is colo-blockd's `svm` export on
@@ -99,10 +80,17 @@ fn config(dir: &Path, svm_port: u16) -> PairConfig {
         qmp = "unix:/unused/s.qmp"
         host = "127.0.0.1"
         [migration]
-        secondary_incoming = "tcp:127.0.0.1:9998"
+        secondary_incoming = "tcp:127.0.0.1:9999"
+        primary_target = "tcp:127.0.0.1:9998"
         [disk]
         backend = "colo-blockd"
         nbd_port = {svm_port}
+        [network]
+        backend = "colo-proxyd"
+        [relay]
+        listen = "tcp:127.0.0.1:9998"
+        target = "tcp:127.0.0.1:9999"
+        control = "/unused/relay.sock"
         [vm]
         tap = "tap-p"
         mac = "52:54:00:12:34:56"
@@ -281,39 +269,71 @@ fn has_record(image: &Path, n: u64) -> bool {
     sector.starts_with(format!("REC{n:012}\n").as_bytes())
 }
 
+/// A run's directory, colo-blockd `serve` of the secondary's `svm` export, the pair config
+/// and the `-drive` options `qemu-args` gives each role.
+struct Bed {
+    dir: tempfile::TempDir,
+    _svm_server: BlockdServe,
+    cfg: PairConfig,
+    primary_drives: Vec<String>,
+    secondary_drives: Vec<String>,
+}
+
+impl Bed {
+    fn new() -> Bed {
+        let dir = tempfile::tempdir().expect("tempdir");
+        File::create(dir.path().join("p.raw"))
+            .and_then(|f| f.set_len(DISK_BYTES))
+            .expect("the primary's image");
+        let svm_server = serve(
+            "svm",
+            &dir.path().join("s1.raw"),
+            &dir.path().join("svm.log"),
+        );
+        let cfg = config(dir.path(), svm_server.port);
+        let primary_drives = drives(&primary_args(&cfg).expect("primary args"));
+        let secondary_drives = drives(&secondary_args(&cfg).expect("secondary args"));
+        assert!(
+            secondary_drives
+                .last()
+                .is_some_and(|d| d.contains("driver=quorum")),
+            "the secondary's disk is no quorum: {secondary_drives:?}"
+        );
+        Bed {
+            dir,
+            _svm_server: svm_server,
+            cfg,
+            primary_drives,
+            secondary_drives,
+        }
+    }
+
+    /// The first pair (P paused and migrated into COLO with S1) checkpoints; P dies; S1 takes
+    /// over and its guest writes on. Returns S1.
+    async fn first_pair_then_the_secondary_takes_over(&self) -> Vm {
+        let dir = self.dir.path();
+        let mut p = start_vm(dir, "p", &self.primary_drives, &["-S"]).await;
+        let (s1, uri) = incoming(dir, "s1", &self.secondary_drives).await;
+        enter_colo(&p, &s1, &uri).await;
+        wait_checkpoints(&p, 3).await;
+        p.proc.kill();
+        take_over(&s1).await;
+        wait_heartbeat(&s1, 1, "the survivor's guest").await;
+        s1
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "tier qemu: needs the patched QEMU of integration/setup.sh; select with --include-ignored (integration/test.sh does)"]
 async fn a_secondary_that_took_over_enters_colo_again_as_the_primary_of_a_new_secondary() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path();
-    File::create(dir.join("p.raw"))
-        .and_then(|f| f.set_len(DISK_BYTES))
-        .expect("the primary's image");
+    let bed = Bed::new();
+    let dir = bed.dir.path();
     File::create(dir.join("s2.raw"))
         .and_then(|f| f.set_len(DISK_BYTES))
         .expect("the new secondary's image");
-    let (_svm_server, svm_port) = serve("svm", &dir.join("s1.raw"), &dir.join("svm.log"));
-    let (_child_server, child_port) = serve("base", &dir.join("child.raw"), &dir.join("child.log"));
-    let cfg = config(dir, svm_port);
-    let primary_drives = drives(&primary_args(&cfg).expect("primary args"));
-    let secondary_drives = drives(&secondary_args(&cfg).expect("secondary args"));
-    assert!(
-        secondary_drives
-            .last()
-            .is_some_and(|d| d.contains("driver=quorum")),
-        "the secondary's disk is no quorum: {secondary_drives:?}"
-    );
-
-    // 1. The first pair.
-    let mut p = start_vm(dir, "p", &primary_drives, &["-S"]).await;
-    let (mut s1, uri) = incoming(dir, "s1", &secondary_drives).await;
-    enter_colo(&p, &s1, &uri).await;
-    wait_checkpoints(&p, 3).await;
-
-    // 2. The primary dies; the secondary takes over; its guest writes on.
-    p.proc.kill();
-    take_over(&s1).await;
-    wait_heartbeat(&s1, 1, "the survivor's guest").await;
+    let child_server = serve("base", &dir.join("child.raw"), &dir.join("child.log"));
+    let child_port = child_server.port;
+    let mut s1 = bed.first_pair_then_the_secondary_takes_over().await;
 
     // 3. The survivor's quorum takes a replication child while the guest runs.
     s1.qmp
@@ -370,4 +390,92 @@ async fn a_secondary_that_took_over_enters_colo_again_as_the_primary_of_a_new_se
     )
     .await;
     s2.proc.kill();
+}
+
+/// Every record `1..=last` of the tiny guest is on `image`.
+fn missing_records(image: &Path, last: u64) -> Vec<u64> {
+    (1..=last).filter(|n| !has_record(image, *n)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier qemu: needs the patched QEMU of integration/setup.sh; select with --include-ignored (integration/test.sh does)"]
+async fn failback_moves_the_vm_the_secondary_took_over_home_while_its_guest_runs() {
+    let bed = Bed::new();
+    let dir = bed.dir.path();
+    let mut s1 = bed.first_pair_then_the_secondary_takes_over().await;
+    let before = wait_heartbeat(&s1, 3, "the survivor's guest").await;
+
+    // The primary host comes back: `serve` on its (stale) image for the copy, and its QEMU
+    // with the primary's command line, waiting for the migration.
+    let image = dir.join("p.raw");
+    let mut copy_server = BlockdServe::start("base", &image, &dir.join("copy.log"));
+    let home = start_vm(
+        dir,
+        "home",
+        &bed.primary_drives,
+        &["-S", "-incoming", "defer"],
+    )
+    .await;
+    let opts = FailbackOptions {
+        copy: ReprotectOptions::new(format!("nbd://127.0.0.1:{}/base", copy_server.port)),
+        incoming: Some(format!("tcp:127.0.0.1:{}", free_port())),
+        offsets_metrics: None,
+        offsets_timeout: Duration::from_secs(10),
+    };
+    let mut steps = Vec::new();
+    let report = pair::failback(&s1.qmp, &home.qmp, &bed.cfg, &opts, &mut |p| {
+        steps.push(p.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("failback: {e}\n{}", steps.join("\n")));
+    println!("{}", steps.join("\n"));
+    let phases: Vec<&str> = report.phases.iter().map(|p| p.name).collect();
+    assert_eq!(
+        phases,
+        ["prepare", "copy", "memory", "switch"],
+        "{report:?}"
+    );
+    assert_eq!(report.disk_bytes, DISK_BYTES, "{report:?}");
+    assert!(report.ram_bytes > 0, "{report:?}");
+
+    // The old copy is gone, the VM runs at home and its guest writes on.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while s1.proc.0.try_wait().ok().flatten().is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .is_ok(),
+        "the secondary's QEMU did not quit after the failback"
+    );
+    let status = home.qmp.query_status().await.expect("status");
+    assert!(status.running, "{status:?}");
+    // The guest's heartbeats go on where they were (its console is now the home QEMU's).
+    let hb_home = wait_heartbeat(&home, before + 3, "the guest at home").await;
+    copy_server.stop();
+    let last = last_heartbeat(&home.serial);
+    assert!(
+        last > before,
+        "no heartbeat after the failback: {before} then {last}"
+    );
+    // Every record the guest wrote, before the failover, on the secondary and at home, is on
+    // the home image.
+    let missing = missing_records(&image, last);
+    assert!(
+        missing.is_empty(),
+        "records {missing:?} of 1..={last} are not on the home image"
+    );
+    println!(
+        "failback: {:.0} ms ({:?}), pause at the switch {:.0} ms, {} bytes copied; heartbeat \
+         {before} on the secondary, {hb_home}..{last} at home, records 1..={last} on its image",
+        report.total_ms,
+        report
+            .phases
+            .iter()
+            .map(|p| format!("{} {:.0} ms", p.name, p.ms))
+            .collect::<Vec<_>>(),
+        report.switch_pause_ms,
+        report.bytes_copied
+    );
 }

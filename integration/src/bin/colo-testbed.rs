@@ -68,8 +68,8 @@ enum Command {
     /// the running primary is re-protected online; the primary's host dies during a download
     /// and the new secondary's agent takes over. Reports checkpoints, divergences by reason,
     /// each failover's time, the re-protect's time and longest client stall, and what was
-    /// lost (0 bytes, 0 disk records). The primary cannot die first yet: re-protecting a
-    /// secondary that took over (failback) is not implemented on colo-proxyd's side.
+    /// lost (0 bytes, 0 disk records). The other order, the primary's host dying first, is
+    /// `reprotect --primary-first` (the agents do not fail back by themselves).
     Life,
     /// The operator's view: start the pair with `qmp-driver start` through the
     /// checkpoint-barrier relay, `status`, `checkpoint`, serve a client, kill the primary
@@ -197,6 +197,11 @@ enum Command {
         /// one round.
         #[arg(long, conflicts_with = "rounds")]
         ha_agents: bool,
+        /// The primary's host dies first (A → B → A → B): the secondary takes over, the VM
+        /// moves home with `qmp-driver failback`'s sequence, the secondary is re-protected,
+        /// and the primary's host dies again; one round, `qmp-driver failover` deciding.
+        #[arg(long, conflicts_with_all = ["rounds", "ha_agents"])]
+        primary_first: bool,
     },
     /// A subscriber that acknowledges late, then one that never does.
     RelayBarrier {
@@ -429,10 +434,16 @@ async fn run(command: Command, cli: &Cli, cfg: PairConfig) -> anyhow::Result<Out
             );
             reprotect_outcome(reprotect::with_ha_agents(&cli.tag, colo_daemons(cli, cfg)?).await)
         }
-        Command::Reprotect { rounds, ha_agents } => {
+        Command::Reprotect {
+            rounds,
+            ha_agents,
+            primary_first,
+        } => {
             let cfg = colo_daemons(cli, cfg)?;
             reprotect_outcome(if ha_agents {
                 reprotect::with_ha_agents(&cli.tag, cfg).await
+            } else if primary_first {
+                reprotect::after_losing_the_primary(&cli.tag, cfg).await
             } else {
                 reprotect::after_losing_the_secondary(&cli.tag, cfg, Interrupt::None, rounds.max(1))
                     .await

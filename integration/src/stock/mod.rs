@@ -436,9 +436,13 @@ impl StockPair {
                 bail!("{} reports COLO mode {mode:?}", role.name());
             }
         }
-        self.wait_serial(Role::Primary, Duration::from_secs(90), |s| s.ready)
-            .await
-            .context("the guest did not boot in COLO")?;
+        // A heartbeat means booted too: the guest starts them after COLO-READY, and after a
+        // failback the primary's console is a new QEMU's, which never saw the boot.
+        self.wait_serial(Role::Primary, Duration::from_secs(90), |s| {
+            s.ready || s.last_heartbeat.is_some()
+        })
+        .await
+        .context("the guest did not boot in COLO")?;
         for role in [Role::Primary, Role::Secondary] {
             let vm = self.vm_mut(role)?;
             vm.colo_mark = vm.events.len();
@@ -548,6 +552,79 @@ impl StockPair {
             }
         }
         Ok(())
+    }
+
+    /// The primary's host comes back after a failover to the secondary, for `qmp-driver
+    /// failback`: `colo-blockd serve --export base=IMAGE` on `primary.host:(disk.nbd_port + 1)`
+    /// (the primary's own, stale image: the copy's target), colo-proxyd primary (subscribed to
+    /// the relay, which kept running), and the primary QEMU with its command line and
+    /// `-incoming defer` on [`StockPair::failback_incoming`]. Returns the `serve` process: stop
+    /// it once the failback is done.
+    pub async fn restart_primary_host_for_failback(&mut self) -> Result<DaemonProcess> {
+        if self.primary.is_some() {
+            bail!("the primary VM still runs");
+        }
+        if self.driver.tls.is_some() {
+            bail!("failback does not speak TLS yet");
+        }
+        let dir = self.dir.clone();
+        let relay = driver::relay_control_path(&dir);
+        let image = dir.join("primary.raw");
+        let serve_args = vec![
+            "serve".to_string(),
+            "--export".to_string(),
+            format!("base={}", image.display()),
+            "--tcp".to_string(),
+            format!(
+                "{}:{}",
+                self.driver.primary.host,
+                self.driver.disk.nbd_port + 1
+            ),
+        ];
+        let mut serve = DaemonProcess::spawn(
+            "colo-blockd serve",
+            &self.topology.primary,
+            &driver::workspace_binary("colo-blockd", "COLO_BLOCKD")?,
+            &serve_args,
+            dir.join("blockd-serve-primary.log"),
+        )?;
+        serve.wait_log("serving NBD", Duration::from_secs(10))?;
+        self.proxyd.retain(|(host, _)| *host != Role::Primary);
+        let proxyd = proxyd::spawn_primary(&dir, &self.topology, &self.driver)?;
+        proxyd
+            .wait_subscribed(&relay, proxyd::PRIMARY_SUBSCRIBER, Duration::from_secs(20))
+            .await?;
+        self.proxyd.push((Role::Primary, proxyd));
+        let artifacts = Artifacts::locate()?;
+        let mut args = qemu_args(&artifacts, Role::Primary, &dir, &self.config, &self.driver)?;
+        args.extend(["-incoming".to_string(), "defer".to_string()]);
+        let mut process = QemuProcess::spawn(
+            &artifacts.qemu,
+            &self.topology.primary,
+            "primary",
+            &dir,
+            qmp_path(&dir, Role::Primary),
+            &args,
+        )?;
+        let (qmp, stream) = process.connect_qmp(Duration::from_secs(20)).await?;
+        let events = EventLog::record_from(stream, dir.join("primary-events-2.jsonl"));
+        self.primary = Some(Vm {
+            role: Role::Primary,
+            process,
+            qmp,
+            events,
+            serial: dir.join("primary-serial.log"),
+            image,
+            colo_mark: 0,
+        });
+        Ok(serve)
+    }
+
+    /// Where the primary QEMU of [`StockPair::restart_primary_host_for_failback`] waits for
+    /// the migration: a Unix socket in the run directory, as the bed's other migration
+    /// sockets.
+    pub fn failback_incoming(&self) -> String {
+        format!("unix:{}", self.dir.join("primary-incoming.sock").display())
     }
 
     /// Takes the uplink of `role`'s host down (`eth0` in its namespace): the host goes silent,

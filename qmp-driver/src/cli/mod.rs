@@ -277,6 +277,58 @@ pub enum Command {
         timeout: Duration,
     },
 
+    /// Move the VM the SECONDARY took over home to the primary host while it runs (failback).
+    #[command(
+        long_about = "Failback, on both QMP sockets: the secondary serves alone after a \
+        failover to it (`failover --survivor secondary`); on the primary host run `colo-blockd \
+        serve --export base=P.raw --tcp PRIMARY:PORT` (the primary QEMU's own image, default \
+        port disk.nbd_port + 1), colo-proxyd primary, and the primary QEMU with its `qemu-args \
+        --role primary` line plus `-incoming defer`.\n\n\
+        Copies the running guest's disk into the primary's image (blockdev-mirror sync=full, \
+        copy-mode=write-blocking; progress on stderr), migrates its memory to the primary QEMU \
+        with pause-before-switchover, and at the switch (VM stopped) cancels the ready mirror, \
+        lets the migration finish, removes the primary's network filters (a primary serving \
+        alone has none), resumes the VM there, announces it and quits the secondary's QEMU \
+        (the old copy must never run again). The VM then serves alone on the primary, as \
+        after a failover to the primary: stop `colo-blockd serve`, colo-blockd secondary and \
+        colo-proxyd secondary, and bring the secondary host back with `reprotect`. The config \
+        does not change: the roles stay with the hosts.\n\n\
+        Connections the VM opened in the epoch before the failover are kept alive by \
+        colo-proxyd secondary's sequence shifts, which the primary does not apply: with \
+        --offsets-metrics it waits until there are none. Only for colo's daemons without \
+        [tls] (exit 3 otherwise). A failure before the switch is undone on the secondary \
+        (migration and copy cancelled): the guest serves on there.",
+        after_help = EXIT_CODES_HELP
+    )]
+    Failback {
+        #[command(flatten)]
+        output: Output,
+        /// The NBD export the disk is copied to (default:
+        /// nbd://primary.host:(disk.nbd_port+1)/base).
+        #[arg(long, value_name = "URI")]
+        target: Option<String>,
+        /// Where the primary QEMU listens for the migration (default: tcp:primary.host and
+        /// the port of migration.secondary_incoming).
+        #[arg(long, value_name = "URI")]
+        incoming: Option<String>,
+        /// colo-proxyd secondary's metrics endpoint (HOST:PORT of its --metrics): wait until
+        /// no connection needs its sequence shifts.
+        #[arg(long, value_name = "HOST:PORT")]
+        offsets_metrics: Option<String>,
+        /// How long to wait for those connections to end, in seconds.
+        #[arg(long, default_value = "300", value_name = "SECS", value_parser = parse_secs)]
+        offsets_timeout: Duration,
+        /// How long the disk copy may take until it is in step, in seconds.
+        #[arg(long, default_value = "3600", value_name = "SECS", value_parser = parse_secs)]
+        copy_timeout: Duration,
+        /// Bound on the copy's background rate, in bytes per second (0: none).
+        #[arg(long, default_value = "0", value_name = "BYTES")]
+        speed: u64,
+        /// How long the memory migration may take to the switch, in seconds.
+        #[arg(long, default_value = "600", value_name = "SECS", value_parser = parse_secs)]
+        timeout: Duration,
+    },
+
     /// Show both QEMUs (COLO mode, run state, migration status) and the relay.
     #[command(
         long_about = "Query both QEMUs and, when configured, the relay, and print what each \

@@ -8,8 +8,8 @@ use colo_types::Role;
 use qmp_driver::config::PairConfig;
 use qmp_driver::daemon_args::{self, Daemon};
 use qmp_driver::pair::{
-    self, CheckpointOptions, CopyOptions, FailoverOptions, Hook, PairError, Progress,
-    ReprotectOptions, StartOptions,
+    self, CheckpointOptions, CopyOptions, FailbackOptions, FailoverOptions, Hook, PairError,
+    Progress, ReprotectOptions, StartOptions,
 };
 use qmp_driver::qemu_args;
 use serde::Serialize;
@@ -146,6 +146,43 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
             .await;
             match result {
                 Ok(r) => print_ok(output.json, &r, |r| render::reprotect(cfg, r)),
+                Err(e) => print_err(output.json, &e),
+            }
+        }
+        Command::Failback {
+            output,
+            target,
+            incoming,
+            offsets_metrics,
+            offsets_timeout,
+            copy_timeout,
+            speed,
+            timeout,
+        } => {
+            let opts = FailbackOptions {
+                copy: ReprotectOptions {
+                    copy_timeout,
+                    speed,
+                    migrate_timeout: timeout,
+                    ..ReprotectOptions::new(
+                        target.unwrap_or_else(|| pair::default_failback_target(cfg)),
+                    )
+                },
+                incoming,
+                offsets_metrics,
+                offsets_timeout,
+            };
+            let result = async {
+                let (pri, sec) = tokio::join!(
+                    connect(cfg, g, Role::Primary),
+                    connect(cfg, g, Role::Secondary)
+                );
+                let (pri, sec) = (pri?, sec?);
+                pair::failback(&sec, &pri, cfg, &opts, &mut progress).await
+            }
+            .await;
+            match result {
+                Ok(r) => print_ok(output.json, &r, |r| render::failback(cfg, r)),
                 Err(e) => print_err(output.json, &e),
             }
         }

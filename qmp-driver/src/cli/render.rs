@@ -3,8 +3,8 @@
 
 use qmp_driver::config::{DiskBackend, PairConfig};
 use qmp_driver::pair::{
-    AgentReport, CheckpointReport, CopyReport, FailoverReport, Outcome, PairStatus, PrepareReport,
-    ReprotectReport, SideStatus, StartReport, Step, StopReport,
+    AgentReport, CheckpointReport, CopyReport, FailbackReport, FailoverReport, Outcome, PairStatus,
+    Phase, PrepareReport, ReprotectReport, SideStatus, StartReport, Step, StopReport,
 };
 use std::fmt::Write;
 
@@ -94,24 +94,54 @@ pub fn copy(r: &CopyReport) -> String {
 
 /// `reprotect`.
 pub fn reprotect(cfg: &PairConfig, r: &ReprotectReport) -> String {
-    let phases: Vec<String> = r
-        .phases
+    live_move(
+        &format!("pair {}: re-protected, COLO running", cfg.name),
+        (r.total_ms, &r.phases),
+        (r.disk_bytes, r.bytes_copied, r.ram_bytes),
+        r.switch_pause_ms,
+        "stop `colo-blockd serve` on the secondary host now",
+        &r.steps,
+    )
+}
+
+/// `failback`.
+pub fn failback(cfg: &PairConfig, r: &FailbackReport) -> String {
+    live_move(
+        &format!("pair {}: the VM runs on the primary again, alone", cfg.name),
+        (r.total_ms, &r.phases),
+        (r.disk_bytes, r.bytes_copied, r.ram_bytes),
+        r.switch_pause_ms,
+        "stop `colo-blockd serve` on the primary host and the secondary's colo-blockd and \
+         colo-proxyd now, then bring the secondary back with `reprotect`",
+        &r.steps,
+    )
+}
+
+/// A move of the running VM (re-protect, failback): its time per phase, the bytes of the disk
+/// and the RAM, the pause at the switch, what to do next and the steps.
+fn live_move(
+    head: &str,
+    (total_ms, phases): (f64, &[Phase]),
+    (disk, copied, ram): (u64, u64, u64),
+    pause_ms: f64,
+    next: &str,
+    steps: &[Step],
+) -> String {
+    let phases: Vec<String> = phases
         .iter()
         .map(|p| format!("{} {:.1} s", p.name, p.ms / 1000.0))
         .collect();
+    let mib = |b: u64| b as f64 / 1048576.0;
     format!(
-        "pair {}: re-protected, COLO running ({:.1} s in all: {})\n\
+        "{head} ({:.1} s in all: {})\n\
          disk {:.1} MiB, {:.1} MiB written by the copy; {:.1} MiB of RAM sent; pause at the \
-         switch {:.1} ms\n\
-         stop `colo-blockd serve` on the secondary host now\n{}",
-        cfg.name,
-        r.total_ms / 1000.0,
+         switch {pause_ms:.1} ms\n{next}\n{}",
+        total_ms / 1000.0,
         phases.join(", "),
-        r.disk_bytes as f64 / 1048576.0,
-        r.bytes_copied as f64 / 1048576.0,
-        r.ram_bytes as f64 / 1048576.0,
-        r.switch_pause_ms,
-        steps_table(&r.steps)
+        mib(disk),
+        mib(copied),
+        mib(ram),
+        steps_table(steps)
     )
 }
 

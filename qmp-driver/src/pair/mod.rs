@@ -32,6 +32,7 @@
 
 mod checkpoint;
 mod copy;
+mod failback;
 mod failover;
 mod relay_link;
 mod reprotect;
@@ -52,6 +53,9 @@ use std::time::Duration;
 
 pub use checkpoint::{CheckpointOptions, CheckpointReport, RelayEpoch, checkpoint};
 pub use copy::{COPY_JOB, CopyOptions, CopyReport, DEFAULT_COPY_EXPORT, copy_disk, default_target};
+pub use failback::{
+    FailbackOptions, FailbackReport, default_failback_incoming, default_failback_target, failback,
+};
 pub use failover::{
     FailoverOptions, FailoverReport, StopOptions, StopReport, failover_to_primary,
     failover_to_secondary, stop_protection,

@@ -163,16 +163,31 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// Refuses what this first version does not do, before anything changes.
 fn check_config(cfg: &PairConfig) -> Result<(), PairError> {
+    require_colo_daemons(cfg, Role::Primary, "online re-protect", "re-protect")
+}
+
+/// `what` (a move of the running VM) needs colo's own daemons: colo-blockd, colo-proxyd, a
+/// relay; otherwise it is done offline, `how_offline`.
+pub(super) fn require_colo_daemons(
+    cfg: &PairConfig,
+    side: Role,
+    what: &str,
+    how_offline: &str,
+) -> Result<(), PairError> {
     if cfg.disk.backend != DiskBackend::ColoBlockd
         || cfg.network.backend != NetworkBackend::ColoProxyd
         || cfg.relay.is_none()
     {
         return Err(PairError::precondition(
-            Role::Primary,
-            "online re-protect is implemented for colo's own daemons only (disk.backend = \
-             \"colo-blockd\", network.backend = \"colo-proxyd\", a [relay])",
-            "With QEMU's block replication or colo-compare, re-protect offline \
-             (docs/operations.md, \"Re-protect\")",
+            side,
+            format!(
+                "{what} is implemented for colo's own daemons only (disk.backend = \
+                 \"colo-blockd\", network.backend = \"colo-proxyd\", a [relay])"
+            ),
+            format!(
+                "With QEMU's block replication or colo-compare, {how_offline} offline \
+                 (docs/operations.md, \"Re-protect\")"
+            ),
         ));
     }
     Ok(())
@@ -229,18 +244,18 @@ pub fn nbd_target(uri: &str) -> Result<NbdTarget, PairError> {
     })
 }
 
-/// The copy target's `blockdev-add` options; with `[tls]` the client speaks STARTTLS with
-/// the primary's credentials and accepts only the secondary host's certificate.
-fn target_node_options(cfg: &PairConfig, target: &NbdTarget) -> Value {
+/// The copy target's `blockdev-add` options; with `tls_hostname` the client speaks STARTTLS
+/// with the source's credentials ([`TLS_CREDS_ID`]) and accepts only that host's certificate.
+fn target_node_options(target: &NbdTarget, tls_hostname: Option<&str>) -> Value {
     let mut options = json!({
         "driver": "nbd",
         "node-name": REPROTECT_TARGET_NODE,
         "server": { "type": "inet", "host": target.host, "port": target.port.to_string() },
         "export": target.export,
     });
-    if let Some(tls) = &cfg.tls {
+    if let Some(hostname) = tls_hostname {
         options["tls-creds"] = json!(TLS_CREDS_ID);
-        options["tls-hostname"] = json!(tls.secondary.name);
+        options["tls-hostname"] = json!(hostname);
     }
     options
 }
@@ -374,48 +389,9 @@ async fn run(
     end_phase(&mut phase, report, "prepare", journal);
 
     // 2. The disk copy, the guest running.
-    let device = &cfg.disk.device;
-    if find_job(primary).await?.is_some() {
-        journal.skipped(
-            p,
-            "blockdev-mirror",
-            format!("job {REPROTECT_JOB} already runs; waiting for it"),
-        );
-    } else {
-        let tls = if cfg.tls.is_some() { ", TLS" } else { "" };
-        journal
-            .idempotent(
-                p,
-                &format!(
-                    "blockdev-add {REPROTECT_TARGET_NODE} (nbd {}{tls})",
-                    opts.target
-                ),
-                &["Duplicate nodes", "already exists"],
-                primary.blockdev_add(target_node_options(cfg, target)),
-            )
-            .await?;
-        let mut args = json!({
-            "job-id": REPROTECT_JOB,
-            "device": device,
-            "target": REPROTECT_TARGET_NODE,
-            "sync": "full",
-            "copy-mode": "write-blocking",
-        });
-        if opts.speed > 0 {
-            args["speed"] = json!(opts.speed);
-        }
-        journal
-            .run(
-                p,
-                &format!(
-                    "blockdev-mirror {device} → {REPROTECT_TARGET_NODE} (sync=full, \
-                     copy-mode=write-blocking)"
-                ),
-                primary.execute_raw("blockdev-mirror", Some(args)),
-            )
-            .await?;
-    }
-    let (len, written) = wait_ready(primary, opts, journal).await?;
+    let tls = cfg.tls.as_ref().map(|t| t.secondary.name.as_str());
+    start_copy(primary, p, &cfg.disk.device, target, tls, opts, journal).await?;
+    let (len, written) = wait_ready(primary, p, opts, journal).await?;
     report.disk_bytes = len;
     end_phase(&mut phase, report, "copy", journal);
 
@@ -448,7 +424,7 @@ async fn run(
             primary.migrate(&migration_target),
         )
         .await?;
-    report.ram_bytes = wait_pre_switchover(primary, opts, journal).await?;
+    report.ram_bytes = wait_pre_switchover(primary, p, opts, journal).await?;
     let switch_started = Instant::now();
     end_phase(&mut phase, report, "memory", journal);
 
@@ -460,8 +436,8 @@ async fn run(
             primary.execute_raw("block-job-cancel", Some(json!({ "device": REPROTECT_JOB }))),
         )
         .await?;
-    report.bytes_copied = wait_job_gone(primary, journal).await?.max(written);
-    delete_target_node(primary, journal).await?;
+    report.bytes_copied = wait_job_gone(primary, p, journal).await?.max(written);
+    delete_target_node(primary, p, journal).await?;
     add_child(primary, cfg, journal).await?;
     add_filters(primary, cfg, journal).await?;
     journal
@@ -544,18 +520,74 @@ async fn wait_secondary_redirectors(
     }
 }
 
-async fn find_job(primary: &QmpClient) -> Result<Option<Value>, PairError> {
+/// Starts the live copy of `device` on `source` into the NBD export `target` (or finds an
+/// interrupted one still running): an NBD node of the target (with `tls_hostname`, STARTTLS
+/// with the source's client credentials `TLS_CREDS_ID`), then `blockdev-mirror`, `sync=full`,
+/// `copy-mode=write-blocking`. Shared by the re-protect and the failback.
+pub(super) async fn start_copy(
+    source: &QmpClient,
+    side: Role,
+    device: &str,
+    target: &NbdTarget,
+    tls_hostname: Option<&str>,
+    opts: &ReprotectOptions,
+    journal: &mut Journal<'_, '_>,
+) -> Result<(), PairError> {
+    if find_job(source).await?.is_some() {
+        journal.skipped(
+            side,
+            "blockdev-mirror",
+            format!("job {REPROTECT_JOB} already runs; waiting for it"),
+        );
+        return Ok(());
+    }
+    let tls = if tls_hostname.is_some() { ", TLS" } else { "" };
+    journal
+        .idempotent(
+            side,
+            &format!(
+                "blockdev-add {REPROTECT_TARGET_NODE} (nbd {}{tls})",
+                opts.target
+            ),
+            &["Duplicate nodes", "already exists"],
+            source.blockdev_add(target_node_options(target, tls_hostname)),
+        )
+        .await?;
+    let mut args = json!({
+        "job-id": REPROTECT_JOB,
+        "device": device,
+        "target": REPROTECT_TARGET_NODE,
+        "sync": "full",
+        "copy-mode": "write-blocking",
+    });
+    if opts.speed > 0 {
+        args["speed"] = json!(opts.speed);
+    }
+    journal
+        .run(
+            side,
+            &format!(
+                "blockdev-mirror {device} → {REPROTECT_TARGET_NODE} (sync=full, \
+                 copy-mode=write-blocking)"
+            ),
+            source.execute_raw("blockdev-mirror", Some(args)),
+        )
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn find_job(primary: &QmpClient) -> Result<Option<Value>, PairError> {
     super::copy::block_job(primary, REPROTECT_JOB).await
 }
 
 /// Polls the mirror until it is ready, with progress at most once a second; returns the
 /// disk's size and the bytes written so far.
-async fn wait_ready(
+pub(super) async fn wait_ready(
     primary: &QmpClient,
+    side: Role,
     opts: &ReprotectOptions,
     journal: &mut Journal<'_, '_>,
 ) -> Result<(u64, u64), PairError> {
-    let side = Role::Primary;
     let start = Instant::now();
     let mut last_note: Option<Instant> = None;
     loop {
@@ -564,8 +596,8 @@ async fn wait_ready(
                 side,
                 format!("the copy job {REPROTECT_JOB} ended before it was ready"),
                 "The target may have gone away or refused a write: check that `colo-blockd \
-                 serve` runs on the new secondary with the image writable and at least as \
-                 large as the disk, and the primary QEMU's log; then run reprotect again",
+                 serve` runs on the target host with the image writable and at least as \
+                 large as the disk, and the source QEMU's log; then run the command again",
             ));
         };
         let (done, len) = (
@@ -593,7 +625,7 @@ async fn wait_ready(
                     "the copy was not ready within {:?} ({done} of {len} bytes)",
                     opts.copy_timeout
                 ),
-                "Give it longer (--copy-timeout) and check the link to the new secondary",
+                "Give it longer (--copy-timeout) and check the link to the target host",
             ));
         }
         tokio::time::sleep(opts.poll).await;
@@ -602,12 +634,12 @@ async fn wait_ready(
 
 /// Waits until the migration pauses before the switch (the VM stopped); returns the RAM bytes
 /// sent. The mirror must stay alive meanwhile.
-async fn wait_pre_switchover(
+pub(super) async fn wait_pre_switchover(
     primary: &QmpClient,
+    side: Role,
     opts: &ReprotectOptions,
     journal: &mut Journal<'_, '_>,
 ) -> Result<u64, PairError> {
-    let side = Role::Primary;
     let start = Instant::now();
     let mut last_percent = None;
     let mut polls = 0u32;
@@ -631,9 +663,10 @@ async fn wait_pre_switchover(
                 let desc = info.extra["error-desc"].as_str().unwrap_or("no error-desc");
                 return Err(PairError::incomplete(
                     side,
-                    format!("the migration to the new secondary is `{status}`: {desc}"),
-                    "Look at the secondary QEMU's stderr and the relay's log; restart the \
-                     secondary QEMU with -incoming defer and run reprotect again",
+                    format!("the migration is `{status}`: {desc}"),
+                    "Look at the target QEMU's stderr (and the relay's log, when it goes \
+                     through the relay); restart the target QEMU with -incoming defer and run \
+                     the command again",
                 ));
             }
             _ => {}
@@ -657,7 +690,7 @@ async fn wait_pre_switchover(
             return Err(PairError::incomplete(
                 side,
                 format!("the copy job {REPROTECT_JOB} ended during the memory migration"),
-                "The new secondary's `colo-blockd serve` may have gone away; run reprotect \
+                "The target host's `colo-blockd serve` may have gone away; run the command \
                  again",
             ));
         }
@@ -678,8 +711,9 @@ async fn wait_pre_switchover(
 }
 
 /// Waits for the cancelled (ready) mirror to end; returns the bytes it wrote.
-async fn wait_job_gone(
+pub(super) async fn wait_job_gone(
     primary: &QmpClient,
+    side: Role,
     journal: &mut Journal<'_, '_>,
 ) -> Result<u64, PairError> {
     let start = Instant::now();
@@ -688,15 +722,15 @@ async fn wait_job_gone(
         written = job["offset"].as_u64().unwrap_or(written);
         if start.elapsed() > Duration::from_secs(30) {
             return Err(PairError::incomplete(
-                Role::Primary,
+                side,
                 format!("the copy job {REPROTECT_JOB} did not end after block-job-cancel"),
-                "Check `query-block-jobs` on the primary",
+                "Check `query-block-jobs` on that QEMU",
             ));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     journal.record(Step {
-        side: Role::Primary,
+        side,
         what: format!("copy job ended ({written} bytes written in all)"),
         outcome: Outcome::Done,
         ms: start.elapsed().as_secs_f64() * 1000.0,
@@ -816,18 +850,63 @@ async fn wait_colo(
 }
 
 /// Removes the copy's target node (once its job ended); absent is fine.
-async fn delete_target_node(
+pub(super) async fn delete_target_node(
     primary: &QmpClient,
+    side: Role,
     journal: &mut Journal<'_, '_>,
 ) -> Result<bool, PairError> {
     journal
         .idempotent(
-            Role::Primary,
+            side,
             &format!("blockdev-del {REPROTECT_TARGET_NODE}"),
             &["Failed to find node", "Cannot find"],
             primary.blockdev_del(REPROTECT_TARGET_NODE),
         )
         .await
+}
+
+/// Cancels a live move on `source`, best effort: the migration (a paused one resumes the VM),
+/// the mirror job, the target node.
+pub(super) async fn undo_copy(source: &QmpClient, side: Role, journal: &mut Journal<'_, '_>) {
+    if let Ok(info) = steps::migration(source, side).await
+        && let Some(s) = info.status.as_deref()
+        && ["setup", "active", "device", "pre-switchover", "wait-unplug"].contains(&s)
+    {
+        journal
+            .best_effort(
+                side,
+                "migrate_cancel",
+                source.execute_raw("migrate_cancel", None),
+            )
+            .await;
+    }
+    if let Ok(Some(_)) = find_job(source).await {
+        journal
+            .best_effort(
+                side,
+                &format!("block-job-cancel {REPROTECT_JOB} (force)"),
+                source.execute_raw(
+                    "block-job-cancel",
+                    Some(json!({ "device": REPROTECT_JOB, "force": true })),
+                ),
+            )
+            .await;
+    }
+    let _ = delete_target_node(source, side, journal).await;
+}
+
+/// Resumes `vm` when a cancelled migration left it paused (it resumes by itself most times).
+pub(super) async fn ensure_running(vm: &QmpClient, side: Role, journal: &mut Journal<'_, '_>) {
+    for _ in 0..50 {
+        match steps::runstate(vm, side).await {
+            Ok(s) if s.running => return,
+            Ok(s) if s.status == "paused" || s.status == "finish-migrate" => {
+                journal.best_effort(side, "cont", vm.cont()).await;
+                return;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 /// Puts the primary back as it was before the re-protect, best effort: cancels a migration
@@ -841,31 +920,7 @@ async fn undo(primary: &QmpClient, cfg: &PairConfig, journal: &mut Journal<'_, '
         journal.skipped(p, "undo", "the primary is in COLO: nothing to undo");
         return;
     }
-    if let Ok(info) = steps::migration(primary, p).await
-        && let Some(s) = info.status.as_deref()
-        && ["setup", "active", "device", "pre-switchover", "wait-unplug"].contains(&s)
-    {
-        journal
-            .best_effort(
-                p,
-                "migrate_cancel",
-                primary.execute_raw("migrate_cancel", None),
-            )
-            .await;
-    }
-    if let Ok(Some(_)) = find_job(primary).await {
-        journal
-            .best_effort(
-                p,
-                &format!("block-job-cancel {REPROTECT_JOB} (force)"),
-                primary.execute_raw(
-                    "block-job-cancel",
-                    Some(json!({ "device": REPROTECT_JOB, "force": true })),
-                ),
-            )
-            .await;
-    }
-    let _ = delete_target_node(primary, journal).await;
+    undo_copy(primary, p, journal).await;
     let node = &cfg.disk.replication_node;
     let _ = journal
         .idempotent(
@@ -898,16 +953,7 @@ async fn undo(primary: &QmpClient, cfg: &PairConfig, journal: &mut Journal<'_, '
             .await;
     }
     // A migration cancelled at pre-switchover resumes the VM; make sure.
-    for _ in 0..50 {
-        match steps::runstate(primary, p).await {
-            Ok(s) if s.running => return,
-            Ok(s) if s.status == "paused" || s.status == "finish-migrate" => {
-                let _ = journal.best_effort(p, "cont", primary.cont()).await;
-                return;
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+    ensure_running(primary, p, journal).await;
 }
 
 #[cfg(test)]
