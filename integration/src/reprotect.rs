@@ -131,7 +131,12 @@ pub struct ReprotectRun {
     /// the primary's (the secondary serves on, the VM moves home with `failback`, then the
     /// re-protect).
     pub first_loss: Role,
-    /// The failback, when the primary's host died first.
+    /// Whether a round lost the primary's host (and so needed a failback).
+    pub primary_lost: bool,
+    /// The hosts lost, in order, before the last failure (the primary's host, during a
+    /// download).
+    pub losses: Vec<Role>,
+    /// The failback, when a round lost the primary's host.
     pub failback: Option<FailbackReport>,
 }
 
@@ -267,8 +272,8 @@ impl ReprotectRun {
             );
         }
         check(
-            self.first_loss == Role::Secondary || self.failback.is_some(),
-            "the primary's host died first and no failback ran".into(),
+            !self.primary_lost || self.failback.is_some(),
+            "the primary's host died and no failback ran".into(),
         );
         check(
             self.echo_life.ok(),
@@ -300,9 +305,20 @@ impl ReprotectRun {
         } else {
             (1usize << 20).saturating_sub(self.download.bytes)
         };
+        let lost: Vec<&str> = self
+            .losses
+            .iter()
+            .chain([&Role::Primary])
+            .map(|r| r.name())
+            .collect();
         [
             format!(
-                "checkpoints: {} in the first pair, {} / {} after the re-protect",
+                "hosts lost, in order: {} (each time the other served on; a re-protect after \
+                 each but the last)",
+                lost.join(", ")
+            ),
+            format!(
+                "checkpoints: {} in the first pair, {} / {} after the last re-protect",
                 self.checkpoints_first_pair,
                 self.checkpoints_new_pair.0,
                 self.checkpoints_new_pair.1
@@ -333,8 +349,13 @@ impl ReprotectRun {
                 None => "failback: none needed (the primary survived)".to_string(),
             },
             format!(
-                "re-protect: {:.1} s, pause at the switch {} ms, longest client stall {:.0} ms, \
-                 {} of {} requests failed",
+                "re-protect{}: {:.1} s, pause at the switch {} ms, longest client stall {:.0} \
+                 ms, {} of {} requests failed",
+                if self.earlier_rounds.is_empty() {
+                    ""
+                } else {
+                    " (the last)"
+                },
                 r.total_ms / 1000.0,
                 self.switch_pause_qemu_ms
                     .map_or("-".to_string(), |p| format!("{p:.0}")),
@@ -450,7 +471,8 @@ pub async fn after_losing_the_secondary(
         Interrupt::DuringCopy => "reprotect-killed-in-copy",
         Interrupt::DuringMemory => "reprotect-killed-in-memory",
     };
-    run(tag, name, cfg, interrupt, rounds, false, Role::Secondary).await
+    let losses = vec![Role::Secondary; rounds.max(1)];
+    run(tag, name, cfg, interrupt, &losses, false).await
 }
 
 /// The life of [`after_losing_the_secondary`] (one round) with the HA agents deciding both
@@ -465,9 +487,8 @@ pub async fn with_ha_agents(tag: &str, cfg: PairConfig) -> Result<ReprotectRun> 
         "reprotect-ha-agents",
         cfg,
         Interrupt::None,
-        1,
+        &[Role::Secondary],
         true,
-        Role::Secondary,
     )
     .await
 }
@@ -483,9 +504,24 @@ pub async fn after_losing_the_primary(tag: &str, cfg: PairConfig) -> Result<Repr
         "failback-then-reprotect",
         cfg,
         Interrupt::None,
-        1,
+        &[Role::Primary],
         false,
-        Role::Primary,
+    )
+    .await
+}
+
+/// Three failovers in a row, the serving host alternating, with online re-protects between
+/// them: the primary's host dies (the secondary serves; the VM moves home; the secondary is
+/// re-protected), then the secondary's host dies (the primary serves; re-protect), then the
+/// primary's host dies during a download (the secondary serves), and nothing is lost.
+pub async fn three_failovers_alternating(tag: &str, cfg: PairConfig) -> Result<ReprotectRun> {
+    run(
+        tag,
+        "three-failovers",
+        cfg,
+        Interrupt::None,
+        &[Role::Primary, Role::Secondary],
+        false,
     )
     .await
 }
@@ -495,10 +531,11 @@ async fn run(
     name: &str,
     cfg: PairConfig,
     interrupt: Interrupt,
-    rounds: usize,
+    losses: &[Role],
     agents: bool,
-    first_loss: Role,
 ) -> Result<ReprotectRun> {
+    let (&last_loss, earlier_losses) = losses.split_last().context("no loss to play")?;
+    let first_loss = losses[0];
     let dir = crate::artifacts::run_dir(name)?;
     let mut pair = StockPair::start(tag, dir, cfg).await?;
     // Declared after the pair: dropped first (its cluster runs on the pair's namespaces).
@@ -525,11 +562,13 @@ async fn run(
     pair.wait_checkpoints(5, period * 10 + Duration::from_secs(30))
         .await?;
     let checkpoints_first_pair = pair.checkpoint_pauses(Role::Primary).len();
-    // Earlier rounds (lose the secondary, re-protect) must show the same as the last one.
+    // Earlier rounds (lose a host, [fail back,] re-protect) must show the same as the last.
     let mut earlier_rounds = Vec::new();
-    for _ in 1..rounds {
-        let round =
-            lose_secondary_and_reprotect(&mut pair, ha.as_mut(), &client, Interrupt::None).await?;
+    let mut earlier_failback = None;
+    for &lost in earlier_losses {
+        let mut round =
+            lose_and_reprotect(&mut pair, ha.as_mut(), &client, Interrupt::None, lost).await?;
+        earlier_failback = earlier_failback.or(round.failback.take());
         earlier_rounds.push(round.check()?);
     }
     let Round {
@@ -544,7 +583,9 @@ async fn run(
         first_takeover,
         protected_again_ms,
         failback,
-    } = lose_and_reprotect(&mut pair, ha.as_mut(), &client, interrupt, first_loss).await?;
+    } = lose_and_reprotect(&mut pair, ha.as_mut(), &client, interrupt, last_loss).await?;
+    let failback = failback.or(earlier_failback);
+    let primary_lost = losses.contains(&Role::Primary);
 
     // The primary dies during a download; the new secondary takes over.
     let echo = EchoSession::start(
@@ -639,6 +680,8 @@ async fn run(
         echo_life,
         divergences,
         first_loss,
+        primary_lost,
+        losses: losses.to_vec(),
         failback,
     };
     std::fs::write(
@@ -796,21 +839,11 @@ impl Round {
     }
 }
 
-/// The secondary's host dies, the primary carries on alone, the host comes back (after a
-/// first attempt cut short at `interrupt`) and the primary is re-protected, a client asking
-/// and an echo connection open all along; returns once checkpoints go on.
-async fn lose_secondary_and_reprotect(
-    pair: &mut StockPair,
-    ha: Option<&mut HaBed>,
-    client: &HttpClient,
-    interrupt: Interrupt,
-) -> Result<Round> {
-    lose_and_reprotect(pair, ha, client, interrupt, Role::Secondary).await
-}
-
 /// `lost`'s host dies (with its agent); the other side carries on alone, by its agent's
 /// decision or by `qmp-driver failover`. When the primary was lost, the VM then moves home
-/// with `failback` (clients served all along) before the re-protect.
+/// with `failback`; the secondary's host comes back (after a first attempt cut short at
+/// `interrupt`) and the primary is re-protected, a client asking and an echo connection open
+/// all along; returns once checkpoints go on.
 async fn lose_and_reprotect(
     pair: &mut StockPair,
     mut ha: Option<&mut HaBed>,

@@ -46,6 +46,21 @@ async fn the_vm_fails_back_home_after_the_primary_dies_and_a_second_failover_los
     assert!(run.failback.is_some(), "no failback ran");
 }
 
+/// Three failovers in a row, the serving host alternating (B, A, B), with online re-protects
+/// between them: the primary's host dies (the secondary serves, the VM moves home, the
+/// secondary is re-protected), the secondary's host dies (the primary serves, re-protect),
+/// and the primary's host dies during a download (the secondary serves). Nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn three_failovers_in_a_row_alternating_hosts_lose_nothing() {
+    let run = reprotect::three_failovers_alternating("t-rp3f", common::daemons_pair())
+        .await
+        .expect("three-failovers scenario ran");
+    assert_reprotected(&run);
+    assert_eq!(run.earlier_rounds.len(), 1, "one earlier round");
+    assert!(run.failback.is_some(), "no failback ran");
+}
+
 /// The secondary is lost and the primary re-protected online twice in a row (the second time
 /// with `pause-before-switchover` already on, the filters and the NBD child removed by the
 /// second failover, the relay's third session); each round leaves the clients undisturbed and
