@@ -2,9 +2,10 @@
 # The main job on built-in defaults: set up this machine (idempotent), then the whole life of a
 # protected VM on colo's own daemons (the checkpoint-barrier relay, colo-proxyd on both hosts,
 # colo-blockd) with the HA agents on a real corosync cluster: clients stream and download, the
-# secondary's host dies and the primary's agent takes over, the running primary is re-protected
-# online, the primary's host dies and the new secondary's agent takes over; then the report
-# (checkpoints, divergences by reason, failover and re-protect times, what was lost).
+# primary's host dies and the secondary's agent takes over, the host comes back, the running VM
+# moves home (failback) and the secondary is re-protected online, the primary's host dies again
+# and the secondary's agent takes over once more; then the report (checkpoints, divergences by
+# reason, failover, failback and re-protect times, what was lost).
 # Arguments go to `colo-testbed` (try `--help`, `demo` for the operator's view with the
 # `qmp-driver` commands, `soak`, `failover --kill secondary`, `reprotect`, `relay-epochs`,
 # `relay-barrier`; `demo --network colo-compare --disk replication` for QEMU's own COLO stack).

@@ -350,7 +350,7 @@ impl ReprotectRun {
             },
             format!(
                 "re-protect{}: {:.1} s, pause at the switch {} ms, longest client stall {:.0} \
-                 ms, {} of {} requests failed",
+                 ms{}, {} of {} requests failed",
                 if self.earlier_rounds.is_empty() {
                     ""
                 } else {
@@ -360,6 +360,11 @@ impl ReprotectRun {
                 self.switch_pause_qemu_ms
                     .map_or("-".to_string(), |p| format!("{p:.0}")),
                 self.longest_stall_ms,
+                if self.failback.is_some() && self.earlier_rounds.is_empty() {
+                    " (over the failback and the re-protect)"
+                } else {
+                    ""
+                },
                 self.failures_during.len(),
                 self.requests_during
             ),
@@ -491,6 +496,19 @@ pub async fn with_ha_agents(tag: &str, cfg: PairConfig) -> Result<ReprotectRun> 
         true,
     )
     .await
+}
+
+/// The whole life with the HA agents in the order operators fear most: the **primary's** host
+/// dies first and the secondary's agent takes over; the host comes back, the VM moves home
+/// (`failback`, the secondary's agent stepping aside, the primary's agent back with the VM),
+/// the secondary host and its agent come back and the pair is re-protected; then the
+/// primary's host dies again and the secondary's agent takes over once more.
+pub async fn life_with_ha_agents(tag: &str, cfg: PairConfig) -> Result<ReprotectRun> {
+    let cfg = PairConfig {
+        witness: true,
+        ..cfg
+    };
+    run(tag, "life", cfg, Interrupt::None, &[Role::Primary], true).await
 }
 
 /// The life in the other order: the **primary's** host dies first and the secondary serves
@@ -853,8 +871,8 @@ async fn lose_and_reprotect(
 ) -> Result<Round> {
     let period = Duration::from_millis(u64::from(pair.config.checkpoint_delay_ms));
     let echo_server = SocketAddr::new(guest_server().ip(), ECHO_PORT);
-    if lost == Role::Primary && (ha.is_some() || interrupt != Interrupt::None) {
-        bail!("the failback runs without the HA agents and without an interrupted attempt");
+    if lost == Role::Primary && interrupt != Interrupt::None {
+        bail!("the failback runs without an interrupted attempt");
     }
     pair.kill(lost)?;
     if let Some(ha) = ha.as_deref_mut() {
@@ -886,7 +904,18 @@ async fn lose_and_reprotect(
         ..ReprotectOptions::new(pair::default_reprotect_target(&pair.driver))
     };
     let failback = match lost {
-        Role::Primary => Some(fail_back(pair).await?),
+        Role::Primary => {
+            // The agent of the host the VM leaves steps aside for the move (its QEMU quits at
+            // the end), and the primary host's agent comes back with the VM.
+            if let Some(ha) = ha.as_deref_mut() {
+                ha.kill_agent(Role::Secondary);
+            }
+            let report = fail_back(pair).await?;
+            if let Some(ha) = ha.as_deref_mut() {
+                ha.start_agent(pair, Role::Primary)?;
+            }
+            Some(report)
+        }
         Role::Secondary => None,
     };
     let failed_attempt = match interrupt {

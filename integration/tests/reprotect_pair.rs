@@ -162,3 +162,21 @@ async fn the_ha_agents_fail_over_again_after_an_online_reprotect() {
     assert_eq!(agents.second.action, "take-over");
     assert_reprotected(&run);
 }
+
+/// The README's main command as a test: the life with the HA agents, the primary's host dying
+/// first. The secondary's agent takes over; the VM moves home with `failback` (that agent
+/// stepping aside, the primary's agent back with the VM); the secondary host and its agent
+/// come back and the pair is re-protected, both agents seeing it protected; the primary's host
+/// dies again and the secondary's agent takes over once more. Nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU, the guest and corosync; select with --include-ignored (integration/test.sh does)"]
+async fn the_life_with_the_ha_agents_the_primary_dying_first_loses_nothing() {
+    let run = reprotect::life_with_ha_agents("t-rplf", common::daemons_pair())
+        .await
+        .expect("the life with the agents ran");
+    let agents = run.agents.as_ref().expect("the agents' take-overs");
+    assert_eq!(agents.first.action, "take-over");
+    assert_eq!(agents.second.action, "take-over");
+    assert!(run.failback.is_some(), "no failback ran");
+    assert_reprotected(&run);
+}

@@ -3,8 +3,9 @@
 //! what happened.
 //!
 //! With no arguments it runs the whole life of a protected VM on colo's daemons with the HA
-//! agents (`life`: the secondary's host dies, online re-protect, the primary's host dies) and
-//! reports checkpoints, divergences, failover and re-protect times and what was lost. `demo`
+//! agents (`life`: the primary's host dies, failback and online re-protect, the primary's host
+//! dies again) and reports checkpoints, divergences, failover, failback and re-protect times
+//! and what was lost. `demo`
 //! is the operator's view: the checkpoint-barrier relay and `qmp-driver start` bring the pair
 //! into COLO, `qmp-driver status` and `checkpoint` show it, a client downloads, the primary is
 //! killed, `qmp-driver failover` lets the secondary take over. Needs root (namespaces, taps)
@@ -64,12 +65,12 @@ enum Command {
     /// The whole life of a protected VM on colo's daemons (default): the pair (relay,
     /// colo-proxyd, colo-blockd) with the HA agents on a real corosync cluster with a
     /// witness; clients stream both ways over one long-lived connection, ask and download;
-    /// the secondary's host dies and the primary's agent takes over; the host comes back and
-    /// the running primary is re-protected online; the primary's host dies during a download
-    /// and the new secondary's agent takes over. Reports checkpoints, divergences by reason,
-    /// each failover's time, the re-protect's time and longest client stall, and what was
-    /// lost (0 bytes, 0 disk records). The other order, the primary's host dying first, is
-    /// `reprotect --primary-first` (the agents do not fail back by themselves).
+    /// the primary's host dies and the secondary's agent takes over; the host comes back, the
+    /// running VM moves home (`qmp-driver failback`'s sequence) and the secondary is
+    /// re-protected online (`reprotect`'s); the primary's host dies again during a download
+    /// and the secondary's agent takes over once more. Reports checkpoints, divergences by
+    /// reason, each failover's time, the failback's and the re-protect's time and longest
+    /// client stall, and what was lost (0 bytes, 0 disk records).
     Life,
     /// The operator's view: start the pair with `qmp-driver start` through the
     /// checkpoint-barrier relay, `status`, `checkpoint`, serve a client, kill the primary
@@ -429,10 +430,13 @@ async fn run(command: Command, cli: &Cli, cfg: PairConfig) -> anyhow::Result<Out
         }
         Command::Life => {
             eprintln!(
-                "life: the pair on colo's daemons with the HA agents; the secondary's host \
-                 dies, the primary is re-protected online, then the primary's host dies"
+                "life: the pair on colo's daemons with the HA agents; the primary's host dies, \
+                 the VM moves home and is re-protected online, then the primary's host dies \
+                 again"
             );
-            reprotect_outcome(reprotect::with_ha_agents(&cli.tag, colo_daemons(cli, cfg)?).await)
+            reprotect_outcome(
+                reprotect::life_with_ha_agents(&cli.tag, colo_daemons(cli, cfg)?).await,
+            )
         }
         Command::Reprotect {
             rounds,
