@@ -479,3 +479,86 @@ async fn failback_moves_the_vm_the_secondary_took_over_home_while_its_guest_runs
         report.bytes_copied
     );
 }
+
+/// A failback whose target dies during the copy (the primary host's `serve` killed as the
+/// mirror starts) fails, and leaves the secondary as it was: its VM runs, no block job, no
+/// target node, no migration, and its guest writes on.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier qemu: needs the patched QEMU of integration/setup.sh; select with --include-ignored (integration/test.sh does)"]
+async fn a_failback_whose_target_dies_during_the_copy_leaves_the_secondary_serving() {
+    let bed = Bed::new();
+    let dir = bed.dir.path();
+    let s1 = bed.first_pair_then_the_secondary_takes_over().await;
+    let before = wait_heartbeat(&s1, 2, "the survivor's guest").await;
+    let mut copy_server = BlockdServe::start("base", &dir.join("p.raw"), &dir.join("copy.log"));
+    let home = start_vm(
+        dir,
+        "home",
+        &bed.primary_drives,
+        &["-S", "-incoming", "defer"],
+    )
+    .await;
+    let opts = FailbackOptions {
+        // Slow enough that the copy is still running when its target dies.
+        copy: ReprotectOptions {
+            speed: 1 << 20,
+            ..ReprotectOptions::new(format!("nbd://127.0.0.1:{}/base", copy_server.port))
+        },
+        incoming: Some(format!("tcp:127.0.0.1:{}", free_port())),
+        offsets_metrics: None,
+        offsets_timeout: Duration::from_secs(10),
+    };
+    let mut steps = Vec::new();
+    let mut killed = false;
+    let result = pair::failback(&s1.qmp, &home.qmp, &bed.cfg, &opts, &mut |p| {
+        let line = p.to_string();
+        if !killed && line.contains("blockdev-mirror") {
+            copy_server.stop();
+            killed = true;
+        }
+        steps.push(line);
+    })
+    .await;
+    assert!(killed, "the copy never started: {steps:#?}");
+    let err = result.expect_err("the failback went through although its target died");
+    println!("failback failed as it should: {err}\n{}", steps.join("\n"));
+
+    let status = s1.qmp.query_status().await.expect("status");
+    assert!(
+        status.running,
+        "the secondary's VM does not run: {status:?}"
+    );
+    let jobs = s1
+        .qmp
+        .execute_raw("query-block-jobs", None)
+        .await
+        .expect("jobs");
+    assert_eq!(jobs, json!([]), "a block job was left behind");
+    let nodes = s1
+        .qmp
+        .execute_raw("query-named-block-nodes", Some(json!({ "flat": true })))
+        .await
+        .expect("nodes");
+    assert!(
+        !nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["node-name"] == "colo-reprotect-target"),
+        "the target node was left behind: {nodes}"
+    );
+    let migration = s1.qmp.query_migrate().await.expect("query-migrate");
+    assert!(
+        !matches!(
+            migration.status.as_deref(),
+            Some("setup" | "active" | "pre-switchover" | "device")
+        ),
+        "a migration was left running: {migration:?}"
+    );
+    wait_heartbeat(
+        &s1,
+        before + 2,
+        "the secondary's guest after the failed failback",
+    )
+    .await;
+}
