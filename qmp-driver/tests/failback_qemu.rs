@@ -308,6 +308,31 @@ impl Bed {
         }
     }
 
+    /// The primary host back for a failback: `serve` on its (stale) image for the copy, its
+    /// QEMU with the primary's drives waiting for the migration, and the failback's options
+    /// (the copy bound to `speed` bytes/s, 0: none).
+    async fn primary_host_back(&self, speed: u64) -> (BlockdServe, Vm, FailbackOptions) {
+        let dir = self.dir.path();
+        let copy_server = BlockdServe::start("base", &dir.join("p.raw"), &dir.join("copy.log"));
+        let home = start_vm(
+            dir,
+            "home",
+            &self.primary_drives,
+            &["-S", "-incoming", "defer"],
+        )
+        .await;
+        let opts = FailbackOptions {
+            copy: ReprotectOptions {
+                speed,
+                ..ReprotectOptions::new(format!("nbd://127.0.0.1:{}/base", copy_server.port))
+            },
+            incoming: Some(format!("tcp:127.0.0.1:{}", free_port())),
+            offsets_metrics: None,
+            offsets_timeout: Duration::from_secs(10),
+        };
+        (copy_server, home, opts)
+    }
+
     /// The first pair (P paused and migrated into COLO with S1) checkpoints; P dies; S1 takes
     /// over and its guest writes on. Returns S1.
     async fn first_pair_then_the_secondary_takes_over(&self) -> Vm {
@@ -408,20 +433,7 @@ async fn failback_moves_the_vm_the_secondary_took_over_home_while_its_guest_runs
     // The primary host comes back: `serve` on its (stale) image for the copy, and its QEMU
     // with the primary's command line, waiting for the migration.
     let image = dir.join("p.raw");
-    let mut copy_server = BlockdServe::start("base", &image, &dir.join("copy.log"));
-    let home = start_vm(
-        dir,
-        "home",
-        &bed.primary_drives,
-        &["-S", "-incoming", "defer"],
-    )
-    .await;
-    let opts = FailbackOptions {
-        copy: ReprotectOptions::new(format!("nbd://127.0.0.1:{}/base", copy_server.port)),
-        incoming: Some(format!("tcp:127.0.0.1:{}", free_port())),
-        offsets_metrics: None,
-        offsets_timeout: Duration::from_secs(10),
-    };
+    let (mut copy_server, home, opts) = bed.primary_host_back(0).await;
     let mut steps = Vec::new();
     let report = pair::failback(&s1.qmp, &home.qmp, &bed.cfg, &opts, &mut |p| {
         steps.push(p.to_string())
@@ -487,27 +499,10 @@ async fn failback_moves_the_vm_the_secondary_took_over_home_while_its_guest_runs
 #[ignore = "tier qemu: needs the patched QEMU of integration/setup.sh; select with --include-ignored (integration/test.sh does)"]
 async fn a_failback_whose_target_dies_during_the_copy_leaves_the_secondary_serving() {
     let bed = Bed::new();
-    let dir = bed.dir.path();
     let s1 = bed.first_pair_then_the_secondary_takes_over().await;
     let before = wait_heartbeat(&s1, 2, "the survivor's guest").await;
-    let mut copy_server = BlockdServe::start("base", &dir.join("p.raw"), &dir.join("copy.log"));
-    let home = start_vm(
-        dir,
-        "home",
-        &bed.primary_drives,
-        &["-S", "-incoming", "defer"],
-    )
-    .await;
-    let opts = FailbackOptions {
-        // Slow enough that the copy is still running when its target dies.
-        copy: ReprotectOptions {
-            speed: 1 << 20,
-            ..ReprotectOptions::new(format!("nbd://127.0.0.1:{}/base", copy_server.port))
-        },
-        incoming: Some(format!("tcp:127.0.0.1:{}", free_port())),
-        offsets_metrics: None,
-        offsets_timeout: Duration::from_secs(10),
-    };
+    // Slow enough that the copy is still running when its target dies.
+    let (mut copy_server, home, opts) = bed.primary_host_back(1 << 20).await;
     let mut steps = Vec::new();
     let mut killed = false;
     let result = pair::failback(&s1.qmp, &home.qmp, &bed.cfg, &opts, &mut |p| {
