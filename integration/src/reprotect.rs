@@ -801,7 +801,19 @@ async fn take_over(
     match ha {
         Some(ha) => {
             ha.wait_takeover(survivor, Duration::from_secs(60)).await?;
-            Ok(ha.state(survivor)?.last_decision)
+            // The agent logs "take-over done" a moment before its state file holds the
+            // failover's time: wait for it (or an error), at most 5 s.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let decision = ha.state(survivor)?.last_decision;
+                let complete = decision
+                    .as_ref()
+                    .is_some_and(|d| d.failover_ms.is_some() || d.error.is_some());
+                if complete || Instant::now() > deadline {
+                    return Ok(decision);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         None => {
             match survivor {
