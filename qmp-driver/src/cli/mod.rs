@@ -106,6 +106,35 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }
 
+/// The bounds of a move of the running VM (`reprotect`, `failback`): its live disk copy and
+/// its memory migration.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct LiveMoveArgs {
+    /// How long the disk copy may take until it is in step, in seconds.
+    #[arg(long, default_value = "3600", value_name = "SECS", value_parser = parse_secs)]
+    pub copy_timeout: Duration,
+    /// Bound on the copy's background rate, in bytes per second (0: none). The guest's
+    /// writes during the copy are copied as they happen, whatever this says.
+    #[arg(long, default_value = "0", value_name = "BYTES")]
+    pub speed: u64,
+    /// How long the memory migration may take to the switch (and, for reprotect, then into
+    /// COLO), in seconds.
+    #[arg(long, default_value = "600", value_name = "SECS", value_parser = parse_secs)]
+    pub timeout: Duration,
+}
+
+impl LiveMoveArgs {
+    /// The options of a move whose disk is copied to `target`.
+    pub fn options(self, target: String) -> qmp_driver::pair::ReprotectOptions {
+        qmp_driver::pair::ReprotectOptions {
+            copy_timeout: self.copy_timeout,
+            speed: self.speed,
+            migrate_timeout: self.timeout,
+            ..qmp_driver::pair::ReprotectOptions::new(target)
+        }
+    }
+}
+
 /// `--json` for commands that print a report.
 #[derive(Args, Debug, Clone, Copy)]
 pub struct Output {
@@ -264,17 +293,8 @@ pub enum Command {
         /// nbd://secondary.host:(disk.nbd_port+1)/base).
         #[arg(long, value_name = "URI")]
         target: Option<String>,
-        /// How long the disk copy may take until it is in step, in seconds.
-        #[arg(long, default_value = "3600", value_name = "SECS", value_parser = parse_secs)]
-        copy_timeout: Duration,
-        /// Bound on the copy's background rate, in bytes per second (0: none). The guest's
-        /// writes during the copy are copied as they happen, whatever this says.
-        #[arg(long, default_value = "0", value_name = "BYTES")]
-        speed: u64,
-        /// How long the memory migration may take to the switch, and then into COLO, in
-        /// seconds.
-        #[arg(long, default_value = "600", value_name = "SECS", value_parser = parse_secs)]
-        timeout: Duration,
+        #[command(flatten)]
+        live: LiveMoveArgs,
     },
 
     /// Move the VM the SECONDARY took over home to the primary host while it runs (failback).
@@ -318,15 +338,8 @@ pub enum Command {
         /// How long to wait for those connections to end, in seconds.
         #[arg(long, default_value = "300", value_name = "SECS", value_parser = parse_secs)]
         offsets_timeout: Duration,
-        /// How long the disk copy may take until it is in step, in seconds.
-        #[arg(long, default_value = "3600", value_name = "SECS", value_parser = parse_secs)]
-        copy_timeout: Duration,
-        /// Bound on the copy's background rate, in bytes per second (0: none).
-        #[arg(long, default_value = "0", value_name = "BYTES")]
-        speed: u64,
-        /// How long the memory migration may take to the switch, in seconds.
-        #[arg(long, default_value = "600", value_name = "SECS", value_parser = parse_secs)]
-        timeout: Duration,
+        #[command(flatten)]
+        live: LiveMoveArgs,
     },
 
     /// Show both QEMUs (COLO mode, run state, migration status) and the relay.

@@ -9,7 +9,7 @@ use qmp_driver::config::PairConfig;
 use qmp_driver::daemon_args::{self, Daemon};
 use qmp_driver::pair::{
     self, CheckpointOptions, CopyOptions, FailbackOptions, FailoverOptions, Hook, PairError,
-    Progress, ReprotectOptions, StartOptions,
+    Progress, StartOptions,
 };
 use qmp_driver::qemu_args;
 use serde::Serialize;
@@ -123,18 +123,9 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
         Command::Reprotect {
             output,
             target,
-            copy_timeout,
-            speed,
-            timeout,
+            live,
         } => {
-            let opts = ReprotectOptions {
-                copy_timeout,
-                speed,
-                migrate_timeout: timeout,
-                ..ReprotectOptions::new(
-                    target.unwrap_or_else(|| pair::default_reprotect_target(cfg)),
-                )
-            };
+            let opts = live.options(target.unwrap_or_else(|| pair::default_reprotect_target(cfg)));
             let result = async {
                 let (pri, sec) = tokio::join!(
                     connect(cfg, g, Role::Primary),
@@ -155,19 +146,10 @@ pub async fn run(command: Command, cfg: &PairConfig, g: &Globals) -> ExitCode {
             incoming,
             offsets_metrics,
             offsets_timeout,
-            copy_timeout,
-            speed,
-            timeout,
+            live,
         } => {
             let opts = FailbackOptions {
-                copy: ReprotectOptions {
-                    copy_timeout,
-                    speed,
-                    migrate_timeout: timeout,
-                    ..ReprotectOptions::new(
-                        target.unwrap_or_else(|| pair::default_failback_target(cfg)),
-                    )
-                },
+                copy: live.options(target.unwrap_or_else(|| pair::default_failback_target(cfg))),
                 incoming,
                 offsets_metrics,
                 offsets_timeout,

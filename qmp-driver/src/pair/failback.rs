@@ -557,6 +557,40 @@ mod tests {
         );
     }
 
+    /// Serves one HTTP answer with `body` on a local port; returns `HOST:PORT`.
+    async fn metrics_endpoint(body: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let n = stream.read(&mut request).await.unwrap();
+            assert!(request[..n].starts_with(b"GET /metrics HTTP/1.0\r\n"));
+            let answer = format!("HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\n{body}");
+            stream.write_all(answer.as_bytes()).await.unwrap();
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn the_offsets_gauge_is_scraped_from_colo_proxyd_metrics_endpoint() {
+        let addr = metrics_endpoint(
+            "# TYPE colo_proxyd_failover_offset_connections gauge\n\
+             colo_proxyd_failover_offset_connections 2\n",
+        )
+        .await;
+        assert_eq!(offset_connections(&addr).await, Ok(2));
+        let addr = metrics_endpoint("colo_proxyd_flows 3\n").await;
+        let err = offset_connections(&addr).await.unwrap_err();
+        assert!(err.contains("exports no"), "{err}");
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        assert!(offset_connections(&closed).await.is_err());
+    }
+
     #[test]
     fn the_gauge_is_read_from_prometheus_text() {
         let text = "# HELP colo_proxyd_failover_offset_connections x\n\
