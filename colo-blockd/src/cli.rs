@@ -208,6 +208,19 @@ pub struct ServeArgs {
         default_missing_value = "true"
     )]
     pub read_only: Option<bool>,
+    /// Exit (status 0) once the first client that opened an export has disconnected: the one
+    /// disk copy of an online re-protect or failback (`qmp-driver reprotect`, the HA agent's
+    /// --auto-reprotect), so that nothing serves the image after it. Connections that never
+    /// reach an export (a port probe, a stranger refused by TLS) do not count
+    /// (`--exit-after-client` alone means true) [default: false].
+    #[arg(
+        long,
+        env = "COLO_BLOCKD_EXIT_AFTER_CLIENT",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub exit_after_client: Option<bool>,
     /// Listen on this Unix socket path (a stale socket there is replaced; a live one or another
     /// file is an error). Mode 0600: only this user (and root) may connect; no TLS on it.
     /// --unix, --tcp or both: both serve the same exports.
@@ -333,6 +346,8 @@ pub struct ServeConfig {
     pub exports: Vec<ExportSpec>,
     /// Serve every export read-only.
     pub read_only: bool,
+    /// Exit once the first client that opened an export disconnected.
+    pub exit_after_client: bool,
     /// The Unix socket, if any.
     pub unix: Option<PathBuf>,
     /// The TCP address, if any (at least one of the two is set).
@@ -528,6 +543,11 @@ impl TryFrom<ServeArgs> for ServeConfig {
         let file: ServeArgs = layers.read_file()?;
         let exports = layers.pick_list("export", args.exports, file.exports);
         let read_only = layers.pick("read-only", args.read_only, file.read_only);
+        let exit_after_client = layers.pick(
+            "exit-after-client",
+            args.exit_after_client,
+            file.exit_after_client,
+        );
         let unix = layers.pick("unix", args.unix, file.unix);
         let tcp = layers.pick("tcp", args.tcp, file.tcp);
         let in_flight = layers.pick("max-in-flight", args.max_in_flight, file.max_in_flight);
@@ -555,6 +575,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
         Ok(ServeConfig {
             exports,
             read_only: read_only.unwrap_or(false),
+            exit_after_client: exit_after_client.unwrap_or(false),
             unix,
             tcp,
             max_in_flight: max_in_flight(&layers, in_flight)?,

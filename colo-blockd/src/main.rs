@@ -53,8 +53,16 @@ async fn serve(args: ServeConfig, shutdown: CancellationToken) -> anyhow::Result
     let metrics = Metrics::new();
     let server = NbdServer::new(ExportSet::new(exports)?, config).with_metrics(metrics.clone());
     let server = secure(server, args.tls.as_ref(), args.tcp.is_some(), &metrics);
+    // With --exit-after-client the first client's departure stops the sockets as a signal
+    // would.
+    let stop = shutdown.child_token();
+    let server = if args.exit_after_client {
+        server.stop_after_client(stop.clone())
+    } else {
+        server
+    };
     let listeners = NbdListeners::bind(args.unix.as_deref(), args.tcp).await?;
-    listeners.serve(server, shutdown).await;
+    listeners.serve(server, stop).await;
     Ok(())
 }
 

@@ -155,3 +155,66 @@ fn serve_answers_on_unix_and_tcp_at_once() {
     assert!(file_bytes(&img, 0, 65536).iter().all(|&b| b == 0x5a));
     assert!(file_bytes(&img, 65536, 4096).iter().all(|&b| b == 0xa5));
 }
+
+/// `--exit-after-client`: the serve of a re-protect's copy. A connection that never opens an
+/// export (a port probe) leaves it serving; the first client that wrote through an export
+/// makes it exit 0 once that client is gone, with the write on the image and the port closed.
+#[test]
+#[ignore = "tier clients: needs qemu-io, qemu-img and nbdinfo (integration/setup.sh); select with --include-ignored (integration/test.sh does)"]
+fn serve_exits_after_its_first_client_with_exit_after_client() {
+    require_tool("qemu-io", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let img = patterned_image(dir.path(), "disk.raw", SIZE);
+    let tcp = free_tcp_addr();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_colo-blockd"))
+        .args(["serve", "--exit-after-client", "--export"])
+        .arg(format!("disk={}", img.display()))
+        .args(["--tcp", &tcp.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    // The probe itself is a connection that opens no export.
+    while std::net::TcpStream::connect(tcp).is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "colo-blockd exited early"
+        );
+        assert!(started.elapsed() < Duration::from_secs(60), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "a connection that opened no export stopped the server"
+    );
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &format!("nbd://{tcp}/disk"),
+            "-c",
+            "write -P 0x7e 0 64k",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("colo-blockd serve did not exit after its client left");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "colo-blockd exited with {status}");
+    assert!(file_bytes(&img, 0, 65536).iter().all(|&b| b == 0x7e));
+    assert!(
+        std::net::TcpStream::connect(tcp).is_err(),
+        "the port still accepts after the exit"
+    );
+}

@@ -28,6 +28,10 @@ pub enum VmState {
     Gone,
     /// Stopped by its own agent after it lost a claim or quorum.
     Fenced,
+    /// QEMU listens but its VM is neither in COLO nor running: a secondary waiting for its
+    /// migration (a new secondary the survivor can re-protect with), a primary paused before
+    /// `start`. Agents older than this variant refuse the message as malformed and ignore it.
+    Waiting,
 }
 
 impl VmState {
@@ -119,6 +123,9 @@ mod tests {
             },
             Message::State {
                 vm: VmState::Fenced,
+            },
+            Message::State {
+                vm: VmState::Waiting,
             },
             Message::Claim {
                 reason: "peer-host-down".into(),

@@ -10,7 +10,7 @@ use crate::cluster::{Cluster, ClusterOptions, Host, QuorumInfo};
 use crate::stock::{DriverProcess, Role, StockPair};
 use anyhow::{Context, Result, bail};
 use qmp_driver::agent::status::{AgentStatus, read_state_file};
-use qmp_driver::pair::{Outcome, Step};
+use qmp_driver::pair::{Outcome, ReprotectReport, Step};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,9 @@ pub struct HaBed {
     agents: Vec<(Role, DriverProcess)>,
     /// The role of every agent started, in order (to name a later agent's log).
     started: Vec<Role>,
+    /// The primary's agent re-protects by itself (`--auto-reprotect`), its copy bounded to
+    /// this rate (bytes/s).
+    auto_reprotect: Option<u64>,
     /// The corosync cluster.
     pub cluster: Cluster,
 }
@@ -62,6 +65,16 @@ impl HaBed {
     /// votes, starts both agents and waits until both see the pair protected (in COLO,
     /// quorate, the peer's state known).
     pub async fn start(pair: &StockPair, options: &ClusterOptions) -> Result<HaBed> {
+        HaBed::start_with(pair, options, None).await
+    }
+
+    /// [`HaBed::start`], the primary's agent (this one and every later one) re-protecting by
+    /// itself with its copy bounded to `auto_reprotect` bytes/s.
+    pub async fn start_with(
+        pair: &StockPair,
+        options: &ClusterOptions,
+        auto_reprotect: Option<u64>,
+    ) -> Result<HaBed> {
         if pair.topology.witness.is_none() {
             bail!("the pair's topology has no witness: set PairConfig::witness");
         }
@@ -70,6 +83,7 @@ impl HaBed {
             dir: pair.dir.clone(),
             agents: Vec::new(),
             started: Vec::new(),
+            auto_reprotect,
             cluster,
         };
         bed.wait_whole(SETTLE)?;
@@ -109,6 +123,15 @@ impl HaBed {
             pidfile.display().to_string(),
         ];
         args.extend(AGENT_ARGS.iter().map(|a| a.to_string()));
+        if let (Role::Primary, Some(speed)) = (role, self.auto_reprotect) {
+            args.extend([
+                "--auto-reprotect".to_string(),
+                "--reprotect-speed".to_string(),
+                speed.to_string(),
+                "--reprotect-retry-ms".to_string(),
+                "2000".to_string(),
+            ]);
+        }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let ns = self.cluster.namespace(host_of(role)).to_string();
         let earlier = self.started.iter().filter(|r| **r == role).count();
@@ -253,6 +276,45 @@ impl HaBed {
             unsafe { libc::kill(pid, libc::SIGSTOP) };
         }
         Ok(())
+    }
+
+    /// Whether the primary's agent re-protects by itself.
+    pub fn auto_reprotect(&self) -> bool {
+        self.auto_reprotect.is_some()
+    }
+
+    /// Waits until the primary's agent finished an automatic re-protect after the
+    /// `attempts_before`th: its report, or its error (the first failure ends the wait).
+    pub async fn wait_auto_reprotect(
+        &self,
+        attempts_before: u32,
+        within: Duration,
+    ) -> Result<std::result::Result<ReprotectReport, String>> {
+        let state = self
+            .wait_state(
+                Role::Primary,
+                within,
+                "through an automatic re-protect",
+                |s| {
+                    s.reprotect
+                        .as_ref()
+                        .is_some_and(|r| r.attempts > attempts_before && r.state != "running")
+                },
+            )
+            .await?;
+        let r = state.reprotect.context("no re-protect in the state")?;
+        Ok(match (r.report, r.error) {
+            (Some(report), None) => Ok(report),
+            (_, error) => Err(error.unwrap_or_else(|| "no report and no error".into())),
+        })
+    }
+
+    /// The automatic re-protects the primary's agent started so far.
+    pub fn auto_reprotect_attempts(&self) -> u32 {
+        self.state(Role::Primary)
+            .ok()
+            .and_then(|s| s.reprotect)
+            .map_or(0, |r| r.attempts)
     }
 
     /// Kills the agent of `role` (its VM stays).

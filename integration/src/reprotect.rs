@@ -138,6 +138,10 @@ pub struct ReprotectRun {
     pub losses: Vec<Role>,
     /// The failback, when a round lost the primary's host.
     pub failback: Option<FailbackReport>,
+    /// The primary's HA agent ran the re-protects by itself (`agent --auto-reprotect`) once
+    /// the new secondary's QEMU waited; otherwise the bed ran `qmp-driver reprotect`'s
+    /// sequence.
+    pub reprotect_by_agent: bool,
 }
 
 /// The HA agents' two take-overs of [`with_ha_agents`], each as the agent's state file gives
@@ -192,7 +196,7 @@ impl ReprotectRun {
                 problems.push(problem);
             }
         };
-        let names: Vec<&str> = r.phases.iter().map(|p| p.name).collect();
+        let names: Vec<&str> = r.phases.iter().map(|p| p.name.as_str()).collect();
         check(
             names == ["prepare", "copy", "memory", "switch", "enter-colo"],
             format!("the re-protect's phases were {names:?}"),
@@ -261,7 +265,7 @@ impl ReprotectRun {
             format!("the new secondary's disk lacks records: {:?}", self.disk),
         );
         if let Some(f) = &self.failback {
-            let names: Vec<&str> = f.phases.iter().map(|p| p.name).collect();
+            let names: Vec<&str> = f.phases.iter().map(|p| p.name.as_str()).collect();
             check(
                 names == ["prepare", "copy", "memory", "switch"],
                 format!("the failback's phases were {names:?}"),
@@ -349,12 +353,17 @@ impl ReprotectRun {
                 None => "failback: none needed (the primary survived)".to_string(),
             },
             format!(
-                "re-protect{}: {:.1} s, pause at the switch {} ms, longest client stall {:.0} \
+                "re-protect{}{}: {:.1} s, pause at the switch {} ms, longest client stall {:.0} \
                  ms{}, {} of {} requests failed",
                 if self.earlier_rounds.is_empty() {
                     ""
                 } else {
                     " (the last)"
+                },
+                if self.reprotect_by_agent {
+                    " (by the primary's agent, once the new secondary waited)"
+                } else {
+                    ""
                 },
                 r.total_ms / 1000.0,
                 self.switch_pause_qemu_ms
@@ -477,7 +486,7 @@ pub async fn after_losing_the_secondary(
         Interrupt::DuringMemory => "reprotect-killed-in-memory",
     };
     let losses = vec![Role::Secondary; rounds.max(1)];
-    run(tag, name, cfg, interrupt, &losses, false).await
+    run(tag, name, cfg, interrupt, &losses, Deciders::Driver).await
 }
 
 /// The life of [`after_losing_the_secondary`] (one round) with the HA agents deciding both
@@ -493,7 +502,7 @@ pub async fn with_ha_agents(tag: &str, cfg: PairConfig) -> Result<ReprotectRun> 
         cfg,
         Interrupt::None,
         &[Role::Secondary],
-        true,
+        Deciders::Agents,
     )
     .await
 }
@@ -508,7 +517,15 @@ pub async fn life_with_ha_agents(tag: &str, cfg: PairConfig) -> Result<Reprotect
         witness: true,
         ..cfg
     };
-    run(tag, "life", cfg, Interrupt::None, &[Role::Primary], true).await
+    run(
+        tag,
+        "life",
+        cfg,
+        Interrupt::None,
+        &[Role::Primary],
+        Deciders::AgentsReprotecting,
+    )
+    .await
 }
 
 /// The life in the other order: the **primary's** host dies first and the secondary serves
@@ -523,7 +540,7 @@ pub async fn after_losing_the_primary(tag: &str, cfg: PairConfig) -> Result<Repr
         cfg,
         Interrupt::None,
         &[Role::Primary],
-        false,
+        Deciders::Driver,
     )
     .await
 }
@@ -539,9 +556,22 @@ pub async fn three_failovers_alternating(tag: &str, cfg: PairConfig) -> Result<R
         cfg,
         Interrupt::None,
         &[Role::Primary, Role::Secondary],
-        false,
+        Deciders::Driver,
     )
     .await
+}
+
+/// Who decides the failovers and starts the re-protects on the bed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deciders {
+    /// No agents: the bed runs `qmp-driver failover`'s and `reprotect`'s sequences.
+    Driver,
+    /// The HA agents take over; the bed runs the re-protect (and failback).
+    Agents,
+    /// The HA agents take over, and the primary's agent re-protects by itself
+    /// (`--auto-reprotect`) once the new secondary host's QEMU waits; the bed runs the
+    /// failback.
+    AgentsReprotecting,
 }
 
 async fn run(
@@ -550,17 +580,19 @@ async fn run(
     cfg: PairConfig,
     interrupt: Interrupt,
     losses: &[Role],
-    agents: bool,
+    deciders: Deciders,
 ) -> Result<ReprotectRun> {
     let (&last_loss, earlier_losses) = losses.split_last().context("no loss to play")?;
     let first_loss = losses[0];
     let dir = crate::artifacts::run_dir(name)?;
     let mut pair = StockPair::start(tag, dir, cfg).await?;
     // Declared after the pair: dropped first (its cluster runs on the pair's namespaces).
-    let mut ha = if agents {
-        Some(HaBed::start(&pair, &ClusterOptions::from_env()).await?)
-    } else {
-        None
+    let mut ha = match deciders {
+        Deciders::Driver => None,
+        Deciders::Agents => Some(HaBed::start(&pair, &ClusterOptions::from_env()).await?),
+        Deciders::AgentsReprotecting => {
+            Some(HaBed::start_with(&pair, &ClusterOptions::from_env(), Some(COPY_SPEED)).await?)
+        }
     };
     let period = Duration::from_millis(u64::from(pair.config.checkpoint_delay_ms));
     pair.wait_checkpoints(3, period * 10 + Duration::from_secs(30))
@@ -701,6 +733,7 @@ async fn run(
         primary_lost,
         losses: losses.to_vec(),
         failback,
+        reprotect_by_agent: deciders == Deciders::AgentsReprotecting,
     };
     std::fs::write(
         run.run_dir.join("reprotect-report.json"),
@@ -934,6 +967,7 @@ async fn lose_and_reprotect(
         Interrupt::None => None,
         _ => Some(interrupted_attempt(pair, &opts, interrupt).await?),
     };
+    let attempts_before = ha.as_deref().map_or(0, HaBed::auto_reprotect_attempts);
     let mut serve = pair.restart_secondary_host().await?;
     if let Some(ha) = ha.as_deref_mut() {
         // The host's agent comes back with it, on the new secondary QEMU.
@@ -942,10 +976,19 @@ async fn lose_and_reprotect(
     let pri = pair.vm(Role::Primary)?.qmp.clone();
     let sec = pair.vm(Role::Secondary)?.qmp.clone();
     let events_mark = pair.vm(Role::Primary)?.events.len();
-    let result = pair::reprotect(&pri, &sec, &pair.driver, &opts, &mut |p| {
-        println!("  reprotect: {p}")
-    })
-    .await;
+    let result = match ha.as_deref().filter(|ha| ha.auto_reprotect()) {
+        // The primary's agent sees the new secondary's agent report its QEMU waiting, and
+        // re-protects by itself (its log has the steps).
+        Some(ha) => {
+            ha.wait_auto_reprotect(attempts_before, Duration::from_secs(300))
+                .await?
+        }
+        None => pair::reprotect(&pri, &sec, &pair.driver, &opts, &mut |p| {
+            println!("  reprotect: {p}")
+        })
+        .await
+        .map_err(|e| e.to_string()),
+    };
     let reprotect_done = Instant::now();
     stop.store(true, Ordering::Relaxed);
     let (requests_during, failures_during, slowest) = prober.await.context("prober task")?;
@@ -964,7 +1007,8 @@ async fn lose_and_reprotect(
             );
         }
     };
-    serve.stop(Duration::from_secs(10))?;
+    // `--exit-after-client`: the copy's node was deleted at the switch, so it left.
+    serve.wait_exit(Duration::from_secs(10))?;
 
     // Back in COLO: checkpoints go on, on both sides.
     pair.wait_guest_in_colo().await?;
@@ -1032,7 +1076,7 @@ async fn fail_back(pair: &mut StockPair) -> Result<FailbackReport> {
             );
         }
     };
-    serve.stop(Duration::from_secs(10))?;
+    serve.wait_exit(Duration::from_secs(10))?;
     let image = pair.vm(Role::Secondary)?.image.clone();
     pair.kill(Role::Secondary)?;
     // The secondary's image was the VM's disk since the failover; the VM now runs from the

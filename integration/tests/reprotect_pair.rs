@@ -166,7 +166,8 @@ async fn the_ha_agents_fail_over_again_after_an_online_reprotect() {
 /// The README's main command as a test: the life with the HA agents, the primary's host dying
 /// first. The secondary's agent takes over; the VM moves home with `failback` (that agent
 /// stepping aside, the primary's agent back with the VM); the secondary host and its agent
-/// come back and the pair is re-protected, both agents seeing it protected; the primary's host
+/// come back, and the primary's agent (`--auto-reprotect`) re-protects by itself once the new
+/// secondary's QEMU waits, both agents then seeing the pair protected; the primary's host
 /// dies again and the secondary's agent takes over once more. Nothing is lost.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "tier bed: needs root, network namespaces, QEMU, the guest and corosync; select with --include-ignored (integration/test.sh does)"]
@@ -178,5 +179,9 @@ async fn the_life_with_the_ha_agents_the_primary_dying_first_loses_nothing() {
     assert_eq!(agents.first.action, "take-over");
     assert_eq!(agents.second.action, "take-over");
     assert!(run.failback.is_some(), "no failback ran");
+    assert!(
+        run.reprotect_by_agent,
+        "the primary's agent did not re-protect by itself"
+    );
     assert_reprotected(&run);
 }

@@ -441,7 +441,7 @@ async fn failback_moves_the_vm_the_secondary_took_over_home_while_its_guest_runs
     .await
     .unwrap_or_else(|e| panic!("failback: {e}\n{}", steps.join("\n")));
     println!("{}", steps.join("\n"));
-    let phases: Vec<&str> = report.phases.iter().map(|p| p.name).collect();
+    let phases: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(
         phases,
         ["prepare", "copy", "memory", "switch"],

@@ -174,6 +174,8 @@ pub struct NbdServer<B> {
     connections: Arc<Semaphore>,
     /// Required on TCP connections when set ([`NbdServer::with_tls`]).
     tls: Option<PeerAcceptor>,
+    /// Cancelled when a client's transmission ends ([`NbdServer::stop_after_client`]).
+    after_client: Option<CancellationToken>,
 }
 
 impl<B> Clone for NbdServer<B> {
@@ -184,6 +186,7 @@ impl<B> Clone for NbdServer<B> {
             metrics: self.metrics.clone(),
             connections: Arc::clone(&self.connections),
             tls: self.tls.clone(),
+            after_client: self.after_client.clone(),
         }
     }
 }
@@ -198,7 +201,17 @@ impl<B: BlockBackend> NbdServer<B> {
             metrics: Metrics::new(),
             connections: Arc::new(Semaphore::new(config.max_connections)),
             tls: None,
+            after_client: None,
         }
+    }
+
+    /// Cancels `token` when the first client that reached transmission (opened an export)
+    /// disconnects: given the serving sockets' shutdown token, the server then stops
+    /// (`colo-blockd serve --exit-after-client`). A client that never opened an export (a
+    /// port probe, a TLS refusal) does not count.
+    pub fn stop_after_client(mut self, token: CancellationToken) -> NbdServer<B> {
+        self.after_client = Some(token);
+        self
     }
 
     /// Requires TLS of every TCP client ([`NbdServer::serve_tcp`]): `NBD_OPT_STARTTLS`
@@ -459,7 +472,14 @@ impl<B: BlockBackend> NbdServer<B> {
             Handshake::Transmit { export, style } => {
                 tracing::debug!(export = export.name(), ?style, "transmission");
                 let counters = self.metrics.export(export.name());
-                transmission::transmit(stream, export, counters, style, self.config, shutdown).await
+                let done =
+                    transmission::transmit(stream, export, counters, style, self.config, shutdown)
+                        .await;
+                if let Some(token) = &self.after_client {
+                    tracing::info!("the client left its export: the server stops");
+                    token.cancel();
+                }
+                done
             }
         }
     }

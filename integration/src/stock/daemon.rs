@@ -132,6 +132,32 @@ impl DaemonProcess {
         }
     }
 
+    /// Waits for the daemon to exit by itself, cleanly (`colo-blockd serve
+    /// --exit-after-client` once its client left).
+    pub fn wait_exit(&mut self, within: Duration) -> Result<()> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                if !status.success() {
+                    bail!("{} exited {status}: {}", self.name, self.log_tail());
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not exit by itself within {within:?}: {}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then waits for a clean exit (it may have state to write first).
     pub fn stop(&mut self, within: Duration) -> Result<()> {
         let Some(mut child) = self.child.take() else {

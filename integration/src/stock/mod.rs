@@ -558,8 +558,8 @@ impl StockPair {
     /// failback`: `colo-blockd serve --export base=IMAGE` on `primary.host:(disk.nbd_port + 1)`
     /// (the primary's own, stale image: the copy's target), colo-proxyd primary (subscribed to
     /// the relay, which kept running), and the primary QEMU with its command line and
-    /// `-incoming defer` on [`StockPair::failback_incoming`]. Returns the `serve` process: stop
-    /// it once the failback is done.
+    /// `-incoming defer` on [`StockPair::failback_incoming`]. Returns the `serve` process
+    /// (`--exit-after-client`: it exits once the copy's NBD node is deleted at the switch).
     pub async fn restart_primary_host_for_failback(&mut self) -> Result<DaemonProcess> {
         if self.primary.is_some() {
             bail!("the primary VM still runs");
@@ -572,6 +572,7 @@ impl StockPair {
         let image = dir.join("primary.raw");
         let serve_args = vec![
             "serve".to_string(),
+            "--exit-after-client".to_string(),
             "--export".to_string(),
             format!("base={}", image.display()),
             "--tcp".to_string(),
@@ -701,6 +702,7 @@ impl StockPair {
         );
         let mut serve_args = vec![
             "serve".to_string(),
+            "--exit-after-client".to_string(),
             "--export".to_string(),
             format!("base={}", image.display()),
             "--tcp".to_string(),

@@ -10,15 +10,17 @@
 pub mod act;
 pub mod daemons;
 pub mod observe;
+pub mod reprotect;
 pub mod status;
 
 use crate::config::PairConfig;
-use crate::pair::{FailoverReport, PairError, Progress};
+use crate::pair::{FailoverReport, PairError, Progress, ReprotectReport};
 use colo_cluster::arbiter::{Action, Arbiter, Input, LeaveCause, NodeId};
 use colo_cluster::message::{Message, VmState};
 use colo_qmp::{ConnectOptions, QmpClient};
 use colo_types::Role;
 use observe::{Observed, Observer, Seen, vm_label};
+use reprotect::{Attempt, AutoReprotect, ReprotectStatus};
 use status::{AgentStatus, Decision, PeerStatus, unix_ms, write_state_file};
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -73,6 +75,8 @@ pub struct AgentOptions {
     pub state_file: Option<PathBuf>,
     /// QMP connection options.
     pub connect: ConnectOptions,
+    /// On the primary: re-protect by itself when a new secondary waits ([`reprotect`]).
+    pub auto_reprotect: Option<AutoReprotect>,
 }
 
 /// What the agent reports to its caller (logs and metrics).
@@ -90,6 +94,12 @@ pub enum AgentEvent<'a> {
     TakeOverFailed(&'a PairError),
     /// A message could not be sent to the group.
     SendFailed(String),
+    /// An automatic re-protect started (its attempt number since the agent started).
+    ReprotectStarted(u32),
+    /// An automatic re-protect brought the pair back into COLO.
+    Reprotected(&'a ReprotectReport),
+    /// An automatic re-protect failed; the primary serves on alone.
+    ReprotectFailed(&'a str),
 }
 
 /// Why the agent stopped.
@@ -148,12 +158,17 @@ pub async fn run_agent(
             in_sync: false,
             last_decision: None,
             daemons: None,
+            reprotect: None,
             pid: std::process::id(),
             updated_unix_ms: unix_ms(),
         },
         observed: None,
         first_sign: None,
         grace: None,
+        my_vm: None,
+        peer_vm: None,
+        attempt: None,
+        last_failure: None,
     };
     let (daemons_tx, mut daemons_rx) = watch::channel(None);
     let daemons_task = daemons::relay_is_local(cfg).then(|| {
@@ -190,10 +205,23 @@ pub async fn run_agent(
                 agent.grace = None;
                 Some(Input::GraceExpired)
             }
+            outcome = reprotect::wait_attempt(&mut agent.attempt) => {
+                agent.attempt = None;
+                agent.on_reprotect_done(outcome, report);
+                None
+            }
         };
         if let Some(input) = input {
             agent.feed(input, report).await;
         }
+        // Every probe comes through here, so a back-off ends within one probe period.
+        agent.maybe_reprotect(report);
+    }
+    if agent.attempt.take().is_some() {
+        tracing::warn!(
+            "the agent stops during an automatic re-protect: the attempt is abandoned where it \
+             is (run `qmp-driver reprotect` to finish it, or restart the secondary's QEMU)"
+        );
     }
     observer_cancel.cancel();
     let _ = observer_task.await;
@@ -245,6 +273,14 @@ struct Agent<'a> {
     /// When the agent first saw a sign of the failure now being handled.
     first_sign: Option<Instant>,
     grace: Option<Pin<Box<Sleep>>>,
+    /// The own VM's state as last fed to the arbiter.
+    my_vm: Option<VmState>,
+    /// The peer's VM as it last reported it (None once its agent left).
+    peer_vm: Option<VmState>,
+    /// An automatic re-protect under way.
+    attempt: Option<Attempt>,
+    /// When the last automatic re-protect failed.
+    last_failure: Option<Instant>,
 }
 
 impl Agent<'_> {
@@ -293,6 +329,7 @@ impl Agent<'_> {
         let me = self.link.node_id();
         let failure_sign = match input {
             Input::Local(vm) => {
+                self.my_vm = Some(*vm);
                 self.set_vm_label(vm_label(*vm));
                 self.status.in_sync = vm.protected();
                 if vm.protected() {
@@ -313,6 +350,7 @@ impl Agent<'_> {
             }
             Input::Left { node, cause } if *node != me => {
                 tracing::warn!(node, ?cause, "a peer agent left the group");
+                self.peer_vm = None;
                 self.status.peer = Some(PeerStatus {
                     node: *node,
                     vm: "left".into(),
@@ -324,6 +362,7 @@ impl Agent<'_> {
                 message: Message::State { vm },
             } if *from != me => {
                 tracing::info!(node = from, vm = vm_label(*vm), "the peer's VM");
+                self.peer_vm = Some(*vm);
                 self.status.peer = Some(PeerStatus {
                     node: *from,
                     vm: vm_label(*vm).into(),
@@ -429,6 +468,7 @@ impl Agent<'_> {
             }
             Action::Fence { reason } => {
                 self.decide("fence", &reason, report);
+                self.my_vm = Some(VmState::Fenced);
                 self.status.vm = "fenced".into();
                 self.status.in_sync = false;
                 self.publish(report);
@@ -479,6 +519,88 @@ impl Agent<'_> {
             }
         }
         self.status.daemons = seen;
+        self.publish(report);
+    }
+
+    /// Starts an automatic re-protect when everything it needs holds ([`reprotect`]).
+    fn maybe_reprotect(&mut self, report: &mut (dyn FnMut(AgentEvent<'_>) + Send)) {
+        let Some(auto) = &self.opts.auto_reprotect else {
+            return;
+        };
+        let failures = self
+            .status
+            .reprotect
+            .as_ref()
+            .map_or(0, |r| r.failures_in_a_row);
+        let wanted = self.opts.side == Role::Primary
+            && self.attempt.is_none()
+            && self.my_vm == Some(VmState::Alone)
+            && self.peer_vm == Some(VmState::Waiting)
+            && self.arbiter.quorate()
+            && reprotect::may_retry(auto, failures, self.last_failure, Instant::now());
+        if !wanted {
+            return;
+        }
+        let Some(qmp) = self.client.borrow().clone() else {
+            return;
+        };
+        let attempts = self.status.reprotect.as_ref().map_or(0, |r| r.attempts) + 1;
+        tracing::info!(
+            attempt = attempts,
+            "the peer's QEMU waits for its migration and this VM serves alone: re-protecting"
+        );
+        self.attempt = Some(Attempt::start(
+            qmp,
+            self.cfg.clone(),
+            auto.options(self.cfg),
+            self.opts.connect.clone(),
+        ));
+        self.status.reprotect = Some(ReprotectStatus {
+            state: "running".into(),
+            attempts,
+            failures_in_a_row: failures,
+            started_unix_ms: unix_ms(),
+            finished_unix_ms: None,
+            report: None,
+            error: None,
+        });
+        report(AgentEvent::ReprotectStarted(attempts));
+        self.publish(report);
+    }
+
+    /// Records an automatic re-protect's outcome.
+    fn on_reprotect_done(
+        &mut self,
+        outcome: Result<ReprotectReport, String>,
+        report: &mut (dyn FnMut(AgentEvent<'_>) + Send),
+    ) {
+        let Some(status) = self.status.reprotect.as_mut() else {
+            return;
+        };
+        status.finished_unix_ms = Some(unix_ms());
+        match outcome {
+            Ok(done) => {
+                status.state = "done".into();
+                status.failures_in_a_row = 0;
+                self.last_failure = None;
+                report(AgentEvent::Reprotected(&done));
+                status.report = Some(done);
+            }
+            Err(e) => {
+                status.state = "failed".into();
+                status.failures_in_a_row += 1;
+                self.last_failure = Some(Instant::now());
+                if let Some(auto) = &self.opts.auto_reprotect {
+                    tracing::warn!(
+                        retry_in = ?auto.backoff(status.failures_in_a_row),
+                        "the next automatic re-protect waits (a restarted secondary QEMU \
+                         reporting `waiting` anew is taken at once)"
+                    );
+                }
+                report(AgentEvent::ReprotectFailed(&e));
+                status.error = Some(e);
+            }
+        }
         self.publish(report);
     }
 

@@ -17,8 +17,8 @@ use tokio::time::Instant;
 /// What the agent sees of its own VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Observed {
-    /// QEMU listens but its VM is neither in COLO nor running (a secondary waiting for the
-    /// first migration, a primary paused before `start`).
+    /// QEMU has not answered yet (not started): nothing to tell the peer. A QEMU that answers
+    /// with its VM neither in COLO nor running is [`VmState::Waiting`].
     Waiting,
     /// In one of the states the agents tell each other.
     Vm(VmState),
@@ -42,6 +42,7 @@ pub fn vm_label(vm: VmState) -> &'static str {
         VmState::Alone => "alone",
         VmState::Gone => "gone",
         VmState::Fenced => "fenced",
+        VmState::Waiting => "waiting",
     }
 }
 
@@ -253,7 +254,8 @@ pub fn classify(mode: &str, last_mode: &str, runstate: &str) -> Observed {
             // protected. `colo` here is a primary stopped for a checkpoint that COLO left.
             "running" => Observed::Vm(VmState::Alone),
             "colo" if last_mode != "none" => Observed::Vm(VmState::Alone),
-            _ => Observed::Waiting,
+            // A secondary waiting for its migration, a primary paused before `start`.
+            _ => Observed::Vm(VmState::Waiting),
         },
     }
 }
@@ -285,9 +287,12 @@ mod tests {
             Observed::Vm(VmState::Alone)
         );
         // A secondary before the first migration, a primary before `start`.
-        assert_eq!(classify("none", "none", "inmigrate"), Observed::Waiting);
-        assert_eq!(classify("none", "none", "prelaunch"), Observed::Waiting);
-        assert_eq!(classify("none", "none", "paused"), Observed::Waiting);
+        for runstate in ["inmigrate", "prelaunch", "paused"] {
+            assert_eq!(
+                classify("none", "none", runstate),
+                Observed::Vm(VmState::Waiting)
+            );
+        }
     }
 
     #[test]
@@ -298,6 +303,7 @@ mod tests {
             (VmState::Alone, "alone"),
             (VmState::Gone, "gone"),
             (VmState::Fenced, "fenced"),
+            (VmState::Waiting, "waiting"),
         ] {
             assert_eq!(Observed::Vm(vm).label(), word);
         }

@@ -28,6 +28,9 @@ pub struct AgentStatus {
     /// colo's daemons as the relay on this host reports them (the secondary's host only).
     #[serde(default)]
     pub daemons: Option<super::daemons::DaemonsStatus>,
+    /// The last automatic re-protect (`--auto-reprotect`, the primary's agent only).
+    #[serde(default)]
+    pub reprotect: Option<super::reprotect::ReprotectStatus>,
     /// The agent's process id.
     pub pid: u32,
     /// When this document was written (Unix ms).
@@ -123,6 +126,7 @@ mod tests {
                 error: None,
             }),
             daemons: None,
+            reprotect: None,
             pid: 42,
             updated_unix_ms: unix_ms(),
         };

@@ -193,12 +193,15 @@ impl Qemu {
 /// Everything an agent reported, owned.
 #[derive(Debug, Clone)]
 enum Reported {
-    Status(AgentStatus),
+    Status(Box<AgentStatus>),
     Decided(Decision),
     Step(String),
     TookOver,
     TakeOverFailed(String),
     SendFailed(String),
+    ReprotectStarted(u32),
+    Reprotected,
+    ReprotectFailed(String),
 }
 
 /// One side: its fake QEMU, its agent's task, what it reported.
@@ -344,6 +347,11 @@ impl Pair {
     /// Starts both fake QEMUs in COLO and both agents; `pidfile` is the secondary's
     /// `qemu_pidfile`.
     async fn start(pidfile: Option<PathBuf>) -> Pair {
+        Pair::start_with(pidfile, None).await
+    }
+
+    /// [`Pair::start`], the primary's agent re-protecting by itself with `auto`.
+    async fn start_with(pidfile: Option<PathBuf>, auto: Option<AutoReprotect>) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
         let cfg = PairConfig::from_toml(
@@ -366,24 +374,8 @@ impl Pair {
         )
         .expect("a valid config");
         let broker = Arc::new(Broker::default());
-        let primary = start_side(
-            &cfg,
-            &broker,
-            Role::Primary,
-            PRIMARY,
-            dir.path(),
-            "pw.qmp",
-            None,
-        );
-        let secondary = start_side(
-            &cfg,
-            &broker,
-            Role::Secondary,
-            SECONDARY,
-            dir.path(),
-            "sw.qmp",
-            pidfile,
-        );
+        let primary = start_side(&cfg, &broker, Role::Primary, dir.path(), None, auto);
+        let secondary = start_side(&cfg, &broker, Role::Secondary, dir.path(), pidfile, None);
         // corosync's view once both agents are in the group: one ring, quorate.
         broker.inject(
             &[PRIMARY, SECONDARY],
@@ -437,15 +429,19 @@ fn in_sync_with(s: &AgentStatus, peer: NodeId, peer_vm: &str) -> bool {
 }
 
 /// Starts one side's fake QEMU (in COLO in its side's mode) and its agent.
+/// Node [`PRIMARY`] on `pw.qmp`, or [`SECONDARY`] on `sw.qmp` (the config's `watch_qmp`).
 fn start_side(
     cfg: &PairConfig,
     broker: &Arc<Broker>,
     side: Role,
-    node: NodeId,
     dir: &Path,
-    socket: &str,
     qemu_pidfile: Option<PathBuf>,
+    auto_reprotect: Option<AutoReprotect>,
 ) -> Side {
+    let (node, socket) = match side {
+        Role::Primary => (PRIMARY, "pw.qmp"),
+        Role::Secondary => (SECONDARY, "sw.qmp"),
+    };
     let qemu = Arc::new(Mutex::new(Qemu::in_colo(side.name())));
     let commands = Arc::new(Mutex::new(Vec::new()));
     let monitor = {
@@ -471,6 +467,7 @@ fn start_side(
             connect_timeout: Duration::from_secs(3),
             ..ConnectOptions::default()
         },
+        auto_reprotect,
     };
     let events = Arc::new(Mutex::new(Vec::new()));
     let cancel = CancellationToken::new();
@@ -486,12 +483,15 @@ fn start_side(
         tokio::spawn(async move {
             let mut report = move |e: AgentEvent<'_>| {
                 let reported = match e {
-                    AgentEvent::Status(s) => Reported::Status(s.clone()),
+                    AgentEvent::Status(s) => Reported::Status(Box::new(s.clone())),
                     AgentEvent::Decided(d) => Reported::Decided(d.clone()),
                     AgentEvent::Step(p) => Reported::Step(format!("{p:?}")),
                     AgentEvent::TookOver(_) => Reported::TookOver,
                     AgentEvent::TakeOverFailed(e) => Reported::TakeOverFailed(e.to_string()),
                     AgentEvent::SendFailed(e) => Reported::SendFailed(e),
+                    AgentEvent::ReprotectStarted(n) => Reported::ReprotectStarted(n),
+                    AgentEvent::Reprotected(_) => Reported::Reprotected,
+                    AgentEvent::ReprotectFailed(e) => Reported::ReprotectFailed(e.to_string()),
                 };
                 events.lock().unwrap().push(reported);
             };
@@ -918,4 +918,104 @@ fn assert_no_send_failed(pair: &Pair) {
             .collect();
         assert!(failed.is_empty(), "node {}: {failed:?}", side.node);
     }
+}
+
+/// The primary serves alone (COLO ended) and the secondary host's new QEMU waits for its
+/// migration (`inmigrate`): the state both fake QEMUs answer with. Returns once the primary's
+/// agent sees both.
+async fn primary_alone_secondary_waiting(pair: &Pair) {
+    {
+        let mut q = pair.primary.qemu();
+        q.mode = "none";
+        q.last_mode = "primary";
+    }
+    {
+        let mut q = pair.secondary.qemu();
+        q.mode = "none";
+        q.status = "inmigrate";
+    }
+    pair.secondary
+        .wait_state("its VM waiting", |s| s.vm == "waiting")
+        .await;
+    pair.primary
+        .wait_state("alone, the peer waiting", |s| {
+            s.vm == "alone" && s.peer.as_ref().is_some_and(|p| p.vm == "waiting")
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_primary_alone_re_protects_by_itself_when_a_secondary_waits() {
+    let auto = AutoReprotect {
+        target: None,
+        speed: 0,
+        retry: Duration::from_millis(100),
+    };
+    let mut pair = Pair::start_with(None, Some(auto)).await;
+    // The secondary's main monitor, which the attempt opens (its agent holds watch_qmp).
+    let cfg_dir = pair._dir.path().to_path_buf();
+    let secondary_main = FakeMonitor::serve_unix(cfg_dir.join("s.qmp"), &["oob"], |_| Answer::ok());
+    pair.wait_in_sync().await;
+    assert!(
+        pair.primary.state().unwrap().reprotect.is_none(),
+        "no re-protect while the pair is protected"
+    );
+    primary_alone_secondary_waiting(&pair).await;
+
+    // The fake pair is not on colo's daemons: every attempt is refused before it changes
+    // anything, and is retried after the back-off (100, 200, 400 ms).
+    let state = pair
+        .primary
+        .wait_state("three failed re-protects", |s| {
+            s.reprotect
+                .as_ref()
+                .is_some_and(|r| r.attempts >= 3 && r.state == "failed" && r.failures_in_a_row >= 3)
+        })
+        .await;
+    let r = state.reprotect.unwrap();
+    let error = r.error.unwrap_or_default();
+    assert!(error.contains("colo's own daemons"), "{error}");
+    assert!(r.report.is_none() && r.finished_unix_ms >= Some(r.started_unix_ms));
+    assert_eq!(state.vm, "alone", "the primary serves on");
+    let events = pair.primary.notable_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Reported::ReprotectStarted(1))),
+        "{events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Reported::ReprotectFailed(e) if e.contains("colo's own daemons"))),
+        "{events:#?}"
+    );
+    assert_eq!(
+        pair.primary.commands(),
+        Vec::<String>::new(),
+        "a refused re-protect sends the primary nothing"
+    );
+    assert!(pair.secondary.decisions().is_empty() && pair.primary.decisions().is_empty());
+    drop(secondary_main);
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_auto_reprotect_a_waiting_secondary_is_left_to_the_operator() {
+    let mut pair = Pair::start(None).await;
+    pair.wait_in_sync().await;
+    primary_alone_secondary_waiting(&pair).await;
+    // Many probe periods (20 ms) later, still nothing started.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(pair.primary.state().unwrap().reprotect.is_none());
+    assert!(
+        !pair
+            .primary
+            .events()
+            .iter()
+            .any(|e| matches!(e, Reported::ReprotectStarted(_))),
+        "{:#?}",
+        pair.primary.notable_events()
+    );
+    pair.stop().await;
 }

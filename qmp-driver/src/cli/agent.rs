@@ -29,6 +29,14 @@ struct AgentMetrics {
     last_detection_ms: Gauge,
     last_failover_ms: Gauge,
     daemon_up: Family<StateLabel, Gauge>,
+    reprotects: Family<OutcomeLabel, Counter>,
+    last_reprotect_ms: Gauge,
+    last_reprotect_pause_ms: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,6 +104,26 @@ impl AgentMetrics {
             "1 while the relay (state=relay) or a relay subscriber (state=its name) is up and healthy, as the relay on this host reports them",
             self.daemon_up.clone(),
         );
+        r.register(
+            "reprotects",
+            "Automatic re-protects (--auto-reprotect) by outcome: started, done, failed",
+            self.reprotects.clone(),
+        );
+        r.register(
+            "last_reprotect_milliseconds",
+            "Duration of the last automatic re-protect that succeeded",
+            self.last_reprotect_ms.clone(),
+        );
+        r.register(
+            "last_reprotect_switch_pause_milliseconds",
+            "The guest's pause at the switch into COLO of the last automatic re-protect",
+            self.last_reprotect_pause_ms.clone(),
+        );
+        for outcome in ["started", "done", "failed"] {
+            let _ = self.reprotects.get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            });
+        }
         for state in VM_STATES {
             let _ = self.vm.get_or_create(&StateLabel {
                 state: state.into(),
@@ -177,7 +205,36 @@ impl AgentMetrics {
                 self.send_errors.inc();
                 tracing::error!(error = %e, "cannot send to the group");
             }
+            AgentEvent::ReprotectStarted(attempt) => {
+                self.reprotect_outcome("started");
+                tracing::warn!(attempt, "automatic re-protect started");
+            }
+            AgentEvent::Reprotected(r) => {
+                self.reprotect_outcome("done");
+                self.last_reprotect_ms.set(r.total_ms as u64);
+                self.last_reprotect_pause_ms.set(r.switch_pause_ms as u64);
+                tracing::warn!(
+                    total_ms = r.total_ms,
+                    switch_pause_ms = r.switch_pause_ms,
+                    bytes_copied = r.bytes_copied,
+                    "re-protect done: the pair is in COLO again"
+                );
+            }
+            AgentEvent::ReprotectFailed(e) => {
+                self.reprotect_outcome("failed");
+                tracing::error!(error = %e, "the automatic re-protect failed: this VM serves on alone");
+            }
         }
+    }
+}
+
+impl AgentMetrics {
+    fn reprotect_outcome(&self, outcome: &str) {
+        self.reprotects
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 }
 
@@ -227,6 +284,7 @@ pub async fn run(
         stall = ?opts.stall,
         quorum_grace = ?opts.quorum_grace,
         state_file = ?opts.state_file,
+        auto_reprotect = opts.auto_reprotect.is_some(),
         "HA agent running"
     );
     let mut report = |event: AgentEvent<'_>| metrics.record(&event);

@@ -472,6 +472,29 @@ pub enum Command {
         /// Do not notify the relay of a take-over.
         #[arg(long)]
         no_relay: bool,
+        /// On the primary: when its VM serves alone and the peer agent reports a new
+        /// secondary QEMU waiting for its migration, run `reprotect`'s sequence by itself
+        /// (docs/ha.md, "Automatic re-protect"). The new secondary host must run its relay,
+        /// colo-blockd secondary, colo-proxyd secondary and `colo-blockd serve` for the copy.
+        #[arg(long, env = "COLO_AGENT_AUTO_REPROTECT")]
+        auto_reprotect: bool,
+        /// With --auto-reprotect: the copy's target, nbd://HOST:PORT/EXPORT [default:
+        /// nbd://<secondary.host>:<disk.nbd_port + 1>/base].
+        #[arg(long, value_name = "URI", requires = "auto_reprotect")]
+        reprotect_target: Option<String>,
+        /// With --auto-reprotect: bound on the copy's background rate, bytes/s (0: none).
+        #[arg(
+            long,
+            default_value = "0",
+            value_name = "BYTES",
+            requires = "auto_reprotect"
+        )]
+        reprotect_speed: u64,
+        /// With --auto-reprotect: the wait after a failed attempt, in ms, doubled after every
+        /// failure in a row up to 10 minutes.
+        #[arg(long, default_value = "30000", value_name = "MS", requires = "auto_reprotect",
+              value_parser = clap::value_parser!(u64).range(100..))]
+        reprotect_retry_ms: u64,
     },
 
     /// Watch the PRIMARY and fail over to it by itself when the secondary stops taking part.
@@ -740,6 +763,10 @@ pub async fn run(cli: Cli) -> ExitCode {
             metrics,
             no_hook,
             no_relay,
+            auto_reprotect,
+            reprotect_target,
+            reprotect_speed,
+            reprotect_retry_ms,
         } => {
             let cfg = match g.load_config() {
                 Ok(cfg) => cfg,
@@ -758,6 +785,13 @@ pub async fn run(cli: Cli) -> ExitCode {
                 qemu_pidfile,
                 state_file: Some(state_file),
                 connect: ConnectOptions::default(),
+                auto_reprotect: auto_reprotect.then(|| {
+                    qmp_driver::agent::reprotect::AutoReprotect {
+                        target: reprotect_target,
+                        speed: reprotect_speed,
+                        retry: Duration::from_millis(reprotect_retry_ms),
+                    }
+                }),
             };
             agent::run(&cfg, &g, opts, group, metrics).await
         }

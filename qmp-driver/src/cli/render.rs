@@ -353,6 +353,7 @@ fn agents(agents: &[AgentReport]) -> String {
             ],
             vec!["peer".into(), peer],
             vec!["last decision".into(), decision],
+            vec!["auto re-protect".into(), auto_reprotect(s)],
             vec![
                 "written".into(),
                 format!("{:.1} s ago by pid {}", a.age_ms as f64 / 1000.0, s.pid),
@@ -361,6 +362,26 @@ fn agents(agents: &[AgentReport]) -> String {
         out.push_str(&table(&rows));
     }
     out
+}
+
+/// The agent's last automatic re-protect, in one line.
+fn auto_reprotect(s: &qmp_driver::agent::status::AgentStatus) -> String {
+    let Some(r) = &s.reprotect else {
+        return "none".into();
+    };
+    let mut line = format!("{} (attempt {})", r.state, r.attempts);
+    if let Some(report) = &r.report {
+        let _ = write!(
+            line,
+            ": {:.1} s, pause at the switch {:.0} ms",
+            report.total_ms / 1000.0,
+            report.switch_pause_ms
+        );
+    }
+    if let Some(e) = &r.error {
+        let _ = write!(line, ": {e} ({} failed in a row)", r.failures_in_a_row);
+    }
+    line
 }
 
 /// `checkpoint`.

@@ -499,7 +499,7 @@ fn gauge_value(text: &str, name: &str) -> Option<u64> {
 
 fn end_phase(phase: &mut Instant, report: &mut FailbackReport, name: &'static str) {
     report.phases.push(Phase {
-        name,
+        name: name.to_string(),
         ms: phase.elapsed().as_secs_f64() * 1000.0,
     });
     *phase = Instant::now();

@@ -45,7 +45,7 @@ use crate::config::{DiskBackend, NetworkBackend, PairConfig, TLS_CREDS_ID};
 use colo_qmp::QmpClient;
 use colo_types::Role;
 use colo_types::qemu_ids as ids;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -100,16 +100,16 @@ impl ReprotectOptions {
 }
 
 /// One phase of the re-protect and how long it took.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Phase {
     /// `prepare`, `copy`, `memory`, `switch` or `enter-colo`.
-    pub name: &'static str,
+    pub name: String,
     /// Its duration in ms.
     pub ms: f64,
 }
 
 /// What [`reprotect`] did.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReprotectReport {
     /// The steps on both sides, in order.
     pub steps: Vec<Step>,
@@ -480,7 +480,10 @@ fn end_phase(
         ms,
         detail: None,
     }));
-    report.phases.push(Phase { name, ms });
+    report.phases.push(Phase {
+        name: name.to_string(),
+        ms,
+    });
     *phase = Instant::now();
 }
 
