@@ -45,6 +45,7 @@ fn main() -> ExitCode {
 async fn serve(args: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut exports = Vec::new();
     for spec in &args.exports {
+        refuse_failed_over(&spec.path, args.read_only)?;
         let backend = FileBackend::open(&spec.path, args.read_only)
             .with_context(|| format!("cannot open {}", spec.path.display()))?;
         exports.push(Export::new(spec.name.clone(), backend));
@@ -63,6 +64,24 @@ async fn serve(args: ServeConfig, shutdown: CancellationToken) -> anyhow::Result
     };
     let listeners = NbdListeners::bind(args.unix.as_deref(), args.tcp).await?;
     listeners.serve(server, stop).await;
+    Ok(())
+}
+
+/// `serve` writes an image as a copy's target (a re-protect, a failback): an image a
+/// failover made the VM's disk holds the pair's newest data, and a copy into it would destroy
+/// that. Read-only serving is allowed (reading it back is how it is checked).
+fn refuse_failed_over(image: &std::path::Path, read_only: bool) -> anyhow::Result<()> {
+    let marker = colo_blockd::replica::failover_marker(image);
+    if !read_only && marker.exists() {
+        anyhow::bail!(
+            "{} was failed over to (its marker {} exists): it is the VM's disk since a \
+             failover and may hold the pair's newest data, so it is not served for writing. \
+             If it is to become a replica again (the VM runs from the other host's image), \
+             delete the marker first; to read it, serve it with --read-only",
+            image.display(),
+            marker.display()
+        );
+    }
     Ok(())
 }
 

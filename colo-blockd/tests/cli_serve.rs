@@ -218,3 +218,54 @@ fn serve_exits_after_its_first_client_with_exit_after_client() {
         "the port still accepts after the exit"
     );
 }
+
+/// An image a failover made the VM's disk (its `.colo-failed-over` marker next to it) holds
+/// the pair's newest data: `serve` refuses to offer it for writing (a re-protect's copy into it
+/// would destroy that data), with a clear error, and leaves it untouched; read-only is allowed.
+#[test]
+fn serve_refuses_to_write_a_failed_over_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = patterned_image(dir.path(), "disk.raw", SIZE);
+    let marker = common::sibling(&img, ".colo-failed-over");
+    std::fs::write(&marker, b"").unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_colo-blockd"))
+        .args(["serve", "--exit-after-client", "--export"])
+        .arg(format!("base={}", img.display()))
+        .arg("--unix")
+        .arg(dir.path().join("s.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("was failed over to") && err.contains("delete the marker"),
+        "{err}"
+    );
+    assert!(!dir.path().join("s.sock").exists(), "nothing was served");
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+    assert!(marker.exists());
+
+    // Read-only it is served (reading it back is how an operator checks it).
+    let sock = dir.path().join("ro.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_colo-blockd"))
+        .args(["serve", "--read-only", "--export"])
+        .arg(format!("base={}", img.display()))
+        .arg("--unix")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !sock.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "a read-only serve of a failed-over image exited"
+        );
+        assert!(started.elapsed() < Duration::from_secs(60), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run_ok("kill", &["-TERM", &child.id().to_string()]);
+    assert!(child.wait().unwrap().success());
+}

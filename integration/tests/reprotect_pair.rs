@@ -11,6 +11,7 @@
 mod common;
 
 use colo_testbed::reprotect::{self, Interrupt, ReprotectRun};
+use colo_testbed::stock::Role;
 
 /// The secondary's host dies, the primary serves alone, the host comes back and the primary
 /// is re-protected online (the guest writing a record a second and dirtying memory, a client
@@ -44,6 +45,39 @@ async fn the_vm_fails_back_home_after_the_primary_dies_and_a_second_failover_los
         .expect("failback scenario ran");
     assert_reprotected(&run);
     assert!(run.failback.is_some(), "no failback ran");
+}
+
+/// The same life with `[tls]`: the failback's copy (the secondary QEMU into `colo-blockd
+/// serve` on the primary host) and its migration (the secondary QEMU to the primary's) run
+/// under mutual TLS with the credentials `failback` adds to both QEMUs, then the re-protect's
+/// as before; nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn a_tls_pair_fails_back_home_and_a_second_failover_loses_nothing() {
+    let cfg = colo_testbed::stock::PairConfig {
+        tls: true,
+        ..common::daemons_pair()
+    };
+    let run = reprotect::after_losing_the_primary("t-rpft", cfg)
+        .await
+        .expect("failback scenario over TLS ran");
+    let failback = run.failback.as_ref().expect("a failback ran");
+    let step = |prefix: &str| {
+        failback
+            .steps
+            .iter()
+            .find(|s| s.what.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no failback step {prefix:?}: {:#?}", failback.steps))
+    };
+    let copy = step("blockdev-add colo-reprotect-target");
+    assert_eq!(copy.side, Role::Secondary);
+    assert!(copy.what.ends_with(", TLS)"), "{}", copy.what);
+    let incoming = step("migrate-set-parameters tls-creds=colo-tls-server0");
+    assert_eq!(incoming.side, Role::Primary);
+    assert!(incoming.what.contains("tls-authz=colo-tls-peer0"));
+    let outgoing = step("migrate-set-parameters tls-creds=colo-tls0");
+    assert_eq!(outgoing.side, Role::Secondary);
+    assert_reprotected(&run);
 }
 
 /// Three failovers in a row, the serving host alternating (B, A, B), with online re-protects

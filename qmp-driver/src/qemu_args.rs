@@ -150,20 +150,10 @@ impl Args {
     }
 
     /// The TLS server object [`TLS_SERVER_CREDS_ID`] with `host`'s server-cert.pem, which
-    /// requires a client certificate of the pair's CA, and [`TLS_AUTHZ_ID`], which allows
-    /// only `peer`'s. QEMU matches the certificate's distinguished name as gnutls writes it
-    /// (RFC 4514, CN first): `CN=<peer>` exactly (`qmp-driver pki`'s), or followed by other
-    /// attributes (an operator's own CA).
+    /// requires a client certificate of the pair's CA, and the `authz-list` of
+    /// [`crate::config::peer_authz`], which allows only `peer`'s.
     fn tls_server(&mut self, host: &TlsHost, peer: &TlsHost) -> &mut Self {
-        let authz = serde_json::json!({
-            "qom-type": "authz-list",
-            "id": TLS_AUTHZ_ID,
-            "policy": "deny",
-            "rules": [
-                { "match": format!("CN={}", peer.name), "policy": "allow", "format": "exact" },
-                { "match": format!("CN={},*", peer.name), "policy": "allow", "format": "glob" },
-            ],
-        });
+        let authz = crate::config::peer_authz(peer);
         self.opt(
             "-object",
             format!(

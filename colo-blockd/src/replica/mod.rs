@@ -49,8 +49,14 @@ mod view;
 pub use journal::{CommitTiming, Recovery};
 pub use view::{ReplicaView, ViewKind};
 
+/// The failover marker of `image` (`<image>.colo-failed-over`): present once a failover made
+/// the image the VM's disk, so that it holds the newest data of the pair.
+pub fn failover_marker(image: &Path) -> PathBuf {
+    store::sibling(image, store::FAILOVER_MARKER)
+}
+
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 

@@ -74,10 +74,10 @@ pub(crate) struct Checkpointed {
     pub(crate) journal_bytes: u64,
 }
 
-/// `<image><suffix>`, next to the image.
 /// The file next to S that says a failover made S the SVM's disk (`disk.raw.colo-failed-over`).
 pub const FAILOVER_MARKER: &str = ".colo-failed-over";
 
+/// `<image><suffix>`, next to the image.
 pub(crate) fn sibling(image: &Path, suffix: &str) -> PathBuf {
     let mut name = OsString::from(image.as_os_str());
     name.push(suffix);

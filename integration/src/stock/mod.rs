@@ -564,13 +564,10 @@ impl StockPair {
         if self.primary.is_some() {
             bail!("the primary VM still runs");
         }
-        if self.driver.tls.is_some() {
-            bail!("failback does not speak TLS yet");
-        }
         let dir = self.dir.clone();
         let relay = driver::relay_control_path(&dir);
         let image = dir.join("primary.raw");
-        let serve_args = vec![
+        let mut serve_args = vec![
             "serve".to_string(),
             "--exit-after-client".to_string(),
             "--export".to_string(),
@@ -582,6 +579,16 @@ impl StockPair {
                 self.driver.disk.nbd_port + 1
             ),
         ];
+        // With [tls] the copy arrives under mutual TLS: the primary host's identity, the
+        // secondary host the one client allowed.
+        if let Some(tls) = &self.driver.tls {
+            serve_args.extend([
+                "--tls-dir".to_string(),
+                tls.primary.dir.display().to_string(),
+                "--tls-peer".to_string(),
+                tls.secondary.name.clone(),
+            ]);
+        }
         let mut serve = DaemonProcess::spawn(
             "colo-blockd serve",
             &self.topology.primary,

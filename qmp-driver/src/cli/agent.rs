@@ -4,6 +4,7 @@
 use super::{Exit, Globals, fail};
 use colo_cluster::link::Link;
 use colo_daemon::metrics::{Gauge, MetricsRegistry};
+use colo_types::Role;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -257,6 +258,11 @@ pub async fn run(
         );
     }
     opts.connect = g.connect_options();
+    if opts.side == Role::Secondary && opts.auto_reprotect.is_some() {
+        tracing::info!(
+            "--auto-reprotect acts on the primary's side only: ignored on the secondary's"
+        );
+    }
     let cancel = colo_daemon::run::shutdown_on_signal();
     let metrics = AgentMetrics::default();
     if let Some(listen) = metrics_listen

@@ -99,7 +99,8 @@ pub fn reprotect(cfg: &PairConfig, r: &ReprotectReport) -> String {
         (r.total_ms, &r.phases),
         (r.disk_bytes, r.bytes_copied, r.ram_bytes),
         r.switch_pause_ms,
-        "stop `colo-blockd serve` on the secondary host now",
+        "`colo-blockd serve` on the secondary host: stop it now (with --exit-after-client it \
+         has exited by itself)",
         &r.steps,
     )
 }
@@ -111,8 +112,9 @@ pub fn failback(cfg: &PairConfig, r: &FailbackReport) -> String {
         (r.total_ms, &r.phases),
         (r.disk_bytes, r.bytes_copied, r.ram_bytes),
         r.switch_pause_ms,
-        "stop `colo-blockd serve` on the primary host and the secondary's colo-blockd and \
-         colo-proxyd now, then bring the secondary back with `reprotect`",
+        "stop `colo-blockd serve` on the primary host (with --exit-after-client it has exited \
+         by itself) and the secondary's colo-blockd and colo-proxyd now, then bring the \
+         secondary back with `reprotect`",
         &r.steps,
     )
 }

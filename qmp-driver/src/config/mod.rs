@@ -63,7 +63,7 @@ pub use host::HostConfig;
 pub use migration::{DEFAULT_CHECKPOINT_DELAY_MS, MigrationConfig};
 pub use network::{NetworkBackend, NetworkConfig};
 pub use relay::{DEFAULT_ACK_TIMEOUT_MS, RelaySettings, RelayTls};
-pub use tls::{TLS_AUTHZ_ID, TLS_CREDS_ID, TLS_SERVER_CREDS_ID, TlsConfig, TlsHost};
+pub use tls::{TLS_AUTHZ_ID, TLS_CREDS_ID, TLS_SERVER_CREDS_ID, TlsConfig, TlsHost, peer_authz};
 pub use vm::{ImageFormat, MemoryBackend, VmConfig};
 
 use colo_types::Role;

@@ -28,6 +28,22 @@ pub const TLS_SERVER_CREDS_ID: &str = "colo-tls-server0";
 /// certificate (its distinguished name starts with `CN=<its name>`) may connect.
 pub const TLS_AUTHZ_ID: &str = "colo-tls-peer0";
 
+/// The `authz-list` object [`TLS_AUTHZ_ID`] that allows only `peer`'s certificate. QEMU
+/// matches the certificate's distinguished name as gnutls writes it (RFC 4514, CN first):
+/// `CN=<peer>` exactly (`qmp-driver pki`'s), or followed by other attributes (an operator's
+/// own CA). The same object on a command line (`-object` takes JSON) and in `object-add`.
+pub fn peer_authz(peer: &TlsHost) -> serde_json::Value {
+    serde_json::json!({
+        "qom-type": "authz-list",
+        "id": TLS_AUTHZ_ID,
+        "policy": "deny",
+        "rules": [
+            { "match": format!("CN={}", peer.name), "policy": "allow", "format": "exact" },
+            { "match": format!("CN={},*", peer.name), "policy": "allow", "format": "glob" },
+        ],
+    })
+}
+
 /// One host's identity: its directory (on that host) and its name (in its certificates).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsHost {

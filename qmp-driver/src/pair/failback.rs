@@ -5,10 +5,12 @@
 //! A fails again, B serves, ...).
 //!
 //! Only colo's own daemons (`disk.backend = "colo-blockd"`, `network.backend = "colo-proxyd"`,
-//! a `[relay]`) without `[tls]` are implemented. The primary host runs, before this starts:
+//! a `[relay]`) are implemented, with or without `[tls]` (then the copy and the migration run
+//! under mutual TLS: [`set_failback_tls`]). The primary host runs, before this starts:
 //! `colo-blockd serve --export base=P.raw` on `disk.nbd_port + 1` (the copy's target, the
-//! primary QEMU's own image), colo-proxyd primary, and the primary QEMU (`qemu-args --role
-//! primary`, with `-incoming defer` added).
+//! primary QEMU's own image; with `[tls]` `--tls-dir PRIMARY_DIR --tls-peer SECONDARY_NAME`),
+//! colo-proxyd primary, and the primary QEMU (`qemu-args --role primary`, with `-incoming
+//! defer` added).
 //!
 //! The sequence, the guest running on the secondary host until the switch:
 //!
@@ -39,12 +41,15 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::reprotect::{
-    NbdTarget, Phase, ReprotectOptions, delete_target_node, ensure_running, nbd_target,
-    require_colo_daemons, start_copy, undo_copy, wait_job_gone, wait_pre_switchover, wait_ready,
+    NbdTarget, OBJECT_EXISTS, Phase, ReprotectOptions, delete_target_node, ensure_running,
+    nbd_target, require_colo_daemons, start_copy, undo_copy, wait_job_gone, wait_pre_switchover,
+    wait_ready,
 };
 use super::steps::{self, Journal};
 use super::{Outcome, PairError, Progress, ProgressFn, Step};
-use crate::config::PairConfig;
+use crate::config::{
+    PairConfig, TLS_AUTHZ_ID, TLS_CREDS_ID, TLS_SERVER_CREDS_ID, TlsConfig, peer_authz,
+};
 use colo_qmp::QmpClient;
 use colo_types::Role;
 use colo_types::qemu_ids as ids;
@@ -103,16 +108,73 @@ pub struct FailbackReport {
 }
 
 fn check_config(cfg: &PairConfig) -> Result<(), PairError> {
-    require_colo_daemons(cfg, Role::Secondary, "failback", "fail back")?;
-    if cfg.tls.is_some() {
-        return Err(PairError::precondition(
-            Role::Secondary,
-            "failback does not yet speak TLS (the secondary QEMU has no client credentials \
-             for the copy, the primary QEMU none to accept the migration)",
-            "Without [tls], or fail back offline (docs/operations.md, \"Re-protect\")",
-        ));
+    require_colo_daemons(cfg, Role::Secondary, "failback", "fail back")
+}
+
+/// With `[tls]`, the copy and the migration between the two QEMUs run under mutual TLS, as
+/// every other inter-host channel. Neither QEMU's command line has the objects for that
+/// direction (the secondary is a client of nobody on colo's daemons, the primary accepts
+/// nothing), so they are added here, idempotently (a QEMU that already has them, e.g. from a
+/// failed attempt, keeps its own):
+/// - on the secondary, the client object [`TLS_CREDS_ID`] with the secondary host's
+///   identity: the copy's NBD node (`colo-blockd serve --tls-dir PRIMARY_DIR --tls-peer
+///   SECONDARY_NAME` on the primary host) and the migration's `tls-creds`, checking the
+///   primary's certificate against `tls-hostname` = the primary's name;
+/// - on the primary, the server object [`TLS_SERVER_CREDS_ID`] (`verify-peer=on`) and the
+///   `authz-list` [`TLS_AUTHZ_ID`] allowing only the secondary's certificate, named in its
+///   incoming migration's `tls-creds`/`tls-authz` before `migrate-incoming`.
+async fn set_failback_tls(
+    secondary: &QmpClient,
+    primary: &QmpClient,
+    tls: &TlsConfig,
+    journal: &mut Journal<'_, '_>,
+) -> Result<(), PairError> {
+    let (s, p) = (Role::Secondary, Role::Primary);
+    let objects = [
+        (
+            s,
+            secondary,
+            json!({ "qom-type": "tls-creds-x509", "id": TLS_CREDS_ID, "endpoint": "client",
+                    "dir": tls.secondary.dir, "verify-peer": true }),
+        ),
+        (
+            p,
+            primary,
+            json!({ "qom-type": "tls-creds-x509", "id": TLS_SERVER_CREDS_ID,
+                    "endpoint": "server", "dir": tls.primary.dir, "verify-peer": true }),
+        ),
+        (p, primary, peer_authz(&tls.secondary)),
+    ];
+    for (side, qmp, props) in objects {
+        let what = format!(
+            "object-add {} {}",
+            props["qom-type"].as_str().unwrap_or_default(),
+            props["id"].as_str().unwrap_or_default()
+        );
+        journal
+            .idempotent(side, &what, OBJECT_EXISTS, qmp.object_add(props))
+            .await?;
     }
-    Ok(())
+    journal
+        .run(
+            p,
+            &format!(
+                "migrate-set-parameters tls-creds={TLS_SERVER_CREDS_ID} tls-authz={TLS_AUTHZ_ID}"
+            ),
+            primary.migrate_set_parameters(
+                json!({ "tls-creds": TLS_SERVER_CREDS_ID, "tls-authz": TLS_AUTHZ_ID }),
+            ),
+        )
+        .await?;
+    let host = &tls.primary.name;
+    journal
+        .run(
+            s,
+            &format!("migrate-set-parameters tls-creds={TLS_CREDS_ID} tls-hostname={host}"),
+            secondary
+                .migrate_set_parameters(json!({ "tls-creds": TLS_CREDS_ID, "tls-hostname": host })),
+        )
+        .await
 }
 
 /// The secondary must run outside COLO (it took over), with no migration under way; the
@@ -168,8 +230,8 @@ async fn check_sides(secondary: &QmpClient, primary: &QmpClient) -> Result<(), P
 
 /// Moves the VM the secondary took over home to the primary; see the module.
 ///
-/// Refuses ([`PairError::Precondition`], nothing changed) a pair not on colo's daemons or
-/// with `[tls]`, a secondary not serving alone, a primary QEMU not waiting with `-incoming`.
+/// Refuses ([`PairError::Precondition`], nothing changed) a pair not on colo's daemons, a
+/// secondary not serving alone, a primary QEMU not waiting with `-incoming`.
 /// A failure before the switch is undone on the secondary, whose guest serves on.
 pub async fn failback(
     secondary: &QmpClient,
@@ -267,6 +329,9 @@ async fn run(
     let mut phase = Instant::now();
 
     // 1. The primary listens; the secondary migrates as a plain source, paused at the switch.
+    if let Some(tls) = &cfg.tls {
+        set_failback_tls(secondary, primary, tls, journal).await?;
+    }
     journal
         .run(
             p,
@@ -285,12 +350,13 @@ async fn run(
     end_phase(&mut phase, report, "prepare");
 
     // 2. The disk copy, the guest running.
+    let tls = cfg.tls.as_ref().map(|t| t.primary.name.as_str());
     start_copy(
         secondary,
         s,
         &cfg.disk.device,
         target,
-        None,
+        tls,
         &opts.copy,
         journal,
     )

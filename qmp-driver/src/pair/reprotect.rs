@@ -193,6 +193,10 @@ pub(super) fn require_colo_daemons(
     Ok(())
 }
 
+/// What QEMU says when `object-add` meets an id already taken (10.0: "attempt to add
+/// duplicate property '<id>' to object (type 'container')"; older wordings too).
+pub(super) const OBJECT_EXISTS: &[&str] = &["duplicate property", "already exists", "Duplicate ID"];
+
 /// The node the copy writes to: an NBD client of `colo-blockd serve` (with `[tls]` over
 /// STARTTLS, as the replication child), added before the mirror and deleted after it.
 pub const REPROTECT_TARGET_NODE: &str = "colo-reprotect-target";
@@ -791,7 +795,7 @@ async fn add_filters(
                     "object-add {} {id}",
                     props["qom-type"].as_str().unwrap_or("")
                 ),
-                &["already exists", "Duplicate ID"],
+                OBJECT_EXISTS,
                 primary.object_add(props),
             )
             .await?;
