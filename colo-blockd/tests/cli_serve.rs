@@ -11,6 +11,25 @@ use common::{file_bytes, free_tcp_addr, patterned_image, require_tool, run_ok};
 
 const SIZE: usize = 1 << 20;
 
+/// Waits until `serve` listens on the Unix socket `sock`.
+fn wait_for_socket(child: &mut std::process::Child, sock: &std::path::Path) {
+    wait_until_serving(child, || sock.exists());
+}
+
+/// Waits until `listening` holds while `serve` runs; the bound only turns a hang into a
+/// failure.
+fn wait_until_serving(child: &mut std::process::Child, mut listening: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !listening() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "colo-blockd exited early"
+        );
+        assert!(started.elapsed() < Duration::from_secs(60), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 #[ignore = "tier clients: needs qemu-io, qemu-img and nbdinfo (integration/setup.sh); select with --include-ignored (integration/test.sh does)"]
 fn serve_exports_a_file_until_sigterm() {
@@ -27,16 +46,7 @@ fn serve_exports_a_file_until_sigterm() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    // Wait for the socket; the bound only turns a hang into a failure.
-    let started = Instant::now();
-    while !sock.exists() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "colo-blockd exited early"
-        );
-        assert!(started.elapsed() < Duration::from_secs(60), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_socket(&mut child, &sock);
     // The Unix socket serves without TLS: only its owner may connect.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
@@ -107,15 +117,9 @@ fn serve_answers_on_unix_and_tcp_at_once() {
         .unwrap();
     // Both sockets are bound before either serves; connecting to the TCP
     // one proves both are there.
-    let started = Instant::now();
-    while !(sock.exists() && std::net::TcpStream::connect(tcp).is_ok()) {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "colo-blockd exited early"
-        );
-        assert!(started.elapsed() < Duration::from_secs(60), "no sockets");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_serving(&mut child, || {
+        sock.exists() && std::net::TcpStream::connect(tcp).is_ok()
+    });
     let unix_uri = format!("nbd+unix:///disk?socket={}", sock.display());
     let tcp_uri = format!("nbd://{tcp}/disk");
     let out = run_ok(
@@ -174,16 +178,8 @@ fn serve_exits_after_its_first_client_with_exit_after_client() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let started = Instant::now();
     // The probe itself is a connection that opens no export.
-    while std::net::TcpStream::connect(tcp).is_err() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "colo-blockd exited early"
-        );
-        assert!(started.elapsed() < Duration::from_secs(60), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_serving(&mut child, || std::net::TcpStream::connect(tcp).is_ok());
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         child.try_wait().unwrap().is_none(),
@@ -257,15 +253,7 @@ fn serve_refuses_to_write_a_failed_over_image() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while !sock.exists() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "a read-only serve of a failed-over image exited"
-        );
-        assert!(started.elapsed() < Duration::from_secs(60), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_socket(&mut child, &sock);
     run_ok("kill", &["-TERM", &child.id().to_string()]);
     assert!(child.wait().unwrap().success());
 }

@@ -206,21 +206,7 @@ mod tests {
 
     #[test]
     fn the_target_defaults_to_the_new_secondarys_serve() {
-        let cfg = PairConfig::from_toml(
-            r#"
-            name = "vm1"
-            [primary]
-            qmp = "unix:/run/p.qmp"
-            host = "10.0.0.1"
-            [secondary]
-            qmp = "unix:/run/s.qmp"
-            host = "10.0.0.2"
-            [migration]
-            secondary_incoming = "tcp:10.0.0.2:9998"
-            "#,
-            "t.toml",
-        )
-        .unwrap();
+        let cfg = crate::config::testing::parse(crate::config::testing::MINIMAL).unwrap();
         let opts = auto(1000).options(&cfg);
         assert_eq!(opts.target, pair::default_reprotect_target(&cfg));
         let given = AutoReprotect {

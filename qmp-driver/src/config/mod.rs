@@ -52,7 +52,7 @@ mod name;
 mod network;
 mod relay;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 mod tls;
 mod vm;
 

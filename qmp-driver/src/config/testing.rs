@@ -4,7 +4,7 @@
 use super::{ConfigError, PairConfig};
 
 /// The smallest valid config: every other key has a default.
-pub(super) const MINIMAL: &str = r#"
+pub(crate) const MINIMAL: &str = r#"
         name = "vm1"
         [primary]
         qmp = "unix:/run/colo/vm1/primary.qmp"
@@ -16,7 +16,7 @@ pub(super) const MINIMAL: &str = r#"
         secondary_incoming = "tcp:192.168.77.2:9998"
     "#;
 
-pub(super) fn parse(text: &str) -> Result<PairConfig, ConfigError> {
+pub(crate) fn parse(text: &str) -> Result<PairConfig, ConfigError> {
     PairConfig::from_toml(text, "test.toml")
 }
 
