@@ -28,9 +28,9 @@ pub enum VmState {
     Gone,
     /// Stopped by its own agent after it lost a claim or quorum.
     Fenced,
-    /// QEMU listens but its VM is neither in COLO nor running: a secondary waiting for its
-    /// migration (a new secondary the survivor can re-protect with), a primary paused before
-    /// `start`. Agents older than this variant refuse the message as malformed and ignore it.
+    /// A fresh QEMU that has not run yet: a secondary waiting for its migration (a new
+    /// secondary the survivor can re-protect with), a primary before `start`. Agents older
+    /// than this variant refuse the message as malformed and ignore it.
     Waiting,
 }
 

@@ -17,8 +17,11 @@ use tokio::time::Instant;
 /// What the agent sees of its own VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Observed {
-    /// QEMU has not answered yet (not started): nothing to tell the peer. A QEMU that answers
-    /// with its VM neither in COLO nor running is [`VmState::Waiting`].
+    /// Nothing to tell the peer: QEMU has not answered yet (not started), or its VM is
+    /// stopped outside COLO in a passing state (`paused`, `finish-migrate`, `postmigrate`: a
+    /// move or a switch under way). The arbiter keeps the VM's last state meanwhile, so a
+    /// primary whose COLO just broke can still claim. A fresh QEMU waiting for its migration
+    /// or for `start` is [`VmState::Waiting`].
     Waiting,
     /// In one of the states the agents tell each other.
     Vm(VmState),
@@ -254,8 +257,10 @@ pub fn classify(mode: &str, last_mode: &str, runstate: &str) -> Observed {
             // protected. `colo` here is a primary stopped for a checkpoint that COLO left.
             "running" => Observed::Vm(VmState::Alone),
             "colo" if last_mode != "none" => Observed::Vm(VmState::Alone),
-            // A secondary waiting for its migration, a primary paused before `start`.
-            _ => Observed::Vm(VmState::Waiting),
+            // A fresh QEMU: a secondary waiting for its migration (`-incoming`), a primary
+            // before `start` (`-S`). A QEMU that was in COLO never gets here again.
+            "inmigrate" | "prelaunch" => Observed::Vm(VmState::Waiting),
+            _ => Observed::Waiting,
         },
     }
 }
@@ -287,11 +292,16 @@ mod tests {
             Observed::Vm(VmState::Alone)
         );
         // A secondary before the first migration, a primary before `start`.
-        for runstate in ["inmigrate", "prelaunch", "paused"] {
+        for runstate in ["inmigrate", "prelaunch"] {
             assert_eq!(
                 classify("none", "none", runstate),
                 Observed::Vm(VmState::Waiting)
             );
+        }
+        // Passing states outside COLO tell the peer nothing (a primary whose COLO broke must
+        // keep its last state in the arbiter, or it could not claim).
+        for runstate in ["paused", "finish-migrate", "postmigrate"] {
+            assert_eq!(classify("none", "primary", runstate), Observed::Waiting);
         }
     }
 
