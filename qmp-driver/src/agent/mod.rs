@@ -362,6 +362,11 @@ impl Agent<'_> {
                 message: Message::State { vm },
             } if *from != me => {
                 tracing::info!(node = from, vm = vm_label(*vm), "the peer's VM");
+                if *vm == VmState::Waiting && self.peer_vm != Some(VmState::Waiting) {
+                    // A new secondary QEMU (a failed attempt's one has to be restarted): it
+                    // is tried at once, not after the back-off of the old one's failures.
+                    self.last_failure = None;
+                }
                 self.peer_vm = Some(*vm);
                 self.status.peer = Some(PeerStatus {
                     node: *from,

@@ -1019,3 +1019,51 @@ async fn without_auto_reprotect_a_waiting_secondary_is_left_to_the_operator() {
     );
     pair.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_secondary_is_tried_at_once_not_after_the_back_off() {
+    // A back-off far longer than the test: only the restart can start the second attempt.
+    let auto = AutoReprotect {
+        target: None,
+        speed: 0,
+        retry: Duration::from_secs(600),
+    };
+    let mut pair = Pair::start_with(None, Some(auto)).await;
+    let _secondary_main =
+        FakeMonitor::serve_unix(pair._dir.path().join("s.qmp"), &["oob"], |_| Answer::ok());
+    pair.wait_in_sync().await;
+    primary_alone_secondary_waiting(&pair).await;
+    pair.primary
+        .wait_state("one failed re-protect", |s| {
+            s.reprotect
+                .as_ref()
+                .is_some_and(|r| r.attempts == 1 && r.state == "failed")
+        })
+        .await;
+
+    // The secondary's QEMU is restarted: gone, then a fresh one waits again.
+    pair.secondary.qemu().gone = true;
+    let path = pair.secondary.monitor.path().to_path_buf();
+    std::fs::remove_file(&path).unwrap();
+    pair.primary
+        .wait_state("the peer's VM gone", |s| {
+            s.peer.as_ref().is_some_and(|p| p.vm == "gone")
+        })
+        .await;
+    let qemu = pair.secondary.qemu.clone();
+    qemu.lock().unwrap().gone = false;
+    let _restarted =
+        FakeMonitor::serve_unix(path, &["oob"], move |cmd| qemu.lock().unwrap().answer(cmd));
+    let state = pair
+        .primary
+        .wait_state("a second attempt, well before the back-off", |s| {
+            s.reprotect
+                .as_ref()
+                .is_some_and(|r| r.attempts == 2 && r.state == "failed")
+        })
+        .await;
+    assert_eq!(state.reprotect.unwrap().failures_in_a_row, 2);
+    assert_eq!(state.vm, "alone");
+    assert!(pair.primary.decisions().is_empty() && pair.secondary.decisions().is_empty());
+    pair.stop().await;
+}
