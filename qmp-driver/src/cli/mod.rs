@@ -431,6 +431,12 @@ pub enum Command {
         quorum while in COLO fences its VM after --quorum-grace-ms; one that loses corosync \
         at once. A fenced VM stays stopped: restart the agent after an operator restored the \
         pair. docs/ha.md explains why this never makes two primaries.\n\n\
+        With --auto-reprotect the primary's agent, its VM serving alone after a take-over, \
+        brings a new secondary into COLO by itself (`reprotect`'s sequence, the guest serving \
+        throughout) once the peer agent reports a fresh secondary QEMU waiting for its \
+        migration; a failed attempt is undone and retried after --reprotect-retry-ms, doubled \
+        per failure in a row (docs/ha.md, \"Automatic re-protect\"). Failback stays the \
+        operator's `failback`.\n\n\
         The agent writes its state as JSON to --state-file (for Pacemaker's resource agent \
         and `status`), logs every decision with its reason, and serves colo_agent_* metrics.",
         after_help = "Exit codes: 0 stopped by a signal, 2 usage or config error, 4 corosync \
