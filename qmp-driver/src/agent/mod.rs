@@ -217,11 +217,13 @@ pub async fn run_agent(
         // Every probe comes through here, so a back-off ends within one probe period.
         agent.maybe_reprotect(report);
     }
-    if agent.attempt.take().is_some() {
+    if let Some(attempt) = agent.attempt.take() {
         tracing::warn!(
-            "the agent stops during an automatic re-protect: the attempt is abandoned where it \
-             is (run `qmp-driver reprotect` to finish it, or restart the secondary's QEMU)"
+            "the agent stops during an automatic re-protect: undoing it on the primary, whose \
+             guest serves on alone (restart the secondary's QEMU before the next attempt)"
         );
+        let qmp = agent.client.borrow().clone();
+        attempt.abandon(qmp.as_ref(), cfg).await;
     }
     observer_cancel.cancel();
     let _ = observer_task.await;

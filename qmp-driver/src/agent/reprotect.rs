@@ -118,10 +118,36 @@ impl Attempt {
     }
 }
 
+impl Attempt {
+    /// Ends an attempt from outside (the agent stops): its task is aborted and what it began
+    /// on the primary undone as a failed re-protect undoes it (the copy and a migration
+    /// cancelled, a VM stopped for the switch resumed), within [`ABANDON_BOUND`]. Left as
+    /// it was, a migration would reach the switch and keep the guest stopped.
+    pub async fn abandon(self, primary: Option<&QmpClient>, cfg: &PairConfig) {
+        self.task.abort();
+        let Some(primary) = primary else {
+            tracing::error!(
+                "no QMP connection to undo the abandoned re-protect: check the primary \
+                 (`qmp-driver status`); a VM stopped for the switch needs `cont`"
+            );
+            return;
+        };
+        let mut progress = |p: pair::Progress| tracing::warn!(step = %p, "re-protect undone");
+        let undo = pair::undo_reprotect(primary, cfg, &mut progress);
+        if tokio::time::timeout(ABANDON_BOUND, undo).await.is_err() {
+            tracing::error!(
+                bound = ?ABANDON_BOUND,
+                "undoing the abandoned re-protect did not finish: check the primary"
+            );
+        }
+    }
+}
+
+/// The longest an agent that stops spends undoing its re-protect.
+pub const ABANDON_BOUND: Duration = Duration::from_secs(10);
+
 impl Drop for Attempt {
-    /// An agent stopped during an attempt ends it where it is; `qmp-driver reprotect` run by
-    /// hand finds its copy job and goes on, or the primary is left serving alone (see
-    /// docs/ha.md).
+    /// The task never outlives its attempt (a panicking agent included).
     fn drop(&mut self) {
         self.task.abort();
     }

@@ -521,12 +521,12 @@ async fn both_agents_see_the_pair_in_sync() {
     assert_eq!(p.last_decision, None);
     assert_eq!(s.last_decision, None);
     for side in [&pair.primary, &pair.secondary] {
-        assert!(
-            side.events()
-                .iter()
-                .any(|e| matches!(e, Reported::Status(st) if st.in_sync)),
-            "the report callback saw the in-sync status too"
-        );
+        // The state file is written just before the callback runs: wait for it too.
+        side.wait_event(
+            "the in-sync status reported to the callback too",
+            |e| matches!(e, Reported::Status(st) if st.in_sync),
+        )
+        .await;
         assert_eq!(
             side.notable_events().len(),
             0,
@@ -1066,4 +1066,43 @@ async fn a_restarted_secondary_is_tried_at_once_not_after_the_back_off() {
     assert_eq!(state.vm, "alone");
     assert!(pair.primary.decisions().is_empty() && pair.secondary.decisions().is_empty());
     pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_stopped_during_its_re_protect_undoes_it_on_the_primary() {
+    let auto = AutoReprotect {
+        target: None,
+        speed: 0,
+        retry: Duration::from_secs(600),
+    };
+    let mut pair = Pair::start_with(None, Some(auto)).await;
+    // The secondary's main monitor accepts and never greets: the attempt stays under way.
+    let listener = std::os::unix::net::UnixListener::bind(pair._dir.path().join("s.qmp")).unwrap();
+    let held = std::thread::spawn(move || listener.accept().map(|(stream, _)| stream));
+    pair.wait_in_sync().await;
+    primary_alone_secondary_waiting(&pair).await;
+    pair.primary
+        .wait_state("a re-protect under way", |s| {
+            s.reprotect.as_ref().is_some_and(|r| r.state == "running")
+        })
+        .await;
+    let _connection = held.join().unwrap().unwrap();
+    assert_eq!(pair.primary.count("object-del"), 0, "nothing undone yet");
+
+    let stopping = tokio::time::Instant::now();
+    pair.primary.stop().await;
+    assert!(
+        stopping.elapsed() < reprotect::ABANDON_BOUND + Duration::from_secs(5),
+        "the agent's stop is bounded"
+    );
+    // The failed re-protect's undo, run against the primary: the filters and the NBD child
+    // of a switch that may have begun are removed, the VM's run state checked.
+    let commands = pair.primary.commands();
+    for undo in ["x-blockdev-change", "blockdev-del", "object-del"] {
+        assert!(
+            commands.iter().any(|c| c == undo),
+            "{undo} missing: {commands:?}"
+        );
+    }
+    pair.secondary.stop().await;
 }

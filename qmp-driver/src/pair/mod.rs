@@ -63,7 +63,7 @@ pub use failover::{
 pub use relay_link::RelayStatus;
 pub use reprotect::{
     DEFAULT_REPROTECT_EXPORT, Phase, REPROTECT_JOB, ReprotectOptions, ReprotectReport,
-    default_reprotect_target, reprotect,
+    default_reprotect_target, reprotect, undo_reprotect,
 };
 pub use socket_modes::{OpenSocket, open_sockets};
 pub use start::{PrepareReport, StartOptions, StartReport, prepare_secondary, start};

@@ -919,6 +919,14 @@ pub(super) async fn ensure_running(vm: &QmpClient, side: Role, journal: &mut Jou
 /// Puts the primary back as it was before the re-protect, best effort: cancels a migration
 /// (a paused one resumes the VM), the mirror job, removes the NBD child and the filters. A
 /// primary that entered COLO is left alone (a failure after that is a failover's business).
+/// Undoes an interrupted re-protect on the primary (what [`reprotect`] does itself when it
+/// fails): for a caller that had to stop one from outside, e.g. an HA agent stopped during its
+/// automatic re-protect. Nothing when the primary is in COLO already; its guest runs after.
+pub async fn undo_reprotect(primary: &QmpClient, cfg: &PairConfig, mut progress: ProgressFn<'_>) {
+    let mut journal = Journal::new(&mut progress);
+    undo(primary, cfg, &mut journal).await;
+}
+
 async fn undo(primary: &QmpClient, cfg: &PairConfig, journal: &mut Journal<'_, '_>) {
     let p = Role::Primary;
     if let Ok(colo) = steps::colo_status(primary, p).await
