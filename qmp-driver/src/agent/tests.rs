@@ -920,6 +920,15 @@ fn assert_no_send_failed(pair: &Pair) {
     }
 }
 
+/// `--auto-reprotect` with a first back-off of `retry`, the default target, no rate bound.
+fn auto_reprotect(retry: Duration) -> AutoReprotect {
+    AutoReprotect {
+        target: None,
+        speed: 0,
+        retry,
+    }
+}
+
 /// The primary serves alone (COLO ended) and the secondary host's new QEMU waits for its
 /// migration (`inmigrate`): the state both fake QEMUs answer with. Returns once the primary's
 /// agent sees both.
@@ -946,11 +955,7 @@ async fn primary_alone_secondary_waiting(pair: &Pair) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_primary_alone_re_protects_by_itself_when_a_secondary_waits() {
-    let auto = AutoReprotect {
-        target: None,
-        speed: 0,
-        retry: Duration::from_millis(100),
-    };
+    let auto = auto_reprotect(Duration::from_millis(100));
     let mut pair = Pair::start_with(None, Some(auto)).await;
     // The secondary's main monitor, which the attempt opens (its agent holds watch_qmp).
     let cfg_dir = pair._dir.path().to_path_buf();
@@ -1023,11 +1028,7 @@ async fn without_auto_reprotect_a_waiting_secondary_is_left_to_the_operator() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_secondary_is_tried_at_once_not_after_the_back_off() {
     // A back-off far longer than the test: only the restart can start the second attempt.
-    let auto = AutoReprotect {
-        target: None,
-        speed: 0,
-        retry: Duration::from_secs(600),
-    };
+    let auto = auto_reprotect(Duration::from_secs(600));
     let mut pair = Pair::start_with(None, Some(auto)).await;
     let _secondary_main =
         FakeMonitor::serve_unix(pair._dir.path().join("s.qmp"), &["oob"], |_| Answer::ok());
@@ -1070,11 +1071,7 @@ async fn a_restarted_secondary_is_tried_at_once_not_after_the_back_off() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_stopped_during_its_re_protect_undoes_it_on_the_primary() {
-    let auto = AutoReprotect {
-        target: None,
-        speed: 0,
-        retry: Duration::from_secs(600),
-    };
+    let auto = auto_reprotect(Duration::from_secs(600));
     let mut pair = Pair::start_with(None, Some(auto)).await;
     // The secondary's main monitor accepts and never greets: the attempt stays under way.
     let listener = std::os::unix::net::UnixListener::bind(pair._dir.path().join("s.qmp")).unwrap();
