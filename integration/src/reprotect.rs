@@ -1025,6 +1025,17 @@ async fn lose_and_reprotect(
     };
     pair.wait_checkpoints(5, period * 10 + Duration::from_secs(60))
         .await?;
+    // One secondary, one re-protect: the agent must not try again once the pair is in COLO.
+    if let Some(ha) = ha.as_deref().filter(|ha| ha.auto_reprotect()) {
+        let attempts = ha.auto_reprotect_attempts();
+        if attempts != attempts_before + 1 {
+            bail!(
+                "the primary's agent made {} re-protect attempts for one new secondary: {:?}",
+                attempts - attempts_before,
+                ha.state(Role::Primary).ok().and_then(|s| s.reprotect)
+            );
+        }
+    }
     let checkpoints_new_pair = (
         pair.vm(Role::Primary)?.checkpoint_pauses().len(),
         pair.vm(Role::Secondary)?.checkpoint_pauses().len(),

@@ -169,6 +169,7 @@ pub async fn run_agent(
         peer_vm: None,
         attempt: None,
         last_failure: None,
+        reprotected_unseen: false,
     };
     let (daemons_tx, mut daemons_rx) = watch::channel(None);
     let daemons_task = daemons::relay_is_local(cfg).then(|| {
@@ -283,6 +284,10 @@ struct Agent<'a> {
     attempt: Option<Attempt>,
     /// When the last automatic re-protect failed.
     last_failure: Option<Instant>,
+    /// A re-protect succeeded and the observer has not reported the own VM since: the states
+    /// this agent holds (`alone`, the peer `waiting`) are the ones before COLO began, and
+    /// must not start another attempt.
+    reprotected_unseen: bool,
 }
 
 impl Agent<'_> {
@@ -332,6 +337,7 @@ impl Agent<'_> {
         let failure_sign = match input {
             Input::Local(vm) => {
                 self.my_vm = Some(*vm);
+                self.reprotected_unseen = false;
                 self.set_vm_label(vm_label(*vm));
                 self.status.in_sync = vm.protected();
                 if vm.protected() {
@@ -541,6 +547,7 @@ impl Agent<'_> {
             .map_or(0, |r| r.failures_in_a_row);
         let wanted = self.opts.side == Role::Primary
             && self.attempt.is_none()
+            && !self.reprotected_unseen
             && self.my_vm == Some(VmState::Alone)
             && self.peer_vm == Some(VmState::Waiting)
             && self.arbiter.quorate()
@@ -590,6 +597,7 @@ impl Agent<'_> {
                 status.state = "done".into();
                 status.failures_in_a_row = 0;
                 self.last_failure = None;
+                self.reprotected_unseen = true;
                 report(AgentEvent::Reprotected(&done));
                 status.report = Some(done);
             }
