@@ -166,15 +166,7 @@ async fn set_failback_tls(
             ),
         )
         .await?;
-    let host = &tls.primary.name;
-    journal
-        .run(
-            s,
-            &format!("migrate-set-parameters tls-creds={TLS_CREDS_ID} tls-hostname={host}"),
-            secondary
-                .migrate_set_parameters(json!({ "tls-creds": TLS_CREDS_ID, "tls-hostname": host })),
-        )
-        .await
+    steps::set_migration_tls_client(secondary, s, &tls.primary.name, journal).await
 }
 
 /// The secondary must run outside COLO (it took over), with no migration under way; the

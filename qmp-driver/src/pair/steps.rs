@@ -301,13 +301,24 @@ pub(crate) async fn set_migration_tls(
     let Some(tls) = &cfg.tls else {
         return Ok(());
     };
-    let (creds, host) = (crate::config::TLS_CREDS_ID, &tls.secondary.name);
+    set_migration_tls_client(primary, Role::Primary, &tls.secondary.name, journal).await
+}
+
+/// The migration parameters of a TLS source: the client object
+/// [`crate::config::TLS_CREDS_ID`], accepting only `peer`'s certificate (`tls-hostname`).
+pub(crate) async fn set_migration_tls_client(
+    source: &QmpClient,
+    side: Role,
+    peer: &str,
+    journal: &mut Journal<'_, '_>,
+) -> Result<(), PairError> {
+    let creds = crate::config::TLS_CREDS_ID;
     journal
         .run(
-            Role::Primary,
-            &format!("migrate-set-parameters tls-creds={creds} tls-hostname={host}"),
-            primary.migrate_set_parameters(
-                serde_json::json!({ "tls-creds": creds, "tls-hostname": host }),
+            side,
+            &format!("migrate-set-parameters tls-creds={creds} tls-hostname={peer}"),
+            source.migrate_set_parameters(
+                serde_json::json!({ "tls-creds": creds, "tls-hostname": peer }),
             ),
         )
         .await
