@@ -32,7 +32,7 @@ use crate::guest::DiskCheck;
 use crate::ha::HaBed;
 use crate::scenario::{DownloadReport, ECHO_PORT, guest_server, probe};
 use crate::stock::proxyd::{primary_log, proxyd_reasons, render_reasons};
-use crate::stock::{PairConfig, Role, StockPair, pauses};
+use crate::stock::{DaemonProcess, PairConfig, Role, StockPair, pauses};
 use qmp_driver::agent::status::Decision;
 use qmp_driver::pair::{
     self, FailbackOptions, FailbackReport, Progress, ReprotectOptions, ReprotectReport,
@@ -142,6 +142,23 @@ pub struct ReprotectRun {
     /// the new secondary's QEMU waited; otherwise the bed ran `qmp-driver reprotect`'s
     /// sequence.
     pub reprotect_by_agent: bool,
+    /// With TLS: strangers on the failback's migration listener, while it waited for the VM.
+    pub failback_strangers: Vec<StrangerKnock>,
+}
+
+/// A stranger's TLS handshake on the home QEMU's migration listener during a failback over
+/// TLS (`openssl s_client` on its Unix socket): with no certificate, or with the primary
+/// host's own (the same CA, but the authz admits only the secondary's).
+#[derive(Debug, Clone, Serialize)]
+pub struct StrangerKnock {
+    /// The identity it showed.
+    pub identity: String,
+    /// What `openssl s_client` printed on stderr. Under TLS 1.3 the client has finished its
+    /// side of the handshake before the server checks its certificate, so this does not say
+    /// whether it was refused; QEMU does.
+    pub said: String,
+    /// The line the home QEMU logged for it (its refusal), in order of the knocks.
+    pub qemu_said: Option<String>,
 }
 
 /// The HA agents' two take-overs of [`with_ha_agents`], each as the agent's state file gives
@@ -528,6 +545,26 @@ pub async fn life_with_ha_agents(tag: &str, cfg: PairConfig) -> Result<Reprotect
     .await
 }
 
+/// The primary's agent re-protects by itself (`--auto-reprotect`) after the secondary's host
+/// died, and that host dies again during the agent's disk copy: the agent undoes its attempt
+/// and the primary serves on alone; the host comes back, the agent tries again at once (the
+/// new QEMU waiting anew) and succeeds; then the primary dies and nothing is lost.
+pub async fn auto_reprotect_cut_short(tag: &str, cfg: PairConfig) -> Result<ReprotectRun> {
+    let cfg = PairConfig {
+        witness: true,
+        ..cfg
+    };
+    run(
+        tag,
+        "auto-reprotect-killed-in-copy",
+        cfg,
+        Interrupt::DuringCopy,
+        &[Role::Secondary],
+        Deciders::AgentsReprotecting,
+    )
+    .await
+}
+
 /// The life in the other order: the **primary's** host dies first and the secondary serves
 /// on; the host comes back and the VM moves home (`qmp-driver failback`'s sequence, clients
 /// served all along), the secondary is re-protected online, and the primary's host dies again:
@@ -615,10 +652,12 @@ async fn run(
     // Earlier rounds (lose a host, [fail back,] re-protect) must show the same as the last.
     let mut earlier_rounds = Vec::new();
     let mut earlier_failback = None;
+    let mut failback_strangers = Vec::new();
     for &lost in earlier_losses {
         let mut round =
             lose_and_reprotect(&mut pair, ha.as_mut(), &client, Interrupt::None, lost).await?;
         earlier_failback = earlier_failback.or(round.failback.take());
+        failback_strangers.append(&mut round.failback_strangers);
         earlier_rounds.push(round.check()?);
     }
     let Round {
@@ -633,7 +672,9 @@ async fn run(
         first_takeover,
         protected_again_ms,
         failback,
+        failback_strangers: mut last_strangers,
     } = lose_and_reprotect(&mut pair, ha.as_mut(), &client, interrupt, last_loss).await?;
+    failback_strangers.append(&mut last_strangers);
     let failback = failback.or(earlier_failback);
     let primary_lost = losses.contains(&Role::Primary);
 
@@ -734,6 +775,7 @@ async fn run(
         losses: losses.to_vec(),
         failback,
         reprotect_by_agent: deciders == Deciders::AgentsReprotecting,
+        failback_strangers,
     };
     std::fs::write(
         run.run_dir.join("reprotect-report.json"),
@@ -750,17 +792,7 @@ async fn interrupted_attempt(
     interrupt: Interrupt,
 ) -> Result<FailedAttempt> {
     let mut serve = pair.restart_secondary_host().await?;
-    // The new host's processes, not the relay (which also runs on that host on the bed, but
-    // is the old one and serves the next attempt).
-    let mut pids: Vec<u32> = serve.pid().into_iter().collect();
-    pids.extend(pair.vm(Role::Secondary)?.process.pid());
-    pids.extend(pair.blockd.as_ref().and_then(|b| b.pid()));
-    pids.extend(
-        pair.proxyd
-            .iter()
-            .filter(|(host, _)| *host == Role::Secondary)
-            .filter_map(|(_, d)| d.pid()),
-    );
+    let pids = new_secondary_host_pids(pair, &serve)?;
     let trigger = match interrupt {
         Interrupt::DuringCopy => "blockdev-mirror",
         Interrupt::DuringMemory => "migrate ",
@@ -779,11 +811,7 @@ async fn interrupted_attempt(
             && step.what.starts_with(trigger)
         {
             killed = true;
-            let _ = std::process::Command::new("kill")
-                .arg("-9")
-                .args(pids.iter().map(u32::to_string))
-                .status();
-            println!("  the new secondary's host dies (SIGKILL of {pids:?})");
+            kill_hard(&pids);
         }
     })
     .await;
@@ -798,6 +826,43 @@ async fn interrupted_attempt(
     }
     pair.kill(Role::Secondary)?;
     serve.kill();
+    after_failed_attempt(pair, interrupt, error, steps).await
+}
+
+/// The processes of the secondary's host that a re-protect talks to: its QEMU, colo-blockd
+/// `secondary`, colo-proxyd and the copy's target `serve`; not the relay (which also runs on
+/// that host on the bed, but is the old one and serves the next attempt).
+fn new_secondary_host_pids(pair: &StockPair, serve: &DaemonProcess) -> Result<Vec<u32>> {
+    let mut pids: Vec<u32> = serve.pid().into_iter().collect();
+    pids.extend(pair.vm(Role::Secondary)?.process.pid());
+    pids.extend(pair.blockd.as_ref().and_then(|b| b.pid()));
+    pids.extend(
+        pair.proxyd
+            .iter()
+            .filter(|(host, _)| *host == Role::Secondary)
+            .filter_map(|(_, d)| d.pid()),
+    );
+    Ok(pids)
+}
+
+/// SIGKILLs `pids`: a host dying.
+fn kill_hard(pids: &[u32]) {
+    let _ = std::process::Command::new("kill")
+        .arg("-9")
+        .args(pids.iter().map(u32::to_string))
+        .status();
+    println!("  the new secondary's host dies (SIGKILL of {pids:?})");
+}
+
+/// The primary after an attempt that failed with `error`: what the checks of
+/// [`FailedAttempt`] need.
+async fn after_failed_attempt(
+    pair: &StockPair,
+    interrupt: Interrupt,
+    error: String,
+    steps: Vec<String>,
+) -> Result<FailedAttempt> {
+    let pri = pair.vm(Role::Primary)?.qmp.clone();
     let status = pri.query_status().await?;
     let colo = pri.query_colo_status().await?;
     let jobs = pri.execute_raw("query-block-jobs", None).await?;
@@ -821,6 +886,59 @@ async fn interrupted_attempt(
             .flatten()
             .any(|n| n["node-name"] == child.as_str()),
     })
+}
+
+/// [`interrupted_attempt`] with the primary's agent re-protecting by itself: the secondary's
+/// host comes back with its agent, and dies (its agent too) once the primary's agent logs
+/// that its copy started. The agent must report the attempt failed, having undone it.
+async fn interrupted_auto_attempt(
+    pair: &mut StockPair,
+    ha: &mut HaBed,
+    interrupt: Interrupt,
+) -> Result<FailedAttempt> {
+    // The agent's progress is read from its log, not called back: the memory phase is over
+    // before a poll can be sure to catch it, the copy (bounded to COPY_SPEED) lasts seconds.
+    if interrupt != Interrupt::DuringCopy {
+        bail!("an automatic re-protect is cut short in its copy only");
+    }
+    const TRIGGER: &str = "re-protect step=primary: blockdev-mirror";
+    let copies_before = ha.agent_log(Role::Primary).matches(TRIGGER).count();
+    let attempts_before = ha.auto_reprotect_attempts();
+    let mut serve = pair.restart_secondary_host().await?;
+    ha.start_agent(pair, Role::Secondary)?;
+    let pids = new_secondary_host_pids(pair, &serve)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ha.agent_log(Role::Primary).matches(TRIGGER).count() == copies_before {
+        if Instant::now() > deadline {
+            bail!(
+                "the primary's agent did not start its copy within 120 s: {:?}",
+                ha.state(Role::Primary).ok().and_then(|s| s.reprotect)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kill_hard(&pids);
+    ha.kill_agent(Role::Secondary);
+    let error = match ha
+        .wait_auto_reprotect(attempts_before, Duration::from_secs(120))
+        .await?
+    {
+        Ok(report) => {
+            bail!("the agent's re-protect succeeded although the new secondary died: {report:?}")
+        }
+        Err(error) => error,
+    };
+    pair.kill(Role::Secondary)?;
+    serve.kill();
+    // The attempt's lines of the agent's log, its undo's included.
+    let steps = ha
+        .agent_log(Role::Primary)
+        .lines()
+        .filter(|l| l.contains("re-protect"))
+        .skip_while(|l| !l.contains(&format!("attempt={}", attempts_before + 1)))
+        .map(|l| l.split("  ").last().unwrap_or(l).to_string())
+        .collect();
+    after_failed_attempt(pair, interrupt, error, steps).await
 }
 
 /// `survivor` takes the VM over after the other side died: by its HA agent's own decision
@@ -874,6 +992,8 @@ struct Round {
     protected_again_ms: Option<f64>,
     /// The failback, when the primary was the one lost.
     failback: Option<FailbackReport>,
+    /// Strangers knocking on that failback's migration listener (with TLS).
+    failback_strangers: Vec<StrangerKnock>,
 }
 
 impl Round {
@@ -948,24 +1068,28 @@ async fn lose_and_reprotect(
         speed: COPY_SPEED,
         ..ReprotectOptions::new(pair::default_reprotect_target(&pair.driver))
     };
-    let failback = match lost {
+    let (failback, failback_strangers) = match lost {
         Role::Primary => {
             // The agent of the host the VM leaves steps aside for the move (its QEMU quits at
             // the end), and the primary host's agent comes back with the VM.
             if let Some(ha) = ha.as_deref_mut() {
                 ha.kill_agent(Role::Secondary);
             }
-            let report = fail_back(pair).await?;
+            let (report, strangers) = fail_back(pair).await?;
             if let Some(ha) = ha.as_deref_mut() {
                 ha.start_agent(pair, Role::Primary)?;
             }
-            Some(report)
+            (Some(report), strangers)
         }
-        Role::Secondary => None,
+        Role::Secondary => (None, Vec::new()),
     };
-    let failed_attempt = match interrupt {
-        Interrupt::None => None,
-        _ => Some(interrupted_attempt(pair, &opts, interrupt).await?),
+    let failed_attempt = match (
+        interrupt,
+        ha.as_deref_mut().filter(|ha| ha.auto_reprotect()),
+    ) {
+        (Interrupt::None, _) => None,
+        (_, Some(ha)) => Some(interrupted_auto_attempt(pair, ha, interrupt).await?),
+        (_, None) => Some(interrupted_attempt(pair, &opts, interrupt).await?),
     };
     let attempts_before = ha.as_deref().map_or(0, HaBed::auto_reprotect_attempts);
     let mut serve = pair.restart_secondary_host().await?;
@@ -1052,13 +1176,16 @@ async fn lose_and_reprotect(
         first_takeover,
         protected_again_ms,
         failback,
+        failback_strangers,
     })
 }
 
 /// The primary's host is back: the VM the secondary took over moves home with `qmp-driver
 /// failback`'s sequence; the secondary host's processes are then stopped (its QEMU quit
 /// already), as an operator stops them before the re-protect.
-async fn fail_back(pair: &mut StockPair) -> Result<FailbackReport> {
+/// With TLS, strangers knock on the home QEMU's migration listener as soon as it listens
+/// (returned); the failback must go on as if they had not.
+async fn fail_back(pair: &mut StockPair) -> Result<(FailbackReport, Vec<StrangerKnock>)> {
     let mut serve = pair.restart_primary_host_for_failback().await?;
     let opts = FailbackOptions {
         copy: ReprotectOptions {
@@ -1072,8 +1199,21 @@ async fn fail_back(pair: &mut StockPair) -> Result<FailbackReport> {
     };
     let pri = pair.vm(Role::Primary)?.qmp.clone();
     let sec = pair.vm(Role::Secondary)?.qmp.clone();
+    let listener = pair.dir.join("primary-incoming.sock");
+    let pki = pair
+        .config
+        .tls
+        .then(|| crate::stock::driver::pki_dir(&pair.dir));
+    let mut strangers = Vec::new();
     let result = pair::failback(&sec, &pri, &pair.driver, &opts, &mut |p| {
-        println!("  failback: {p}")
+        println!("  failback: {p}");
+        if let (Some(pki), Progress::Step(step)) = (&pki, &p)
+            && strangers.is_empty()
+            && step.side == Role::Primary
+            && step.what.starts_with("migrate-incoming")
+        {
+            strangers = knock_with_tls(&listener, pki);
+        }
     })
     .await;
     let report = match result {
@@ -1088,6 +1228,16 @@ async fn fail_back(pair: &mut StockPair) -> Result<FailbackReport> {
         }
     };
     serve.wait_exit(Duration::from_secs(10))?;
+    // QEMU's refusals, one line per stranger ("Verify failed: ...", "TLS x509 authz check for
+    // ... is denied"), in the order they knocked.
+    let home_log =
+        std::fs::read_to_string(&pair.vm(Role::Primary)?.process.stderr_log).unwrap_or_default();
+    let mut refusals = home_log
+        .lines()
+        .filter(|l| l.contains("Verify failed") || l.contains("authz check"));
+    for knock in &mut strangers {
+        knock.qemu_said = refusals.next().map(str::to_string);
+    }
     let image = pair.vm(Role::Secondary)?.image.clone();
     pair.kill(Role::Secondary)?;
     // The secondary's image was the VM's disk since the failover; the VM now runs from the
@@ -1095,5 +1245,51 @@ async fn fail_back(pair: &mut StockPair) -> Result<FailbackReport> {
     // failed-over marker goes, as docs/operations.md ("Re-protect", step 2) tells operators.
     let marker = format!("{}.colo-failed-over", image.display());
     std::fs::remove_file(&marker).with_context(|| format!("removing {marker}"))?;
-    Ok(report)
+    Ok((report, strangers))
+}
+
+/// Strangers' TLS handshakes on the Unix socket `listener`: no certificate, then the primary
+/// host's own identity from `pki` (trusted by the CA, refused by the authz). Each closes
+/// after its handshake; one QEMU took for its migration source would fail the migration.
+fn knock_with_tls(listener: &std::path::Path, pki: &std::path::Path) -> Vec<StrangerKnock> {
+    use crate::stock::driver::PRIMARY_TLS_NAME;
+    let own = pki.join(PRIMARY_TLS_NAME);
+    [None, Some(&own)]
+        .into_iter()
+        .map(|identity| {
+            let mut args: Vec<String> = vec![
+                "10".into(),
+                "openssl".into(),
+                "s_client".into(),
+                "-quiet".into(),
+                "-unix".into(),
+                listener.display().to_string(),
+                "-CAfile".into(),
+                own.join("ca-cert.pem").display().to_string(),
+            ];
+            if let Some(identity) = identity {
+                for (flag, file) in [("-cert", "client-cert.pem"), ("-key", "client-key.pem")] {
+                    args.extend([flag.into(), identity.join(file).display().to_string()]);
+                }
+            }
+            let said = match std::process::Command::new("timeout")
+                .args(&args)
+                .stdin(std::process::Stdio::null())
+                .output()
+            {
+                Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                Err(e) => format!("openssl s_client did not run: {e}"),
+            };
+            let identity = match identity {
+                Some(_) => format!("the primary host's own ({PRIMARY_TLS_NAME})"),
+                None => "none".to_string(),
+            };
+            println!("  a stranger (certificate: {identity}) knocked: {said}");
+            StrangerKnock {
+                identity,
+                said,
+                qemu_said: None,
+            }
+        })
+        .collect()
 }

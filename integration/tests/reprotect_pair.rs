@@ -50,7 +50,9 @@ async fn the_vm_fails_back_home_after_the_primary_dies_and_a_second_failover_los
 /// The same life with `[tls]`: the failback's copy (the secondary QEMU into `colo-blockd
 /// serve` on the primary host) and its migration (the secondary QEMU to the primary's) run
 /// under mutual TLS with the credentials `failback` adds to both QEMUs, then the re-protect's
-/// as before; nothing is lost.
+/// as before; nothing is lost. While the home QEMU's migration listener waits for the VM, two
+/// strangers knock on it (no certificate; the primary host's own, which the authz refuses):
+/// QEMU refuses both and the failback goes on.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn a_tls_pair_fails_back_home_and_a_second_failover_loses_nothing() {
@@ -77,6 +79,22 @@ async fn a_tls_pair_fails_back_home_and_a_second_failover_loses_nothing() {
     assert!(incoming.what.contains("tls-authz=colo-tls-peer0"));
     let outgoing = step("migrate-set-parameters tls-creds=colo-tls0");
     assert_eq!(outgoing.side, Role::Secondary);
+    // Two strangers knocked on the home QEMU's migration listener before the VM came: QEMU
+    // refused both (no certificate: verify-peer; the primary host's own: the authz), and the
+    // failback went on (a stranger taken for the source would have failed the migration).
+    let knocks = &run.failback_strangers;
+    assert_eq!(knocks.len(), 2, "{knocks:?}");
+    let refused = |i: usize, what: &str| {
+        knocks[i]
+            .qemu_said
+            .as_ref()
+            .is_some_and(|line| line.contains(what))
+    };
+    assert!(refused(0, "No certificate was found"), "{knocks:?}");
+    assert!(
+        refused(1, "authz check for CN=colo-primary is denied"),
+        "{knocks:?}"
+    );
     assert_reprotected(&run);
 }
 
@@ -149,6 +167,13 @@ async fn cut_short(interrupt: Interrupt, tag: &str) {
     let run = reprotect::after_losing_the_secondary(tag, common::daemons_pair(), interrupt, 1)
         .await
         .expect("re-protect scenario ran");
+    assert_undone(&run);
+    assert_reprotected(&run);
+}
+
+/// The first attempt was cut short and undone: the primary runs outside COLO, with no block
+/// job and no NBD child left.
+fn assert_undone(run: &ReprotectRun) {
     let failed = run
         .failed_attempt
         .as_ref()
@@ -164,7 +189,6 @@ async fn cut_short(interrupt: Interrupt, tag: &str) {
     assert_eq!(failed.primary_colo_mode, "none", "{failed:?}");
     assert_eq!(failed.block_jobs, 0, "a block job was left: {failed:?}");
     assert!(!failed.child_left, "the NBD child was left: {failed:?}");
-    assert_reprotected(&run);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -179,6 +203,24 @@ async fn a_reprotect_whose_secondary_dies_during_the_disk_copy_harms_nothing_and
 async fn a_reprotect_whose_secondary_dies_during_the_memory_migration_harms_nothing_and_a_retry_succeeds()
  {
     cut_short(Interrupt::DuringMemory, "t-rpm").await;
+}
+
+/// The primary's agent re-protects by itself, and the new secondary's host dies during the
+/// agent's disk copy: the agent undoes its attempt (the primary serves on alone, no job, no
+/// NBD child), tries again as soon as the host is back, and succeeds; the primary then dies
+/// and the secondary's agent takes over with nothing lost.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU, the guest and corosync; select with --include-ignored (integration/test.sh does)"]
+async fn an_automatic_reprotect_cut_short_by_the_new_secondary_dying_is_undone_and_retried() {
+    let run = reprotect::auto_reprotect_cut_short("t-rpau", common::daemons_pair())
+        .await
+        .expect("the cut-short automatic re-protect ran");
+    assert!(run.reprotect_by_agent, "the agent did not re-protect");
+    let agents = run.agents.as_ref().expect("the agents' take-overs");
+    assert_eq!(agents.first.action, "take-over");
+    assert_eq!(agents.second.action, "take-over");
+    assert_undone(&run);
+    assert_reprotected(&run);
 }
 
 /// The same life with the HA agents deciding both failovers (no `qmp-driver failover`): the
