@@ -38,7 +38,7 @@ pub mod web;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -168,27 +168,34 @@ pub struct AbResult {
     pub requests_per_s: f64,
     /// `Time taken for tests`, seconds.
     pub time_taken_s: f64,
-    /// `HTML transferred`: the bodies' bytes.
-    pub body_bytes: u64,
-    /// 50 % of the requests were served within this time, ms.
-    pub p50_ms: u64,
-    /// 99 % of the requests were served within this time, ms.
-    pub p99_ms: u64,
+    /// `HTML transferred`: the bodies' bytes (`None`: ab stopped at its timeout).
+    pub body_bytes: Option<u64>,
+    /// 50 % of the requests were served within this time, ms (`None`: ab stopped at its
+    /// timeout, printing no percentiles).
+    pub p50_ms: Option<u64>,
+    /// 99 % of the requests were served within this time, ms (see `p50_ms`).
+    pub p99_ms: Option<u64>,
+    /// Requests never answered: ab stopped when no connection had moved for its timeout
+    /// (`-s`), as it does when the last requests all wait on the guest (SYNs the guest's full
+    /// listen queue dropped, retransmitted 1, 3, 7, 15, 31 s later).
+    pub unanswered: u64,
 }
 
 impl AbResult {
     /// Body bytes per second over the whole run, MB/s (10^6 bytes).
-    pub fn body_mb_per_s(&self) -> f64 {
-        if self.time_taken_s > 0.0 {
-            self.body_bytes as f64 / self.time_taken_s / 1e6
+    /// `None` when ab did not say how many bytes it got.
+    pub fn body_mb_per_s(&self) -> Option<f64> {
+        let bytes = self.body_bytes?;
+        Some(if self.time_taken_s > 0.0 {
+            bytes as f64 / self.time_taken_s / 1e6
         } else {
             0.0
-        }
+        })
     }
 
-    /// Requests that failed or were not answered 2xx.
+    /// Requests that failed, were not answered 2xx, or were not answered at all.
     pub fn failures(&self) -> u64 {
-        self.failed + self.non_2xx
+        self.failed + self.non_2xx + self.unanswered
     }
 }
 
@@ -213,9 +220,42 @@ pub fn parse_ab(text: &str) -> Result<AbResult> {
         },
         requests_per_s: number(text, "Requests per second:")?,
         time_taken_s: number(text, "Time taken for tests:")?,
-        body_bytes: number(text, "HTML transferred:")?,
-        p50_ms: number(text, "50%")?,
-        p99_ms: number(text, "99%")?,
+        body_bytes: Some(number(text, "HTML transferred:")?),
+        p50_ms: Some(number(text, "50%")?),
+        p99_ms: Some(number(text, "99%")?),
+        unanswered: 0,
+    })
+}
+
+/// What is left of ab's report when it stopped at its timeout (`apr_pollset_poll: The timeout
+/// specified has expired`, then `Total of N requests completed`): the requests completed, and
+/// the rate over `elapsed`; `None` for any other failure.
+pub fn parse_ab_timeout(output: &str, requests: u32, elapsed: Duration) -> Option<AbResult> {
+    if !output.contains("The timeout specified has expired") {
+        return None;
+    }
+    let complete: u64 = output
+        .split("Total of ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let seconds = elapsed.as_secs_f64();
+    Some(AbResult {
+        complete,
+        failed: 0,
+        non_2xx: 0,
+        requests_per_s: if seconds > 0.0 {
+            complete as f64 / seconds
+        } else {
+            0.0
+        },
+        time_taken_s: seconds,
+        body_bytes: None,
+        p50_ms: None,
+        p99_ms: None,
+        unanswered: u64::from(requests).saturating_sub(complete),
     })
 }
 
@@ -227,6 +267,7 @@ pub fn run_ab(
     concurrency: u32,
     timeout_s: u32,
 ) -> Result<AbResult> {
+    let started = Instant::now();
     let out = Command::new("ip")
         .args(["netns", "exec", netns, "ab", "-q", "-r"])
         .args(["-s", &timeout_s.to_string()])
@@ -237,6 +278,15 @@ pub fn run_ab(
         .context("running ab (package apache2-utils; integration/setup.sh installs it)")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
+        let both = format!("{}{text}", String::from_utf8_lossy(&out.stderr));
+        if let Some(result) = parse_ab_timeout(&both, requests, started.elapsed()) {
+            eprintln!(
+                "bench: ab -n {requests} -c {concurrency} {url}: stopped after {timeout_s} s \
+                 without progress, {} requests unanswered",
+                result.unanswered
+            );
+            return Ok(result);
+        }
         bail!(
             "ab -n {requests} -c {concurrency} {url} in {netns} failed: {}{}",
             String::from_utf8_lossy(&out.stderr),
@@ -358,6 +408,11 @@ fn loadavg() -> String {
 /// A value for a table cell: the number, or "-" when there is none.
 fn cell<T: std::fmt::Display>(value: Option<T>) -> String {
     value.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// A CSV cell: the value, or empty.
+fn csv_cell<T: std::fmt::Display>(value: Option<T>) -> String {
+    value.map_or_else(String::new, |v| v.to_string())
 }
 
 /// `part / whole` with two decimals, or "-".
@@ -488,15 +543,46 @@ Percentage of the requests served within a certain time (ms)
                 non_2xx: 2,
                 requests_per_s: 162.07,
                 time_taken_s: 1.234,
-                body_bytes: 2800,
-                p50_ms: 21,
-                p99_ms: 60,
+                body_bytes: Some(2800),
+                p50_ms: Some(21),
+                p99_ms: Some(60),
+                unanswered: 0,
             }
         );
         assert_eq!(ab.failures(), 5);
-        assert!((ab.body_mb_per_s() - 2800.0 / 1.234 / 1e6).abs() < 1e-12);
+        assert!((ab.body_mb_per_s().unwrap() - 2800.0 / 1.234 / 1e6).abs() < 1e-12);
         let without_non_2xx = AB.replace("Non-2xx responses:      2\n", "");
         assert_eq!(parse_ab(&without_non_2xx).unwrap().non_2xx, 0);
+    }
+
+    /// What ab 2.3 printed when the last requests of `-n 1000 -c 64` waited on the guest for
+    /// longer than `-s 30` (stderr, then stdout).
+    const AB_TIMEOUT: &str = "apr_pollset_poll: The timeout specified has expired (70007)\n\
+        This is ApacheBench, Version 2.3 <$Revision$>\n\
+        Benchmarking 10.0.2.15 (be patient)...Total of 997 requests completed\n";
+
+    #[test]
+    fn an_ab_stopped_at_its_timeout_counts_the_unanswered_and_has_no_percentiles() {
+        let ab = parse_ab_timeout(AB_TIMEOUT, 1000, Duration::from_secs(50)).unwrap();
+        assert_eq!(ab.complete, 997);
+        assert_eq!(ab.unanswered, 3);
+        assert_eq!(ab.failures(), 3);
+        assert!((ab.requests_per_s - 997.0 / 50.0).abs() < 1e-9);
+        assert_eq!(
+            (ab.p50_ms, ab.p99_ms, ab.body_mb_per_s()),
+            (None, None, None)
+        );
+        // Any other failure is not read as a timeout.
+        let refused = "apr_socket_connect(): Connection refused (111)\n";
+        assert_eq!(
+            parse_ab_timeout(refused, 1000, Duration::from_secs(1)),
+            None
+        );
+        let no_total = AB_TIMEOUT.replace("Total of 997", "Total");
+        assert_eq!(
+            parse_ab_timeout(&no_total, 1000, Duration::from_secs(1)),
+            None
+        );
     }
 
     #[test]

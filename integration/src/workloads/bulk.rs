@@ -25,7 +25,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::bed::{Bed, enter_netns, on_thread};
-use super::{AbResult, Setup, cell, share};
+use super::{AbResult, Setup, cell, csv_cell, share};
 use crate::client::{Fetch, HttpClient, md5_hex};
 use crate::stock::proxyd::render_reasons;
 use crate::topology::addr;
@@ -463,16 +463,17 @@ pub(super) fn render_download(config: &DownloadConfig, rows: &[DownloadRow]) -> 
     out += "| setup | clients | MB/s | vs twin | p50 ms | p99 ms | failed | checkpoints | per 100 downloads | reasons |\n";
     out += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
     for r in rows {
-        let base = download_row(rows, Setup::Twin, r.concurrency).map(|t| t.ab.body_mb_per_s());
+        let base =
+            download_row(rows, Setup::Twin, r.concurrency).and_then(|t| t.ab.body_mb_per_s());
         let _ = writeln!(
             out,
-            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.setup.name(),
             r.concurrency,
-            r.ab.body_mb_per_s(),
-            share(r.ab.body_mb_per_s(), base),
-            r.ab.p50_ms,
-            r.ab.p99_ms,
+            cell(r.ab.body_mb_per_s().map(|v| format!("{v:.2}"))),
+            share(r.ab.body_mb_per_s().unwrap_or_default(), base),
+            cell(r.ab.p50_ms),
+            cell(r.ab.p99_ms),
             r.ab.failures(),
             cell(r.checkpoints),
             cell(r.checkpoints_per_100.map(|n| format!("{n:.1}"))),
@@ -536,18 +537,19 @@ pub(super) fn download_csv(rows: &[DownloadRow]) -> String {
     for r in rows {
         let _ = writeln!(
             out,
-            "{},{},{:.3},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{}",
             r.setup.name(),
             r.concurrency,
-            r.ab.body_mb_per_s(),
-            r.ab.p50_ms,
-            r.ab.p99_ms,
+            csv_cell(r.ab.body_mb_per_s().map(|v| format!("{v:.3}"))),
+            csv_cell(r.ab.p50_ms),
+            csv_cell(r.ab.p99_ms),
             r.ab.failures(),
             r.checkpoints.map_or(String::new(), |n| n.to_string()),
             r.checkpoints_per_100
                 .map_or(String::new(), |n| format!("{n:.2}")),
             r.twin
-                .map_or(String::new(), |t| format!("{:.3}", t.body_mb_per_s())),
+                .and_then(|t| t.body_mb_per_s())
+                .map_or(String::new(), |v| format!("{v:.3}")),
         );
     }
     out

@@ -9,7 +9,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::bed::Bed;
-use super::{AbResult, Setup, cell, share};
+use super::{AbResult, Setup, cell, csv_cell, share};
 use crate::stock::proxyd::render_reasons;
 use crate::topology::addr;
 
@@ -91,8 +91,8 @@ pub(super) fn render(config: &WebConfig, rows: &[WebRow]) -> String {
             r.concurrency,
             r.ab.requests_per_s,
             share(r.ab.requests_per_s, base),
-            r.ab.p50_ms,
-            r.ab.p99_ms,
+            cell(r.ab.p50_ms),
+            cell(r.ab.p99_ms),
             r.ab.failures(),
             cell(r.checkpoints),
             cell(r.checkpoints_per_1000.map(|n| format!("{n:.1}"))),
@@ -109,8 +109,8 @@ pub(super) fn render(config: &WebConfig, rows: &[WebRow]) -> String {
                 format!(
                     "{c} clients: {:.2}x req/s, p99 {} vs {} ms",
                     colo.ab.requests_per_s / stock.ab.requests_per_s,
-                    colo.ab.p99_ms,
-                    stock.ab.p99_ms
+                    cell(colo.ab.p99_ms),
+                    cell(stock.ab.p99_ms)
                 )
             })
         })
@@ -134,8 +134,8 @@ pub(super) fn csv(rows: &[WebRow]) -> String {
             r.setup.name(),
             r.concurrency,
             r.ab.requests_per_s,
-            r.ab.p50_ms,
-            r.ab.p99_ms,
+            csv_cell(r.ab.p50_ms),
+            csv_cell(r.ab.p99_ms),
             r.ab.failures(),
             r.checkpoints.map_or(String::new(), |n| n.to_string()),
             r.checkpoints_per_1000
@@ -207,6 +207,37 @@ mod tests {
             md.contains("4 clients: 2.00x req/s, p99 60 vs 60 ms"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn a_run_ab_stopped_at_its_timeout_shows_its_unanswered_requests_and_no_percentiles() {
+        let stopped = crate::workloads::parse_ab_timeout(
+            "apr_pollset_poll: The timeout specified has expired (70007)\n\
+             Total of 997 requests completed\n",
+            1000,
+            std::time::Duration::from_secs(50),
+        )
+        .unwrap();
+        let row = WebRow {
+            setup: Setup::Colo,
+            concurrency: 64,
+            ab: stopped,
+            twin: None,
+            checkpoints: Some(4),
+            checkpoints_per_1000: Some(4.0),
+            reasons: BTreeMap::new(),
+        };
+        let config = WebConfig {
+            concurrency: vec![64],
+            requests: 1000,
+            timeout_s: 30,
+        };
+        let md = render(&config, std::slice::from_ref(&row));
+        assert!(
+            md.contains("| colo | 64 | 19.9 | - | - | - | 3 | 4 |"),
+            "{md}"
+        );
+        assert!(csv(&[row]).contains("colo,64,19.94,,,3,4,"));
     }
 
     #[test]
