@@ -120,8 +120,12 @@ pub enum CheckpointReason {
     },
     /// A datagram flow's outputs no longer match within its reorder window.
     DatagramsDiffer,
-    /// A PVM packet waited for its match longer than the configured bound.
+    /// A PVM packet waited for its match longer than `max_hold` while the SVM sent nothing at
+    /// all: the SVM stopped, or lost the packet's cause.
     HoldTimeout,
+    /// A PVM packet waited for its match longer than `max_hold_limit` although the SVM kept
+    /// sending other output: it is that far behind, or its match never comes.
+    HoldLimit,
     /// The comparison buffers of all flows together reached their bound.
     TotalMemoryBound {
         /// Bytes held when the bound was crossed.

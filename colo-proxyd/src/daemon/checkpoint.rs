@@ -21,6 +21,7 @@ pub fn reason_label(reason: &CheckpointReason) -> &'static str {
         CheckpointReason::MemoryBound { .. } => "connection-memory-bound",
         CheckpointReason::DatagramsDiffer => "datagrams-differ",
         CheckpointReason::HoldTimeout => "hold-timeout",
+        CheckpointReason::HoldLimit => "hold-limit",
         CheckpointReason::TotalMemoryBound { .. } => "total-memory-bound",
         CheckpointReason::FlowTableFull { .. } => "flow-table-full",
         CheckpointReason::SvmOutputLost => "svm-output-lost",

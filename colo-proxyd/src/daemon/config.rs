@@ -318,7 +318,8 @@ pub struct PrimaryArgs {
     pub max_hold_ms: Option<u64>,
     /// Longest a PVM packet may wait for the SVM's match while the SVM keeps sending other
     /// output (it is behind, not stopped): the last resort for a match that never comes. At
-    /// least --max-hold-ms [default: 1000, or --max-hold-ms if longer].
+    /// least --max-hold-ms [default: 3000 (colo-compare's compare_timeout), or --max-hold-ms if
+    /// longer].
     #[arg(long, env = "COLO_PROXYD_MAX_HOLD_LIMIT_MS", value_name = "MS")]
     pub max_hold_limit_ms: Option<u64>,
     /// At most one checkpoint request per this interval [default: 1000].

@@ -402,7 +402,7 @@ fn a_match_that_never_comes_ends_at_the_hold_limit() {
         if waited > limit {
             assert_eq!(
                 checkpoints(&actions),
-                vec![&CheckpointReason::HoldTimeout],
+                vec![&CheckpointReason::HoldLimit],
                 "at {waited:?}"
             );
         } else {
