@@ -89,13 +89,19 @@ pub(super) fn script(spec: &PlotSpec) -> String {
          using (strcol(1) eq s ? ${x} : NaN):(strcol(1) eq s ? ${y} : NaN) \
          with linespoints title s\n",
         name = spec.name,
-        title = spec.title,
-        x_label = spec.x_label,
-        y_label = spec.y_label,
+        title = quoted(spec.title),
+        x_label = quoted(spec.x_label),
+        y_label = quoted(spec.y_label),
         setups = setups.join(" "),
         x = spec.x,
         y = spec.y,
     )
+}
+
+/// `text` inside gnuplot's single quotes, where a quote is written twice (the upload's title,
+/// "the guest's echo service", once ended its string early and drew an empty PNG).
+fn quoted(text: &str) -> String {
+    text.replace('\'', "''")
 }
 
 /// Draws the PNG of every CSV present in `dir`; returns one line per problem (gnuplot missing,
@@ -150,6 +156,41 @@ mod tests {
             ),
             "{s}"
         );
+    }
+
+    #[test]
+    fn quotes_in_titles_are_doubled_for_gnuplot() {
+        let upload = SPECS.iter().find(|s| s.title.contains('\'')).unwrap();
+        let s = script(upload);
+        let title = s.lines().find(|l| l.starts_with("set title")).unwrap();
+        assert!(title.contains("guest''s"), "{title}");
+    }
+
+    /// With gnuplot installed, every workload's script draws a PNG from a CSV of its shape.
+    #[test]
+    fn every_plot_draws_when_gnuplot_is_installed() {
+        if Command::new("gnuplot").arg("--version").output().is_err() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("colo-plots-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for spec in SPECS {
+            std::fs::write(
+                dir.join(format!("{}.csv", spec.name)),
+                "setup,a,b,c,d,e,f,g,h,i
+native,1,2,3,4,5,6,7,8,9
+colo,2,3,4,5,6,7,8,9,10
+",
+            )
+            .unwrap();
+        }
+        let problems = draw_all(&dir);
+        assert!(problems.is_empty(), "{problems:?}");
+        for spec in SPECS {
+            let png = std::fs::read(dir.join(format!("{}.png", spec.name))).unwrap();
+            assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{}", spec.name);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// With gnuplot installed, a real CSV gives a real PNG (its signature checked).
