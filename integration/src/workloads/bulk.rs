@@ -471,7 +471,8 @@ pub(super) fn render_download(config: &DownloadConfig, rows: &[DownloadRow]) -> 
             r.setup.name(),
             r.concurrency,
             cell(r.ab.body_mb_per_s().map(|v| format!("{v:.2}"))),
-            share(r.ab.body_mb_per_s().unwrap_or_default(), base),
+            r.ab.body_mb_per_s()
+                .map_or_else(|| "-".into(), |v| share(v, base)),
             cell(r.ab.p50_ms),
             cell(r.ab.p99_ms),
             r.ab.failures(),
