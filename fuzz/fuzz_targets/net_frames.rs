@@ -9,12 +9,16 @@
 //!   UDP, ICMP and uncompared traffic alike) never loses a PVM packet: released plus handed
 //!   back by `reset` is every packet given to it, each exactly once;
 //! * every frame goes through the packet parser on its own as well, and through the
-//!   secondary's sequence rewriting: a rewritten frame still parses, any other is untouched.
+//!   secondary's sequence rewriting: a rewritten frame still parses, any other is untouched;
+//! * the secondary's window pacer (even frames as the client's into the SVM, odd ones as the
+//!   SVM's own) lets every client frame into the SVM exactly once, whatever the SVM
+//!   advertised.
 #![no_main]
 
 use bytes::{BufMut, Bytes};
 use colo_proxyd::codec::{CodecError, Frame, FrameDecoder, MAX_FRAME_LEN, encode};
 use colo_proxyd::compare::{Action, ComparatorLimits, PacketId};
+use colo_proxyd::daemon::svm_window::WindowPacer;
 use colo_proxyd::engine::{ComparisonEngine, EngineConfig};
 use colo_proxyd::packet::parse_ethernet;
 use colo_proxyd::rewrite::{ChecksumState, Rewrite, RewriteTable};
@@ -169,6 +173,26 @@ fuzz_target!(|input: &[u8]| {
         }
     }
     table.reset();
+
+    let mut pacer = WindowPacer::new();
+    let mut into_svm = Vec::new();
+    let mut given = Vec::new();
+    for (index, frame) in frames.iter().enumerate() {
+        let now = Duration::from_millis(index as u64 * 300);
+        let bytes = frame.ethernet_bytes().to_vec();
+        if index % 2 == 0 {
+            given.push(bytes.clone());
+            pacer.to_svm(bytes, now, &mut into_svm);
+        } else {
+            pacer.svm_sent(&bytes, now, &mut into_svm);
+        }
+        pacer.tick(now, &mut into_svm);
+    }
+    pacer.release_all(&mut into_svm);
+    assert_eq!(pacer.waiting(), (0, 0));
+    given.sort_unstable();
+    into_svm.sort_unstable();
+    assert_eq!(into_svm, given);
 
     out.extend(engine.reset());
     assert_eq!(engine.held_packets(), 0);

@@ -719,6 +719,18 @@ impl Metrics {
         self.set_table("rewrite", c.expired, c.evicted, c.refused);
         let (frames, bytes) = path.queued();
         self.set_queue("held", frames, bytes, path.dropped());
+        // The pacer never drops: past its bounds segments go on.
+        let (frames, bytes) = path.paced();
+        self.set_queue("svm-window", frames, bytes, 0);
+        let c = path.pacer_counters();
+        let paced = &self.inner.bounds.paced;
+        for (outcome, total) in [
+            ("waited", c.paced),
+            ("overdue", c.overdue),
+            ("overflow", c.overflow),
+        ] {
+            set_total(&paced.get_or_create(&OutcomeLabel { outcome }), total);
+        }
         self.set_offset_connections(path.connections_with_offset());
     }
 
@@ -739,6 +751,11 @@ struct QueueLabel {
     queue: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
 /// The metrics of the bounded tables and queues. Each family has its series created (and
 /// shown) only when the role sets it: the primary's flow table and early queue, the
 /// secondary's rewrite table and held queues.
@@ -751,6 +768,8 @@ struct Bounds {
     queue_frames: Family<QueueLabel, Gauge>,
     queue_bytes: Family<QueueLabel, Gauge>,
     queue_dropped: Family<QueueLabel, Counter>,
+    /// Mirrored segments the secondary held for the SVM's receive window, by outcome.
+    paced: Family<OutcomeLabel, Counter>,
 }
 
 impl Bounds {
@@ -772,7 +791,8 @@ impl Bounds {
         r.register(
             "queue_frames",
             "Frames in a bounded queue (early: SVM output of a later epoch, primary; held: \
-             packets held across a checkpoint or waiting for an SVM SYN, secondary)",
+             packets held across a checkpoint or waiting for an SVM SYN, secondary; \
+             svm-window: mirrored segments waiting for the SVM's receive window, secondary)",
             self.queue_frames.clone(),
         );
         r.register(
@@ -784,6 +804,14 @@ impl Bounds {
             "queue_dropped_frames",
             "Frames dropped, oldest first, because a bounded queue was full",
             self.queue_dropped.clone(),
+        );
+        r.register(
+            "svm_window_segments",
+            "Mirrored client segments the secondary held because the SVM's receive window \
+             could not take them yet (waited), of those sent on after the 1 s bound with the \
+             window still closed (overdue), and segments sent on at once because the pacer's \
+             32 MiB were full (overflow)",
+            self.paced.clone(),
         );
     }
 }
@@ -814,6 +842,25 @@ mod tests {
             "colo_proxyd_released_bytes_total 100",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_secondary_exports_its_queues_and_the_window_pacer() {
+        let m = Metrics::new("secondary");
+        m.set_secondary_bounds(&SvmPath::new(1));
+        let text = m.render();
+        for needle in [
+            "colo_proxyd_queue_frames{queue=\"svm-window\"} 0",
+            "colo_proxyd_queue_bytes{queue=\"held\"} 0",
+            "colo_proxyd_svm_window_segments_total{outcome=\"waited\"} 0",
+            "colo_proxyd_svm_window_segments_total{outcome=\"overdue\"} 0",
+            "colo_proxyd_svm_window_segments_total{outcome=\"overflow\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == needle),
+                "{needle} missing from\n{text}"
+            );
         }
     }
 

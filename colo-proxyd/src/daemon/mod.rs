@@ -34,6 +34,7 @@ pub mod primary;
 pub mod qemu_filters;
 pub mod secondary;
 pub mod svm_path;
+pub mod svm_window;
 pub mod vhost_net;
 
 use std::io;

@@ -213,6 +213,9 @@ pub async fn run(
 /// How often the role loop looks whether `red2` connected while frames wait for it (QEMU
 /// connects within its reconnect-ms of 1 s).
 const BACKLOG_POLL: Duration = Duration::from_millis(20);
+/// How often the loop looks at segments waiting for the SVM's window when nothing else
+/// happens (their bound is [`super::svm_window::MAX_PACE_WAIT`]).
+const PACE_POLL: Duration = Duration::from_millis(50);
 
 /// The role loop's control inputs: the relay's events, and QEMU's COLO state with `--qmp`.
 struct Inputs {
@@ -270,6 +273,8 @@ impl SecondaryRole {
                     None => return,
                 },
                 _ = tokio::time::sleep(BACKLOG_POLL), if self.backlog_waiting() => {}
+                // Mirrored segments wait for the SVM's window: none may wait past its bound.
+                _ = tokio::time::sleep(PACE_POLL), if self.path.pacing() => {}
                 m = from_link.recv() => match m {
                     Some(LinkMessage::Inbound(frame)) => self.path.inbound(Vec::from(frame), &mut self.out),
                     Some(_) => {}
@@ -433,7 +438,10 @@ impl SecondaryRole {
         self.metrics
             .set_epoch(self.path.epoch(), !self.path.failed_over());
         self.metrics.set_flows(self.path.connections());
-        if self.path.tick(super::svm_path::monotonic_now()) {
+        if self
+            .path
+            .tick(super::svm_path::monotonic_now(), &mut self.out)
+        {
             self.metrics.set_secondary_bounds(&self.path);
         }
         if let Some(bridge) = &mut self.bridge

@@ -3,7 +3,8 @@
 //!
 //! * Mirrored packets (the client's, copied by the primary) go into the SVM with their
 //!   acknowledgement numbers rewritten ([`RewriteTable::into_svm`]); a client ACK whose
-//!   connection's SVM ISN is not known yet waits for the SVM's SYN.
+//!   connection's SVM ISN is not known yet waits for the SVM's SYN. Before that, a segment
+//!   the SVM's receive window cannot take yet waits for it to open ([`WindowPacer`]).
 //! * SVM output goes to the primary tagged with the SVM epoch it belongs to, in the SVM's own
 //!   sequence numbers: the comparator counts each side from its own SYN, and the SVM's SYN-ACK
 //!   leaves before its offset can be known. Its SYNs teach the table the SVM's ISN
@@ -28,6 +29,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use super::svm_window::{PacerCounters, WindowPacer};
 use crate::packet::{FlowKey, Network, Transport, parse_ethernet};
 use crate::rewrite::{
     ChecksumState, Rewrite, RewriteCounters, RewriteError, RewriteLimits, RewriteTable,
@@ -207,10 +209,14 @@ pub struct SvmPath {
     /// The next idle scan of the table is due at this time.
     next_expiry: Duration,
     /// The counts [`Self::tick`] last saw.
-    exported: (RewriteCounters, u64),
+    exported: (RewriteCounters, u64, PacerCounters),
     failed_over: Option<Failover>,
     bridged: BridgeCounts,
     dropped: u64,
+    /// Mirrored segments waiting for the SVM's receive window.
+    pacer: WindowPacer,
+    /// Frames the pacer let go, before they are rewritten (kept for its capacity).
+    paced: Vec<Vec<u8>>,
 }
 
 impl SvmPath {
@@ -234,6 +240,8 @@ impl SvmPath {
             failed_over: None,
             bridged: BridgeCounts::default(),
             dropped: 0,
+            pacer: WindowPacer::new(),
+            paced: Vec::new(),
         }
     }
 
@@ -277,11 +285,32 @@ impl SvmPath {
             )
     }
 
-    /// The role loop's clock (a monotonic reading, [`monotonic_now`]): forgets idle
-    /// connections, at most one scan a second. Returns whether it scanned or a count changed
-    /// since the last call (a moment for the caller to export the metrics).
-    pub fn tick(&mut self, now: Duration) -> bool {
-        let counts = (self.table.counters(), self.dropped);
+    /// Mirrored segments and their bytes waiting for the SVM's window right now.
+    pub fn paced(&self) -> (usize, usize) {
+        self.pacer.waiting()
+    }
+
+    /// Whether mirrored segments wait for the SVM's window: the role loop then calls
+    /// [`Self::tick`] even when nothing arrives, so that none waits past its bound.
+    pub fn pacing(&self) -> bool {
+        self.pacer.is_pacing()
+    }
+
+    /// The pacer's running totals.
+    pub fn pacer_counters(&self) -> PacerCounters {
+        self.pacer.counters()
+    }
+
+    /// The role loop's clock (a monotonic reading, [`monotonic_now`], the clock the pacer's
+    /// waits are measured by): sends on the mirrored
+    /// segments that waited too long for the SVM's window, and forgets idle connections, at
+    /// most one scan a second. Returns whether it scanned or a count changed since the last
+    /// call (a moment for the caller to export the metrics).
+    pub fn tick(&mut self, now: Duration, out: &mut Vec<SvmOutput>) -> bool {
+        let mut paced = std::mem::take(&mut self.paced);
+        self.pacer.tick(now, &mut paced);
+        self.inject_all(&mut paced, out);
+        let counts = (self.table.counters(), self.dropped, self.pacer.counters());
         let changed = counts != self.exported;
         self.exported = counts;
         if now < self.next_expiry {
@@ -308,7 +337,33 @@ impl SvmPath {
             self.held_inbound.push(frame, &mut self.dropped);
             return;
         }
-        self.inject(frame, out);
+        self.pace(frame, out);
+    }
+
+    /// A mirrored packet goes into the SVM now, or when its window has room.
+    fn pace(&mut self, frame: Vec<u8>, out: &mut Vec<SvmOutput>) {
+        if self.failed_over.is_some() {
+            self.inject(frame, out);
+            return;
+        }
+        let mut paced = std::mem::take(&mut self.paced);
+        self.pacer.to_svm(frame, monotonic_now(), &mut paced);
+        self.inject_all(&mut paced, out);
+    }
+
+    /// Injects what the pacer let go, in its order.
+    fn inject_all(&mut self, paced: &mut Vec<Vec<u8>>, out: &mut Vec<SvmOutput>) {
+        for frame in paced.drain(..) {
+            self.inject(frame, out);
+        }
+        self.paced = std::mem::take(paced);
+    }
+
+    /// Sends on everything the pacer holds.
+    fn release_paced(&mut self, out: &mut Vec<SvmOutput>) {
+        let mut paced = std::mem::take(&mut self.paced);
+        self.pacer.release_all(&mut paced);
+        self.inject_all(&mut paced, out);
     }
 
     /// A packet from the network (QEMU's `red3`), after a failover with the bridge. One that
@@ -372,6 +427,12 @@ impl SvmPath {
 
     fn forward(&mut self, mut frame: Vec<u8>, out: &mut Vec<SvmOutput>) {
         let syn = syn_key(&frame);
+        if self.failed_over.is_none() {
+            // Its window may have opened for segments the pacer holds.
+            let mut paced = std::mem::take(&mut self.paced);
+            self.pacer.svm_sent(&frame, monotonic_now(), &mut paced);
+            self.inject_all(&mut paced, out);
+        }
         if let Some(failover) = self.failed_over {
             // The client talks to the SVM now: it must see the PVM's numbers.
             let rewritten = self.table.out_of_svm(&mut frame, ChecksumState::Complete)
@@ -417,18 +478,29 @@ impl SvmPath {
     /// The relay's `checkpoint-adopted`: offsets reset, held packets go on.
     pub fn checkpoint_adopted(&mut self, out: &mut Vec<SvmOutput>) {
         self.table.reset();
+        self.pacer_checkpoint(out);
         self.reopen(out);
+    }
+
+    /// The SVM is a copy of the PVM: what the pacer holds goes in (rewritten with the new,
+    /// zero, offsets), before the packets held while the epoch was closed.
+    fn pacer_checkpoint(&mut self, out: &mut Vec<SvmOutput>) {
+        let mut paced = std::mem::take(&mut self.paced);
+        self.pacer.checkpoint(&mut paced);
+        self.inject_all(&mut paced, out);
     }
 
     /// The relay's `colo-started{epoch}`: the SVM is a fresh copy of the PVM.
     pub fn colo_started(&mut self, epoch: u64, out: &mut Vec<SvmOutput>) {
         self.table.reset();
         self.epoch = epoch;
+        self.pacer_checkpoint(out);
         self.reopen(out);
     }
 
     /// The relay's `colo-exit`: no adoption is coming for a closed epoch.
     pub fn colo_exit(&mut self, out: &mut Vec<SvmOutput>) {
+        self.release_paced(out);
         if self.closed {
             self.reopen(out);
         }
@@ -441,6 +513,9 @@ impl SvmPath {
         if self.failed_over.is_some() {
             return;
         }
+        // Before the failover takes effect: these went through the old offsets' rewriting
+        // like everything the SVM got before.
+        self.release_paced(out);
         self.failed_over = Some(how);
         self.table.freeze();
         self.reopen(out);
@@ -465,7 +540,7 @@ impl SvmPath {
             self.forward(frame, out);
         }
         for frame in self.held_inbound.take() {
-            self.inject(frame, out);
+            self.pace(frame, out);
         }
     }
 }

@@ -156,6 +156,40 @@ fn tcp_options_are_skipped() {
     assert_eq!(tcp.payload, b"hello");
 }
 
+fn tcp_window_scale(flags: u8, options: &[u8]) -> Option<u8> {
+    let frame = ethernet(0x0800, None, &ipv4(6, 0, &tcp(1, 0, flags, options, b"")));
+    let Transport::Tcp(tcp) = ip(&frame).transport else {
+        panic!("not TCP")
+    };
+    tcp.window_scale
+}
+
+#[test]
+fn the_window_scale_is_read_from_a_syn_only() {
+    // Linux's SYN-ACK options: MSS, SACK permitted, timestamps, NOP, window scale 7.
+    let linux = [
+        2, 4, 5, 180, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+    ];
+    assert_eq!(tcp_window_scale(0x12, &linux), Some(7));
+    assert_eq!(tcp_window_scale(0x02, &[1, 3, 3, 9]), Some(9));
+    assert_eq!(tcp_window_scale(0x10, &linux), None, "not a SYN");
+    assert_eq!(
+        tcp_window_scale(0x02, &[2, 4, 5, 180]),
+        None,
+        "no scale option"
+    );
+    assert_eq!(
+        tcp_window_scale(0x02, &[1, 3, 3, 15]),
+        Some(14),
+        "RFC 7323: at most 14"
+    );
+    // After the end of the list, or behind a malformed length, nothing more is read.
+    assert_eq!(tcp_window_scale(0x02, &[0, 3, 3, 7]), None);
+    assert_eq!(tcp_window_scale(0x02, &[8, 1, 3, 3, 3, 7, 0, 0]), None);
+    assert_eq!(tcp_window_scale(0x02, &[8, 9, 3, 3, 7, 1, 1, 1]), None);
+    assert_eq!(tcp_window_scale(0x02, &[1, 1, 3, 3]), None, "cut short");
+}
+
 #[test]
 fn vlan_tag_is_read() {
     let frames = valid_frames();

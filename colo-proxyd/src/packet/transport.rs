@@ -63,7 +63,8 @@ impl TcpFlags {
     }
 }
 
-/// A TCP segment; options are skipped because the comparator ignores them.
+/// A TCP segment. Of the options only the window scale is read (on SYNs, the only segments
+/// that may carry it): the secondary paces the client's segments by the SVM's window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpSegment<'a> {
     /// Source port.
@@ -80,6 +81,9 @@ pub struct TcpSegment<'a> {
     pub window: u16,
     /// Length of the header including options (the data offset in bytes).
     pub header_len: usize,
+    /// The window scale option's shift count (RFC 7323, capped at 14), on a SYN that carries
+    /// one; `None` on every other segment.
+    pub window_scale: Option<u8>,
     /// Segment data, after the options.
     pub payload: &'a [u8],
 }
@@ -134,16 +138,47 @@ fn parse_tcp(segment: &[u8]) -> Result<TcpSegment<'_>, ParseError> {
     let payload = segment
         .get(header_len..)
         .ok_or(ParseError::Truncated { layer: Layer::Tcp })?;
+    let flags = TcpFlags::from_bits((offset_flags & 0xFF) as u8);
+    let window_scale = if flags.syn {
+        window_scale(&segment[TCP_MIN_HEADER..header_len])
+    } else {
+        None
+    };
     Ok(TcpSegment {
         src_port,
         dst_port,
         seq,
         ack,
-        flags: TcpFlags::from_bits((offset_flags & 0xFF) as u8),
+        flags,
         window,
         header_len,
+        window_scale,
         payload,
     })
+}
+
+/// TCP option kinds (RFC 9293, RFC 7323).
+const OPTION_END: u8 = 0;
+const OPTION_NOP: u8 = 1;
+const OPTION_WINDOW_SCALE: u8 = 3;
+/// RFC 7323 2.3: a larger shift count is used as 14.
+const MAX_WINDOW_SCALE: u8 = 14;
+
+/// The window scale option among `options`, if present and well formed. A malformed option
+/// list (a length that runs past the header, or below 2) ends the search: the segment's
+/// data is still read, only the scale is unknown.
+fn window_scale(mut options: &[u8]) -> Option<u8> {
+    loop {
+        match options {
+            [] | [OPTION_END, ..] => return None,
+            [OPTION_NOP, rest @ ..] => options = rest,
+            [OPTION_WINDOW_SCALE, 3, shift, ..] => return Some((*shift).min(MAX_WINDOW_SCALE)),
+            [_, len, ..] if usize::from(*len) >= 2 && usize::from(*len) <= options.len() => {
+                options = &options[usize::from(*len)..];
+            }
+            _ => return None,
+        }
+    }
 }
 
 fn parse_udp(datagram: &[u8]) -> Result<UdpDatagram<'_>, ParseError> {

@@ -182,6 +182,11 @@ enum Command {
             default_value = "native,twin,stock,colo"
         )]
         setups: Vec<BenchSetup>,
+        /// Record each COLO VM's NIC traffic in `primary-nic.pcap` and `secondary-nic.pcap`
+        /// in the setup's run directory (QEMU's filter-dump; it slows the pair, so the figures
+        /// of such a run are for diagnosis, not comparison).
+        #[arg(long)]
+        capture: bool,
     },
     /// The life of a protected VM on colo's daemons (which it always uses): the secondary's
     /// host dies and the primary serves alone (`failover --survivor primary`); the host comes
@@ -497,6 +502,7 @@ async fn run(command: Command, cli: &Cli, cfg: PairConfig) -> anyhow::Result<Out
             period_ms,
             equivalent,
             setups,
+            capture,
         } => {
             let config = workloads::SuiteConfig {
                 setups: setups.into_iter().map(Into::into).collect(),
@@ -529,6 +535,7 @@ async fn run(command: Command, cli: &Cli, cfg: PairConfig) -> anyhow::Result<Out
                 pair: PairConfig {
                     checkpoint_delay_ms: period_ms,
                     memory_mib: guest_mib,
+                    capture,
                     ..cfg
                 },
             };

@@ -21,6 +21,11 @@ pub(super) fn qmp_path(dir: &Path, role: Role) -> PathBuf {
     dir.join(format!("{}-qmp.sock", role.name()))
 }
 
+/// Where [`PairConfig::capture`] writes `role`'s NIC traffic.
+pub fn capture_path(dir: &Path, role: Role) -> PathBuf {
+    dir.join(format!("{}-nic.pcap", role.name()))
+}
+
 /// What the bed adds to the generated COLO arguments: machine, guest, serial log and its
 /// own QMP monitor. The workload suite boots its guests without COLO on the same arguments.
 pub(crate) fn bed_args(a: &Artifacts, role: Role, dir: &Path, cfg: &PairConfig) -> Vec<String> {
@@ -70,6 +75,19 @@ pub fn qemu_args(
 ) -> Result<Vec<String>> {
     let mut args = bed_args(a, role, dir, cfg);
     args.extend(qmp_driver::qemu_args::colo_args(driver, role)?);
+    if cfg.capture {
+        // Last in the chain: a filter sees what the filters before it inject toward the
+        // guest (the mirror's and colo-proxyd's packets) and the guest's output before any
+        // redirector takes it.
+        args.extend([
+            "-object".into(),
+            format!(
+                "filter-dump,id=colo-capture,netdev={},queue=all,file={}",
+                driver.network.netdev,
+                capture_path(dir, role).display()
+            ),
+        ]);
+    }
     Ok(args)
 }
 

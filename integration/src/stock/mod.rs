@@ -88,6 +88,10 @@ pub struct PairConfig {
     /// Guest RAM as a shared memfd on both VMs (`vm.memory_backend = "memfd"` in `pair.toml`),
     /// the RAM vhost-user needs; otherwise QEMU's default anonymous RAM.
     pub memfd_ram: bool,
+    /// Record each VM's NIC traffic, both directions, in `<role>-nic.pcap` in the run
+    /// directory (QEMU's `filter-dump`, last in the filter chain): what the guest sent, and
+    /// what reached it, including the packets colo-proxyd or the mirror injected.
+    pub capture: bool,
 }
 
 impl Default for PairConfig {
@@ -105,6 +109,7 @@ impl Default for PairConfig {
             witness: false,
             tls: false,
             memfd_ram: false,
+            capture: false,
         }
     }
 }
