@@ -344,7 +344,7 @@ impl Outcome {
     fn take(&mut self, actions: &mut Vec<Action>) {
         for action in actions.drain(..) {
             match action {
-                Action::Release(_) => self.released += 1,
+                Action::Release(_) | Action::ReleaseLoweredAck { .. } => self.released += 1,
                 Action::CheckpointNeeded(_) => self.checkpoints += 1,
             }
         }

@@ -190,10 +190,7 @@ fn one_changed_byte_stops_the_release_at_its_segment() {
         let (_, actions) = compare(&pvm, &svm, &body(), &svm_body);
         let released: Vec<u64> = actions
             .iter()
-            .filter_map(|a| match a {
-                Action::Release(PacketId(i)) => Some(*i),
-                Action::CheckpointNeeded(_) => None,
-            })
+            .filter_map(|a| a.released().map(|PacketId(i)| i))
             .collect();
         // Byte 5000 is in the PVM's 4th data segment (1448-byte segments), packet 4.
         assert_eq!(released, vec![0, 1, 2, 3], "ipv6={ipv6}");

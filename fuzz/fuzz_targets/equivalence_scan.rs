@@ -247,6 +247,8 @@ fn run(input: &[u8]) -> Option<()> {
                 syn: s.syn,
                 fin: s.fin,
                 rst: false,
+                window: 0,
+                window_scale: None,
                 payload,
             };
             comparator.push_pvm(
@@ -264,6 +266,8 @@ fn run(input: &[u8]) -> Option<()> {
                 syn: s.syn,
                 fin: s.fin,
                 rst: false,
+                window: 0,
+                window_scale: None,
                 payload: &svm[s.range.0..s.range.1],
             };
             comparator.push_svm(&segment, &mut actions);
@@ -277,6 +281,8 @@ fn run(input: &[u8]) -> Option<()> {
     let mut checkpoint = false;
     for action in &actions {
         match action {
+            // No acknowledgements here (`ack: None`): nothing to lower.
+            Action::ReleaseLoweredAck { .. } => panic!("lowered without acknowledgements"),
             Action::Release(PacketId(id)) => {
                 assert!(released.insert(*id), "packet {id} released twice");
                 let s = &pvm_segs[*id as usize];

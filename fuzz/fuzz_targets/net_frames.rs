@@ -146,13 +146,7 @@ fuzz_target!(|input: &[u8]| {
         }
         engine.check_hold_time(now, &mut actions);
     }
-    let mut out: Vec<PacketId> = actions
-        .iter()
-        .filter_map(|action| match action {
-            Action::Release(id) => Some(*id),
-            Action::CheckpointNeeded(_) => None,
-        })
-        .collect();
+    let mut out: Vec<PacketId> = actions.iter().filter_map(Action::released).collect();
 
     // The secondary's rewriting: even frames as the client's into the SVM, odd ones as the
     // SVM's own. A frame it accepts must still parse, and one it leaves alone must be intact.

@@ -460,6 +460,8 @@ mod tests {
             syn: false,
             fin: false,
             rst: false,
+            window: 0,
+            window_scale: None,
             payload,
         }
     }

@@ -6,9 +6,13 @@
 //! segmentation, options, window and timing. [`StreamComparator`] places each side's segments
 //! at their offsets in the connection's sequence space and releases a PVM segment only when
 //! the SVM produced the same thing there: the same bytes, a SYN where the PVM has its SYN, a FIN
-//! at the same offset, an RST. A PVM segment's acknowledgement is released only once the SVM
-//! has acknowledged at least as far, so the client never sees a byte acknowledged that the SVM
-//! might not have when it takes over.
+//! at the same offset, an RST. The client never sees an acknowledgement beyond the SVM's, so
+//! no byte it sent is acknowledged that the SVM might not have when it takes over: a PVM
+//! segment without data waits until the SVM has acknowledged as far, and one with data goes as
+//! soon as the SVM produced the same data, its acknowledgement lowered to the SVM's
+//! ([`Action::ReleaseLoweredAck`]). Holding such data for the acknowledgement instead can
+//! deadlock: the SVM's receive buffer is full because its application waits to send, and it
+//! waits because the client never got (nor acknowledged) the data that would let it.
 //!
 //! The comparator is fed [`Segment`]s and answers with [`Action`]s; it knows nothing of
 //! sockets, rings or clocks, so either attachment (net-filter sockets or vhost-user) and the
@@ -58,7 +62,8 @@ fn share(frame: &Bytes, part: &[u8]) -> Bytes {
 pub struct PacketId(pub u64);
 
 /// The parts of a TCP segment the comparison looks at; everything else (options, window, IP
-/// ID, checksums) is deliberately not compared.
+/// ID, checksums) is deliberately not compared. The window and its scale are read to keep the
+/// window's right edge when an acknowledgement is lowered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment<'a> {
     /// Sequence number.
@@ -71,6 +76,10 @@ pub struct Segment<'a> {
     pub fin: bool,
     /// RST flag.
     pub rst: bool,
+    /// The window field, as sent (unscaled).
+    pub window: u16,
+    /// The window scale option (on a SYN only).
+    pub window_scale: Option<u8>,
     /// The segment's data.
     pub payload: &'a [u8],
 }
@@ -83,6 +92,8 @@ impl<'a> From<&TcpSegment<'a>> for Segment<'a> {
             syn: tcp.flags.syn,
             fin: tcp.flags.fin,
             rst: tcp.flags.rst,
+            window: tcp.window,
+            window_scale: tcp.window_scale,
             payload: tcp.payload,
         }
     }
@@ -93,9 +104,31 @@ impl<'a> From<&TcpSegment<'a>> for Segment<'a> {
 pub enum Action {
     /// Send this held PVM packet to the client.
     Release(PacketId),
+    /// Send this held PVM packet to the client with its TCP acknowledgement number set to
+    /// `ack` (the SVM's, lower than the PVM's) and its window field set to `window` (the same
+    /// right edge as the PVM's, where the connection's window scale is known; else the PVM's
+    /// field unchanged), the checksum updated.
+    ReleaseLoweredAck {
+        /// The packet.
+        id: PacketId,
+        /// The acknowledgement number to send.
+        ack: u32,
+        /// The window field to send.
+        window: u16,
+    },
     /// The outputs diverged or a bound was reached: ask for a checkpoint. Emitted once per
     /// connection and epoch; until [`StreamComparator::reset`] every PVM packet is held.
     CheckpointNeeded(CheckpointReason),
+}
+
+impl Action {
+    /// The packet this action releases, if it releases one.
+    pub fn released(&self) -> Option<PacketId> {
+        match self {
+            Action::Release(id) | Action::ReleaseLoweredAck { id, .. } => Some(*id),
+            Action::CheckpointNeeded(_) => None,
+        }
+    }
 }
 
 /// Why a connection needs a checkpoint.
@@ -187,6 +220,7 @@ struct HeldSegment {
     fin: bool,
     rst: bool,
     ack: Option<u32>,
+    window: u16,
 }
 
 impl HeldSegment {
@@ -259,6 +293,9 @@ pub struct StreamComparator {
     /// checkpoint.
     pvm_end: Option<i64>,
     pvm_ack: Option<u32>,
+    /// The PVM's receive window scale, once its SYN-ACK settled it (kept across checkpoints:
+    /// the connection's scale never changes).
+    pvm_scale: Option<u8>,
     /// Set once a checkpoint was requested; the connection then only holds.
     stalled: bool,
     /// A PVM FIN or RST was released: the VM closed its side of the connection.
@@ -283,6 +320,7 @@ impl StreamComparator {
             released: ReleasedRanges::new(-1),
             pvm_end: None,
             pvm_ack: None,
+            pvm_scale: None,
             stalled: false,
             closed: false,
             equivalence: None,
@@ -415,6 +453,7 @@ impl StreamComparator {
                     fin: false,
                     rst: segment.rst,
                     ack: segment.ack,
+                    window: segment.window,
                 });
                 self.stall(CheckpointReason::SegmentBeforeSyn, actions);
                 return;
@@ -428,7 +467,12 @@ impl StreamComparator {
             fin: segment.fin,
             rst: segment.rst,
             ack: segment.ack,
+            window: segment.window,
         };
+        if segment.syn && segment.ack.is_some() {
+            // The PVM's SYN-ACK carries the option only if the client's SYN did.
+            self.pvm_scale = Some(segment.window_scale.unwrap_or(0));
+        }
         let end = held.end();
         if let Some(map) = &mut self.pvm_map {
             map.advance_to(end);
@@ -594,9 +638,11 @@ impl StreamComparator {
             _ => None,
         };
         let pvm_ack = self.pvm_ack;
+        let pvm_scale = self.pvm_scale;
         let equivalence = self.equivalence.as_ref().map(|e| Box::new(e.restarted()));
         *self = StreamComparator::new(self.limits);
         self.equivalence = equivalence;
+        self.pvm_scale = pvm_scale;
         if let Some(anchor) = anchor {
             self.start_shared(anchor);
             // The SVM is a copy of the PVM now, so it holds every byte the PVM acknowledged.
@@ -686,7 +732,7 @@ impl StreamComparator {
             }
             self.released.insert(segment.start, segment.end());
             self.closed |= segment.fin || segment.rst;
-            actions.push(Action::Release(segment.id));
+            actions.push(self.release_action(&segment));
         }
         self.bytes.forget_below(self.released.floor());
         if let Some(equivalence) = &mut self.equivalence {
@@ -695,6 +741,31 @@ impl StreamComparator {
         let buffered = self.buffered_bytes();
         if buffered > self.allowance {
             self.stall(CheckpointReason::MemoryBound { bytes: buffered }, actions);
+        }
+    }
+
+    /// How a segment that may go is released: as it is, or with its acknowledgement lowered to
+    /// the SVM's (see the module documentation), its window widened by as much so that the
+    /// window's right edge stays the PVM's.
+    fn release_action(&self, segment: &HeldSegment) -> Action {
+        let (Some(ack), Some(svm_ack)) = (segment.ack, self.svm.ack) else {
+            return Action::Release(segment.id);
+        };
+        if seq_at_or_after(svm_ack, ack) {
+            return Action::Release(segment.id);
+        }
+        let window = match self.pvm_scale {
+            Some(scale) => {
+                let edge = ack.wrapping_add(u32::from(segment.window) << scale);
+                let widened = edge.wrapping_sub(svm_ack) >> scale;
+                u16::try_from(widened).unwrap_or(u16::MAX)
+            }
+            None => segment.window,
+        };
+        Action::ReleaseLoweredAck {
+            id: segment.id,
+            ack: svm_ack,
+            window,
         }
     }
 
@@ -732,7 +803,11 @@ impl StreamComparator {
         }
         if let Some(ack) = segment.ack
             && !self.svm.ack.is_some_and(|svm| seq_at_or_after(svm, ack))
+            && (segment.len == 0 || self.svm.ack.is_none())
         {
+            // Data goes with the acknowledgement lowered to the SVM's (`release_action`); a
+            // segment without data would only repeat an acknowledgement the client has (a
+            // duplicate ACK, which counts towards a fast retransmit), so it waits.
             waiting = true;
         }
         if waiting {

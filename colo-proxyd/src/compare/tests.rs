@@ -41,6 +41,8 @@ impl Owned {
             syn: self.syn,
             fin: self.fin,
             rst: self.rst,
+            window: 100,
+            window_scale: self.syn.then_some(3),
             payload: &self.payload,
         }
     }
@@ -52,6 +54,9 @@ struct Harness {
     next_id: u64,
     pvm_sent: Vec<Owned>,
     released: Vec<PacketId>,
+    /// The acknowledgement each released packet carried to the client (the PVM's, or the
+    /// lowered one) and its window field.
+    sent_acks: Vec<(Option<u32>, u16)>,
     checkpoints: Vec<CheckpointReason>,
 }
 
@@ -66,6 +71,7 @@ impl Harness {
             next_id: 0,
             pvm_sent: Vec::new(),
             released: Vec::new(),
+            sent_acks: Vec::new(),
             checkpoints: Vec::new(),
         }
     }
@@ -73,14 +79,23 @@ impl Harness {
     fn record(&mut self, actions: Vec<Action>) -> Vec<PacketId> {
         let mut released_now = Vec::new();
         for action in actions {
-            match action {
-                Action::Release(id) => {
-                    assert!(!self.released.contains(&id), "{id:?} released twice");
-                    released_now.push(id);
-                    self.released.push(id);
+            let sent = match action {
+                Action::Release(id) => (id, self.pvm_sent[id.0 as usize].ack, 100),
+                Action::ReleaseLoweredAck { id, ack, window } => {
+                    let segment = &self.pvm_sent[id.0 as usize];
+                    assert!(!segment.payload.is_empty(), "{id:?}: no data, ack lowered");
+                    (id, Some(ack), window)
                 }
-                Action::CheckpointNeeded(reason) => self.checkpoints.push(reason),
-            }
+                Action::CheckpointNeeded(reason) => {
+                    self.checkpoints.push(reason);
+                    continue;
+                }
+            };
+            let (id, ack, window) = sent;
+            assert!(!self.released.contains(&id), "{id:?} released twice");
+            released_now.push(id);
+            self.released.push(id);
+            self.sent_acks.push((ack, window));
         }
         released_now
     }
@@ -134,6 +149,64 @@ fn a_pvm_ack_waits_for_the_svm_to_acknowledge_as_far() {
     assert!(h.pvm(&Owned::data(2, CLIENT + 100, b"")).is_empty());
     assert!(h.svm(&Owned::data(2, CLIENT + 99, b"")).is_empty());
     assert_eq!(h.svm(&Owned::data(2, CLIENT + 100, b"")), vec![PacketId(1)]);
+}
+
+#[test]
+fn pvm_data_goes_with_its_acknowledgement_lowered_to_the_svms_and_the_same_window_edge() {
+    let mut h = Harness::new();
+    // Both SYN-ACKs carry scale 3 (see `Owned::view`): the window field counts 8 bytes.
+    h.svm(&Owned::syn(1));
+    h.pvm(&Owned::syn(1));
+    h.svm(&Owned::data(2, CLIENT + 40, b""));
+    // The PVM received 100 client bytes, the SVM 40: the echo's bytes match.
+    assert!(h.pvm(&Owned::data(2, CLIENT + 100, b"echo")).is_empty());
+    assert_eq!(
+        h.svm(&Owned::data(2, CLIENT + 40, b"echo")),
+        vec![PacketId(1)]
+    );
+    // PVM edge: CLIENT + 100 + 100 * 8 = CLIENT + 900; from CLIENT + 40 that is 860 bytes,
+    // 107 units of 8 (rounded down).
+    assert_eq!(h.sent_acks[1], (Some(CLIENT + 40), 107));
+    // A PVM acknowledgement without data still waits: alone it would be a duplicate ACK.
+    assert!(h.pvm(&Owned::data(6, CLIENT + 100, b"")).is_empty());
+    assert_eq!(h.svm(&Owned::data(6, CLIENT + 100, b"")), vec![PacketId(2)]);
+    assert_eq!(h.sent_acks[2], (Some(CLIENT + 100), 100));
+    assert!(h.checkpoints.is_empty());
+}
+
+#[test]
+fn without_a_known_scale_a_lowered_acknowledgement_keeps_the_window_field() {
+    let mut h = Harness::new();
+    // First seen mid-stream (after a checkpoint): no SYN-ACK, no scale.
+    h.svm(&Owned::data(2, CLIENT + 40, b""));
+    assert!(h.pvm(&Owned::data(2, CLIENT + 100, b"echo")).is_empty());
+    assert_eq!(
+        h.svm(&Owned::data(2, CLIENT + 40, b"echo")),
+        vec![PacketId(0)]
+    );
+    assert_eq!(h.sent_acks[0], (Some(CLIENT + 40), 100));
+}
+
+#[test]
+fn pvm_data_waits_while_the_svm_has_acknowledged_nothing() {
+    let mut h = Harness::new();
+    h.pvm(&Owned::syn(1));
+    let mut svm_syn = Owned::syn(1);
+    svm_syn.ack = None;
+    h.svm(&svm_syn);
+    assert!(h.pvm(&Owned::data(2, CLIENT + 100, b"echo")).is_empty());
+    let mut unacked = Owned::data(2, CLIENT, b"echo");
+    unacked.ack = None;
+    assert!(
+        h.svm(&unacked).is_empty(),
+        "no SVM acknowledgement to lower to"
+    );
+    // The SVM's first acknowledgement lets the SYN-ACK and the data go.
+    assert_eq!(
+        h.svm(&Owned::data(6, CLIENT + 1, b"")),
+        vec![PacketId(0), PacketId(1)]
+    );
+    assert_eq!(h.sent_acks[1].0, Some(CLIENT + 1));
 }
 
 #[test]
@@ -249,9 +322,12 @@ fn verified_bytes_are_not_kept_twice_and_a_pvm_that_contradicts_itself_diverges(
     let mut h = Harness::new();
     h.svm(&Owned::syn(1));
     h.pvm(&Owned::syn(1));
-    // The ACK holds the PVM's segment after its bytes matched: counted as before (its bytes
-    // plus the SVM's), although stored once.
-    h.pvm(&Owned::data(2, CLIENT + 1, b"abcd"));
+    // Its FIN, not yet the SVM's, holds the PVM's segment after its bytes matched: counted as
+    // before (its bytes plus the SVM's), although stored once.
+    h.pvm(&Owned {
+        fin: true,
+        ..Owned::data(2, CLIENT, b"abcd")
+    });
     h.svm(&Owned::data(2, CLIENT, b"abcd"));
     assert_eq!(h.comparator.held_packets(), 1);
     assert_eq!(h.comparator.buffered_bytes(), 8);
@@ -494,8 +570,8 @@ proptest! {
         }
     }
 
-    /// With acknowledgements unrelated between the sides, no PVM packet is released before
-    /// the SVM acknowledged at least as far.
+    /// With acknowledgements unrelated between the sides, no packet reaches the client with
+    /// an acknowledgement beyond the SVM's, and the acknowledgements it sees never go back.
     #[test]
     fn a_pvm_ack_is_never_released_beyond_the_svm_ack(
         data in proptest::collection::vec(any::<u8>(), 0..200),
@@ -540,11 +616,23 @@ proptest! {
                 h.svm(segment)
             };
             for id in released {
-                if let Some(ack) = h.pvm_sent[id.0 as usize].ack {
+                let at = h.released.iter().position(|r| *r == id).unwrap();
+                if let (Some(ack), _) = h.sent_acks[at] {
                     prop_assert!(svm_max.is_some_and(|m| seq_at_or_after(m, ack)));
                 }
             }
         }
         prop_assert!(h.checkpoints.is_empty());
+        // A lowered acknowledgement is never below one the client saw before (this test's
+        // PVM, unlike a real one, may itself send acknowledgements that go back).
+        for (at, id) in h.released.iter().enumerate() {
+            let sent = h.sent_acks[at].0;
+            if sent != h.pvm_sent[id.0 as usize].ack {
+                let sent = sent.unwrap();
+                for earlier in h.sent_acks[..at].iter().filter_map(|(ack, _)| *ack) {
+                    prop_assert!(seq_at_or_after(sent, earlier));
+                }
+            }
+        }
     }
 }

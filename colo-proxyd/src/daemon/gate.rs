@@ -362,10 +362,34 @@ impl ReleaseGate {
         }
     }
 
+    /// Releases a PVM segment with its acknowledgement lowered to the SVM's: a copy of the
+    /// frame (the comparison may still share the original's bytes) with the two fields and the
+    /// checksum changed. A frame that does not parse as TCP cannot come here (the comparator
+    /// only lowers TCP acknowledgements); it would go unchanged rather than be lost.
+    fn release_lowered(
+        &mut self,
+        id: PacketId,
+        ack: u32,
+        window: u16,
+        now: Duration,
+        out: &mut Vec<GateOutput>,
+    ) {
+        if let Some(held) = self.held.get_mut(&id) {
+            let mut frame = held.frame.to_vec();
+            if crate::rewrite::set_ack_and_window(&mut frame, ack, window).is_ok() {
+                held.frame = Bytes::from(frame);
+            }
+        }
+        self.release(id, now, out);
+    }
+
     fn apply(&mut self, actions: &mut Vec<Action>, now: Duration, out: &mut Vec<GateOutput>) {
         for action in actions.drain(..) {
             match action {
                 Action::Release(id) => self.release(id, now, out),
+                Action::ReleaseLoweredAck { id, ack, window } => {
+                    self.release_lowered(id, ack, window, now, out)
+                }
                 Action::CheckpointNeeded(reason) => {
                     if self.protection == Protection::Protected {
                         out.push(GateOutput::Checkpoint(reason));
@@ -382,6 +406,11 @@ mod tests {
 
     /// A TCP/IPv4 frame from the VM (10.0.0.2:80) to a client (10.0.0.9:40000).
     fn tcp(seq: u32, flags: u8, payload: &[u8]) -> Bytes {
+        tcp_acking(seq, 1, flags, payload)
+    }
+
+    /// The same, acknowledging `ack`.
+    fn tcp_acking(seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Bytes {
         let mut f = vec![0x52, 0x54, 0, 0, 0, 9, 0x52, 0x54, 0, 0, 0, 1, 0x08, 0x00];
         let total = 20 + 20 + payload.len();
         f.extend_from_slice(&[0x45, 0]);
@@ -390,7 +419,7 @@ mod tests {
         f.extend_from_slice(&80u16.to_be_bytes());
         f.extend_from_slice(&40000u16.to_be_bytes());
         f.extend_from_slice(&seq.to_be_bytes());
-        f.extend_from_slice(&1u32.to_be_bytes());
+        f.extend_from_slice(&ack.to_be_bytes());
         f.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
         f.extend_from_slice(payload);
         f.into()
@@ -437,6 +466,26 @@ mod tests {
             gate.svm_frame(3, tcp(1, 0x10, b""), T, &mut out),
             SvmFrameFate::Stale
         );
+    }
+
+    #[test]
+    fn data_goes_out_with_the_svms_acknowledgement_when_the_pvms_is_ahead() {
+        let mut gate = ReleaseGate::new(EngineConfig::default(), Protection::Protected, 3);
+        let mut out = Vec::new();
+        gate.svm_frame(3, tcp_acking(1000, 40, 0x10, b""), T, &mut out);
+        let pvm = tcp_acking(1000, 100, 0x18, b"echo");
+        gate.pvm_frame(pvm.clone(), T, &mut out);
+        gate.svm_frame(3, tcp_acking(1000, 40, 0x18, b"echo"), T, &mut out);
+        let [sent] = released(&out).try_into().unwrap();
+        assert_eq!(sent.len(), pvm.len());
+        assert_eq!(
+            &sent[42..46],
+            &40u32.to_be_bytes(),
+            "the SVM's acknowledgement"
+        );
+        assert_eq!(&sent[..42], &pvm[..42]);
+        assert_eq!(&sent[54..], &pvm[54..], "the data as the PVM sent it");
+        assert_eq!(gate.counters().lowered_acks, 1);
     }
 
     #[test]

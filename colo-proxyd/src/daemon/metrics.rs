@@ -96,6 +96,7 @@ struct Inner {
     released_bytes: Counter,
     uncompared_bytes: Counter,
     bypassed_bytes: Counter,
+    lowered_acks: Counter,
     /// Equivalence rule → PVM segments released with a tolerated difference.
     equivalent_segments: Family<RuleLabel, Counter>,
     /// Equivalence rule → bytes of the differing values released.
@@ -160,6 +161,7 @@ impl Inner {
             released_bytes: Counter::default(),
             uncompared_bytes: Counter::default(),
             bypassed_bytes: Counter::default(),
+            lowered_acks: Counter::default(),
             equivalent_segments: Family::default(),
             equivalent_bytes: Family::default(),
             svm_frames: Counter::default(),
@@ -250,6 +252,12 @@ impl Inner {
                 "bypassed_bytes",
                 "PVM bytes released uncompared by a bypass rule",
                 &inner.bypassed_bytes,
+            ),
+            (
+                "lowered_ack_packets",
+                "PVM segments with data released with their TCP acknowledgement lowered to the \
+                 SVM's (the SVM had not yet acknowledged as far as the PVM)",
+                &inner.lowered_acks,
             ),
             (
                 "svm_frames",
@@ -527,6 +535,11 @@ impl Metrics {
     /// The engine's bypass counter (a running total).
     pub fn set_bypassed(&self, bytes: u64) {
         set_total(&self.inner.bypassed_bytes, bytes);
+    }
+
+    /// The engine's count of segments released with a lowered acknowledgement.
+    pub fn set_lowered_acks(&self, packets: u64) {
+        set_total(&self.inner.lowered_acks, packets);
     }
 
     /// Packets and bytes held right now.
@@ -876,6 +889,7 @@ mod tests {
         m.filter_recreated("f1");
         m.set_bypassed(900);
         m.set_bypassed(1000);
+        m.set_lowered_acks(7);
         m.set_equivalent("tcp:80 header Date", 1, 29);
         m.set_equivalent("tcp:80 header Date", 3, 87);
         m.set_bridged(BridgeCounts {
@@ -899,6 +913,7 @@ mod tests {
             "colo_proxyd_guest_link_downs_total 1",
             "colo_proxyd_qemu_filters_recreated_total{filter=\"f1\"} 2",
             "colo_proxyd_bypassed_bytes_total 1000",
+            "colo_proxyd_lowered_ack_packets_total 7",
             "colo_proxyd_equivalent_segments_total{rule=\"tcp:80 header Date\"} 3",
             "colo_proxyd_equivalent_bytes_total{rule=\"tcp:80 header Date\"} 87",
             "colo_proxyd_failover_bridged_frames_total{direction=\"out_of_svm\"} 7",

@@ -494,8 +494,9 @@ impl PrimaryRole {
         }
         self.metrics
             .set_held(self.gate.held_packets(), self.gate.held_bytes());
-        self.metrics
-            .set_bypassed(self.gate.counters().bypassed_bytes);
+        let counters = self.gate.counters();
+        self.metrics.set_bypassed(counters.bypassed_bytes);
+        self.metrics.set_lowered_acks(counters.lowered_acks);
         for (rule, count) in self
             .equivalent_rules
             .iter()

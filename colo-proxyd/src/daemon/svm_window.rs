@@ -20,11 +20,15 @@
 //! it can take it, as if its receive buffer were as large as the PVM's. The client's stream
 //! is not touched: this only delays what the SVM, not the client, receives.
 //!
-//! Where the pacer knows nothing it does not pace: a connection whose handshake it did not
-//! see (it existed before the daemon started) has no known scale. After a checkpoint the SVM
-//! is a copy of the PVM: the scale is kept (the SVM runs the PVM's kernel with the PVM's
-//! settings, from the PVM's memory, so both chose the same shift count), the edge is
-//! forgotten until the SVM advertises again.
+//! The shift count comes from the SVM's SYN-ACK. A connection whose client SYN the pacer saw
+//! but whose SVM SYN-ACK it did not (a checkpoint came between the client's SYN and the SVM's
+//! answer, so the SVM got the PVM's half-open connection and never answered itself) takes
+//! the shift count of the VM's other SYN-ACKs if the client offered scaling: the SVM runs the
+//! PVM's kernel with the PVM's settings, from the PVM's memory, and Linux picks the count from
+//! its default buffer sizes. Where the pacer knows nothing it does not pace: a connection
+//! whose client SYN it did not see (it existed before the daemon started). After a checkpoint
+//! the SVM is a copy of the PVM: the scale is kept, the edge is forgotten until the SVM
+//! advertises again.
 //!
 //! Bounds: the bytes held by all connections ([`MAX_PACED_BYTES`]; a segment that would pass
 //! it goes on at once, and the SVM may drop it as it would without the pacer); the time one
@@ -83,6 +87,8 @@ struct Connection {
     offered: Option<u8>,
     /// The SVM's receive window scale, once the handshake settled it.
     scale: Option<u8>,
+    /// The client's SYN offered window scaling (a connection the client opened).
+    client_offered: bool,
     /// The furthest right edge of the SVM's receive window, in the client's numbers.
     edge: Option<u32>,
     waiting: VecDeque<Waiting>,
@@ -90,6 +96,8 @@ struct Connection {
     closing: bool,
     /// The opening SYN's sequence number: a retransmitted SYN opens nothing new.
     syn_seq: u32,
+    /// The client's SYN opened the connection.
+    syn_seq_from_client: bool,
 }
 
 impl Connection {
@@ -141,6 +149,9 @@ fn fields(frame: &[u8], from_vm: bool) -> Option<Fields> {
 #[derive(Debug, Default)]
 pub struct WindowPacer {
     connections: HashMap<FlowKey, Connection>,
+    /// The shift count of the last SVM SYN or SYN-ACK that carried one: the VM's own, for the
+    /// connections whose SYN-ACK the pacer did not see.
+    vm_scale: Option<u8>,
     /// Connections with segments waiting.
     pacing: usize,
     bytes: usize,
@@ -187,6 +198,10 @@ impl WindowPacer {
             // The client opens a connection: whatever was known of one on these addresses
             // is over.
             self.open(f.key, f.seq, now, out);
+            if let Some(connection) = self.connections.get_mut(&f.key) {
+                connection.syn_seq_from_client = true;
+                connection.client_offered = f.window_scale.is_some();
+            }
         }
         let Some(connection) = self.connections.get_mut(&f.key) else {
             out.push(frame);
@@ -248,17 +263,33 @@ impl WindowPacer {
         let edge = match (f.syn, f.ack) {
             (true, None) => {
                 connection.offered = f.window_scale;
+                if f.window_scale.is_some() {
+                    self.vm_scale = f.window_scale;
+                }
                 None
             }
             // The SYN-ACK's own window is never scaled (RFC 7323 2.2); its option, present
             // only if the client's SYN had one, settles the scale.
             (true, Some(ack)) => {
                 connection.scale = Some(f.window_scale.unwrap_or(0));
+                if f.window_scale.is_some() {
+                    self.vm_scale = f.window_scale;
+                }
                 Some(ack.wrapping_add(u32::from(f.window)))
             }
-            (false, Some(ack)) => connection
-                .scale
-                .map(|scale| ack.wrapping_add(u32::from(f.window) << scale)),
+            (false, Some(ack)) => {
+                if connection.scale.is_none() && connection.syn_seq_from_client {
+                    // The SYN-ACK was not seen (see the module documentation).
+                    connection.scale = if connection.client_offered {
+                        self.vm_scale
+                    } else {
+                        Some(0)
+                    };
+                }
+                connection
+                    .scale
+                    .map(|scale| ack.wrapping_add(u32::from(f.window) << scale))
+            }
             (false, None) => None,
         };
         if let Some(edge) = edge

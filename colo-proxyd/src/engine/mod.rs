@@ -204,6 +204,9 @@ pub struct EngineCounters {
     /// PVM packets of new flows held uncompared (until the checkpoint) because the flow table
     /// was full of flows that could not be forgotten.
     pub flow_table_full_packets: u64,
+    /// PVM segments released with their acknowledgement lowered to the SVM's
+    /// ([`Action::ReleaseLoweredAck`]).
+    pub lowered_acks: u64,
 }
 
 /// What was released under one equivalence rule: PVM segments whose bytes differed from the
@@ -677,8 +680,11 @@ impl ComparisonEngine {
 
     fn emit(&mut self, mut produced: Vec<Action>, actions: &mut Vec<Action>) {
         for action in &produced {
-            if let Action::Release(id) = action {
-                self.arrivals.remove(id);
+            if let Some(id) = action.released() {
+                self.arrivals.remove(&id);
+            }
+            if matches!(action, Action::ReleaseLoweredAck { .. }) {
+                self.counters.lowered_acks += 1;
             }
         }
         actions.append(&mut produced);

@@ -29,6 +29,8 @@ pub use table::{RewriteCounters, RewriteLimits, RewriteTable};
 const TCP_SEQ: usize = 4;
 const TCP_ACK: usize = 8;
 const TCP_CHECKSUM: usize = 16;
+/// The 32-bit word of the data offset, the flags and the window.
+const TCP_OFFSET_FLAGS_WINDOW: usize = 12;
 
 /// Why a frame could not be rewritten.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -181,6 +183,25 @@ impl SequenceRewriter {
             checksum,
         ))
     }
+}
+
+/// Sets a TCP frame's acknowledgement number and window field (an Ethernet frame, without
+/// vnet header, its checksum complete), updating the checksum: the primary's release of a PVM
+/// segment whose acknowledgement is lowered to the SVM's.
+pub fn set_ack_and_window(frame: &mut [u8], ack: u32, window: u16) -> Result<(), RewriteError> {
+    let fields = tcp_fields(frame)?;
+    let at = fields.header_at;
+    rewrite_field(frame, at + TCP_ACK, ack, at, ChecksumState::Complete);
+    let word = read_u32(frame, at + TCP_OFFSET_FLAGS_WINDOW);
+    let with_window = (word & 0xFFFF_0000) | u32::from(window);
+    rewrite_field(
+        frame,
+        at + TCP_OFFSET_FLAGS_WINDOW,
+        with_window,
+        at,
+        ChecksumState::Complete,
+    );
+    Ok(())
 }
 
 /// The TCP fields rewriting needs, copied out so the frame can be mutated afterwards.

@@ -169,6 +169,33 @@ fn a_partial_checksum_is_left_alone() {
     assert_eq!(&syn_ack[14 + 20 + 16..14 + 20 + 18], &checksum_before[..]);
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// The primary's lowered acknowledgement: both fields set, the checksum still right, the
+    /// rest of the frame untouched.
+    #[test]
+    fn setting_ack_and_window_keeps_the_checksum_right(
+        ipv6 in any::<bool>(),
+        seq in any::<u32>(),
+        ack in any::<u32>(),
+        new_ack in any::<u32>(),
+        window in any::<u16>(),
+        payload in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let original = frame(ipv6, seq, ack, PSH_ACK, &payload);
+        let mut lowered = original.clone();
+        set_ack_and_window(&mut lowered, new_ack, window).unwrap();
+        let (seq_after, ack_after, valid) = inspect(&lowered);
+        prop_assert_eq!((seq_after, ack_after, valid), (seq, new_ack, true));
+        let Network::Ip(ip) = parse_ethernet(&lowered).unwrap().network else { panic!() };
+        let Transport::Tcp(tcp) = ip.transport else { panic!() };
+        prop_assert_eq!(tcp.window, window);
+        prop_assert_eq!(tcp.payload, &payload[..]);
+        prop_assert_eq!(lowered.len(), original.len());
+    }
+}
+
 #[test]
 fn frames_that_are_not_tcp_are_errors() {
     let mut rewriter = SequenceRewriter::default();

@@ -264,6 +264,39 @@ fn a_connection_the_vm_opened_is_scaled_only_if_the_client_agreed() {
 }
 
 #[test]
+fn a_connection_whose_svm_syn_ack_was_not_seen_takes_the_vms_scale() {
+    // Another connection taught the VM's shift count: 7.
+    let mut pacer = accepted(4011, 1000);
+    let mut out = Vec::new();
+    // A checkpoint came between this client's SYN and the SVM's SYN-ACK: the SVM never sent
+    // its own. Its first acknowledgement offers 10 units: 1280 bytes.
+    pacer.to_svm(
+        frame(false, 4012, (CLIENT_ISN, 0), SYN, (64240, Some(10)), 0),
+        MS,
+        &mut out,
+    );
+    pacer.svm_sent(&svm_ack(4012, 0, 10), MS, &mut out);
+    out.clear();
+    let fits = client_data(4012, 0, 1280);
+    pacer.to_svm(fits.clone(), MS, &mut out);
+    pacer.to_svm(client_data(4012, 1280, 1), MS, &mut out);
+    assert_eq!(out, vec![fits]);
+    // A client that offered no scaling: the window is not scaled.
+    let mut out = Vec::new();
+    pacer.to_svm(
+        frame(false, 4013, (CLIENT_ISN, 0), SYN, (64240, None), 0),
+        MS,
+        &mut out,
+    );
+    pacer.svm_sent(&svm_ack(4013, 0, 10), MS, &mut out);
+    out.clear();
+    let fits = client_data(4013, 0, 10);
+    pacer.to_svm(fits.clone(), MS, &mut out);
+    pacer.to_svm(client_data(4013, 10, 1), MS, &mut out);
+    assert_eq!(out, vec![fits]);
+}
+
+#[test]
 fn a_retransmitted_syn_keeps_what_the_handshake_taught() {
     let mut pacer = accepted(4007, 1000);
     let mut out = Vec::new();
