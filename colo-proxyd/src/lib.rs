@@ -22,3 +22,5 @@ pub mod daemon;
 pub mod engine;
 pub mod packet;
 pub mod rewrite;
+#[cfg(test)]
+mod test_frames;

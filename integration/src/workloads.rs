@@ -162,6 +162,8 @@ pub struct AbResult {
     pub complete: u64,
     /// `Failed requests` (connect, receive, length and exception errors).
     pub failed: u64,
+    /// The same by kind, from the line below it.
+    pub failed_by: FailedKinds,
     /// `Non-2xx responses` (0 when ab does not print the line).
     pub non_2xx: u64,
     /// `Requests per second` (mean).
@@ -179,6 +181,65 @@ pub struct AbResult {
     /// (`-s`), as it does when the last requests all wait on the guest (SYNs the guest's full
     /// listen queue dropped, retransmitted 1, 3, 7, 15, 31 s later).
     pub unanswered: u64,
+}
+
+/// ab's `(Connect: C, Receive: R, Length: L, Exceptions: E)`: a connection refused or reset
+/// before the request went, one broken while the response came, a body of another length than
+/// the first response's, anything else.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FailedKinds {
+    /// `Connect`.
+    pub connect: u64,
+    /// `Receive`.
+    pub receive: u64,
+    /// `Length`.
+    pub length: u64,
+    /// `Exceptions`.
+    pub exceptions: u64,
+}
+
+impl FailedKinds {
+    /// Reads the breakdown line of ab's report; all 0 when it is missing (no failures).
+    fn parse(text: &str) -> Self {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("(Connect:"))
+            .unwrap_or("");
+        let count = |label: &str| -> u64 {
+            line.split(label)
+                .nth(1)
+                .and_then(|rest| {
+                    let digits: String = rest
+                        .trim_start()
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect();
+                    digits.parse().ok()
+                })
+                .unwrap_or(0)
+        };
+        FailedKinds {
+            connect: count("(Connect:"),
+            receive: count("Receive:"),
+            length: count("Length:"),
+            exceptions: count("Exceptions:"),
+        }
+    }
+
+    /// `receive 6, length 3`: the kinds that occurred.
+    pub fn describe(&self) -> String {
+        [
+            ("connect", self.connect),
+            ("receive", self.receive),
+            ("length", self.length),
+            ("exceptions", self.exceptions),
+        ]
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(kind, n)| format!("{kind} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+    }
 }
 
 impl AbResult {
@@ -214,6 +275,7 @@ pub fn parse_ab(text: &str) -> Result<AbResult> {
     Ok(AbResult {
         complete: number(text, "Complete requests:")?,
         failed: number(text, "Failed requests:")?,
+        failed_by: FailedKinds::parse(text),
         non_2xx: match field(text, "Non-2xx responses:") {
             Some(_) => number(text, "Non-2xx responses:")?,
             None => 0,
@@ -245,6 +307,7 @@ pub fn parse_ab_timeout(output: &str, requests: u32, elapsed: Duration) -> Optio
     Some(AbResult {
         complete,
         failed: 0,
+        failed_by: FailedKinds::default(),
         non_2xx: 0,
         requests_per_s: if seconds > 0.0 {
             complete as f64 / seconds
@@ -540,6 +603,10 @@ Percentage of the requests served within a certain time (ms)
             AbResult {
                 complete: 200,
                 failed: 3,
+                failed_by: FailedKinds {
+                    length: 3,
+                    ..FailedKinds::default()
+                },
                 non_2xx: 2,
                 requests_per_s: 162.07,
                 time_taken_s: 1.234,

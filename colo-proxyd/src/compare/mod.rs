@@ -159,6 +159,10 @@ pub enum CheckpointReason {
     /// A PVM packet waited for its match longer than `max_hold_limit` although the SVM kept
     /// sending other output: it is that far behind, or its match never comes.
     HoldLimit,
+    /// A PVM SYN (its answer to a client's SYN, or its own) waited for the SVM's longer than
+    /// `max_handshake_hold`: held much longer, it would reach a client that has already
+    /// retransmitted its SYN.
+    HandshakeHold,
     /// The comparison buffers of all flows together reached their bound.
     TotalMemoryBound {
         /// Bytes held when the bound was crossed.

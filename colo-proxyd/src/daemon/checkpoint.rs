@@ -22,6 +22,7 @@ pub fn reason_label(reason: &CheckpointReason) -> &'static str {
         CheckpointReason::DatagramsDiffer => "datagrams-differ",
         CheckpointReason::HoldTimeout => "hold-timeout",
         CheckpointReason::HoldLimit => "hold-limit",
+        CheckpointReason::HandshakeHold => "handshake-hold",
         CheckpointReason::TotalMemoryBound { .. } => "total-memory-bound",
         CheckpointReason::FlowTableFull { .. } => "flow-table-full",
         CheckpointReason::SvmOutputLost => "svm-output-lost",

@@ -25,8 +25,8 @@ use colo_types::Address;
 use serde::Deserialize;
 
 use crate::engine::{
-    BypassRule, DEFAULT_FLOW_IDLE, DEFAULT_MAX_FLOWS, DEFAULT_MAX_HOLD_LIMIT, EngineConfig,
-    EquivalenceRule, UncomparedPolicy,
+    BypassRule, DEFAULT_FLOW_IDLE, DEFAULT_MAX_FLOWS, DEFAULT_MAX_HANDSHAKE_HOLD,
+    DEFAULT_MAX_HOLD_LIMIT, EngineConfig, EquivalenceRule, UncomparedPolicy,
 };
 use crate::rewrite::RewriteLimits;
 
@@ -322,6 +322,13 @@ pub struct PrimaryArgs {
     /// longer].
     #[arg(long, env = "COLO_PROXYD_MAX_HOLD_LIMIT_MS", value_name = "MS")]
     pub max_hold_limit_ms: Option<u64>,
+    /// Longest the VM's answer to a client's SYN (or its own SYN) may wait for the SVM's before
+    /// a checkpoint is requested (reason handshake-hold), however busy the SVM is. Below the
+    /// client's first SYN retransmission (1 s, RFC 6298): a SYN-ACK released later reaches a
+    /// client that has already sent its SYN again, and the VM may answer that SYN as a new
+    /// connection and reset the first [default: 500].
+    #[arg(long, env = "COLO_PROXYD_MAX_HANDSHAKE_HOLD_MS", value_name = "MS")]
+    pub max_handshake_hold_ms: Option<u64>,
     /// At most one checkpoint request per this interval [default: 1000].
     #[arg(long, env = "COLO_PROXYD_CHECKPOINT_INTERVAL_MS", value_name = "MS")]
     pub checkpoint_interval_ms: Option<u64>,
@@ -527,6 +534,11 @@ impl PrimaryArgs {
                 self.max_hold_limit_ms,
                 file.max_hold_limit_ms,
             ),
+            max_handshake_hold_ms: layers.pick(
+                "max-handshake-hold-ms",
+                self.max_handshake_hold_ms,
+                file.max_handshake_hold_ms,
+            ),
             checkpoint_interval_ms: layers.pick(
                 "checkpoint-interval-ms",
                 self.checkpoint_interval_ms,
@@ -636,9 +648,16 @@ impl PrimaryConfig {
             );
             return Err(layers.invalid("max-hold-limit-ms", reason));
         }
+        let max_handshake_hold = millis(
+            layers,
+            a.max_handshake_hold_ms,
+            DEFAULT_MAX_HANDSHAKE_HOLD.as_millis() as u64,
+            "max-handshake-hold-ms",
+        )?;
         let engine = EngineConfig {
             max_hold,
             max_hold_limit,
+            max_handshake_hold,
             bypass,
             equivalent,
             uncompared,

@@ -567,23 +567,9 @@ fn tcp_key(frame: &[u8]) -> Option<FlowKey> {
 mod tests {
     use super::*;
 
-    /// A TCP/IPv4 frame; `from_vm` picks the direction.
+    /// A TCP/IPv4 frame on the client's port 40000; `from_vm` picks the direction.
     fn tcp(from_vm: bool, seq: u32, ack: u32, flags: u8) -> Vec<u8> {
-        let (src, dst, sport, dport) = if from_vm {
-            ([10, 0, 0, 2], [10, 0, 0, 9], 80u16, 40000u16)
-        } else {
-            ([10, 0, 0, 9], [10, 0, 0, 2], 40000, 80)
-        };
-        let mut f = vec![0x52, 0x54, 0, 0, 0, 9, 0x52, 0x54, 0, 0, 0, 1, 0x08, 0x00];
-        f.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
-        f.extend_from_slice(&src);
-        f.extend_from_slice(&dst);
-        f.extend_from_slice(&sport.to_be_bytes());
-        f.extend_from_slice(&dport.to_be_bytes());
-        f.extend_from_slice(&seq.to_be_bytes());
-        f.extend_from_slice(&ack.to_be_bytes());
-        f.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-        f
+        crate::test_frames::Tcp::new(from_vm, 40000, seq, ack, flags).frame()
     }
 
     fn seq_of(frame: &[u8]) -> u32 {

@@ -9,7 +9,7 @@ mod classify;
 mod equivalence;
 mod policy;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +40,9 @@ pub struct EngineConfig {
     /// The longest a PVM packet may wait for its match however busy the SVM is: the last
     /// resort for an SVM that sends other output but never this packet's match.
     pub max_hold_limit: Duration,
+    /// The longest a PVM SYN (a SYN-ACK, or the VM's own SYN) may wait for the SVM's however
+    /// busy the SVM is; see [`DEFAULT_MAX_HANDSHAKE_HOLD`].
+    pub max_handshake_hold: Duration,
     /// How far either side of a datagram flow may run ahead.
     pub reorder_window: usize,
     /// What happens to PVM frames that are not compared.
@@ -73,6 +76,16 @@ pub const DEFAULT_FLOW_IDLE: Duration = Duration::from_secs(30);
 /// requests served to 0.6 and 0.15 of what 3 s serves (`docs/benchmarks.md`).
 pub const DEFAULT_MAX_HOLD_LIMIT: Duration = Duration::from_secs(3);
 
+/// The default [`EngineConfig::max_handshake_hold`]. A client retransmits its SYN after 1 s
+/// (RFC 6298's initial timeout, Linux's too). A SYN-ACK the SVM does not answer (its listen
+/// queue was full and it dropped the SYN) would otherwise wait for the hold limit, the client
+/// would send its SYN again meanwhile, and the PVM, if it kept no state for the first (a SYN
+/// cookie) or dropped it, answers with another SYN-ACK: the client then acknowledges the first
+/// one, released late, and gets a reset. Measured on the bed at 64 web clients: 6–24 resets
+/// per 1000 requests before this bound. Half the client's timeout leaves the checkpoint's own
+/// pause room.
+pub const DEFAULT_MAX_HANDSHAKE_HOLD: Duration = Duration::from_millis(500);
+
 /// How often the table is scanned for idle flows (an O(flows) pass), at most.
 const EXPIRY_SCAN: Duration = Duration::from_secs(1);
 
@@ -89,6 +102,7 @@ impl Default for EngineConfig {
             // The COLO paper's bound on unmatched output, now for an SVM that went silent.
             max_hold: Duration::from_millis(200),
             max_hold_limit: DEFAULT_MAX_HOLD_LIMIT,
+            max_handshake_hold: DEFAULT_MAX_HANDSHAKE_HOLD,
             reorder_window: DEFAULT_REORDER_WINDOW,
             uncompared: UncomparedPolicy::default(),
             bypass: Vec::new(),
@@ -270,6 +284,9 @@ pub struct ComparisonEngine {
     unaligned_evicted: bool,
     /// When each held PVM packet arrived.
     arrivals: HashMap<PacketId, Duration, BuildHasherDefault<PacketIdHasher>>,
+    /// The held PVM packets that carry a SYN, oldest (lowest id) first: bounded by the held
+    /// packets.
+    held_syns: BTreeSet<PacketId>,
     /// PVM packets held outside any comparator (policy or engine-wide bound).
     held_uncompared: Vec<PacketId>,
     total_buffered: usize,
@@ -307,6 +324,7 @@ impl ComparisonEngine {
             table_full: false,
             unaligned_evicted: false,
             arrivals: HashMap::default(),
+            held_syns: BTreeSet::new(),
             held_uncompared: Vec::new(),
             total_buffered: 0,
             svm_last_output: Duration::ZERO,
@@ -389,6 +407,10 @@ impl ComparisonEngine {
                 let rules = self.rules.clone();
                 let rules = rules.as_deref();
                 let create = || FlowComparator::Stream(new_stream(limits, rules, &key));
+                if segment.syn {
+                    // Until it is released (`emit`) or handed back (`reset`).
+                    self.held_syns.insert(id);
+                }
                 let admitted = self.with_flow(key, segment.syn, create, |flow| {
                     match stream_flow(flow, limits, rules, &key, segment.syn) {
                         Some(comparator) => {
@@ -498,8 +520,15 @@ impl ComparisonEngine {
         let Some(waited) = oldest.map(|arrived| now.saturating_sub(*arrived)) else {
             return;
         };
+        let handshake_waited = self
+            .held_syns
+            .first()
+            .and_then(|id| self.arrivals.get(id))
+            .map(|arrived| now.saturating_sub(*arrived));
         let reason = if waited > self.config.max_hold && svm_silent {
             CheckpointReason::HoldTimeout
+        } else if handshake_waited.is_some_and(|w| w > self.config.max_handshake_hold) {
+            CheckpointReason::HandshakeHold
         } else if waited > self.config.max_hold_limit {
             CheckpointReason::HoldLimit
         } else {
@@ -535,6 +564,7 @@ impl ComparisonEngine {
         self.counters.flows_expired += expired;
         held.sort_unstable();
         self.arrivals.clear();
+        self.held_syns.clear();
         self.total_buffered = 0;
         self.stalled = false;
         self.timeout_requested = false;
@@ -682,6 +712,7 @@ impl ComparisonEngine {
         for action in &produced {
             if let Some(id) = action.released() {
                 self.arrivals.remove(&id);
+                self.held_syns.remove(&id);
             }
             if matches!(action, Action::ReleaseLoweredAck { .. }) {
                 self.counters.lowered_acks += 1;

@@ -411,6 +411,34 @@ fn a_match_that_never_comes_ends_at_the_hold_limit() {
     }
 }
 
+/// A SYN-ACK the SVM never answers (its listen queue dropped the SYN) while it keeps
+/// answering others: a checkpoint once it waited `max_handshake_hold`, before the client
+/// would send its SYN again, not at the hold limit. Once.
+#[test]
+fn an_unanswered_syn_ack_asks_for_a_checkpoint_before_the_client_retransmits() {
+    let config = EngineConfig::default();
+    let bound = config.max_handshake_hold;
+    assert!(bound < Duration::from_secs(1) && bound < config.max_hold_limit);
+    let mut run = Run::new(config);
+    let syn_ack = run.pvm_at(&port_frame(3000, 100, SYN_ACK, b""), ms(10));
+    let mut asked = Vec::new();
+    for step in 1..=12u16 {
+        let now = ms(10 + 50 * u64::from(step));
+        open(&mut run, 4000 + step, now);
+        run.engine.check_hold_time(now, &mut run.actions);
+        let actions = run.take();
+        assert!(!actions.contains(&Action::Release(syn_ack)));
+        for reason in checkpoints(&actions) {
+            asked.push((now - ms(10), reason.clone()));
+        }
+    }
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    let (waited, reason) = &asked[0];
+    assert_eq!(reason, &CheckpointReason::HandshakeHold);
+    assert!(*waited > bound && *waited <= bound + ms(50), "{waited:?}");
+    assert!(run.engine.reset().contains(&syn_ack));
+}
+
 /// An SVM that stopped sending: the held packet asks for a checkpoint `max_hold` after the
 /// SVM's last output, not at the hold limit.
 #[test]

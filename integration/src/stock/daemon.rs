@@ -20,6 +20,9 @@ pub struct DaemonProcess {
     netns: String,
     binary: PathBuf,
     args: Vec<String>,
+    /// Where the running instance's part of the log starts (after a restart, the log goes
+    /// on): [`DaemonProcess::wait_log`] looks only at what this instance wrote.
+    log_from: usize,
 }
 
 impl DaemonProcess {
@@ -42,6 +45,7 @@ impl DaemonProcess {
             netns: netns.to_string(),
             binary: binary.to_path_buf(),
             args: args.to_vec(),
+            log_from: 0,
         };
         daemon.start(File::create(&daemon.log)?)?;
         Ok(daemon)
@@ -73,14 +77,18 @@ impl DaemonProcess {
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
         let out = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+        self.log_from = usize::try_from(out.metadata()?.len()).unwrap_or(usize::MAX);
         self.start(out)
     }
 
-    /// Waits until its log contains `line`; an exit first is an error quoting the log.
+    /// Waits until the running instance's log contains `line`; an exit first is an error
+    /// quoting the log.
     pub fn wait_log(&mut self, line: &str, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            if std::fs::read_to_string(&self.log).is_ok_and(|t| t.contains(line)) {
+            if std::fs::read(&self.log).is_ok_and(|t| {
+                String::from_utf8_lossy(t.get(self.log_from..).unwrap_or_default()).contains(line)
+            }) {
                 return Ok(());
             }
             if let Some(status) = self

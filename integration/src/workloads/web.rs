@@ -68,6 +68,16 @@ pub(super) async fn run(bed: &Bed, setup: Setup, config: &WebConfig) -> Result<V
     Ok(rows)
 }
 
+/// The failures, with ab's kinds when it failed requests: `9 (receive 6, length 3)`.
+fn failed_cell(ab: &AbResult) -> String {
+    let kinds = ab.failed_by.describe();
+    if kinds.is_empty() {
+        ab.failures().to_string()
+    } else {
+        format!("{} ({kinds})", ab.failures())
+    }
+}
+
 fn row(rows: &[WebRow], setup: Setup, concurrency: u32) -> Option<&WebRow> {
     rows.iter()
         .find(|r| r.setup == setup && r.concurrency == concurrency)
@@ -93,7 +103,7 @@ pub(super) fn render(config: &WebConfig, rows: &[WebRow]) -> String {
             share(r.ab.requests_per_s, base),
             cell(r.ab.p50_ms),
             cell(r.ab.p99_ms),
-            r.ab.failures(),
+            failed_cell(&r.ab),
             cell(r.checkpoints),
             cell(r.checkpoints_per_1000.map(|n| format!("{n:.1}"))),
             render_reasons(&r.reasons),
@@ -199,7 +209,9 @@ mod tests {
         };
         let md = render(&config, &rows());
         assert!(
-            md.contains("| colo | 4 | 162.1 | 2.00 | 21 | 60 | 5 | 1 | 5.0 | hold-timeout 1 |"),
+            md.contains(
+                "| colo | 4 | 162.1 | 2.00 | 21 | 60 | 5 (length 3) | 1 | 5.0 | hold-timeout 1 |"
+            ),
             "{md}"
         );
         assert!(md.contains("| twin | 4 | 81.0 | 1.00 |"), "{md}");

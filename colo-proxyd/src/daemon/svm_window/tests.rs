@@ -1,12 +1,12 @@
 use super::*;
+use crate::test_frames::Tcp;
 use proptest::prelude::*;
 
 const CLIENT_ISN: u32 = 1_000;
 const VM_ISN: u32 = 50_000;
 const MS: Duration = Duration::from_millis(1);
 
-/// A TCP/IPv4 frame between the VM (10.0.0.2:80) and a client (10.0.0.9:`port`), with the
-/// window scale option when `scale` is given, and `len` bytes of data that depend on `seq`.
+/// A TCP/IPv4 frame between the VM and a client on `port` (see [`Tcp`]).
 fn frame(
     from_vm: bool,
     port: u16,
@@ -15,37 +15,13 @@ fn frame(
     (window, scale): (u16, Option<u8>),
     len: usize,
 ) -> Vec<u8> {
-    let (src, dst, sport, dport) = if from_vm {
-        ([10, 0, 0, 2], [10, 0, 0, 9], 80u16, port)
-    } else {
-        ([10, 0, 0, 9], [10, 0, 0, 2], port, 80)
-    };
-    let options: &[u8] = match scale {
-        Some(_) => &[1, 3, 3, 0],
-        None => &[],
-    };
-    let total = 20 + 20 + options.len() + len;
-    let mut f = vec![0x52, 0x54, 0, 0, 0, 9, 0x52, 0x54, 0, 0, 0, 1, 0x08, 0x00];
-    f.extend_from_slice(&[0x45, 0]);
-    f.extend_from_slice(&(total as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0]);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&sport.to_be_bytes());
-    f.extend_from_slice(&dport.to_be_bytes());
-    f.extend_from_slice(&seq.to_be_bytes());
-    f.extend_from_slice(&ack.to_be_bytes());
-    f.push((((20 + options.len()) / 4) as u8) << 4);
-    f.push(flags);
-    f.extend_from_slice(&window.to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0, 0]);
-    f.extend_from_slice(options);
-    if let Some(shift) = scale {
-        let at = f.len() - 1;
-        f[at] = shift;
+    Tcp {
+        window,
+        scale,
+        len,
+        ..Tcp::new(from_vm, port, seq, ack, flags)
     }
-    f.extend((0..len).map(|i| (seq as usize + i) as u8));
-    f
+    .frame()
 }
 
 const SYN: u8 = 0x02;
