@@ -168,19 +168,23 @@ impl DownloadReport {
     }
 }
 
-/// Sends requests until one is answered, within 30 s: requests during a takeover (or a
-/// restart) are expected to fail and are not counted; only the last one, past the deadline, is.
+/// Sends requests until one is answered, within 30 s, and returns the ms from `since` to its
+/// answer: requests during a takeover (or a restart) are expected to fail and are not counted;
+/// only the last one, past the deadline, is.
 async fn first_answer(
     client: &HttpClient,
     timeout: Duration,
-    report: &mut Report,
-    after: &str,
-) -> Option<Duration> {
+    (report, latencies): (&mut Report, &mut Vec<Duration>),
+    (since, after): (Instant, &str),
+) -> Option<f64> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         report.http_requests += 1;
         match probe(client, timeout).await {
-            Ok(latency) => return Some(latency),
+            Ok(latency) => {
+                latencies.push(latency);
+                return to_ms(Some(since.elapsed()));
+            }
             Err(e) if Instant::now() > deadline => {
                 report.http_failures.push(format!("after {after}: {e:#}"));
                 return None;
@@ -871,17 +875,13 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
     }
 
     // The first new request that succeeds after the kill.
-    if let Some(latency) = first_answer(
+    report.kill_to_first_success_ms = first_answer(
         &client,
         plan.first_request_timeout,
-        &mut report,
-        "the failover",
+        (&mut report, &mut latencies),
+        (killed_at, "the failover"),
     )
-    .await
-    {
-        latencies.push(latency);
-        report.kill_to_first_success_ms = to_ms(Some(killed_at.elapsed()));
-    }
+    .await;
 
     if let Some(ha) = &ha {
         report.failover_steps = ha.wait_takeover(survivor, Duration::from_secs(60)).await?;
@@ -898,18 +898,13 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
         // the network's input) only after a write into it has failed: the first requests may
         // lose their SYN and its retransmissions to that gap (docs/operations.md, Restarts).
         // It is measured, as the takeover is; every request after it must be answered.
-        let restarted_at = Instant::now();
-        if let Some(latency) = first_answer(
+        report.restart_to_first_success_ms = first_answer(
             &client,
             plan.first_request_timeout,
-            &mut report,
-            "the restart",
+            (&mut report, &mut latencies),
+            (Instant::now(), "the restart"),
         )
-        .await
-        {
-            latencies.push(latency);
-            report.restart_to_first_success_ms = to_ms(Some(restarted_at.elapsed()));
-        }
+        .await;
     }
     for _ in 0..plan.requests_after {
         report.http_requests += 1;

@@ -243,33 +243,28 @@ fn a_connection_the_vm_opened_is_scaled_only_if_the_client_agreed() {
 fn a_connection_whose_svm_syn_ack_was_not_seen_takes_the_vms_scale() {
     // Another connection taught the VM's shift count: 7.
     let mut pacer = accepted(4011, 1000);
-    let mut out = Vec::new();
     // A checkpoint came between this client's SYN and the SVM's SYN-ACK: the SVM never sent
     // its own. Its first acknowledgement offers 10 units: 1280 bytes.
-    pacer.to_svm(
-        frame(false, 4012, (CLIENT_ISN, 0), SYN, (64240, Some(10)), 0),
-        MS,
-        &mut out,
-    );
-    pacer.svm_sent(&svm_ack(4012, 0, 10), MS, &mut out);
-    out.clear();
-    let fits = client_data(4012, 0, 1280);
-    pacer.to_svm(fits.clone(), MS, &mut out);
-    pacer.to_svm(client_data(4012, 1280, 1), MS, &mut out);
-    assert_eq!(out, vec![fits]);
+    assert_first_window(&mut pacer, 4012, Some(10), 1280);
     // A client that offered no scaling: the window is not scaled.
+    assert_first_window(&mut pacer, 4013, None, 10);
+}
+
+/// A client's SYN offering `client_scale`, then the SVM's first acknowledgement (no SYN-ACK
+/// of its own seen) offering 10 window units: `bytes` of data fit, one more byte waits.
+fn assert_first_window(pacer: &mut WindowPacer, port: u16, client_scale: Option<u8>, bytes: usize) {
     let mut out = Vec::new();
     pacer.to_svm(
-        frame(false, 4013, (CLIENT_ISN, 0), SYN, (64240, None), 0),
+        frame(false, port, (CLIENT_ISN, 0), SYN, (64240, client_scale), 0),
         MS,
         &mut out,
     );
-    pacer.svm_sent(&svm_ack(4013, 0, 10), MS, &mut out);
+    pacer.svm_sent(&svm_ack(port, 0, 10), MS, &mut out);
     out.clear();
-    let fits = client_data(4013, 0, 10);
+    let fits = client_data(port, 0, bytes);
     pacer.to_svm(fits.clone(), MS, &mut out);
-    pacer.to_svm(client_data(4013, 10, 1), MS, &mut out);
-    assert_eq!(out, vec![fits]);
+    pacer.to_svm(client_data(port, bytes as u32, 1), MS, &mut out);
+    assert_eq!(out, vec![fits], "client scale {client_scale:?}");
 }
 
 #[test]
