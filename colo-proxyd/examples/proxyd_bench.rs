@@ -345,6 +345,8 @@ impl Outcome {
         for action in actions.drain(..) {
             match action {
                 Action::Release(_) | Action::ReleaseLoweredAck { .. } => self.released += 1,
+                // Identical output never supersedes a handshake: counted as not released.
+                Action::Discard(_) => {}
                 Action::CheckpointNeeded(_) => self.checkpoints += 1,
             }
         }

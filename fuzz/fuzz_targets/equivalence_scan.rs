@@ -293,6 +293,8 @@ fn run(input: &[u8]) -> Option<()> {
                     s.range
                 );
             }
+            // No acknowledgements here: no SYN-ACK to supersede.
+            Action::Discard(_) => panic!("discarded without a SYN-ACK"),
             Action::CheckpointNeeded(_) => checkpoint = true,
         }
     }

@@ -7,7 +7,8 @@
 //! * every frame respects the limits (69,632 bytes, vnet header inside the frame);
 //! * the comparison engine (even frames fed as the PVM's output, odd ones as the SVM's; TCP,
 //!   UDP, ICMP and uncompared traffic alike) never loses a PVM packet: released plus handed
-//!   back by `reset` is every packet given to it, each exactly once;
+//!   back by `reset` is every packet given to it, each exactly once, but for SYN-ACKs without
+//!   data that the PVM superseded (discarded);
 //! * every frame goes through the packet parser on its own as well, and through the
 //!   secondary's sequence rewriting: a rewritten frame still parses, any other is untouched;
 //! * the secondary's window pacer (even frames as the client's into the SVM, odd ones as the
@@ -20,10 +21,23 @@ use colo_proxyd::codec::{CodecError, Frame, FrameDecoder, MAX_FRAME_LEN, encode}
 use colo_proxyd::compare::{Action, ComparatorLimits, PacketId};
 use colo_proxyd::daemon::svm_window::WindowPacer;
 use colo_proxyd::engine::{ComparisonEngine, EngineConfig};
-use colo_proxyd::packet::parse_ethernet;
+use colo_proxyd::packet::{IpPacket, Network, Transport, parse_ethernet};
 use colo_proxyd::rewrite::{ChecksumState, Rewrite, RewriteTable};
 use libfuzzer_sys::fuzz_target;
 use std::time::Duration;
+
+fn is_bare_syn_ack(frame: &[u8]) -> bool {
+    let Ok(parsed) = parse_ethernet(frame) else {
+        return false;
+    };
+    match parsed.network {
+        Network::Ip(IpPacket {
+            transport: Transport::Tcp(tcp),
+            ..
+        }) => tcp.flags.syn && tcp.flags.ack && tcp.payload.is_empty(),
+        _ => false,
+    }
+}
 
 fn decode_all(decoder: &mut FrameDecoder, frames: &mut Vec<Frame>) -> Option<CodecError> {
     loop {
@@ -146,7 +160,17 @@ fuzz_target!(|input: &[u8]| {
         }
         engine.check_hold_time(now, &mut actions);
     }
-    let mut out: Vec<PacketId> = actions.iter().filter_map(Action::released).collect();
+    let mut out: Vec<PacketId> = actions.iter().filter_map(Action::settled).collect();
+    // A packet may be dropped only as a SYN-ACK without data that the PVM superseded.
+    for action in &actions {
+        if let Action::Discard(PacketId(index)) = action {
+            let frame = frames[*index as usize].ethernet_bytes();
+            assert!(
+                is_bare_syn_ack(frame),
+                "discarded a packet that is no bare SYN-ACK"
+            );
+        }
+    }
 
     // The secondary's rewriting: even frames as the client's into the SVM, odd ones as the
     // SVM's own. A frame it accepts must still parse, and one it leaves alone must be intact.

@@ -116,6 +116,14 @@ pub enum Action {
         /// The window field to send.
         window: u16,
     },
+    /// Drop this held PVM packet unsent: the PVM superseded it. It is a SYN-ACK the guest
+    /// has since replaced by another with a different initial sequence number (it answered the
+    /// client's SYN from a SYN cookie, then, its listen queue free again, answered the SYN's
+    /// retransmission with a real handshake). A client that got the first would acknowledge a
+    /// handshake the guest no longer has and be reset. Never a packet with data, never one
+    /// after anything of the connection was released: only what a lossy network could have
+    /// lost, and the client's TCP retransmits its SYN for it.
+    Discard(PacketId),
     /// The outputs diverged or a bound was reached: ask for a checkpoint. Emitted once per
     /// connection and epoch; until [`StreamComparator::reset`] every PVM packet is held.
     CheckpointNeeded(CheckpointReason),
@@ -126,7 +134,16 @@ impl Action {
     pub fn released(&self) -> Option<PacketId> {
         match self {
             Action::Release(id) | Action::ReleaseLoweredAck { id, .. } => Some(*id),
-            Action::CheckpointNeeded(_) => None,
+            Action::Discard(_) | Action::CheckpointNeeded(_) => None,
+        }
+    }
+
+    /// The held packet this action settles (releases or discards), if any: the comparator
+    /// holds it no more.
+    pub fn settled(&self) -> Option<PacketId> {
+        match self {
+            Action::Discard(id) => Some(*id),
+            _ => self.released(),
         }
     }
 }
@@ -444,6 +461,9 @@ impl StreamComparator {
             }
         }
         self.decide_origin(segment);
+        if segment.syn && segment.ack.is_some() && self.supersedes_held_handshake(segment.seq) {
+            self.discard_held_handshake(actions);
+        }
         let map = match self.pvm_map {
             Some(map) => map,
             None if segment.syn => *self.pvm_map.insert(SequenceMap::new(segment.seq, -1)),
@@ -668,6 +688,31 @@ impl StreamComparator {
                 self.start_shared(segment.seq);
             }
         }
+    }
+
+    /// Whether a PVM SYN-ACK at `seq` replaces the handshake this comparator holds: the
+    /// connection began with a handshake, the PVM sent nothing but SYN-ACKs, all still held
+    /// (nothing released), and this one has another initial sequence number.
+    fn supersedes_held_handshake(&self, seq: u32) -> bool {
+        self.origin == Origin::Handshake
+            && self.released.floor() < 0
+            && !self.held.is_empty()
+            && self
+                .held
+                .iter()
+                .all(|h| h.syn && h.len == 0 && !h.fin && !h.rst)
+            && self.pvm_map.is_some_and(|map| map.offset(seq) != -1)
+    }
+
+    /// Drops the held SYN-ACKs the PVM superseded ([`Action::Discard`]) and forgets their
+    /// sequence numbers: the next SYN-ACK is the handshake's, compared as the first one was.
+    fn discard_held_handshake(&mut self, actions: &mut Vec<Action>) {
+        for segment in self.held.drain(..) {
+            self.held_bytes -= segment.len;
+            actions.push(Action::Discard(segment.id));
+        }
+        self.pvm_map = None;
+        self.pvm_end = None;
     }
 
     /// A SYN belongs at offset -1 of a connection that began with a handshake; in a shared

@@ -57,6 +57,7 @@ struct Harness {
     /// The acknowledgement each released packet carried to the client (the PVM's, or the
     /// lowered one) and its window field.
     sent_acks: Vec<(Option<u32>, u16)>,
+    discarded: Vec<PacketId>,
     checkpoints: Vec<CheckpointReason>,
 }
 
@@ -72,6 +73,7 @@ impl Harness {
             pvm_sent: Vec::new(),
             released: Vec::new(),
             sent_acks: Vec::new(),
+            discarded: Vec::new(),
             checkpoints: Vec::new(),
         }
     }
@@ -88,6 +90,19 @@ impl Harness {
                 }
                 Action::CheckpointNeeded(reason) => {
                     self.checkpoints.push(reason);
+                    continue;
+                }
+                Action::Discard(id) => {
+                    let segment = &self.pvm_sent[id.0 as usize];
+                    assert!(
+                        segment.syn && segment.payload.is_empty(),
+                        "{id:?} discarded"
+                    );
+                    assert!(
+                        !self.released.contains(&id),
+                        "{id:?} released, then discarded"
+                    );
+                    self.discarded.push(id);
                     continue;
                 }
             };
@@ -261,6 +276,51 @@ fn a_syn_at_another_sequence_number_is_a_divergence() {
     h.svm(&Owned::syn(1));
     h.svm(&Owned::syn(77)); // a new connection on the same addresses, in the SVM only
     assert_eq!(h.checkpoints, vec![CheckpointReason::SynDiffers]);
+}
+
+#[test]
+fn a_syn_ack_the_pvm_replaced_with_another_handshake_is_dropped_and_the_new_one_compared() {
+    let mut h = Harness::new();
+    // The PVM answers the client's SYN (a SYN cookie), and retransmits that answer: held, as
+    // the SVM (its listen queue full) dropped the SYN.
+    assert!(h.pvm(&Owned::syn(100)).is_empty());
+    assert!(h.pvm(&Owned::syn(100)).is_empty());
+    assert!(h.discarded.is_empty());
+    // The client sent its SYN again; the PVM answers it with a real handshake: the first
+    // answers would get the client reset, so they go, unsent.
+    assert!(h.pvm(&Owned::syn(700)).is_empty());
+    assert_eq!(h.discarded, vec![PacketId(0), PacketId(1)]);
+    // The SVM answers the retransmitted SYN: the new handshake is compared with it.
+    assert_eq!(h.svm(&Owned::syn(9000)), vec![PacketId(2)]);
+    assert!(h.pvm(&Owned::data(701, CLIENT, b"hi")).is_empty());
+    assert_eq!(h.svm(&Owned::data(9001, CLIENT, b"hi")), vec![PacketId(3)]);
+    assert!(h.checkpoints.is_empty());
+}
+
+#[test]
+fn a_released_handshake_is_never_superseded() {
+    let mut h = Harness::new();
+    h.pvm(&Owned::syn(100));
+    assert_eq!(h.svm(&Owned::syn(9000)), vec![PacketId(0)]);
+    // The client has the first SYN-ACK: another one is a divergence, nothing is dropped.
+    assert!(h.pvm(&Owned::syn(700)).is_empty());
+    assert!(h.discarded.is_empty());
+    assert_eq!(h.checkpoints, vec![CheckpointReason::SynDiffers]);
+    assert_eq!(h.comparator.reset(), vec![PacketId(1)]);
+}
+
+#[test]
+fn a_stalled_connection_drops_a_superseded_syn_ack_before_the_checkpoint_releases() {
+    let mut h = Harness::new();
+    h.svm(&Owned::syn(9000));
+    h.svm(&Owned::syn(77)); // the SVM diverged: the connection holds until the checkpoint
+    h.pvm(&Owned::syn(100));
+    h.pvm(&Owned::syn(700));
+    assert_eq!(h.discarded, vec![PacketId(0)]);
+    // The checkpoint releases only the handshake the PVM kept, and carries on after it.
+    assert_eq!(h.comparator.reset(), vec![PacketId(1)]);
+    assert!(h.pvm(&Owned::data(701, CLIENT, b"x")).is_empty());
+    assert_eq!(h.svm(&Owned::data(701, CLIENT, b"x")), vec![PacketId(2)]);
 }
 
 #[test]

@@ -390,6 +390,11 @@ impl ReleaseGate {
                 Action::ReleaseLoweredAck { id, ack, window } => {
                     self.release_lowered(id, ack, window, now, out)
                 }
+                Action::Discard(id) => {
+                    if let Some(held) = self.held.remove(&id) {
+                        self.held_bytes -= held.frame.len();
+                    }
+                }
                 Action::CheckpointNeeded(reason) => {
                     if self.protection == Protection::Protected {
                         out.push(GateOutput::Checkpoint(reason));
@@ -486,6 +491,21 @@ mod tests {
         assert_eq!(&sent[..42], &pvm[..42]);
         assert_eq!(&sent[54..], &pvm[54..], "the data as the PVM sent it");
         assert_eq!(gate.counters().lowered_acks, 1);
+    }
+
+    #[test]
+    fn a_syn_ack_the_pvm_superseded_is_dropped_and_the_new_one_released() {
+        let mut gate = ReleaseGate::new(EngineConfig::default(), Protection::Protected, 3);
+        let mut out = Vec::new();
+        gate.pvm_frame(tcp(1000, 0x12, b""), T, &mut out);
+        let kept = tcp(7000, 0x12, b"");
+        gate.pvm_frame(kept.clone(), T, &mut out);
+        assert!(out.is_empty());
+        assert_eq!((gate.held_packets(), gate.held_bytes()), (1, kept.len()));
+        assert_eq!(gate.counters().superseded_syn_acks, 1);
+        gate.svm_frame(3, tcp(90_000, 0x12, b""), T, &mut out);
+        assert_eq!(released(&out), vec![kept]);
+        assert_eq!(gate.held_packets(), 0);
     }
 
     #[test]

@@ -97,6 +97,7 @@ struct Inner {
     uncompared_bytes: Counter,
     bypassed_bytes: Counter,
     lowered_acks: Counter,
+    superseded_syn_acks: Counter,
     /// Equivalence rule → PVM segments released with a tolerated difference.
     equivalent_segments: Family<RuleLabel, Counter>,
     /// Equivalence rule → bytes of the differing values released.
@@ -162,6 +163,7 @@ impl Inner {
             uncompared_bytes: Counter::default(),
             bypassed_bytes: Counter::default(),
             lowered_acks: Counter::default(),
+            superseded_syn_acks: Counter::default(),
             equivalent_segments: Family::default(),
             equivalent_bytes: Family::default(),
             svm_frames: Counter::default(),
@@ -258,6 +260,12 @@ impl Inner {
                 "PVM segments with data released with their TCP acknowledgement lowered to the \
                  SVM's (the SVM had not yet acknowledged as far as the PVM)",
                 &inner.lowered_acks,
+            ),
+            (
+                "superseded_syn_ack_packets",
+                "PVM SYN-ACKs dropped unsent because the guest answered the client's SYN again \
+                 with another initial sequence number before the first was released",
+                &inner.superseded_syn_acks,
             ),
             (
                 "svm_frames",
@@ -540,6 +548,11 @@ impl Metrics {
     /// The engine's count of segments released with a lowered acknowledgement.
     pub fn set_lowered_acks(&self, packets: u64) {
         set_total(&self.inner.lowered_acks, packets);
+    }
+
+    /// The engine's count of SYN-ACKs the PVM superseded, dropped unsent.
+    pub fn set_superseded_syn_acks(&self, packets: u64) {
+        set_total(&self.inner.superseded_syn_acks, packets);
     }
 
     /// Packets and bytes held right now.
@@ -890,6 +903,7 @@ mod tests {
         m.set_bypassed(900);
         m.set_bypassed(1000);
         m.set_lowered_acks(7);
+        m.set_superseded_syn_acks(2);
         m.set_equivalent("tcp:80 header Date", 1, 29);
         m.set_equivalent("tcp:80 header Date", 3, 87);
         m.set_bridged(BridgeCounts {
@@ -914,6 +928,7 @@ mod tests {
             "colo_proxyd_qemu_filters_recreated_total{filter=\"f1\"} 2",
             "colo_proxyd_bypassed_bytes_total 1000",
             "colo_proxyd_lowered_ack_packets_total 7",
+            "colo_proxyd_superseded_syn_ack_packets_total 2",
             "colo_proxyd_equivalent_segments_total{rule=\"tcp:80 header Date\"} 3",
             "colo_proxyd_equivalent_bytes_total{rule=\"tcp:80 header Date\"} 87",
             "colo_proxyd_failover_bridged_frames_total{direction=\"out_of_svm\"} 7",

@@ -497,6 +497,8 @@ impl PrimaryRole {
         let counters = self.gate.counters();
         self.metrics.set_bypassed(counters.bypassed_bytes);
         self.metrics.set_lowered_acks(counters.lowered_acks);
+        self.metrics
+            .set_superseded_syn_acks(counters.superseded_syn_acks);
         for (rule, count) in self
             .equivalent_rules
             .iter()

@@ -221,6 +221,9 @@ pub struct EngineCounters {
     /// PVM segments released with their acknowledgement lowered to the SVM's
     /// ([`Action::ReleaseLoweredAck`]).
     pub lowered_acks: u64,
+    /// PVM SYN-ACKs dropped unsent because the PVM replaced them with another handshake
+    /// ([`Action::Discard`]).
+    pub superseded_syn_acks: u64,
 }
 
 /// What was released under one equivalence rule: PVM segments whose bytes differed from the
@@ -710,12 +713,14 @@ impl ComparisonEngine {
 
     fn emit(&mut self, mut produced: Vec<Action>, actions: &mut Vec<Action>) {
         for action in &produced {
-            if let Some(id) = action.released() {
+            if let Some(id) = action.settled() {
                 self.arrivals.remove(&id);
                 self.held_syns.remove(&id);
             }
-            if matches!(action, Action::ReleaseLoweredAck { .. }) {
-                self.counters.lowered_acks += 1;
+            match action {
+                Action::ReleaseLoweredAck { .. } => self.counters.lowered_acks += 1,
+                Action::Discard(_) => self.counters.superseded_syn_acks += 1,
+                _ => {}
             }
         }
         actions.append(&mut produced);
