@@ -285,6 +285,8 @@ enum Verdict {
 #[derive(Debug, Default)]
 struct SvmControl {
     syn: bool,
+    /// The SVM sent something besides SYN-ACKs (data, a FIN, an RST, an ACK).
+    past_handshake: bool,
     fin: Option<i64>,
     rst: bool,
     /// The furthest acknowledgement the SVM sent.
@@ -610,13 +612,23 @@ impl StreamComparator {
                 return;
             }
         };
-        let start = map.offset(segment.seq);
+        let mut start = map.offset(segment.seq);
         if segment.syn {
             if !self.syn_is_consistent(start) {
-                self.stall(CheckpointReason::SynDiffers, actions);
-                return;
+                if !self.svm_replaces_its_handshake(segment) {
+                    self.stall(CheckpointReason::SynDiffers, actions);
+                    return;
+                }
+                // The SVM answered the client's SYN again, from a real handshake after a SYN
+                // cookie's answer (see `Action::Discard` for the PVM's case): its numbers
+                // start at this SYN now, as the secondary's rewriting does (a client SYN
+                // makes it learn the SVM's ISN anew).
+                self.svm_map = Some(SequenceMap::new(segment.seq, -1));
+                start = -1;
             }
             self.svm.syn = true;
+        } else {
+            self.svm.past_handshake = true;
         }
         let data_start = start + i64::from(segment.syn);
         let data_end = data_start + segment.payload.len() as i64;
@@ -702,6 +714,19 @@ impl StreamComparator {
                 .iter()
                 .all(|h| h.syn && h.len == 0 && !h.fin && !h.rst)
             && self.pvm_map.is_some_and(|map| map.offset(seq) != -1)
+    }
+
+    /// Whether the SVM's SYN-ACK `segment`, at another number than its first, replaces that
+    /// handshake: the connection began with one and the SVM sent only SYN-ACKs so far. What
+    /// the first SYN-ACK let go was only the PVM's SYN-ACK, which this one matches as well.
+    fn svm_replaces_its_handshake(&self, segment: &Segment<'_>) -> bool {
+        segment.ack.is_some()
+            && !segment.fin
+            && !segment.rst
+            && segment.payload.is_empty()
+            && self.origin == Origin::Handshake
+            && self.svm.syn
+            && !self.svm.past_handshake
     }
 
     /// Drops the held SYN-ACKs the PVM superseded ([`Action::Discard`]) and forgets their

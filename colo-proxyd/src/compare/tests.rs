@@ -274,7 +274,34 @@ fn a_syn_at_another_sequence_number_is_a_divergence() {
     let mut h = Harness::new();
     h.pvm(&Owned::syn(1));
     h.svm(&Owned::syn(1));
-    h.svm(&Owned::syn(77)); // a new connection on the same addresses, in the SVM only
+    // The SVM opens a new connection on the same addresses, alone.
+    h.svm(&Owned {
+        ack: None,
+        ..Owned::syn(77)
+    });
+    assert_eq!(h.checkpoints, vec![CheckpointReason::SynDiffers]);
+}
+
+#[test]
+fn an_svm_that_answers_the_clients_syn_again_at_another_number_is_followed() {
+    let mut h = Harness::new();
+    h.pvm(&Owned::syn(100));
+    // A SYN cookie's answer: it lets the PVM's SYN-ACK go.
+    assert_eq!(h.svm(&Owned::syn(9000)), vec![PacketId(0)]);
+    // The client's SYN came again; the SVM answers it with a real handshake.
+    assert!(h.svm(&Owned::syn(9500)).is_empty());
+    assert!(h.pvm(&Owned::data(101, CLIENT, b"hi")).is_empty());
+    assert_eq!(h.svm(&Owned::data(9501, CLIENT, b"hi")), vec![PacketId(1)]);
+    assert!(h.checkpoints.is_empty());
+}
+
+#[test]
+fn an_svm_past_its_handshake_that_sends_another_syn_ack_diverges() {
+    let mut h = Harness::new();
+    h.pvm(&Owned::syn(100));
+    h.svm(&Owned::syn(9000));
+    h.svm(&Owned::data(9001, CLIENT, b""));
+    h.svm(&Owned::syn(9500));
     assert_eq!(h.checkpoints, vec![CheckpointReason::SynDiffers]);
 }
 
@@ -313,7 +340,12 @@ fn a_released_handshake_is_never_superseded() {
 fn a_stalled_connection_drops_a_superseded_syn_ack_before_the_checkpoint_releases() {
     let mut h = Harness::new();
     h.svm(&Owned::syn(9000));
-    h.svm(&Owned::syn(77)); // the SVM diverged: the connection holds until the checkpoint
+    // The SVM opens a connection of its own on these addresses: held until the checkpoint.
+    h.svm(&Owned {
+        ack: None,
+        ..Owned::syn(77)
+    });
+    assert_eq!(h.checkpoints, vec![CheckpointReason::SynDiffers]);
     h.pvm(&Owned::syn(100));
     h.pvm(&Owned::syn(700));
     assert_eq!(h.discarded, vec![PacketId(0)]);
