@@ -167,7 +167,8 @@ fuzz_target!(|input: &[u8]| {
             let frame = frames[*index as usize].ethernet_bytes();
             assert!(
                 is_bare_syn_ack(frame),
-                "discarded a packet that is no bare SYN-ACK"
+                "discarded packet {index}, no bare SYN-ACK: {:?}",
+                parse_ethernet(frame)
             );
         }
     }

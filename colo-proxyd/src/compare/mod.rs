@@ -703,8 +703,9 @@ impl StreamComparator {
     }
 
     /// Whether a PVM SYN-ACK at `seq` replaces the handshake this comparator holds: the
-    /// connection began with a handshake, the PVM sent nothing but SYN-ACKs, all still held
-    /// (nothing released), and this one has another initial sequence number.
+    /// connection began with a handshake, the PVM sent nothing but SYN-ACKs (a SYN of its own
+    /// opened a connection: never dropped), all still held (nothing released), and this one
+    /// has another initial sequence number.
     fn supersedes_held_handshake(&self, seq: u32) -> bool {
         self.origin == Origin::Handshake
             && self.released.floor() < 0
@@ -712,7 +713,7 @@ impl StreamComparator {
             && self
                 .held
                 .iter()
-                .all(|h| h.syn && h.len == 0 && !h.fin && !h.rst)
+                .all(|h| h.syn && h.ack.is_some() && h.len == 0 && !h.fin && !h.rst)
             && self.pvm_map.is_some_and(|map| map.offset(seq) != -1)
     }
 

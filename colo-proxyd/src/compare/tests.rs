@@ -325,6 +325,19 @@ fn a_syn_ack_the_pvm_replaced_with_another_handshake_is_dropped_and_the_new_one_
 }
 
 #[test]
+fn a_syn_the_vm_opened_a_connection_with_is_never_dropped() {
+    let mut h = Harness::new();
+    h.pvm(&Owned {
+        ack: None,
+        ..Owned::syn(100)
+    });
+    h.pvm(&Owned::syn(700));
+    assert!(h.discarded.is_empty());
+    assert_eq!(h.checkpoints, vec![CheckpointReason::SynDiffers]);
+    assert_eq!(h.comparator.reset(), vec![PacketId(0), PacketId(1)]);
+}
+
+#[test]
 fn a_released_handshake_is_never_superseded() {
     let mut h = Harness::new();
     h.pvm(&Owned::syn(100));
