@@ -350,9 +350,15 @@ impl ReleaseGate {
         }
     }
 
+    /// Takes a held packet out of the gate, its bytes no longer counted.
+    fn take_held(&mut self, id: PacketId) -> Option<Held> {
+        let held = self.held.remove(&id)?;
+        self.held_bytes -= held.frame.len();
+        Some(held)
+    }
+
     fn release(&mut self, id: PacketId, now: Duration, out: &mut Vec<GateOutput>) {
-        if let Some(held) = self.held.remove(&id) {
-            self.held_bytes -= held.frame.len();
+        if let Some(held) = self.take_held(id) {
             out.push(GateOutput::Release {
                 held: Some(now.saturating_sub(held.arrived)),
                 // Shared with what the comparison still keeps of it (bytes a reordered
@@ -391,9 +397,7 @@ impl ReleaseGate {
                     self.release_lowered(id, ack, window, now, out)
                 }
                 Action::Discard(id) => {
-                    if let Some(held) = self.held.remove(&id) {
-                        self.held_bytes -= held.frame.len();
-                    }
+                    self.take_held(id);
                 }
                 Action::CheckpointNeeded(reason) => {
                     if self.protection == Protection::Protected {
