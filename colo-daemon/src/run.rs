@@ -15,8 +15,8 @@ use crate::Exit;
 /// `Ok` exits 0; an error is logged ("stopped on an error") and exits 1.
 pub fn until_signal<F, E>(name: &str, daemon: impl FnOnce(CancellationToken) -> F) -> ExitCode
 where
-    F: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+    F: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
 {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -27,10 +27,20 @@ where
     };
     runtime.block_on(async {
         let shutdown = shutdown_on_signal();
-        match daemon(shutdown).await {
-            Ok(()) => Exit::Success.into(),
-            Err(err) => {
+        // On a worker, not on this thread: the daemon's tasks then hand packets to each other
+        // on the worker that runs them, rather than waking this thread through a futex at
+        // every packet (half the latency of a probe through both colo-proxyd daemons under a
+        // flood, docs/memory-bounds.md).
+        match tokio::spawn(daemon(shutdown)).await {
+            Ok(Ok(())) => Exit::Success.into(),
+            Ok(Err(err)) => {
                 tracing::error!(%err, "stopped on an error");
+                Exit::Failed.into()
+            }
+            // A panic ends the process as it would have on this thread.
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            Err(err) => {
+                tracing::error!(%err, "the daemon's task was cancelled");
                 Exit::Failed.into()
             }
         }

@@ -32,7 +32,7 @@ use colo_control::protocol::{EventBody, EventKind};
 use colo_proxyd::codec::{Frame, FrameDecoder, encode};
 use colo_types::Role;
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -141,24 +141,30 @@ impl Writer {
 }
 
 /// Reads every frame the daemon writes to `stream`, counting them; the probe's frames (client
-/// port [`PROBE_PORT`]) go to `probes` as (sequence number, arrival).
+/// port [`PROBE_PORT`]) go to `probes` as (sequence number, arrival). On a thread of its own,
+/// blocked in `read`: an arrival is stamped when the kernel hands it over, not when this
+/// test's runtime, busy writing the flood, gets round to it.
 fn drain(
-    mut stream: TcpStream,
+    stream: TcpStream,
     from_vm: bool,
     count: Arc<AtomicU64>,
     probes: mpsc::UnboundedSender<(u32, Instant)>,
 ) {
-    tokio::spawn(async move {
+    let mut stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
+    std::thread::spawn(move || {
+        use std::io::Read;
         let mut decoder = FrameDecoder::new(false);
         let mut buf = vec![0u8; 1 << 16];
         loop {
+            let now = Instant::now();
             while let Ok(Some(frame)) = decoder.next_frame() {
                 count.fetch_add(1, Ordering::Relaxed);
                 if client_port(&frame.data, from_vm) == PROBE_PORT {
-                    let _ = probes.send((seq_of(&frame.data), Instant::now()));
+                    let _ = probes.send((seq_of(&frame.data), now));
                 }
             }
-            match stream.read(&mut buf).await {
+            match stream.read(&mut buf) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => decoder.feed(&buf[..n]),
             }
@@ -248,21 +254,21 @@ impl Probes {
                 .expect("every probe arrives")
                 .unwrap();
             if let Some(sent) = self.sent.remove(&seq) {
-                latencies.push(at - sent);
+                latencies.push((sent, at - sent));
             }
         }
         Latencies(latencies)
     }
 }
 
-/// A normal client's latencies over some span.
+/// A normal client's exchanges over some span: when each was sent, and its latency.
 #[derive(Clone, Default)]
-struct Latencies(Vec<Duration>);
+struct Latencies(Vec<(Instant, Duration)>);
 
 impl Latencies {
     /// The latency `q` of the way up (0.5: the median).
     fn quantile(&self, q: f64) -> Duration {
-        let mut sorted = self.0.clone();
+        let mut sorted: Vec<Duration> = self.0.iter().map(|(_, latency)| *latency).collect();
         sorted.sort_unstable();
         sorted[((sorted.len() - 1) as f64 * q) as usize]
     }
@@ -270,7 +276,28 @@ impl Latencies {
     fn pooled(all: &[Latencies]) -> Latencies {
         Latencies(all.iter().flat_map(|l| l.0.iter().copied()).collect())
     }
+
+    /// Of the slowest 1 % of the exchanges, how many overlapped a checkpoint (its span, from
+    /// the first barrier to the acknowledged last, widened by a millisecond on each side).
+    fn slowest_during_checkpoints(&self, checkpoints: &[(Instant, Instant)]) -> (usize, usize) {
+        let mut by_latency = self.0.clone();
+        by_latency.sort_unstable_by_key(|(_, latency)| std::cmp::Reverse(*latency));
+        let slowest = &by_latency[..by_latency.len().div_ceil(100)];
+        let margin = Duration::from_millis(1);
+        let overlapping = slowest
+            .iter()
+            .filter(|(sent, latency)| {
+                checkpoints
+                    .iter()
+                    .any(|(start, end)| *start < *sent + *latency + margin && *end + margin > *sent)
+            })
+            .count();
+        (slowest.len(), overlapping)
+    }
 }
+
+/// When each checkpoint ran: from its first barrier to its last acknowledged.
+type CheckpointSpans = Arc<std::sync::Mutex<Vec<(Instant, Instant)>>>;
 
 /// QEMU's and the relay's side of checkpoints: one (the relay's two barriers) at each request
 /// colo-proxyd sends over QMP, and one every [`CHECKPOINT_PERIOD`] without a request (QEMU's
@@ -280,20 +307,21 @@ async fn checkpoints_on_request(
     mut monitor: FakeMonitor,
     mut epoch: u64,
     stop: CancellationToken,
-    done: Arc<AtomicU64>,
+    done: CheckpointSpans,
 ) -> u64 {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return epoch,
             _ = monitor.recv_named("migrate-set-parameters", CHECKPOINT_PERIOD) => {}
         }
+        let start = Instant::now();
         for kind in [EventKind::SvmEpochClosed, EventKind::CheckpointAdopted] {
             hub.barrier(EventBody::new(kind, epoch), Duration::from_secs(10))
                 .await
                 .expect("barrier acknowledged");
         }
         epoch += 1;
-        done.fetch_add(1, Ordering::Relaxed);
+        done.lock().unwrap().push((start, Instant::now()));
     }
 }
 
@@ -395,7 +423,7 @@ async fn a_flood_of_connections_stays_within_the_bounds_through_checkpoints_and_
 
     // --- Phase 1: COLO. ---
     let stop = CancellationToken::new();
-    let checkpoints = Arc::new(AtomicU64::new(0));
+    let checkpoints = CheckpointSpans::default();
     let qemu = tokio::spawn(checkpoints_on_request(
         hub.clone(),
         monitor,
@@ -471,7 +499,7 @@ async fn a_flood_of_connections_stays_within_the_bounds_through_checkpoints_and_
         eprintln!(
             "COLO round {round}: {} checkpoints so far; primary flows {}, RSS {} KiB; \
              secondary connections {}, RSS {} KiB",
-            checkpoints.load(Ordering::Relaxed),
+            checkpoints.lock().unwrap().len(),
             flows_seen[flows_seen.len() - 2],
             rss[rss.len() - 1].0,
             flows_seen[flows_seen.len() - 1],
@@ -483,6 +511,11 @@ async fn a_flood_of_connections_stays_within_the_bounds_through_checkpoints_and_
         "a normal client's answer released after",
         &idle,
         &during,
+    );
+    let (slowest, overlapping) =
+        Latencies::pooled(&during).slowest_during_checkpoints(&checkpoints.lock().unwrap());
+    eprintln!(
+        "COLO: of the flood's {slowest} slowest exchanges, {overlapping} overlapped a checkpoint"
     );
     assert!(
         flows_seen.iter().all(|&n| n <= MAX_FLOWS.max(MAX_REWRITE)),

@@ -26,6 +26,8 @@
 //!   primary's mirror is ignored. The offsets stay those in force at the failover: no
 //!   checkpoint resets them any more, and a connection opened afterwards learns offset 0.
 
+mod syn_wait;
+
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -34,6 +36,7 @@ use crate::packet::{FlowKey, Network, Transport, parse_ethernet};
 use crate::rewrite::{
     ChecksumState, Rewrite, RewriteCounters, RewriteError, RewriteLimits, RewriteTable,
 };
+use syn_wait::SynWait;
 
 /// Packets kept at most in each queue of packets held (between `svm-epoch-closed` and
 /// `checkpoint-adopted`) or waiting for an SVM SYN, and their bytes; beyond either, the
@@ -115,6 +118,11 @@ impl<T: Queued> FrameQueue<T> {
                 *dropped += 1;
             }
         }
+    }
+
+    /// The frames, oldest first.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
+        self.frames.iter()
     }
 
     /// Every frame, oldest first; the queue is empty afterwards.
@@ -203,7 +211,7 @@ pub struct SvmPath {
     held_inbound: FrameQueue,
     held_output: FrameQueue,
     /// Client ACKs waiting for their connection's SVM SYN.
-    waiting_syn: FrameQueue<(FlowKey, Vec<u8>)>,
+    waiting_syn: SynWait,
     /// Packets from the network that arrived before the failover event.
     held_network: FrameQueue,
     /// The next idle scan of the table is due at this time.
@@ -233,7 +241,7 @@ impl SvmPath {
             closed: false,
             held_inbound: FrameQueue::new(MAX_HELD, MAX_HELD_BYTES),
             held_output: FrameQueue::new(MAX_HELD, MAX_HELD_BYTES),
-            waiting_syn: FrameQueue::new(MAX_HELD, MAX_HELD_BYTES),
+            waiting_syn: SynWait::new(MAX_HELD, MAX_HELD_BYTES),
             held_network: FrameQueue::new(MAX_NETWORK_HELD, MAX_NETWORK_HELD_BYTES),
             next_expiry: Duration::ZERO,
             exported: Default::default(),
@@ -381,7 +389,7 @@ impl SvmPath {
             Ok(Rewrite::WaitForSvmSyn) => match tcp_key(&frame) {
                 Some(key) => self
                     .waiting_syn
-                    .push((key.reversed(), frame), &mut self.dropped),
+                    .push(key.reversed(), frame, &mut self.dropped),
                 // Cannot be: the table parsed it. Never lose it: on it goes, as it is.
                 None => out.push(SvmOutput::ToSvm(frame)),
             },
@@ -394,7 +402,7 @@ impl SvmPath {
                     tracing::error!(
                         connections,
                         suppressed,
-                        "rewrite table full of connections whose sequence offsets must be                          kept: a new connection's SYN into the SVM is dropped (see                          --rewrite-max-connections)"
+                        "rewrite table full of connections whose sequence offsets must be kept: a new connection's SYN into the SVM is dropped (see --rewrite-max-connections)"
                     );
                 }
             }
@@ -463,7 +471,7 @@ impl SvmPath {
             && !self.waiting_syn.is_empty()
         {
             // The SVM SYN may have taught the offset its connection's waiting ACKs need.
-            for (_, frame) in self.waiting_syn.extract(|(waiting, _)| *waiting == key) {
+            for frame in self.waiting_syn.take_for(&key) {
                 self.inject(frame, out);
             }
         }

@@ -32,8 +32,8 @@
 //!
 //! Bounds: the bytes held by all connections ([`MAX_PACED_BYTES`]; a segment that would pass
 //! it goes on at once, and the SVM may drop it as it would without the pacer); the time one
-//! waits ([`MAX_PACE_WAIT`]; a window update the pacer missed must not stall a connection
-//! for longer); the connections followed ([`MAX_PACED_CONNECTIONS`]; a new one beyond is not
+//! waits ([`MAX_PACE_WAIT`], checked every [`OVERDUE_SCAN`]; a window update the pacer
+//! missed must not stall a connection for longer); the connections followed ([`MAX_PACED_CONNECTIONS`]; a new one beyond is not
 //! paced).
 
 use std::collections::{HashMap, VecDeque};
@@ -58,6 +58,10 @@ const IDLE: Duration = Duration::from_secs(7440);
 const CLOSED_IDLE: Duration = Duration::from_secs(120);
 /// How often the table is scanned for idle connections, at most.
 const EXPIRY_SCAN: Duration = Duration::from_secs(1);
+/// How often the table is scanned for segments waiting past [`MAX_PACE_WAIT`], at most: the
+/// role loop ticks the pacer at every packet, and a scan walks every connection. A segment so
+/// waits at most `MAX_PACE_WAIT + OVERDUE_SCAN`.
+pub const OVERDUE_SCAN: Duration = Duration::from_millis(100);
 
 /// Running totals for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -144,6 +148,28 @@ fn fields(frame: &[u8], from_vm: bool) -> Option<Fields> {
     })
 }
 
+/// What waits, over all connections: kept as segments come and go, so that the role loop's
+/// per-packet metrics never walk the table.
+#[derive(Debug, Default, Clone, Copy)]
+struct Held {
+    /// Connections with segments waiting.
+    connections: usize,
+    frames: usize,
+    bytes: usize,
+}
+
+impl Held {
+    fn add(&mut self, w: &Waiting) {
+        self.frames += 1;
+        self.bytes += w.frame.len();
+    }
+
+    fn remove(&mut self, w: &Waiting) {
+        self.frames -= 1;
+        self.bytes -= w.frame.len();
+    }
+}
+
 /// Holds mirrored client segments the SVM's receive window cannot take yet; see the module
 /// documentation.
 #[derive(Debug, Default)]
@@ -152,10 +178,10 @@ pub struct WindowPacer {
     /// The shift count of the last SVM SYN or SYN-ACK that carried one: the VM's own, for the
     /// connections whose SYN-ACK the pacer did not see.
     vm_scale: Option<u8>,
-    /// Connections with segments waiting.
-    pacing: usize,
-    bytes: usize,
+    held: Held,
     next_expiry: Duration,
+    /// The next scan for segments waiting past [`MAX_PACE_WAIT`] (see [`OVERDUE_SCAN`]).
+    next_overdue_scan: Duration,
     counters: PacerCounters,
 }
 
@@ -172,13 +198,12 @@ impl WindowPacer {
 
     /// Whether a segment waits (the caller's timer then calls [`Self::tick`]).
     pub fn is_pacing(&self) -> bool {
-        self.pacing > 0
+        self.held.connections > 0
     }
 
     /// Segments and bytes waiting now.
     pub fn waiting(&self) -> (usize, usize) {
-        let frames = self.connections.values().map(|c| c.waiting.len()).sum();
-        (frames, self.bytes)
+        (self.held.frames, self.held.bytes)
     }
 
     /// Connections followed.
@@ -222,24 +247,25 @@ impl WindowPacer {
             out.push(frame);
             return;
         }
-        if self.bytes + frame.len() > MAX_PACED_BYTES {
+        if self.held.bytes + frame.len() > MAX_PACED_BYTES {
             // Over the bound: this connection's segments go on, in their order, and the SVM
             // takes what it can.
             self.counters.overflow += 1 + connection.waiting.len() as u64;
-            Self::release_all_of(connection, &mut self.bytes, &mut self.pacing, out);
+            Self::release_all_of(connection, &mut self.held, out);
             out.push(frame);
             return;
         }
         if connection.waiting.is_empty() {
-            self.pacing += 1;
+            self.held.connections += 1;
         }
         self.counters.paced += 1;
-        self.bytes += frame.len();
-        connection.waiting.push_back(Waiting {
+        let waiting = Waiting {
             frame,
             end,
             since: now,
-        });
+        };
+        self.held.add(&waiting);
+        connection.waiting.push_back(waiting);
     }
 
     /// A frame the SVM sent, at `now`: learns its window; appends to `out` the segments that
@@ -296,35 +322,32 @@ impl WindowPacer {
             && connection.edge.is_none_or(|known| seq_after(edge, known))
         {
             connection.edge = Some(edge);
-            Self::release_fitting(connection, &mut self.bytes, &mut self.pacing, out);
+            Self::release_fitting(connection, &mut self.held, out);
         }
     }
 
-    fn release_fitting(
-        connection: &mut Connection,
-        bytes: &mut usize,
-        pacing: &mut usize,
-        out: &mut Vec<Vec<u8>>,
-    ) {
+    fn release_fitting(connection: &mut Connection, held: &mut Held, out: &mut Vec<Vec<u8>>) {
         let had = !connection.waiting.is_empty();
         while let Some(first) = connection.waiting.front() {
             if !connection.fits(first.end) {
                 break;
             }
             if let Some(w) = connection.waiting.pop_front() {
-                *bytes -= w.frame.len();
+                held.remove(&w);
                 out.push(w.frame);
             }
         }
         if had && connection.waiting.is_empty() {
-            *pacing -= 1;
+            held.connections -= 1;
         }
     }
 
     /// The caller's clock: sends on what waited [`MAX_PACE_WAIT`] (with everything behind it
-    /// on its connection), and forgets idle connections (one scan a second at most).
+    /// on its connection; one scan every [`OVERDUE_SCAN`] at most), and forgets idle
+    /// connections (one scan a second at most).
     pub fn tick(&mut self, now: Duration, out: &mut Vec<Vec<u8>>) {
-        if self.pacing > 0 {
+        if self.held.connections > 0 && now >= self.next_overdue_scan {
+            self.next_overdue_scan = now + OVERDUE_SCAN;
             for connection in self.connections.values_mut() {
                 let overdue = connection
                     .waiting
@@ -332,7 +355,7 @@ impl WindowPacer {
                     .is_some_and(|w| now.saturating_sub(w.since) >= MAX_PACE_WAIT);
                 if overdue {
                     self.counters.overdue += connection.waiting.len() as u64;
-                    Self::release_all_of(connection, &mut self.bytes, &mut self.pacing, out);
+                    Self::release_all_of(connection, &mut self.held, out);
                 }
             }
         }
@@ -346,18 +369,13 @@ impl WindowPacer {
         });
     }
 
-    fn release_all_of(
-        connection: &mut Connection,
-        bytes: &mut usize,
-        pacing: &mut usize,
-        out: &mut Vec<Vec<u8>>,
-    ) {
+    fn release_all_of(connection: &mut Connection, held: &mut Held, out: &mut Vec<Vec<u8>>) {
         if connection.waiting.is_empty() {
             return;
         }
-        *pacing -= 1;
+        held.connections -= 1;
         for w in connection.waiting.drain(..) {
-            *bytes -= w.frame.len();
+            held.remove(&w);
             out.push(w.frame);
         }
     }
@@ -366,7 +384,7 @@ impl WindowPacer {
     /// matters, or is the client's to respect).
     pub fn release_all(&mut self, out: &mut Vec<Vec<u8>>) {
         for connection in self.connections.values_mut() {
-            Self::release_all_of(connection, &mut self.bytes, &mut self.pacing, out);
+            Self::release_all_of(connection, &mut self.held, out);
         }
     }
 
@@ -404,7 +422,7 @@ impl WindowPacer {
 
     fn forget(&mut self, key: &FlowKey, out: &mut Vec<Vec<u8>>) {
         if let Some(mut connection) = self.connections.remove(key) {
-            Self::release_all_of(&mut connection, &mut self.bytes, &mut self.pacing, out);
+            Self::release_all_of(&mut connection, &mut self.held, out);
         }
     }
 }

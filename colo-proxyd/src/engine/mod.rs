@@ -9,7 +9,7 @@ mod classify;
 mod equivalence;
 mod policy;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,6 +89,14 @@ pub const DEFAULT_MAX_HANDSHAKE_HOLD: Duration = Duration::from_millis(500);
 /// How often the table is scanned for idle flows (an O(flows) pass), at most.
 const EXPIRY_SCAN: Duration = Duration::from_secs(1);
 
+/// Released ids [`ComparisonEngine`]'s arrival order may keep beyond twice the held ones
+/// before it is compacted.
+const ARRIVAL_ORDER_SLACK: usize = 1024;
+
+/// Keys of forgotten flows [`ComparisonEngine`]'s eviction order may keep beyond twice the
+/// table before it is compacted.
+const EVICTION_ORDER_SLACK: usize = 1024;
+
 /// A flow active more recently than this is not evicted to make room: the connections in use
 /// keep their state (and their packets flow) while a flood of new ones waits for the
 /// checkpoint that a full table asks for.
@@ -147,13 +155,6 @@ impl FlowComparator {
         match self {
             FlowComparator::Stream(c) => c.buffered_bytes(),
             FlowComparator::Datagram(c) => c.buffered_bytes(),
-        }
-    }
-
-    fn oldest_held(&self) -> Option<PacketId> {
-        match self {
-            FlowComparator::Stream(c) => c.oldest_held(),
-            FlowComparator::Datagram(c) => c.oldest_held(),
         }
     }
 }
@@ -281,12 +282,20 @@ pub struct ComparisonEngine {
     next_expiry: Duration,
     /// Set once a full table found nothing to forget: no scan until the checkpoint.
     table_full: bool,
+    /// The flows' keys in the order the flows came, each one an eviction pass passed over
+    /// moved to the back; with keys of flows forgotten since (see [`Self::make_room`]).
+    eviction_order: VecDeque<FlowKey>,
     /// Set once a flow whose VMs use different sequence numbers was forgotten this epoch: a
     /// segment of an unknown connection that is not a SYN may be one of it, and meeting it
     /// mid-stream would misplace the SVM's bytes, so such segments wait for the checkpoint.
     unaligned_evicted: bool,
     /// When each held PVM packet arrived.
     arrivals: HashMap<PacketId, Duration, BuildHasherDefault<PacketIdHasher>>,
+    /// The held PVM packets in the order they arrived, with some released ones among them
+    /// (taken off the front lazily, compacted when they outnumber the held ones): the hold
+    /// check finds the oldest held packet without walking every flow, which under a flood
+    /// of connections stalled the role loop for a scan of the whole table at every tick.
+    arrival_order: VecDeque<PacketId>,
     /// The held PVM packets that carry a SYN, oldest (lowest id) first: bounded by the held
     /// packets.
     held_syns: BTreeSet<PacketId>,
@@ -327,6 +336,8 @@ impl ComparisonEngine {
             table_full: false,
             unaligned_evicted: false,
             arrivals: HashMap::default(),
+            arrival_order: VecDeque::new(),
+            eviction_order: VecDeque::new(),
             held_syns: BTreeSet::new(),
             held_uncompared: Vec::new(),
             total_buffered: 0,
@@ -390,6 +401,11 @@ impl ComparisonEngine {
         }
         self.now = self.now.max(now);
         self.arrivals.insert(id, now);
+        self.arrival_order.push_back(id);
+        if self.arrival_order.len() > 2 * self.arrivals.len() + ARRIVAL_ORDER_SLACK {
+            let arrivals = &self.arrivals;
+            self.arrival_order.retain(|id| arrivals.contains_key(id));
+        }
         if self.stalled {
             self.held_uncompared.push(id);
             return;
@@ -512,15 +528,9 @@ impl ComparisonEngine {
         if self.timeout_requested {
             return;
         }
-        let oldest = self
-            .flows
-            .values()
-            .filter_map(|flow| flow.comparator.oldest_held())
-            .chain(self.held_uncompared.first().copied())
-            .filter_map(|id| self.arrivals.get(&id))
-            .min();
+        let oldest = self.oldest_arrival();
         let svm_silent = now.saturating_sub(self.svm_last_output) > self.config.max_hold;
-        let Some(waited) = oldest.map(|arrived| now.saturating_sub(*arrived)) else {
+        let Some(waited) = oldest.map(|arrived| now.saturating_sub(arrived)) else {
             return;
         };
         let handshake_waited = self
@@ -567,6 +577,7 @@ impl ComparisonEngine {
         self.counters.flows_expired += expired;
         held.sort_unstable();
         self.arrivals.clear();
+        self.arrival_order.clear();
         self.held_syns.clear();
         self.total_buffered = 0;
         self.stalled = false;
@@ -587,52 +598,65 @@ impl ComparisonEngine {
         self.counters.flows_expired += (before - self.flows.len()) as u64;
     }
 
-    /// The table is full: forgets the longest-idle flows idle for [`EVICT_MIN_IDLE`], an
-    /// eighth of the table at most (so the O(flows) scan is paid once per that many new
-    /// flows). Flows safe to forget go first; when there are none, quiet flows whose VMs use
-    /// different sequence numbers (a SYN flood's half-open handshakes, connections opened
-    /// this epoch) go, and until the checkpoint a new flow must begin with a SYN
-    /// ([`Self::unaligned_evicted`]): a flood then costs its own half-open entries, not a
-    /// checkpoint wait for every new client. Returns whether there is room now.
+    /// The table is full: forgets a flow idle for [`EVICT_MIN_IDLE`], the first such in
+    /// [`Self::eviction_order`] (the order the flows came, each one passed over going to the
+    /// back). A flow safe to forget goes first, one per new flow; when a whole pass finds none,
+    /// quiet flows whose VMs use different sequence numbers (a SYN flood's half-open
+    /// handshakes, connections opened this epoch) go, an eighth of the table at most, and
+    /// until the checkpoint a new flow must begin with a SYN ([`Self::unaligned_evicted`]): a
+    /// flood then costs its own half-open entries, not a checkpoint wait for every new
+    /// client. A pass resumes where the last one stopped, so making room costs a few steps per
+    /// new flow rather than a scan of the table at once, which under a flood stalled the role
+    /// loop for half a millisecond every few hundred connections. Returns whether there is
+    /// room now.
     fn make_room(&mut self) -> bool {
         if self.table_full {
             return false;
         }
         let now = self.now;
         let idle_enough = |flow: &Flow| now.saturating_sub(flow.last_active) >= EVICT_MIN_IDLE;
-        let mut candidates: Vec<(Duration, FlowKey)> = self
-            .flows
-            .iter()
-            .filter(|(_, flow)| idle_enough(flow) && flow.comparator.is_forgettable())
-            .map(|(key, flow)| (flow.last_active, *key))
-            .collect();
-        let aligned = !candidates.is_empty();
-        if !aligned {
-            candidates.extend(
-                self.flows
-                    .iter()
-                    .filter(|(_, flow)| idle_enough(flow) && flow.comparator.is_quiet())
-                    .map(|(key, flow)| (flow.last_active, *key)),
-            );
+        let batch = (self.config.max_flows / 8).max(1);
+        let mut quiet = Vec::new();
+        for _ in 0..self.eviction_order.len() {
+            let Some(key) = self.eviction_order.pop_front() else {
+                break;
+            };
+            // A flow forgotten meanwhile (expired, finished, reset) leaves its key behind.
+            let Some(flow) = self.flows.get(&key) else {
+                continue;
+            };
+            if idle_enough(flow) && flow.comparator.is_forgettable() {
+                self.flows.remove(&key);
+                self.counters.flows_evicted += 1;
+                return true;
+            }
+            if quiet.len() < batch && idle_enough(flow) && flow.comparator.is_quiet() {
+                quiet.push(key);
+            }
+            self.eviction_order.push_back(key);
         }
-        if candidates.is_empty() {
+        if quiet.is_empty() {
             self.table_full = true;
             return false;
         }
-        let evict = (self.config.max_flows / 8).clamp(1, candidates.len());
-        if evict < candidates.len() {
-            candidates.select_nth_unstable(evict - 1);
-        }
-        for (_, key) in &candidates[..evict] {
+        for key in &quiet {
             self.flows.remove(key);
         }
-        if aligned {
-            self.counters.flows_evicted += evict as u64;
-        } else {
-            self.unaligned_evicted = true;
-            self.counters.flows_evicted_unaligned += evict as u64;
-        }
+        self.unaligned_evicted = true;
+        self.counters.flows_evicted_unaligned += quiet.len() as u64;
         self.flows.len() < self.config.max_flows
+    }
+
+    /// Adds a new flow's key to [`Self::eviction_order`], which is compacted (the keys of
+    /// forgotten flows and repeated keys dropped) when it grows past twice the table.
+    fn note_new_flow(&mut self, key: FlowKey) {
+        self.eviction_order.push_back(key);
+        if self.eviction_order.len() > 2 * self.flows.len() + EVICTION_ORDER_SLACK {
+            let flows = &self.flows;
+            let mut seen = HashSet::with_capacity(flows.len());
+            self.eviction_order
+                .retain(|key| flows.contains_key(key) && seen.insert(*key));
+        }
     }
 
     /// A packet's new flow found no room: asks for the checkpoint that makes room (once per
@@ -671,6 +695,7 @@ impl ComparisonEngine {
             if self.flows.len() >= self.config.max_flows && !self.make_room() {
                 return false;
             }
+            self.note_new_flow(key);
         }
         let now = self.now;
         let flow = self.flows.entry(key).or_insert_with(|| Flow {
@@ -699,6 +724,18 @@ impl ComparisonEngine {
             );
         }
         true
+    }
+
+    /// When the oldest PVM packet still held arrived (the caller's clock never goes back, so
+    /// the first in arrival order is the oldest).
+    fn oldest_arrival(&mut self) -> Option<Duration> {
+        while let Some(id) = self.arrival_order.front() {
+            if let Some(arrived) = self.arrivals.get(id) {
+                return Some(*arrived);
+            }
+            self.arrival_order.pop_front();
+        }
+        None
     }
 
     /// How far a connection may grow beyond what it keeps now: the free part of the total

@@ -270,6 +270,44 @@ fn a_full_table_of_flows_it_must_keep_holds_new_flows_and_asks_for_one_checkpoin
     assert_eq!(run.engine.counters().flows_evicted, 1);
 }
 
+/// A full table forgets, for each new flow, the first idle flow in the order the flows came,
+/// passing over the ones in use (which an eviction pass then moves to the back).
+#[test]
+fn a_new_flow_takes_the_place_of_an_idle_flow_never_of_one_in_use() {
+    let mut run = Run::new(small_table());
+    for port in 0..4 {
+        run.pvm_at(&port_frame(port, 100, SYN_ACK, b""), ms(0));
+        run.svm(&port_frame(port, 100, SYN_ACK, b""));
+    }
+    assert_eq!(run.take(), released(&[0, 1, 2, 3]));
+    // The first two connections, the oldest, are in use.
+    for port in 0..2 {
+        run.pvm_at(&port_frame(port, 101, PSH_ACK, b"a"), ms(1500));
+        run.svm(&port_frame(port, 101, PSH_ACK, b"a"));
+    }
+    assert_eq!(run.take(), released(&[4, 5]));
+    for port in 7..9 {
+        let id = run.pvm_at(&port_frame(port, 100, SYN_ACK, b""), ms(1600));
+        run.svm(&port_frame(port, 100, SYN_ACK, b""));
+        assert_eq!(run.take(), released(&[id.0]));
+    }
+    assert_eq!(run.engine.counters().flows_evicted, 2);
+    // Connections 0 and 1 are still compared where they are...
+    let kept = run.pvm_at(&port_frame(0, 102, PSH_ACK, b"b"), ms(1700));
+    run.svm(&port_frame(0, 102, PSH_ACK, b"b"));
+    assert_eq!(run.take(), released(&[kept.0]));
+    // ...while 2 and 3 were forgotten: a segment of 2 is a new flow, and nothing is idle
+    // enough to make room for it now.
+    run.pvm_at(&port_frame(2, 101, PSH_ACK, b"c"), ms(1700));
+    assert_eq!(
+        run.take(),
+        vec![Action::CheckpointNeeded(CheckpointReason::FlowTableFull {
+            flows: 4
+        })]
+    );
+    assert_eq!(run.engine.counters().flows_evicted, 2);
+}
+
 /// A SYN flood fills the table with half-open handshakes whose ISNs differ between the VMs.
 /// A new client's connection takes the place of the longest-idle one at once (no checkpoint
 /// wait); until the checkpoint, a segment of an unknown connection that is not a SYN might be

@@ -162,7 +162,10 @@ fn a_segment_waits_at_most_the_bound_and_takes_its_followers_along() {
     pacer.to_svm(behind.clone(), 500 * MS, &mut out);
     pacer.tick(10 * MS + MAX_PACE_WAIT - MS, &mut out);
     assert!(out.is_empty());
+    // Overdue now, but the last scan was less than `OVERDUE_SCAN` ago.
     pacer.tick(10 * MS + MAX_PACE_WAIT, &mut out);
+    assert!(out.is_empty());
+    pacer.tick(10 * MS + MAX_PACE_WAIT - MS + super::OVERDUE_SCAN, &mut out);
     assert_eq!(out, vec![late, behind]);
     assert_eq!(pacer.counters().overdue, 2);
     assert!(!pacer.is_pacing());
