@@ -536,3 +536,37 @@ fn a_bulk_transfer_uses_the_free_total_budget_not_just_its_own_bound() {
     assert!(!checkpoints(&actions).is_empty(), "{actions:?}");
     assert!(!actions.iter().any(|a| matches!(a, Action::Release(_))));
 }
+
+/// What a checkpoint's reset of the comparison costs with a full default table (65,000
+/// connections): once after every connection sent (each comparator rebuilt), once more with
+/// all of them idle since (each only read). Printed, not asserted (docs/memory-bounds.md):
+/// `cargo test --release -p colo-proxyd --lib checkpoint_reset -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement; run it in release"]
+fn checkpoint_reset_of_a_full_table_rebuilds_only_the_connections_used_since() {
+    const CONNECTIONS: u32 = 65_000;
+    let mut run = Run::new(EngineConfig::default());
+    for i in 0..CONNECTIONS {
+        let mut frame = port_frame((i % 60_000) as u16, 100, SYN_ACK, b"");
+        // Another client address for every 60,000 ports (the IPv4 destination).
+        frame[30..34].copy_from_slice(&(0x0a00_0100 + i / 60_000).to_be_bytes());
+        run.pvm_at(&frame, ms(0));
+        run.svm(&frame);
+    }
+    assert_eq!(
+        run.take().len(),
+        CONNECTIONS as usize,
+        "every SYN-ACK released"
+    );
+    assert_eq!(run.engine.flows(), CONNECTIONS as usize);
+    for what in ["every connection used", "every connection idle"] {
+        let start = std::time::Instant::now();
+        assert!(run.engine.reset().is_empty(), "nothing was held");
+        eprintln!(
+            "reset of {} connections, {what} since the last: {:?}",
+            run.engine.flows(),
+            start.elapsed()
+        );
+        assert_eq!(run.engine.flows(), CONNECTIONS as usize);
+    }
+}
