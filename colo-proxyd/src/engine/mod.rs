@@ -97,6 +97,10 @@ const ARRIVAL_ORDER_SLACK: usize = 1024;
 /// table before it is compacted.
 const EVICTION_ORDER_SLACK: usize = 1024;
 
+/// Flows a full table compares to pick the one it forgets (see
+/// [`ComparisonEngine::make_room`]).
+const EVICTION_SAMPLE: usize = 16;
+
 /// A flow active more recently than this is not evicted to make room: the connections in use
 /// keep their state (and their packets flow) while a flood of new ones waits for the
 /// checkpoint that a full table asks for.
@@ -155,6 +159,20 @@ impl FlowComparator {
         match self {
             FlowComparator::Stream(c) => c.buffered_bytes(),
             FlowComparator::Datagram(c) => c.buffered_bytes(),
+        }
+    }
+}
+
+/// Names the connection whose comparison asked for a checkpoint, and which VM's packet made
+/// it ask: the daemon's own line gives the reason but not the connection, and finding which
+/// connection diverges (a header that differs, a handshake the guests answered differently)
+/// is the first step in tuning (`docs/proxyd-link.md`). A comparator asks once and then only
+/// holds until the checkpoint, so this logs once per comparator and epoch (a connection, or
+/// a new one on the same ports).
+fn log_connection_checkpoints(key: &FlowKey, packet_from: &'static str, produced: &[Action]) {
+    for action in produced {
+        if let Action::CheckpointNeeded(reason) = action {
+            tracing::info!(connection = %key, packet_from, ?reason, "a connection's comparison asks for a checkpoint");
         }
     }
 }
@@ -264,7 +282,8 @@ fn new_stream(
 /// The flow table is bounded ([`EngineConfig::max_flows`]). A flow whose state is safe to
 /// forget (nothing held or kept, both VMs on the same sequence numbers: see
 /// [`StreamComparator::is_forgettable`]) is forgotten once idle for
-/// [`EngineConfig::flow_idle`], and earlier, longest idle first, when a new flow needs room.
+/// [`EngineConfig::flow_idle`], and earlier, about the longest idle first, when a new flow
+/// needs room.
 /// When none is, a quiet flow whose VMs use different sequence numbers is forgotten instead
 /// (a SYN flood's half-open handshakes), and until the next checkpoint a new flow must begin
 /// with a SYN: a segment met mid-stream might belong to such a flow, whose SVM bytes would be
@@ -430,6 +449,7 @@ impl ComparisonEngine {
                     // Until it is released (`emit`) or handed back (`reset`).
                     self.held_syns.insert(id);
                 }
+                let before = produced.len();
                 let admitted = self.with_flow(key, segment.syn, create, |flow| {
                     match stream_flow(flow, limits, rules, &key, segment.syn) {
                         Some(comparator) => {
@@ -439,6 +459,7 @@ impl ComparisonEngine {
                         None => misrouted = true,
                     }
                 });
+                log_connection_checkpoints(&key, "pvm", &produced[before..]);
                 if !admitted {
                     self.refuse_flow(&mut produced);
                 }
@@ -450,11 +471,13 @@ impl ComparisonEngine {
                 let window = self.config.reorder_window;
                 let mut misrouted = false;
                 let create = || FlowComparator::Datagram(DatagramComparator::new(window));
+                let before = produced.len();
                 let admitted =
                     self.with_flow(key, true, create, |flow| match datagram_flow(flow) {
                         Some(comparator) => comparator.push_pvm(id, &bytes, &mut produced),
                         None => misrouted = true,
                     });
+                log_connection_checkpoints(&key, "pvm", &produced[before..]);
                 if !admitted {
                     self.refuse_flow(&mut produced);
                 }
@@ -484,12 +507,14 @@ impl ComparisonEngine {
                 let rules = self.rules.clone();
                 let rules = rules.as_deref();
                 let create = || FlowComparator::Stream(new_stream(limits, rules, &key));
+                let before = produced.len();
                 let admitted = self.with_flow(key, segment.syn, create, |flow| {
                     if let Some(comparator) = stream_flow(flow, limits, rules, &key, segment.syn) {
                         comparator.allow(headroom);
                         comparator.push_svm(&segment, &mut produced);
                     }
                 });
+                log_connection_checkpoints(&key, "svm", &produced[before..]);
                 if !admitted {
                     // Not kept: the PVM's packets of this flow wait for the checkpoint.
                     self.refuse_flow(&mut produced);
@@ -502,11 +527,13 @@ impl ComparisonEngine {
                 self.svm_last_output = self.now;
                 let window = self.config.reorder_window;
                 let create = || FlowComparator::Datagram(DatagramComparator::new(window));
+                let before = produced.len();
                 let admitted = self.with_flow(key, true, create, |flow| {
                     if let Some(comparator) = datagram_flow(flow) {
                         comparator.push_svm(&bytes, &mut produced);
                     }
                 });
+                log_connection_checkpoints(&key, "svm", &produced[before..]);
                 if !admitted {
                     self.refuse_flow(&mut produced);
                 }
@@ -598,17 +625,17 @@ impl ComparisonEngine {
         self.counters.flows_expired += (before - self.flows.len()) as u64;
     }
 
-    /// The table is full: forgets a flow idle for [`EVICT_MIN_IDLE`], the first such in
-    /// [`Self::eviction_order`] (the order the flows came, each one passed over going to the
-    /// back). A flow safe to forget goes first, one per new flow; when a whole pass finds none,
-    /// quiet flows whose VMs use different sequence numbers (a SYN flood's half-open
-    /// handshakes, connections opened this epoch) go, an eighth of the table at most, and
-    /// until the checkpoint a new flow must begin with a SYN ([`Self::unaligned_evicted`]): a
-    /// flood then costs its own half-open entries, not a checkpoint wait for every new
-    /// client. A pass resumes where the last one stopped, so making room costs a few steps per
-    /// new flow rather than a scan of the table at once, which under a flood stalled the role
-    /// loop for half a millisecond every few hundred connections. Returns whether there is
-    /// room now.
+    /// The table is full: forgets a flow idle for [`EVICT_MIN_IDLE`], the longest idle of the
+    /// first [`EVICTION_SAMPLE`] such flows in [`Self::eviction_order`] (the order the flows
+    /// came, each one passed over going to the back): nearly the longest idle of all, as a
+    /// scan of the table would find, for a few steps per new flow. The scan it replaces,
+    /// made once every eighth of the table, stalled the role loop for half a millisecond at
+    /// 4,096 flows under a flood. A flow safe to forget goes first, one per new flow; when a
+    /// whole pass finds none, quiet flows whose VMs use different sequence numbers (a SYN
+    /// flood's half-open handshakes, connections opened this epoch) go, an eighth of the
+    /// table at most, and until the checkpoint a new flow must begin with a SYN
+    /// ([`Self::unaligned_evicted`]): a flood then costs its own half-open entries, not a
+    /// checkpoint wait for every new client. Returns whether there is room now.
     fn make_room(&mut self) -> bool {
         if self.table_full {
             return false;
@@ -616,8 +643,13 @@ impl ComparisonEngine {
         let now = self.now;
         let idle_enough = |flow: &Flow| now.saturating_sub(flow.last_active) >= EVICT_MIN_IDLE;
         let batch = (self.config.max_flows / 8).max(1);
-        let mut quiet = Vec::new();
+        // Idle enough and safe to forget: (last active, key).
+        let mut sample: Vec<(Duration, FlowKey)> = Vec::new();
+        let mut quiet: HashSet<FlowKey> = HashSet::new();
         for _ in 0..self.eviction_order.len() {
+            if sample.len() == EVICTION_SAMPLE {
+                break;
+            }
             let Some(key) = self.eviction_order.pop_front() else {
                 break;
             };
@@ -625,15 +657,20 @@ impl ComparisonEngine {
             let Some(flow) = self.flows.get(&key) else {
                 continue;
             };
-            if idle_enough(flow) && flow.comparator.is_forgettable() {
-                self.flows.remove(&key);
-                self.counters.flows_evicted += 1;
-                return true;
-            }
-            if quiet.len() < batch && idle_enough(flow) && flow.comparator.is_quiet() {
-                quiet.push(key);
+            if idle_enough(flow) {
+                if flow.comparator.is_forgettable() {
+                    sample.push((flow.last_active, key));
+                } else if quiet.len() < batch && flow.comparator.is_quiet() {
+                    quiet.insert(key);
+                }
             }
             self.eviction_order.push_back(key);
+        }
+        if let Some(&(_, key)) = sample.iter().min() {
+            // Its key stays behind in the order, as a forgotten flow's does.
+            self.flows.remove(&key);
+            self.counters.flows_evicted += 1;
+            return true;
         }
         if quiet.is_empty() {
             self.table_full = true;
@@ -648,14 +685,15 @@ impl ComparisonEngine {
     }
 
     /// Adds a new flow's key to [`Self::eviction_order`], which is compacted (the keys of
-    /// forgotten flows and repeated keys dropped) when it grows past twice the table.
+    /// forgotten flows and repeated keys dropped) when it grows past twice the table. Called
+    /// before the flow is in the table: its key is kept.
     fn note_new_flow(&mut self, key: FlowKey) {
         self.eviction_order.push_back(key);
         if self.eviction_order.len() > 2 * self.flows.len() + EVICTION_ORDER_SLACK {
             let flows = &self.flows;
-            let mut seen = HashSet::with_capacity(flows.len());
+            let mut seen = HashSet::with_capacity(flows.len() + 1);
             self.eviction_order
-                .retain(|key| flows.contains_key(key) && seen.insert(*key));
+                .retain(|k| (*k == key || flows.contains_key(k)) && seen.insert(*k));
         }
     }
 

@@ -270,8 +270,8 @@ fn a_full_table_of_flows_it_must_keep_holds_new_flows_and_asks_for_one_checkpoin
     assert_eq!(run.engine.counters().flows_evicted, 1);
 }
 
-/// A full table forgets, for each new flow, the first idle flow in the order the flows came,
-/// passing over the ones in use (which an eviction pass then moves to the back).
+/// A full table forgets, for each new flow, the longest idle of the idle flows it samples in
+/// the order the flows came, passing over the ones in use (which it moves to the back).
 #[test]
 fn a_new_flow_takes_the_place_of_an_idle_flow_never_of_one_in_use() {
     let mut run = Run::new(small_table());
@@ -308,8 +308,40 @@ fn a_new_flow_takes_the_place_of_an_idle_flow_never_of_one_in_use() {
     assert_eq!(run.engine.counters().flows_evicted, 2);
 }
 
+/// Every flow in the table stays in the eviction order, also when a new flow's arrival
+/// compacts the order (thousands of flows forgotten before it, their keys left behind).
+#[test]
+fn a_new_flow_stays_evictable_when_its_arrival_compacts_the_eviction_order() {
+    let mut run = Run::new(EngineConfig {
+        max_flows: 4096,
+        flow_idle: Duration::from_secs(30),
+        ..EngineConfig::default()
+    });
+    let connections = super::EVICTION_ORDER_SLACK as u16 + 100;
+    for port in 0..connections {
+        let id = run.pvm_at(&port_frame(port, 100, SYN_ACK, b""), ms(0));
+        run.svm(&port_frame(port, 100, SYN_ACK, b""));
+        assert_eq!(run.take(), released(&[id.0]));
+    }
+    // All idle past `flow_idle`: the idle scan forgets them, their keys stay in the order.
+    let mut actions = Vec::new();
+    run.engine.check_hold_time(ms(40_000), &mut actions);
+    assert_eq!(run.engine.flows(), 0);
+    assert_eq!(run.engine.eviction_order.len(), usize::from(connections));
+    let port = connections + 1;
+    let id = run.pvm_at(&port_frame(port, 100, SYN_ACK, b""), ms(40_000));
+    run.svm(&port_frame(port, 100, SYN_ACK, b""));
+    assert_eq!(run.take(), released(&[id.0]));
+    let order = &run.engine.eviction_order;
+    assert_eq!(order.len(), 1, "compacted");
+    assert!(
+        run.engine.flows.keys().all(|key| order.contains(key)),
+        "the new flow is in the eviction order"
+    );
+}
+
 /// A SYN flood fills the table with half-open handshakes whose ISNs differ between the VMs.
-/// A new client's connection takes the place of the longest-idle one at once (no checkpoint
+/// A new client's connection takes the place of an idle one at once (no checkpoint
 /// wait); until the checkpoint, a segment of an unknown connection that is not a SYN might be
 /// one of the forgotten ones and waits for the checkpoint instead of being compared
 /// mid-stream with misplaced SVM bytes.

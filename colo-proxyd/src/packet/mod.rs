@@ -217,6 +217,24 @@ impl std::hash::Hash for FlowKey {
     }
 }
 
+/// `tcp 10.0.0.2:80 > 10.0.0.9:40000` (`[…]:port` for IPv6; addresses only for ICMP), for
+/// logs.
+impl std::fmt::Display for FlowKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (src, dst) = (
+            std::net::SocketAddr::new(self.src, self.src_port),
+            std::net::SocketAddr::new(self.dst, self.dst_port),
+        );
+        match self.protocol {
+            PROTO_TCP => write!(f, "tcp {src} > {dst}"),
+            PROTO_UDP => write!(f, "udp {src} > {dst}"),
+            PROTO_ICMP => write!(f, "icmp {} > {}", self.src, self.dst),
+            PROTO_ICMPV6 => write!(f, "icmpv6 {} > {}", self.src, self.dst),
+            other => write!(f, "ip-proto-{other} {src} > {dst}"),
+        }
+    }
+}
+
 impl FlowKey {
     /// The same connection seen from the other end.
     pub fn reversed(&self) -> FlowKey {

@@ -348,3 +348,35 @@ proptest! {
         check_borrowed_views(&frame);
     }
 }
+
+#[test]
+fn a_flow_key_reads_as_protocol_source_and_destination() {
+    let v4 = FlowKey {
+        protocol: 6,
+        src: [10, 0, 0, 2].into(),
+        src_port: 80,
+        dst: [10, 0, 0, 9].into(),
+        dst_port: 40_000,
+    };
+    assert_eq!(v4.to_string(), "tcp 10.0.0.2:80 > 10.0.0.9:40000");
+    let v6 = FlowKey {
+        protocol: 17,
+        src: "fe80::2".parse::<Ipv6Addr>().unwrap().into(),
+        src_port: 53,
+        dst: Ipv6Addr::LOCALHOST.into(),
+        dst_port: 5353,
+    };
+    assert_eq!(v6.to_string(), "udp [fe80::2]:53 > [::1]:5353");
+    assert_eq!(
+        FlowKey {
+            protocol: 132,
+            ..v4
+        }
+        .to_string(),
+        "ip-proto-132 10.0.0.2:80 > 10.0.0.9:40000"
+    );
+    assert_eq!(
+        FlowKey { protocol: 1, ..v4 }.to_string(),
+        "icmp 10.0.0.2 > 10.0.0.9"
+    );
+}
