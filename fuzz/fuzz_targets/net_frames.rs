@@ -139,39 +139,27 @@ fuzz_target!(|input: &[u8]| {
     }
     assert_eq!(&stream[..wire.len()], &wire[..]);
 
-    let mut engine = ComparisonEngine::new(EngineConfig {
+    // The comparison, with a table as large as the input can fill, then with a table of two
+    // flows (evictions, a full table) and a checkpoint every eight frames: every PVM packet
+    // is settled exactly once, by an action or by a checkpoint.
+    let limits = EngineConfig {
         max_total_buffered_bytes: 8192,
         per_connection: ComparatorLimits {
             max_buffered_bytes: 4096,
         },
         ..EngineConfig::default()
-    });
-    let mut actions = Vec::new();
-    let mut pushed = Vec::new();
-    for (index, frame) in frames.iter().enumerate() {
-        let now = Duration::from_millis(index as u64 * 50);
-        if index % 2 == 0 {
-            let id = PacketId(index as u64);
-            pushed.push(id);
-            let packet = Bytes::copy_from_slice(frame.ethernet_bytes());
-            engine.push_pvm(id, &packet, now, &mut actions);
-        } else {
-            engine.push_svm(frame.ethernet_bytes(), &mut actions);
-        }
-        engine.check_hold_time(now, &mut actions);
-    }
-    let mut out: Vec<PacketId> = actions.iter().filter_map(Action::settled).collect();
-    // A packet may be dropped only as a SYN-ACK without data that the PVM superseded.
-    for action in &actions {
-        if let Action::Discard(PacketId(index)) = action {
-            let frame = frames[*index as usize].ethernet_bytes();
-            assert!(
-                is_bare_syn_ack(frame),
-                "discarded packet {index}, no bare SYN-ACK: {:?}",
-                parse_ethernet(frame)
-            );
-        }
-    }
+    };
+    let (mut out, pushed) = compare(&frames, limits.clone(), None);
+    let (mut small_out, _) = compare(
+        &frames,
+        EngineConfig {
+            max_flows: 2,
+            ..limits
+        },
+        Some(8),
+    );
+    small_out.sort_unstable();
+    assert_eq!(small_out, pushed);
 
     // The secondary's rewriting: even frames as the client's into the SVM, odd ones as the
     // SVM's own. A frame it accepts must still parse, and one it leaves alone must be intact.
@@ -213,8 +201,51 @@ fuzz_target!(|input: &[u8]| {
     into_svm.sort_unstable();
     assert_eq!(into_svm, given);
 
-    out.extend(engine.reset());
-    assert_eq!(engine.held_packets(), 0);
     out.sort_unstable();
     assert_eq!(out, pushed);
 });
+
+/// Runs `frames` through a comparison engine (even ones as the PVM's, odd ones as the SVM's,
+/// 50 ms apart), with a checkpoint every `checkpoint_every` frames and one at the end; returns
+/// the packets settled (by an action or a checkpoint, in that order) and the packets pushed.
+/// Asserts that a packet is dropped only as a bare SYN-ACK the PVM superseded.
+fn compare(
+    frames: &[Frame],
+    config: EngineConfig,
+    checkpoint_every: Option<usize>,
+) -> (Vec<PacketId>, Vec<PacketId>) {
+    let mut engine = ComparisonEngine::new(config);
+    let mut actions = Vec::new();
+    let mut pushed = Vec::new();
+    let mut settled_by_checkpoints = Vec::new();
+    for (index, frame) in frames.iter().enumerate() {
+        let now = Duration::from_millis(index as u64 * 50);
+        if index % 2 == 0 {
+            let id = PacketId(index as u64);
+            pushed.push(id);
+            let packet = Bytes::copy_from_slice(frame.ethernet_bytes());
+            engine.push_pvm(id, &packet, now, &mut actions);
+        } else {
+            engine.push_svm(frame.ethernet_bytes(), &mut actions);
+        }
+        engine.check_hold_time(now, &mut actions);
+        if checkpoint_every.is_some_and(|every| index % every == every - 1) {
+            settled_by_checkpoints.extend(engine.reset());
+        }
+    }
+    for action in &actions {
+        if let Action::Discard(PacketId(index)) = action {
+            let frame = frames[*index as usize].ethernet_bytes();
+            assert!(
+                is_bare_syn_ack(frame),
+                "discarded packet {index}, no bare SYN-ACK: {:?}",
+                parse_ethernet(frame)
+            );
+        }
+    }
+    settled_by_checkpoints.extend(engine.reset());
+    assert_eq!(engine.held_packets(), 0);
+    let mut settled: Vec<PacketId> = actions.iter().filter_map(Action::settled).collect();
+    settled.extend(settled_by_checkpoints);
+    (settled, pushed)
+}

@@ -97,10 +97,6 @@ const ARRIVAL_ORDER_SLACK: usize = 1024;
 /// table before it is compacted.
 const EVICTION_ORDER_SLACK: usize = 1024;
 
-/// Flows a full table compares to pick the one it forgets (see
-/// [`ComparisonEngine::make_room`]).
-const EVICTION_SAMPLE: usize = 16;
-
 /// A flow active more recently than this is not evicted to make room: the connections in use
 /// keep their state (and their packets flow) while a flood of new ones waits for the
 /// checkpoint that a full table asks for.
@@ -301,9 +297,10 @@ pub struct ComparisonEngine {
     next_expiry: Duration,
     /// Set once a full table found nothing to forget: no scan until the checkpoint.
     table_full: bool,
-    /// The flows' keys in the order the flows came, each one an eviction pass passed over
-    /// moved to the back; with keys of flows forgotten since (see [`Self::make_room`]).
-    eviction_order: VecDeque<FlowKey>,
+    /// The flows' keys in the order the flows came, each one the eviction hand passed over
+    /// moved to the back with the time it passed; with keys of flows forgotten since (see
+    /// [`Self::make_room`]).
+    eviction_order: VecDeque<(FlowKey, Duration)>,
     /// Set once a flow whose VMs use different sequence numbers was forgotten this epoch: a
     /// segment of an unknown connection that is not a SYN may be one of it, and meeting it
     /// mid-stream would misplace the SVM's bytes, so such segments wait for the checkpoint.
@@ -625,17 +622,18 @@ impl ComparisonEngine {
         self.counters.flows_expired += (before - self.flows.len()) as u64;
     }
 
-    /// The table is full: forgets a flow idle for [`EVICT_MIN_IDLE`], the longest idle of the
-    /// first [`EVICTION_SAMPLE`] such flows in [`Self::eviction_order`] (the order the flows
-    /// came, each one passed over going to the back): nearly the longest idle of all, as a
-    /// scan of the table would find, for a few steps per new flow. The scan it replaces,
+    /// The table is full: forgets a flow idle for [`EVICT_MIN_IDLE`], found by a clock hand
+    /// going round [`Self::eviction_order`] (the order the flows came): a flow used since the
+    /// hand last passed it gets a second chance, so the flows forgotten are nearly the longest
+    /// idle, as a scan of the table would pick, for a step or two per new flow. (The scan,
     /// made once every eighth of the table, stalled the role loop for half a millisecond at
-    /// 4,096 flows under a flood. A flow safe to forget goes first, one per new flow; when a
-    /// whole pass finds none, quiet flows whose VMs use different sequence numbers (a SYN
-    /// flood's half-open handshakes, connections opened this epoch) go, an eighth of the
-    /// table at most, and until the checkpoint a new flow must begin with a SYN
-    /// ([`Self::unaligned_evicted`]): a flood then costs its own half-open entries, not a
-    /// checkpoint wait for every new client. Returns whether there is room now.
+    /// 4,096 flows under a flood; a sample of sixteen flows per eviction cost as much again.)
+    /// A flow safe to forget goes first, one per new flow; when a whole round finds none,
+    /// quiet flows whose VMs use different sequence numbers (a SYN flood's half-open
+    /// handshakes, connections opened this epoch) go, an eighth of the table at most, and
+    /// until the checkpoint a new flow must begin with a SYN ([`Self::unaligned_evicted`]): a
+    /// flood then costs its own half-open entries, not a checkpoint wait for every new
+    /// client. Returns whether there is room now.
     fn make_room(&mut self) -> bool {
         if self.table_full {
             return false;
@@ -643,44 +641,40 @@ impl ComparisonEngine {
         let now = self.now;
         let idle_enough = |flow: &Flow| now.saturating_sub(flow.last_active) >= EVICT_MIN_IDLE;
         let batch = (self.config.max_flows / 8).max(1);
-        // Idle enough and safe to forget: (last active, key).
-        let mut sample: Vec<(Duration, FlowKey)> = Vec::new();
-        let mut quiet: HashSet<FlowKey> = HashSet::new();
+        let mut quiet: Vec<FlowKey> = Vec::new();
         for _ in 0..self.eviction_order.len() {
-            if sample.len() == EVICTION_SAMPLE {
-                break;
-            }
-            let Some(key) = self.eviction_order.pop_front() else {
+            let Some((key, passed)) = self.eviction_order.pop_front() else {
                 break;
             };
             // A flow forgotten meanwhile (expired, finished, reset) leaves its key behind.
             let Some(flow) = self.flows.get(&key) else {
                 continue;
             };
-            if idle_enough(flow) {
+            let used_since = flow.last_active > passed;
+            if !used_since && idle_enough(flow) {
                 if flow.comparator.is_forgettable() {
-                    sample.push((flow.last_active, key));
-                } else if quiet.len() < batch && flow.comparator.is_quiet() {
-                    quiet.insert(key);
+                    // Its key stays behind in the order, as a forgotten flow's does.
+                    self.flows.remove(&key);
+                    self.counters.flows_evicted += 1;
+                    return true;
+                }
+                if quiet.len() < batch && flow.comparator.is_quiet() {
+                    quiet.push(key);
                 }
             }
-            self.eviction_order.push_back(key);
+            self.eviction_order.push_back((key, now));
         }
-        if let Some(&(_, key)) = sample.iter().min() {
-            // Its key stays behind in the order, as a forgotten flow's does.
-            self.flows.remove(&key);
-            self.counters.flows_evicted += 1;
-            return true;
-        }
-        if quiet.is_empty() {
+        // A key met twice in the round (a flow forgotten and opened again) is removed once.
+        let evicted = quiet
+            .iter()
+            .filter(|key| self.flows.remove(key).is_some())
+            .count();
+        if evicted == 0 {
             self.table_full = true;
             return false;
         }
-        for key in &quiet {
-            self.flows.remove(key);
-        }
         self.unaligned_evicted = true;
-        self.counters.flows_evicted_unaligned += quiet.len() as u64;
+        self.counters.flows_evicted_unaligned += evicted as u64;
         self.flows.len() < self.config.max_flows
     }
 
@@ -688,12 +682,12 @@ impl ComparisonEngine {
     /// forgotten flows and repeated keys dropped) when it grows past twice the table. Called
     /// before the flow is in the table: its key is kept.
     fn note_new_flow(&mut self, key: FlowKey) {
-        self.eviction_order.push_back(key);
+        self.eviction_order.push_back((key, self.now));
         if self.eviction_order.len() > 2 * self.flows.len() + EVICTION_ORDER_SLACK {
             let flows = &self.flows;
             let mut seen = HashSet::with_capacity(flows.len() + 1);
             self.eviction_order
-                .retain(|k| (*k == key || flows.contains_key(k)) && seen.insert(*k));
+                .retain(|(k, _)| (*k == key || flows.contains_key(k)) && seen.insert(*k));
         }
     }
 
