@@ -625,10 +625,11 @@ impl ComparisonEngine {
     /// The table is full: forgets a flow idle for [`EVICT_MIN_IDLE`], found by a clock hand
     /// going round [`Self::eviction_order`] (the order the flows came): a flow used since the
     /// hand last passed it gets a second chance, so the flows forgotten are nearly the longest
-    /// idle, as a scan of the table would pick, for a step or two per new flow. (The scan,
+    /// idle, as a scan of the table would pick, for a few steps per new flow (two rounds at
+    /// most, when every flow had a second chance coming). (The scan,
     /// made once every eighth of the table, stalled the role loop for half a millisecond at
     /// 4,096 flows under a flood; a sample of sixteen flows per eviction cost as much again.)
-    /// A flow safe to forget goes first, one per new flow; when a whole round finds none,
+    /// A flow safe to forget goes first, one per new flow; when two rounds find none,
     /// quiet flows whose VMs use different sequence numbers (a SYN flood's half-open
     /// handshakes, connections opened this epoch) go, an eighth of the table at most, and
     /// until the checkpoint a new flow must begin with a SYN ([`Self::unaligned_evicted`]): a
@@ -642,7 +643,9 @@ impl ComparisonEngine {
         let idle_enough = |flow: &Flow| now.saturating_sub(flow.last_active) >= EVICT_MIN_IDLE;
         let batch = (self.config.max_flows / 8).max(1);
         let mut quiet: Vec<FlowKey> = Vec::new();
-        for _ in 0..self.eviction_order.len() {
+        // Two rounds at most: the first may give every flow its second chance (each used
+        // since its creation, say), the second then decides on idleness alone.
+        for _ in 0..2 * self.eviction_order.len() {
             let Some((key, passed)) = self.eviction_order.pop_front() else {
                 break;
             };
@@ -653,7 +656,7 @@ impl ComparisonEngine {
             let used_since = flow.last_active > passed;
             if !used_since && idle_enough(flow) {
                 if flow.comparator.is_forgettable() {
-                    // Its key stays behind in the order, as a forgotten flow's does.
+                    // Its key is out of the order already.
                     self.flows.remove(&key);
                     self.counters.flows_evicted += 1;
                     return true;
@@ -664,7 +667,7 @@ impl ComparisonEngine {
             }
             self.eviction_order.push_back((key, now));
         }
-        // A key met twice in the round (a flow forgotten and opened again) is removed once.
+        // A key met twice (two rounds, or a flow forgotten and opened again) is removed once.
         let evicted = quiet
             .iter()
             .filter(|key| self.flows.remove(key).is_some())

@@ -308,6 +308,27 @@ fn a_new_flow_takes_the_place_of_an_idle_flow_never_of_one_in_use() {
     assert_eq!(run.engine.counters().flows_evicted, 2);
 }
 
+/// Flows used after they opened, all idle since: the clock hand gives each its second chance
+/// in a first round and forgets one in the second, rather than calling the table full.
+#[test]
+fn a_table_of_flows_used_once_and_idle_since_makes_room() {
+    let mut run = Run::new(small_table());
+    for port in 0..4 {
+        run.pvm_at(&port_frame(port, 100, SYN_ACK, b""), ms(0));
+        run.svm(&port_frame(port, 100, SYN_ACK, b""));
+    }
+    for port in 0..4 {
+        run.pvm_at(&port_frame(port, 101, PSH_ACK, b"a"), ms(100));
+        run.svm(&port_frame(port, 101, PSH_ACK, b"a"));
+    }
+    assert_eq!(run.take(), released(&[0, 1, 2, 3, 4, 5, 6, 7]));
+    let id = run.pvm_at(&port_frame(7, 100, SYN_ACK, b""), ms(5_000));
+    run.svm(&port_frame(7, 100, SYN_ACK, b""));
+    assert_eq!(run.take(), released(&[id.0]));
+    assert_eq!(run.engine.counters().flows_evicted, 1);
+    assert_eq!(run.engine.flows(), 4);
+}
+
 /// Every flow in the table stays in the eviction order, also when a new flow's arrival
 /// compacts the order (thousands of flows forgotten before it, their keys left behind).
 #[test]
