@@ -276,8 +276,7 @@ fn a_full_table_of_flows_it_must_keep_holds_new_flows_and_asks_for_one_checkpoin
 fn a_new_flow_takes_the_place_of_an_idle_flow_never_of_one_in_use() {
     let mut run = Run::new(small_table());
     for port in 0..4 {
-        run.pvm_at(&port_frame(port, 100, SYN_ACK, b""), ms(0));
-        run.svm(&port_frame(port, 100, SYN_ACK, b""));
+        open_aligned(&mut run, port, ms(0));
     }
     assert_eq!(run.take(), released(&[0, 1, 2, 3]));
     // The first two connections, the oldest, are in use.
@@ -287,8 +286,7 @@ fn a_new_flow_takes_the_place_of_an_idle_flow_never_of_one_in_use() {
     }
     assert_eq!(run.take(), released(&[4, 5]));
     for port in 7..9 {
-        let id = run.pvm_at(&port_frame(port, 100, SYN_ACK, b""), ms(1600));
-        run.svm(&port_frame(port, 100, SYN_ACK, b""));
+        let id = open_aligned(&mut run, port, ms(1600));
         assert_eq!(run.take(), released(&[id.0]));
     }
     assert_eq!(run.engine.counters().flows_evicted, 2);
@@ -314,8 +312,7 @@ fn a_new_flow_takes_the_place_of_an_idle_flow_never_of_one_in_use() {
 fn a_table_of_flows_used_once_and_idle_since_makes_room() {
     let mut run = Run::new(small_table());
     for port in 0..4 {
-        run.pvm_at(&port_frame(port, 100, SYN_ACK, b""), ms(0));
-        run.svm(&port_frame(port, 100, SYN_ACK, b""));
+        open_aligned(&mut run, port, ms(0));
     }
     for port in 0..4 {
         run.pvm_at(&port_frame(port, 101, PSH_ACK, b"a"), ms(100));
@@ -340,8 +337,7 @@ fn a_new_flow_stays_evictable_when_its_arrival_compacts_the_eviction_order() {
     });
     let connections = super::EVICTION_ORDER_SLACK as u16 + 100;
     for port in 0..connections {
-        let id = run.pvm_at(&port_frame(port, 100, SYN_ACK, b""), ms(0));
-        run.svm(&port_frame(port, 100, SYN_ACK, b""));
+        let id = open_aligned(&mut run, port, ms(0));
         assert_eq!(run.take(), released(&[id.0]));
     }
     // All idle past `flow_idle`: the idle scan forgets them, their keys stay in the order.
@@ -350,8 +346,7 @@ fn a_new_flow_stays_evictable_when_its_arrival_compacts_the_eviction_order() {
     assert_eq!(run.engine.flows(), 0);
     assert_eq!(run.engine.eviction_order.len(), usize::from(connections));
     let port = connections + 1;
-    let id = run.pvm_at(&port_frame(port, 100, SYN_ACK, b""), ms(40_000));
-    run.svm(&port_frame(port, 100, SYN_ACK, b""));
+    let id = open_aligned(&mut run, port, ms(40_000));
     assert_eq!(run.take(), released(&[id.0]));
     let order = &run.engine.eviction_order;
     assert_eq!(order.len(), 1, "compacted");
@@ -453,6 +448,14 @@ fn checkpoints(actions: &[Action]) -> Vec<&CheckpointReason> {
 fn open(run: &mut Run, port: u16, now: Duration) {
     run.pvm_at(&port_frame(port, 100, SYN_ACK, b""), now);
     run.svm(&port_frame(port, 900, SYN_ACK, b""));
+}
+
+/// A handshake on `port` at `now` with the same ISN in both VMs (a connection safe to
+/// forget); the PVM's SYN-ACK's id.
+fn open_aligned(run: &mut Run, port: u16, now: Duration) -> PacketId {
+    let id = run.pvm_at(&port_frame(port, 100, SYN_ACK, b""), now);
+    run.svm(&port_frame(port, 100, SYN_ACK, b""));
+    id
 }
 
 /// The SVM answers one connection late while it keeps sending the same bytes as the PVM on
