@@ -102,6 +102,9 @@ const EVICTION_ORDER_SLACK: usize = 1024;
 /// checkpoint that a full table asks for.
 const EVICT_MIN_IDLE: Duration = Duration::from_secs(1);
 
+/// Flows the eviction hand passes over at most to make room for one new flow: about 100 µs.
+const EVICTION_STEPS: usize = 512;
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
@@ -623,18 +626,21 @@ impl ComparisonEngine {
     }
 
     /// The table is full: forgets a flow idle for [`EVICT_MIN_IDLE`], found by a clock hand
-    /// going round [`Self::eviction_order`] (the order the flows came): a flow used since the
-    /// hand last passed it gets a second chance, so the flows forgotten are nearly the longest
-    /// idle, as a scan of the table would pick, for a few steps per new flow (two rounds at
-    /// most, when every flow had a second chance coming). (The scan,
-    /// made once every eighth of the table, stalled the role loop for half a millisecond at
-    /// 4,096 flows under a flood; a sample of sixteen flows per eviction cost as much again.)
-    /// A flow safe to forget goes first, one per new flow; when two rounds find none,
-    /// quiet flows whose VMs use different sequence numbers (a SYN flood's half-open
-    /// handshakes, connections opened this epoch) go, an eighth of the table at most, and
-    /// until the checkpoint a new flow must begin with a SYN ([`Self::unaligned_evicted`]): a
-    /// flood then costs its own half-open entries, not a checkpoint wait for every new
-    /// client. Returns whether there is room now.
+    /// going round [`Self::eviction_order`] (the order the flows came), [`EVICTION_STEPS`]
+    /// flows at most per new flow (two rounds of a smaller table). A flow used since the hand
+    /// last passed it gets a second chance, so the flows forgotten are nearly the longest idle,
+    /// as a scan of the table would pick, at a bounded cost: a whole scan, made whenever a
+    /// flood filled the table, stalled the role loop for 1–1.6 ms at 4,096 flows (and would
+    /// for 25 ms or more at the default 65,536). The first flow safe to forget and not used since
+    /// goes; when the steps found none, the steps' first flow safe to forget goes after all
+    /// (its second chance spent), else the steps' quiet flows whose VMs use different sequence
+    /// numbers (a SYN flood's half-open handshakes, connections opened this epoch), an eighth
+    /// of the table at most, and until the checkpoint a new flow must begin with a SYN
+    /// ([`Self::unaligned_evicted`]): a flood then costs its own half-open entries, not a
+    /// checkpoint wait for every new client. When the steps met no flow idle enough, the table
+    /// counts as full until the checkpoint; a table whose idle flows are rarer than one in
+    /// [`EVICTION_STEPS`] along the hand may so ask for a checkpoint early. Returns whether
+    /// there is room now.
     fn make_room(&mut self) -> bool {
         if self.table_full {
             return false;
@@ -642,10 +648,10 @@ impl ComparisonEngine {
         let now = self.now;
         let idle_enough = |flow: &Flow| now.saturating_sub(flow.last_active) >= EVICT_MIN_IDLE;
         let batch = (self.config.max_flows / 8).max(1);
+        let mut second_chance_spent: Option<FlowKey> = None;
         let mut quiet: Vec<FlowKey> = Vec::new();
-        // Two rounds at most: the first may give every flow its second chance (each used
-        // since its creation, say), the second then decides on idleness alone.
-        for _ in 0..2 * self.eviction_order.len() {
+        let steps = EVICTION_STEPS.min(2 * self.eviction_order.len());
+        for _ in 0..steps {
             let Some((key, passed)) = self.eviction_order.pop_front() else {
                 break;
             };
@@ -653,19 +659,26 @@ impl ComparisonEngine {
             let Some(flow) = self.flows.get(&key) else {
                 continue;
             };
-            let used_since = flow.last_active > passed;
-            if !used_since && idle_enough(flow) {
+            if idle_enough(flow) {
                 if flow.comparator.is_forgettable() {
-                    // Its key is out of the order already.
-                    self.flows.remove(&key);
-                    self.counters.flows_evicted += 1;
-                    return true;
-                }
-                if quiet.len() < batch && flow.comparator.is_quiet() {
+                    if flow.last_active <= passed {
+                        // Its key is out of the order already.
+                        self.flows.remove(&key);
+                        self.counters.flows_evicted += 1;
+                        return true;
+                    }
+                    second_chance_spent.get_or_insert(key);
+                } else if quiet.len() < batch && flow.comparator.is_quiet() {
                     quiet.push(key);
                 }
             }
             self.eviction_order.push_back((key, now));
+        }
+        if let Some(key) = second_chance_spent {
+            // Its key stays in the order, left behind.
+            self.flows.remove(&key);
+            self.counters.flows_evicted += 1;
+            return true;
         }
         // A key met twice (two rounds, or a flow forgotten and opened again) is removed once.
         let evicted = quiet
