@@ -86,8 +86,11 @@ pub const DEFAULT_MAX_HOLD_LIMIT: Duration = Duration::from_secs(3);
 /// pause room.
 pub const DEFAULT_MAX_HANDSHAKE_HOLD: Duration = Duration::from_millis(500);
 
-/// How often the table is scanned for idle flows (an O(flows) pass), at most.
-const EXPIRY_SCAN: Duration = Duration::from_secs(1);
+/// The time the expiry hand takes to go round the whole table: a flow safe to forget and
+/// idle for [`EngineConfig::flow_idle`] is forgotten within about this much more. The hand
+/// moves a share of the table at each tick, not the whole table at once (a scan of 65,536
+/// flows stalls the role loop for milliseconds).
+const EXPIRY_ROUND: Duration = Duration::from_secs(1);
 
 /// Released ids [`ComparisonEngine`]'s arrival order may keep beyond twice the held ones
 /// before it is compacted.
@@ -176,10 +179,13 @@ fn log_connection_checkpoints(key: &FlowKey, packet_from: &'static str, produced
     }
 }
 
-/// A flow's comparator and when either VM last sent on it.
+/// A flow's comparator, when it was created and when either VM last sent on it.
 #[derive(Debug)]
 struct Flow {
     comparator: FlowComparator,
+    /// An entry of [`ComparisonEngine::eviction_order`] older than this is a forgotten
+    /// flow's of the same key.
+    created: Duration,
     last_active: Duration,
 }
 
@@ -234,7 +240,7 @@ pub struct EngineCounters {
     /// forget; until the next checkpoint a new flow must then begin with a SYN.
     pub flows_evicted_unaligned: u64,
     /// PVM packets of new flows held uncompared (until the checkpoint) because the flow table
-    /// was full of flows that could not be forgotten.
+    /// was full and the eviction hand found no flow to forget.
     pub flow_table_full_packets: u64,
     /// PVM segments released with their acknowledgement lowered to the SVM's
     /// ([`Action::ReleaseLoweredAck`]).
@@ -296,8 +302,12 @@ pub struct ComparisonEngine {
     flows: HashMap<FlowKey, Flow>,
     /// The latest time the caller gave (SVM packets come without one).
     now: Duration,
-    /// The next idle scan is due at this time.
-    next_expiry: Duration,
+    /// When the expiry hand last moved.
+    expiry_moved: Duration,
+    /// The entries of [`Self::eviction_order`] when the expiry hand's round began, and
+    /// those the round has yet to pass.
+    expiry_round: usize,
+    expiry_round_left: usize,
     /// Set once a full table found nothing to forget: no scan until the checkpoint.
     table_full: bool,
     /// The flows' keys in the order the flows came, each one the eviction hand passed over
@@ -351,7 +361,9 @@ impl ComparisonEngine {
             config,
             flows: HashMap::new(),
             now: Duration::ZERO,
-            next_expiry: EXPIRY_SCAN,
+            expiry_moved: Duration::ZERO,
+            expiry_round: 0,
+            expiry_round_left: 0,
             table_full: false,
             unaligned_evicted: false,
             arrivals: HashMap::default(),
@@ -545,13 +557,11 @@ impl ComparisonEngine {
     /// Asks for a checkpoint (once per epoch) if a PVM packet has waited longer than
     /// `max_hold` at `now` while the SVM sent nothing for `max_hold` either (it stopped), or
     /// longer than `max_hold_limit` in any case. Call it from the daemon's timer.
-    /// Also forgets idle flows (at most one scan a second).
+    /// Also forgets idle flows (the expiry hand goes round the table once per
+    /// second, a share at each call).
     pub fn check_hold_time(&mut self, now: Duration, actions: &mut Vec<Action>) {
         self.now = self.now.max(now);
-        if now >= self.next_expiry {
-            self.next_expiry = now + EXPIRY_SCAN;
-            self.expire_idle();
-        }
+        self.expire_idle();
         if self.timeout_requested {
             return;
         }
@@ -615,32 +625,66 @@ impl ComparisonEngine {
         held
     }
 
-    /// Forgets the flows idle for [`EngineConfig::flow_idle`] that are safe to forget.
+    /// Forgets the flows idle for [`EngineConfig::flow_idle`] that are safe to forget: moves
+    /// the hand of [`Self::eviction_order`] over the share of a round due since the hand
+    /// last moved (a round passes the entries the order had when it began, in
+    /// [`EXPIRY_ROUND`]), dropping the keys of forgotten flows on the way. A flow is passed
+    /// within two rounds (the eviction hand may move it back meanwhile). The flows it passes
+    /// keep the time the eviction hand passed them: expiry gives no second chance.
     fn expire_idle(&mut self) {
         let (now, idle) = (self.now, self.config.flow_idle);
-        let before = self.flows.len();
-        self.flows.retain(|_, flow| {
-            now.saturating_sub(flow.last_active) < idle || !flow.comparator.is_forgettable()
-        });
-        self.counters.flows_expired += (before - self.flows.len()) as u64;
+        let elapsed = now.saturating_sub(self.expiry_moved);
+        if elapsed.is_zero() {
+            return;
+        }
+        self.expiry_moved = now;
+        if self.expiry_round_left == 0 {
+            self.expiry_round = self.eviction_order.len();
+            self.expiry_round_left = self.expiry_round;
+        }
+        let share = elapsed.as_secs_f64() / EXPIRY_ROUND.as_secs_f64();
+        let steps =
+            ((self.expiry_round as f64 * share).ceil() as usize).min(self.expiry_round_left);
+        self.expiry_round_left -= steps;
+        for _ in 0..steps {
+            let Some((key, passed)) = self.eviction_order.pop_front() else {
+                break;
+            };
+            let Some(flow) = self.live_flow(&key, passed) else {
+                continue;
+            };
+            if now.saturating_sub(flow.last_active) >= idle && flow.comparator.is_forgettable() {
+                self.flows.remove(&key);
+                self.counters.flows_expired += 1;
+                continue;
+            }
+            self.eviction_order.push_back((key, passed));
+        }
+    }
+
+    /// The flow of an entry of [`Self::eviction_order`], if the entry is not a forgotten
+    /// flow's (the flow is gone, or the key's flow now is a newer one).
+    fn live_flow(&self, key: &FlowKey, passed: Duration) -> Option<&Flow> {
+        self.flows.get(key).filter(|flow| passed >= flow.created)
     }
 
     /// The table is full: forgets a flow idle for [`EVICT_MIN_IDLE`], found by a clock hand
-    /// going round [`Self::eviction_order`] (the order the flows came), [`EVICTION_STEPS`]
-    /// flows at most per new flow (two rounds of a smaller table). A flow used since the hand
-    /// last passed it gets a second chance, so the flows forgotten are nearly the longest idle,
-    /// as a scan of the table would pick, at a bounded cost: a whole scan, made whenever a
-    /// flood filled the table, stalled the role loop for 1–1.6 ms at 4,096 flows (and would
-    /// for 25 ms or more at the default 65,536). The first flow safe to forget and not used since
-    /// goes; when the steps found none, the steps' first flow safe to forget goes after all
-    /// (its second chance spent), else the steps' quiet flows whose VMs use different sequence
-    /// numbers (a SYN flood's half-open handshakes, connections opened this epoch), an eighth
-    /// of the table at most, and until the checkpoint a new flow must begin with a SYN
-    /// ([`Self::unaligned_evicted`]): a flood then costs its own half-open entries, not a
-    /// checkpoint wait for every new client. When the steps met no flow idle enough, the table
-    /// counts as full until the checkpoint; a table whose idle flows are rarer than one in
-    /// [`EVICTION_STEPS`] along the hand may so ask for a checkpoint early. Returns whether
-    /// there is room now.
+    /// going round [`Self::eviction_order`] (the order the flows came), passing over
+    /// [`EVICTION_STEPS`] flows at most per new flow (one round of a smaller table; the keys
+    /// of forgotten flows it drops on the way count apart). A flow used since the hand last
+    /// passed it gets a second chance, so the flows forgotten are nearly the longest idle, at
+    /// a bounded cost: two whole rounds, walked whenever a flood had filled the table,
+    /// stalled the role loop for 0.9–1.6 ms at 4,096 flows. The first flow safe to forget and
+    /// not used since goes; when the steps met none, the longest idle of the flows safe to
+    /// forget they met goes after all (its second chance spent), else the quiet flows they
+    /// met whose VMs use different sequence numbers (a SYN flood's half-open handshakes,
+    /// connections opened this epoch), an eighth of the table at most, and until the
+    /// checkpoint a new flow must begin with a SYN ([`Self::unaligned_evicted`]): a flood
+    /// then costs its own half-open entries, not a checkpoint wait for every new client.
+    /// When the steps met no flow idle enough that is safe to forget or quiet, the table
+    /// counts as full until the checkpoint, though such flows may wait further along the
+    /// hand: a table of busy flows may so ask for a checkpoint early. Returns whether there
+    /// is room now.
     fn make_room(&mut self) -> bool {
         if self.table_full {
             return false;
@@ -648,17 +692,25 @@ impl ComparisonEngine {
         let now = self.now;
         let idle_enough = |flow: &Flow| now.saturating_sub(flow.last_active) >= EVICT_MIN_IDLE;
         let batch = (self.config.max_flows / 8).max(1);
-        let mut second_chance_spent: Option<FlowKey> = None;
+        // The longest idle flow safe to forget that had a second chance coming.
+        let mut second_chance_spent: Option<(FlowKey, Duration)> = None;
         let mut quiet: Vec<FlowKey> = Vec::new();
-        let steps = EVICTION_STEPS.min(2 * self.eviction_order.len());
-        for _ in 0..steps {
+        let mut steps = EVICTION_STEPS.min(self.flows.len());
+        // Each forgotten flow's key is dropped once (here or by the expiry hand, which drops
+        // them all within a round): cheap steps, bounded apart.
+        let mut forgotten_keys = 4 * EVICTION_STEPS;
+        while steps > 0 {
             let Some((key, passed)) = self.eviction_order.pop_front() else {
                 break;
             };
-            // A flow forgotten meanwhile (expired, finished, reset) leaves its key behind.
-            let Some(flow) = self.flows.get(&key) else {
+            let Some(flow) = self.live_flow(&key, passed) else {
+                forgotten_keys -= 1;
+                if forgotten_keys == 0 {
+                    break;
+                }
                 continue;
             };
+            steps -= 1;
             if idle_enough(flow) {
                 if flow.comparator.is_forgettable() {
                     if flow.last_active <= passed {
@@ -667,20 +719,22 @@ impl ComparisonEngine {
                         self.counters.flows_evicted += 1;
                         return true;
                     }
-                    second_chance_spent.get_or_insert(key);
+                    if second_chance_spent.is_none_or(|(_, last)| flow.last_active < last) {
+                        second_chance_spent = Some((key, flow.last_active));
+                    }
                 } else if quiet.len() < batch && flow.comparator.is_quiet() {
                     quiet.push(key);
                 }
             }
             self.eviction_order.push_back((key, now));
         }
-        if let Some(key) = second_chance_spent {
+        if let Some((key, _)) = second_chance_spent {
             // Its key stays in the order, left behind.
             self.flows.remove(&key);
             self.counters.flows_evicted += 1;
             return true;
         }
-        // A key met twice (two rounds, or a flow forgotten and opened again) is removed once.
+        // A key met twice (a forgotten flow's of the same time) is removed once.
         let evicted = quiet
             .iter()
             .filter(|key| self.flows.remove(key).is_some())
@@ -694,17 +748,18 @@ impl ComparisonEngine {
         self.flows.len() < self.config.max_flows
     }
 
-    /// Adds a new flow's key to [`Self::eviction_order`], which is compacted (the keys of
-    /// forgotten flows and repeated keys dropped) when it grows past twice the table. Called
-    /// before the flow is in the table: its key is kept.
+    /// Adds a new flow's key to [`Self::eviction_order`], compacted first (the keys of
+    /// forgotten flows and repeated keys dropped) when it grew past twice the table. Called
+    /// before the flow is in the table: an entry of its key there is a forgotten flow's.
     fn note_new_flow(&mut self, key: FlowKey) {
-        self.eviction_order.push_back((key, self.now));
         if self.eviction_order.len() > 2 * self.flows.len() + EVICTION_ORDER_SLACK {
             let flows = &self.flows;
-            let mut seen = HashSet::with_capacity(flows.len() + 1);
-            self.eviction_order
-                .retain(|(k, _)| (*k == key || flows.contains_key(k)) && seen.insert(*k));
+            let mut seen = HashSet::with_capacity(flows.len());
+            self.eviction_order.retain(|(k, passed)| {
+                flows.get(k).is_some_and(|flow| *passed >= flow.created) && seen.insert(*k)
+            });
         }
+        self.eviction_order.push_back((key, self.now));
     }
 
     /// A packet's new flow found no room: asks for the checkpoint that makes room (once per
@@ -748,6 +803,7 @@ impl ComparisonEngine {
         let now = self.now;
         let flow = self.flows.entry(key).or_insert_with(|| Flow {
             comparator: create(),
+            created: now,
             last_active: now,
         });
         flow.last_active = now;

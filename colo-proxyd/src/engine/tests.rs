@@ -285,10 +285,7 @@ fn a_new_flow_takes_the_place_of_an_idle_flow_never_of_one_in_use() {
         run.svm(&port_frame(port, 101, PSH_ACK, b"a"));
     }
     assert_eq!(run.take(), released(&[4, 5]));
-    for port in 7..9 {
-        let id = open_aligned(&mut run, port, ms(1600));
-        assert_eq!(run.take(), released(&[id.0]));
-    }
+    open_released(&mut run, 7..9, ms(1600));
     assert_eq!(run.engine.counters().flows_evicted, 2);
     // Connections 0 and 1 are still compared where they are...
     let kept = run.pvm_at(&port_frame(0, 102, PSH_ACK, b"b"), ms(1700));
@@ -307,24 +304,20 @@ fn a_new_flow_takes_the_place_of_an_idle_flow_never_of_one_in_use() {
 }
 
 /// Flows used after they opened, all idle since: rather than calling the table full, the
-/// clock hand gives each flow it passes its second chance, then forgets the first of them;
-/// in a small table after a second round, in a table larger than [`super::EVICTION_STEPS`]
+/// clock hand gives each flow it passes its second chance, then forgets the longest idle of
+/// them: in a small table after one round, in a table larger than [`super::EVICTION_STEPS`]
 /// after that many steps, the cost of one new flow's room.
 #[test]
 fn a_table_of_flows_used_once_and_idle_since_makes_room() {
     for max_flows in [4, 2 * super::EVICTION_STEPS + 100] {
-        let mut run = Run::new(EngineConfig {
-            max_flows,
-            flow_idle: Duration::from_secs(30),
-            ..EngineConfig::default()
-        });
+        let mut run = table_of(max_flows);
         let ports = max_flows as u16;
-        for port in 0..ports {
-            let id = open_aligned(&mut run, port, ms(0));
-            assert_eq!(run.take(), released(&[id.0]));
-        }
-        for port in 0..ports {
-            let id = run.pvm_at(&port_frame(port, 101, PSH_ACK, b"a"), ms(100));
+        open_released(&mut run, 0..ports, ms(0));
+        // Port 2 used first: the longest idle.
+        let used = [2].into_iter().chain((0..ports).filter(|port| *port != 2));
+        for (n, port) in used.enumerate() {
+            let at = if n == 0 { ms(50) } else { ms(100) };
+            let id = run.pvm_at(&port_frame(port, 101, PSH_ACK, b"a"), at);
             run.svm(&port_frame(port, 101, PSH_ACK, b"a"));
             assert_eq!(run.take(), released(&[id.0]));
         }
@@ -334,6 +327,7 @@ fn a_table_of_flows_used_once_and_idle_since_makes_room() {
         assert_eq!(run.take(), released(&[id.0]), "{max_flows} flows");
         assert_eq!(run.engine.counters().flows_evicted, 1);
         assert_eq!(run.engine.flows(), max_flows);
+        assert!(run.engine.flows.keys().all(|key| key.src_port != 2));
         let passed_now = run
             .engine
             .eviction_order
@@ -348,30 +342,50 @@ fn a_table_of_flows_used_once_and_idle_since_makes_room() {
     }
 }
 
+/// The keys of forgotten flows, hundreds of them in a run at the eviction hand, do not use
+/// up its steps: a table whose flows are all idle makes room.
+#[test]
+fn the_keys_of_forgotten_flows_do_not_hide_the_idle_flows_behind_them() {
+    let max_flows = super::EVICTION_STEPS + 100;
+    let mut run = table_of(max_flows);
+    let ports = max_flows as u16;
+    open_released(&mut run, 0..ports, ms(0));
+    // A checkpoint forgets them all, idle past `flow_idle`; their keys stay at the front.
+    run.engine.now = ms(40_000);
+    assert!(run.engine.reset().is_empty());
+    open_released(&mut run, ports..2 * ports, ms(40_000));
+    assert_eq!(run.engine.eviction_order.len(), 2 * max_flows);
+    let id = open_aligned(&mut run, 2 * ports, ms(45_000));
+    assert_eq!(run.take(), released(&[id.0]));
+    assert_eq!(run.engine.counters().flows_evicted, 1);
+    // Of flows alike, the first the hand met: the first opened after the checkpoint.
+    let has_port = |port: u16| run.engine.flows.keys().any(|key| key.src_port == port);
+    assert!(!has_port(ports) && has_port(ports + 1) && has_port(2 * ports));
+}
+
 /// Every flow in the table stays in the eviction order, also when a new flow's arrival
-/// compacts the order (thousands of flows forgotten before it, their keys left behind).
+/// compacts the order (thousands of flows forgotten before it, their keys left behind), and
+/// when the new flow has the key of one of them.
 #[test]
 fn a_new_flow_stays_evictable_when_its_arrival_compacts_the_eviction_order() {
-    let mut run = Run::new(EngineConfig {
-        max_flows: 4096,
-        flow_idle: Duration::from_secs(30),
-        ..EngineConfig::default()
-    });
+    let mut run = table_of(4096);
     let connections = super::EVICTION_ORDER_SLACK as u16 + 100;
-    for port in 0..connections {
-        let id = open_aligned(&mut run, port, ms(0));
-        assert_eq!(run.take(), released(&[id.0]));
-    }
-    // All idle past `flow_idle`: the idle scan forgets them, their keys stay in the order.
-    let mut actions = Vec::new();
-    run.engine.check_hold_time(ms(40_000), &mut actions);
+    open_released(&mut run, 0..connections, ms(0));
+    // All idle past `flow_idle` at a checkpoint: the reset forgets them, their keys stay in
+    // the order.
+    run.engine.now = ms(40_000);
+    assert!(run.engine.reset().is_empty());
     assert_eq!(run.engine.flows(), 0);
     assert_eq!(run.engine.eviction_order.len(), usize::from(connections));
-    let port = connections + 1;
-    let id = open_aligned(&mut run, port, ms(40_000));
+    let id = open_aligned(&mut run, 0, ms(40_000));
     assert_eq!(run.take(), released(&[id.0]));
     let order = &run.engine.eviction_order;
     assert_eq!(order.len(), 1, "compacted");
+    assert_eq!(
+        order[0].1,
+        ms(40_000),
+        "the new flow's entry, not the old flow's"
+    );
     assert!(
         run.engine
             .flows
@@ -379,6 +393,50 @@ fn a_new_flow_stays_evictable_when_its_arrival_compacts_the_eviction_order() {
             .all(|key| order.iter().any(|(k, _)| k == key)),
         "the new flow is in the eviction order"
     );
+}
+
+/// The expiry hand forgets flows idle past `flow_idle` a share of the table at each tick,
+/// the whole table within [`super::EXPIRY_ROUND`] of ticks, and drops the keys of flows
+/// forgotten otherwise as it goes.
+#[test]
+fn idle_flows_expire_a_share_of_the_table_at_each_tick() {
+    let mut run = table_of(4096);
+    let mut actions = Vec::new();
+    open_released(&mut run, 0..1000, ms(0));
+    // Ticks before anything is idle enough: nothing goes, every key stays.
+    let round = super::EXPIRY_ROUND;
+    let start = Duration::from_secs(30);
+    let mut now = Duration::ZERO;
+    while now + round / 10 < start {
+        now += round / 10;
+        run.engine.check_hold_time(now, &mut actions);
+    }
+    assert_eq!(run.engine.flows(), 1000);
+    assert_eq!(run.engine.eviction_order.len(), 1000);
+    // One flow stays in use; once the rest are idle enough, a tenth of a round later about a
+    // tenth of them went.
+    let id = run.pvm_at(&port_frame(7, 101, PSH_ACK, b"a"), now);
+    run.svm(&port_frame(7, 101, PSH_ACK, b"a"));
+    assert_eq!(run.take(), released(&[id.0]));
+    run.engine.check_hold_time(start, &mut actions);
+    let left = run.engine.flows();
+    assert!((890..=910).contains(&left), "{left} flows left");
+    for tick in 1..=10 {
+        run.engine
+            .check_hold_time(start + round * tick / 10, &mut actions);
+    }
+    assert_eq!(
+        run.engine.flows(),
+        1,
+        "all but the flow in use, within a round"
+    );
+    assert_eq!(
+        run.engine.eviction_order.len(),
+        1,
+        "the forgotten flows' keys dropped"
+    );
+    assert_eq!(run.engine.counters().flows_expired, 999);
+    assert!(actions.is_empty(), "{actions:?}");
 }
 
 /// A SYN flood fills the table with half-open handshakes whose ISNs differ between the VMs.
@@ -478,6 +536,23 @@ fn open_aligned(run: &mut Run, port: u16, now: Duration) -> PacketId {
     let id = run.pvm_at(&port_frame(port, 100, SYN_ACK, b""), now);
     run.svm(&port_frame(port, 100, SYN_ACK, b""));
     id
+}
+
+/// An engine whose table holds `max_flows`, forgetting flows idle for 30 s.
+fn table_of(max_flows: usize) -> Run {
+    Run::new(EngineConfig {
+        max_flows,
+        flow_idle: Duration::from_secs(30),
+        ..EngineConfig::default()
+    })
+}
+
+/// Opens the connections of `ports` at `now`, both VMs alike: each handshake is released.
+fn open_released(run: &mut Run, ports: std::ops::Range<u16>, now: Duration) {
+    for port in ports {
+        let id = open_aligned(run, port, now);
+        assert_eq!(run.take(), released(&[id.0]));
+    }
 }
 
 /// The SVM answers one connection late while it keeps sending the same bytes as the PVM on
