@@ -395,9 +395,48 @@ fn a_new_flow_stays_evictable_when_its_arrival_compacts_the_eviction_order() {
     );
 }
 
+/// The expiry hand drops the keys of flows a checkpoint forgot, and a new flow with the key
+/// of a forgotten one keeps exactly one entry: the forgotten flow's older entry is not taken
+/// for the new flow's (it would stay in the order as long as the new flow lives).
+#[test]
+fn the_expiry_hand_drops_forgotten_keys_and_keeps_one_entry_per_flow() {
+    let mut run = table_of(4096);
+    open_released(&mut run, 0..100, ms(0));
+    run.engine.now = ms(40_000);
+    assert!(run.engine.reset().is_empty());
+    assert_eq!(run.engine.flows(), 0);
+    open_released(&mut run, 0..1, ms(40_000));
+    assert_eq!(run.engine.eviction_order.len(), 101);
+    let mut actions = Vec::new();
+    for tick in 1..=20 {
+        run.engine
+            .check_hold_time(ms(40_000) + super::EXPIRY_ROUND * tick / 10, &mut actions);
+    }
+    assert_eq!(run.engine.flows(), 1);
+    assert_eq!(
+        run.engine.eviction_order.iter().collect::<Vec<_>>(),
+        vec![&(*run.engine.flows.keys().next().unwrap(), ms(40_000))]
+    );
+    assert!(actions.is_empty(), "{actions:?}");
+}
+
+/// A tick long after the last (the timer held up, or the pair unprotected meanwhile) passes
+/// at most [`super::EXPIRY_STEPS`] flows; the next ones catch up.
+#[test]
+fn a_tick_after_a_pause_expires_a_bounded_share() {
+    let flows = super::EXPIRY_STEPS + 1000;
+    let mut run = table_of(2 * flows);
+    open_released(&mut run, 0..flows as u16, ms(0));
+    let mut actions = Vec::new();
+    run.engine.check_hold_time(ms(100_000), &mut actions);
+    assert_eq!(run.engine.flows(), 1000);
+    run.engine.check_hold_time(ms(100_050), &mut actions);
+    assert_eq!(run.engine.flows(), 0);
+    assert_eq!(run.engine.counters().flows_expired, flows as u64);
+}
+
 /// The expiry hand forgets flows idle past `flow_idle` a share of the table at each tick,
-/// the whole table within [`super::EXPIRY_ROUND`] of ticks, and drops the keys of flows
-/// forgotten otherwise as it goes.
+/// the whole table within [`super::EXPIRY_ROUND`] of ticks.
 #[test]
 fn idle_flows_expire_a_share_of_the_table_at_each_tick() {
     let mut run = table_of(4096);
