@@ -395,6 +395,30 @@ fn a_new_flow_stays_evictable_when_its_arrival_compacts_the_eviction_order() {
     );
 }
 
+/// A checkpoint's reset visits only the flows used since the last one: a flow idle all
+/// epoch keeps its state and is compared after it as before, and a packet held by a flow
+/// forgotten and opened again in the epoch (its key listed twice) is returned once.
+#[test]
+fn a_reset_visits_the_flows_used_in_the_epoch_and_returns_each_held_packet_once() {
+    let mut run = table_of(1);
+    open_released(&mut run, 1..2, ms(0));
+    // Port 2 takes the idle port 1's place, then port 1 takes port 2's, its first packet
+    // held for the SVM's copy.
+    open_released(&mut run, 2..3, ms(2_000));
+    let held = run.pvm_at(&port_frame(1, 101, PSH_ACK, b"a"), ms(3_500));
+    assert!(run.take().is_empty());
+    assert_eq!(run.engine.counters().flows_evicted, 2);
+    assert_eq!(run.engine.epoch_flows.len(), 3);
+    assert_eq!(run.engine.reset(), vec![held]);
+    assert!(run.engine.epoch_flows.is_empty());
+    // Port 1 idle a whole epoch: not visited by the next reset, and compared as before.
+    assert!(run.engine.reset().is_empty());
+    let id = run.pvm_at(&port_frame(1, 102, PSH_ACK, b"b"), ms(4_000));
+    run.svm(&port_frame(1, 102, PSH_ACK, b"b"));
+    assert_eq!(run.take(), released(&[id.0]));
+    assert_eq!(run.engine.flows(), 1);
+}
+
 /// The expiry hand drops the keys of flows a checkpoint forgot, and a new flow with the key
 /// of a forgotten one keeps exactly one entry: the forgotten flow's older entry is not taken
 /// for the new flow's (it would stay in the order as long as the new flow lives).
