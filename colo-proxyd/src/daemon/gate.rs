@@ -306,6 +306,9 @@ impl ReleaseGate {
         } else {
             Protection::Fenced
         };
+        // Nothing is compared from now on (until a new `colo-started`, whose SVM is a fresh
+        // copy): the flows' state would only keep their memory.
+        self.engine.forget_flows();
         self.early.clear();
         self.early_bytes = 0;
         self.early_lost = None;
@@ -522,6 +525,7 @@ mod tests {
         out.clear();
         gate.colo_started(1, T, &mut out);
         gate.pvm_frame(a.clone(), T, &mut out);
+        assert_eq!(gate.flows(), 1);
         gate.colo_exit();
         let mut ticked = Vec::new();
         gate.tick(Duration::from_secs(10), &mut ticked);
@@ -530,6 +534,11 @@ mod tests {
         assert_eq!(gate.failover(true, T, &mut out), 0);
         assert_eq!(released(&out), vec![a]);
         assert_eq!(gate.protection(), Protection::Unprotected);
+        assert_eq!(
+            gate.flows(),
+            0,
+            "nothing compared now: the flows are forgotten"
+        );
     }
 
     #[test]

@@ -87,11 +87,13 @@ pub const DEFAULT_MAX_HOLD_LIMIT: Duration = Duration::from_secs(3);
 pub const DEFAULT_MAX_HANDSHAKE_HOLD: Duration = Duration::from_millis(500);
 
 /// The time the expiry hand takes to go round the whole table (when ticks come often
-/// enough for [`EXPIRY_STEPS`]): a flow safe to forget and idle for
-/// [`EngineConfig::flow_idle`] is forgotten within two rounds more. The hand moves a share
-/// of the table at each tick, not the whole table at once (a scan of 65,536 flows stalls the
-/// role loop for milliseconds).
-const EXPIRY_ROUND: Duration = Duration::from_secs(1);
+/// enough for [`EXPIRY_STEPS`]), a third of [`EngineConfig::flow_idle`] and this at least:
+/// a flow safe to forget and idle for `flow_idle` is forgotten within two rounds more. The
+/// hand moves a share of the table at each tick, not the whole table at once (a scan of
+/// 65,536 flows stalls the role loop for milliseconds); a step costs about 0.3 µs in a
+/// table of 20,000 flows (cache misses), so a round of a second would cost some 300 µs at
+/// every 50 ms tick there.
+const EXPIRY_ROUND_MIN: Duration = Duration::from_secs(1);
 
 /// Flows the expiry hand passes at most per tick, however long since the last (a tick after
 /// a pause catches up over several): about 0.4 ms. At the default tick (50 ms) a round of
@@ -331,7 +333,7 @@ pub struct ComparisonEngine {
     eviction_order: VecDeque<(FlowKey, Duration)>,
     /// The keys of the flows used since the last checkpoint, the only ones its reset visits
     /// (a flow idle since is in its reset state already; a scan of the whole table made each
-    /// checkpoint's pause 3 ms longer at 65,000 idle connections); with keys of flows
+    /// checkpoint's pause 4.3 ms longer at 65,000 idle connections); with keys of flows
     /// forgotten since, and compacted like [`Self::eviction_order`].
     epoch_flows: Vec<FlowKey>,
     /// Set once a flow whose VMs use different sequence numbers was forgotten this epoch: a
@@ -663,10 +665,22 @@ impl ComparisonEngine {
         held
     }
 
+    /// Forgets every flow, after a [`Self::reset`] (none holds anything then): the comparison
+    /// stops (a failover), and the table's memory is returned rather than kept while no
+    /// packet comes to use or expire it.
+    pub fn forget_flows(&mut self) {
+        self.flows = HashMap::new();
+        self.eviction_order = VecDeque::new();
+        self.epoch_flows = Vec::new();
+        self.expiry_round = 0;
+        self.expiry_round_left = 0;
+        self.expiry_due = 0;
+    }
+
     /// Forgets the flows idle for [`EngineConfig::flow_idle`] that are safe to forget: moves
     /// the hand of [`Self::eviction_order`] over the share of a round due since the hand
     /// last moved (a round passes the entries the order had when it began, in
-    /// [`EXPIRY_ROUND`], [`EXPIRY_STEPS`] at most per call), dropping the keys of forgotten
+    /// [`Self::expiry_round`], [`EXPIRY_STEPS`] at most per call), dropping the keys of forgotten
     /// flows on the way. A flow is passed
     /// within two rounds (the eviction hand may move it back meanwhile). The flows it passes
     /// keep the time the eviction hand passed them: expiry gives no second chance.
@@ -681,7 +695,7 @@ impl ComparisonEngine {
             self.expiry_round = self.eviction_order.len();
             self.expiry_round_left = self.expiry_round;
         }
-        let share = elapsed.as_secs_f64() / EXPIRY_ROUND.as_secs_f64();
+        let share = elapsed.as_secs_f64() / self.expiry_round().as_secs_f64();
         let due = (self.expiry_round as f64 * share).ceil() as usize;
         self.expiry_due = self
             .expiry_due
@@ -704,6 +718,11 @@ impl ComparisonEngine {
             }
             self.eviction_order.push_back((key, passed));
         }
+    }
+
+    /// The time the expiry hand takes to go round the table.
+    fn expiry_round(&self) -> Duration {
+        (self.config.flow_idle / 3).max(EXPIRY_ROUND_MIN)
     }
 
     /// The flow of an entry of [`Self::eviction_order`], if the entry is not a forgotten

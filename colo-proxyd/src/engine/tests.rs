@@ -417,6 +417,11 @@ fn a_reset_visits_the_flows_used_in_the_epoch_and_returns_each_held_packet_once(
     run.svm(&port_frame(1, 102, PSH_ACK, b"b"));
     assert_eq!(run.take(), released(&[id.0]));
     assert_eq!(run.engine.flows(), 1);
+    // Used again in this epoch: listed again, and its held packet returned by the reset.
+    let held = run.pvm_at(&port_frame(1, 103, PSH_ACK, b"c"), ms(4_100));
+    assert!(run.take().is_empty());
+    assert_eq!(run.engine.epoch_flows.len(), 1);
+    assert_eq!(run.engine.reset(), vec![held]);
 }
 
 /// The expiry hand drops the keys of flows a checkpoint forgot, and a new flow with the key
@@ -433,8 +438,10 @@ fn the_expiry_hand_drops_forgotten_keys_and_keeps_one_entry_per_flow() {
     assert_eq!(run.engine.eviction_order.len(), 101);
     let mut actions = Vec::new();
     for tick in 1..=20 {
-        run.engine
-            .check_hold_time(ms(40_000) + super::EXPIRY_ROUND * tick / 10, &mut actions);
+        run.engine.check_hold_time(
+            ms(40_000) + run.engine.expiry_round() * tick / 10,
+            &mut actions,
+        );
     }
     assert_eq!(run.engine.flows(), 1);
     assert_eq!(
@@ -460,14 +467,14 @@ fn a_tick_after_a_pause_expires_a_bounded_share() {
 }
 
 /// The expiry hand forgets flows idle past `flow_idle` a share of the table at each tick,
-/// the whole table within [`super::EXPIRY_ROUND`] of ticks.
+/// the whole table within a round of the expiry hand.
 #[test]
 fn idle_flows_expire_a_share_of_the_table_at_each_tick() {
     let mut run = table_of(4096);
     let mut actions = Vec::new();
     open_released(&mut run, 0..1000, ms(0));
     // Ticks before anything is idle enough: nothing goes, every key stays.
-    let round = super::EXPIRY_ROUND;
+    let round = run.engine.expiry_round();
     let start = Duration::from_secs(30);
     let mut now = Duration::ZERO;
     while now + round / 10 < start {
