@@ -140,8 +140,9 @@ fuzz_target!(|input: &[u8]| {
     assert_eq!(&stream[..wire.len()], &wire[..]);
 
     // The comparison, with a table as large as the input can fill, then with a table of two
-    // flows (evictions, a full table) and a checkpoint every eight frames: every PVM packet
-    // is settled exactly once, by an action or by a checkpoint.
+    // flows (evictions, a full table) and a checkpoint every eight frames, then with frames
+    // far enough apart that flows are forgotten and opened again within an epoch: every PVM
+    // packet is settled exactly once, by an action or by a checkpoint.
     let limits = EngineConfig {
         max_total_buffered_bytes: 8192,
         per_connection: ComparatorLimits {
@@ -149,17 +150,17 @@ fuzz_target!(|input: &[u8]| {
         },
         ..EngineConfig::default()
     };
-    let (mut out, pushed) = compare(&frames, limits.clone(), None);
-    let (mut small_out, _) = compare(
-        &frames,
-        EngineConfig {
-            max_flows: 2,
-            ..limits
-        },
-        Some(8),
-    );
-    small_out.sort_unstable();
-    assert_eq!(small_out, pushed);
+    let (mut out, pushed) = compare(&frames, limits.clone(), FRAMES_APART, None);
+    let small_table = EngineConfig {
+        max_flows: 2,
+        ..limits
+    };
+    for (apart, checkpoint_every) in [(FRAMES_APART, 8), (Duration::from_millis(600), 16)] {
+        let (mut small_out, _) =
+            compare(&frames, small_table.clone(), apart, Some(checkpoint_every));
+        small_out.sort_unstable();
+        assert_eq!(small_out, pushed);
+    }
 
     // The secondary's rewriting: even frames as the client's into the SVM, odd ones as the
     // SVM's own. A frame it accepts must still parse, and one it leaves alone must be intact.
@@ -205,13 +206,17 @@ fuzz_target!(|input: &[u8]| {
     assert_eq!(out, pushed);
 });
 
+/// The time between two frames given to the comparison engine, unless a run says otherwise.
+const FRAMES_APART: Duration = Duration::from_millis(50);
+
 /// Runs `frames` through a comparison engine (even ones as the PVM's, odd ones as the SVM's,
-/// 50 ms apart), with a checkpoint every `checkpoint_every` frames and one at the end; returns
-/// the packets settled (by an action or a checkpoint, in that order) and the packets pushed.
-/// Asserts that a packet is dropped only as a bare SYN-ACK the PVM superseded.
+/// `apart` from each other), with a checkpoint every `checkpoint_every` frames and one at the
+/// end; returns the packets settled (by an action or a checkpoint, in that order) and the
+/// packets pushed. Asserts that a packet is dropped only as a bare SYN-ACK the PVM superseded.
 fn compare(
     frames: &[Frame],
     config: EngineConfig,
+    apart: Duration,
     checkpoint_every: Option<usize>,
 ) -> (Vec<PacketId>, Vec<PacketId>) {
     let mut engine = ComparisonEngine::new(config);
@@ -219,7 +224,7 @@ fn compare(
     let mut pushed = Vec::new();
     let mut settled_by_checkpoints = Vec::new();
     for (index, frame) in frames.iter().enumerate() {
-        let now = Duration::from_millis(index as u64 * 50);
+        let now = apart * index as u32;
         if index % 2 == 0 {
             let id = PacketId(index as u64);
             pushed.push(id);
