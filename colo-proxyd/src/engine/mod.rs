@@ -373,7 +373,6 @@ pub struct ComparisonEngine {
 impl ComparisonEngine {
     /// An engine with no flows.
     pub fn new(config: EngineConfig) -> Self {
-        let flows = HashMap::new();
         let rules = (!config.equivalent.is_empty()).then(|| config.equivalent.clone().into());
         let equivalent = vec![EquivalentCount::default(); config.equivalent.len()];
         ComparisonEngine {
@@ -381,7 +380,7 @@ impl ComparisonEngine {
             equivalent,
             drained: Vec::new(),
             config,
-            flows,
+            flows: HashMap::new(),
             now: Duration::ZERO,
             expiry_moved: Duration::ZERO,
             expiry_round: 0,
