@@ -253,9 +253,13 @@ async fn observe_loop(
     let mut tick = tokio::time::interval(probe);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
+        // Only the wait for an event races the tick; the event is handled outside the race.
         let found = tokio::select! {
             () = cancel.cancelled() => return,
-            found = observer.event() => found,
+            event = observer.next_event() => match observer.on_event(event).await {
+                Some(found) => found,
+                None => continue,
+            },
             _ = tick.tick() => observer.probe().await,
         };
         client.send_replace(observer.qmp().cloned());

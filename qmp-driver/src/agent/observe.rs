@@ -9,7 +9,7 @@
 
 use crate::pair::{Trigger, checkpoint_stall};
 use colo_cluster::message::VmState;
-use colo_qmp::{ConnectOptions, EventStream, QmpClient, QmpError};
+use colo_qmp::{ConnectOptions, Event, EventStream, QmpClient, QmpError};
 use colo_types::{Address, Role};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -92,33 +92,39 @@ impl Observer {
         self.qmp.as_ref().map(|(q, _)| q)
     }
 
-    /// The next QMP event that matters; pending for ever without a connection. A closed
-    /// connection is reported as the VM gone.
-    pub async fn event(&mut self) -> Seen {
+    /// The next QMP event; pending for ever without a connection, `None` once the connection
+    /// closed. Cancel-safe: an event is taken off the stream only when this completes, so it
+    /// may race the probe's tick; [`Observer::on_event`] then handles the event to the end.
+    pub async fn next_event(&mut self) -> Option<Event> {
         let Some((_, events)) = self.qmp.as_mut() else {
             return std::future::pending().await;
         };
-        loop {
-            match events.recv().await {
-                None => return self.lost(),
-                Some(e) if e.name == "SHUTDOWN" => {
-                    // QEMU is going away (quit, a guest poweroff): its VM is gone for the
-                    // peer's purposes, before the socket even closes.
-                    return self.remember(Observed::Vm(VmState::Gone));
-                }
-                Some(e) if e.name == "COLO_EXIT" => {
-                    let in_colo_primary = self.last == Some(Observed::Vm(VmState::Primary));
-                    let broke = e.data["reason"] == "error";
-                    if self.side == Role::Primary
-                        && e.data["mode"] == "primary"
-                        && in_colo_primary
-                        && broke
-                    {
-                        return self.confirm_colo_exit().await;
-                    }
-                }
-                Some(_) => {}
+        events.recv().await
+    }
+
+    /// What an event from [`Observer::next_event`] means, if anything. Not cancel-safe (a
+    /// `COLO_EXIT` is confirmed with a query), and it need not be: QEMU's primary keeps
+    /// reporting mode `primary` after COLO broke, until a failover, so this event is the only
+    /// sign of it, and one dropped half-handled would leave the agent blind for good.
+    pub async fn on_event(&mut self, event: Option<Event>) -> Option<Seen> {
+        match event {
+            None => Some(self.lost()),
+            Some(e) if e.name == "SHUTDOWN" => {
+                // QEMU is going away (quit, a guest poweroff): its VM is gone for the
+                // peer's purposes, before the socket even closes.
+                Some(self.remember(Observed::Vm(VmState::Gone)))
             }
+            Some(e) if e.name == "COLO_EXIT" => {
+                let in_colo_primary = self.last == Some(Observed::Vm(VmState::Primary));
+                let broke = e.data["reason"] == "error";
+                let ours = self.side == Role::Primary && e.data["mode"] == "primary";
+                if ours && in_colo_primary && broke {
+                    Some(self.confirm_colo_exit().await)
+                } else {
+                    None
+                }
+            }
+            Some(_) => None,
         }
     }
 

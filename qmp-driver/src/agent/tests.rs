@@ -153,6 +153,12 @@ struct Qemu {
     gone: bool,
     /// Events to send once, after the next reply.
     pending_events: Vec<Value>,
+    /// A `query-status` straight after another one (the agent confirming a `COLO_EXIT`; a
+    /// probe asks `query-colo-status` first) goes unanswered, once: a monitor slower to
+    /// answer than the probe period.
+    slow_confirmation: bool,
+    /// The last command asked.
+    last_command: String,
 }
 
 impl Qemu {
@@ -164,12 +170,19 @@ impl Qemu {
             status: "running",
             gone: false,
             pending_events: Vec::new(),
+            slow_confirmation: false,
+            last_command: String::new(),
         }
     }
 
     fn answer(&mut self, cmd: &QmpCommand) -> Answer {
         if self.gone {
             return Answer::close();
+        }
+        let repeated = std::mem::replace(&mut self.last_command, cmd.name.clone()) == cmd.name;
+        if self.slow_confirmation && repeated && cmd.name == "query-status" {
+            self.slow_confirmation = false;
+            return Answer::nothing();
         }
         let answer = match cmd.name.as_str() {
             "query-colo-status" => Answer::ret(json!({
@@ -784,6 +797,42 @@ fn primary_sees_colo_exit(pair: &Pair) {
         0,
         Some(json!({"mode": "primary", "reason": "error"})),
     )];
+}
+
+/// QEMU's primary keeps reporting mode `primary` after COLO broke (until a failover), so its
+/// `COLO_EXIT` is the agent's only sign. The agent confirms it with a `query-status`; a probe
+/// tick while that query waits must not drop the event half-handled (the bed's blockd-crash
+/// test once waited 60 s for a take-over that never came).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_colo_exit_is_not_lost_to_a_probe_while_it_is_confirmed() {
+    let mut pair = Pair::start(None).await;
+    pair.wait_in_sync().await;
+
+    // Slower than five probe periods, faster than the stall bound.
+    pair.primary.qemu().slow_confirmation = true;
+    primary_sees_colo_exit(&pair);
+
+    let decided = pair
+        .primary
+        .wait_event(
+            "take-over decided",
+            |e| matches!(e, Reported::Decided(d) if d.action == "take-over"),
+        )
+        .await;
+    let Reported::Decided(decision) = decided else {
+        unreachable!()
+    };
+    assert!(
+        decision.reason.contains("COLO_EXIT"),
+        "the take-over answers the COLO_EXIT, not a hung monitor: {decision:?}"
+    );
+    assert!(
+        !pair.primary.qemu().slow_confirmation,
+        "the confirmation was the slow query"
+    );
+    pair.primary.wait_command("x-colo-lost-heartbeat").await;
+    assert_no_send_failed(&pair);
+    pair.stop().await;
 }
 
 /// The secondary sees the primary's node leave, as colo-cluster's link passes it on: the new
