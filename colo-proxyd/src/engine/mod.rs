@@ -309,9 +309,10 @@ fn new_stream(
 #[derive(Debug)]
 pub struct ComparisonEngine {
     config: EngineConfig,
-    /// Flows inline (376 bytes each): each doubling of the index moves every flow into a
-    /// fresh allocation, a stall of milliseconds at 14,000 flows, once per new high of the
-    /// table; boxing them cost 0.3 µs per frame (docs/memory-bounds.md).
+    /// Flows inline (376 bytes each), in an index sized for [`EngineConfig::max_flows`] when
+    /// the first flow comes: a doubling index moved every flow into a fresh allocation, a
+    /// stall of milliseconds on one packet, and boxing the flows cost 0.3 µs per frame
+    /// (docs/memory-bounds.md).
     flows: HashMap<FlowKey, Flow>,
     /// The latest time the caller gave (SVM packets come without one).
     now: Duration,
@@ -853,6 +854,12 @@ impl ComparisonEngine {
             }
             if self.flows.len() >= self.config.max_flows && !self.make_room() {
                 return false;
+            }
+            if self.flows.capacity() == 0 {
+                // Sized for the bound at once, so that the index never grows (each growth
+                // moves every flow, milliseconds on one packet); an allocator that refuses
+                // (a huge `--max-flows`) leaves the index to grow as it fills.
+                let _ = self.flows.try_reserve(self.config.max_flows);
             }
             self.note_new_flow(key);
         }

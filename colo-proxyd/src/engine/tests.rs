@@ -625,6 +625,31 @@ fn open_released(run: &mut Run, ports: std::ops::Range<u16>, now: Duration) {
     }
 }
 
+/// The index is sized for the bound when the first flow comes, so that it never grows (each
+/// growth moved every flow, milliseconds on one packet in a flood); a failover returns it and
+/// the next flow sizes it again.
+#[test]
+fn the_flow_index_is_sized_for_the_bound_at_the_first_flow() {
+    let mut run = table_of(1000);
+    assert_eq!(run.engine.flows.capacity(), 0, "nothing before a flow");
+    open_released(&mut run, 1000..1001, ms(0));
+    let sized = run.engine.flows.capacity();
+    assert!(sized >= 1000, "capacity {sized}");
+    open_released(&mut run, 1001..2000, ms(1));
+    assert_eq!(run.engine.flows(), 1000);
+    assert_eq!(run.engine.flows.capacity(), sized, "the index never grew");
+
+    run.engine.reset();
+    run.engine.forget_flows();
+    assert_eq!(
+        run.engine.flows.capacity(),
+        0,
+        "a failover returns the index"
+    );
+    open_released(&mut run, 3000..3001, ms(2));
+    assert_eq!(run.engine.flows.capacity(), sized);
+}
+
 /// The SVM answers one connection late while it keeps sending the same bytes as the PVM on
 /// others, every 100 ms: it is behind, not stopped. The answer waits past `max_hold` without
 /// a checkpoint and is released when the SVM's copy comes.
