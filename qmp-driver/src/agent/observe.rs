@@ -103,9 +103,9 @@ impl Observer {
     }
 
     /// What an event from [`Observer::next_event`] means, if anything. Not cancel-safe (a
-    /// `COLO_EXIT` is confirmed with a query), and it need not be: QEMU's primary keeps
-    /// reporting mode `primary` after COLO broke, until a failover, so this event is the only
-    /// sign of it, and one dropped half-handled would leave the agent blind for good.
+    /// `COLO_EXIT` is confirmed with a query), so run it to the end outside any race: QEMU's
+    /// primary keeps reporting mode `primary` after COLO broke, until a failover, so this
+    /// event is the only sign of it, and one dropped half-handled leaves the agent blind.
     pub async fn on_event(&mut self, event: Option<Event>) -> Option<Seen> {
         match event {
             None => Some(self.lost()),
