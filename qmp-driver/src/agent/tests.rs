@@ -257,6 +257,20 @@ impl Side {
         }
     }
 
+    /// Waits until the agent decided to take over; returns the decision.
+    async fn wait_take_over(&self) -> Decision {
+        let decided = self
+            .wait_event(
+                "take-over decided",
+                |e| matches!(e, Reported::Decided(d) if d.action == "take-over"),
+            )
+            .await;
+        let Reported::Decided(decision) = decided else {
+            unreachable!()
+        };
+        decision
+    }
+
     /// Waits until the agent reported an event for which `wanted` holds; returns it.
     async fn wait_event(&self, what: &str, wanted: impl Fn(&Reported) -> bool) -> Reported {
         let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -568,16 +582,7 @@ async fn the_secondary_takes_over_when_the_primarys_qemu_is_gone() {
     pair.primary
         .wait_state("its VM gone", |s| s.vm == "gone")
         .await;
-    let decided = pair
-        .secondary
-        .wait_event(
-            "take-over decided",
-            |e| matches!(e, Reported::Decided(d) if d.action == "take-over"),
-        )
-        .await;
-    let Reported::Decided(decision) = decided else {
-        unreachable!()
-    };
+    let decision = pair.secondary.wait_take_over().await;
     assert!(
         decision.reason.contains("gone"),
         "the reason names the peer's VM gone: {decision:?}"
@@ -812,16 +817,7 @@ async fn a_colo_exit_is_not_lost_to_a_probe_while_it_is_confirmed() {
     pair.primary.qemu().slow_confirmation = true;
     primary_sees_colo_exit(&pair);
 
-    let decided = pair
-        .primary
-        .wait_event(
-            "take-over decided",
-            |e| matches!(e, Reported::Decided(d) if d.action == "take-over"),
-        )
-        .await;
-    let Reported::Decided(decision) = decided else {
-        unreachable!()
-    };
+    let decision = pair.primary.wait_take_over().await;
     assert!(
         decision.reason.contains("COLO_EXIT"),
         "the take-over answers the COLO_EXIT, not a hung monitor: {decision:?}"
@@ -889,12 +885,7 @@ async fn both_claim(first: NodeId) {
     assert_eq!(claims, vec![winner.node, loser.node], "both claims crossed");
 
     // The winner takes over, the loser fences its VM.
-    winner
-        .wait_event(
-            "take-over decided",
-            |e| matches!(e, Reported::Decided(d) if d.action == "take-over"),
-        )
-        .await;
+    winner.wait_take_over().await;
     let fenced = loser
         .wait_state("fenced", |s| {
             s.vm == "fenced"
