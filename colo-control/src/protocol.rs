@@ -163,6 +163,9 @@ impl std::fmt::Display for EventKind {
 /// `reason` of a `colo-exit` caused by a failed barrier (a sync subscriber
 /// did not ack in time or disconnected).
 pub const EXIT_BARRIER_TIMEOUT: &str = "barrier-timeout";
+/// `reason` of a `colo-exit` caused by a secondary QEMU that did not answer a checkpoint
+/// request (`checkpoint-reply`) in time: frozen, or stuck stopping its VM.
+pub const EXIT_REPLY_TIMEOUT: &str = "reply-timeout";
 /// `reason` of a `colo-exit` caused by either QEMU closing the main channel.
 pub const EXIT_CHANNEL_CLOSED: &str = "channel-closed";
 /// `reason` of a `colo-exit` caused by the relay shutting down.

@@ -23,8 +23,8 @@ use super::colo_message::{ColoMessage, ColoParser, ParseError, QEVM_MAGIC};
 use super::stream::{ReadHalf, RelayListener, Stream, WriteHalf};
 use colo_control::hub::{BarrierError, ControlHub};
 use colo_control::protocol::{
-    EXIT_BARRIER_TIMEOUT, EXIT_CHANNEL_CLOSED, EXIT_RELAY_SHUTDOWN, EventBody, EventKind,
-    RelayState,
+    EXIT_BARRIER_TIMEOUT, EXIT_CHANNEL_CLOSED, EXIT_RELAY_SHUTDOWN, EXIT_REPLY_TIMEOUT, EventBody,
+    EventKind, RelayState,
 };
 use colo_daemon::RateLimited;
 use colo_tls::PeerAcceptor;
@@ -52,6 +52,9 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 /// it at once; a connection that does not holds the session slot (and keeps
 /// the real primary out) for at most this long.
 pub(crate) const MAGIC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the secondary-to-primary pump looks whether a checkpoint request is waiting for
+/// its reply too long (the bound itself is [`crate::RelayConfig::reply_timeout`]).
+const REPLY_CHECK: Duration = Duration::from_millis(100);
 /// With `--migration-tls`, how many connections may be in their TLS handshake at once while no
 /// session runs. A handshake does not hold the session slot (only an authenticated primary
 /// takes it), so a stranger that connects first and stalls cannot keep the real primary out;
@@ -89,7 +92,7 @@ enum End {
     WriteError(std::io::Error),
     /// The session or the relay was cancelled.
     Cancelled,
-    /// A barrier failed; the session was cancelled.
+    /// A barrier failed, or a checkpoint request went unanswered; the session was cancelled.
     BarrierFailed,
 }
 
@@ -142,6 +145,7 @@ pub(crate) struct Relay {
     hub: ControlHub,
     target: Address,
     ack_timeout: Duration,
+    reply_timeout: Duration,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     current: Mutex<Arc<Session>>,
@@ -161,7 +165,7 @@ impl Relay {
     pub(crate) fn new(
         hub: ControlHub,
         target: Address,
-        ack_timeout: Duration,
+        (ack_timeout, reply_timeout): (Duration, Duration),
         peers: Option<Vec<IpAddr>>,
         tls: Option<PeerAcceptor>,
         shutdown: CancellationToken,
@@ -175,6 +179,7 @@ impl Relay {
             hub,
             target,
             ack_timeout,
+            reply_timeout,
             shutdown,
             tasks: TaskTracker::new(),
             current: Mutex::new(first),
@@ -503,9 +508,26 @@ impl Relay {
         let mut parser = ColoParser::new();
         let mut parsing = true;
         let mut reply_at: Option<Instant> = None;
+        // Between checkpoints the primary sends nothing but its next `checkpoint-request`,
+        // so bytes going up after the secondary's `checkpoint-ready` or `vmstate-loaded` are
+        // that request, and its reply is due. A secondary QEMU that never answers (frozen,
+        // stuck stopping its VM) would otherwise keep the primary waiting for ever, its VM
+        // running and its output held: no barrier runs without the reply.
+        let mut request = ReplyDeadline::default();
+        let mut check = tokio::time::interval(REPLY_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let n = tokio::select! {
                 _ = cancel.cancelled() => return End::Cancelled,
+                _ = check.tick(), if parsing && request.armed() => {
+                    let sent = forwarded.load(Ordering::Relaxed);
+                    if let Some(waited) = request.overdue(sent, Instant::now(), self.reply_timeout) {
+                        let epoch = self.hub.update_status(|s| s.epoch);
+                        self.fail_unanswered(session, epoch, waited).await;
+                        return End::BarrierFailed;
+                    }
+                    continue;
+                }
                 r = rd.read(&mut buf) => match r {
                     Ok(0) => {
                         let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, wr.shutdown()).await;
@@ -543,6 +565,7 @@ impl Relay {
                 tracing::debug!(session = session.id, message = %msg, "secondary -> primary");
                 match msg {
                     ColoMessage::CheckpointReady => {
+                        request.expect_after(forwarded.load(Ordering::Relaxed));
                         let epoch = self.hub.update_status(|s| {
                             s.epoch += 1;
                             s.state = RelayState::Colo;
@@ -555,6 +578,7 @@ impl Relay {
                     }
                     ColoMessage::CheckpointReply | ColoMessage::VmstateReceived => {
                         let kind = if msg == ColoMessage::CheckpointReply {
+                            request.answered();
                             reply_at = Some(Instant::now());
                             forwarded_at_reply = forwarded.load(Ordering::Relaxed);
                             EventKind::SvmEpochClosed
@@ -601,6 +625,9 @@ impl Relay {
                             return end;
                         }
                         cursor = pos;
+                        // Everything the primary sent for this checkpoint was forwarded
+                        // before the secondary could load it.
+                        request.expect_after(forwarded.load(Ordering::Relaxed));
                         let pause = reply_at.take().map(|t| t.elapsed());
                         self.hub.record_checkpoint(pause);
                         let epoch = self.hub.update_status(|s| {
@@ -660,6 +687,24 @@ impl Relay {
             "{kind} barrier of epoch {epoch} failed: {err}; the relay closed the migration channels, both QEMUs leave COLO (COLO_EXIT reason=error)"
         );
         tracing::error!(culprits = ?culprits, epoch, event = %kind, "{detail}");
+        self.end_colo(session, epoch, EXIT_BARRIER_TIMEOUT, detail)
+            .await;
+    }
+
+    /// The secondary QEMU did not answer the primary's checkpoint request within
+    /// `reply_timeout`: COLO ends as after a failed barrier, so that the primary serves on.
+    async fn fail_unanswered(&self, session: &Session, epoch: u64, waited: Duration) {
+        let detail = format!(
+            "the secondary QEMU did not answer the checkpoint request of epoch {epoch} within {waited:?} (frozen, or stuck stopping its VM); the relay closed the migration channels, both QEMUs leave COLO (COLO_EXIT reason=error)"
+        );
+        tracing::error!(epoch, "{detail}");
+        self.end_colo(session, epoch, EXIT_REPLY_TIMEOUT, detail)
+            .await;
+    }
+
+    /// Ends the session's COLO: marks it failed, publishes `colo-exit` with `reason`, and
+    /// closes both migration channels.
+    async fn end_colo(&self, session: &Session, epoch: u64, reason: &str, detail: String) {
         session.failed.store(true, Ordering::SeqCst);
         let current = self.is_current(session);
         self.hub.update_status(|s| {
@@ -672,12 +717,52 @@ impl Relay {
         self.hub
             .publish(
                 EventBody::new(EventKind::ColoExit, epoch)
-                    .with_reason(EXIT_BARRIER_TIMEOUT)
+                    .with_reason(reason)
                     .with_detail(detail),
             )
             .await;
         self.end_session(session);
         session.cancel.cancel();
+    }
+}
+
+/// When the secondary's answer to a checkpoint request is due: armed when the secondary has
+/// done its part of COLO's exchange (`checkpoint-ready`, `vmstate-loaded`), with the count of
+/// bytes forwarded to it then; the first bytes after that are the primary's next request.
+#[derive(Debug, Default)]
+struct ReplyDeadline {
+    /// Bytes forwarded to the secondary when the primary's next request became the next
+    /// thing it sends.
+    sent_before: Option<u64>,
+    /// When the relay first saw bytes beyond `sent_before` (the request).
+    requested_at: Option<Instant>,
+}
+
+impl ReplyDeadline {
+    fn expect_after(&mut self, sent: u64) {
+        *self = ReplyDeadline {
+            sent_before: Some(sent),
+            requested_at: None,
+        };
+    }
+
+    fn answered(&mut self) {
+        *self = ReplyDeadline::default();
+    }
+
+    fn armed(&self) -> bool {
+        self.sent_before.is_some()
+    }
+
+    /// How long the request has waited, once that is `timeout` or more; `sent` is the count
+    /// of bytes forwarded to the secondary now.
+    fn overdue(&mut self, sent: u64, now: Instant, timeout: Duration) -> Option<Duration> {
+        let before = self.sent_before?;
+        if self.requested_at.is_none() && sent > before {
+            self.requested_at = Some(now);
+        }
+        let waited = now.saturating_duration_since(self.requested_at?);
+        (waited >= timeout).then_some(waited)
     }
 }
 

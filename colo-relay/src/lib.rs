@@ -78,7 +78,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Default [`RelayConfig::ack_timeout`].
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_millis(2000);
-/// Largest accepted `--ack-timeout-ms` (10 minutes).
+/// Default [`RelayConfig::reply_timeout`]: longer than a secondary takes to stop its VM for
+/// a checkpoint, even while its disk drains slowly.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest accepted `--ack-timeout-ms` and `--reply-timeout-ms` (10 minutes).
 pub const MAX_ACK_TIMEOUT_MS: u64 = 600_000;
 
 /// What the relay needs to run. `Default` gives placeholder endpoints, for
@@ -96,6 +99,9 @@ pub struct RelayConfig {
     pub control_tcp: Option<Address>,
     /// How long a barrier waits for every sync subscriber's ack.
     pub ack_timeout: Duration,
+    /// How long the secondary QEMU may take to answer a checkpoint request
+    /// (`checkpoint-reply`) before the relay ends COLO.
+    pub reply_timeout: Duration,
     /// The control socket's group: mode 0660 with this gid instead of 0600.
     pub control_group: Option<u32>,
     /// Who may announce a failover, besides root and the relay's own uid.
@@ -138,6 +144,7 @@ impl Default for RelayConfig {
             control: "relay.sock".into(),
             control_tcp: None,
             ack_timeout: DEFAULT_ACK_TIMEOUT,
+            reply_timeout: DEFAULT_REPLY_TIMEOUT,
             control_group: None,
             operator_uids: Vec::new(),
             operator_gid: None,
@@ -196,6 +203,19 @@ pub struct RelayArgs {
         default_value_t = 2000
     )]
     pub ack_timeout_ms: u64,
+
+    /// How long the secondary QEMU may take to answer the primary's
+    /// checkpoint request, in milliseconds. A secondary that does not (its
+    /// QEMU frozen, or stuck stopping its VM) would keep the primary waiting
+    /// for ever with its output held; when it expires the relay ends COLO
+    /// (colo-exit reason `reply-timeout`) and the primary serves alone.
+    #[arg(
+        long,
+        env = "COLO_RELAY_REPLY_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
+    pub reply_timeout_ms: u64,
 
     /// Give the control socket to this group (numeric gid, e.g. from
     /// `getent group colo`): mode 0660 instead of the default 0600 (only the
@@ -285,6 +305,12 @@ impl TryFrom<RelayArgs> for RelayConfig {
                 a.ack_timeout_ms
             )));
         }
+        if a.reply_timeout_ms == 0 || a.reply_timeout_ms > MAX_ACK_TIMEOUT_MS {
+            return Err(RelayError::Config(format!(
+                "--reply-timeout-ms must be from 1 to {MAX_ACK_TIMEOUT_MS}, got {}",
+                a.reply_timeout_ms
+            )));
+        }
         if a.listen == a.target {
             return Err(RelayError::Config(format!(
                 "--listen and --target are both {}: the relay would connect to itself",
@@ -358,6 +384,7 @@ impl TryFrom<RelayArgs> for RelayConfig {
             control: a.control,
             control_tcp: a.control_tcp,
             ack_timeout: Duration::from_millis(a.ack_timeout_ms),
+            reply_timeout: Duration::from_millis(a.reply_timeout_ms),
             control_group: a.control_group,
             operator_uids: a.operator_uids,
             operator_gid: a.operator_gid,
@@ -480,6 +507,7 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
         control_tcp = %control_tcp.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
         migration_tls = %config.migration_tls.as_ref().map_or("off".into(), |t| format!("only {}", t.peer)),
         ack_timeout_ms = config.ack_timeout.as_millis() as u64,
+        reply_timeout_ms = config.reply_timeout.as_millis() as u64,
         "relay started"
     );
     let migration_peers =
@@ -487,7 +515,7 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
     channel::Relay::new(
         hub.clone(),
         config.target.clone(),
-        config.ack_timeout,
+        (config.ack_timeout, config.reply_timeout),
         migration_peers,
         migration_tls,
         shutdown,
@@ -580,10 +608,17 @@ pub async fn serve(
     listener: RelayListener,
     target: Address,
     hub: ControlHub,
-    ack_timeout: Duration,
+    (ack_timeout, reply_timeout): (Duration, Duration),
     shutdown: CancellationToken,
 ) {
-    let relay = channel::Relay::new(hub, target, ack_timeout, None, None, shutdown);
+    let relay = channel::Relay::new(
+        hub,
+        target,
+        (ack_timeout, reply_timeout),
+        None,
+        None,
+        shutdown,
+    );
     relay.accept_loop(listener).await;
 }
 
@@ -637,6 +672,7 @@ mod tests {
             control: control.into(),
             control_tcp: None,
             ack_timeout_ms: ms,
+            reply_timeout_ms: 10_000,
             control_group: None,
             operator_uids: Vec::new(),
             operator_gid: None,
@@ -648,6 +684,10 @@ mod tests {
         };
         let e = RelayConfig::try_from(args("unix:/a", "unix:/b", "/c", 0)).unwrap_err();
         assert!(e.to_string().contains("--ack-timeout-ms"), "{e}");
+        let mut a = args("unix:/a", "unix:/b", "/c", 5);
+        a.reply_timeout_ms = 0;
+        let e = RelayConfig::try_from(a).unwrap_err();
+        assert!(e.to_string().contains("--reply-timeout-ms"), "{e}");
         let e = RelayConfig::try_from(args("unix:/a", "unix:/a", "/c", 5)).unwrap_err();
         assert!(e.to_string().contains("connect to itself"), "{e}");
         let e = RelayConfig::try_from(args("unix:/a", "unix:/b", "/a", 5)).unwrap_err();

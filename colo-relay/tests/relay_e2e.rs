@@ -170,6 +170,71 @@ async fn b_colo_messages_forwarded_and_events_in_epoch_order() {
     );
 }
 
+/// A secondary QEMU that never answers the primary's checkpoint request (frozen, or stuck
+/// stopping its VM) would keep the primary waiting for ever with its output held: the relay
+/// ends COLO after the reply timeout. A quiet COLO (no request) and a reply that comes within
+/// the bound end nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_checkpoint_request_ends_colo_after_the_reply_timeout() {
+    let reply_timeout = Duration::from_millis(500);
+    let bed = Bed::unix_with((Duration::from_secs(2), reply_timeout)).await;
+    let mut monitor = bed.subscriber("monitor", false).await;
+    let _sync = acker(bed.subscriber("colo-blockd", true).await, Duration::ZERO);
+    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
+    p.send(&pseudo_random(4096, 2)).await;
+    assert_eq!(s.recv_exact(4096).await, pseudo_random(4096, 2));
+    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    p.recv_exact(4).await;
+    assert_eq!(next(&mut monitor).await.event, EventKind::ColoStarted);
+
+    // No request for longer than the bound: nothing is due.
+    tokio::time::sleep(reply_timeout * 3).await;
+    assert_eq!(bed.hub.status().state, RelayState::Colo);
+
+    // A request answered within the bound, then a quiet time after the checkpoint.
+    p.send_msgs(&[ColoMessage::CheckpointRequest]).await;
+    s.recv_exact(4).await;
+    tokio::time::sleep(reply_timeout / 2).await;
+    for m in CHECKPOINT {
+        s.send_msgs(&[m]).await;
+        assert_eq!(p.recv_exact(4).await, encode(&[m]));
+    }
+    bed.wait(|st| st.checkpoints == 1).await;
+    tokio::time::sleep(reply_timeout * 3).await;
+    assert_eq!(bed.hub.status().state, RelayState::Colo);
+
+    // The next request goes unanswered: COLO ends, both channels close.
+    let asked = Instant::now();
+    p.send_msgs(&[ColoMessage::CheckpointRequest]).await;
+    s.recv_exact(4).await;
+    assert!(p.recv_to_end().await.is_empty());
+    assert!(
+        asked.elapsed() >= reply_timeout,
+        "ended before the bound: {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        s.recv_to_end().await.is_empty(),
+        "the secondary's side closed too"
+    );
+    let exit = loop {
+        let e = next(&mut monitor).await;
+        if e.event == EventKind::ColoExit {
+            break e;
+        }
+    };
+    assert_eq!(exit.reason.as_deref(), Some("reply-timeout"));
+    let detail = exit.detail.unwrap();
+    assert!(
+        detail.contains("did not answer the checkpoint request"),
+        "{detail}"
+    );
+    let st = bed.wait(|st| st.state == RelayState::Exited).await;
+    assert!(!st.main_channel_connected);
+    assert_eq!(st.checkpoints, 1);
+    bed.stop().await;
+}
+
 /// (c) The barrier holds checkpoint-reply until the sync subscriber acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_reply_reaches_the_primary_only_after_the_delayed_ack() {
@@ -611,7 +676,7 @@ async fn unreachable_secondary_is_reported() {
         listener,
         Address::Unix(dir.path().join("nobody.sock")),
         hub.clone(),
-        Duration::from_secs(1),
+        (Duration::from_secs(1), colo_relay::DEFAULT_REPLY_TIMEOUT),
         shutdown.clone(),
     ));
     let mut sub = Subscriber::connect(&control, "monitor", false)

@@ -82,7 +82,7 @@ async fn relay_keeps_up_with_a_direct_connection() {
         listener,
         Address::Unix(sec),
         hub.clone(),
-        Duration::from_secs(2),
+        (Duration::from_secs(2), colo_relay::DEFAULT_REPLY_TIMEOUT),
         shutdown.clone(),
     ));
     let mut p = UnixStream::connect(&relay_path).await.unwrap();
@@ -109,7 +109,7 @@ async fn relay_keeps_up_with_a_direct_connection() {
         listener,
         Address::from(l.local_addr().unwrap()),
         hub.clone(),
-        Duration::from_secs(2),
+        (Duration::from_secs(2), colo_relay::DEFAULT_REPLY_TIMEOUT),
         shutdown.clone(),
     ));
     let mut p = TcpStream::connect(relay_addr.as_str()).await.unwrap();
@@ -198,7 +198,7 @@ async fn relay_adds_little_latency_to_colo_messages() {
         listener,
         Address::Unix(sec),
         hub.clone(),
-        Duration::from_secs(2),
+        (Duration::from_secs(2), colo_relay::DEFAULT_REPLY_TIMEOUT),
         shutdown.clone(),
     ));
     let mut p = UnixStream::connect(&relay_path).await.unwrap();

@@ -588,6 +588,9 @@ pub enum Failure {
     /// The file system under the secondary's image (a tmpfs: [`PairConfig::secondary_fs_mib`])
     /// is filled up while COLO runs; everything keeps running.
     FillSecondaryDisk,
+    /// Only the failing side's QEMU is frozen (SIGSTOP): its host, its daemons and every
+    /// link stay up, so nothing breaks a connection; it just stops answering.
+    FreezeQemu,
     /// The host dies silently ([`HaBed::die_silently`]): uplink down, its corosync killed,
     /// every other process of it frozen. Needs the HA agents.
     HostDeath,
@@ -706,6 +709,7 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
             Failure::RestartDaemon(Daemon::Blockd) => "rst-bd",
             Failure::FillSecondaryDisk => "full",
             Failure::HostDeath => "death",
+            Failure::FreezeQemu => "freeze",
             Failure::Partition => "split",
             Failure::StallLink => "stall",
         },
@@ -825,6 +829,17 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
         Failure::Kill => pair.kill(plan.kill)?,
         Failure::CutUplink => pair.cut_uplink(plan.kill)?,
         Failure::RestartDaemon(daemon) => pair.restart_daemon(daemon)?,
+        Failure::FreezeQemu => {
+            let pid = pair
+                .vm(plan.kill)?
+                .process
+                .pid()
+                .context("the QEMU to freeze has no pid")?;
+            let pid = libc::pid_t::try_from(pid).context("pid")?;
+            // SAFETY: kill(2) takes plain integers and touches no memory of ours; the pid is
+            // of a QEMU this bed started and still owns (not yet reaped).
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
         Failure::FillSecondaryDisk => {
             pair.small_fs
                 .as_ref()
@@ -848,6 +863,7 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
         Failure::RestartDaemon(Daemon::Blockd) => "colo-blockd restarted",
         Failure::FillSecondaryDisk => "the secondary's disk full",
         Failure::HostDeath => "host dies silently (uplink down, processes frozen)",
+        Failure::FreezeQemu => "QEMU frozen (SIGSTOP), its host and links up",
         Failure::Partition => "the path between the hosts cut at the switch",
         Failure::StallLink => "the path between the hosts stalled (packets dropped, no FIN)",
     });

@@ -193,3 +193,39 @@ async fn a_full_disk_under_the_secondary_ends_colo_and_the_primary_serves() {
         .expect("colo-blockd reports the full disk");
     println!("colo-blockd: {failed}");
 }
+
+/// The secondary's QEMU alone is frozen (SIGSTOP) mid-COLO, its host and every link up: no
+/// connection breaks, and QEMU's primary waits for the checkpoint's reply with its VM running
+/// while colo-proxyd holds its output. The relay ends COLO when the reply is
+/// `--reply-timeout-ms` late, the watch agent fails over to the primary, and nothing
+/// acknowledged is lost. (Before the reply's bound, no request was answered within 60 s.)
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn a_frozen_secondary_qemu_leaves_the_primary_serving_alone() {
+    let plan = FailoverPlan {
+        kill: Role::Secondary,
+        failure: Failure::FreezeQemu,
+        watch_agent: true,
+        ..FailoverPlan::default()
+    };
+    let report = scenario::failover("t-fz", common::daemons_pair(), plan)
+        .await
+        .expect("freeze scenario ran");
+    common::assert_failover(&report);
+    let relay = std::fs::read_to_string(report.run_dir.join("relay.log")).expect("the relay's log");
+    assert!(
+        relay.contains("did not answer the checkpoint request"),
+        "the relay did not end COLO for the unanswered request:\n{relay}"
+    );
+    let watch =
+        std::fs::read_to_string(report.run_dir.join("watch.log")).expect("the watch agent's log");
+    let trigger = watch
+        .lines()
+        .find(|l| l.contains("trigger=\"colo-exit\""))
+        .expect("the watch agent failed over on the COLO_EXIT");
+    println!("watch agent: {trigger}");
+    println!(
+        "freeze to first answered request: {:?} ms",
+        report.kill_to_first_success_ms
+    );
+}

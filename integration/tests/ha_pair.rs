@@ -179,6 +179,15 @@ async fn a_primary_colo_proxyd_crash_leaves_the_primary_serving_alone() {
     .await;
 }
 
+/// The secondary's QEMU alone freezes (SIGSTOP), its host, its agent and every link up: the
+/// relay ends COLO when the checkpoint's reply is `--reply-timeout-ms` late, and the primary's
+/// agent claims on the COLO_EXIT and carries on alone.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "tier bed: needs root, network namespaces, corosync, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
+async fn a_frozen_secondary_qemu_leaves_the_primary_serving_alone() {
+    run("h-fz", Role::Secondary, Failure::FreezeQemu).await;
+}
+
 /// A small deterministic generator (xorshift64*): the run prints its seed, and
 /// `COLO_HA_SEED=<seed>` repeats a run's choices.
 struct Rng(u64);

@@ -37,19 +37,18 @@ pub struct Bed {
 
 impl Bed {
     pub async fn unix(ack_timeout: Duration) -> Bed {
+        Self::unix_with((ack_timeout, colo_relay::DEFAULT_REPLY_TIMEOUT)).await
+    }
+
+    /// Over Unix sockets, with the barriers' ack timeout and the checkpoint reply's timeout.
+    pub async fn unix_with(timeouts: (Duration, Duration)) -> Bed {
         let dir = tempfile::tempdir().unwrap();
         let sec_path = dir.path().join("secondary-incoming.sock");
         let secondary = SecListener::Unix(UnixListener::bind(&sec_path).unwrap());
         let listener = RelayListener::bind(&Address::Unix(dir.path().join("relay.sock")))
             .await
             .unwrap();
-        Self::start(
-            dir,
-            listener,
-            secondary,
-            Address::Unix(sec_path),
-            ack_timeout,
-        )
+        Self::start(dir, listener, secondary, Address::Unix(sec_path), timeouts)
     }
 
     pub async fn tcp(ack_timeout: Duration) -> Bed {
@@ -59,7 +58,13 @@ impl Bed {
         let listener = RelayListener::bind(&"tcp:127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
-        Self::start(dir, listener, SecListener::Tcp(sec), target, ack_timeout)
+        Self::start(
+            dir,
+            listener,
+            SecListener::Tcp(sec),
+            target,
+            (ack_timeout, colo_relay::DEFAULT_REPLY_TIMEOUT),
+        )
     }
 
     pub fn start(
@@ -67,7 +72,7 @@ impl Bed {
         listener: RelayListener,
         secondary: SecListener,
         target: Address,
-        ack_timeout: Duration,
+        timeouts: (Duration, Duration),
     ) -> Bed {
         let control = dir.path().join("control.sock");
         let hub = ControlHub::new(UnixListener::bind(&control).unwrap());
@@ -77,7 +82,7 @@ impl Bed {
             listener,
             target,
             hub.clone(),
-            ack_timeout,
+            timeouts,
             shutdown.clone(),
         ));
         Bed {

@@ -41,6 +41,8 @@ struct Given {
     control: Option<PathBuf>,
     control_tcp: Option<Address>,
     ack_timeout_ms: Option<u64>,
+    /// The command line, the environment or the relay's default (no config-file key).
+    reply_timeout_ms: u64,
     access: Access,
 }
 
@@ -74,6 +76,10 @@ impl Given {
             ack_timeout_ms: given("ack_timeout_ms")
                 .then(|| sub.get_one::<u64>("ack_timeout_ms").copied())
                 .flatten(),
+            reply_timeout_ms: sub
+                .get_one::<u64>("reply_timeout_ms")
+                .copied()
+                .unwrap_or(colo_relay::DEFAULT_REPLY_TIMEOUT.as_millis() as u64),
             access: Access {
                 control_group: sub.get_one::<u32>("control_group").copied(),
                 operator_uids: many(sub, "operator_uids"),
@@ -160,6 +166,7 @@ fn resolve(given: Given, file: File<'_>) -> Result<RelayArgs, String> {
             .ack_timeout_ms
             .or_else(|| section.map(|r| r.ack_timeout_ms))
             .unwrap_or(DEFAULT_ACK_TIMEOUT_MS),
+        reply_timeout_ms: given.reply_timeout_ms,
         control_group: given
             .access
             .control_group
