@@ -103,7 +103,11 @@ impl End {
             End::ReadError(e) => format!("reading from the {from} failed: {e}"),
             End::WriteError(e) => format!("writing to the {to} failed: {e}"),
             End::Cancelled => "the relay closed the channel".to_string(),
-            End::BarrierFailed => "a checkpoint barrier failed".to_string(),
+            End::BarrierFailed => {
+                "a checkpoint barrier failed, or the secondary left a checkpoint request \
+                 unanswered"
+                    .to_string()
+            }
         }
     }
 }
@@ -518,16 +522,9 @@ impl Relay {
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let n = tokio::select! {
+                // A reply already waiting in the socket is read before the deadline is looked at.
+                biased;
                 _ = cancel.cancelled() => return End::Cancelled,
-                _ = check.tick(), if parsing && request.armed() => {
-                    let sent = forwarded.load(Ordering::Relaxed);
-                    if let Some(waited) = request.overdue(sent, Instant::now(), self.reply_timeout) {
-                        let epoch = self.hub.update_status(|s| s.epoch);
-                        self.fail_unanswered(session, epoch, waited).await;
-                        return End::BarrierFailed;
-                    }
-                    continue;
-                }
                 r = rd.read(&mut buf) => match r {
                     Ok(0) => {
                         let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, wr.shutdown()).await;
@@ -536,6 +533,21 @@ impl Relay {
                     Ok(n) => n,
                     Err(e) => return End::ReadError(e),
                 },
+                _ = check.tick(), if parsing && request.armed() => {
+                    if over.load(Ordering::SeqCst) || !self.is_current(session) {
+                        // The session already ended (its end is published): the rest of this
+                        // direction only drains.
+                        parsing = false;
+                        continue;
+                    }
+                    let sent = forwarded.load(Ordering::Relaxed);
+                    if let Some(waited) = request.overdue(sent, Instant::now(), self.reply_timeout) {
+                        let epoch = self.hub.update_status(|s| s.epoch);
+                        self.fail_unanswered(session, epoch, waited).await;
+                        return End::BarrierFailed;
+                    }
+                    continue;
+                }
             };
             let chunk = &buf[..n];
             let mut cursor = 0;
@@ -687,6 +699,7 @@ impl Relay {
             "{kind} barrier of epoch {epoch} failed: {err}; the relay closed the migration channels, both QEMUs leave COLO (COLO_EXIT reason=error)"
         );
         tracing::error!(culprits = ?culprits, epoch, event = %kind, "{detail}");
+        self.hub.update_status(|s| s.barrier_timeouts += 1);
         self.end_colo(session, epoch, EXIT_BARRIER_TIMEOUT, detail)
             .await;
     }
@@ -708,7 +721,6 @@ impl Relay {
         session.failed.store(true, Ordering::SeqCst);
         let current = self.is_current(session);
         self.hub.update_status(|s| {
-            s.barrier_timeouts += 1;
             if current {
                 s.state = RelayState::Exited;
                 s.main_channel_connected = false;

@@ -235,6 +235,40 @@ async fn an_unanswered_checkpoint_request_ends_colo_after_the_reply_timeout() {
     bed.stop().await;
 }
 
+/// The primary's side of the channel ends while its request waits (a failover, a crash):
+/// COLO ended with `channel-closed`, and the unanswered request must not end it a second time
+/// (nor count in a later session) once the reply timeout has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_by_the_primary_is_not_ended_again_by_its_reply_timeout() {
+    let reply_timeout = Duration::from_millis(300);
+    let bed = Bed::unix_with((Duration::from_secs(2), reply_timeout)).await;
+    let mut monitor = bed.subscriber("monitor", false).await;
+    let _sync = acker(bed.subscriber("colo-blockd", true).await, Duration::ZERO);
+    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
+    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    p.recv_exact(4).await;
+    assert_eq!(next(&mut monitor).await.event, EventKind::ColoStarted);
+
+    p.send_msgs(&[ColoMessage::CheckpointRequest]).await;
+    s.recv_exact(4).await;
+    drop(p);
+    let exit = next(&mut monitor).await;
+    assert_eq!(exit.event, EventKind::ColoExit);
+    assert_eq!(exit.reason.as_deref(), Some("channel-closed"));
+
+    // The secondary's side stays open (frozen): well past the reply timeout, nothing more.
+    let more = monitor.next_event_timeout(reply_timeout * 4).await;
+    assert!(
+        matches!(more, Err(colo_control::ControlError::Timeout { .. })),
+        "a second event: {more:?}"
+    );
+    let st = bed.hub.status();
+    assert_eq!(st.state, RelayState::Exited);
+    assert_eq!(st.barrier_timeouts, 0);
+    drop(s);
+    bed.stop().await;
+}
+
 /// (c) The barrier holds checkpoint-reply until the sync subscriber acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_reply_reaches_the_primary_only_after_the_delayed_ack() {

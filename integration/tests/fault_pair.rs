@@ -213,16 +213,27 @@ async fn a_frozen_secondary_qemu_leaves_the_primary_serving_alone() {
         .expect("freeze scenario ran");
     common::assert_failover(&report);
     let relay = std::fs::read_to_string(report.run_dir.join("relay.log")).expect("the relay's log");
-    assert!(
-        relay.contains("did not answer the checkpoint request"),
-        "the relay did not end COLO for the unanswered request:\n{relay}"
-    );
     let watch =
         std::fs::read_to_string(report.run_dir.join("watch.log")).expect("the watch agent's log");
     let trigger = watch
         .lines()
-        .find(|l| l.contains("trigger=\"colo-exit\""))
-        .expect("the watch agent failed over on the COLO_EXIT");
+        .find(|l| l.contains("the secondary no longer takes part in COLO"))
+        .expect("the watch agent failed over");
+    // Frozen while it waited for the primary's request, or stopping for one: the reply never
+    // comes and the relay ends COLO. Frozen between its reply and `vmstate-loaded` (a few
+    // percent of runs: the pause over the checkpoint period): the primary stays stopped in
+    // the checkpoint, and the watch agent's stall bound fails over first.
+    if trigger.contains("trigger=\"colo-exit\"") {
+        assert!(
+            relay.contains("did not answer the checkpoint request"),
+            "a COLO_EXIT without the relay's reply timeout:\n{relay}"
+        );
+    } else {
+        assert!(
+            trigger.contains("trigger=\"checkpoint-stalled\""),
+            "{trigger}"
+        );
+    }
     println!("watch agent: {trigger}");
     println!(
         "freeze to first answered request: {:?} ms",

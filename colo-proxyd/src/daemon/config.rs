@@ -333,8 +333,9 @@ pub struct PrimaryArgs {
     #[arg(long, env = "COLO_PROXYD_CHECKPOINT_INTERVAL_MS", value_name = "MS")]
     pub checkpoint_interval_ms: Option<u64>,
     /// Most flows (connections, datagram flows) with comparison state, about 1 KiB each when
-    /// nothing is held; the table's index is sized for this many at the first flow (768 bytes
-    /// of address space per flow, 48 MiB at the default, resident as flows spread over it).
+    /// nothing is held; the table's index is sized for this many at the first flow (48 MiB
+    /// of address space at the default, 440-880 bytes per flow of the bound as the slots are
+    /// rounded up to a power of two; resident as flows spread over it).
     /// Beyond, flows safe to forget and idle for a second are forgotten,
     /// about the longest idle first (a bounded search, not a scan of the table); when none is
     /// found, a checkpoint is requested (reason flow-table-full) and the new flows' output

@@ -154,8 +154,8 @@ struct Qemu {
     /// Events to send once, after the next reply.
     pending_events: Vec<Value>,
     /// A `query-status` straight after another one (the agent confirming a `COLO_EXIT`; a
-    /// probe asks `query-colo-status` first) goes unanswered, once: a monitor slower to
-    /// answer than the probe period.
+    /// probe asks `query-colo-status` first) goes unanswered, once: the confirmation then
+    /// outlasts many probe periods.
     slow_confirmation: bool,
     /// The last command asked.
     last_command: String,
@@ -813,14 +813,16 @@ async fn a_colo_exit_is_not_lost_to_a_probe_while_it_is_confirmed() {
     let mut pair = Pair::start(None).await;
     pair.wait_in_sync().await;
 
-    // Slower than five probe periods, faster than the stall bound.
+    // The confirming query goes unanswered: the confirmation ends at the stall bound (500 ms),
+    // 25 probe periods later, as a COLO_EXIT whose query timed out.
     pair.primary.qemu().slow_confirmation = true;
     primary_sees_colo_exit(&pair);
 
     let decision = pair.primary.wait_take_over().await;
     assert!(
         decision.reason.contains("COLO_EXIT"),
-        "the take-over answers the COLO_EXIT, not a hung monitor: {decision:?}"
+        "the take-over answers the COLO_EXIT (its confirming query unanswered), not a later \
+         probe's hung monitor: {decision:?}"
     );
     assert!(
         !pair.primary.qemu().slow_confirmation,

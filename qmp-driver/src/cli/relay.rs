@@ -41,8 +41,8 @@ struct Given {
     control: Option<PathBuf>,
     control_tcp: Option<Address>,
     ack_timeout_ms: Option<u64>,
-    /// The command line, the environment or the relay's default (no config-file key).
-    reply_timeout_ms: u64,
+    /// The command line or the environment (no config-file key; the relay's default else).
+    reply_timeout_ms: Option<u64>,
     access: Access,
 }
 
@@ -76,10 +76,9 @@ impl Given {
             ack_timeout_ms: given("ack_timeout_ms")
                 .then(|| sub.get_one::<u64>("ack_timeout_ms").copied())
                 .flatten(),
-            reply_timeout_ms: sub
-                .get_one::<u64>("reply_timeout_ms")
-                .copied()
-                .unwrap_or(colo_relay::DEFAULT_REPLY_TIMEOUT.as_millis() as u64),
+            reply_timeout_ms: given("reply_timeout_ms")
+                .then(|| sub.get_one::<u64>("reply_timeout_ms").copied())
+                .flatten(),
             access: Access {
                 control_group: sub.get_one::<u32>("control_group").copied(),
                 operator_uids: many(sub, "operator_uids"),
@@ -166,7 +165,9 @@ fn resolve(given: Given, file: File<'_>) -> Result<RelayArgs, String> {
             .ack_timeout_ms
             .or_else(|| section.map(|r| r.ack_timeout_ms))
             .unwrap_or(DEFAULT_ACK_TIMEOUT_MS),
-        reply_timeout_ms: given.reply_timeout_ms,
+        reply_timeout_ms: given
+            .reply_timeout_ms
+            .unwrap_or(colo_relay::DEFAULT_REPLY_TIMEOUT.as_millis() as u64),
         control_group: given
             .access
             .control_group
@@ -379,6 +380,30 @@ mod tests {
         let args = resolve(given, File::Relay(Box::new(file.clone()))).unwrap();
         assert_eq!(args.control_tcp, file.control_tcp);
         assert_eq!(args.ack_timeout_ms, 5);
+    }
+
+    /// `--reply-timeout-ms` has no key in the file: the command line (or its variable), else
+    /// the relay's default.
+    #[test]
+    fn the_reply_timeout_comes_from_the_command_line_or_the_default() {
+        let base = [
+            "qmp-driver",
+            "relay",
+            "--listen",
+            "unix:/l",
+            "--target",
+            "unix:/t",
+            "--control",
+            "/c",
+        ];
+        let args = parse_relay(&base).unwrap();
+        assert_eq!(args.reply_timeout_ms, 10_000);
+        let mut argv = base.to_vec();
+        argv.extend(["--reply-timeout-ms", "3000"]);
+        let args = parse_relay(&argv).unwrap();
+        assert_eq!(args.reply_timeout_ms, 3000);
+        let cfg = RelayConfig::try_from(args).unwrap();
+        assert_eq!(cfg.reply_timeout, std::time::Duration::from_secs(3));
     }
 
     /// The access options come from the command line (or their variables) only, and reach
