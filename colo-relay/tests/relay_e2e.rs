@@ -170,6 +170,25 @@ async fn b_colo_messages_forwarded_and_events_in_epoch_order() {
     );
 }
 
+/// A relay with `reply_timeout` whose session is in COLO (after some precopy), a blockd that
+/// acks at once, and a monitor that saw `colo-started`.
+async fn colo_with_reply_timeout(reply_timeout: Duration) -> (Bed, Subscriber, (End, End)) {
+    let bed = Bed::unix_with((Duration::from_secs(2), reply_timeout)).await;
+    let mut monitor = bed.subscriber("monitor", false).await;
+    // Acks until the relay goes away; the task ends with it.
+    drop(acker(
+        bed.subscriber("colo-blockd", true).await,
+        Duration::ZERO,
+    ));
+    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
+    p.send(&pseudo_random(4096, 2)).await;
+    assert_eq!(s.recv_exact(4096).await, pseudo_random(4096, 2));
+    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
+    p.recv_exact(4).await;
+    assert_eq!(next(&mut monitor).await.event, EventKind::ColoStarted);
+    (bed, monitor, (p, s))
+}
+
 /// A secondary QEMU that never answers the primary's checkpoint request (frozen, or stuck
 /// stopping its VM) would keep the primary waiting for ever with its output held: the relay
 /// ends COLO after the reply timeout. A quiet COLO (no request) and a reply that comes within
@@ -177,15 +196,7 @@ async fn b_colo_messages_forwarded_and_events_in_epoch_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswered_checkpoint_request_ends_colo_after_the_reply_timeout() {
     let reply_timeout = Duration::from_millis(500);
-    let bed = Bed::unix_with((Duration::from_secs(2), reply_timeout)).await;
-    let mut monitor = bed.subscriber("monitor", false).await;
-    let _sync = acker(bed.subscriber("colo-blockd", true).await, Duration::ZERO);
-    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
-    p.send(&pseudo_random(4096, 2)).await;
-    assert_eq!(s.recv_exact(4096).await, pseudo_random(4096, 2));
-    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
-    p.recv_exact(4).await;
-    assert_eq!(next(&mut monitor).await.event, EventKind::ColoStarted);
+    let (bed, mut monitor, (mut p, mut s)) = colo_with_reply_timeout(reply_timeout).await;
 
     // No request for longer than the bound: nothing is due.
     tokio::time::sleep(reply_timeout * 3).await;
@@ -241,13 +252,7 @@ async fn an_unanswered_checkpoint_request_ends_colo_after_the_reply_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ended_by_the_primary_is_not_ended_again_by_its_reply_timeout() {
     let reply_timeout = Duration::from_millis(300);
-    let bed = Bed::unix_with((Duration::from_secs(2), reply_timeout)).await;
-    let mut monitor = bed.subscriber("monitor", false).await;
-    let _sync = acker(bed.subscriber("colo-blockd", true).await, Duration::ZERO);
-    let (mut p, mut s) = bed.open(QEVM_MAGIC).await;
-    s.send_msgs(&[ColoMessage::CheckpointReady]).await;
-    p.recv_exact(4).await;
-    assert_eq!(next(&mut monitor).await.event, EventKind::ColoStarted);
+    let (bed, mut monitor, (mut p, mut s)) = colo_with_reply_timeout(reply_timeout).await;
 
     p.send_msgs(&[ColoMessage::CheckpointRequest]).await;
     s.recv_exact(4).await;
