@@ -12,6 +12,25 @@ mod common;
 use colo_testbed::scenario::{self, FailoverPlan, Failure};
 use colo_testbed::stock::{Daemon, PairConfig, Role};
 
+/// The secondary fails by `failure` while the primary's watch agent watches: runs the
+/// scenario, checks that the side that serves lost nothing, and returns the report with the
+/// watch agent's log.
+async fn watched_failover(tag: &str, failure: Failure) -> (scenario::Report, String) {
+    let plan = FailoverPlan {
+        kill: Role::Secondary,
+        failure,
+        watch_agent: true,
+        ..FailoverPlan::default()
+    };
+    let report = scenario::failover(tag, common::daemons_pair(), plan)
+        .await
+        .unwrap_or_else(|e| panic!("{failure:?} scenario ran: {e:#}"));
+    common::assert_failover(&report);
+    let watch =
+        std::fs::read_to_string(report.run_dir.join("watch.log")).expect("the watch agent's log");
+    (report, watch)
+}
+
 /// The secondary's host goes silent (its uplink down, no FIN, both VMs and every daemon still
 /// running) during a download. Nobody runs a failover: the primary's watch agent notices
 /// (QEMU's monitor hangs on the NBD child, or a checkpoint never ends) within its 2 s stall
@@ -21,19 +40,7 @@ use colo_testbed::stock::{Daemon, PairConfig, Role};
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn a_silent_secondary_host_leaves_the_primary_serving_alone() {
-    let cfg = common::daemons_pair();
-    let plan = FailoverPlan {
-        kill: Role::Secondary,
-        failure: Failure::CutUplink,
-        watch_agent: true,
-        ..FailoverPlan::default()
-    };
-    let report = scenario::failover("t-up", cfg, plan)
-        .await
-        .expect("uplink scenario ran");
-    common::assert_failover(&report);
-    let watch =
-        std::fs::read_to_string(report.run_dir.join("watch.log")).expect("the watch agent's log");
+    let (report, watch) = watched_failover("t-up", Failure::CutUplink).await;
     let trigger = watch
         .lines()
         .find(|l| l.contains("the secondary no longer takes part in COLO"))
@@ -135,18 +142,7 @@ async fn the_secondary_proxyd_restarted_after_a_failover_to_the_secondary_loses_
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn a_stalled_inter_host_link_ends_colo_and_its_healing_disturbs_nothing() {
-    let plan = FailoverPlan {
-        kill: Role::Secondary,
-        failure: Failure::StallLink,
-        watch_agent: true,
-        ..FailoverPlan::default()
-    };
-    let report = scenario::failover("t-stl", common::daemons_pair(), plan)
-        .await
-        .expect("stalled-link scenario ran");
-    common::assert_failover(&report);
-    let watch =
-        std::fs::read_to_string(report.run_dir.join("watch.log")).expect("the watch agent's log");
+    let (report, watch) = watched_failover("t-stl", Failure::StallLink).await;
     assert!(
         watch.contains("failover to the primary done"),
         "the watch agent did not fail over:\n{watch}"
@@ -202,19 +198,8 @@ async fn a_full_disk_under_the_secondary_ends_colo_and_the_primary_serves() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "tier bed: needs root, network namespaces, QEMU and the guest; select with --include-ignored (integration/test.sh does)"]
 async fn a_frozen_secondary_qemu_leaves_the_primary_serving_alone() {
-    let plan = FailoverPlan {
-        kill: Role::Secondary,
-        failure: Failure::FreezeQemu,
-        watch_agent: true,
-        ..FailoverPlan::default()
-    };
-    let report = scenario::failover("t-fz", common::daemons_pair(), plan)
-        .await
-        .expect("freeze scenario ran");
-    common::assert_failover(&report);
+    let (report, watch) = watched_failover("t-fz", Failure::FreezeQemu).await;
     let relay = std::fs::read_to_string(report.run_dir.join("relay.log")).expect("the relay's log");
-    let watch =
-        std::fs::read_to_string(report.run_dir.join("watch.log")).expect("the watch agent's log");
     let trigger = watch
         .lines()
         .find(|l| l.contains("the secondary no longer takes part in COLO"))
