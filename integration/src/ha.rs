@@ -269,13 +269,7 @@ impl HaBed {
         self.cluster.kill_host(host_of(role))?;
         let mut pids = pair.host_pids(role);
         pids.extend(self.agent(role)?.pid());
-        for pid in pids {
-            let pid = libc::pid_t::try_from(pid).context("pid")?;
-            // SAFETY: kill(2) takes plain integers and touches no memory of ours; the pids are
-            // of processes this bed started and still owns (not yet reaped).
-            unsafe { libc::kill(pid, libc::SIGSTOP) };
-        }
-        Ok(())
+        pids.into_iter().try_for_each(crate::process::freeze)
     }
 
     /// Whether the primary's agent re-protects by itself.

@@ -829,17 +829,12 @@ pub async fn failover(tag: &str, cfg: PairConfig, plan: FailoverPlan) -> Result<
         Failure::Kill => pair.kill(plan.kill)?,
         Failure::CutUplink => pair.cut_uplink(plan.kill)?,
         Failure::RestartDaemon(daemon) => pair.restart_daemon(daemon)?,
-        Failure::FreezeQemu => {
-            let pid = pair
-                .vm(plan.kill)?
+        Failure::FreezeQemu => crate::process::freeze(
+            pair.vm(plan.kill)?
                 .process
                 .pid()
-                .context("the QEMU to freeze has no pid")?;
-            let pid = libc::pid_t::try_from(pid).context("pid")?;
-            // SAFETY: kill(2) takes plain integers and touches no memory of ours; the pid is
-            // of a QEMU this bed started and still owns (not yet reaped).
-            unsafe { libc::kill(pid, libc::SIGSTOP) };
-        }
+                .context("the QEMU to freeze has no pid")?,
+        )?,
         Failure::FillSecondaryDisk => {
             pair.small_fs
                 .as_ref()

@@ -309,10 +309,10 @@ fn new_stream(
 #[derive(Debug)]
 pub struct ComparisonEngine {
     config: EngineConfig,
-    /// Flows inline (384 bytes a slot with the key), in an index sized for [`EngineConfig::max_flows`] when
-    /// the first flow comes: a doubling index moved every flow into a fresh allocation, a
-    /// stall of milliseconds on one packet, and boxing the flows cost 0.3 µs per frame
-    /// (docs/memory-bounds.md).
+    /// Flows inline (384 bytes a slot with the key), in an index sized for
+    /// [`EngineConfig::max_flows`] when the first flow comes: a doubling index moved every
+    /// flow into a fresh allocation, a stall of milliseconds on one packet, and boxing the
+    /// flows cost 0.3 µs per frame (docs/memory-bounds.md).
     flows: HashMap<FlowKey, Flow>,
     /// The latest time the caller gave (SVM packets come without one).
     now: Duration,
